@@ -1,0 +1,402 @@
+//! The registry's HTTP API: Consul's agent/catalog/health/status subset, the
+//! native `/v1/switchyard/...` API and `/metrics`, on axum.
+//!
+//! Reads answer from one snapshot. Blocking queries (`?index=&wait=`) compare
+//! the *resource's own* index (a service, a node, a table), so a watcher of one
+//! service is never answered because another one changed.
+
+mod consul;
+mod decode;
+mod native;
+mod render;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::ApiConfig;
+use crate::error::RegistryError;
+use crate::snapshot::Snapshot;
+use crate::writer::Registry;
+
+/// Facts about the agent the API reports (`/v1/agent/self`, status).
+#[derive(Clone, Debug)]
+pub struct AgentInfo {
+    pub node_name: String,
+    pub datacenter: String,
+    /// Address other agents and clients reach this one at.
+    pub advertise_addr: String,
+    pub version: &'static str,
+}
+
+/// Everything a handler needs.
+pub struct ApiState {
+    pub registry: Registry,
+    pub agent: AgentInfo,
+    pub config: ApiConfig,
+    pub prometheus: prometheus::Registry,
+    /// Turns true when the agent starts shutting down: blocking queries answer at once.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Builds the API router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/agent/self", get(consul::agent_self))
+        .route("/v1/agent/services", get(consul::agent_services))
+        .route("/v1/agent/checks", get(consul::agent_checks))
+        .route("/v1/agent/service/register", put(consul::service_register))
+        .route(
+            "/v1/agent/service/deregister/{*id}",
+            put(consul::service_deregister),
+        )
+        .route(
+            "/v1/agent/service/maintenance/{*id}",
+            put(consul::service_maintenance),
+        )
+        .route("/v1/agent/service/{*id}", get(consul::agent_service))
+        .route("/v1/agent/maintenance", put(consul::node_maintenance))
+        .route("/v1/agent/check/register", put(consul::check_register))
+        .route(
+            "/v1/agent/check/deregister/{*id}",
+            put(consul::check_deregister),
+        )
+        .route("/v1/agent/check/pass/{*id}", put(consul::check_pass))
+        .route("/v1/agent/check/warn/{*id}", put(consul::check_warn))
+        .route("/v1/agent/check/fail/{*id}", put(consul::check_fail))
+        .route("/v1/agent/check/update/{*id}", put(consul::check_update))
+        .route("/v1/catalog/register", put(consul::catalog_register))
+        .route("/v1/catalog/deregister", put(consul::catalog_deregister))
+        .route("/v1/catalog/datacenters", get(consul::catalog_datacenters))
+        .route("/v1/catalog/services", get(consul::catalog_services))
+        .route("/v1/catalog/service/{*name}", get(consul::catalog_service))
+        .route("/v1/catalog/nodes", get(consul::catalog_nodes))
+        .route("/v1/catalog/node/{*name}", get(consul::catalog_node))
+        .route("/v1/health/service/{*name}", get(consul::health_service))
+        .route("/v1/health/checks/{*name}", get(consul::health_checks))
+        .route("/v1/health/state/{state}", get(consul::health_state))
+        .route("/v1/health/node/{*name}", get(consul::health_node))
+        .route("/v1/status/leader", get(consul::status_leader))
+        .route("/v1/status/peers", get(consul::status_peers))
+        .route("/v1/switchyard/status", get(native::status))
+        .route(
+            "/v1/switchyard/batch",
+            put(native::batch).post(native::batch),
+        )
+        .route("/v1/switchyard/services", get(native::services))
+        .route("/v1/switchyard/services/{name}", get(native::service))
+        .route("/v1/switchyard/nodes", get(native::nodes))
+        .route(
+            "/v1/switchyard/nodes/{node}/drain",
+            get(native::drain_status)
+                .put(native::drain)
+                .delete(native::undrain),
+        )
+        .route("/metrics", get(native::metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            common_headers,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// Consul's headers on every response, and request counting.
+async fn common_headers(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().as_str().to_string();
+    let mut response = next.run(request).await;
+    let code = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    state
+        .registry
+        .metrics()
+        .api_requests
+        .with_label_values(&[method.as_str(), code])
+        .inc();
+    let headers = response.headers_mut();
+    if !headers.contains_key(X_CONSUL_INDEX) {
+        let index = state.registry.snapshot().index().max(1);
+        headers.insert(X_CONSUL_INDEX, HeaderValue::from(index));
+    }
+    headers.insert(KNOWN_LEADER, HeaderValue::from_static("true"));
+    headers.insert(LAST_CONTACT, HeaderValue::from_static("0"));
+    headers.insert(ACL_POLICY, HeaderValue::from_static("allow"));
+    response
+}
+
+const X_CONSUL_INDEX: HeaderName = HeaderName::from_static("x-consul-index");
+const KNOWN_LEADER: HeaderName = HeaderName::from_static("x-consul-knownleader");
+const LAST_CONTACT: HeaderName = HeaderName::from_static("x-consul-lastcontact");
+const CONSISTENCY: HeaderName = HeaderName::from_static("x-consul-effective-consistency");
+const ACL_POLICY: HeaderName = HeaderName::from_static("x-consul-default-acl-policy");
+
+/// An error answered as plain text with a status, Consul style.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> ApiError {
+        let status = match &err {
+            RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::NotTtl(_) | RegistryError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RegistryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, self.message).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Query parameters shared by reads. Flags are present-or-absent like Consul's.
+#[derive(Debug, Default)]
+struct QueryOpts {
+    index: u64,
+    wait: Option<Duration>,
+    pretty: bool,
+    consistency: &'static str,
+    dc: Option<String>,
+    tags: Vec<String>,
+    node_meta: Vec<(String, String)>,
+    passing: bool,
+}
+
+type Pairs = Vec<(String, String)>;
+
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "" | "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+impl QueryOpts {
+    fn parse(pairs: &Pairs, state: &ApiState) -> Result<QueryOpts, ApiError> {
+        let mut opts = QueryOpts {
+            consistency: "leader",
+            ..QueryOpts::default()
+        };
+        let (mut stale, mut consistent, mut cached) = (false, false, false);
+        for (key, value) in pairs {
+            match key.as_str() {
+                "index" => {
+                    opts.index = value
+                        .parse()
+                        .map_err(|_| ApiError::bad_request("Invalid index"))?
+                }
+                "wait" => {
+                    let wait = crate::duration::parse_go_duration(value)
+                        .map_err(|_| ApiError::bad_request("Invalid wait time"))?;
+                    opts.wait = Some(wait);
+                }
+                "pretty" => opts.pretty = true,
+                "stale" => stale = true,
+                "consistent" => consistent = true,
+                "cached" => cached = true,
+                "dc" => opts.dc = Some(value.clone()).filter(|v| !v.is_empty()),
+                "tag" => opts.tags.push(value.clone()),
+                "node-meta" => {
+                    let (k, v) = value.split_once(':').unwrap_or((value.as_str(), ""));
+                    opts.node_meta.push((k.to_string(), v.to_string()));
+                }
+                "passing" => {
+                    opts.passing = parse_bool(value)
+                        .ok_or_else(|| ApiError::bad_request("Invalid value for ?passing"))?
+                }
+                "filter" if !value.is_empty() => {
+                    return Err(ApiError::bad_request(
+                        "filter expressions are not supported by Switchyard yet",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if stale && consistent {
+            return Err(ApiError::bad_request(
+                "Cannot specify ?stale with ?consistent, conflicting semantics.",
+            ));
+        }
+        if cached && consistent {
+            return Err(ApiError::bad_request(
+                "Cannot specify ?cached with ?consistent, conflicting semantics.",
+            ));
+        }
+        if stale {
+            opts.consistency = "stale";
+        } else if consistent {
+            opts.consistency = "consistent";
+        }
+        if let Some(dc) = &opts.dc {
+            if *dc != state.agent.datacenter {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("No path to datacenter {dc:?}"),
+                ));
+            }
+        }
+        Ok(opts)
+    }
+
+    fn node_meta_matches(&self, meta: &std::collections::BTreeMap<String, String>) -> bool {
+        self.node_meta
+            .iter()
+            .all(|(k, v)| meta.get(k).is_some_and(|have| have == v))
+    }
+}
+
+/// Counts a waiting blocking query for as long as it lives.
+struct BlockingGuard<'a>(&'a prometheus::IntGauge);
+
+impl Drop for BlockingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Waits until `index_of(snapshot)` exceeds `opts.index` or the wait ends,
+/// and returns the snapshot to answer from with that resource's index.
+async fn block(
+    state: &ApiState,
+    opts: &QueryOpts,
+    index_of: impl Fn(&Snapshot) -> u64,
+) -> Result<(Arc<Snapshot>, u64), ApiError> {
+    let mut changes = state.registry.subscribe();
+    changes.borrow_and_update();
+    let snapshot = state.registry.snapshot();
+    let index = index_of(&snapshot).max(1);
+    if opts.index == 0 || index > opts.index {
+        return Ok((snapshot, index));
+    }
+    let gauge = &state.registry.metrics().blocking_queries;
+    if gauge.get() as usize >= state.config.max_blocking_queries {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many blocking queries (limit {}); retry later",
+                state.config.max_blocking_queries
+            ),
+        ));
+    }
+    gauge.inc();
+    let _guard = BlockingGuard(gauge);
+    let wait = opts
+        .wait
+        .unwrap_or(Duration::from_secs(300))
+        .min(state.config.max_wait);
+    let jitter = wait.as_millis() as u64 / 16;
+    let jitter = Duration::from_millis(if jitter > 0 {
+        fastrand::u64(0..jitter)
+    } else {
+        0
+    });
+    let deadline = Instant::now() + wait + jitter;
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = shutdown.wait_for(|down| *down) => break,
+        }
+        let snapshot = state.registry.snapshot();
+        let index = index_of(&snapshot).max(1);
+        if index > opts.index {
+            return Ok((snapshot, index));
+        }
+    }
+    let snapshot = state.registry.snapshot();
+    let index = index_of(&snapshot).max(1);
+    Ok((snapshot, index))
+}
+
+/// A JSON answer with Consul's read headers.
+fn json<T: Serialize>(value: &T, index: u64, opts: &QueryOpts) -> ApiResult {
+    let body = if opts.pretty {
+        serde_json::to_vec_pretty(value)
+    } else {
+        serde_json::to_vec(value)
+    }
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(X_CONSUL_INDEX, HeaderValue::from(index.max(1)));
+    headers.insert(CONSISTENCY, HeaderValue::from_static(opts.consistency));
+    Ok(response)
+}
+
+/// A write's answer: 200 with an optional JSON body (Consul returns `true`
+/// from the catalog endpoints and nothing from the agent ones).
+fn write_ok(index: u64, body: Option<&'static str>) -> Response {
+    let mut response = match body {
+        Some(body) => (StatusCode::OK, body).into_response(),
+        None => StatusCode::OK.into_response(),
+    };
+    let headers = response.headers_mut();
+    if body.is_some() {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    headers.insert(X_CONSUL_INDEX, HeaderValue::from(index.max(1)));
+    response
+}

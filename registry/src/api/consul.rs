@@ -1,0 +1,664 @@
+//! Consul-compatible endpoints (CONSUL.md sections 1-4).
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde_json::json;
+
+use super::decode::{
+    decode_body, node_from, CatalogDeregisterIn, CatalogRegisterIn, CheckContext, CheckIn,
+    CheckUpdateIn, ServiceIn,
+};
+use super::render::{CatalogServiceOut, CheckOut, NodeOut, ServiceEntryOut, ServiceOut};
+use super::{block, json, parse_bool, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
+use crate::catalog::Command;
+use crate::model::{Name, Status};
+use crate::snapshot::{Instance, Snapshot};
+
+type St = State<Arc<ApiState>>;
+
+fn agent_node(state: &ApiState) -> Name {
+    state.agent.node_name.as_str().into()
+}
+
+fn bad(message: String) -> ApiError {
+    ApiError::bad_request(message)
+}
+
+fn query_value<'a>(pairs: &'a Pairs, key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+// ---- agent ----------------------------------------------------------------
+
+pub(super) async fn agent_self(State(state): St) -> ApiResult {
+    let a = &state.agent;
+    let body = json!({
+        "Config": {
+            "Datacenter": a.datacenter,
+            "NodeName": a.node_name,
+            "NodeID": crate::model::node_uuid(&a.node_name),
+            "Server": true,
+            "Version": "1.20.0",
+            "Revision": "switchyard",
+            "SwitchyardVersion": a.version,
+        },
+        "DebugConfig": {},
+        "Coord": null,
+        "Member": {
+            "Name": a.node_name,
+            "Addr": a.advertise_addr,
+            "Port": 8301,
+            "Tags": { "dc": a.datacenter, "role": "consul", "segment": "" },
+            "Status": 1,
+        },
+        "Meta": {},
+        "Stats": {},
+        "xDS": null,
+    });
+    json(
+        &body,
+        state.registry.snapshot().index(),
+        &QueryOpts::default(),
+    )
+}
+
+pub(super) async fn agent_services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let snap = state.registry.snapshot();
+    let dc = state.agent.datacenter.as_str();
+    let node = snap.node(&state.agent.node_name);
+    let out: BTreeMap<&str, ServiceOut<'_>> = node
+        .map(|n| {
+            n.endpoints
+                .values()
+                .map(|e| (&*e.id, ServiceOut::new(e, dc)))
+                .collect()
+        })
+        .unwrap_or_default();
+    json(&out, snap.index(), &opts)
+}
+
+pub(super) async fn agent_service(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let node_name = state.agent.node_name.clone();
+    let hash_of = |snap: &Snapshot| -> Option<(String, u64)> {
+        let entry = snap.node(&node_name)?;
+        let e = entry.endpoints.get(id.as_str())?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&ServiceOut::new(e, ""))
+            .ok()?
+            .hash(&mut h);
+        Some((format!("{:016x}", h.finish()), e.modify_index))
+    };
+    let wanted_hash = query_value(&q, "hash").map(str::to_string);
+    let (snap, _) = match wanted_hash {
+        // Hash-based blocking: wait until the content hash differs.
+        Some(hash) if opts.wait.is_some() || !hash.is_empty() => {
+            let initial = state.registry.snapshot();
+            let same = hash_of(&initial).is_some_and(|(h, _)| h == hash);
+            if same {
+                let index = initial.index();
+                let opts = QueryOpts {
+                    index,
+                    wait: opts.wait,
+                    ..QueryOpts::default()
+                };
+                block(&state, &opts, |s| {
+                    if hash_of(s).is_some_and(|(h, _)| h == hash) {
+                        index
+                    } else {
+                        s.index()
+                    }
+                })
+                .await?
+            } else {
+                (initial.clone(), initial.index())
+            }
+        }
+        _ => {
+            let snap = state.registry.snapshot();
+            let index = snap.index();
+            (snap, index)
+        }
+    };
+    let entry = snap.node(&state.agent.node_name);
+    let Some(endpoint) = entry.and_then(|n| n.endpoints.get(id.as_str())) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown service ID: {id}"),
+        ));
+    };
+    let (hash, index) = hash_of(&snap).unwrap_or_default();
+    let out = ServiceOut::new(endpoint, &state.agent.datacenter).with_hash(hash.clone());
+    let mut response = json(&out, index, &opts)?;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&hash) {
+        response.headers_mut().insert("x-consul-contenthash", value);
+    }
+    Ok(response)
+}
+
+pub(super) async fn agent_checks(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let snap = state.registry.snapshot();
+    let mut out = BTreeMap::new();
+    if let Some(entry) = snap.node(&state.agent.node_name) {
+        for check in entry.checks.values() {
+            out.insert(&*check.id, CheckOut::new(check, service_tags(entry, check)));
+        }
+    }
+    json(&out, snap.index(), &opts)
+}
+
+fn service_tags<'a>(
+    entry: &'a crate::snapshot::NodeEntry,
+    check: &crate::model::Check,
+) -> &'a [String] {
+    static NONE: Vec<String> = Vec::new();
+    entry
+        .endpoints
+        .get(check.service_id.as_str())
+        .map_or(&NONE, |e| &e.tags)
+}
+
+pub(super) async fn service_register(
+    State(state): St,
+    Query(q): Query<Pairs>,
+    body: Bytes,
+) -> ApiResult {
+    let def: ServiceIn = decode_body(&body).map_err(bad)?;
+    let node = agent_node(&state);
+    let (endpoint, checks) = def.into_endpoint(&node, false).map_err(bad)?;
+    let replace = query_value(&q, "replace-existing-checks").is_some();
+    let index = state
+        .registry
+        .apply(Command::RegisterService {
+            endpoint,
+            checks,
+            replace_existing_checks: replace,
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+pub(super) async fn service_deregister(State(state): St, Path(id): Path<String>) -> ApiResult {
+    let index = state
+        .registry
+        .apply(Command::DeregisterService {
+            node: agent_node(&state),
+            id: id.into(),
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+fn maintenance_args(q: &Pairs) -> Result<(bool, Option<String>), ApiError> {
+    let enable = query_value(q, "enable")
+        .ok_or_else(|| ApiError::bad_request("Missing value for enable"))?;
+    let enable = parse_bool(enable)
+        .filter(|_| !enable.is_empty())
+        .ok_or_else(|| ApiError::bad_request(format!("Invalid value for enable: {enable:?}")))?;
+    let reason = query_value(q, "reason").map(str::to_string);
+    Ok((enable, reason))
+}
+
+pub(super) async fn service_maintenance(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let (enable, reason) = maintenance_args(&q)?;
+    let index = state
+        .registry
+        .apply(Command::ServiceMaintenance {
+            node: agent_node(&state),
+            id: id.into(),
+            enable,
+            reason,
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+pub(super) async fn node_maintenance(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    let (enable, reason) = maintenance_args(&q)?;
+    let index = state
+        .registry
+        .apply(Command::NodeMaintenance {
+            node: agent_node(&state),
+            enable,
+            reason,
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+pub(super) async fn check_register(State(state): St, body: Bytes) -> ApiResult {
+    let def: CheckIn = decode_body(&body).map_err(bad)?;
+    let node = agent_node(&state);
+    let name = def.name.clone().filter(|n| !n.is_empty());
+    let Some(name) = name else {
+        return Err(ApiError::bad_request("Missing check name"));
+    };
+    let service_id = def.service_id.clone().filter(|s| !s.is_empty());
+    let snap = state.registry.snapshot();
+    let service = match &service_id {
+        Some(id) => {
+            let endpoint = snap
+                .node(&node)
+                .and_then(|n| n.endpoints.get(id.as_str()).cloned())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        format!("ServiceID {id:?} does not exist"),
+                    )
+                })?;
+            Some(endpoint)
+        }
+        None => None,
+    };
+    let ctx = CheckContext {
+        node: &node,
+        service: service.as_ref().map(|e| (&*e.id, &*e.service)),
+        default_id: name,
+        catalog: false,
+    };
+    let check = def.into_check(ctx).map_err(bad)?;
+    let index = state
+        .registry
+        .apply(Command::RegisterCheck { check })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+pub(super) async fn check_deregister(State(state): St, Path(id): Path<String>) -> ApiResult {
+    let index = state
+        .registry
+        .apply(Command::DeregisterCheck {
+            node: agent_node(&state),
+            id: id.into(),
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+async fn ttl_update(
+    state: &ApiState,
+    id: String,
+    status: Status,
+    output: Option<String>,
+) -> ApiResult {
+    let index = state
+        .registry
+        .apply(Command::UpdateCheck {
+            node: agent_node(state),
+            id: id.into(),
+            status,
+            output,
+            require_ttl: true,
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+pub(super) async fn check_pass(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let note = query_value(&q, "note").map(str::to_string);
+    ttl_update(&state, id, Status::Passing, note).await
+}
+
+pub(super) async fn check_warn(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let note = query_value(&q, "note").map(str::to_string);
+    ttl_update(&state, id, Status::Warning, note).await
+}
+
+pub(super) async fn check_fail(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let note = query_value(&q, "note").map(str::to_string);
+    ttl_update(&state, id, Status::Critical, note).await
+}
+
+pub(super) async fn check_update(
+    State(state): St,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let update: CheckUpdateIn = decode_body(&body).map_err(bad)?;
+    let text = update.status.unwrap_or_default();
+    let status = Status::parse(&text)
+        .ok_or_else(|| ApiError::bad_request(format!("Invalid check status: '{text}'")))?;
+    ttl_update(&state, id, status, update.output).await
+}
+
+// ---- catalog --------------------------------------------------------------
+
+pub(super) async fn catalog_register(State(state): St, body: Bytes) -> ApiResult {
+    let reg: CatalogRegisterIn = decode_body(&body).map_err(bad)?;
+    if let Some(dc) = reg.datacenter.as_deref().filter(|d| !d.is_empty()) {
+        if dc != state.agent.datacenter {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("No path to datacenter {dc:?}"),
+            ));
+        }
+    }
+    let name = reg.node.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(ApiError::bad_request("Must provide node"));
+    }
+    let snap = state.registry.snapshot();
+    let skip = reg.skip_node_update.unwrap_or(false);
+    let node = match (skip, snap.node(&name)) {
+        (true, Some(existing)) => (*existing.node).clone(),
+        _ => node_from(
+            &name,
+            reg.address.as_deref().unwrap_or_default(),
+            reg.id,
+            reg.tagged_addresses.unwrap_or_default(),
+            reg.node_meta.unwrap_or_default(),
+        )
+        .map_err(bad)?,
+    };
+    let node_name = node.name.clone();
+    let mut checks = Vec::new();
+    let endpoint = match reg.service {
+        Some(service) => {
+            let (endpoint, service_checks) =
+                service.into_endpoint(&node_name, true).map_err(bad)?;
+            checks.extend(service_checks.into_iter().map(|c| c.check));
+            Some(endpoint)
+        }
+        None => None,
+    };
+    let mut check_defs: Vec<CheckIn> = reg.check.into_iter().collect();
+    check_defs.extend(reg.checks.unwrap_or_default());
+    for def in check_defs {
+        let service_id = def.service_id.clone().filter(|s| !s.is_empty());
+        let service_name = service_id.as_ref().and_then(|sid| {
+            endpoint
+                .as_ref()
+                .filter(|e| *e.id == **sid)
+                .map(|e| e.service.to_string())
+                .or_else(|| {
+                    snap.node(&node_name)
+                        .and_then(|n| n.endpoints.get(sid.as_str()))
+                        .map(|e| e.service.to_string())
+                })
+        });
+        if let (Some(sid), None) = (&service_id, &service_name) {
+            return Err(ApiError::bad_request(format!(
+                "Unknown service ID {sid:?} for check on node {node_name:?}"
+            )));
+        }
+        let default_id = def
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::bad_request("Missing check ID or name"))?;
+        let ctx = CheckContext {
+            node: &node_name,
+            service: service_id.as_deref().zip(service_name.as_deref()),
+            default_id,
+            catalog: true,
+        };
+        checks.push(def.into_check(ctx).map_err(bad)?.check);
+    }
+    let index = state
+        .registry
+        .apply(Command::CatalogRegister {
+            node,
+            skip_node_update: skip,
+            endpoint,
+            checks,
+        })
+        .await?;
+    Ok(write_ok(index, Some("true")))
+}
+
+pub(super) async fn catalog_deregister(State(state): St, body: Bytes) -> ApiResult {
+    let reg: CatalogDeregisterIn = decode_body(&body).map_err(bad)?;
+    let _ = reg.datacenter;
+    let node = reg
+        .node
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("Must provide node"))?;
+    let index = state
+        .registry
+        .apply(Command::CatalogDeregister {
+            node: node.into(),
+            service_id: reg.service_id.filter(|s| !s.is_empty()).map(Into::into),
+            check_id: reg.check_id.filter(|s| !s.is_empty()).map(Into::into),
+        })
+        .await?;
+    Ok(write_ok(index, Some("true")))
+}
+
+pub(super) async fn catalog_datacenters(State(state): St) -> ApiResult {
+    let snap = state.registry.snapshot();
+    json(
+        &[&state.agent.datacenter],
+        snap.index(),
+        &QueryOpts::default(),
+    )
+}
+
+pub(super) async fn catalog_services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = block(&state, &opts, |s| s.tables().services.max(s.tables().nodes)).await?;
+    let mut out: BTreeMap<&str, &[String]> = BTreeMap::new();
+    for view in snap.services() {
+        let keep = opts.node_meta.is_empty()
+            || view
+                .instances
+                .iter()
+                .any(|i| opts.node_meta_matches(&i.node.meta));
+        if keep {
+            out.insert(&view.name, &view.tags);
+        }
+    }
+    json(&out, index, &opts)
+}
+
+fn has_tags(instance: &Instance, tags: &[String]) -> bool {
+    tags.iter().all(|t| instance.endpoint.tags.contains(t))
+}
+
+pub(super) async fn catalog_service(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = block(&state, &opts, |s| s.service_index(&name)).await?;
+    let dc = state.agent.datacenter.as_str();
+    let out: Vec<CatalogServiceOut<'_>> = snap
+        .service(&name)
+        .map(|view| {
+            view.instances
+                .iter()
+                .filter(|i| has_tags(i, &opts.tags) && opts.node_meta_matches(&i.node.meta))
+                .map(|i| CatalogServiceOut::new(&i.node, &i.endpoint, dc))
+                .collect()
+        })
+        .unwrap_or_default();
+    json(&out, index, &opts)
+}
+
+pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = block(&state, &opts, |s| s.tables().nodes).await?;
+    let dc = state.agent.datacenter.as_str();
+    let out: Vec<NodeOut<'_>> = snap
+        .nodes()
+        .filter(|n| opts.node_meta_matches(&n.node.meta))
+        .map(|n| NodeOut::new(&n.node, dc))
+        .collect();
+    json(&out, index, &opts)
+}
+
+pub(super) async fn catalog_node(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = block(&state, &opts, |s| s.node(&name).map_or(1, |n| n.index)).await?;
+    let dc = state.agent.datacenter.as_str();
+    let Some(entry) = snap.node(&name) else {
+        return json(&serde_json::Value::Null, index, &opts);
+    };
+    let services: BTreeMap<&str, ServiceOut<'_>> = entry
+        .endpoints
+        .values()
+        .map(|e| (&*e.id, ServiceOut::new(e, dc)))
+        .collect();
+    let out = json!({ "Node": NodeOut::new(&entry.node, dc), "Services": services });
+    json(&out, index, &opts)
+}
+
+// ---- health ---------------------------------------------------------------
+
+pub(super) async fn health_service(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = block(&state, &opts, |s| s.service_index(&name)).await?;
+    let dc = state.agent.datacenter.as_str();
+    let mut out = Vec::new();
+    if let Some(view) = snap.service(&name) {
+        for instance in &view.instances {
+            if opts.passing && instance.health != Status::Passing {
+                continue;
+            }
+            if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
+                continue;
+            }
+            let mut checks = Vec::with_capacity(instance.checks.len() + 1);
+            checks.push(CheckOut::serf_health(&instance.node));
+            for check in &instance.checks {
+                let tags: &[String] = if check.is_node_level() {
+                    &[]
+                } else {
+                    &instance.endpoint.tags
+                };
+                checks.push(CheckOut::new(check, tags));
+            }
+            out.push(ServiceEntryOut {
+                node: NodeOut::new(&instance.node, dc),
+                service: ServiceOut::new(&instance.endpoint, dc),
+                checks,
+            });
+        }
+    }
+    json(&out, index, &opts)
+}
+
+pub(super) async fn health_checks(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = block(&state, &opts, |s| s.service_index(&name)).await?;
+    let mut out = Vec::new();
+    if let Some(view) = snap.service(&name) {
+        for instance in &view.instances {
+            if !opts.node_meta_matches(&instance.node.meta) {
+                continue;
+            }
+            for check in instance.checks.iter().filter(|c| !c.is_node_level()) {
+                out.push(CheckOut::new(check, &instance.endpoint.tags));
+            }
+        }
+    }
+    json(&out, index, &opts)
+}
+
+pub(super) async fn health_state(
+    State(state): St,
+    Path(wanted): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let filter = match wanted.as_str() {
+        "any" => None,
+        other => Some(Status::parse(other).ok_or_else(|| ApiError::bad_request("Invalid state"))?),
+    };
+    let (snap, index) = block(&state, &opts, |s| s.tables().checks.max(s.tables().nodes)).await?;
+    let mut out = Vec::new();
+    for entry in snap.nodes() {
+        if !opts.node_meta_matches(&entry.node.meta) {
+            continue;
+        }
+        if matches!(filter, None | Some(Status::Passing)) {
+            out.push(CheckOut::serf_health(&entry.node));
+        }
+        for check in entry.checks.values() {
+            if filter.is_none_or(|s| s == check.status) {
+                out.push(CheckOut::new(check, service_tags(entry, check)));
+            }
+        }
+    }
+    json(&out, index, &opts)
+}
+
+pub(super) async fn health_node(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = block(&state, &opts, |s| s.node(&name).map_or(1, |n| n.index)).await?;
+    let mut out = Vec::new();
+    if let Some(entry) = snap.node(&name) {
+        out.push(CheckOut::serf_health(&entry.node));
+        for check in entry.checks.values() {
+            out.push(CheckOut::new(check, service_tags(entry, check)));
+        }
+    }
+    json(&out, index, &opts)
+}
+
+// ---- status ---------------------------------------------------------------
+
+fn leader(state: &ApiState) -> String {
+    let host = &state.agent.advertise_addr;
+    if host.contains(':') {
+        format!("[{host}]:8300")
+    } else {
+        format!("{host}:8300")
+    }
+}
+
+pub(super) async fn status_leader(State(state): St) -> ApiResult {
+    let snap = state.registry.snapshot();
+    json(&leader(&state), snap.index(), &QueryOpts::default())
+}
+
+pub(super) async fn status_peers(State(state): St) -> ApiResult {
+    let snap = state.registry.snapshot();
+    json(&[leader(&state)], snap.index(), &QueryOpts::default())
+}

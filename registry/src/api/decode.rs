@@ -1,0 +1,608 @@
+//! Request bodies as real clients send them, turned into registry records.
+//!
+//! Consul matches keys case-insensitively and accepts snake_case aliases, so we
+//! fold every structural key to lowercase without `_` or `-` before serde sees
+//! it, except inside free-form maps (`Meta`, `NodeMeta`, `Header`) whose keys
+//! are data. Durations arrive as Go strings (`"10s"`) or as nanosecond numbers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::catalog::NewCheck;
+use crate::model::{
+    node_uuid, Check, CheckDefinition, Endpoint, Name, Node, Status, TaggedAddress, Weights,
+};
+
+/// Folds a key: `DeregisterCriticalServiceAfter`, `deregister_critical_service_after`
+/// and `deregistercriticalserviceafter` all become the last.
+fn fold_key(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Keys whose object value is user data: its keys are kept as sent.
+const FREE_FORM: &[&str] = &["meta", "nodemeta", "servicemeta", "header"];
+
+fn normalize(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut out = Map::with_capacity(map.len());
+            for (key, value) in map {
+                let folded = fold_key(&key);
+                let value = if FREE_FORM.contains(&folded.as_str()) {
+                    value
+                } else if folded == "taggedaddresses" {
+                    normalize_values(value)
+                } else {
+                    normalize(value)
+                };
+                out.insert(folded, value);
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(normalize).collect()),
+        other => other,
+    }
+}
+
+/// Keeps an object's own keys but normalizes the objects inside it.
+fn normalize_values(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k, normalize(v))).collect())
+        }
+        other => other,
+    }
+}
+
+/// Parses a JSON body with Consul's loose key rules into `T`.
+pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err("Request decode failed: empty body".to_string());
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("Request decode failed: {e}"))?;
+    serde_json::from_value(normalize(value)).map_err(|e| format!("Request decode failed: {e}"))
+}
+
+/// A duration given as a Go string or as nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GoDuration(pub(crate) Duration);
+
+impl<'de> Deserialize<'de> for GoDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = GoDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"10s\" or a number of nanoseconds")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<GoDuration, E> {
+                crate::duration::parse_go_duration(v)
+                    .map(GoDuration)
+                    .map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<GoDuration, E> {
+                Ok(GoDuration(Duration::from_nanos(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<GoDuration, E> {
+                u64::try_from(v)
+                    .map(|n| GoDuration(Duration::from_nanos(n)))
+                    .map_err(|_| E::custom("negative duration"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<GoDuration, E> {
+                if v.is_finite() && v >= 0.0 {
+                    Ok(GoDuration(Duration::from_nanos(v as u64)))
+                } else {
+                    Err(E::custom("invalid duration"))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn dur(d: Option<GoDuration>) -> Option<Duration> {
+    d.map(|d| d.0).filter(|d| !d.is_zero())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct WeightsIn {
+    passing: Option<u32>,
+    warning: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct TaggedIn {
+    address: Option<String>,
+    port: Option<u16>,
+}
+
+/// A service definition (agent register; also `Service` in catalog register,
+/// where the name key is `Service`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct ServiceIn {
+    pub(crate) id: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) service: Option<String>,
+    pub(crate) tags: Option<Vec<String>>,
+    pub(crate) address: Option<String>,
+    pub(crate) port: Option<u16>,
+    pub(crate) meta: Option<BTreeMap<String, String>>,
+    #[serde(rename = "taggedaddresses")]
+    pub(crate) tagged_addresses: Option<BTreeMap<String, TaggedIn>>,
+    pub(crate) weights: Option<WeightsIn>,
+    #[serde(rename = "enabletagoverride")]
+    pub(crate) enable_tag_override: Option<bool>,
+    pub(crate) kind: Option<String>,
+    pub(crate) check: Option<CheckIn>,
+    pub(crate) checks: Option<Vec<CheckIn>>,
+}
+
+/// Catalog checks nest their probe settings in `Definition`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct DefinitionIn {
+    http: Option<String>,
+    tcp: Option<String>,
+    grpc: Option<String>,
+    interval: Option<GoDuration>,
+    timeout: Option<GoDuration>,
+    #[serde(rename = "deregistercriticalserviceafter")]
+    deregister_critical_after: Option<GoDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct CheckIn {
+    pub(crate) id: Option<String>,
+    #[serde(rename = "checkid")]
+    pub(crate) check_id: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) node: Option<String>,
+    pub(crate) notes: Option<String>,
+    pub(crate) status: Option<String>,
+    pub(crate) output: Option<String>,
+    #[serde(rename = "serviceid")]
+    pub(crate) service_id: Option<String>,
+    ttl: Option<GoDuration>,
+    http: Option<String>,
+    method: Option<String>,
+    header: Option<BTreeMap<String, Vec<String>>>,
+    body: Option<String>,
+    #[serde(rename = "tlsservername")]
+    tls_server_name: Option<String>,
+    #[serde(rename = "tlsskipverify")]
+    tls_skip_verify: Option<bool>,
+    tcp: Option<String>,
+    udp: Option<String>,
+    grpc: Option<String>,
+    #[serde(rename = "grpcusetls")]
+    grpc_use_tls: Option<bool>,
+    h2ping: Option<String>,
+    args: Option<Vec<String>>,
+    #[serde(rename = "scriptargs")]
+    script_args: Option<Vec<String>>,
+    #[serde(rename = "dockercontainerid")]
+    docker_container_id: Option<String>,
+    #[serde(rename = "osservice")]
+    os_service: Option<String>,
+    #[serde(rename = "aliasnode")]
+    alias_node: Option<String>,
+    #[serde(rename = "aliasservice")]
+    alias_service: Option<String>,
+    interval: Option<GoDuration>,
+    timeout: Option<GoDuration>,
+    #[serde(rename = "deregistercriticalserviceafter")]
+    deregister_critical_after: Option<GoDuration>,
+    #[serde(rename = "successbeforepassing")]
+    success_before_passing: Option<u32>,
+    #[serde(rename = "failuresbeforewarning")]
+    failures_before_warning: Option<u32>,
+    #[serde(rename = "failuresbeforecritical")]
+    failures_before_critical: Option<u32>,
+    pub(crate) definition: Option<DefinitionIn>,
+}
+
+/// Where a check is being registered, for defaults and validation.
+pub(crate) struct CheckContext<'a> {
+    pub(crate) node: &'a Name,
+    /// The service the check belongs to, if any: `(id, name)`.
+    pub(crate) service: Option<(&'a str, &'a str)>,
+    /// Default id when the request names none.
+    pub(crate) default_id: String,
+    /// Catalog checks are reported by their owner, never run: no probe needed.
+    pub(crate) catalog: bool,
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
+impl CheckIn {
+    pub(crate) fn into_check(self, ctx: CheckContext<'_>) -> Result<NewCheck, String> {
+        let status_given = self.status.as_deref().is_some_and(|s| !s.is_empty());
+        let status = match self.status.as_deref() {
+            None | Some("") => Status::Critical,
+            Some(s) => Status::parse(s).ok_or_else(|| "Bad check status".to_string())?,
+        };
+        let def = self.definition.unwrap_or_default();
+        let http = non_empty(self.http)
+            .or(non_empty(def.http))
+            .unwrap_or_default();
+        let tcp = non_empty(self.tcp)
+            .or(non_empty(def.tcp))
+            .unwrap_or_default();
+        let grpc = non_empty(self.grpc)
+            .or(non_empty(def.grpc))
+            .unwrap_or_default();
+        let args = self.args.or(self.script_args).unwrap_or_default();
+        let ttl = dur(self.ttl);
+        let interval = dur(self.interval).or(dur(def.interval));
+        let kind = if ttl.is_some() {
+            "ttl"
+        } else if !http.is_empty() {
+            "http"
+        } else if !tcp.is_empty() {
+            "tcp"
+        } else if !grpc.is_empty() {
+            "grpc"
+        } else if non_empty(self.h2ping).is_some() {
+            "h2ping"
+        } else if non_empty(self.udp).is_some() {
+            "udp"
+        } else if non_empty(self.docker_container_id).is_some() {
+            "docker"
+        } else if non_empty(self.os_service).is_some() {
+            "os_service"
+        } else if non_empty(self.alias_node).is_some() || non_empty(self.alias_service).is_some() {
+            "alias"
+        } else if !args.is_empty() {
+            "script"
+        } else {
+            ""
+        };
+        let probed = matches!(
+            kind,
+            "http" | "tcp" | "grpc" | "h2ping" | "udp" | "script" | "docker" | "os_service"
+        );
+        if probed && !ctx.catalog && interval.is_none() {
+            return Err(format!("Invalid check: {kind} checks need an interval > 0"));
+        }
+        if kind.is_empty() && !ctx.catalog {
+            return Err(
+                "Invalid check: one of TTL, HTTP, TCP, GRPC, UDP, H2PING, Args, DockerContainerID, OSService or AliasService is required"
+                    .to_string(),
+            );
+        }
+        let id = non_empty(self.check_id)
+            .or(non_empty(self.id))
+            .unwrap_or(ctx.default_id);
+        validate_name("check id", &id)?;
+        let name = non_empty(self.name).unwrap_or_else(|| match ctx.service {
+            Some((_, service)) => format!("Service '{service}' check"),
+            None => id.clone(),
+        });
+        let (service_id, service_name) = match ctx.service {
+            Some((id, name)) => (id.to_string(), name.to_string()),
+            None => (
+                non_empty(self.service_id).unwrap_or_default(),
+                String::new(),
+            ),
+        };
+        let output = self.output.unwrap_or_default();
+        let output = if kind.is_empty() || kind == "ttl" || ctx.catalog || !output.is_empty() {
+            output
+        } else {
+            format!("{kind} checks are not run by this agent yet; status is as registered")
+        };
+        let check = Check {
+            node: ctx.node.clone(),
+            id: id.into(),
+            name,
+            status,
+            notes: self.notes.unwrap_or_default(),
+            output,
+            service_id,
+            service_name,
+            kind: kind.to_string(),
+            definition: CheckDefinition {
+                ttl,
+                http,
+                method: self.method.unwrap_or_default(),
+                header: self.header.unwrap_or_default(),
+                body: self.body.unwrap_or_default(),
+                tls_server_name: self.tls_server_name.unwrap_or_default(),
+                tls_skip_verify: self.tls_skip_verify.unwrap_or(false),
+                tcp,
+                grpc,
+                grpc_use_tls: self.grpc_use_tls.unwrap_or(false),
+                args,
+                interval,
+                timeout: dur(self.timeout).or(dur(def.timeout)),
+                deregister_critical_after: dur(self.deregister_critical_after)
+                    .or(dur(def.deregister_critical_after)),
+                success_before_passing: self.success_before_passing.unwrap_or(0),
+                failures_before_warning: self.failures_before_warning.unwrap_or(0),
+                failures_before_critical: self.failures_before_critical.unwrap_or(0),
+            },
+            create_index: 0,
+            modify_index: 0,
+        };
+        Ok(NewCheck {
+            check,
+            status_given,
+        })
+    }
+}
+
+/// Names (services, ids, nodes): non-empty, bounded, no control characters.
+pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("Missing {what}"));
+    }
+    if name.len() > 512 {
+        return Err(format!("Invalid {what}: longer than 512 bytes"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!("Invalid {what}: contains control characters"));
+    }
+    Ok(())
+}
+
+/// An address is an IP (not unspecified) or a plausible host name.
+pub(crate) fn valid_address(address: &str) -> bool {
+    let bare = address.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return !ip.is_unspecified();
+    }
+    !address.is_empty()
+        && address.len() <= 253
+        && address
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+        && !address.starts_with('-')
+}
+
+impl ServiceIn {
+    /// Builds the endpoint and its checks for node `node`. `name_from_service`
+    /// selects catalog register's `Service` key for the name.
+    pub(crate) fn into_endpoint(
+        mut self,
+        node: &Name,
+        catalog: bool,
+    ) -> Result<(Endpoint, Vec<NewCheck>), String> {
+        let name = if catalog {
+            non_empty(self.service.take()).or(non_empty(self.name.take()))
+        } else {
+            non_empty(self.name.take()).or(non_empty(self.service.take()))
+        };
+        let name = name.ok_or_else(|| "Missing service name".to_string())?;
+        validate_name("service name", &name)?;
+        let id = non_empty(self.id.take()).unwrap_or_else(|| name.clone());
+        validate_name("service ID", &id)?;
+        let address = self.address.take().unwrap_or_default();
+        if !address.is_empty() && !valid_address(&address) {
+            return Err("Invalid service address".to_string());
+        }
+        let mut tagged_addresses = BTreeMap::new();
+        for (key, tagged) in self.tagged_addresses.take().unwrap_or_default() {
+            let address = tagged.address.unwrap_or_default();
+            if !address.is_empty() && !valid_address(&address) {
+                return Err(format!("Invalid tagged address {key:?}"));
+            }
+            tagged_addresses.insert(
+                key,
+                TaggedAddress {
+                    address,
+                    port: tagged.port.unwrap_or(0),
+                },
+            );
+        }
+        let weights = match self.weights.take() {
+            None => Weights::default(),
+            Some(w) => Weights {
+                passing: w.passing.unwrap_or(1),
+                warning: w.warning.unwrap_or(1),
+            },
+        };
+        if weights.passing == 0 {
+            return Err("Passing must be greater than 0".to_string());
+        }
+        let mut check_defs: Vec<CheckIn> = self.check.take().into_iter().collect();
+        check_defs.extend(self.checks.take().unwrap_or_default());
+        let total = check_defs.len();
+        let mut checks = Vec::with_capacity(total);
+        for (i, def) in check_defs.into_iter().enumerate() {
+            let default_id = if total == 1 {
+                format!("service:{id}")
+            } else {
+                format!("service:{id}:{}", i + 1)
+            };
+            let ctx = CheckContext {
+                node,
+                service: Some((&id, &name)),
+                default_id,
+                catalog,
+            };
+            checks.push(def.into_check(ctx)?);
+        }
+        let endpoint = Endpoint {
+            id: id.into(),
+            service: name.into(),
+            node: node.clone(),
+            address,
+            port: self.port.unwrap_or(0),
+            tags: self.tags.take().unwrap_or_default(),
+            meta: self.meta.take().unwrap_or_default(),
+            tagged_addresses,
+            weights,
+            enable_tag_override: self.enable_tag_override.unwrap_or(false),
+            kind: self.kind.take().unwrap_or_default(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        Ok((endpoint, checks))
+    }
+}
+
+/// `/v1/catalog/register`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct CatalogRegisterIn {
+    pub(crate) id: Option<String>,
+    pub(crate) node: Option<String>,
+    pub(crate) address: Option<String>,
+    pub(crate) datacenter: Option<String>,
+    #[serde(rename = "taggedaddresses")]
+    pub(crate) tagged_addresses: Option<BTreeMap<String, String>>,
+    #[serde(rename = "nodemeta")]
+    pub(crate) node_meta: Option<BTreeMap<String, String>>,
+    pub(crate) service: Option<ServiceIn>,
+    pub(crate) check: Option<CheckIn>,
+    pub(crate) checks: Option<Vec<CheckIn>>,
+    #[serde(rename = "skipnodeupdate")]
+    pub(crate) skip_node_update: Option<bool>,
+}
+
+/// `/v1/catalog/deregister`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct CatalogDeregisterIn {
+    pub(crate) node: Option<String>,
+    #[serde(rename = "serviceid")]
+    pub(crate) service_id: Option<String>,
+    #[serde(rename = "checkid")]
+    pub(crate) check_id: Option<String>,
+    pub(crate) datacenter: Option<String>,
+}
+
+/// `/v1/agent/check/update/:id`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct CheckUpdateIn {
+    pub(crate) status: Option<String>,
+    pub(crate) output: Option<String>,
+}
+
+/// Builds a node record from what a registrant sent.
+pub(crate) fn node_from(
+    name: &str,
+    address: &str,
+    id: Option<String>,
+    tagged_addresses: BTreeMap<String, String>,
+    meta: BTreeMap<String, String>,
+) -> Result<Node, String> {
+    validate_name("node name", name)?;
+    if address.is_empty() {
+        return Err("Must provide address".to_string());
+    }
+    if !valid_address(address) {
+        return Err(format!("Invalid node address {address:?}"));
+    }
+    let id = match non_empty(id) {
+        Some(id) => {
+            if uuid::Uuid::parse_str(&id).is_err() {
+                return Err(format!("Invalid node ID {id:?}: not a UUID"));
+            }
+            id
+        }
+        None => node_uuid(name),
+    };
+    Ok(Node {
+        name: name.into(),
+        id,
+        address: address.to_string(),
+        tagged_addresses,
+        meta,
+        drain: None,
+        create_index: 0,
+        modify_index: 0,
+    })
+}
+
+/// The native batch body (`PUT /v1/switchyard/batch`). Keys are folded like
+/// Consul's, but unknown keys are refused: this API is ours.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct BatchIn {
+    pub(crate) nodes: Vec<BatchNodeIn>,
+    pub(crate) endpoints: Vec<BatchEndpointIn>,
+    pub(crate) deregister: Vec<BatchKeyIn>,
+    #[serde(rename = "deregisternodes")]
+    pub(crate) deregister_nodes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchNodeIn {
+    pub(crate) name: String,
+    pub(crate) address: String,
+    #[serde(default)]
+    pub(crate) id: Option<String>,
+    #[serde(default)]
+    pub(crate) meta: BTreeMap<String, String>,
+    #[serde(default, rename = "taggedaddresses")]
+    pub(crate) tagged_addresses: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchEndpointIn {
+    pub(crate) node: String,
+    pub(crate) service: String,
+    #[serde(default)]
+    pub(crate) id: Option<String>,
+    #[serde(default)]
+    pub(crate) address: Option<String>,
+    #[serde(default)]
+    pub(crate) port: u16,
+    #[serde(default)]
+    pub(crate) tags: Vec<String>,
+    #[serde(default)]
+    pub(crate) meta: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) weights: Option<WeightsIn>,
+    #[serde(default)]
+    pub(crate) checks: Vec<CheckIn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchKeyIn {
+    pub(crate) node: String,
+    pub(crate) id: String,
+}
+
+impl BatchEndpointIn {
+    pub(crate) fn into_parts(self) -> Result<(Endpoint, Vec<NewCheck>), String> {
+        validate_name("node name", &self.node)?;
+        let node: Name = self.node.into();
+        let service = ServiceIn {
+            id: self.id,
+            name: Some(self.service),
+            address: self.address,
+            port: Some(self.port),
+            tags: Some(self.tags),
+            meta: Some(self.meta),
+            weights: self.weights,
+            checks: Some(self.checks),
+            ..ServiceIn::default()
+        };
+        service.into_endpoint(&node, false)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,277 @@
+//! The native API under `/v1/switchyard/`: what Consul lacks (batch writes,
+//! drain state, a status summary with reasons) and `/metrics`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use prometheus::Encoder;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::decode::{decode_body, node_from, validate_name, BatchIn, GoDuration};
+use super::{json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
+use crate::catalog::{Batch, Command};
+use crate::model::unix_ms;
+use crate::snapshot::{EndpointState, Instance, NodeEntry, Snapshot, StateCounts};
+
+type St = State<Arc<ApiState>>;
+
+fn counts_json(counts: &StateCounts) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for state in EndpointState::ALL {
+        map.insert(state.as_str().to_string(), counts.get(state).into());
+    }
+    serde_json::Value::Object(map)
+}
+
+pub(super) async fn status(State(state): St) -> ApiResult {
+    let snap = state.registry.snapshot();
+    let counts = snap.counts();
+    let body = json!({
+        "version": state.agent.version,
+        "node": state.agent.node_name,
+        "datacenter": state.agent.datacenter,
+        "index": snap.index(),
+        "store": state.registry.store_kind(),
+        "nodes": snap.node_count(),
+        "services": snap.service_count(),
+        "endpoints": counts.total(),
+        "endpoints_by_state": counts_json(&counts),
+        "blocking_queries": state.registry.metrics().blocking_queries.get(),
+    });
+    json(&body, snap.index(), &QueryOpts::default())
+}
+
+pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
+    let input: BatchIn = decode_body(&body).map_err(ApiError::bad_request)?;
+    let total = input.endpoints.len() + input.deregister.len();
+    if total > state.config.max_batch_endpoints {
+        return Err(ApiError::bad_request(format!(
+            "batch has {total} endpoints; the limit is {} (api.max_batch_endpoints)",
+            state.config.max_batch_endpoints
+        )));
+    }
+    let mut batch = Batch::default();
+    for node in input.nodes {
+        let node = node_from(
+            &node.name,
+            &node.address,
+            node.id,
+            node.tagged_addresses,
+            node.meta,
+        )
+        .map_err(|e| ApiError::bad_request(format!("node {}: {e}", node.name)))?;
+        batch.nodes.push(node);
+    }
+    for (i, endpoint) in input.endpoints.into_iter().enumerate() {
+        let parts = endpoint
+            .into_parts()
+            .map_err(|e| ApiError::bad_request(format!("endpoints[{i}]: {e}")))?;
+        batch.endpoints.push(parts);
+    }
+    for key in input.deregister {
+        validate_name("node name", &key.node).map_err(ApiError::bad_request)?;
+        batch
+            .deregister_endpoints
+            .push((key.node.into(), key.id.into()));
+    }
+    for node in input.deregister_nodes {
+        batch.deregister_nodes.push(node.into());
+    }
+    let index = state.registry.apply(Command::Batch(batch)).await?;
+    let mut response = json(&json!({ "index": index }), index, &QueryOpts::default())?;
+    *response.status_mut() = StatusCode::OK;
+    Ok(response)
+}
+
+#[derive(Serialize)]
+struct ServiceSummary<'a> {
+    name: &'a str,
+    index: u64,
+    tags: &'a [String],
+    endpoints: u64,
+    routable: usize,
+    by_state: serde_json::Value,
+}
+
+pub(super) async fn services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = super::block(&state, &opts, |s| {
+        s.tables().services.max(s.tables().checks)
+    })
+    .await?;
+    let out: Vec<ServiceSummary<'_>> = snap
+        .services()
+        .map(|v| ServiceSummary {
+            name: &v.name,
+            index: v.index,
+            tags: &v.tags,
+            endpoints: v.counts.total(),
+            routable: v.routable.len(),
+            by_state: counts_json(&v.counts),
+        })
+        .collect();
+    json(&out, index, &opts)
+}
+
+fn instance_json(i: &Instance) -> serde_json::Value {
+    let checks: Vec<_> = i
+        .checks
+        .iter()
+        .map(|c| {
+            json!({
+                "id": &*c.id,
+                "name": c.name,
+                "status": c.status.as_str(),
+                "type": c.kind,
+                "output": c.output,
+                "notes": c.notes,
+                "node_level": c.is_node_level(),
+                "modify_index": c.modify_index,
+            })
+        })
+        .collect();
+    json!({
+        "id": &*i.endpoint.id,
+        "node": &*i.node.name,
+        "address": i.address(),
+        "port": i.endpoint.port,
+        "tags": i.endpoint.tags,
+        "meta": i.endpoint.meta,
+        "weight": i.endpoint.weights.passing,
+        "state": i.state.as_str(),
+        "health": i.health.as_str(),
+        "routable": i.is_routable(),
+        "excluded_because": i.excluded_because(),
+        "checks": checks,
+        "modify_index": i.endpoint.modify_index,
+    })
+}
+
+pub(super) async fn service(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = super::block(&state, &opts, |s| s.service_index(&name)).await?;
+    let Some(view) = snap.service(&name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown service {name:?}"),
+        ));
+    };
+    let endpoints: Vec<_> = view.instances.iter().map(instance_json).collect();
+    let out = json!({
+        "name": &*view.name,
+        "index": view.index,
+        "tags": view.tags,
+        "routable": view.routable.len(),
+        "by_state": counts_json(&view.counts),
+        "endpoints": endpoints,
+    });
+    json(&out, index, &opts)
+}
+
+fn node_json(entry: &NodeEntry) -> serde_json::Value {
+    let node = &entry.node;
+    json!({
+        "name": &*node.name,
+        "id": node.id,
+        "address": node.address,
+        "meta": node.meta,
+        "state": if node.drain.is_some() { "draining" } else { "active" },
+        "drain_since_ms": node.drain.as_ref().map(|d| d.since_ms),
+        "drain_deadline_ms": node.drain.as_ref().and_then(|d| d.deadline_ms),
+        "endpoints": entry.endpoints.len(),
+        "index": entry.index,
+    })
+}
+
+pub(super) async fn nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    let opts = QueryOpts::parse(&q, &state)?;
+    let (snap, index) = super::block(&state, &opts, |s| s.tables().nodes).await?;
+    let out: Vec<_> = snap.nodes().map(|e| node_json(e)).collect();
+    json(&out, index, &opts)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DrainIn {
+    deadline: Option<GoDuration>,
+}
+
+fn drain_json(snap: &Snapshot, name: &str) -> Result<serde_json::Value, ApiError> {
+    let entry = snap
+        .node(name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Unknown node \"{name}\"")))?;
+    let node = &entry.node;
+    let endpoints: Vec<_> = entry
+        .endpoints
+        .values()
+        .map(|e| json!({ "id": &*e.id, "service": &*e.service }))
+        .collect();
+    Ok(json!({
+        "node": &*node.name,
+        "state": if node.drain.is_some() { "draining" } else { "active" },
+        "since_ms": node.drain.as_ref().map(|d| d.since_ms),
+        "deadline_ms": node.drain.as_ref().and_then(|d| d.deadline_ms),
+        "endpoints": endpoints,
+    }))
+}
+
+pub(super) async fn drain(State(state): St, Path(node): Path<String>, body: Bytes) -> ApiResult {
+    let input: DrainIn = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainIn::default()
+    } else {
+        decode_body(&body).map_err(ApiError::bad_request)?
+    };
+    let deadline_ms = input
+        .deadline
+        .map(|d| unix_ms().saturating_add(d.0.as_millis() as u64));
+    let index = state
+        .registry
+        .apply(Command::Drain {
+            node: node.as_str().into(),
+            deadline_ms,
+        })
+        .await?;
+    let snap = state.registry.snapshot();
+    json(&drain_json(&snap, &node)?, index, &QueryOpts::default())
+}
+
+pub(super) async fn undrain(State(state): St, Path(node): Path<String>) -> ApiResult {
+    let index = state
+        .registry
+        .apply(Command::Undrain {
+            node: node.as_str().into(),
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+pub(super) async fn drain_status(State(state): St, Path(node): Path<String>) -> ApiResult {
+    let snap = state.registry.snapshot();
+    json(
+        &drain_json(&snap, &node)?,
+        snap.index(),
+        &QueryOpts::default(),
+    )
+}
+
+pub(super) async fn metrics(State(state): St) -> Response {
+    let families = state.prometheus.gather();
+    let mut body = Vec::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut body) {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    let mut response = (StatusCode::OK, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}

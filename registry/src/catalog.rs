@@ -1,0 +1,945 @@
+//! The writer's working copy of the catalog and the commands that change it.
+//!
+//! Only the writer task owns a `Catalog`. Each command either applies completely
+//! or (on error) is rolled back by the writer restoring the O(1) clone it took
+//! before. Mutations record what they touched in `Dirty`, which drives both the
+//! store batch and the set of service views rebuilt at publish time.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+
+use crate::error::RegistryError;
+use crate::model::{
+    unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
+    SERVICE_MAINTENANCE_PREFIX,
+};
+use crate::snapshot::{NodeEntry, Snapshot};
+use crate::store::{Loaded, StoreBatch};
+
+/// Longest check output kept (Consul's default `OutputMaxSize`).
+pub const MAX_OUTPUT_BYTES: usize = 4096;
+
+/// A change to the catalog. The API and the writer's own timers speak in these.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Register or replace a service instance (agent API) with its checks.
+    RegisterService {
+        endpoint: Endpoint,
+        checks: Vec<NewCheck>,
+        /// Remove this instance's checks that are not in `checks`.
+        replace_existing_checks: bool,
+    },
+    DeregisterService {
+        node: Name,
+        id: Name,
+    },
+    /// Register a check on a node, optionally bound to a service on it.
+    RegisterCheck {
+        check: NewCheck,
+    },
+    DeregisterCheck {
+        node: Name,
+        id: Name,
+    },
+    /// Set a check's status (TTL pass/warn/fail/update).
+    UpdateCheck {
+        node: Name,
+        id: Name,
+        status: Status,
+        output: Option<String>,
+        /// Refuse checks that are not TTL checks (Consul's agent API rule).
+        require_ttl: bool,
+    },
+    ServiceMaintenance {
+        node: Name,
+        id: Name,
+        enable: bool,
+        reason: Option<String>,
+    },
+    NodeMaintenance {
+        node: Name,
+        enable: bool,
+        reason: Option<String>,
+    },
+    /// Consul's `/v1/catalog/register`.
+    CatalogRegister {
+        node: Node,
+        skip_node_update: bool,
+        endpoint: Option<Endpoint>,
+        checks: Vec<Check>,
+    },
+    /// Consul's `/v1/catalog/deregister`.
+    CatalogDeregister {
+        node: Name,
+        service_id: Option<Name>,
+        check_id: Option<Name>,
+    },
+    /// Many nodes and endpoints at once, in one durable write (the scheduler's path).
+    Batch(Batch),
+    Drain {
+        node: Name,
+        deadline_ms: Option<u64>,
+    },
+    Undrain {
+        node: Name,
+    },
+    /// Register the node unless an identical definition exists (the agent's own node).
+    EnsureNode(Node),
+    /// A TTL check missed its deadline (issued by the writer's timers).
+    ExpireTtl {
+        node: Name,
+        id: Name,
+    },
+    /// A check stayed critical past `DeregisterCriticalServiceAfter`.
+    ReapCritical {
+        node: Name,
+        check: Name,
+    },
+}
+
+impl Command {
+    /// Short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::RegisterService { .. } => "register_service",
+            Command::DeregisterService { .. } => "deregister_service",
+            Command::RegisterCheck { .. } => "register_check",
+            Command::DeregisterCheck { .. } => "deregister_check",
+            Command::UpdateCheck { .. } => "update_check",
+            Command::ServiceMaintenance { .. } => "service_maintenance",
+            Command::NodeMaintenance { .. } => "node_maintenance",
+            Command::CatalogRegister { .. } => "catalog_register",
+            Command::CatalogDeregister { .. } => "catalog_deregister",
+            Command::Batch(_) => "batch",
+            Command::Drain { .. } => "drain",
+            Command::Undrain { .. } => "undrain",
+            Command::EnsureNode(_) => "ensure_node",
+            Command::ExpireTtl { .. } => "ttl_expired",
+            Command::ReapCritical { .. } => "reap_critical",
+        }
+    }
+}
+
+/// The native batch: applied atomically, one index for all of it.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub nodes: Vec<Node>,
+    pub endpoints: Vec<(Endpoint, Vec<NewCheck>)>,
+    pub deregister_endpoints: Vec<(Name, Name)>,
+    pub deregister_nodes: Vec<Name>,
+}
+
+/// What a batch of commands touched.
+#[derive(Debug, Default)]
+pub(crate) struct Dirty {
+    pub(crate) services: HashSet<Name>,
+    pub(crate) nodes: HashSet<Name>,
+    pub(crate) endpoints: HashSet<(Name, Name)>,
+    pub(crate) checks: HashSet<(Name, Name)>,
+}
+
+impl Dirty {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.nodes.is_empty()
+            && self.endpoints.is_empty()
+            && self.checks.is_empty()
+    }
+}
+
+/// The writer's mutable catalog: a snapshot being edited plus what changed.
+///
+/// A failed command is undone by restoring `snap` alone: keys left in `dirty`
+/// by it are harmless (their current value is simply written and rebuilt again).
+#[derive(Default)]
+pub(crate) struct Catalog {
+    pub(crate) snap: Snapshot,
+    pub(crate) dirty: Dirty,
+}
+
+/// A check in a registration, with whether the registrant stated its status.
+#[derive(Debug, Clone)]
+pub struct NewCheck {
+    pub check: Check,
+    /// False when the request left `Status` out: a new check starts critical and
+    /// a re-registered one keeps the status it had.
+    pub status_given: bool,
+}
+
+fn unknown_service(id: &str) -> RegistryError {
+    RegistryError::NotFound(format!(
+        "Unknown service ID \"{id}\". Ensure that the service ID is passed, not the service name."
+    ))
+}
+
+fn unknown_check(id: &str) -> RegistryError {
+    RegistryError::NotFound(format!(
+        "Unknown check ID \"{id}\". Ensure that the check ID is passed, not the check name."
+    ))
+}
+
+fn unknown_node(name: &str) -> RegistryError {
+    RegistryError::NotFound(format!("Unknown node \"{name}\""))
+}
+
+fn clip_output(mut output: String) -> String {
+    if output.len() > MAX_OUTPUT_BYTES {
+        let mut cut = MAX_OUTPUT_BYTES;
+        while !output.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        output.truncate(cut);
+    }
+    output
+}
+
+impl Catalog {
+    /// Rebuilds the catalog from what the store loaded.
+    pub(crate) fn from_loaded(loaded: Loaded) -> Catalog {
+        let mut snap = Snapshot {
+            index: loaded.index,
+            ..Snapshot::default()
+        };
+        for node in loaded.nodes {
+            let index = node.modify_index;
+            snap.nodes.insert(
+                node.name.clone(),
+                Arc::new(NodeEntry {
+                    node: Arc::new(node),
+                    endpoints: OrdMap::new(),
+                    checks: OrdMap::new(),
+                    index,
+                }),
+            );
+        }
+        for endpoint in loaded.endpoints {
+            let Some(entry) = snap.nodes.get_mut(&endpoint.node) else {
+                tracing::warn!(node = %endpoint.node, id = %endpoint.id, "stored endpoint without node; dropped");
+                continue;
+            };
+            let entry = Arc::make_mut(entry);
+            entry.index = entry.index.max(endpoint.modify_index);
+            let service = endpoint.service.clone();
+            let key = (endpoint.node.clone(), endpoint.id.clone());
+            let modify = endpoint.modify_index;
+            entry
+                .endpoints
+                .insert(endpoint.id.clone(), Arc::new(endpoint));
+            snap.members.entry(service.clone()).or_default().insert(key);
+            let slot = snap.service_index.entry(service).or_insert(0);
+            *slot = (*slot).max(modify);
+        }
+        for check in loaded.checks {
+            let Some(entry) = snap.nodes.get_mut(&check.node) else {
+                tracing::warn!(node = %check.node, id = %check.id, "stored check without node; dropped");
+                continue;
+            };
+            let entry = Arc::make_mut(entry);
+            entry.index = entry.index.max(check.modify_index);
+            entry.checks.insert(check.id.clone(), Arc::new(check));
+        }
+        for (name, index) in loaded.service_index {
+            let slot = snap.service_index.entry(name.into()).or_insert(0);
+            *slot = (*slot).max(index);
+        }
+        // Services inherit the indexes of their nodes and checks.
+        let mut service_max: Vec<(Name, u64)> = Vec::new();
+        for (service, members) in snap.members.iter() {
+            let mut max = snap.service_index.get(service).copied().unwrap_or(0);
+            for (node, _) in members.iter() {
+                if let Some(entry) = snap.nodes.get(node) {
+                    max = max.max(entry.index);
+                }
+            }
+            service_max.push((service.clone(), max));
+        }
+        for (service, max) in service_max {
+            snap.service_index.insert(service, max);
+        }
+        let top = snap
+            .nodes
+            .values()
+            .map(|e| e.index)
+            .chain(snap.service_index.values().copied())
+            .max()
+            .unwrap_or(0);
+        snap.index = snap.index.max(top);
+        snap.tables = crate::snapshot::TableIndexes {
+            services: snap.index,
+            nodes: snap.index,
+            checks: snap.index,
+        };
+        let mut catalog = Catalog {
+            snap,
+            dirty: Dirty::default(),
+        };
+        let services: Vec<Name> = catalog.snap.members.keys().cloned().collect();
+        catalog.dirty.services.extend(services);
+        catalog.rebuild_views();
+        catalog.dirty = Dirty::default();
+        catalog
+    }
+
+    pub(crate) fn index(&self) -> u64 {
+        self.snap.index
+    }
+
+    /// Applies one command. On error the catalog may be half-changed: the
+    /// caller restores its pre-command clone. Returns whether anything changed.
+    pub(crate) fn apply(&mut self, command: Command) -> Result<bool, RegistryError> {
+        let idx = self.snap.index + 1;
+        let changed = match command {
+            Command::RegisterService {
+                endpoint,
+                checks,
+                replace_existing_checks,
+            } => self.register_service(endpoint, checks, replace_existing_checks, idx)?,
+            Command::DeregisterService { node, id } => {
+                if !self.has_endpoint(&node, &id) {
+                    return Err(unknown_service(&id));
+                }
+                self.del_endpoint(&node, &id, idx)
+            }
+            Command::RegisterCheck { check } => {
+                let NewCheck {
+                    check,
+                    status_given,
+                } = check;
+                if !check.service_id.is_empty()
+                    && !self.has_endpoint(&check.node, &check.service_id)
+                {
+                    return Err(RegistryError::NotFound(format!(
+                        "ServiceID \"{}\" does not exist",
+                        check.service_id
+                    )));
+                }
+                self.put_check(check, !status_given, idx)?
+            }
+            Command::DeregisterCheck { node, id } => {
+                if !self.has_check(&node, &id) {
+                    return Err(unknown_check(&id));
+                }
+                self.del_check(&node, &id, idx)
+            }
+            Command::UpdateCheck {
+                node,
+                id,
+                status,
+                output,
+                require_ttl,
+            } => self.update_check(&node, &id, status, output, require_ttl, idx)?,
+            Command::ServiceMaintenance {
+                node,
+                id,
+                enable,
+                reason,
+            } => self.service_maintenance(&node, &id, enable, reason, idx)?,
+            Command::NodeMaintenance {
+                node,
+                enable,
+                reason,
+            } => self.node_maintenance(&node, enable, reason, idx)?,
+            Command::CatalogRegister {
+                node,
+                skip_node_update,
+                endpoint,
+                checks,
+            } => self.catalog_register(node, skip_node_update, endpoint, checks, idx)?,
+            Command::CatalogDeregister {
+                node,
+                service_id,
+                check_id,
+            } => {
+                if !self.snap.nodes.contains_key(&node) {
+                    return Err(unknown_node(&node));
+                }
+                match (service_id, check_id) {
+                    (Some(id), _) => {
+                        if !self.has_endpoint(&node, &id) {
+                            return Err(unknown_service(&id));
+                        }
+                        self.del_endpoint(&node, &id, idx)
+                    }
+                    (None, Some(id)) => {
+                        if !self.has_check(&node, &id) {
+                            return Err(unknown_check(&id));
+                        }
+                        self.del_check(&node, &id, idx)
+                    }
+                    (None, None) => self.del_node(&node, idx),
+                }
+            }
+            Command::Batch(batch) => self.batch(batch, idx)?,
+            Command::Drain { node, deadline_ms } => {
+                let entry = self
+                    .snap
+                    .nodes
+                    .get(&node)
+                    .ok_or_else(|| unknown_node(&node))?;
+                let since_ms = entry
+                    .node
+                    .drain
+                    .as_ref()
+                    .map_or_else(unix_ms, |d| d.since_ms);
+                self.set_drain(
+                    &node,
+                    Some(Drain {
+                        since_ms,
+                        deadline_ms,
+                    }),
+                    idx,
+                )
+            }
+            Command::Undrain { node } => {
+                if !self.snap.nodes.contains_key(&node) {
+                    return Err(unknown_node(&node));
+                }
+                self.set_drain(&node, None, idx)
+            }
+            Command::EnsureNode(node) => self.put_node(node, idx),
+            Command::ExpireTtl { node, id } => {
+                let Some(check) = self.get_check(&node, &id) else {
+                    return Ok(false);
+                };
+                if check.status == Status::Critical {
+                    return Ok(false);
+                }
+                let output = format!(
+                    "TTL expired (last output before timeout follows): {}",
+                    check.output
+                );
+                let mut next = (*check).clone();
+                next.status = Status::Critical;
+                next.output = clip_output(output);
+                self.put_check(next, false, idx)?
+            }
+            Command::ReapCritical { node, check } => {
+                let Some(check) = self.get_check(&node, &check) else {
+                    return Ok(false);
+                };
+                if check.status != Status::Critical || check.service_id.is_empty() {
+                    return Ok(false);
+                }
+                let id: Name = check.service_id.as_str().into();
+                tracing::info!(node = %node, service_id = %id, check = %check.id,
+                    "deregistering service critical for longer than deregister_critical_service_after");
+                self.del_endpoint(&node, &id, idx)
+            }
+        };
+        if changed {
+            self.snap.index = idx;
+        }
+        Ok(changed)
+    }
+
+    fn has_endpoint(&self, node: &str, id: &str) -> bool {
+        self.snap
+            .nodes
+            .get(node)
+            .is_some_and(|e| e.endpoints.contains_key(id))
+    }
+
+    fn has_check(&self, node: &str, id: &str) -> bool {
+        self.snap
+            .nodes
+            .get(node)
+            .is_some_and(|e| e.checks.contains_key(id))
+    }
+
+    pub(crate) fn get_check(&self, node: &str, id: &str) -> Option<Arc<Check>> {
+        self.snap.nodes.get(node)?.checks.get(id).cloned()
+    }
+
+    fn entry_mut(&mut self, node: &str) -> Option<&mut NodeEntry> {
+        self.snap.nodes.get_mut(node).map(Arc::make_mut)
+    }
+
+    /// Marks everything shown for a node as changed at `idx`.
+    fn touch_node(&mut self, node: &Name, idx: u64, all_services: bool) {
+        let mut services = Vec::new();
+        if let Some(entry) = self.entry_mut(node) {
+            entry.index = idx;
+            if all_services {
+                services.extend(entry.endpoints.values().map(|e| e.service.clone()));
+            }
+        }
+        for service in services {
+            self.touch_service(&service, idx);
+        }
+    }
+
+    fn touch_service(&mut self, service: &Name, idx: u64) {
+        self.snap.service_index.insert(service.clone(), idx);
+        self.dirty.services.insert(service.clone());
+    }
+
+    fn put_node(&mut self, mut node: Node, idx: u64) -> bool {
+        let name = node.name.clone();
+        match self.snap.nodes.get(&name) {
+            Some(entry) if entry.node.same_definition(&node) => false,
+            Some(entry) => {
+                node.drain = entry.node.drain.clone();
+                node.create_index = entry.node.create_index;
+                node.modify_index = idx;
+                if let Some(entry) = self.entry_mut(&name) {
+                    entry.node = Arc::new(node);
+                }
+                self.node_changed(&name, idx);
+                true
+            }
+            None => {
+                node.create_index = idx;
+                node.modify_index = idx;
+                node.drain = None;
+                self.snap.nodes.insert(
+                    name.clone(),
+                    Arc::new(NodeEntry {
+                        node: Arc::new(node),
+                        endpoints: OrdMap::new(),
+                        checks: OrdMap::new(),
+                        index: idx,
+                    }),
+                );
+                self.node_changed(&name, idx);
+                true
+            }
+        }
+    }
+
+    fn node_changed(&mut self, name: &Name, idx: u64) {
+        self.dirty.nodes.insert(name.clone());
+        self.snap.tables.nodes = idx;
+        self.touch_node(name, idx, true);
+    }
+
+    fn set_drain(&mut self, name: &Name, drain: Option<Drain>, idx: u64) -> bool {
+        let Some(entry) = self.snap.nodes.get(name) else {
+            return false;
+        };
+        if entry.node.drain == drain {
+            return false;
+        }
+        let mut node = (*entry.node).clone();
+        node.drain = drain;
+        node.modify_index = idx;
+        if let Some(entry) = self.entry_mut(name) {
+            entry.node = Arc::new(node);
+        }
+        self.node_changed(name, idx);
+        true
+    }
+
+    fn del_node(&mut self, name: &Name, idx: u64) -> bool {
+        let Some(entry) = self.snap.nodes.get(name).cloned() else {
+            return false;
+        };
+        for id in entry.endpoints.keys() {
+            self.del_endpoint(name, id, idx);
+        }
+        for id in entry.checks.keys() {
+            self.del_check(name, id, idx);
+        }
+        self.snap.nodes.remove(name);
+        self.dirty.nodes.insert(name.clone());
+        self.snap.tables.nodes = idx;
+        true
+    }
+
+    fn put_endpoint(&mut self, mut endpoint: Endpoint, idx: u64) -> Result<bool, RegistryError> {
+        let node = endpoint.node.clone();
+        let id = endpoint.id.clone();
+        let entry = self.snap.nodes.get(&node).ok_or_else(|| {
+            RegistryError::BadRequest(format!("endpoint {id}: node \"{node}\" is not registered"))
+        })?;
+        let previous = entry.endpoints.get(&id).cloned();
+        if let Some(prev) = &previous {
+            if prev.same_definition(&endpoint) {
+                return Ok(false);
+            }
+            endpoint.create_index = prev.create_index;
+            if prev.service != endpoint.service {
+                // Same id re-registered under another service name: move it.
+                if let Some(members) = self.snap.members.get_mut(&prev.service) {
+                    members.remove(&(node.clone(), id.clone()));
+                    if members.is_empty() {
+                        self.snap.members.remove(&prev.service);
+                    }
+                }
+                let old_service = prev.service.clone();
+                self.touch_service(&old_service, idx);
+            }
+        } else {
+            endpoint.create_index = idx;
+        }
+        endpoint.modify_index = idx;
+        let service = endpoint.service.clone();
+        if let Some(entry) = self.entry_mut(&node) {
+            entry.endpoints.insert(id.clone(), Arc::new(endpoint));
+            entry.index = idx;
+        }
+        self.snap
+            .members
+            .entry(service.clone())
+            .or_default()
+            .insert((node.clone(), id.clone()));
+        self.touch_service(&service, idx);
+        self.dirty.endpoints.insert((node, id));
+        self.snap.tables.services = idx;
+        Ok(true)
+    }
+
+    /// Removes an endpoint and the checks bound to it.
+    fn del_endpoint(&mut self, node: &Name, id: &Name, idx: u64) -> bool {
+        let Some(entry) = self.snap.nodes.get(node) else {
+            return false;
+        };
+        let Some(endpoint) = entry.endpoints.get(id).cloned() else {
+            return false;
+        };
+        let bound: Vec<Name> = entry
+            .checks
+            .values()
+            .filter(|c| c.service_id == **id)
+            .map(|c| c.id.clone())
+            .collect();
+        for check in bound {
+            self.del_check(node, &check, idx);
+        }
+        if let Some(entry) = self.entry_mut(node) {
+            entry.endpoints.remove(id);
+            entry.index = idx;
+        }
+        if let Some(members) = self.snap.members.get_mut(&endpoint.service) {
+            members.remove(&(node.clone(), id.clone()));
+            if members.is_empty() {
+                self.snap.members.remove(&endpoint.service);
+            }
+        }
+        self.touch_service(&endpoint.service, idx);
+        self.dirty.endpoints.insert((node.clone(), id.clone()));
+        self.snap.tables.services = idx;
+        true
+    }
+
+    /// Inserts or replaces a check. With `keep_status`, a re-registered check
+    /// that does not state its status keeps the one it had.
+    fn put_check(
+        &mut self,
+        mut check: Check,
+        keep_status: bool,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let node = check.node.clone();
+        let id = check.id.clone();
+        let entry = self.snap.nodes.get(&node).ok_or_else(|| {
+            RegistryError::BadRequest(format!("check {id}: node \"{node}\" is not registered"))
+        })?;
+        if !check.service_id.is_empty() {
+            match entry.endpoints.get(check.service_id.as_str()) {
+                Some(endpoint) => check.service_name = endpoint.service.to_string(),
+                None => {
+                    return Err(RegistryError::BadRequest(format!(
+                        "check {id}: service \"{}\" is not registered on node \"{node}\"",
+                        check.service_id
+                    )))
+                }
+            }
+        }
+        check.output = clip_output(check.output);
+        let previous = entry.checks.get(&id).cloned();
+        if let Some(prev) = &previous {
+            if keep_status {
+                check.status = prev.status;
+                check.output = prev.output.clone();
+            }
+            if prev.same_definition(&check) {
+                return Ok(false);
+            }
+            check.create_index = prev.create_index;
+            if prev.service_id != check.service_id {
+                self.check_touches(prev, idx);
+            }
+        } else {
+            check.create_index = idx;
+        }
+        check.modify_index = idx;
+        let check = Arc::new(check);
+        if let Some(entry) = self.entry_mut(&node) {
+            entry.checks.insert(id.clone(), check.clone());
+        }
+        self.check_touches(&check, idx);
+        self.dirty.checks.insert((node, id));
+        self.snap.tables.checks = idx;
+        Ok(true)
+    }
+
+    /// Marks what a check's change affects: its service, or the whole node.
+    fn check_touches(&mut self, check: &Check, idx: u64) {
+        if check.is_node_level() {
+            self.touch_node(&check.node, idx, true);
+            return;
+        }
+        self.touch_node(&check.node, idx, false);
+        let service = self
+            .snap
+            .nodes
+            .get(&check.node)
+            .and_then(|e| e.endpoints.get(check.service_id.as_str()))
+            .map(|e| e.service.clone());
+        if let Some(service) = service {
+            self.touch_service(&service, idx);
+        }
+    }
+
+    fn del_check(&mut self, node: &Name, id: &Name, idx: u64) -> bool {
+        let Some(check) = self.get_check(node, id) else {
+            return false;
+        };
+        self.check_touches(&check, idx);
+        if let Some(entry) = self.entry_mut(node) {
+            entry.checks.remove(id);
+        }
+        self.dirty.checks.insert((node.clone(), id.clone()));
+        self.snap.tables.checks = idx;
+        true
+    }
+
+    fn register_service(
+        &mut self,
+        endpoint: Endpoint,
+        checks: Vec<NewCheck>,
+        replace_existing_checks: bool,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let node = endpoint.node.clone();
+        let id = endpoint.id.clone();
+        let mut changed = self.put_endpoint(endpoint, idx)?;
+        if replace_existing_checks {
+            let keep: HashSet<&str> = checks.iter().map(|c| &*c.check.id).collect();
+            let stale: Vec<Name> = self
+                .snap
+                .nodes
+                .get(&node)
+                .map(|e| {
+                    e.checks
+                        .values()
+                        .filter(|c| c.service_id == *id && !c.is_maintenance())
+                        .filter(|c| !keep.contains(&*c.id))
+                        .map(|c| c.id.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for check in stale {
+                changed |= self.del_check(&node, &check, idx);
+            }
+        }
+        for NewCheck {
+            check,
+            status_given,
+        } in checks
+        {
+            changed |= self.put_check(check, !status_given, idx)?;
+        }
+        Ok(changed)
+    }
+
+    fn update_check(
+        &mut self,
+        node: &Name,
+        id: &Name,
+        status: Status,
+        output: Option<String>,
+        require_ttl: bool,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let check = self.get_check(node, id).ok_or_else(|| unknown_check(id))?;
+        if require_ttl && check.kind != "ttl" {
+            return Err(RegistryError::NotTtl(format!(
+                "CheckID \"{id}\" does not have associated TTL"
+            )));
+        }
+        let output = clip_output(output.unwrap_or_default());
+        if check.status == status && check.output == output {
+            return Ok(false);
+        }
+        let mut next = (*check).clone();
+        next.status = status;
+        next.output = output;
+        self.put_check(next, false, idx)
+    }
+
+    fn service_maintenance(
+        &mut self,
+        node: &Name,
+        id: &Name,
+        enable: bool,
+        reason: Option<String>,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let entry = self
+            .snap
+            .nodes
+            .get(node)
+            .ok_or_else(|| unknown_service(id))?;
+        let endpoint = entry
+            .endpoints
+            .get(id)
+            .cloned()
+            .ok_or_else(|| unknown_service(id))?;
+        let check_id: Name = format!("{SERVICE_MAINTENANCE_PREFIX}{id}").into();
+        if !enable {
+            return Ok(self.del_check(node, &check_id, idx));
+        }
+        let notes = reason.filter(|r| !r.is_empty()).unwrap_or_else(|| {
+            "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.".to_string()
+        });
+        let check = Check {
+            node: node.clone(),
+            id: check_id,
+            name: "Service Maintenance Mode".to_string(),
+            status: Status::Critical,
+            notes,
+            output: String::new(),
+            service_id: id.to_string(),
+            service_name: endpoint.service.to_string(),
+            kind: "maintenance".to_string(),
+            definition: Default::default(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        self.put_check(check, false, idx)
+    }
+
+    fn node_maintenance(
+        &mut self,
+        node: &Name,
+        enable: bool,
+        reason: Option<String>,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        if !self.snap.nodes.contains_key(node) {
+            return Err(unknown_node(node));
+        }
+        let check_id: Name = NODE_MAINTENANCE_CHECK.into();
+        if !enable {
+            return Ok(self.del_check(node, &check_id, idx));
+        }
+        let notes = reason.filter(|r| !r.is_empty()).unwrap_or_else(|| {
+            "Maintenance mode is enabled for this node, but no reason was provided. This is a default message.".to_string()
+        });
+        let check = Check {
+            node: node.clone(),
+            id: check_id,
+            name: "Node Maintenance Mode".to_string(),
+            status: Status::Critical,
+            notes,
+            output: String::new(),
+            service_id: String::new(),
+            service_name: String::new(),
+            kind: "maintenance".to_string(),
+            definition: Default::default(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        self.put_check(check, false, idx)
+    }
+
+    fn catalog_register(
+        &mut self,
+        node: Node,
+        skip_node_update: bool,
+        endpoint: Option<Endpoint>,
+        checks: Vec<Check>,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let mut changed = false;
+        if !(skip_node_update && self.snap.nodes.contains_key(&node.name)) {
+            changed |= self.put_node(node, idx);
+        }
+        if let Some(endpoint) = endpoint {
+            changed |= self.put_endpoint(endpoint, idx)?;
+        }
+        for check in checks {
+            changed |= self.put_check(check, false, idx)?;
+        }
+        Ok(changed)
+    }
+
+    fn batch(&mut self, batch: Batch, idx: u64) -> Result<bool, RegistryError> {
+        let mut changed = false;
+        for node in batch.nodes {
+            changed |= self.put_node(node, idx);
+        }
+        for (endpoint, checks) in batch.endpoints {
+            changed |= self.register_service(endpoint, checks, false, idx)?;
+        }
+        for (node, id) in batch.deregister_endpoints {
+            changed |= self.del_endpoint(&node, &id, idx);
+        }
+        for node in batch.deregister_nodes {
+            changed |= self.del_node(&node, idx);
+        }
+        Ok(changed)
+    }
+
+    /// Rebuilds the views of the services touched since the last publish.
+    pub(crate) fn rebuild_views(&mut self) {
+        let services: Vec<Name> = self.dirty.services.iter().cloned().collect();
+        for name in services {
+            let fresh = self.snap.build_view(&name);
+            let old = match fresh {
+                Some(view) => {
+                    self.snap.counts.add(&view.counts);
+                    self.snap.services.insert(name, Arc::new(view))
+                }
+                None => self.snap.services.remove(&name),
+            };
+            if let Some(old) = old {
+                self.snap.counts.sub(&old.counts);
+            }
+        }
+    }
+
+    /// The store batch for everything dirty: the current record, or a deletion.
+    pub(crate) fn store_batch(&self) -> StoreBatch {
+        let dirty = &self.dirty;
+        let mut batch = StoreBatch {
+            index: self.snap.index,
+            ..StoreBatch::default()
+        };
+        for name in &dirty.nodes {
+            let node = self.snap.nodes.get(name).map(|e| e.node.clone());
+            batch.nodes.push((name.clone(), node));
+        }
+        for (node, id) in &dirty.endpoints {
+            let endpoint = self
+                .snap
+                .nodes
+                .get(node)
+                .and_then(|e| e.endpoints.get(id).cloned());
+            batch.endpoints.push(((node.clone(), id.clone()), endpoint));
+        }
+        for (node, id) in &dirty.checks {
+            let check = self.get_check(node, id);
+            batch.checks.push(((node.clone(), id.clone()), check));
+        }
+        for service in &dirty.services {
+            if let Some(index) = self.snap.service_index.get(service) {
+                batch.service_index.push((service.clone(), *index));
+            }
+        }
+        batch
+    }
+
+    /// Publishes: rebuild dirty views and hand out an immutable copy.
+    pub(crate) fn publish(&mut self) -> Snapshot {
+        self.rebuild_views();
+        self.dirty = Dirty::default();
+        self.snap.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

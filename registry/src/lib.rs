@@ -1,0 +1,33 @@
+//! Switchyard registry: the catalog of nodes, endpoints and checks.
+//!
+//! One writer task applies every change in order, makes it durable through a
+//! [`Store`], and publishes an immutable [`Snapshot`] that readers load through
+//! arc-swap without locking. This crate owns the types shared with DNS and the
+//! proxy (re-exported here) and serves the HTTP API (Consul-compatible and native).
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod catalog;
+mod config;
+mod duration;
+mod error;
+mod metrics;
+mod model;
+mod snapshot;
+mod store;
+mod writer;
+
+pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
+pub use config::{ApiConfig, StoreConfig, StoreKind};
+pub use duration::{format_go_duration, parse_go_duration};
+pub use error::{RegistryError, StoreError};
+pub use metrics::RegistryMetrics;
+pub use model::{
+    node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,
+    Weights, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
+};
+pub use snapshot::{
+    EndpointState, Instance, NodeEntry, ServiceView, Snapshot, StateCounts, TableIndexes,
+};
+pub use store::{EmbeddedStore, Keyed, Loaded, MemoryStore, Store, StoreBatch, CATALOG_FILE};
+pub use writer::Registry;

@@ -1,0 +1,134 @@
+//! Registry metrics. Created once against the agent's explicit
+//! `prometheus::Registry` (no global default registry anywhere in Switchyard).
+
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::snapshot::{EndpointState, Snapshot};
+
+pub struct RegistryMetrics {
+    pub index: IntGauge,
+    pub endpoints: IntGaugeVec,
+    pub nodes: IntGauge,
+    pub services: IntGauge,
+    pub writes: IntCounterVec,
+    pub write_errors: IntCounterVec,
+    pub write_seconds: Histogram,
+    pub commit_seconds: Histogram,
+    pub commit_commands: Histogram,
+    pub commit_records: Histogram,
+    pub publish_seconds: Histogram,
+    pub blocking_queries: IntGauge,
+    pub api_requests: IntCounterVec,
+}
+
+fn seconds(name: &str, help: &str) -> Result<Histogram, prometheus::Error> {
+    Histogram::with_opts(
+        HistogramOpts::new(name, help).buckets(exponential_buckets(0.000_05, 2.5, 14)?),
+    )
+}
+
+fn sizes(name: &str, help: &str) -> Result<Histogram, prometheus::Error> {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(exponential_buckets(1.0, 4.0, 10)?))
+}
+
+impl RegistryMetrics {
+    pub fn new(registry: &Registry) -> Result<RegistryMetrics, prometheus::Error> {
+        let m = RegistryMetrics {
+            index: IntGauge::new("switchyard_registry_index", "Current catalog index")?,
+            endpoints: IntGaugeVec::new(
+                Opts::new(
+                    "switchyard_registry_endpoints",
+                    "Endpoints by state (passing, warning, critical, maintenance, draining)",
+                ),
+                &["state"],
+            )?,
+            nodes: IntGauge::new("switchyard_registry_nodes", "Registered nodes")?,
+            services: IntGauge::new(
+                "switchyard_registry_services",
+                "Services with at least one endpoint",
+            )?,
+            writes: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_registry_writes_total",
+                    "Commands applied, by kind",
+                ),
+                &["kind"],
+            )?,
+            write_errors: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_registry_write_errors_total",
+                    "Commands refused or failed, by kind",
+                ),
+                &["kind"],
+            )?,
+            write_seconds: seconds(
+                "switchyard_registry_write_duration_seconds",
+                "From a command's arrival at the writer queue to its durable acknowledgment",
+            )?,
+            commit_seconds: seconds(
+                "switchyard_registry_commit_duration_seconds",
+                "Store commit time per group commit",
+            )?,
+            commit_commands: sizes(
+                "switchyard_registry_commit_commands",
+                "Commands folded into one group commit",
+            )?,
+            commit_records: sizes(
+                "switchyard_registry_commit_records",
+                "Records written by one group commit",
+            )?,
+            publish_seconds: seconds(
+                "switchyard_registry_publish_duration_seconds",
+                "Time to rebuild the touched service views and publish a snapshot",
+            )?,
+            blocking_queries: IntGauge::new(
+                "switchyard_api_blocking_queries",
+                "Blocking queries currently waiting",
+            )?,
+            api_requests: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_api_requests_total",
+                    "API requests by method and status class",
+                ),
+                &["method", "code"],
+            )?,
+        };
+        registry.register(Box::new(m.index.clone()))?;
+        registry.register(Box::new(m.endpoints.clone()))?;
+        registry.register(Box::new(m.nodes.clone()))?;
+        registry.register(Box::new(m.services.clone()))?;
+        registry.register(Box::new(m.writes.clone()))?;
+        registry.register(Box::new(m.write_errors.clone()))?;
+        registry.register(Box::new(m.write_seconds.clone()))?;
+        registry.register(Box::new(m.commit_seconds.clone()))?;
+        registry.register(Box::new(m.commit_commands.clone()))?;
+        registry.register(Box::new(m.commit_records.clone()))?;
+        registry.register(Box::new(m.publish_seconds.clone()))?;
+        registry.register(Box::new(m.blocking_queries.clone()))?;
+        registry.register(Box::new(m.api_requests.clone()))?;
+        Ok(m)
+    }
+
+    /// Metrics not registered anywhere, for tests and benchmarks.
+    pub fn unregistered() -> RegistryMetrics {
+        match RegistryMetrics::new(&Registry::new()) {
+            Ok(m) => m,
+            Err(e) => unreachable!("static metric definitions are valid: {e}"),
+        }
+    }
+
+    pub(crate) fn observe_snapshot(&self, snap: &Snapshot) {
+        self.index.set(snap.index() as i64);
+        self.nodes.set(snap.node_count() as i64);
+        self.services.set(snap.service_count() as i64);
+        let counts = snap.counts();
+        for state in EndpointState::ALL {
+            self.endpoints
+                .with_label_values(&[state.as_str()])
+                .set(counts.get(state) as i64);
+        }
+    }
+}

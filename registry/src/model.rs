@@ -1,0 +1,264 @@
+//! The registry's records: nodes, endpoints (service instances) and checks.
+//!
+//! These are what the store persists and what snapshots share with readers. They
+//! derive serde because they cross the store boundary; the HTTP API renders its
+//! own wire shapes from them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Cheap-to-clone name used as a map key (node names, service names, ids).
+pub type Name = Arc<str>;
+
+/// Consul's check status values. Ordered from best to worst, so `max` is the
+/// aggregate of several checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Passing,
+    Warning,
+    Critical,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Passing => "passing",
+            Status::Warning => "warning",
+            Status::Critical => "critical",
+        }
+    }
+
+    /// Parses the exact lowercase strings Consul uses; anything else is `None`.
+    pub fn parse(text: &str) -> Option<Status> {
+        match text {
+            "passing" => Some(Status::Passing),
+            "warning" => Some(Status::Warning),
+            "critical" => Some(Status::Critical),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Drain state of a node. A draining node's endpoints leave every routable set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// Wall-clock start of the drain, milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// Wall-clock deadline, milliseconds since the Unix epoch, if one was given.
+    pub deadline_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: Name,
+    /// Stable UUID; derived from the name when the registrant gives none.
+    pub id: String,
+    pub address: String,
+    #[serde(default)]
+    pub tagged_addresses: BTreeMap<String, String>,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    #[serde(default)]
+    pub drain: Option<Drain>,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+impl Node {
+    /// True when the registrant-visible fields are equal (indexes and drain aside).
+    pub(crate) fn same_definition(&self, other: &Node) -> bool {
+        self.name == other.name
+            && self.id == other.id
+            && self.address == other.address
+            && self.tagged_addresses == other.tagged_addresses
+            && self.meta == other.meta
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Weights {
+    pub passing: u32,
+    pub warning: u32,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            passing: 1,
+            warning: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaggedAddress {
+    pub address: String,
+    pub port: u16,
+}
+
+/// One task endpoint: a service instance on a node. Unique by `(node, id)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: Name,
+    pub service: Name,
+    pub node: Name,
+    /// Empty means "use the node's address".
+    pub address: String,
+    pub port: u16,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tagged_addresses: BTreeMap<String, TaggedAddress>,
+    #[serde(default)]
+    pub weights: Weights,
+    #[serde(default)]
+    pub enable_tag_override: bool,
+    #[serde(default)]
+    pub kind: String,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+impl Endpoint {
+    pub(crate) fn same_definition(&self, other: &Endpoint) -> bool {
+        self.id == other.id
+            && self.service == other.service
+            && self.node == other.node
+            && self.address == other.address
+            && self.port == other.port
+            && self.tags == other.tags
+            && self.meta == other.meta
+            && self.tagged_addresses == other.tagged_addresses
+            && self.weights == other.weights
+            && self.enable_tag_override == other.enable_tag_override
+            && self.kind == other.kind
+    }
+}
+
+/// How a check is defined. Only TTL checks are driven by this crate today; the
+/// other kinds are stored and echoed (the active checker fills them in).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckDefinition {
+    #[serde(default)]
+    pub ttl: Option<Duration>,
+    #[serde(default)]
+    pub http: String,
+    #[serde(default)]
+    pub method: String,
+    #[serde(default)]
+    pub header: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub tls_server_name: String,
+    #[serde(default)]
+    pub tls_skip_verify: bool,
+    #[serde(default)]
+    pub tcp: String,
+    #[serde(default)]
+    pub grpc: String,
+    #[serde(default)]
+    pub grpc_use_tls: bool,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub interval: Option<Duration>,
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub deregister_critical_after: Option<Duration>,
+    #[serde(default)]
+    pub success_before_passing: u32,
+    #[serde(default)]
+    pub failures_before_warning: u32,
+    #[serde(default)]
+    pub failures_before_critical: u32,
+}
+
+/// A health check. Unique by `(node, id)`. An empty `service_id` makes it a
+/// node-level check that affects every endpoint on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub node: Name,
+    pub id: Name,
+    pub name: String,
+    pub status: Status,
+    #[serde(default)]
+    pub notes: String,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub service_id: String,
+    #[serde(default)]
+    pub service_name: String,
+    /// Consul's `Type`: `ttl`, `http`, `tcp`, `grpc`, `script`, ... or `""`.
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub definition: CheckDefinition,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// Check id Consul uses for node maintenance.
+pub const NODE_MAINTENANCE_CHECK: &str = "_node_maintenance";
+/// Prefix of the check id Consul uses for service maintenance.
+pub const SERVICE_MAINTENANCE_PREFIX: &str = "_service_maintenance:";
+
+impl Check {
+    pub(crate) fn same_definition(&self, other: &Check) -> bool {
+        self.node == other.node
+            && self.id == other.id
+            && self.name == other.name
+            && self.status == other.status
+            && self.notes == other.notes
+            && self.output == other.output
+            && self.service_id == other.service_id
+            && self.service_name == other.service_name
+            && self.kind == other.kind
+            && self.definition == other.definition
+    }
+
+    pub fn is_node_level(&self) -> bool {
+        self.service_id.is_empty()
+    }
+
+    pub fn is_maintenance(&self) -> bool {
+        &*self.id == NODE_MAINTENANCE_CHECK || self.id.starts_with(SERVICE_MAINTENANCE_PREFIX)
+    }
+
+    pub fn ttl(&self) -> Option<Duration> {
+        if self.kind == "ttl" {
+            self.definition.ttl
+        } else {
+            None
+        }
+    }
+}
+
+/// Derives a stable node UUID from its name, so that every agent computes the
+/// same id for the same node without coordinating.
+pub fn node_uuid(name: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+/// Milliseconds since the Unix epoch (wall clock, for records shown to humans).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

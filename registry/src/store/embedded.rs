@@ -1,0 +1,179 @@
+//! The embedded store: one redb file in the data directory.
+//!
+//! Records are JSON values in four tables keyed by name or `node\0id`. Each
+//! writer batch is one redb write transaction with immediate durability (fsync),
+//! run on the blocking pool so the writer task never blocks a runtime thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{Loaded, Store, StoreBatch};
+use crate::error::StoreError;
+
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+const CHECKS: TableDefinition<&str, &[u8]> = TableDefinition::new("checks");
+const SERVICE_INDEX: TableDefinition<&str, u64> = TableDefinition::new("service_index");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const INDEX_KEY: &str = "index";
+
+/// File name of the catalog inside the data directory.
+pub const CATALOG_FILE: &str = "catalog.redb";
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+fn io(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(err.to_string())
+}
+
+fn pair_key(node: &str, id: &str) -> String {
+    let mut key = String::with_capacity(node.len() + id.len() + 1);
+    key.push_str(node);
+    key.push('\0');
+    key.push_str(id);
+    key
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(io)
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.replace('\0', "/"),
+        message: e.to_string(),
+    })
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the catalog in `data_dir`. Fails if another process
+    /// holds it open: the file has a single owner at a time.
+    pub fn open(data_dir: &Path, cache_bytes: usize) -> Result<EmbeddedStore, StoreError> {
+        let open_err = |message: String| StoreError::Open {
+            path: data_dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(data_dir).map_err(|e| open_err(e.to_string()))?;
+        let path = data_dir.join(CATALOG_FILE);
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn load_table<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let table = match txn.open_table(table) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut out = Vec::new();
+    for row in table.iter().map_err(io)? {
+        let (key, value) = row.map_err(io)?;
+        out.push(decode(key.value(), value.value())?);
+    }
+    Ok(out)
+}
+
+fn commit_blocking(db: &Database, batch: &StoreBatch) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(io)?;
+    {
+        let mut nodes = txn.open_table(NODES).map_err(io)?;
+        for (name, node) in &batch.nodes {
+            match node {
+                Some(node) => nodes.insert(&**name, encode(&**node)?.as_slice()),
+                None => nodes.remove(&**name),
+            }
+            .map_err(io)?;
+        }
+        let mut endpoints = txn.open_table(ENDPOINTS).map_err(io)?;
+        for ((node, id), endpoint) in &batch.endpoints {
+            let key = pair_key(node, id);
+            match endpoint {
+                Some(endpoint) => endpoints.insert(key.as_str(), encode(&**endpoint)?.as_slice()),
+                None => endpoints.remove(key.as_str()),
+            }
+            .map_err(io)?;
+        }
+        let mut checks = txn.open_table(CHECKS).map_err(io)?;
+        for ((node, id), check) in &batch.checks {
+            let key = pair_key(node, id);
+            match check {
+                Some(check) => checks.insert(key.as_str(), encode(&**check)?.as_slice()),
+                None => checks.remove(key.as_str()),
+            }
+            .map_err(io)?;
+        }
+        let mut service_index = txn.open_table(SERVICE_INDEX).map_err(io)?;
+        for (name, index) in &batch.service_index {
+            service_index.insert(&**name, *index).map_err(io)?;
+        }
+        let mut meta = txn.open_table(META).map_err(io)?;
+        meta.insert(INDEX_KEY, batch.index).map_err(io)?;
+    }
+    txn.commit().map_err(io)
+}
+
+impl Store for EmbeddedStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let mut loaded = Loaded {
+            nodes: load_table(&txn, NODES)?,
+            endpoints: load_table(&txn, ENDPOINTS)?,
+            checks: load_table(&txn, CHECKS)?,
+            ..Loaded::default()
+        };
+        match txn.open_table(SERVICE_INDEX) {
+            Ok(table) => {
+                for row in table.iter().map_err(io)? {
+                    let (key, value) = row.map_err(io)?;
+                    loaded
+                        .service_index
+                        .push((key.value().to_string(), value.value()));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(io(e)),
+        }
+        match txn.open_table(META) {
+            Ok(table) => {
+                if let Some(index) = table.get(INDEX_KEY).map_err(io)? {
+                    loaded.index = index.value();
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(io(e)),
+        }
+        Ok(loaded)
+    }
+
+    async fn commit(&mut self, batch: StoreBatch) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || commit_blocking(&db, &batch))
+            .await
+            .map_err(io)?
+    }
+}

@@ -1,0 +1,445 @@
+//! The single writer: applies commands in order, commits them to the store in
+//! groups, publishes the next snapshot and only then acknowledges.
+//!
+//! Group commit: while a commit is in flight, new commands queue in the channel;
+//! the next turn takes all of them (up to `MAX_GROUP`) into one store batch, so
+//! many small registrations share one fsync.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
+
+use crate::catalog::{Catalog, Command, Dirty, NewCheck};
+use crate::error::{RegistryError, StoreError};
+use crate::metrics::RegistryMetrics;
+use crate::model::{Name, Status};
+use crate::snapshot::Snapshot;
+use crate::store::Store;
+
+/// Most commands folded into one store commit.
+const MAX_GROUP: usize = 4096;
+/// Queue depth in front of the writer; senders wait when it is full.
+const QUEUE: usize = 8192;
+
+type Reply = oneshot::Sender<Result<u64, RegistryError>>;
+
+enum Request {
+    Apply {
+        command: Box<Command>,
+        reply: Reply,
+        received: Instant,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Handle to the registry: submit commands, read snapshots, watch the index.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Request>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    index: watch::Receiver<u64>,
+    metrics: Arc<RegistryMetrics>,
+    store_kind: &'static str,
+}
+
+impl Registry {
+    /// Loads the catalog from `store`, publishes the first snapshot and starts
+    /// the writer task on the current runtime.
+    pub fn start<S: Store>(
+        mut store: S,
+        metrics: Arc<RegistryMetrics>,
+    ) -> Result<(Registry, JoinHandle<()>), StoreError> {
+        let loaded = store.load()?;
+        let catalog = Catalog::from_loaded(loaded);
+        let first = catalog.snap.clone();
+        metrics.observe_snapshot(&first);
+        let index = first.index;
+        let snapshot = Arc::new(ArcSwap::from_pointee(first));
+        let (index_tx, index_rx) = watch::channel(index);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let store_kind = store.kind();
+        let mut writer = Writer {
+            store,
+            catalog,
+            rx,
+            snapshot: snapshot.clone(),
+            index_tx,
+            metrics: metrics.clone(),
+            timers: Timers::default(),
+        };
+        writer.arm_loaded_timers();
+        let handle = tokio::spawn(writer.run());
+        let registry = Registry {
+            inner: Arc::new(Inner {
+                tx,
+                snapshot,
+                index: index_rx,
+                metrics,
+                store_kind,
+            }),
+        };
+        Ok((registry, handle))
+    }
+
+    /// Applies a command; returns once it is durable and visible in the
+    /// snapshot, with the catalog index at that point.
+    pub async fn apply(&self, command: Command) -> Result<u64, RegistryError> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Apply {
+            command: Box::new(command),
+            reply,
+            received: Instant::now(),
+        };
+        self.inner
+            .tx
+            .send(request)
+            .await
+            .map_err(|_| RegistryError::ShuttingDown)?;
+        rx.await.map_err(|_| RegistryError::ShuttingDown)?
+    }
+
+    /// The current snapshot. Lock-free; hold it for one unit of work.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// The shared cell readers load from (DNS and proxy keep a clone of it).
+    pub fn snapshot_cell(&self) -> Arc<ArcSwap<Snapshot>> {
+        self.inner.snapshot.clone()
+    }
+
+    /// A receiver that changes whenever a new snapshot is published.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.index.clone()
+    }
+
+    pub fn metrics(&self) -> &Arc<RegistryMetrics> {
+        &self.inner.metrics
+    }
+
+    pub fn store_kind(&self) -> &'static str {
+        self.inner.store_kind
+    }
+
+    /// Asks the writer to finish what is queued before this call and stop.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.inner.tx.send(Request::Shutdown(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Writer<S> {
+    store: S,
+    catalog: Catalog,
+    rx: mpsc::Receiver<Request>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    index_tx: watch::Sender<u64>,
+    metrics: Arc<RegistryMetrics>,
+    timers: Timers,
+}
+
+struct Pending {
+    kind: &'static str,
+    reply: Option<Reply>,
+    received: Instant,
+    result: Result<(), RegistryError>,
+}
+
+impl<S: Store> Writer<S> {
+    async fn run(mut self) {
+        loop {
+            let next = self.timers.next_deadline();
+            let first = tokio::select! {
+                request = self.rx.recv() => match request {
+                    Some(request) => request,
+                    None => break,
+                },
+                () = sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                    let due = self.timers.due(Instant::now(), &self.catalog);
+                    if !due.is_empty() {
+                        let work = due.into_iter().map(|c| (c, None, Instant::now())).collect();
+                        self.process(work).await;
+                    }
+                    continue;
+                }
+            };
+            let mut work = Vec::new();
+            let mut shutdown = None;
+            let mut next_request = Some(first);
+            while let Some(request) = next_request.take() {
+                match request {
+                    Request::Apply {
+                        command,
+                        reply,
+                        received,
+                    } => work.push((*command, Some(reply), received)),
+                    Request::Shutdown(done) => {
+                        shutdown = Some(done);
+                        break;
+                    }
+                }
+                if work.len() < MAX_GROUP {
+                    next_request = self.rx.try_recv().ok();
+                }
+            }
+            if !work.is_empty() {
+                self.process(work).await;
+            }
+            if let Some(done) = shutdown {
+                self.rx.close();
+                while let Ok(request) = self.rx.try_recv() {
+                    match request {
+                        Request::Apply { reply, .. } => {
+                            let _ = reply.send(Err(RegistryError::ShuttingDown));
+                        }
+                        Request::Shutdown(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                tracing::info!(index = self.catalog.index(), "registry writer stopped");
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    async fn process(&mut self, work: Vec<(Command, Option<Reply>, Instant)>) {
+        let before = self.catalog.snap.clone();
+        let mut pending = Vec::with_capacity(work.len());
+        let mut refresh = Vec::new();
+        for (command, reply, received) in work {
+            let kind = command.kind();
+            let ttl_keys = ttl_keys(&command);
+            let saved = self.catalog.snap.clone();
+            let result = match self.catalog.apply(command) {
+                Ok(_) => {
+                    refresh.extend(ttl_keys);
+                    Ok(())
+                }
+                Err(err) => {
+                    self.catalog.snap = saved;
+                    Err(err)
+                }
+            };
+            pending.push(Pending {
+                kind,
+                reply,
+                received,
+                result,
+            });
+        }
+        if !self.catalog.dirty.is_empty() {
+            let batch = self.catalog.store_batch();
+            self.metrics.commit_records.observe(batch.len() as f64);
+            self.metrics.commit_commands.observe(pending.len() as f64);
+            let started = Instant::now();
+            let committed = self.store.commit(batch).await;
+            self.metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if let Err(err) = committed {
+                tracing::error!(%err, "store commit failed; the batch was not applied");
+                self.catalog.snap = before;
+                self.catalog.dirty = Dirty::default();
+                let message = err.to_string();
+                for p in &mut pending {
+                    if p.result.is_ok() {
+                        p.result = Err(RegistryError::Store(StoreError::Io(message.clone())));
+                    }
+                }
+                refresh.clear();
+            } else {
+                let dirty_checks: Vec<(Name, Name)> =
+                    self.catalog.dirty.checks.iter().cloned().collect();
+                let started = Instant::now();
+                let snapshot = self.catalog.publish();
+                self.metrics.observe_snapshot(&snapshot);
+                let index = snapshot.index;
+                self.snapshot.store(Arc::new(snapshot));
+                self.index_tx.send_replace(index);
+                self.metrics
+                    .publish_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let now = Instant::now();
+                for key in dirty_checks {
+                    self.timers.check_changed(key, now, &self.catalog);
+                }
+            }
+        }
+        let now = Instant::now();
+        for key in refresh {
+            self.timers.refresh_ttl(key, now, &self.catalog);
+        }
+        let index = self.catalog.index().max(1);
+        for p in pending {
+            match &p.result {
+                Ok(()) => self.metrics.writes.with_label_values(&[p.kind]).inc(),
+                Err(_) => self.metrics.write_errors.with_label_values(&[p.kind]).inc(),
+            }
+            self.metrics
+                .write_seconds
+                .observe(p.received.elapsed().as_secs_f64());
+            if let Some(reply) = p.reply {
+                let _ = reply.send(p.result.map(|()| index));
+            }
+        }
+    }
+
+    /// After a restart every TTL starts afresh and every critical check's
+    /// deregister clock starts now: time spent down is not held against anyone.
+    fn arm_loaded_timers(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<(Name, Name)> = self
+            .catalog
+            .snap
+            .checks()
+            .map(|c| (c.node.clone(), c.id.clone()))
+            .collect();
+        for key in keys {
+            self.timers.refresh_ttl(key.clone(), now, &self.catalog);
+            self.timers.check_changed(key, now, &self.catalog);
+        }
+    }
+}
+
+/// Checks whose TTL clock a successful command restarts.
+fn ttl_keys(command: &Command) -> Vec<(Name, Name)> {
+    let of = |checks: &[NewCheck]| -> Vec<(Name, Name)> {
+        checks
+            .iter()
+            .map(|c| (c.check.node.clone(), c.check.id.clone()))
+            .collect()
+    };
+    match command {
+        Command::UpdateCheck { node, id, .. } => vec![(node.clone(), id.clone())],
+        Command::RegisterService { checks, .. } => of(checks),
+        Command::RegisterCheck { check } => of(std::slice::from_ref(check)),
+        Command::CatalogRegister { checks, .. } => checks
+            .iter()
+            .map(|c| (c.node.clone(), c.id.clone()))
+            .collect(),
+        Command::Batch(batch) => batch.endpoints.iter().flat_map(|(_, c)| of(c)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum TimerKind {
+    Ttl,
+    Reap,
+}
+
+/// TTL deadlines and deregister-critical clocks. The heap may hold stale
+/// entries; an entry fires only if it still matches the maps.
+#[derive(Default)]
+struct Timers {
+    ttl: HashMap<(Name, Name), Instant>,
+    critical_since: HashMap<(Name, Name), Instant>,
+    heap: BinaryHeap<Reverse<(Instant, TimerKind, Name, Name)>>,
+}
+
+impl Timers {
+    fn next_deadline(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    fn refresh_ttl(&mut self, key: (Name, Name), now: Instant, catalog: &Catalog) {
+        let ttl = catalog.get_check(&key.0, &key.1).and_then(|c| c.ttl());
+        match ttl {
+            Some(ttl) => {
+                let at = now + ttl;
+                self.ttl.insert(key.clone(), at);
+                self.heap.push(Reverse((at, TimerKind::Ttl, key.0, key.1)));
+            }
+            None => {
+                self.ttl.remove(&key);
+            }
+        }
+    }
+
+    fn check_changed(&mut self, key: (Name, Name), now: Instant, catalog: &Catalog) {
+        let Some(check) = catalog.get_check(&key.0, &key.1) else {
+            self.ttl.remove(&key);
+            self.critical_since.remove(&key);
+            return;
+        };
+        if check.ttl().is_none() {
+            self.ttl.remove(&key);
+        }
+        match check.definition.deregister_critical_after {
+            Some(after) if check.status == Status::Critical && !check.service_id.is_empty() => {
+                if !self.critical_since.contains_key(&key) {
+                    self.critical_since.insert(key.clone(), now);
+                    self.heap
+                        .push(Reverse((now + after, TimerKind::Reap, key.0, key.1)));
+                }
+            }
+            _ => {
+                self.critical_since.remove(&key);
+            }
+        }
+    }
+
+    /// Pops every timer due at `now` and turns the live ones into commands.
+    fn due(&mut self, now: Instant, catalog: &Catalog) -> Vec<Command> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, ..))) = self.heap.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, kind, node, id))) = self.heap.pop() else {
+                break;
+            };
+            let key = (node, id);
+            match kind {
+                TimerKind::Ttl => {
+                    if self.ttl.get(&key) == Some(&at) {
+                        self.ttl.remove(&key);
+                        out.push(Command::ExpireTtl {
+                            node: key.0,
+                            id: key.1,
+                        });
+                    }
+                }
+                TimerKind::Reap => {
+                    let Some(since) = self.critical_since.get(&key).copied() else {
+                        continue;
+                    };
+                    let after = catalog
+                        .get_check(&key.0, &key.1)
+                        .and_then(|c| c.definition.deregister_critical_after);
+                    match after {
+                        Some(after) if since + after <= now => {
+                            self.critical_since.remove(&key);
+                            out.push(Command::ReapCritical {
+                                node: key.0,
+                                check: key.1,
+                            });
+                        }
+                        Some(after) => {
+                            self.heap
+                                .push(Reverse((since + after, TimerKind::Reap, key.0, key.1)));
+                        }
+                        None => {
+                            self.critical_since.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}

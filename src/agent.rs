@@ -1,0 +1,150 @@
+//! `switchyard agent`: builds the runtime, starts the registry writer, then the
+//! API, prints the ready line, and drains on SIGTERM/SIGINT.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use switchyard_registry::api::{self, AgentInfo, ApiState};
+use switchyard_registry::{
+    node_uuid, Command, EmbeddedStore, MemoryStore, Node, Registry, RegistryMetrics, Store,
+    StoreKind,
+};
+use tokio::sync::watch;
+
+use crate::config::{host_name, AgentConfig};
+
+/// A data directory the agent made for itself (`--dev`) and removes on exit.
+pub(crate) struct ScratchDir(pub PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn run(config: AgentConfig, scratch: Option<ScratchDir>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.agent.worker_threads)
+        .thread_name("switchyard")
+        .enable_all()
+        .build()
+        .context("cannot build the runtime")?;
+    let result = runtime.block_on(serve(config));
+    drop(scratch);
+    result
+}
+
+async fn serve(config: AgentConfig) -> anyhow::Result<()> {
+    let prometheus = prometheus::Registry::new();
+    let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
+    let (registry, writer) = match config.store.kind {
+        StoreKind::Embedded => {
+            let dir = config
+                .store
+                .data_dir
+                .clone()
+                .context("store.data_dir is required for the embedded store")?;
+            let store = EmbeddedStore::open(&dir, config.store.cache_mib << 20)?;
+            tracing::info!(path = %store.path().display(), "embedded store opened");
+            start(store, metrics)?
+        }
+        StoreKind::Memory => start(MemoryStore::default(), metrics)?,
+    };
+
+    let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
+    let advertise = config.agent.advertise_addr.to_string();
+    let own_node = Node {
+        name: node_name.as_str().into(),
+        id: node_uuid(&node_name),
+        address: advertise.clone(),
+        tagged_addresses: BTreeMap::from([
+            ("lan".to_string(), advertise.clone()),
+            ("wan".to_string(), advertise.clone()),
+        ]),
+        meta: BTreeMap::from([(
+            "switchyard-version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )]),
+        drain: None,
+        create_index: 0,
+        modify_index: 0,
+    };
+    registry
+        .apply(Command::EnsureNode(own_node))
+        .await
+        .context("cannot register the agent's own node")?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(ApiState {
+        registry: registry.clone(),
+        agent: AgentInfo {
+            node_name: node_name.clone(),
+            datacenter: config.agent.datacenter.clone(),
+            advertise_addr: advertise,
+            version: env!("CARGO_PKG_VERSION"),
+        },
+        config: config.api.clone(),
+        prometheus,
+        shutdown: shutdown_rx.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.api.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.api.addr))?;
+    let api_addr = listener.local_addr()?;
+    let mut stop = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|down| *down).await;
+            })
+            .await
+    });
+
+    let ready =
+        serde_json::json!({ "ready": true, "api": api_addr.to_string(), "node": node_name });
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{ready}")?;
+        out.flush()?;
+    }
+    tracing::info!(api = %api_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new API requests, finishing queued writes");
+    let _ = shutdown_tx.send(true);
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "API server task failed"),
+    }
+    registry.shutdown().await;
+    let _ = writer.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn start<S: Store>(
+    store: S,
+    metrics: Arc<RegistryMetrics>,
+) -> anyhow::Result<(Registry, tokio::task::JoinHandle<()>)> {
+    Registry::start(store, metrics).context("cannot load the catalog")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler; waiting for Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,311 @@
+//! Command-line interface: `agent` runs the data plane; the other commands talk
+//! to a running agent's API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::agent::{self, ScratchDir};
+use crate::config::AgentConfig;
+
+/// Exit code for bad usage or configuration (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Service discovery and load balancing: registry, DNS and proxy in one agent",
+    long_about = "Switchyard tracks which task endpoints are healthy (registry), answers service \
+names with them (DNS) and carries traffic to them (proxy).\n\nStart an all-in-one agent on \
+loopback with `switchyard agent --dev`; the other commands talk to a running agent."
+)]
+pub(crate) struct Cli {
+    /// Address of the agent's HTTP API, for the client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_API",
+        default_value = "http://127.0.0.1:8500"
+    )]
+    api: String,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand, Debug)]
+enum Commands {
+    /// Run the agent: registry API (Consul-compatible on :8500) with its store.
+    Agent(AgentArgs),
+    /// List services with endpoint counts by state.
+    Services {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a service's endpoints and why any of them is excluded.
+    Endpoints {
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register (and deregister) many nodes and endpoints in one durable write.
+    ///
+    /// FILE is a JSON batch: {"nodes":[{"name","address"}], "endpoints":[{"node",
+    /// "service","id","address","port","tags","meta","checks"}], "deregister":
+    /// [{"node","id"}], "deregister_nodes":["name"]}. Use - for standard input.
+    Register { file: PathBuf },
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// All-in-one development agent on loopback with a fresh, throwaway data dir.
+    #[arg(long)]
+    dev: bool,
+    /// TOML config file (see configs/dev.toml for every key and its default).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory of the embedded store (overrides store.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP API listen address (overrides api.addr); port 0 picks a free port.
+    #[arg(long)]
+    api_addr: Option<SocketAddr>,
+    /// This agent's node name (overrides agent.node_name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Load and check the configuration, print it, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+pub(crate) fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Commands::Agent(args) => run_agent(args),
+        Commands::Services { json } => client(services(&cli.api, json)),
+        Commands::Endpoints { service, json } => client(endpoints(&cli.api, &service, json)),
+        Commands::Register { file } => client(register(&cli.api, &file)),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run_agent(args: AgentArgs) -> ExitCode {
+    let mut config = match &args.config {
+        Some(path) => match AgentConfig::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("switchyard: invalid configuration: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => AgentConfig::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.store.data_dir = Some(dir);
+    }
+    if let Some(addr) = args.api_addr {
+        config.api.addr = addr;
+    }
+    if let Some(name) = args.node_name {
+        config.agent.node_name = Some(name);
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("switchyard: invalid configuration: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut scratch = None;
+    if args.dev && config.store.data_dir.is_none() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-dev-{}-{nanos}", std::process::id()));
+        config.store.data_dir = Some(dir.clone());
+        scratch = Some(ScratchDir(dir));
+    }
+    if config.store.kind == switchyard_registry::StoreKind::Embedded
+        && config.store.data_dir.is_none()
+    {
+        eprintln!(
+            "switchyard: no data directory: pass --data-dir DIR, set store.data_dir, or use --dev"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if args.check_config {
+        println!("configuration ok\n{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing();
+    match agent::run(config, scratch) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// Sends a request to the agent and returns the body of a 2xx answer.
+fn call(api: &str, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<String> {
+    let url = format!("{}{path}", api.trim_end_matches('/'));
+    let agent = http();
+    let response = match (method, body) {
+        ("GET", _) => agent.get(&url).call(),
+        (_, Some(body)) => agent
+            .put(&url)
+            .header("Content-Type", "application/json")
+            .send(&body[..]),
+        (_, None) => agent.put(&url).send_empty(),
+    };
+    let mut response = response.map_err(|e| {
+        anyhow::anyhow!("cannot reach the agent at {api} ({e}); is `switchyard agent` running? (set --api or SWITCHYARD_API)")
+    })?;
+    let status = response.status();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+        .map_err(|e| anyhow::anyhow!("reading the agent's answer: {e}"))?;
+    if !status.is_success() {
+        anyhow::bail!("the agent answered {status}: {}", text.trim());
+    }
+    Ok(text)
+}
+
+fn get_json(api: &str, path: &str) -> anyhow::Result<Value> {
+    let text = call(api, "GET", path, None)?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("the agent sent invalid JSON: {e}"))
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn services(api: &str, as_json: bool) -> anyhow::Result<()> {
+    let list = get_json(api, "/v1/switchyard/services")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let rows = list.as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<32} {:>9} {:>8} {:>7} {:>7} {:>8} {:>5} {:>8}  TAGS",
+        "SERVICE", "ENDPOINTS", "ROUTABLE", "PASSING", "WARNING", "CRITICAL", "MAINT", "DRAINING"
+    );
+    for row in &rows {
+        let by = row.get("by_state").cloned().unwrap_or(Value::Null);
+        let tags: Vec<&str> = row
+            .get("tags")
+            .and_then(Value::as_array)
+            .map(|t| t.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<32} {:>9} {:>8} {:>7} {:>7} {:>8} {:>5} {:>8}  {}",
+            row.get("name").and_then(Value::as_str).unwrap_or("?"),
+            num(row, "endpoints"),
+            num(row, "routable"),
+            num(&by, "passing"),
+            num(&by, "warning"),
+            num(&by, "critical"),
+            num(&by, "maintenance"),
+            num(&by, "draining"),
+            tags.join(",")
+        );
+    }
+    if rows.is_empty() {
+        println!("(no services registered)");
+    }
+    Ok(())
+}
+
+fn endpoints(api: &str, service: &str, as_json: bool) -> anyhow::Result<()> {
+    let path = format!("/v1/switchyard/services/{}", encode_path(service));
+    let view = get_json(api, &path)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<20} {:<22} {:<12} WHY EXCLUDED",
+        "ID", "NODE", "ADDRESS", "STATE"
+    );
+    for e in view
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        println!(
+            "{:<28} {:<20} {:<22} {:<12} {}",
+            s("id"),
+            s("node"),
+            format!("{}:{}", s("address"), num(e, "port")),
+            s("state"),
+            s("excluded_because")
+        );
+    }
+    Ok(())
+}
+
+fn register(api: &str, file: &PathBuf) -> anyhow::Result<()> {
+    let body = if file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        buf
+    } else {
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+    };
+    let answer = call(api, "PUT", "/v1/switchyard/batch", Some(body))?;
+    let index = serde_json::from_str::<Value>(&answer)
+        .ok()
+        .and_then(|v| v.get("index").and_then(Value::as_u64))
+        .unwrap_or(0);
+    println!("registered; catalog index {index}");
+    Ok(())
+}
+
+/// Percent-encodes a path segment.
+fn encode_path(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

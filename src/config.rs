@@ -1,0 +1,85 @@
+//! The agent's configuration file: one TOML tree, a table per role.
+//! Every key is optional; `configs/dev.toml` lists them all with defaults.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use switchyard_registry::{ApiConfig, StoreConfig};
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct AgentConfig {
+    pub(crate) agent: AgentSection,
+    pub(crate) api: ApiConfig,
+    pub(crate) store: StoreConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct AgentSection {
+    /// This agent's node name. Default: the host name.
+    pub(crate) node_name: Option<String>,
+    /// Datacenter name reported to Consul clients. Default `dc1`.
+    pub(crate) datacenter: String,
+    /// Address of this node as registered in the catalog. Default `127.0.0.1`.
+    pub(crate) advertise_addr: IpAddr,
+    /// Threads of the registry/API runtime. Default 2.
+    pub(crate) worker_threads: usize,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            node_name: None,
+            datacenter: "dc1".to_string(),
+            advertise_addr: IpAddr::from([127, 0, 0, 1]),
+            worker_threads: 2,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and checks a config file; the error names the file, line and key.
+    pub(crate) fn load(path: &Path) -> Result<AgentConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let config: AgentConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Rules that span fields.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.agent.worker_threads == 0 {
+            return Err("agent.worker_threads must be at least 1".to_string());
+        }
+        if self.agent.datacenter.is_empty() {
+            return Err("agent.datacenter must not be empty".to_string());
+        }
+        if let Some(name) = &self.agent.node_name {
+            if name.is_empty() || name.chars().any(char::is_control) {
+                return Err("agent.node_name must be a non-empty name".to_string());
+            }
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err("api.max_body_bytes must be at least 1024".to_string());
+        }
+        if self.store.cache_mib == 0 {
+            return Err("store.cache_mib must be at least 1".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// The host name, for the default node name.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "switchyard".to_string())
+}

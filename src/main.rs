@@ -1,0 +1,14 @@
+//! `switchyard`: the agent (registry + DNS + proxy) and the operator CLI.
+
+mod agent;
+mod cli;
+mod config;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::run(args)
+}
