@@ -138,6 +138,16 @@ pub(crate) struct Dirty {
     pub(crate) nodes: HashSet<Name>,
     pub(crate) endpoints: HashSet<(Name, Name)>,
     pub(crate) checks: HashSet<(Name, Name)>,
+    /// Keys in insertion order, so a refused command's keys can be taken back.
+    journal: Vec<DirtyKey>,
+}
+
+#[derive(Debug, Clone)]
+enum DirtyKey {
+    Service(Name),
+    Node(Name),
+    Endpoint((Name, Name)),
+    Check((Name, Name)),
 }
 
 impl Dirty {
@@ -147,12 +157,41 @@ impl Dirty {
             && self.endpoints.is_empty()
             && self.checks.is_empty()
     }
+
+    fn add(&mut self, key: DirtyKey) {
+        let new = match &key {
+            DirtyKey::Service(k) => self.services.insert(k.clone()),
+            DirtyKey::Node(k) => self.nodes.insert(k.clone()),
+            DirtyKey::Endpoint(k) => self.endpoints.insert(k.clone()),
+            DirtyKey::Check(k) => self.checks.insert(k.clone()),
+        };
+        if new {
+            self.journal.push(key);
+        }
+    }
+
+    /// A position to roll back to.
+    pub(crate) fn mark(&self) -> usize {
+        self.journal.len()
+    }
+
+    /// Forgets every key added since `mark`.
+    pub(crate) fn rollback(&mut self, mark: usize) {
+        for key in self.journal.drain(mark..) {
+            match key {
+                DirtyKey::Service(k) => self.services.remove(&k),
+                DirtyKey::Node(k) => self.nodes.remove(&k),
+                DirtyKey::Endpoint(k) => self.endpoints.remove(&k),
+                DirtyKey::Check(k) => self.checks.remove(&k),
+            };
+        }
+    }
 }
 
 /// The writer's mutable catalog: a snapshot being edited plus what changed.
 ///
-/// A failed command is undone by restoring `snap` alone: keys left in `dirty`
-/// by it are harmless (their current value is simply written and rebuilt again).
+/// A refused command is undone by restoring the clone of `snap` taken before it
+/// and rolling `dirty` back to its mark: it leaves no trace, not even a publish.
 #[derive(Default)]
 pub(crate) struct Catalog {
     pub(crate) snap: Snapshot,
@@ -276,7 +315,9 @@ impl Catalog {
             dirty: Dirty::default(),
         };
         let services: Vec<Name> = catalog.snap.members.keys().cloned().collect();
-        catalog.dirty.services.extend(services);
+        for service in services {
+            catalog.dirty.add(DirtyKey::Service(service));
+        }
         catalog.rebuild_views();
         catalog.dirty = Dirty::default();
         catalog
@@ -472,7 +513,7 @@ impl Catalog {
 
     fn touch_service(&mut self, service: &Name, idx: u64) {
         self.snap.service_index.insert(service.clone(), idx);
-        self.dirty.services.insert(service.clone());
+        self.dirty.add(DirtyKey::Service(service.clone()));
     }
 
     fn put_node(&mut self, mut node: Node, idx: u64) -> bool {
@@ -509,7 +550,7 @@ impl Catalog {
     }
 
     fn node_changed(&mut self, name: &Name, idx: u64) {
-        self.dirty.nodes.insert(name.clone());
+        self.dirty.add(DirtyKey::Node(name.clone()));
         self.snap.tables.nodes = idx;
         self.touch_node(name, idx, true);
     }
@@ -542,7 +583,7 @@ impl Catalog {
             self.del_check(name, id, idx);
         }
         self.snap.nodes.remove(name);
-        self.dirty.nodes.insert(name.clone());
+        self.dirty.add(DirtyKey::Node(name.clone()));
         self.snap.tables.nodes = idx;
         true
     }
@@ -585,7 +626,7 @@ impl Catalog {
             .or_default()
             .insert((node.clone(), id.clone()));
         self.touch_service(&service, idx);
-        self.dirty.endpoints.insert((node, id));
+        self.dirty.add(DirtyKey::Endpoint((node, id)));
         self.snap.tables.services = idx;
         Ok(true)
     }
@@ -618,7 +659,8 @@ impl Catalog {
             }
         }
         self.touch_service(&endpoint.service, idx);
-        self.dirty.endpoints.insert((node.clone(), id.clone()));
+        self.dirty
+            .add(DirtyKey::Endpoint((node.clone(), id.clone())));
         self.snap.tables.services = idx;
         true
     }
@@ -670,7 +712,7 @@ impl Catalog {
             entry.checks.insert(id.clone(), check.clone());
         }
         self.check_touches(&check, idx);
-        self.dirty.checks.insert((node, id));
+        self.dirty.add(DirtyKey::Check((node, id)));
         self.snap.tables.checks = idx;
         Ok(true)
     }
@@ -701,7 +743,7 @@ impl Catalog {
         if let Some(entry) = self.entry_mut(node) {
             entry.checks.remove(id);
         }
-        self.dirty.checks.insert((node.clone(), id.clone()));
+        self.dirty.add(DirtyKey::Check((node.clone(), id.clone())));
         self.snap.tables.checks = idx;
         true
     }

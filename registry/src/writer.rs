@@ -224,6 +224,7 @@ impl<S: Store> Writer<S> {
             let kind = command.kind();
             let ttl_keys = ttl_keys(&command);
             let saved = self.catalog.snap.clone();
+            let mark = self.catalog.dirty.mark();
             let result = match self.catalog.apply(command) {
                 Ok(_) => {
                     refresh.extend(ttl_keys);
@@ -231,6 +232,7 @@ impl<S: Store> Writer<S> {
                 }
                 Err(err) => {
                     self.catalog.snap = saved;
+                    self.catalog.dirty.rollback(mark);
                     Err(err)
                 }
             };

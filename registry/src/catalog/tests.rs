@@ -1,1 +1,601 @@
+//! Catalog and writer behaviour, driven through the real writer with an
+//! in-memory (or embedded) store and tokio's paused clock.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::metrics::RegistryMetrics;
+use crate::model::{node_uuid, CheckDefinition, Weights};
+use crate::snapshot::EndpointState;
+use crate::store::{EmbeddedStore, MemoryStore, Store};
+use crate::writer::Registry;
+
+fn node(name: &str) -> Node {
+    Node {
+        name: name.into(),
+        id: node_uuid(name),
+        address: format!("10.0.0.{}", name.len()),
+        tagged_addresses: BTreeMap::new(),
+        meta: BTreeMap::new(),
+        drain: None,
+        create_index: 0,
+        modify_index: 0,
+    }
+}
+
+fn endpoint(node: &str, id: &str, service: &str, tags: &[&str]) -> Endpoint {
+    Endpoint {
+        id: id.into(),
+        service: service.into(),
+        node: node.into(),
+        address: String::new(),
+        port: 8080,
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        meta: BTreeMap::new(),
+        tagged_addresses: BTreeMap::new(),
+        weights: Weights::default(),
+        enable_tag_override: false,
+        kind: String::new(),
+        create_index: 0,
+        modify_index: 0,
+    }
+}
+
+fn check(node: &str, service_id: &str, status: Status) -> NewCheck {
+    NewCheck {
+        check: Check {
+            node: node.into(),
+            id: format!("service:{service_id}").into(),
+            name: "probe".to_string(),
+            status,
+            notes: String::new(),
+            output: String::new(),
+            service_id: service_id.to_string(),
+            service_name: String::new(),
+            kind: String::new(),
+            definition: CheckDefinition::default(),
+            create_index: 0,
+            modify_index: 0,
+        },
+        status_given: true,
+    }
+}
+
+fn ttl_check(node: &str, service_id: &str, ttl: Duration, dcsa: Option<Duration>) -> NewCheck {
+    let mut c = check(node, service_id, Status::Critical);
+    c.check.kind = "ttl".to_string();
+    c.check.definition.ttl = Some(ttl);
+    c.check.definition.deregister_critical_after = dcsa;
+    c.status_given = false;
+    c
+}
+
+async fn start_with<S: Store>(store: S) -> Registry {
+    let metrics = Arc::new(RegistryMetrics::unregistered());
+    let (registry, _writer) = Registry::start(store, metrics).expect("start");
+    registry
+}
+
+async fn registry(nodes: &[&str]) -> Registry {
+    let registry = start_with(MemoryStore::default()).await;
+    for name in nodes {
+        registry
+            .apply(Command::EnsureNode(node(name)))
+            .await
+            .expect("node");
+    }
+    registry
+}
+
+async fn register(r: &Registry, e: Endpoint, checks: Vec<NewCheck>) -> u64 {
+    r.apply(Command::RegisterService {
+        endpoint: e,
+        checks,
+        replace_existing_checks: false,
+    })
+    .await
+    .expect("register")
+}
+
+fn routable_ids(r: &Registry, service: &str, tag: Option<&str>) -> Vec<String> {
+    let snap = r.snapshot();
+    let Some(view) = snap.service(service) else {
+        return Vec::new();
+    };
+    view.routable_with_tag(tag)
+        .map(|i| i.endpoint.id.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn routable_set_and_tag_subsets_follow_health_maintenance_and_drain() {
+    let r = registry(&["n1", "n2"]).await;
+    register(
+        &r,
+        endpoint("n1", "a", "web", &["v1"]),
+        vec![check("n1", "a", Status::Passing)],
+    )
+    .await;
+    register(
+        &r,
+        endpoint("n1", "b", "web", &["V1", "v2"]),
+        vec![check("n1", "b", Status::Warning)],
+    )
+    .await;
+    register(
+        &r,
+        endpoint("n2", "c", "web", &["v1"]),
+        vec![check("n2", "c", Status::Critical)],
+    )
+    .await;
+    register(&r, endpoint("n2", "d", "web", &["v2"]), vec![]).await;
+
+    assert_eq!(routable_ids(&r, "web", None), ["a", "b", "d"]);
+    assert_eq!(
+        routable_ids(&r, "web", Some("v1")),
+        ["a", "b"],
+        "tags match case-insensitively"
+    );
+    assert_eq!(routable_ids(&r, "web", Some("V2")), ["b", "d"]);
+    assert!(routable_ids(&r, "web", Some("v3")).is_empty());
+    let snap = r.snapshot();
+    let view = snap.service("web").expect("web");
+    let passing: Vec<_> = view
+        .passing
+        .iter()
+        .map(|&p| &*view.instances[p as usize].endpoint.id)
+        .collect();
+    assert_eq!(passing, ["a", "d"], "?passing drops warning and critical");
+    assert_eq!(view.counts.get(EndpointState::Critical), 1);
+
+    r.apply(Command::ServiceMaintenance {
+        node: "n1".into(),
+        id: "a".into(),
+        enable: true,
+        reason: Some("deploy".into()),
+    })
+    .await
+    .expect("maintenance");
+    assert_eq!(routable_ids(&r, "web", None), ["b", "d"]);
+    let snap = r.snapshot();
+    let a = snap.instance("n1", "a").expect("a");
+    assert_eq!(a.state, EndpointState::Maintenance);
+    assert!(a.excluded_because().expect("reason").contains("deploy"));
+
+    r.apply(Command::Drain {
+        node: "n2".into(),
+        deadline_ms: None,
+    })
+    .await
+    .expect("drain");
+    assert_eq!(
+        routable_ids(&r, "web", None),
+        ["b"],
+        "a draining node's endpoints leave at once"
+    );
+    assert_eq!(r.snapshot().counts().get(EndpointState::Draining), 2);
+
+    r.apply(Command::Undrain { node: "n2".into() })
+        .await
+        .expect("undrain");
+    assert_eq!(routable_ids(&r, "web", None), ["b", "d"]);
+
+    r.apply(Command::NodeMaintenance {
+        node: "n1".into(),
+        enable: true,
+        reason: None,
+    })
+    .await
+    .expect("node maintenance");
+    assert_eq!(
+        routable_ids(&r, "web", None),
+        ["d"],
+        "node maintenance removes every endpoint on it"
+    );
+}
+
+#[tokio::test]
+async fn a_change_rebuilds_only_the_services_it_touches() {
+    let r = registry(&["n1", "n2"]).await;
+    register(&r, endpoint("n1", "web-1", "web", &[]), vec![]).await;
+    register(&r, endpoint("n2", "db-1", "db", &[]), vec![]).await;
+    let before = r.snapshot();
+    register(&r, endpoint("n1", "web-2", "web", &[]), vec![]).await;
+    let after = r.snapshot();
+
+    let db_before = before.service("db").expect("db");
+    let db_after = after.service("db").expect("db");
+    assert!(
+        Arc::ptr_eq(db_before, db_after),
+        "untouched service keeps its Arc"
+    );
+    assert_eq!(before.service_index("db"), after.service_index("db"));
+    let web_before = before.service("web").expect("web");
+    let web_after = after.service("web").expect("web");
+    assert!(!Arc::ptr_eq(web_before, web_after));
+    assert!(after.service_index("web") > before.service_index("web"));
+    assert_eq!(web_after.instances.len(), 2);
+    assert_eq!(
+        before.service("web").expect("web").instances.len(),
+        1,
+        "old snapshot is immutable"
+    );
+
+    // A node-level change touches every service on that node, and only those.
+    let before = r.snapshot();
+    r.apply(Command::Drain {
+        node: "n2".into(),
+        deadline_ms: None,
+    })
+    .await
+    .expect("drain");
+    let after = r.snapshot();
+    assert!(Arc::ptr_eq(
+        before.service("web").expect("web"),
+        after.service("web").expect("web")
+    ));
+    assert!(after.service_index("db") > before.service_index("db"));
+}
+
+#[tokio::test]
+async fn index_only_grows_and_refused_commands_change_nothing() {
+    let r = registry(&["n1"]).await;
+    let i1 = register(&r, endpoint("n1", "a", "web", &[]), vec![]).await;
+    let i2 = register(&r, endpoint("n1", "b", "web", &[]), vec![]).await;
+    assert!(i2 > i1);
+    let same = register(&r, endpoint("n1", "b", "web", &[]), vec![]).await;
+    assert_eq!(
+        same, i2,
+        "re-registering an identical endpoint writes nothing"
+    );
+
+    let before = r.snapshot();
+    let err = r
+        .apply(Command::DeregisterService {
+            node: "n1".into(),
+            id: "nope".into(),
+        })
+        .await
+        .expect_err("unknown id");
+    assert!(matches!(err, RegistryError::NotFound(_)));
+    assert!(err.to_string().starts_with("Unknown service ID \"nope\""));
+
+    // A batch is all or nothing: the second endpoint names an unknown node.
+    let batch = Batch {
+        endpoints: vec![
+            (endpoint("n1", "c", "web", &[]), vec![]),
+            (endpoint("ghost", "d", "web", &[]), vec![]),
+        ],
+        ..Batch::default()
+    };
+    let err = r
+        .apply(Command::Batch(batch))
+        .await
+        .expect_err("unknown node");
+    assert!(matches!(err, RegistryError::BadRequest(_)));
+    let after = r.snapshot();
+    assert_eq!(after.index(), before.index());
+    assert!(
+        after.instance("n1", "c").is_none(),
+        "the first half of a refused batch is rolled back"
+    );
+    assert!(Arc::ptr_eq(
+        before.service("web").expect("web"),
+        after.service("web").expect("web")
+    ));
+
+    let i3 = r
+        .apply(Command::DeregisterService {
+            node: "n1".into(),
+            id: "a".into(),
+        })
+        .await
+        .expect("deregister");
+    assert!(i3 > i2);
+    assert!(
+        r.snapshot().service_index("web") >= i3,
+        "removal bumps the service index"
+    );
+}
+
+#[tokio::test]
+async fn removed_service_keeps_a_growing_index() {
+    let r = registry(&["n1"]).await;
+    register(&r, endpoint("n1", "a", "gone", &[]), vec![]).await;
+    let live = r.snapshot().service_index("gone");
+    r.apply(Command::DeregisterService {
+        node: "n1".into(),
+        id: "a".into(),
+    })
+    .await
+    .expect("deregister");
+    let snap = r.snapshot();
+    assert!(snap.service("gone").is_none());
+    assert!(
+        snap.service_index("gone") > live,
+        "a blocking watcher sees the removal"
+    );
+    assert_eq!(snap.service_index("never-existed"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_check_expires_to_critical_on_time_and_pass_revives_it() {
+    let r = registry(&["n1"]).await;
+    register(
+        &r,
+        endpoint("n1", "a", "web", &[]),
+        vec![ttl_check("n1", "a", Duration::from_secs(10), None)],
+    )
+    .await;
+    assert!(
+        routable_ids(&r, "web", None).is_empty(),
+        "a new TTL check starts critical"
+    );
+    let pass = || Command::UpdateCheck {
+        node: "n1".into(),
+        id: "service:a".into(),
+        status: Status::Passing,
+        output: Some("ok".into()),
+        require_ttl: true,
+    };
+    r.apply(pass()).await.expect("pass");
+    let passed_at = Instant::now();
+    assert_eq!(routable_ids(&r, "web", None), ["a"]);
+
+    tokio::time::advance(Duration::from_secs(9)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        routable_ids(&r, "web", None),
+        ["a"],
+        "not expired before the TTL"
+    );
+
+    let mut changes = r.subscribe();
+    changes.borrow_and_update();
+    changes.changed().await.expect("expiry publishes");
+    let expired_after = passed_at.elapsed();
+    assert!(
+        expired_after >= Duration::from_secs(10) && expired_after < Duration::from_secs(11),
+        "expired after {expired_after:?}"
+    );
+    let snap = r.snapshot();
+    let a = snap.instance("n1", "a").expect("a");
+    assert_eq!(a.health, Status::Critical);
+    assert!(
+        a.checks[0].output.starts_with("TTL expired"),
+        "{}",
+        a.checks[0].output
+    );
+
+    r.apply(pass()).await.expect("pass again");
+    assert_eq!(routable_ids(&r, "web", None), ["a"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_keep_a_ttl_check_alive() {
+    let r = registry(&["n1"]).await;
+    register(
+        &r,
+        endpoint("n1", "a", "web", &[]),
+        vec![ttl_check("n1", "a", Duration::from_secs(5), None)],
+    )
+    .await;
+    for _ in 0..10 {
+        r.apply(Command::UpdateCheck {
+            node: "n1".into(),
+            id: "service:a".into(),
+            status: Status::Passing,
+            output: None,
+            require_ttl: true,
+        })
+        .await
+        .expect("heartbeat");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(routable_ids(&r, "web", None), ["a"]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn deregister_critical_after_removes_the_endpoint() {
+    let r = registry(&["n1"]).await;
+    register(
+        &r,
+        endpoint("n1", "a", "web", &[]),
+        vec![ttl_check(
+            "n1",
+            "a",
+            Duration::from_secs(5),
+            Some(Duration::from_secs(60)),
+        )],
+    )
+    .await;
+    let registered = Instant::now();
+    let mut changes = r.subscribe();
+    loop {
+        changes.borrow_and_update();
+        if r.snapshot().instance("n1", "a").is_none() {
+            break;
+        }
+        changes.changed().await.expect("writer alive");
+    }
+    let gone_after = registered.elapsed();
+    assert!(
+        gone_after >= Duration::from_secs(60) && gone_after < Duration::from_secs(61),
+        "removed after {gone_after:?}"
+    );
+    assert!(r.snapshot().service("web").is_none());
+    assert!(
+        r.snapshot().node("n1").expect("n1").checks.is_empty(),
+        "its checks go with it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_check_that_recovers_is_not_reaped() {
+    let r = registry(&["n1"]).await;
+    register(
+        &r,
+        endpoint("n1", "a", "web", &[]),
+        vec![ttl_check(
+            "n1",
+            "a",
+            Duration::from_secs(600),
+            Some(Duration::from_secs(60)),
+        )],
+    )
+    .await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    r.apply(Command::UpdateCheck {
+        node: "n1".into(),
+        id: "service:a".into(),
+        status: Status::Passing,
+        output: None,
+        require_ttl: true,
+    })
+    .await
+    .expect("pass");
+    tokio::time::advance(Duration::from_secs(120)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(r.snapshot().instance("n1", "a").is_some());
+}
+
+#[tokio::test]
+async fn update_on_a_check_without_ttl_is_refused_with_consuls_text() {
+    let r = registry(&["n1"]).await;
+    register(
+        &r,
+        endpoint("n1", "a", "web", &[]),
+        vec![check("n1", "a", Status::Passing)],
+    )
+    .await;
+    let err = r
+        .apply(Command::UpdateCheck {
+            node: "n1".into(),
+            id: "service:a".into(),
+            status: Status::Critical,
+            output: None,
+            require_ttl: true,
+        })
+        .await
+        .expect_err("not ttl");
+    assert!(matches!(err, RegistryError::NotTtl(_)));
+    assert!(err.to_string().contains("does not have associated TTL"));
+}
+
+#[tokio::test]
+async fn reregistration_keeps_the_status_of_checks_that_state_none() {
+    let r = registry(&["n1"]).await;
+    let ttl = || ttl_check("n1", "a", Duration::from_secs(60), None);
+    register(&r, endpoint("n1", "a", "web", &[]), vec![ttl()]).await;
+    r.apply(Command::UpdateCheck {
+        node: "n1".into(),
+        id: "service:a".into(),
+        status: Status::Passing,
+        output: None,
+        require_ttl: true,
+    })
+    .await
+    .expect("pass");
+    register(&r, endpoint("n1", "a", "web", &["new-tag"]), vec![ttl()]).await;
+    assert_eq!(routable_ids(&r, "web", Some("new-tag")), ["a"]);
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_commits() {
+    let metrics = Arc::new(RegistryMetrics::unregistered());
+    let (r, _writer) = Registry::start(MemoryStore::default(), metrics.clone()).expect("start");
+    r.apply(Command::EnsureNode(node("n1")))
+        .await
+        .expect("node");
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            register(&r, endpoint("n1", &format!("e{i}"), "web", &[]), vec![]).await
+        }));
+    }
+    for task in tasks {
+        task.await.expect("join");
+    }
+    let commits = metrics.commit_commands.get_sample_count();
+    assert_eq!(
+        r.snapshot().service("web").expect("web").instances.len(),
+        500
+    );
+    assert!(
+        commits < 500,
+        "500 writes took {commits} commits; group commit should fold them"
+    );
+}
+
+#[tokio::test]
+async fn embedded_store_recovers_everything_and_the_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index_before;
+    {
+        let store = EmbeddedStore::open(dir.path(), 8 << 20).expect("open");
+        let r = start_with(store).await;
+        r.apply(Command::EnsureNode(node("n1")))
+            .await
+            .expect("node");
+        r.apply(Command::EnsureNode(node("n2")))
+            .await
+            .expect("node");
+        register(
+            &r,
+            endpoint("n1", "a", "web", &["v1"]),
+            vec![check("n1", "a", Status::Warning)],
+        )
+        .await;
+        register(&r, endpoint("n2", "b", "web", &[]), vec![]).await;
+        register(&r, endpoint("n2", "gone", "old", &[]), vec![]).await;
+        r.apply(Command::DeregisterService {
+            node: "n2".into(),
+            id: "gone".into(),
+        })
+        .await
+        .expect("deregister");
+        r.apply(Command::Drain {
+            node: "n2".into(),
+            deadline_ms: Some(42),
+        })
+        .await
+        .expect("drain");
+        r.apply(Command::ServiceMaintenance {
+            node: "n1".into(),
+            id: "a".into(),
+            enable: true,
+            reason: Some("upgrade".into()),
+        })
+        .await
+        .expect("maint");
+        index_before = r.snapshot().index();
+        r.shutdown().await;
+    }
+    let store = EmbeddedStore::open(dir.path(), 8 << 20).expect("reopen");
+    let r = start_with(store).await;
+    let snap = r.snapshot();
+    assert_eq!(snap.index(), index_before);
+    let a = snap.instance("n1", "a").expect("a survives");
+    assert_eq!(a.state, EndpointState::Maintenance);
+    assert_eq!(a.endpoint.tags, ["v1"]);
+    assert!(a.checks.iter().any(|c| c.status == Status::Warning));
+    let b = snap.instance("n2", "b").expect("b survives");
+    assert_eq!(b.state, EndpointState::Draining);
+    assert_eq!(b.node.drain.as_ref().and_then(|d| d.deadline_ms), Some(42));
+    assert!(snap.service("old").is_none());
+    assert!(
+        snap.service_index("old") > 1,
+        "tombstone index survives a restart"
+    );
+    let next = register(&r, endpoint("n1", "c", "web", &[]), vec![]).await;
+    assert!(next > index_before);
+}
