@@ -1,1 +1,7 @@
+//! Black-box tests: start the real `switchyard` binary and talk to it over
+//! real sockets on 127.0.0.1.
 
+mod cli;
+mod registry_api;
+mod restart;
+mod support;

@@ -1,0 +1,144 @@
+//! The command line: client commands against a running agent, and configs.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::{bin, Agent};
+
+fn run(args: &[&str], api: &str) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .env("SWITCHYARD_API", api)
+        .output()
+        .expect("run switchyard")
+}
+
+#[test]
+fn register_services_and_endpoints_commands() {
+    let agent = Agent::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("batch.json");
+    std::fs::write(
+        &file,
+        r#"{"nodes":[{"name":"n1","address":"10.3.0.1"}],
+            "endpoints":[{"node":"n1","service":"pay","id":"pay-1","port":9000},
+                         {"node":"n1","service":"pay","id":"pay-2","port":9001,
+                          "checks":[{"ttl":"1m"}]}]}"#,
+    )
+    .expect("write");
+    let out = run(&["register", file.to_str().expect("utf8")], &agent.api);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("registered"));
+
+    let out = run(&["services", "--json"], &agent.api);
+    assert!(out.status.success());
+    let list: Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
+    let pay = list
+        .as_array()
+        .expect("arr")
+        .iter()
+        .find(|s| s["name"] == "pay")
+        .expect("pay")
+        .clone();
+    assert_eq!(pay["endpoints"], 2);
+    assert_eq!(pay["routable"], 1);
+
+    let out = run(&["services"], &agent.api);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("pay ") && l.contains(" 2 ")),
+        "{table}"
+    );
+
+    let out = run(&["endpoints", "pay"], &agent.api);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("pay-2"))
+        .expect("pay-2 row");
+    assert!(
+        row.contains("critical") && row.contains("check service:pay-2 is critical"),
+        "{row}"
+    );
+
+    let out = run(&["endpoints", "nope"], &agent.api);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+}
+
+#[test]
+fn client_commands_say_when_the_agent_is_unreachable() {
+    let out = run(&["services"], "http://127.0.0.1:1");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the agent"), "{err}");
+}
+
+#[test]
+fn every_shipped_config_loads() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("configs/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        seen += 1;
+        let out = Command::new(bin())
+            .args(["agent", "--dev", "--check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(seen > 0, "no configs found");
+}
+
+#[test]
+fn a_bad_config_names_the_line_and_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[agent]\ndatacenter = \"dc1\"\n\n[api]\naddr = \"not an address\"\n",
+    )
+    .expect("write");
+    let out = Command::new(bin())
+        .args(["agent", "--check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 5") && err.contains("addr"),
+        "{err}"
+    );
+
+    std::fs::write(&path, "[agent]\nsurprise = 1\n").expect("write");
+    let out = Command::new(bin())
+        .args(["agent", "--check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("surprise"));
+
+    let out = Command::new(bin())
+        .args(["agent", "--check-config"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "no data dir and no --dev");
+}

@@ -1,0 +1,538 @@
+//! The registry API over HTTP: Consul-compatible reads and writes, blocking
+//! queries, bad input, TTL expiry and the native API.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{eventually, Agent, Client};
+
+fn ids(entries: &Value, pointer: &str) -> Vec<String> {
+    let mut out: Vec<String> = entries
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| {
+            e.pointer(pointer)
+                .and_then(Value::as_str)
+                .expect(pointer)
+                .to_string()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn register_read_and_ttl_pass() {
+    let agent = Agent::start();
+    let c = agent.client();
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"name":"web","id":"web-1","port":8080,"tags":["v1"],"check":{"ttl":"30s"}}"#,
+    );
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"web","ID":"web-2","Port":8081,"Address":"127.0.0.2","Check":{"TTL":"30s","Status":"passing"}}"#,
+    );
+
+    let catalog = c.get_ok("/v1/catalog/service/web");
+    assert_eq!(ids(&catalog.json(), "/ServiceID"), ["web-1", "web-2"]);
+    assert_eq!(catalog.json()[0]["Node"], "test-node");
+    let tagged = c.get_ok("/v1/catalog/service/web?tag=v1");
+    assert_eq!(ids(&tagged.json(), "/ServiceID"), ["web-1"]);
+    assert_eq!(
+        c.get_ok("/v1/catalog/services").json()["web"],
+        json!(["v1"])
+    );
+
+    let passing = c.get_ok("/v1/health/service/web?passing");
+    assert_eq!(
+        ids(&passing.json(), "/Service/ID"),
+        ["web-2"],
+        "a new TTL check starts critical"
+    );
+    let all = c.get_ok("/v1/health/service/web");
+    assert_eq!(ids(&all.json(), "/Service/ID"), ["web-1", "web-2"]);
+    let checks = &all.json()[0]["Checks"];
+    assert!(checks
+        .as_array()
+        .expect("checks")
+        .iter()
+        .any(|c| c["CheckID"] == "serfHealth"));
+    assert!(checks
+        .as_array()
+        .expect("checks")
+        .iter()
+        .any(|c| c["CheckID"] == "service:web-1" && c["Status"] == "critical"));
+
+    let before = c.get_ok("/v1/health/service/web").index;
+    let pass = c.put_ok("/v1/agent/check/pass/service:web-1?note=alive", "");
+    assert!(pass.index > before);
+    let passing = c.get_ok("/v1/health/service/web?passing=1");
+    assert_eq!(ids(&passing.json(), "/Service/ID"), ["web-1", "web-2"]);
+    let check = &c.get_ok("/v1/health/checks/web").json();
+    let web1 = check
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["CheckID"] == "service:web-1")
+        .expect("check");
+    assert_eq!(web1["Output"], "alive");
+    assert_eq!(web1["Status"], "passing");
+
+    c.put_ok(
+        "/v1/agent/check/update/service:web-1",
+        r#"{"Status":"warning","Output":"slow"}"#,
+    );
+    let passing = c.get_ok("/v1/health/service/web?passing");
+    assert_eq!(
+        ids(&passing.json(), "/Service/ID"),
+        ["web-2"],
+        "?passing drops warning"
+    );
+    let native = c.get_ok("/v1/switchyard/services/web").json();
+    assert_eq!(native["routable"], 2, "warning endpoints stay routable");
+
+    // Agent views and the other reads answer with Consul's shapes and headers.
+    assert!(c.get_ok("/v1/agent/services").json()["web-1"]["Port"] == 8080);
+    assert!(c.get_ok("/v1/agent/checks").json()["service:web-2"]["Status"] == "passing");
+    let svc = c.get_ok("/v1/agent/service/web-2");
+    assert!(svc.header("x-consul-contenthash").is_some());
+    assert_eq!(c.get_ok("/v1/catalog/nodes").json()[0]["Node"], "test-node");
+    assert_eq!(
+        c.get_ok("/v1/catalog/node/test-node").json()["Services"]["web-1"]["ID"],
+        "web-1"
+    );
+    assert!(!c
+        .get_ok("/v1/health/node/test-node")
+        .json()
+        .as_array()
+        .expect("arr")
+        .is_empty());
+    assert!(
+        c.get_ok("/v1/health/state/warning")
+            .json()
+            .as_array()
+            .expect("arr")
+            .len()
+            == 1
+    );
+    assert_eq!(c.get_ok("/v1/status/leader").json(), "127.0.0.1:8300");
+    assert_eq!(
+        c.get_ok("/v1/agent/self").json()["Config"]["Datacenter"],
+        "dc1"
+    );
+    for path in [
+        "/v1/health/service/none",
+        "/v1/catalog/service/none",
+        "/v1/agent/service/none",
+        "/v1/catalog/services",
+    ] {
+        let a = c.get(path);
+        assert!(a.index > 0, "{path} has X-Consul-Index");
+        assert_eq!(a.header("x-consul-knownleader"), Some("true"), "{path}");
+        assert_eq!(a.header("x-consul-lastcontact"), Some("0"), "{path}");
+    }
+    assert_eq!(
+        c.get("/v1/health/service/none").body,
+        "[]",
+        "unknown service is 200 []"
+    );
+
+    // Maintenance hides an endpoint from ?passing; disabling restores it.
+    c.put_ok(
+        "/v1/agent/service/maintenance/web-2?enable=true&reason=deploy",
+        "",
+    );
+    let passing = c.get_ok("/v1/health/service/web?passing");
+    assert!(ids(&passing.json(), "/Service/ID").is_empty());
+    c.put_ok("/v1/agent/service/maintenance/web-2?enable=false", "");
+    assert_eq!(
+        ids(
+            &c.get_ok("/v1/health/service/web?passing").json(),
+            "/Service/ID"
+        ),
+        ["web-2"]
+    );
+
+    let metrics = c.get_ok("/metrics").body;
+    assert!(
+        metrics.contains("switchyard_registry_endpoints{state=\"warning\"} 1"),
+        "{metrics}"
+    );
+
+    c.put_ok("/v1/agent/service/deregister/web-1", "");
+    assert_eq!(
+        ids(&c.get_ok("/v1/catalog/service/web").json(), "/ServiceID"),
+        ["web-2"]
+    );
+}
+
+#[test]
+fn error_texts_follow_consul() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let a = c.put("/v1/agent/service/deregister/nope", "");
+    assert_eq!(a.status, 404);
+    assert!(a.body.contains("Unknown service ID \"nope\""), "{}", a.body);
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"h","Check":{"HTTP":"http://127.0.0.1:9/","Interval":"10s"}}"#,
+    );
+    let a = c.put("/v1/agent/check/pass/service:h", "");
+    assert_eq!(a.status, 500);
+    assert!(
+        a.body.contains("does not have associated TTL"),
+        "{}",
+        a.body
+    );
+    let a = c.put("/v1/agent/check/pass/none", "");
+    assert_eq!(a.status, 404);
+    assert!(a.body.contains("Unknown check ID"), "{}", a.body);
+    assert_eq!(c.get("/v1/health/service/h?passing=maybe").status, 400);
+    assert_eq!(c.get("/v1/health/service/h?index=abc").status, 400);
+    assert_eq!(c.get("/v1/health/service/h?index=1&wait=soon").status, 400);
+    assert_eq!(c.get("/v1/health/service/h?stale&consistent").status, 400);
+    assert_eq!(c.get("/v1/health/state/bogus").status, 400);
+    assert_eq!(c.get("/v1/health/service/h?dc=elsewhere").status, 500);
+    assert_eq!(
+        c.put("/v1/agent/service/maintenance/h", "").status,
+        400,
+        "enable is required"
+    );
+    assert_eq!(c.delete("/v1/agent/service/register").status, 405);
+}
+
+/// Snapshot of everything the catalog shows, to prove a refused write changed nothing.
+fn catalog_state(c: &Client) -> (u64, String, String) {
+    let services = c.get_ok("/v1/catalog/services");
+    let checks = c.get_ok("/v1/health/state/any");
+    let index = c.get_ok("/v1/switchyard/status").json()["index"]
+        .as_u64()
+        .expect("index");
+    (index, services.body, checks.body)
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let agent = Agent::start();
+    let c = agent.client();
+    c.put_ok("/v1/agent/service/register", r#"{"Name":"web","Port":80}"#);
+    let before = catalog_state(&c);
+    let cases: &[(&str, &str, &str)] = &[
+        ("/v1/agent/service/register", "{not json", "decode"),
+        ("/v1/agent/service/register", "", "empty body"),
+        (
+            "/v1/agent/service/register",
+            r#"{"Name":"web","Port":"80"}"#,
+            "decode",
+        ),
+        (
+            "/v1/agent/service/register",
+            r#"{"Name":"web","Tags":{"a":1}}"#,
+            "decode",
+        ),
+        (
+            "/v1/agent/service/register",
+            r#"{"Name":"web","Address":"0.0.0.0"}"#,
+            "Invalid service address",
+        ),
+        (
+            "/v1/agent/service/register",
+            r#"{"Port":80}"#,
+            "Missing service name",
+        ),
+        (
+            "/v1/agent/service/register",
+            r#"{"Name":"web","Check":{"TTL":"5s","Status":"great"}}"#,
+            "Bad check status",
+        ),
+        (
+            "/v1/agent/check/register",
+            r#"{"TTL":"5s"}"#,
+            "Missing check name",
+        ),
+        (
+            "/v1/agent/check/update/service:web",
+            r#"{"Status":"bogus"}"#,
+            "Invalid check status",
+        ),
+        ("/v1/catalog/register", r#"{"Node":"n1"}"#, "address"),
+        ("/v1/catalog/register", r#"{"Address":"10.0.0.1"}"#, "node"),
+        (
+            "/v1/catalog/register",
+            r#"{"Node":"n1","Address":"10.0.0.1","Service":{"Service":"x","Address":"::"}}"#,
+            "Invalid service address",
+        ),
+        ("/v1/catalog/deregister", r#"{"Node":""}"#, "node"),
+        (
+            "/v1/switchyard/batch",
+            r#"{"endpoints":[{"node":"ghost","service":"x"}]}"#,
+            "not registered",
+        ),
+        (
+            "/v1/switchyard/batch",
+            r#"{"endpoints":[{"service":"x"}]}"#,
+            "node",
+        ),
+        (
+            "/v1/switchyard/batch",
+            r#"{"nodes":[{"name":"n1","address":"0.0.0.0"}]}"#,
+            "address",
+        ),
+        ("/v1/switchyard/batch", r#"{"unknown":[]}"#, "unknown"),
+        (
+            "/v1/switchyard/batch",
+            r#"{"nodes":[{"name":"n1","address":"10.0.0.1"}],"endpoints":[{"node":"n1","service":"ok"},{"node":"n2","service":"bad"}]}"#,
+            "not registered",
+        ),
+    ];
+    for (path, body, want) in cases {
+        let a = c.put(path, body);
+        assert_eq!(a.status, 400, "{path} {body}: {}", a.body);
+        assert!(
+            a.body.to_lowercase().contains(&want.to_lowercase()),
+            "{path} {body}: {:?} should mention {want:?}",
+            a.body
+        );
+    }
+    assert_eq!(catalog_state(&c), before, "refused writes left no trace");
+    // Unknown targets are 404 and change nothing either.
+    assert_eq!(c.put("/v1/agent/service/deregister/ghost", "").status, 404);
+    assert_eq!(c.put("/v1/switchyard/nodes/ghost/drain", "").status, 404);
+    assert_eq!(catalog_state(&c), before);
+}
+
+#[test]
+fn blocking_query_wakes_only_for_its_own_service() {
+    let agent = Agent::start();
+    let c = agent.client();
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"a","ID":"a1","Port":1}"#,
+    );
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"b","ID":"b1","Port":1}"#,
+    );
+    let index = c.get_ok("/v1/health/service/a").index;
+
+    // Changes to b while a watcher of a waits: the watcher runs to its timeout.
+    let watcher = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let a = c.get_ok(&format!("/v1/health/service/a?index={index}&wait=2s"));
+            (a.index, started.elapsed())
+        })
+    };
+    eventually("the watcher to be waiting", Duration::from_secs(10), || {
+        (c.metric("switchyard_api_blocking_queries") == Some(1.0)).then_some(())
+    });
+    for port in 2..12 {
+        c.put_ok(
+            "/v1/agent/service/register",
+            &format!(r#"{{"Name":"b","ID":"b1","Port":{port}}}"#),
+        );
+    }
+    let (returned, elapsed) = watcher.join().expect("watcher");
+    assert_eq!(returned, index, "changes to b must not move a's index");
+    assert!(
+        elapsed >= Duration::from_secs(2),
+        "woken early after {elapsed:?}"
+    );
+
+    // A change to a wakes it at once, with a larger index.
+    let watcher = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let a = c.get_ok(&format!("/v1/health/service/a?index={index}&wait=60s"));
+            (a.index, Instant::now(), a.json())
+        })
+    };
+    eventually("the watcher to be waiting", Duration::from_secs(10), || {
+        (c.metric("switchyard_api_blocking_queries") == Some(1.0)).then_some(())
+    });
+    let changed_at = Instant::now();
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"a","ID":"a2","Port":1}"#,
+    );
+    let (returned, woke_at, body) = watcher.join().expect("watcher");
+    assert!(returned > index);
+    assert_eq!(ids(&body, "/Service/ID"), ["a1", "a2"]);
+    let delay = woke_at.duration_since(changed_at);
+    // Bounded far below the 60 s wait: proves the change woke it. (The latency
+    // itself is measured by the W-churn benchmark, not asserted here.)
+    assert!(
+        delay < Duration::from_secs(10),
+        "woke {delay:?} after the change"
+    );
+
+    // A watcher of the list of services wakes on a new service.
+    let list_index = c.get_ok("/v1/catalog/services").index;
+    let watcher = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            c.get_ok(&format!("/v1/catalog/services?index={list_index}&wait=60s"))
+                .json()
+        })
+    };
+    eventually("the watcher to be waiting", Duration::from_secs(10), || {
+        (c.metric("switchyard_api_blocking_queries") == Some(1.0)).then_some(())
+    });
+    c.put_ok("/v1/agent/service/register", r#"{"Name":"c","Port":1}"#);
+    let services = watcher.join().expect("watcher");
+    assert!(services.get("c").is_some());
+}
+
+#[test]
+fn ttl_expires_to_critical_through_the_api() {
+    let agent = Agent::start();
+    let c = agent.client();
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"t","Check":{"CheckID":"t-ttl","TTL":"300ms","Status":"passing"}}"#,
+    );
+    assert_eq!(
+        c.get_ok("/v1/health/service/t?passing")
+            .json()
+            .as_array()
+            .expect("arr")
+            .len(),
+        1
+    );
+    let check = eventually("the TTL to expire", Duration::from_secs(10), || {
+        let checks = c.get_ok("/v1/health/checks/t").json();
+        let check = checks[0].clone();
+        (check["Status"] == "critical").then_some(check)
+    });
+    assert!(check["Output"]
+        .as_str()
+        .expect("output")
+        .starts_with("TTL expired"));
+    assert!(c
+        .get_ok("/v1/health/service/t?passing")
+        .json()
+        .as_array()
+        .expect("arr")
+        .is_empty());
+}
+
+#[test]
+fn deregister_critical_after_reaps_through_the_api() {
+    let agent = Agent::start();
+    let c = agent.client();
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"z","Check":{"TTL":"10m","DeregisterCriticalServiceAfter":"200ms"}}"#,
+    );
+    eventually(
+        "the critical service to be deregistered",
+        Duration::from_secs(10),
+        || {
+            c.get_ok("/v1/catalog/service/z")
+                .json()
+                .as_array()
+                .expect("arr")
+                .is_empty()
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn catalog_register_and_native_drain() {
+    let agent = Agent::start();
+    let c = agent.client();
+    c.put_ok(
+        "/v1/catalog/register",
+        r#"{"Node":"n1","Address":"10.1.0.1","NodeMeta":{"rack":"r1"},"Service":{"Service":"db","ID":"db-1","Port":5432},"Check":{"Name":"db ok","CheckID":"db-1-ok","ServiceID":"db-1","Status":"passing"}}"#,
+    );
+    c.put_ok(
+        "/v1/catalog/register",
+        r#"{"Node":"n2","Address":"10.1.0.2","Service":{"Service":"db","ID":"db-2","Port":5432}}"#,
+    );
+    let passing = c.get_ok("/v1/health/service/db?passing").json();
+    assert_eq!(
+        ids(&passing, "/Service/ID"),
+        ["db-1", "db-2"],
+        "catalog services without checks pass"
+    );
+    assert_eq!(
+        ids(
+            &c.get_ok("/v1/catalog/service/db?node-meta=rack:r1").json(),
+            "/ServiceID"
+        ),
+        ["db-1"]
+    );
+
+    let drained = c
+        .put_ok("/v1/switchyard/nodes/n1/drain", r#"{"deadline":"60s"}"#)
+        .json();
+    assert_eq!(drained["state"], "draining");
+    assert!(
+        drained["deadline_ms"].as_u64().expect("deadline")
+            > drained["since_ms"].as_u64().expect("since")
+    );
+    let view = c.get_ok("/v1/switchyard/services/db").json();
+    assert_eq!(view["routable"], 1);
+    let db1 = view["endpoints"]
+        .as_array()
+        .expect("arr")
+        .iter()
+        .find(|e| e["id"] == "db-1")
+        .expect("db-1")
+        .clone();
+    assert_eq!(db1["state"], "draining");
+    assert_eq!(db1["excluded_because"], "node n1 is draining");
+    assert_eq!(
+        c.get_ok("/v1/switchyard/nodes/n1/drain").json()["state"],
+        "draining"
+    );
+    assert_eq!(c.delete("/v1/switchyard/nodes/n1/drain").status, 200);
+    assert_eq!(c.get_ok("/v1/switchyard/services/db").json()["routable"], 2);
+
+    c.put_ok(
+        "/v1/catalog/deregister",
+        r#"{"Node":"n1","ServiceID":"db-1"}"#,
+    );
+    assert_eq!(
+        ids(&c.get_ok("/v1/catalog/service/db").json(), "/ServiceID"),
+        ["db-2"]
+    );
+    c.put_ok("/v1/catalog/deregister", r#"{"Node":"n2"}"#);
+    assert!(c
+        .get_ok("/v1/catalog/service/db")
+        .json()
+        .as_array()
+        .expect("arr")
+        .is_empty());
+    let nodes = ids(&c.get_ok("/v1/catalog/nodes").json(), "/Node");
+    assert_eq!(nodes, ["n1", "test-node"]);
+}
+
+#[test]
+fn sigterm_answers_waiting_queries_and_exits_cleanly() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let index = c.get_ok("/v1/catalog/services").index;
+    let watcher = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            c.get(&format!("/v1/catalog/services?index={index}&wait=5m"))
+                .status
+        })
+    };
+    eventually("the watcher to be waiting", Duration::from_secs(10), || {
+        (c.metric("switchyard_api_blocking_queries") == Some(1.0)).then_some(())
+    });
+    let status = agent.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(
+        watcher.join().expect("watcher"),
+        200,
+        "the waiting query got its answer"
+    );
+}

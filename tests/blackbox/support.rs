@@ -1,0 +1,264 @@
+//! Test harness: a running agent, an HTTP client, and polling with deadlines.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub(crate) fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_switchyard")
+}
+
+/// A `switchyard agent` child process, killed on drop.
+pub(crate) struct Agent {
+    child: Option<Child>,
+    pub(crate) api: String,
+    stderr_path: PathBuf,
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// An agent with a fresh data directory of its own.
+    pub(crate) fn start() -> Agent {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let dir = scratch.path().join("data");
+        let mut agent = Agent::start_in(&dir, &[]);
+        agent._scratch = Some(scratch);
+        agent
+    }
+
+    /// An agent on `data_dir` (kept after the agent stops).
+    pub(crate) fn start_in(data_dir: &Path, extra: &[&str]) -> Agent {
+        let stderr_path = data_dir.with_extension(format!("stderr-{}", fastrand_suffix()));
+        std::fs::create_dir_all(data_dir.parent().expect("parent")).expect("mkdir");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = Command::new(bin())
+            .args([
+                "agent",
+                "--api-addr",
+                "127.0.0.1:0",
+                "--node-name",
+                "test-node",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn switchyard");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                panic!("agent printed no ready line within 30 s; stderr:\n{log}");
+            }
+        };
+        let ready: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+        assert_eq!(ready["ready"], true, "{line}");
+        let api = format!("http://{}", ready["api"].as_str().expect("api address"));
+        Agent {
+            child: Some(child),
+            api,
+            stderr_path,
+            _scratch: None,
+        }
+    }
+
+    pub(crate) fn client(&self) -> Client {
+        Client {
+            base: self.api.clone(),
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub(crate) fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (bounded).
+    pub(crate) fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- agent stderr ----\n{}", self.stderr());
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+fn fastrand_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// An HTTP answer: status, `X-Consul-Index` (0 if absent) and body.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) index: u64,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: String,
+}
+
+impl Answer {
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Client {
+    base: String,
+}
+
+impl Client {
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into()
+    }
+
+    fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
+        let mut response = response.expect("HTTP request");
+        let status = response.status().as_u16();
+        let headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let index = headers
+            .iter()
+            .find(|(k, _)| k == "x-consul-index")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .expect("body");
+        Answer {
+            status,
+            index,
+            headers,
+            body,
+        }
+    }
+
+    pub(crate) fn get(&self, path: &str) -> Answer {
+        Self::answer(Self::agent().get(format!("{}{path}", self.base)).call())
+    }
+
+    pub(crate) fn put(&self, path: &str, body: &str) -> Answer {
+        Self::answer(
+            Self::agent()
+                .put(format!("{}{path}", self.base))
+                .header("Content-Type", "application/json")
+                .send(body),
+        )
+    }
+
+    pub(crate) fn delete(&self, path: &str) -> Answer {
+        Self::answer(Self::agent().delete(format!("{}{path}", self.base)).call())
+    }
+
+    /// PUT that must succeed.
+    pub(crate) fn put_ok(&self, path: &str, body: &str) -> Answer {
+        let answer = self.put(path, body);
+        assert_eq!(answer.status, 200, "PUT {path}: {}", answer.body);
+        answer
+    }
+
+    /// GET that must succeed.
+    pub(crate) fn get_ok(&self, path: &str) -> Answer {
+        let answer = self.get(path);
+        assert_eq!(answer.status, 200, "GET {path}: {}", answer.body);
+        answer
+    }
+
+    /// The value of one sample in `/metrics`, e.g. `switchyard_api_blocking_queries`.
+    pub(crate) fn metric(&self, sample: &str) -> Option<f64> {
+        let text = self.get_ok("/metrics").body;
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(sample))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub(crate) fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
