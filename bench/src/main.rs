@@ -1,1 +1,29 @@
-fn main() {}
+//! Switchyard workload drivers. Each subcommand runs one workload from
+//! shared/WORKLOADS.md and prints a Markdown table for bench/RESULTS.md.
+
+mod churn;
+mod publish;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "switchyard-bench", about = "Switchyard workload drivers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// W-churn (registry): durable registration throughput through a real agent's API.
+    Churn(churn::Args),
+    /// W-churn (registry): cost of publishing one change as the catalog grows.
+    Publish(publish::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Commands::Churn(args) => churn::run(args),
+        Commands::Publish(args) => publish::run(args),
+    }
+}

@@ -15,7 +15,7 @@ use crate::model::{
     unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
 };
-use crate::snapshot::{NodeEntry, Snapshot};
+use crate::snapshot::{NodeEntry, ServiceSlot, Snapshot};
 use crate::store::{Loaded, StoreBatch};
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
@@ -138,6 +138,9 @@ pub(crate) struct Dirty {
     pub(crate) nodes: HashSet<Name>,
     pub(crate) endpoints: HashSet<(Name, Name)>,
     pub(crate) checks: HashSet<(Name, Name)>,
+    /// Nodes whose entry (record, endpoints or checks) changed: instances on
+    /// other nodes are reused as they are when a view is rebuilt.
+    pub(crate) entries: HashSet<Name>,
     /// Keys in insertion order, so a refused command's keys can be taken back.
     journal: Vec<DirtyKey>,
 }
@@ -148,6 +151,7 @@ enum DirtyKey {
     Node(Name),
     Endpoint((Name, Name)),
     Check((Name, Name)),
+    Entry(Name),
 }
 
 impl Dirty {
@@ -164,6 +168,7 @@ impl Dirty {
             DirtyKey::Node(k) => self.nodes.insert(k.clone()),
             DirtyKey::Endpoint(k) => self.endpoints.insert(k.clone()),
             DirtyKey::Check(k) => self.checks.insert(k.clone()),
+            DirtyKey::Entry(k) => self.entries.insert(k.clone()),
         };
         if new {
             self.journal.push(key);
@@ -183,6 +188,7 @@ impl Dirty {
                 DirtyKey::Node(k) => self.nodes.remove(&k),
                 DirtyKey::Endpoint(k) => self.endpoints.remove(&k),
                 DirtyKey::Check(k) => self.checks.remove(&k),
+                DirtyKey::Entry(k) => self.entries.remove(&k),
             };
         }
     }
@@ -260,15 +266,28 @@ impl Catalog {
             };
             let entry = Arc::make_mut(entry);
             entry.index = entry.index.max(endpoint.modify_index);
-            let service = endpoint.service.clone();
+            let mut endpoint = endpoint;
+            endpoint.node = entry.node.name.clone();
+            let slot = snap
+                .services
+                .entry(endpoint.service.clone())
+                .or_insert_with(|| {
+                    Arc::new(ServiceSlot {
+                        name: Some(endpoint.service.clone()),
+                        ..ServiceSlot::default()
+                    })
+                });
+            let slot = Arc::make_mut(slot);
+            if let Some(name) = &slot.name {
+                endpoint.service = name.clone();
+            }
             let key = (endpoint.node.clone(), endpoint.id.clone());
             let modify = endpoint.modify_index;
             entry
                 .endpoints
                 .insert(endpoint.id.clone(), Arc::new(endpoint));
-            snap.members.entry(service.clone()).or_default().insert(key);
-            let slot = snap.service_index.entry(service).or_insert(0);
-            *slot = (*slot).max(modify);
+            slot.members.insert(key);
+            slot.index = slot.index.max(modify);
         }
         for check in loaded.checks {
             let Some(entry) = snap.nodes.get_mut(&check.node) else {
@@ -280,30 +299,31 @@ impl Catalog {
             entry.checks.insert(check.id.clone(), Arc::new(check));
         }
         for (name, index) in loaded.service_index {
-            let slot = snap.service_index.entry(name.into()).or_insert(0);
-            *slot = (*slot).max(index);
+            let name: Name = name.into();
+            let slot = snap.services.entry(name.clone()).or_insert_with(|| {
+                Arc::new(ServiceSlot {
+                    name: Some(name),
+                    ..ServiceSlot::default()
+                })
+            });
+            let slot = Arc::make_mut(slot);
+            slot.index = slot.index.max(index);
         }
         // Services inherit the indexes of their nodes and checks.
-        let mut service_max: Vec<(Name, u64)> = Vec::new();
-        for (service, members) in snap.members.iter() {
-            let mut max = snap.service_index.get(service).copied().unwrap_or(0);
-            for (node, _) in members.iter() {
-                if let Some(entry) = snap.nodes.get(node) {
-                    max = max.max(entry.index);
+        let mut top = snap.nodes.values().map(|e| e.index).max().unwrap_or(0);
+        let names: Vec<Name> = snap.services.keys().cloned().collect();
+        for name in &names {
+            let nodes = &snap.nodes;
+            if let Some(slot) = snap.services.get_mut(name) {
+                let slot = Arc::make_mut(slot);
+                for (node, _) in slot.members.iter() {
+                    if let Some(entry) = nodes.get(node) {
+                        slot.index = slot.index.max(entry.index);
+                    }
                 }
+                top = top.max(slot.index);
             }
-            service_max.push((service.clone(), max));
         }
-        for (service, max) in service_max {
-            snap.service_index.insert(service, max);
-        }
-        let top = snap
-            .nodes
-            .values()
-            .map(|e| e.index)
-            .chain(snap.service_index.values().copied())
-            .max()
-            .unwrap_or(0);
         snap.index = snap.index.max(top);
         snap.tables = crate::snapshot::TableIndexes {
             services: snap.index,
@@ -314,8 +334,7 @@ impl Catalog {
             snap,
             dirty: Dirty::default(),
         };
-        let services: Vec<Name> = catalog.snap.members.keys().cloned().collect();
-        for service in services {
+        for service in names {
             catalog.dirty.add(DirtyKey::Service(service));
         }
         catalog.rebuild_views();
@@ -493,7 +512,11 @@ impl Catalog {
         self.snap.nodes.get(node)?.checks.get(id).cloned()
     }
 
-    fn entry_mut(&mut self, node: &str) -> Option<&mut NodeEntry> {
+    /// Every change to a node's entry goes through here, which marks it.
+    fn entry_mut(&mut self, node: &Name) -> Option<&mut NodeEntry> {
+        if !self.dirty.entries.contains(node) {
+            self.dirty.add(DirtyKey::Entry(node.clone()));
+        }
         self.snap.nodes.get_mut(node).map(Arc::make_mut)
     }
 
@@ -511,8 +534,38 @@ impl Catalog {
         }
     }
 
+    fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
+        let slot = self
+            .snap
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| {
+                Arc::new(ServiceSlot {
+                    name: Some(service.clone()),
+                    ..ServiceSlot::default()
+                })
+            });
+        Arc::make_mut(slot)
+    }
+
+    /// Replaces an endpoint's node and service names by the catalog's shared
+    /// copies: a million endpoints then hold a million pointers, not strings.
+    fn intern(&self, endpoint: &mut Endpoint) {
+        if let Some(entry) = self.snap.nodes.get(&endpoint.node) {
+            endpoint.node = entry.node.name.clone();
+        }
+        if let Some(name) = self
+            .snap
+            .services
+            .get(&endpoint.service)
+            .and_then(|s| s.name.clone())
+        {
+            endpoint.service = name;
+        }
+    }
+
     fn touch_service(&mut self, service: &Name, idx: u64) {
-        self.snap.service_index.insert(service.clone(), idx);
+        self.slot_mut(service).index = idx;
         self.dirty.add(DirtyKey::Service(service.clone()));
     }
 
@@ -589,6 +642,7 @@ impl Catalog {
     }
 
     fn put_endpoint(&mut self, mut endpoint: Endpoint, idx: u64) -> Result<bool, RegistryError> {
+        self.intern(&mut endpoint);
         let node = endpoint.node.clone();
         let id = endpoint.id.clone();
         let entry = self.snap.nodes.get(&node).ok_or_else(|| {
@@ -602,13 +656,10 @@ impl Catalog {
             endpoint.create_index = prev.create_index;
             if prev.service != endpoint.service {
                 // Same id re-registered under another service name: move it.
-                if let Some(members) = self.snap.members.get_mut(&prev.service) {
-                    members.remove(&(node.clone(), id.clone()));
-                    if members.is_empty() {
-                        self.snap.members.remove(&prev.service);
-                    }
-                }
                 let old_service = prev.service.clone();
+                self.slot_mut(&old_service)
+                    .members
+                    .remove(&(node.clone(), id.clone()));
                 self.touch_service(&old_service, idx);
             }
         } else {
@@ -620,10 +671,8 @@ impl Catalog {
             entry.endpoints.insert(id.clone(), Arc::new(endpoint));
             entry.index = idx;
         }
-        self.snap
+        self.slot_mut(&service)
             .members
-            .entry(service.clone())
-            .or_default()
             .insert((node.clone(), id.clone()));
         self.touch_service(&service, idx);
         self.dirty.add(DirtyKey::Endpoint((node, id)));
@@ -652,12 +701,9 @@ impl Catalog {
             entry.endpoints.remove(id);
             entry.index = idx;
         }
-        if let Some(members) = self.snap.members.get_mut(&endpoint.service) {
-            members.remove(&(node.clone(), id.clone()));
-            if members.is_empty() {
-                self.snap.members.remove(&endpoint.service);
-            }
-        }
+        self.slot_mut(&endpoint.service)
+            .members
+            .remove(&(node.clone(), id.clone()));
         self.touch_service(&endpoint.service, idx);
         self.dirty
             .add(DirtyKey::Endpoint((node.clone(), id.clone())));
@@ -930,16 +976,18 @@ impl Catalog {
     pub(crate) fn rebuild_views(&mut self) {
         let services: Vec<Name> = self.dirty.services.iter().cloned().collect();
         for name in services {
-            let fresh = self.snap.build_view(&name);
-            let old = match fresh {
-                Some(view) => {
-                    self.snap.counts.add(&view.counts);
-                    self.snap.services.insert(name, Arc::new(view))
-                }
-                None => self.snap.services.remove(&name),
-            };
+            let fresh = self
+                .snap
+                .build_view(&name, &self.dirty.entries)
+                .map(Arc::new);
+            if let Some(view) = &fresh {
+                self.snap.counts.add(&view.counts);
+                self.snap.service_count += 1;
+            }
+            let old = std::mem::replace(&mut self.slot_mut(&name).view, fresh);
             if let Some(old) = old {
                 self.snap.counts.sub(&old.counts);
+                self.snap.service_count -= 1;
             }
         }
     }
@@ -968,8 +1016,8 @@ impl Catalog {
             batch.checks.push(((node.clone(), id.clone()), check));
         }
         for service in &dirty.services {
-            if let Some(index) = self.snap.service_index.get(service) {
-                batch.service_index.push((service.clone(), *index));
+            if let Some(slot) = self.snap.services.get(service) {
+                batch.service_index.push((service.clone(), slot.index));
             }
         }
         batch

@@ -6,10 +6,10 @@
 //! same `Arc`. Everything a reader needs per query (routable set, per-tag subsets,
 //! aggregated health) is computed here, at publish time.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use imbl::{OrdMap, OrdSet};
+use imbl::{HashMap as PMap, OrdMap, OrdSet};
 
 use crate::model::{Check, Endpoint, Name, Node, Status};
 
@@ -18,14 +18,28 @@ use crate::model::{Check, Endpoint, Name, Node, Status};
 pub struct Snapshot {
     pub(crate) index: u64,
     pub(crate) nodes: OrdMap<Name, Arc<NodeEntry>>,
-    pub(crate) services: OrdMap<Name, Arc<ServiceView>>,
-    /// service name -> its instances as `(node, endpoint id)`.
-    pub(crate) members: OrdMap<Name, OrdSet<(Name, Name)>>,
-    /// Last index at which each service changed; kept after a service is gone
-    /// (a tombstone) so that a blocking query on it still sees a larger index.
-    pub(crate) service_index: OrdMap<Name, u64>,
+    /// One slot per service name ever seen. A hash trie (not a B-tree): a change
+    /// path-copies one slot's branch, with hash compares instead of string ones.
+    pub(crate) services: PMap<Name, Arc<ServiceSlot>>,
+    /// Services with at least one instance.
+    pub(crate) service_count: usize,
     pub(crate) tables: TableIndexes,
     pub(crate) counts: StateCounts,
+}
+
+/// Everything kept per service name, in one map entry so that a change costs
+/// one path copy. A slot outlives its last instance as a tombstone carrying the
+/// index, so a blocking query on a removed service still sees the index grow.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ServiceSlot {
+    /// The service name, shared by every endpoint of the service (interned).
+    pub(crate) name: Option<Name>,
+    /// Instances as `(node, endpoint id)`.
+    pub(crate) members: OrdSet<(Name, Name)>,
+    /// Last index at which anything shown for the service changed.
+    pub(crate) index: u64,
+    /// Built at publish time; `None` once the last instance is gone.
+    pub(crate) view: Option<Arc<ServiceView>>,
 }
 
 /// Per-table modify indexes for list endpoints (all services, all nodes, all checks).
@@ -286,29 +300,45 @@ impl Snapshot {
     }
 
     pub fn service(&self, name: &str) -> Option<&Arc<ServiceView>> {
-        self.services.get(name)
+        self.services.get(name)?.view.as_ref()
     }
 
+    /// Every service with at least one instance, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceView>> {
-        self.services.values()
+        self.services.values().filter_map(|slot| slot.view.as_ref())
+    }
+
+    /// Every service, sorted by name (for listings).
+    pub fn services_sorted(&self) -> Vec<&Arc<ServiceView>> {
+        let mut list: Vec<_> = self.services().collect();
+        list.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
     pub fn service_count(&self) -> usize {
-        self.services.len()
+        self.service_count
     }
 
     /// Index a blocking query on `name` compares against. A service that never
     /// existed reports 1, so a watcher of it wakes when it first appears.
     pub fn service_index(&self, name: &str) -> u64 {
-        self.service_index.get(name).copied().unwrap_or(1).max(1)
+        self.services.get(name).map_or(1, |slot| slot.index).max(1)
     }
 
     pub fn node(&self, name: &str) -> Option<&Arc<NodeEntry>> {
         self.nodes.get(name)
     }
 
+    /// Every node, in no particular order.
     pub fn nodes(&self) -> impl Iterator<Item = &Arc<NodeEntry>> {
         self.nodes.values()
+    }
+
+    /// Every node, sorted by name (for listings).
+    pub fn nodes_sorted(&self) -> Vec<&Arc<NodeEntry>> {
+        let mut list: Vec<_> = self.nodes.values().collect();
+        list.sort_unstable_by(|a, b| a.node.name.cmp(&b.node.name));
+        list
     }
 
     pub fn node_count(&self) -> usize {
@@ -320,7 +350,7 @@ impl Snapshot {
         self.counts
     }
 
-    /// Every check in the catalog, node by node.
+    /// Every check in the catalog, node by node (nodes in no particular order).
     pub fn checks(&self) -> impl Iterator<Item = &Arc<Check>> {
         self.nodes.values().flat_map(|n| n.checks.values())
     }
@@ -329,7 +359,7 @@ impl Snapshot {
     pub fn instance(&self, node: &str, id: &str) -> Option<&Instance> {
         let entry = self.nodes.get(node)?;
         let endpoint = entry.endpoints.get(id)?;
-        let view = self.services.get(&*endpoint.service)?;
+        let view = self.service(&endpoint.service)?;
         let pos = view
             .instances
             .binary_search_by(|i| (&*i.endpoint.node, &*i.endpoint.id).cmp(&(node, id)))
@@ -338,14 +368,38 @@ impl Snapshot {
     }
 
     /// Rebuilds the view of one service from the records. Called by the writer
-    /// for each service a change touched.
-    pub(crate) fn build_view(&self, name: &Name) -> Option<ServiceView> {
-        let members = self.members.get(name)?;
+    /// for each service a change touched. Instances on nodes whose entry did
+    /// not change (`changed_nodes`) are taken from the previous view as they
+    /// are, so the cost follows what changed, not the size of the service's nodes.
+    pub(crate) fn build_view(
+        &self,
+        name: &Name,
+        changed_nodes: &HashSet<Name>,
+    ) -> Option<ServiceView> {
+        let slot = self.services.get(name)?;
+        let members = &slot.members;
         if members.is_empty() {
             return None;
         }
+        let previous: &[Instance] = slot.view.as_ref().map_or(&[], |v| &v.instances);
+        let mut old = previous.iter().peekable();
         let mut instances = Vec::with_capacity(members.len());
         for (node, id) in members.iter() {
+            // Both sequences are sorted by (node, id): advance the old one.
+            while old
+                .peek()
+                .is_some_and(|i| (&*i.endpoint.node, &*i.endpoint.id) < (&**node, &**id))
+            {
+                old.next();
+            }
+            if !changed_nodes.contains(node) {
+                if let Some(reused) =
+                    old.next_if(|i| i.endpoint.node == *node && i.endpoint.id == *id)
+                {
+                    instances.push(reused.clone());
+                    continue;
+                }
+            }
             let Some(entry) = self.nodes.get(node) else {
                 debug_assert!(false, "member {node}/{id} has no node");
                 continue;
@@ -360,7 +414,6 @@ impl Snapshot {
                 entry.checks_for(id),
             ));
         }
-        let index = self.service_index(name);
-        Some(ServiceView::build(name.clone(), index, instances))
+        Some(ServiceView::build(name.clone(), slot.index, instances))
     }
 }

@@ -510,7 +510,8 @@ pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> A
     let (snap, index) = block(&state, &opts, |s| s.tables().nodes).await?;
     let dc = state.agent.datacenter.as_str();
     let out: Vec<NodeOut<'_>> = snap
-        .nodes()
+        .nodes_sorted()
+        .into_iter()
         .filter(|n| opts.node_meta_matches(&n.node.meta))
         .map(|n| NodeOut::new(&n.node, dc))
         .collect();
@@ -609,7 +610,7 @@ pub(super) async fn health_state(
     };
     let (snap, index) = block(&state, &opts, |s| s.tables().checks.max(s.tables().nodes)).await?;
     let mut out = Vec::new();
-    for entry in snap.nodes() {
+    for entry in snap.nodes_sorted() {
         if !opts.node_meta_matches(&entry.node.meta) {
             continue;
         }

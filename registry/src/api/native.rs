@@ -104,7 +104,8 @@ pub(super) async fn services(State(state): St, Query(q): Query<Pairs>) -> ApiRes
     })
     .await?;
     let out: Vec<ServiceSummary<'_>> = snap
-        .services()
+        .services_sorted()
+        .into_iter()
         .map(|v| ServiceSummary {
             name: &v.name,
             index: v.index,
@@ -194,7 +195,11 @@ fn node_json(entry: &NodeEntry) -> serde_json::Value {
 pub(super) async fn nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
     let (snap, index) = super::block(&state, &opts, |s| s.tables().nodes).await?;
-    let out: Vec<_> = snap.nodes().map(|e| node_json(e)).collect();
+    let out: Vec<_> = snap
+        .nodes_sorted()
+        .into_iter()
+        .map(|e| node_json(e))
+        .collect();
     json(&out, index, &opts)
 }
 
