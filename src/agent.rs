@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use switchyard_dns::{DnsDecorator, DnsMetrics, DnsServer};
 use switchyard_registry::api::{self, AgentInfo, ApiState};
 use switchyard_registry::{
     node_uuid, Command, EmbeddedStore, MemoryStore, Node, Registry, RegistryMetrics, Store,
-    StoreKind,
+    StoreKind, ViewDecorator,
 };
 use tokio::sync::watch;
 
@@ -40,6 +41,14 @@ pub(crate) fn run(config: AgentConfig, scratch: Option<ScratchDir>) -> anyhow::R
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     let prometheus = prometheus::Registry::new();
     let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
+    let dns_config = Arc::new(config.dns.clone());
+    let dns_metrics = Arc::new(DnsMetrics::new(&prometheus).context("dns metrics")?);
+    // Decorator slot 0: DNS answers, built by the writer with every view.
+    let decorators: Vec<Arc<dyn ViewDecorator>> = vec![Arc::new(DnsDecorator::new(
+        dns_config.clone(),
+        &config.agent.datacenter,
+    ))];
+    const DNS_SLOT: usize = 0;
     let (registry, writer) = match config.store.kind {
         StoreKind::Embedded => {
             let dir = config
@@ -49,9 +58,9 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
                 .context("store.data_dir is required for the embedded store")?;
             let store = EmbeddedStore::open(&dir, config.store.cache_mib << 20)?;
             tracing::info!(path = %store.path().display(), "embedded store opened");
-            start(store, metrics)?
+            start(store, metrics, decorators)?
         }
-        StoreKind::Memory => start(MemoryStore::default(), metrics)?,
+        StoreKind::Memory => start(MemoryStore::default(), metrics, decorators)?,
     };
 
     let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
@@ -103,18 +112,34 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
             .await
     });
 
-    let ready =
-        serde_json::json!({ "ready": true, "api": api_addr.to_string(), "node": node_name });
+    let dns = DnsServer::start(
+        dns_config,
+        &config.agent.datacenter,
+        DNS_SLOT,
+        registry.snapshot_cell(),
+        dns_metrics,
+    )
+    .await
+    .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;
+    let dns_addr = dns.local_addr();
+
+    let ready = serde_json::json!({
+        "ready": true,
+        "api": api_addr.to_string(),
+        "dns": dns_addr.to_string(),
+        "node": node_name,
+    });
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{ready}")?;
         out.flush()?;
     }
-    tracing::info!(api = %api_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
+    tracing::info!(api = %api_addr, dns = %dns_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
 
     wait_for_signal().await;
     tracing::info!("shutting down: no new API requests, finishing queued writes");
     let _ = shutdown_tx.send(true);
+    dns.shutdown().await;
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
@@ -129,8 +154,9 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
 fn start<S: Store>(
     store: S,
     metrics: Arc<RegistryMetrics>,
+    decorators: Vec<Arc<dyn ViewDecorator>>,
 ) -> anyhow::Result<(Registry, tokio::task::JoinHandle<()>)> {
-    Registry::start(store, metrics).context("cannot load the catalog")
+    Registry::start_with(store, metrics, decorators).context("cannot load the catalog")
 }
 
 async fn wait_for_signal() {

@@ -39,7 +39,7 @@ pub(crate) struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Commands {
-    /// Run the agent: registry API (Consul-compatible on :8500) with its store.
+    /// Run the agent: registry API (Consul-compatible on :8500) and DNS (:8600).
     Agent(AgentArgs),
     /// List services with endpoint counts by state.
     Services {
@@ -75,6 +75,9 @@ struct AgentArgs {
     /// HTTP API listen address (overrides api.addr); port 0 picks a free port.
     #[arg(long)]
     api_addr: Option<SocketAddr>,
+    /// DNS listen address, UDP and TCP (overrides dns.addr); port 0 picks a free port.
+    #[arg(long)]
+    dns_addr: Option<SocketAddr>,
     /// This agent's node name (overrides agent.node_name).
     #[arg(long)]
     node_name: Option<String>,
@@ -117,6 +120,9 @@ fn run_agent(args: AgentArgs) -> ExitCode {
     }
     if let Some(addr) = args.api_addr {
         config.api.addr = addr;
+    }
+    if let Some(addr) = args.dns_addr {
+        config.dns.addr = addr;
     }
     if let Some(name) = args.node_name {
         config.agent.node_name = Some(name);

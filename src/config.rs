@@ -13,6 +13,7 @@ pub(crate) struct AgentConfig {
     pub(crate) agent: AgentSection,
     pub(crate) api: ApiConfig,
     pub(crate) store: StoreConfig,
+    pub(crate) dns: switchyard_dns::Config,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -71,7 +72,7 @@ impl AgentConfig {
         if self.store.cache_mib == 0 {
             return Err("store.cache_mib must be at least 1".to_string());
         }
-        Ok(())
+        self.dns.validate()
     }
 }
 

@@ -1,8 +1,105 @@
 //! Switchyard DNS: authoritative service discovery answered from registry snapshots.
 //!
-//! The foundation only reserves the crate; the DNS role (issue "DNS: authoritative
-//! service discovery") fills it. It depends on `switchyard-registry` for the snapshot
-//! types and never on the proxy.
+//! Answers are built per service view at publish time (`DnsDecorator`, run by
+//! the registry writer); the UDP workers and the TCP server share one answer
+//! engine (`answer.rs`) over the current snapshot, loaded lock-free per query.
+//! Depends on `switchyard-registry` for the snapshot types, never on the proxy.
 #![forbid(unsafe_code)]
 
-pub use switchyard_registry::Snapshot;
+mod answer;
+mod config;
+mod metrics;
+mod prebuilt;
+mod server;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use switchyard_registry::Snapshot;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use metrics::DnsMetrics;
+pub use prebuilt::DnsDecorator;
+
+/// A running DNS server (UDP workers + TCP task).
+pub struct DnsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    stop_tcp: watch::Sender<bool>,
+    udp: Vec<JoinHandle<()>>,
+    tcp: tokio::task::JoinHandle<()>,
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `config.addr` and starts serving. `slot` is the
+    /// position of the `DnsDecorator` among the registry's decorators.
+    pub async fn start(
+        config: Arc<Config>,
+        datacenter: &str,
+        slot: usize,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<DnsMetrics>,
+    ) -> std::io::Result<DnsServer> {
+        let engine = Arc::new(answer::Engine::new(
+            config.clone(),
+            datacenter,
+            slot,
+            snapshot,
+            metrics,
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (addr, udp) = server::spawn_udp(
+            engine.clone(),
+            config.addr,
+            config.udp_workers,
+            stop.clone(),
+        )?;
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let (stop_tcp, stop_rx) = watch::channel(false);
+        let tcp = tokio::spawn(server::serve_tcp(
+            engine,
+            listener,
+            config.max_tcp_connections,
+            config.tcp_idle_timeout,
+            stop_rx,
+        ));
+        Ok(DnsServer {
+            addr,
+            stop,
+            stop_tcp,
+            udp,
+            tcp,
+        })
+    }
+
+    /// The bound address (UDP and TCP share it).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets the workers finish the query in hand, and joins them.
+    pub async fn shutdown(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stop_tcp.send(true);
+        let _ = self.tcp.await;
+        let udp = self.udp;
+        let _ = tokio::task::spawn_blocking(move || {
+            for handle in udp {
+                let _ = handle.join();
+            }
+        })
+        .await;
+    }
+}

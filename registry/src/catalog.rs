@@ -15,7 +15,7 @@ use crate::model::{
     unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
 };
-use crate::snapshot::{NodeEntry, ServiceSlot, Snapshot};
+use crate::snapshot::{NodeEntry, ServiceSlot, Snapshot, ViewDecorator};
 use crate::store::{Loaded, StoreBatch};
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
@@ -202,6 +202,8 @@ impl Dirty {
 pub(crate) struct Catalog {
     pub(crate) snap: Snapshot,
     pub(crate) dirty: Dirty,
+    /// Run on every view built (see `ViewDecorator`).
+    pub(crate) decorators: Vec<Arc<dyn ViewDecorator>>,
 }
 
 /// A check in a registration, with whether the registrant stated its status.
@@ -242,7 +244,7 @@ fn clip_output(mut output: String) -> String {
 
 impl Catalog {
     /// Rebuilds the catalog from what the store loaded.
-    pub(crate) fn from_loaded(loaded: Loaded) -> Catalog {
+    pub(crate) fn from_loaded(loaded: Loaded, decorators: Vec<Arc<dyn ViewDecorator>>) -> Catalog {
         let mut snap = Snapshot {
             index: loaded.index,
             ..Snapshot::default()
@@ -333,6 +335,7 @@ impl Catalog {
         let mut catalog = Catalog {
             snap,
             dirty: Dirty::default(),
+            decorators,
         };
         for service in names {
             catalog.dirty.add(DirtyKey::Service(service));
@@ -979,7 +982,10 @@ impl Catalog {
             let fresh = self
                 .snap
                 .build_view(&name, &self.dirty.entries)
-                .map(Arc::new);
+                .map(|mut view| {
+                    view.decorate(&self.decorators);
+                    Arc::new(view)
+                });
             if let Some(view) = &fresh {
                 self.snap.counts.add(&view.counts);
                 self.snap.service_count += 1;

@@ -27,7 +27,8 @@ pub use model::{
     Weights, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
 };
 pub use snapshot::{
-    EndpointState, Instance, NodeEntry, ServiceView, Snapshot, StateCounts, TableIndexes,
+    EndpointState, Extra, Extras, Instance, NodeEntry, ServiceView, Snapshot, StateCounts,
+    TableIndexes, ViewDecorator,
 };
 pub use store::{EmbeddedStore, Keyed, Loaded, MemoryStore, Store, StoreBatch, CATALOG_FILE};
 pub use writer::Registry;

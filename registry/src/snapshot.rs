@@ -6,7 +6,9 @@
 //! same `Arc`. Everything a reader needs per query (routable set, per-tag subsets,
 //! aggregated health) is computed here, at publish time.
 
+use std::any::Any;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
 use std::sync::Arc;
 
 use imbl::{HashMap as PMap, OrdMap, OrdSet};
@@ -219,6 +221,26 @@ impl Instance {
     }
 }
 
+/// Data a reader derives from a view (for example ready-made DNS answers).
+pub type Extra = Arc<dyn Any + Send + Sync>;
+
+/// Builds reader-specific data for each new view, at publish time, in the
+/// writer. The registry knows nothing of what is built: this is how DNS gets
+/// prebuilt answers without the registry depending on it.
+pub trait ViewDecorator: Send + Sync + 'static {
+    fn decorate(&self, view: &ServiceView) -> Extra;
+}
+
+/// The decorators' outputs, in registration order.
+#[derive(Default)]
+pub struct Extras(Box<[Extra]>);
+
+impl fmt::Debug for Extras {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Extras({})", self.0.len())
+    }
+}
+
 /// A service with all its instances and the subsets readers ask for.
 #[derive(Debug)]
 pub struct ServiceView {
@@ -236,6 +258,8 @@ pub struct ServiceView {
     /// Distinct tags over all instances, sorted.
     pub tags: Vec<String>,
     pub counts: StateCounts,
+    /// What the registered decorators built from this view.
+    pub extras: Extras,
 }
 
 impl ServiceView {
@@ -273,7 +297,21 @@ impl ServiceView {
             by_tag,
             tags: tags.into_iter().collect(),
             counts,
+            extras: Extras::default(),
         }
+    }
+
+    /// Runs the decorators over the finished view.
+    pub(crate) fn decorate(&mut self, decorators: &[Arc<dyn ViewDecorator>]) {
+        if !decorators.is_empty() {
+            let extras = decorators.iter().map(|d| d.decorate(self)).collect();
+            self.extras = Extras(extras);
+        }
+    }
+
+    /// The data decorator number `slot` built, if it is of type `T`.
+    pub fn extra<T: Any + Send + Sync>(&self, slot: usize) -> Option<&T> {
+        self.extras.0.get(slot)?.downcast_ref()
     }
 
     /// Routable instances, optionally restricted to one tag (case-insensitive).

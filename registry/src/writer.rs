@@ -18,7 +18,7 @@ use crate::catalog::{Catalog, Command, Dirty, NewCheck};
 use crate::error::{RegistryError, StoreError};
 use crate::metrics::RegistryMetrics;
 use crate::model::{Name, Status};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, ViewDecorator};
 use crate::store::Store;
 
 /// Most commands folded into one store commit.
@@ -56,11 +56,21 @@ impl Registry {
     /// Loads the catalog from `store`, publishes the first snapshot and starts
     /// the writer task on the current runtime.
     pub fn start<S: Store>(
-        mut store: S,
+        store: S,
         metrics: Arc<RegistryMetrics>,
     ) -> Result<(Registry, JoinHandle<()>), StoreError> {
+        Registry::start_with(store, metrics, Vec::new())
+    }
+
+    /// Like `start`, with decorators that derive reader data from every view
+    /// the writer builds (DNS answers, for instance).
+    pub fn start_with<S: Store>(
+        mut store: S,
+        metrics: Arc<RegistryMetrics>,
+        decorators: Vec<Arc<dyn ViewDecorator>>,
+    ) -> Result<(Registry, JoinHandle<()>), StoreError> {
         let loaded = store.load()?;
-        let catalog = Catalog::from_loaded(loaded);
+        let catalog = Catalog::from_loaded(loaded, decorators);
         let first = catalog.snap.clone();
         metrics.observe_snapshot(&first);
         let index = first.index;

@@ -645,7 +645,7 @@ fn rebuilt(snap: &crate::snapshot::Snapshot) -> Catalog {
             .checks
             .extend(entry.checks.values().map(|c| (**c).clone()));
     }
-    Catalog::from_loaded(loaded)
+    Catalog::from_loaded(loaded, Vec::new())
 }
 
 #[tokio::test]

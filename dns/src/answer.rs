@@ -1,0 +1,508 @@
+//! The answer engine: one query in, one response out, from one snapshot.
+//! Used unchanged by the UDP and TCP paths, so both always agree.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use switchyard_registry::{NodeEntry, Snapshot};
+
+use crate::config::Config;
+use crate::metrics::DnsMetrics;
+use crate::prebuilt::{parse_hex_ip, push_addr_rr, DnsService, Family};
+use crate::wire::{
+    finish_rdata, push_opt, push_pointer, push_rr_head, rcode, rtype, Header, Query, Reject,
+    CLASS_IN, HEADER_LEN, OPT_LEN,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Per-worker buffers, reused for every query (no allocation per query).
+pub(crate) struct Scratch {
+    positions: Vec<u32>,
+    targets: Vec<(usize, u32)>,
+    rng: fastrand::Rng,
+}
+
+impl Scratch {
+    pub(crate) fn new() -> Scratch {
+        Scratch {
+            positions: Vec::with_capacity(256),
+            targets: Vec::with_capacity(256),
+            rng: fastrand::Rng::new(),
+        }
+    }
+}
+
+/// What happened, for metrics.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Outcome {
+    pub(crate) qtype: u16,
+    pub(crate) rcode: u8,
+    pub(crate) truncated: bool,
+}
+
+/// Sections counted while writing a response.
+#[derive(Default)]
+struct Counts {
+    an: u16,
+    ns: u16,
+    ar: u16,
+    tc: bool,
+}
+
+pub(crate) struct Engine {
+    config: Arc<Config>,
+    domain: Vec<Vec<u8>>,
+    datacenter: Vec<u8>,
+    /// Which decorator slot holds our `DnsService`.
+    slot: usize,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    pub(crate) metrics: Arc<DnsMetrics>,
+}
+
+/// What a name under our zone refers to.
+enum Target<'a> {
+    Apex,
+    Service { name: &'a str, tag: Option<String> },
+    Node(String),
+    Addr(IpAddr),
+    Unknown,
+}
+
+fn text(label: &[u8]) -> Option<&str> {
+    std::str::from_utf8(label).ok()
+}
+
+fn join(labels: &[&[u8]]) -> Option<String> {
+    let parts: Option<Vec<&str>> = labels.iter().map(|l| text(l)).collect();
+    Some(parts?.join("."))
+}
+
+impl Engine {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        datacenter: &str,
+        slot: usize,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<DnsMetrics>,
+    ) -> Engine {
+        Engine {
+            domain: config.domain_labels(),
+            datacenter: datacenter.to_ascii_lowercase().into_bytes(),
+            config,
+            slot,
+            snapshot,
+            metrics,
+        }
+    }
+
+    /// Answers `packet` into `out`. `None` means: send nothing.
+    pub(crate) fn answer(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        out: &mut Vec<u8>,
+        scratch: &mut Scratch,
+    ) -> Option<Outcome> {
+        out.clear();
+        let q = match Query::parse(packet) {
+            Ok(q) => q,
+            Err(Reject::Drop) => return None,
+            Err(Reject::Error { id, rd, rcode }) => {
+                out.resize(HEADER_LEN, 0);
+                Header {
+                    id,
+                    rd,
+                    aa: false,
+                    tc: false,
+                    rcode,
+                    qd: 0,
+                    an: 0,
+                    ns: 0,
+                    ar: 0,
+                }
+                .write(out);
+                return Some(Outcome {
+                    qtype: 0,
+                    rcode,
+                    truncated: false,
+                });
+            }
+        };
+        out.resize(HEADER_LEN, 0);
+        out.extend_from_slice(&packet[HEADER_LEN..q.question_end]);
+        let budget = match (transport, q.edns) {
+            (Transport::Tcp, _) => usize::from(u16::MAX),
+            (Transport::Udp, None) => 512,
+            (Transport::Udp, Some(e)) => {
+                usize::from(e.udp_size.clamp(512, self.config.max_udp_size))
+            }
+        };
+        let reserve = if q.edns.is_some() { OPT_LEN } else { 0 };
+        let mut counts = Counts::default();
+        let (rcode, aa, extended) = if q.edns.is_some_and(|e| e.version > 0) {
+            (0, false, rcode::BADVERS)
+        } else {
+            let (rcode, aa) = self.resolve(&q, out, budget - reserve, &mut counts, scratch);
+            (rcode, aa, 0)
+        };
+        if q.edns.is_some() {
+            push_opt(out, self.config.max_udp_size, extended);
+            counts.ar += 1;
+        }
+        Header {
+            id: q.id,
+            rd: q.rd,
+            aa,
+            tc: counts.tc,
+            rcode,
+            qd: 1,
+            an: counts.an,
+            ns: counts.ns,
+            ar: counts.ar,
+        }
+        .write(out);
+        Some(Outcome {
+            qtype: q.qtype,
+            rcode,
+            truncated: counts.tc,
+        })
+    }
+
+    /// Writes the answer sections; returns (RCODE, authoritative).
+    fn resolve(
+        &self,
+        q: &Query,
+        out: &mut Vec<u8>,
+        budget: usize,
+        c: &mut Counts,
+        s: &mut Scratch,
+    ) -> (u8, bool) {
+        if q.qclass != CLASS_IN && q.qclass != 255 {
+            return (rcode::REFUSED, false);
+        }
+        let n = q.label_count();
+        let d = self.domain.len();
+        let in_zone = n >= d
+            && self
+                .domain
+                .iter()
+                .enumerate()
+                .all(|(i, l)| q.label(n - d + i) == l.as_slice());
+        if !in_zone {
+            // Not an open resolver: names outside our zone are refused.
+            return (rcode::REFUSED, false);
+        }
+        if matches!(q.qtype, rtype::AXFR | rtype::IXFR) {
+            return (rcode::NOTIMP, true);
+        }
+        let snap = self.snapshot.load();
+        let mut buf: [&[u8]; 128] = [&[]; 128];
+        let mut len = 0;
+        for label in q.labels().take(n - d) {
+            buf[len] = label;
+            len += 1;
+        }
+        let apex = n - d;
+        match self.classify(q, &buf[..len]) {
+            Target::Apex => self.apex(q, &snap, out, budget, c, apex),
+            Target::Unknown => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
+            Target::Service { name, tag } => {
+                self.service(q, &snap, name, tag.as_deref(), out, budget, c, s, apex)
+            }
+            Target::Node(name) => match snap.node(&name) {
+                Some(entry) => self.node(q, &snap, entry, out, c, apex),
+                None => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
+            },
+            Target::Addr(ip) => {
+                let wanted = matches!(
+                    (q.qtype, ip),
+                    (rtype::A | rtype::ANY, IpAddr::V4(_))
+                        | (rtype::AAAA | rtype::ANY, IpAddr::V6(_))
+                );
+                if !wanted {
+                    return self.negative(q, &snap, out, c, apex, rcode::NOERROR);
+                }
+                push_addr_rr(out, Some(12), ip, self.config.node_ttl.as_secs() as u32);
+                c.an += 1;
+                (rcode::NOERROR, true)
+            }
+        }
+    }
+
+    fn classify<'a>(&self, q: &Query, labels: &[&'a [u8]]) -> Target<'a> {
+        let mut rest = labels;
+        if rest.is_empty() {
+            return Target::Apex;
+        }
+        // Optional datacenter: `<dc>` or `<dc>.dc` right before the domain.
+        if let [head @ .., dc, b"dc"] = rest {
+            if *dc != self.datacenter.as_slice() {
+                return Target::Unknown;
+            }
+            rest = head;
+        } else if let [head @ .., dc] = rest {
+            if *dc == self.datacenter.as_slice() && !head.is_empty() {
+                rest = head;
+            }
+        }
+        match rest {
+            [] => Target::Apex,
+            // RFC 2782: _service._tag[.service]; `_tcp`/`_udp` mean no tag.
+            [svc, proto] | [svc, proto, b"service"]
+                if svc.first() == Some(&b'_')
+                    && proto.first() == Some(&b'_')
+                    && (q.qtype == rtype::SRV || rest.len() == 3) =>
+            {
+                let Some(name) = text(&svc[1..]) else {
+                    return Target::Unknown;
+                };
+                let tag = match &proto[1..] {
+                    b"tcp" | b"udp" => None,
+                    t => match text(t) {
+                        Some(t) => Some(t.to_string()),
+                        None => return Target::Unknown,
+                    },
+                };
+                Target::Service { name, tag }
+            }
+            [parts @ .., b"service"] if !parts.is_empty() => {
+                let (svc, tag) = parts
+                    .split_last()
+                    .map_or((&b""[..], &[][..]), |(s, t)| (*s, t));
+                let Some(name) = text(svc) else {
+                    return Target::Unknown;
+                };
+                if tag.is_empty() {
+                    return Target::Service { name, tag: None };
+                }
+                match join(tag) {
+                    Some(tag) => Target::Service {
+                        name,
+                        tag: Some(tag),
+                    },
+                    None => Target::Unknown,
+                }
+            }
+            [parts @ .., b"node"] if !parts.is_empty() => {
+                join(parts).map_or(Target::Unknown, Target::Node)
+            }
+            [hex, b"addr"] => parse_hex_ip(hex).map_or(Target::Unknown, Target::Addr),
+            _ => Target::Unknown,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn service(
+        &self,
+        q: &Query,
+        snap: &Snapshot,
+        name: &str,
+        tag: Option<&str>,
+        out: &mut Vec<u8>,
+        budget: usize,
+        c: &mut Counts,
+        s: &mut Scratch,
+        apex: usize,
+    ) -> (u8, bool) {
+        let Some(view) = snap.service(name) else {
+            return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
+        };
+        let Some(dns) = view.extra::<DnsService>(self.slot) else {
+            return (rcode::SERVFAIL, true);
+        };
+        let positions: &[u32] = match tag {
+            None => &view.routable,
+            Some(tag) => match view.by_tag.get(tag) {
+                Some(p) => p,
+                None if view.tags.iter().any(|t| t.eq_ignore_ascii_case(tag)) => &[],
+                None => return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN),
+            },
+        };
+        let wanted = |f: Family, srv_empty: bool| match q.qtype {
+            rtype::A => f == Family::V4,
+            rtype::AAAA => f == Family::V6,
+            rtype::ANY => f != Family::Name,
+            rtype::SRV => !srv_empty,
+            _ => false,
+        };
+        s.positions.clear();
+        s.positions.extend(positions.iter().copied().filter(|&p| {
+            dns.entries
+                .get(p as usize)
+                .is_some_and(|e| wanted(e.family, e.srv_rr.is_empty()))
+        }));
+        if s.positions.is_empty() {
+            return self.negative(q, snap, out, c, apex, rcode::NOERROR);
+        }
+        s.rng.shuffle(&mut s.positions);
+        if self.config.max_answers > 0 {
+            s.positions.truncate(self.config.max_answers);
+        }
+        let srv = q.qtype == rtype::SRV;
+        s.targets.clear();
+        let mut additional = 0usize;
+        for &p in &s.positions {
+            let entry = &dns.entries[p as usize];
+            let rr = dns.bytes(if srv { &entry.srv_rr } else { &entry.addr_rr });
+            let extra = if srv && !entry.extra_rr.is_empty() {
+                2 + entry.extra_rr.len()
+            } else {
+                0
+            };
+            if out.len() + rr.len() + additional + extra > budget {
+                c.tc = true;
+                break;
+            }
+            if srv {
+                s.targets.push((out.len() + entry.srv_target as usize, p));
+                additional += extra;
+            }
+            out.extend_from_slice(rr);
+            c.an += 1;
+        }
+        for &(target_at, p) in &s.targets {
+            let entry = &dns.entries[p as usize];
+            if entry.extra_rr.is_empty() {
+                continue;
+            }
+            if target_at <= 0x3FFF {
+                push_pointer(out, target_at as u16);
+            } else {
+                // Beyond pointer reach (large TCP answers): write the name out.
+                let srv = dns.bytes(&entry.srv_rr);
+                out.extend_from_slice(&srv[entry.srv_target as usize..]);
+            }
+            out.extend_from_slice(dns.bytes(&entry.extra_rr));
+            c.ar += 1;
+        }
+        (rcode::NOERROR, true)
+    }
+
+    fn node(
+        &self,
+        q: &Query,
+        snap: &Snapshot,
+        entry: &NodeEntry,
+        out: &mut Vec<u8>,
+        c: &mut Counts,
+        apex: usize,
+    ) -> (u8, bool) {
+        let ttl = self.config.node_ttl.as_secs() as u32;
+        let ip = entry.node.address.parse::<IpAddr>().ok();
+        match (q.qtype, ip) {
+            (rtype::A | rtype::ANY, Some(ip @ IpAddr::V4(_)))
+            | (rtype::AAAA | rtype::ANY, Some(ip @ IpAddr::V6(_))) => {
+                push_addr_rr(out, Some(12), ip, ttl);
+                c.an += 1;
+                (rcode::NOERROR, true)
+            }
+            (rtype::TXT, _) if !entry.node.meta.is_empty() => {
+                for (k, v) in &entry.node.meta {
+                    let txt = if k.starts_with("rfc1035-") {
+                        v.clone()
+                    } else {
+                        format!("{k}={v}")
+                    };
+                    let bytes = txt.as_bytes();
+                    let bytes = &bytes[..bytes.len().min(255)];
+                    push_pointer(out, 12);
+                    let at = push_rr_head(out, rtype::TXT, ttl);
+                    out.push(bytes.len() as u8);
+                    out.extend_from_slice(bytes);
+                    finish_rdata(out, at);
+                    c.an += 1;
+                }
+                (rcode::NOERROR, true)
+            }
+            _ => self.negative(q, snap, out, c, apex, rcode::NOERROR),
+        }
+    }
+
+    fn apex(
+        &self,
+        q: &Query,
+        snap: &Snapshot,
+        out: &mut Vec<u8>,
+        budget: usize,
+        c: &mut Counts,
+        apex: usize,
+    ) -> (u8, bool) {
+        let zone = q.suffix_offset(apex);
+        match q.qtype {
+            rtype::SOA | rtype::ANY => {
+                self.push_soa(out, zone, snap);
+                c.an += 1;
+                if q.qtype == rtype::ANY {
+                    self.push_ns(out, zone, c, budget);
+                }
+                (rcode::NOERROR, true)
+            }
+            rtype::NS => {
+                self.push_ns(out, zone, c, budget);
+                (rcode::NOERROR, true)
+            }
+            _ => self.negative(q, snap, out, c, apex, rcode::NOERROR),
+        }
+    }
+
+    /// NS `ns.<zone>` with its address as glue.
+    fn push_ns(&self, out: &mut Vec<u8>, zone: u16, c: &mut Counts, budget: usize) {
+        if out.len() + 64 > budget {
+            return;
+        }
+        push_pointer(out, zone);
+        let at = push_rr_head(out, rtype::NS, self.config.node_ttl.as_secs() as u32);
+        let ns_name = out.len();
+        out.push(2);
+        out.extend_from_slice(b"ns");
+        push_pointer(out, zone);
+        finish_rdata(out, at);
+        c.an += 1;
+        push_addr_rr(
+            out,
+            Some(ns_name as u16),
+            self.config.ns_addr,
+            self.config.node_ttl.as_secs() as u32,
+        );
+        c.ar += 1;
+    }
+
+    fn push_soa(&self, out: &mut Vec<u8>, zone: u16, snap: &Snapshot) {
+        let min = self.config.soa_min_ttl.as_secs() as u32;
+        push_pointer(out, zone);
+        let at = push_rr_head(out, rtype::SOA, min);
+        out.push(2);
+        out.extend_from_slice(b"ns");
+        push_pointer(out, zone);
+        out.push(10);
+        out.extend_from_slice(b"hostmaster");
+        push_pointer(out, zone);
+        // The catalog index is the zone's serial: it grows with every change.
+        let serial = (snap.index() & 0xFFFF_FFFF) as u32;
+        for value in [serial, 3600, 600, 86400, min] {
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+        finish_rdata(out, at);
+    }
+
+    /// NXDOMAIN, or NOERROR with no data (RFC 2308): the SOA in authority.
+    fn negative(
+        &self,
+        q: &Query,
+        snap: &Snapshot,
+        out: &mut Vec<u8>,
+        c: &mut Counts,
+        apex: usize,
+        rcode: u8,
+    ) -> (u8, bool) {
+        self.push_soa(out, q.suffix_offset(apex), snap);
+        c.ns += 1;
+        (rcode, true)
+    }
+}

@@ -1,0 +1,185 @@
+//! Answers built once per service view, at publish time, by the registry's
+//! writer (through `ViewDecorator`). A query then only picks, shuffles and
+//! copies these bytes.
+//!
+//! Every record's owner is a compression pointer to the question name (offset
+//! 12), so the bytes fit any question. An SRV record's target is written out in
+//! full; the target's address record (for the additional section) is kept
+//! without its owner, which the query path points at the SRV target.
+
+use std::net::IpAddr;
+use std::ops::Range;
+use std::sync::Arc;
+
+use switchyard_registry::{Extra, ServiceView, Status, ViewDecorator};
+
+use crate::config::Config;
+use crate::wire::{finish_rdata, push_name, push_pointer, push_rr_head, rtype};
+
+/// Owner pointer to the question name.
+const QUESTION: u16 = 12;
+
+/// Address family of an instance, for A/AAAA selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+    /// A host name: no address records; the SRV target is the name itself.
+    Name,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub(crate) family: Family,
+    /// The A or AAAA record (empty for `Family::Name`).
+    pub(crate) addr_rr: Range<u32>,
+    /// The SRV record (empty if the target cannot be written as a name).
+    pub(crate) srv_rr: Range<u32>,
+    /// Offset of the target name inside `srv_rr`.
+    pub(crate) srv_target: u16,
+    /// Address record for the SRV target, without its owner name.
+    pub(crate) extra_rr: Range<u32>,
+}
+
+/// One service's ready answers; `entries` is indexed like `view.instances`.
+#[derive(Debug)]
+pub(crate) struct DnsService {
+    pub(crate) arena: Vec<u8>,
+    pub(crate) entries: Vec<Entry>,
+}
+
+impl DnsService {
+    pub(crate) fn bytes(&self, range: &Range<u32>) -> &[u8] {
+        &self.arena[range.start as usize..range.end as usize]
+    }
+}
+
+/// Builds `DnsService` for every view the writer publishes.
+pub struct DnsDecorator {
+    config: Arc<Config>,
+    datacenter: String,
+}
+
+impl DnsDecorator {
+    pub fn new(config: Arc<Config>, datacenter: &str) -> DnsDecorator {
+        DnsDecorator {
+            config,
+            datacenter: datacenter.to_ascii_lowercase(),
+        }
+    }
+
+    fn build(&self, view: &ServiceView) -> DnsService {
+        let ttl = self.config.ttl_for(&view.name);
+        let domain = self.config.domain.trim_end_matches('.');
+        let mut arena = Vec::with_capacity(view.instances.len() * 80);
+        let mut entries = Vec::with_capacity(view.instances.len());
+        for instance in &view.instances {
+            let address = instance.address();
+            let ip = address.parse::<IpAddr>().ok();
+            let family = match ip {
+                Some(IpAddr::V4(_)) => Family::V4,
+                Some(IpAddr::V6(_)) => Family::V6,
+                None => Family::Name,
+            };
+            let pos = |arena: &Vec<u8>| arena.len() as u32;
+
+            let start = pos(&arena);
+            if let Some(ip) = ip {
+                push_addr_rr(&mut arena, Some(QUESTION), ip, ttl);
+            }
+            let addr_rr = start..pos(&arena);
+
+            let weight = match instance.health {
+                Status::Passing => instance.endpoint.weights.passing,
+                _ => instance.endpoint.weights.warning,
+            }
+            .min(u32::from(u16::MAX)) as u16;
+            let target = match ip {
+                None => address.to_string(),
+                Some(_) if instance.endpoint.address.is_empty() => {
+                    format!("{}.node.{}.{domain}", instance.node.name, self.datacenter)
+                }
+                Some(ip) => format!("{}.addr.{}.{domain}", hex_ip(ip), self.datacenter),
+            };
+            let start = pos(&arena);
+            push_pointer(&mut arena, QUESTION);
+            let rdlen_at = push_rr_head(&mut arena, rtype::SRV, ttl);
+            arena.extend_from_slice(&1u16.to_be_bytes());
+            arena.extend_from_slice(&weight.to_be_bytes());
+            arena.extend_from_slice(&instance.endpoint.port.to_be_bytes());
+            let target_at = arena.len() as u32 - start;
+            let (srv_rr, srv_target) = if push_name(&mut arena, &target) {
+                finish_rdata(&mut arena, rdlen_at);
+                (start..pos(&arena), target_at as u16)
+            } else {
+                arena.truncate(start as usize);
+                (start..start, 0)
+            };
+
+            let start = pos(&arena);
+            if let (Some(ip), false) = (ip, srv_rr.is_empty()) {
+                push_addr_rr(&mut arena, None, ip, ttl);
+            }
+            let extra_rr = start..pos(&arena);
+            entries.push(Entry {
+                family,
+                addr_rr,
+                srv_rr,
+                srv_target,
+                extra_rr,
+            });
+        }
+        DnsService { arena, entries }
+    }
+}
+
+impl ViewDecorator for DnsDecorator {
+    fn decorate(&self, view: &ServiceView) -> Extra {
+        Arc::new(self.build(view))
+    }
+}
+
+/// An A or AAAA record; `owner` is a pointer, or none (the caller writes it).
+pub(crate) fn push_addr_rr(out: &mut Vec<u8>, owner: Option<u16>, ip: IpAddr, ttl: u32) {
+    if let Some(owner) = owner {
+        push_pointer(out, owner);
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            let at = push_rr_head(out, rtype::A, ttl);
+            out.extend_from_slice(&v4.octets());
+            finish_rdata(out, at);
+        }
+        IpAddr::V6(v6) => {
+            let at = push_rr_head(out, rtype::AAAA, ttl);
+            out.extend_from_slice(&v6.octets());
+            finish_rdata(out, at);
+        }
+    }
+}
+
+/// Consul's `<hex>.addr` label: 8 hex digits for IPv4, 32 for IPv6.
+pub(crate) fn hex_ip(ip: IpAddr) -> String {
+    let bytes: Vec<u8> = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The inverse of `hex_ip`.
+pub(crate) fn parse_hex_ip(label: &[u8]) -> Option<IpAddr> {
+    let hex = std::str::from_utf8(label).ok()?;
+    let byte = |i: usize| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok();
+    match hex.len() {
+        8 => Some(IpAddr::from([byte(0)?, byte(1)?, byte(2)?, byte(3)?])),
+        32 => {
+            let mut octets = [0u8; 16];
+            for (i, o) in octets.iter_mut().enumerate() {
+                *o = byte(i)?;
+            }
+            Some(IpAddr::from(octets))
+        }
+        _ => None,
+    }
+}
