@@ -56,6 +56,8 @@ fn start_agent(bin: &PathBuf) -> anyhow::Result<AgentProcess> {
             "agent",
             "--api-addr",
             "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
             "--node-name",
             "bench",
             "--data-dir",

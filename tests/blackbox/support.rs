@@ -40,6 +40,8 @@ impl Agent {
                 "agent",
                 "--api-addr",
                 "127.0.0.1:0",
+                "--dns-addr",
+                "127.0.0.1:0",
                 "--node-name",
                 "test-node",
                 "--data-dir",
