@@ -16,6 +16,8 @@ pub(crate) fn bin() -> &'static str {
 pub(crate) struct Agent {
     child: Option<Child>,
     pub(crate) api: String,
+    /// DNS address (UDP and TCP).
+    pub(crate) dns: std::net::SocketAddr,
     stderr_path: PathBuf,
     _scratch: Option<tempfile::TempDir>,
 }
@@ -74,9 +76,15 @@ impl Agent {
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
         assert_eq!(ready["ready"], true, "{line}");
         let api = format!("http://{}", ready["api"].as_str().expect("api address"));
+        let dns = ready["dns"]
+            .as_str()
+            .expect("dns address")
+            .parse()
+            .expect("dns addr");
         Agent {
             child: Some(child),
             api,
+            dns,
             stderr_path,
             _scratch: None,
         }
