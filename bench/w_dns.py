@@ -124,7 +124,7 @@ def start_switchyard(work, binary):
     ready = json.loads(proc.stdout.readline())
     req = urllib.request.Request(f"http://{ready['api']}/v1/switchyard/batch", data=batch_json().encode(), method="PUT")
     urllib.request.urlopen(req).read()
-    return proc
+    return proc, ready["api"]
 
 
 def start_nsd(work, zone):
@@ -178,11 +178,44 @@ zone:
                             start_new_session=True)
 
 
+def propagation(api, port, iterations):
+    """Time from an API write's acknowledgment until a DNS answer shows it."""
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(2)
+    query = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    for label in ("prop", "service", "consul"):
+        query += bytes([len(label)]) + label.encode()
+    query += b"\x00" + struct.pack(">HH", 1, 1)
+    body = lambda ip: json.dumps({"nodes": [{"name": "prop-node", "address": "10.250.0.1"}],
+                                  "endpoints": [{"node": "prop-node", "service": "prop", "id": "prop-1",
+                                                 "address": ip, "port": 80}]}).encode()
+    delays = []
+    for i in range(iterations):
+        ip = f"10.251.{i // 250 % 250}.{i % 250 + 1}"
+        want = bytes(int(x) for x in ip.split("."))
+        req = urllib.request.Request(f"http://{api}/v1/switchyard/batch", data=body(ip), method="PUT")
+        urllib.request.urlopen(req).read()
+        acked = time.perf_counter()
+        while True:
+            sock.sendto(query, ("127.0.0.1", port))
+            answer, _ = sock.recvfrom(4096)
+            if want in answer[12:]:
+                break
+        delays.append((time.perf_counter() - acked) * 1e3)
+    delays.sort()
+    pick = lambda q: delays[min(len(delays) - 1, int(q * len(delays)))]
+    return pick(0.5), pick(0.99), delays[-1]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--binary", default="target/release/switchyard")
+    parser.add_argument("--propagation", type=int, default=1000, help="write-to-DNS samples (0 = skip)")
     args = parser.parse_args()
     for tool in ("nsd", "knotd", "dnsperf", "dig"):
         if not shutil.which(tool):
@@ -194,7 +227,8 @@ def main():
     qfile = os.path.join(work, "queries.txt")
     with open(qfile, "w") as f:
         f.write(queries_text())
-    procs = {"switchyard": start_switchyard(work, args.binary), "nsd": start_nsd(work, zone), "knot": start_knot(work, zone)}
+    switchyard, api = start_switchyard(work, args.binary)
+    procs = {"switchyard": switchyard, "nsd": start_nsd(work, zone), "knot": start_knot(work, zone)}
     try:
         for name, port in PORTS.items():
             print(f"# {name} answers svc-1 A: {wait_dns(port).split()}", file=sys.stderr)
@@ -222,6 +256,10 @@ def main():
                   f"{sum(x['lost'] for x in r)} | {med([x['cpu_us'] for x in r]):.2f} | "
                   f"{ratio('nsd', 'qps'):.2f}× | {ratio('knot', 'qps'):.2f}× | {ratio('nsd', 'cpu_us'):.2f}× | {ratio('knot', 'cpu_us'):.2f}× |")
         print(f"\n{args.rounds} rounds of {args.seconds} s, alternating order; nproc={os.cpu_count()}; TTL 0 on every server.")
+        if args.propagation:
+            p50, p99, worst = propagation(api, PORTS["switchyard"], args.propagation)
+            print(f"\nWrite acknowledged -> visible in a DNS answer ({args.propagation} samples, client-measured, "
+                  f"includes one UDP round trip): p50 {p50:.3f} ms, p99 {p99:.3f} ms, max {worst:.3f} ms")
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
