@@ -54,44 +54,96 @@ pub(crate) fn spawn_udp(
     Ok((bound, handles))
 }
 
+/// Datagrams taken per `recvmmsg` call.
+const BATCH: usize = 32;
+/// Largest query accepted over UDP (EDNS clients send small queries).
+const MAX_QUERY: usize = 4096;
+
+/// One worker: `recvmmsg` waits for the first datagram and takes whatever else
+/// is queued (up to `BATCH`), the engine answers each, and `sendmmsg` sends
+/// all answers in one call. Under load this turns two syscalls and a wake-up
+/// per query into two syscalls per batch.
 fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
-    let mut packet = [0u8; 4096];
-    let mut out = Vec::with_capacity(4096);
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+
+    use nix::errno::Errno;
+    use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+
+    let fd = socket.as_raw_fd();
+    let mut packets = vec![[0u8; MAX_QUERY]; BATCH];
+    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
+    let mut lens = [0usize; BATCH];
+    let mut peers: [Option<SockaddrStorage>; BATCH] = [None; BATCH];
+    let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut scratch = Scratch::new();
     while !stop.load(Ordering::Relaxed) {
-        let (len, peer) = match socket.recv_from(&mut packet) {
-            Ok(got) => got,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "dns udp receive failed");
-                continue;
-            }
-        };
-        let started = Instant::now();
-        match engine.answer(&packet[..len], Transport::Udp, &mut out, &mut scratch) {
-            Some(outcome) => {
-                engine
-                    .metrics
-                    .count(outcome.qtype, outcome.rcode, outcome.truncated);
-                if let Err(e) = socket.send_to(&out, peer) {
-                    tracing::debug!(error = %e, %peer, "dns udp send failed");
+        let mut count = 0;
+        {
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+                packets.iter_mut().map(|p| [IoSliceMut::new(p)]).collect();
+            match recvmmsg(
+                fd,
+                &mut recv_headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(received) => {
+                    for (i, message) in received.enumerate() {
+                        lens[i] = message.bytes;
+                        peers[i] = message.address;
+                        count = i + 1;
+                    }
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dns udp receive failed");
+                    continue;
                 }
             }
-            None => engine.metrics.dropped.inc(),
         }
-        engine
-            .metrics
-            .duration
-            .observe(started.elapsed().as_secs_f64());
+        let mut replies = 0;
+        for i in 0..count {
+            let started = Instant::now();
+            let len = lens[i].min(MAX_QUERY);
+            let answered = engine.answer(
+                &packets[i][..len],
+                Transport::Udp,
+                &mut outs[replies],
+                &mut scratch,
+            );
+            match answered {
+                Some(outcome) if peers[i].is_some() => {
+                    engine
+                        .metrics
+                        .count(outcome.qtype, outcome.rcode, outcome.truncated);
+                    peers.swap(replies, i);
+                    replies += 1;
+                }
+                _ => engine.metrics.dropped.inc(),
+            }
+            engine
+                .metrics
+                .duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if replies == 0 {
+            continue;
+        }
+        let slices: Vec<[IoSlice<'_>; 1]> =
+            outs[..replies].iter().map(|o| [IoSlice::new(o)]).collect();
+        if let Err(e) = sendmmsg(
+            fd,
+            &mut send_headers,
+            &slices,
+            &peers[..replies],
+            [],
+            MsgFlags::empty(),
+        ) {
+            tracing::debug!(error = %e, "dns udp send failed");
+        }
     }
 }
 
