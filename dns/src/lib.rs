@@ -8,6 +8,9 @@
 
 mod answer;
 mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod metrics;
 mod prebuilt;
 mod server;

@@ -1,0 +1,127 @@
+//! Entry point for the cargo-fuzz target in `fuzz/` (feature `fuzzing`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use switchyard_registry::{
+    node_uuid, Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics,
+    ViewDecorator, Weights,
+};
+
+use crate::answer::{Engine, Scratch, Transport};
+use crate::{Config, DnsDecorator, DnsMetrics};
+
+struct Fixture {
+    engine: Engine,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => panic!("fuzz fixture runtime: {e}"),
+        };
+        let config = Arc::new(Config::default());
+        let decorators: Vec<Arc<dyn ViewDecorator>> =
+            vec![Arc::new(DnsDecorator::new(config.clone(), "dc1"))];
+        let registry = runtime.block_on(async {
+            let metrics = Arc::new(RegistryMetrics::unregistered());
+            let (registry, _writer) =
+                match Registry::start_with(MemoryStore::default(), metrics, decorators) {
+                    Ok(r) => r,
+                    Err(e) => panic!("fuzz fixture registry: {e}"),
+                };
+            let node = |i: usize| Node {
+                name: format!("n{i}").into(),
+                id: node_uuid(&format!("n{i}")),
+                address: format!("10.0.0.{i}"),
+                tagged_addresses: BTreeMap::new(),
+                meta: BTreeMap::from([("k".to_string(), "v".to_string())]),
+                drain: None,
+                create_index: 0,
+                modify_index: 0,
+            };
+            let endpoint = |i: usize, address: &str| Endpoint {
+                id: format!("e{i}").into(),
+                service: "web".into(),
+                node: format!("n{}", i % 3).into(),
+                address: address.to_string(),
+                port: 80,
+                tags: vec!["v1".to_string()],
+                meta: BTreeMap::new(),
+                tagged_addresses: BTreeMap::new(),
+                weights: Weights::default(),
+                enable_tag_override: false,
+                kind: String::new(),
+                create_index: 0,
+                modify_index: 0,
+            };
+            let batch = Batch {
+                nodes: (0..3).map(node).collect(),
+                endpoints: vec![
+                    (endpoint(0, ""), Vec::new()),
+                    (endpoint(1, "fd00::1"), Vec::new()),
+                    (endpoint(2, "host.example"), Vec::new()),
+                ],
+                ..Batch::default()
+            };
+            if let Err(e) = registry.apply(Command::Batch(batch)).await {
+                panic!("fuzz fixture batch: {e}");
+            }
+            registry
+        });
+        let metrics = match DnsMetrics::new(&prometheus::Registry::new()) {
+            Ok(m) => Arc::new(m),
+            Err(e) => panic!("fuzz fixture metrics: {e}"),
+        };
+        let engine = Engine::new(config, "dc1", 0, registry.snapshot_cell(), metrics);
+        Fixture {
+            engine,
+            _runtime: runtime,
+        }
+    })
+}
+
+/// Answers `data` as a UDP and as a TCP query and checks the answers' framing.
+pub fn answer_packet(data: &[u8]) {
+    let fixture = fixture();
+    let mut out = Vec::new();
+    let mut scratch = Scratch::new();
+    for transport in [Transport::Udp, Transport::Tcp] {
+        if fixture
+            .engine
+            .answer(data, transport, &mut out, &mut scratch)
+            .is_some()
+        {
+            assert!(out.len() >= 12, "an answer always has a header");
+            assert_eq!(out[..2], data[..2], "the id is echoed");
+            assert!(out[2] & 0x80 != 0, "QR is set");
+            if transport == Transport::Udp && out.len() > 512 {
+                assert!(data.len() > 12, "only EDNS queries get more than 512 bytes");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_fuzz_entry_point_survives_a_corpus() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let seed = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x07service\x06consul\x00\x00\x21\x00\x01";
+        for _ in 0..5000 {
+            let mut p = seed.to_vec();
+            for _ in 0..rng.usize(0..5) {
+                let i = rng.usize(..p.len());
+                p[i] = rng.u8(..);
+            }
+            p.truncate(rng.usize(0..=p.len()));
+            super::answer_packet(&p);
+        }
+    }
+}
