@@ -310,7 +310,7 @@ impl Engine {
         s: &mut Scratch,
         apex: usize,
     ) -> (u8, bool) {
-        let Some(view) = snap.service(name) else {
+        let Some(view) = snap.service_ci(name) else {
             return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
         };
         let Some(dns) = view.extra::<DnsService>(self.slot) else {

@@ -338,6 +338,10 @@ impl Catalog {
             decorators,
         };
         for service in names {
+            if service.bytes().any(|b| b.is_ascii_uppercase()) {
+                let lower: Name = service.to_ascii_lowercase().into();
+                catalog.snap.aliases.insert(lower, service.clone());
+            }
             catalog.dirty.add(DirtyKey::Service(service));
         }
         catalog.rebuild_views();
@@ -538,6 +542,12 @@ impl Catalog {
     }
 
     fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
+        if service.bytes().any(|b| b.is_ascii_uppercase())
+            && !self.snap.services.contains_key(service)
+        {
+            let lower: Name = service.to_ascii_lowercase().into();
+            self.snap.aliases.insert(lower, service.clone());
+        }
         let slot = self
             .snap
             .services

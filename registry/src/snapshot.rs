@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub(crate) services: PMap<Name, Arc<ServiceSlot>>,
     /// Services with at least one instance.
     pub(crate) service_count: usize,
+    /// Lowercase alias -> name, only for service names with uppercase letters,
+    /// so that case-insensitive lookups (DNS) find them.
+    pub(crate) aliases: PMap<Name, Name>,
     pub(crate) tables: TableIndexes,
     pub(crate) counts: StateCounts,
 }
@@ -339,6 +342,13 @@ impl Snapshot {
 
     pub fn service(&self, name: &str) -> Option<&Arc<ServiceView>> {
         self.services.get(name)?.view.as_ref()
+    }
+
+    /// Looks a service up by a lowercase name (DNS): the exact name first, then
+    /// a service whose name differs only in case.
+    pub fn service_ci(&self, lower: &str) -> Option<&Arc<ServiceView>> {
+        self.service(lower)
+            .or_else(|| self.aliases.get(lower).and_then(|name| self.service(name)))
     }
 
     /// Every service with at least one instance, in no particular order.

@@ -127,6 +127,7 @@ fn register_web(c: &Client) {
             {"node": "n3", "service": "web", "id": "w4", "port": 8004,
              "checks": [{"ttl": "1h"}]},
             {"node": "n1", "service": "db", "id": "db1", "port": 5432, "address": "fd00::1"},
+            {"node": "n2", "service": "Payments", "id": "pay1", "port": 7000},
         ],
     });
     c.put_ok("/v1/switchyard/batch", &body.to_string());

@@ -557,6 +557,8 @@ async fn embedded_store_recovers_everything_and_the_index() {
         .await;
         register(&r, endpoint("n2", "b", "web", &[]), vec![]).await;
         register(&r, endpoint("n2", "gone", "old", &[]), vec![]).await;
+        register(&r, endpoint("n2", "cap", "Caps", &[]), vec![]).await;
+        assert!(r.snapshot().service_ci("caps").is_some());
         r.apply(Command::DeregisterService {
             node: "n2".into(),
             id: "gone".into(),
@@ -592,6 +594,10 @@ async fn embedded_store_recovers_everything_and_the_index() {
     assert_eq!(b.state, EndpointState::Draining);
     assert_eq!(b.node.drain.as_ref().and_then(|d| d.deadline_ms), Some(42));
     assert!(snap.service("old").is_none());
+    assert!(
+        snap.service_ci("caps").is_some(),
+        "case-insensitive alias rebuilt on load"
+    );
     assert!(
         snap.service_index("old") > 1,
         "tombstone index survives a restart"
