@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::config::ApiConfig;
 use crate::error::RegistryError;
 use crate::snapshot::Snapshot;
+use crate::watch::WatchKey;
 use crate::writer::Registry;
 
 /// Facts about the agent the API reports (`/v1/agent/self`, status).
@@ -307,19 +308,21 @@ impl Drop for BlockingGuard<'_> {
 
 /// Waits until `index_of(snapshot)` exceeds `opts.index` or the wait ends,
 /// and returns the snapshot to answer from with that resource's index.
+/// With a `key`, only publishes that touched that service or node wake it;
+/// without, every publish does (table-wide reads).
 async fn block(
     state: &ApiState,
     opts: &QueryOpts,
+    key: Option<WatchKey<'_>>,
     index_of: impl Fn(&Snapshot) -> u64,
 ) -> Result<(Arc<Snapshot>, u64), ApiError> {
-    let mut changes = state.registry.subscribe();
-    changes.borrow_and_update();
     let snapshot = state.registry.snapshot();
     let index = index_of(&snapshot).max(1);
     if opts.index == 0 || index > opts.index {
         return Ok((snapshot, index));
     }
-    let gauge = &state.registry.metrics().blocking_queries;
+    let metrics = state.registry.metrics();
+    let gauge = &metrics.blocking_queries;
     if gauge.get() as usize >= state.config.max_blocking_queries {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -343,21 +346,37 @@ async fn block(
     });
     let deadline = Instant::now() + wait + jitter;
     let mut shutdown = state.shutdown.clone();
+    let mut changes = state.registry.subscribe();
+    let notify = key.map(|key| state.registry.watch_key(key));
     loop {
-        tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-            () = tokio::time::sleep_until(deadline) => break,
-            _ = shutdown.wait_for(|down| *down) => break,
+        // Arm the wake-up first, then look: a publish in between is not missed.
+        changes.borrow_and_update();
+        let keyed = notify.as_ref().map(|n| n.notified());
+        let mut keyed = std::pin::pin!(keyed);
+        if let Some(notified) = keyed.as_mut().as_pin_mut() {
+            notified.enable();
         }
         let snapshot = state.registry.snapshot();
         let index = index_of(&snapshot).max(1);
         if index > opts.index {
             return Ok((snapshot, index));
         }
+        let woke = tokio::select! {
+            () = async {
+                match keyed.as_mut().as_pin_mut() {
+                    Some(notified) => notified.await,
+                    None => {
+                        let _ = changes.changed().await;
+                    }
+                }
+            } => true,
+            () = tokio::time::sleep_until(deadline) => false,
+            _ = shutdown.wait_for(|down| *down) => false,
+        };
+        if !woke {
+            break;
+        }
+        metrics.blocking_wakeups.inc();
     }
     let snapshot = state.registry.snapshot();
     let index = index_of(&snapshot).max(1);

@@ -15,6 +15,7 @@ mod metrics;
 mod model;
 mod snapshot;
 mod store;
+mod watch;
 mod writer;
 
 pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
@@ -31,4 +32,5 @@ pub use snapshot::{
     TableIndexes, ViewDecorator,
 };
 pub use store::{EmbeddedStore, Keyed, Loaded, MemoryStore, Store, StoreBatch, CATALOG_FILE};
+pub use watch::WatchKey;
 pub use writer::Registry;

@@ -2,8 +2,8 @@
 //! `prometheus::Registry` (no global default registry anywhere in Switchyard).
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::snapshot::{EndpointState, Snapshot};
@@ -21,6 +21,7 @@ pub struct RegistryMetrics {
     pub commit_records: Histogram,
     pub publish_seconds: Histogram,
     pub blocking_queries: IntGauge,
+    pub blocking_wakeups: IntCounter,
     pub api_requests: IntCounterVec,
 }
 
@@ -88,6 +89,10 @@ impl RegistryMetrics {
                 "switchyard_api_blocking_queries",
                 "Blocking queries currently waiting",
             )?,
+            blocking_wakeups: IntCounter::new(
+                "switchyard_api_blocking_wakeups_total",
+                "Times a waiting blocking query was woken to re-check its index",
+            )?,
             api_requests: IntCounterVec::new(
                 Opts::new(
                     "switchyard_api_requests_total",
@@ -108,6 +113,7 @@ impl RegistryMetrics {
         registry.register(Box::new(m.commit_records.clone()))?;
         registry.register(Box::new(m.publish_seconds.clone()))?;
         registry.register(Box::new(m.blocking_queries.clone()))?;
+        registry.register(Box::new(m.blocking_wakeups.clone()))?;
         registry.register(Box::new(m.api_requests.clone()))?;
         Ok(m)
     }

@@ -20,6 +20,7 @@ use crate::metrics::RegistryMetrics;
 use crate::model::{Name, Status};
 use crate::snapshot::{Snapshot, ViewDecorator};
 use crate::store::Store;
+use crate::watch::{WatchKey, Watchers};
 
 /// Most commands folded into one store commit.
 const MAX_GROUP: usize = 4096;
@@ -50,6 +51,7 @@ struct Inner {
     index: watch::Receiver<u64>,
     metrics: Arc<RegistryMetrics>,
     store_kind: &'static str,
+    watchers: Arc<Watchers>,
 }
 
 impl Registry {
@@ -78,6 +80,7 @@ impl Registry {
         let (index_tx, index_rx) = watch::channel(index);
         let (tx, rx) = mpsc::channel(QUEUE);
         let store_kind = store.kind();
+        let watchers = Arc::new(Watchers::default());
         let mut writer = Writer {
             store,
             catalog,
@@ -86,6 +89,7 @@ impl Registry {
             index_tx,
             metrics: metrics.clone(),
             timers: Timers::default(),
+            watchers: watchers.clone(),
         };
         writer.arm_loaded_timers();
         let handle = tokio::spawn(writer.run());
@@ -96,6 +100,7 @@ impl Registry {
                 index: index_rx,
                 metrics,
                 store_kind,
+                watchers,
             }),
         };
         Ok((registry, handle))
@@ -133,6 +138,13 @@ impl Registry {
         self.inner.index.clone()
     }
 
+    /// A `Notify` woken after every publish that touched this service or node
+    /// (and by no other). Enable a `notified()` future before reading the
+    /// snapshot, then await it, so that no publish is missed in between.
+    pub fn watch_key(&self, key: WatchKey<'_>) -> Arc<tokio::sync::Notify> {
+        self.inner.watchers.get(key)
+    }
+
     pub fn metrics(&self) -> &Arc<RegistryMetrics> {
         &self.inner.metrics
     }
@@ -158,6 +170,7 @@ struct Writer<S> {
     index_tx: watch::Sender<u64>,
     metrics: Arc<RegistryMetrics>,
     timers: Timers,
+    watchers: Arc<Watchers>,
 }
 
 struct Pending {
@@ -276,12 +289,16 @@ impl<S: Store> Writer<S> {
             } else {
                 let dirty_checks: Vec<(Name, Name)> =
                     self.catalog.dirty.checks.iter().cloned().collect();
+                let dirty = &self.catalog.dirty;
+                let touched_services: Vec<Name> = dirty.services.iter().cloned().collect();
+                let touched_nodes: Vec<Name> = dirty.entries.union(&dirty.nodes).cloned().collect();
                 let started = Instant::now();
                 let snapshot = self.catalog.publish();
                 self.metrics.observe_snapshot(&snapshot);
                 let index = snapshot.index;
                 self.snapshot.store(Arc::new(snapshot));
                 self.index_tx.send_replace(index);
+                self.watchers.notify(&touched_services, &touched_nodes);
                 self.metrics
                     .publish_seconds
                     .observe(started.elapsed().as_secs_f64());

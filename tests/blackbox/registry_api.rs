@@ -336,6 +336,8 @@ fn blocking_query_wakes_only_for_its_own_service() {
             &format!(r#"{{"Name":"b","ID":"b1","Port":{port}}}"#),
         );
     }
+    // Not even woken server-side: waiters park on their own service's key.
+    assert_eq!(c.metric("switchyard_api_blocking_wakeups_total"), Some(0.0));
     let (returned, elapsed) = watcher.join().expect("watcher");
     assert_eq!(returned, index, "changes to b must not move a's index");
     assert!(
@@ -361,6 +363,7 @@ fn blocking_query_wakes_only_for_its_own_service() {
     );
     let (returned, woke_at, body) = watcher.join().expect("watcher");
     assert!(returned > index);
+    assert_eq!(c.metric("switchyard_api_blocking_wakeups_total"), Some(1.0));
     assert_eq!(ids(&body, "/Service/ID"), ["a1", "a2"]);
     let delay = woke_at.duration_since(changed_at);
     // Bounded far below the 60 s wait: proves the change woke it. (The latency

@@ -18,6 +18,7 @@ use super::{block, json, parse_bool, write_ok, ApiError, ApiResult, ApiState, Pa
 use crate::catalog::Command;
 use crate::model::{Name, Status};
 use crate::snapshot::{Instance, Snapshot};
+use crate::watch::WatchKey;
 
 type St = State<Arc<ApiState>>;
 
@@ -115,7 +116,7 @@ pub(super) async fn agent_service(
                     wait: opts.wait,
                     ..QueryOpts::default()
                 };
-                block(&state, &opts, |s| {
+                block(&state, &opts, Some(WatchKey::Node(&node_name)), |s| {
                     if hash_of(s).is_some_and(|(h, _)| h == hash) {
                         index
                     } else {
@@ -465,7 +466,10 @@ pub(super) async fn catalog_datacenters(State(state): St) -> ApiResult {
 
 pub(super) async fn catalog_services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = block(&state, &opts, |s| s.tables().services.max(s.tables().nodes)).await?;
+    let (snap, index) = block(&state, &opts, None, |s| {
+        s.tables().services.max(s.tables().nodes)
+    })
+    .await?;
     let mut out: BTreeMap<&str, &[String]> = BTreeMap::new();
     for view in snap.services() {
         let keep = opts.node_meta.is_empty()
@@ -490,7 +494,10 @@ pub(super) async fn catalog_service(
     Query(q): Query<Pairs>,
 ) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = block(&state, &opts, |s| s.service_index(&name)).await?;
+    let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
+        s.service_index(&name)
+    })
+    .await?;
     let dc = state.agent.datacenter.as_str();
     let out: Vec<CatalogServiceOut<'_>> = snap
         .service(&name)
@@ -507,7 +514,7 @@ pub(super) async fn catalog_service(
 
 pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = block(&state, &opts, |s| s.tables().nodes).await?;
+    let (snap, index) = block(&state, &opts, None, |s| s.tables().nodes).await?;
     let dc = state.agent.datacenter.as_str();
     let out: Vec<NodeOut<'_>> = snap
         .nodes_sorted()
@@ -524,7 +531,10 @@ pub(super) async fn catalog_node(
     Query(q): Query<Pairs>,
 ) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = block(&state, &opts, |s| s.node(&name).map_or(1, |n| n.index)).await?;
+    let (snap, index) = block(&state, &opts, Some(WatchKey::Node(&name)), |s| {
+        s.node(&name).map_or(1, |n| n.index)
+    })
+    .await?;
     let dc = state.agent.datacenter.as_str();
     let Some(entry) = snap.node(&name) else {
         return json(&serde_json::Value::Null, index, &opts);
@@ -546,7 +556,10 @@ pub(super) async fn health_service(
     Query(q): Query<Pairs>,
 ) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = block(&state, &opts, |s| s.service_index(&name)).await?;
+    let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
+        s.service_index(&name)
+    })
+    .await?;
     let dc = state.agent.datacenter.as_str();
     let mut out = Vec::new();
     if let Some(view) = snap.service(&name) {
@@ -583,7 +596,10 @@ pub(super) async fn health_checks(
     Query(q): Query<Pairs>,
 ) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = block(&state, &opts, |s| s.service_index(&name)).await?;
+    let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
+        s.service_index(&name)
+    })
+    .await?;
     let mut out = Vec::new();
     if let Some(view) = snap.service(&name) {
         for instance in &view.instances {
@@ -608,7 +624,10 @@ pub(super) async fn health_state(
         "any" => None,
         other => Some(Status::parse(other).ok_or_else(|| ApiError::bad_request("Invalid state"))?),
     };
-    let (snap, index) = block(&state, &opts, |s| s.tables().checks.max(s.tables().nodes)).await?;
+    let (snap, index) = block(&state, &opts, None, |s| {
+        s.tables().checks.max(s.tables().nodes)
+    })
+    .await?;
     let mut out = Vec::new();
     for entry in snap.nodes_sorted() {
         if !opts.node_meta_matches(&entry.node.meta) {
@@ -632,7 +651,10 @@ pub(super) async fn health_node(
     Query(q): Query<Pairs>,
 ) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = block(&state, &opts, |s| s.node(&name).map_or(1, |n| n.index)).await?;
+    let (snap, index) = block(&state, &opts, Some(WatchKey::Node(&name)), |s| {
+        s.node(&name).map_or(1, |n| n.index)
+    })
+    .await?;
     let mut out = Vec::new();
     if let Some(entry) = snap.node(&name) {
         out.push(CheckOut::serf_health(&entry.node));

@@ -16,6 +16,7 @@ use super::{json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
 use crate::catalog::{Batch, Command};
 use crate::model::unix_ms;
 use crate::snapshot::{EndpointState, Instance, NodeEntry, Snapshot, StateCounts};
+use crate::watch::WatchKey;
 
 type St = State<Arc<ApiState>>;
 
@@ -99,7 +100,7 @@ struct ServiceSummary<'a> {
 
 pub(super) async fn services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = super::block(&state, &opts, |s| {
+    let (snap, index) = super::block(&state, &opts, None, |s| {
         s.tables().services.max(s.tables().checks)
     })
     .await?;
@@ -158,7 +159,10 @@ pub(super) async fn service(
     Query(q): Query<Pairs>,
 ) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = super::block(&state, &opts, |s| s.service_index(&name)).await?;
+    let (snap, index) = super::block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
+        s.service_index(&name)
+    })
+    .await?;
     let Some(view) = snap.service(&name) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -194,7 +198,7 @@ fn node_json(entry: &NodeEntry) -> serde_json::Value {
 
 pub(super) async fn nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
-    let (snap, index) = super::block(&state, &opts, |s| s.tables().nodes).await?;
+    let (snap, index) = super::block(&state, &opts, None, |s| s.tables().nodes).await?;
     let out: Vec<_> = snap
         .nodes_sorted()
         .into_iter()
