@@ -86,6 +86,8 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .context("cannot register the agent's own node")?;
 
+    let checker = switchyard_registry::spawn_checker(registry.clone());
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(ApiState {
         registry: registry.clone(),
@@ -145,6 +147,7 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "API server task failed"),
     }
+    checker.abort();
     registry.shutdown().await;
     let _ = writer.await;
     tracing::info!("stopped");

@@ -11,6 +11,7 @@ mod catalog;
 mod config;
 mod duration;
 mod error;
+mod health;
 mod metrics;
 mod model;
 mod snapshot;
@@ -22,6 +23,7 @@ pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
 pub use config::{ApiConfig, StoreConfig, StoreKind};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use error::{RegistryError, StoreError};
+pub use health::spawn_checker;
 pub use metrics::RegistryMetrics;
 pub use model::{
     node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,

@@ -52,7 +52,11 @@ struct Inner {
     metrics: Arc<RegistryMetrics>,
     store_kind: &'static str,
     watchers: Arc<Watchers>,
+    check_events: CheckEvents,
 }
+
+/// Where the writer reports changed checks, when a health checker listens.
+type CheckEvents = Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Vec<(Name, Name)>>>>>;
 
 impl Registry {
     /// Loads the catalog from `store`, publishes the first snapshot and starts
@@ -81,6 +85,7 @@ impl Registry {
         let (tx, rx) = mpsc::channel(QUEUE);
         let store_kind = store.kind();
         let watchers = Arc::new(Watchers::default());
+        let check_events = CheckEvents::default();
         let mut writer = Writer {
             store,
             catalog,
@@ -90,6 +95,7 @@ impl Registry {
             metrics: metrics.clone(),
             timers: Timers::default(),
             watchers: watchers.clone(),
+            check_events: check_events.clone(),
         };
         writer.arm_loaded_timers();
         let handle = tokio::spawn(writer.run());
@@ -101,6 +107,7 @@ impl Registry {
                 metrics,
                 store_kind,
                 watchers,
+                check_events,
             }),
         };
         Ok((registry, handle))
@@ -138,6 +145,19 @@ impl Registry {
         self.inner.index.clone()
     }
 
+    /// The keys of checks changed by each publish, from now on, for one
+    /// listener (the health checker). A new call replaces the previous listener;
+    /// when the receiver is dropped the writer stops sending.
+    pub fn check_changes(&self) -> mpsc::UnboundedReceiver<Vec<(Name, Name)>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self
+            .inner
+            .check_events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
     /// A `Notify` woken after every publish that touched this service or node
     /// (and by no other). Enable a `notified()` future before reading the
     /// snapshot, then await it, so that no publish is missed in between.
@@ -171,6 +191,7 @@ struct Writer<S> {
     metrics: Arc<RegistryMetrics>,
     timers: Timers,
     watchers: Arc<Watchers>,
+    check_events: CheckEvents,
 }
 
 struct Pending {
@@ -303,8 +324,20 @@ impl<S: Store> Writer<S> {
                     .publish_seconds
                     .observe(started.elapsed().as_secs_f64());
                 let now = Instant::now();
-                for key in dirty_checks {
-                    self.timers.check_changed(key, now, &self.catalog);
+                for key in &dirty_checks {
+                    self.timers.check_changed(key.clone(), now, &self.catalog);
+                }
+                if !dirty_checks.is_empty() {
+                    let mut slot = self
+                        .check_events
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if slot
+                        .as_ref()
+                        .is_some_and(|tx| tx.send(dirty_checks).is_err())
+                    {
+                        *slot = None;
+                    }
                 }
             }
         }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod dns;
+mod health;
 mod registry_api;
 mod restart;
 mod support;

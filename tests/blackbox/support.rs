@@ -272,3 +272,51 @@ pub(crate) fn eventually<T>(
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A real HTTP backend for health checks: answers every request with the
+/// status in `status` and counts what it served.
+pub(crate) struct Backend {
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    /// Requests answered with a status other than 2xx.
+    pub(crate) failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Backend {
+    pub(crate) fn start() -> Backend {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        let addr = listener.local_addr().expect("addr");
+        let status = Arc::new(AtomicU16::new(200));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let (s, f) = (status.clone(), failures.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let code = s.load(Ordering::SeqCst);
+                if !(200..300).contains(&code) {
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+                let reply = format!(
+                    "HTTP/1.1 {code} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                );
+                let _ = stream.write_all(reply.as_bytes());
+            }
+        });
+        Backend {
+            addr,
+            status,
+            failures,
+        }
+    }
+}

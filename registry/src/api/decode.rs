@@ -302,11 +302,13 @@ impl CheckIn {
             ),
         };
         let output = self.output.unwrap_or_default();
-        let output = if kind.is_empty() || kind == "ttl" || ctx.catalog || !output.is_empty() {
-            output
-        } else {
-            format!("{kind} checks are not run by this agent yet; status is as registered")
-        };
+        let run_here = matches!(kind, "http" | "tcp");
+        let output =
+            if kind.is_empty() || kind == "ttl" || run_here || ctx.catalog || !output.is_empty() {
+                output
+            } else {
+                format!("{kind} checks are not run by this agent yet; status is as registered")
+            };
         let check = Check {
             node: ctx.node.clone(),
             id: id.into(),

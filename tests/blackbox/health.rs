@@ -1,0 +1,103 @@
+//! Active health checks against real backends.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{eventually, Agent, Backend, Client};
+
+fn check_status(c: &Client, service: &str, check_id: &str) -> (String, String) {
+    let checks = c.get_ok(&format!("/v1/health/checks/{service}")).json();
+    let check = checks
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|c| c["CheckID"] == check_id)
+        .cloned()
+        .unwrap_or(Value::Null);
+    (
+        check["Status"].as_str().unwrap_or("").to_string(),
+        check["Output"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn http_check_follows_the_backend_with_thresholds() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let backend = Backend::start();
+    let body = format!(
+        r#"{{"Name":"api","Address":"127.0.0.1","Port":{},"Check":{{"CheckID":"api-http","HTTP":"http://{}/health","Interval":"100ms","Timeout":"1s","FailuresBeforeCritical":3}}}}"#,
+        backend.addr.port(),
+        backend.addr
+    );
+    c.put_ok("/v1/agent/service/register", &body);
+    let (_, output) = eventually("the HTTP check to pass", Duration::from_secs(15), || {
+        let (status, output) = check_status(&c, "api", "api-http");
+        (status == "passing").then_some((status, output))
+    });
+    assert!(output.contains("200"), "{output}");
+
+    backend.status.store(500, Ordering::SeqCst);
+    let output = eventually(
+        "the HTTP check to go critical",
+        Duration::from_secs(15),
+        || {
+            let (status, output) = check_status(&c, "api", "api-http");
+            // Read after the status: at least this many failures had been served.
+            let served = backend.failures.load(Ordering::SeqCst);
+            if status == "critical" {
+                assert!(
+                    served >= 3,
+                    "critical after only {served} failed probes (threshold 3)"
+                );
+                return Some(output);
+            }
+            None
+        },
+    );
+    assert!(output.contains("500"), "{output}");
+    let passing = c.get_ok("/v1/health/service/api?passing").json();
+    assert!(
+        passing.as_array().expect("array").is_empty(),
+        "a critical endpoint leaves ?passing"
+    );
+
+    backend.status.store(200, Ordering::SeqCst);
+    eventually("the HTTP check to recover", Duration::from_secs(15), || {
+        (check_status(&c, "api", "api-http").0 == "passing").then_some(())
+    });
+}
+
+#[test]
+fn tcp_checks_on_open_and_closed_ports() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let open = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    for (name, addr) in [("up", open.local_addr().expect("addr")), ("down", closed)] {
+        let body = format!(
+            r#"{{"Name":"{name}","Check":{{"CheckID":"{name}-tcp","TCP":"{addr}","Interval":"100ms","Timeout":"1s","Status":"warning"}}}}"#
+        );
+        c.put_ok("/v1/agent/service/register", &body);
+    }
+    eventually(
+        "the open port's check to pass",
+        Duration::from_secs(15),
+        || (check_status(&c, "up", "up-tcp").0 == "passing").then_some(()),
+    );
+    let (_, output) = eventually(
+        "the closed port's check to fail",
+        Duration::from_secs(15),
+        || {
+            let (status, output) = check_status(&c, "down", "down-tcp");
+            (status == "critical").then_some((status, output))
+        },
+    );
+    assert!(output.contains("dial tcp"), "{output}");
+    drop(open);
+}
