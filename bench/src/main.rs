@@ -2,6 +2,7 @@
 //! shared/WORKLOADS.md and prints a Markdown table for bench/RESULTS.md.
 
 mod churn;
+mod health;
 mod publish;
 
 use clap::{Parser, Subcommand};
@@ -19,11 +20,14 @@ enum Commands {
     Churn(churn::Args),
     /// W-churn (registry): cost of publishing one change as the catalog grows.
     Publish(publish::Args),
+    /// Active HTTP checks at scale: agent CPU per probe.
+    Health(health::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Commands::Churn(args) => churn::run(args),
         Commands::Publish(args) => publish::run(args),
+        Commands::Health(args) => health::run(args),
     }
 }
