@@ -94,6 +94,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/switchyard/batch",
             put(native::batch).post(native::batch),
         )
+        .route(
+            "/v1/switchyard/heartbeat",
+            put(native::heartbeat).post(native::heartbeat),
+        )
         .route("/v1/switchyard/services", get(native::services))
         .route("/v1/switchyard/services/{name}", get(native::service))
         .route("/v1/switchyard/nodes", get(native::nodes))

@@ -78,6 +78,9 @@ pub enum Command {
     },
     /// Many nodes and endpoints at once, in one durable write (the scheduler's path).
     Batch(Batch),
+    /// Renew many TTL checks at once: `(node, check id, status, output)`.
+    /// Checks that are gone or not TTL checks are skipped.
+    Heartbeat(Vec<(Name, Name, Status, Option<String>)>),
     Drain {
         node: Name,
         deadline_ms: Option<u64>,
@@ -113,6 +116,7 @@ impl Command {
             Command::CatalogRegister { .. } => "catalog_register",
             Command::CatalogDeregister { .. } => "catalog_deregister",
             Command::Batch(_) => "batch",
+            Command::Heartbeat(_) => "heartbeat",
             Command::Drain { .. } => "drain",
             Command::Undrain { .. } => "undrain",
             Command::EnsureNode(_) => "ensure_node",
@@ -439,6 +443,15 @@ impl Catalog {
                 }
             }
             Command::Batch(batch) => self.batch(batch, idx)?,
+            Command::Heartbeat(beats) => {
+                let mut changed = false;
+                for (node, id, status, output) in beats {
+                    if self.get_check(&node, &id).is_some_and(|c| c.kind == "ttl") {
+                        changed |= self.update_check(&node, &id, status, output, true, idx)?;
+                    }
+                }
+                changed
+            }
             Command::Drain { node, deadline_ms } => {
                 let entry = self
                     .snap

@@ -394,6 +394,10 @@ fn ttl_keys(command: &Command) -> Vec<(Name, Name)> {
             .map(|c| (c.node.clone(), c.id.clone()))
             .collect(),
         Command::Batch(batch) => batch.endpoints.iter().flat_map(|(_, c)| of(c)).collect(),
+        Command::Heartbeat(beats) => beats
+            .iter()
+            .map(|(node, id, ..)| (node.clone(), id.clone()))
+            .collect(),
         _ => Vec::new(),
     }
 }

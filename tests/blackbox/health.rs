@@ -101,3 +101,52 @@ fn tcp_checks_on_open_and_closed_ports() {
     assert!(output.contains("dial tcp"), "{output}");
     drop(open);
 }
+
+/// A scheduler keeps 1,000 endpoints alive with one call per round; when it
+/// stops, they all expire; unknown and non-TTL checks are reported, not fatal.
+#[test]
+fn batch_heartbeats_keep_many_ttl_checks_alive() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let endpoints: Vec<Value> = (0..1000)
+        .map(|i| {
+            serde_json::json!({"node": "hb", "service": "task", "id": format!("t{i}"), "port": 9000,
+                                     "checks": [{"ttl": "2s"}]})
+        })
+        .collect();
+    let body = serde_json::json!({"nodes": [{"name": "hb", "address": "10.4.0.1"}], "endpoints": endpoints});
+    c.put_ok("/v1/switchyard/batch", &body.to_string());
+    let mut beats: Vec<Value> = (0..1000)
+        .map(|i| serde_json::json!({"node": "hb", "id": format!("service:t{i}")}))
+        .collect();
+    beats.push(serde_json::json!({"node": "hb", "id": "service:ghost"}));
+    let heartbeat = serde_json::json!({ "checks": beats }).to_string();
+    let passing = |c: &Client| {
+        c.get_ok("/v1/switchyard/services/task").json()["by_state"]["passing"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Renew every 300 ms for about 4 s: twice the TTL, so an unrenewed check would expire.
+    let started = std::time::Instant::now();
+    let mut first = true;
+    while started.elapsed() < Duration::from_secs(4) {
+        let answer = c.put_ok("/v1/switchyard/heartbeat", &heartbeat).json();
+        assert_eq!(answer["renewed"], 1000);
+        assert_eq!(answer["unknown"][0]["id"], "service:ghost");
+        if !first {
+            assert_eq!(passing(&c), 1000, "a renewed TTL expired");
+        }
+        first = false;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eventually(
+        "every unrenewed TTL to expire",
+        Duration::from_secs(15),
+        || (passing(&c) == 0).then_some(()),
+    );
+    let bad = c.put(
+        "/v1/switchyard/heartbeat",
+        r#"{"checks":[{"node":"hb","id":"service:t1","status":"great"}]}"#,
+    );
+    assert_eq!(bad.status, 400);
+}

@@ -88,6 +88,60 @@ pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
     Ok(response)
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatIn {
+    checks: Vec<BeatIn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BeatIn {
+    node: String,
+    id: String,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    output: Option<String>,
+}
+
+/// Renews many TTL checks in one write. Unknown and non-TTL checks are
+/// skipped and listed in the answer, so the scheduler can re-register them.
+pub(super) async fn heartbeat(State(state): St, body: Bytes) -> ApiResult {
+    let input: HeartbeatIn = decode_body(&body).map_err(ApiError::bad_request)?;
+    if input.checks.len() > state.config.max_batch_endpoints {
+        return Err(ApiError::bad_request(format!(
+            "heartbeat has {} checks; the limit is {} (api.max_batch_endpoints)",
+            input.checks.len(),
+            state.config.max_batch_endpoints
+        )));
+    }
+    let snap = state.registry.snapshot();
+    let mut beats = Vec::with_capacity(input.checks.len());
+    let (mut unknown, mut not_ttl) = (Vec::new(), Vec::new());
+    for beat in input.checks {
+        let status = match beat.status.as_deref() {
+            None | Some("") => crate::model::Status::Passing,
+            Some(s) => crate::model::Status::parse(s)
+                .ok_or_else(|| ApiError::bad_request(format!("Invalid check status: '{s}'")))?,
+        };
+        match snap
+            .node(&beat.node)
+            .and_then(|n| n.checks.get(beat.id.as_str()))
+        {
+            None => unknown.push(json!({ "node": beat.node, "id": beat.id })),
+            Some(check) if check.kind != "ttl" => {
+                not_ttl.push(json!({ "node": beat.node, "id": beat.id }))
+            }
+            Some(_) => beats.push((beat.node.into(), beat.id.into(), status, beat.output)),
+        }
+    }
+    let renewed = beats.len();
+    let index = state.registry.apply(Command::Heartbeat(beats)).await?;
+    let out = json!({ "index": index, "renewed": renewed, "unknown": unknown, "not_ttl": not_ttl });
+    json(&out, index, &QueryOpts::default())
+}
+
 #[derive(Serialize)]
 struct ServiceSummary<'a> {
     name: &'a str,
