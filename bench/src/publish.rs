@@ -56,6 +56,7 @@ fn endpoint(k: usize, port: u16) -> Endpoint {
         weights: Weights::default(),
         enable_tag_override: false,
         kind: String::new(),
+        incarnation: 0,
         create_index: 0,
         modify_index: 0,
     }

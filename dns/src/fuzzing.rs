@@ -58,6 +58,7 @@ fn fixture() -> &'static Fixture {
                 weights: Weights::default(),
                 enable_tag_override: false,
                 kind: String::new(),
+                incarnation: 0,
                 create_index: 0,
                 modify_index: 0,
             };

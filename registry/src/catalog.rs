@@ -829,7 +829,34 @@ impl Catalog {
     ) -> Result<bool, RegistryError> {
         let node = endpoint.node.clone();
         let id = endpoint.id.clone();
-        let mut changed = self.put_endpoint(endpoint, idx)?;
+        let mut changed = false;
+        if endpoint.incarnation > 0 {
+            // The same task id elsewhere in the service: an older incarnation is
+            // replaced (the task moved), a newer one means this registration is stale.
+            let same_task: Vec<Arc<Endpoint>> = self
+                .snap
+                .services
+                .get(&endpoint.service)
+                .map(|slot| {
+                    slot.members
+                        .iter()
+                        .filter(|(_, member)| *member == id)
+                        .filter_map(|(n, i)| self.snap.nodes.get(n)?.endpoints.get(i).cloned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if same_task
+                .iter()
+                .any(|e| e.incarnation > endpoint.incarnation)
+            {
+                tracing::debug!(id = %id, incarnation = endpoint.incarnation, "stale registration ignored");
+                return Ok(false);
+            }
+            for old in same_task.iter().filter(|e| e.node != node) {
+                changed |= self.del_endpoint(&old.node, &old.id, idx);
+            }
+        }
+        changed |= self.put_endpoint(endpoint, idx)?;
         if replace_existing_checks {
             let keep: HashSet<&str> = checks.iter().map(|c| &*c.check.id).collect();
             let stale: Vec<Name> = self

@@ -128,6 +128,11 @@ pub struct Endpoint {
     pub enable_tag_override: bool,
     #[serde(default)]
     pub kind: String,
+    /// Task incarnation from the scheduler (0 = none). A registration with a
+    /// higher incarnation replaces the same endpoint id on another node; an
+    /// older one is ignored.
+    #[serde(default)]
+    pub incarnation: u64,
     pub create_index: u64,
     pub modify_index: u64,
 }
@@ -145,6 +150,7 @@ impl Endpoint {
             && self.weights == other.weights
             && self.enable_tag_override == other.enable_tag_override
             && self.kind == other.kind
+            && self.incarnation == other.incarnation
     }
 }
 

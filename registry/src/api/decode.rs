@@ -452,6 +452,7 @@ impl ServiceIn {
             weights,
             enable_tag_override: self.enable_tag_override.unwrap_or(false),
             kind: self.kind.take().unwrap_or_default(),
+            incarnation: 0,
             create_index: 0,
             modify_index: 0,
         };
@@ -578,6 +579,9 @@ pub(crate) struct BatchEndpointIn {
     pub(crate) weights: Option<WeightsIn>,
     #[serde(default)]
     pub(crate) checks: Vec<CheckIn>,
+    /// Task incarnation (see `Endpoint::incarnation`).
+    #[serde(default)]
+    pub(crate) incarnation: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -591,6 +595,7 @@ impl BatchEndpointIn {
     pub(crate) fn into_parts(self) -> Result<(Endpoint, Vec<NewCheck>), String> {
         validate_name("node name", &self.node)?;
         let node: Name = self.node.into();
+        let incarnation = self.incarnation;
         let service = ServiceIn {
             id: self.id,
             name: Some(self.service),
@@ -602,7 +607,9 @@ impl BatchEndpointIn {
             checks: Some(self.checks),
             ..ServiceIn::default()
         };
-        service.into_endpoint(&node, false)
+        let (mut endpoint, checks) = service.into_endpoint(&node, false)?;
+        endpoint.incarnation = incarnation;
+        Ok((endpoint, checks))
     }
 }
 

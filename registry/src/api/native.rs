@@ -203,6 +203,7 @@ fn instance_json(i: &Instance) -> serde_json::Value {
         "routable": i.is_routable(),
         "excluded_because": i.excluded_because(),
         "checks": checks,
+        "incarnation": i.endpoint.incarnation,
         "modify_index": i.endpoint.modify_index,
     })
 }

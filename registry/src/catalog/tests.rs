@@ -40,6 +40,7 @@ fn endpoint(node: &str, id: &str, service: &str, tags: &[&str]) -> Endpoint {
         weights: Weights::default(),
         enable_tag_override: false,
         kind: String::new(),
+        incarnation: 0,
         create_index: 0,
         modify_index: 0,
     }
@@ -718,4 +719,39 @@ async fn incremental_publishing_matches_a_full_rebuild() {
             "diverged at step {step}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_rescheduled_task_replaces_its_old_incarnation() {
+    let r = registry(&["n1", "n2"]).await;
+    let task = |node: &str, incarnation: u64| {
+        let mut e = endpoint(node, "job-7", "worker", &[]);
+        e.incarnation = incarnation;
+        Command::Batch(Batch {
+            endpoints: vec![(e, Vec::new())],
+            ..Batch::default()
+        })
+    };
+    r.apply(task("n1", 1)).await.expect("first");
+    r.apply(task("n2", 2)).await.expect("moved");
+    let snap = r.snapshot();
+    let view = snap.service("worker").expect("worker");
+    let nodes: Vec<&str> = view.instances.iter().map(|i| &*i.endpoint.node).collect();
+    assert_eq!(nodes, ["n2"], "the task moved instead of duplicating");
+    // A late registration of the old incarnation changes nothing.
+    let before = r.snapshot().index();
+    r.apply(task("n1", 1)).await.expect("stale is not an error");
+    assert_eq!(r.snapshot().index(), before);
+    assert!(r.snapshot().instance("n1", "job-7").is_none());
+    // Endpoints without incarnations keep Consul's per-node identity.
+    register(&r, endpoint("n1", "plain", "worker", &[]), vec![]).await;
+    register(&r, endpoint("n2", "plain", "worker", &[]), vec![]).await;
+    assert_eq!(
+        r.snapshot()
+            .service("worker")
+            .expect("worker")
+            .instances
+            .len(),
+        3
+    );
 }
