@@ -131,6 +131,8 @@ impl Command {
 pub struct Batch {
     pub nodes: Vec<Node>,
     pub endpoints: Vec<(Endpoint, Vec<NewCheck>)>,
+    /// Node-level checks (a node's lease: `serfHealth` with a TTL).
+    pub node_checks: Vec<NewCheck>,
     pub deregister_endpoints: Vec<(Name, Name)>,
     pub deregister_nodes: Vec<Name>,
 }
@@ -1012,6 +1014,13 @@ impl Catalog {
         let mut changed = false;
         for node in batch.nodes {
             changed |= self.put_node(node, idx);
+        }
+        for NewCheck {
+            check,
+            status_given,
+        } in batch.node_checks
+        {
+            changed |= self.put_check(check, !status_given, idx)?;
         }
         for (endpoint, checks) in batch.endpoints {
             changed |= self.register_service(endpoint, checks, false, idx)?;

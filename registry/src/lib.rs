@@ -27,7 +27,7 @@ pub use health::spawn_checker;
 pub use metrics::RegistryMetrics;
 pub use model::{
     node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,
-    Weights, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
+    Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
 };
 pub use snapshot::{
     EndpointState, Extra, Extras, Instance, NodeEntry, ServiceView, Snapshot, StateCounts,

@@ -219,6 +219,9 @@ pub struct Check {
     pub modify_index: u64,
 }
 
+/// Check id of a node's liveness (Consul's gossip check). Registered for real
+/// when a node is given a TTL lease; otherwise shown as a passing synthetic check.
+pub const NODE_HEALTH_CHECK: &str = "serfHealth";
 /// Check id Consul uses for node maintenance.
 pub const NODE_MAINTENANCE_CHECK: &str = "_node_maintenance";
 /// Prefix of the check id Consul uses for service maintenance.

@@ -393,7 +393,12 @@ fn ttl_keys(command: &Command) -> Vec<(Name, Name)> {
             .iter()
             .map(|c| (c.node.clone(), c.id.clone()))
             .collect(),
-        Command::Batch(batch) => batch.endpoints.iter().flat_map(|(_, c)| of(c)).collect(),
+        Command::Batch(batch) => batch
+            .endpoints
+            .iter()
+            .flat_map(|(_, c)| of(c))
+            .chain(of(&batch.node_checks))
+            .collect(),
         Command::Heartbeat(beats) => beats
             .iter()
             .map(|(node, id, ..)| (node.clone(), id.clone()))

@@ -150,3 +150,57 @@ fn batch_heartbeats_keep_many_ttl_checks_alive() {
     );
     assert_eq!(bad.status, 400);
 }
+
+/// A node lease: while `serfHealth` is renewed its endpoints serve; when the
+/// renewals stop, every endpoint on the node goes critical and leaves DNS.
+#[test]
+fn a_node_whose_lease_lapses_takes_its_endpoints_out() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let body = serde_json::json!({
+        "nodes": [{"name": "leased", "address": "10.6.0.1", "ttl": "1s"}, {"name": "plain", "address": "10.6.0.2"}],
+        "endpoints": [
+            {"node": "leased", "service": "svc", "id": "a", "port": 1},
+            {"node": "leased", "service": "svc", "id": "b", "port": 2},
+            {"node": "plain", "service": "svc", "id": "c", "port": 3},
+        ],
+    });
+    c.put_ok("/v1/switchyard/batch", &body.to_string());
+    let renew = r#"{"checks":[{"node":"leased","id":"serfHealth"}]}"#;
+    assert_eq!(
+        c.put_ok("/v1/switchyard/heartbeat", renew).json()["renewed"],
+        1
+    );
+    let entries = c.get_ok("/v1/health/service/svc?passing").json();
+    assert_eq!(entries.as_array().expect("array").len(), 3);
+    let serf: Vec<&Value> = entries[0]["Checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["CheckID"] == "serfHealth")
+        .collect();
+    assert_eq!(
+        serf.len(),
+        1,
+        "the real lease check replaces the synthetic one"
+    );
+    // No more renewals: the lease lapses.
+    let passing = eventually("the lease to lapse", Duration::from_secs(15), || {
+        let entries = c.get_ok("/v1/health/service/svc?passing").json();
+        let ids: Vec<String> = entries
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|e| e["Service"]["ID"].as_str().unwrap_or("").to_string())
+            .collect();
+        (ids.len() == 1).then_some(ids)
+    });
+    assert_eq!(
+        passing,
+        ["c"],
+        "only the endpoint on the unleased node is left"
+    );
+    let node_checks = c.get_ok("/v1/health/node/leased").json();
+    assert_eq!(node_checks[0]["CheckID"], "serfHealth");
+    assert_eq!(node_checks[0]["Status"], "critical");
+}

@@ -16,7 +16,7 @@ use super::decode::{
 use super::render::{CatalogServiceOut, CheckOut, NodeOut, ServiceEntryOut, ServiceOut};
 use super::{block, json, parse_bool, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
 use crate::catalog::Command;
-use crate::model::{Name, Status};
+use crate::model::{Name, Status, NODE_HEALTH_CHECK};
 use crate::snapshot::{Instance, Snapshot};
 use crate::watch::WatchKey;
 
@@ -571,7 +571,9 @@ pub(super) async fn health_service(
                 continue;
             }
             let mut checks = Vec::with_capacity(instance.checks.len() + 1);
-            checks.push(CheckOut::serf_health(&instance.node));
+            if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
+                checks.push(CheckOut::serf_health(&instance.node));
+            }
             for check in &instance.checks {
                 let tags: &[String] = if check.is_node_level() {
                     &[]
@@ -633,7 +635,9 @@ pub(super) async fn health_state(
         if !opts.node_meta_matches(&entry.node.meta) {
             continue;
         }
-        if matches!(filter, None | Some(Status::Passing)) {
+        if matches!(filter, None | Some(Status::Passing))
+            && !entry.checks.contains_key(NODE_HEALTH_CHECK)
+        {
             out.push(CheckOut::serf_health(&entry.node));
         }
         for check in entry.checks.values() {
@@ -657,7 +661,9 @@ pub(super) async fn health_node(
     .await?;
     let mut out = Vec::new();
     if let Some(entry) = snap.node(&name) {
-        out.push(CheckOut::serf_health(&entry.node));
+        if !entry.checks.contains_key(NODE_HEALTH_CHECK) {
+            out.push(CheckOut::serf_health(&entry.node));
+        }
         for check in entry.checks.values() {
             out.push(CheckOut::new(check, service_tags(entry, check)));
         }

@@ -558,6 +558,9 @@ pub(crate) struct BatchNodeIn {
     pub(crate) meta: BTreeMap<String, String>,
     #[serde(default, rename = "taggedaddresses")]
     pub(crate) tagged_addresses: BTreeMap<String, String>,
+    /// A lease: the node stays healthy while `serfHealth` is renewed within this.
+    #[serde(default)]
+    pub(crate) ttl: Option<GoDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,8 +13,9 @@ use serde_json::json;
 
 use super::decode::{decode_body, node_from, validate_name, BatchIn, GoDuration};
 use super::{json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
-use crate::catalog::{Batch, Command};
+use crate::catalog::{Batch, Command, NewCheck};
 use crate::model::unix_ms;
+use crate::model::{Check, CheckDefinition, Status, NODE_HEALTH_CHECK};
 use crate::snapshot::{EndpointState, Instance, NodeEntry, Snapshot, StateCounts};
 use crate::watch::WatchKey;
 
@@ -57,6 +58,7 @@ pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
     }
     let mut batch = Batch::default();
     for node in input.nodes {
+        let ttl = node.ttl.map(|t| t.0).filter(|t| !t.is_zero());
         let node = node_from(
             &node.name,
             &node.address,
@@ -65,6 +67,29 @@ pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
             node.meta,
         )
         .map_err(|e| ApiError::bad_request(format!("node {}: {e}", node.name)))?;
+        if let Some(ttl) = ttl {
+            // Registering the node renews its lease: it is alive now.
+            batch.node_checks.push(NewCheck {
+                check: Check {
+                    node: node.name.clone(),
+                    id: NODE_HEALTH_CHECK.into(),
+                    name: "Serf Health Status".to_string(),
+                    status: Status::Passing,
+                    notes: "node lease: renew with /v1/switchyard/heartbeat".to_string(),
+                    output: String::new(),
+                    service_id: String::new(),
+                    service_name: String::new(),
+                    kind: "ttl".to_string(),
+                    definition: CheckDefinition {
+                        ttl: Some(ttl),
+                        ..CheckDefinition::default()
+                    },
+                    create_index: 0,
+                    modify_index: 0,
+                },
+                status_given: true,
+            });
+        }
         batch.nodes.push(node);
     }
     for (i, endpoint) in input.endpoints.into_iter().enumerate() {
@@ -121,8 +146,8 @@ pub(super) async fn heartbeat(State(state): St, body: Bytes) -> ApiResult {
     let (mut unknown, mut not_ttl) = (Vec::new(), Vec::new());
     for beat in input.checks {
         let status = match beat.status.as_deref() {
-            None | Some("") => crate::model::Status::Passing,
-            Some(s) => crate::model::Status::parse(s)
+            None | Some("") => Status::Passing,
+            Some(s) => Status::parse(s)
                 .ok_or_else(|| ApiError::bad_request(format!("Invalid check status: '{s}'")))?,
         };
         match snap
