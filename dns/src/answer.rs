@@ -9,7 +9,7 @@ use switchyard_registry::{NodeEntry, Snapshot};
 
 use crate::config::Config;
 use crate::metrics::DnsMetrics;
-use crate::prebuilt::{parse_hex_ip, push_addr_rr, DnsService, Family};
+use crate::prebuilt::{parse_hex_ip, push_addr_rr, DnsService, Family, SRV_TARGET};
 use crate::wire::{
     finish_rdata, push_opt, push_pointer, push_rr_head, rcode, rtype, Header, Query, Reject,
     CLASS_IN, HEADER_LEN, OPT_LEN,
@@ -324,18 +324,18 @@ impl Engine {
                 None => return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN),
             },
         };
-        let wanted = |f: Family, srv_empty: bool| match q.qtype {
+        let wanted = |f: Family, has_srv: bool| match q.qtype {
             rtype::A => f == Family::V4,
             rtype::AAAA => f == Family::V6,
             rtype::ANY => f != Family::Name,
-            rtype::SRV => !srv_empty,
+            rtype::SRV => has_srv,
             _ => false,
         };
         s.positions.clear();
         s.positions.extend(positions.iter().copied().filter(|&p| {
             dns.entries
                 .get(p as usize)
-                .is_some_and(|e| wanted(e.family, e.srv_rr.is_empty()))
+                .is_some_and(|e| wanted(e.family, e.has_srv()))
         }));
         if s.positions.is_empty() {
             return self.negative(q, snap, out, c, apex, rcode::NOERROR);
@@ -349,36 +349,40 @@ impl Engine {
         let mut additional = 0usize;
         for &p in &s.positions {
             let entry = &dns.entries[p as usize];
-            let rr = dns.bytes(if srv { &entry.srv_rr } else { &entry.addr_rr });
-            let extra = if srv && !entry.extra_rr.is_empty() {
-                2 + entry.extra_rr.len()
+            let addr = dns.addr(entry);
+            let (rr_len, extra) = if srv {
+                let extra = if addr.is_empty() { 0 } else { 2 + addr.len() };
+                (dns.srv(entry).len(), extra)
             } else {
-                0
+                (2 + addr.len(), 0)
             };
-            if out.len() + rr.len() + additional + extra > budget {
+            if out.len() + rr_len + additional + extra > budget {
                 c.tc = true;
                 break;
             }
             if srv {
-                s.targets.push((out.len() + entry.srv_target as usize, p));
+                s.targets.push((out.len() + SRV_TARGET, p));
                 additional += extra;
+                out.extend_from_slice(dns.srv(entry));
+            } else {
+                push_pointer(out, 12);
+                out.extend_from_slice(addr);
             }
-            out.extend_from_slice(rr);
             c.an += 1;
         }
         for &(target_at, p) in &s.targets {
             let entry = &dns.entries[p as usize];
-            if entry.extra_rr.is_empty() {
+            let addr = dns.addr(entry);
+            if addr.is_empty() {
                 continue;
             }
             if target_at <= 0x3FFF {
                 push_pointer(out, target_at as u16);
             } else {
                 // Beyond pointer reach (large TCP answers): write the name out.
-                let srv = dns.bytes(&entry.srv_rr);
-                out.extend_from_slice(&srv[entry.srv_target as usize..]);
+                out.extend_from_slice(&dns.srv(entry)[SRV_TARGET..]);
             }
-            out.extend_from_slice(dns.bytes(&entry.extra_rr));
+            out.extend_from_slice(addr);
             c.ar += 1;
         }
         (rcode::NOERROR, true)

@@ -8,7 +8,6 @@
 //! without its owner, which the query path points at the SRV target.
 
 use std::net::IpAddr;
-use std::ops::Range;
 use std::sync::Arc;
 
 use switchyard_registry::{Extra, ServiceView, Status, ViewDecorator};
@@ -28,29 +27,45 @@ pub(crate) enum Family {
     Name,
 }
 
-#[derive(Clone, Debug)]
+/// Where an instance's records sit in the arena: 16 bytes per instance.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Entry {
     pub(crate) family: Family,
-    /// The A or AAAA record (empty for `Family::Name`).
-    pub(crate) addr_rr: Range<u32>,
-    /// The SRV record (empty if the target cannot be written as a name).
-    pub(crate) srv_rr: Range<u32>,
-    /// Offset of the target name inside `srv_rr`.
-    pub(crate) srv_target: u16,
-    /// Address record for the SRV target, without its owner name.
-    pub(crate) extra_rr: Range<u32>,
+    /// The SRV record (owner pointer included); `srv_len == 0` when the target
+    /// cannot be written as a name. Its target starts at `SRV_TARGET`.
+    srv: u32,
+    srv_len: u16,
+    /// The instance's address record without its owner name (TYPE..RDATA):
+    /// the answer to A/AAAA after a pointer to the question, and the SRV
+    /// target's additional record after a pointer to the target.
+    addr: u32,
+    addr_len: u16,
+}
+
+/// Offset of the target name inside an SRV record: owner pointer (2), TYPE,
+/// CLASS, TTL, RDLENGTH (10), priority, weight, port (6).
+pub(crate) const SRV_TARGET: usize = 18;
+
+impl Entry {
+    pub(crate) fn has_srv(&self) -> bool {
+        self.srv_len > 0
+    }
 }
 
 /// One service's ready answers; `entries` is indexed like `view.instances`.
 #[derive(Debug)]
 pub(crate) struct DnsService {
-    pub(crate) arena: Vec<u8>,
-    pub(crate) entries: Vec<Entry>,
+    arena: Box<[u8]>,
+    pub(crate) entries: Box<[Entry]>,
 }
 
 impl DnsService {
-    pub(crate) fn bytes(&self, range: &Range<u32>) -> &[u8] {
-        &self.arena[range.start as usize..range.end as usize]
+    pub(crate) fn srv(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.srv as usize..e.srv as usize + e.srv_len as usize]
+    }
+
+    pub(crate) fn addr(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.addr as usize..e.addr as usize + e.addr_len as usize]
     }
 }
 
@@ -82,13 +97,6 @@ impl DnsDecorator {
                 None => Family::Name,
             };
             let pos = |arena: &Vec<u8>| arena.len() as u32;
-
-            let start = pos(&arena);
-            if let Some(ip) = ip {
-                push_addr_rr(&mut arena, Some(QUESTION), ip, ttl);
-            }
-            let addr_rr = start..pos(&arena);
-
             let weight = match instance.health {
                 Status::Passing => instance.endpoint.weights.passing,
                 _ => instance.endpoint.weights.warning,
@@ -101,35 +109,36 @@ impl DnsDecorator {
                 }
                 Some(ip) => format!("{}.addr.{}.{domain}", hex_ip(ip), self.datacenter),
             };
-            let start = pos(&arena);
+            let srv = pos(&arena);
             push_pointer(&mut arena, QUESTION);
             let rdlen_at = push_rr_head(&mut arena, rtype::SRV, ttl);
             arena.extend_from_slice(&1u16.to_be_bytes());
             arena.extend_from_slice(&weight.to_be_bytes());
             arena.extend_from_slice(&instance.endpoint.port.to_be_bytes());
-            let target_at = arena.len() as u32 - start;
-            let (srv_rr, srv_target) = if push_name(&mut arena, &target) {
+            debug_assert_eq!(arena.len() - srv as usize, SRV_TARGET);
+            let srv_len = if push_name(&mut arena, &target) {
                 finish_rdata(&mut arena, rdlen_at);
-                (start..pos(&arena), target_at as u16)
+                (pos(&arena) - srv) as u16
             } else {
-                arena.truncate(start as usize);
-                (start..start, 0)
+                arena.truncate(srv as usize);
+                0
             };
-
-            let start = pos(&arena);
-            if let (Some(ip), false) = (ip, srv_rr.is_empty()) {
+            let addr = pos(&arena);
+            if let Some(ip) = ip {
                 push_addr_rr(&mut arena, None, ip, ttl);
             }
-            let extra_rr = start..pos(&arena);
             entries.push(Entry {
                 family,
-                addr_rr,
-                srv_rr,
-                srv_target,
-                extra_rr,
+                srv,
+                srv_len,
+                addr,
+                addr_len: (pos(&arena) - addr) as u16,
             });
         }
-        DnsService { arena, entries }
+        DnsService {
+            arena: arena.into_boxed_slice(),
+            entries: entries.into_boxed_slice(),
+        }
     }
 }
 
