@@ -770,6 +770,11 @@ impl Catalog {
                 check.status = prev.status;
                 check.output = prev.output.clone();
             }
+            check.status_since_ms = if prev.status == check.status {
+                prev.status_since_ms
+            } else {
+                unix_ms()
+            };
             if prev.same_definition(&check) {
                 return Ok(false);
             }
@@ -779,6 +784,7 @@ impl Catalog {
             }
         } else {
             check.create_index = idx;
+            check.status_since_ms = unix_ms();
         }
         check.modify_index = idx;
         let check = Arc::new(check);
@@ -949,6 +955,7 @@ impl Catalog {
             service_name: endpoint.service.to_string(),
             kind: "maintenance".to_string(),
             definition: Default::default(),
+            status_since_ms: 0,
             create_index: 0,
             modify_index: 0,
         };
@@ -983,6 +990,7 @@ impl Catalog {
             service_name: String::new(),
             kind: "maintenance".to_string(),
             definition: Default::default(),
+            status_since_ms: 0,
             create_index: 0,
             modify_index: 0,
         };

@@ -215,6 +215,9 @@ pub struct Check {
     pub kind: String,
     #[serde(default)]
     pub definition: CheckDefinition,
+    /// Wall clock (ms since the epoch) of the last change of `status`.
+    #[serde(default)]
+    pub status_since_ms: u64,
     pub create_index: u64,
     pub modify_index: u64,
 }

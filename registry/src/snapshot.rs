@@ -215,8 +215,18 @@ impl Instance {
             EndpointState::Critical => {
                 let check = self.checks.iter().find(|c| c.status == Status::Critical);
                 Some(match check {
-                    Some(c) if c.output.is_empty() => format!("check {} is critical", c.id),
-                    Some(c) => format!("check {} is critical: {}", c.id, c.output),
+                    Some(c) => {
+                        let since =
+                            crate::model::unix_ms().saturating_sub(c.status_since_ms) / 1000;
+                        let since = crate::duration::format_go_duration(
+                            std::time::Duration::from_secs(since),
+                        );
+                        if c.output.is_empty() {
+                            format!("check {} is critical (for {since})", c.id)
+                        } else {
+                            format!("check {} is critical (for {since}): {}", c.id, c.output)
+                        }
+                    }
                     None => "critical".to_string(),
                 })
             }

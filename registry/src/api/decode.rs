@@ -339,6 +339,7 @@ impl CheckIn {
                 failures_before_warning: self.failures_before_warning.unwrap_or(0),
                 failures_before_critical: self.failures_before_critical.unwrap_or(0),
             },
+            status_since_ms: 0,
             create_index: 0,
             modify_index: 0,
         };

@@ -84,6 +84,7 @@ pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
                         ttl: Some(ttl),
                         ..CheckDefinition::default()
                     },
+                    status_since_ms: 0,
                     create_index: 0,
                     modify_index: 0,
                 },
@@ -210,6 +211,7 @@ fn instance_json(i: &Instance) -> serde_json::Value {
                 "type": c.kind,
                 "output": c.output,
                 "notes": c.notes,
+                "status_since_ms": c.status_since_ms,
                 "node_level": c.is_node_level(),
                 "modify_index": c.modify_index,
             })

@@ -59,6 +59,7 @@ fn check(node: &str, service_id: &str, status: Status) -> NewCheck {
             service_name: String::new(),
             kind: String::new(),
             definition: CheckDefinition::default(),
+            status_since_ms: 0,
             create_index: 0,
             modify_index: 0,
         },
@@ -753,5 +754,53 @@ async fn a_rescheduled_task_replaces_its_old_incarnation() {
             .instances
             .len(),
         3
+    );
+}
+
+#[tokio::test]
+async fn status_since_survives_updates_and_moves_on_a_change() {
+    let r = registry(&["n1"]).await;
+    register(
+        &r,
+        endpoint("n1", "a", "web", &[]),
+        vec![check("n1", "a", Status::Passing)],
+    )
+    .await;
+    let since =
+        |r: &Registry| r.snapshot().instance("n1", "a").expect("a").checks[0].status_since_ms;
+    let first = since(&r);
+    assert!(first > 0);
+    let update = |status, output: &str| Command::UpdateCheck {
+        node: "n1".into(),
+        id: "service:a".into(),
+        status,
+        output: Some(output.to_string()),
+        require_ttl: false,
+    };
+    r.apply(update(Status::Passing, "still fine"))
+        .await
+        .expect("update");
+    assert_eq!(
+        since(&r),
+        first,
+        "same status: the clock keeps running from the first time"
+    );
+    let before_change = crate::model::unix_ms();
+    r.apply(update(Status::Critical, "down"))
+        .await
+        .expect("update");
+    assert!(
+        since(&r) >= before_change,
+        "a new status starts a new clock"
+    );
+    let why = r
+        .snapshot()
+        .instance("n1", "a")
+        .expect("a")
+        .excluded_because()
+        .expect("excluded");
+    assert!(
+        why.starts_with("check service:a is critical (for ") && why.ends_with("): down"),
+        "{why}"
     );
 }
