@@ -40,7 +40,7 @@ pub(crate) struct ServiceSlot {
     /// The service name, shared by every endpoint of the service (interned).
     pub(crate) name: Option<Name>,
     /// Instances as `(node, endpoint id)`.
-    pub(crate) members: OrdSet<(Name, Name)>,
+    pub(crate) members: Members,
     /// Last index at which anything shown for the service changed.
     pub(crate) index: u64,
     /// Built at publish time; `None` once the last instance is gone.
@@ -242,6 +242,78 @@ pub type Extra = Arc<dyn Any + Send + Sync>;
 /// prebuilt answers without the registry depending on it.
 pub trait ViewDecorator: Send + Sync + 'static {
     fn decorate(&self, view: &ServiceView) -> Extra;
+}
+
+/// A service's instances as sorted `(node, endpoint id)` keys. Small services
+/// (the common case: a handful of replicas) keep a plain sorted `Vec`; an
+/// `OrdSet` allocates a 16-slot chunk per node, over 500 bytes for a service of
+/// three. Past `LARGE` members the persistent set takes over, whose chunk cost is
+/// then spread thin and whose clone stays O(1).
+#[derive(Clone, Debug)]
+pub(crate) enum Members {
+    Small(Vec<(Name, Name)>),
+    Large(OrdSet<(Name, Name)>),
+}
+
+impl Default for Members {
+    fn default() -> Self {
+        Members::Small(Vec::new())
+    }
+}
+
+impl Members {
+    const LARGE: usize = 32;
+
+    pub(crate) fn insert(&mut self, key: (Name, Name)) {
+        match self {
+            Members::Small(list) => {
+                if let Err(at) = list.binary_search(&key) {
+                    list.insert(at, key);
+                    if list.len() > Self::LARGE {
+                        *self = Members::Large(list.drain(..).collect());
+                    }
+                }
+            }
+            Members::Large(set) => {
+                set.insert(key);
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &(Name, Name)) {
+        match self {
+            Members::Small(list) => {
+                if let Ok(at) = list.binary_search(key) {
+                    list.remove(at);
+                }
+            }
+            Members::Large(set) => {
+                set.remove(key);
+                if set.len() <= Self::LARGE / 2 {
+                    *self = Members::Small(set.iter().cloned().collect());
+                }
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Members::Small(list) => list.len(),
+            Members::Large(set) => set.len(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// In sorted order.
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = &(Name, Name)> + '_> {
+        match self {
+            Members::Small(list) => Box::new(list.iter()),
+            Members::Large(set) => Box::new(set.iter()),
+        }
+    }
 }
 
 /// The decorators' outputs, in registration order.

@@ -804,3 +804,39 @@ async fn status_since_survives_updates_and_moves_on_a_change() {
         "{why}"
     );
 }
+
+#[test]
+fn members_switch_representation_and_stay_sorted() {
+    use crate::snapshot::Members;
+    let key =
+        |i: usize| -> (Name, Name) { (format!("n{}", i % 7).into(), format!("e{i:03}").into()) };
+    let mut members = Members::default();
+    let mut model = std::collections::BTreeSet::new();
+    let mut rng = fastrand::Rng::with_seed(9);
+    for _ in 0..2000 {
+        let k = key(rng.usize(..80));
+        if rng.u8(..3) == 0 {
+            members.remove(&k);
+            model.remove(&k);
+        } else {
+            members.insert(k.clone());
+            model.insert(k);
+        }
+        assert_eq!(members.len(), model.len());
+        assert!(members.iter().eq(model.iter()), "same keys, same order");
+        if members.len() > 32 {
+            assert!(
+                matches!(members, Members::Large(_)),
+                "more than 32 members use the persistent set"
+            );
+        }
+    }
+    for k in model.iter() {
+        members.remove(k);
+    }
+    assert!(members.is_empty());
+    assert!(
+        matches!(members, Members::Small(_)),
+        "an emptied set is small again"
+    );
+}
