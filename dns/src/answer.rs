@@ -10,6 +10,7 @@ use switchyard_registry::{NodeEntry, Snapshot};
 use crate::config::Config;
 use crate::metrics::DnsMetrics;
 use crate::prebuilt::{parse_hex_ip, push_addr_rr, DnsService, Family, SRV_TARGET};
+use crate::ptr::{parse_reverse, Ptr};
 use crate::wire::{
     finish_rdata, push_opt, push_pointer, push_rr_head, rcode, rtype, Header, Query, Reject,
     CLASS_IN, HEADER_LEN, OPT_LEN,
@@ -63,6 +64,7 @@ pub(crate) struct Engine {
     slot: usize,
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) metrics: Arc<DnsMetrics>,
+    ptr: Arc<Ptr>,
 }
 
 /// What a name under our zone refers to.
@@ -90,8 +92,10 @@ impl Engine {
         slot: usize,
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
+        ptr: Arc<Ptr>,
     ) -> Engine {
         Engine {
+            ptr,
             domain: config.domain_labels(),
             datacenter: datacenter.to_ascii_lowercase().into_bytes(),
             config,
@@ -187,6 +191,9 @@ impl Engine {
             return (rcode::REFUSED, false);
         }
         let n = q.label_count();
+        if n >= 2 && q.label(n - 1) == b"arpa" && matches!(q.label(n - 2), b"in-addr" | b"ip6") {
+            return self.reverse(q, out, budget, c);
+        }
         let d = self.domain.len();
         let in_zone = n >= d
             && self
@@ -233,6 +240,45 @@ impl Engine {
                 (rcode::NOERROR, true)
             }
         }
+    }
+
+    /// PTR for node and endpoint addresses. We are not the authority for the
+    /// reverse zones: addresses we do not know are REFUSED.
+    fn reverse(&self, q: &Query, out: &mut Vec<u8>, budget: usize, c: &mut Counts) -> (u8, bool) {
+        let mut buf: [&[u8]; 128] = [&[]; 128];
+        let mut len = 0;
+        for label in q.labels() {
+            buf[len] = label;
+            len += 1;
+        }
+        let Some(ip) = parse_reverse(&buf[..len]) else {
+            return (rcode::REFUSED, false);
+        };
+        if !matches!(q.qtype, rtype::PTR | rtype::ANY) {
+            return (rcode::REFUSED, false);
+        }
+        self.ptr.queried();
+        let Some(index) = self.ptr.current.load_full() else {
+            // The index is being built for the first time: the client retries.
+            return (rcode::SERVFAIL, false);
+        };
+        let Some(names) = index.names.get(&ip) else {
+            return (rcode::REFUSED, false);
+        };
+        let ttl = self.config.node_ttl.as_secs() as u32;
+        for name in names {
+            let start = out.len();
+            push_pointer(out, 12);
+            let at = push_rr_head(out, rtype::PTR, ttl);
+            if !crate::wire::push_name(out, name) || out.len() > budget {
+                out.truncate(start);
+                c.tc |= out.len() > budget || start + 64 > budget;
+                break;
+            }
+            finish_rdata(out, at);
+            c.an += 1;
+        }
+        (rcode::NOERROR, true)
     }
 
     fn classify<'a>(&self, q: &Query, labels: &[&'a [u8]]) -> Target<'a> {

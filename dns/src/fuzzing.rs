@@ -80,7 +80,8 @@ fn fixture() -> &'static Fixture {
             Ok(m) => Arc::new(m),
             Err(e) => panic!("fuzz fixture metrics: {e}"),
         };
-        let engine = Engine::new(config, "dc1", 0, registry.snapshot_cell(), metrics);
+        let ptr = Arc::new(crate::ptr::Ptr::new());
+        let engine = Engine::new(config, "dc1", 0, registry.snapshot_cell(), metrics, ptr);
         Fixture {
             engine,
             _runtime: runtime,

@@ -13,6 +13,7 @@ mod config;
 pub mod fuzzing;
 mod metrics;
 mod prebuilt;
+mod ptr;
 mod server;
 mod wire;
 
@@ -49,20 +50,37 @@ impl DnsServer {
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
     ) -> std::io::Result<DnsServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ptr = Arc::new(ptr::Ptr::new());
+        let builder = ptr::spawn_builder(
+            ptr.clone(),
+            snapshot.clone(),
+            datacenter.to_ascii_lowercase(),
+            config.domain.clone(),
+            stop.clone(),
+        )?;
         let engine = Arc::new(answer::Engine::new(
             config.clone(),
             datacenter,
             slot,
             snapshot,
             metrics,
+            ptr,
         ));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (addr, udp) = server::spawn_udp(
+        let spawned = server::spawn_udp(
             engine.clone(),
             config.addr,
             config.udp_workers,
             stop.clone(),
-        )?;
+        );
+        let (addr, mut udp) = match spawned {
+            Ok(bound) => bound,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        udp.push(builder);
         let listener = match TcpListener::bind(addr).await {
             Ok(listener) => listener,
             Err(e) => {

@@ -460,3 +460,46 @@ fn fastrand_seed(seed: u64) -> impl FnMut(usize) -> usize {
         }
     }
 }
+
+#[test]
+fn reverse_lookups_name_nodes_and_services() {
+    let agent = Agent::start();
+    register_web(&agent.client());
+    let dns = agent.dns;
+    // The first PTR query starts building the reverse index; retry as a resolver would.
+    let m = eventually("the reverse index", Duration::from_secs(10), || {
+        let m = udp(dns, "1.0.0.10.in-addr.arpa", RecordType::PTR);
+        (m.metadata.response_code == ResponseCode::NoError).then_some(m)
+    });
+    let names: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+    assert_eq!(names, ["n1.node.dc1.consul."]);
+    let m = udp(dns, "3.0.9.10.in-addr.arpa", RecordType::PTR);
+    let names: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+    assert_eq!(
+        names,
+        ["web.service.dc1.consul."],
+        "an endpoint's own address names its service"
+    );
+    let m = udp(dns, "9.9.9.9.in-addr.arpa", RecordType::PTR);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::Refused,
+        "not ours: refused"
+    );
+    let m = udp(dns, "1.0.0.10.in-addr.arpa", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    // Later changes reach the index within its refresh period.
+    agent.client().put_ok(
+        "/v1/switchyard/batch",
+        r#"{"nodes":[{"name":"late","address":"10.0.0.99"}]}"#,
+    );
+    eventually(
+        "a new node to be reverse-resolvable",
+        Duration::from_secs(10),
+        || {
+            let m = udp(dns, "99.0.0.10.in-addr.arpa", RecordType::PTR);
+            let names: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+            (names == ["late.node.dc1.consul."]).then_some(())
+        },
+    );
+}
