@@ -13,7 +13,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -36,10 +36,18 @@ const OUTPUT_BYTES: usize = 1024;
 
 /// Whether this agent runs a check of this kind.
 pub(crate) fn is_probed(check: &Check) -> bool {
-    matches!(check.kind.as_str(), "http" | "tcp") && check.definition.interval.is_some()
+    matches!(check.kind.as_str(), "http" | "tcp" | "grpc") && check.definition.interval.is_some()
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+type GrpcClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// The two clients probes use: HTTP/1.1 checks and gRPC (HTTP/2, prior knowledge).
+#[derive(Clone)]
+struct Clients {
+    http: HttpClient,
+    grpc: GrpcClient,
+}
 
 struct Active {
     check: Arc<Check>,
@@ -64,10 +72,16 @@ pub fn spawn_checker(registry: Registry) -> JoinHandle<()> {
 }
 
 async fn run(registry: Registry, mut events: mpsc::UnboundedReceiver<Vec<(Name, Name)>>) {
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(1)
-        .build_http();
+    let client = Clients {
+        http: Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(1)
+            .build_http(),
+        grpc: Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
+            .build_http(),
+    };
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES));
     let (results_tx, mut results) = mpsc::channel::<Probed>(1024);
     let mut active: HashMap<(Name, Name), Active> = HashMap::new();
@@ -232,7 +246,7 @@ fn handle_result(
 }
 
 /// Runs one probe: `(status, output)`.
-async fn probe(client: &HttpClient, check: &Check) -> (Status, String) {
+async fn probe(client: &Clients, check: &Check) -> (Status, String) {
     let def = &check.definition;
     let timeout = def.timeout.unwrap_or(DEFAULT_TIMEOUT);
     match check.kind.as_str() {
@@ -248,7 +262,14 @@ async fn probe(client: &HttpClient, check: &Check) -> (Status, String) {
                 ),
             }
         }
-        "http" => match tokio::time::timeout(timeout, http_probe(client, check)).await {
+        "grpc" => match tokio::time::timeout(timeout, grpc_probe(&client.grpc, check)).await {
+            Ok(result) => result,
+            Err(_) => (
+                Status::Critical,
+                format!("gRPC {}: timeout after {timeout:?}", def.grpc),
+            ),
+        },
+        "http" => match tokio::time::timeout(timeout, http_probe(&client.http, check)).await {
             Ok(result) => result,
             Err(_) => (
                 Status::Critical,
@@ -312,4 +333,153 @@ async fn http_probe(client: &HttpClient, check: &Check) -> (Status, String) {
         status,
         format!("HTTP {method} {url}: {code} Output: {excerpt}"),
     )
+}
+
+/// `grpc.health.v1.Health/Check` over h2c. `GRPC` is `host:port` or
+/// `host:port/service`; SERVING (1) is passing, anything else critical.
+async fn grpc_probe(client: &GrpcClient, check: &Check) -> (Status, String) {
+    let target = check.definition.grpc.as_str();
+    let (authority, service) = target.split_once('/').unwrap_or((target, ""));
+    if check.definition.grpc_use_tls {
+        return (
+            Status::Critical,
+            format!("gRPC {target}: TLS is not supported so far"),
+        );
+    }
+    // HealthCheckRequest { string service = 1; } in one length-prefixed frame.
+    let mut message = Vec::with_capacity(service.len() + 2);
+    if !service.is_empty() {
+        message.push(0x0A);
+        push_varint(&mut message, service.len() as u64);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = Vec::with_capacity(message.len() + 5);
+    frame.push(0);
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "Switchyard Health Check")
+        .body(Full::new(Bytes::from(frame)));
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                Status::Critical,
+                format!("gRPC {target}: invalid request: {e}"),
+            )
+        }
+    };
+    let response = match client.request(request).await {
+        Ok(r) => r,
+        Err(e) => return (Status::Critical, format!("gRPC {target}: {e}")),
+    };
+    let header_status = grpc_status(response.headers());
+    let collected = match Limited::new(response.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return (Status::Critical, format!("gRPC {target}: {e}")),
+    };
+    let trailer_status = collected.trailers().and_then(grpc_status);
+    if let Some((code, text)) = header_status
+        .or(trailer_status)
+        .filter(|(code, _)| code != "0")
+    {
+        return (
+            Status::Critical,
+            format!("gRPC {target}: status {code} {text}"),
+        );
+    }
+    let body = collected.to_bytes();
+    match body.get(5..).and_then(serving_status) {
+        Some(1) => (Status::Passing, format!("gRPC {target}: SERVING")),
+        Some(other) => (
+            Status::Critical,
+            format!("gRPC {target}: status {other} (not SERVING)"),
+        ),
+        None => (
+            Status::Critical,
+            format!("gRPC {target}: no health status in the answer"),
+        ),
+    }
+}
+
+fn grpc_status(headers: &hyper::HeaderMap) -> Option<(String, String)> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.to_string();
+    let text = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Some((code, text))
+}
+
+/// `HealthCheckResponse.status` (field 1, varint) from a protobuf message.
+fn serving_status(mut message: &[u8]) -> Option<u64> {
+    let mut status = 0;
+    while !message.is_empty() {
+        let (key, rest) = read_varint(message)?;
+        message = rest;
+        match (key >> 3, key & 7) {
+            (field, 0) => {
+                let (value, rest) = read_varint(message)?;
+                message = rest;
+                if field == 1 {
+                    status = value;
+                }
+            }
+            (_, 2) => {
+                let (len, rest) = read_varint(message)?;
+                message = rest.get(usize::try_from(len).ok()?..)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
+fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_responses_decode() {
+        assert_eq!(serving_status(&[0x08, 0x01]), Some(1));
+        assert_eq!(serving_status(&[0x08, 0x02]), Some(2));
+        assert_eq!(serving_status(&[]), Some(0), "UNKNOWN is the default");
+        assert_eq!(
+            serving_status(&[0x12, 0x01, 0x41, 0x08, 0x01]),
+            Some(1),
+            "unknown fields skipped"
+        );
+        assert_eq!(serving_status(&[0x08]), None);
+        assert_eq!(serving_status(&[0x12, 0x05, 0x41]), None);
+        let mut v = Vec::new();
+        push_varint(&mut v, 300);
+        assert_eq!(read_varint(&v), Some((300, &[][..])));
+    }
 }

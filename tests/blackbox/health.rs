@@ -204,3 +204,114 @@ fn a_node_whose_lease_lapses_takes_its_endpoints_out() {
     assert_eq!(node_checks[0]["CheckID"], "serfHealth");
     assert_eq!(node_checks[0]["Status"], "critical");
 }
+
+/// A gRPC health server over h2c: answers `grpc.health.v1.Health/Check` for
+/// one service name with the status in `serving` (1 = SERVING, 2 = NOT_SERVING).
+fn grpc_health_server(
+    service: &'static str,
+    serving: std::sync::Arc<std::sync::atomic::AtomicU8>,
+) -> (std::net::SocketAddr, tokio::runtime::Runtime) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                let handler = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let status = serving.load(Ordering::SeqCst);
+                        async move {
+                            let path_ok = request.uri().path() == "/grpc.health.v1.Health/Check"
+                                && request
+                                    .headers()
+                                    .get("content-type")
+                                    .is_some_and(|v| v == "application/grpc");
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let mut expected = vec![0x0A, service.len() as u8];
+                            expected.extend_from_slice(service.as_bytes());
+                            let known = path_ok && body.get(5..) == Some(&expected[..]);
+                            let frame = if known {
+                                vec![0, 0, 0, 0, 2, 0x08, status]
+                            } else {
+                                Vec::new()
+                            };
+                            let code = if known { "0" } else { "5" };
+                            let body = Full::new(Bytes::from(frame)).with_trailers(async move {
+                                let mut trailers = hyper::HeaderMap::new();
+                                trailers.insert(
+                                    "grpc-status",
+                                    hyper::header::HeaderValue::from_static(code),
+                                );
+                                Some(Ok::<_, std::convert::Infallible>(trailers))
+                            });
+                            hyper::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    });
+    (addr, runtime)
+}
+
+#[test]
+fn grpc_health_checks_follow_the_server() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let serving = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(1));
+    let (addr, _server) = grpc_health_server("pay.v1.Payments", serving.clone());
+    let body = format!(
+        r#"{{"Name":"pay","Check":{{"CheckID":"pay-grpc","GRPC":"{addr}/pay.v1.Payments","Interval":"100ms","Timeout":"2s"}}}}"#
+    );
+    c.put_ok("/v1/agent/service/register", &body);
+    let (_, output) = eventually("the gRPC check to pass", Duration::from_secs(15), || {
+        let (status, output) = check_status(&c, "pay", "pay-grpc");
+        (status == "passing").then_some((status, output))
+    });
+    assert!(output.contains("SERVING"), "{output}");
+    serving.store(2, Ordering::SeqCst);
+    let output = eventually(
+        "the gRPC check to go critical",
+        Duration::from_secs(15),
+        || {
+            let (status, output) = check_status(&c, "pay", "pay-grpc");
+            (status == "critical").then_some(output)
+        },
+    );
+    assert!(output.contains("not SERVING"), "{output}");
+    // An unknown service name gets grpc-status NOT_FOUND from the server.
+    let body = format!(
+        r#"{{"Name":"ghost","Check":{{"CheckID":"ghost-grpc","GRPC":"{addr}/no.Such","Interval":"100ms","Timeout":"2s","Status":"passing"}}}}"#
+    );
+    c.put_ok("/v1/agent/service/register", &body);
+    let output = eventually(
+        "the unknown gRPC service to fail",
+        Duration::from_secs(15),
+        || {
+            let (status, output) = check_status(&c, "ghost", "ghost-grpc");
+            (status == "critical").then_some(output)
+        },
+    );
+    assert!(output.contains("status 5"), "{output}");
+}
