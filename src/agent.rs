@@ -10,8 +10,8 @@ use anyhow::Context;
 use switchyard_dns::{DnsDecorator, DnsMetrics, DnsServer};
 use switchyard_registry::api::{self, AgentInfo, ApiState};
 use switchyard_registry::{
-    node_uuid, Command, EmbeddedStore, MemoryStore, Node, Registry, RegistryMetrics, Store,
-    StoreKind, ViewDecorator,
+    Command, EmbeddedStore, MemoryStore, Node, Registry, RegistryMetrics, Store, StoreKind,
+    ViewDecorator,
 };
 use tokio::sync::watch;
 
@@ -65,22 +65,15 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
 
     let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
     let advertise = config.agent.advertise_addr.to_string();
-    let own_node = Node {
-        name: node_name.as_str().into(),
-        id: node_uuid(&node_name),
-        address: advertise.clone(),
-        tagged_addresses: BTreeMap::from([
-            ("lan".to_string(), advertise.clone()),
-            ("wan".to_string(), advertise.clone()),
-        ]),
-        meta: BTreeMap::from([(
-            "switchyard-version".to_string(),
-            env!("CARGO_PKG_VERSION").to_string(),
-        )]),
-        drain: None,
-        create_index: 0,
-        modify_index: 0,
-    };
+    let mut own_node = Node::new(node_name.as_str(), advertise.clone());
+    own_node.tagged_addresses = BTreeMap::from([
+        ("lan".to_string(), advertise.clone()),
+        ("wan".to_string(), advertise.clone()),
+    ]);
+    own_node.meta = BTreeMap::from([(
+        "switchyard-version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    )]);
     registry
         .apply(Command::EnsureNode(own_node))
         .await

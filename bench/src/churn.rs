@@ -36,9 +36,11 @@ pub(crate) struct Args {
     single_clients: usize,
 }
 
-struct AgentProcess {
-    child: Child,
-    api: String,
+/// A release agent on a fresh data directory, killed on drop.
+pub(crate) struct AgentProcess {
+    pub(crate) child: Child,
+    /// `http://host:port` of its API.
+    pub(crate) api: String,
     _dir: tempfile::TempDir,
 }
 
@@ -49,7 +51,7 @@ impl Drop for AgentProcess {
     }
 }
 
-fn start_agent(bin: &PathBuf) -> anyhow::Result<AgentProcess> {
+pub(crate) fn start_agent(bin: &PathBuf) -> anyhow::Result<AgentProcess> {
     let dir = tempfile::tempdir()?;
     let mut child = Command::new(bin)
         .args([

@@ -1,9 +1,8 @@
 //! Active checks at scale: N endpoints with HTTP checks every `interval`
 //! against one local backend; reports the agent's CPU per probe and in total.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,26 +72,8 @@ fn backend(hits: Arc<AtomicUsize>) -> anyhow::Result<std::net::SocketAddr> {
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let hits = Arc::new(AtomicUsize::new(0));
     let backend = backend(hits.clone())?;
-    let dir = tempfile::tempdir()?;
-    let mut child = Command::new(&args.agent)
-        .args([
-            "agent",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--dns-addr",
-            "127.0.0.1:0",
-            "--node-name",
-            "bench",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let ready: Value = serde_json::from_str(&line)?;
-    let api = format!("http://{}", ready["api"].as_str().context("api")?);
+    let process = crate::churn::start_agent(&args.agent)?;
+    let api = process.api.clone();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(120)))
         .build()
@@ -137,7 +118,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let pid = child.id();
+    let pid = process.child.id();
     let (cpu0, hits0, t0) = (
         cpu_seconds(pid)?,
         hits.load(Ordering::Relaxed),
@@ -149,8 +130,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         hits.load(Ordering::Relaxed),
         t0.elapsed().as_secs_f64(),
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(process);
     let probes = (hits1 - hits0) as f64;
     let cpu = cpu1 - cpu0;
     println!("| figure | value |");

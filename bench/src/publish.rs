@@ -2,14 +2,11 @@
 //! time single-endpoint changes (apply + rebuild of the touched service view +
 //! publish) through the real writer with an in-memory store.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use switchyard_registry::{
-    node_uuid, Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics, Weights,
-};
+use switchyard_registry::{Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -30,36 +27,21 @@ pub(crate) struct Args {
 }
 
 fn node(n: usize) -> Node {
-    let name = format!("node-{n}");
-    Node {
-        id: node_uuid(&name),
-        name: name.into(),
-        address: format!("10.{}.{}.{}", n >> 16 & 255, n >> 8 & 255, n & 255),
-        tagged_addresses: BTreeMap::new(),
-        meta: BTreeMap::new(),
-        drain: None,
-        create_index: 0,
-        modify_index: 0,
-    }
+    Node::new(
+        format!("node-{n}"),
+        format!("10.{}.{}.{}", n >> 16 & 255, n >> 8 & 255, n & 255),
+    )
 }
 
 fn endpoint(k: usize, port: u16) -> Endpoint {
-    Endpoint {
-        id: format!("task-{k}").into(),
-        service: format!("svc-{}", k / 3).into(),
-        node: format!("node-{}", k / 100).into(),
-        address: String::new(),
+    let mut e = Endpoint::new(
+        format!("node-{}", k / 100),
+        format!("task-{k}"),
+        format!("svc-{}", k / 3),
         port,
-        tags: vec!["v1".to_string()],
-        meta: BTreeMap::new(),
-        tagged_addresses: BTreeMap::new(),
-        weights: Weights::default(),
-        enable_tag_override: false,
-        kind: String::new(),
-        incarnation: 0,
-        create_index: 0,
-        modify_index: 0,
-    }
+    );
+    e.tags = vec!["v1".to_string()];
+    e
 }
 
 fn rss_bytes() -> u64 {

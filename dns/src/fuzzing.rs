@@ -1,11 +1,9 @@
 //! Entry point for the cargo-fuzz target in `fuzz/` (feature `fuzzing`).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use switchyard_registry::{
-    node_uuid, Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics,
-    ViewDecorator, Weights,
+    Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics, ViewDecorator,
 };
 
 use crate::answer::{Engine, Scratch, Transport};
@@ -36,31 +34,16 @@ fn fixture() -> &'static Fixture {
                     Ok(r) => r,
                     Err(e) => panic!("fuzz fixture registry: {e}"),
                 };
-            let node = |i: usize| Node {
-                name: format!("n{i}").into(),
-                id: node_uuid(&format!("n{i}")),
-                address: format!("10.0.0.{i}"),
-                tagged_addresses: BTreeMap::new(),
-                meta: BTreeMap::from([("k".to_string(), "v".to_string())]),
-                drain: None,
-                create_index: 0,
-                modify_index: 0,
+            let node = |i: usize| {
+                let mut node = Node::new(format!("n{i}"), format!("10.0.0.{i}"));
+                node.meta.insert("k".to_string(), "v".to_string());
+                node
             };
-            let endpoint = |i: usize, address: &str| Endpoint {
-                id: format!("e{i}").into(),
-                service: "web".into(),
-                node: format!("n{}", i % 3).into(),
-                address: address.to_string(),
-                port: 80,
-                tags: vec!["v1".to_string()],
-                meta: BTreeMap::new(),
-                tagged_addresses: BTreeMap::new(),
-                weights: Weights::default(),
-                enable_tag_override: false,
-                kind: String::new(),
-                incarnation: 0,
-                create_index: 0,
-                modify_index: 0,
+            let endpoint = |i: usize, address: &str| {
+                let mut e = Endpoint::new(format!("n{}", i % 3), format!("e{i}"), "web", 80);
+                e.address = address.to_string();
+                e.tags = vec!["v1".to_string()];
+                e
             };
             let batch = Batch {
                 nodes: (0..3).map(node).collect(),

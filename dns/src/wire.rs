@@ -183,25 +183,17 @@ impl Query {
         self.label_count
     }
 
-    /// Label `i` (left to right) in lowercase.
+    /// Label `i` (left to right) in lowercase. `lower` mirrors the packet's
+    /// name byte for byte from offset 12, so the recorded offsets index it too.
     pub(crate) fn label(&self, i: usize) -> &[u8] {
-        let mut at = 0;
-        for _ in 0..i {
-            at += self.lower[at] as usize + 1;
-        }
-        let len = self.lower[at] as usize;
-        &self.lower[at + 1..at + 1 + len]
+        let (at, len) = self.labels[i];
+        let start = usize::from(at) - HEADER_LEN;
+        &self.lower[start..start + usize::from(len)]
     }
 
     /// All labels, lowercase, left to right.
     pub(crate) fn labels(&self) -> impl Iterator<Item = &[u8]> {
-        let mut at = 0;
-        (0..self.label_count).map(move |_| {
-            let len = self.lower[at] as usize;
-            let label = &self.lower[at + 1..at + 1 + len];
-            at += len + 1;
-            label
-        })
+        (0..self.label_count).map(|i| self.label(i))
     }
 
     /// Packet offset where label `i` starts (its length byte): the target of

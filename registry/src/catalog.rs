@@ -268,34 +268,25 @@ impl Catalog {
             );
         }
         for endpoint in loaded.endpoints {
-            let Some(entry) = snap.nodes.get_mut(&endpoint.node) else {
+            let Some(entry) = snap.nodes.get(&endpoint.node) else {
                 tracing::warn!(node = %endpoint.node, id = %endpoint.id, "stored endpoint without node; dropped");
                 continue;
             };
-            let entry = Arc::make_mut(entry);
-            entry.index = entry.index.max(endpoint.modify_index);
             let mut endpoint = endpoint;
             endpoint.node = entry.node.name.clone();
-            let slot = snap
-                .services
-                .entry(endpoint.service.clone())
-                .or_insert_with(|| {
-                    Arc::new(ServiceSlot {
-                        name: Some(endpoint.service.clone()),
-                        ..ServiceSlot::default()
-                    })
-                });
-            let slot = Arc::make_mut(slot);
-            if let Some(name) = &slot.name {
-                endpoint.service = name.clone();
-            }
             let key = (endpoint.node.clone(), endpoint.id.clone());
             let modify = endpoint.modify_index;
-            entry
-                .endpoints
-                .insert(endpoint.id.clone(), Arc::new(endpoint));
+            let slot = snap.slot_mut(&endpoint.service);
+            endpoint.service = slot.name.clone();
             slot.members.insert(key);
             slot.index = slot.index.max(modify);
+            if let Some(entry) = snap.nodes.get_mut(&endpoint.node) {
+                let entry = Arc::make_mut(entry);
+                entry.index = entry.index.max(modify);
+                entry
+                    .endpoints
+                    .insert(endpoint.id.clone(), Arc::new(endpoint));
+            }
         }
         for check in loaded.checks {
             let Some(entry) = snap.nodes.get_mut(&check.node) else {
@@ -307,14 +298,7 @@ impl Catalog {
             entry.checks.insert(check.id.clone(), Arc::new(check));
         }
         for (name, index) in loaded.service_index {
-            let name: Name = name.into();
-            let slot = snap.services.entry(name.clone()).or_insert_with(|| {
-                Arc::new(ServiceSlot {
-                    name: Some(name),
-                    ..ServiceSlot::default()
-                })
-            });
-            let slot = Arc::make_mut(slot);
+            let slot = snap.slot_mut(&name.into());
             slot.index = slot.index.max(index);
         }
         // Services inherit the indexes of their nodes and checks.
@@ -344,10 +328,6 @@ impl Catalog {
             decorators,
         };
         for service in names {
-            if service.bytes().any(|b| b.is_ascii_uppercase()) {
-                let lower: Name = service.to_ascii_lowercase().into();
-                catalog.snap.aliases.insert(lower, service.clone());
-            }
             catalog.dirty.add(DirtyKey::Service(service));
         }
         catalog.rebuild_views();
@@ -557,23 +537,7 @@ impl Catalog {
     }
 
     fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
-        if service.bytes().any(|b| b.is_ascii_uppercase())
-            && !self.snap.services.contains_key(service)
-        {
-            let lower: Name = service.to_ascii_lowercase().into();
-            self.snap.aliases.insert(lower, service.clone());
-        }
-        let slot = self
-            .snap
-            .services
-            .entry(service.clone())
-            .or_insert_with(|| {
-                Arc::new(ServiceSlot {
-                    name: Some(service.clone()),
-                    ..ServiceSlot::default()
-                })
-            });
-        Arc::make_mut(slot)
+        self.snap.slot_mut(service)
     }
 
     /// Replaces an endpoint's node and service names by the catalog's shared
@@ -586,7 +550,7 @@ impl Catalog {
             .snap
             .services
             .get(&endpoint.service)
-            .and_then(|s| s.name.clone())
+            .map(|s| s.name.clone())
         {
             endpoint.service = name;
         }

@@ -34,9 +34,12 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest body excerpt kept as the check's output.
 const OUTPUT_BYTES: usize = 1024;
 
-/// Whether this agent runs a check of this kind.
+/// Check kinds this agent runs itself.
+pub(crate) const PROBED_KINDS: [&str; 3] = ["http", "tcp", "grpc"];
+
+/// Whether this agent runs this check.
 pub(crate) fn is_probed(check: &Check) -> bool {
-    matches!(check.kind.as_str(), "http" | "tcp" | "grpc") && check.definition.interval.is_some()
+    PROBED_KINDS.contains(&check.kind.as_str()) && check.definition.interval.is_some()
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;

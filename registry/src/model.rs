@@ -76,6 +76,21 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node with its derived UUID and nothing else set.
+    pub fn new(name: impl Into<Name>, address: impl Into<String>) -> Node {
+        let name = name.into();
+        Node {
+            id: node_uuid(&name),
+            name,
+            address: address.into(),
+            tagged_addresses: BTreeMap::new(),
+            meta: BTreeMap::new(),
+            drain: None,
+            create_index: 0,
+            modify_index: 0,
+        }
+    }
+
     /// True when the registrant-visible fields are equal (indexes and drain aside).
     pub(crate) fn same_definition(&self, other: &Node) -> bool {
         self.name == other.name
@@ -138,6 +153,32 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// An endpoint with Consul's defaults: no address of its own (the node's is
+    /// used), no tags or meta, weights 1/1, no incarnation.
+    pub fn new(
+        node: impl Into<Name>,
+        id: impl Into<Name>,
+        service: impl Into<Name>,
+        port: u16,
+    ) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            service: service.into(),
+            node: node.into(),
+            address: String::new(),
+            port,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+            tagged_addresses: BTreeMap::new(),
+            weights: Weights::default(),
+            enable_tag_override: false,
+            kind: String::new(),
+            incarnation: 0,
+            create_index: 0,
+            modify_index: 0,
+        }
+    }
+
     pub(crate) fn same_definition(&self, other: &Endpoint) -> bool {
         self.id == other.id
             && self.service == other.service

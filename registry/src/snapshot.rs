@@ -35,10 +35,10 @@ pub struct Snapshot {
 /// Everything kept per service name, in one map entry so that a change costs
 /// one path copy. A slot outlives its last instance as a tombstone carrying the
 /// index, so a blocking query on a removed service still sees the index grow.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct ServiceSlot {
     /// The service name, shared by every endpoint of the service (interned).
-    pub(crate) name: Option<Name>,
+    pub(crate) name: Name,
     /// Instances as `(node, endpoint id)`.
     pub(crate) members: Members,
     /// Last index at which anything shown for the service changed.
@@ -495,6 +495,24 @@ impl Snapshot {
             .binary_search_by(|i| (&*i.endpoint.node, &*i.endpoint.id).cmp(&(node, id)))
             .ok()?;
         view.instances.get(pos)
+    }
+
+    /// The slot of a service for editing. A new slot is named after the
+    /// service and, when the name has capitals, given its lowercase alias.
+    pub(crate) fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
+        if !self.services.contains_key(service) && service.bytes().any(|b| b.is_ascii_uppercase()) {
+            let lower: Name = service.to_ascii_lowercase().into();
+            self.aliases.insert(lower, service.clone());
+        }
+        let slot = self.services.entry(service.clone()).or_insert_with(|| {
+            Arc::new(ServiceSlot {
+                name: service.clone(),
+                members: Members::default(),
+                index: 0,
+                view: None,
+            })
+        });
+        Arc::make_mut(slot)
     }
 
     /// Rebuilds the view of one service from the records. Called by the writer

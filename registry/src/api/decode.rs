@@ -302,7 +302,7 @@ impl CheckIn {
             ),
         };
         let output = self.output.unwrap_or_default();
-        let run_here = matches!(kind, "http" | "tcp" | "grpc");
+        let run_here = crate::health::PROBED_KINDS.contains(&kind);
         let output =
             if kind.is_empty() || kind == "ttl" || run_here || ctx.catalog || !output.is_empty() {
                 output

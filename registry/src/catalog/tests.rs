@@ -1,7 +1,6 @@
 //! Catalog and writer behaviour, driven through the real writer with an
 //! in-memory (or embedded) store and tokio's paused clock.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,41 +8,19 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::metrics::RegistryMetrics;
-use crate::model::{node_uuid, CheckDefinition, Weights};
+use crate::model::CheckDefinition;
 use crate::snapshot::EndpointState;
 use crate::store::{EmbeddedStore, MemoryStore, Store};
 use crate::writer::Registry;
 
 fn node(name: &str) -> Node {
-    Node {
-        name: name.into(),
-        id: node_uuid(name),
-        address: format!("10.0.0.{}", name.len()),
-        tagged_addresses: BTreeMap::new(),
-        meta: BTreeMap::new(),
-        drain: None,
-        create_index: 0,
-        modify_index: 0,
-    }
+    Node::new(name, format!("10.0.0.{}", name.len()))
 }
 
 fn endpoint(node: &str, id: &str, service: &str, tags: &[&str]) -> Endpoint {
-    Endpoint {
-        id: id.into(),
-        service: service.into(),
-        node: node.into(),
-        address: String::new(),
-        port: 8080,
-        tags: tags.iter().map(|t| t.to_string()).collect(),
-        meta: BTreeMap::new(),
-        tagged_addresses: BTreeMap::new(),
-        weights: Weights::default(),
-        enable_tag_override: false,
-        kind: String::new(),
-        incarnation: 0,
-        create_index: 0,
-        modify_index: 0,
-    }
+    let mut e = Endpoint::new(node, id, service, 8080);
+    e.tags = tags.iter().map(|t| t.to_string()).collect();
+    e
 }
 
 fn check(node: &str, service_id: &str, status: Status) -> NewCheck {
