@@ -50,6 +50,9 @@ impl DnsServer {
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
     ) -> std::io::Result<DnsServer> {
+        let (sockets, listener) = server::bind(config.addr, config.udp_workers)?;
+        let addr = listener.local_addr()?;
+        let listener = TcpListener::from_std(listener)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ptr = Arc::new(ptr::Ptr::new());
         let builder = ptr::spawn_builder(
@@ -67,27 +70,14 @@ impl DnsServer {
             metrics,
             ptr,
         ));
-        let spawned = server::spawn_udp(
-            engine.clone(),
-            config.addr,
-            config.udp_workers,
-            stop.clone(),
-        );
-        let (addr, mut udp) = match spawned {
-            Ok(bound) => bound,
+        let mut udp = match server::spawn_udp(engine.clone(), sockets, stop.clone()) {
+            Ok(handles) => handles,
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
                 return Err(e);
             }
         };
         udp.push(builder);
-        let listener = match TcpListener::bind(addr).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
         let (stop_tcp, stop_rx) = watch::channel(false);
         let tcp = tokio::spawn(server::serve_tcp(
             engine,

@@ -28,20 +28,52 @@ fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket)
 }
 
-/// Binds `workers` UDP sockets on one address (the first decides the port
-/// when it is 0) and starts a thread on each.
-pub(crate) fn spawn_udp(
-    engine: Arc<Engine>,
+/// Binds `workers` UDP sockets and a TCP listener on one address. When the
+/// port is 0 the first UDP socket picks it, and TCP must then get the same
+/// number; if another process holds that TCP port, try a fresh one.
+pub(crate) fn bind(
     addr: SocketAddr,
     workers: usize,
-    stop: Arc<AtomicBool>,
-) -> io::Result<(SocketAddr, Vec<JoinHandle<()>>)> {
-    let first = udp_socket(addr)?;
-    let bound = first.local_addr()?;
-    let mut sockets = vec![first];
-    for _ in 1..workers {
-        sockets.push(udp_socket(bound)?);
+) -> io::Result<(Vec<UdpSocket>, std::net::TcpListener)> {
+    const ATTEMPTS: usize = 32;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let first = udp_socket(addr)?;
+        let bound = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..workers {
+            sockets.push(udp_socket(bound)?);
+        }
+        match tcp_listener(bound) {
+            Ok(listener) => return Ok((sockets, listener)),
+            Err(e)
+                if addr.port() == 0
+                    && e.kind() == io::ErrorKind::AddrInUse
+                    && attempt < ATTEMPTS =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
     }
+}
+
+fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Starts a worker thread on each bound UDP socket.
+pub(crate) fn spawn_udp(
+    engine: Arc<Engine>,
+    sockets: Vec<UdpSocket>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<Vec<JoinHandle<()>>> {
     let mut handles = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let engine = engine.clone();
@@ -51,7 +83,7 @@ pub(crate) fn spawn_udp(
             .spawn(move || udp_worker(&engine, &socket, &stop))?;
         handles.push(handle);
     }
-    Ok((bound, handles))
+    Ok(handles)
 }
 
 /// Datagrams taken per `recvmmsg` call.
