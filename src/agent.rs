@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use switchyard_dns::{DnsDecorator, DnsMetrics, DnsServer};
+use switchyard_proxy::{HttpProxy, ProxyDecorator, ProxyMetrics};
 use switchyard_registry::api::{self, AgentInfo, ApiState};
 use switchyard_registry::{
     Command, EmbeddedStore, MemoryStore, Node, Registry, RegistryMetrics, Store, StoreKind,
@@ -43,12 +44,22 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
     let dns_config = Arc::new(config.dns.clone());
     let dns_metrics = Arc::new(DnsMetrics::new(&prometheus).context("dns metrics")?);
-    // Decorator slot 0: DNS answers, built by the writer with every view.
-    let decorators: Vec<Arc<dyn ViewDecorator>> = vec![Arc::new(DnsDecorator::new(
-        dns_config.clone(),
-        &config.agent.datacenter,
-    ))];
+    let proxy_metrics = Arc::new(ProxyMetrics::new(&prometheus).context("proxy metrics")?);
+    let proxy = Arc::new(ProxyDecorator::new(
+        Arc::new(config.http.clone()),
+        proxy_metrics,
+    ));
+    // Decorators, built by the writer with every view: slot 0 DNS answers,
+    // slot 1 the proxy's backend lists.
+    let decorators: Vec<Arc<dyn ViewDecorator>> = vec![
+        Arc::new(DnsDecorator::new(
+            dns_config.clone(),
+            &config.agent.datacenter,
+        )),
+        proxy.clone(),
+    ];
     const DNS_SLOT: usize = 0;
+    const PROXY_SLOT: usize = 1;
     let (registry, writer) = match config.store.kind {
         StoreKind::Embedded => {
             let dir = config
@@ -118,10 +129,15 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;
     let dns_addr = dns.local_addr();
 
+    let http = HttpProxy::start_with(&proxy, PROXY_SLOT, registry.snapshot_cell())
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http.addr))?;
+    let http_addr = http.local_addr();
+
     let ready = serde_json::json!({
         "ready": true,
         "api": api_addr.to_string(),
         "dns": dns_addr.to_string(),
+        "http": http_addr.to_string(),
         "node": node_name,
     });
     {
@@ -129,11 +145,12 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         writeln!(out, "{ready}")?;
         out.flush()?;
     }
-    tracing::info!(api = %api_addr, dns = %dns_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
+    tracing::info!(api = %api_addr, dns = %dns_addr, http = %http_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
 
     wait_for_signal().await;
     tracing::info!("shutting down: no new API requests, finishing queued writes");
     let _ = shutdown_tx.send(true);
+    http.shutdown().await;
     dns.shutdown().await;
     match server.await {
         Ok(Ok(())) => {}

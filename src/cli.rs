@@ -78,6 +78,12 @@ struct AgentArgs {
     /// DNS listen address, UDP and TCP (overrides dns.addr); port 0 picks a free port.
     #[arg(long)]
     dns_addr: Option<SocketAddr>,
+    /// HTTP proxy listen address (overrides http.addr); port 0 picks a free port.
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// Proxy threads, each with its own listener (overrides http.threads; 0 = one per core).
+    #[arg(long)]
+    proxy_threads: Option<usize>,
     /// This agent's node name (overrides agent.node_name).
     #[arg(long)]
     node_name: Option<String>,
@@ -123,6 +129,12 @@ fn run_agent(args: AgentArgs) -> ExitCode {
     }
     if let Some(addr) = args.dns_addr {
         config.dns.addr = addr;
+    }
+    if let Some(addr) = args.http_addr {
+        config.http.addr = addr;
+    }
+    if let Some(threads) = args.proxy_threads {
+        config.http.threads = threads;
     }
     if let Some(name) = args.node_name {
         config.agent.node_name = Some(name);

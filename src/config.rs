@@ -14,6 +14,7 @@ pub(crate) struct AgentConfig {
     pub(crate) api: ApiConfig,
     pub(crate) store: StoreConfig,
     pub(crate) dns: switchyard_dns::Config,
+    pub(crate) http: switchyard_proxy::Config,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -72,7 +73,8 @@ impl AgentConfig {
         if self.store.cache_mib == 0 {
             return Err("store.cache_mib must be at least 1".to_string());
         }
-        self.dns.validate()
+        self.dns.validate()?;
+        self.http.validate()
     }
 }
 

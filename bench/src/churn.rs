@@ -60,6 +60,8 @@ pub(crate) fn start_agent(bin: &PathBuf) -> anyhow::Result<AgentProcess> {
             "127.0.0.1:0",
             "--dns-addr",
             "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
             "--node-name",
             "bench",
             "--data-dir",

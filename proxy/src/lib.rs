@@ -1,7 +1,42 @@
-//! Switchyard proxy: L7 and L4 load balancing driven by registry snapshots.
+//! Switchyard proxy: L7 load balancing driven by registry snapshots.
 //!
-//! The foundation only reserves the crate; the proxy issues fill it. It depends on
-//! `switchyard-registry` for the snapshot types and never on the DNS crate.
+//! HTTP/1.1 runs on a data path of our own (`server.rs`, `conn.rs`,
+//! `wire.rs`): thread-per-core, httparse into a fixed header array, pooled
+//! buffers and upstream connections per thread, strict framing. Each routed
+//! service's backends are built at publish time by `ProxyDecorator` (in the
+//! registry writer), so a request after an API acknowledgment already sees the
+//! change. Per-endpoint state (in-flight, latency, failures, ejection) is in
+//! atomics. Depends on `switchyard-registry` only, never on the DNS crate.
 #![forbid(unsafe_code)]
 
-pub use switchyard_registry::Snapshot;
+mod backend;
+mod balance;
+mod config;
+mod conn;
+mod metrics;
+mod route;
+mod server;
+mod wire;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use switchyard_registry::Snapshot;
+
+pub use backend::{ProxyDecorator, ProxyService};
+pub use config::{BalancerKind, Config, HashOn, OutlierConfig, RouteConfig};
+pub use metrics::ProxyMetrics;
+pub use route::{HOST_TAG, PATH_TAG};
+pub use server::HttpProxy;
+
+impl HttpProxy {
+    /// Starts the proxy threads. `decorator` must be registered with the
+    /// registry at position `slot`.
+    pub fn start_with(
+        decorator: &ProxyDecorator,
+        slot: usize,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+    ) -> std::io::Result<HttpProxy> {
+        HttpProxy::start(decorator.shared.clone(), slot, snapshot)
+    }
+}

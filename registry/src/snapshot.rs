@@ -399,6 +399,11 @@ impl ServiceView {
         self.extras.0.get(slot)?.downcast_ref()
     }
 
+    /// Like `extra`, as a shared handle that outlives this borrow.
+    pub fn extra_arc<T: Any + Send + Sync>(&self, slot: usize) -> Option<Arc<T>> {
+        self.extras.0.get(slot)?.clone().downcast().ok()
+    }
+
     /// Routable instances, optionally restricted to one tag (case-insensitive).
     pub fn routable_with_tag(&self, tag: Option<&str>) -> impl Iterator<Item = &Instance> {
         let positions: &[u32] = match tag {

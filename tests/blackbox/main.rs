@@ -4,6 +4,7 @@
 mod cli;
 mod dns;
 mod health;
+mod proxy;
 mod registry_api;
 mod restart;
 mod support;

@@ -18,6 +18,8 @@ pub(crate) struct Agent {
     pub(crate) api: String,
     /// DNS address (UDP and TCP).
     pub(crate) dns: std::net::SocketAddr,
+    /// HTTP proxy address.
+    pub(crate) http: std::net::SocketAddr,
     stderr_path: PathBuf,
     _scratch: Option<tempfile::TempDir>,
 }
@@ -43,6 +45,8 @@ impl Agent {
                 "--api-addr",
                 "127.0.0.1:0",
                 "--dns-addr",
+                "127.0.0.1:0",
+                "--http-addr",
                 "127.0.0.1:0",
                 "--node-name",
                 "test-node",
@@ -81,10 +85,16 @@ impl Agent {
             .expect("dns address")
             .parse()
             .expect("dns addr");
+        let http = ready["http"]
+            .as_str()
+            .expect("http address")
+            .parse()
+            .expect("http addr");
         Agent {
             child: Some(child),
             api,
             dns,
+            http,
             stderr_path,
             _scratch: None,
         }

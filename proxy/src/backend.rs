@@ -1,0 +1,448 @@
+//! Per-endpoint and per-service runtime state, and the decorator that builds
+//! each routed service's backend list at publish time.
+//!
+//! State that must outlive one view (in-flight counts, latency estimates,
+//! failure streaks, ejections, metric handles) lives in `EndpointStats` and
+//! `ServiceStats`, created when an endpoint or service first appears and found
+//! again by key when the next view is built. Requests touch only atomics.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use switchyard_registry::{EndpointState, Extra, Name, ServiceView, Snapshot, ViewDecorator};
+
+use crate::balance::Ring;
+use crate::config::{Config, OutlierConfig};
+use crate::metrics::{EndpointMetrics, ProxyMetrics, ServiceMetrics};
+use crate::route::{RouteTable, TagRoute};
+
+/// Nanoseconds since the first call: a cheap monotonic clock for atomics.
+pub(crate) fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Decay time of the peak-EWMA latency estimate.
+const EWMA_DECAY_NS: f64 = 1e9;
+/// Latency assumed for an endpoint not measured yet (it is tried soon, not flooded).
+const EWMA_INITIAL_NS: f64 = 1e6;
+
+/// Runtime state of one endpoint, shared by every proxy thread.
+pub(crate) struct EndpointStats {
+    pub(crate) id: Name,
+    pub(crate) node: Name,
+    pub(crate) metrics: EndpointMetrics,
+    ewma_ns: AtomicU64,
+    stamp_ns: AtomicU64,
+    failures: AtomicU32,
+    ejected_until_ns: AtomicU64,
+    ejections: AtomicU32,
+}
+
+impl EndpointStats {
+    pub(crate) fn new(id: Name, node: Name, metrics: EndpointMetrics) -> EndpointStats {
+        EndpointStats {
+            id,
+            node,
+            metrics,
+            ewma_ns: AtomicU64::new(EWMA_INITIAL_NS.to_bits()),
+            stamp_ns: AtomicU64::new(now_ns()),
+            failures: AtomicU32::new(0),
+            ejected_until_ns: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> i64 {
+        self.metrics.in_flight.get()
+    }
+
+    /// Peak-EWMA latency, decayed for the time since the last sample so an
+    /// endpoint that was slow once gets tried again.
+    pub(crate) fn latency_ns(&self, now: u64) -> f64 {
+        let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let age = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
+        ewma * (-age / EWMA_DECAY_NS).exp()
+    }
+
+    /// Folds in one response time: a slower sample replaces the estimate at
+    /// once (the "peak"), a faster one pulls it down gradually.
+    pub(crate) fn observe(&self, rtt_ns: u64, now: u64) {
+        let rtt = rtt_ns as f64;
+        let old = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let age = now.saturating_sub(self.stamp_ns.swap(now, Ordering::Relaxed)) as f64;
+        let next = if rtt > old {
+            rtt
+        } else {
+            let w = (-age / EWMA_DECAY_NS).exp();
+            old * w + rtt * (1.0 - w)
+        };
+        self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until_ns.load(Ordering::Relaxed) > now
+    }
+
+    pub(crate) fn succeeded(&self, now: u64) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        // A success after the ejection has ended settles the endpoint: its
+        // next ejection starts from the base time again.
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            let until = self.ejected_until_ns.load(Ordering::Relaxed);
+            if until != 0 && now > until {
+                self.ejections.store(0, Ordering::Relaxed);
+                self.ejected_until_ns.store(0, Ordering::Relaxed);
+                self.metrics.ejected.set(0);
+            }
+        }
+    }
+
+    /// Counts a failure; ejects the endpoint when the streak reaches the
+    /// threshold and the service's cap allows. Returns whether the cap
+    /// refused an ejection (the service is then failing open).
+    pub(crate) fn failed(
+        &self,
+        now: u64,
+        outlier: &OutlierConfig,
+        service: &ServiceStats,
+        peers: &[Backend],
+    ) -> bool {
+        let streak = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if outlier.consecutive_failures == 0
+            || streak < outlier.consecutive_failures
+            || self.is_ejected(now)
+        {
+            return false;
+        }
+        let ejected = peers.iter().filter(|b| b.stats.is_ejected(now)).count();
+        let cap = peers.len() * outlier.max_ejected_percent as usize / 100;
+        if ejected > 0 && ejected + 1 > cap {
+            service.set_fail_open(
+                true,
+                &format!(
+                    "{} of {} endpoints already ejected; {} keeps failing",
+                    ejected,
+                    peers.len(),
+                    self.id
+                ),
+            );
+            return true;
+        }
+        let round = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let time = outlier
+            .base_ejection
+            .saturating_mul(1 << round)
+            .min(outlier.max_ejection);
+        let until = now.saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX));
+        self.ejected_until_ns.store(until, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        self.metrics.ejections.inc();
+        self.metrics.ejected.set(1);
+        tracing::warn!(
+            service = %service.name, endpoint = %self.id, node = %self.node,
+            failures = streak, ejected_for = ?time,
+            "endpoint ejected by outlier detection"
+        );
+        false
+    }
+}
+
+/// Runtime state of one routed service.
+pub(crate) struct ServiceStats {
+    pub(crate) name: Name,
+    pub(crate) metrics: ServiceMetrics,
+    fail_open: AtomicBool,
+    window_sec: AtomicU64,
+    window_requests: AtomicU32,
+    window_retries: AtomicU32,
+}
+
+impl ServiceStats {
+    pub(crate) fn new(name: Name, metrics: ServiceMetrics) -> ServiceStats {
+        ServiceStats {
+            name,
+            metrics,
+            fail_open: AtomicBool::new(false),
+            window_sec: AtomicU64::new(0),
+            window_requests: AtomicU32::new(0),
+            window_retries: AtomicU32::new(0),
+        }
+    }
+
+    /// Enters or leaves fail-open, logging each transition once.
+    pub(crate) fn set_fail_open(&self, on: bool, reason: &str) {
+        if self.fail_open.load(Ordering::Relaxed) == on {
+            return;
+        }
+        if self.fail_open.swap(on, Ordering::Relaxed) == on {
+            return;
+        }
+        self.metrics.fail_open.set(i64::from(on));
+        if on {
+            tracing::warn!(service = %self.name, reason, "service is failing open: sending to endpoints that are failing");
+        } else {
+            tracing::info!(service = %self.name, "service left fail-open");
+        }
+    }
+
+    pub(crate) fn is_fail_open(&self) -> bool {
+        self.fail_open.load(Ordering::Relaxed)
+    }
+
+    fn window(&self, now: u64) {
+        let sec = now / 1_000_000_000;
+        let current = self.window_sec.load(Ordering::Relaxed);
+        if current != sec
+            && self
+                .window_sec
+                .compare_exchange(current, sec, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.window_requests.store(0, Ordering::Relaxed);
+            self.window_retries.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a first attempt toward the retry budget.
+    pub(crate) fn note_request(&self, now: u64) {
+        self.window(now);
+        self.window_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one retry from the budget: `floor` per second plus `ratio` of
+    /// this second's requests.
+    pub(crate) fn take_retry(&self, now: u64, ratio: f64, floor: u32) -> bool {
+        self.window(now);
+        let requests = f64::from(self.window_requests.load(Ordering::Relaxed));
+        let allowed = f64::from(floor) + requests * ratio;
+        let used = self.window_retries.fetch_add(1, Ordering::Relaxed);
+        if f64::from(used) < allowed {
+            self.metrics.retries.inc();
+            true
+        } else {
+            self.window_retries.fetch_sub(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// One routable endpoint as the balancers see it.
+pub(crate) struct Backend {
+    pub(crate) stats: Arc<EndpointStats>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
+}
+
+/// What the proxy keeps per service view (a decorator extra).
+pub struct ProxyService {
+    pub(crate) stats: Option<Arc<ServiceStats>>,
+    /// The routable endpoints with a usable address and a weight above 0.
+    pub(crate) backends: Box<[Backend]>,
+    /// Every instance's stats, routable or not (drain status reads these).
+    pub(crate) all: Box<[Arc<EndpointStats>]>,
+    pub(crate) cursor: AtomicUsize,
+    pub(crate) schedule: OnceLock<Box<[u32]>>,
+    pub(crate) ring: OnceLock<Ring>,
+}
+
+impl ProxyService {
+    /// `(node, endpoint id, requests in flight)` for every instance of the
+    /// service, routable or not (what a drain waits on).
+    pub fn in_flight(&self) -> impl Iterator<Item = (&str, &str, i64)> {
+        self.all.iter().map(|s| (&*s.node, &*s.id, s.in_flight()))
+    }
+
+    fn empty() -> ProxyService {
+        ProxyService {
+            stats: None,
+            backends: Box::new([]),
+            all: Box::new([]),
+            cursor: AtomicUsize::new(0),
+            schedule: OnceLock::new(),
+            ring: OnceLock::new(),
+        }
+    }
+}
+
+struct ServiceEntry {
+    stats: Arc<ServiceStats>,
+    endpoints: HashMap<(Name, Name), Arc<EndpointStats>>,
+    tag_route: Option<TagRoute>,
+}
+
+/// State shared by the decorator (writer side) and the proxy threads.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) metrics: Arc<ProxyMetrics>,
+    pub(crate) routes: Arc<ArcSwap<RouteTable>>,
+    configured: HashSet<String>,
+    services: Mutex<HashMap<Name, ServiceEntry>>,
+    empty: Extra,
+}
+
+impl Shared {
+    fn compile_routes(&self, services: &HashMap<Name, ServiceEntry>) {
+        let tags = services
+            .iter()
+            .filter_map(|(name, entry)| entry.tag_route.as_ref().map(|r| (name.clone(), r)));
+        self.routes
+            .store(Arc::new(RouteTable::compile(&self.config, tags)));
+    }
+
+    /// Forgets services that left the catalog (the decorator is not called
+    /// for a service that has no view any more).
+    pub(crate) fn prune(&self, snapshot: &Snapshot) {
+        let Ok(mut services) = self.services.lock() else {
+            return;
+        };
+        let before = services.len();
+        let mut routes_changed = false;
+        services.retain(|name, entry| {
+            if snapshot.service(name).is_some() {
+                return true;
+            }
+            routes_changed |= entry.tag_route.is_some();
+            self.forget(name, entry);
+            false
+        });
+        if routes_changed {
+            self.compile_routes(&services);
+        }
+        if services.len() != before {
+            tracing::debug!(
+                removed = before - services.len(),
+                "proxy forgot services that left the catalog"
+            );
+        }
+    }
+
+    fn forget(&self, name: &str, entry: &ServiceEntry) {
+        for (node, id) in entry.endpoints.keys() {
+            self.metrics.forget_endpoint(name, node, id);
+        }
+        self.metrics.forget_service(name);
+    }
+}
+
+/// Builds each routed service's `ProxyService` in the registry writer, so a
+/// request that follows an API acknowledgment already sees the change.
+pub struct ProxyDecorator {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ProxyDecorator {
+    pub fn new(config: Arc<Config>, metrics: Arc<ProxyMetrics>) -> ProxyDecorator {
+        let configured = config.routes.iter().map(|r| r.service.clone()).collect();
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::compile(
+            &config,
+            std::iter::empty(),
+        )));
+        ProxyDecorator {
+            shared: Arc::new(Shared {
+                config,
+                metrics,
+                routes,
+                configured,
+                services: Mutex::new(HashMap::new()),
+                empty: Arc::new(ProxyService::empty()),
+            }),
+        }
+    }
+}
+
+impl ViewDecorator for ProxyDecorator {
+    fn decorate(&self, view: &ServiceView) -> Extra {
+        let shared = &self.shared;
+        let tag_route = TagRoute::from_tags(&view.tags);
+        let routed = tag_route.is_some() || shared.configured.contains(&*view.name);
+        let Ok(mut services) = shared.services.lock() else {
+            return shared.empty.clone();
+        };
+        if !routed {
+            if let Some(old) = services.remove(&view.name) {
+                shared.forget(&view.name, &old);
+                if old.tag_route.is_some() {
+                    shared.compile_routes(&services);
+                }
+            }
+            return shared.empty.clone();
+        }
+        let entry = services
+            .entry(view.name.clone())
+            .or_insert_with(|| ServiceEntry {
+                stats: Arc::new(ServiceStats::new(
+                    view.name.clone(),
+                    shared.metrics.service(&view.name),
+                )),
+                endpoints: HashMap::new(),
+                tag_route: None,
+            });
+        let mut endpoints = HashMap::with_capacity(view.instances.len());
+        let mut all = Vec::with_capacity(view.instances.len());
+        for instance in &view.instances {
+            let key = (instance.node.name.clone(), instance.endpoint.id.clone());
+            let stats = entry.endpoints.remove(&key).unwrap_or_else(|| {
+                Arc::new(EndpointStats::new(
+                    key.1.clone(),
+                    key.0.clone(),
+                    shared.metrics.endpoint(&view.name, &key.0, &key.1),
+                ))
+            });
+            all.push(stats.clone());
+            endpoints.insert(key, stats);
+        }
+        for (node, id) in entry.endpoints.keys() {
+            shared.metrics.forget_endpoint(&view.name, node, id);
+        }
+        entry.endpoints = endpoints;
+        let mut backends = Vec::with_capacity(view.routable.len());
+        for &pos in &view.routable {
+            let instance = &view.instances[pos as usize];
+            let weights = &instance.endpoint.weights;
+            let weight = if instance.state == EndpointState::Warning {
+                weights.warning
+            } else {
+                weights.passing
+            };
+            let Ok(ip) = instance.address().parse::<IpAddr>() else {
+                tracing::debug!(service = %view.name, endpoint = %instance.endpoint.id,
+                    address = instance.address(), "endpoint address is not an IP; the proxy skips it");
+                continue;
+            };
+            if weight == 0 || instance.endpoint.port == 0 {
+                continue;
+            }
+            backends.push(Backend {
+                stats: all[pos as usize].clone(),
+                addr: SocketAddr::new(ip, instance.endpoint.port),
+                weight,
+            });
+        }
+        let stats = entry.stats.clone();
+        if entry.tag_route != tag_route {
+            entry.tag_route = tag_route;
+            shared.compile_routes(&services);
+        }
+        Arc::new(ProxyService {
+            stats: Some(stats),
+            backends: backends.into_boxed_slice(),
+            all: all.into_boxed_slice(),
+            cursor: AtomicUsize::new(0),
+            schedule: OnceLock::new(),
+            ring: OnceLock::new(),
+        })
+    }
+}
+
+/// `Duration` to nanoseconds, saturating.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}

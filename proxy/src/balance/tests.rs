@@ -1,0 +1,249 @@
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock};
+
+use super::*;
+use crate::backend::EndpointStats;
+use crate::config::OutlierConfig;
+use crate::metrics::ProxyMetrics;
+
+fn service(weights: &[u32]) -> ProxyService {
+    service_named(
+        &(0..weights.len())
+            .map(|i| format!("ep-{i}"))
+            .collect::<Vec<_>>(),
+        weights,
+    )
+}
+
+fn service_named(ids: &[String], weights: &[u32]) -> ProxyService {
+    let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
+    let backends: Vec<Backend> = ids
+        .iter()
+        .zip(weights)
+        .enumerate()
+        .map(|(i, (id, &weight))| Backend {
+            stats: Arc::new(EndpointStats::new(
+                id.as_str().into(),
+                "node".into(),
+                metrics.endpoint("svc", "node", id),
+            )),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+            weight,
+        })
+        .collect();
+    ProxyService {
+        stats: None,
+        all: backends.iter().map(|b| b.stats.clone()).collect(),
+        backends: backends.into_boxed_slice(),
+        cursor: AtomicUsize::new(0),
+        schedule: OnceLock::new(),
+        ring: OnceLock::new(),
+    }
+}
+
+fn counts(svc: &ProxyService, kind: BalancerKind, picks: usize) -> Vec<usize> {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut counts = vec![0; svc.backends.len()];
+    for _ in 0..picks {
+        let (i, open) = pick(svc, kind, None, &Tried::default(), 0, &mut rng).expect("pick");
+        assert!(!open);
+        counts[i as usize] += 1;
+    }
+    counts
+}
+
+#[test]
+fn smooth_weighted_round_robin_is_exact_and_interleaved() {
+    let svc = service(&[5, 1, 1]);
+    assert_eq!(
+        counts(&svc, BalancerKind::RoundRobin, 700),
+        vec![500, 100, 100]
+    );
+    // nginx's smooth order for 5,1,1: a a b a c a a.
+    let order: Vec<u32> = svc.schedule.get().expect("built").to_vec();
+    assert_eq!(order, vec![0, 0, 1, 0, 2, 0, 0]);
+    let equal = service(&[1, 1, 1]);
+    let mut rng = fastrand::Rng::with_seed(1);
+    let picks: Vec<u32> = (0..6)
+        .map(|_| {
+            pick(
+                &equal,
+                BalancerKind::RoundRobin,
+                None,
+                &Tried::default(),
+                0,
+                &mut rng,
+            )
+            .expect("pick")
+            .0
+        })
+        .collect();
+    assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn random_and_least_request_spread_evenly_when_idle() {
+    for kind in [
+        BalancerKind::Random,
+        BalancerKind::LeastRequest,
+        BalancerKind::PeakEwma,
+    ] {
+        let svc = service(&[1, 1, 1, 1]);
+        let got = counts(&svc, kind, 4000);
+        for &n in &got {
+            assert!((800..=1200).contains(&n), "{kind:?}: {got:?}");
+        }
+    }
+}
+
+#[test]
+fn least_request_avoids_busy_backends() {
+    let svc = service(&[1, 1, 1]);
+    svc.backends[0].stats.metrics.in_flight.set(50);
+    let got = counts(&svc, BalancerKind::LeastRequest, 3000);
+    assert_eq!(got[0], 0, "{got:?}");
+}
+
+#[test]
+fn peak_ewma_moves_load_off_a_slow_backend() {
+    let svc = service(&[1, 1, 1]);
+    let now = 1_000_000_000;
+    for (i, rtt) in [(0, 50_000_000u64), (1, 500_000), (2, 500_000)] {
+        svc.backends[i].stats.observe(rtt, now);
+    }
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut slow = 0;
+    for _ in 0..3000 {
+        let (i, _) = pick(
+            &svc,
+            BalancerKind::PeakEwma,
+            None,
+            &Tried::default(),
+            now,
+            &mut rng,
+        )
+        .expect("pick");
+        slow += usize::from(i == 0);
+    }
+    assert!(slow < 30, "slow backend still got {slow} of 3000");
+}
+
+#[test]
+fn consistent_hash_keeps_keys_and_moves_only_the_leavers_share() {
+    let ids: Vec<String> = (0..4).map(|i| format!("ep-{i}")).collect();
+    let four = service_named(&ids, &[1, 1, 1, 1]);
+    let three = service_named(&ids[..3], &[1, 1, 1]);
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut owner = |svc: &ProxyService, key: u64| {
+        let (i, _) = pick(
+            svc,
+            BalancerKind::ConsistentHash,
+            Some(key),
+            &Tried::default(),
+            0,
+            &mut rng,
+        )
+        .expect("pick");
+        svc.backends[i as usize].stats.id.clone()
+    };
+    let keys: Vec<u64> = (0..4000u64).map(|k| hash64(&k.to_le_bytes())).collect();
+    let mut per_backend: HashMap<Name, usize> = HashMap::new();
+    let mut moved = 0;
+    for &key in &keys {
+        let before = owner(&four, key);
+        assert_eq!(before, owner(&four, key), "same key, same endpoint");
+        let after = owner(&three, key);
+        if before != after {
+            assert_eq!(&*before, "ep-3", "only keys of the leaver move");
+            moved += 1;
+        }
+        *per_backend.entry(before).or_default() += 1;
+    }
+    assert!(moved <= keys.len() / 4 + keys.len() / 20, "moved {moved}");
+    for (id, n) in per_backend {
+        assert!((600..=1400).contains(&n), "{id} owns {n} of 4000");
+    }
+}
+
+use switchyard_registry::Name;
+
+#[test]
+fn tried_and_ejected_backends_are_skipped_until_none_is_left() {
+    let svc = service(&[1, 1, 1]);
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut tried = Tried::default();
+    tried.add(0);
+    tried.add(1);
+    for kind in [
+        BalancerKind::RoundRobin,
+        BalancerKind::Random,
+        BalancerKind::LeastRequest,
+        BalancerKind::PeakEwma,
+    ] {
+        assert_eq!(
+            pick(&svc, kind, Some(1), &tried, 0, &mut rng),
+            Some((2, false)),
+            "{kind:?}"
+        );
+    }
+    tried.add(2);
+    assert_eq!(
+        pick(&svc, BalancerKind::Random, None, &tried, 0, &mut rng),
+        None
+    );
+
+    // Eject endpoint 1 through its failure streak.
+    let outlier = OutlierConfig {
+        consecutive_failures: 2,
+        max_ejected_percent: 100,
+        ..OutlierConfig::default()
+    };
+    let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
+    let stats = crate::backend::ServiceStats::new("svc".into(), metrics.service("svc"));
+    let now = 5;
+    assert!(!svc.backends[1]
+        .stats
+        .failed(now, &outlier, &stats, &svc.backends));
+    assert!(!svc.backends[1].stats.is_ejected(now));
+    assert!(!svc.backends[1]
+        .stats
+        .failed(now, &outlier, &stats, &svc.backends));
+    assert!(svc.backends[1].stats.is_ejected(now));
+    let got = counts(&svc, BalancerKind::RoundRobin, 300);
+    assert_eq!(got[1], 0, "{got:?}");
+    // With everything else tried, the ejected one is used, flagged fail-open.
+    let mut tried = Tried::default();
+    tried.add(0);
+    tried.add(2);
+    assert_eq!(
+        pick(&svc, BalancerKind::Random, None, &tried, now, &mut rng),
+        Some((1, true))
+    );
+    // It returns when its ejection time is over.
+    let later = now + crate::backend::nanos(outlier.base_ejection) + 1;
+    assert!(!svc.backends[1].stats.is_ejected(later));
+}
+
+#[test]
+fn the_ejection_cap_keeps_endpoints_in_and_reports_fail_open() {
+    let svc = service(&[1, 1, 1]);
+    let outlier = OutlierConfig {
+        consecutive_failures: 1,
+        max_ejected_percent: 50,
+        ..OutlierConfig::default()
+    };
+    let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
+    let stats = crate::backend::ServiceStats::new("svc".into(), metrics.service("svc"));
+    assert!(!svc.backends[0]
+        .stats
+        .failed(1, &outlier, &stats, &svc.backends));
+    assert!(svc.backends[0].stats.is_ejected(1));
+    // A second ejection would pass 50% of three: refused, fail-open reported.
+    assert!(svc.backends[1]
+        .stats
+        .failed(1, &outlier, &stats, &svc.backends));
+    assert!(!svc.backends[1].stats.is_ejected(1));
+    assert!(stats.is_fail_open());
+    assert_eq!(metrics.service("svc").fail_open.get(), 1);
+}

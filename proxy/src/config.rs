@@ -1,0 +1,249 @@
+//! The `[http]` table of the agent configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// How a route picks one endpoint of its service.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    /// Power of two choices over latency (peak EWMA) × load.
+    #[default]
+    PeakEwma,
+    /// Ring hash on `hash_on`: a key keeps its endpoint while the set is stable.
+    ConsistentHash,
+    Random,
+}
+
+/// What a consistent-hash route hashes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HashOn {
+    /// The client's IP address.
+    #[default]
+    ClientIp,
+    /// A request header (name in lowercase).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+}
+
+impl<'de> Deserialize<'de> for HashOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "client_ip" {
+            return Ok(HashOn::ClientIp);
+        }
+        let parsed = match text.split_once(':') {
+            Some(("header", name)) if !name.is_empty() => {
+                Some(HashOn::Header(name.to_ascii_lowercase()))
+            }
+            Some(("cookie", name)) if !name.is_empty() => Some(HashOn::Cookie(name.to_string())),
+            _ => None,
+        };
+        parsed.ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "hash_on must be \"client_ip\", \"header:NAME\" or \"cookie:NAME\", not {text:?}"
+            ))
+        })
+    }
+}
+
+/// One `[[http.routes]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact host, `*.suffix`, or absent / `*` for any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix; default `/`.
+    #[serde(default = "slash")]
+    pub path_prefix: String,
+    /// Registry service the route sends to.
+    pub service: String,
+    /// Default: the `[http]` table's `balancer`.
+    #[serde(default)]
+    pub balancer: Option<BalancerKind>,
+    /// For `consistent_hash`; default `client_ip`.
+    #[serde(default)]
+    pub hash_on: HashOn,
+    /// Default: the `[http]` table's value.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// Time allowed for the response head. Default: the `[http]` table's value.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub response_timeout: Option<Duration>,
+    /// Extra attempts for idempotent requests. Default: the `[http]` table's value.
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+fn slash() -> String {
+    "/".to_string()
+}
+
+/// Passive outlier ejection.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Failures in a row (connect errors, timeouts, 5xx) that eject an endpoint. 0 = off.
+    pub consecutive_failures: u32,
+    /// First ejection time; each further ejection doubles it. Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub base_ejection: Duration,
+    /// Longest ejection. Default 5 m.
+    #[serde(deserialize_with = "duration")]
+    pub max_ejection: Duration,
+    /// Most of a service's endpoints ejected at once, in percent (one may always
+    /// be). Past that the failing endpoints stay in and the service is reported
+    /// fail-open. Default 50.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// The `[http]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listen address for HTTP/1.1 and cleartext HTTP/2. Default
+    /// `127.0.0.1:8080`; port 0 picks one.
+    pub addr: SocketAddr,
+    /// Proxy threads, each with its own listener and upstream pool. 0 = one per core.
+    pub threads: usize,
+    /// Default balancer of routes that name none. Default `peak_ewma`.
+    pub balancer: BalancerKind,
+    /// Default 2 s.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time an upstream has to start its response. Default 60 s.
+    #[serde(deserialize_with = "duration")]
+    pub response_timeout: Duration,
+    /// A keep-alive client connection idle this long is closed. Default 60 s.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Time a client has to send a whole request head (slow clients). Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// A body read or write stalled this long aborts the exchange. Default 60 s.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Extra attempts for idempotent requests (connect failure, 502, 503),
+    /// each to an endpoint not yet tried. Default 2.
+    pub retries: u32,
+    /// Retries allowed beyond the floor, as a share of requests. Default 0.2.
+    pub retry_budget_ratio: f64,
+    /// Retries per second always allowed per service. Default 10.
+    pub retry_budget_floor: u32,
+    /// Largest request or response head in bytes; larger gets 431. Default 16384.
+    pub max_header_bytes: usize,
+    /// Most header fields in a head; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// Idle upstream connections kept per endpoint and thread. Default 64.
+    pub pool_per_endpoint: usize,
+    /// Passive outlier ejection.
+    pub outlier: OutlierConfig,
+    /// Routes from host and path prefix to registry services.
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 0,
+            balancer: BalancerKind::PeakEwma,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            retries: 2,
+            retry_budget_ratio: 0.2,
+            retry_budget_floor: 10,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            pool_per_endpoint: 64,
+            outlier: OutlierConfig::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// Most header fields we ever parse (the fixed httparse array).
+pub(crate) const HEADER_ARRAY: usize = 128;
+
+impl Config {
+    /// Rules that span fields.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_header_bytes < 1024 || self.max_header_bytes > 1 << 20 {
+            return Err("http.max_header_bytes must be between 1024 and 1048576".to_string());
+        }
+        if self.max_headers == 0 || self.max_headers > HEADER_ARRAY {
+            return Err(format!(
+                "http.max_headers must be between 1 and {HEADER_ARRAY}"
+            ));
+        }
+        if !(0.0..=10.0).contains(&self.retry_budget_ratio) {
+            return Err("http.retry_budget_ratio must be between 0 and 10".to_string());
+        }
+        if self.outlier.max_ejected_percent > 100 {
+            return Err("http.outlier.max_ejected_percent must be at most 100".to_string());
+        }
+        if self.outlier.base_ejection.is_zero()
+            || self.outlier.max_ejection < self.outlier.base_ejection
+        {
+            return Err(
+                "http.outlier: base_ejection must be > 0 and max_ejection >= base_ejection"
+                    .to_string(),
+            );
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.service.is_empty() {
+                return Err(format!("http.routes[{i}].service must not be empty"));
+            }
+            if !route.path_prefix.starts_with('/') {
+                return Err(format!(
+                    "http.routes[{i}].path_prefix must start with '/', not {:?}",
+                    route.path_prefix
+                ));
+            }
+            if let Some(host) = &route.host {
+                crate::route::HostPattern::parse(host)
+                    .map_err(|e| format!("http.routes[{i}].host: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Threads to run: `threads`, or one per core.
+    pub fn thread_count(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    switchyard_registry::parse_go_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}

@@ -1,0 +1,663 @@
+//! One client connection: read a head, route it, pick an endpoint, forward
+//! the request on a pooled upstream connection, relay the response, repeat
+//! while the client keeps the connection. The whole exchange runs inline in
+//! this task; nothing per request is allocated once the buffers are warm.
+
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::backend::{now_ns, Backend, ProxyService, ServiceStats};
+use crate::balance::{self, Tried};
+use crate::metrics::Reject;
+use crate::route::Route;
+use crate::server::Local;
+use crate::wire::{self, Chunks, Client, Framing, HeadError, Request};
+
+/// A read buffer with a window of unread bytes.
+pub(crate) struct Buf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buf {
+    pub(crate) fn with_capacity(size: usize) -> Buf {
+        Buf {
+            data: vec![0; size],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub(crate) fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Reads once from `stream` after the unread bytes; 0 means end of stream.
+    async fn fill(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
+        if self.end == self.data.len() && self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.data.len() {
+            return Err(io::Error::other("buffer full"));
+        }
+        let n = stream.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// What the connection does after an exchange.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Serves one client connection until it closes, errs or idles out.
+pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client) {
+    let _ = client.set_nodelay(true);
+    local.shared.metrics.connections.inc();
+    let mut cbuf = local.take_buffer();
+    let mut ubuf = local.take_buffer();
+    let mut head = Vec::with_capacity(1024);
+    let mut reply = Vec::with_capacity(1024);
+    loop {
+        let next = exchange(
+            &local,
+            &mut client,
+            &info,
+            &mut cbuf,
+            &mut ubuf,
+            &mut head,
+            &mut reply,
+        )
+        .await;
+        if next == Next::Close || local.stopping() {
+            break;
+        }
+    }
+    local.give_buffer(cbuf);
+    local.give_buffer(ubuf);
+    let _ = client.shutdown().await;
+    local.shared.metrics.connections.dec();
+}
+
+/// Answers a request the proxy handles itself.
+async fn answer(
+    client: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    body: &str,
+    close: bool,
+) -> Next {
+    let text = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}x-switchyard: proxy\r\n\r\n{body}\n",
+        body.len() + 1,
+        if close { "connection: close\r\n" } else { "" },
+    );
+    match client.write_all(text.as_bytes()).await {
+        Ok(()) if !close => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    local: &Local,
+    client: &mut TcpStream,
+    info: &Client,
+    cbuf: &mut Buf,
+    ubuf: &mut Buf,
+    head: &mut Vec<u8>,
+    reply: &mut Vec<u8>,
+) -> Next {
+    let config = &local.shared.config;
+    let metrics = &local.shared.metrics;
+    let idle_deadline = Instant::now() + config.idle_timeout;
+    let mut head_deadline = None;
+    let routes = local.routes();
+    let request_id = local.next_request_id();
+    let (request, route, key) = loop {
+        if !cbuf.is_empty() {
+            head_deadline.get_or_insert_with(|| Instant::now() + config.header_timeout);
+            if cbuf.filled().starts_with(b"PRI * HTTP/2") {
+                metrics.reject(Reject::BadRequest);
+                return Next::Close;
+            }
+            let parsed = wire::parse_request(
+                cbuf.filled(),
+                config.max_header_bytes,
+                config.max_headers,
+                info,
+                request_id,
+                head,
+                |target| routes.find(target.host, target.path).cloned(),
+                |route: &Arc<Route>| &route.hash_on,
+            );
+            match parsed {
+                Ok(parsed) => break parsed,
+                Err(HeadError::Partial) => {}
+                Err(HeadError::TooLarge) => {
+                    metrics.reject(Reject::HeadTooLarge);
+                    return answer(
+                        client,
+                        431,
+                        "Request Header Fields Too Large",
+                        "request head too large",
+                        true,
+                    )
+                    .await;
+                }
+                Err(HeadError::Bad(why)) => {
+                    metrics.reject(Reject::BadRequest);
+                    return answer(client, 400, "Bad Request", why, true).await;
+                }
+            }
+        }
+        let deadline = head_deadline.unwrap_or(idle_deadline);
+        match timeout_at(deadline, cbuf.fill(client)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
+            Ok(Ok(_)) => {}
+            Err(_) if head_deadline.is_some() => {
+                metrics.reject(Reject::ClientTimeout);
+                return answer(
+                    client,
+                    408,
+                    "Request Timeout",
+                    "request head too slow",
+                    true,
+                )
+                .await;
+            }
+            Err(_) => return Next::Close,
+        }
+    };
+    drop(routes);
+    cbuf.consume(request.head_len);
+    // A refused request with a body we did not read ends the connection.
+    let close_on_refusal = !request.keep_alive || request.framing != Framing::None;
+    let Some(route) = route else {
+        metrics.reject(Reject::NoRoute);
+        let body = format!("no route for host {:?}", request.host.as_str());
+        return answer(client, 404, "Not Found", &body, close_on_refusal).await;
+    };
+    let service = match local.service(&route.service) {
+        Some(service) if !service.backends.is_empty() => service,
+        _ => {
+            metrics.reject(Reject::NoEndpoint);
+            let body = format!("service {:?} has no healthy endpoints", &*route.service);
+            return answer(client, 503, "Service Unavailable", &body, close_on_refusal).await;
+        }
+    };
+    if request.expect_continue
+        && request.framing != Framing::None
+        && client
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+    {
+        return Next::Close;
+    }
+    // A body that is already here travels with the head, so the request can
+    // be sent again to another endpoint.
+    let mut body = request.framing;
+    if let Framing::Length(n) = body {
+        if let Ok(n) = usize::try_from(n) {
+            if n <= cbuf.len() {
+                head.extend_from_slice(&cbuf.filled()[..n]);
+                cbuf.consume(n);
+                body = Framing::None;
+            }
+        }
+    }
+    let replayable = body == Framing::None;
+
+    local.active.set(local.active.get() + 1);
+    let next = forward(
+        local, client, cbuf, ubuf, head, reply, &request, &route, &service, key, body, replayable,
+    )
+    .await;
+    local.active.set(local.active.get() - 1);
+    next
+}
+
+/// Why an attempt did not produce a response for the client.
+enum Failure {
+    /// Nothing reached the endpoint: always safe to try another.
+    Connect,
+    /// The endpoint answered 502/503; the response was not forwarded.
+    Status(u16),
+    /// The connection broke or the response was malformed.
+    Broken,
+    /// No response head in time.
+    Timeout,
+    /// The client went away or sent a bad body: end without answering.
+    Client,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    local: &Local,
+    client: &mut TcpStream,
+    cbuf: &mut Buf,
+    ubuf: &mut Buf,
+    head: &[u8],
+    reply: &mut Vec<u8>,
+    request: &Request,
+    route: &Route,
+    service: &ProxyService,
+    key: Option<u64>,
+    body: Framing,
+    replayable: bool,
+) -> Next {
+    let config = &local.shared.config;
+    let metrics = &local.shared.metrics;
+    let stats = match &service.stats {
+        Some(stats) => stats,
+        None => {
+            return answer(
+                client,
+                503,
+                "Service Unavailable",
+                "service not routed",
+                true,
+            )
+            .await
+        }
+    };
+    let mut tried = Tried::default();
+    stats.note_request(now_ns());
+    loop {
+        let now = now_ns();
+        let picked = balance::pick(
+            service,
+            route.balancer,
+            key,
+            &tried,
+            now,
+            &mut local.rng.borrow_mut(),
+        );
+        let Some((index, fail_open)) = picked else {
+            metrics.reject(Reject::NoEndpoint);
+            return answer(client, 502, "Bad Gateway", "every endpoint failed", true).await;
+        };
+        if fail_open {
+            stats.set_fail_open(true, "every remaining endpoint is ejected");
+        } else if stats.is_fail_open() && !service.backends.iter().any(|b| b.stats.is_ejected(now))
+        {
+            stats.set_fail_open(false, "");
+        }
+        tried.add(index);
+        let backend = &service.backends[index as usize];
+        backend.stats.metrics.in_flight.inc();
+        let result = attempt(
+            local, client, cbuf, ubuf, head, reply, request, route, stats, backend, body,
+            replayable,
+        )
+        .await;
+        backend.stats.metrics.in_flight.dec();
+        let now = now_ns();
+        let failure = match result {
+            Ok((next, status)) => {
+                if status >= 500 {
+                    backend
+                        .stats
+                        .failed(now, &config.outlier, stats, &service.backends);
+                } else {
+                    backend.stats.succeeded(now);
+                }
+                return next;
+            }
+            Err(failure) => failure,
+        };
+        if !matches!(failure, Failure::Client) {
+            backend
+                .stats
+                .failed(now, &config.outlier, stats, &service.backends);
+        }
+        let retryable = match failure {
+            Failure::Connect => replayable,
+            Failure::Status(_) | Failure::Broken => replayable && request.idempotent,
+            Failure::Timeout | Failure::Client => false,
+        };
+        let more =
+            tried.count() <= route.retries as usize && tried.count() < service.backends.len();
+        if retryable
+            && more
+            && stats.take_retry(now, config.retry_budget_ratio, config.retry_budget_floor)
+        {
+            continue;
+        }
+        return match failure {
+            Failure::Client => Next::Close,
+            Failure::Timeout => {
+                metrics.reject(Reject::UpstreamTimeout);
+                answer(
+                    client,
+                    504,
+                    "Gateway Timeout",
+                    "upstream did not answer in time",
+                    true,
+                )
+                .await
+            }
+            Failure::Status(status) => {
+                metrics.reject(Reject::UpstreamFailed);
+                let body = format!("upstream answered {status}; retries exhausted");
+                answer(
+                    client,
+                    status,
+                    if status == 503 {
+                        "Service Unavailable"
+                    } else {
+                        "Bad Gateway"
+                    },
+                    &body,
+                    true,
+                )
+                .await
+            }
+            Failure::Connect | Failure::Broken => {
+                metrics.reject(Reject::UpstreamFailed);
+                answer(
+                    client,
+                    502,
+                    "Bad Gateway",
+                    "upstream connection failed",
+                    true,
+                )
+                .await
+            }
+        };
+    }
+}
+
+async fn connect(addr: std::net::SocketAddr, limit: Duration) -> Option<TcpStream> {
+    match timeout(limit, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Some(stream)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a pooled connection still looks usable (no EOF, no stray bytes).
+async fn alive(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    std::future::poll_fn(|cx| {
+        match stream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut probe)) {
+            std::task::Poll::Pending => std::task::Poll::Ready(true),
+            std::task::Poll::Ready(_) => std::task::Poll::Ready(false),
+        }
+    })
+    .await
+}
+
+/// One try against one endpoint. `Ok` when the client got a response (with
+/// the upstream status).
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    local: &Local,
+    client: &mut TcpStream,
+    cbuf: &mut Buf,
+    ubuf: &mut Buf,
+    head: &[u8],
+    reply: &mut Vec<u8>,
+    request: &Request,
+    route: &Route,
+    stats: &ServiceStats,
+    backend: &Backend,
+    body: Framing,
+    replayable: bool,
+) -> Result<(Next, u16), Failure> {
+    let config = &local.shared.config;
+    let mut pooled = local.pool_take(backend.addr);
+    if !replayable {
+        // The body will be streamed once: do not gamble on a stale connection.
+        while let Some(stream) = pooled.take() {
+            if alive(&stream).await {
+                pooled = Some(stream);
+                break;
+            }
+            pooled = local.pool_take(backend.addr);
+        }
+    }
+    let started = now_ns();
+    ubuf.clear();
+    // A pooled connection the endpoint has closed meanwhile fails before any
+    // response byte; the request then goes once more on a new connection.
+    let (mut upstream, response) = loop {
+        let reused = pooled.is_some();
+        let mut upstream = match pooled.take() {
+            Some(stream) => stream,
+            None => match connect(backend.addr, route.connect_timeout).await {
+                Some(stream) => stream,
+                None => {
+                    backend.stats.metrics.connect_errors.inc();
+                    return Err(Failure::Connect);
+                }
+            },
+        };
+        if upstream.write_all(head).await.is_err() {
+            if reused && replayable {
+                continue;
+            }
+            return Err(Failure::Broken);
+        }
+        if body != Framing::None {
+            let mut none = Vec::new();
+            match relay(
+                cbuf,
+                client,
+                &mut upstream,
+                body,
+                &mut none,
+                config.body_timeout,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(Side::Source) => return Err(Failure::Client),
+                Err(Side::Sink) => return Err(Failure::Broken),
+            }
+        }
+        let deadline = Instant::now() + route.response_timeout;
+        let response = loop {
+            match timeout_at(deadline, ubuf.fill(&mut upstream)).await {
+                Err(_) => return Err(Failure::Timeout),
+                Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && reused && replayable => break None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Failure::Broken),
+                Ok(Ok(_)) => {}
+            }
+            let close_client = !request.keep_alive || local.stopping();
+            match wire::parse_response(
+                ubuf.filled(),
+                config.max_header_bytes,
+                config.max_headers,
+                request.is_head,
+                close_client,
+                reply,
+            ) {
+                Ok(response) if (100..200).contains(&response.status) && response.status != 101 => {
+                    // Interim responses (103 Early Hints) pass through; 100
+                    // Continue was already sent by us.
+                    if response.status != 100 && client.write_all(reply).await.is_err() {
+                        return Err(Failure::Client);
+                    }
+                    ubuf.consume(response.head_len);
+                }
+                Ok(response) => break Some(response),
+                Err(HeadError::Partial) => {}
+                Err(HeadError::TooLarge | HeadError::Bad(_)) => return Err(Failure::Broken),
+            }
+        };
+        match response {
+            Some(response) => break (upstream, response),
+            None => {
+                ubuf.clear();
+                continue;
+            }
+        }
+    };
+    let now = now_ns();
+    let rtt = now.saturating_sub(started);
+    backend.stats.observe(rtt, now);
+    stats.metrics.duration.observe(rtt as f64 / 1e9);
+    ubuf.consume(response.head_len);
+    let status = response.status;
+    if (status == 502 || status == 503) && replayable && request.idempotent {
+        // The caller decides whether another endpoint gets the request; the
+        // 5xx body is not read, so the connection is dropped.
+        backend.stats.metrics.by_class[4].inc();
+        return Err(Failure::Status(status));
+    }
+    let class = usize::from(status / 100).clamp(1, 5) - 1;
+    backend.stats.metrics.by_class[class].inc();
+
+    if status == 101 {
+        if !request.upgrade {
+            return Err(Failure::Broken);
+        }
+        local.shared.metrics.upgrades.inc();
+        if client.write_all(reply).await.is_err() {
+            return Ok((Next::Close, status));
+        }
+        tunnel(client, &mut upstream, cbuf, ubuf).await;
+        return Ok((Next::Close, status));
+    }
+    let close_client =
+        !request.keep_alive || response.framing == Framing::Close || local.stopping();
+    match relay(
+        ubuf,
+        &mut upstream,
+        client,
+        response.framing,
+        reply,
+        config.body_timeout,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(_) => return Ok((Next::Close, status)),
+    }
+    if response.reusable && ubuf.is_empty() {
+        local.pool_put(backend.addr, upstream);
+    }
+    let next = if close_client {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    };
+    Ok((next, status))
+}
+
+/// Which end of a relay failed.
+enum Side {
+    Source,
+    Sink,
+}
+
+/// Forwards one body of `framing` from `src` to `dst`: first the bytes
+/// already in `buf`, then reads, each write following its read. `prefix`
+/// (a head, possibly empty) goes out in the same write as the first bytes.
+/// Bytes after the body stay in `buf`.
+async fn relay(
+    buf: &mut Buf,
+    src: &mut TcpStream,
+    dst: &mut TcpStream,
+    framing: Framing,
+    prefix: &mut Vec<u8>,
+    stall: Duration,
+) -> Result<(), Side> {
+    let mut chunks = Chunks::default();
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    loop {
+        let (take, done) = match framing {
+            Framing::None => (0, true),
+            Framing::Length(_) => {
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                left -= take as u64;
+                (take, left == 0)
+            }
+            Framing::Chunked => chunks.scan(buf.filled()).map_err(|_| Side::Source)?,
+            Framing::Close => (buf.len(), false),
+        };
+        let data = &buf.filled()[..take];
+        let written = if prefix.is_empty() {
+            if data.is_empty() {
+                Ok(Ok(()))
+            } else {
+                timeout(stall, dst.write_all(data)).await
+            }
+        } else {
+            prefix.extend_from_slice(data);
+            let result = timeout(stall, dst.write_all(prefix)).await;
+            prefix.clear();
+            result
+        };
+        if !matches!(written, Ok(Ok(()))) {
+            return Err(Side::Sink);
+        }
+        buf.consume(take);
+        if done {
+            return Ok(());
+        }
+        match timeout(stall, buf.fill(src)).await {
+            Ok(Ok(0)) if framing == Framing::Close => return Ok(()),
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(Side::Source),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// After a 101: bytes already read on either side go first, then both
+/// directions are copied until either side closes.
+async fn tunnel(client: &mut TcpStream, upstream: &mut TcpStream, cbuf: &mut Buf, ubuf: &mut Buf) {
+    if !ubuf.is_empty() {
+        if client.write_all(ubuf.filled()).await.is_err() {
+            return;
+        }
+        ubuf.clear();
+    }
+    if !cbuf.is_empty() {
+        if upstream.write_all(cbuf.filled()).await.is_err() {
+            return;
+        }
+        cbuf.clear();
+    }
+    let _ = tokio::io::copy_bidirectional(client, upstream).await;
+}

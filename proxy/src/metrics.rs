@@ -1,0 +1,225 @@
+//! Proxy metrics. Per-service and per-endpoint handles are created when the
+//! service becomes routed (in the registry writer, never per request) and
+//! removed when it leaves, so a request pays atomic adds only.
+
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Why a request was answered by the proxy itself.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Reject {
+    BadRequest,
+    HeadTooLarge,
+    NoRoute,
+    NoEndpoint,
+    UpstreamFailed,
+    UpstreamTimeout,
+    ClientTimeout,
+}
+
+impl Reject {
+    const ALL: [Reject; 7] = [
+        Reject::BadRequest,
+        Reject::HeadTooLarge,
+        Reject::NoRoute,
+        Reject::NoEndpoint,
+        Reject::UpstreamFailed,
+        Reject::UpstreamTimeout,
+        Reject::ClientTimeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Reject::BadRequest => "bad_request",
+            Reject::HeadTooLarge => "head_too_large",
+            Reject::NoRoute => "no_route",
+            Reject::NoEndpoint => "no_endpoint",
+            Reject::UpstreamFailed => "upstream_failed",
+            Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::ClientTimeout => "client_timeout",
+        }
+    }
+}
+
+pub struct ProxyMetrics {
+    requests: IntCounterVec,
+    in_flight: IntGaugeVec,
+    connect_errors: IntCounterVec,
+    ejections: IntCounterVec,
+    ejected: IntGaugeVec,
+    retries: IntCounterVec,
+    fail_open: IntGaugeVec,
+    duration: HistogramVec,
+    rejected: Vec<IntCounter>,
+    pub(crate) connections: IntGauge,
+    pub(crate) upgrades: IntCounter,
+}
+
+/// Handles for one endpoint.
+pub(crate) struct EndpointMetrics {
+    pub(crate) by_class: [IntCounter; 5],
+    pub(crate) in_flight: IntGauge,
+    pub(crate) connect_errors: IntCounter,
+    pub(crate) ejections: IntCounter,
+    pub(crate) ejected: IntGauge,
+}
+
+/// Handles for one service.
+pub(crate) struct ServiceMetrics {
+    pub(crate) retries: IntCounter,
+    pub(crate) fail_open: IntGauge,
+    pub(crate) duration: Histogram,
+}
+
+impl ProxyMetrics {
+    pub fn new(registry: &Registry) -> Result<ProxyMetrics, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_requests_total",
+                "Upstream responses by service, endpoint and status class",
+            ),
+            &["service", "node", "endpoint", "class"],
+        )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_in_flight",
+                "Requests in flight per endpoint",
+            ),
+            &["service", "node", "endpoint"],
+        )?;
+        let connect_errors = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_connect_errors_total",
+                "Failed upstream connects (refused, timed out)",
+            ),
+            &["service", "node", "endpoint"],
+        )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_ejections_total",
+                "Times an endpoint was ejected by outlier detection",
+            ),
+            &["service", "node", "endpoint"],
+        )?;
+        let ejected = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_ejected",
+                "1 while an endpoint is ejected by outlier detection",
+            ),
+            &["service", "node", "endpoint"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new("switchyard_proxy_retries_total", "Retried requests"),
+            &["service"],
+        )?;
+        let fail_open = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_fail_open",
+                "1 while a service sends to failing endpoints because too many are bad",
+            ),
+            &["service"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_proxy_request_duration_seconds",
+                "Time from the request head to the end of the upstream response head",
+            )
+            .buckets(exponential_buckets(0.000_1, 2.5, 14)?),
+            &["service"],
+        )?;
+        let rejected_vec = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_rejected_total",
+                "Requests the proxy answered itself, by reason",
+            ),
+            &["reason"],
+        )?;
+        let rejected = Reject::ALL
+            .iter()
+            .map(|r| rejected_vec.with_label_values(&[r.label()]))
+            .collect();
+        let connections = IntGauge::new(
+            "switchyard_proxy_client_connections",
+            "Open client connections",
+        )?;
+        let upgrades = IntCounter::new(
+            "switchyard_proxy_upgrades_total",
+            "Connections upgraded to a tunnel (WebSocket and other 101 responses)",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(connect_errors.clone()))?;
+        registry.register(Box::new(ejections.clone()))?;
+        registry.register(Box::new(ejected.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(fail_open.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(rejected_vec))?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(upgrades.clone()))?;
+        Ok(ProxyMetrics {
+            requests,
+            in_flight,
+            connect_errors,
+            ejections,
+            ejected,
+            retries,
+            fail_open,
+            duration,
+            rejected,
+            connections,
+            upgrades,
+        })
+    }
+
+    pub(crate) fn reject(&self, why: Reject) {
+        self.rejected[why as usize].inc();
+    }
+
+    pub(crate) fn endpoint(&self, service: &str, node: &str, id: &str) -> EndpointMetrics {
+        let class = |c: &str| self.requests.with_label_values(&[service, node, id, c]);
+        EndpointMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            in_flight: self.in_flight.with_label_values(&[service, node, id]),
+            connect_errors: self.connect_errors.with_label_values(&[service, node, id]),
+            ejections: self.ejections.with_label_values(&[service, node, id]),
+            ejected: self.ejected.with_label_values(&[service, node, id]),
+        }
+    }
+
+    pub(crate) fn forget_endpoint(&self, service: &str, node: &str, id: &str) {
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            let _ = self
+                .requests
+                .remove_label_values(&[service, node, id, class]);
+        }
+        let _ = self.in_flight.remove_label_values(&[service, node, id]);
+        let _ = self
+            .connect_errors
+            .remove_label_values(&[service, node, id]);
+        let _ = self.ejections.remove_label_values(&[service, node, id]);
+        let _ = self.ejected.remove_label_values(&[service, node, id]);
+    }
+
+    pub(crate) fn service(&self, service: &str) -> ServiceMetrics {
+        ServiceMetrics {
+            retries: self.retries.with_label_values(&[service]),
+            fail_open: self.fail_open.with_label_values(&[service]),
+            duration: self.duration.with_label_values(&[service]),
+        }
+    }
+
+    pub(crate) fn forget_service(&self, service: &str) {
+        let _ = self.retries.remove_label_values(&[service]);
+        let _ = self.fail_open.remove_label_values(&[service]);
+        let _ = self.duration.remove_label_values(&[service]);
+    }
+}

@@ -1,0 +1,218 @@
+//! The route table: host (exact, `*.suffix`, any) and path prefix → service,
+//! compiled from the config and from registry tags, swapped atomically.
+//!
+//! Lookup order: exact host, then the longest matching suffix, then routes for
+//! any host; within each, the longest path prefix. A request that matches
+//! nothing is answered 404 and sent nowhere.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_registry::Name;
+
+use crate::config::{BalancerKind, Config, HashOn};
+
+/// Tag that publishes a service under a host name.
+pub const HOST_TAG: &str = "switchyard.http.host=";
+/// Tag that publishes a service under a path prefix.
+pub const PATH_TAG: &str = "switchyard.http.path=";
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HostPattern {
+    Any,
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub(crate) fn parse(text: &str) -> Result<HostPattern, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        if lower.is_empty() || lower == "*" {
+            return Ok(HostPattern::Any);
+        }
+        let (pattern, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (HostPattern::Suffix(format!(".{rest}")), rest.to_string()),
+            None => (HostPattern::Exact(lower.clone()), lower.clone()),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            && !name.split('.').any(str::is_empty);
+        if valid {
+            Ok(pattern)
+        } else {
+            Err(format!(
+                "{text:?} is not a host name, `*.suffix` or `*` (no port, no scheme)"
+            ))
+        }
+    }
+}
+
+/// The route a service publishes through its tags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TagRoute {
+    hosts: Vec<String>,
+    path: String,
+}
+
+impl TagRoute {
+    /// Reads `switchyard.http.host=` / `switchyard.http.path=` from a view's
+    /// sorted distinct tags. `None` when the service publishes no route.
+    pub(crate) fn from_tags(tags: &[String]) -> Option<TagRoute> {
+        const PREFIX: &str = "switchyard.http.";
+        let start = tags.partition_point(|t| t.as_str() < PREFIX);
+        let mut hosts = Vec::new();
+        let mut path = None;
+        for tag in tags[start..].iter().take_while(|t| t.starts_with(PREFIX)) {
+            if let Some(host) = tag.strip_prefix(HOST_TAG) {
+                hosts.push(host.to_string());
+            } else if let Some(p) = tag.strip_prefix(PATH_TAG) {
+                if p.starts_with('/') && path.is_none() {
+                    path = Some(p.to_string());
+                }
+            }
+        }
+        if hosts.is_empty() && path.is_none() {
+            return None;
+        }
+        Some(TagRoute {
+            hosts,
+            path: path.unwrap_or_else(|| "/".to_string()),
+        })
+    }
+}
+
+/// Where a matched request goes and how.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) service: Name,
+    pub(crate) balancer: BalancerKind,
+    pub(crate) hash_on: HashOn,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+    pub(crate) retries: u32,
+}
+
+type Prefixes = Vec<(Box<[u8]>, Arc<Route>)>;
+
+#[derive(Default)]
+pub(crate) struct RouteTable {
+    exact: HashMap<Box<str>, Prefixes>,
+    /// Longest suffix first.
+    suffix: Vec<(Box<str>, Prefixes)>,
+    any: Prefixes,
+}
+
+impl RouteTable {
+    /// Config routes first, then tag routes: on an identical host and prefix
+    /// the config wins.
+    pub(crate) fn compile<'a>(
+        config: &Config,
+        tags: impl Iterator<Item = (Name, &'a TagRoute)>,
+    ) -> RouteTable {
+        let mut table = RouteTable::default();
+        for route in &config.routes {
+            let target = Arc::new(Route {
+                service: Name::from(route.service.as_str()),
+                balancer: route.balancer.unwrap_or(config.balancer),
+                hash_on: route.hash_on.clone(),
+                connect_timeout: route.connect_timeout.unwrap_or(config.connect_timeout),
+                response_timeout: route.response_timeout.unwrap_or(config.response_timeout),
+                retries: route.retries.unwrap_or(config.retries),
+            });
+            // Validated when the config was loaded.
+            let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
+                .unwrap_or(HostPattern::Any);
+            table.add(host, &route.path_prefix, target);
+        }
+        let mut tags: Vec<_> = tags.collect();
+        tags.sort_by(|a, b| a.0.cmp(&b.0));
+        for (service, tag) in tags {
+            let target = Arc::new(Route {
+                service,
+                balancer: config.balancer,
+                hash_on: HashOn::ClientIp,
+                connect_timeout: config.connect_timeout,
+                response_timeout: config.response_timeout,
+                retries: config.retries,
+            });
+            if tag.hosts.is_empty() {
+                table.add(HostPattern::Any, &tag.path, target.clone());
+            }
+            for host in &tag.hosts {
+                match HostPattern::parse(host) {
+                    Ok(pattern) => table.add(pattern, &tag.path, target.clone()),
+                    Err(e) => {
+                        tracing::warn!(service = %target.service, error = %e, "ignoring route tag")
+                    }
+                }
+            }
+        }
+        for prefixes in table.exact.values_mut() {
+            sort(prefixes);
+        }
+        for (_, prefixes) in &mut table.suffix {
+            sort(prefixes);
+        }
+        table
+            .suffix
+            .sort_by_key(|entry| std::cmp::Reverse(entry.0.len()));
+        sort(&mut table.any);
+        table
+    }
+
+    fn add(&mut self, host: HostPattern, prefix: &str, route: Arc<Route>) {
+        let entry = (Box::from(prefix.as_bytes()), route);
+        let list = match host {
+            HostPattern::Any => &mut self.any,
+            HostPattern::Exact(name) => self.exact.entry(name.into_boxed_str()).or_default(),
+            HostPattern::Suffix(suffix) => {
+                match self.suffix.iter().position(|(s, _)| **s == *suffix) {
+                    Some(i) => &mut self.suffix[i].1,
+                    None => {
+                        self.suffix.push((suffix.into_boxed_str(), Vec::new()));
+                        let last = self.suffix.len() - 1;
+                        &mut self.suffix[last].1
+                    }
+                }
+            }
+        };
+        // The first route added for an identical prefix wins.
+        if !list.iter().any(|(p, _)| *p == entry.0) {
+            list.push(entry);
+        }
+    }
+
+    /// `host` is already lowercase and without its port.
+    pub(crate) fn find(&self, host: &str, path: &[u8]) -> Option<&Arc<Route>> {
+        if let Some(found) = self.exact.get(host).and_then(|p| longest(p, path)) {
+            return Some(found);
+        }
+        for (suffix, prefixes) in &self.suffix {
+            if host.len() > suffix.len() && host.ends_with(&**suffix) {
+                if let Some(found) = longest(prefixes, path) {
+                    return Some(found);
+                }
+            }
+        }
+        longest(&self.any, path)
+    }
+}
+
+fn sort(prefixes: &mut Prefixes) {
+    prefixes.sort_by_key(|entry| std::cmp::Reverse(entry.0.len()));
+}
+
+fn longest<'a>(prefixes: &'a Prefixes, path: &[u8]) -> Option<&'a Arc<Route>> {
+    prefixes
+        .iter()
+        .find(|(prefix, _)| path.starts_with(prefix))
+        .map(|(_, route)| route)
+}
+
+#[cfg(test)]
+mod tests;

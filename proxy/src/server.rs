@@ -1,0 +1,257 @@
+//! Thread-per-core serving: each proxy thread runs a current-thread tokio
+//! runtime with its own SO_REUSEPORT listener, its own pool of idle upstream
+//! connections and its own buffers, so a request touches no lock and no
+//! state of another thread except the shared per-endpoint atomics.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, Cache};
+use socket2::{Domain, Protocol, Socket, Type};
+use switchyard_registry::Snapshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::backend::{now_ns, ProxyService, Shared};
+use crate::conn::{self, Buf};
+use crate::route::RouteTable;
+use crate::wire::Client;
+
+/// Idle upstream connections older than this are closed by the sweeper
+/// (below the usual 60-75 s keep-alive of upstream servers).
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// How often the sweeper runs, and how often thread 0 prunes services that
+/// left the catalog.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Longest wait for in-flight requests at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A proxy thread's own state.
+pub(crate) struct Local {
+    pub(crate) shared: Arc<Shared>,
+    slot: usize,
+    snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
+    routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
+    pool: RefCell<HashMap<SocketAddr, Vec<(TcpStream, u64)>>>,
+    buffers: RefCell<Vec<Buf>>,
+    pub(crate) rng: RefCell<fastrand::Rng>,
+    request_ids: Cell<u64>,
+    stopping: Cell<bool>,
+    /// Exchanges in progress on this thread.
+    pub(crate) active: Cell<usize>,
+}
+
+impl Local {
+    pub(crate) fn routes(&self) -> Arc<RouteTable> {
+        self.routes.borrow_mut().load().clone()
+    }
+
+    /// The proxy's view of a service in the current snapshot.
+    pub(crate) fn service(&self, name: &str) -> Option<Arc<ProxyService>> {
+        let mut cache = self.snapshot.borrow_mut();
+        cache.load().service(name)?.extra_arc(self.slot)
+    }
+
+    pub(crate) fn next_request_id(&self) -> u64 {
+        let id = self.request_ids.get().wrapping_add(1);
+        self.request_ids.set(id);
+        id
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    pub(crate) fn take_buffer(&self) -> Buf {
+        self.buffers.borrow_mut().pop().unwrap_or_else(|| {
+            Buf::with_capacity(self.shared.config.max_header_bytes.max(16 * 1024))
+        })
+    }
+
+    pub(crate) fn give_buffer(&self, mut buf: Buf) {
+        let mut buffers = self.buffers.borrow_mut();
+        if buffers.len() < 256 {
+            buf.clear();
+            buffers.push(buf);
+        }
+    }
+
+    pub(crate) fn pool_take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        self.pool.borrow_mut().get_mut(&addr)?.pop().map(|(s, _)| s)
+    }
+
+    pub(crate) fn pool_put(&self, addr: SocketAddr, stream: TcpStream) {
+        if self.stopping.get() {
+            return;
+        }
+        let mut pool = self.pool.borrow_mut();
+        let idle = pool.entry(addr).or_default();
+        if idle.len() < self.shared.config.pool_per_endpoint {
+            idle.push((stream, now_ns()));
+        }
+    }
+
+    fn sweep(&self) {
+        let oldest = now_ns().saturating_sub(crate::backend::nanos(POOL_IDLE));
+        let mut pool = self.pool.borrow_mut();
+        for idle in pool.values_mut() {
+            idle.retain(|(_, since)| *since >= oldest);
+        }
+        pool.retain(|_, idle| !idle.is_empty());
+    }
+}
+
+/// The running HTTP proxy: its threads and their shared stop signal.
+pub struct HttpProxy {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+impl HttpProxy {
+    /// Binds one listener per thread on `shared.config.addr` (the first picks
+    /// the port when it is 0) and starts the threads.
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        slot: usize,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+    ) -> io::Result<HttpProxy> {
+        let threads = shared.config.thread_count();
+        let first = listener(shared.config.addr)?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..threads {
+            listeners.push(listener(addr)?);
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let snapshot = snapshot.clone();
+            let stop_rx = stop_rx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || run_thread(i, shared, slot, snapshot, listener, stop_rx))?;
+            handles.push(handle);
+        }
+        Ok(HttpProxy {
+            addr,
+            stop,
+            threads: handles,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, waits (bounded) for requests in flight, then joins.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+fn run_thread(
+    index: usize,
+    shared: Arc<Shared>,
+    slot: usize,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    listener: std::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "proxy thread cannot build its runtime");
+            return;
+        }
+    };
+    let tasks = tokio::task::LocalSet::new();
+    tasks.block_on(&runtime, async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "proxy thread cannot use its listener");
+                return;
+            }
+        };
+        let local = Rc::new(Local {
+            routes: RefCell::new(Cache::new(shared.routes.clone())),
+            snapshot: RefCell::new(Cache::new(snapshot.clone())),
+            shared,
+            slot,
+            pool: RefCell::new(HashMap::new()),
+            buffers: RefCell::new(Vec::new()),
+            rng: RefCell::new(fastrand::Rng::new()),
+            request_ids: Cell::new(fastrand::u64(..) << 24),
+            stopping: Cell::new(false),
+            active: Cell::new(0),
+        });
+        let sweeper = {
+            let local = local.clone();
+            let snapshot = snapshot.clone();
+            tokio::task::spawn_local(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    local.sweep();
+                    if index == 0 {
+                        local.shared.prune(&snapshot.load());
+                    }
+                }
+            })
+        };
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let info = Client::new(peer.ip(), "http");
+                        tokio::task::spawn_local(conn::serve(local.clone(), stream, info));
+                    }
+                    Err(e) => {
+                        // Out of descriptors or similar: back off briefly.
+                        tracing::warn!(error = %e, "proxy accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stop.wait_for(|stop| *stop) => break,
+            }
+        }
+        drop(listener);
+        local.stopping.set(true);
+        sweeper.abort();
+        local.pool.borrow_mut().clear();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while local.active.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}

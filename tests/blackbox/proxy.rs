@@ -1,0 +1,652 @@
+//! The L7 proxy against real hyper backends: routing, balancing, retries,
+//! ejection, registry changes, upgrades and malformed input.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{eventually, Agent, Client};
+
+/// A hyper HTTP/1.1 backend that answers with its name, after an optional
+/// delay, with a settable status; echoes forwarding headers back; `/echo`
+/// returns the request body; `/ws` upgrades and echoes bytes.
+struct Upstream {
+    name: String,
+    addr: SocketAddr,
+    status: Arc<AtomicU16>,
+    delay_ms: Arc<AtomicU64>,
+    served: Arc<AtomicUsize>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Upstream {
+    fn start(name: &str) -> Upstream {
+        Upstream::start_on(name, "127.0.0.1:0".parse().expect("addr"))
+    }
+
+    fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let status = Arc::new(AtomicU16::new(200));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (n, s, d, c) = (
+            name.to_string(),
+            status.clone(),
+            delay_ms.clone(),
+            served.clone(),
+        );
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (n, s, d, c) = (n.clone(), s.clone(), d.clone(), c.clone());
+                tokio::spawn(async move {
+                    let handler = hyper::service::service_fn(move |request| {
+                        let (n, s, d, c) = (n.clone(), s.clone(), d.clone(), c.clone());
+                        async move { serve(request, &n, &s, &d, &c).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            name: name.to_string(),
+            addr,
+            status,
+            delay_ms,
+            served,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Closes the listener and every connection.
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+type Reply = hyper::Response<http_body_util::Full<hyper::body::Bytes>>;
+
+async fn serve(
+    request: hyper::Request<hyper::body::Incoming>,
+    name: &str,
+    status: &AtomicU16,
+    delay_ms: &AtomicU64,
+    served: &AtomicUsize,
+) -> Result<Reply, std::convert::Infallible> {
+    use http_body_util::{BodyExt, Full};
+    served.fetch_add(1, Ordering::SeqCst);
+    let delay = delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let mut reply = hyper::Response::builder()
+        .status(status.load(Ordering::SeqCst))
+        .header("x-backend", name);
+    for echo in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-request-id",
+    ] {
+        if let Some(value) = request.headers().get(echo) {
+            reply = reply.header(format!("x-saw-{echo}"), value.clone());
+        }
+    }
+    if request.uri().path() == "/ws" {
+        let upgrade = hyper::upgrade::on(request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let reply = reply
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::default())
+            .expect("reply");
+        return Ok(reply);
+    }
+    let body = if request.uri().path() == "/echo" {
+        request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default()
+    } else {
+        hyper::body::Bytes::from(name.to_string())
+    };
+    Ok(reply.body(Full::new(body)).expect("reply"))
+}
+
+/// A response as seen by a raw HTTP/1.1 client.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// Sends `request` bytes on a new connection and reads one response to the
+/// end of the connection (requests carry `Connection: close`).
+fn raw(addr: SocketAddr, request: &[u8]) -> Raw {
+    let mut stream = TcpStream::connect(addr).expect("connect proxy");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream.write_all(request).expect("send");
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    parse_raw(&bytes)
+}
+
+fn parse_raw(bytes: &[u8]) -> Raw {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete head in {text:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Raw {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+fn get(addr: SocketAddr, host: &str, path: &str) -> Raw {
+    get_with(addr, host, path, "")
+}
+
+fn get_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Raw {
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+    raw(addr, request.as_bytes())
+}
+
+/// Registers `upstreams` as endpoints of `service` on node `n1`.
+fn register(c: &Client, service: &str, upstreams: &[&Upstream], tags: &[&str]) {
+    let endpoints: Vec<_> = upstreams
+        .iter()
+        .map(|u| {
+            json!({"node": "n1", "service": service, "id": u.name, "address": "127.0.0.1",
+                   "port": u.addr.port(), "tags": tags})
+        })
+        .collect();
+    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+}
+
+fn agent_with(config: &str) -> (Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, config).expect("write config");
+    let data = dir.path().join("data");
+    let agent = Agent::start_in(
+        &data,
+        &[
+            "--config",
+            path.to_str().expect("utf8 path"),
+            "--proxy-threads",
+            "2",
+        ],
+    );
+    (agent, dir)
+}
+
+fn counts(addr: SocketAddr, host: &str, requests: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..requests {
+        let reply = get(addr, host, "/");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        *seen.entry(reply.body).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn routes_by_host_and_path_and_nothing_else_goes_anywhere() {
+    let (agent, _dir) = agent_with(
+        r#"
+[[http.routes]]
+host = "a.test"
+service = "svc-a"
+
+[[http.routes]]
+path_prefix = "/b/"
+service = "svc-b"
+
+[[http.routes]]
+host = "*.wild.test"
+service = "svc-a"
+"#,
+    );
+    let c = agent.client();
+    let (a, b, t) = (
+        Upstream::start("a1"),
+        Upstream::start("b1"),
+        Upstream::start("t1"),
+    );
+    register(&c, "svc-a", &[&a], &[]);
+    register(&c, "svc-b", &[&b], &[]);
+    register(
+        &c,
+        "svc-tagged",
+        &[&t],
+        &["switchyard.http.host=tagged.test", "v1"],
+    );
+
+    let reply = get(agent.http, "A.Test:80", "/x");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "a1"),
+        "{reply:?}"
+    );
+    assert_eq!(get(agent.http, "x.wild.test", "/").body, "a1");
+    assert_eq!(get(agent.http, "anything.test", "/b/c").body, "b1");
+    // A registry tag is a route with no config change.
+    assert_eq!(get(agent.http, "tagged.test", "/").body, "t1");
+
+    // Forwarding headers reach the backend.
+    let reply = get(agent.http, "a.test", "/");
+    assert_eq!(reply.headers["x-saw-x-forwarded-for"], "127.0.0.1");
+    assert_eq!(reply.headers["x-saw-x-forwarded-proto"], "http");
+    assert_eq!(reply.headers["x-saw-x-forwarded-host"], "a.test");
+    assert_eq!(reply.headers["x-saw-x-request-id"].len(), 16);
+    assert!(reply.headers["x-saw-forwarded"].contains("for=127.0.0.1"));
+
+    let served: usize = [&a, &b, &t].iter().map(|u| u.served()).sum();
+    for (host, path) in [
+        ("unknown.test", "/"),
+        ("wild.test", "/"),
+        ("a.test.evil", "/"),
+    ] {
+        let reply = get(agent.http, host, path);
+        assert_eq!(reply.status, 404, "{host}{path}: {reply:?}");
+        assert!(reply.body.contains("no route"), "{reply:?}");
+    }
+    assert_eq!(
+        [&a, &b, &t].iter().map(|u| u.served()).sum::<usize>(),
+        served,
+        "a request that matched no route reached a backend"
+    );
+    // A routed service with no endpoint left answers 503.
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"deregister": [{"node": "n1", "id": "b1"}]}).to_string(),
+    );
+    assert_eq!(get(agent.http, "x", "/b/").status, 503);
+}
+
+#[test]
+fn registry_changes_reach_the_very_next_request() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let (one, two) = (Upstream::start("one"), Upstream::start("two"));
+    register(&c, "web", &[&one], &[]);
+    assert_eq!(get(agent.http, "h", "/").body, "one");
+    // Add `two` and take `one` out in the same write: the first request after
+    // the acknowledgment already goes to `two`, and so do all that follow.
+    let batch = json!({
+        "endpoints": [{"node": "n1", "service": "web", "id": "two", "address": "127.0.0.1",
+                       "port": two.addr.port()}],
+        "deregister": [{"node": "n1", "id": "one"}],
+    });
+    for round in 0..20 {
+        let served_one = one.served();
+        c.put_ok("/v1/switchyard/batch", &batch.to_string());
+        assert_eq!(get(agent.http, "h", "/").body, "two", "round {round}");
+        assert_eq!(one.served(), served_one);
+        register(&c, "web", &[&one], &[]);
+        c.put_ok(
+            "/v1/switchyard/batch",
+            &json!({"deregister": [{"node": "n1", "id": "two"}]}).to_string(),
+        );
+        assert_eq!(get(agent.http, "h", "/").body, "one", "round {round}");
+    }
+    // A critical check takes an endpoint out just as fast.
+    register(&c, "web", &[&one, &two], &[]);
+    c.put_ok(
+        "/v1/catalog/register",
+        r#"{"Node":"n1","Address":"127.0.0.1","Check":{"CheckID":"one-bad","Name":"bad","Status":"critical","ServiceID":"one"}}"#,
+    );
+    let seen = counts(agent.http, "h", 30);
+    assert_eq!(seen.get("one"), None, "{seen:?}");
+}
+
+#[test]
+fn weights_peak_ewma_and_consistent_hashing() {
+    let (agent, _dir) = agent_with(
+        r#"
+[[http.routes]]
+host = "rr.test"
+service = "rr"
+balancer = "round_robin"
+
+[[http.routes]]
+host = "ewma.test"
+service = "ewma"
+
+[[http.routes]]
+host = "hash.test"
+service = "hash"
+balancer = "consistent_hash"
+hash_on = "header:X-User"
+"#,
+    );
+    let c = agent.client();
+    // Weighted round robin: 3:1.
+    let (heavy, light) = (Upstream::start("heavy"), Upstream::start("light"));
+    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": [
+        {"node": "n1", "service": "rr", "id": "heavy", "port": heavy.addr.port(), "weights": {"passing": 3, "warning": 1}},
+        {"node": "n1", "service": "rr", "id": "light", "port": light.addr.port()},
+    ]});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let seen = counts(agent.http, "rr.test", 200);
+    assert_eq!((seen["heavy"], seen["light"]), (150, 50), "{seen:?}");
+
+    // Peak EWMA: a backend 50 ms slower than its peers loses its share.
+    let ups: Vec<Upstream> = ["e1", "e2", "e3"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    ups[0].delay_ms.store(50, Ordering::SeqCst);
+    register(&c, "ewma", &ups.iter().collect::<Vec<_>>(), &[]);
+    let seen = counts(agent.http, "ewma.test", 300);
+    let slow = seen.get("e1").copied().unwrap_or(0);
+    assert!(slow < 30, "slow backend got {slow} of 300: {seen:?}");
+
+    // Consistent hashing: a key stays on one backend; when one of four
+    // leaves, only its keys move.
+    let ups: Vec<Upstream> = ["h1", "h2", "h3", "h4"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    register(&c, "hash", &ups.iter().collect::<Vec<_>>(), &[]);
+    let owner = |user: usize| {
+        get_with(
+            agent.http,
+            "hash.test",
+            "/",
+            &format!("X-User: user-{user}\r\n"),
+        )
+        .body
+    };
+    let before: Vec<String> = (0..200).map(owner).collect();
+    let again: Vec<String> = (0..200).map(owner).collect();
+    assert_eq!(before, again);
+    let mut spread: HashMap<&str, usize> = HashMap::new();
+    for o in &before {
+        *spread.entry(o.as_str()).or_default() += 1;
+    }
+    assert_eq!(spread.len(), 4, "{spread:?}");
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"deregister": [{"node": "n1", "id": "h4"}]}).to_string(),
+    );
+    let after: Vec<String> = (0..200).map(owner).collect();
+    for (b, a) in before.iter().zip(&after) {
+        if b != a {
+            assert_eq!(b, "h4", "a key not owned by the leaver moved");
+        }
+    }
+}
+
+#[test]
+fn a_killed_backend_is_retried_around_ejected_and_readmitted() {
+    let (agent, _dir) = agent_with(
+        r#"
+[http]
+balancer = "round_robin"
+[http.outlier]
+consecutive_failures = 3
+base_ejection = "1s"
+[[http.routes]]
+service = "web"
+"#,
+    );
+    let c = agent.client();
+    let mut ups: Vec<Upstream> = ["k1", "k2", "k3"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
+    assert_eq!(counts(agent.http, "h", 30).len(), 3);
+    let dead_addr = ups[0].addr;
+    ups[0].kill();
+    // Idempotent requests all succeed: connect failures go to another endpoint.
+    let seen = counts(agent.http, "h", 60);
+    assert_eq!(seen.get("k1"), None);
+    let sample = "switchyard_proxy_ejections_total{endpoint=\"k1\",node=\"n1\",service=\"web\"}";
+    assert_eq!(c.metric(sample), Some(1.0), "k1 should be ejected once");
+    let errors =
+        "switchyard_proxy_connect_errors_total{endpoint=\"k1\",node=\"n1\",service=\"web\"}";
+    let connect_errors = c.metric(errors).unwrap_or(0.0);
+    assert!(
+        (3.0..=6.0).contains(&connect_errors),
+        "while ejected k1 is not tried: {connect_errors} connect errors"
+    );
+    // Back on the same port: readmitted once the ejection time is over.
+    ups[0] = Upstream::start_on("k1", dead_addr);
+    eventually("k1 readmitted", Duration::from_secs(10), || {
+        let seen = counts(agent.http, "h", 6);
+        seen.contains_key("k1").then_some(())
+    });
+}
+
+#[test]
+fn failing_endpoints_are_ejected_and_fail_open_is_reported() {
+    let (agent, _dir) = agent_with(
+        r#"
+[http]
+balancer = "round_robin"
+[http.outlier]
+consecutive_failures = 2
+base_ejection = "30s"
+max_ejected_percent = 100
+[[http.routes]]
+service = "web"
+"#,
+    );
+    let c = agent.client();
+    let ups: Vec<Upstream> = ["f1", "f2", "f3"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
+    ups[0].status.store(500, Ordering::SeqCst);
+    ups[1].status.store(500, Ordering::SeqCst);
+    // POST is not retried, so every 500 reaches the client until ejection.
+    let post = |n: usize| {
+        let request = format!(
+            "POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nConnection: close\r\n\r\n{}",
+            n % 10
+        );
+        raw(agent.http, request.as_bytes()).status
+    };
+    for n in 0..12 {
+        post(n);
+    }
+    let before = (ups[0].served(), ups[1].served());
+    let ok = (0..200).filter(|&n| post(n) == 200).count();
+    assert_eq!(
+        ok, 200,
+        "healthy f3 takes everything while the others are ejected"
+    );
+    assert_eq!((ups[0].served(), ups[1].served()), before);
+    assert_eq!(
+        c.metric("switchyard_proxy_fail_open{service=\"web\"}"),
+        Some(0.0)
+    );
+
+    // All three fail: fail-open, in the metric and once in the log.
+    ups[2].status.store(500, Ordering::SeqCst);
+    for n in 0..10 {
+        post(n);
+    }
+    assert_eq!(
+        c.metric("switchyard_proxy_fail_open{service=\"web\"}"),
+        Some(1.0)
+    );
+    let served = ups[0].served() + ups[1].served();
+    for n in 0..10 {
+        assert_eq!(post(n), 500);
+    }
+    assert!(
+        ups[0].served() + ups[1].served() > served,
+        "fail-open sends to ejected endpoints"
+    );
+    let log = agent.stderr();
+    assert_eq!(log.matches("service is failing open").count(), 1, "{log}");
+}
+
+#[test]
+fn websocket_upgrades_and_bodies_pass_through() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"ws\"\n");
+    let c = agent.client();
+    let up = Upstream::start("ws1");
+    register(&c, "ws", &[&up], &[]);
+
+    let mut stream = TcpStream::connect(agent.http).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("101 head");
+        head.push(byte[0]);
+    }
+    let head = parse_raw(&head);
+    assert_eq!(head.status, 101, "{head:?}");
+    for message in [&b"ping"[..], b"hello over the tunnel"] {
+        stream.write_all(message).expect("write");
+        let mut echo = vec![0u8; message.len()];
+        stream.read_exact(&mut echo).expect("echo");
+        assert_eq!(echo, message);
+    }
+
+    // Keep-alive with bodies by length and chunked, pipelined on one connection.
+    let mut stream = TcpStream::connect(agent.http).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let big = "z".repeat(100_000);
+    let requests = format!(
+        "POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+         POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+         POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+        big.len()
+    );
+    stream.write_all(requests.as_bytes()).expect("send");
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    assert_eq!(
+        text.matches("HTTP/1.1 200 OK").count(),
+        3,
+        "{}",
+        &text[..text.len().min(600)]
+    );
+    assert!(text.contains("\r\n\r\nhello"));
+    assert!(text.contains("\r\n\r\nabcde"));
+    assert!(text.ends_with(&big));
+}
+
+#[test]
+fn malformed_requests_get_400_or_431_and_never_reach_a_backend() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let up = Upstream::start("w1");
+    register(&c, "web", &[&up], &[]);
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    let many: String = (0..150).map(|i| format!("X-{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n");
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd".to_vec(), 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\n\r\n".to_vec(), 400),
+        (b"GET / HTTP/1.1\r\n\r\n".to_vec(), 400),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n".to_vec(), 400),
+        (b"GARBAGE\r\n\r\n".to_vec(), 400),
+        (b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(), 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(), 400),
+        (big_header.into_bytes(), 431),
+        (many.into_bytes(), 431),
+    ];
+    for (request, want) in cases {
+        let reply = raw(agent.http, &request);
+        assert_eq!(
+            reply.status,
+            want,
+            "{:?}: {reply:?}",
+            String::from_utf8_lossy(&request[..request.len().min(80)])
+        );
+    }
+    let reply = raw(
+        agent.http,
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        up.served(),
+        1,
+        "only the one valid request reached the backend"
+    );
+    let rejected = c
+        .metric("switchyard_proxy_rejected_total{reason=\"bad_request\"}")
+        .unwrap_or(0.0);
+    assert!(rejected >= 8.0, "{rejected}");
+}
