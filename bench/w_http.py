@@ -63,8 +63,11 @@ def session_pids(pid):
 
 
 def start_backends(work):
+    # nginx workers run as an unprivileged user: they must be able to read /big.
+    os.chmod(work, 0o755)
     with open(os.path.join(work, "big"), "wb") as f:
         f.write(b"x" * 65536)
+    os.chmod(os.path.join(work, "big"), 0o644)
     listens = "".join(f"listen 127.0.0.1:{p} reuseport;" for p in BACKENDS)
     conf = os.path.join(work, "backends.conf")
     with open(conf, "w") as f:
@@ -149,7 +152,11 @@ def wait_http(port, path):
 
 
 def to_ms(text):
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    match = re.match(r"([\d.]+)(us|ms|s)$", text)
+    if not match:
+        print(f"# unreadable latency {text!r}", file=sys.stderr)
+        return float("nan")
+    value, unit = match.groups()
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
@@ -160,7 +167,10 @@ def wrk(port, path, connections, seconds):
                          capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))
+    p99_line = re.search(r"^\s*99%\s+(\S+)", out, re.M)
+    if not p99_line:
+        print(f"# wrk printed no latency distribution:\n{out}", file=sys.stderr)
+    p99 = to_ms(p99_line.group(1)) if p99_line else float("nan")
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return rps, total, p99, int(errors.group(1)) if errors else 0, socket_errors.group(1) if socket_errors else ""

@@ -12,6 +12,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
+/// Runs `fut` under a time limit, arming the timer only when the first poll
+/// does not finish it: most reads and writes complete at once, and a timer
+/// per operation would cost more than the operation.
+async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => timeout(limit, fut).await.ok(),
+    }
+}
+
+/// `within` with a deadline.
+async fn within_at<F: std::future::Future>(deadline: Instant, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => timeout_at(deadline, fut).await.ok(),
+    }
+}
+
 use crate::backend::{now_ns, Backend, ProxyService, ServiceStats};
 use crate::balance::{self, Tried};
 use crate::metrics::Reject;
@@ -112,6 +134,9 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
     local.shared.metrics.connections.dec();
 }
 
+/// Longest wait for a client to take a response the proxy writes itself.
+const WRITE_LIMIT: Duration = Duration::from_secs(10);
+
 /// Answers a request the proxy handles itself.
 async fn answer(
     client: &mut TcpStream,
@@ -125,8 +150,8 @@ async fn answer(
         body.len() + 1,
         if close { "connection: close\r\n" } else { "" },
     );
-    match client.write_all(text.as_bytes()).await {
-        Ok(()) if !close => Next::KeepAlive,
+    match within(WRITE_LIMIT, client.write_all(text.as_bytes())).await {
+        Some(Ok(())) if !close => Next::KeepAlive,
         _ => Next::Close,
     }
 }
@@ -143,27 +168,28 @@ async fn exchange(
 ) -> Next {
     let config = &local.shared.config;
     let metrics = &local.shared.metrics;
-    let idle_deadline = Instant::now() + config.idle_timeout;
     let mut head_deadline = None;
-    let routes = local.routes();
     let request_id = local.next_request_id();
     let (request, route, key) = loop {
         if !cbuf.is_empty() {
-            head_deadline.get_or_insert_with(|| Instant::now() + config.header_timeout);
             if cbuf.filled().starts_with(b"PRI * HTTP/2") {
                 metrics.reject(Reject::BadRequest);
                 return Next::Close;
             }
-            let parsed = wire::parse_request(
-                cbuf.filled(),
-                config.max_header_bytes,
-                config.max_headers,
-                info,
-                request_id,
-                head,
-                |target| routes.find(target.host, target.path).cloned(),
-                |route: &Arc<Route>| &route.hash_on,
-            );
+            let parsed = {
+                let mut routes = local.routes.borrow_mut();
+                let table = routes.load();
+                wire::parse_request(
+                    cbuf.filled(),
+                    config.max_header_bytes,
+                    config.max_headers,
+                    info,
+                    request_id,
+                    head,
+                    |target| table.find(target.host, target.path).cloned(),
+                    |route: &Arc<Route>| &route.hash_on,
+                )
+            };
             match parsed {
                 Ok(parsed) => break parsed,
                 Err(HeadError::Partial) => {}
@@ -184,11 +210,19 @@ async fn exchange(
                 }
             }
         }
-        let deadline = head_deadline.unwrap_or(idle_deadline);
-        match timeout_at(deadline, cbuf.fill(client)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
-            Ok(Ok(_)) => {}
-            Err(_) if head_deadline.is_some() => {
+        // Between requests the client may idle for `idle_timeout`; once a
+        // head has started it has `header_timeout` to finish it.
+        let read = if cbuf.is_empty() {
+            within(config.idle_timeout, cbuf.fill(client)).await
+        } else {
+            let deadline =
+                *head_deadline.get_or_insert_with(|| Instant::now() + config.header_timeout);
+            within_at(deadline, cbuf.fill(client)).await
+        };
+        match read {
+            Some(Ok(0)) | Some(Err(_)) => return Next::Close,
+            Some(Ok(_)) => {}
+            None if head_deadline.is_some() => {
                 metrics.reject(Reject::ClientTimeout);
                 return answer(
                     client,
@@ -199,10 +233,9 @@ async fn exchange(
                 )
                 .await;
             }
-            Err(_) => return Next::Close,
+            None => return Next::Close,
         }
     };
-    drop(routes);
     cbuf.consume(request.head_len);
     // A refused request with a body we did not read ends the connection.
     let close_on_refusal = !request.keep_alive || request.framing != Framing::None;
@@ -469,7 +502,10 @@ async fn attempt(
                 }
             },
         };
-        if upstream.write_all(head).await.is_err() {
+        if !matches!(
+            within(config.body_timeout, upstream.write_all(head)).await,
+            Some(Ok(()))
+        ) {
             if reused && replayable {
                 continue;
             }
@@ -492,13 +528,14 @@ async fn attempt(
                 Err(Side::Sink) => return Err(Failure::Broken),
             }
         }
-        let deadline = Instant::now() + route.response_timeout;
         let response = loop {
-            match timeout_at(deadline, ubuf.fill(&mut upstream)).await {
-                Err(_) => return Err(Failure::Timeout),
-                Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && reused && replayable => break None,
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(Failure::Broken),
-                Ok(Ok(_)) => {}
+            match within(route.response_timeout, ubuf.fill(&mut upstream)).await {
+                None => return Err(Failure::Timeout),
+                Some(Ok(0)) | Some(Err(_)) if ubuf.is_empty() && reused && replayable => {
+                    break None
+                }
+                Some(Ok(0)) | Some(Err(_)) => return Err(Failure::Broken),
+                Some(Ok(_)) => {}
             }
             let close_client = !request.keep_alive || local.stopping();
             match wire::parse_response(
@@ -512,7 +549,12 @@ async fn attempt(
                 Ok(response) if (100..200).contains(&response.status) && response.status != 101 => {
                     // Interim responses (103 Early Hints) pass through; 100
                     // Continue was already sent by us.
-                    if response.status != 100 && client.write_all(reply).await.is_err() {
+                    if response.status != 100
+                        && !matches!(
+                            within(WRITE_LIMIT, client.write_all(reply)).await,
+                            Some(Ok(()))
+                        )
+                    {
                         return Err(Failure::Client);
                     }
                     ubuf.consume(response.head_len);
@@ -550,7 +592,10 @@ async fn attempt(
             return Err(Failure::Broken);
         }
         local.shared.metrics.upgrades.inc();
-        if client.write_all(reply).await.is_err() {
+        if !matches!(
+            within(WRITE_LIMIT, client.write_all(reply)).await,
+            Some(Ok(()))
+        ) {
             return Ok((Next::Close, status));
         }
         tunnel(client, &mut upstream, cbuf, ubuf).await;
@@ -619,27 +664,27 @@ async fn relay(
         let data = &buf.filled()[..take];
         let written = if prefix.is_empty() {
             if data.is_empty() {
-                Ok(Ok(()))
+                Some(Ok(()))
             } else {
-                timeout(stall, dst.write_all(data)).await
+                within(stall, dst.write_all(data)).await
             }
         } else {
             prefix.extend_from_slice(data);
-            let result = timeout(stall, dst.write_all(prefix)).await;
+            let result = within(stall, dst.write_all(prefix)).await;
             prefix.clear();
             result
         };
-        if !matches!(written, Ok(Ok(()))) {
+        if !matches!(written, Some(Ok(()))) {
             return Err(Side::Sink);
         }
         buf.consume(take);
         if done {
             return Ok(());
         }
-        match timeout(stall, buf.fill(src)).await {
-            Ok(Ok(0)) if framing == Framing::Close => return Ok(()),
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(Side::Source),
-            Ok(Ok(_)) => {}
+        match within(stall, buf.fill(src)).await {
+            Some(Ok(0)) if framing == Framing::Close => return Ok(()),
+            Some(Ok(0)) | Some(Err(_)) | None => return Err(Side::Source),
+            Some(Ok(_)) => {}
         }
     }
 }

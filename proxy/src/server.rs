@@ -37,7 +37,7 @@ pub(crate) struct Local {
     pub(crate) shared: Arc<Shared>,
     slot: usize,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
-    routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
+    pub(crate) routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
     pool: RefCell<HashMap<SocketAddr, Vec<(TcpStream, u64)>>>,
     buffers: RefCell<Vec<Buf>>,
     pub(crate) rng: RefCell<fastrand::Rng>,
@@ -48,10 +48,6 @@ pub(crate) struct Local {
 }
 
 impl Local {
-    pub(crate) fn routes(&self) -> Arc<RouteTable> {
-        self.routes.borrow_mut().load().clone()
-    }
-
     /// The proxy's view of a service in the current snapshot.
     pub(crate) fn service(&self, name: &str) -> Option<Arc<ProxyService>> {
         let mut cache = self.snapshot.borrow_mut();
