@@ -184,6 +184,9 @@ impl Default for Config {
     }
 }
 
+/// Most retries of one request (each goes to an endpoint not tried yet).
+pub(crate) const MAX_RETRIES: u32 = 7;
+
 /// Most header fields we ever parse (the fixed httparse array).
 pub(crate) const HEADER_ARRAY: usize = 128;
 
@@ -197,6 +200,9 @@ impl Config {
             return Err(format!(
                 "http.max_headers must be between 1 and {HEADER_ARRAY}"
             ));
+        }
+        if self.retries > MAX_RETRIES {
+            return Err(format!("http.retries must be at most {MAX_RETRIES}"));
         }
         if !(0.0..=10.0).contains(&self.retry_budget_ratio) {
             return Err("http.retry_budget_ratio must be between 0 and 10".to_string());
@@ -220,6 +226,11 @@ impl Config {
                 return Err(format!(
                     "http.routes[{i}].path_prefix must start with '/', not {:?}",
                     route.path_prefix
+                ));
+            }
+            if route.retries.is_some_and(|r| r > MAX_RETRIES) {
+                return Err(format!(
+                    "http.routes[{i}].retries must be at most {MAX_RETRIES}"
                 ));
             }
             if let Some(host) = &route.host {

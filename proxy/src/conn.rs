@@ -82,6 +82,19 @@ impl Buf {
         self.end = 0;
     }
 
+    pub(crate) fn capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Doubles the buffer up to `max` when the last read filled it: large
+    /// bodies then move in fewer, larger reads and writes.
+    fn grow_if_full(&mut self, max: usize) {
+        if self.end == self.data.len() && self.data.len() < max {
+            let size = (self.data.len() * 2).min(max);
+            self.data.resize(size, 0);
+        }
+    }
+
     /// Reads once from `stream` after the unread bytes; 0 means end of stream.
     async fn fill(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
         if self.end == self.data.len() && self.start > 0 {
@@ -133,6 +146,9 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
     let _ = client.shutdown().await;
     local.shared.metrics.connections.dec();
 }
+
+/// Largest a relay buffer grows to.
+const MAX_BUFFER: usize = 256 * 1024;
 
 /// Longest wait for a client to take a response the proxy writes itself.
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
@@ -684,7 +700,7 @@ async fn relay(
         match within(stall, buf.fill(src)).await {
             Some(Ok(0)) if framing == Framing::Close => return Ok(()),
             Some(Ok(0)) | Some(Err(_)) | None => return Err(Side::Source),
-            Some(Ok(_)) => {}
+            Some(Ok(_)) => buf.grow_if_full(MAX_BUFFER),
         }
     }
 }

@@ -64,15 +64,22 @@ impl Local {
         self.stopping.get()
     }
 
-    pub(crate) fn take_buffer(&self) -> Buf {
-        self.buffers.borrow_mut().pop().unwrap_or_else(|| {
-            Buf::with_capacity(self.shared.config.max_header_bytes.max(16 * 1024))
-        })
+    fn buffer_size(&self) -> usize {
+        self.shared.config.max_header_bytes.max(16 * 1024)
     }
 
+    pub(crate) fn take_buffer(&self) -> Buf {
+        self.buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Buf::with_capacity(self.buffer_size()))
+    }
+
+    /// Keeps up to 256 buffers of the base size; grown ones are freed, so
+    /// idle memory stays small after a burst of large bodies.
     pub(crate) fn give_buffer(&self, mut buf: Buf) {
         let mut buffers = self.buffers.borrow_mut();
-        if buffers.len() < 256 {
+        if buffers.len() < 256 && buf.capacity() == self.buffer_size() {
             buf.clear();
             buffers.push(buf);
         }

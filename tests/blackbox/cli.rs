@@ -142,3 +142,40 @@ fn a_bad_config_names_the_line_and_exits_64() {
         .expect("run");
     assert_eq!(out.status.code(), Some(64), "no data dir and no --dev");
 }
+
+#[test]
+fn bad_proxy_config_is_refused_with_its_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("proxy.toml");
+    let cases = [
+        ("[http]\nretries = 9\n", "retries"),
+        ("[http]\nbalancer = \"fastest\"\n", "balancer"),
+        (
+            "[[http.routes]]\nhost = \"http://a\"\nservice = \"s\"\n",
+            "host",
+        ),
+        (
+            "[[http.routes]]\npath_prefix = \"api\"\nservice = \"s\"\n",
+            "path_prefix",
+        ),
+        (
+            "[[http.routes]]\nservice = \"s\"\nhash_on = \"body\"\n",
+            "hash_on",
+        ),
+        (
+            "[http.outlier]\nmax_ejected_percent = 150\n",
+            "max_ejected_percent",
+        ),
+    ];
+    for (text, key) in cases {
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(bin())
+            .args(["agent", "--dev", "--check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{text}: {err}");
+        assert!(err.contains(key), "{text}: {err} does not name {key}");
+    }
+}
