@@ -360,8 +360,10 @@ async fn forward(
             metrics.reject(Reject::NoEndpoint);
             return answer(client, 502, "Bad Gateway", "every endpoint failed", true).await;
         };
-        if fail_open {
-            stats.set_fail_open(true, "every remaining endpoint is ejected");
+        // Only a first attempt speaks for the service: a retry that falls
+        // back to an ejected endpoint has merely run out of others.
+        if fail_open && tried.count() == 0 {
+            stats.set_fail_open(true, "every endpoint is ejected");
         } else if stats.is_fail_open() && !service.backends.iter().any(|b| b.stats.is_ejected(now))
         {
             stats.set_fail_open(false, "");
