@@ -24,8 +24,9 @@ import tempfile
 import time
 import urllib.request
 
+from procstat import cpu_seconds, session_pids
+
 PORTS = {"switchyard": 15353, "nsd": 15354, "knot": 15355}
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def addr(n, k):
@@ -70,30 +71,6 @@ def queries_text():
         else:
             out.append(f"nosuch-{n}.service.consul A")
     return "\n".join(out) + "\n"
-
-
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def all_pids(pid):
-    """Every process of the server's session (NSD forks and re-forks its servers)."""
-    pids = []
-    for task in os.listdir("/proc"):
-        if task.isdigit():
-            try:
-                with open(f"/proc/{task}/stat") as f:
-                    session = int(f.read().rsplit(")", 1)[1].split()[3])
-                if session == pid:
-                    pids.append(int(task))
-            except OSError:
-                pass
-    return pids
 
 
 def wait_dns(port, name="svc-1.service.consul"):
@@ -239,7 +216,7 @@ def main():
         for rnd in range(args.rounds):
             order = list(PORTS) if rnd % 2 == 0 else list(reversed(PORTS))
             for name in order:
-                pids = all_pids(procs[name].pid)
+                pids = session_pids(procs[name].pid)
                 before = cpu_seconds(pids)
                 qps, lat, completed, lost = dnsperf(PORTS[name], qfile, args.seconds)
                 cpu = cpu_seconds(pids) - before

@@ -32,34 +32,10 @@ import tempfile
 import time
 import urllib.request
 
+from procstat import cpu_seconds, session_pids
+
 BACKENDS = [18081, 18082, 18083]
 PORTS = {"switchyard": 18080, "nginx": 18084, "haproxy": 18085, "direct": 18081}
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / TICK
-
-
-def session_pids(pid):
-    pids = []
-    for task in os.listdir("/proc"):
-        if task.isdigit():
-            try:
-                with open(f"/proc/{task}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[3]) == pid:
-                        pids.append(int(task))
-            except OSError:
-                pass
-    return pids
 
 
 def start_backends(work):

@@ -12,34 +12,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
-/// Runs `fut` under a time limit, arming the timer only when the first poll
-/// does not finish it: most reads and writes complete at once, and a timer
-/// per operation would cost more than the operation.
-async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-    match first {
-        std::task::Poll::Ready(output) => Some(output),
-        std::task::Poll::Pending => timeout(limit, fut).await.ok(),
-    }
-}
-
-/// `within` with a deadline.
-async fn within_at<F: std::future::Future>(deadline: Instant, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-    match first {
-        std::task::Poll::Ready(output) => Some(output),
-        std::task::Poll::Pending => timeout_at(deadline, fut).await.ok(),
-    }
-}
-
 use crate::backend::{now_ns, Backend, ProxyService, ServiceStats};
 use crate::balance::{self, Tried};
 use crate::metrics::Reject;
 use crate::route::Route;
 use crate::server::Local;
 use crate::wire::{self, Chunks, Client, Framing, HeadError, Request};
+
+/// Runs `fut` under a deadline, arming the timer (and reading the clock)
+/// only when the first poll does not finish it: most reads and writes
+/// complete at once, and a timer per operation would cost more than the
+/// operation.
+async fn within_at<F: std::future::Future>(
+    deadline: impl FnOnce() -> Instant,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => timeout_at(deadline(), fut).await.ok(),
+    }
+}
+
+/// `within_at` with a time limit from now.
+async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    within_at(|| Instant::now() + limit, fut).await
+}
 
 /// A read buffer with a window of unread bytes.
 pub(crate) struct Buf {
@@ -233,7 +232,7 @@ async fn exchange(
         } else {
             let deadline =
                 *head_deadline.get_or_insert_with(|| Instant::now() + config.header_timeout);
-            within_at(deadline, cbuf.fill(client)).await
+            within_at(|| deadline, cbuf.fill(client)).await
         };
         match read {
             Some(Ok(0)) | Some(Err(_)) => return Next::Close,

@@ -189,6 +189,23 @@ impl<'a> Listed<'a> {
     }
 }
 
+/// The length of a complete head within the limits, from httparse's verdict
+/// on `buffered` bytes.
+fn head_length(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    max_bytes: usize,
+    malformed: &'static str,
+) -> Result<usize, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n <= max_bytes => Ok(n),
+        Ok(httparse::Status::Partial) if buffered < max_bytes => Err(HeadError::Partial),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => Err(HeadError::Bad("unsupported HTTP version")),
+        Err(_) => Err(HeadError::Bad(malformed)),
+    }
+}
+
 fn parse_length(value: &[u8]) -> Result<u64, HeadError> {
     let value = trim(value);
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
@@ -221,15 +238,12 @@ pub(crate) fn parse_request<R>(
 ) -> Result<(Request, Option<R>, Option<u64>), HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADER_ARRAY];
     let mut parsed = httparse::Request::new(&mut headers[..max_headers]);
-    let head_len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= max_bytes => n,
-        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(httparse::Error::Version) => return Err(HeadError::Bad("unsupported HTTP version")),
-        Err(_) => return Err(HeadError::Bad("malformed request head")),
-    };
+    let head_len = head_length(
+        parsed.parse(buf),
+        buf.len(),
+        max_bytes,
+        "malformed request head",
+    )?;
     let (Some(method), Some(path), Some(version)) = (parsed.method, parsed.path, parsed.version)
     else {
         return Err(HeadError::Bad("malformed request line"));
@@ -464,14 +478,12 @@ pub(crate) fn parse_response(
 ) -> Result<Response, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADER_ARRAY];
     let mut parsed = httparse::Response::new(&mut headers[..max_headers]);
-    let head_len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= max_bytes => n,
-        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= max_bytes => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Bad("malformed response head")),
-    };
+    let head_len = head_length(
+        parsed.parse(buf),
+        buf.len(),
+        max_bytes,
+        "malformed response head",
+    )?;
     let (Some(status), Some(version)) = (parsed.code, parsed.version) else {
         return Err(HeadError::Bad("malformed status line"));
     };

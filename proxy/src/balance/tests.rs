@@ -2,6 +2,8 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
+use switchyard_registry::Name;
+
 use super::*;
 use crate::backend::EndpointStats;
 use crate::config::OutlierConfig;
@@ -165,8 +167,6 @@ fn consistent_hash_keeps_keys_and_moves_only_the_leavers_share() {
         assert!((600..=1400).contains(&n), "{id} owns {n} of 4000");
     }
 }
-
-use switchyard_registry::Name;
 
 #[test]
 fn tried_and_ejected_backends_are_skipped_until_none_is_left() {
