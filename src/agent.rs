@@ -104,6 +104,7 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         config: config.api.clone(),
         prometheus,
         shutdown: shutdown_rx.clone(),
+        load: Some(proxy.load_report()),
     });
     let listener = tokio::net::TcpListener::bind(config.api.addr)
         .await

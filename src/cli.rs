@@ -59,6 +59,64 @@ enum Commands {
     /// "service","id","address","port","tags","meta","checks"}], "deregister":
     /// [{"node","id"}], "deregister_nodes":["name"]}. Use - for standard input.
     Register { file: PathBuf },
+    /// List nodes with their drain state.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a node or one endpoint: DNS and the proxy stop sending it new
+    /// traffic at once; work in flight finishes, long-lived connections are
+    /// cut at the deadline.
+    Drain {
+        #[command(subcommand)]
+        target: DrainTarget,
+    },
+    /// Return a drained node or endpoint to service.
+    Undrain {
+        #[command(subcommand)]
+        target: UndrainTarget,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DrainTarget {
+    /// Drain every endpoint on a node.
+    Node {
+        name: String,
+        #[command(flatten)]
+        opts: DrainOpts,
+    },
+    /// Drain one endpoint (by id; --node when the id exists on several nodes).
+    Endpoint {
+        id: String,
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        opts: DrainOpts,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct DrainOpts {
+    /// Cut what is still open after this long (Go duration: 30s, 5m).
+    #[arg(long)]
+    deadline: Option<String>,
+    /// Show progress until drained; exit 0 when everything finished, 3 when
+    /// the deadline cut work.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum UndrainTarget {
+    Node {
+        name: String,
+    },
+    Endpoint {
+        id: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,6 +156,26 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
         Commands::Services { json } => client(services(&cli.api, json)),
         Commands::Endpoints { service, json } => client(endpoints(&cli.api, &service, json)),
         Commands::Register { file } => client(register(&cli.api, &file)),
+        Commands::Nodes { json } => client(nodes(&cli.api, json)),
+        Commands::Drain { target } => {
+            let (path, opts) = match target {
+                DrainTarget::Node { name, opts } => (node_drain_path(&name), opts),
+                DrainTarget::Endpoint { id, node, opts } => {
+                    (endpoint_drain_path(&id, node.as_deref()), opts)
+                }
+            };
+            match drain(&cli.api, &path, &opts) {
+                Ok(code) => code,
+                Err(e) => client(Err(e)),
+            }
+        }
+        Commands::Undrain { target } => {
+            let path = match target {
+                UndrainTarget::Node { name } => node_drain_path(&name),
+                UndrainTarget::Endpoint { id, node } => endpoint_drain_path(&id, node.as_deref()),
+            };
+            client(call(&cli.api, "DELETE", &path, None).map(|_| println!("undrained")))
+        }
     }
 }
 
@@ -200,6 +278,7 @@ fn call(api: &str, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::R
     let agent = http();
     let response = match (method, body) {
         ("GET", _) => agent.get(&url).call(),
+        ("DELETE", _) => agent.delete(&url).call(),
         (_, Some(body)) => agent
             .put(&url)
             .header("Content-Type", "application/json")
@@ -313,6 +392,131 @@ fn register(api: &str, file: &PathBuf) -> anyhow::Result<()> {
         .unwrap_or(0);
     println!("registered; catalog index {index}");
     Ok(())
+}
+
+fn nodes(api: &str, as_json: bool) -> anyhow::Result<()> {
+    let list = get_json(api, "/v1/switchyard/nodes")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<22} {:<10} {:>9}  DEADLINE",
+        "NODE", "ADDRESS", "STATE", "ENDPOINTS"
+    );
+    for row in list.as_array().into_iter().flatten() {
+        let s = |k: &str| row.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let deadline = row
+            .get("drain_deadline_ms")
+            .and_then(Value::as_u64)
+            .map(|ms| {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+                humantime::format_rfc3339_seconds(at).to_string()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<28} {:<22} {:<10} {:>9}  {}",
+            s("name"),
+            s("address"),
+            s("state"),
+            num(row, "endpoints"),
+            deadline
+        );
+    }
+    Ok(())
+}
+
+fn node_drain_path(name: &str) -> String {
+    format!("/v1/switchyard/nodes/{}/drain", encode_path(name))
+}
+
+fn endpoint_drain_path(id: &str, node: Option<&str>) -> String {
+    let mut path = format!("/v1/switchyard/endpoints/{}/drain", encode_path(id));
+    if let Some(node) = node {
+        path.push_str("?node=");
+        path.push_str(&encode_path(node));
+    }
+    path
+}
+
+/// Exit code of `drain --wait` when the deadline cut work.
+const EXIT_CUT: u8 = 3;
+
+/// One line of drain progress.
+fn drain_line(status: &Value) -> String {
+    let state = status.get("state").and_then(Value::as_str).unwrap_or("?");
+    let busy: Vec<String> = status
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| num(e, "in_flight") > 0)
+        .take(4)
+        .map(|e| {
+            format!(
+                "{}={}",
+                e.get("id").and_then(Value::as_str).unwrap_or("?"),
+                num(e, "in_flight")
+            )
+        })
+        .collect();
+    format!(
+        "{state}: {} in flight, {} cut{}{}",
+        num(status, "in_flight"),
+        num(status, "cut"),
+        if busy.is_empty() { "" } else { "  " },
+        busy.join(" ")
+    )
+}
+
+fn drain(api: &str, path: &str, opts: &DrainOpts) -> anyhow::Result<ExitCode> {
+    let body = match &opts.deadline {
+        Some(d) => {
+            switchyard_registry::parse_go_duration(d)
+                .map_err(|e| anyhow::anyhow!("--deadline {d:?}: {e}"))?;
+            serde_json::to_vec(&serde_json::json!({ "deadline": d }))?
+        }
+        None => Vec::new(),
+    };
+    let status: Value = serde_json::from_str(&call(api, "PUT", path, Some(body))?)
+        .map_err(|e| anyhow::anyhow!("the agent sent invalid JSON: {e}"))?;
+    if !opts.wait {
+        println!("{}", drain_line(&status));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last = String::new();
+    let status = loop {
+        let status = get_json(api, path)?;
+        let line = drain_line(&status);
+        if line != last {
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last = line;
+        }
+        if status.get("drained").and_then(Value::as_bool) == Some(true) {
+            break status;
+        }
+        if status.get("state").and_then(Value::as_str) == Some("active") {
+            anyhow::bail!("the drain was cancelled (undrained) while waiting");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if tty {
+        eprintln!();
+    }
+    let cut = num(&status, "cut") + num(&status, "in_flight");
+    if cut > 0 {
+        println!(
+            "drained at the deadline; {cut} request(s) or connection(s) were cut or still open"
+        );
+        return Ok(ExitCode::from(EXIT_CUT));
+    }
+    println!("drained: nothing in flight");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Percent-encodes a path segment.

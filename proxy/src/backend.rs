@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use switchyard_registry::{EndpointState, Extra, Name, ServiceView, Snapshot, ViewDecorator};
+use switchyard_registry::{
+    unix_ms, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name, ServiceView, Snapshot,
+    ViewDecorator,
+};
 
 use crate::balance::Ring;
 use crate::config::{Config, OutlierConfig};
@@ -42,6 +45,16 @@ pub(crate) struct EndpointStats {
     failures: AtomicU32,
     ejected_until_ns: AtomicU64,
     ejections: AtomicU32,
+    /// Set at publish time when the endpoint leaves the routable set (drain,
+    /// maintenance, critical), before the snapshot that says so is visible.
+    withdrawn: AtomicBool,
+    /// Start and deadline (Unix ms, 0 = none) of the drain it is under.
+    drain_since_ms: AtomicU64,
+    drain_deadline_ms: AtomicU64,
+    /// Wakes long-lived connections when the drain deadline changes.
+    drain_changed: tokio::sync::Notify,
+    /// Long-lived connections closed at the deadline since the drain began.
+    cut: AtomicU64,
 }
 
 impl EndpointStats {
@@ -55,11 +68,89 @@ impl EndpointStats {
             failures: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            withdrawn: AtomicBool::new(false),
+            drain_since_ms: AtomicU64::new(0),
+            drain_deadline_ms: AtomicU64::new(0),
+            drain_changed: tokio::sync::Notify::new(),
+            cut: AtomicU64::new(0),
         }
     }
 
     pub(crate) fn in_flight(&self) -> i64 {
         self.metrics.in_flight.get()
+    }
+
+    /// Counts a request or connection to this endpoint; false (and nothing
+    /// counted) when the endpoint was withdrawn after the caller's snapshot.
+    ///
+    /// Pairs with `publish_state`: the count is made before the flag is read
+    /// and the flag is set before the snapshot is published, so either this
+    /// sees the flag, or a drain status read after the publish sees the count.
+    pub(crate) fn enter(&self) -> bool {
+        self.metrics.in_flight.inc();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.withdrawn.load(Ordering::Relaxed) {
+            self.metrics.in_flight.dec();
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn leave(&self) {
+        self.metrics.in_flight.dec();
+    }
+
+    pub(crate) fn is_withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::Relaxed)
+    }
+
+    /// Records the endpoint's routability and drain at publish time.
+    fn publish_state(&self, instance: &Instance) {
+        self.withdrawn
+            .store(!instance.is_routable(), Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let since = [&instance.node.drain, &instance.endpoint.drain]
+            .into_iter()
+            .flatten()
+            .map(|d| d.since_ms)
+            .max()
+            .unwrap_or(0);
+        if since != 0 && self.drain_since_ms.swap(since, Ordering::Relaxed) != since {
+            self.cut.store(0, Ordering::Relaxed);
+        }
+        let deadline = instance.drain_deadline_ms().unwrap_or(0);
+        if self.drain_deadline_ms.swap(deadline, Ordering::Release) != deadline {
+            self.drain_changed.notify_waiters();
+        }
+    }
+
+    /// Resolves when the endpoint's drain deadline has passed; pends while it
+    /// has none. Long-lived connections select on it and close.
+    pub(crate) async fn drain_deadline(&self) {
+        loop {
+            let changed = self.drain_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let deadline = self.drain_deadline_ms.load(Ordering::Acquire);
+            if deadline == 0 {
+                changed.await;
+                continue;
+            }
+            let now = unix_ms();
+            if now >= deadline {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
+                _ = changed => {}
+            }
+        }
+    }
+
+    /// Counts a long-lived connection closed at the drain deadline.
+    pub(crate) fn note_cut(&self) {
+        self.cut.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(endpoint = %self.id, node = %self.node, "connection closed at the drain deadline");
     }
 
     /// Peak-EWMA latency, decayed for the time since the last sample so an
@@ -358,6 +449,37 @@ impl ProxyDecorator {
     }
 }
 
+impl ProxyDecorator {
+    /// The proxy's live per-endpoint counts, for the registry's drain status.
+    pub fn load_report(&self) -> Arc<dyn LoadReport> {
+        Arc::new(ProxyLoad {
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+struct ProxyLoad {
+    shared: Arc<Shared>,
+}
+
+impl LoadReport for ProxyLoad {
+    fn endpoint_load(&self, service: &str, node: &str, id: &str) -> EndpointLoad {
+        let Ok(services) = self.shared.services.lock() else {
+            return EndpointLoad::default();
+        };
+        let Some(stats) = services
+            .get(service)
+            .and_then(|entry| entry.endpoints.get(&(Name::from(node), Name::from(id))))
+        else {
+            return EndpointLoad::default();
+        };
+        EndpointLoad {
+            in_flight: u64::try_from(stats.in_flight()).unwrap_or(0),
+            cut: stats.cut.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl ViewDecorator for ProxyDecorator {
     fn decorate(&self, view: &ServiceView) -> Extra {
         let shared = &self.shared;
@@ -396,6 +518,7 @@ impl ViewDecorator for ProxyDecorator {
                     shared.metrics.endpoint(&view.name, &key.0, &key.1),
                 ))
             });
+            stats.publish_state(instance);
             all.push(stats.clone());
             endpoints.insert(key, stats);
         }

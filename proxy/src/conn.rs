@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::backend::{now_ns, Backend, ProxyService, ServiceStats};
+use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, ServiceStats};
 use crate::balance::{self, Tried};
 use crate::metrics::Reject;
 use crate::route::Route;
@@ -292,7 +292,7 @@ async fn exchange(
 
     local.active.set(local.active.get() + 1);
     let next = forward(
-        local, client, cbuf, ubuf, head, reply, &request, &route, &service, key, body, replayable,
+        local, client, cbuf, ubuf, head, reply, &request, &route, service, key, body, replayable,
     )
     .await;
     local.active.set(local.active.get() - 1);
@@ -323,7 +323,7 @@ async fn forward(
     reply: &mut Vec<u8>,
     request: &Request,
     route: &Route,
-    service: &ProxyService,
+    mut service: Arc<ProxyService>,
     key: Option<u64>,
     body: Framing,
     replayable: bool,
@@ -331,7 +331,7 @@ async fn forward(
     let config = &local.shared.config;
     let metrics = &local.shared.metrics;
     let stats = match &service.stats {
-        Some(stats) => stats,
+        Some(stats) => stats.clone(),
         None => {
             return answer(
                 client,
@@ -344,11 +344,15 @@ async fn forward(
         }
     };
     let mut tried = Tried::default();
+    // Endpoints found withdrawn (drained, in maintenance, failing) after this
+    // request's snapshot was taken: a first attempt reloads the service (a
+    // few times at most), a retry skips them; neither counts as a retry.
+    let (mut reloads, mut skipped) = (0, 0);
     stats.note_request(now_ns());
     loop {
         let now = now_ns();
         let picked = balance::pick(
-            service,
+            &service,
             route.balancer,
             key,
             &tried,
@@ -367,22 +371,33 @@ async fn forward(
         {
             stats.set_fail_open(false, "");
         }
-        tried.add(index);
         let backend = &service.backends[index as usize];
-        backend.stats.metrics.in_flight.inc();
+        if !backend.stats.enter() {
+            if tried.count() == 0 && reloads < 3 {
+                if let Some(newer) = local.service(&route.service) {
+                    reloads += 1;
+                    service = newer;
+                    continue;
+                }
+            }
+            tried.add(index);
+            skipped += 1;
+            continue;
+        }
+        tried.add(index);
         let result = attempt(
-            local, client, cbuf, ubuf, head, reply, request, route, stats, backend, body,
+            local, client, cbuf, ubuf, head, reply, request, route, &stats, backend, body,
             replayable,
         )
         .await;
-        backend.stats.metrics.in_flight.dec();
+        backend.stats.leave();
         let now = now_ns();
         let failure = match result {
             Ok((next, status)) => {
                 if status >= 500 {
                     backend
                         .stats
-                        .failed(now, &config.outlier, stats, &service.backends);
+                        .failed(now, &config.outlier, &stats, &service.backends);
                 } else {
                     backend.stats.succeeded(now);
                 }
@@ -393,15 +408,15 @@ async fn forward(
         if !matches!(failure, Failure::Client) {
             backend
                 .stats
-                .failed(now, &config.outlier, stats, &service.backends);
+                .failed(now, &config.outlier, &stats, &service.backends);
         }
         let retryable = match failure {
             Failure::Connect => replayable,
             Failure::Status(_) | Failure::Broken => replayable && request.idempotent,
             Failure::Timeout | Failure::Client => false,
         };
-        let more =
-            tried.count() <= route.retries as usize && tried.count() < service.backends.len();
+        let attempts = tried.count() - skipped;
+        let more = attempts <= route.retries as usize && tried.count() < service.backends.len();
         if retryable
             && more
             && stats.take_retry(now, config.retry_budget_ratio, config.retry_budget_floor)
@@ -615,7 +630,7 @@ async fn attempt(
         ) {
             return Ok((Next::Close, status));
         }
-        tunnel(client, &mut upstream, cbuf, ubuf).await;
+        tunnel(client, &mut upstream, cbuf, ubuf, &backend.stats).await;
         return Ok((Next::Close, status));
     }
     let close_client =
@@ -634,7 +649,7 @@ async fn attempt(
         Err(_) => return Ok((Next::Close, status)),
     }
     if response.reusable && ubuf.is_empty() {
-        local.pool_put(backend.addr, upstream);
+        local.pool_put(backend, upstream);
     }
     let next = if close_client {
         Next::Close
@@ -707,8 +722,15 @@ async fn relay(
 }
 
 /// After a 101: bytes already read on either side go first, then both
-/// directions are copied until either side closes.
-async fn tunnel(client: &mut TcpStream, upstream: &mut TcpStream, cbuf: &mut Buf, ubuf: &mut Buf) {
+/// directions are copied until either side closes, or until the endpoint's
+/// drain deadline cuts the tunnel.
+async fn tunnel(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    cbuf: &mut Buf,
+    ubuf: &mut Buf,
+    stats: &EndpointStats,
+) {
     if !ubuf.is_empty() {
         if client.write_all(ubuf.filled()).await.is_err() {
             return;
@@ -721,5 +743,8 @@ async fn tunnel(client: &mut TcpStream, upstream: &mut TcpStream, cbuf: &mut Buf
         }
         cbuf.clear();
     }
-    let _ = tokio::io::copy_bidirectional(client, upstream).await;
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(client, upstream) => {}
+        _ = stats.drain_deadline() => stats.note_cut(),
+    }
 }

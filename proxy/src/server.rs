@@ -18,7 +18,7 @@ use switchyard_registry::Snapshot;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::backend::{now_ns, ProxyService, Shared};
+use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, Shared};
 use crate::conn::{self, Buf};
 use crate::route::RouteTable;
 use crate::wire::Client;
@@ -26,11 +26,20 @@ use crate::wire::Client;
 /// Idle upstream connections older than this are closed by the sweeper
 /// (below the usual 60-75 s keep-alive of upstream servers).
 const POOL_IDLE: Duration = Duration::from_secs(30);
-/// How often the sweeper runs, and how often thread 0 prunes services that
-/// left the catalog.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often the sweeper closes idle connections to withdrawn endpoints
+/// (drained, in maintenance, failing) and ones idle too long.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Every this many sweeps, thread 0 prunes services that left the catalog.
+const PRUNE_EVERY_SWEEPS: u32 = 10;
 /// Longest wait for in-flight requests at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Idle connections to one endpoint address, newest last, with the time each
+/// became idle.
+struct Idle {
+    stats: Arc<EndpointStats>,
+    streams: Vec<(TcpStream, u64)>,
+}
 
 /// A proxy thread's own state.
 pub(crate) struct Local {
@@ -38,7 +47,7 @@ pub(crate) struct Local {
     slot: usize,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     pub(crate) routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
-    pool: RefCell<HashMap<SocketAddr, Vec<(TcpStream, u64)>>>,
+    pool: RefCell<HashMap<SocketAddr, Idle>>,
     buffers: RefCell<Vec<Buf>>,
     pub(crate) rng: RefCell<fastrand::Rng>,
     request_ids: Cell<u64>,
@@ -86,27 +95,36 @@ impl Local {
     }
 
     pub(crate) fn pool_take(&self, addr: SocketAddr) -> Option<TcpStream> {
-        self.pool.borrow_mut().get_mut(&addr)?.pop().map(|(s, _)| s)
+        let mut pool = self.pool.borrow_mut();
+        pool.get_mut(&addr)?.streams.pop().map(|(s, _)| s)
     }
 
-    pub(crate) fn pool_put(&self, addr: SocketAddr, stream: TcpStream) {
-        if self.stopping.get() {
+    pub(crate) fn pool_put(&self, backend: &Backend, stream: TcpStream) {
+        if self.stopping.get() || backend.stats.is_withdrawn() {
             return;
         }
         let mut pool = self.pool.borrow_mut();
-        let idle = pool.entry(addr).or_default();
-        if idle.len() < self.shared.config.pool_per_endpoint {
-            idle.push((stream, now_ns()));
+        let idle = pool.entry(backend.addr).or_insert_with(|| Idle {
+            stats: backend.stats.clone(),
+            streams: Vec::new(),
+        });
+        if idle.streams.len() < self.shared.config.pool_per_endpoint {
+            idle.streams.push((stream, now_ns()));
         }
     }
 
+    /// Closes idle connections that are too old or lead to an endpoint that
+    /// was withdrawn, so a drained node sees its idle connections go.
     fn sweep(&self) {
         let oldest = now_ns().saturating_sub(crate::backend::nanos(POOL_IDLE));
         let mut pool = self.pool.borrow_mut();
-        for idle in pool.values_mut() {
-            idle.retain(|(_, since)| *since >= oldest);
-        }
-        pool.retain(|_, idle| !idle.is_empty());
+        pool.retain(|_, idle| {
+            if idle.stats.is_withdrawn() {
+                return false;
+            }
+            idle.streams.retain(|(_, since)| *since >= oldest);
+            !idle.streams.is_empty()
+        });
     }
 }
 
@@ -223,10 +241,12 @@ fn run_thread(
             tokio::task::spawn_local(async move {
                 let mut tick = tokio::time::interval(SWEEP_EVERY);
                 tick.tick().await;
+                let mut sweeps = 0u32;
                 loop {
                     tick.tick().await;
                     local.sweep();
-                    if index == 0 {
+                    sweeps = sweeps.wrapping_add(1);
+                    if index == 0 && sweeps % PRUNE_EVERY_SWEEPS == 0 {
                         local.shared.prune(&snapshot.load());
                     }
                 }

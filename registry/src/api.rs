@@ -47,6 +47,8 @@ pub struct ApiState {
     pub prometheus: prometheus::Registry,
     /// Turns true when the agent starts shutting down: blocking queries answer at once.
     pub shutdown: watch::Receiver<bool>,
+    /// Live traffic per endpoint (the proxy's counters), for drain status.
+    pub load: Option<Arc<dyn crate::LoadReport>>,
 }
 
 /// Builds the API router.
@@ -106,6 +108,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(native::drain_status)
                 .put(native::drain)
                 .delete(native::undrain),
+        )
+        .route(
+            "/v1/switchyard/endpoints/{id}/drain",
+            get(native::endpoint_drain_status)
+                .put(native::endpoint_drain)
+                .delete(native::endpoint_undrain),
         )
         .route("/metrics", get(native::metrics))
         .fallback(not_found)

@@ -88,6 +88,16 @@ pub enum Command {
     Undrain {
         node: Name,
     },
+    /// Drain one endpoint (its node stays active).
+    DrainEndpoint {
+        node: Name,
+        id: Name,
+        deadline_ms: Option<u64>,
+    },
+    UndrainEndpoint {
+        node: Name,
+        id: Name,
+    },
     /// Register the node unless an identical definition exists (the agent's own node).
     EnsureNode(Node),
     /// A TTL check missed its deadline (issued by the writer's timers).
@@ -119,6 +129,8 @@ impl Command {
             Command::Heartbeat(_) => "heartbeat",
             Command::Drain { .. } => "drain",
             Command::Undrain { .. } => "undrain",
+            Command::DrainEndpoint { .. } => "drain_endpoint",
+            Command::UndrainEndpoint { .. } => "undrain_endpoint",
             Command::EnsureNode(_) => "ensure_node",
             Command::ExpireTtl { .. } => "ttl_expired",
             Command::ReapCritical { .. } => "reap_critical",
@@ -460,6 +472,23 @@ impl Catalog {
                 }
                 self.set_drain(&node, None, idx)
             }
+            Command::DrainEndpoint {
+                node,
+                id,
+                deadline_ms,
+            } => {
+                let endpoint = self.endpoint_or_404(&node, &id)?;
+                let since_ms = endpoint.drain.as_ref().map_or_else(unix_ms, |d| d.since_ms);
+                let drain = Drain {
+                    since_ms,
+                    deadline_ms,
+                };
+                self.set_endpoint_drain(&node, &id, Some(drain), idx)
+            }
+            Command::UndrainEndpoint { node, id } => {
+                self.endpoint_or_404(&node, &id)?;
+                self.set_endpoint_drain(&node, &id, None, idx)
+            }
             Command::EnsureNode(node) => self.put_node(node, idx),
             Command::ExpireTtl { node, id } => {
                 let Some(check) = self.get_check(&node, &id) else {
@@ -617,6 +646,47 @@ impl Catalog {
         true
     }
 
+    fn endpoint_or_404(&self, node: &Name, id: &Name) -> Result<Arc<Endpoint>, RegistryError> {
+        let entry = self
+            .snap
+            .nodes
+            .get(node)
+            .ok_or_else(|| unknown_node(node))?;
+        entry
+            .endpoints
+            .get(id)
+            .cloned()
+            .ok_or_else(|| unknown_service(id))
+    }
+
+    fn set_endpoint_drain(
+        &mut self,
+        node: &Name,
+        id: &Name,
+        drain: Option<Drain>,
+        idx: u64,
+    ) -> bool {
+        let Some(endpoint) = self.snap.nodes.get(node).and_then(|e| e.endpoints.get(id)) else {
+            return false;
+        };
+        if endpoint.drain == drain {
+            return false;
+        }
+        let mut endpoint = (**endpoint).clone();
+        endpoint.drain = drain;
+        endpoint.modify_index = idx;
+        let service = endpoint.service.clone();
+        if let Some(entry) = self.entry_mut(node) {
+            entry.endpoints.insert(id.clone(), Arc::new(endpoint));
+            entry.index = idx;
+        }
+        self.touch_service(&service, idx);
+        self.dirty
+            .add(DirtyKey::Endpoint((node.clone(), id.clone())));
+        self.snap.tables.services = idx;
+        true
+    }
+
     fn del_node(&mut self, name: &Name, idx: u64) -> bool {
         let Some(entry) = self.snap.nodes.get(name).cloned() else {
             return false;
@@ -645,6 +715,7 @@ impl Catalog {
             if prev.same_definition(&endpoint) {
                 return Ok(false);
             }
+            endpoint.drain = prev.drain.clone();
             endpoint.create_index = prev.create_index;
             if prev.service != endpoint.service {
                 // Same id re-registered under another service name: move it.
@@ -655,6 +726,7 @@ impl Catalog {
                 self.touch_service(&old_service, idx);
             }
         } else {
+            endpoint.drain = None;
             endpoint.create_index = idx;
         }
         endpoint.modify_index = idx;

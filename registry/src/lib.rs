@@ -12,6 +12,7 @@ mod config;
 mod duration;
 mod error;
 mod health;
+mod load;
 mod metrics;
 mod model;
 mod snapshot;
@@ -24,6 +25,7 @@ pub use config::{ApiConfig, StoreConfig, StoreKind};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use error::{RegistryError, StoreError};
 pub use health::spawn_checker;
+pub use load::{EndpointLoad, LoadReport};
 pub use metrics::RegistryMetrics;
 pub use model::{
     node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,

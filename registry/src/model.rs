@@ -50,13 +50,27 @@ impl fmt::Display for Status {
     }
 }
 
-/// Drain state of a node. A draining node's endpoints leave every routable set.
+/// Drain state of a node or endpoint: it leaves every routable set at once;
+/// traffic already on it may run until the deadline.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drain {
     /// Wall-clock start of the drain, milliseconds since the Unix epoch.
     pub since_ms: u64,
     /// Wall-clock deadline, milliseconds since the Unix epoch, if one was given.
     pub deadline_ms: Option<u64>,
+}
+
+impl Drain {
+    /// The earlier of two drains' deadlines (an endpoint on a draining node
+    /// is cut at whichever comes first).
+    pub fn earliest_deadline(a: Option<&Drain>, b: Option<&Drain>) -> Option<u64> {
+        let a = a.and_then(|d| d.deadline_ms);
+        let b = b.and_then(|d| d.deadline_ms);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +162,10 @@ pub struct Endpoint {
     /// older one is ignored.
     #[serde(default)]
     pub incarnation: u64,
+    /// Drain of this endpoint alone (its node's drain is on the node). Set
+    /// only by the drain API; a re-registration keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
     pub create_index: u64,
     pub modify_index: u64,
 }
@@ -174,11 +192,13 @@ impl Endpoint {
             enable_tag_override: false,
             kind: String::new(),
             incarnation: 0,
+            drain: None,
             create_index: 0,
             modify_index: 0,
         }
     }
 
+    /// True when the registrant-visible fields are equal (indexes and drain aside).
     pub(crate) fn same_definition(&self, other: &Endpoint) -> bool {
         self.id == other.id
             && self.service == other.service

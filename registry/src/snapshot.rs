@@ -167,7 +167,7 @@ impl Instance {
         let maintenance = checks.iter().any(|c| c.is_maintenance());
         let state = if maintenance {
             EndpointState::Maintenance
-        } else if node.drain.is_some() {
+        } else if node.drain.is_some() || endpoint.drain.is_some() {
             EndpointState::Draining
         } else {
             match health {
@@ -185,7 +185,16 @@ impl Instance {
         }
     }
 
-    /// Passing or warning, not in maintenance, node not draining.
+    /// The deadline of the drain this endpoint is under (its own or its
+    /// node's, whichever ends first), in Unix milliseconds.
+    pub fn drain_deadline_ms(&self) -> Option<u64> {
+        crate::model::Drain::earliest_deadline(
+            self.node.drain.as_ref(),
+            self.endpoint.drain.as_ref(),
+        )
+    }
+
+    /// Passing or warning, not in maintenance, neither it nor its node draining.
     pub fn is_routable(&self) -> bool {
         matches!(self.state, EndpointState::Passing | EndpointState::Warning)
     }
@@ -203,7 +212,10 @@ impl Instance {
     pub fn excluded_because(&self) -> Option<String> {
         match self.state {
             EndpointState::Passing | EndpointState::Warning => None,
-            EndpointState::Draining => Some(format!("node {} is draining", self.node.name)),
+            EndpointState::Draining if self.node.drain.is_some() => {
+                Some(format!("node {} is draining", self.node.name))
+            }
+            EndpointState::Draining => Some(format!("endpoint {} is draining", self.endpoint.id)),
             EndpointState::Maintenance => {
                 let check = self.checks.iter().find(|c| c.is_maintenance());
                 Some(match check {

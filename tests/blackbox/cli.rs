@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::support::{bin, Agent};
 
-fn run(args: &[&str], api: &str) -> std::process::Output {
+pub(crate) fn run(args: &[&str], api: &str) -> std::process::Output {
     Command::new(bin())
         .args(args)
         .env("SWITCHYARD_API", api)

@@ -3,6 +3,7 @@
 
 mod cli;
 mod dns;
+mod drain;
 mod health;
 mod proxy;
 mod registry_api;

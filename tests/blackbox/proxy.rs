@@ -15,17 +15,17 @@ use crate::support::{eventually, Agent, Client};
 /// A hyper HTTP/1.1 backend that answers with its name, after an optional
 /// delay, with a settable status; echoes forwarding headers back; `/echo`
 /// returns the request body; `/ws` upgrades and echoes bytes.
-struct Upstream {
-    name: String,
-    addr: SocketAddr,
+pub(crate) struct Upstream {
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
     status: Arc<AtomicU16>,
-    delay_ms: Arc<AtomicU64>,
+    pub(crate) delay_ms: Arc<AtomicU64>,
     served: Arc<AtomicUsize>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Upstream {
-    fn start(name: &str) -> Upstream {
+    pub(crate) fn start(name: &str) -> Upstream {
         Upstream::start_on(name, "127.0.0.1:0".parse().expect("addr"))
     }
 
@@ -80,7 +80,7 @@ impl Upstream {
         }
     }
 
-    fn served(&self) -> usize {
+    pub(crate) fn served(&self) -> usize {
         self.served.load(Ordering::SeqCst)
     }
 }
@@ -157,15 +157,15 @@ async fn serve(
 
 /// A response as seen by a raw HTTP/1.1 client.
 #[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
+pub(crate) struct Raw {
+    pub(crate) status: u16,
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) body: String,
 }
 
 /// Sends `request` bytes on a new connection and reads one response to the
 /// end of the connection (requests carry `Connection: close`).
-fn raw(addr: SocketAddr, request: &[u8]) -> Raw {
+pub(crate) fn raw(addr: SocketAddr, request: &[u8]) -> Raw {
     let mut stream = TcpStream::connect(addr).expect("connect proxy");
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -176,7 +176,7 @@ fn raw(addr: SocketAddr, request: &[u8]) -> Raw {
     parse_raw(&bytes)
 }
 
-fn parse_raw(bytes: &[u8]) -> Raw {
+pub(crate) fn parse_raw(bytes: &[u8]) -> Raw {
     let text = String::from_utf8_lossy(bytes);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -198,7 +198,7 @@ fn parse_raw(bytes: &[u8]) -> Raw {
     }
 }
 
-fn get(addr: SocketAddr, host: &str, path: &str) -> Raw {
+pub(crate) fn get(addr: SocketAddr, host: &str, path: &str) -> Raw {
     get_with(addr, host, path, "")
 }
 
@@ -221,7 +221,7 @@ fn register(c: &Client, service: &str, upstreams: &[&Upstream], tags: &[&str]) {
     c.put_ok("/v1/switchyard/batch", &batch.to_string());
 }
 
-fn agent_with(config: &str) -> (Agent, tempfile::TempDir) {
+pub(crate) fn agent_with(config: &str) -> (Agent, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, config).expect("write config");

@@ -454,6 +454,7 @@ impl ServiceIn {
             enable_tag_override: self.enable_tag_override.unwrap_or(false),
             kind: self.kind.take().unwrap_or_default(),
             incarnation: 0,
+            drain: None,
             create_index: 0,
             modify_index: 0,
         };

@@ -15,7 +15,7 @@ use super::decode::{decode_body, node_from, validate_name, BatchIn, GoDuration};
 use super::{json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
 use crate::catalog::{Batch, Command, NewCheck};
 use crate::model::unix_ms;
-use crate::model::{Check, CheckDefinition, Status, NODE_HEALTH_CHECK};
+use crate::model::{Check, CheckDefinition, Drain, Endpoint, Status, NODE_HEALTH_CHECK};
 use crate::snapshot::{EndpointState, Instance, NodeEntry, Snapshot, StateCounts};
 use crate::watch::WatchKey;
 
@@ -295,34 +295,96 @@ struct DrainIn {
     deadline: Option<GoDuration>,
 }
 
-fn drain_json(snap: &Snapshot, name: &str) -> Result<serde_json::Value, ApiError> {
+/// Unix milliseconds as RFC 3339 (UTC, millisecond precision).
+fn rfc3339(ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The drain status of a set of endpoints under one drain (a node's or an
+/// endpoint's): live traffic from the proxy, and whether it is over.
+fn drain_report<'a>(
+    state: &ApiState,
+    drain: Option<&Drain>,
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut list = Vec::new();
+    let (mut in_flight, mut cut) = (0u64, 0u64);
+    for e in endpoints {
+        let load = state
+            .load
+            .as_ref()
+            .map(|l| l.endpoint_load(&e.service, &e.node, &e.id))
+            .unwrap_or_default();
+        in_flight += load.in_flight;
+        cut += load.cut;
+        list.push(json!({
+            "id": &*e.id,
+            "service": &*e.service,
+            "in_flight": load.in_flight,
+            "cut": load.cut,
+        }));
+    }
+    let now = unix_ms();
+    let deadline_passed = drain
+        .and_then(|d| d.deadline_ms)
+        .is_some_and(|deadline| now >= deadline);
+    let drained = drain.is_some() && (in_flight == 0 || deadline_passed);
+    let phase = match drain {
+        None => "active",
+        Some(_) if drained => "drained",
+        Some(_) => "draining",
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("state".into(), phase.into());
+    out.insert("since".into(), drain.map(|d| rfc3339(d.since_ms)).into());
+    out.insert(
+        "deadline".into(),
+        drain.and_then(|d| d.deadline_ms).map(rfc3339).into(),
+    );
+    out.insert("since_ms".into(), drain.map(|d| d.since_ms).into());
+    out.insert(
+        "deadline_ms".into(),
+        drain.and_then(|d| d.deadline_ms).into(),
+    );
+    out.insert("deadline_passed".into(), deadline_passed.into());
+    out.insert("endpoints".into(), list.into());
+    out.insert("in_flight".into(), in_flight.into());
+    out.insert("cut".into(), cut.into());
+    out.insert("drained".into(), drained.into());
+    out
+}
+
+fn node_drain_json(
+    state: &ApiState,
+    snap: &Snapshot,
+    name: &str,
+) -> Result<serde_json::Value, ApiError> {
     let entry = snap
         .node(name)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Unknown node \"{name}\"")))?;
-    let node = &entry.node;
-    let endpoints: Vec<_> = entry
-        .endpoints
-        .values()
-        .map(|e| json!({ "id": &*e.id, "service": &*e.service }))
-        .collect();
-    Ok(json!({
-        "node": &*node.name,
-        "state": if node.drain.is_some() { "draining" } else { "active" },
-        "since_ms": node.drain.as_ref().map(|d| d.since_ms),
-        "deadline_ms": node.drain.as_ref().and_then(|d| d.deadline_ms),
-        "endpoints": endpoints,
-    }))
+    let mut out = drain_report(
+        state,
+        entry.node.drain.as_ref(),
+        entry.endpoints.values().map(|e| &**e),
+    );
+    out.insert("node".into(), (*entry.node.name).into());
+    Ok(serde_json::Value::Object(out))
 }
 
-pub(super) async fn drain(State(state): St, Path(node): Path<String>, body: Bytes) -> ApiResult {
+fn deadline_from(body: &Bytes) -> Result<Option<u64>, ApiError> {
     let input: DrainIn = if body.iter().all(u8::is_ascii_whitespace) {
         DrainIn::default()
     } else {
-        decode_body(&body).map_err(ApiError::bad_request)?
+        decode_body(body).map_err(ApiError::bad_request)?
     };
-    let deadline_ms = input
+    Ok(input
         .deadline
-        .map(|d| unix_ms().saturating_add(d.0.as_millis() as u64));
+        .map(|d| unix_ms().saturating_add(u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX))))
+}
+
+pub(super) async fn drain(State(state): St, Path(node): Path<String>, body: Bytes) -> ApiResult {
+    let deadline_ms = deadline_from(&body)?;
     let index = state
         .registry
         .apply(Command::Drain {
@@ -331,7 +393,11 @@ pub(super) async fn drain(State(state): St, Path(node): Path<String>, body: Byte
         })
         .await?;
     let snap = state.registry.snapshot();
-    json(&drain_json(&snap, &node)?, index, &QueryOpts::default())
+    json(
+        &node_drain_json(&state, &snap, &node)?,
+        index,
+        &QueryOpts::default(),
+    )
 }
 
 pub(super) async fn undrain(State(state): St, Path(node): Path<String>) -> ApiResult {
@@ -347,7 +413,104 @@ pub(super) async fn undrain(State(state): St, Path(node): Path<String>) -> ApiRe
 pub(super) async fn drain_status(State(state): St, Path(node): Path<String>) -> ApiResult {
     let snap = state.registry.snapshot();
     json(
-        &drain_json(&snap, &node)?,
+        &node_drain_json(&state, &snap, &node)?,
+        snap.index(),
+        &QueryOpts::default(),
+    )
+}
+
+/// The node of endpoint `id`: `?node=` when given, else the one node that
+/// has an endpoint with that id (ids are unique per node only).
+fn endpoint_node(snap: &Snapshot, id: &str, q: &Pairs) -> Result<String, ApiError> {
+    if let Some((_, node)) = q.iter().find(|(k, _)| k == "node") {
+        return Ok(node.clone());
+    }
+    let mut nodes = snap
+        .nodes()
+        .filter(|e| e.endpoints.contains_key(id))
+        .map(|e| e.node.name.to_string());
+    match (nodes.next(), nodes.next()) {
+        (Some(node), None) => Ok(node),
+        (None, _) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Unknown service ID \"{id}\""),
+        )),
+        (Some(a), Some(b)) => Err(ApiError::bad_request(format!(
+            "endpoint id \"{id}\" exists on several nodes ({a}, {b}, ...); name one with ?node="
+        ))),
+    }
+}
+
+fn endpoint_drain_json(
+    state: &ApiState,
+    snap: &Snapshot,
+    node: &str,
+    id: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let endpoint = snap
+        .node(node)
+        .and_then(|e| e.endpoints.get(id))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("Unknown service ID \"{id}\" on node \"{node}\""),
+            )
+        })?;
+    let mut out = drain_report(state, endpoint.drain.as_ref(), std::iter::once(&**endpoint));
+    out.insert("node".into(), node.into());
+    out.insert("endpoint".into(), id.into());
+    Ok(serde_json::Value::Object(out))
+}
+
+pub(super) async fn endpoint_drain(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+    body: Bytes,
+) -> ApiResult {
+    let deadline_ms = deadline_from(&body)?;
+    let node = endpoint_node(&state.registry.snapshot(), &id, &q)?;
+    let index = state
+        .registry
+        .apply(Command::DrainEndpoint {
+            node: node.as_str().into(),
+            id: id.as_str().into(),
+            deadline_ms,
+        })
+        .await?;
+    let snap = state.registry.snapshot();
+    json(
+        &endpoint_drain_json(&state, &snap, &node, &id)?,
+        index,
+        &QueryOpts::default(),
+    )
+}
+
+pub(super) async fn endpoint_undrain(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let node = endpoint_node(&state.registry.snapshot(), &id, &q)?;
+    let index = state
+        .registry
+        .apply(Command::UndrainEndpoint {
+            node: node.as_str().into(),
+            id: id.as_str().into(),
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+pub(super) async fn endpoint_drain_status(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let snap = state.registry.snapshot();
+    let node = endpoint_node(&snap, &id, &q)?;
+    json(
+        &endpoint_drain_json(&state, &snap, &node, &id)?,
         snap.index(),
         &QueryOpts::default(),
     )

@@ -163,6 +163,40 @@ async fn routable_set_and_tag_subsets_follow_health_maintenance_and_drain() {
         .expect("undrain");
     assert_eq!(routable_ids(&r, "web", None), ["b", "d"]);
 
+    // One endpoint drained alone; a re-registration keeps its drain.
+    r.apply(Command::DrainEndpoint {
+        node: "n2".into(),
+        id: "d".into(),
+        deadline_ms: Some(7),
+    })
+    .await
+    .expect("drain endpoint");
+    assert_eq!(routable_ids(&r, "web", None), ["b"]);
+    register(&r, endpoint("n2", "d", "web", &["v2", "v3"]), vec![]).await;
+    let snap = r.snapshot();
+    let d = snap.instance("n2", "d").expect("d");
+    assert_eq!(d.state, EndpointState::Draining);
+    assert_eq!(d.drain_deadline_ms(), Some(7));
+    assert_eq!(
+        d.excluded_because().as_deref(),
+        Some("endpoint d is draining")
+    );
+    assert!(r
+        .apply(Command::DrainEndpoint {
+            node: "n2".into(),
+            id: "ghost".into(),
+            deadline_ms: None,
+        })
+        .await
+        .is_err());
+    r.apply(Command::UndrainEndpoint {
+        node: "n2".into(),
+        id: "d".into(),
+    })
+    .await
+    .expect("undrain endpoint");
+    assert_eq!(routable_ids(&r, "web", None), ["b", "d"]);
+
     r.apply(Command::NodeMaintenance {
         node: "n1".into(),
         enable: true,
@@ -558,6 +592,14 @@ async fn embedded_store_recovers_everything_and_the_index() {
         })
         .await
         .expect("maint");
+        register(&r, endpoint("n1", "e", "web", &[]), vec![]).await;
+        r.apply(Command::DrainEndpoint {
+            node: "n1".into(),
+            id: "e".into(),
+            deadline_ms: Some(9),
+        })
+        .await
+        .expect("drain endpoint");
         index_before = r.snapshot().index();
         r.shutdown().await;
     }
@@ -572,6 +614,13 @@ async fn embedded_store_recovers_everything_and_the_index() {
     let b = snap.instance("n2", "b").expect("b survives");
     assert_eq!(b.state, EndpointState::Draining);
     assert_eq!(b.node.drain.as_ref().and_then(|d| d.deadline_ms), Some(42));
+    let e = snap.instance("n1", "e").expect("e survives");
+    assert_eq!(e.state, EndpointState::Draining);
+    assert_eq!(
+        e.drain_deadline_ms(),
+        Some(9),
+        "an endpoint's drain is durable"
+    );
     assert!(snap.service("old").is_none());
     assert!(
         snap.service_ci("caps").is_some(),
@@ -674,7 +723,12 @@ async fn incremental_publishing_matches_a_full_rebuild() {
                 node: node.into(),
                 deadline_ms: None,
             },
-            7 => Command::Undrain { node: node.into() },
+            7 if rng.bool() => Command::Undrain { node: node.into() },
+            7 => Command::DrainEndpoint {
+                node: node.into(),
+                id: id.as_str().into(),
+                deadline_ms: None,
+            },
             8 => Command::NodeMaintenance {
                 node: node.into(),
                 enable: rng.bool(),
