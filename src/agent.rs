@@ -47,6 +47,7 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     let proxy_metrics = Arc::new(ProxyMetrics::new(&prometheus).context("proxy metrics")?);
     let proxy = Arc::new(ProxyDecorator::new(
         Arc::new(config.http.clone()),
+        Arc::new(config.tcp.clone()),
         proxy_metrics,
     ));
     // Decorators, built by the writer with every view: slot 0 DNS answers,
@@ -139,6 +140,7 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         "api": api_addr.to_string(),
         "dns": dns_addr.to_string(),
         "http": http_addr.to_string(),
+        "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "node": node_name,
     });
     {

@@ -15,6 +15,7 @@ pub(crate) struct AgentConfig {
     pub(crate) store: StoreConfig,
     pub(crate) dns: switchyard_dns::Config,
     pub(crate) http: switchyard_proxy::Config,
+    pub(crate) tcp: switchyard_proxy::TcpConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -74,7 +75,8 @@ impl AgentConfig {
             return Err("store.cache_mib must be at least 1".to_string());
         }
         self.dns.validate()?;
-        self.http.validate()
+        self.http.validate()?;
+        self.tcp.validate()
     }
 }
 

@@ -19,7 +19,7 @@ use switchyard_registry::{
 };
 
 use crate::balance::Ring;
-use crate::config::{Config, OutlierConfig};
+use crate::config::{Config, OutlierConfig, TcpConfig};
 use crate::metrics::{EndpointMetrics, ProxyMetrics, ServiceMetrics};
 use crate::route::{RouteTable, TagRoute};
 
@@ -372,6 +372,7 @@ struct ServiceEntry {
 /// State shared by the decorator (writer side) and the proxy threads.
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
+    pub(crate) tcp: Arc<TcpConfig>,
     pub(crate) metrics: Arc<ProxyMetrics>,
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
     configured: HashSet<String>,
@@ -430,8 +431,17 @@ pub struct ProxyDecorator {
 }
 
 impl ProxyDecorator {
-    pub fn new(config: Arc<Config>, metrics: Arc<ProxyMetrics>) -> ProxyDecorator {
-        let configured = config.routes.iter().map(|r| r.service.clone()).collect();
+    pub fn new(
+        config: Arc<Config>,
+        tcp: Arc<TcpConfig>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> ProxyDecorator {
+        let configured = config
+            .routes
+            .iter()
+            .map(|r| r.service.clone())
+            .chain(tcp.listeners.iter().map(|l| l.service.clone()))
+            .collect();
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::compile(
             &config,
             std::iter::empty(),
@@ -439,6 +449,7 @@ impl ProxyDecorator {
         ProxyDecorator {
             shared: Arc::new(Shared {
                 config,
+                tcp,
                 metrics,
                 routes,
                 configured,

@@ -155,6 +155,11 @@ pub struct Config {
     pub max_headers: usize,
     /// Idle upstream connections kept per endpoint and thread. Default 64.
     pub pool_per_endpoint: usize,
+    /// At shutdown (SIGTERM), how long requests and L4 connections in progress
+    /// may take to finish; idle keep-alive connections close when a thread's
+    /// work is done. Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
     /// Passive outlier ejection.
     pub outlier: OutlierConfig,
     /// Routes from host and path prefix to registry services.
@@ -178,6 +183,7 @@ impl Default for Config {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             pool_per_endpoint: 64,
+            shutdown_grace: Duration::from_secs(10),
             outlier: OutlierConfig::default(),
             routes: Vec::new(),
         }
@@ -257,4 +263,88 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
+}
+
+/// How an L4 listener picks an endpoint for a new connection.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpBalancer {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Power of two choices over open connections.
+    LeastConnections,
+    /// Ring hash on the client's IP address: a client keeps its endpoint
+    /// while the set is stable.
+    ConsistentHash,
+    Random,
+}
+
+impl TcpBalancer {
+    pub(crate) fn kind(self) -> BalancerKind {
+        match self {
+            TcpBalancer::RoundRobin => BalancerKind::RoundRobin,
+            TcpBalancer::LeastConnections => BalancerKind::LeastRequest,
+            TcpBalancer::ConsistentHash => BalancerKind::ConsistentHash,
+            TcpBalancer::Random => BalancerKind::Random,
+        }
+    }
+}
+
+/// One `[[tcp.listeners]]` entry: an address whose connections go to a service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListenerConfig {
+    /// Listen address; port 0 picks one.
+    pub addr: SocketAddr,
+    /// Registry service the connections go to.
+    pub service: String,
+    #[serde(default)]
+    pub balancer: TcpBalancer,
+    /// Default 2 s. A failed connect tries another endpoint (at most 3 in all).
+    #[serde(default = "default_tcp_connect", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// A connection with no bytes moving either way this long is closed. Default 10 m.
+    #[serde(default = "default_tcp_idle", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_tcp_connect() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// The `[tcp]` table: L4 listeners.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    pub listeners: Vec<TcpListenerConfig>,
+}
+
+impl TcpConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if listener.service.is_empty() {
+                return Err(format!("tcp.listeners[{i}].service must not be empty"));
+            }
+            if listener.connect_timeout.is_zero() || listener.idle_timeout.is_zero() {
+                return Err(format!(
+                    "tcp.listeners[{i}]: connect_timeout and idle_timeout must be > 0"
+                ));
+            }
+            let clash = self.listeners[..i]
+                .iter()
+                .any(|other| other.addr == listener.addr && listener.addr.port() != 0);
+            if clash {
+                return Err(format!(
+                    "tcp.listeners[{i}].addr {} is used by an earlier listener",
+                    listener.addr
+                ));
+            }
+        }
+        Ok(())
+    }
 }

@@ -85,6 +85,12 @@ impl Buf {
         self.data.len()
     }
 
+    /// The whole buffer as scratch space (for plain copies).
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        self.clear();
+        &mut self.data
+    }
+
     /// Doubles the buffer up to `max` when the last read filled it: large
     /// bodies then move in fewer, larger reads and writes.
     fn grow_if_full(&mut self, max: usize) {
@@ -185,8 +191,13 @@ async fn exchange(
     let metrics = &local.shared.metrics;
     let mut head_deadline = None;
     let request_id = local.next_request_id();
+    // From the first byte of a head on, a shutdown waits for this exchange.
+    let mut busy = None;
     let (request, route, key) = loop {
         if !cbuf.is_empty() {
+            if busy.is_none() {
+                busy = Some(Busy::enter(local));
+            }
             if cbuf.filled().starts_with(b"PRI * HTTP/2") {
                 metrics.reject(Reject::BadRequest);
                 return Next::Close;
@@ -290,13 +301,26 @@ async fn exchange(
     }
     let replayable = body == Framing::None;
 
-    local.active.set(local.active.get() + 1);
-    let next = forward(
+    forward(
         local, client, cbuf, ubuf, head, reply, &request, &route, service, key, body, replayable,
     )
-    .await;
-    local.active.set(local.active.get() - 1);
-    next
+    .await
+}
+
+/// Counts a request in progress on this thread while it lives.
+struct Busy<'a>(&'a Local);
+
+impl<'a> Busy<'a> {
+    fn enter(local: &'a Local) -> Busy<'a> {
+        local.active.set(local.active.get() + 1);
+        Busy(local)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+    }
 }
 
 /// Why an attempt did not produce a response for the client.

@@ -16,6 +16,7 @@ mod conn;
 mod metrics;
 mod route;
 mod server;
+mod tcp;
 mod wire;
 
 use std::sync::Arc;
@@ -24,7 +25,10 @@ use arc_swap::ArcSwap;
 use switchyard_registry::Snapshot;
 
 pub use backend::{ProxyDecorator, ProxyService};
-pub use config::{BalancerKind, Config, HashOn, OutlierConfig, RouteConfig};
+pub use config::{
+    BalancerKind, Config, HashOn, OutlierConfig, RouteConfig, TcpBalancer, TcpConfig,
+    TcpListenerConfig,
+};
 pub use metrics::ProxyMetrics;
 pub use route::{HOST_TAG, PATH_TAG};
 pub use server::HttpProxy;

@@ -55,6 +55,50 @@ pub struct ProxyMetrics {
     rejected: Vec<IntCounter>,
     pub(crate) connections: IntGauge,
     pub(crate) upgrades: IntCounter,
+    tcp: IntCounterVec,
+}
+
+/// How an L4 connection ended.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TcpOutcome {
+    /// Both sides closed (or one failed) after bytes moved.
+    Closed,
+    IdleTimeout,
+    /// Cut at its endpoint's drain deadline.
+    DrainCut,
+    /// The service had no routable endpoint.
+    NoEndpoint,
+    /// No endpoint accepted the connection.
+    ConnectFailed,
+}
+
+impl TcpOutcome {
+    const ALL: [TcpOutcome; 5] = [
+        TcpOutcome::Closed,
+        TcpOutcome::IdleTimeout,
+        TcpOutcome::DrainCut,
+        TcpOutcome::NoEndpoint,
+        TcpOutcome::ConnectFailed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            TcpOutcome::Closed => "closed",
+            TcpOutcome::IdleTimeout => "idle_timeout",
+            TcpOutcome::DrainCut => "drain_cut",
+            TcpOutcome::NoEndpoint => "no_endpoint",
+            TcpOutcome::ConnectFailed => "connect_failed",
+        }
+    }
+}
+
+/// Handles for one L4 listener, by outcome.
+pub(crate) struct TcpMetrics([IntCounter; 5]);
+
+impl TcpMetrics {
+    pub(crate) fn count(&self, outcome: TcpOutcome) {
+        self.0[outcome as usize].inc();
+    }
 }
 
 /// Handles for one endpoint.
@@ -148,6 +192,14 @@ impl ProxyMetrics {
             "switchyard_proxy_upgrades_total",
             "Connections upgraded to a tunnel (WebSocket and other 101 responses)",
         )?;
+        let tcp = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_tcp_connections_total",
+                "L4 connections by listener and how they ended",
+            ),
+            &["listener", "outcome"],
+        )?;
+        registry.register(Box::new(tcp.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(connect_errors.clone()))?;
@@ -171,7 +223,14 @@ impl ProxyMetrics {
             rejected,
             connections,
             upgrades,
+            tcp,
         })
+    }
+
+    pub(crate) fn tcp_listener(&self, listener: &str) -> TcpMetrics {
+        TcpMetrics(
+            TcpOutcome::ALL.map(|outcome| self.tcp.with_label_values(&[listener, outcome.label()])),
+        )
     }
 
     pub(crate) fn reject(&self, why: Reject) {

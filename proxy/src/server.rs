@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, Shared};
 use crate::conn::{self, Buf};
 use crate::route::RouteTable;
+use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
 
 /// Idle upstream connections older than this are closed by the sweeper
@@ -31,8 +32,6 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Every this many sweeps, thread 0 prunes services that left the catalog.
 const PRUNE_EVERY_SWEEPS: u32 = 10;
-/// Longest wait for in-flight requests at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Idle connections to one endpoint address, newest last, with the time each
 /// became idle.
@@ -52,7 +51,8 @@ pub(crate) struct Local {
     pub(crate) rng: RefCell<fastrand::Rng>,
     request_ids: Cell<u64>,
     stopping: Cell<bool>,
-    /// Exchanges in progress on this thread.
+    /// Requests whose head has begun to arrive, and L4 connections: what a
+    /// shutdown waits for (idle keep-alive connections are not counted).
     pub(crate) active: Cell<usize>,
 }
 
@@ -128,12 +128,17 @@ impl Local {
     }
 }
 
-/// The running HTTP proxy: its threads and their shared stop signal.
+/// The running proxy (HTTP and L4 listeners): its threads and their shared
+/// stop signal.
 pub struct HttpProxy {
     addr: SocketAddr,
+    tcp_addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
 }
+
+/// One thread's L4 listeners, each with its route.
+type TcpListeners = Vec<(std::net::TcpListener, Arc<TcpRoute>)>;
 
 fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -161,19 +166,36 @@ impl HttpProxy {
         for _ in 1..threads {
             listeners.push(listener(addr)?);
         }
+        // L4 listeners: the first bind picks the port, every thread gets its own.
+        let mut tcp: Vec<TcpListeners> = (0..threads).map(|_| Vec::new()).collect();
+        let mut tcp_addrs = Vec::new();
+        for config in &shared.tcp.listeners {
+            let first = listener(config.addr)?;
+            let bound = first.local_addr()?;
+            let route = Arc::new(TcpRoute {
+                config: config.clone(),
+                metrics: shared.metrics.tcp_listener(&bound.to_string()),
+            });
+            tcp[0].push((first, route.clone()));
+            for own in tcp.iter_mut().skip(1) {
+                own.push((listener(bound)?, route.clone()));
+            }
+            tcp_addrs.push(bound);
+        }
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, (listener, tcp)) in listeners.into_iter().zip(tcp).enumerate() {
             let shared = shared.clone();
             let snapshot = snapshot.clone();
             let stop_rx = stop_rx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("proxy-{i}"))
-                .spawn(move || run_thread(i, shared, slot, snapshot, listener, stop_rx))?;
+                .spawn(move || run_thread(i, shared, slot, snapshot, listener, tcp, stop_rx))?;
             handles.push(handle);
         }
         Ok(HttpProxy {
             addr,
+            tcp_addrs,
             stop,
             threads: handles,
         })
@@ -183,7 +205,14 @@ impl HttpProxy {
         self.addr
     }
 
-    /// Stops accepting, waits (bounded) for requests in flight, then joins.
+    /// The L4 listeners' bound addresses, in config order.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
+    }
+
+    /// Stops accepting; requests in progress finish (answered with
+    /// `Connection: close`) within `shutdown_grace`; then each thread closes
+    /// its idle keep-alive connections and ends.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let threads = self.threads;
@@ -202,6 +231,7 @@ fn run_thread(
     slot: usize,
     snapshot: Arc<ArcSwap<Snapshot>>,
     listener: std::net::TcpListener,
+    tcp: TcpListeners,
     mut stop: watch::Receiver<bool>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -252,6 +282,33 @@ fn run_thread(
                 }
             })
         };
+        let mut l4 = Vec::new();
+        for (listener, route) in tcp {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::error!(error = %e, "proxy thread cannot use its L4 listener");
+                    continue;
+                }
+            };
+            let (local, mut stop) = (local.clone(), stop.clone());
+            l4.push(tokio::task::spawn_local(async move {
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, peer)) => {
+                                tokio::task::spawn_local(tcp::serve(local.clone(), route.clone(), stream, peer));
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "L4 accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
+                        _ = stop.wait_for(|stop| *stop) => break,
+                    }
+                }
+            }));
+        }
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -269,12 +326,24 @@ fn run_thread(
             }
         }
         drop(listener);
+        for task in l4 {
+            let _ = task.await;
+        }
         local.stopping.set(true);
         sweeper.abort();
         local.pool.borrow_mut().clear();
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let deadline = tokio::time::Instant::now() + local.shared.config.shutdown_grace;
         while local.active.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if local.active.get() > 0 {
+            tracing::warn!(
+                thread = index,
+                open = local.active.get(),
+                "shutdown grace ended with requests or connections still open"
+            );
+        }
+        // Returning drops the idle keep-alive connections: closed between
+        // requests, which HTTP/1.1 clients expect of an idle connection.
     });
 }

@@ -243,7 +243,7 @@ fn one_endpoint_drains_while_its_node_keeps_serving() {
 }
 
 /// Keep-alive GETs on one connection; returns the backend names seen.
-fn keep_alive_get(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u16, String)> {
+pub(crate) fn keep_alive_get(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u16, String)> {
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         .ok()?;

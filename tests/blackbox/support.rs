@@ -20,6 +20,8 @@ pub(crate) struct Agent {
     pub(crate) dns: std::net::SocketAddr,
     /// HTTP proxy address.
     pub(crate) http: std::net::SocketAddr,
+    /// L4 listeners' addresses, in config order.
+    pub(crate) tcp: Vec<std::net::SocketAddr>,
     stderr_path: PathBuf,
     _scratch: Option<tempfile::TempDir>,
 }
@@ -90,11 +92,18 @@ impl Agent {
             .expect("http address")
             .parse()
             .expect("http addr");
+        let tcp = ready["tcp"]
+            .as_array()
+            .expect("tcp addresses")
+            .iter()
+            .map(|a| a.as_str().and_then(|a| a.parse().ok()).expect("tcp addr"))
+            .collect();
         Agent {
             child: Some(child),
             api,
             dns,
             http,
+            tcp,
             stderr_path,
             _scratch: None,
         }

@@ -1,0 +1,188 @@
+//! The L4 TCP proxy: each `[[tcp.listeners]]` entry sends its connections to
+//! one registry service. One upstream connection per client connection;
+//! bytes are copied both ways on the proxy threads, with each side's end of
+//! stream passed on as a half-close. Endpoints, balancers, in-flight counts
+//! and drains are the L7 proxy's: an open connection counts as in flight on
+//! its endpoint until it closes, and is cut at the endpoint's drain deadline.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+
+use crate::backend::{now_ns, EndpointStats};
+use crate::balance::{self, hash64, Tried};
+use crate::config::{BalancerKind, TcpListenerConfig};
+use crate::metrics::{TcpMetrics, TcpOutcome};
+use crate::server::Local;
+
+/// Most endpoints one client connection is offered to before it is closed.
+const MAX_CONNECT_TRIES: usize = 3;
+
+/// One listener, compiled at start.
+pub(crate) struct TcpRoute {
+    pub(crate) config: TcpListenerConfig,
+    pub(crate) metrics: TcpMetrics,
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(
+    local: Rc<Local>,
+    route: Arc<TcpRoute>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    local.active.set(local.active.get() + 1);
+    let outcome = proxy(&local, &route, client, peer).await;
+    route.metrics.count(outcome);
+    local.active.set(local.active.get() - 1);
+}
+
+async fn proxy(
+    local: &Local,
+    route: &TcpRoute,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) -> TcpOutcome {
+    let config = &route.config;
+    let kind = config.balancer.kind();
+    let key = (kind == BalancerKind::ConsistentHash).then(|| match peer.ip() {
+        std::net::IpAddr::V4(ip) => hash64(&ip.octets()),
+        std::net::IpAddr::V6(ip) => hash64(&ip.octets()),
+    });
+    let Some(mut service) = local.service(&config.service) else {
+        return TcpOutcome::NoEndpoint;
+    };
+    let Some(service_stats) = service.stats.clone() else {
+        return TcpOutcome::NoEndpoint;
+    };
+    let outlier = &local.shared.config.outlier;
+    let mut tried = Tried::default();
+    let mut reloads = 0;
+    let (mut upstream, stats) = loop {
+        let now = now_ns();
+        let picked = balance::pick(
+            &service,
+            kind,
+            key,
+            &tried,
+            now,
+            &mut local.rng.borrow_mut(),
+        );
+        let Some((index, _fail_open)) = picked else {
+            return if tried.count() == 0 {
+                TcpOutcome::NoEndpoint
+            } else {
+                TcpOutcome::ConnectFailed
+            };
+        };
+        let backend = &service.backends[index as usize];
+        if !backend.stats.enter() {
+            // Withdrawn after this connection's snapshot: take the newer one.
+            if reloads < 3 {
+                if let Some(newer) = local.service(&config.service) {
+                    reloads += 1;
+                    service = newer;
+                    continue;
+                }
+            }
+            tried.add(index);
+            continue;
+        }
+        tried.add(index);
+        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                backend.stats.succeeded(now_ns());
+                break (stream, backend.stats.clone());
+            }
+            _ => {
+                backend.stats.leave();
+                backend.stats.metrics.connect_errors.inc();
+                backend
+                    .stats
+                    .failed(now_ns(), outlier, &service_stats, &service.backends);
+                if tried.count() >= MAX_CONNECT_TRIES.min(service.backends.len()) {
+                    return TcpOutcome::ConnectFailed;
+                }
+            }
+        }
+    };
+    drop(service);
+    let _ = client.set_nodelay(true);
+    let mut up = local.take_buffer();
+    let mut down = local.take_buffer();
+    let outcome = pipe(
+        &mut client,
+        &mut upstream,
+        up.space(),
+        down.space(),
+        config.idle_timeout,
+        &stats,
+    )
+    .await;
+    local.give_buffer(up);
+    local.give_buffer(down);
+    stats.leave();
+    outcome
+}
+
+/// Copies both ways until both directions have ended, either side fails,
+/// nothing moves for `idle`, or the endpoint's drain deadline passes.
+async fn pipe(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    up: &mut [u8],
+    down: &mut [u8],
+    idle: Duration,
+    stats: &EndpointStats,
+) -> TcpOutcome {
+    let moved = Cell::new(false);
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+    let both = async {
+        let _ = tokio::try_join!(
+            one_way(&mut cr, &mut uw, up, &moved),
+            one_way(&mut ur, &mut cw, down, &moved)
+        );
+    };
+    let watchdog = async {
+        loop {
+            moved.set(false);
+            tokio::time::sleep(idle).await;
+            if !moved.get() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = both => TcpOutcome::Closed,
+        _ = watchdog => TcpOutcome::IdleTimeout,
+        _ = stats.drain_deadline() => {
+            stats.note_cut();
+            TcpOutcome::DrainCut
+        }
+    }
+}
+
+/// Copies `src` to `dst` until `src` ends, then half-closes `dst`.
+async fn one_way(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    buf: &mut [u8],
+    moved: &Cell<bool>,
+) -> std::io::Result<()> {
+    loop {
+        let n = src.read(buf).await?;
+        if n == 0 {
+            return dst.shutdown().await;
+        }
+        dst.write_all(&buf[..n]).await?;
+        moved.set(true);
+    }
+}

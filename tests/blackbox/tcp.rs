@@ -1,0 +1,229 @@
+//! The L4 TCP proxy against real TCP backends: balancing, half-close, failover,
+//! no endpoint, and drains that cut connections at their deadline.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::proxy::agent_with;
+use crate::support::{eventually, Client};
+
+/// A TCP backend: greets each connection with `NAME\n`, echoes what it reads
+/// and, when the client half-closes, answers `bye` and closes.
+struct Echo {
+    name: String,
+    addr: SocketAddr,
+}
+
+impl Echo {
+    fn start(name: &str) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+        let addr = listener.local_addr().expect("addr");
+        let greeting = format!("{name}\n");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let greeting = greeting.clone();
+                std::thread::spawn(move || {
+                    if stream.write_all(greeting.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) => {
+                                let _ = stream.write_all(b"bye");
+                                return;
+                            }
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        Echo {
+            name: name.to_string(),
+            addr,
+        }
+    }
+}
+
+fn place(c: &Client, endpoints: &[(&str, &str, u16)]) {
+    let mut nodes: Vec<&str> = endpoints.iter().map(|(n, _, _)| *n).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let nodes: Vec<_> = nodes
+        .iter()
+        .map(|n| json!({"name": n, "address": "127.0.0.1"}))
+        .collect();
+    let endpoints: Vec<_> = endpoints
+        .iter()
+        .map(|(n, id, port)| {
+            json!({"node": n, "service": "db", "id": id, "address": "127.0.0.1", "port": port})
+        })
+        .collect();
+    let batch = json!({"nodes": nodes, "endpoints": endpoints});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect L4 listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    stream
+}
+
+/// Reads the backend's greeting line.
+fn greeting(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            other => panic!("no greeting: {other:?} after {line:?}"),
+        }
+    }
+    String::from_utf8_lossy(&line).trim().to_string()
+}
+
+/// A whole session: greeting, one echo, half-close, `bye`, EOF.
+fn session(addr: SocketAddr) -> String {
+    let mut stream = connect(addr);
+    let name = greeting(&mut stream);
+    stream.write_all(b"hello").expect("write");
+    let mut echo = [0u8; 5];
+    stream.read_exact(&mut echo).expect("echo");
+    assert_eq!(&echo, b"hello");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).expect("read to EOF");
+    assert_eq!(
+        rest, b"bye",
+        "the backend saw our EOF and could still answer"
+    );
+    name
+}
+
+const CONFIG: &str = "[[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"db\"\n\
+                      [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"db\"\nbalancer = \"consistent_hash\"\n\
+                      [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"none\"\n";
+
+#[test]
+fn l4_listeners_balance_half_close_and_fail_over() {
+    let (agent, _dir) = agent_with(CONFIG);
+    assert_eq!(agent.tcp.len(), 3, "three listeners in the ready line");
+    let c = agent.client();
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    place(
+        &c,
+        &[
+            ("n1", &a.name, a.addr.port()),
+            ("n2", &b.name, b.addr.port()),
+        ],
+    );
+
+    // Round robin: an even split.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..10 {
+        *seen.entry(session(agent.tcp[0])).or_default() += 1;
+    }
+    assert_eq!(seen.get("a"), Some(&5), "{seen:?}");
+    assert_eq!(seen.get("b"), Some(&5), "{seen:?}");
+
+    // Consistent hash on the client address: one backend for us.
+    let first = session(agent.tcp[1]);
+    for _ in 0..6 {
+        assert_eq!(session(agent.tcp[1]), first);
+    }
+
+    // A service with no endpoint: the connection is closed at once.
+    let mut none = connect(agent.tcp[2]);
+    let mut buf = [0u8; 8];
+    assert_eq!(none.read(&mut buf).expect("EOF"), 0);
+
+    // An endpoint nobody listens on: connections go to the live one.
+    let dead = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    place(&c, &[("n3", "dead", dead_port)]);
+    for _ in 0..6 {
+        let name = session(agent.tcp[0]);
+        assert!(name == "a" || name == "b", "{name}");
+    }
+    let metrics = c.get_ok("/metrics").body;
+    let dead_errors: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("switchyard_proxy_connect_errors_total")
+                && l.contains("endpoint=\"dead\"")
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        dead_errors >= 1.0,
+        "connect errors are counted per endpoint"
+    );
+}
+
+#[test]
+fn a_drain_deadline_cuts_l4_connections_and_reports_them() {
+    let (agent, _dir) = agent_with(CONFIG);
+    let c = agent.client();
+    let a = Echo::start("a");
+    place(&c, &[("n1", &a.name, a.addr.port())]);
+    let mut open: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = connect(agent.tcp[0]);
+            assert_eq!(greeting(&mut s), "a");
+            s
+        })
+        .collect();
+
+    let path = "/v1/switchyard/nodes/n1/drain";
+    let started = c.put_ok(path, r#"{"deadline":"1s"}"#).json();
+    assert_eq!(started["in_flight"], 2, "{started}");
+    assert_eq!(started["state"], "draining");
+    // New connections find no endpoint; open ones still work until the deadline.
+    let mut refused = connect(agent.tcp[0]);
+    let mut buf = [0u8; 8];
+    assert_eq!(refused.read(&mut buf).expect("EOF"), 0);
+    open[0].write_all(b"x").expect("write");
+    let mut echo = [0u8; 1];
+    open[0]
+        .read_exact(&mut echo)
+        .expect("echo before the deadline");
+
+    for stream in &mut open {
+        let mut rest = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut rest) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "still open 15 s after a 1 s deadline"
+            );
+        }
+    }
+    let done = eventually("drained with cuts", Duration::from_secs(10), || {
+        let s = c.get_ok(path).json();
+        (s["drained"] == true).then_some(s)
+    });
+    assert_eq!(done["cut"], 2, "{done}");
+    assert_eq!(done["in_flight"], 0, "{done}");
+    assert!(c
+        .get_ok("/metrics")
+        .body
+        .contains("outcome=\"drain_cut\"} 2"));
+}
