@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use switchyard_registry::{
-    unix_ms, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name, ServiceView, Snapshot,
-    ViewDecorator,
+    unix_ms, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name, ServiceLoad,
+    ServiceView, Snapshot, ViewDecorator,
 };
 
 use crate::balance::Ring;
@@ -487,7 +487,17 @@ impl LoadReport for ProxyLoad {
         EndpointLoad {
             in_flight: u64::try_from(stats.in_flight()).unwrap_or(0),
             cut: stats.cut.load(Ordering::Relaxed),
+            ejected: stats.is_ejected(now_ns()),
+            failures: stats.failures.load(Ordering::Relaxed),
         }
+    }
+
+    fn service_load(&self, service: &str) -> Option<ServiceLoad> {
+        let services = self.shared.services.lock().ok()?;
+        let entry = services.get(service)?;
+        Some(ServiceLoad {
+            fail_open: entry.stats.is_fail_open(),
+        })
     }
 }
 

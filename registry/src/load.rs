@@ -9,6 +9,17 @@ pub struct EndpointLoad {
     pub in_flight: u64,
     /// Long-lived connections closed at its drain deadline (since the drain began).
     pub cut: u64,
+    /// Taken out by the proxy's passive outlier detection, for now.
+    pub ejected: bool,
+    /// Failures in a row the proxy has seen (connect errors, timeouts, 5xx).
+    pub failures: u32,
+}
+
+/// The data plane's view of one service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceLoad {
+    /// Too many endpoints fail: the proxy sends to failing ones rather than none.
+    pub fail_open: bool,
 }
 
 /// A source of live per-endpoint load.
@@ -16,4 +27,8 @@ pub trait LoadReport: Send + Sync {
     /// The load on endpoint `id` of `service` on `node`; zero for one the data
     /// plane does not carry traffic to.
     fn endpoint_load(&self, service: &str, node: &str, id: &str) -> EndpointLoad;
+
+    /// The service's state in the data plane; `None` when it carries no
+    /// traffic to it (no route or listener names it).
+    fn service_load(&self, service: &str) -> Option<ServiceLoad>;
 }

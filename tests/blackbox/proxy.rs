@@ -522,6 +522,17 @@ service = "web"
         c.metric("switchyard_proxy_fail_open{service=\"web\"}"),
         Some(0.0)
     );
+    // The admin API shows the proxy's passive signals beside the registry's view.
+    let view = c.get_ok("/v1/switchyard/services/web").json();
+    assert_eq!(view["proxy"]["fail_open"], false, "{view}");
+    let ejected: Vec<_> = view["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter(|e| e["proxy"]["ejected"] == true)
+        .map(|e| e["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(ejected, ["f1", "f2"], "{view}");
 
     // All three fail: fail-open, in the metric and once in the log.
     ups[2].status.store(500, Ordering::SeqCst);
@@ -531,6 +542,10 @@ service = "web"
     assert_eq!(
         c.metric("switchyard_proxy_fail_open{service=\"web\"}"),
         Some(1.0)
+    );
+    assert_eq!(
+        c.get_ok("/v1/switchyard/services/web").json()["proxy"]["fail_open"],
+        true
     );
     let served = ups[0].served() + ups[1].served();
     for n in 0..10 {

@@ -251,8 +251,28 @@ pub(super) async fn service(
             format!("unknown service {name:?}"),
         ));
     };
-    let endpoints: Vec<_> = view.instances.iter().map(instance_json).collect();
-    let out = json!({
+    // The proxy's side of the story (passive signals): fail-open, ejections,
+    // failure streaks and in-flight counts, for services it carries traffic to.
+    let proxy = state
+        .load
+        .as_ref()
+        .and_then(|l| l.service_load(&view.name).map(|s| (l, s)));
+    let endpoints: Vec<_> = view
+        .instances
+        .iter()
+        .map(|i| {
+            let mut out = instance_json(i);
+            if let (Some((load, _)), Some(map)) = (&proxy, out.as_object_mut()) {
+                let e = load.endpoint_load(&view.name, &i.node.name, &i.endpoint.id);
+                map.insert(
+                    "proxy".into(),
+                    json!({"in_flight": e.in_flight, "ejected": e.ejected, "failures": e.failures}),
+                );
+            }
+            out
+        })
+        .collect();
+    let mut out = json!({
         "name": &*view.name,
         "index": view.index,
         "tags": view.tags,
@@ -260,6 +280,9 @@ pub(super) async fn service(
         "by_state": counts_json(&view.counts),
         "endpoints": endpoints,
     });
+    if let (Some((_, service)), Some(map)) = (proxy, out.as_object_mut()) {
+        map.insert("proxy".into(), json!({"fail_open": service.fail_open}));
+    }
     json(&out, index, &opts)
 }
 
