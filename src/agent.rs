@@ -16,7 +16,7 @@ use switchyard_registry::{
 };
 use tokio::sync::watch;
 
-use crate::config::{host_name, AgentConfig};
+use crate::config::{host_name, AgentConfig, ConfigSource};
 
 /// A data directory the agent made for itself (`--dev`) and removes on exit.
 pub(crate) struct ScratchDir(pub PathBuf);
@@ -27,27 +27,31 @@ impl Drop for ScratchDir {
     }
 }
 
-pub(crate) fn run(config: AgentConfig, scratch: Option<ScratchDir>) -> anyhow::Result<()> {
+pub(crate) fn run(
+    config: AgentConfig,
+    source: ConfigSource,
+    scratch: Option<ScratchDir>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.agent.worker_threads)
         .thread_name("switchyard")
         .enable_all()
         .build()
         .context("cannot build the runtime")?;
-    let result = runtime.block_on(serve(config));
+    let result = runtime.block_on(serve(config, source));
     drop(scratch);
     result
 }
 
-async fn serve(config: AgentConfig) -> anyhow::Result<()> {
+async fn serve(mut config: AgentConfig, source: ConfigSource) -> anyhow::Result<()> {
     let prometheus = prometheus::Registry::new();
     let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
     let dns_config = Arc::new(config.dns.clone());
     let dns_metrics = Arc::new(DnsMetrics::new(&prometheus).context("dns metrics")?);
     let proxy_metrics = Arc::new(ProxyMetrics::new(&prometheus).context("proxy metrics")?);
     let proxy = Arc::new(ProxyDecorator::new(
-        Arc::new(config.http.clone()),
-        Arc::new(config.tcp.clone()),
+        config.http.clone(),
+        config.tcp.clone(),
         proxy_metrics,
     ));
     // Decorators, built by the writer with every view: slot 0 DNS answers,
@@ -135,6 +139,8 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.addr))?;
     let http_addr = http.local_addr();
 
+    // Installed before the ready line: a SIGHUP after it must never kill us.
+    let mut signals = Signals::new()?;
     let ready = serde_json::json!({
         "ready": true,
         "api": api_addr.to_string(),
@@ -150,7 +156,9 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     }
     tracing::info!(api = %api_addr, dns = %dns_addr, http = %http_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
 
-    wait_for_signal().await;
+    while signals.next().await == Signal::Reload {
+        reload(&source, &mut config, &proxy, &registry).await;
+    }
     tracing::info!("shutting down: no new API requests, finishing queued writes");
     let _ = shutdown_tx.send(true);
     http.shutdown().await;
@@ -175,18 +183,111 @@ fn start<S: Store>(
     Registry::start_with(store, metrics, decorators).context("cannot load the catalog")
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install SIGTERM handler; waiting for Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Reload,
+    Stop,
+}
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+        })
     }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                Signal::Reload
+            }
+            _ = self.term.recv() => {
+                tracing::info!("SIGTERM received");
+                Signal::Stop
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT received");
+                Signal::Stop
+            }
+        }
+    }
+}
+
+/// SIGHUP: reads the configuration again and applies what can change while
+/// running (the `[http]` routes and settings, the settings of the `[tcp]`
+/// listeners). Anything wrong, or a change that needs a restart, is logged
+/// with its reason and the running configuration stays whole.
+async fn reload(
+    source: &ConfigSource,
+    running: &mut AgentConfig,
+    proxy: &ProxyDecorator,
+    registry: &Registry,
+) {
+    let Some(path) = &source.path else {
+        tracing::warn!("SIGHUP ignored: the agent was started without --config");
+        return;
+    };
+    let refuse = |why: &str| {
+        tracing::error!(file = %path.display(), "configuration reload refused, the running configuration stays: {why}");
+    };
+    let mut next = match source.load() {
+        Ok(next) => next,
+        Err(e) => return refuse(&e),
+    };
+    if next.store.data_dir.is_none() {
+        next.store.data_dir = running.store.data_dir.clone();
+    }
+    let fixed = [
+        ("agent", next.agent != running.agent),
+        ("api", next.api != running.api),
+        ("store", next.store != running.store),
+        ("dns", next.dns != running.dns),
+    ];
+    let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(t, _)| *t).collect();
+    if !changed.is_empty() {
+        return refuse(&format!(
+            "[{}] changed, which needs a restart (or an upgrade); only [http] and the settings of [tcp] listeners reload",
+            changed.join("], [")
+        ));
+    }
+    let plan = match proxy.plan_reload(next.http.clone(), next.tcp.clone()) {
+        Ok(plan) => plan,
+        Err(e) => return refuse(&e),
+    };
+    // Services the new routes name get their backend lists before any route
+    // points at them; services no longer routed release theirs afterwards.
+    proxy.begin_reload(&plan);
+    if !plan.newly_routed.is_empty() {
+        if let Err(e) = registry
+            .apply(Command::Redecorate(plan.newly_routed.clone()))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot rebuild the newly routed services' views");
+        }
+    }
+    let released = plan.no_longer_routed.clone();
+    let (added, removed) = (plan.newly_routed.len(), released.len());
+    proxy.finish_reload(plan);
+    if !released.is_empty() {
+        if let Err(e) = registry.apply(Command::Redecorate(released)).await {
+            tracing::warn!(error = %e, "cannot rebuild the services no longer routed");
+        }
+    }
+    tracing::info!(
+        file = %path.display(),
+        routes = next.http.routes.len(),
+        tcp_listeners = next.tcp.listeners.len(),
+        newly_routed = added,
+        no_longer_routed = removed,
+        "configuration reloaded"
+    );
+    *running = next;
 }

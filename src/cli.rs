@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::agent::{self, ScratchDir};
-use crate::config::AgentConfig;
+use crate::config::ConfigSource;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -189,38 +189,22 @@ fn init_tracing() {
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
-    let mut config = match &args.config {
-        Some(path) => match AgentConfig::load(path) {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("switchyard: invalid configuration: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        },
-        None => AgentConfig::default(),
+    let source = ConfigSource {
+        path: args.config.clone(),
+        data_dir: args.data_dir.clone(),
+        api_addr: args.api_addr,
+        dns_addr: args.dns_addr,
+        http_addr: args.http_addr,
+        proxy_threads: args.proxy_threads,
+        node_name: args.node_name.clone(),
     };
-    if let Some(dir) = args.data_dir {
-        config.store.data_dir = Some(dir);
-    }
-    if let Some(addr) = args.api_addr {
-        config.api.addr = addr;
-    }
-    if let Some(addr) = args.dns_addr {
-        config.dns.addr = addr;
-    }
-    if let Some(addr) = args.http_addr {
-        config.http.addr = addr;
-    }
-    if let Some(threads) = args.proxy_threads {
-        config.http.threads = threads;
-    }
-    if let Some(name) = args.node_name {
-        config.agent.node_name = Some(name);
-    }
-    if let Err(e) = config.validate() {
-        eprintln!("switchyard: invalid configuration: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
+    let mut config = match source.load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("switchyard: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let mut scratch = None;
     if args.dev && config.store.data_dir.is_none() {
         let nanos = std::time::SystemTime::now()
@@ -245,7 +229,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing();
-    match agent::run(config, scratch) {
+    match agent::run(config, source, scratch) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchyard: {e:#}");

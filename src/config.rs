@@ -1,8 +1,8 @@
 //! The agent's configuration file: one TOML tree, a table per role.
 //! Every key is optional; `configs/dev.toml` lists them all with defaults.
 
-use std::net::IpAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use switchyard_registry::{ApiConfig, StoreConfig};
@@ -18,7 +18,7 @@ pub(crate) struct AgentConfig {
     pub(crate) tcp: switchyard_proxy::TcpConfig,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct AgentSection {
     /// This agent's node name. Default: the host name.
@@ -77,6 +77,49 @@ impl AgentConfig {
         self.dns.validate()?;
         self.http.validate()?;
         self.tcp.validate()
+    }
+}
+
+/// Where the agent's configuration comes from: the file, if any, and the
+/// command-line overrides, applied again on every reload.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConfigSource {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) api_addr: Option<SocketAddr>,
+    pub(crate) dns_addr: Option<SocketAddr>,
+    pub(crate) http_addr: Option<SocketAddr>,
+    pub(crate) proxy_threads: Option<usize>,
+    pub(crate) node_name: Option<String>,
+}
+
+impl ConfigSource {
+    /// The file with the overrides applied, checked.
+    pub(crate) fn load(&self) -> Result<AgentConfig, String> {
+        let mut config = match &self.path {
+            Some(path) => AgentConfig::load(path)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(dir) = &self.data_dir {
+            config.store.data_dir = Some(dir.clone());
+        }
+        if let Some(addr) = self.api_addr {
+            config.api.addr = addr;
+        }
+        if let Some(addr) = self.dns_addr {
+            config.dns.addr = addr;
+        }
+        if let Some(addr) = self.http_addr {
+            config.http.addr = addr;
+        }
+        if let Some(threads) = self.proxy_threads {
+            config.http.threads = threads;
+        }
+        if let Some(name) = &self.node_name {
+            config.agent.node_name = Some(name.clone());
+        }
+        config.validate()?;
+        Ok(config)
     }
 }
 

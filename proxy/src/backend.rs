@@ -371,13 +371,27 @@ struct ServiceEntry {
 
 /// State shared by the decorator (writer side) and the proxy threads.
 pub(crate) struct Shared {
-    pub(crate) config: Arc<Config>,
-    pub(crate) tcp: Arc<TcpConfig>,
+    /// The `[http]` and `[tcp]` tables; replaced by a reload. Proxy threads
+    /// keep their own copies and refresh them when `generation` moves.
+    pub(crate) config: ArcSwap<Config>,
+    pub(crate) tcp: ArcSwap<TcpConfig>,
+    pub(crate) generation: AtomicU64,
     pub(crate) metrics: Arc<ProxyMetrics>,
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
-    configured: HashSet<String>,
+    /// Services named by a config route or L4 listener.
+    configured: ArcSwap<HashSet<String>>,
     services: Mutex<HashMap<Name, ServiceEntry>>,
     empty: Extra,
+}
+
+/// The services a configuration routes to (HTTP routes and L4 listeners).
+fn configured_services(config: &Config, tcp: &TcpConfig) -> HashSet<String> {
+    config
+        .routes
+        .iter()
+        .map(|r| r.service.clone())
+        .chain(tcp.listeners.iter().map(|l| l.service.clone()))
+        .collect()
 }
 
 impl Shared {
@@ -386,7 +400,7 @@ impl Shared {
             .iter()
             .filter_map(|(name, entry)| entry.tag_route.as_ref().map(|r| (name.clone(), r)));
         self.routes
-            .store(Arc::new(RouteTable::compile(&self.config, tags)));
+            .store(Arc::new(RouteTable::compile(&self.config.load(), tags)));
     }
 
     /// Forgets services that left the catalog (the decorator is not called
@@ -431,33 +445,88 @@ pub struct ProxyDecorator {
 }
 
 impl ProxyDecorator {
-    pub fn new(
-        config: Arc<Config>,
-        tcp: Arc<TcpConfig>,
-        metrics: Arc<ProxyMetrics>,
-    ) -> ProxyDecorator {
-        let configured = config
-            .routes
-            .iter()
-            .map(|r| r.service.clone())
-            .chain(tcp.listeners.iter().map(|l| l.service.clone()))
-            .collect();
+    pub fn new(config: Config, tcp: TcpConfig, metrics: Arc<ProxyMetrics>) -> ProxyDecorator {
+        let configured = configured_services(&config, &tcp);
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::compile(
             &config,
             std::iter::empty(),
         )));
         ProxyDecorator {
             shared: Arc::new(Shared {
-                config,
-                tcp,
+                config: ArcSwap::from_pointee(config),
+                tcp: ArcSwap::from_pointee(tcp),
+                generation: AtomicU64::new(0),
                 metrics,
                 routes,
-                configured,
+                configured: ArcSwap::from_pointee(configured),
                 services: Mutex::new(HashMap::new()),
                 empty: Arc::new(ProxyService::empty()),
             }),
         }
     }
+
+    /// Checks a new configuration against the running one. Listener
+    /// addresses and thread counts are bound at start: changing them needs a
+    /// restart (or a binary upgrade), so such a reload is refused whole.
+    pub fn plan_reload(&self, http: Config, tcp: TcpConfig) -> Result<ReloadPlan, String> {
+        http.validate()?;
+        tcp.validate()?;
+        let old = self.shared.config.load();
+        if http.addr != old.addr || http.threads != old.threads {
+            return Err("http.addr and http.threads are fixed while running (restart or upgrade to change them)".to_string());
+        }
+        let old_tcp = self.shared.tcp.load();
+        let addrs = |t: &TcpConfig| t.listeners.iter().map(|l| l.addr).collect::<Vec<_>>();
+        if addrs(&tcp) != addrs(&old_tcp) {
+            return Err("tcp.listeners: adding, removing or moving a listener needs a restart (or an upgrade); settings of existing ones reload".to_string());
+        }
+        let before = self.shared.configured.load();
+        let after = configured_services(&http, &tcp);
+        let names = |set: Vec<&String>| {
+            let mut v: Vec<Name> = set.into_iter().map(|s| Name::from(s.as_str())).collect();
+            v.sort();
+            v
+        };
+        Ok(ReloadPlan {
+            newly_routed: names(after.difference(&before).collect()),
+            no_longer_routed: names(before.difference(&after).collect()),
+            http,
+            tcp,
+        })
+    }
+
+    /// First step of a reload: services the new configuration routes become
+    /// routed now, so their views can be rebuilt (`newly_routed`) before any
+    /// route points at them.
+    pub fn begin_reload(&self, plan: &ReloadPlan) {
+        let mut both = (**self.shared.configured.load()).clone();
+        both.extend(plan.newly_routed.iter().map(|n| n.to_string()));
+        self.shared.configured.store(Arc::new(both));
+    }
+
+    /// Second step: the new settings and routes take effect for the next
+    /// request on every thread; services no longer routed should then have
+    /// their views rebuilt (`no_longer_routed`) to release their state.
+    pub fn finish_reload(&self, plan: ReloadPlan) {
+        let shared = &self.shared;
+        shared
+            .configured
+            .store(Arc::new(configured_services(&plan.http, &plan.tcp)));
+        shared.config.store(Arc::new(plan.http));
+        shared.tcp.store(Arc::new(plan.tcp));
+        shared.generation.fetch_add(1, Ordering::Release);
+        if let Ok(services) = shared.services.lock() {
+            shared.compile_routes(&services);
+        }
+    }
+}
+
+/// A checked configuration change (see `ProxyDecorator::plan_reload`).
+pub struct ReloadPlan {
+    pub newly_routed: Vec<Name>,
+    pub no_longer_routed: Vec<Name>,
+    http: Config,
+    tcp: TcpConfig,
 }
 
 impl ProxyDecorator {
@@ -505,7 +574,7 @@ impl ViewDecorator for ProxyDecorator {
     fn decorate(&self, view: &ServiceView) -> Extra {
         let shared = &self.shared;
         let tag_route = TagRoute::from_tags(&view.tags);
-        let routed = tag_route.is_some() || shared.configured.contains(&*view.name);
+        let routed = tag_route.is_some() || shared.configured.load().contains(&*view.name);
         let Ok(mut services) = shared.services.lock() else {
             return shared.empty.clone();
         };

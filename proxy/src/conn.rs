@@ -187,7 +187,7 @@ async fn exchange(
     head: &mut Vec<u8>,
     reply: &mut Vec<u8>,
 ) -> Next {
-    let config = &local.shared.config;
+    let config = local.config();
     let metrics = &local.shared.metrics;
     let mut head_deadline = None;
     let request_id = local.next_request_id();
@@ -352,7 +352,7 @@ async fn forward(
     body: Framing,
     replayable: bool,
 ) -> Next {
-    let config = &local.shared.config;
+    let config = local.config();
     let metrics = &local.shared.metrics;
     let stats = match &service.stats {
         Some(stats) => stats.clone(),
@@ -530,7 +530,7 @@ async fn attempt(
     body: Framing,
     replayable: bool,
 ) -> Result<(Next, u16), Failure> {
-    let config = &local.shared.config;
+    let config = local.config();
     let mut pooled = local.pool_take(backend.addr);
     if !replayable {
         // The body will be streamed once: do not gamble on a stale connection.

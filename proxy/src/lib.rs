@@ -24,7 +24,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use switchyard_registry::Snapshot;
 
-pub use backend::{ProxyDecorator, ProxyService};
+pub use backend::{ProxyDecorator, ProxyService, ReloadPlan};
 pub use config::{
     BalancerKind, Config, HashOn, OutlierConfig, RouteConfig, TcpBalancer, TcpConfig,
     TcpListenerConfig,

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, Shared};
+use crate::config::{Config, TcpConfig};
 use crate::conn::{self, Buf};
 use crate::route::RouteTable;
 use crate::tcp::{self, TcpRoute};
@@ -46,6 +48,11 @@ pub(crate) struct Local {
     slot: usize,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     pub(crate) routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
+    /// This thread's copies of the settings (`Rc`: no shared refcount per
+    /// request), refreshed when a reload moves the shared generation.
+    config: RefCell<Rc<Config>>,
+    tcp: RefCell<Rc<TcpConfig>>,
+    generation: Cell<u64>,
     pool: RefCell<HashMap<SocketAddr, Idle>>,
     buffers: RefCell<Vec<Buf>>,
     pub(crate) rng: RefCell<fastrand::Rng>,
@@ -63,6 +70,27 @@ impl Local {
         cache.load().service(name)?.extra_arc(self.slot)
     }
 
+    fn refresh(&self) {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation != self.generation.get() {
+            *self.config.borrow_mut() = Rc::new((**self.shared.config.load()).clone());
+            *self.tcp.borrow_mut() = Rc::new((**self.shared.tcp.load()).clone());
+            self.generation.set(generation);
+        }
+    }
+
+    /// The `[http]` settings in force.
+    pub(crate) fn config(&self) -> Rc<Config> {
+        self.refresh();
+        self.config.borrow().clone()
+    }
+
+    /// The `[tcp]` settings in force.
+    pub(crate) fn tcp(&self) -> Rc<TcpConfig> {
+        self.refresh();
+        self.tcp.borrow().clone()
+    }
+
     pub(crate) fn next_request_id(&self) -> u64 {
         let id = self.request_ids.get().wrapping_add(1);
         self.request_ids.set(id);
@@ -74,7 +102,7 @@ impl Local {
     }
 
     fn buffer_size(&self) -> usize {
-        self.shared.config.max_header_bytes.max(16 * 1024)
+        self.config().max_header_bytes.max(16 * 1024)
     }
 
     pub(crate) fn take_buffer(&self) -> Buf {
@@ -108,7 +136,7 @@ impl Local {
             stats: backend.stats.clone(),
             streams: Vec::new(),
         });
-        if idle.streams.len() < self.shared.config.pool_per_endpoint {
+        if idle.streams.len() < self.config().pool_per_endpoint {
             idle.streams.push((stream, now_ns()));
         }
     }
@@ -159,8 +187,9 @@ impl HttpProxy {
         slot: usize,
         snapshot: Arc<ArcSwap<Snapshot>>,
     ) -> io::Result<HttpProxy> {
-        let threads = shared.config.thread_count();
-        let first = listener(shared.config.addr)?;
+        let config = shared.config.load_full();
+        let threads = config.thread_count();
+        let first = listener(config.addr)?;
         let addr = first.local_addr()?;
         let mut listeners = vec![first];
         for _ in 1..threads {
@@ -169,11 +198,11 @@ impl HttpProxy {
         // L4 listeners: the first bind picks the port, every thread gets its own.
         let mut tcp: Vec<TcpListeners> = (0..threads).map(|_| Vec::new()).collect();
         let mut tcp_addrs = Vec::new();
-        for config in &shared.tcp.listeners {
+        for (index, config) in shared.tcp.load().listeners.iter().enumerate() {
             let first = listener(config.addr)?;
             let bound = first.local_addr()?;
             let route = Arc::new(TcpRoute {
-                config: config.clone(),
+                index,
                 metrics: shared.metrics.tcp_listener(&bound.to_string()),
             });
             tcp[0].push((first, route.clone()));
@@ -255,6 +284,9 @@ fn run_thread(
         };
         let local = Rc::new(Local {
             routes: RefCell::new(Cache::new(shared.routes.clone())),
+            config: RefCell::new(Rc::new((**shared.config.load()).clone())),
+            tcp: RefCell::new(Rc::new((**shared.tcp.load()).clone())),
+            generation: Cell::new(shared.generation.load(Ordering::Acquire)),
             snapshot: RefCell::new(Cache::new(snapshot.clone())),
             shared,
             slot,
@@ -332,7 +364,7 @@ fn run_thread(
         local.stopping.set(true);
         sweeper.abort();
         local.pool.borrow_mut().clear();
-        let deadline = tokio::time::Instant::now() + local.shared.config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + local.config().shutdown_grace;
         while local.active.get() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -17,16 +17,17 @@ use tokio::net::TcpStream;
 
 use crate::backend::{now_ns, EndpointStats};
 use crate::balance::{self, hash64, Tried};
-use crate::config::{BalancerKind, TcpListenerConfig};
+use crate::config::BalancerKind;
 use crate::metrics::{TcpMetrics, TcpOutcome};
 use crate::server::Local;
 
 /// Most endpoints one client connection is offered to before it is closed.
 const MAX_CONNECT_TRIES: usize = 3;
 
-/// One listener, compiled at start.
+/// One listener: its position in `[[tcp.listeners]]` (whose settings a
+/// reload may change) and its metrics.
 pub(crate) struct TcpRoute {
-    pub(crate) config: TcpListenerConfig,
+    pub(crate) index: usize,
     pub(crate) metrics: TcpMetrics,
 }
 
@@ -49,7 +50,10 @@ async fn proxy(
     mut client: TcpStream,
     peer: SocketAddr,
 ) -> TcpOutcome {
-    let config = &route.config;
+    let tcp = local.tcp();
+    let Some(config) = tcp.listeners.get(route.index) else {
+        return TcpOutcome::NoEndpoint;
+    };
     let kind = config.balancer.kind();
     let key = (kind == BalancerKind::ConsistentHash).then(|| match peer.ip() {
         std::net::IpAddr::V4(ip) => hash64(&ip.octets()),
@@ -61,7 +65,7 @@ async fn proxy(
     let Some(service_stats) = service.stats.clone() else {
         return TcpOutcome::NoEndpoint;
     };
-    let outlier = &local.shared.config.outlier;
+    let outlier = local.config().outlier.clone();
     let mut tried = Tried::default();
     let mut reloads = 0;
     let (mut upstream, stats) = loop {
@@ -106,7 +110,7 @@ async fn proxy(
                 backend.stats.metrics.connect_errors.inc();
                 backend
                     .stats
-                    .failed(now_ns(), outlier, &service_stats, &service.backends);
+                    .failed(now_ns(), &outlier, &service_stats, &service.backends);
                 if tried.count() >= MAX_CONNECT_TRIES.min(service.backends.len()) {
                     return TcpOutcome::ConnectFailed;
                 }

@@ -98,6 +98,10 @@ pub enum Command {
         node: Name,
         id: Name,
     },
+    /// Rebuild these services' views (decorators included) without changing
+    /// the catalog or its index: a decorator's own inputs changed (a proxy
+    /// config reload routes a service it did not before).
+    Redecorate(Vec<Name>),
     /// Register the node unless an identical definition exists (the agent's own node).
     EnsureNode(Node),
     /// A TTL check missed its deadline (issued by the writer's timers).
@@ -131,6 +135,7 @@ impl Command {
             Command::Undrain { .. } => "undrain",
             Command::DrainEndpoint { .. } => "drain_endpoint",
             Command::UndrainEndpoint { .. } => "undrain_endpoint",
+            Command::Redecorate(_) => "redecorate",
             Command::EnsureNode(_) => "ensure_node",
             Command::ExpireTtl { .. } => "ttl_expired",
             Command::ReapCritical { .. } => "reap_critical",
@@ -490,6 +495,19 @@ impl Catalog {
                 self.set_endpoint_drain(&node, &id, None, idx)
             }
             Command::EnsureNode(node) => self.put_node(node, idx),
+            Command::Redecorate(services) => {
+                for name in services {
+                    if self
+                        .snap
+                        .services
+                        .get(&name)
+                        .is_some_and(|s| s.view.is_some())
+                    {
+                        self.dirty.add(DirtyKey::Service(name));
+                    }
+                }
+                false
+            }
             Command::ExpireTtl { node, id } => {
                 let Some(check) = self.get_check(&node, &id) else {
                     return Ok(false);

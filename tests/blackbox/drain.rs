@@ -242,11 +242,16 @@ fn one_endpoint_drains_while_its_node_keeps_serving() {
     });
 }
 
-/// Keep-alive GETs on one connection; returns the backend names seen.
+/// One keep-alive GET on `stream`; `(status, body)`.
 pub(crate) fn keep_alive_get(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u16, String)> {
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         .ok()?;
+    read_response(stream, buf)
+}
+
+/// Reads one response with a Content-Length body; `(status, body)`.
+pub(crate) fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u16, String)> {
     buf.clear();
     let mut chunk = [0u8; 4096];
     loop {

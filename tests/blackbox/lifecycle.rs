@@ -3,7 +3,8 @@
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -72,4 +73,126 @@ fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
         TcpStream::connect(http).is_err(),
         "nothing listens after the exit"
     );
+}
+
+fn route_to(service: &str) -> String {
+    format!(
+        "[http]\nresponse_timeout = \"{}s\"\n[[http.routes]]\nhost = \"x\"\nservice = \"{service}\"\n",
+        if service == "one" { 30 } else { 20 }
+    )
+}
+
+#[test]
+fn reloads_under_keep_alive_load_fail_nothing_and_a_bad_one_changes_nothing() {
+    let (agent, dir) = agent_with(&route_to("one"));
+    let config = dir.path().join("agent.toml");
+    let c = agent.client();
+    let one = Upstream::start("one");
+    let two = Upstream::start("two");
+    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [
+            {"node": "n1", "service": "one", "id": "one", "address": "127.0.0.1", "port": one.addr.port()},
+            {"node": "n1", "service": "two", "id": "two", "address": "127.0.0.1", "port": two.addr.port()}]});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let http = agent.http;
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, failures) = (stop.clone(), failures.clone());
+            std::thread::spawn(move || {
+                // One connection for the whole run: a reset would show here.
+                let mut stream = TcpStream::connect(http).expect("connect");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                let mut buf = Vec::new();
+                let mut served = 0;
+                // Bounded: at most 20,000 requests per client.
+                while !stop.load(Ordering::SeqCst) && served < 20_000 {
+                    match keep_alive_get_host(&mut stream, &mut buf, "x") {
+                        Some((200, _)) => served += 1,
+                        other => {
+                            failures.fetch_add(1, Ordering::SeqCst);
+                            eprintln!("failed under reload: {other:?}");
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let backend = |host: &str| {
+        let reply = crate::proxy::get(http, host, "/");
+        (reply.status == 200).then_some(reply.body)
+    };
+    for round in 0..20 {
+        let target = if round % 2 == 0 { "two" } else { "one" };
+        std::fs::write(&config, route_to(target)).expect("write config");
+        agent.signal("HUP");
+        eventually(
+            &format!("reload {round} routes x to {target}"),
+            Duration::from_secs(10),
+            || (backend("x").as_deref() == Some(target)).then_some(()),
+        );
+    }
+    // Now routed to "one". A bad file is refused with its line, and changes nothing.
+    std::fs::write(&config, "[http]\nretries = \"many\"\n").expect("write bad config");
+    agent.signal("HUP");
+    eventually("the refusal is logged", Duration::from_secs(10), || {
+        agent
+            .stderr()
+            .contains("configuration reload refused")
+            .then_some(())
+    });
+    let log = agent.stderr();
+    assert!(log.contains("line 2"), "the error names the line: {log}");
+    // A change that needs a restart is refused whole too.
+    std::fs::write(
+        &config,
+        format!("{}[dns]\nnode_ttl = \"5s\"\n", route_to("two")),
+    )
+    .expect("write config");
+    agent.signal("HUP");
+    eventually(
+        "the second refusal is logged",
+        Duration::from_secs(10),
+        || {
+            (agent
+                .stderr()
+                .matches("configuration reload refused")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    assert!(agent.stderr().contains("[dns] changed"));
+    for _ in 0..10 {
+        assert_eq!(backend("x").as_deref(), Some("one"), "the old routes stay");
+    }
+
+    stop.store(true, Ordering::SeqCst);
+    for thread in load {
+        thread.join().expect("load thread");
+    }
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "no request failed across 20 reloads"
+    );
+}
+
+/// One keep-alive GET with a Host header; `(status, body)`.
+fn keep_alive_get_host(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    host: &str,
+) -> Option<(u16, String)> {
+    use std::io::Write;
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .ok()?;
+    crate::drain::read_response(stream, buf)
 }

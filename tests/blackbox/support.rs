@@ -123,6 +123,16 @@ impl Agent {
         }
     }
 
+    /// Sends a signal (`"HUP"`, `"TERM"`, ...) without waiting.
+    pub(crate) fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
     /// SIGTERM, then wait for the exit (bounded).
     pub(crate) fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
