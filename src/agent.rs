@@ -17,6 +17,7 @@ use switchyard_registry::{
 use tokio::sync::watch;
 
 use crate::config::{host_name, AgentConfig, ConfigSource};
+use crate::upgrade::{self, UpgradeListener};
 
 /// A data directory the agent made for itself (`--dev`) and removes on exit.
 pub(crate) struct ScratchDir(pub PathBuf);
@@ -31,6 +32,7 @@ pub(crate) fn run(
     config: AgentConfig,
     source: ConfigSource,
     scratch: Option<ScratchDir>,
+    inherited: Option<(upgrade::Sockets, std::os::unix::net::UnixStream)>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.agent.worker_threads)
@@ -38,12 +40,16 @@ pub(crate) fn run(
         .enable_all()
         .build()
         .context("cannot build the runtime")?;
-    let result = runtime.block_on(serve(config, source));
+    let result = runtime.block_on(serve(config, source, inherited));
     drop(scratch);
     result
 }
 
-async fn serve(mut config: AgentConfig, source: ConfigSource) -> anyhow::Result<()> {
+async fn serve(
+    mut config: AgentConfig,
+    source: ConfigSource,
+    inherited: Option<(upgrade::Sockets, std::os::unix::net::UnixStream)>,
+) -> anyhow::Result<()> {
     let prometheus = prometheus::Registry::new();
     let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
     let dns_config = Arc::new(config.dns.clone());
@@ -111,9 +117,16 @@ async fn serve(mut config: AgentConfig, source: ConfigSource) -> anyhow::Result<
         shutdown: shutdown_rx.clone(),
         load: Some(proxy.load_report()),
     });
-    let listener = tokio::net::TcpListener::bind(config.api.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.api.addr))?;
+    let mut inherited = inherited;
+    let api_listener = match inherited.as_mut().and_then(|(s, _)| s.api.take()) {
+        Some(listener) => listener,
+        None => std::net::TcpListener::bind(config.api.addr)
+            .with_context(|| format!("cannot listen on {}", config.api.addr))?,
+    };
+    api_listener.set_nonblocking(true)?;
+    // A second handle, to pass the listener on at an upgrade.
+    let api_kept = api_listener.try_clone()?;
+    let listener = tokio::net::TcpListener::from_std(api_listener)?;
     let api_addr = listener.local_addr()?;
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(async move {
@@ -130,13 +143,19 @@ async fn serve(mut config: AgentConfig, source: ConfigSource) -> anyhow::Result<
         DNS_SLOT,
         registry.snapshot_cell(),
         dns_metrics,
+        inherited.as_mut().and_then(|(s, _)| s.dns.take()),
     )
     .await
     .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;
     let dns_addr = dns.local_addr();
 
-    let http = HttpProxy::start_with(&proxy, PROXY_SLOT, registry.snapshot_cell())
-        .with_context(|| format!("cannot listen for HTTP on {}", config.http.addr))?;
+    let http = HttpProxy::start_with(
+        &proxy,
+        PROXY_SLOT,
+        registry.snapshot_cell(),
+        inherited.as_mut().and_then(|(s, _)| s.proxy.take()),
+    )
+    .with_context(|| format!("cannot listen for HTTP on {}", config.http.addr))?;
     let http_addr = http.local_addr();
 
     // Installed before the ready line: a SIGHUP after it must never kill us.
@@ -155,10 +174,73 @@ async fn serve(mut config: AgentConfig, source: ConfigSource) -> anyhow::Result<
         out.flush()?;
     }
     tracing::info!(api = %api_addr, dns = %dns_addr, http = %http_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
-
-    while signals.next().await == Signal::Reload {
-        reload(&source, &mut config, &proxy, &registry).await;
+    if let Some((_, stream)) = inherited {
+        upgrade::ready(stream);
+        tracing::info!("took over from the previous agent");
     }
+    let upgrades = match &config.store.data_dir {
+        Some(dir) => match UpgradeListener::bind(dir) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "no upgrade socket: `agent --upgrade` cannot take over from this agent");
+                None
+            }
+        },
+        None => None,
+    };
+
+    let upgrade_request = loop {
+        let next_upgrade = async {
+            match &upgrades {
+                Some(listener) => listener.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Reload => reload(&source, &mut config, &proxy, &registry).await,
+                Signal::Stop => break None,
+            },
+            stream = next_upgrade => break Some(stream),
+        }
+    };
+    if let Some(mut stream) = upgrade_request {
+        tracing::info!(
+            "upgrade requested: stopping the API and the store, then handing over the listeners"
+        );
+        let _ = shutdown_tx.send(true);
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "API server task failed"),
+        }
+        checker.abort();
+        registry.shutdown().await;
+        let _ = writer.await;
+        let sockets = upgrade::Sockets {
+            api: Some(api_kept),
+            dns: Some(dns.sockets().try_clone()?),
+            proxy: Some(http.sockets().try_clone()?),
+        };
+        let handed = tokio::task::spawn_blocking(move || upgrade::hand_over(&mut stream, &sockets))
+            .await
+            .context("handover task")?;
+        match handed {
+            Ok(true) => tracing::info!("the new agent serves; finishing the work in progress"),
+            Ok(false) => {
+                tracing::error!("the new agent took the listeners but did not report ready")
+            }
+            Err(e) => tracing::error!(error = %e, "handover failed"),
+        }
+        http.shutdown().await;
+        dns.shutdown().await;
+        tracing::info!("stopped after handing over");
+        return Ok(());
+    }
+    if let Some(upgrades) = upgrades {
+        upgrades.remove();
+    }
+    drop(api_kept);
     tracing::info!("shutting down: no new API requests, finishing queued writes");
     let _ = shutdown_tx.send(true);
     http.shutdown().await;

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::agent::{self, ScratchDir};
 use crate::config::ConfigSource;
+use crate::upgrade;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -148,6 +149,11 @@ struct AgentArgs {
     /// Load and check the configuration, print it, and exit.
     #[arg(long)]
     check_config: bool,
+    /// Zero-downtime upgrade: take over the listening sockets and the store
+    /// of the agent running on the same data directory, which then finishes
+    /// its work in progress and exits.
+    #[arg(long)]
+    upgrade: bool,
 }
 
 pub(crate) fn run(cli: Cli) -> ExitCode {
@@ -229,7 +235,22 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing();
-    match agent::run(config, source, scratch) {
+    let inherited = if args.upgrade {
+        let Some(dir) = config.store.data_dir.clone().filter(|_| scratch.is_none()) else {
+            eprintln!("switchyard: --upgrade needs the data directory of the running agent (--data-dir or store.data_dir)");
+            return ExitCode::from(EXIT_USAGE);
+        };
+        match upgrade::take_over(&dir) {
+            Ok(taken) => Some(taken),
+            Err(e) => {
+                eprintln!("switchyard: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    match agent::run(config, source, scratch, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchyard: {e:#}");

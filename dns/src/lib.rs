@@ -31,9 +31,32 @@ pub use config::Config;
 pub use metrics::DnsMetrics;
 pub use prebuilt::DnsDecorator;
 
+/// The sockets of a DNS server: one UDP socket per worker (a SO_REUSEPORT
+/// group) and the TCP listener, all on one address.
+pub struct DnsSockets {
+    pub udp: Vec<std::net::UdpSocket>,
+    pub tcp: std::net::TcpListener,
+}
+
+impl DnsSockets {
+    /// Second handles on the same sockets (the kernel objects are shared).
+    pub fn try_clone(&self) -> std::io::Result<DnsSockets> {
+        Ok(DnsSockets {
+            udp: self
+                .udp
+                .iter()
+                .map(std::net::UdpSocket::try_clone)
+                .collect::<Result<_, _>>()?,
+            tcp: self.tcp.try_clone()?,
+        })
+    }
+}
+
 /// A running DNS server (UDP workers + TCP task).
 pub struct DnsServer {
     addr: SocketAddr,
+    /// Kept to hand the sockets to a new process (binary upgrade).
+    sockets: DnsSockets,
     stop: Arc<AtomicBool>,
     stop_tcp: watch::Sender<bool>,
     udp: Vec<JoinHandle<()>>,
@@ -41,7 +64,8 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on `config.addr` and starts serving. `slot` is the
+    /// Binds UDP and TCP on `config.addr` (or serves on `inherited` sockets
+    /// from the process this one upgrades) and starts serving. `slot` is the
     /// position of the `DnsDecorator` among the registry's decorators.
     pub async fn start(
         config: Arc<Config>,
@@ -49,8 +73,20 @@ impl DnsServer {
         slot: usize,
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
+        inherited: Option<DnsSockets>,
     ) -> std::io::Result<DnsServer> {
-        let (sockets, listener) = server::bind(config.addr, config.udp_workers)?;
+        let bound = match inherited {
+            Some(sockets) => sockets,
+            None => {
+                let (udp, tcp) = server::bind(config.addr, config.udp_workers)?;
+                DnsSockets { udp, tcp }
+            }
+        };
+        let kept = bound.try_clone()?;
+        let DnsSockets {
+            udp: sockets,
+            tcp: listener,
+        } = bound;
         let addr = listener.local_addr()?;
         let listener = TcpListener::from_std(listener)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -88,6 +124,7 @@ impl DnsServer {
         ));
         Ok(DnsServer {
             addr,
+            sockets: kept,
             stop,
             stop_tcp,
             udp,
@@ -98,6 +135,11 @@ impl DnsServer {
     /// The bound address (UDP and TCP share it).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Handles on the listening sockets, for a new process to serve on.
+    pub fn sockets(&self) -> &DnsSockets {
+        &self.sockets
     }
 
     /// Stops accepting, lets the workers finish the query in hand, and joins them.

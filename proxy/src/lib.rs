@@ -31,7 +31,7 @@ pub use config::{
 };
 pub use metrics::ProxyMetrics;
 pub use route::{HOST_TAG, PATH_TAG};
-pub use server::HttpProxy;
+pub use server::{HttpProxy, ProxySockets};
 
 impl HttpProxy {
     /// Starts the proxy threads. `decorator` must be registered with the
@@ -40,7 +40,8 @@ impl HttpProxy {
         decorator: &ProxyDecorator,
         slot: usize,
         snapshot: Arc<ArcSwap<Snapshot>>,
+        inherited: Option<ProxySockets>,
     ) -> std::io::Result<HttpProxy> {
-        HttpProxy::start(decorator.shared.clone(), slot, snapshot)
+        HttpProxy::start(decorator.shared.clone(), slot, snapshot, inherited)
     }
 }

@@ -161,8 +161,47 @@ impl Local {
 pub struct HttpProxy {
     addr: SocketAddr,
     tcp_addrs: Vec<SocketAddr>,
+    /// Kept to hand the listeners to a new process (binary upgrade).
+    sockets: ProxySockets,
     stop: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// The proxy's listening sockets: one HTTP listener per thread (a
+/// SO_REUSEPORT group) and, per `[[tcp.listeners]]` entry, one per thread.
+pub struct ProxySockets {
+    pub http: Vec<std::net::TcpListener>,
+    pub tcp: Vec<Vec<std::net::TcpListener>>,
+}
+
+impl ProxySockets {
+    /// Second handles on the same sockets (the kernel objects are shared).
+    pub fn try_clone(&self) -> io::Result<ProxySockets> {
+        let clone_all = |list: &[std::net::TcpListener]| {
+            list.iter()
+                .map(std::net::TcpListener::try_clone)
+                .collect::<io::Result<Vec<_>>>()
+        };
+        Ok(ProxySockets {
+            http: clone_all(&self.http)?,
+            tcp: self
+                .tcp
+                .iter()
+                .map(|group| clone_all(group))
+                .collect::<io::Result<_>>()?,
+        })
+    }
+}
+
+/// `threads` listeners on `addr` (the first picks the port when it is 0).
+fn listener_group(addr: SocketAddr, threads: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = listener(addr)?;
+    let bound = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..threads {
+        group.push(listener(bound)?);
+    }
+    Ok(group)
 }
 
 /// One thread's L4 listeners, each with its route.
@@ -180,37 +219,58 @@ fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 impl HttpProxy {
-    /// Binds one listener per thread on `shared.config.addr` (the first picks
-    /// the port when it is 0) and starts the threads.
+    /// Binds one listener per thread on `http.addr` and on each L4
+    /// listener's address (or serves on `inherited` sockets from the process
+    /// this one upgrades: then their number sets the thread count), and
+    /// starts the threads.
     pub(crate) fn start(
         shared: Arc<Shared>,
         slot: usize,
         snapshot: Arc<ArcSwap<Snapshot>>,
+        inherited: Option<ProxySockets>,
     ) -> io::Result<HttpProxy> {
         let config = shared.config.load_full();
-        let threads = config.thread_count();
-        let first = listener(config.addr)?;
-        let addr = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..threads {
-            listeners.push(listener(addr)?);
+        let tcp_config = shared.tcp.load_full();
+        let mut sockets = match inherited {
+            Some(sockets) if !sockets.http.is_empty() => sockets,
+            _ => ProxySockets {
+                http: listener_group(config.addr, config.thread_count())?,
+                tcp: Vec::new(),
+            },
+        };
+        let threads = sockets.http.len();
+        // L4 listeners come in config order; a group that does not match
+        // the thread count (or is missing) is bound afresh.
+        sockets.tcp.truncate(tcp_config.listeners.len());
+        for (index, listener_config) in tcp_config.listeners.iter().enumerate() {
+            match sockets.tcp.get(index) {
+                Some(group) if group.len() == threads => {}
+                _ => {
+                    let group = listener_group(listener_config.addr, threads)?;
+                    if index < sockets.tcp.len() {
+                        sockets.tcp[index] = group;
+                    } else {
+                        sockets.tcp.push(group);
+                    }
+                }
+            }
         }
-        // L4 listeners: the first bind picks the port, every thread gets its own.
+        let kept = sockets.try_clone()?;
+        let addr = sockets.http[0].local_addr()?;
         let mut tcp: Vec<TcpListeners> = (0..threads).map(|_| Vec::new()).collect();
         let mut tcp_addrs = Vec::new();
-        for (index, config) in shared.tcp.load().listeners.iter().enumerate() {
-            let first = listener(config.addr)?;
-            let bound = first.local_addr()?;
+        for (index, group) in sockets.tcp.into_iter().enumerate() {
+            let bound = group[0].local_addr()?;
             let route = Arc::new(TcpRoute {
                 index,
                 metrics: shared.metrics.tcp_listener(&bound.to_string()),
             });
-            tcp[0].push((first, route.clone()));
-            for own in tcp.iter_mut().skip(1) {
-                own.push((listener(bound)?, route.clone()));
+            for (own, listener) in tcp.iter_mut().zip(group) {
+                own.push((listener, route.clone()));
             }
             tcp_addrs.push(bound);
         }
+        let listeners = sockets.http;
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
         for (i, (listener, tcp)) in listeners.into_iter().zip(tcp).enumerate() {
@@ -225,6 +285,7 @@ impl HttpProxy {
         Ok(HttpProxy {
             addr,
             tcp_addrs,
+            sockets: kept,
             stop,
             threads: handles,
         })
@@ -237,6 +298,11 @@ impl HttpProxy {
     /// The L4 listeners' bound addresses, in config order.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         &self.tcp_addrs
+    }
+
+    /// Handles on the listening sockets, for a new process to serve on.
+    pub fn sockets(&self) -> &ProxySockets {
+        &self.sockets
     }
 
     /// Stops accepting; requests in progress finish (answered with

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::drain::keep_alive_get;
 use crate::proxy::{agent_with, Upstream};
-use crate::support::eventually;
+use crate::support::{eventually, Agent};
 
 #[test]
 fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
@@ -195,4 +195,138 @@ fn keep_alive_get_host(
         .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .ok()?;
     crate::drain::read_response(stream, buf)
+}
+
+/// Keep-alive GETs until `stop`; a reused connection closed before any
+/// response byte is reopened (what HTTP clients do with idle connections);
+/// anything else counts as a failure. Returns (served, failures).
+fn client_loop(
+    http: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    fresh_each: bool,
+) -> (usize, usize) {
+    let connect = || {
+        let s = TcpStream::connect(http).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        Some(s)
+    };
+    let (mut served, mut failures) = (0, 0);
+    let mut stream: Option<TcpStream> = None;
+    let mut buf = Vec::new();
+    // Bounded: at most 50,000 requests.
+    while !stop.load(Ordering::SeqCst) && served + failures < 50_000 {
+        let reused = stream.is_some() && !fresh_each;
+        let mut conn = match stream.take().filter(|_| !fresh_each).or_else(connect) {
+            Some(conn) => conn,
+            None => {
+                failures += 1;
+                eprintln!("connect failed");
+                continue;
+            }
+        };
+        match keep_alive_get_host(&mut conn, &mut buf, "x") {
+            Some((200, _)) => {
+                served += 1;
+                let closing = String::from_utf8_lossy(&buf)
+                    .to_ascii_lowercase()
+                    .contains("connection: close");
+                if !closing {
+                    stream = Some(conn);
+                }
+            }
+            None if reused && buf.is_empty() => {} // idle connection closed: reopen
+            other => {
+                failures += 1;
+                eprintln!(
+                    "request failed: {other:?} {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+            }
+        }
+    }
+    (served, failures)
+}
+
+#[test]
+fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n[[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n",
+    )
+    .expect("write config");
+    let data = dir.path().join("data");
+    let args = [
+        "--config",
+        config.to_str().expect("utf8"),
+        "--proxy-threads",
+        "2",
+    ];
+    let old = Agent::start_in(&data, &args);
+    let c = old.client();
+    let up = Upstream::start("web1");
+    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "web", "id": "web1", "address": "127.0.0.1",
+                       "port": up.addr.port()}]});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let index_before = c.get_ok("/v1/switchyard/status").json()["index"]
+        .as_u64()
+        .expect("index");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = old.http;
+    let load: Vec<_> = [false, true, false]
+        .into_iter()
+        .map(|fresh| {
+            let stop = stop.clone();
+            std::thread::spawn(move || client_loop(http, stop, fresh))
+        })
+        .collect();
+    eventually("load is flowing", Duration::from_secs(10), || {
+        (up.served() > 200).then_some(())
+    });
+
+    let mut upgrade_args = args.to_vec();
+    upgrade_args.push("--upgrade");
+    let new = Agent::start_in(&data, &upgrade_args);
+    assert_eq!(new.api, old.api, "the API listener was handed over");
+    assert_eq!(new.http, old.http);
+    assert_eq!(new.dns, old.dns);
+    assert_eq!(new.tcp, old.tcp);
+    let old_exit = old.wait_exit(Duration::from_secs(30));
+    assert!(old_exit.success(), "the old agent exits 0: {old_exit:?}");
+
+    // The new agent has the catalog and serves every protocol on the same ports.
+    let c = new.client();
+    let status = c.get_ok("/v1/switchyard/status").json();
+    assert!(status["index"].as_u64().expect("index") >= index_before);
+    let served_at_switch = up.served();
+    eventually("the new agent proxies", Duration::from_secs(10), || {
+        (up.served() > served_at_switch + 200).then_some(())
+    });
+    let mut l4 = TcpStream::connect(new.tcp[0]).expect("L4 listener");
+    l4.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = Vec::new();
+    let (code, body) = keep_alive_get_host(&mut l4, &mut buf, "x").expect("through L4");
+    assert_eq!((code, body.as_str()), (200, "web1"));
+    let registered = c.put(
+        "/v1/agent/service/register",
+        r#"{"Name":"after","ID":"after-1","Port":1}"#,
+    );
+    assert_eq!(
+        registered.status, 200,
+        "the new agent owns the store: {}",
+        registered.body
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    let mut failures = 0;
+    for thread in load {
+        let (served, failed) = thread.join().expect("load thread");
+        assert!(served > 0);
+        failures += failed;
+    }
+    assert_eq!(failures, 0, "no request failed across the upgrade");
 }

@@ -133,6 +133,22 @@ impl Agent {
         assert!(status.success(), "kill -{name}");
     }
 
+    /// Waits (bounded) for the agent to exit on its own.
+    pub(crate) fn wait_exit(mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then wait for the exit (bounded).
     pub(crate) fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
