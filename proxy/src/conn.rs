@@ -121,6 +121,8 @@ impl Buf {
 enum Next {
     KeepAlive,
     Close,
+    /// The client speaks HTTP/2: hand the connection over.
+    Http2,
 }
 
 /// Serves one client connection until it closes, errs or idles out.
@@ -142,6 +144,19 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
             &mut reply,
         )
         .await;
+        if next == Next::Http2 {
+            let prefix = cbuf.filled().to_vec();
+            local.give_buffer(cbuf);
+            local.give_buffer(ubuf);
+            let _busy = Busy::enter(&local);
+            local
+                .h2
+                .clone()
+                .serve(client, prefix, info.ip, local.stop.clone())
+                .await;
+            local.shared.metrics.connections.dec();
+            return;
+        }
         if next == Next::Close || local.stopping() {
             break;
         }
@@ -199,8 +214,8 @@ async fn exchange(
                 busy = Some(Busy::enter(local));
             }
             if cbuf.filled().starts_with(b"PRI * HTTP/2") {
-                metrics.reject(Reject::BadRequest);
-                return Next::Close;
+                // HTTP/2 with prior knowledge: hyper takes the connection.
+                return Next::Http2;
             }
             let parsed = {
                 let mut routes = local.routes.borrow_mut();

@@ -13,6 +13,7 @@ mod backend;
 mod balance;
 mod config;
 mod conn;
+mod h2;
 mod metrics;
 mod route;
 mod server;

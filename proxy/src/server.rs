@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, Shared};
 use crate::config::{Config, TcpConfig};
 use crate::conn::{self, Buf};
+use crate::h2::H2;
 use crate::route::RouteTable;
 use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
@@ -54,6 +55,10 @@ pub(crate) struct Local {
     tcp: RefCell<Rc<TcpConfig>>,
     generation: Cell<u64>,
     pool: RefCell<HashMap<SocketAddr, Idle>>,
+    /// HTTP/2 connections are handed to hyper here.
+    pub(crate) h2: Arc<H2>,
+    /// Turns true at shutdown (HTTP/2 connections then send GOAWAY).
+    pub(crate) stop: watch::Receiver<bool>,
     buffers: RefCell<Vec<Buf>>,
     pub(crate) rng: RefCell<fastrand::Rng>,
     request_ids: Cell<u64>,
@@ -272,14 +277,22 @@ impl HttpProxy {
         }
         let listeners = sockets.http;
         let (stop, stop_rx) = watch::channel(false);
+        let h2 = Arc::new(H2::new(shared.clone(), slot, snapshot.clone()));
         let mut handles = Vec::new();
-        for (i, (listener, tcp)) in listeners.into_iter().zip(tcp).enumerate() {
-            let shared = shared.clone();
-            let snapshot = snapshot.clone();
-            let stop_rx = stop_rx.clone();
+        for (index, (listener, tcp)) in listeners.into_iter().zip(tcp).enumerate() {
+            let thread = Thread {
+                index,
+                shared: shared.clone(),
+                slot,
+                snapshot: snapshot.clone(),
+                listener,
+                tcp,
+                h2: h2.clone(),
+                stop: stop_rx.clone(),
+            };
             let handle = std::thread::Builder::new()
-                .name(format!("proxy-{i}"))
-                .spawn(move || run_thread(i, shared, slot, snapshot, listener, tcp, stop_rx))?;
+                .name(format!("proxy-{index}"))
+                .spawn(move || run_thread(thread))?;
             handles.push(handle);
         }
         Ok(HttpProxy {
@@ -320,15 +333,29 @@ impl HttpProxy {
     }
 }
 
-fn run_thread(
+/// What one proxy thread starts with.
+struct Thread {
     index: usize,
     shared: Arc<Shared>,
     slot: usize,
     snapshot: Arc<ArcSwap<Snapshot>>,
     listener: std::net::TcpListener,
     tcp: TcpListeners,
-    mut stop: watch::Receiver<bool>,
-) {
+    h2: Arc<H2>,
+    stop: watch::Receiver<bool>,
+}
+
+fn run_thread(thread: Thread) {
+    let Thread {
+        index,
+        shared,
+        slot,
+        snapshot,
+        listener,
+        tcp,
+        h2,
+        mut stop,
+    } = thread;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -357,6 +384,8 @@ fn run_thread(
             shared,
             slot,
             pool: RefCell::new(HashMap::new()),
+            h2,
+            stop: stop.clone(),
             buffers: RefCell::new(Vec::new()),
             rng: RefCell::new(fastrand::Rng::new()),
             request_ids: Cell::new(fastrand::u64(..) << 24),

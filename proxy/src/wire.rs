@@ -121,8 +121,34 @@ impl Client {
     }
 }
 
+/// The consistent-hash key of a request, as its route says: the client's
+/// address, a header's value or a cookie's.
+pub(crate) fn hash_key<'h>(
+    hash_on: &HashOn,
+    ip: IpAddr,
+    mut headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+) -> Option<u64> {
+    match hash_on {
+        HashOn::ClientIp => Some(match ip {
+            IpAddr::V4(ip) => crate::balance::hash64(&ip.octets()),
+            IpAddr::V6(ip) => crate::balance::hash64(&ip.octets()),
+        }),
+        HashOn::Header(wanted) => headers
+            .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
+            .map(|(_, value)| crate::balance::hash64(trim(value))),
+        HashOn::Cookie(wanted) => headers
+            .filter(|(name, _)| name.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, value)| value.split(|&b| b == b';'))
+            .find_map(|pair| {
+                let pair = trim(pair);
+                let eq = pair.iter().position(|&b| b == b'=')?;
+                (&pair[..eq] == wanted.as_bytes()).then(|| crate::balance::hash64(&pair[eq + 1..]))
+            }),
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded as received.
-fn hop_by_hop(name: &str) -> bool {
+pub(crate) fn hop_by_hop(name: &str) -> bool {
     const HOP: [&str; 8] = [
         "connection",
         "keep-alive",
@@ -332,27 +358,11 @@ pub(crate) fn parse_request<R>(
         };
         return Ok((request, None, None));
     };
-    let key = match hash_on(&route) {
-        HashOn::ClientIp => Some(match client.ip {
-            IpAddr::V4(ip) => crate::balance::hash64(&ip.octets()),
-            IpAddr::V6(ip) => crate::balance::hash64(&ip.octets()),
-        }),
-        HashOn::Header(wanted) => parsed
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(wanted))
-            .map(|h| crate::balance::hash64(trim(h.value))),
-        HashOn::Cookie(wanted) => parsed
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
-            .flat_map(|h| h.value.split(|&b| b == b';'))
-            .find_map(|pair| {
-                let pair = trim(pair);
-                let eq = pair.iter().position(|&b| b == b'=')?;
-                (&pair[..eq] == wanted.as_bytes()).then(|| crate::balance::hash64(&pair[eq + 1..]))
-            }),
-    };
+    let key = hash_key(
+        hash_on(&route),
+        client.ip,
+        parsed.headers.iter().map(|h| (h.name, h.value)),
+    );
 
     // The head to forward.
     out.clear();

@@ -665,3 +665,78 @@ fn malformed_requests_get_400_or_431_and_never_reach_a_backend() {
         .unwrap_or(0.0);
     assert!(rejected >= 8.0, "{rejected}");
 }
+
+#[test]
+fn http2_with_prior_knowledge_is_routed_balanced_and_streamed() {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let (agent, _dir) = agent_with("[http]\nbalancer = \"round_robin\"\n[[http.routes]]\nhost = \"h2.test\"\nservice = \"web\"\n");
+    let c = agent.client();
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    register(&c, "web", &[&a, &b], &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake with the proxy");
+        tokio::spawn(connection);
+        let send = |method: &str, host: &str, path: &str, body: &'static str| {
+            let mut sender = sender.clone();
+            let request = hyper::Request::builder()
+                .method(method)
+                .uri(format!("http://{host}{path}"))
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("request");
+            async move {
+                let response = sender.send_request(request).await.expect("response");
+                let status = response.status().as_u16();
+                let saw_for = response
+                    .headers()
+                    .get("x-saw-x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                (status, String::from_utf8_lossy(&body).to_string(), saw_for)
+            }
+        };
+        // Twenty streams at once on one connection, spread over both endpoints.
+        let streams: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(send("GET", "h2.test", "/", "")))
+            .collect();
+        let mut replies = Vec::new();
+        for stream in streams {
+            replies.push(stream.await.expect("stream task"));
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (status, body, saw_for) in replies {
+            assert_eq!(status, 200);
+            assert_eq!(
+                saw_for.as_deref(),
+                Some("127.0.0.1"),
+                "forwarding headers are set"
+            );
+            *seen.entry(body).or_default() += 1;
+        }
+        assert_eq!(seen.get("a"), Some(&10), "{seen:?}");
+        assert_eq!(seen.get("b"), Some(&10), "{seen:?}");
+        let (status, body, _) = send("POST", "h2.test", "/echo", "over h2").await;
+        assert_eq!((status, body.as_str()), (200, "over h2"));
+        let (status, _, _) = send("GET", "nowhere.test", "/", "").await;
+        assert_eq!(status, 404, "unknown hosts go nowhere over h2 too");
+    });
+}

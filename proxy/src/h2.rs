@@ -1,0 +1,437 @@
+//! HTTP/2 through hyper: cleartext with prior knowledge (a connection that
+//! opens with the HTTP/2 preface is handed here by the HTTP/1.1 path).
+//! Requests are routed, balanced, counted and retried like HTTP/1.1 ones and
+//! sent upstream over HTTP/1.1 by hyper's pooled client. The raw HTTP/1.1
+//! path stays hyper-free; this one favours completeness over the last µs.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use switchyard_registry::Snapshot;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::backend::{now_ns, EndpointStats, ProxyService, Shared};
+use crate::balance::{self, Tried};
+use crate::metrics::Reject;
+use crate::wire;
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The HTTP/2 side of the proxy, shared by the proxy threads.
+pub(crate) struct H2 {
+    shared: Arc<Shared>,
+    slot: usize,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    client: HttpClient<HttpConnector, ProxyBody>,
+}
+
+impl H2 {
+    pub(crate) fn new(shared: Arc<Shared>, slot: usize, snapshot: Arc<ArcSwap<Snapshot>>) -> H2 {
+        let config = shared.config.load();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let client = HttpClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(config.pool_per_endpoint)
+            .build(connector);
+        H2 {
+            shared,
+            slot,
+            snapshot,
+            client,
+        }
+    }
+
+    /// Serves one HTTP/2 connection whose first bytes (`prefix`) were read
+    /// already. At shutdown the connection gets a GOAWAY and ends once its
+    /// streams in progress are done.
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        prefix: Vec<u8>,
+        peer: IpAddr,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let io = TokioIo::new(Prefixed {
+            prefix,
+            at: 0,
+            inner: stream,
+        });
+        let h2 = self.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let h2 = h2.clone();
+            async move { Ok::<_, Infallible>(h2.handle(request, peer).await) }
+        });
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service);
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            _ = stop.wait_for(|stop| *stop) => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    }
+
+    async fn handle(&self, request: Request<Incoming>, peer: IpAddr) -> Response<ProxyBody> {
+        let metrics = &self.shared.metrics;
+        let host = request
+            .uri()
+            .authority()
+            .map(|a| a.host().to_ascii_lowercase())
+            .or_else(|| {
+                let value = request.headers().get(HOST)?.to_str().ok()?;
+                let host = value.rsplit_once(':').map_or(value, |(h, _)| h);
+                Some(host.to_ascii_lowercase())
+            })
+            .unwrap_or_default();
+        let route = self
+            .shared
+            .routes
+            .load()
+            .find(&host, request.uri().path().as_bytes())
+            .cloned();
+        let Some(route) = route else {
+            metrics.reject(Reject::NoRoute);
+            return answer(StatusCode::NOT_FOUND, format!("no route for host {host:?}"));
+        };
+        let service: Option<Arc<ProxyService>> = self
+            .snapshot
+            .load()
+            .service(&route.service)
+            .and_then(|view| view.extra_arc(self.slot));
+        let (service, stats) = match service {
+            Some(s) if !s.backends.is_empty() && s.stats.is_some() => {
+                let stats = s.stats.clone();
+                (s, stats)
+            }
+            _ => {
+                metrics.reject(Reject::NoEndpoint);
+                return answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("service {:?} has no healthy endpoints", &*route.service),
+                );
+            }
+        };
+        let Some(stats) = stats else {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service not routed".to_string(),
+            );
+        };
+        let config = self.shared.config.load();
+        let key = wire::hash_key(
+            &route.hash_on,
+            peer,
+            request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+        );
+        let (parts, body) = request.into_parts();
+        let idempotent = matches!(
+            parts.method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        );
+        let replayable = body.is_end_stream();
+        let mut body = Some(body.boxed());
+        let mut rng = fastrand::Rng::new();
+        let headers = upstream_headers(&parts.headers, &host, peer, rng.u64(..));
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let mut tried = Tried::default();
+        stats.note_request(now_ns());
+        loop {
+            let now = now_ns();
+            let Some((index, _)) =
+                balance::pick(&service, route.balancer, key, &tried, now, &mut rng)
+            else {
+                metrics.reject(Reject::NoEndpoint);
+                return answer(StatusCode::BAD_GATEWAY, "every endpoint failed".to_string());
+            };
+            tried.add(index);
+            let backend = &service.backends[index as usize];
+            if !backend.stats.enter() {
+                continue;
+            }
+            let Ok(uri) = Uri::try_from(format!("http://{}{path}", backend.addr)) else {
+                backend.stats.leave();
+                return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
+            };
+            let mut upstream = Request::builder()
+                .method(parts.method.clone())
+                .uri(uri)
+                .body(body.take().unwrap_or_else(empty))
+                .unwrap_or_else(|_| Request::new(empty()));
+            *upstream.headers_mut() = headers.clone();
+            let started = now_ns();
+            let result =
+                tokio::time::timeout(route.response_timeout, self.client.request(upstream)).await;
+            let now = now_ns();
+            match result {
+                Ok(Ok(response)) => {
+                    let status = response.status().as_u16();
+                    let rtt = now.saturating_sub(started);
+                    backend.stats.observe(rtt, now);
+                    stats.metrics.duration.observe(rtt as f64 / 1e9);
+                    let class = usize::from(status / 100).clamp(1, 5) - 1;
+                    backend.stats.metrics.by_class[class].inc();
+                    if status >= 500 {
+                        backend
+                            .stats
+                            .failed(now, &config.outlier, &stats, &service.backends);
+                    } else {
+                        backend.stats.succeeded(now);
+                    }
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    let body = Tracked {
+                        inner: body,
+                        stats: Some(backend.stats.clone()),
+                    };
+                    return Response::from_parts(parts, body.boxed());
+                }
+                Ok(Err(e)) => {
+                    backend.stats.leave();
+                    backend
+                        .stats
+                        .failed(now, &config.outlier, &stats, &service.backends);
+                    let connect = e.is_connect();
+                    if connect {
+                        backend.stats.metrics.connect_errors.inc();
+                    }
+                    let more = tried.count() <= route.retries as usize
+                        && tried.count() < service.backends.len();
+                    if connect
+                        && replayable
+                        && idempotent
+                        && more
+                        && stats.take_retry(
+                            now,
+                            config.retry_budget_ratio,
+                            config.retry_budget_floor,
+                        )
+                    {
+                        continue;
+                    }
+                    metrics.reject(Reject::UpstreamFailed);
+                    return answer(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream connection failed".to_string(),
+                    );
+                }
+                Err(_) => {
+                    backend.stats.leave();
+                    backend
+                        .stats
+                        .failed(now, &config.outlier, &stats, &service.backends);
+                    metrics.reject(Reject::UpstreamTimeout);
+                    return answer(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream did not answer in time".to_string(),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn empty() -> ProxyBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A response the proxy gives itself.
+fn answer(status: StatusCode, text: String) -> Response<ProxyBody> {
+    let body = Full::new(Bytes::from(text + "\n"))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-switchyard", HeaderValue::from_static("proxy"));
+    response
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| wire::hop_by_hop(name.as_str()))
+        .cloned()
+        .collect();
+    for name in hop {
+        headers.remove(name);
+    }
+}
+
+/// The request headers sent upstream: hop-by-hop ones dropped, `Host` from
+/// the request's authority, forwarding headers and a request id added.
+fn upstream_headers(received: &HeaderMap, host: &str, peer: IpAddr, id: u64) -> HeaderMap {
+    let mut headers = received.clone();
+    strip_hop_by_hop(&mut headers);
+    let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    };
+    set(&mut headers, "host", host);
+    let peer_text = peer.to_string();
+    let forwarded_for = match received
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(earlier) => format!("{earlier}, {peer_text}"),
+        None => peer_text.clone(),
+    };
+    set(&mut headers, "x-forwarded-for", &forwarded_for);
+    set(&mut headers, "x-forwarded-proto", "http");
+    set(&mut headers, "x-forwarded-host", host);
+    let for_value = match peer {
+        IpAddr::V4(_) => peer_text,
+        IpAddr::V6(_) => format!("\"[{peer_text}]\""),
+    };
+    set(
+        &mut headers,
+        "forwarded",
+        &format!("for={for_value};host={host};proto=http"),
+    );
+    if !headers.contains_key("x-request-id") {
+        set(&mut headers, "x-request-id", &format!("{id:016x}"));
+    }
+    headers
+}
+
+/// A response body that keeps its endpoint's request in flight until the
+/// body is done or dropped (what a drain waits for).
+struct Tracked {
+    inner: Incoming,
+    stats: Option<Arc<EndpointStats>>,
+}
+
+impl Tracked {
+    fn finish(&mut self) {
+        if let Some(stats) = self.stats.take() {
+            stats.leave();
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A stream whose first bytes were read already: they are read again first.
+struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let rest = &self.prefix[self.at..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
