@@ -47,9 +47,12 @@ impl H2 {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
+        // One pool for every thread's HTTP/2 streams: sized for the streams
+        // many multiplexed clients keep in flight, so they do not churn
+        // upstream connections.
         let client = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(config.pool_per_endpoint)
+            .pool_max_idle_per_host(config.pool_per_endpoint * config.thread_count() * 4)
             .build(connector);
         H2 {
             shared,

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""W-http's HTTP/2 variant (shared/WORKLOADS.md): `h2load -c50 -m10` through
+each proxy with HTTP/2 cleartext (prior knowledge) on the client side and
+HTTP/1.1 keep-alive to the three W-http backends (one nginx on :18081-18083).
+
+Candidates, two workers/threads each: Switchyard on :18080 (the HTTP listener
+takes h2 by its preface), nginx on :18094 (`listen ... http2`), HAProxy on
+:18095 (`bind ... proto h2`). Alternating rounds, 1 s warm-up, then `h2load
+-D S`. Reported: median req/s, proxy CPU µs per request, paired ratios.
+
+Usage: bench/w_h2.py [--rounds 5] [--seconds 6]   (after cargo build --release)
+Needs: apt-get install -y nginx haproxy nghttp2-client
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from procstat import cpu_seconds, session_pids
+from w_http import BACKENDS, start_backends, start_switchyard, wait_http
+
+PORTS = {"switchyard": 18080, "nginx": 18094, "haproxy": 18095}
+
+
+def start_nginx(work):
+    servers = "".join(f"server 127.0.0.1:{p};" for p in BACKENDS)
+    conf = os.path.join(work, "nginx-h2.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 2; daemon off; pid {work}/nginx-h2.pid; error_log {work}/nginx-h2.err;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_requests 1000000; http2_max_requests 1000000;
+  upstream app {{ {servers} keepalive 64; }}
+  server {{ listen 127.0.0.1:{PORTS['nginx']} http2 reuseport;
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
+""")
+    return subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def start_haproxy(work):
+    servers = "\n".join(f"  server b{p} 127.0.0.1:{p}" for p in BACKENDS)
+    conf = os.path.join(work, "haproxy-h2.cfg")
+    with open(conf, "w") as f:
+        f.write(f"""global
+  nbthread 2
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy']} proto h2
+  default_backend be
+backend be
+  balance roundrobin
+{servers}
+""")
+    return subprocess.Popen(["haproxy", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def h2load(port, seconds):
+    url = f"http://127.0.0.1:{port}/"
+    out = subprocess.run(["h2load", "-c50", "-m10", "-t1", f"-D{seconds}", "--warm-up-time=1", url],
+                         capture_output=True, text=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    total, succeeded, failed, errored = int(done.group(2)), int(done.group(3)), int(done.group(4)), int(done.group(5))
+    status = re.search(r"status codes: (\d+) 2xx", out)
+    ok = int(status.group(1)) if status else 0
+    return rps, total, failed + errored + max(succeeded - ok, 0)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--binary", default="target/release/switchyard")
+    args = parser.parse_args()
+    for tool in ("nginx", "haproxy", "h2load"):
+        if not shutil.which(tool):
+            sys.exit(f"missing {tool}: apt-get install -y nginx haproxy nghttp2-client")
+    work = tempfile.mkdtemp(prefix="w-h2-")
+    backends = start_backends(work)
+    procs = {"switchyard": start_switchyard(work, args.binary), "nginx": start_nginx(work),
+             "haproxy": start_haproxy(work)}
+    names = list(PORTS)
+    try:
+        wait_http(PORTS["switchyard"], "/")
+        for name in ("nginx", "haproxy"):
+            h2load(PORTS[name], 1)
+        results = {name: [] for name in names}
+        for rnd in range(args.rounds):
+            order = names if rnd % 2 == 0 else list(reversed(names))
+            for name in order:
+                pids = session_pids(procs[name].pid)
+                before = cpu_seconds(pids)
+                rps, total, bad = h2load(PORTS[name], args.seconds)
+                cpu_us = (cpu_seconds(pids) - before) * 1e6 / max(total, 1)
+                results[name].append({"rps": rps, "cpu": cpu_us, "bad": bad})
+                print(f"round {rnd} {name}: {rps:.0f} req/s, {cpu_us:.1f} us CPU/req, bad {bad}", file=sys.stderr)
+        med = statistics.median
+        print(f"\nW-http h2: h2load -c50 -m10 -D{args.seconds} (prior knowledge), {args.rounds} rounds, "
+              f"alternating order; nproc={os.cpu_count()}")
+        print("| candidate | req/s | CPU µs/req | req/s ÷ nginx | req/s ÷ HAProxy | CPU ÷ nginx | CPU ÷ HAProxy | failed |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in names:
+            r = results[name]
+            ratio = lambda peer, key: med([a[key] / b[key] for a, b in zip(r, results[peer])])
+            print(f"| {name} | {med([x['rps'] for x in r]):.0f} | {med([x['cpu'] for x in r]):.1f} | "
+                  f"{ratio('nginx', 'rps'):.2f}× | {ratio('haproxy', 'rps'):.2f}× | {ratio('nginx', 'cpu'):.2f}× | "
+                  f"{ratio('haproxy', 'cpu'):.2f}× | {sum(x['bad'] for x in r)} |")
+    finally:
+        for proc in list(procs.values()) + [backends]:
+            proc.send_signal(signal.SIGTERM)
+        for proc in list(procs.values()) + [backends]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
