@@ -165,6 +165,7 @@ async fn serve(
         "api": api_addr.to_string(),
         "dns": dns_addr.to_string(),
         "http": http_addr.to_string(),
+        "https": http.tls_addr().map(|a| a.to_string()),
         "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "node": node_name,
     });

@@ -45,7 +45,7 @@ pub(crate) struct Sockets {
 }
 
 /// Names the descriptors that follow it, in this order: api, DNS UDP, DNS
-/// TCP, HTTP, then each L4 listener's group.
+/// TCP, HTTP, HTTPS, then each L4 listener's group.
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
     version: u32,
@@ -53,6 +53,8 @@ struct Header {
     dns_udp: usize,
     dns_tcp: usize,
     http: usize,
+    #[serde(default)]
+    tls: usize,
     tcp: Vec<usize>,
 }
 
@@ -64,6 +66,7 @@ impl Sockets {
             dns_udp: self.dns.as_ref().map_or(0, |d| d.udp.len()),
             dns_tcp: usize::from(self.dns.is_some()),
             http: self.proxy.as_ref().map_or(0, |p| p.http.len()),
+            tls: self.proxy.as_ref().map_or(0, |p| p.tls.len()),
             tcp: self
                 .proxy
                 .as_ref()
@@ -82,6 +85,7 @@ impl Sockets {
         }
         if let Some(proxy) = &self.proxy {
             fds.extend(proxy.http.iter().map(AsFd::as_fd));
+            fds.extend(proxy.tls.iter().map(AsFd::as_fd));
             for group in &proxy.tcp {
                 fds.extend(group.iter().map(AsFd::as_fd));
             }
@@ -94,6 +98,7 @@ impl Sockets {
             + header.dns_udp
             + header.dns_tcp
             + header.http
+            + header.tls
             + header.tcp.iter().sum::<usize>();
         anyhow::ensure!(
             header.version == 1 && fds.len() == expected,
@@ -115,6 +120,10 @@ impl Sockets {
             .into_iter()
             .map(TcpListener::from)
             .collect();
+        let tls: Vec<TcpListener> = take(header.tls)
+            .into_iter()
+            .map(TcpListener::from)
+            .collect();
         let tcp = header
             .tcp
             .iter()
@@ -123,7 +132,7 @@ impl Sockets {
         Ok(Sockets {
             api,
             dns,
-            proxy: Some(ProxySockets { http, tcp }),
+            proxy: Some(ProxySockets { http, tcp, tls }),
         })
     }
 }

@@ -472,6 +472,9 @@ impl ProxyDecorator {
         http.validate()?;
         tcp.validate()?;
         let old = self.shared.config.load();
+        if http.tls != old.tls {
+            return Err("http.tls changed: the HTTPS listener and its certificates need a restart (or an upgrade)".to_string());
+        }
         if http.addr != old.addr || http.threads != old.threads {
             return Err("http.addr and http.threads are fixed while running (restart or upgrade to change them)".to_string());
         }

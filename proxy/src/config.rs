@@ -164,6 +164,31 @@ pub struct Config {
     pub outlier: OutlierConfig,
     /// Routes from host and path prefix to registry services.
     pub routes: Vec<RouteConfig>,
+    /// The HTTPS listener (off unless `addr` is set).
+    pub tls: TlsConfig,
+}
+
+/// One certificate chain and its key, served for `names` (SNI).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+    /// Server names this certificate answers; each must be valid for it.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// `[http.tls]`: HTTPS with HTTP/2 and HTTP/1.1 by ALPN, terminated here.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Listen address; absent = no HTTPS listener. Port 0 picks one.
+    pub addr: Option<SocketAddr>,
+    /// The first is also served to clients that send no (or an unknown) name.
+    pub certificates: Vec<CertificateConfig>,
 }
 
 impl Default for Config {
@@ -186,6 +211,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             outlier: OutlierConfig::default(),
             routes: Vec::new(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -223,6 +249,9 @@ impl Config {
                 "http.outlier: base_ejection must be > 0 and max_ejection >= base_ejection"
                     .to_string(),
             );
+        }
+        if self.tls.addr.is_some() && self.tls.certificates.is_empty() {
+            return Err("http.tls.addr is set but http.tls.certificates is empty".to_string());
         }
         for (i, route) in self.routes.iter().enumerate() {
             if route.service.is_empty() {

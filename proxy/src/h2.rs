@@ -63,38 +63,74 @@ impl H2 {
     }
 
     /// Serves one HTTP/2 connection whose first bytes (`prefix`) were read
-    /// already. At shutdown the connection gets a GOAWAY and ends once its
-    /// streams in progress are done.
+    /// already.
     pub(crate) async fn serve(
         self: Arc<Self>,
         stream: TcpStream,
         prefix: Vec<u8>,
         peer: IpAddr,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
-        let io = TokioIo::new(Prefixed {
+        let io = Prefixed {
             prefix,
             at: 0,
             inner: stream,
-        });
+        };
+        self.serve_io(io, true, peer, "http", stop).await;
+    }
+
+    /// Serves one connection with hyper, HTTP/2 or HTTP/1.1. At shutdown the
+    /// connection ends gracefully (GOAWAY for HTTP/2) once its requests in
+    /// progress are done.
+    pub(crate) async fn serve_io<I>(
+        self: Arc<Self>,
+        io: I,
+        http2: bool,
+        peer: IpAddr,
+        proto: &'static str,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
         let h2 = self.clone();
         let service = hyper::service::service_fn(move |request| {
             let h2 = h2.clone();
-            async move { Ok::<_, Infallible>(h2.handle(request, peer).await) }
+            async move { Ok::<_, Infallible>(h2.handle(request, peer, proto).await) }
         });
-        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service);
-        let mut connection = std::pin::pin!(connection);
-        tokio::select! {
-            _ = connection.as_mut() => {}
-            _ = stop.wait_for(|stop| *stop) => {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+        if http2 {
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.wait_for(|stop| *stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        } else {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(self.shared.config.load().header_timeout)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(io, service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.wait_for(|stop| *stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
             }
         }
     }
 
-    async fn handle(&self, request: Request<Incoming>, peer: IpAddr) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: IpAddr,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
         let metrics = &self.shared.metrics;
         let host = request
             .uri()
@@ -157,7 +193,7 @@ impl H2 {
         let replayable = body.is_end_stream();
         let mut body = Some(body.boxed());
         let mut rng = fastrand::Rng::new();
-        let headers = upstream_headers(&parts.headers, &host, peer, rng.u64(..));
+        let headers = upstream_headers(&parts.headers, &host, peer, proto, rng.u64(..));
         let path = parts
             .uri
             .path_and_query()
@@ -305,7 +341,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The request headers sent upstream: hop-by-hop ones dropped, `Host` from
 /// the request's authority, forwarding headers and a request id added.
-fn upstream_headers(received: &HeaderMap, host: &str, peer: IpAddr, id: u64) -> HeaderMap {
+fn upstream_headers(
+    received: &HeaderMap,
+    host: &str,
+    peer: IpAddr,
+    proto: &str,
+    id: u64,
+) -> HeaderMap {
     let mut headers = received.clone();
     strip_hop_by_hop(&mut headers);
     let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
@@ -323,7 +365,7 @@ fn upstream_headers(received: &HeaderMap, host: &str, peer: IpAddr, id: u64) -> 
         None => peer_text.clone(),
     };
     set(&mut headers, "x-forwarded-for", &forwarded_for);
-    set(&mut headers, "x-forwarded-proto", "http");
+    set(&mut headers, "x-forwarded-proto", proto);
     set(&mut headers, "x-forwarded-host", host);
     let for_value = match peer {
         IpAddr::V4(_) => peer_text,
@@ -332,7 +374,7 @@ fn upstream_headers(received: &HeaderMap, host: &str, peer: IpAddr, id: u64) -> 
     set(
         &mut headers,
         "forwarded",
-        &format!("for={for_value};host={host};proto=http"),
+        &format!("for={for_value};host={host};proto={proto}"),
     );
     if !headers.contains_key("x-request-id") {
         set(&mut headers, "x-request-id", &format!("{id:016x}"));

@@ -18,6 +18,7 @@ mod metrics;
 mod route;
 mod server;
 mod tcp;
+mod tls;
 mod wire;
 
 use std::sync::Arc;
@@ -27,8 +28,8 @@ use switchyard_registry::Snapshot;
 
 pub use backend::{ProxyDecorator, ProxyService, ReloadPlan};
 pub use config::{
-    BalancerKind, Config, HashOn, OutlierConfig, RouteConfig, TcpBalancer, TcpConfig,
-    TcpListenerConfig,
+    BalancerKind, CertificateConfig, Config, HashOn, OutlierConfig, RouteConfig, TcpBalancer,
+    TcpConfig, TcpListenerConfig, TlsConfig,
 };
 pub use metrics::ProxyMetrics;
 pub use route::{HOST_TAG, PATH_TAG};

@@ -165,6 +165,7 @@ impl Local {
 /// stop signal.
 pub struct HttpProxy {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     tcp_addrs: Vec<SocketAddr>,
     /// Kept to hand the listeners to a new process (binary upgrade).
     sockets: ProxySockets,
@@ -177,6 +178,8 @@ pub struct HttpProxy {
 pub struct ProxySockets {
     pub http: Vec<std::net::TcpListener>,
     pub tcp: Vec<Vec<std::net::TcpListener>>,
+    /// HTTPS, one per thread; empty when `[http.tls]` is off.
+    pub tls: Vec<std::net::TcpListener>,
 }
 
 impl ProxySockets {
@@ -194,6 +197,7 @@ impl ProxySockets {
                 .iter()
                 .map(|group| clone_all(group))
                 .collect::<io::Result<_>>()?,
+            tls: clone_all(&self.tls)?,
         })
     }
 }
@@ -241,9 +245,26 @@ impl HttpProxy {
             _ => ProxySockets {
                 http: listener_group(config.addr, config.thread_count())?,
                 tcp: Vec::new(),
+                tls: Vec::new(),
             },
         };
         let threads = sockets.http.len();
+        let acceptor = match config.tls.addr {
+            Some(addr) => {
+                if sockets.tls.len() != threads {
+                    sockets.tls = listener_group(addr, threads)?;
+                }
+                Some(crate::tls::acceptor(&config.tls).map_err(io::Error::other)?)
+            }
+            None => {
+                sockets.tls.clear();
+                None
+            }
+        };
+        let tls_addr = match sockets.tls.first() {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        };
         // L4 listeners come in config order; a group that does not match
         // the thread count (or is missing) is bound afresh.
         sockets.tcp.truncate(tcp_config.listeners.len());
@@ -276,10 +297,18 @@ impl HttpProxy {
             tcp_addrs.push(bound);
         }
         let listeners = sockets.http;
+        let mut tls_listeners: Vec<Option<std::net::TcpListener>> =
+            sockets.tls.into_iter().map(Some).collect();
+        tls_listeners.resize_with(threads, || None);
         let (stop, stop_rx) = watch::channel(false);
         let h2 = Arc::new(H2::new(shared.clone(), slot, snapshot.clone()));
         let mut handles = Vec::new();
-        for (index, (listener, tcp)) in listeners.into_iter().zip(tcp).enumerate() {
+        for (index, ((listener, tcp), tls)) in listeners
+            .into_iter()
+            .zip(tcp)
+            .zip(tls_listeners)
+            .enumerate()
+        {
             let thread = Thread {
                 index,
                 shared: shared.clone(),
@@ -287,6 +316,7 @@ impl HttpProxy {
                 snapshot: snapshot.clone(),
                 listener,
                 tcp,
+                tls: tls.zip(acceptor.clone()),
                 h2: h2.clone(),
                 stop: stop_rx.clone(),
             };
@@ -297,6 +327,7 @@ impl HttpProxy {
         }
         Ok(HttpProxy {
             addr,
+            tls_addr,
             tcp_addrs,
             sockets: kept,
             stop,
@@ -306,6 +337,11 @@ impl HttpProxy {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The HTTPS listener's address, when `[http.tls]` is on.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The L4 listeners' bound addresses, in config order.
@@ -341,6 +377,7 @@ struct Thread {
     snapshot: Arc<ArcSwap<Snapshot>>,
     listener: std::net::TcpListener,
     tcp: TcpListeners,
+    tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     h2: Arc<H2>,
     stop: watch::Receiver<bool>,
 }
@@ -353,6 +390,7 @@ fn run_thread(thread: Thread) {
         snapshot,
         listener,
         tcp,
+        tls,
         h2,
         mut stop,
     } = thread;
@@ -410,6 +448,30 @@ fn run_thread(thread: Thread) {
             })
         };
         let mut l4 = Vec::new();
+        if let Some((listener, acceptor)) = tls {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let (local, mut stop) = (local.clone(), stop.clone());
+                    l4.push(tokio::task::spawn_local(async move {
+                        loop {
+                            tokio::select! {
+                                accepted = listener.accept() => match accepted {
+                                    Ok((stream, peer)) => {
+                                        tokio::task::spawn_local(crate::tls::serve(local.clone(), acceptor.clone(), stream, peer));
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "HTTPS accept failed");
+                                        tokio::time::sleep(Duration::from_millis(50)).await;
+                                    }
+                                },
+                                _ = stop.wait_for(|stop| *stop) => break,
+                            }
+                        }
+                    }));
+                }
+                Err(e) => tracing::error!(error = %e, "proxy thread cannot use its HTTPS listener"),
+            }
+        }
         for (listener, route) in tcp {
             let listener = match TcpListener::from_std(listener) {
                 Ok(listener) => listener,

@@ -740,3 +740,149 @@ fn http2_with_prior_knowledge_is_routed_balanced_and_streamed() {
         assert_eq!(status, 404, "unknown hosts go nowhere over h2 too");
     });
 }
+
+/// A test CA and leaf certificates it signs, written as PEM files.
+struct TestPki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let ca = params.self_signed(&ca_key).expect("ca");
+        TestPki { ca, ca_key }
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` for a leaf valid for `name`; returns its DER.
+    fn leaf(&self, dir: &std::path::Path, name: &str) -> Vec<u8> {
+        let params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("leaf params");
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("sign leaf");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
+        cert.der().to_vec()
+    }
+}
+
+#[test]
+fn https_picks_the_certificate_by_sni_and_speaks_h2_and_http1_by_alpn() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let pki = TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let a_der = pki.leaf(certs.path(), "a.test");
+    let b_der = pki.leaf(certs.path(), "b.test");
+    let file = |name: &str| certs.path().join(name).to_string_lossy().to_string();
+    let config = format!(
+        "[http.tls]\naddr = \"127.0.0.1:0\"\n\
+         [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [\"a.test\"]\n\
+         [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [\"b.test\"]\n\
+         [[http.routes]]\nhost = \"a.test\"\nservice = \"web\"\n\
+         [[http.routes]]\nhost = \"b.test\"\nservice = \"web\"\n",
+        file("a.test.pem"),
+        file("a.test.key"),
+        file("b.test.pem"),
+        file("b.test.key"),
+    );
+    let (agent, _dir) = agent_with(&config);
+    let https = agent.https.expect("an https address in the ready line");
+    let c = agent.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).expect("trust the test CA");
+    let client_config = |alpn: &[u8]| {
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // a.test over h2.
+        let tcp = tokio::net::TcpStream::connect(https)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
+        let tls = client_config(b"h2")
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake for a.test");
+        let (_, session) = tls.get_ref();
+        assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
+        let presented = session.peer_certificates().expect("certificates")[0].to_vec();
+        assert_eq!(presented, a_der, "a.test gets its own certificate");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 over TLS");
+        tokio::spawn(connection);
+        let request = hyper::Request::get("https://a.test/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response
+                .headers()
+                .get("x-saw-x-forwarded-proto")
+                .and_then(|v| v.to_str().ok()),
+            Some("https")
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], b"web1");
+
+        // b.test over HTTP/1.1.
+        let tcp = tokio::net::TcpStream::connect(https)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("b.test").expect("name");
+        let tls = client_config(b"http/1.1")
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake for b.test");
+        let (_, session) = tls.get_ref();
+        assert_eq!(session.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let presented = session.peer_certificates().expect("certificates")[0].to_vec();
+        assert_eq!(presented, b_der, "b.test gets its own certificate");
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("http/1.1 over TLS");
+        tokio::spawn(connection);
+        let request = hyper::Request::get("/")
+            .header("host", "b.test")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], b"web1");
+    });
+}

@@ -22,6 +22,8 @@ pub(crate) struct Agent {
     pub(crate) http: std::net::SocketAddr,
     /// L4 listeners' addresses, in config order.
     pub(crate) tcp: Vec<std::net::SocketAddr>,
+    /// HTTPS listener, when configured.
+    pub(crate) https: Option<std::net::SocketAddr>,
     stderr_path: PathBuf,
     _scratch: Option<tempfile::TempDir>,
 }
@@ -98,12 +100,14 @@ impl Agent {
             .iter()
             .map(|a| a.as_str().and_then(|a| a.parse().ok()).expect("tcp addr"))
             .collect();
+        let https = ready["https"].as_str().and_then(|a| a.parse().ok());
         Agent {
             child: Some(child),
             api,
             dns,
             http,
             tcp,
+            https,
             stderr_path,
             _scratch: None,
         }
