@@ -166,6 +166,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The HTTPS listener (off unless `addr` is set).
     pub tls: TlsConfig,
+    /// File that gets one JSON line per request; absent = no access log.
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 /// One certificate chain and its key, served for `names` (SNI).
@@ -212,6 +214,7 @@ impl Default for Config {
             outlier: OutlierConfig::default(),
             routes: Vec::new(),
             tls: TlsConfig::default(),
+            access_log: None,
         }
     }
 }

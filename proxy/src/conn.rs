@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use crate::access;
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, ServiceStats};
 use crate::balance::{self, Tried};
 use crate::metrics::Reject;
@@ -280,8 +281,19 @@ async fn exchange(
     cbuf.consume(request.head_len);
     // A refused request with a body we did not read ends the connection.
     let close_on_refusal = !request.keep_alive || request.framing != Framing::None;
+    let started = now_ns();
     let Some(route) = route else {
         metrics.reject(Reject::NoRoute);
+        log_access(
+            local,
+            info,
+            head,
+            &request,
+            "",
+            404,
+            &Outcome::default(),
+            started,
+        );
         let body = format!("no route for host {:?}", request.host.as_str());
         return answer(client, 404, "Not Found", &body, close_on_refusal).await;
     };
@@ -289,6 +301,20 @@ async fn exchange(
         Some(service) if !service.backends.is_empty() => service,
         _ => {
             metrics.reject(Reject::NoEndpoint);
+            let outcome = Outcome {
+                status: 503,
+                ..Outcome::default()
+            };
+            log_access(
+                local,
+                info,
+                head,
+                &request,
+                &route.service,
+                503,
+                &outcome,
+                started,
+            );
             let body = format!("service {:?} has no healthy endpoints", &*route.service);
             return answer(client, 503, "Service Unavailable", &body, close_on_refusal).await;
         }
@@ -316,10 +342,80 @@ async fn exchange(
     }
     let replayable = body == Framing::None;
 
-    forward(
-        local, client, cbuf, ubuf, head, reply, &request, &route, service, key, body, replayable,
+    let mut outcome = Outcome::default();
+    let next = forward(
+        local,
+        client,
+        cbuf,
+        ubuf,
+        head,
+        reply,
+        &request,
+        &route,
+        service,
+        key,
+        body,
+        replayable,
+        &mut outcome,
     )
-    .await
+    .await;
+    log_access(
+        local,
+        info,
+        head,
+        &request,
+        &route.service,
+        outcome.status,
+        &outcome,
+        started,
+    );
+    next
+}
+
+/// How a routed request ended, for the access log.
+#[derive(Default)]
+struct Outcome {
+    /// What the client got; 0 when it went away first.
+    status: u16,
+    /// The endpoint that answered (recorded only while logging).
+    endpoint: Option<Arc<EndpointStats>>,
+    attempts: usize,
+}
+
+/// Writes the access log line of one request, when logging is on.
+#[allow(clippy::too_many_arguments)]
+fn log_access(
+    local: &Local,
+    info: &Client,
+    head: &[u8],
+    request: &Request,
+    service: &str,
+    status: u16,
+    outcome: &Outcome,
+    started: u64,
+) {
+    if !local.logging() {
+        return;
+    }
+    let (method, path) = access::request_line(head);
+    let (node, endpoint) = outcome
+        .endpoint
+        .as_ref()
+        .map_or(("", ""), |e| (&*e.node, &*e.id));
+    access::write(&access::Entry {
+        time: access::now(),
+        client: info.ip,
+        protocol: "HTTP/1.1",
+        method,
+        host: request.host.as_str(),
+        path,
+        status,
+        service,
+        node,
+        endpoint,
+        attempts: outcome.attempts,
+        duration_ms: now_ns().saturating_sub(started) as f64 / 1e6,
+    });
 }
 
 /// Counts a request in progress on this thread while it lives.
@@ -366,12 +462,14 @@ async fn forward(
     key: Option<u64>,
     body: Framing,
     replayable: bool,
+    outcome: &mut Outcome,
 ) -> Next {
     let config = local.config();
     let metrics = &local.shared.metrics;
     let stats = match &service.stats {
         Some(stats) => stats.clone(),
         None => {
+            outcome.status = 503;
             return answer(
                 client,
                 503,
@@ -379,7 +477,7 @@ async fn forward(
                 "service not routed",
                 true,
             )
-            .await
+            .await;
         }
     };
     let mut tried = Tried::default();
@@ -400,6 +498,7 @@ async fn forward(
         );
         let Some((index, fail_open)) = picked else {
             metrics.reject(Reject::NoEndpoint);
+            outcome.status = 502;
             return answer(client, 502, "Bad Gateway", "every endpoint failed", true).await;
         };
         // Only a first attempt speaks for the service: a retry that falls
@@ -424,6 +523,10 @@ async fn forward(
             continue;
         }
         tried.add(index);
+        outcome.attempts += 1;
+        if local.logging() {
+            outcome.endpoint = Some(backend.stats.clone());
+        }
         let result = attempt(
             local, client, cbuf, ubuf, head, reply, request, route, &stats, backend, body,
             replayable,
@@ -440,6 +543,7 @@ async fn forward(
                 } else {
                     backend.stats.succeeded(now);
                 }
+                outcome.status = status;
                 return next;
             }
             Err(failure) => failure,
@@ -462,6 +566,12 @@ async fn forward(
         {
             continue;
         }
+        outcome.status = match failure {
+            Failure::Client => 0,
+            Failure::Timeout => 504,
+            Failure::Status(status) => status,
+            Failure::Connect | Failure::Broken => 502,
+        };
         return match failure {
             Failure::Client => Next::Close,
             Failure::Timeout => {

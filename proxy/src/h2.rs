@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::access;
 use crate::backend::{now_ns, EndpointStats, ProxyService, Shared};
 use crate::balance::{self, Tried};
 use crate::metrics::Reject;
@@ -125,23 +126,63 @@ impl H2 {
         }
     }
 
+    /// One request, and its access log line when logging is on.
     async fn handle(
         &self,
         request: Request<Incoming>,
         peer: IpAddr,
         proto: &'static str,
     ) -> Response<ProxyBody> {
-        let metrics = &self.shared.metrics;
-        let host = request
+        access::configure(self.shared.config.load().access_log.as_deref());
+        let mut answered = Answered::default();
+        if !access::enabled() {
+            return self.forward(request, peer, proto, &mut answered).await;
+        }
+        answered.logging = true;
+        let started = now_ns();
+        let method = request.method().as_str().to_string();
+        let path = request
             .uri()
-            .authority()
-            .map(|a| a.host().to_ascii_lowercase())
-            .or_else(|| {
-                let value = request.headers().get(HOST)?.to_str().ok()?;
-                let host = value.rsplit_once(':').map_or(value, |(h, _)| h);
-                Some(host.to_ascii_lowercase())
-            })
-            .unwrap_or_default();
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let host = request_host(&request);
+        let protocol = if request.version() == hyper::Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        };
+        let response = self.forward(request, peer, proto, &mut answered).await;
+        let (node, endpoint) = answered
+            .endpoint
+            .as_ref()
+            .map_or(("", ""), |e| (&*e.node, &*e.id));
+        access::write(&access::Entry {
+            time: access::now(),
+            client: peer,
+            protocol,
+            method: &method,
+            host: &host,
+            path: &path,
+            status: response.status().as_u16(),
+            service: &answered.service,
+            node,
+            endpoint,
+            attempts: answered.attempts,
+            duration_ms: now_ns().saturating_sub(started) as f64 / 1e6,
+        });
+        response
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        peer: IpAddr,
+        proto: &'static str,
+        answered: &mut Answered,
+    ) -> Response<ProxyBody> {
+        let metrics = &self.shared.metrics;
+        let host = request_host(&request);
         let route = self
             .shared
             .routes
@@ -152,6 +193,9 @@ impl H2 {
             metrics.reject(Reject::NoRoute);
             return answer(StatusCode::NOT_FOUND, format!("no route for host {host:?}"));
         };
+        if answered.logging {
+            answered.service = route.service.to_string();
+        }
         let service: Option<Arc<ProxyService>> = self
             .snapshot
             .load()
@@ -213,6 +257,10 @@ impl H2 {
             let backend = &service.backends[index as usize];
             if !backend.stats.enter() {
                 continue;
+            }
+            answered.attempts += 1;
+            if answered.logging {
+                answered.endpoint = Some(backend.stats.clone());
             }
             let Ok(uri) = Uri::try_from(format!("http://{}{path}", backend.addr)) else {
                 backend.stats.leave();
@@ -294,6 +342,30 @@ impl H2 {
             }
         }
     }
+}
+
+/// What the access log says of a request beyond the request and response.
+#[derive(Default)]
+struct Answered {
+    logging: bool,
+    service: String,
+    endpoint: Option<Arc<EndpointStats>>,
+    attempts: usize,
+}
+
+/// The request's host: the authority (HTTP/2) or the Host header, without
+/// the port, lowercase.
+fn request_host(request: &Request<Incoming>) -> String {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.host().to_ascii_lowercase())
+        .or_else(|| {
+            let value = request.headers().get(HOST)?.to_str().ok()?;
+            let host = value.rsplit_once(':').map_or(value, |(h, _)| h);
+            Some(host.to_ascii_lowercase())
+        })
+        .unwrap_or_default()
 }
 
 fn empty() -> ProxyBody {

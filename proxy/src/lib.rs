@@ -9,6 +9,7 @@
 //! atomics. Depends on `switchyard-registry` only, never on the DNS crate.
 #![forbid(unsafe_code)]
 
+mod access;
 mod backend;
 mod balance;
 mod config;

@@ -19,6 +19,7 @@ use switchyard_registry::Snapshot;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::access;
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, Shared};
 use crate::config::{Config, TcpConfig};
 use crate::conn::{self, Buf};
@@ -78,10 +79,18 @@ impl Local {
     fn refresh(&self) {
         let generation = self.shared.generation.load(Ordering::Acquire);
         if generation != self.generation.get() {
-            *self.config.borrow_mut() = Rc::new((**self.shared.config.load()).clone());
+            let config = Rc::new((**self.shared.config.load()).clone());
+            access::configure(config.access_log.as_deref());
+            *self.config.borrow_mut() = config;
             *self.tcp.borrow_mut() = Rc::new((**self.shared.tcp.load()).clone());
             self.generation.set(generation);
         }
+    }
+
+    /// Whether requests are being logged (checked before building an entry).
+    pub(crate) fn logging(&self) -> bool {
+        self.refresh();
+        access::enabled()
     }
 
     /// The `[http]` settings in force.
@@ -430,6 +439,7 @@ fn run_thread(thread: Thread) {
             stopping: Cell::new(false),
             active: Cell::new(0),
         });
+        access::configure(local.config().access_log.as_deref());
         let sweeper = {
             let local = local.clone();
             let snapshot = snapshot.clone();
@@ -440,6 +450,7 @@ fn run_thread(thread: Thread) {
                 loop {
                     tick.tick().await;
                     local.sweep();
+                    access::flush();
                     sweeps = sweeps.wrapping_add(1);
                     if index == 0 && sweeps % PRUNE_EVERY_SWEEPS == 0 {
                         local.shared.prune(&snapshot.load());

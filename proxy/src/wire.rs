@@ -356,6 +356,12 @@ pub(crate) fn parse_request<R>(
             expect_continue,
             host,
         };
+        // Nothing is forwarded; the request line stays for the access log.
+        out.clear();
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b"\r\n");
         return Ok((request, None, None));
     };
     let key = hash_key(

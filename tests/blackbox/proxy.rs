@@ -886,3 +886,78 @@ fn https_picks_the_certificate_by_sni_and_speaks_h2_and_http1_by_alpn() {
         assert_eq!(&body[..], b"web1");
     });
 }
+
+#[test]
+fn access_logs_are_json_lines_when_on() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let logs = tempfile::tempdir().expect("tempdir");
+    let path = logs.path().join("access.jsonl");
+    let (agent, _dir) = agent_with(&format!(
+        "[http]\naccess_log = {:?}\n[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n",
+        path.to_string_lossy()
+    ));
+    let c = agent.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+    assert_eq!(get(agent.http, "x", "/a?b=1").status, 200);
+    assert_eq!(get(agent.http, "nowhere", "/").status, 404);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2");
+        tokio::spawn(connection);
+        let request = hyper::Request::get("http://x/over-h2")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        let _ = response.into_body().collect().await;
+    });
+    let lines: Vec<serde_json::Value> =
+        eventually("three log lines", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+                .collect();
+            (lines.len() >= 3).then_some(lines)
+        });
+    let find = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
+            .clone()
+    };
+    let ok = find("/a?b=1");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["host"], "x");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["service"], "web");
+    assert_eq!(ok["endpoint"], "web1");
+    assert_eq!(ok["node"], "n1");
+    assert_eq!(ok["client"], "127.0.0.1");
+    assert_eq!(ok["protocol"], "HTTP/1.1");
+    assert!(ok["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let missing = lines
+        .iter()
+        .find(|l| l["host"] == "nowhere")
+        .expect("the 404 is logged");
+    assert_eq!(missing["status"], 404);
+    assert_eq!(missing["service"], "");
+    let h2 = find("/over-h2");
+    assert_eq!(h2["protocol"], "HTTP/2");
+    assert_eq!(h2["status"], 200);
+    assert_eq!(h2["endpoint"], "web1");
+}
