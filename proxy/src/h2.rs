@@ -114,7 +114,8 @@ impl H2 {
             let connection = hyper::server::conn::http1::Builder::new()
                 .header_read_timeout(self.shared.config.load().header_timeout)
                 .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(io, service);
+                .serve_connection(io, service)
+                .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -229,6 +230,12 @@ impl H2 {
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_bytes())),
         );
+        // An HTTP/1.1 upgrade (WebSocket over TLS): the Upgrade header goes
+        // upstream, and a 101 turns both sides into one tunnel.
+        let upgrade =
+            request.version() == hyper::Version::HTTP_11 && wants_upgrade(request.headers());
+        let mut request = request;
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
         let idempotent = matches!(
             parts.method.as_str(),
@@ -237,7 +244,17 @@ impl H2 {
         let replayable = body.is_end_stream();
         let mut body = Some(body.boxed());
         let mut rng = fastrand::Rng::new();
-        let headers = upstream_headers(&parts.headers, &host, peer, proto, rng.u64(..));
+        let mut headers = upstream_headers(&parts.headers, &host, peer, proto, rng.u64(..));
+        if upgrade {
+            headers.insert(
+                hyper::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            if let Some(value) = parts.headers.get(hyper::header::UPGRADE) {
+                headers.insert(hyper::header::UPGRADE, value.clone());
+            }
+        }
+        let mut client_upgrade = client_upgrade;
         let path = parts
             .uri
             .path_and_query()
@@ -290,6 +307,11 @@ impl H2 {
                             .failed(now, &config.outlier, &stats, &service.backends);
                     } else {
                         backend.stats.succeeded(now);
+                    }
+                    if status == 101 {
+                        if let Some(client) = client_upgrade.take() {
+                            return tunnel(response, client, backend.stats.clone());
+                        }
                     }
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
@@ -366,6 +388,41 @@ fn request_host(request: &Request<Incoming>) -> String {
             Some(host.to_ascii_lowercase())
         })
         .unwrap_or_default()
+}
+
+/// Whether a request asks for a protocol upgrade (`Connection: upgrade`).
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(hyper::header::UPGRADE)
+        && headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Answers the client's upgrade with the upstream's 101 and joins the two
+/// upgraded connections in a tunnel, which stays in flight on its endpoint
+/// until it closes or the endpoint's drain deadline cuts it.
+fn tunnel(
+    mut response: Response<Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    stats: Arc<EndpointStats>,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut response);
+    let (parts, _) = response.into_parts();
+    tokio::spawn(async move {
+        if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                _ = stats.drain_deadline() => stats.note_cut(),
+            }
+        }
+        stats.leave();
+    });
+    Response::from_parts(parts, empty())
 }
 
 fn empty() -> ProxyBody {

@@ -884,6 +884,31 @@ fn https_picks_the_certificate_by_sni_and_speaks_h2_and_http1_by_alpn() {
             .expect("body")
             .to_bytes();
         assert_eq!(&body[..], b"web1");
+
+        // WebSocket over TLS: the upgrade reaches the backend and becomes a tunnel.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(https).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
+        let mut tls = client_config(b"http/1.1")
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake");
+        tls.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .expect("send upgrade");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.read_exact(&mut byte).await.expect("101 head");
+            head.push(byte[0]);
+        }
+        assert_eq!(parse_raw(&head).status, 101, "{}", String::from_utf8_lossy(&head));
+        tls.write_all(b"ping over tls").await.expect("write");
+        let mut echo = [0u8; 13];
+        tls.read_exact(&mut echo).await.expect("echo");
+        assert_eq!(&echo, b"ping over tls");
     });
 }
 
