@@ -153,7 +153,10 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Most header fields in a head; more gets 431. Default 100.
     pub max_headers: usize,
-    /// Idle upstream connections kept per endpoint and thread. Default 64.
+    /// Idle upstream connections kept per endpoint and thread. Default 1024:
+    /// the cap must sit above the requests in flight per endpoint, or every
+    /// request past it opens and closes a connection (measured: 64 held 500
+    /// clients at 0.92× HAProxy, 512 gave 1.27×). Idle ones close after 30 s.
     pub pool_per_endpoint: usize,
     /// At shutdown (SIGTERM), how long requests and L4 connections in progress
     /// may take to finish; idle keep-alive connections close when a thread's
@@ -209,7 +212,7 @@ impl Default for Config {
             retry_budget_floor: 10,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
-            pool_per_endpoint: 64,
+            pool_per_endpoint: 1024,
             shutdown_grace: Duration::from_secs(10),
             outlier: OutlierConfig::default(),
             routes: Vec::new(),

@@ -808,6 +808,33 @@ async fn attempt(
     Ok((next, status))
 }
 
+/// Body bytes up to this size are copied behind the head (one plain write);
+/// larger ones are written beside it with writev.
+const COPY_BELOW: usize = 4096;
+
+/// Writes `a` then `b` with vectored writes, finishing partial ones.
+async fn write_both(dst: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() {
+        let n = dst
+            .write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    if !b.is_empty() {
+        dst.write_all(b).await?;
+    }
+    Ok(())
+}
+
 /// Which end of a relay failed.
 enum Side {
     Source,
@@ -849,9 +876,15 @@ async fn relay(
             } else {
                 within(stall, dst.write_all(data)).await
             }
-        } else {
+        } else if data.len() <= COPY_BELOW {
             prefix.extend_from_slice(data);
             let result = within(stall, dst.write_all(prefix)).await;
+            prefix.clear();
+            result
+        } else {
+            // A large first chunk goes out beside the head in one writev
+            // instead of being copied behind it.
+            let result = within(stall, write_both(dst, prefix, data)).await;
             prefix.clear();
             result
         };

@@ -53,7 +53,7 @@ impl H2 {
         // upstream connections.
         let client = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(config.pool_per_endpoint * config.thread_count() * 4)
+            .pool_max_idle_per_host(config.pool_per_endpoint * config.thread_count())
             .build(connector);
         H2 {
             shared,
