@@ -1,5 +1,5 @@
-//! Active health checks: HTTP and TCP probes for the checks registered with an
-//! `HTTP` or `TCP` definition.
+//! Active health checks: HTTP(S), TCP and gRPC (cleartext or TLS) probes for
+//! the checks registered with an `HTTP`, `TCP` or `GRPC` definition.
 //!
 //! One task owns the schedule (a heap of due times, each check starting at a
 //! random point of its first interval); probes run as tasks bounded by a
@@ -20,6 +20,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+mod tls;
 
 use crate::catalog::Command;
 use crate::model::{Check, Name, Status};
@@ -45,11 +47,13 @@ pub(crate) fn is_probed(check: &Check) -> bool {
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 type GrpcClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-/// The two clients probes use: HTTP/1.1 checks and gRPC (HTTP/2, prior knowledge).
+/// What probes use: pooled clients for HTTP/1.1 and gRPC over h2c, and a
+/// TLS dialer for HTTPS and gRPC over TLS (a connection per probe).
 #[derive(Clone)]
 struct Clients {
     http: HttpClient,
     grpc: GrpcClient,
+    tls: Option<Arc<tls::TlsDialer>>,
 }
 
 struct Active {
@@ -84,6 +88,13 @@ async fn run(registry: Registry, mut events: mpsc::UnboundedReceiver<Vec<(Name, 
             .pool_idle_timeout(Duration::from_secs(30))
             .http2_only(true)
             .build_http(),
+        tls: match tls::TlsDialer::new() {
+            Ok(dialer) => Some(Arc::new(dialer)),
+            Err(e) => {
+                tracing::error!(error = %e, "no TLS for health checks: HTTPS and gRPC-over-TLS checks will fail");
+                None
+            }
+        },
     };
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES));
     let (results_tx, mut results) = mpsc::channel::<Probed>(1024);
@@ -265,14 +276,14 @@ async fn probe(client: &Clients, check: &Check) -> (Status, String) {
                 ),
             }
         }
-        "grpc" => match tokio::time::timeout(timeout, grpc_probe(&client.grpc, check)).await {
+        "grpc" => match tokio::time::timeout(timeout, grpc_probe(client, check)).await {
             Ok(result) => result,
             Err(_) => (
                 Status::Critical,
                 format!("gRPC {}: timeout after {timeout:?}", def.grpc),
             ),
         },
-        "http" => match tokio::time::timeout(timeout, http_probe(&client.http, check)).await {
+        "http" => match tokio::time::timeout(timeout, http_probe(client, check)).await {
             Ok(result) => result,
             Err(_) => (
                 Status::Critical,
@@ -286,21 +297,35 @@ async fn probe(client: &Clients, check: &Check) -> (Status, String) {
     }
 }
 
-async fn http_probe(client: &HttpClient, check: &Check) -> (Status, String) {
+async fn http_probe(client: &Clients, check: &Check) -> (Status, String) {
     let def = &check.definition;
     let url = def.http.as_str();
-    if !url.starts_with("http://") {
-        return (
-            Status::Critical,
-            format!("{url}: only http:// checks are supported so far"),
-        );
-    }
     let method = if def.method.is_empty() {
         "GET"
     } else {
         def.method.as_str()
     };
-    let mut request = hyper::Request::builder().method(method).uri(url);
+    let secure = url.starts_with("https://");
+    if !secure && !url.starts_with("http://") {
+        return (
+            Status::Critical,
+            format!("{url}: the check URL must start with http:// or https://"),
+        );
+    }
+    let uri: hyper::Uri = match url.parse() {
+        Ok(uri) => uri,
+        Err(e) => return (Status::Critical, format!("invalid check URL {url}: {e}")),
+    };
+    // Over TLS the request goes on its own connection, in origin form.
+    let target = if secure {
+        uri.path_and_query().map_or("/", |p| p.as_str()).to_string()
+    } else {
+        url.to_string()
+    };
+    let mut request = hyper::Request::builder().method(method).uri(target);
+    if let Some(authority) = uri.authority() {
+        request = request.header("host", authority.as_str());
+    }
     for (name, values) in &def.header {
         for value in values {
             request = request.header(name.as_str(), value.as_str());
@@ -316,7 +341,16 @@ async fn http_probe(client: &HttpClient, check: &Check) -> (Status, String) {
             )
         }
     };
-    let response = match client.request(request).await {
+    let response = if secure {
+        https_request(client, check, &uri, request).await
+    } else {
+        client
+            .http
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let response = match response {
         Ok(r) => r,
         Err(e) => return (Status::Critical, format!("{method} {url}: {e}")),
     };
@@ -338,17 +372,54 @@ async fn http_probe(client: &HttpClient, check: &Check) -> (Status, String) {
     )
 }
 
+/// The TLS dialer, or why there is none.
+fn dialer(client: &Clients) -> Result<&tls::TlsDialer, String> {
+    client
+        .tls
+        .as_deref()
+        .ok_or_else(|| "TLS is unavailable in this agent".to_string())
+}
+
+/// The host, port and TLS server name of a target.
+fn tls_target<'a>(check: &'a Check, host: &'a str, port: u16) -> (&'a str, u16, &'a str) {
+    let name = if check.definition.tls_server_name.is_empty() {
+        host
+    } else {
+        check.definition.tls_server_name.as_str()
+    };
+    (host, port, name)
+}
+
+/// One HTTPS request on a fresh TLS connection.
+async fn https_request(
+    client: &Clients,
+    check: &Check,
+    uri: &hyper::Uri,
+    request: hyper::Request<Empty<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (host, port, name) = tls_target(check, host, uri.port_u16().unwrap_or(443));
+    let stream = dialer(client)?
+        .connect(host, port, name, check.definition.tls_skip_verify, false)
+        .await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// `grpc.health.v1.Health/Check` over h2c. `GRPC` is `host:port` or
 /// `host:port/service`; SERVING (1) is passing, anything else critical.
-async fn grpc_probe(client: &GrpcClient, check: &Check) -> (Status, String) {
+async fn grpc_probe(client: &Clients, check: &Check) -> (Status, String) {
     let target = check.definition.grpc.as_str();
     let (authority, service) = target.split_once('/').unwrap_or((target, ""));
-    if check.definition.grpc_use_tls {
-        return (
-            Status::Critical,
-            format!("gRPC {target}: TLS is not supported so far"),
-        );
-    }
+    let tls = check.definition.grpc_use_tls;
     // HealthCheckRequest { string service = 1; } in one length-prefixed frame.
     let mut message = Vec::with_capacity(service.len() + 2);
     if !service.is_empty() {
@@ -362,7 +433,10 @@ async fn grpc_probe(client: &GrpcClient, check: &Check) -> (Status, String) {
     frame.extend_from_slice(&message);
     let request = hyper::Request::builder()
         .method("POST")
-        .uri(format!("http://{authority}/grpc.health.v1.Health/Check"))
+        .uri(format!(
+            "{}://{authority}/grpc.health.v1.Health/Check",
+            if tls { "https" } else { "http" }
+        ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("user-agent", "Switchyard Health Check")
@@ -376,7 +450,16 @@ async fn grpc_probe(client: &GrpcClient, check: &Check) -> (Status, String) {
             )
         }
     };
-    let response = match client.request(request).await {
+    let response = if tls {
+        grpc_tls_request(client, check, authority, request).await
+    } else {
+        client
+            .grpc
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let response = match response {
         Ok(r) => r,
         Err(e) => return (Status::Critical, format!("gRPC {target}: {e}")),
     };
@@ -410,6 +493,34 @@ async fn grpc_probe(client: &GrpcClient, check: &Check) -> (Status, String) {
             format!("gRPC {target}: no health status in the answer"),
         ),
     }
+}
+
+/// One gRPC request over TLS (ALPN h2) on a fresh connection.
+async fn grpc_tls_request(
+    client: &Clients,
+    check: &Check,
+    authority: &str,
+    request: hyper::Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let parsed: hyper::http::uri::Authority = authority
+        .parse()
+        .map_err(|e| format!("invalid target {authority:?}: {e}"))?;
+    let host = parsed.host().trim_start_matches('[').trim_end_matches(']');
+    let (host, port, name) = tls_target(check, host, parsed.port_u16().unwrap_or(443));
+    let stream = dialer(client)?
+        .connect(host, port, name, check.definition.tls_skip_verify, true)
+        .await?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn grpc_status(headers: &hyper::HeaderMap) -> Option<(String, String)> {

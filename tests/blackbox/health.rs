@@ -211,6 +211,67 @@ fn grpc_health_server(
     service: &'static str,
     serving: std::sync::Arc<std::sync::atomic::AtomicU8>,
 ) -> (std::net::SocketAddr, tokio::runtime::Runtime) {
+    grpc_health_server_on(service, serving, None)
+}
+
+/// A TLS acceptor with a fresh self-signed certificate for `localhost`,
+/// offering `alpn`.
+fn self_signed_acceptor(alpn: &[u8]) -> tokio_rustls::TlsAcceptor {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .expect("server config");
+    config.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// An HTTPS backend (HTTP/1.1 over TLS) answering 200 `ok` to everything.
+fn https_server() -> (std::net::SocketAddr, tokio::runtime::Runtime) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let acceptor = self_signed_acceptor(b"http/1.1");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let handler = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    });
+    (addr, runtime)
+}
+
+/// The gRPC health server, over TLS when `tls` is given.
+fn grpc_health_server_on(
+    service: &'static str,
+    serving: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (std::net::SocketAddr, tokio::runtime::Runtime) {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -227,6 +288,7 @@ fn grpc_health_server(
     runtime.spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let serving = serving.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let handler = hyper::service::service_fn(
                     move |request: hyper::Request<hyper::body::Incoming>| {
@@ -266,9 +328,21 @@ fn grpc_health_server(
                         }
                     },
                 );
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), handler)
-                    .await;
+                let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), handler)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), handler)
+                            .await;
+                    }
+                }
             });
         }
     });
@@ -314,4 +388,62 @@ fn grpc_health_checks_follow_the_server() {
         },
     );
     assert!(output.contains("status 5"), "{output}");
+}
+
+#[test]
+fn https_and_grpc_over_tls_checks_verify_or_skip_as_told() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let (https, _https_server) = https_server();
+    // TLSSkipVerify: the self-signed backend passes.
+    c.put_ok(
+        "/v1/agent/service/register",
+        &format!(
+            r#"{{"Name":"secure","Check":{{"CheckID":"secure-skip","HTTP":"https://{https}/health","Interval":"100ms","Timeout":"2s","TLSSkipVerify":true}}}}"#
+        ),
+    );
+    let output = eventually("the HTTPS check to pass", Duration::from_secs(15), || {
+        let (status, output) = check_status(&c, "secure", "secure-skip");
+        (status == "passing").then_some(output)
+    });
+    assert!(output.contains("200") && output.contains("ok"), "{output}");
+    // Verified (the default): the same backend's certificate is refused.
+    c.put_ok(
+        "/v1/agent/service/register",
+        &format!(
+            r#"{{"Name":"strict","Check":{{"CheckID":"strict-verify","HTTP":"https://{https}/health","Interval":"100ms","Timeout":"2s","TLSServerName":"localhost","Status":"passing"}}}}"#
+        ),
+    );
+    let output = eventually(
+        "the verified HTTPS check to fail",
+        Duration::from_secs(15),
+        || {
+            let (status, output) = check_status(&c, "strict", "strict-verify");
+            (status == "critical").then_some(output)
+        },
+    );
+    assert!(output.contains("TLS handshake"), "{output}");
+
+    // gRPC health over TLS.
+    let serving = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(1));
+    let (grpc, _grpc_server) = grpc_health_server_on(
+        "pay.v1.Payments",
+        serving,
+        Some(self_signed_acceptor(b"h2")),
+    );
+    c.put_ok(
+        "/v1/agent/service/register",
+        &format!(
+            r#"{{"Name":"pay-tls","Check":{{"CheckID":"pay-tls","GRPC":"{grpc}/pay.v1.Payments","GRPCUseTLS":true,"TLSSkipVerify":true,"Interval":"100ms","Timeout":"2s"}}}}"#
+        ),
+    );
+    let output = eventually(
+        "the gRPC TLS check to pass",
+        Duration::from_secs(15),
+        || {
+            let (status, output) = check_status(&c, "pay-tls", "pay-tls");
+            (status == "passing").then_some(output)
+        },
+    );
+    assert!(output.contains("SERVING"), "{output}");
 }
