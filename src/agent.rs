@@ -102,6 +102,10 @@ async fn serve(
         .context("cannot register the agent's own node")?;
 
     let checker = switchyard_registry::spawn_checker(registry.clone());
+    let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
+        proxy.clone(),
+        registry.clone(),
+    ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(ApiState {
@@ -216,6 +220,7 @@ async fn serve(
             Err(e) => tracing::warn!(error = %e, "API server task failed"),
         }
         checker.abort();
+        passive.abort();
         registry.shutdown().await;
         let _ = writer.await;
         let sockets = upgrade::Sockets {
@@ -252,6 +257,7 @@ async fn serve(
         Err(e) => tracing::warn!(error = %e, "API server task failed"),
     }
     checker.abort();
+    passive.abort();
     registry.shutdown().await;
     let _ = writer.await;
     tracing::info!("stopped");

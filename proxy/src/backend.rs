@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use switchyard_registry::{
-    unix_ms, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name, ServiceLoad,
+    unix_ms, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name, Registry, ServiceLoad,
     ServiceView, Snapshot, ViewDecorator,
 };
 
@@ -55,6 +55,9 @@ pub(crate) struct EndpointStats {
     drain_changed: tokio::sync::Notify,
     /// Long-lived connections closed at the deadline since the drain began.
     cut: AtomicU64,
+    /// When the current run of failures got it ejected (0 = not failing):
+    /// what the passive reporter looks at.
+    failing_since_ns: AtomicU64,
 }
 
 impl EndpointStats {
@@ -73,7 +76,26 @@ impl EndpointStats {
             drain_deadline_ms: AtomicU64::new(0),
             drain_changed: tokio::sync::Notify::new(),
             cut: AtomicU64::new(0),
+            failing_since_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Since when the endpoint has been failing without a success (ns on
+    /// `now_ns`'s clock), if it is.
+    pub(crate) fn failing_since(&self) -> Option<u64> {
+        match self.failing_since_ns.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(since),
+        }
+    }
+
+    /// Forgets the failing run (a report was withdrawn: new evidence needed).
+    pub(crate) fn reset_failing(&self) {
+        self.failing_since_ns.store(0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
     }
 
     pub(crate) fn in_flight(&self) -> i64 {
@@ -184,6 +206,9 @@ impl EndpointStats {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
+        if self.failing_since_ns.load(Ordering::Relaxed) != 0 {
+            self.failing_since_ns.store(0, Ordering::Relaxed);
+        }
         // A success after the ejection has ended settles the endpoint: its
         // next ejection starts from the base time again.
         if self.ejections.load(Ordering::Relaxed) != 0 {
@@ -235,6 +260,12 @@ impl EndpointStats {
         let until = now.saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX));
         self.ejected_until_ns.store(until, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
+        let _ = self.failing_since_ns.compare_exchange(
+            0,
+            now.max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         self.metrics.ejections.inc();
         self.metrics.ejected.set(1);
         tracing::warn!(
@@ -523,6 +554,118 @@ impl ProxyDecorator {
         }
     }
 }
+
+impl Shared {
+    /// Every endpoint's stats, with its service, node and id.
+    fn endpoints(&self) -> Vec<(Name, Name, Name, Arc<EndpointStats>)> {
+        let Ok(services) = self.services.lock() else {
+            return Vec::new();
+        };
+        services
+            .iter()
+            .flat_map(|(service, entry)| {
+                entry.endpoints.iter().map(move |((node, id), stats)| {
+                    (service.clone(), node.clone(), id.clone(), stats.clone())
+                })
+            })
+            .collect()
+    }
+}
+
+/// Reports endpoints that keep failing to the registry as checks (see
+/// `OutlierConfig::report`), withdraws each report after `report_hold` or
+/// once the endpoint succeeds again. Runs until aborted.
+pub async fn report_passive_failures(decorator: Arc<ProxyDecorator>, registry: Registry) {
+    use switchyard_registry::{Check, CheckDefinition, Command, NewCheck, Status};
+    let shared = decorator.shared.clone();
+    let mut reported: HashMap<(Name, Name), (Arc<EndpointStats>, std::time::Instant)> =
+        HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let outlier = shared.config.load().outlier.clone();
+        let now = now_ns();
+        if outlier.report != crate::config::PassiveReport::Off {
+            let after = nanos(outlier.report_after);
+            for (service, node, id, stats) in shared.endpoints() {
+                let key = (node.clone(), id.clone());
+                let Some(since) = stats.failing_since() else {
+                    continue;
+                };
+                if now.saturating_sub(since) < after || reported.contains_key(&key) {
+                    continue;
+                }
+                let status = if outlier.report == crate::config::PassiveReport::Warning {
+                    Status::Warning
+                } else {
+                    Status::Critical
+                };
+                let output = format!(
+                    "the proxy has seen this endpoint fail for {:?} without a success ({} ejection(s) by outlier detection); withdrawn after {:?} so it is tried again",
+                    Duration::from_nanos(now.saturating_sub(since)),
+                    stats.ejections(),
+                    outlier.report_hold,
+                );
+                let check = Check {
+                    node: node.clone(),
+                    id: format!("{PASSIVE_CHECK_PREFIX}{id}").into(),
+                    name: "Proxy passive health".to_string(),
+                    status,
+                    notes: String::new(),
+                    output,
+                    service_id: id.to_string(),
+                    service_name: service.to_string(),
+                    kind: "passive".to_string(),
+                    definition: CheckDefinition::default(),
+                    status_since_ms: 0,
+                    create_index: 0,
+                    modify_index: 0,
+                };
+                let command = Command::RegisterCheck {
+                    check: NewCheck {
+                        check,
+                        status_given: true,
+                    },
+                };
+                match registry.apply(command).await {
+                    Ok(_) => {
+                        tracing::warn!(service = %service, node = %node, endpoint = %id,
+                            status = status.as_str(), "reported an endpoint that keeps failing to the registry");
+                        reported.insert(key, (stats, std::time::Instant::now()));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, endpoint = %id, "cannot report a failing endpoint")
+                    }
+                }
+            }
+        }
+        let hold = outlier.report_hold;
+        let done: Vec<(Name, Name)> = reported
+            .iter()
+            .filter(|(_, (stats, at))| at.elapsed() >= hold || stats.failing_since().is_none())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in done {
+            let Some((stats, _)) = reported.remove(&key) else {
+                continue;
+            };
+            stats.reset_failing();
+            let (node, id) = key;
+            let command = Command::DeregisterCheck {
+                node: node.clone(),
+                id: format!("{PASSIVE_CHECK_PREFIX}{id}").into(),
+            };
+            if let Err(e) = registry.apply(command).await {
+                tracing::debug!(error = %e, endpoint = %id, "cannot withdraw a passive report");
+            } else {
+                tracing::info!(node = %node, endpoint = %id, "withdrew the passive failure report; the endpoint is tried again");
+            }
+        }
+    }
+}
+
+/// Check id prefix of passive-failure reports.
+pub const PASSIVE_CHECK_PREFIX: &str = "_switchyard_passive:";
 
 /// A checked configuration change (see `ProxyDecorator::plan_reload`).
 pub struct ReloadPlan {

@@ -103,6 +103,29 @@ pub struct OutlierConfig {
     /// be). Past that the failing endpoints stay in and the service is reported
     /// fail-open. Default 50.
     pub max_ejected_percent: u32,
+    /// What an endpoint that keeps failing (ejected, and no success since,
+    /// for `report_after`) is reported to the registry as: a check with this
+    /// status, so DNS and every other proxy drop it too. `critical` (default),
+    /// `warning`, or `off`.
+    pub report: PassiveReport,
+    /// Default 30 s.
+    #[serde(deserialize_with = "duration")]
+    pub report_after: Duration,
+    /// How long a reported check stays before it is withdrawn and the endpoint
+    /// is tried again (a critical endpoint gets no traffic to prove itself
+    /// with). Default 1 m.
+    #[serde(deserialize_with = "duration")]
+    pub report_hold: Duration,
+}
+
+/// The status of a passive-failure check.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PassiveReport {
+    #[default]
+    Critical,
+    Warning,
+    Off,
 }
 
 impl Default for OutlierConfig {
@@ -112,6 +135,9 @@ impl Default for OutlierConfig {
             base_ejection: Duration::from_secs(10),
             max_ejection: Duration::from_secs(300),
             max_ejected_percent: 50,
+            report: PassiveReport::Critical,
+            report_after: Duration::from_secs(30),
+            report_hold: Duration::from_secs(60),
         }
     }
 }

@@ -27,10 +27,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use switchyard_registry::Snapshot;
 
-pub use backend::{ProxyDecorator, ProxyService, ReloadPlan};
+pub use backend::{
+    report_passive_failures, ProxyDecorator, ProxyService, ReloadPlan, PASSIVE_CHECK_PREFIX,
+};
 pub use config::{
-    BalancerKind, CertificateConfig, Config, HashOn, OutlierConfig, RouteConfig, TcpBalancer,
-    TcpConfig, TcpListenerConfig, TlsConfig,
+    BalancerKind, CertificateConfig, Config, HashOn, OutlierConfig, PassiveReport, RouteConfig,
+    TcpBalancer, TcpConfig, TcpListenerConfig, TlsConfig,
 };
 pub use metrics::ProxyMetrics;
 pub use route::{HOST_TAG, PATH_TAG};

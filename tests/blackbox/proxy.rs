@@ -986,3 +986,76 @@ fn access_logs_are_json_lines_when_on() {
     assert_eq!(h2["status"], 200);
     assert_eq!(h2["endpoint"], "web1");
 }
+
+#[test]
+fn an_endpoint_that_keeps_failing_is_reported_to_the_registry_then_retried() {
+    let (agent, _dir) = agent_with(
+        r#"
+[http]
+balancer = "round_robin"
+[http.outlier]
+consecutive_failures = 2
+base_ejection = "30s"
+max_ejected_percent = 100
+report_after = "300ms"
+report_hold = "2s"
+[[http.routes]]
+service = "web"
+"#,
+    );
+    let c = agent.client();
+    let ups: Vec<Upstream> = ["p1", "p2"].iter().map(|n| Upstream::start(n)).collect();
+    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
+    ups[0].status.store(500, Ordering::SeqCst);
+    let post = || {
+        raw(
+            agent.http,
+            b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+        )
+        .status
+    };
+    for _ in 0..8 {
+        post();
+    }
+    let passing = |c: &Client| -> Vec<String> {
+        c.get_ok("/v1/health/service/web?passing")
+            .json()
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|e| e["Service"]["ID"].as_str().map(str::to_string))
+            .collect()
+    };
+    let check = eventually("the passive report", Duration::from_secs(10), || {
+        let checks = c.get_ok("/v1/health/checks/web").json();
+        checks
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|c| c["CheckID"] == "_switchyard_passive:p1")
+            .cloned()
+    });
+    assert_eq!(check["Status"], "critical", "{check}");
+    assert_eq!(check["ServiceID"], "p1");
+    assert!(
+        check["Output"].as_str().is_some_and(|o| o.contains("fail")),
+        "{check}"
+    );
+    assert_eq!(
+        passing(&c),
+        ["p2"],
+        "DNS and ?passing drop the reported endpoint"
+    );
+    // After the hold the report is withdrawn and the endpoint is tried again.
+    ups[0].status.store(200, Ordering::SeqCst);
+    eventually("the report withdrawn", Duration::from_secs(10), || {
+        let checks = c.get_ok("/v1/health/checks/web").json();
+        let gone = !checks
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|c| c["CheckID"] == "_switchyard_passive:p1");
+        gone.then_some(())
+    });
+    assert_eq!(passing(&c).len(), 2);
+}
