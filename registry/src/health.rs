@@ -361,10 +361,12 @@ async fn http_probe(client: &Clients, check: &Check) -> (Status, String) {
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let excerpt = String::from_utf8_lossy(&body[..body.len().min(OUTPUT_BYTES)]).into_owned();
-    let status = match code.as_u16() {
-        200..=299 => Status::Passing,
-        429 => Status::Warning,
-        _ => Status::Critical,
+    let status = match (def.expected_status, code.as_u16()) {
+        (Some((low, high)), code) if (low..=high).contains(&code) => Status::Passing,
+        (Some(_), _) => Status::Critical,
+        (None, 200..=299) => Status::Passing,
+        (None, 429) => Status::Warning,
+        (None, _) => Status::Critical,
     };
     (
         status,

@@ -233,6 +233,10 @@ pub struct CheckDefinition {
     pub tls_server_name: String,
     #[serde(default)]
     pub tls_skip_verify: bool,
+    /// HTTP statuses that pass, inclusive (Switchyard's `ExpectedStatus`);
+    /// `None` is Consul's rule: 2xx passes, 429 warns, the rest is critical.
+    #[serde(default)]
+    pub expected_status: Option<(u16, u16)>,
     #[serde(default)]
     pub tcp: String,
     #[serde(default)]

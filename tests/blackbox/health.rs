@@ -447,3 +447,30 @@ fn https_and_grpc_over_tls_checks_verify_or_skip_as_told() {
     );
     assert!(output.contains("SERVING"), "{output}");
 }
+
+#[test]
+fn http_checks_can_name_the_statuses_that_pass() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let backend = Backend::start();
+    let body = format!(
+        r#"{{"Name":"legacy","Check":{{"CheckID":"legacy-http","HTTP":"http://{}/","Interval":"100ms","Timeout":"1s","ExpectedStatus":"300-399","Status":"passing"}}}}"#,
+        backend.addr
+    );
+    c.put_ok("/v1/agent/service/register", &body);
+    let output = eventually("200 is outside 300-399", Duration::from_secs(15), || {
+        let (status, output) = check_status(&c, "legacy", "legacy-http");
+        (status == "critical").then_some(output)
+    });
+    assert!(output.contains("200"), "{output}");
+    backend.status.store(302, Ordering::SeqCst);
+    eventually("302 passes", Duration::from_secs(15), || {
+        (check_status(&c, "legacy", "legacy-http").0 == "passing").then_some(())
+    });
+    let bad = c.put(
+        "/v1/agent/service/register",
+        r#"{"Name":"x","Check":{"HTTP":"http://127.0.0.1:1/","Interval":"1s","ExpectedStatus":"399-300"}}"#,
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("ExpectedStatus"), "{}", bad.body);
+}

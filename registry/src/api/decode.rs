@@ -185,6 +185,9 @@ pub(crate) struct CheckIn {
     tls_server_name: Option<String>,
     #[serde(rename = "tlsskipverify")]
     tls_skip_verify: Option<bool>,
+    /// Switchyard's extension: `"200-399"`, `"204"` or `204`.
+    #[serde(rename = "expectedstatus")]
+    expected_status: Option<serde_json::Value>,
     tcp: Option<String>,
     udp: Option<String>,
     grpc: Option<String>,
@@ -309,6 +312,10 @@ impl CheckIn {
             } else {
                 format!("{kind} checks are not run by this agent yet; status is as registered")
             };
+        let expected_status = match self.expected_status {
+            None => None,
+            Some(value) => Some(parse_status_range(&value)?),
+        };
         let check = Check {
             node: ctx.node.clone(),
             id: id.into(),
@@ -327,6 +334,7 @@ impl CheckIn {
                 body: self.body.unwrap_or_default(),
                 tls_server_name: self.tls_server_name.unwrap_or_default(),
                 tls_skip_verify: self.tls_skip_verify.unwrap_or(false),
+                expected_status,
                 tcp,
                 grpc,
                 grpc_use_tls: self.grpc_use_tls.unwrap_or(false),
@@ -616,6 +624,34 @@ impl BatchEndpointIn {
         endpoint.incarnation = incarnation;
         Ok((endpoint, checks))
     }
+}
+
+/// `ExpectedStatus`: `"200-399"`, `"204"` or `204`; within 100..=599.
+fn parse_status_range(value: &serde_json::Value) -> Result<(u16, u16), String> {
+    let bad = || {
+        format!("Invalid check: ExpectedStatus must be a status or a range like \"200-399\", not {value}")
+    };
+    let parse = |text: &str| {
+        text.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+    };
+    let range = match value {
+        serde_json::Value::Number(n) => {
+            let status = n
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|s| (100..=599).contains(s));
+            status.map(|s| (s, s))
+        }
+        serde_json::Value::String(text) => match text.split_once('-') {
+            Some((low, high)) => parse(low).zip(parse(high)),
+            None => parse(text).map(|s| (s, s)),
+        },
+        _ => None,
+    };
+    range.filter(|(low, high)| low <= high).ok_or_else(bad)
 }
 
 #[cfg(test)]
