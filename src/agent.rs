@@ -101,6 +101,9 @@ async fn serve(
         .await
         .context("cannot register the agent's own node")?;
 
+    // Services defined in the config file (their checks start with the checker).
+    let mut config_services = register_config_services(&config, &registry, &node_name, &[]).await?;
+
     let checker = switchyard_registry::spawn_checker(registry.clone());
     let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
         proxy.clone(),
@@ -203,7 +206,14 @@ async fn serve(
         };
         tokio::select! {
             signal = signals.next() => match signal {
-                Signal::Reload => reload(&source, &mut config, &proxy, &registry).await,
+                Signal::Reload => {
+                    if reload(&source, &mut config, &proxy, &registry).await {
+                        match register_config_services(&config, &registry, &node_name, &config_services).await {
+                            Ok(ids) => config_services = ids,
+                            Err(e) => tracing::error!(error = %e, "cannot apply the config's services"),
+                        }
+                    }
+                }
                 Signal::Stop => break None,
             },
             stream = next_upgrade => break Some(stream),
@@ -310,6 +320,36 @@ impl Signals {
     }
 }
 
+/// Registers the `[[services]]` of `config` on this agent's node and
+/// deregisters those of `before` (ids) that the config no longer has.
+/// Returns the ids now defined by the config.
+async fn register_config_services(
+    config: &AgentConfig,
+    registry: &Registry,
+    node: &str,
+    before: &[switchyard_registry::Name],
+) -> anyhow::Result<Vec<switchyard_registry::Name>> {
+    let mut ids = Vec::new();
+    for command in config.service_commands(node).map_err(anyhow::Error::msg)? {
+        if let Command::RegisterService { endpoint, .. } = &command {
+            ids.push(endpoint.id.clone());
+        }
+        registry
+            .apply(command)
+            .await
+            .context("cannot register a service from the config")?;
+    }
+    for id in before.iter().filter(|id| !ids.contains(id)) {
+        let _ = registry
+            .apply(Command::DeregisterService {
+                node: node.into(),
+                id: id.clone(),
+            })
+            .await;
+    }
+    Ok(ids)
+}
+
 /// SIGHUP: reads the configuration again and applies what can change while
 /// running (the `[http]` routes and settings, the settings of the `[tcp]`
 /// listeners). Anything wrong, or a change that needs a restart, is logged
@@ -319,17 +359,20 @@ async fn reload(
     running: &mut AgentConfig,
     proxy: &ProxyDecorator,
     registry: &Registry,
-) {
+) -> bool {
     let Some(path) = &source.path else {
         tracing::warn!("SIGHUP ignored: the agent was started without --config");
-        return;
+        return false;
     };
     let refuse = |why: &str| {
         tracing::error!(file = %path.display(), "configuration reload refused, the running configuration stays: {why}");
     };
     let mut next = match source.load() {
         Ok(next) => next,
-        Err(e) => return refuse(&e),
+        Err(e) => {
+            refuse(&e);
+            return false;
+        }
     };
     if next.store.data_dir.is_none() {
         next.store.data_dir = running.store.data_dir.clone();
@@ -342,14 +385,18 @@ async fn reload(
     ];
     let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(t, _)| *t).collect();
     if !changed.is_empty() {
-        return refuse(&format!(
-            "[{}] changed, which needs a restart (or an upgrade); only [http] and the settings of [tcp] listeners reload",
+        refuse(&format!(
+            "[{}] changed, which needs a restart (or an upgrade); only [http], [[services]] and the settings of [tcp] listeners reload",
             changed.join("], [")
         ));
+        return false;
     }
     let plan = match proxy.plan_reload(next.http.clone(), next.tcp.clone()) {
         Ok(plan) => plan,
-        Err(e) => return refuse(&e),
+        Err(e) => {
+            refuse(&e);
+            return false;
+        }
     };
     // Services the new routes name get their backend lists before any route
     // points at them; services no longer routed release theirs afterwards.
@@ -379,4 +426,5 @@ async fn reload(
         "configuration reloaded"
     );
     *running = next;
+    true
 }

@@ -16,6 +16,11 @@ pub(crate) struct AgentConfig {
     pub(crate) dns: switchyard_dns::Config,
     pub(crate) http: switchyard_proxy::Config,
     pub(crate) tcp: switchyard_proxy::TcpConfig,
+    /// Services of this agent's node with their checks, in Consul's service
+    /// definition shape (`name`, `id`, `port`, `tags`, `meta`, `check` or
+    /// `checks` with `http`/`tcp`/`grpc`/`ttl`, `interval`, ...), registered
+    /// at start and again on every reload.
+    pub(crate) services: Vec<toml::Table>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -76,7 +81,24 @@ impl AgentConfig {
         }
         self.dns.validate()?;
         self.http.validate()?;
-        self.tcp.validate()
+        self.tcp.validate()?;
+        self.service_commands("config-check").map(|_| ())
+    }
+
+    /// The registration command of each `[[services]]` entry on `node`.
+    pub(crate) fn service_commands(
+        &self,
+        node: &str,
+    ) -> Result<Vec<switchyard_registry::Command>, String> {
+        self.services
+            .iter()
+            .enumerate()
+            .map(|(i, table)| {
+                let json = serde_json::to_vec(table).map_err(|e| format!("services[{i}]: {e}"))?;
+                switchyard_registry::api::service_definition(node, &json)
+                    .map_err(|e| format!("services[{i}]: {e}"))
+            })
+            .collect()
     }
 }
 

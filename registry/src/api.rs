@@ -51,6 +51,21 @@ pub struct ApiState {
     pub load: Option<Arc<dyn crate::LoadReport>>,
 }
 
+/// A Consul service definition, as `/v1/agent/service/register` takes it
+/// (JSON, keys in any case or snake_case, with `Check`/`Checks`), turned into
+/// the command that registers it on `node`, replacing the checks it had.
+/// The agent's config file uses it, so a service defined there behaves as
+/// one registered through the API.
+pub fn service_definition(node: &str, json: &[u8]) -> Result<crate::Command, String> {
+    let def: decode::ServiceIn = decode::decode_body(json)?;
+    let (endpoint, checks) = def.into_endpoint(&node.into(), false)?;
+    Ok(crate::Command::RegisterService {
+        endpoint,
+        checks,
+        replace_existing_checks: true,
+    })
+}
+
 /// Builds the API router.
 pub fn router(state: Arc<ApiState>) -> Router {
     let limit = state.config.max_body_bytes;

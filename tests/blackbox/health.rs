@@ -474,3 +474,62 @@ fn http_checks_can_name_the_statuses_that_pass() {
     assert_eq!(bad.status, 400, "{}", bad.body);
     assert!(bad.body.contains("ExpectedStatus"), "{}", bad.body);
 }
+
+#[test]
+fn services_and_checks_from_the_config_file_register_and_follow_reloads() {
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    let define = |name: &str| {
+        format!(
+            "[[services]]\nname = \"{name}\"\nport = {}\n[services.check]\nhttp = \"http://{}/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\n",
+            backend.addr.port(),
+            backend.addr
+        )
+    };
+    std::fs::write(&config, define("from-config")).expect("write config");
+    let data = dir.path().join("data");
+    let agent = Agent::start_in(&data, &["--config", config.to_str().expect("utf8")]);
+    let c = agent.client();
+    eventually(
+        "the config's check to pass",
+        Duration::from_secs(15),
+        || {
+            let (status, _) = check_status(&c, "from-config", "service:from-config");
+            (status == "passing").then_some(())
+        },
+    );
+
+    std::fs::write(&config, define("renamed")).expect("rewrite config");
+    agent.signal("HUP");
+    eventually(
+        "the reload to swap the services",
+        Duration::from_secs(15),
+        || {
+            let services = c.get_ok("/v1/agent/services").json();
+            let ok = services.get("renamed").is_some() && services.get("from-config").is_none();
+            ok.then_some(())
+        },
+    );
+
+    // A bad service definition is refused at startup with its place.
+    std::fs::write(
+        &config,
+        "[[services]]\nport = 1\n[services.check]\nhttp = \"http://x/\"\n",
+    )
+    .expect("write bad config");
+    let out = std::process::Command::new(crate::support::bin())
+        .args([
+            "agent",
+            "--check-config",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("other"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("services[0]"), "{err}");
+}
