@@ -123,6 +123,7 @@ async fn serve(
         prometheus,
         shutdown: shutdown_rx.clone(),
         load: Some(proxy.load_report()),
+        tokens: api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?,
     });
     let mut inherited = inherited;
     let api_listener = match inherited.as_mut().and_then(|(s, _)| s.api.take()) {

@@ -34,6 +34,9 @@ pub(crate) struct Cli {
         default_value = "http://127.0.0.1:8500"
     )]
     api: String,
+    /// API token for the client commands (sent as X-Consul-Token).
+    #[arg(long, global = true, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -156,7 +159,13 @@ struct AgentArgs {
     upgrade: bool,
 }
 
+/// The client commands' token (`--token` / `SWITCHYARD_TOKEN`), set once.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 pub(crate) fn run(cli: Cli) -> ExitCode {
+    if let Some(token) = &cli.token {
+        let _ = TOKEN.set(token.clone());
+    }
     match cli.command {
         Commands::Agent(args) => run_agent(args),
         Commands::Services { json } => client(services(&cli.api, json)),
@@ -281,14 +290,16 @@ fn http() -> ureq::Agent {
 fn call(api: &str, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<String> {
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let agent = http();
+    let token = TOKEN.get().map_or("", String::as_str);
     let response = match (method, body) {
-        ("GET", _) => agent.get(&url).call(),
-        ("DELETE", _) => agent.delete(&url).call(),
+        ("GET", _) => agent.get(&url).header("X-Consul-Token", token).call(),
+        ("DELETE", _) => agent.delete(&url).header("X-Consul-Token", token).call(),
         (_, Some(body)) => agent
             .put(&url)
             .header("Content-Type", "application/json")
+            .header("X-Consul-Token", token)
             .send(&body[..]),
-        (_, None) => agent.put(&url).send_empty(),
+        (_, None) => agent.put(&url).header("X-Consul-Token", token).send_empty(),
     };
     let mut response = response.map_err(|e| {
         anyhow::anyhow!("cannot reach the agent at {api} ({e}); is `switchyard agent` running? (set --api or SWITCHYARD_API)")

@@ -73,6 +73,13 @@ impl AgentConfig {
                 return Err("agent.node_name must be a non-empty name".to_string());
             }
         }
+        if self.api.tokens.is_empty() && !self.api.addr.ip().is_loopback() {
+            return Err(format!(
+                "api.addr {} is reachable from other hosts: configure [[api.tokens]] (roles read, register, operator) or listen on loopback",
+                self.api.addr
+            ));
+        }
+        switchyard_registry::api::Tokens::load(&self.api.tokens)?;
         if self.api.max_body_bytes < 1024 {
             return Err("api.max_body_bytes must be at least 1024".to_string());
         }

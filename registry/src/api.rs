@@ -49,6 +49,112 @@ pub struct ApiState {
     pub shutdown: watch::Receiver<bool>,
     /// Live traffic per endpoint (the proxy's counters), for drain status.
     pub load: Option<Arc<dyn crate::LoadReport>>,
+    /// The API's tokens; none means every request is allowed.
+    pub tokens: Tokens,
+}
+
+/// The API's tokens, their secrets loaded.
+#[derive(Default)]
+pub struct Tokens(Vec<(Vec<u8>, crate::Role, String)>);
+
+impl Tokens {
+    /// Loads every secret (inline or from its file).
+    pub fn load(configs: &[crate::TokenConfig]) -> Result<Tokens, String> {
+        let mut tokens = Vec::with_capacity(configs.len());
+        for config in configs {
+            let secret = config.load_secret()?;
+            tokens.push((secret.into_bytes(), config.role, config.name.clone()));
+        }
+        Ok(Tokens(tokens))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The role of `presented`, comparing against every secret in constant
+    /// time (a mismatch reveals no prefix).
+    fn role_of(&self, presented: &[u8]) -> Option<crate::Role> {
+        use subtle::ConstantTimeEq;
+        let mut found = None;
+        for (secret, role, _) in &self.0 {
+            if bool::from(secret.as_slice().ct_eq(presented)) {
+                found = Some(*role);
+            }
+        }
+        found
+    }
+}
+
+/// The role a request needs: reads need `read`; drains and maintenance need
+/// `operator`; every other write (registrations, checks, batches,
+/// heartbeats) needs `register`.
+fn required_role(method: &axum::http::Method, path: &str) -> crate::Role {
+    use axum::http::Method;
+    if method == Method::GET || method == Method::HEAD {
+        crate::Role::Read
+    } else if path.contains("/maintenance") || path.ends_with("/drain") {
+        crate::Role::Operator
+    } else {
+        crate::Role::Register
+    }
+}
+
+/// The token a request carries: `X-Consul-Token`, `Authorization: Bearer`,
+/// or `?token=` (as Consul accepts them).
+fn presented_token(request: &Request) -> Option<&[u8]> {
+    let headers = request.headers();
+    if let Some(token) = headers.get("x-consul-token") {
+        return Some(token.as_bytes());
+    }
+    if let Some(bearer) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    {
+        return Some(bearer);
+    }
+    request.uri().query().and_then(|query| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .map(str::as_bytes)
+    })
+}
+
+/// Refuses requests without a token of the role their route needs (when
+/// tokens are configured). A refused request reaches no handler.
+async fn authorize(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    if state.tokens.is_empty() {
+        return next.run(request).await;
+    }
+    let needed = required_role(request.method(), request.uri().path());
+    let refusal = match presented_token(&request) {
+        None => Some(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "ACL not found: this agent requires a token (X-Consul-Token header, Authorization: Bearer, or ?token=)",
+        )),
+        Some(token) => match state.tokens.role_of(token) {
+            None => Some(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "ACL not found: the token is not known to this agent",
+            )),
+            Some(role) if role < needed => Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Permission denied: a {} token cannot {} {}; it needs the {} role",
+                    role.as_str(),
+                    request.method(),
+                    request.uri().path(),
+                    needed.as_str()
+                ),
+            )),
+            Some(_) => None,
+        },
+    };
+    match refusal {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
+    }
 }
 
 /// A Consul service definition, as `/v1/agent/service/register` takes it
@@ -132,6 +238,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/metrics", get(native::metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             common_headers,

@@ -20,6 +20,72 @@ pub struct ApiConfig {
     pub max_wait: Duration,
     /// Most endpoints in one native batch. Default 100,000.
     pub max_batch_endpoints: usize,
+    /// API tokens. None configured: every request is allowed, which the
+    /// agent accepts only on a loopback address.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// What a token may do; each role includes the ones before it.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads (every GET, `/metrics`).
+    Read,
+    /// Reads, and registrations: services, checks, batches, heartbeats (the scheduler).
+    Register,
+    /// Everything: also drains and maintenance.
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Register => "register",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+/// One `[[api.tokens]]` entry: a secret (inline or from a file) and its role.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A label for logs (never the secret).
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// File holding the secret (surrounding whitespace ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    pub role: Role,
+}
+
+impl TokenConfig {
+    /// The secret, read from its file when it has one.
+    pub fn load_secret(&self) -> Result<String, String> {
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(secret), None) => secret.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("token {:?}: cannot read {}: {e}", self.name, path.display()))?
+                .trim()
+                .to_string(),
+            _ => {
+                return Err(format!(
+                    "token {:?}: give exactly one of secret and secret_file",
+                    self.name
+                ))
+            }
+        };
+        if secret.len() < 16 {
+            return Err(format!(
+                "token {:?}: a secret must have at least 16 characters",
+                self.name
+            ));
+        }
+        Ok(secret)
+    }
 }
 
 impl Default for ApiConfig {
@@ -30,6 +96,7 @@ impl Default for ApiConfig {
             max_blocking_queries: 50_000,
             max_wait: Duration::from_secs(600),
             max_batch_endpoints: 100_000,
+            tokens: Vec::new(),
         }
     }
 }

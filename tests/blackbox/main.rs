@@ -9,5 +9,6 @@ mod lifecycle;
 mod proxy;
 mod registry_api;
 mod restart;
+mod security;
 mod support;
 mod tcp;

@@ -1,0 +1,290 @@
+//! API tokens with roles: every route needs its role, a refused write changes
+//! nothing, and an API reachable from other hosts needs tokens.
+
+use std::time::Duration;
+
+use crate::proxy::agent_with;
+
+const READ: &str = "read-token-0123456789";
+const REGISTER: &str = "register-token-0123456789";
+const OPERATOR: &str = "operator-token-0123456789";
+
+fn config() -> String {
+    format!(
+        "[[api.tokens]]\nname = \"dashboards\"\nsecret = \"{READ}\"\nrole = \"read\"\n\
+         [[api.tokens]]\nname = \"scheduler\"\nsecret = \"{REGISTER}\"\nrole = \"register\"\n\
+         [[api.tokens]]\nname = \"oncall\"\nsecret = \"{OPERATOR}\"\nrole = \"operator\"\n"
+    )
+}
+
+/// How a token travels.
+#[derive(Clone, Copy)]
+enum Carry {
+    Header,
+    Bearer,
+    Query,
+}
+
+/// Sends one request; returns the status and the body.
+fn send(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<(&str, Carry)>,
+) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut url = format!("{base}{path}");
+    let mut headers = Vec::new();
+    match token {
+        Some((token, Carry::Header)) => headers.push(("X-Consul-Token", token.to_string())),
+        Some((token, Carry::Bearer)) => headers.push(("Authorization", format!("Bearer {token}"))),
+        Some((token, Carry::Query)) => {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str("token=");
+            url.push_str(token);
+        }
+        None => {}
+    }
+    let response = match method {
+        "GET" => {
+            let mut request = agent.get(&url);
+            for (k, v) in &headers {
+                request = request.header(*k, v);
+            }
+            request.call()
+        }
+        "DELETE" => {
+            let mut request = agent.delete(&url);
+            for (k, v) in &headers {
+                request = request.header(*k, v);
+            }
+            request.call()
+        }
+        _ => {
+            let mut request = agent.put(&url);
+            for (k, v) in &headers {
+                request = request.header(*k, v);
+            }
+            request.send(body)
+        }
+    };
+    let mut response = response.expect("request");
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    (status, text)
+}
+
+#[test]
+fn every_route_needs_its_role_and_refused_writes_change_nothing() {
+    let (agent, _dir) = agent_with(&config());
+    let base = agent.api.clone();
+    // Something to act on, registered by the scheduler's token.
+    let (status, body) = send(
+        &base,
+        "PUT",
+        "/v1/switchyard/batch",
+        r#"{"nodes":[{"name":"n1","address":"10.0.0.1"}],"endpoints":[{"node":"n1","service":"web","id":"web-1","port":80,"checks":[{"ttl":"1m"}]}]}"#,
+        Some((REGISTER, Carry::Header)),
+    );
+    assert_eq!(status, 200, "{body}");
+    let reg_svc = r#"{"Name":"api","ID":"api-1","Port":9000,"Check":{"TTL":"30s"}}"#;
+    // (method, path, body, least role: 0 read, 1 register, 2 operator)
+    let routes: &[(&str, &str, &str, u8)] = &[
+        ("GET", "/v1/agent/self", "", 0),
+        ("GET", "/v1/agent/services", "", 0),
+        ("GET", "/v1/agent/checks", "", 0),
+        ("GET", "/v1/agent/service/api-1", "", 0),
+        ("GET", "/v1/catalog/datacenters", "", 0),
+        ("GET", "/v1/catalog/services", "", 0),
+        ("GET", "/v1/catalog/service/web", "", 0),
+        ("GET", "/v1/catalog/nodes", "", 0),
+        ("GET", "/v1/catalog/node/n1", "", 0),
+        ("GET", "/v1/health/service/web", "", 0),
+        ("GET", "/v1/health/checks/web", "", 0),
+        ("GET", "/v1/health/state/any", "", 0),
+        ("GET", "/v1/health/node/n1", "", 0),
+        ("GET", "/v1/status/leader", "", 0),
+        ("GET", "/v1/status/peers", "", 0),
+        ("GET", "/v1/switchyard/status", "", 0),
+        ("GET", "/v1/switchyard/services", "", 0),
+        ("GET", "/v1/switchyard/services/web", "", 0),
+        ("GET", "/v1/switchyard/nodes", "", 0),
+        ("GET", "/v1/switchyard/nodes/n1/drain", "", 0),
+        ("GET", "/v1/switchyard/endpoints/web-1/drain", "", 0),
+        ("GET", "/metrics", "", 0),
+        ("PUT", "/v1/agent/service/register", reg_svc, 1),
+        (
+            "PUT",
+            "/v1/agent/check/register",
+            r#"{"Name":"c","CheckID":"c1","TTL":"30s"}"#,
+            1,
+        ),
+        ("PUT", "/v1/agent/check/pass/c1", "", 1),
+        ("PUT", "/v1/agent/check/warn/c1", "", 1),
+        ("PUT", "/v1/agent/check/fail/c1", "", 1),
+        (
+            "PUT",
+            "/v1/agent/check/update/c1",
+            r#"{"Status":"passing"}"#,
+            1,
+        ),
+        ("PUT", "/v1/agent/check/deregister/c1", "", 1),
+        (
+            "PUT",
+            "/v1/catalog/register",
+            r#"{"Node":"n2","Address":"10.0.0.2"}"#,
+            1,
+        ),
+        ("PUT", "/v1/catalog/deregister", r#"{"Node":"n2"}"#, 1),
+        ("PUT", "/v1/switchyard/heartbeat", r#"{"checks":[]}"#, 1),
+        (
+            "PUT",
+            "/v1/switchyard/batch",
+            r#"{"nodes":[{"name":"n3","address":"10.0.0.3"}]}"#,
+            1,
+        ),
+        ("PUT", "/v1/agent/service/deregister/api-1", "", 1),
+        ("PUT", "/v1/agent/maintenance?enable=true", "", 2),
+        ("PUT", "/v1/agent/maintenance?enable=false", "", 2),
+        (
+            "PUT",
+            "/v1/agent/service/maintenance/web-1?enable=false",
+            "",
+            2,
+        ),
+        ("PUT", "/v1/switchyard/nodes/n1/drain", "", 2),
+        ("DELETE", "/v1/switchyard/nodes/n1/drain", "", 2),
+        ("PUT", "/v1/switchyard/endpoints/web-1/drain", "", 2),
+        ("DELETE", "/v1/switchyard/endpoints/web-1/drain", "", 2),
+    ];
+    let index = |base: &str| -> u64 {
+        let (_, body) = send(
+            base,
+            "GET",
+            "/v1/switchyard/status",
+            "",
+            Some((READ, Carry::Header)),
+        );
+        serde_json::from_str::<serde_json::Value>(&body).expect("status")["index"]
+            .as_u64()
+            .expect("index")
+    };
+    let tokens = [READ, REGISTER, OPERATOR];
+    for &(method, path, body, least) in routes {
+        let before = index(&base);
+        let (status, text) = send(&base, method, path, body, None);
+        assert_eq!(status, 401, "{method} {path} without a token: {text}");
+        assert!(text.contains("requires a token"), "{text}");
+        let (status, _) = send(
+            &base,
+            method,
+            path,
+            body,
+            Some(("not-a-known-token-at-all", Carry::Header)),
+        );
+        assert_eq!(status, 401, "{method} {path} with an unknown token");
+        for (role, token) in tokens.iter().enumerate() {
+            if (role as u8) < least {
+                let (status, text) = send(&base, method, path, body, Some((token, Carry::Bearer)));
+                assert_eq!(status, 403, "{method} {path} with the {role} token: {text}");
+                assert!(text.contains("Permission denied"), "{text}");
+            }
+        }
+        if method != "GET" {
+            assert_eq!(
+                index(&base),
+                before,
+                "a refused {method} {path} changed the catalog"
+            );
+        }
+        // The least role is enough (the token carried in the query this time).
+        let (status, text) = send(
+            &base,
+            method,
+            path,
+            body,
+            Some((tokens[least as usize], Carry::Query)),
+        );
+        assert!(
+            status != 401 && status != 403,
+            "{method} {path} with its role: {status} {text}"
+        );
+    }
+}
+
+#[test]
+fn the_cli_sends_its_token() {
+    let (agent, _dir) = agent_with(&config());
+    let run = |token: Option<&str>| {
+        let mut command = std::process::Command::new(crate::support::bin());
+        command.args(["services"]).env("SWITCHYARD_API", &agent.api);
+        match token {
+            Some(token) => command.env("SWITCHYARD_TOKEN", token),
+            None => command.env_remove("SWITCHYARD_TOKEN"),
+        };
+        command.output().expect("run")
+    };
+    let out = run(None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = run(Some(READ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["--token", READ, "drain", "node", "n1"])
+        .env("SWITCHYARD_API", &agent.api)
+        .output()
+        .expect("run");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn an_api_reachable_from_other_hosts_needs_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "[api]\naddr = \"0.0.0.0:0\"\n").expect("write");
+    let out = std::process::Command::new(crate::support::bin())
+        .args([
+            "agent",
+            "--check-config",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("api.tokens"), "{err}");
+    // A short secret is refused too.
+    std::fs::write(
+        &path,
+        "[[api.tokens]]\nsecret = \"short\"\nrole = \"read\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(crate::support::bin())
+        .args([
+            "agent",
+            "--check-config",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("16 characters"));
+}
