@@ -124,7 +124,9 @@ async fn serve(
         shutdown: shutdown_rx.clone(),
         load: Some(proxy.load_report()),
         tokens: api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?,
+        listeners: std::sync::OnceLock::new(),
     });
+    let api_state = state.clone();
     let mut inherited = inherited;
     let api_listener = match inherited.as_mut().and_then(|(s, _)| s.api.take()) {
         Some(listener) => listener,
@@ -177,6 +179,7 @@ async fn serve(
         "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "node": node_name,
     });
+    let _ = api_state.listeners.set(ready.clone());
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{ready}")?;

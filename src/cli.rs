@@ -45,6 +45,11 @@ pub(crate) struct Cli {
 enum Commands {
     /// Run the agent: registry API (Consul-compatible on :8500) and DNS (:8600).
     Agent(AgentArgs),
+    /// One screen about the agent: listeners, catalog counts, index, store.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// List services with endpoint counts by state.
     Services {
         /// Print the API's JSON instead of a table.
@@ -152,6 +157,9 @@ struct AgentArgs {
     /// Load and check the configuration, print it, and exit.
     #[arg(long)]
     check_config: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Zero-downtime upgrade: take over the listening sockets and the store
     /// of the agent running on the same data directory, which then finishes
     /// its work in progress and exits.
@@ -168,6 +176,7 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
     }
     match cli.command {
         Commands::Agent(args) => run_agent(args),
+        Commands::Status { json } => client(status(&cli.api, json)),
         Commands::Services { json } => client(services(&cli.api, json)),
         Commands::Endpoints { service, json } => client(endpoints(&cli.api, &service, json)),
         Commands::Register { file } => client(register(&cli.api, &file)),
@@ -194,13 +203,24 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// How the agent writes its logs (stderr).
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
@@ -243,7 +263,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         println!("configuration ok\n{config:#?}");
         return ExitCode::SUCCESS;
     }
-    init_tracing();
+    init_tracing(args.log_format);
     let inherited = if args.upgrade {
         let Some(dir) = config.store.data_dir.clone().filter(|_| scratch.is_none()) else {
             eprintln!("switchyard: --upgrade needs the data directory of the running agent (--data-dir or store.data_dir)");
@@ -324,6 +344,66 @@ fn get_json(api: &str, path: &str) -> anyhow::Result<Value> {
 
 fn num(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn status(api: &str, as_json: bool) -> anyhow::Result<()> {
+    let status = get_json(api, "/v1/switchyard/status")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let s = |k: &str| {
+        status
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "switchyard {}  node {}  datacenter {}",
+        s("version"),
+        s("node"),
+        s("datacenter")
+    );
+    println!(
+        "catalog   index {}  store {}  {} nodes, {} services, {} endpoints",
+        num(&status, "index"),
+        s("store"),
+        num(&status, "nodes"),
+        num(&status, "services"),
+        num(&status, "endpoints")
+    );
+    if let Some(by) = status.get("endpoints_by_state").and_then(Value::as_object) {
+        let parts: Vec<String> = by
+            .iter()
+            .map(|(state, n)| format!("{state} {}", n.as_u64().unwrap_or(0)))
+            .collect();
+        println!("endpoints {}", parts.join(", "));
+    }
+    if let Some(listeners) = status.get("listeners").and_then(Value::as_object) {
+        let mut parts = Vec::new();
+        for role in ["api", "dns", "http", "https", "tcp"] {
+            match listeners.get(role) {
+                Some(Value::String(addr)) => parts.push(format!("{role} {addr}")),
+                Some(Value::Array(list)) if !list.is_empty() => {
+                    let addrs: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+                    parts.push(format!("{role} {}", addrs.join(",")));
+                }
+                _ => {}
+            }
+        }
+        println!("listening {}", parts.join("  "));
+    }
+    println!(
+        "api       tokens {}  blocking queries {}",
+        if status.get("tokens").and_then(Value::as_bool) == Some(true) {
+            "required"
+        } else {
+            "off (loopback only)"
+        },
+        num(&status, "blocking_queries")
+    );
+    Ok(())
 }
 
 fn services(api: &str, as_json: bool) -> anyhow::Result<()> {

@@ -51,6 +51,8 @@ pub struct ApiState {
     pub load: Option<Arc<dyn crate::LoadReport>>,
     /// The API's tokens; none means every request is allowed.
     pub tokens: Tokens,
+    /// The agent's listeners (the ready line), once all are bound.
+    pub listeners: std::sync::OnceLock<serde_json::Value>,
 }
 
 /// The API's tokens, their secrets loaded.

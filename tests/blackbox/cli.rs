@@ -179,3 +179,27 @@ fn bad_proxy_config_is_refused_with_its_reason() {
         assert!(err.contains(key), "{text}: {err} does not name {key}");
     }
 }
+
+#[test]
+fn status_shows_listeners_and_counts_and_logs_can_be_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start_in(&dir.path().join("data"), &["--log-format", "json"]);
+    let out = run(&["status"], &agent.api);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("http {}", agent.http)), "{text}");
+    assert!(text.contains("index"), "{text}");
+    let out = run(&["status", "--json"], &agent.api);
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json parses");
+    assert_eq!(status["listeners"]["dns"], agent.dns.to_string());
+    assert!(status["nodes"].as_u64().is_some_and(|n| n >= 1));
+    // Every log line is a JSON object.
+    let log = agent.stderr();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let parsed: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(parsed.get("level").is_some(), "{line}");
+    }
+}

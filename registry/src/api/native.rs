@@ -43,6 +43,8 @@ pub(super) async fn status(State(state): St) -> ApiResult {
         "endpoints": counts.total(),
         "endpoints_by_state": counts_json(&counts),
         "blocking_queries": state.registry.metrics().blocking_queries.get(),
+        "listeners": state.listeners.get(),
+        "tokens": !state.tokens.is_empty(),
     });
     json(&body, snap.index(), &QueryOpts::default())
 }
