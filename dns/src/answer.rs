@@ -57,7 +57,7 @@ struct Counts {
 }
 
 pub(crate) struct Engine {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     domain: Vec<Vec<u8>>,
     datacenter: Vec<u8>,
     /// Which decorator slot holds our `DnsService`.
@@ -151,6 +151,11 @@ impl Engine {
         let mut counts = Counts::default();
         let (rcode, aa, extended) = if q.edns.is_some_and(|e| e.version > 0) {
             (0, false, rcode::BADVERS)
+        } else if q.qtype == rtype::ANY && matches!(transport, Transport::Udp) {
+            // ANY over UDP is an amplification tool: an empty, truncated
+            // answer sends real clients to TCP (RFC 8482 allows this).
+            counts.tc = true;
+            (0, true, 0)
         } else {
             let (rcode, aa) = self.resolve(&q, out, budget - reserve, &mut counts, scratch);
             (rcode, aa, 0)

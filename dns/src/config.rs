@@ -37,6 +37,10 @@ pub struct Config {
     /// A TCP connection idle this long is closed. Default 10 s.
     #[serde(deserialize_with = "go_duration")]
     pub tcp_idle_timeout: Duration,
+    /// UDP answers per second to one client address, per UDP worker (a
+    /// client's socket stays on one worker); more are dropped and counted.
+    /// An amplification defence. 0 = off (default).
+    pub rate_limit: u32,
 }
 
 impl Default for Config {
@@ -53,6 +57,7 @@ impl Default for Config {
             ns_addr: IpAddr::from([127, 0, 0, 1]),
             max_tcp_connections: 1024,
             tcp_idle_timeout: Duration::from_secs(10),
+            rate_limit: 0,
         }
     }
 }

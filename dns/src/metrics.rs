@@ -31,6 +31,7 @@ pub struct DnsMetrics {
     queries: Vec<Vec<IntCounter>>,
     pub(crate) truncated: IntCounter,
     pub(crate) dropped: IntCounter,
+    pub(crate) rate_limited: IntCounter,
     pub(crate) duration: Histogram,
     pub(crate) tcp_connections: IntCounter,
 }
@@ -63,6 +64,10 @@ impl DnsMetrics {
             "switchyard_dns_dropped_total",
             "Packets dropped without an answer (too short, or not a query)",
         )?;
+        let rate_limited = IntCounter::new(
+            "switchyard_dns_rate_limited_total",
+            "UDP queries dropped by the per-client response rate limit",
+        )?;
         let duration = Histogram::with_opts(
             HistogramOpts::new(
                 "switchyard_dns_query_duration_seconds",
@@ -77,12 +82,14 @@ impl DnsMetrics {
         registry.register(Box::new(vec))?;
         registry.register(Box::new(truncated.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(tcp_connections.clone()))?;
         Ok(DnsMetrics {
             queries,
             truncated,
             dropped,
+            rate_limited,
             duration,
             tcp_connections,
         })

@@ -2,7 +2,7 @@
 //! I/O, no allocation per query) and a TCP server on the agent's runtime.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -110,6 +110,7 @@ fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
     let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut scratch = Scratch::new();
+    let mut limiter = RateLimit::new(engine.config.rate_limit);
     while !stop.load(Ordering::Relaxed) {
         let mut count = 0;
         {
@@ -138,6 +139,22 @@ fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
         }
         let mut replies = 0;
         for i in 0..count {
+            if limiter.on() {
+                let client = peers[i]
+                    .as_ref()
+                    .and_then(|p| p.as_sockaddr_in().map(|a| IpAddr::from(a.ip())))
+                    .or_else(|| {
+                        peers[i]
+                            .as_ref()
+                            .and_then(|p| p.as_sockaddr_in6().map(|a| IpAddr::from(a.ip())))
+                    });
+                if let Some(client) = client {
+                    if !limiter.allow(client, Instant::now()) {
+                        engine.metrics.rate_limited.inc();
+                        continue;
+                    }
+                }
+            }
             let started = Instant::now();
             let len = lens[i].min(MAX_QUERY);
             let answered = engine.answer(
@@ -175,6 +192,50 @@ fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
             MsgFlags::empty(),
         ) {
             tracing::debug!(error = %e, "dns udp send failed");
+        }
+    }
+}
+
+/// A UDP worker's per-client token buckets: `per_sec` answers a second,
+/// with a burst of one second's worth. Buckets idle for a minute are dropped.
+struct RateLimit {
+    per_sec: u32,
+    buckets: std::collections::HashMap<IpAddr, (f64, Instant)>,
+    swept: Option<Instant>,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32) -> RateLimit {
+        RateLimit {
+            per_sec,
+            buckets: std::collections::HashMap::new(),
+            swept: None,
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.per_sec > 0
+    }
+
+    fn allow(&mut self, client: IpAddr, now: Instant) -> bool {
+        let rate = f64::from(self.per_sec);
+        if self
+            .swept
+            .is_none_or(|at| now.duration_since(at) > Duration::from_secs(60))
+        {
+            self.buckets
+                .retain(|_, (_, seen)| now.duration_since(*seen) < Duration::from_secs(60));
+            self.swept = Some(now);
+        }
+        let (tokens, seen) = self.buckets.entry(client).or_insert((rate, now));
+        let refill = now.duration_since(*seen).as_secs_f64() * rate;
+        *tokens = (*tokens + refill).min(rate);
+        *seen = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }

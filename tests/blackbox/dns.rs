@@ -503,3 +503,57 @@ fn reverse_lookups_name_nodes_and_services() {
         },
     );
 }
+
+#[test]
+fn any_over_udp_goes_to_tcp_and_one_client_is_rate_limited() {
+    let (agent, _dir) = crate::proxy::agent_with("[dns]\nrate_limit = 20\n");
+    let c = agent.client();
+    register_web(&c);
+    // One query (the limit counts every query from 127.0.0.1).
+    assert!(!udp(agent.dns, "web.service.consul", RecordType::A)
+        .answers
+        .is_empty());
+    // ANY over UDP: empty and truncated; over TCP: the records.
+    let (any, _) = ask(
+        agent.dns,
+        "web.service.consul",
+        RecordType::ANY,
+        None,
+        Via::Udp,
+    );
+    assert!(any.metadata.truncation, "ANY over UDP is sent to TCP");
+    assert!(any.answers.is_empty());
+    assert_eq!(any.metadata.response_code, ResponseCode::NoError);
+    let (any, _) = ask(
+        agent.dns,
+        "web.service.consul",
+        RecordType::ANY,
+        None,
+        Via::Tcp,
+    );
+    assert!(!any.answers.is_empty(), "ANY over TCP answers");
+
+    // One client sending 200 queries at once gets about one second's worth.
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let packet = query_bytes("web.service.consul", 1, None);
+    for _ in 0..200 {
+        socket.send_to(&packet, agent.dns).expect("send");
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 4096];
+    while socket.recv_from(&mut buf).is_ok() {
+        answered += 1;
+    }
+    assert!(answered >= 1, "the first queries are answered");
+    assert!(
+        answered < 200,
+        "the limit dropped some: {answered} answered"
+    );
+    let limited = c
+        .metric("switchyard_dns_rate_limited_total")
+        .expect("rate-limit metric");
+    assert!(limited >= 1.0, "{limited}");
+}
