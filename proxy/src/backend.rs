@@ -556,17 +556,23 @@ impl ProxyDecorator {
 }
 
 impl Shared {
-    /// Every endpoint's stats, with its service, node and id.
-    fn endpoints(&self) -> Vec<(Name, Name, Name, Arc<EndpointStats>)> {
+    /// The endpoints failing since before `cutoff` (ns), with their service,
+    /// node and id. Only those are cloned: a scan of a large catalog costs
+    /// a pass over atomics.
+    fn failing_before(&self, cutoff: u64) -> Vec<(Name, Name, Name, Arc<EndpointStats>)> {
         let Ok(services) = self.services.lock() else {
             return Vec::new();
         };
         services
             .iter()
             .flat_map(|(service, entry)| {
-                entry.endpoints.iter().map(move |((node, id), stats)| {
-                    (service.clone(), node.clone(), id.clone(), stats.clone())
-                })
+                entry
+                    .endpoints
+                    .iter()
+                    .filter(move |(_, stats)| stats.failing_since().is_some_and(|s| s <= cutoff))
+                    .map(move |((node, id), stats)| {
+                        (service.clone(), node.clone(), id.clone(), stats.clone())
+                    })
             })
             .collect()
     }
@@ -586,13 +592,11 @@ pub async fn report_passive_failures(decorator: Arc<ProxyDecorator>, registry: R
         let outlier = shared.config.load().outlier.clone();
         let now = now_ns();
         if outlier.report != crate::config::PassiveReport::Off {
-            let after = nanos(outlier.report_after);
-            for (service, node, id, stats) in shared.endpoints() {
+            let cutoff = now.saturating_sub(nanos(outlier.report_after));
+            for (service, node, id, stats) in shared.failing_before(cutoff) {
                 let key = (node.clone(), id.clone());
-                let Some(since) = stats.failing_since() else {
-                    continue;
-                };
-                if now.saturating_sub(since) < after || reported.contains_key(&key) {
+                let since = stats.failing_since().unwrap_or(now);
+                if reported.contains_key(&key) {
                     continue;
                 }
                 let status = if outlier.report == crate::config::PassiveReport::Warning {
