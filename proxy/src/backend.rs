@@ -413,6 +413,53 @@ pub(crate) struct Shared {
     configured: ArcSwap<HashSet<String>>,
     services: Mutex<HashMap<Name, ServiceEntry>>,
     empty: Extra,
+    /// Open connections per client address (only while a cap is set).
+    clients: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One client connection counted against `max_connections_per_client`;
+/// released when dropped.
+pub(crate) struct ClientSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut clients) = self.shared.clients.lock() {
+            if let Some(open) = clients.get_mut(&self.ip) {
+                *open -= 1;
+                if *open == 0 {
+                    clients.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// Counts a new connection from `ip` against `max` (0 = no cap): `Ok(None)`
+/// when uncounted, `Ok(Some(slot))` when counted, `Err(())` when the client
+/// is at its cap.
+pub(crate) fn client_slot(
+    shared: &Arc<Shared>,
+    ip: IpAddr,
+    max: usize,
+) -> Result<Option<ClientSlot>, ()> {
+    if max == 0 {
+        return Ok(None);
+    }
+    let Ok(mut clients) = shared.clients.lock() else {
+        return Ok(None);
+    };
+    let open = clients.entry(ip).or_insert(0);
+    if *open >= max {
+        return Err(());
+    }
+    *open += 1;
+    Ok(Some(ClientSlot {
+        shared: shared.clone(),
+        ip,
+    }))
 }
 
 /// The services a configuration routes to (HTTP routes and L4 listeners).
@@ -492,6 +539,7 @@ impl ProxyDecorator {
                 configured: ArcSwap::from_pointee(configured),
                 services: Mutex::new(HashMap::new()),
                 empty: Arc::new(ProxyService::empty()),
+                clients: Mutex::new(HashMap::new()),
             }),
         }
     }

@@ -197,6 +197,9 @@ pub struct Config {
     pub tls: TlsConfig,
     /// File that gets one JSON line per request; absent = no access log.
     pub access_log: Option<std::path::PathBuf>,
+    /// Open connections one client address may hold across the HTTP, HTTPS
+    /// and L4 listeners; more are refused (HTTP gets a 429). 0 = no cap (default).
+    pub max_connections_per_client: usize,
 }
 
 /// One certificate chain and its key, served for `names` (SNI).
@@ -244,6 +247,7 @@ impl Default for Config {
             routes: Vec::new(),
             tls: TlsConfig::default(),
             access_log: None,
+            max_connections_per_client: 0,
         }
     }
 }

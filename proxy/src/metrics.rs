@@ -17,10 +17,12 @@ pub(crate) enum Reject {
     UpstreamFailed,
     UpstreamTimeout,
     ClientTimeout,
+    /// A client already had `max_connections_per_client` open.
+    ClientLimit,
 }
 
 impl Reject {
-    const ALL: [Reject; 7] = [
+    const ALL: [Reject; 8] = [
         Reject::BadRequest,
         Reject::HeadTooLarge,
         Reject::NoRoute,
@@ -28,6 +30,7 @@ impl Reject {
         Reject::UpstreamFailed,
         Reject::UpstreamTimeout,
         Reject::ClientTimeout,
+        Reject::ClientLimit,
     ];
 
     fn label(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Reject {
             Reject::UpstreamFailed => "upstream_failed",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::ClientTimeout => "client_timeout",
+            Reject::ClientLimit => "client_connection_limit",
         }
     }
 }

@@ -20,10 +20,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access;
-use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, Shared};
+use crate::backend::{
+    client_slot, now_ns, Backend, ClientSlot, EndpointStats, ProxyService, Shared,
+};
 use crate::config::{Config, TcpConfig};
 use crate::conn::{self, Buf};
 use crate::h2::H2;
+use crate::metrics::Reject;
 use crate::route::RouteTable;
 use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
@@ -43,6 +46,9 @@ struct Idle {
     stats: Arc<EndpointStats>,
     streams: Vec<(TcpStream, u64)>,
 }
+
+/// The answer to a client over its connection cap.
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 39\r\nconnection: close\r\nx-switchyard: proxy\r\n\r\ntoo many connections from your address\n";
 
 /// A proxy thread's own state.
 pub(crate) struct Local {
@@ -84,6 +90,28 @@ impl Local {
             *self.config.borrow_mut() = config;
             *self.tcp.borrow_mut() = Rc::new((**self.shared.tcp.load()).clone());
             self.generation.set(generation);
+        }
+    }
+
+    /// Counts a new connection against the per-client cap. `None` when the
+    /// client is at its cap: the connection is refused (plain HTTP gets a
+    /// 429 first, written without waiting) and dropped.
+    pub(crate) fn admit(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        http: bool,
+    ) -> Option<Option<ClientSlot>> {
+        let max = self.config().max_connections_per_client;
+        match client_slot(&self.shared, peer.ip(), max) {
+            Ok(slot) => Some(slot),
+            Err(()) => {
+                self.shared.metrics.reject(Reject::ClientLimit);
+                if http {
+                    let _ = stream.try_write(TOO_MANY);
+                }
+                None
+            }
         }
     }
 
@@ -468,7 +496,9 @@ fn run_thread(thread: Thread) {
                             tokio::select! {
                                 accepted = listener.accept() => match accepted {
                                     Ok((stream, peer)) => {
-                                        tokio::task::spawn_local(crate::tls::serve(local.clone(), acceptor.clone(), stream, peer));
+                                        let Some(slot) = local.admit(&stream, peer, false) else { continue };
+                                        let serve = crate::tls::serve(local.clone(), acceptor.clone(), stream, peer);
+                                        tokio::task::spawn_local(async move { let _slot = slot; serve.await });
                                     }
                                     Err(e) => {
                                         tracing::warn!(error = %e, "HTTPS accept failed");
@@ -497,7 +527,9 @@ fn run_thread(thread: Thread) {
                     tokio::select! {
                         accepted = listener.accept() => match accepted {
                             Ok((stream, peer)) => {
-                                tokio::task::spawn_local(tcp::serve(local.clone(), route.clone(), stream, peer));
+                                let Some(slot) = local.admit(&stream, peer, false) else { continue };
+                                let serve = tcp::serve(local.clone(), route.clone(), stream, peer);
+                                tokio::task::spawn_local(async move { let _slot = slot; serve.await });
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "L4 accept failed");
@@ -513,8 +545,10 @@ fn run_thread(thread: Thread) {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Some(slot) = local.admit(&stream, peer, true) else { continue };
                         let info = Client::new(peer.ip(), "http");
-                        tokio::task::spawn_local(conn::serve(local.clone(), stream, info));
+                        let serve = conn::serve(local.clone(), stream, info);
+                        tokio::task::spawn_local(async move { let _slot = slot; serve.await });
                     }
                     Err(e) => {
                         // Out of descriptors or similar: back off briefly.

@@ -288,3 +288,52 @@ fn an_api_reachable_from_other_hosts_needs_tokens() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("16 characters"));
 }
+
+#[test]
+fn one_client_cannot_hold_more_than_its_share_of_connections() {
+    use std::io::{Read, Write};
+    let (agent, _dir) =
+        agent_with("[http]\nmax_connections_per_client = 2\n[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let up = crate::proxy::Upstream::start("web1");
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+            "endpoints": [{"node": "n1", "service": "web", "id": "web1", "address": "127.0.0.1",
+                           "port": up.addr.port()}]})
+        .to_string(),
+    );
+    let open = || {
+        let stream = std::net::TcpStream::connect(agent.http).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+    };
+    let mut held: Vec<_> = (0..2).map(|_| open()).collect();
+    let mut buf = Vec::new();
+    for stream in &mut held {
+        let (status, _) = crate::drain::keep_alive_get(stream, &mut buf).expect("served");
+        assert_eq!(status, 200);
+    }
+    // A third connection from the same address is refused with a 429.
+    let mut third = open();
+    let mut answer = Vec::new();
+    let _ = third.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(c
+        .metric("switchyard_proxy_rejected_total{reason=\"client_connection_limit\"}")
+        .is_some_and(|n| n >= 1.0));
+    // Closing one frees its slot.
+    drop(held.pop());
+    crate::support::eventually("a freed slot", Duration::from_secs(10), || {
+        let mut stream = open();
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer)
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    });
+}
