@@ -81,6 +81,9 @@ pub struct RouteConfig {
     /// Extra attempts for idempotent requests. Default: the `[http]` table's value.
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Largest request body in bytes (413 beyond). Default: the `[http]` table's value.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
 }
 
 fn slash() -> String {
@@ -197,6 +200,10 @@ pub struct Config {
     pub tls: TlsConfig,
     /// File that gets one JSON line per request; absent = no access log.
     pub access_log: Option<std::path::PathBuf>,
+    /// Largest request body in bytes: a larger Content-Length gets 413 before
+    /// anything is sent upstream; a chunked body that grows past it is cut.
+    /// 0 = no limit (default).
+    pub max_body_bytes: u64,
     /// Open connections one client address may hold across the HTTP, HTTPS
     /// and L4 listeners; more are refused (HTTP gets a 429). 0 = no cap (default).
     pub max_connections_per_client: usize,
@@ -248,6 +255,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             access_log: None,
             max_connections_per_client: 0,
+            max_body_bytes: 0,
         }
     }
 }

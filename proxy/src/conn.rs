@@ -319,6 +319,32 @@ async fn exchange(
             return answer(client, 503, "Service Unavailable", &body, close_on_refusal).await;
         }
     };
+    if route.max_body_bytes > 0 {
+        if let Framing::Length(n) = request.framing {
+            if n > route.max_body_bytes {
+                metrics.reject(Reject::BodyTooLarge);
+                let outcome = Outcome {
+                    status: 413,
+                    ..Outcome::default()
+                };
+                log_access(
+                    local,
+                    info,
+                    head,
+                    &request,
+                    &route.service,
+                    413,
+                    &outcome,
+                    started,
+                );
+                let body = format!(
+                    "request body of {n} bytes is over this route's limit of {}",
+                    route.max_body_bytes
+                );
+                return answer(client, 413, "Content Too Large", &body, true).await;
+            }
+        }
+    }
     if request.expect_continue
         && request.framing != Framing::None
         && client
@@ -694,6 +720,10 @@ async fn attempt(
         }
         if body != Framing::None {
             let mut none = Vec::new();
+            let max = match route.max_body_bytes {
+                0 => u64::MAX,
+                max => max,
+            };
             match relay(
                 cbuf,
                 client,
@@ -701,11 +731,16 @@ async fn attempt(
                 body,
                 &mut none,
                 config.body_timeout,
+                max,
             )
             .await
             {
                 Ok(()) => {}
                 Err(Side::Source) => return Err(Failure::Client),
+                Err(Side::TooLarge) => {
+                    local.shared.metrics.reject(Reject::BodyTooLarge);
+                    return Err(Failure::Client);
+                }
                 Err(Side::Sink) => return Err(Failure::Broken),
             }
         }
@@ -791,6 +826,7 @@ async fn attempt(
         response.framing,
         reply,
         config.body_timeout,
+        u64::MAX,
     )
     .await
     {
@@ -839,6 +875,8 @@ async fn write_both(dst: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
 enum Side {
     Source,
     Sink,
+    /// The body passed its limit (counted on the wire, chunk framing included).
+    TooLarge,
 }
 
 /// Forwards one body of `framing` from `src` to `dst`: first the bytes
@@ -852,8 +890,10 @@ async fn relay(
     framing: Framing,
     prefix: &mut Vec<u8>,
     stall: Duration,
+    max: u64,
 ) -> Result<(), Side> {
     let mut chunks = Chunks::default();
+    let mut relayed: u64 = 0;
     let mut left = match framing {
         Framing::Length(n) => n,
         _ => u64::MAX,
@@ -869,6 +909,10 @@ async fn relay(
             Framing::Chunked => chunks.scan(buf.filled()).map_err(|_| Side::Source)?,
             Framing::Close => (buf.len(), false),
         };
+        relayed = relayed.saturating_add(take as u64);
+        if relayed > max {
+            return Err(Side::TooLarge);
+        }
         let data = &buf.filled()[..take];
         let written = if prefix.is_empty() {
             if data.is_empty() {

@@ -19,10 +19,12 @@ pub(crate) enum Reject {
     ClientTimeout,
     /// A client already had `max_connections_per_client` open.
     ClientLimit,
+    /// A request body over its route's `max_body_bytes`.
+    BodyTooLarge,
 }
 
 impl Reject {
-    const ALL: [Reject; 8] = [
+    const ALL: [Reject; 9] = [
         Reject::BadRequest,
         Reject::HeadTooLarge,
         Reject::NoRoute,
@@ -31,6 +33,7 @@ impl Reject {
         Reject::UpstreamTimeout,
         Reject::ClientTimeout,
         Reject::ClientLimit,
+        Reject::BodyTooLarge,
     ];
 
     fn label(self) -> &'static str {
@@ -43,6 +46,7 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::ClientTimeout => "client_timeout",
             Reject::ClientLimit => "client_connection_limit",
+            Reject::BodyTooLarge => "body_too_large",
         }
     }
 }

@@ -95,6 +95,8 @@ pub(crate) struct Route {
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
     pub(crate) retries: u32,
+    /// Largest request body, in bytes; 0 = no limit.
+    pub(crate) max_body_bytes: u64,
 }
 
 type Prefixes = Vec<(Box<[u8]>, Arc<Route>)>;
@@ -123,6 +125,7 @@ impl RouteTable {
                 connect_timeout: route.connect_timeout.unwrap_or(config.connect_timeout),
                 response_timeout: route.response_timeout.unwrap_or(config.response_timeout),
                 retries: route.retries.unwrap_or(config.retries),
+                max_body_bytes: route.max_body_bytes.unwrap_or(config.max_body_bytes),
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -139,6 +142,7 @@ impl RouteTable {
                 connect_timeout: config.connect_timeout,
                 response_timeout: config.response_timeout,
                 retries: config.retries,
+                max_body_bytes: config.max_body_bytes,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());

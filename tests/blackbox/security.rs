@@ -337,3 +337,60 @@ fn one_client_cannot_hold_more_than_its_share_of_connections() {
             .then_some(())
     });
 }
+
+#[test]
+fn request_bodies_over_the_route_limit_are_refused_or_cut() {
+    let (agent, _dir) = agent_with(
+        "[http]\nmax_body_bytes = 1000\n[[http.routes]]\npath_prefix = \"/small\"\nservice = \"web\"\nmax_body_bytes = 10\n[[http.routes]]\nservice = \"web\"\n",
+    );
+    let c = agent.client();
+    let up = crate::proxy::Upstream::start("web1");
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+            "endpoints": [{"node": "n1", "service": "web", "id": "web1", "address": "127.0.0.1",
+                           "port": up.addr.port()}]})
+        .to_string(),
+    );
+    let post = |path: &str, body: &str| {
+        crate::proxy::raw(
+            agent.http,
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let ok = post("/small/echo", "12345");
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let served = up.served();
+    let refused = post("/small/echo", &"x".repeat(100));
+    assert_eq!(refused.status, 413, "{refused:?}");
+    assert_eq!(
+        up.served(),
+        served,
+        "a refused body never reaches the backend"
+    );
+    // The table-wide limit applies to the other route.
+    assert_eq!(post("/echo", &"y".repeat(500)).status, 200);
+    assert_eq!(post("/echo", &"y".repeat(2000)).status, 413);
+    // A chunked body is cut when it passes the limit: no response comes back.
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(agent.http).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"POST /small/echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n")
+        .expect("send");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "an oversized chunked body is not answered 200"
+    );
+    assert!(c
+        .metric("switchyard_proxy_rejected_total{reason=\"body_too_large\"}")
+        .is_some_and(|n| n >= 3.0));
+}

@@ -11,6 +11,7 @@ fn route(host: Option<&str>, prefix: &str, service: &str) -> RouteConfig {
         connect_timeout: None,
         response_timeout: None,
         retries: None,
+        max_body_bytes: None,
     }
 }
 
