@@ -637,6 +637,10 @@ fn malformed_requests_get_400_or_431_and_never_reach_a_backend() {
         (b"GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n".to_vec(), 400),
         (b"GARBAGE\r\n\r\n".to_vec(), 400),
         (b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(), 400),
+        // Obsolete line folding hiding a Transfer-Encoding, and a space before the colon.
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nX-A: b\r\n Transfer-Encoding: chunked\r\n\r\nabcd".to_vec(), 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\nContent-Length: 4\r\n\r\nabcd".to_vec(), 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n".to_vec(), 400),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(), 400),
         (big_header.into_bytes(), 431),
         (many.into_bytes(), 431),
