@@ -32,7 +32,8 @@ use crate::balance::{self, Tried};
 use crate::metrics::Reject;
 use crate::wire;
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// The HTTP/2 side of the proxy, shared by the proxy threads.
 pub(crate) struct H2 {
@@ -197,6 +198,24 @@ impl H2 {
         if answered.logging {
             answered.service = route.service.to_string();
         }
+        if route.max_body_bytes > 0 {
+            let declared = request
+                .headers()
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .or_else(|| request.body().size_hint().exact());
+            if declared.is_some_and(|n| n > route.max_body_bytes) {
+                metrics.reject(Reject::BodyTooLarge);
+                return answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body is over this route's limit of {} bytes",
+                        route.max_body_bytes
+                    ),
+                );
+            }
+        }
         let service: Option<Arc<ProxyService>> = self
             .snapshot
             .load()
@@ -242,7 +261,13 @@ impl H2 {
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         );
         let replayable = body.is_end_stream();
-        let mut body = Some(body.boxed());
+        // A body without a declared length is cut at the limit: the upstream
+        // request then fails instead of carrying it on.
+        let mut body = Some(match route.max_body_bytes {
+            0 => body.map_err(BoxError::from).boxed(),
+            max => http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+                .boxed(),
+        });
         let mut rng = fastrand::Rng::new();
         let mut headers = upstream_headers(&parts.headers, &host, peer, proto, rng.u64(..));
         if upgrade {
@@ -319,7 +344,7 @@ impl H2 {
                         inner: body,
                         stats: Some(backend.stats.clone()),
                     };
-                    return Response::from_parts(parts, body.boxed());
+                    return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
                 }
                 Ok(Err(e)) => {
                     backend.stats.leave();

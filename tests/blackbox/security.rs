@@ -393,4 +393,31 @@ fn request_bodies_over_the_route_limit_are_refused_or_cut() {
     assert!(c
         .metric("switchyard_proxy_rejected_total{reason=\"body_too_large\"}")
         .is_some_and(|n| n >= 3.0));
+
+    // The same limit over HTTP/2.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use http_body_util::Full;
+        use hyper::body::Bytes;
+        let tcp = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2");
+        tokio::spawn(connection);
+        for (size, expected) in [(5usize, 200u16), (100, 413)] {
+            let request = hyper::Request::post("http://h/small/echo")
+                .body(Full::new(Bytes::from(vec![b'z'; size])))
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            assert_eq!(response.status().as_u16(), expected, "{size} bytes over h2");
+        }
+    });
 }
