@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socketserver
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ import threading
 import time
 import urllib.request
 
-from w_http import BACKENDS, start_backends, wait_http
+from w_http import BACKENDS, start_backends, stop_all, wait_http
 
 SLOW = [18181, 18182, 18183]
 PORT = 18080
@@ -194,16 +193,9 @@ def main():
               f"{med([r['in_flight'] for r in rows])} | {max(r['new_after_ack'] for r in rows)} (max) | "
               f"{med([r['last_n1_ms'] for r in rows]):.0f} ms | {med([r['drained_ms'] for r in rows]):.0f} ms |")
     finally:
-        for p in (proc, backends):
-            p.send_signal(signal.SIGTERM)
-        for p in (proc, backends):
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
         for s in slow_servers:
             s.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all([proc, backends], work)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 
 from procstat import cpu_seconds, session_pids
-from w_http import BACKENDS, start_backends, start_switchyard, wait_http
+from w_http import BACKENDS, start_backends, start_switchyard, stop_all, wait_http
 
 PORTS = {"switchyard": 18080, "nginx": 18094, "haproxy": 18095}
 
@@ -119,14 +118,7 @@ def main():
                   f"{ratio('nginx', 'rps'):.2f}× | {ratio('haproxy', 'rps'):.2f}× | {ratio('nginx', 'cpu'):.2f}× | "
                   f"{ratio('haproxy', 'cpu'):.2f}× | {sum(x['bad'] for x in r)} |")
     finally:
-        for proc in list(procs.values()) + [backends]:
-            proc.send_signal(signal.SIGTERM)
-        for proc in list(procs.values()) + [backends]:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(list(procs.values()) + [backends], work)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,18 @@ def wrk(port, path, connections, seconds):
     return rps, total, p99, int(errors.group(1)) if errors else 0, socket_errors.group(1) if socket_errors else ""
 
 
+def stop_all(procs, work):
+    """SIGTERM every process, wait (bounded), kill stragglers, remove `work`."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
@@ -198,14 +210,7 @@ def main():
                   f"{ratio('haproxy', 'p99'):.2f}× | {cpu_ratio('haproxy')} | {cpu_ratio('nginx')} | "
                   f"{sum(x['bad'] for x in r)} |")
     finally:
-        for proc in list(procs.values()) + [backends]:
-            proc.send_signal(signal.SIGTERM)
-        for proc in list(procs.values()) + [backends]:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(list(procs.values()) + [backends], work)
 
 
 if __name__ == "__main__":

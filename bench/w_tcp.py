@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import tempfile
 import urllib.request
 
 from procstat import cpu_seconds, session_pids
-from w_http import BACKENDS, start_backends, wait_http, wrk
+from w_http import BACKENDS, start_backends, stop_all, wait_http, wrk
 
 PORTS = {"switchyard": 18090, "nginx": 18091, "haproxy": 18092}
 # Debian ships nginx's stream module separately (libnginx-mod-stream).
@@ -135,14 +134,7 @@ def main():
                   f"{ratio('nginx', 'cpu'):.2f}× | {ratio('haproxy', 'cpu'):.2f}× | {ratio('nginx', 'p99'):.2f}× | "
                   f"{sum(x['bad'] for x in r)} |")
     finally:
-        for proc in list(procs.values()) + [backends]:
-            proc.send_signal(signal.SIGTERM)
-        for proc in list(procs.values()) + [backends]:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(list(procs.values()) + [backends], work)
 
 
 if __name__ == "__main__":

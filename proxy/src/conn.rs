@@ -281,19 +281,12 @@ async fn exchange(
     cbuf.consume(request.head_len);
     // A refused request with a body we did not read ends the connection.
     let close_on_refusal = !request.keep_alive || request.framing != Framing::None;
-    let started = now_ns();
+    // The clock is read for the access log only, and only while it is on.
+    let started = local.logging().then(now_ns);
     let Some(route) = route else {
         metrics.reject(Reject::NoRoute);
-        log_access(
-            local,
-            info,
-            head,
-            &request,
-            "",
-            404,
-            &Outcome::default(),
-            started,
-        );
+        let outcome = Outcome::refused(404, started);
+        log_access(info, head, &request, "", &outcome);
         let body = format!("no route for host {:?}", request.host.as_str());
         return answer(client, 404, "Not Found", &body, close_on_refusal).await;
     };
@@ -301,48 +294,22 @@ async fn exchange(
         Some(service) if !service.backends.is_empty() => service,
         _ => {
             metrics.reject(Reject::NoEndpoint);
-            let outcome = Outcome {
-                status: 503,
-                ..Outcome::default()
-            };
-            log_access(
-                local,
-                info,
-                head,
-                &request,
-                &route.service,
-                503,
-                &outcome,
-                started,
-            );
+            let outcome = Outcome::refused(503, started);
+            log_access(info, head, &request, &route.service, &outcome);
             let body = format!("service {:?} has no healthy endpoints", &*route.service);
             return answer(client, 503, "Service Unavailable", &body, close_on_refusal).await;
         }
     };
-    if route.max_body_bytes > 0 {
-        if let Framing::Length(n) = request.framing {
-            if n > route.max_body_bytes {
-                metrics.reject(Reject::BodyTooLarge);
-                let outcome = Outcome {
-                    status: 413,
-                    ..Outcome::default()
-                };
-                log_access(
-                    local,
-                    info,
-                    head,
-                    &request,
-                    &route.service,
-                    413,
-                    &outcome,
-                    started,
-                );
-                let body = format!(
-                    "request body of {n} bytes is over this route's limit of {}",
-                    route.max_body_bytes
-                );
-                return answer(client, 413, "Content Too Large", &body, true).await;
-            }
+    if let Framing::Length(n) = request.framing {
+        if route.max_body_bytes > 0 && n > route.max_body_bytes {
+            metrics.reject(Reject::BodyTooLarge);
+            let outcome = Outcome::refused(413, started);
+            log_access(info, head, &request, &route.service, &outcome);
+            let body = format!(
+                "request body of {n} bytes is over this route's limit of {}",
+                route.max_body_bytes
+            );
+            return answer(client, 413, "Content Too Large", &body, true).await;
         }
     }
     if request.expect_continue
@@ -368,7 +335,7 @@ async fn exchange(
     }
     let replayable = body == Framing::None;
 
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome::refused(0, started);
     let next = forward(
         local,
         client,
@@ -385,44 +352,38 @@ async fn exchange(
         &mut outcome,
     )
     .await;
-    log_access(
-        local,
-        info,
-        head,
-        &request,
-        &route.service,
-        outcome.status,
-        &outcome,
-        started,
-    );
+    log_access(info, head, &request, &route.service, &outcome);
     next
 }
 
-/// How a routed request ended, for the access log.
+/// How a request ended, for the access log.
 #[derive(Default)]
 struct Outcome {
+    /// When the request began; `None` while the access log is off (then
+    /// nothing is recorded).
+    started: Option<u64>,
     /// What the client got; 0 when it went away first.
     status: u16,
-    /// The endpoint that answered (recorded only while logging).
+    /// The endpoint that answered.
     endpoint: Option<Arc<EndpointStats>>,
     attempts: usize,
 }
 
-/// Writes the access log line of one request, when logging is on.
-#[allow(clippy::too_many_arguments)]
-fn log_access(
-    local: &Local,
-    info: &Client,
-    head: &[u8],
-    request: &Request,
-    service: &str,
-    status: u16,
-    outcome: &Outcome,
-    started: u64,
-) {
-    if !local.logging() {
-        return;
+impl Outcome {
+    fn refused(status: u16, started: Option<u64>) -> Outcome {
+        Outcome {
+            started,
+            status,
+            ..Outcome::default()
+        }
     }
+}
+
+/// Writes the access log line of one request, when logging is on.
+fn log_access(info: &Client, head: &[u8], request: &Request, service: &str, outcome: &Outcome) {
+    let Some(started) = outcome.started else {
+        return;
+    };
     let (method, path) = access::request_line(head);
     let (node, endpoint) = outcome
         .endpoint
@@ -435,7 +396,7 @@ fn log_access(
         method,
         host: request.host.as_str(),
         path,
-        status,
+        status: outcome.status,
         service,
         node,
         endpoint,
@@ -550,7 +511,7 @@ async fn forward(
         }
         tried.add(index);
         outcome.attempts += 1;
-        if local.logging() {
+        if outcome.started.is_some() {
             outcome.endpoint = Some(backend.stats.clone());
         }
         let result = attempt(

@@ -14,6 +14,15 @@ pub(crate) fn run(args: &[&str], api: &str) -> std::process::Output {
         .expect("run switchyard")
 }
 
+/// `agent --dev --check-config --config PATH`: loads and checks a config.
+pub(crate) fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(bin())
+        .args(["agent", "--dev", "--check-config", "--config"])
+        .arg(path)
+        .output()
+        .expect("run switchyard")
+}
+
 #[test]
 fn register_services_and_endpoints_commands() {
     let agent = Agent::start();
@@ -91,11 +100,7 @@ fn every_shipped_config_loads() {
             continue;
         }
         seen += 1;
-        let out = Command::new(bin())
-            .args(["agent", "--dev", "--check-config", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run");
+        let out = check_config(&path);
         assert!(
             out.status.success(),
             "{}: {}",
@@ -115,11 +120,7 @@ fn a_bad_config_names_the_line_and_exits_64() {
         "[agent]\ndatacenter = \"dc1\"\n\n[api]\naddr = \"not an address\"\n",
     )
     .expect("write");
-    let out = Command::new(bin())
-        .args(["agent", "--check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -128,11 +129,7 @@ fn a_bad_config_names_the_line_and_exits_64() {
     );
 
     std::fs::write(&path, "[agent]\nsurprise = 1\n").expect("write");
-    let out = Command::new(bin())
-        .args(["agent", "--check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("surprise"));
 

@@ -518,17 +518,7 @@ fn services_and_checks_from_the_config_file_register_and_follow_reloads() {
         "[[services]]\nport = 1\n[services.check]\nhttp = \"http://x/\"\n",
     )
     .expect("write bad config");
-    let out = std::process::Command::new(crate::support::bin())
-        .args([
-            "agent",
-            "--check-config",
-            "--config",
-            config.to_str().expect("utf8"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("other"))
-        .output()
-        .expect("run");
+    let out = crate::cli::check_config(&config);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("services[0]"), "{err}");

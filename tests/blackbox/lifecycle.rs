@@ -7,10 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::drain::keep_alive_get;
-use crate::proxy::{agent_with, Upstream};
+use crate::proxy::{agent_with, register, Upstream};
 use crate::support::{eventually, Agent};
 
 #[test]
@@ -18,10 +16,7 @@ fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
     let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
     let c = agent.client();
     let up = Upstream::start("web1");
-    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
-        "endpoints": [{"node": "n1", "service": "web", "id": "web1", "address": "127.0.0.1",
-                       "port": up.addr.port()}]});
-    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    register(&c, "web", &[&up], &[]);
 
     // An idle keep-alive connection that has served one request.
     let mut idle = TcpStream::connect(agent.http).expect("connect");
@@ -89,11 +84,8 @@ fn reloads_under_keep_alive_load_fail_nothing_and_a_bad_one_changes_nothing() {
     let c = agent.client();
     let one = Upstream::start("one");
     let two = Upstream::start("two");
-    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
-        "endpoints": [
-            {"node": "n1", "service": "one", "id": "one", "address": "127.0.0.1", "port": one.addr.port()},
-            {"node": "n1", "service": "two", "id": "two", "address": "127.0.0.1", "port": two.addr.port()}]});
-    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    register(&c, "one", &[&one], &[]);
+    register(&c, "two", &[&two], &[]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));
@@ -266,10 +258,7 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
     let old = Agent::start_in(&data, &args);
     let c = old.client();
     let up = Upstream::start("web1");
-    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
-        "endpoints": [{"node": "n1", "service": "web", "id": "web1", "address": "127.0.0.1",
-                       "port": up.addr.port()}]});
-    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    register(&c, "web", &[&up], &[]);
     let index_before = c.get_ok("/v1/switchyard/status").json()["index"]
         .as_u64()
         .expect("index");

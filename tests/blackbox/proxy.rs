@@ -209,7 +209,7 @@ fn get_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Raw {
 }
 
 /// Registers `upstreams` as endpoints of `service` on node `n1`.
-fn register(c: &Client, service: &str, upstreams: &[&Upstream], tags: &[&str]) {
+pub(crate) fn register(c: &Client, service: &str, upstreams: &[&Upstream], tags: &[&str]) {
     let endpoints: Vec<_> = upstreams
         .iter()
         .map(|u| {

@@ -254,17 +254,7 @@ fn an_api_reachable_from_other_hosts_needs_tokens() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, "[api]\naddr = \"0.0.0.0:0\"\n").expect("write");
-    let out = std::process::Command::new(crate::support::bin())
-        .args([
-            "agent",
-            "--check-config",
-            "--config",
-            path.to_str().expect("utf8"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .output()
-        .expect("run");
+    let out = crate::cli::check_config(&path);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("api.tokens"), "{err}");
@@ -274,17 +264,7 @@ fn an_api_reachable_from_other_hosts_needs_tokens() {
         "[[api.tokens]]\nsecret = \"short\"\nrole = \"read\"\n",
     )
     .expect("write");
-    let out = std::process::Command::new(crate::support::bin())
-        .args([
-            "agent",
-            "--check-config",
-            "--config",
-            path.to_str().expect("utf8"),
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .output()
-        .expect("run");
+    let out = crate::cli::check_config(&path);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("16 characters"));
 }
@@ -296,13 +276,7 @@ fn one_client_cannot_hold_more_than_its_share_of_connections() {
         agent_with("[http]\nmax_connections_per_client = 2\n[[http.routes]]\nservice = \"web\"\n");
     let c = agent.client();
     let up = crate::proxy::Upstream::start("web1");
-    c.put_ok(
-        "/v1/switchyard/batch",
-        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
-            "endpoints": [{"node": "n1", "service": "web", "id": "web1", "address": "127.0.0.1",
-                           "port": up.addr.port()}]})
-        .to_string(),
-    );
+    crate::proxy::register(&c, "web", &[&up], &[]);
     let open = || {
         let stream = std::net::TcpStream::connect(agent.http).expect("connect");
         stream
@@ -345,13 +319,7 @@ fn request_bodies_over_the_route_limit_are_refused_or_cut() {
     );
     let c = agent.client();
     let up = crate::proxy::Upstream::start("web1");
-    c.put_ok(
-        "/v1/switchyard/batch",
-        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
-            "endpoints": [{"node": "n1", "service": "web", "id": "web1", "address": "127.0.0.1",
-                           "port": up.addr.port()}]})
-        .to_string(),
-    );
+    crate::proxy::register(&c, "web", &[&up], &[]);
     let post = |path: &str, body: &str| {
         crate::proxy::raw(
             agent.http,
