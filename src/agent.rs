@@ -11,8 +11,8 @@ use switchyard_dns::{DnsDecorator, DnsMetrics, DnsServer};
 use switchyard_proxy::{HttpProxy, ProxyDecorator, ProxyMetrics};
 use switchyard_registry::api::{self, AgentInfo, ApiState};
 use switchyard_registry::{
-    Command, EmbeddedStore, MemoryStore, Node, Registry, RegistryMetrics, Store, StoreKind,
-    ViewDecorator,
+    Command, EmbeddedStore, EtcdStore, MemoryStore, Node, Registry, RegistryMetrics, Store,
+    StoreKind, ViewDecorator,
 };
 use tokio::sync::watch;
 
@@ -83,6 +83,13 @@ async fn serve(
             start(store, metrics, decorators)?
         }
         StoreKind::Memory => start(MemoryStore::default(), metrics, decorators)?,
+        StoreKind::Etcd => {
+            let options = config.store.etcd_options().map_err(anyhow::Error::msg)?;
+            let store = EtcdStore::connect(&options)
+                .await
+                .context("cannot reach the etcd store")?;
+            start(store, metrics, decorators)?
+        }
     };
 
     let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);

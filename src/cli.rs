@@ -373,6 +373,22 @@ fn status(api: &str, as_json: bool) -> anyhow::Result<()> {
         num(&status, "services"),
         num(&status, "endpoints")
     );
+    if let Some(store) = status
+        .get("store_state")
+        .filter(|s| s["shared"].as_bool() == Some(true))
+    {
+        let connected = store["connected"].as_bool() == Some(true);
+        println!(
+            "store     {}  revision {}  last heard {} ms ago",
+            if connected {
+                "connected"
+            } else {
+                "UNREACHABLE (answering from the last catalog)"
+            },
+            store["revision"].as_u64().unwrap_or(0),
+            store["staleness_ms"].as_u64().unwrap_or(0)
+        );
+    }
     if let Some(by) = status.get("endpoints_by_state").and_then(Value::as_object) {
         let parts: Vec<String> = by
             .iter()

@@ -86,6 +86,9 @@ impl AgentConfig {
         if self.store.cache_mib == 0 {
             return Err("store.cache_mib must be at least 1".to_string());
         }
+        if self.store.kind == switchyard_registry::StoreKind::Etcd {
+            self.store.etcd_options()?;
+        }
         self.dns.validate()?;
         self.http.validate()?;
         self.tcp.validate()?;

@@ -268,6 +268,9 @@ fn clip_output(mut output: String) -> String {
 impl Catalog {
     /// Rebuilds the catalog from what the store loaded.
     pub(crate) fn from_loaded(loaded: Loaded, decorators: Vec<Arc<dyn ViewDecorator>>) -> Catalog {
+        // A store that keeps every index (etcd) is taken at its word; otherwise
+        // services inherit the indexes of their nodes and checks.
+        let exact = loaded.tables.is_some();
         let mut snap = Snapshot {
             index: loaded.index,
             ..Snapshot::default()
@@ -318,10 +321,15 @@ impl Catalog {
             let slot = snap.slot_mut(&name.into());
             slot.index = slot.index.max(index);
         }
-        // Services inherit the indexes of their nodes and checks.
+        for (name, index) in loaded.entry_index {
+            if let Some(entry) = snap.nodes.get_mut(name.as_str()) {
+                let entry = Arc::make_mut(entry);
+                entry.index = entry.index.max(index);
+            }
+        }
         let mut top = snap.nodes.values().map(|e| e.index).max().unwrap_or(0);
         let names: Vec<Name> = snap.services.keys().cloned().collect();
-        for name in &names {
+        for name in names.iter().filter(|_| !exact) {
             let nodes = &snap.nodes;
             if let Some(slot) = snap.services.get_mut(name) {
                 let slot = Arc::make_mut(slot);
@@ -334,10 +342,11 @@ impl Catalog {
             }
         }
         snap.index = snap.index.max(top);
+        let [services, nodes, checks] = loaded.tables.unwrap_or([snap.index; 3]);
         snap.tables = crate::snapshot::TableIndexes {
-            services: snap.index,
-            nodes: snap.index,
-            checks: snap.index,
+            services,
+            nodes,
+            checks,
         };
         let mut catalog = Catalog {
             snap,
@@ -1147,6 +1156,16 @@ impl Catalog {
                 batch.service_index.push((service.clone(), slot.index));
             }
         }
+        for node in dirty.entries.union(&dirty.nodes) {
+            batch
+                .entries
+                .push((node.clone(), self.snap.nodes.contains_key(node)));
+        }
+        batch.tables = [
+            !dirty.endpoints.is_empty(),
+            !dirty.nodes.is_empty(),
+            !dirty.checks.is_empty(),
+        ];
         batch
     }
 
@@ -1158,5 +1177,6 @@ impl Catalog {
     }
 }
 
+mod replica;
 #[cfg(test)]
 mod tests;

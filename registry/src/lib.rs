@@ -35,6 +35,9 @@ pub use snapshot::{
     EndpointState, Extra, Extras, Instance, NodeEntry, ServiceView, Snapshot, StateCounts,
     TableIndexes, ViewDecorator,
 };
-pub use store::{EmbeddedStore, Keyed, Loaded, MemoryStore, Store, StoreBatch, CATALOG_FILE};
+pub use store::{
+    Change, Committed, EmbeddedStore, EtcdOptions, EtcdStore, Keyed, Loaded, MemoryStore, Record,
+    Store, StoreBatch, StoreStatus, CATALOG_FILE,
+};
 pub use watch::WatchKey;
 pub use writer::Registry;

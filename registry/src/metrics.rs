@@ -2,7 +2,7 @@
 //! `prometheus::Registry` (no global default registry anywhere in Switchyard).
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    exponential_buckets, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 
@@ -23,6 +23,10 @@ pub struct RegistryMetrics {
     pub blocking_queries: IntGauge,
     pub blocking_wakeups: IntCounter,
     pub api_requests: IntCounterVec,
+    pub commit_conflicts: IntCounter,
+    pub snapshot_revision: IntGauge,
+    pub store_connected: IntGauge,
+    pub store_staleness: Gauge,
 }
 
 fn seconds(name: &str, help: &str) -> Result<Histogram, prometheus::Error> {
@@ -100,6 +104,22 @@ impl RegistryMetrics {
                 ),
                 &["method", "code"],
             )?,
+            commit_conflicts: IntCounter::new(
+                "switchyard_registry_store_conflicts_total",
+                "Group commits retried because another agent wrote to the shared store first",
+            )?,
+            snapshot_revision: IntGauge::new(
+                "switchyard_registry_store_revision",
+                "Shared store revision the published snapshot reflects (0 for a local store)",
+            )?,
+            store_connected: IntGauge::new(
+                "switchyard_registry_store_connected",
+                "1 while the store is reachable (always 1 for a local store)",
+            )?,
+            store_staleness: Gauge::new(
+                "switchyard_registry_store_staleness_seconds",
+                "Time since the shared store last confirmed this agent's catalog is current",
+            )?,
         };
         registry.register(Box::new(m.index.clone()))?;
         registry.register(Box::new(m.endpoints.clone()))?;
@@ -115,6 +135,10 @@ impl RegistryMetrics {
         registry.register(Box::new(m.blocking_queries.clone()))?;
         registry.register(Box::new(m.blocking_wakeups.clone()))?;
         registry.register(Box::new(m.api_requests.clone()))?;
+        registry.register(Box::new(m.commit_conflicts.clone()))?;
+        registry.register(Box::new(m.snapshot_revision.clone()))?;
+        registry.register(Box::new(m.store_connected.clone()))?;
+        registry.register(Box::new(m.store_staleness.clone()))?;
         Ok(m)
     }
 

@@ -2,14 +2,20 @@
 //! group of commands and acknowledges them only after the commit returns.
 
 mod embedded;
+mod etcd;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 pub use embedded::{EmbeddedStore, CATALOG_FILE};
+pub use etcd::{EtcdOptions, EtcdStore};
 
 use crate::error::StoreError;
-use crate::model::{Check, Endpoint, Name, Node};
+use crate::model::{unix_ms, Check, Endpoint, Name, Node};
 
 /// A record keyed by `(node, id)`, or `None` for a deletion.
 pub type Keyed<T> = ((Name, Name), Option<Arc<T>>);
@@ -24,6 +30,18 @@ pub struct StoreBatch {
     pub checks: Vec<Keyed<Check>>,
     /// Last change index per service, kept for services that no longer exist.
     pub service_index: Vec<(Name, u64)>,
+    /// The catalog index this batch was built on. A shared store commits only
+    /// if nobody else changed the catalog since.
+    pub base: u64,
+    /// Nodes whose entry (record, endpoints or checks) changed, and whether
+    /// the node still exists.
+    pub entries: Vec<(Name, bool)>,
+    /// Which table indexes moved: services, nodes, checks.
+    pub tables: [bool; 3],
+    /// TTL checks renewed by this batch, with their TTL. A shared store
+    /// records them so every agent restarts the check's clock; a local store
+    /// has nothing to record (the writer restarts its own).
+    pub ttl_renewals: Vec<((Name, Name), Duration)>,
 }
 
 impl StoreBatch {
@@ -44,6 +62,48 @@ pub struct Loaded {
     pub endpoints: Vec<Endpoint>,
     pub checks: Vec<Check>,
     pub service_index: Vec<(String, u64)>,
+    /// Last change index per node entry (a shared store keeps them so that a
+    /// freshly started agent reports the same indexes as one that watched).
+    pub entry_index: Vec<(String, u64)>,
+    /// Table indexes (services, nodes, checks), when the store keeps them.
+    pub tables: Option<[u64; 3]>,
+}
+
+/// How a commit went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Durable as applied: the writer publishes its working copy.
+    Local,
+    /// Written to a shared store at this revision. The writer drops its
+    /// working copy; the change comes back through the feed, with the store's
+    /// revision as its index, exactly as every other agent sees it.
+    Shared { revision: u64 },
+    /// Someone else changed the catalog first. The writer catches up to this
+    /// revision through the feed and applies the commands again.
+    Conflict { revision: u64 },
+}
+
+/// One change read back from a shared store, in revision order.
+#[derive(Debug)]
+pub enum Change {
+    /// The records one revision changed.
+    Records { revision: u64, records: Vec<Record> },
+    /// The whole catalog at `revision` (after a gap the store could not
+    /// replay, such as a compacted revision): replaces everything.
+    Reset { revision: u64, loaded: Loaded },
+}
+
+/// One record of a `Change`; `None` is a deletion. Record indexes are the
+/// store's revisions.
+#[derive(Debug)]
+pub enum Record {
+    Node(Name, Option<Box<Node>>),
+    Endpoint((Name, Name), Option<Box<Endpoint>>),
+    Check((Name, Name), Option<Box<Check>>),
+    /// A TTL check was renewed (its clock restarts on every agent).
+    Ttl((Name, Name), Duration),
+    /// The catalog changed at this revision (every catalog write carries it).
+    Index,
 }
 
 /// A durable home for the catalog.
@@ -55,7 +115,76 @@ pub trait Store: Send + 'static {
     fn load(&mut self) -> Result<Loaded, StoreError>;
 
     /// Makes a batch durable. The writer awaits it before acknowledging.
-    fn commit(&mut self, batch: StoreBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn commit(
+        &mut self,
+        batch: StoreBatch,
+    ) -> impl Future<Output = Result<Committed, StoreError>> + Send;
+
+    /// The changes written by anyone (this agent included), for a store that
+    /// several agents share. The writer takes it once and applies what it
+    /// yields like its own commands.
+    fn feed(&mut self) -> Option<mpsc::Receiver<Change>> {
+        None
+    }
+
+    /// Whether other agents write to this store too.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Connection state, for staleness reporting.
+    fn status(&self) -> Arc<StoreStatus> {
+        Arc::new(StoreStatus::local())
+    }
+}
+
+/// How current this agent's copy of a shared catalog is. Local stores are
+/// always current.
+#[derive(Debug)]
+pub struct StoreStatus {
+    connected: AtomicBool,
+    /// Wall-clock time of the last word from the store (ms since the epoch);
+    /// 0 for a local store.
+    last_contact_ms: AtomicU64,
+    /// The store's revision this agent has seen up to.
+    revision: AtomicU64,
+}
+
+impl StoreStatus {
+    pub fn local() -> StoreStatus {
+        StoreStatus {
+            connected: AtomicBool::new(true),
+            last_contact_ms: AtomicU64::new(0),
+            revision: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn contact(&self, revision: u64) {
+        self.connected.store(true, Ordering::Relaxed);
+        self.last_contact_ms.store(unix_ms(), Ordering::Relaxed);
+        self.revision.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    pub(crate) fn lost(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Relaxed)
+    }
+
+    /// How long since the store was last heard from: the most this agent's
+    /// answers can lag the shared catalog. Zero for a local store.
+    pub fn staleness(&self) -> Duration {
+        match self.last_contact_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => Duration::from_millis(unix_ms().saturating_sub(at)),
+        }
+    }
 }
 
 /// Keeps nothing: for tests and benchmarks of the in-memory path.
@@ -77,8 +206,8 @@ impl Store for MemoryStore {
     fn commit(
         &mut self,
         _batch: StoreBatch,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    ) -> impl Future<Output = Result<Committed, StoreError>> + Send {
         self.commits += 1;
-        std::future::ready(Ok(()))
+        std::future::ready(Ok(Committed::Local))
     }
 }

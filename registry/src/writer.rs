@@ -19,13 +19,17 @@ use crate::error::{RegistryError, StoreError};
 use crate::metrics::RegistryMetrics;
 use crate::model::{Name, Status};
 use crate::snapshot::{Snapshot, ViewDecorator};
-use crate::store::Store;
+use crate::store::{Change, Committed, Store, StoreStatus};
 use crate::watch::{WatchKey, Watchers};
 
 /// Most commands folded into one store commit.
 const MAX_GROUP: usize = 4096;
 /// Queue depth in front of the writer; senders wait when it is full.
 const QUEUE: usize = 8192;
+/// Tries of one group against a shared store that other agents write to.
+const MAX_ATTEMPTS: usize = 16;
+/// Longest wait for the feed to show a committed write before acknowledging it.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 
 type Reply = oneshot::Sender<Result<u64, RegistryError>>;
 
@@ -51,6 +55,8 @@ struct Inner {
     index: watch::Receiver<u64>,
     metrics: Arc<RegistryMetrics>,
     store_kind: &'static str,
+    store_status: Arc<StoreStatus>,
+    shared: bool,
     watchers: Arc<Watchers>,
     check_events: CheckEvents,
 }
@@ -84,6 +90,9 @@ impl Registry {
         let (index_tx, index_rx) = watch::channel(index);
         let (tx, rx) = mpsc::channel(QUEUE);
         let store_kind = store.kind();
+        let store_status = store.status();
+        let shared = store.shared();
+        let feed = store.feed();
         let watchers = Arc::new(Watchers::default());
         let check_events = CheckEvents::default();
         let mut writer = Writer {
@@ -96,6 +105,8 @@ impl Registry {
             timers: Timers::default(),
             watchers: watchers.clone(),
             check_events: check_events.clone(),
+            feed,
+            feed_revision: store_status.revision(),
         };
         writer.arm_loaded_timers();
         let handle = tokio::spawn(writer.run());
@@ -106,6 +117,8 @@ impl Registry {
                 index: index_rx,
                 metrics,
                 store_kind,
+                store_status,
+                shared,
                 watchers,
                 check_events,
             }),
@@ -173,6 +186,17 @@ impl Registry {
         self.inner.store_kind
     }
 
+    /// How current this agent's copy of the catalog is (always current with
+    /// a local store).
+    pub fn store_status(&self) -> &Arc<StoreStatus> {
+        &self.inner.store_status
+    }
+
+    /// Whether other agents share this catalog (the etcd store).
+    pub fn shared(&self) -> bool {
+        self.inner.shared
+    }
+
     /// Asks the writer to finish what is queued before this call and stop.
     pub async fn shutdown(&self) {
         let (done, rx) = oneshot::channel();
@@ -192,13 +216,10 @@ struct Writer<S> {
     timers: Timers,
     watchers: Arc<Watchers>,
     check_events: CheckEvents,
-}
-
-struct Pending {
-    kind: &'static str,
-    reply: Option<Reply>,
-    received: Instant,
-    result: Result<(), RegistryError>,
+    /// Changes from a shared store (every agent's commits, ours included).
+    feed: Option<mpsc::Receiver<Change>>,
+    /// The store revision the catalog reflects.
+    feed_revision: u64,
 }
 
 impl<S: Store> Writer<S> {
@@ -206,6 +227,16 @@ impl<S: Store> Writer<S> {
         loop {
             let next = self.timers.next_deadline();
             let first = tokio::select! {
+                change = recv_feed(&mut self.feed), if self.feed.is_some() => {
+                    match change {
+                        Some(change) => self.apply_change(change),
+                        None => {
+                            tracing::error!("the store's feed stopped; this agent no longer sees other agents' writes");
+                            self.feed = None;
+                        }
+                    }
+                    continue;
+                }
                 request = self.rx.recv() => match request {
                     Some(request) => request,
                     None => break,
@@ -261,103 +292,209 @@ impl<S: Store> Writer<S> {
     }
 
     async fn process(&mut self, work: Vec<(Command, Option<Reply>, Instant)>) {
-        let before = self.catalog.snap.clone();
-        let mut pending = Vec::with_capacity(work.len());
-        let mut refresh = Vec::new();
-        for (command, reply, received) in work {
-            let kind = command.kind();
-            let ttl_keys = ttl_keys(&command);
-            let saved = self.catalog.snap.clone();
-            let mark = self.catalog.dirty.mark();
-            let result = match self.catalog.apply(command) {
-                Ok(_) => {
-                    refresh.extend(ttl_keys);
-                    Ok(())
-                }
-                Err(err) => {
-                    self.catalog.snap = saved;
-                    self.catalog.dirty.rollback(mark);
-                    Err(err)
-                }
+        let shared = self.store.shared();
+        let (mut commands, meta): (Vec<Command>, Vec<(Option<Reply>, Instant)>) = work
+            .into_iter()
+            .map(|(command, reply, received)| (command, (reply, received)))
+            .unzip();
+        let mut results = Vec::with_capacity(commands.len());
+        let mut attempt = 0;
+        loop {
+            let before = self.catalog.snap.clone();
+            results.clear();
+            let mut refresh = Vec::new();
+            // A shared store may refuse the group (another agent wrote first):
+            // keep the commands to apply them again.
+            let group = match shared {
+                true => commands.clone(),
+                false => std::mem::take(&mut commands),
             };
-            pending.push(Pending {
-                kind,
-                reply,
-                received,
-                result,
-            });
-        }
-        if !self.catalog.dirty.is_empty() {
-            let batch = self.catalog.store_batch();
-            self.metrics.commit_records.observe(batch.len() as f64);
-            self.metrics.commit_commands.observe(pending.len() as f64);
-            let started = Instant::now();
-            let committed = self.store.commit(batch).await;
-            self.metrics
-                .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
-            if let Err(err) = committed {
-                tracing::error!(%err, "store commit failed; the batch was not applied");
-                self.catalog.snap = before;
-                self.catalog.dirty = Dirty::default();
-                let message = err.to_string();
-                for p in &mut pending {
-                    if p.result.is_ok() {
-                        p.result = Err(RegistryError::Store(StoreError::Io(message.clone())));
+            for command in group {
+                let kind = command.kind();
+                let ttl_keys = ttl_keys(&command);
+                let saved = self.catalog.snap.clone();
+                let mark = self.catalog.dirty.mark();
+                let result = match self.catalog.apply(command) {
+                    Ok(_) => {
+                        refresh.extend(ttl_keys);
+                        Ok(())
                     }
-                }
-                refresh.clear();
-            } else {
-                let dirty_checks: Vec<(Name, Name)> =
-                    self.catalog.dirty.checks.iter().cloned().collect();
-                let dirty = &self.catalog.dirty;
-                let touched_services: Vec<Name> = dirty.services.iter().cloned().collect();
-                let touched_nodes: Vec<Name> = dirty.entries.union(&dirty.nodes).cloned().collect();
+                    Err(err) => {
+                        self.catalog.snap = saved;
+                        self.catalog.dirty.rollback(mark);
+                        Err(err)
+                    }
+                };
+                results.push((kind, result));
+            }
+            let renewals: Vec<((Name, Name), std::time::Duration)> = match shared {
+                true => refresh
+                    .iter()
+                    .filter_map(|key| {
+                        let ttl = self.catalog.get_check(&key.0, &key.1)?.ttl()?;
+                        Some((key.clone(), ttl))
+                    })
+                    .collect(),
+                false => Vec::new(),
+            };
+            if !self.catalog.dirty.is_empty() || !renewals.is_empty() {
+                let mut batch = self.catalog.store_batch();
+                batch.base = before.index;
+                batch.ttl_renewals = renewals;
+                self.metrics.commit_records.observe(batch.len() as f64);
+                self.metrics.commit_commands.observe(results.len() as f64);
                 let started = Instant::now();
-                let snapshot = self.catalog.publish();
-                self.metrics.observe_snapshot(&snapshot);
-                let index = snapshot.index;
-                self.snapshot.store(Arc::new(snapshot));
-                self.index_tx.send_replace(index);
-                self.watchers.notify(&touched_services, &touched_nodes);
+                let committed = self.store.commit(batch).await;
                 self.metrics
-                    .publish_seconds
+                    .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                let now = Instant::now();
-                for key in &dirty_checks {
-                    self.timers.check_changed(key.clone(), now, &self.catalog);
-                }
-                if !dirty_checks.is_empty() {
-                    let mut slot = self
-                        .check_events
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if slot
-                        .as_ref()
-                        .is_some_and(|tx| tx.send(dirty_checks).is_err())
-                    {
-                        *slot = None;
+                match committed {
+                    Ok(Committed::Local) => self.publish_dirty(),
+                    Ok(Committed::Shared { revision }) => {
+                        // The change comes back through the feed with the
+                        // store's revisions; this copy of it is dropped.
+                        self.catalog.snap = before;
+                        self.catalog.dirty = Dirty::default();
+                        refresh.clear();
+                        self.catch_up(revision).await;
+                    }
+                    Ok(Committed::Conflict { revision }) => {
+                        self.catalog.snap = before;
+                        self.catalog.dirty = Dirty::default();
+                        self.catch_up(revision).await;
+                        attempt += 1;
+                        if attempt < MAX_ATTEMPTS {
+                            self.metrics.commit_conflicts.inc();
+                            continue;
+                        }
+                        let message = format!(
+                            "gave up after {MAX_ATTEMPTS} conflicting writes by other agents"
+                        );
+                        fail_all(&mut results, &message);
+                        refresh.clear();
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, "store commit failed; the batch was not applied");
+                        self.catalog.snap = before;
+                        self.catalog.dirty = Dirty::default();
+                        fail_all(&mut results, &err.to_string());
+                        refresh.clear();
                     }
                 }
             }
-        }
-        let now = Instant::now();
-        for key in refresh {
-            self.timers.refresh_ttl(key, now, &self.catalog);
+            let now = Instant::now();
+            for key in refresh {
+                self.timers.refresh_ttl(key, now, &self.catalog);
+            }
+            break;
         }
         let index = self.catalog.index().max(1);
-        for p in pending {
-            match &p.result {
-                Ok(()) => self.metrics.writes.with_label_values(&[p.kind]).inc(),
-                Err(_) => self.metrics.write_errors.with_label_values(&[p.kind]).inc(),
+        for ((kind, result), (reply, received)) in results.into_iter().zip(meta) {
+            match &result {
+                Ok(()) => self.metrics.writes.with_label_values(&[kind]).inc(),
+                Err(_) => self.metrics.write_errors.with_label_values(&[kind]).inc(),
             }
             self.metrics
                 .write_seconds
-                .observe(p.received.elapsed().as_secs_f64());
-            if let Some(reply) = p.reply {
-                let _ = reply.send(p.result.map(|()| index));
+                .observe(received.elapsed().as_secs_f64());
+            if let Some(reply) = reply {
+                let _ = reply.send(result.map(|()| index));
             }
         }
+    }
+
+    /// Publishes everything dirty: views rebuilt, snapshot swapped, watchers
+    /// of the touched keys woken, timers and the health checker told of
+    /// changed checks.
+    fn publish_dirty(&mut self) {
+        let dirty_checks: Vec<(Name, Name)> = self.catalog.dirty.checks.iter().cloned().collect();
+        let dirty = &self.catalog.dirty;
+        let touched_services: Vec<Name> = dirty.services.iter().cloned().collect();
+        let touched_nodes: Vec<Name> = dirty.entries.union(&dirty.nodes).cloned().collect();
+        let started = Instant::now();
+        let snapshot = self.catalog.publish();
+        self.metrics.observe_snapshot(&snapshot);
+        let index = snapshot.index;
+        self.snapshot.store(Arc::new(snapshot));
+        self.index_tx.send_replace(index);
+        self.watchers.notify(&touched_services, &touched_nodes);
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let now = Instant::now();
+        for key in &dirty_checks {
+            self.timers.check_changed(key.clone(), now, &self.catalog);
+        }
+        if !dirty_checks.is_empty() {
+            let mut slot = self
+                .check_events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if slot
+                .as_ref()
+                .is_some_and(|tx| tx.send(dirty_checks).is_err())
+            {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Applies what the shared store's feed yields until it has passed
+    /// `revision` (a commit of ours or someone else's), or a few seconds pass:
+    /// a write is committed once etcd says so, and is acknowledged even if the
+    /// watch that shows it is slow to come back.
+    async fn catch_up(&mut self, revision: u64) {
+        let deadline = Instant::now() + CATCH_UP;
+        while self.feed_revision < revision {
+            let Some(feed) = self.feed.as_mut() else {
+                return;
+            };
+            match tokio::time::timeout_at(deadline, feed.recv()).await {
+                Ok(Some(change)) => self.apply_change(change),
+                Ok(None) => {
+                    self.feed = None;
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        revision,
+                        seen = self.feed_revision,
+                        "store feed is behind a committed write; acknowledging it anyway"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One change from the shared store's feed: applied and published.
+    fn apply_change(&mut self, change: Change) {
+        match change {
+            Change::Records { revision, records } => {
+                self.feed_revision = self.feed_revision.max(revision);
+                let renewed = self.catalog.apply_records(records, revision);
+                if !self.catalog.dirty.is_empty() {
+                    self.publish_dirty();
+                }
+                let now = Instant::now();
+                for key in renewed {
+                    self.timers.refresh_ttl(key, now, &self.catalog);
+                }
+            }
+            Change::Reset { revision, loaded } => {
+                self.feed_revision = self.feed_revision.max(revision);
+                let decorators = std::mem::take(&mut self.catalog.decorators);
+                let old =
+                    std::mem::replace(&mut self.catalog, Catalog::from_loaded(loaded, decorators));
+                self.catalog.mark_all(&old.snap);
+                self.timers = Timers::default();
+                self.publish_dirty();
+                self.arm_loaded_timers();
+            }
+        }
+        self.metrics
+            .snapshot_revision
+            .set(i64::try_from(self.feed_revision).unwrap_or(i64::MAX));
     }
 
     /// After a restart every TTL starts afresh and every critical check's
@@ -373,6 +510,22 @@ impl<S: Store> Writer<S> {
         for key in keys {
             self.timers.refresh_ttl(key.clone(), now, &self.catalog);
             self.timers.check_changed(key, now, &self.catalog);
+        }
+    }
+}
+
+async fn recv_feed(feed: &mut Option<mpsc::Receiver<Change>>) -> Option<Change> {
+    match feed {
+        Some(feed) => feed.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Turns every successful result of a group into a store failure.
+fn fail_all(results: &mut [(&'static str, Result<(), RegistryError>)], message: &str) {
+    for (_, result) in results.iter_mut() {
+        if result.is_ok() {
+            *result = Err(RegistryError::Store(StoreError::Io(message.to_string())));
         }
     }
 }

@@ -91,11 +91,11 @@ fn ask(
     (message, raw.len())
 }
 
-fn udp(addr: SocketAddr, name: &str, qtype: RecordType) -> Message {
+pub(crate) fn udp(addr: SocketAddr, name: &str, qtype: RecordType) -> Message {
     ask(addr, name, qtype, None, Via::Udp).0
 }
 
-fn ips(records: &[Record]) -> Vec<IpAddr> {
+pub(crate) fn ips(records: &[Record]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = records
         .iter()
         .filter_map(|r| match &r.data {

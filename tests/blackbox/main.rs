@@ -2,6 +2,7 @@
 //! real sockets on 127.0.0.1.
 
 mod cli;
+mod cluster;
 mod dns;
 mod drain;
 mod health;

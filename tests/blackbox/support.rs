@@ -43,6 +43,7 @@ impl Agent {
         let stderr_path = data_dir.with_extension(format!("stderr-{}", fastrand_suffix()));
         std::fs::create_dir_all(data_dir.parent().expect("parent")).expect("mkdir");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let named = extra.contains(&"--node-name");
         let mut child = Command::new(bin())
             .args([
                 "agent",
@@ -52,10 +53,13 @@ impl Agent {
                 "127.0.0.1:0",
                 "--http-addr",
                 "127.0.0.1:0",
-                "--node-name",
-                "test-node",
-                "--data-dir",
             ])
+            .args(if named {
+                &[][..]
+            } else {
+                &["--node-name", "test-node"][..]
+            })
+            .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "info")

@@ -38,6 +38,7 @@ pub(super) async fn status(State(state): St) -> ApiResult {
         "datacenter": state.agent.datacenter,
         "index": snap.index(),
         "store": state.registry.store_kind(),
+        "store_state": store_state(&state.registry),
         "nodes": snap.node_count(),
         "services": snap.service_count(),
         "endpoints": counts.total(),
@@ -47,6 +48,18 @@ pub(super) async fn status(State(state): St) -> ApiResult {
         "tokens": !state.tokens.is_empty(),
     });
     json(&body, snap.index(), &QueryOpts::default())
+}
+
+/// How current this agent's catalog is: a shared store may be out of reach,
+/// and then DNS and the proxy answer from the last state seen.
+fn store_state(registry: &crate::Registry) -> serde_json::Value {
+    let status = registry.store_status();
+    json!({
+        "shared": registry.shared(),
+        "connected": status.connected(),
+        "revision": status.revision(),
+        "staleness_ms": u64::try_from(status.staleness().as_millis()).unwrap_or(u64::MAX),
+    })
 }
 
 pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
@@ -542,6 +555,10 @@ pub(super) async fn endpoint_drain_status(
 }
 
 pub(super) async fn metrics(State(state): St) -> Response {
+    let store = state.registry.store_status();
+    let metrics = state.registry.metrics();
+    metrics.store_connected.set(i64::from(store.connected()));
+    metrics.store_staleness.set(store.staleness().as_secs_f64());
     let families = state.prometheus.gather();
     let mut body = Vec::new();
     if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut body) {

@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Loaded, Store, StoreBatch};
+use super::{Committed, Loaded, Store, StoreBatch};
 use crate::error::StoreError;
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
@@ -170,10 +170,11 @@ impl Store for EmbeddedStore {
         Ok(loaded)
     }
 
-    async fn commit(&mut self, batch: StoreBatch) -> Result<(), StoreError> {
+    async fn commit(&mut self, batch: StoreBatch) -> Result<Committed, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || commit_blocking(&db, &batch))
             .await
-            .map_err(io)?
+            .map_err(io)??;
+        Ok(Committed::Local)
     }
 }

@@ -1,0 +1,584 @@
+//! The etcd store: one catalog shared by many agents.
+//!
+//! Layout under `<prefix>/catalog/`:
+//! - `node/<name>`, `endpoint/<node>\0<id>`, `check/<node>\0<id>`: JSON records
+//!   (as in the embedded store); their create/modify indexes are the keys'
+//!   etcd revisions, so every agent reports the same ones.
+//! - `ttl/<node>\0<id>`: a TTL check's renewal (value: the TTL in ms). Every
+//!   agent restarts that check's clock when it sees one.
+//! - markers whose mod revision is an index: `index` (the catalog index, put by
+//!   every catalog write), `svc/<name>` (a service's last change, kept after the
+//!   service is gone), `entry/<node>` (a node entry's last change) and
+//!   `table/{services,nodes,checks}`. A fresh agent reads its indexes from them
+//!   and so agrees with agents that watched every change.
+//!
+//! A commit is one transaction, conditional on `index` still having the mod
+//! revision this agent's catalog is at: writes through different agents are
+//! serialised by etcd, and a loser catches up and applies its commands again.
+//! Every agent (the writer included) applies committed changes from one watch
+//! on the prefix, resumed after a disconnect from the next revision; a
+//! compacted revision turns into a full re-read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, Txn, TxnOp,
+    WatchOptions,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout, Instant};
+
+use super::{Change, Committed, Loaded, Record, Store, StoreBatch, StoreStatus};
+use crate::error::StoreError;
+use crate::model::{Check, Endpoint, Name, Node};
+
+/// Largest gRPC message accepted from etcd (a full read is paged well below).
+const MAX_MESSAGE: usize = 256 << 20;
+/// Keys per page of a full read.
+const PAGE: i64 = 5_000;
+/// How often the watch asks etcd for a progress report when nothing changes:
+/// each answer proves the copy current (staleness) and the stream alive.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// No word from etcd for this long: the watch is restarted.
+const SILENCE: Duration = Duration::from_secs(4);
+
+/// Extra tries of a request that met a member which is down.
+const RETRIES: u32 = 4;
+
+/// True when the request never reached a live member (connection refused,
+/// member unavailable): safe to send again.
+fn unreachable_member(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::Unavailable,
+        _ => false,
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Key prefix of this cluster's catalog, e.g. `/switchyard`.
+    pub prefix: String,
+    pub user: Option<(String, String)>,
+    /// PEM CA bundle that signs etcd's server certificates (enables TLS).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for etcd's client-cert auth.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+pub struct EtcdStore {
+    client: Client,
+    keys: Keys,
+    loaded: Option<Loaded>,
+    feed: Option<mpsc::Receiver<Change>>,
+    status: Arc<StoreStatus>,
+}
+
+fn io(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(err.to_string())
+}
+
+/// Key builder and parser for one prefix.
+#[derive(Clone, Debug)]
+struct Keys {
+    /// `<prefix>/catalog/`
+    root: Vec<u8>,
+}
+
+/// What a key under the catalog root names.
+enum Parsed<'a> {
+    Node(&'a str),
+    Endpoint(&'a str, &'a str),
+    Check(&'a str, &'a str),
+    Ttl(&'a str, &'a str),
+    Index,
+    Service(&'a str),
+    Entry(&'a str),
+    Table(usize),
+}
+
+const TABLES: [&str; 3] = ["services", "nodes", "checks"];
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        let prefix = prefix.trim_end_matches('/');
+        Keys {
+            root: format!("{prefix}/catalog/").into_bytes(),
+        }
+    }
+
+    fn key(&self, kind: &str, name: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.root.len() + kind.len() + name.len() + 1);
+        key.extend_from_slice(&self.root);
+        key.extend_from_slice(kind.as_bytes());
+        key.push(b'/');
+        key.extend_from_slice(name.as_bytes());
+        key
+    }
+
+    fn pair(&self, kind: &str, node: &str, id: &str) -> Vec<u8> {
+        let mut key = self.key(kind, node);
+        key.push(0);
+        key.extend_from_slice(id.as_bytes());
+        key
+    }
+
+    fn index(&self) -> Vec<u8> {
+        let mut key = self.root.clone();
+        key.extend_from_slice(b"index");
+        key
+    }
+
+    fn parse<'a>(&self, key: &'a [u8]) -> Option<Parsed<'a>> {
+        let rest = std::str::from_utf8(key.strip_prefix(self.root.as_slice())?).ok()?;
+        if rest == "index" {
+            return Some(Parsed::Index);
+        }
+        let (kind, name) = rest.split_once('/')?;
+        let pair = || name.split_once('\0');
+        Some(match kind {
+            "node" => Parsed::Node(name),
+            "endpoint" => pair().map(|(n, i)| Parsed::Endpoint(n, i))?,
+            "check" => pair().map(|(n, i)| Parsed::Check(n, i))?,
+            "ttl" => pair().map(|(n, i)| Parsed::Ttl(n, i))?,
+            "svc" => Parsed::Service(name),
+            "entry" => Parsed::Entry(name),
+            "table" => Parsed::Table(TABLES.iter().position(|t| *t == name)?),
+            _ => return None,
+        })
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(io)
+}
+
+fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
+    serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(kv.key()).replace('\0', "/"),
+        message: e.to_string(),
+    })
+}
+
+fn rev(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// Decodes a put; record indexes become the key's revisions.
+fn put_record(keys: &Keys, kv: &KeyValue) -> Result<Option<Record>, StoreError> {
+    let (create, modify) = (rev(kv.create_revision()), rev(kv.mod_revision()));
+    Ok(Some(match keys.parse(kv.key()) {
+        Some(Parsed::Node(_)) => {
+            let mut node: Node = decode(kv)?;
+            (node.create_index, node.modify_index) = (create, modify);
+            Record::Node(node.name.clone(), Some(Box::new(node)))
+        }
+        Some(Parsed::Endpoint(..)) => {
+            let mut endpoint: Endpoint = decode(kv)?;
+            (endpoint.create_index, endpoint.modify_index) = (create, modify);
+            let key = (endpoint.node.clone(), endpoint.id.clone());
+            Record::Endpoint(key, Some(Box::new(endpoint)))
+        }
+        Some(Parsed::Check(..)) => {
+            let mut check: Check = decode(kv)?;
+            (check.create_index, check.modify_index) = (create, modify);
+            let key = (check.node.clone(), check.id.clone());
+            Record::Check(key, Some(Box::new(check)))
+        }
+        Some(Parsed::Ttl(node, id)) => {
+            let ms: u64 = decode(kv)?;
+            Record::Ttl((node.into(), id.into()), Duration::from_millis(ms))
+        }
+        Some(Parsed::Index) => Record::Index,
+        _ => return Ok(None),
+    }))
+}
+
+fn delete_record(keys: &Keys, key: &[u8]) -> Option<Record> {
+    let pair = |n: &str, i: &str| -> (Name, Name) { (n.into(), i.into()) };
+    Some(match keys.parse(key)? {
+        Parsed::Node(name) => Record::Node(name.into(), None),
+        Parsed::Endpoint(n, i) => Record::Endpoint(pair(n, i), None),
+        Parsed::Check(n, i) => Record::Check(pair(n, i), None),
+        _ => return None,
+    })
+}
+
+impl EtcdStore {
+    /// Connects, reads the whole catalog under the prefix and starts the
+    /// watch that feeds the writer. Fails if etcd cannot be reached.
+    pub async fn connect(options: &EtcdOptions) -> Result<EtcdStore, StoreError> {
+        let open_err = |message: String| StoreError::Open {
+            path: options.endpoints.join(","),
+            message,
+        };
+        if options.endpoints.is_empty() {
+            return Err(open_err("store.endpoints is empty".to_string()));
+        }
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(options.connect_timeout)
+            .with_timeout(options.request_timeout)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Some((user, password)) = &options.user {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        if options.ca_pem.is_some() || options.identity_pem.is_some() {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &options.ca_pem {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &options.identity_pem {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(tls);
+        }
+        let client = Client::connect(&options.endpoints, Some(connect))
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        let keys = Keys::new(&options.prefix);
+        let mut tries = 0;
+        let (loaded, revision) = loop {
+            match read_all(&client, &keys).await {
+                Ok(read) => break read,
+                // Another member may answer (the client spreads requests).
+                Err(_) if tries < RETRIES => {
+                    tries += 1;
+                    sleep(Duration::from_millis(50 << tries)).await;
+                }
+                Err(err) => return Err(open_err(err.to_string())),
+            }
+        };
+        let status = Arc::new(StoreStatus::local());
+        status.contact(revision);
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(follow(
+            client.clone(),
+            keys.clone(),
+            revision,
+            tx,
+            status.clone(),
+        ));
+        tracing::info!(endpoints = ?options.endpoints, prefix = %options.prefix, revision,
+            index = loaded.index, "etcd store connected");
+        Ok(EtcdStore {
+            client,
+            keys,
+            loaded: Some(loaded),
+            feed: Some(rx),
+            status,
+        })
+    }
+
+    fn transaction(&self, batch: &StoreBatch) -> Result<Txn, StoreError> {
+        let keys = &self.keys;
+        let mut ops = Vec::new();
+        let catalog_changed = !batch.is_empty();
+        for (name, node) in &batch.nodes {
+            let key = keys.key("node", name);
+            ops.push(match node {
+                Some(node) => TxnOp::put(key, encode(&**node)?, None),
+                None => TxnOp::delete(key, None),
+            });
+        }
+        for ((node, id), endpoint) in &batch.endpoints {
+            let key = keys.pair("endpoint", node, id);
+            ops.push(match endpoint {
+                Some(endpoint) => TxnOp::put(key, encode(&**endpoint)?, None),
+                None => TxnOp::delete(key, None),
+            });
+        }
+        for ((node, id), check) in &batch.checks {
+            let key = keys.pair("check", node, id);
+            match check {
+                Some(check) => ops.push(TxnOp::put(key, encode(&**check)?, None)),
+                None => {
+                    ops.push(TxnOp::delete(key, None));
+                    ops.push(TxnOp::delete(keys.pair("ttl", node, id), None));
+                }
+            }
+        }
+        for ((node, id), ttl) in &batch.ttl_renewals {
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            ops.push(TxnOp::put(keys.pair("ttl", node, id), encode(&ms)?, None));
+        }
+        if catalog_changed {
+            ops.push(TxnOp::put(keys.index(), Vec::new(), None));
+            for (service, _) in &batch.service_index {
+                ops.push(TxnOp::put(keys.key("svc", service), Vec::new(), None));
+            }
+            for (node, exists) in &batch.entries {
+                let key = keys.key("entry", node);
+                ops.push(match exists {
+                    true => TxnOp::put(key, Vec::new(), None),
+                    false => TxnOp::delete(key, None),
+                });
+            }
+            for (changed, table) in batch.tables.iter().zip(TABLES) {
+                if *changed {
+                    ops.push(TxnOp::put(keys.key("table", table), Vec::new(), None));
+                }
+            }
+        }
+        let base = i64::try_from(batch.base).map_err(io)?;
+        Ok(Txn::new()
+            .when([Compare::mod_revision(keys.index(), CompareOp::Equal, base)])
+            .and_then(ops))
+    }
+}
+
+impl Store for EtcdStore {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        Ok(self.loaded.take().unwrap_or_default())
+    }
+
+    async fn commit(&mut self, batch: StoreBatch) -> Result<Committed, StoreError> {
+        let txn = self.transaction(&batch)?;
+        // The client spreads requests over the members; one that is down
+        // refuses the connection and the next try goes to another. A retry
+        // cannot apply the batch twice: the transaction is conditional on
+        // the catalog index, which a first success would have moved.
+        let mut tries = 0;
+        let response = loop {
+            match self.client.kv_client().txn(txn.clone()).await {
+                Ok(response) => break response,
+                Err(err) if tries < RETRIES && unreachable_member(&err) => {
+                    tries += 1;
+                    sleep(Duration::from_millis(20 << tries)).await;
+                }
+                Err(err) => return Err(io(err)),
+            }
+        };
+        let revision = response.header().map_or(0, |h| rev(h.revision()));
+        Ok(match response.succeeded() {
+            true => Committed::Shared { revision },
+            false => Committed::Conflict { revision },
+        })
+    }
+
+    fn feed(&mut self) -> Option<mpsc::Receiver<Change>> {
+        self.feed.take()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn status(&self) -> Arc<StoreStatus> {
+        self.status.clone()
+    }
+}
+
+/// Reads every key under the catalog root at one revision, a page at a time.
+async fn read_all(client: &Client, keys: &Keys) -> Result<(Loaded, u64), StoreError> {
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let mut end = keys.root.clone();
+    if let Some(last) = end.last_mut() {
+        *last += 1; // '/' + 1: the end of the prefix range
+    }
+    let mut loaded = Loaded::default();
+    let mut from = keys.root.clone();
+    let mut at = 0i64;
+    let mut tables = [0u64; 3];
+    let mut has_tables = false;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if at > 0 {
+            options = options.with_revision(at);
+        }
+        let response = kv.get(from.clone(), Some(options)).await.map_err(io)?;
+        if at == 0 {
+            at = response.header().map_or(0, |h| h.revision());
+        }
+        for item in response.kvs() {
+            let modify = rev(item.mod_revision());
+            match keys.parse(item.key()) {
+                Some(Parsed::Service(name)) => loaded.service_index.push((name.into(), modify)),
+                Some(Parsed::Entry(name)) => loaded.entry_index.push((name.into(), modify)),
+                Some(Parsed::Table(i)) => {
+                    tables[i] = modify;
+                    has_tables = true;
+                }
+                _ => match put_record(keys, item) {
+                    Ok(Some(Record::Node(_, Some(node)))) => loaded.nodes.push(*node),
+                    Ok(Some(Record::Endpoint(_, Some(e)))) => loaded.endpoints.push(*e),
+                    Ok(Some(Record::Check(_, Some(c)))) => loaded.checks.push(*c),
+                    Ok(Some(Record::Index)) => loaded.index = modify,
+                    Ok(_) => {}
+                    Err(err) => tracing::error!(%err, "skipping an undecodable record in etcd"),
+                },
+            }
+        }
+        match response.kvs().last() {
+            Some(last) if response.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    if has_tables {
+        loaded.tables = Some(tables);
+    }
+    Ok((loaded, rev(at)))
+}
+
+/// How one watch ended.
+enum Ended {
+    /// The writer is gone: stop.
+    Closed,
+    /// The next revision is no longer in etcd's history: read everything.
+    Compacted,
+}
+
+/// Follows the catalog from `revision` for as long as the writer listens,
+/// reconnecting with backoff.
+async fn follow(
+    client: Client,
+    keys: Keys,
+    mut revision: u64,
+    tx: mpsc::Sender<Change>,
+    status: Arc<StoreStatus>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let outcome = watch_from(&client, &keys, &mut revision, &tx, &status).await;
+        match outcome {
+            Ok(Ended::Closed) => return,
+            Ok(Ended::Compacted) => match read_all(&client, &keys).await {
+                Ok((loaded, at)) => {
+                    tracing::warn!(
+                        from = revision + 1,
+                        at,
+                        "etcd history compacted past this agent; catalog re-read"
+                    );
+                    revision = at;
+                    status.contact(at);
+                    if tx
+                        .send(Change::Reset {
+                            revision: at,
+                            loaded,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Err(err) => tracing::warn!(%err, "etcd re-read failed"),
+            },
+            Err(err) => {
+                if status.connected() {
+                    tracing::warn!(%err, revision, "lost etcd; serving the last catalog while reconnecting");
+                }
+            }
+        }
+        status.lost();
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// One watch stream from `revision + 1`. Advances `revision` as changes are
+/// passed on, so a new stream resumes exactly after the last one.
+async fn watch_from(
+    client: &Client,
+    keys: &Keys,
+    revision: &mut u64,
+    tx: &mpsc::Sender<Change>,
+    status: &StoreStatus,
+) -> Result<Ended, StoreError> {
+    let start = i64::try_from(*revision + 1).map_err(io)?;
+    let options = WatchOptions::new().with_prefix().with_start_revision(start);
+    let mut watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+    let (mut watcher, mut stream) = timeout(SILENCE, watch.watch(keys.root.clone(), Some(options)))
+        .await
+        .map_err(|_| io("etcd watch: no answer"))?
+        .map_err(io)?;
+    status.contact(*revision);
+    let mut heard = Instant::now();
+    let mut ask = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message.map_err(io)?,
+            _ = ask.tick() => {
+                if heard.elapsed() > SILENCE {
+                    return Err(io("etcd watch: no progress report"));
+                }
+                watcher.request_progress().await.map_err(io)?;
+                continue;
+            }
+            () = tx.closed() => return Ok(Ended::Closed),
+        };
+        let Some(response) = message else {
+            return Err(io("etcd closed the watch"));
+        };
+        heard = Instant::now();
+        if response.compact_revision() > 0 {
+            return Ok(Ended::Compacted);
+        }
+        if response.canceled() {
+            return Err(io(format!(
+                "etcd cancelled the watch: {}",
+                response.cancel_reason()
+            )));
+        }
+        let mut current: Option<(u64, Vec<Record>)> = None;
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let at = rev(kv.mod_revision());
+            if current.as_ref().is_some_and(|(r, _)| *r != at) {
+                if let Some((r, records)) = current.take() {
+                    if !pass_on(tx, r, records, revision).await {
+                        return Ok(Ended::Closed);
+                    }
+                }
+            }
+            let records = &mut current.get_or_insert_with(|| (at, Vec::new())).1;
+            let record = match event.event_type() {
+                EventType::Put => put_record(keys, kv).unwrap_or_else(|err| {
+                    tracing::error!(%err, "skipping an undecodable record from etcd");
+                    None
+                }),
+                EventType::Delete => delete_record(keys, kv.key()),
+            };
+            records.extend(record);
+        }
+        if let Some((r, records)) = current.take() {
+            if !pass_on(tx, r, records, revision).await {
+                return Ok(Ended::Closed);
+            }
+        }
+        let header = response.header().map_or(0, |h| rev(h.revision()));
+        status.contact(header.max(*revision));
+    }
+}
+
+async fn pass_on(
+    tx: &mpsc::Sender<Change>,
+    at: u64,
+    records: Vec<Record>,
+    revision: &mut u64,
+) -> bool {
+    *revision = at;
+    tx.send(Change::Records {
+        revision: at,
+        records,
+    })
+    .await
+    .is_ok()
+}

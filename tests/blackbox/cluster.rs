@@ -1,0 +1,417 @@
+//! Cluster mode: several agents on real etcd processes (one member, or a
+//! three-member cluster) started here on loopback with temporary data dirs.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+use serde_json::{json, Value};
+
+use crate::dns::{ips, udp};
+use crate::proxy::{get, Upstream};
+use crate::support::{eventually, Agent, Client};
+
+/// The etcd binary; CI installs it (`apt-get install -y etcd-server`).
+fn etcd_bin() -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|dir| dir.join("etcd"))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!("etcd not found: cluster tests need a real etcd (apt-get install -y etcd-server)")
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// One etcd member, killed on drop.
+pub(crate) struct Etcd {
+    name: String,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    cluster: String,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// A one-member cluster.
+    pub(crate) fn single(scratch: &Path) -> Etcd {
+        let mut members = Etcd::cluster(scratch, 1);
+        members.remove(0)
+    }
+
+    /// `n` members forming one cluster; returns once it has a leader.
+    pub(crate) fn cluster(scratch: &Path, n: usize) -> Vec<Etcd> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| Etcd {
+                name: format!("e{i}"),
+                dir: scratch.join(format!("etcd-e{i}")),
+                client_port: *client,
+                peer_port: *peer,
+                cluster: cluster.clone(),
+                child: None,
+            })
+            .collect();
+        for member in &mut members {
+            member.spawn();
+        }
+        for member in &members {
+            member.wait_healthy();
+        }
+        members
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.with_extension("log")).expect("etcd log");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(etcd_bin())
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(&self.dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &self.cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "switchyard-test",
+                "--max-txn-ops",
+                "100000",
+                "--max-request-bytes",
+                "33554432",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Polls etcd's `/health` until it reports a leader.
+    fn wait_healthy(&self) {
+        let url = format!("{}/health", self.url());
+        eventually(
+            &format!("etcd {} healthy", self.name),
+            Duration::from_secs(30),
+            || {
+                let body = ureq::get(&url)
+                    .call()
+                    .ok()?
+                    .body_mut()
+                    .read_to_string()
+                    .ok()?;
+                body.contains("\"health\":\"true\"").then_some(())
+            },
+        );
+    }
+
+    /// SIGKILL, as a crash.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the member again on its data directory and ports.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_healthy();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent on the etcd store at `urls`, named `name`.
+fn agent_on(scratch: &Path, name: &str, urls: &[String], prefix: &str) -> Agent {
+    let endpoints: Vec<Value> = urls.iter().map(|u| json!(u)).collect();
+    let config = format!(
+        "[store]\nkind = \"etcd\"\nendpoints = {}\nprefix = \"{prefix}\"\n",
+        Value::Array(endpoints)
+    );
+    let path = scratch.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("write config");
+    Agent::start_in(
+        &scratch.join(format!("data-{name}")),
+        &[
+            "--config",
+            path.to_str().expect("utf8"),
+            "--node-name",
+            name,
+            "--proxy-threads",
+            "1",
+        ],
+    )
+}
+
+fn register(c: &Client, id: &str, upstream: &Upstream) {
+    let body = json!({
+        "nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "web", "id": id, "address": "127.0.0.1",
+                       "port": upstream.addr.port(), "tags": ["switchyard.http.host=web.test"]}],
+    });
+    c.put_ok("/v1/switchyard/batch", &body.to_string());
+}
+
+fn ids(answer: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = answer
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["Service"]["ID"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// B's DNS answers web with 127.0.0.1 and its proxy reaches the upstream.
+fn served_by(agent: &Agent, upstream: &Upstream) -> bool {
+    let dns_ok = ips(&udp(agent.dns, "web.service.consul", RecordType::A).answers)
+        .contains(&"127.0.0.1".parse().expect("ip"));
+    dns_ok && get(agent.http, "web.test", "/").body == upstream.name
+}
+
+fn index(c: &Client, path: &str) -> u64 {
+    c.get_ok(path)
+        .header("X-Consul-Index")
+        .and_then(|v| v.parse().ok())
+        .expect("X-Consul-Index")
+}
+
+#[test]
+fn agents_on_one_etcd_share_the_catalog_and_its_indexes() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::single(scratch.path());
+    let a = agent_on(scratch.path(), "agent-a", &[etcd.url()], "/sy");
+    let b = agent_on(scratch.path(), "agent-b", &[etcd.url()], "/sy");
+    let (ca, cb) = (a.client(), b.client());
+    let up1 = Upstream::start("u1");
+
+    register(&ca, "w1", &up1);
+    eventually(
+        "B serves what A registered",
+        Duration::from_secs(10),
+        || served_by(&b, &up1).then_some(()),
+    );
+    // The same state has the same index on every agent, table queries included.
+    for path in [
+        "/v1/catalog/service/web",
+        "/v1/health/service/web",
+        "/v1/catalog/services",
+        "/v1/catalog/nodes",
+        "/v1/catalog/node/n1",
+    ] {
+        eventually(
+            &format!("{path} index agrees"),
+            Duration::from_secs(10),
+            || (index(&ca, path) == index(&cb, path)).then_some(()),
+        );
+    }
+    // Both agents registered their own node in the one catalog.
+    let nodes = cb.get_ok("/v1/catalog/nodes").json();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["Node"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"agent-a") && names.contains(&"agent-b"),
+        "{names:?}"
+    );
+
+    // A blocking query on B wakes on a write through A.
+    let before = index(&cb, "/v1/health/service/web");
+    let base = cb.clone();
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        let answer = base.get(&format!("/v1/health/service/web?index={before}&wait=40s"));
+        (answer, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let up2 = Upstream::start("u2");
+    register(&ca, "w2", &up2);
+    let (answer, waited) = waiter.join().expect("waiter");
+    assert_eq!(
+        ids(&answer.json()),
+        ["w1", "w2"],
+        "woken with the new state"
+    );
+    assert!(
+        waited < Duration::from_secs(35),
+        "woken by the write, not the timeout"
+    );
+    let after: u64 = answer
+        .header("X-Consul-Index")
+        .and_then(|v| v.parse().ok())
+        .expect("index");
+    assert!(after > before);
+    assert_eq!(after, index(&ca, "/v1/health/service/web"));
+
+    // Deregistering through B removes it everywhere, and the index still agrees.
+    cb.put_ok(
+        "/v1/catalog/deregister",
+        r#"{"Node":"n1","ServiceID":"w1"}"#,
+    );
+    eventually("A sees the deregistration", Duration::from_secs(10), || {
+        (ids(&ca.get_ok("/v1/health/service/web").json()) == ["w2"]).then_some(())
+    });
+    assert_eq!(
+        index(&ca, "/v1/health/service/web"),
+        index(&cb, "/v1/health/service/web")
+    );
+
+    // A third agent started now reads the same indexes from etcd.
+    let c = agent_on(scratch.path(), "agent-c", &[etcd.url()], "/sy");
+    let cc = c.client();
+    for path in [
+        "/v1/health/service/web",
+        "/v1/catalog/services",
+        "/v1/catalog/node/n1",
+    ] {
+        eventually(
+            &format!("{path} index on a new agent"),
+            Duration::from_secs(10),
+            || (index(&cc, path) == index(&ca, path)).then_some(()),
+        );
+    }
+}
+
+#[test]
+fn agents_answer_from_their_last_state_while_etcd_is_down() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut etcd = Etcd::single(scratch.path());
+    let a = agent_on(scratch.path(), "agent-a", &[etcd.url()], "/sy");
+    let b = agent_on(scratch.path(), "agent-b", &[etcd.url()], "/sy");
+    let (ca, cb) = (a.client(), b.client());
+    let up1 = Upstream::start("u1");
+    register(&ca, "w1", &up1);
+    eventually("B serves w1", Duration::from_secs(10), || {
+        served_by(&b, &up1).then_some(())
+    });
+
+    etcd.kill();
+    eventually(
+        "B reports etcd unreachable",
+        Duration::from_secs(20),
+        || {
+            let status = cb.get_ok("/v1/switchyard/status").json();
+            (status["store_state"]["connected"] == false).then_some(())
+        },
+    );
+    // Reads keep working from the last snapshot: DNS, proxy, API.
+    assert!(served_by(&b, &up1));
+    assert_eq!(ids(&cb.get_ok("/v1/health/service/web").json()), ["w1"]);
+    let staleness = eventually("staleness grows", Duration::from_secs(20), || {
+        let status = cb.get_ok("/v1/switchyard/status").json();
+        let ms = status["store_state"]["staleness_ms"].as_u64()?;
+        (ms >= 1000).then_some(ms)
+    });
+    assert!(staleness >= 1000);
+    assert_eq!(cb.metric("switchyard_registry_store_connected"), Some(0.0));
+    // A write cannot be made durable: refused with a clear error, nothing applied.
+    let up2 = Upstream::start("u2");
+    let body = json!({
+        "nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "web", "id": "w2", "address": "127.0.0.1",
+                       "port": up2.addr.port()}],
+    });
+    let refused = ca.put("/v1/switchyard/batch", &body.to_string());
+    assert_eq!(refused.status, 500, "{}", refused.body);
+    assert!(refused.body.contains("store"), "{}", refused.body);
+    assert_eq!(ids(&ca.get_ok("/v1/health/service/web").json()), ["w1"]);
+
+    // etcd returns: both agents reconnect and catch up.
+    etcd.restart();
+    eventually("A writes again", Duration::from_secs(30), || {
+        (ca.put("/v1/switchyard/batch", &body.to_string()).status == 200).then_some(())
+    });
+    eventually("B catches up", Duration::from_secs(20), || {
+        (ids(&cb.get_ok("/v1/health/service/web").json()) == ["w1", "w2"]).then_some(())
+    });
+    let status = cb.get_ok("/v1/switchyard/status").json();
+    assert_eq!(status["store_state"]["connected"], true, "{status}");
+}
+
+#[test]
+fn losing_one_of_three_etcd_members_loses_nothing() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut members = Etcd::cluster(scratch.path(), 3);
+    let urls: Vec<String> = members.iter().map(Etcd::url).collect();
+    let a = agent_on(scratch.path(), "agent-a", &urls, "/sy3");
+    let b = agent_on(scratch.path(), "agent-b", &urls, "/sy3");
+    let (ca, cb) = (a.client(), b.client());
+    let up1 = Upstream::start("u1");
+    register(&ca, "w1", &up1);
+    eventually("B serves w1", Duration::from_secs(10), || {
+        served_by(&b, &up1).then_some(())
+    });
+
+    members[0].kill();
+    let up2 = Upstream::start("u2");
+    eventually(
+        "a write through A after a member died",
+        Duration::from_secs(30),
+        || {
+            let body = json!({
+                "nodes": [{"name": "n1", "address": "127.0.0.1"}],
+                "endpoints": [{"node": "n1", "service": "web", "id": "w2", "address": "127.0.0.1",
+                               "port": up2.addr.port(), "tags": ["switchyard.http.host=web.test"]}],
+            });
+            (ca.put("/v1/switchyard/batch", &body.to_string()).status == 200).then_some(())
+        },
+    );
+    eventually("B sees it", Duration::from_secs(20), || {
+        (ids(&cb.get_ok("/v1/health/service/web").json()) == ["w1", "w2"]).then_some(())
+    });
+    cb.put_ok(
+        "/v1/catalog/deregister",
+        r#"{"Node":"n1","ServiceID":"w1"}"#,
+    );
+    eventually("A sees B's write", Duration::from_secs(20), || {
+        (ids(&ca.get_ok("/v1/health/service/web").json()) == ["w2"]).then_some(())
+    });
+    assert!(TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], members[1].client_port))).is_ok());
+}
