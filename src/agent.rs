@@ -84,7 +84,11 @@ async fn serve(
         }
         StoreKind::Memory => start(MemoryStore::default(), metrics, decorators)?,
         StoreKind::Etcd => {
-            let options = config.store.etcd_options().map_err(anyhow::Error::msg)?;
+            let member = config.agent.node_name.clone().unwrap_or_else(host_name);
+            let options = config
+                .store
+                .etcd_options(&member)
+                .map_err(anyhow::Error::msg)?;
             let store = EtcdStore::connect(&options)
                 .await
                 .context("cannot reach the etcd store")?;

@@ -87,7 +87,7 @@ impl AgentConfig {
             return Err("store.cache_mib must be at least 1".to_string());
         }
         if self.store.kind == switchyard_registry::StoreKind::Etcd {
-            self.store.etcd_options()?;
+            self.store.etcd_options("check")?;
         }
         self.dns.validate()?;
         self.http.validate()?;

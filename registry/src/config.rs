@@ -139,6 +139,11 @@ pub struct StoreConfig {
     /// Longest wait for one etcd request. Default 5s.
     #[serde(with = "go_duration")]
     pub request_timeout: Duration,
+    /// TTL of the lease under which each agent announces itself; an agent
+    /// that stops renewing it loses its share of the checks this long after.
+    /// Default 5s, at least 2s.
+    #[serde(with = "go_duration")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for StoreConfig {
@@ -156,6 +161,7 @@ impl Default for StoreConfig {
             key_file: None,
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -163,13 +169,16 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// The etcd connection settings, with secrets and certificates read from
     /// their files.
-    pub fn etcd_options(&self) -> Result<crate::store::EtcdOptions, String> {
+    pub fn etcd_options(&self, member: &str) -> Result<crate::store::EtcdOptions, String> {
         let read = |what: &str, path: &PathBuf| {
             std::fs::read(path)
                 .map_err(|e| format!("store.{what}: cannot read {}: {e}", path.display()))
         };
         if self.endpoints.is_empty() {
             return Err("store.endpoints: give at least one etcd URL".to_string());
+        }
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err("store.lease_ttl must be at least 2s (etcd's shortest lease)".to_string());
         }
         if !self.prefix.starts_with('/') || self.prefix.trim_end_matches('/').is_empty() {
             return Err(format!(
@@ -204,6 +213,8 @@ impl StoreConfig {
             identity_pem,
             connect_timeout: self.dial_timeout,
             request_timeout: self.request_timeout,
+            member: member.to_string(),
+            lease_ttl: self.lease_ttl,
         })
     }
 }

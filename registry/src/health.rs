@@ -175,6 +175,16 @@ async fn run(registry: Registry, mut events: mpsc::UnboundedReceiver<Vec<(Name, 
                     if entry.generation != gen || entry.running {
                         continue;
                     }
+                    if !registry.store_status().owns(&key.0, &key.1) {
+                        // Another live agent runs this check; look again next
+                        // interval, in case its owner has gone.
+                        entry.successes = 0;
+                        entry.failures = 0;
+                        let next = now + interval_of(&entry.check);
+                        due.push(Reverse((next, key.0, key.1, gen)));
+                        continue;
+                    }
+                    registry.metrics().probes.inc();
                     entry.running = true;
                     let check = entry.check.clone();
                     let (client, permits, tx) = (client.clone(), permits.clone(), results_tx.clone());

@@ -24,6 +24,7 @@ pub struct RegistryMetrics {
     pub blocking_wakeups: IntCounter,
     pub api_requests: IntCounterVec,
     pub commit_conflicts: IntCounter,
+    pub probes: IntCounter,
     pub snapshot_revision: IntGauge,
     pub store_connected: IntGauge,
     pub store_staleness: Gauge,
@@ -108,6 +109,10 @@ impl RegistryMetrics {
                 "switchyard_registry_store_conflicts_total",
                 "Group commits retried because another agent wrote to the shared store first",
             )?,
+            probes: IntCounter::new(
+                "switchyard_health_probes_total",
+                "Active health check probes this agent started (in cluster mode, only for the checks it owns)",
+            )?,
             snapshot_revision: IntGauge::new(
                 "switchyard_registry_store_revision",
                 "Shared store revision the published snapshot reflects (0 for a local store)",
@@ -136,6 +141,7 @@ impl RegistryMetrics {
         registry.register(Box::new(m.blocking_wakeups.clone()))?;
         registry.register(Box::new(m.api_requests.clone()))?;
         registry.register(Box::new(m.commit_conflicts.clone()))?;
+        registry.register(Box::new(m.probes.clone()))?;
         registry.register(Box::new(m.snapshot_revision.clone()))?;
         registry.register(Box::new(m.store_connected.clone()))?;
         registry.register(Box::new(m.store_staleness.clone()))?;

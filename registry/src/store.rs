@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 pub use embedded::{EmbeddedStore, CATALOG_FILE};
@@ -138,6 +139,22 @@ pub trait Store: Send + 'static {
     }
 }
 
+/// FNV-1a over the parts with a separator: stable across processes and
+/// versions, which rendezvous hashing needs (every agent must agree).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.iter().chain(std::iter::once(&0xff)) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    // A final mix spreads keys that differ only in their last bytes.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
+}
+
 /// How current this agent's copy of a shared catalog is. Local stores are
 /// always current.
 #[derive(Debug)]
@@ -148,15 +165,54 @@ pub struct StoreStatus {
     last_contact_ms: AtomicU64,
     /// The store's revision this agent has seen up to.
     revision: AtomicU64,
+    /// This agent's name among the agents sharing the store (None: alone).
+    me: Option<Name>,
+    /// The live agents sharing the store, as last read (sorted).
+    members: ArcSwap<Vec<Name>>,
 }
 
 impl StoreStatus {
     pub fn local() -> StoreStatus {
+        StoreStatus::member(None)
+    }
+
+    pub(crate) fn member(me: Option<Name>) -> StoreStatus {
         StoreStatus {
             connected: AtomicBool::new(true),
             last_contact_ms: AtomicU64::new(0),
             revision: AtomicU64::new(0),
+            me,
+            members: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    pub(crate) fn set_members(&self, members: Vec<Name>) {
+        if **self.members.load() != members {
+            tracing::info!(agents = ?members, "agents sharing the catalog changed");
+            self.members.store(Arc::new(members));
+        }
+    }
+
+    /// The live agents sharing the catalog (empty with a local store).
+    pub fn members(&self) -> Arc<Vec<Name>> {
+        self.members.load_full()
+    }
+
+    /// Whether this agent runs the check `(node, id)`: each check has one
+    /// owner among the live agents (rendezvous hashing), so a check runs once
+    /// in the cluster and moves when its owner's lease lapses. Alone, this
+    /// agent owns everything.
+    pub fn owns(&self, node: &str, id: &str) -> bool {
+        let Some(me) = &self.me else {
+            return true;
+        };
+        let members = self.members.load();
+        let score = |agent: &str| fnv1a(&[agent.as_bytes(), node.as_bytes(), id.as_bytes()]);
+        let mine = score(me);
+        members
+            .iter()
+            .filter(|m| *m != me)
+            .all(|m| (score(m), &**m) < (mine, &**me))
     }
 
     pub(crate) fn contact(&self, revision: u64) {

@@ -107,6 +107,7 @@ impl Registry {
             check_events: check_events.clone(),
             feed,
             feed_revision: store_status.revision(),
+            status: store_status.clone(),
         };
         writer.arm_loaded_timers();
         let handle = tokio::spawn(writer.run());
@@ -220,6 +221,8 @@ struct Writer<S> {
     feed: Option<mpsc::Receiver<Change>>,
     /// The store revision the catalog reflects.
     feed_revision: u64,
+    /// Store connection and membership (who owns which check's clocks).
+    status: Arc<StoreStatus>,
 }
 
 impl<S: Store> Writer<S> {
@@ -242,7 +245,24 @@ impl<S: Store> Writer<S> {
                     None => break,
                 },
                 () = sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
-                    let due = self.timers.due(Instant::now(), &self.catalog);
+                    let now = Instant::now();
+                    let mut due = self.timers.due(now, &self.catalog);
+                    // With a shared store, only a check's owner acts on its
+                    // clocks; the others look again shortly, in case the owner
+                    // is gone by then.
+                    due.retain(|command| {
+                        let (kind, node, id) = match command {
+                            Command::ExpireTtl { node, id } => (TimerKind::Ttl, node, id),
+                            Command::ReapCritical { node, check } => (TimerKind::Reap, node, check),
+                            _ => return true,
+                        };
+                        let owned = self.status.owns(node, id);
+                        if !owned {
+                            self.timers
+                                .defer(kind, (node.clone(), id.clone()), now, &self.catalog);
+                        }
+                        owned
+                    });
                     if !due.is_empty() {
                         let work = due.into_iter().map(|c| (c, None, Instant::now())).collect();
                         self.process(work).await;
@@ -615,6 +635,27 @@ impl Timers {
                 self.critical_since.remove(&key);
             }
         }
+    }
+
+    /// Puts back a timer that fired on an agent not owning the check: it
+    /// fires again a second later (the deregister clock keeps its start).
+    fn defer(&mut self, kind: TimerKind, key: (Name, Name), now: Instant, catalog: &Catalog) {
+        let at = now + std::time::Duration::from_secs(1);
+        match kind {
+            TimerKind::Ttl => {
+                self.ttl.insert(key.clone(), at);
+            }
+            TimerKind::Reap => {
+                // It was due: keep it due, so a new owner reaps at once.
+                let after = catalog
+                    .get_check(&key.0, &key.1)
+                    .and_then(|c| c.definition.deregister_critical_after)
+                    .unwrap_or_default();
+                let since = now.checked_sub(after).unwrap_or(now);
+                self.critical_since.entry(key.clone()).or_insert(since);
+            }
+        }
+        self.heap.push(Reverse((at, kind, key.0, key.1)));
     }
 
     /// Pops every timer due at `now` and turns the live ones into commands.

@@ -415,3 +415,91 @@ fn losing_one_of_three_etcd_members_loses_nothing() {
     });
     assert!(TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], members[1].client_port))).is_ok());
 }
+
+fn probes(c: &Client) -> f64 {
+    c.metric("switchyard_health_probes_total").unwrap_or(0.0)
+}
+
+fn check_status(c: &Client, id: &str) -> Option<String> {
+    let checks = c.get_ok("/v1/health/service/api").json();
+    checks.as_array()?.iter().find_map(|e| {
+        e["Checks"].as_array()?.iter().find_map(|chk| {
+            (chk["CheckID"] == id).then(|| chk["Status"].as_str().unwrap_or("").to_string())
+        })
+    })
+}
+
+#[test]
+fn each_check_runs_on_one_agent_and_moves_when_it_dies() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::single(scratch.path());
+    let start = |name: &str| {
+        let config = format!(
+            "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/own\"\nlease_ttl = \"2s\"\n",
+            etcd.url()
+        );
+        let path = scratch.path().join(format!("{name}.toml"));
+        std::fs::write(&path, config).expect("config");
+        Agent::start_in(
+            &scratch.path().join(format!("data-{name}")),
+            &[
+                "--config",
+                path.to_str().expect("utf8"),
+                "--node-name",
+                name,
+            ],
+        )
+    };
+    let a = start("agent-a");
+    let b = start("agent-b");
+    let (ca, cb) = (a.client(), b.client());
+    for c in [&ca, &cb] {
+        eventually(
+            "both agents see each other",
+            Duration::from_secs(15),
+            || {
+                let status = c.get_ok("/v1/switchyard/status").json();
+                (status["store_state"]["agents"].as_array()?.len() == 2).then_some(())
+            },
+        );
+    }
+    let backend = crate::support::Backend::start();
+    ca.put_ok(
+        "/v1/agent/service/register",
+        &format!(
+            r#"{{"Name":"api","Address":"127.0.0.1","Port":{},"Check":{{"CheckID":"api-http","HTTP":"http://{}/health","Interval":"100ms","Timeout":"1s"}}}}"#,
+            backend.addr.port(),
+            backend.addr
+        ),
+    );
+    eventually("the check passes", Duration::from_secs(15), || {
+        (check_status(&cb, "api-http").as_deref() == Some("passing")).then_some(())
+    });
+
+    // Exactly one agent probes it.
+    let (a0, b0) = (probes(&ca), probes(&cb));
+    eventually("probes go on", Duration::from_secs(10), || {
+        (probes(&ca) + probes(&cb) >= a0 + b0 + 10.0).then_some(())
+    });
+    let (a1, b1) = (probes(&ca), probes(&cb));
+    assert!(
+        (a1 > a0) != (b1 > b0),
+        "one owner: agent-a {a0}->{a1}, agent-b {b0}->{b1}"
+    );
+    let (owner, survivor) = if a1 > a0 { (a, b) } else { (b, a) };
+    let cs = survivor.client();
+
+    // The owner dies; within its lease TTL the survivor takes the check:
+    // the backend failing now turns the check critical.
+    owner.kill9();
+    backend
+        .status
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let before = probes(&cs);
+    eventually(
+        "the survivor runs the check",
+        Duration::from_secs(20),
+        || (check_status(&cs, "api-http").as_deref() == Some("critical")).then_some(()),
+    );
+    assert!(probes(&cs) > before);
+}

@@ -59,6 +59,7 @@ fn store_state(registry: &crate::Registry) -> serde_json::Value {
         "connected": status.connected(),
         "revision": status.revision(),
         "staleness_ms": u64::try_from(status.staleness().as_millis()).unwrap_or(u64::MAX),
+        "agents": *status.members(),
     })
 }
 

@@ -70,6 +70,11 @@ pub struct EtcdOptions {
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// This agent's name: it keeps `<prefix>/agents/<name>` alive under a
+    /// lease while it runs, and checks are shared out among the live names.
+    pub member: String,
+    /// TTL of that lease: how long a dead agent keeps its checks. Default 5s.
+    pub lease_ttl: Duration,
 }
 
 pub struct EtcdStore {
@@ -255,8 +260,15 @@ impl EtcdStore {
                 Err(err) => return Err(open_err(err.to_string())),
             }
         };
-        let status = Arc::new(StoreStatus::local());
+        let status = Arc::new(StoreStatus::member(Some(options.member.as_str().into())));
         status.contact(revision);
+        tokio::spawn(keep_membership(
+            client.clone(),
+            options.prefix.trim_end_matches('/').to_string(),
+            options.member.clone(),
+            options.lease_ttl.max(Duration::from_secs(2)),
+            status.clone(),
+        ));
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(follow(
             client.clone(),
@@ -376,6 +388,73 @@ impl Store for EtcdStore {
 
     fn status(&self) -> Arc<StoreStatus> {
         self.status.clone()
+    }
+}
+
+/// Keeps `<prefix>/agents/<member>` alive under a lease and reads the live
+/// agents about once a second. A lapsed lease (a long partition) is granted
+/// anew; until then this agent does not see itself among the members and
+/// others take its checks.
+async fn keep_membership(
+    client: Client,
+    prefix: String,
+    member: String,
+    ttl: Duration,
+    status: Arc<StoreStatus>,
+) {
+    let agents = format!("{prefix}/agents/");
+    let key = format!("{agents}{member}");
+    let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(5);
+    loop {
+        let outcome: Result<(), StoreError> = async {
+            let mut lease = client.lease_client();
+            let granted = lease.grant(ttl_secs, None).await.map_err(io)?;
+            let id = granted.id();
+            let put = etcd_client::PutOptions::new().with_lease(id);
+            client
+                .kv_client()
+                .put(key.clone(), Vec::new(), Some(put))
+                .await
+                .map_err(io)?;
+            let (mut keeper, mut answers) = lease.keep_alive(id).await.map_err(io)?;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut renewed = Instant::now();
+            loop {
+                tick.tick().await;
+                if renewed.elapsed() >= ttl / 3 {
+                    keeper.keep_alive().await.map_err(io)?;
+                    match timeout(Duration::from_secs(2), answers.message()).await {
+                        Ok(Ok(Some(answer))) if answer.ttl() > 0 => renewed = Instant::now(),
+                        Ok(Ok(_)) => return Err(io("agent lease expired")),
+                        Ok(Err(err)) => return Err(io(err)),
+                        Err(_) => return Err(io("no answer to a lease renewal")),
+                    }
+                }
+                let listed = client
+                    .kv_client()
+                    .get(
+                        agents.clone(),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
+                    .map_err(io)?;
+                let mut members: Vec<Name> = listed
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| {
+                        let name = kv.key().strip_prefix(agents.as_bytes())?;
+                        std::str::from_utf8(name).ok().map(Name::from)
+                    })
+                    .collect();
+                members.sort();
+                status.set_members(members);
+            }
+        }
+        .await;
+        if let Err(err) = outcome {
+            tracing::warn!(%err, "agent membership in etcd lost; re-joining");
+        }
+        sleep(Duration::from_secs(1)).await;
     }
 }
 
