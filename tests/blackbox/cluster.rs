@@ -503,3 +503,55 @@ fn each_check_runs_on_one_agent_and_moves_when_it_dies() {
     );
     assert!(probes(&cs) > before);
 }
+
+/// TTL checks renewed through one agent stay alive on every agent, whichever
+/// agent owns their clocks; when the renewals stop, they expire everywhere.
+#[test]
+fn ttl_renewals_through_any_agent_reach_the_checks_owner() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::single(scratch.path());
+    let a = agent_on(scratch.path(), "agent-a", &[etcd.url()], "/ttl");
+    let b = agent_on(scratch.path(), "agent-b", &[etcd.url()], "/ttl");
+    let (ca, cb) = (a.client(), b.client());
+    for c in [&ca, &cb] {
+        eventually(
+            "both agents see each other",
+            Duration::from_secs(15),
+            || {
+                let status = c.get_ok("/v1/switchyard/status").json();
+                (status["store_state"]["agents"].as_array()?.len() == 2).then_some(())
+            },
+        );
+    }
+    let endpoints: Vec<Value> = (0..20)
+        .map(|i| {
+            json!({"node": "hb", "service": "task", "id": format!("t{i}"), "port": 9000,
+                   "checks": [{"ttl": "2s", "status": "passing"}]})
+        })
+        .collect();
+    let body = json!({"nodes": [{"name": "hb", "address": "10.4.0.1"}], "endpoints": endpoints});
+    ca.put_ok("/v1/switchyard/batch", &body.to_string());
+    let beats: Vec<Value> = (0..20)
+        .map(|i| json!({"node": "hb", "id": format!("service:t{i}")}))
+        .collect();
+    let heartbeat = json!({ "checks": beats }).to_string();
+    let passing = |c: &Client| {
+        c.get_ok("/v1/switchyard/services/task").json()["by_state"]["passing"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Renew through B only, for twice the TTL.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let answer = cb.put_ok("/v1/switchyard/heartbeat", &heartbeat).json();
+        assert_eq!(answer["renewed"], 20);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(passing(&ca), 20, "renewals through B reached A's clocks");
+    assert_eq!(passing(&cb), 20);
+    eventually(
+        "every check expires once renewals stop",
+        Duration::from_secs(15),
+        || (passing(&ca) == 0 && passing(&cb) == 0).then_some(()),
+    );
+}
