@@ -364,7 +364,13 @@ impl<S: Store> Writer<S> {
                 self.metrics.commit_records.observe(batch.len() as f64);
                 self.metrics.commit_commands.observe(results.len() as f64);
                 let started = Instant::now();
-                let committed = self.store.commit(batch).await;
+                let committed = if batch.is_empty() && batch.ttl_renewals.is_empty() {
+                    // Views to rebuild and nothing to store (a reload's
+                    // `Redecorate`): this agent's own business.
+                    Ok(Committed::Local)
+                } else {
+                    self.store.commit(batch).await
+                };
                 self.metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
