@@ -560,6 +560,7 @@ async fn follow(
             Err(err) => {
                 if status.connected() {
                     tracing::warn!(%err, revision, "lost etcd; serving the last catalog while reconnecting");
+                    backoff = Duration::from_millis(100);
                 }
             }
         }
