@@ -158,6 +158,14 @@ async fn serve(
             .await
     });
 
+    let upgrading = inherited.is_some();
+    let metrics_addr = match config.api.metrics_addr {
+        Some(addr) => {
+            Some(serve_metrics(addr, upgrading, api_state.clone(), shutdown_rx.clone()).await?)
+        }
+        None => None,
+    };
+
     let dns = DnsServer::start(
         dns_config,
         &config.agent.datacenter,
@@ -187,6 +195,7 @@ async fn serve(
         "dns": dns_addr.to_string(),
         "http": http_addr.to_string(),
         "https": http.tls_addr().map(|a| a.to_string()),
+        "metrics": metrics_addr.map(|a| a.to_string()),
         "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "node": node_name,
     });
@@ -287,6 +296,60 @@ async fn serve(
     let _ = writer.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `/metrics` on `addr` from a thread and runtime of its own, so a
+/// scrape is answered even while the agent's runtime is saturated. Stops at
+/// shutdown. An upgrading agent waits for its predecessor to let go of the
+/// address (it is not handed over).
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    upgrading: bool,
+    state: Arc<ApiState>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let listener = loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => break listener,
+            Err(e) if upgrading && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, %addr, "metrics address still held by the previous agent");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot listen for metrics on {addr}"))
+            }
+        }
+    };
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the metrics runtime")?;
+    std::thread::Builder::new()
+        .name("switchyard-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        tracing::error!(error = %e, "metrics listener failed");
+                        return;
+                    }
+                };
+                let served = axum::serve(listener, api::metrics_router(state))
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|down| *down).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "metrics server stopped with an error");
+                }
+            })
+        })
+        .context("cannot start the metrics thread")?;
+    Ok(local)
 }
 
 fn start<S: Store>(

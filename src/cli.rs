@@ -366,12 +366,15 @@ fn status(api: &str, as_json: bool) -> anyhow::Result<()> {
         s("datacenter")
     );
     println!(
-        "catalog   index {}  store {}  {} nodes, {} services, {} endpoints",
+        "catalog   index {}  store {}  {} nodes, {} services, {} endpoints  snapshot published {} ago",
         num(&status, "index"),
         s("store"),
         num(&status, "nodes"),
         num(&status, "services"),
-        num(&status, "endpoints")
+        num(&status, "endpoints"),
+        humantime::format_duration(std::time::Duration::from_secs(
+            num(&status, "snapshot_age_ms") / 1000
+        ))
     );
     if let Some(store) = status
         .get("store_state")

@@ -79,6 +79,13 @@ impl AgentConfig {
                 self.api.addr
             ));
         }
+        if let Some(addr) = self.api.metrics_addr {
+            if self.api.tokens.is_empty() && !addr.ip().is_loopback() {
+                return Err(format!(
+                    "api.metrics_addr {addr} is reachable from other hosts: configure [[api.tokens]] (Prometheus sends a read token as a bearer token) or listen on loopback"
+                ));
+            }
+        }
         switchyard_registry::api::Tokens::load(&self.api.tokens)?;
         if self.api.max_body_bytes < 1024 {
             return Err("api.max_body_bytes must be at least 1024".to_string());

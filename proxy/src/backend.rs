@@ -183,6 +183,11 @@ impl EndpointStats {
         ewma * (-age / EWMA_DECAY_NS).exp()
     }
 
+    /// The last peak-EWMA estimate, undecayed (what the operator's view shows).
+    pub(crate) fn ewma_us(&self) -> u64 {
+        (f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) / 1e3) as u64
+    }
+
     /// Folds in one response time: a slower sample replaces the estimate at
     /// once (the "peak"), a faster one pulls it down gradually.
     pub(crate) fn observe(&self, rtt_ns: u64, now: u64) {
@@ -751,11 +756,14 @@ impl LoadReport for ProxyLoad {
         else {
             return EndpointLoad::default();
         };
+        let requests = stats.metrics.by_class.iter().map(|c| c.get()).sum();
         EndpointLoad {
             in_flight: u64::try_from(stats.in_flight()).unwrap_or(0),
             cut: stats.cut.load(Ordering::Relaxed),
             ejected: stats.is_ejected(now_ns()),
             failures: stats.failures.load(Ordering::Relaxed),
+            requests,
+            latency_us: if requests == 0 { 0 } else { stats.ewma_us() },
         }
     }
 

@@ -9,6 +9,7 @@ mod consul;
 mod decode;
 mod native;
 mod render;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,7 +106,10 @@ fn required_role(method: &axum::http::Method, path: &str) -> crate::Role {
 /// The token a request carries: `X-Consul-Token`, `Authorization: Bearer`,
 /// or `?token=` (as Consul accepts them).
 fn presented_token(request: &Request) -> Option<&[u8]> {
-    let headers = request.headers();
+    token_in(request.headers(), request.uri().query())
+}
+
+fn token_in<'a>(headers: &'a axum::http::HeaderMap, query: Option<&'a str>) -> Option<&'a [u8]> {
     if let Some(token) = headers.get("x-consul-token") {
         return Some(token.as_bytes());
     }
@@ -115,7 +119,7 @@ fn presented_token(request: &Request) -> Option<&[u8]> {
     {
         return Some(bearer);
     }
-    request.uri().query().and_then(|query| {
+    query.and_then(|query| {
         query
             .split('&')
             .find_map(|pair| pair.strip_prefix("token="))
@@ -126,7 +130,10 @@ fn presented_token(request: &Request) -> Option<&[u8]> {
 /// Refuses requests without a token of the role their route needs (when
 /// tokens are configured). A refused request reaches no handler.
 async fn authorize(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
-    if state.tokens.is_empty() {
+    // The dashboard's pages and assets load without a token (a browser
+    // navigation carries none); they show data only to a request that
+    // presents a read token, which their script sends with every refresh.
+    if state.tokens.is_empty() || ui::is_ui_path(request.uri().path()) {
         return next.run(request).await;
     }
     let needed = required_role(request.method(), request.uri().path());
@@ -172,6 +179,15 @@ pub fn service_definition(node: &str, json: &[u8]) -> Result<crate::Command, Str
         checks,
         replace_existing_checks: true,
     })
+}
+
+/// Whether `request` may read: no tokens are configured, or it presents
+/// one with at least the read role.
+fn may_read(state: &ApiState, request_token: Option<&[u8]>) -> bool {
+    state.tokens.is_empty()
+        || request_token
+            .and_then(|t| state.tokens.role_of(t))
+            .is_some()
 }
 
 /// Builds the API router.
@@ -238,7 +254,20 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 .put(native::endpoint_drain)
                 .delete(native::endpoint_undrain),
         )
+        .route(
+            "/v1/switchyard/nodes/{node}/maintenance",
+            put(native::node_maintenance),
+        )
+        .route(
+            "/v1/switchyard/endpoints/{id}/maintenance",
+            put(native::endpoint_maintenance),
+        )
         .route("/metrics", get(native::metrics))
+        .route("/ui", get(ui::to_index))
+        .route("/ui/", get(ui::services))
+        .route("/ui/services/{name}", get(ui::service))
+        .route("/ui/nodes", get(ui::nodes))
+        .route("/ui/assets/{file}", get(ui::asset))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(
@@ -246,6 +275,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
             common_headers,
         ))
         .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The router of the dedicated metrics listener (`api.metrics_addr`):
+/// `/metrics` alone, behind the same tokens.
+pub fn metrics_router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/metrics", get(native::metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
 

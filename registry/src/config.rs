@@ -20,6 +20,10 @@ pub struct ApiConfig {
     pub max_wait: Duration,
     /// Most endpoints in one native batch. Default 100,000.
     pub max_batch_endpoints: usize,
+    /// A second listener for `/metrics` alone, served by its own thread and
+    /// runtime so scrapes answer even when the agent's runtime is busy.
+    /// Default none (`/metrics` is on `addr` either way).
+    pub metrics_addr: Option<SocketAddr>,
     /// API tokens. None configured: every request is allowed, which the
     /// agent accepts only on a loopback address.
     pub tokens: Vec<TokenConfig>,
@@ -96,6 +100,7 @@ impl Default for ApiConfig {
             max_blocking_queries: 50_000,
             max_wait: Duration::from_secs(600),
             max_batch_endpoints: 100_000,
+            metrics_addr: None,
             tokens: Vec::new(),
         }
     }

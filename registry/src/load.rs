@@ -13,6 +13,12 @@ pub struct EndpointLoad {
     pub ejected: bool,
     /// Failures in a row the proxy has seen (connect errors, timeouts, 5xx).
     pub failures: u32,
+    /// Responses it has sent since the proxy began routing to it (a rate is
+    /// two readings apart).
+    pub requests: u64,
+    /// The balancer's peak-EWMA response time (microseconds; 0 before the
+    /// first response).
+    pub latency_us: u64,
 }
 
 /// The data plane's view of one service.

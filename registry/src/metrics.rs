@@ -28,6 +28,10 @@ pub struct RegistryMetrics {
     pub snapshot_revision: IntGauge,
     pub store_connected: IntGauge,
     pub store_staleness: Gauge,
+    pub propagation_seconds: Histogram,
+    pub snapshot_age: Gauge,
+    /// When the last snapshot was published (Unix ms), for `snapshot_age`.
+    published_ms: std::sync::atomic::AtomicU64,
 }
 
 fn seconds(name: &str, help: &str) -> Result<Histogram, prometheus::Error> {
@@ -125,6 +129,15 @@ impl RegistryMetrics {
                 "switchyard_registry_store_staleness_seconds",
                 "Time since the shared store last confirmed this agent's catalog is current",
             )?,
+            propagation_seconds: seconds(
+                "switchyard_registry_propagation_seconds",
+                "From a write to the published snapshot that readers (API, DNS, proxy) see: for a local store from its arrival at the writer; in cluster mode from the writing agent's transaction, on every agent",
+            )?,
+            snapshot_age: Gauge::new(
+                "switchyard_registry_snapshot_age_seconds",
+                "Time since the snapshot readers see was published (grows while the catalog is quiet)",
+            )?,
+            published_ms: std::sync::atomic::AtomicU64::new(crate::model::unix_ms()),
         };
         registry.register(Box::new(m.index.clone()))?;
         registry.register(Box::new(m.endpoints.clone()))?;
@@ -145,6 +158,8 @@ impl RegistryMetrics {
         registry.register(Box::new(m.snapshot_revision.clone()))?;
         registry.register(Box::new(m.store_connected.clone()))?;
         registry.register(Box::new(m.store_staleness.clone()))?;
+        registry.register(Box::new(m.propagation_seconds.clone()))?;
+        registry.register(Box::new(m.snapshot_age.clone()))?;
         Ok(m)
     }
 
@@ -156,7 +171,22 @@ impl RegistryMetrics {
         }
     }
 
+    /// Time since the last publish.
+    pub fn snapshot_age(&self) -> std::time::Duration {
+        let published = self.published_ms.load(std::sync::atomic::Ordering::Relaxed);
+        std::time::Duration::from_millis(crate::model::unix_ms().saturating_sub(published))
+    }
+
+    /// Refreshes the gauges computed at scrape time.
+    pub fn before_scrape(&self) {
+        self.snapshot_age.set(self.snapshot_age().as_secs_f64());
+    }
+
     pub(crate) fn observe_snapshot(&self, snap: &Snapshot) {
+        self.published_ms.store(
+            crate::model::unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.index.set(snap.index() as i64);
         self.nodes.set(snap.node_count() as i64);
         self.services.set(snap.service_count() as i64);

@@ -332,6 +332,15 @@ pub fn node_uuid(name: &str) -> String {
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
 }
 
+/// Microseconds since the Unix epoch (wall clock: comparable across agents
+/// only as far as their clocks agree).
+pub(crate) fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Milliseconds since the Unix epoch (wall clock, for records shown to humans).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

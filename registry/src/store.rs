@@ -103,8 +103,11 @@ pub enum Record {
     Check((Name, Name), Option<Box<Check>>),
     /// A TTL check was renewed (its clock restarts on every agent).
     Ttl((Name, Name), Duration),
-    /// The catalog changed at this revision (every catalog write carries it).
-    Index,
+    /// The catalog changed at this revision (every catalog write carries it),
+    /// written at `written_us` (Unix microseconds, the writing agent's clock).
+    Index {
+        written_us: Option<u64>,
+    },
 }
 
 /// A durable home for the catalog.

@@ -19,7 +19,7 @@ use crate::error::{RegistryError, StoreError};
 use crate::metrics::RegistryMetrics;
 use crate::model::{Name, Status};
 use crate::snapshot::{Snapshot, ViewDecorator};
-use crate::store::{Change, Committed, Store, StoreStatus};
+use crate::store::{Change, Committed, Record, Store, StoreStatus};
 use crate::watch::{WatchKey, Watchers};
 
 /// Most commands folded into one store commit.
@@ -375,7 +375,14 @@ impl<S: Store> Writer<S> {
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
                 match committed {
-                    Ok(Committed::Local) => self.publish_dirty(),
+                    Ok(Committed::Local) => {
+                        self.publish_dirty();
+                        for (_, received) in &meta {
+                            self.metrics
+                                .propagation_seconds
+                                .observe(received.elapsed().as_secs_f64());
+                        }
+                    }
                     Ok(Committed::Shared { revision }) => {
                         // The change comes back through the feed with the
                         // store's revisions; this copy of it is dropped.
@@ -498,9 +505,19 @@ impl<S: Store> Writer<S> {
         match change {
             Change::Records { revision, records } => {
                 self.feed_revision = self.feed_revision.max(revision);
+                let written_us = records.iter().find_map(|r| match r {
+                    Record::Index { written_us } => *written_us,
+                    _ => None,
+                });
                 let renewed = self.catalog.apply_records(records, revision);
                 if !self.catalog.dirty.is_empty() {
                     self.publish_dirty();
+                    if let Some(written_us) = written_us {
+                        let micros = crate::model::unix_us().saturating_sub(written_us);
+                        self.metrics
+                            .propagation_seconds
+                            .observe(micros as f64 / 1e6);
+                    }
                 }
                 let now = Instant::now();
                 for key in renewed {

@@ -3,6 +3,7 @@
 
 mod cli;
 mod cluster;
+mod dashboard;
 mod dns;
 mod drain;
 mod health;

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use crate::proxy::agent_with;
 
-const READ: &str = "read-token-0123456789";
+pub(crate) const READ: &str = "read-token-0123456789";
 const REGISTER: &str = "register-token-0123456789";
-const OPERATOR: &str = "operator-token-0123456789";
+pub(crate) const OPERATOR: &str = "operator-token-0123456789";
 
-fn config() -> String {
+pub(crate) fn config() -> String {
     format!(
         "[[api.tokens]]\nname = \"dashboards\"\nsecret = \"{READ}\"\nrole = \"read\"\n\
          [[api.tokens]]\nname = \"scheduler\"\nsecret = \"{REGISTER}\"\nrole = \"register\"\n\

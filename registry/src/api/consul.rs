@@ -204,7 +204,7 @@ pub(super) async fn service_deregister(State(state): St, Path(id): Path<String>)
     Ok(write_ok(index, None))
 }
 
-fn maintenance_args(q: &Pairs) -> Result<(bool, Option<String>), ApiError> {
+pub(super) fn maintenance_args(q: &Pairs) -> Result<(bool, Option<String>), ApiError> {
     let enable = query_value(q, "enable")
         .ok_or_else(|| ApiError::bad_request("Missing value for enable"))?;
     let enable = parse_bool(enable)

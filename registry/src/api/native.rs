@@ -43,6 +43,7 @@ pub(super) async fn status(State(state): St) -> ApiResult {
         "services": snap.service_count(),
         "endpoints": counts.total(),
         "endpoints_by_state": counts_json(&counts),
+        "snapshot_age_ms": u64::try_from(state.registry.metrics().snapshot_age().as_millis()).unwrap_or(u64::MAX),
         "blocking_queries": state.registry.metrics().blocking_queries.get(),
         "listeners": state.listeners.get(),
         "tokens": !state.tokens.is_empty(),
@@ -282,7 +283,13 @@ pub(super) async fn service(
                 let e = load.endpoint_load(&view.name, &i.node.name, &i.endpoint.id);
                 map.insert(
                     "proxy".into(),
-                    json!({"in_flight": e.in_flight, "ejected": e.ejected, "failures": e.failures}),
+                    json!({
+                        "in_flight": e.in_flight,
+                        "ejected": e.ejected,
+                        "failures": e.failures,
+                        "requests": e.requests,
+                        "latency_us": e.latency_us,
+                    }),
                 );
             }
             out
@@ -340,13 +347,22 @@ fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-/// The drain status of a set of endpoints under one drain (a node's or an
-/// endpoint's): live traffic from the proxy, and whether it is over.
-fn drain_report<'a>(
+/// Where a drain stands: live traffic on its endpoints from the proxy, and
+/// whether it is over.
+pub(super) struct DrainProgress<'a> {
+    /// "active" (no drain), "draining" or "drained".
+    pub phase: &'static str,
+    pub in_flight: u64,
+    pub cut: u64,
+    pub deadline_passed: bool,
+    pub endpoints: Vec<(&'a Endpoint, crate::EndpointLoad)>,
+}
+
+pub(super) fn drain_progress<'a>(
     state: &ApiState,
     drain: Option<&Drain>,
     endpoints: impl Iterator<Item = &'a Endpoint>,
-) -> serde_json::Map<String, serde_json::Value> {
+) -> DrainProgress<'a> {
     let mut list = Vec::new();
     let (mut in_flight, mut cut) = (0u64, 0u64);
     for e in endpoints {
@@ -357,25 +373,47 @@ fn drain_report<'a>(
             .unwrap_or_default();
         in_flight += load.in_flight;
         cut += load.cut;
-        list.push(json!({
-            "id": &*e.id,
-            "service": &*e.service,
-            "in_flight": load.in_flight,
-            "cut": load.cut,
-        }));
+        list.push((e, load));
     }
-    let now = unix_ms();
     let deadline_passed = drain
         .and_then(|d| d.deadline_ms)
-        .is_some_and(|deadline| now >= deadline);
+        .is_some_and(|deadline| unix_ms() >= deadline);
     let drained = drain.is_some() && (in_flight == 0 || deadline_passed);
-    let phase = match drain {
-        None => "active",
-        Some(_) if drained => "drained",
-        Some(_) => "draining",
-    };
+    DrainProgress {
+        phase: match drain {
+            None => "active",
+            Some(_) if drained => "drained",
+            Some(_) => "draining",
+        },
+        in_flight,
+        cut,
+        deadline_passed,
+        endpoints: list,
+    }
+}
+
+/// The drain status of a set of endpoints under one drain (a node's or an
+/// endpoint's), as the API reports it.
+fn drain_report<'a>(
+    state: &ApiState,
+    drain: Option<&Drain>,
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let progress = drain_progress(state, drain, endpoints);
+    let list: Vec<_> = progress
+        .endpoints
+        .iter()
+        .map(|(e, load)| {
+            json!({
+                "id": &*e.id,
+                "service": &*e.service,
+                "in_flight": load.in_flight,
+                "cut": load.cut,
+            })
+        })
+        .collect();
     let mut out = serde_json::Map::new();
-    out.insert("state".into(), phase.into());
+    out.insert("state".into(), progress.phase.into());
     out.insert("since".into(), drain.map(|d| rfc3339(d.since_ms)).into());
     out.insert(
         "deadline".into(),
@@ -386,11 +424,11 @@ fn drain_report<'a>(
         "deadline_ms".into(),
         drain.and_then(|d| d.deadline_ms).into(),
     );
-    out.insert("deadline_passed".into(), deadline_passed.into());
+    out.insert("deadline_passed".into(), progress.deadline_passed.into());
     out.insert("endpoints".into(), list.into());
-    out.insert("in_flight".into(), in_flight.into());
-    out.insert("cut".into(), cut.into());
-    out.insert("drained".into(), drained.into());
+    out.insert("in_flight".into(), progress.in_flight.into());
+    out.insert("cut".into(), progress.cut.into());
+    out.insert("drained".into(), (progress.phase == "drained").into());
     out
 }
 
@@ -555,11 +593,51 @@ pub(super) async fn endpoint_drain_status(
     )
 }
 
+/// Node maintenance on any node (Consul's `/v1/agent/maintenance` covers
+/// only the agent's own): `?enable=true|false&reason=`.
+pub(super) async fn node_maintenance(
+    State(state): St,
+    Path(node): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let (enable, reason) = super::consul::maintenance_args(&q)?;
+    let index = state
+        .registry
+        .apply(Command::NodeMaintenance {
+            node: node.as_str().into(),
+            enable,
+            reason,
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
+/// Maintenance for one endpoint on any node: `?enable=&reason=&node=`.
+pub(super) async fn endpoint_maintenance(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let (enable, reason) = super::consul::maintenance_args(&q)?;
+    let node = endpoint_node(&state.registry.snapshot(), &id, &q)?;
+    let index = state
+        .registry
+        .apply(Command::ServiceMaintenance {
+            node: node.as_str().into(),
+            id: id.as_str().into(),
+            enable,
+            reason,
+        })
+        .await?;
+    Ok(write_ok(index, None))
+}
+
 pub(super) async fn metrics(State(state): St) -> Response {
     let store = state.registry.store_status();
     let metrics = state.registry.metrics();
     metrics.store_connected.set(i64::from(store.connected()));
     metrics.store_staleness.set(store.staleness().as_secs_f64());
+    metrics.before_scrape();
     let families = state.prometheus.gather();
     let mut body = Vec::new();
     if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut body) {

@@ -34,7 +34,7 @@ impl Catalog {
                 Record::Check(_, Some(check)) => checks.push(*check),
                 // Each agent restarts the clock with the TTL in the check's definition.
                 Record::Ttl(key, _) => renewed.push(key),
-                Record::Index => catalog_changed = true,
+                Record::Index { .. } => catalog_changed = true,
                 deletion => deletions.push(deletion),
             }
         }

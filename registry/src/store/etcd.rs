@@ -200,7 +200,13 @@ fn put_record(keys: &Keys, kv: &KeyValue) -> Result<Option<Record>, StoreError> 
             let ms: u64 = decode(kv)?;
             Record::Ttl((node.into(), id.into()), Duration::from_millis(ms))
         }
-        Some(Parsed::Index) => Record::Index,
+        // The value is when the writing agent sent the transaction (Unix
+        // microseconds); older agents wrote nothing.
+        Some(Parsed::Index) => Record::Index {
+            written_us: std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        },
         _ => return Ok(None),
     }))
 }
@@ -321,7 +327,8 @@ impl EtcdStore {
             ops.push(TxnOp::put(keys.pair("ttl", node, id), encode(&ms)?, None));
         }
         if catalog_changed {
-            ops.push(TxnOp::put(keys.index(), Vec::new(), None));
+            let written_us = crate::model::unix_us().to_string();
+            ops.push(TxnOp::put(keys.index(), written_us.into_bytes(), None));
             for (service, _) in &batch.service_index {
                 ops.push(TxnOp::put(keys.key("svc", service), Vec::new(), None));
             }
@@ -492,7 +499,7 @@ async fn read_all(client: &Client, keys: &Keys) -> Result<(Loaded, u64), StoreEr
                     Ok(Some(Record::Node(_, Some(node)))) => loaded.nodes.push(*node),
                     Ok(Some(Record::Endpoint(_, Some(e)))) => loaded.endpoints.push(*e),
                     Ok(Some(Record::Check(_, Some(c)))) => loaded.checks.push(*c),
-                    Ok(Some(Record::Index)) => loaded.index = modify,
+                    Ok(Some(Record::Index { .. })) => loaded.index = modify,
                     Ok(_) => {}
                     Err(err) => tracing::error!(%err, "skipping an undecodable record in etcd"),
                 },
