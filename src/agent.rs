@@ -115,6 +115,11 @@ async fn serve(
     // Services defined in the config file (their checks start with the checker).
     let mut config_services = register_config_services(&config, &registry, &node_name, &[]).await?;
 
+    let demo = match source.demo {
+        true => crate::demo::start(&registry, &node_name).await?,
+        false => Vec::new(),
+    };
+
     let checker = switchyard_registry::spawn_checker(registry.clone());
     let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
         proxy.clone(),
@@ -206,6 +211,16 @@ async fn serve(
         out.flush()?;
     }
     tracing::info!(api = %api_addr, dns = %dns_addr, http = %http_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
+    if !demo.is_empty() {
+        tracing::info!(
+            "demo: {n} backends serve service {service}; try  dig @{dns_ip} -p {dns_port} {service}.service.consul SRV  ·  curl -H 'Host: {host}' http://{http_addr}/  ·  open http://{api_addr}/ui/",
+            n = demo.len(),
+            service = crate::demo::SERVICE,
+            host = crate::demo::HOST,
+            dns_ip = dns_addr.ip(),
+            dns_port = dns_addr.port(),
+        );
+    }
     if let Some((_, stream)) = inherited {
         upgrade::ready(stream);
         tracing::info!("took over from the previous agent");

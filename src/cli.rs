@@ -133,6 +133,10 @@ struct AgentArgs {
     /// All-in-one development agent on loopback with a fresh, throwaway data dir.
     #[arg(long)]
     dev: bool,
+    /// Also start three tiny demo backends inside the agent, registered as
+    /// service `demo` and routed from host `demo.localhost` (round robin).
+    #[arg(long)]
+    demo: bool,
     /// TOML config file (see configs/dev.toml for every key and its default).
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -232,6 +236,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         http_addr: args.http_addr,
         proxy_threads: args.proxy_threads,
         node_name: args.node_name.clone(),
+        demo: args.demo,
     };
     let mut config = match source.load() {
         Ok(config) => config,

@@ -130,6 +130,8 @@ pub(crate) struct ConfigSource {
     pub(crate) http_addr: Option<SocketAddr>,
     pub(crate) proxy_threads: Option<usize>,
     pub(crate) node_name: Option<String>,
+    /// `--demo`: the demo service's route is part of every load.
+    pub(crate) demo: bool,
 }
 
 impl ConfigSource {
@@ -156,6 +158,9 @@ impl ConfigSource {
         }
         if let Some(name) = &self.node_name {
             config.agent.node_name = Some(name.clone());
+        }
+        if self.demo {
+            config.http.routes.push(crate::demo::route());
         }
         config.validate()?;
         Ok(config)

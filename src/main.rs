@@ -3,6 +3,7 @@
 mod agent;
 mod cli;
 mod config;
+mod demo;
 mod upgrade;
 
 use std::process::ExitCode;

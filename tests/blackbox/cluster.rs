@@ -290,6 +290,11 @@ fn agents_on_one_etcd_share_the_catalog_and_its_indexes() {
         .expect("index");
     assert!(after > before);
     assert_eq!(after, index(&ca, "/v1/health/service/web"));
+    // B measured how long A's writes took to reach its readers.
+    let propagated = cb
+        .metric("switchyard_registry_propagation_seconds_count")
+        .unwrap_or(0.0);
+    assert!(propagated >= 2.0, "B observed A's writes: {propagated}");
 
     // Deregistering through B removes it everywhere, and the index still agrees.
     cb.put_ok(

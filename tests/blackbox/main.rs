@@ -8,6 +8,7 @@ mod dns;
 mod drain;
 mod health;
 mod lifecycle;
+mod operator;
 mod proxy;
 mod registry_api;
 mod restart;

@@ -24,6 +24,8 @@ pub(crate) struct Agent {
     pub(crate) tcp: Vec<std::net::SocketAddr>,
     /// HTTPS listener, when configured.
     pub(crate) https: Option<std::net::SocketAddr>,
+    /// The dedicated metrics listener (`api.metrics_addr`), when configured.
+    pub(crate) metrics: Option<std::net::SocketAddr>,
     stderr_path: PathBuf,
     _scratch: Option<tempfile::TempDir>,
 }
@@ -105,6 +107,7 @@ impl Agent {
             .map(|a| a.as_str().and_then(|a| a.parse().ok()).expect("tcp addr"))
             .collect();
         let https = ready["https"].as_str().and_then(|a| a.parse().ok());
+        let metrics = ready["metrics"].as_str().and_then(|a| a.parse().ok());
         Agent {
             child: Some(child),
             api,
@@ -112,6 +115,7 @@ impl Agent {
             http,
             tcp,
             https,
+            metrics,
             stderr_path,
             _scratch: None,
         }
