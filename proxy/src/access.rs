@@ -18,6 +18,10 @@ const FLUSH_AT: usize = 64 * 1024;
 #[derive(Serialize)]
 pub(crate) struct Entry<'a> {
     pub(crate) time: String,
+    /// The `X-Request-Id` sent upstream (the client's, or the one the proxy added).
+    pub(crate) request_id: &'a str,
+    /// The route that matched (empty when none did).
+    pub(crate) route: &'a str,
     pub(crate) client: IpAddr,
     pub(crate) protocol: &'a str,
     pub(crate) method: &'a str,
@@ -28,8 +32,14 @@ pub(crate) struct Entry<'a> {
     pub(crate) service: &'a str,
     pub(crate) node: &'a str,
     pub(crate) endpoint: &'a str,
+    /// Endpoints tried; `attempts - 1` were retries.
     pub(crate) attempts: usize,
+    pub(crate) retries: usize,
+    /// From the first byte of the request to the end of the response.
     pub(crate) duration_ms: f64,
+    /// Of that, the last attempt's wait for its endpoint's response head
+    /// (0 when none came).
+    pub(crate) upstream_ms: f64,
 }
 
 /// A thread's access log writer.
@@ -133,6 +143,20 @@ pub(crate) fn now() -> String {
 }
 
 /// Method and path from the first line of a forwarded head.
+/// The value of header `name` (lowercase) in a request head, or "".
+pub(crate) fn header<'a>(head: &'a [u8], name: &str) -> &'a str {
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if line[..colon].eq_ignore_ascii_case(name.as_bytes()) {
+            return std::str::from_utf8(&line[colon + 1..]).map_or("", str::trim);
+        }
+    }
+    ""
+}
+
 pub(crate) fn request_line(head: &[u8]) -> (&str, &str) {
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.splitn(3, |&b| b == b' ');

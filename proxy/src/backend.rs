@@ -172,6 +172,7 @@ impl EndpointStats {
     /// Counts a long-lived connection closed at the drain deadline.
     pub(crate) fn note_cut(&self) {
         self.cut.fetch_add(1, Ordering::Relaxed);
+        self.metrics.drain_cuts.inc();
         tracing::info!(endpoint = %self.id, node = %self.node, "connection closed at the drain deadline");
     }
 

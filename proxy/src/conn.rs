@@ -286,7 +286,7 @@ async fn exchange(
     let Some(route) = route else {
         metrics.reject(Reject::NoRoute);
         let outcome = Outcome::refused(404, started);
-        log_access(info, head, &request, "", &outcome);
+        log_access(info, head, &request, None, &outcome);
         let body = format!("no route for host {:?}", request.host.as_str());
         return answer(client, 404, "Not Found", &body, close_on_refusal).await;
     };
@@ -295,7 +295,7 @@ async fn exchange(
         _ => {
             metrics.reject(Reject::NoEndpoint);
             let outcome = Outcome::refused(503, started);
-            log_access(info, head, &request, &route.service, &outcome);
+            log_access(info, head, &request, Some(&route), &outcome);
             let body = format!("service {:?} has no healthy endpoints", &*route.service);
             return answer(client, 503, "Service Unavailable", &body, close_on_refusal).await;
         }
@@ -304,7 +304,7 @@ async fn exchange(
         if route.max_body_bytes > 0 && n > route.max_body_bytes {
             metrics.reject(Reject::BodyTooLarge);
             let outcome = Outcome::refused(413, started);
-            log_access(info, head, &request, &route.service, &outcome);
+            log_access(info, head, &request, Some(&route), &outcome);
             let body = format!(
                 "request body of {n} bytes is over this route's limit of {}",
                 route.max_body_bytes
@@ -352,7 +352,7 @@ async fn exchange(
         &mut outcome,
     )
     .await;
-    log_access(info, head, &request, &route.service, &outcome);
+    log_access(info, head, &request, Some(&route), &outcome);
     next
 }
 
@@ -367,6 +367,9 @@ struct Outcome {
     /// The endpoint that answered.
     endpoint: Option<Arc<EndpointStats>>,
     attempts: usize,
+    /// The last attempt's wait for its endpoint's response head (ns; 0
+    /// when none came).
+    upstream_ns: u64,
 }
 
 impl Outcome {
@@ -380,10 +383,17 @@ impl Outcome {
 }
 
 /// Writes the access log line of one request, when logging is on.
-fn log_access(info: &Client, head: &[u8], request: &Request, service: &str, outcome: &Outcome) {
+fn log_access(
+    info: &Client,
+    head: &[u8],
+    request: &Request,
+    route: Option<&Route>,
+    outcome: &Outcome,
+) {
     let Some(started) = outcome.started else {
         return;
     };
+    let (route, service) = route.map_or(("", ""), |r| (&*r.name, &*r.service));
     let (method, path) = access::request_line(head);
     let (node, endpoint) = outcome
         .endpoint
@@ -391,6 +401,8 @@ fn log_access(info: &Client, head: &[u8], request: &Request, service: &str, outc
         .map_or(("", ""), |e| (&*e.node, &*e.id));
     access::write(&access::Entry {
         time: access::now(),
+        request_id: access::header(head, "x-request-id"),
+        route,
         client: info.ip,
         protocol: "HTTP/1.1",
         method,
@@ -401,7 +413,9 @@ fn log_access(info: &Client, head: &[u8], request: &Request, service: &str, outc
         node,
         endpoint,
         attempts: outcome.attempts,
+        retries: outcome.attempts.saturating_sub(1),
         duration_ms: now_ns().saturating_sub(started) as f64 / 1e6,
+        upstream_ms: outcome.upstream_ns as f64 / 1e6,
     });
 }
 
@@ -514,9 +528,21 @@ async fn forward(
         if outcome.started.is_some() {
             outcome.endpoint = Some(backend.stats.clone());
         }
+        outcome.upstream_ns = 0;
         let result = attempt(
-            local, client, cbuf, ubuf, head, reply, request, route, &stats, backend, body,
+            local,
+            client,
+            cbuf,
+            ubuf,
+            head,
+            reply,
+            request,
+            route,
+            &stats,
+            backend,
+            body,
             replayable,
+            &mut outcome.upstream_ns,
         )
         .await;
         backend.stats.leave();
@@ -641,6 +667,7 @@ async fn attempt(
     backend: &Backend,
     body: Framing,
     replayable: bool,
+    head_ns: &mut u64,
 ) -> Result<(Next, u16), Failure> {
     let config = local.config();
     let mut pooled = local.pool_take(backend.addr);
@@ -751,6 +778,7 @@ async fn attempt(
     };
     let now = now_ns();
     let rtt = now.saturating_sub(started);
+    *head_ns = rtt;
     backend.stats.observe(rtt, now);
     stats.metrics.duration.observe(rtt as f64 / 1e9);
     ubuf.consume(response.head_len);

@@ -161,6 +161,8 @@ impl H2 {
             .map_or(("", ""), |e| (&*e.node, &*e.id));
         access::write(&access::Entry {
             time: access::now(),
+            request_id: &answered.request_id,
+            route: &answered.route,
             client: peer,
             protocol,
             method: &method,
@@ -171,7 +173,9 @@ impl H2 {
             node,
             endpoint,
             attempts: answered.attempts,
+            retries: answered.attempts.saturating_sub(1),
             duration_ms: now_ns().saturating_sub(started) as f64 / 1e6,
+            upstream_ms: answered.upstream_ns as f64 / 1e6,
         });
         response
     }
@@ -197,6 +201,7 @@ impl H2 {
         };
         if answered.logging {
             answered.service = route.service.to_string();
+            answered.route = route.name.to_string();
         }
         if route.max_body_bytes > 0 {
             let declared = request
@@ -270,6 +275,13 @@ impl H2 {
         });
         let mut rng = fastrand::Rng::new();
         let mut headers = upstream_headers(&parts.headers, &host, peer, proto, rng.u64(..));
+        if answered.logging {
+            answered.request_id = headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+        }
         if upgrade {
             headers.insert(
                 hyper::header::CONNECTION,
@@ -318,10 +330,12 @@ impl H2 {
             let result =
                 tokio::time::timeout(route.response_timeout, self.client.request(upstream)).await;
             let now = now_ns();
+            answered.upstream_ns = 0;
             match result {
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();
                     let rtt = now.saturating_sub(started);
+                    answered.upstream_ns = rtt;
                     backend.stats.observe(rtt, now);
                     stats.metrics.duration.observe(rtt as f64 / 1e9);
                     let class = usize::from(status / 100).clamp(1, 5) - 1;
@@ -396,8 +410,12 @@ impl H2 {
 struct Answered {
     logging: bool,
     service: String,
+    route: String,
+    request_id: String,
     endpoint: Option<Arc<EndpointStats>>,
     attempts: usize,
+    /// The last attempt's wait for the response head (ns; 0 when none came).
+    upstream_ns: u64,
 }
 
 /// The request's host: the authority (HTTP/2) or the Host header, without

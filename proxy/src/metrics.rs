@@ -64,6 +64,7 @@ pub struct ProxyMetrics {
     pub(crate) connections: IntGauge,
     pub(crate) upgrades: IntCounter,
     tcp: IntCounterVec,
+    drain_cuts: IntCounter,
 }
 
 /// How an L4 connection ended.
@@ -116,6 +117,8 @@ pub(crate) struct EndpointMetrics {
     pub(crate) connect_errors: IntCounter,
     pub(crate) ejections: IntCounter,
     pub(crate) ejected: IntGauge,
+    /// The agent-wide count of connections cut at a drain deadline.
+    pub(crate) drain_cuts: IntCounter,
 }
 
 /// Handles for one service.
@@ -207,6 +210,11 @@ impl ProxyMetrics {
             ),
             &["listener", "outcome"],
         )?;
+        let drain_cuts = IntCounter::new(
+            "switchyard_proxy_drain_cuts_total",
+            "Long-lived connections (WebSocket, HTTP/2 streams, L4) closed at their endpoint's drain deadline",
+        )?;
+        registry.register(Box::new(drain_cuts.clone()))?;
         registry.register(Box::new(tcp.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -232,6 +240,7 @@ impl ProxyMetrics {
             connections,
             upgrades,
             tcp,
+            drain_cuts,
         })
     }
 
@@ -259,6 +268,7 @@ impl ProxyMetrics {
             connect_errors: self.connect_errors.with_label_values(&[service, node, id]),
             ejections: self.ejections.with_label_values(&[service, node, id]),
             ejected: self.ejected.with_label_values(&[service, node, id]),
+            drain_cuts: self.drain_cuts.clone(),
         }
     }
 

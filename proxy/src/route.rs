@@ -89,6 +89,9 @@ impl TagRoute {
 /// Where a matched request goes and how.
 #[derive(Debug)]
 pub(crate) struct Route {
+    /// What the access log calls it: `host/prefix` of a config route (`*`
+    /// for any host), `tags:SERVICE` for a route from a service's tags.
+    pub(crate) name: Box<str>,
     pub(crate) service: Name,
     pub(crate) balancer: BalancerKind,
     pub(crate) hash_on: HashOn,
@@ -119,6 +122,12 @@ impl RouteTable {
         let mut table = RouteTable::default();
         for route in &config.routes {
             let target = Arc::new(Route {
+                name: format!(
+                    "{}{}",
+                    route.host.as_deref().unwrap_or("*"),
+                    route.path_prefix
+                )
+                .into_boxed_str(),
                 service: Name::from(route.service.as_str()),
                 balancer: route.balancer.unwrap_or(config.balancer),
                 hash_on: route.hash_on.clone(),
@@ -136,6 +145,7 @@ impl RouteTable {
         tags.sort_by(|a, b| a.0.cmp(&b.0));
         for (service, tag) in tags {
             let target = Arc::new(Route {
+                name: format!("tags:{service}").into_boxed_str(),
                 service,
                 balancer: config.balancer,
                 hash_on: HashOn::ClientIp,

@@ -30,6 +30,7 @@ pub struct RegistryMetrics {
     pub store_staleness: Gauge,
     pub propagation_seconds: Histogram,
     pub snapshot_age: Gauge,
+    pub nodes_draining: IntGauge,
     /// When the last snapshot was published (Unix ms), for `snapshot_age`.
     published_ms: std::sync::atomic::AtomicU64,
 }
@@ -137,6 +138,10 @@ impl RegistryMetrics {
                 "switchyard_registry_snapshot_age_seconds",
                 "Time since the snapshot readers see was published (grows while the catalog is quiet)",
             )?,
+            nodes_draining: IntGauge::new(
+                "switchyard_registry_nodes_draining",
+                "Nodes under a drain (drained or still draining)",
+            )?,
             published_ms: std::sync::atomic::AtomicU64::new(crate::model::unix_ms()),
         };
         registry.register(Box::new(m.index.clone()))?;
@@ -160,6 +165,7 @@ impl RegistryMetrics {
         registry.register(Box::new(m.store_staleness.clone()))?;
         registry.register(Box::new(m.propagation_seconds.clone()))?;
         registry.register(Box::new(m.snapshot_age.clone()))?;
+        registry.register(Box::new(m.nodes_draining.clone()))?;
         Ok(m)
     }
 
@@ -177,9 +183,13 @@ impl RegistryMetrics {
         std::time::Duration::from_millis(crate::model::unix_ms().saturating_sub(published))
     }
 
-    /// Refreshes the gauges computed at scrape time.
-    pub fn before_scrape(&self) {
+    /// Refreshes the gauges computed at scrape time (a walk over the nodes:
+    /// once per scrape, never per write).
+    pub fn before_scrape(&self, snap: &Snapshot) {
         self.snapshot_age.set(self.snapshot_age().as_secs_f64());
+        let draining = snap.nodes().filter(|e| e.node.drain.is_some()).count();
+        self.nodes_draining
+            .set(i64::try_from(draining).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn observe_snapshot(&self, snap: &Snapshot) {

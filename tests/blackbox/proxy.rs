@@ -931,6 +931,8 @@ fn access_logs_are_json_lines_when_on() {
     register(&c, "web", &[&up], &[]);
     assert_eq!(get(agent.http, "x", "/a?b=1").status, 200);
     assert_eq!(get(agent.http, "nowhere", "/").status, 404);
+    let traced = get_with(agent.http, "x", "/traced", "X-Request-Id: trace-42\r\n");
+    assert_eq!(traced.status, 200);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -954,13 +956,13 @@ fn access_logs_are_json_lines_when_on() {
         let _ = response.into_body().collect().await;
     });
     let lines: Vec<serde_json::Value> =
-        eventually("three log lines", Duration::from_secs(10), || {
+        eventually("four log lines", Duration::from_secs(10), || {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let lines: Vec<serde_json::Value> = text
                 .lines()
                 .map(|l| serde_json::from_str(l).expect("each line is JSON"))
                 .collect();
-            (lines.len() >= 3).then_some(lines)
+            (lines.len() >= 4).then_some(lines)
         });
     let find = |path: &str| {
         lines
@@ -979,6 +981,22 @@ fn access_logs_are_json_lines_when_on() {
     assert_eq!(ok["client"], "127.0.0.1");
     assert_eq!(ok["protocol"], "HTTP/1.1");
     assert!(ok["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(ok["route"], "x/");
+    assert_eq!(ok["retries"], 0);
+    assert!(
+        ok["request_id"].as_str().is_some_and(|id| id.len() == 16),
+        "the proxy's own id: {ok}"
+    );
+    let (upstream, total) = (
+        ok["upstream_ms"].as_f64().expect("upstream_ms"),
+        ok["duration_ms"].as_f64().expect("duration_ms"),
+    );
+    assert!(upstream > 0.0 && upstream <= total, "{ok}");
+    assert_eq!(
+        find("/traced")["request_id"],
+        "trace-42",
+        "the client's id is kept"
+    );
     let missing = lines
         .iter()
         .find(|l| l["host"] == "nowhere")
@@ -986,6 +1004,8 @@ fn access_logs_are_json_lines_when_on() {
     assert_eq!(missing["status"], 404);
     assert_eq!(missing["service"], "");
     let h2 = find("/over-h2");
+    assert_eq!(h2["route"], "x/");
+    assert!(h2["request_id"].as_str().is_some_and(|id| !id.is_empty()));
     assert_eq!(h2["protocol"], "HTTP/2");
     assert_eq!(h2["status"], 200);
     assert_eq!(h2["endpoint"], "web1");

@@ -637,7 +637,7 @@ pub(super) async fn metrics(State(state): St) -> Response {
     let metrics = state.registry.metrics();
     metrics.store_connected.set(i64::from(store.connected()));
     metrics.store_staleness.set(store.staleness().as_secs_f64());
-    metrics.before_scrape();
+    metrics.before_scrape(&state.registry.snapshot());
     let families = state.prometheus.gather();
     let mut body = Vec::new();
     if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut body) {
