@@ -134,3 +134,144 @@ fn metrics_show_propagation_and_snapshot_age_on_a_scrape_listener_of_their_own()
         "{status}"
     );
 }
+
+/// Metric names (`switchyard_…`) mentioned in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("switchyard_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn every_metric_the_grafana_dashboard_and_the_docs_name_exists() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard = std::fs::read_to_string(format!("{root}/configs/grafana-dashboard.json"))
+        .expect("configs/grafana-dashboard.json");
+    let dashboard_json: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(dashboard_json["panels"]
+        .as_array()
+        .is_some_and(|p| p.len() > 10));
+    let docs =
+        std::fs::read_to_string(format!("{root}/docs/operations.md")).expect("docs/operations.md");
+    // The agent-side names that are not metrics.
+    let not_metrics = ["switchyard_proxy", "switchyard_registry", "switchyard_"];
+
+    // An agent with something of each kind: a routed service with traffic,
+    // an L4 listener, a DNS query, a write.
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"m.test\"\nservice = \"web\"\n\
+         [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n",
+    );
+    let c = agent.client();
+    let up = crate::proxy::Upstream::start("m1");
+    crate::proxy::register(&c, "web", &[&up], &[]);
+    assert_eq!(get(agent.http, "m.test", "/").status, 200);
+    let _ = udp(agent.dns, "web.service.consul", RecordType::A);
+    // A refused write.
+    assert_eq!(c.put("/v1/agent/check/pass/no-such-check", "").status, 404);
+    let text = c.get_ok("/metrics").body;
+    let mut families = BTreeSet::new();
+    let mut histograms = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            families.insert(name.to_string());
+            if kind == "histogram" {
+                histograms.insert(name.to_string());
+            }
+        }
+    }
+    let exists = |name: &str| {
+        families.contains(name)
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| histograms.contains(base))
+            })
+    };
+    for (source, text) in [
+        ("grafana-dashboard.json", &dashboard),
+        ("operations.md", &docs),
+    ] {
+        let named = metric_names(text);
+        assert!(named.len() > 20, "{source} names metrics: {named:?}");
+        for name in named.iter().filter(|n| !not_metrics.contains(&n.as_str())) {
+            assert!(
+                exists(name),
+                "{source} names {name}, which /metrics does not have"
+            );
+        }
+    }
+    // And the reference documents every family the agent exports.
+    let documented = metric_names(&docs);
+    for family in &families {
+        if family.starts_with("switchyard_") {
+            assert!(
+                documented.contains(family),
+                "docs/operations.md does not document {family}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/switchyard.service"
+    ))
+    .expect("configs/switchyard.service");
+    assert!(
+        unit.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+        "reload is SIGHUP"
+    );
+    assert!(
+        unit.contains("KillSignal=SIGTERM"),
+        "stop is the SIGTERM drain"
+    );
+    let Ok(found) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze is not installed: skipping `systemd-analyze verify` of configs/switchyard.service");
+        return;
+    };
+    assert!(found.status.success());
+    // The unit names the installed path; verify it against the built binary.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("switchyard.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/switchyard", crate::support::bin()),
+    )
+    .expect("write unit");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("switchyard.service"))
+        .collect();
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed: {stderr}"
+    );
+    assert!(
+        about_ours.is_empty(),
+        "warnings about the unit: {about_ours:?}"
+    );
+}
