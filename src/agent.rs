@@ -138,7 +138,14 @@ async fn serve(
         config: config.api.clone(),
         prometheus,
         shutdown: shutdown_rx.clone(),
-        load: Some(proxy.load_report()),
+        // In cluster mode a drain also counts what the other agents carry.
+        load: Some(match registry.shared() {
+            true => Arc::new(switchyard_registry::ClusterLoad::new(
+                proxy.load_report(),
+                registry.store_status().clone(),
+            )),
+            false => proxy.load_report(),
+        }),
         tokens: api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?,
         listeners: std::sync::OnceLock::new(),
     });

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use switchyard_registry::{
-    unix_ms, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name, Registry, ServiceLoad,
-    ServiceView, Snapshot, ViewDecorator,
+    unix_ms, BusyEndpoint, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name,
+    Registry, ServiceLoad, ServiceView, Snapshot, ViewDecorator,
 };
 
 use crate::balance::Ring;
@@ -766,6 +766,29 @@ impl LoadReport for ProxyLoad {
             requests,
             latency_us: if requests == 0 { 0 } else { stats.ewma_us() },
         }
+    }
+
+    fn busy(&self) -> Vec<BusyEndpoint> {
+        let Ok(services) = self.shared.services.lock() else {
+            return Vec::new();
+        };
+        let mut busy = Vec::new();
+        for (service, entry) in services.iter() {
+            for ((node, id), stats) in &entry.endpoints {
+                let in_flight = u64::try_from(stats.in_flight()).unwrap_or(0);
+                let cut = stats.cut.load(Ordering::Relaxed);
+                if in_flight > 0 || cut > 0 {
+                    busy.push(BusyEndpoint {
+                        service: service.clone(),
+                        node: node.clone(),
+                        id: id.clone(),
+                        in_flight,
+                        cut,
+                    });
+                }
+            }
+        }
+        busy
     }
 
     fn service_load(&self, service: &str) -> Option<ServiceLoad> {

@@ -25,7 +25,7 @@ pub use config::{ApiConfig, Role, StoreConfig, StoreKind, TokenConfig};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use error::{RegistryError, StoreError};
 pub use health::spawn_checker;
-pub use load::{EndpointLoad, LoadReport, ServiceLoad};
+pub use load::{BusyEndpoint, ClusterLoad, EndpointLoad, LoadBoard, LoadReport, ServiceLoad};
 pub use metrics::RegistryMetrics;
 pub use model::{
     node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,

@@ -172,6 +172,8 @@ pub struct StoreStatus {
     me: Option<Name>,
     /// The live agents sharing the store, as last read (sorted).
     members: ArcSwap<Vec<Name>>,
+    /// Live load exchanged with those agents.
+    board: crate::load::LoadBoard,
 }
 
 impl StoreStatus {
@@ -186,6 +188,7 @@ impl StoreStatus {
             revision: AtomicU64::new(0),
             me,
             members: ArcSwap::from_pointee(Vec::new()),
+            board: crate::load::LoadBoard::default(),
         }
     }
 
@@ -194,6 +197,16 @@ impl StoreStatus {
             tracing::info!(agents = ?members, "agents sharing the catalog changed");
             self.members.store(Arc::new(members));
         }
+    }
+
+    /// This agent's name among those sharing the store (None: alone).
+    pub fn me(&self) -> Option<&Name> {
+        self.me.as_ref()
+    }
+
+    /// The load this agent and the others report to each other.
+    pub fn board(&self) -> &crate::load::LoadBoard {
+        &self.board
     }
 
     /// The live agents sharing the catalog (empty with a local store).

@@ -77,6 +77,29 @@ fn register_services_and_endpoints_commands() {
         "{row}"
     );
 
+    let out = run(&["endpoints", "pay", "--json"], &agent.api);
+    assert!(out.status.success());
+    let service: Value = serde_json::from_slice(&out.stdout).expect("endpoints --json is JSON");
+    let states: Vec<&str> = service["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter_map(|e| e["state"].as_str())
+        .collect();
+    assert_eq!(states, ["passing", "critical"]);
+
+    let out = run(&["nodes", "--json"], &agent.api);
+    assert!(out.status.success());
+    let nodes: Value = serde_json::from_slice(&out.stdout).expect("nodes --json is JSON");
+    let n1 = nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "n1")
+        .expect("n1");
+    assert_eq!(n1["state"], "active");
+    assert_eq!(n1["endpoints"], 2);
+
     let out = run(&["endpoints", "nope"], &agent.api);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
@@ -186,6 +209,7 @@ fn status_shows_listeners_and_counts_and_logs_can_be_json() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("http {}", agent.http)), "{text}");
     assert!(text.contains("index"), "{text}");
+    assert!(text.contains("snapshot published"), "{text}");
     let out = run(&["status", "--json"], &agent.api);
     let status: Value = serde_json::from_slice(&out.stdout).expect("status --json parses");
     assert_eq!(status["listeners"]["dns"], agent.dns.to_string());

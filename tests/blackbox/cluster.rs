@@ -536,3 +536,59 @@ fn ttl_renewals_through_any_agent_reach_the_checks_owner() {
         || (passing(&ca) == 0 && passing(&cb) == 0).then_some(()),
     );
 }
+
+#[test]
+fn a_drain_counts_requests_in_flight_through_every_agent() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::single(scratch.path());
+    let a = agent_on(scratch.path(), "agent-a", &[etcd.url()], "/sy");
+    let b = agent_on(scratch.path(), "agent-b", &[etcd.url()], "/sy");
+    let (ca, cb) = (a.client(), b.client());
+    see_each_other(&[&ca, &cb]);
+    let slow = Upstream::start("slow");
+    register(&ca, "w1", &slow);
+    eventually("B routes to w1", Duration::from_secs(10), || {
+        served_by(&b, &slow).then_some(())
+    });
+
+    // A slow request through B's proxy; the drain is started on A.
+    slow.delay_ms
+        .store(3000, std::sync::atomic::Ordering::SeqCst);
+    let served = slow.served();
+    let http = b.http;
+    let in_flight = std::thread::spawn(move || get(http, "web.test", "/"));
+    eventually(
+        "the slow request reaches w1",
+        Duration::from_secs(10),
+        || (slow.served() > served).then_some(()),
+    );
+    let path = "/v1/switchyard/nodes/n1/drain";
+    let started = ca.put_ok(path, r#"{"deadline":"60s"}"#).json();
+    assert_eq!(
+        started["state"], "draining",
+        "A's own proxy is idle, B's is not known yet: {started}"
+    );
+
+    // A learns of B's request from B's report, and is not drained while it runs.
+    let seen = eventually("A counts B's request", Duration::from_secs(10), || {
+        let s = ca.get_ok(path).json();
+        (s["in_flight"] == 1).then_some(s)
+    });
+    assert_eq!(seen["state"], "draining", "{seen}");
+    assert_eq!(seen["endpoints"][0]["in_flight"], 1, "{seen}");
+    assert!(!in_flight.is_finished(), "the request was still running");
+
+    let reply = in_flight.join().expect("request thread");
+    assert_eq!(reply.body, "slow");
+    let done = eventually("A reports n1 drained", Duration::from_secs(10), || {
+        let s = ca.get_ok(path).json();
+        (s["drained"] == true).then_some(s)
+    });
+    assert_eq!(done["in_flight"], 0, "{done}");
+    // B says the same.
+    let on_b = eventually("B reports n1 drained", Duration::from_secs(10), || {
+        let s = cb.get_ok(path).json();
+        (s["drained"] == true).then_some(s)
+    });
+    assert_eq!(on_b["state"], "drained");
+}

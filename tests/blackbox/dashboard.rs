@@ -189,7 +189,7 @@ fn register_catalog(agent: &Agent, token: Option<&str>) {
 const SERVICE_NAMES: &str = "[...document.querySelectorAll('#services tr[data-service]')].map(r => r.dataset.service).join(',') || null";
 
 fn phase_of(node: &str) -> String {
-    format!("document.querySelector('#nodes tr[data-node=\"{node}\"]')?.dataset.phase ?? null")
+    format!("(document.querySelector('#nodes tr[data-node=\"{node}\"]')?.dataset.phase ?? null)")
 }
 
 fn click(browser: &mut Browser, node: &str, action: &str) {
@@ -252,9 +252,12 @@ fn the_dashboard_lists_services_and_its_drain_button_drains_a_node() {
         "n1 active again",
         &format!("{} === 'active'", phase_of("n1")),
     );
+    let status = c.get_ok("/v1/switchyard/nodes/n1/drain").json();
     assert_eq!(
-        c.get_ok("/v1/switchyard/nodes/n1/drain").json()["state"],
-        "active"
+        status["state"],
+        "active",
+        "{status}\nthe agent's log:\n{}",
+        agent.stderr()
     );
 }
 

@@ -378,7 +378,14 @@ pub(super) fn drain_progress<'a>(
     let deadline_passed = drain
         .and_then(|d| d.deadline_ms)
         .is_some_and(|deadline| unix_ms() >= deadline);
-    let drained = drain.is_some() && (in_flight == 0 || deadline_passed);
+    // In cluster mode the other agents' counts must be newer than the drain.
+    let complete = drain.is_none_or(|d| {
+        state
+            .load
+            .as_ref()
+            .is_none_or(|l| l.complete_after(d.since_ms))
+    });
+    let drained = drain.is_some() && ((in_flight == 0 && complete) || deadline_passed);
     DrainProgress {
         phase: match drain {
             None => "active",
@@ -462,6 +469,7 @@ fn deadline_from(body: &Bytes) -> Result<Option<u64>, ApiError> {
 
 pub(super) async fn drain(State(state): St, Path(node): Path<String>, body: Bytes) -> ApiResult {
     let deadline_ms = deadline_from(&body)?;
+    tracing::info!(%node, ?deadline_ms, "node drain requested");
     let index = state
         .registry
         .apply(Command::Drain {
@@ -478,6 +486,7 @@ pub(super) async fn drain(State(state): St, Path(node): Path<String>, body: Byte
 }
 
 pub(super) async fn undrain(State(state): St, Path(node): Path<String>) -> ApiResult {
+    tracing::info!(%node, "node undrain requested");
     let index = state
         .registry
         .apply(Command::Undrain {

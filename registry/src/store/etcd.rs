@@ -411,6 +411,8 @@ async fn keep_membership(
 ) {
     let agents = format!("{prefix}/agents/");
     let key = format!("{agents}{member}");
+    let loads = format!("{prefix}/load/");
+    let load_key = format!("{loads}{member}");
     let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(5);
     loop {
         let outcome: Result<(), StoreError> = async {
@@ -455,6 +457,7 @@ async fn keep_membership(
                     .collect();
                 members.sort();
                 status.set_members(members);
+                exchange_load(&client, &loads, &load_key, &member, id, &status).await;
             }
         }
         .await;
@@ -462,6 +465,33 @@ async fn keep_membership(
             tracing::warn!(%err, "agent membership in etcd lost; re-joining");
         }
         sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Publishes this agent's live load under its lease (`<prefix>/load/<me>`,
+/// gone with the agent) and reads every other agent's. A failure leaves the
+/// last reports in place; a drain then stays "draining" until fresh ones
+/// arrive, never "drained" on old news.
+async fn exchange_load(
+    client: &Client,
+    loads: &str,
+    load_key: &str,
+    member: &str,
+    lease: i64,
+    status: &StoreStatus,
+) {
+    let board = status.board();
+    let put = etcd_client::PutOptions::new().with_lease(lease);
+    let mut kv = client.kv_client();
+    if let Err(err) = kv.put(load_key, board.encode_local(), Some(put)).await {
+        tracing::debug!(%err, "cannot publish this agent's load");
+    }
+    match kv.get(loads, Some(GetOptions::new().with_prefix())).await {
+        Ok(listed) => board.set_remote(listed.kvs().iter().filter_map(|kv| {
+            let name = std::str::from_utf8(kv.key().strip_prefix(loads.as_bytes())?).ok()?;
+            (name != member).then(|| (Name::from(name), kv.value()))
+        })),
+        Err(err) => tracing::debug!(%err, "cannot read the other agents' load"),
     }
 }
 

@@ -7,7 +7,9 @@
   const live = document.getElementById("live");
   const flash = document.getElementById("flash");
   let readings = new Map();
+  // One refresh at a time; a refresh asked for meanwhile runs right after.
   let busy = false;
+  let again = false;
 
   const headers = () => {
     const token = sessionStorage.getItem(TOKEN);
@@ -42,14 +44,21 @@
   };
 
   const refresh = async () => {
-    if (busy) return;
+    if (busy) {
+      again = true;
+      return;
+    }
     busy = true;
     const url = new URL(location.href);
     url.searchParams.set("fragment", "1");
+    const sent = sessionStorage.getItem(TOKEN);
     try {
       const answer = await fetch(url, { headers: headers(), cache: "no-store" });
       const text = await answer.text();
-      if (answer.status === 401) {
+      if (answer.status === 401 && sessionStorage.getItem(TOKEN) !== sent) {
+        // The operator typed a new token meanwhile: try that one.
+        again = true;
+      } else if (answer.status === 401) {
         // The token is missing or no longer known: ask for one.
         sessionStorage.removeItem(TOKEN);
         say("token needed", true);
@@ -72,6 +81,10 @@
       say("agent unreachable", true);
     } finally {
       busy = false;
+      if (again) {
+        again = false;
+        refresh();
+      }
     }
   };
 
