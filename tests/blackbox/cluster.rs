@@ -40,6 +40,8 @@ pub(crate) struct Etcd {
     client_port: u16,
     peer_port: u16,
     cluster: String,
+    /// Clients over TLS with certificates: (CA, server cert, server key).
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
     child: Option<Child>,
 }
 
@@ -68,6 +70,7 @@ impl Etcd {
                 client_port: *client,
                 peer_port: *peer,
                 cluster: cluster.clone(),
+                tls: None,
                 child: None,
             })
             .collect();
@@ -80,11 +83,42 @@ impl Etcd {
         members
     }
 
+    /// One member whose clients must speak TLS and present a certificate
+    /// signed by `ca` (etcd's `--client-cert-auth`).
+    pub(crate) fn single_tls(scratch: &Path, ca: PathBuf, cert: PathBuf, key: PathBuf) -> Etcd {
+        let peer = free_port();
+        let mut member = Etcd {
+            name: "e0".to_string(),
+            dir: scratch.join("etcd-tls"),
+            client_port: free_port(),
+            peer_port: peer,
+            cluster: format!("e0=http://127.0.0.1:{peer}"),
+            tls: Some((ca, cert, key)),
+            child: None,
+        };
+        member.spawn();
+        member.wait_healthy();
+        member
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.with_extension("log")).expect("etcd log");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut tls_args = Vec::new();
+        if let Some((ca, cert, key)) = &self.tls {
+            tls_args.push("--client-cert-auth".into());
+            for (flag, path) in [
+                ("--trusted-ca-file", ca),
+                ("--cert-file", cert),
+                ("--key-file", key),
+            ] {
+                tls_args.push(std::ffi::OsString::from(flag));
+                tls_args.push(path.clone().into_os_string());
+            }
+        }
         let child = Command::new(etcd_bin())
+            .args(&tls_args)
             .args(["--name", &self.name, "--data-dir"])
             .arg(&self.dir)
             .args([
@@ -119,11 +153,26 @@ impl Etcd {
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
-    /// Polls etcd's `/health` until it reports a leader.
+    /// Polls etcd's `/health` until it reports a leader (over TLS, where the
+    /// test has no client of its own, its log saying it serves clients).
     fn wait_healthy(&self) {
+        if self.tls.is_some() {
+            let log = self.dir.with_extension("log");
+            eventually(
+                &format!("etcd {} serving TLS clients", self.name),
+                Duration::from_secs(30),
+                || {
+                    let text = std::fs::read_to_string(&log).ok()?;
+                    text.contains("ready to serve client requests")
+                        .then_some(())
+                },
+            );
+            return;
+        }
         let url = format!("{}/health", self.url());
         eventually(
             &format!("etcd {} healthy", self.name),
@@ -591,4 +640,118 @@ fn a_drain_counts_requests_in_flight_through_every_agent() {
         (s["drained"] == true).then_some(s)
     });
     assert_eq!(on_b["state"], "drained");
+}
+
+/// Enables etcd's authentication with user `root` (through its JSON gateway).
+fn enable_etcd_auth(etcd: &Etcd, password: &str) {
+    let call = |path: &str, body: Value| {
+        ureq::post(&format!("{}/v3/auth/{path}", etcd.url()))
+            .send(body.to_string())
+            .unwrap_or_else(|e| panic!("etcd auth/{path}: {e}"));
+    };
+    call("user/add", json!({"name": "root", "password": password}));
+    call("role/add", json!({"name": "root"}));
+    call("user/grant", json!({"user": "root", "role": "root"}));
+    call("enable", json!({}));
+}
+
+/// An agent on `etcd` with the extra `[store]` keys given.
+fn agent_with_store(scratch: &Path, name: &str, url: &str, store_keys: &str) -> Agent {
+    let config = format!(
+        "[store]\nkind = \"etcd\"\nendpoints = [\"{url}\"]\nprefix = \"/sec\"\nlease_ttl = \"2s\"\n{store_keys}"
+    );
+    let path = scratch.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("write config");
+    Agent::start_in(
+        &scratch.join(format!("data-{name}")),
+        &[
+            "--config",
+            path.to_str().expect("utf8"),
+            "--node-name",
+            name,
+        ],
+    )
+}
+
+/// Registers through one agent and reads it back through the other.
+fn shared_between(a: &Agent, b: &Agent) {
+    let up = Upstream::start("sec");
+    register(&a.client(), "s1", &up);
+    eventually("B sees what A wrote", Duration::from_secs(10), || {
+        (ids(&b.client().get_ok("/v1/health/service/web").json()) == ["s1"]).then_some(())
+    });
+}
+
+#[test]
+fn agents_reach_etcd_over_tls_with_client_certificates_and_with_a_password() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dir = scratch.path();
+    let pki = crate::proxy::TestPki::new();
+    let ca = pki.write_ca(dir);
+    pki.leaf(dir, "127.0.0.1");
+    pki.leaf(dir, "agent");
+    let etcd = Etcd::single_tls(
+        dir,
+        ca.clone(),
+        dir.join("127.0.0.1.pem"),
+        dir.join("127.0.0.1.key"),
+    );
+    let tls = format!(
+        "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+        ca,
+        dir.join("agent.pem"),
+        dir.join("agent.key")
+    );
+    let a = agent_with_store(dir, "tls-a", &etcd.url(), &tls);
+    let b = agent_with_store(dir, "tls-b", &etcd.url(), &tls);
+    shared_between(&a, &b);
+    assert_eq!(
+        a.client().get_ok("/v1/switchyard/status").json()["store_state"]["connected"],
+        true
+    );
+
+    // Without a client certificate etcd refuses the agent, and it says why.
+    let no_cert = format!("ca_file = {ca:?}\ndial_timeout = \"1s\"\nrequest_timeout = \"1s\"\n");
+    let config = dir.join("no-cert.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/sec\"\n{no_cert}",
+            etcd.url()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(crate::support::bin())
+        .args([
+            "agent",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data-no-cert"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run agent");
+    assert!(
+        !out.status.success(),
+        "an agent without a certificate started"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach the etcd store"), "{stderr}");
+
+    // Password authentication on a plain etcd.
+    std::fs::create_dir_all(dir.join("plain")).expect("mkdir");
+    let plain = Etcd::single(&dir.join("plain"));
+    enable_etcd_auth(&plain, "root-password-123");
+    std::fs::write(dir.join("password"), "root-password-123\n").expect("write password");
+    let auth = format!(
+        "username = \"root\"\npassword_file = {:?}\n",
+        dir.join("password")
+    );
+    let c = agent_with_store(dir, "auth-c", &plain.url(), &auth);
+    let d = agent_with_store(dir, "auth-d", &plain.url(), &auth);
+    shared_between(&c, &d);
 }

@@ -746,13 +746,13 @@ fn http2_with_prior_knowledge_is_routed_balanced_and_streamed() {
 }
 
 /// A test CA and leaf certificates it signs, written as PEM files.
-struct TestPki {
+pub(crate) struct TestPki {
     ca: rcgen::Certificate,
     ca_key: rcgen::KeyPair,
 }
 
 impl TestPki {
-    fn new() -> TestPki {
+    pub(crate) fn new() -> TestPki {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
@@ -760,8 +760,15 @@ impl TestPki {
         TestPki { ca, ca_key }
     }
 
+    /// Writes the CA certificate as `ca.pem` in `dir`.
+    pub(crate) fn write_ca(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.ca.pem()).expect("write ca");
+        path
+    }
+
     /// Writes `NAME.pem` and `NAME.key` for a leaf valid for `name`; returns its DER.
-    fn leaf(&self, dir: &std::path::Path, name: &str) -> Vec<u8> {
+    pub(crate) fn leaf(&self, dir: &std::path::Path, name: &str) -> Vec<u8> {
         let params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("leaf params");
         let key = rcgen::KeyPair::generate().expect("leaf key");
         let cert = params
