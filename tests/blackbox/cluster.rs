@@ -600,35 +600,45 @@ fn a_drain_counts_requests_in_flight_through_every_agent() {
         served_by(&b, &slow).then_some(())
     });
 
-    // A slow request through B's proxy; the drain is started on A.
+    // A slow request through each agent's proxy (long enough for a few
+    // report rounds even on a loaded machine); the drain is started on A.
     slow.delay_ms
-        .store(3000, std::sync::atomic::Ordering::SeqCst);
+        .store(6000, std::sync::atomic::Ordering::SeqCst);
     let served = slow.served();
-    let http = b.http;
-    let in_flight = std::thread::spawn(move || get(http, "web.test", "/"));
+    let requests: Vec<_> = [a.http, b.http]
+        .into_iter()
+        .map(|http| std::thread::spawn(move || get(http, "web.test", "/")))
+        .collect();
     eventually(
-        "the slow request reaches w1",
+        "both slow requests reach w1",
         Duration::from_secs(10),
-        || (slow.served() > served).then_some(()),
+        || (slow.served() >= served + 2).then_some(()),
     );
     let path = "/v1/switchyard/nodes/n1/drain";
     let started = ca.put_ok(path, r#"{"deadline":"60s"}"#).json();
-    assert_eq!(
-        started["state"], "draining",
-        "A's own proxy is idle, B's is not known yet: {started}"
+    assert_eq!(started["state"], "draining", "{started}");
+
+    // Each agent counts its own request and the other's (from its report),
+    // and neither calls the node drained while they run.
+    for (who, c) in [("A", &ca), ("B", &cb)] {
+        let seen = eventually(
+            &format!("{who} counts both requests"),
+            Duration::from_secs(10),
+            || {
+                let s = c.get_ok(path).json();
+                (s["in_flight"] == 2).then_some(s)
+            },
+        );
+        assert_eq!(seen["state"], "draining", "{who}: {seen}");
+        assert_eq!(seen["endpoints"][0]["in_flight"], 2, "{who}: {seen}");
+    }
+    assert!(
+        requests.iter().all(|r| !r.is_finished()),
+        "the requests were still running"
     );
-
-    // A learns of B's request from B's report, and is not drained while it runs.
-    let seen = eventually("A counts B's request", Duration::from_secs(10), || {
-        let s = ca.get_ok(path).json();
-        (s["in_flight"] == 1).then_some(s)
-    });
-    assert_eq!(seen["state"], "draining", "{seen}");
-    assert_eq!(seen["endpoints"][0]["in_flight"], 1, "{seen}");
-    assert!(!in_flight.is_finished(), "the request was still running");
-
-    let reply = in_flight.join().expect("request thread");
-    assert_eq!(reply.body, "slow");
+    for request in requests {
+        assert_eq!(request.join().expect("request thread").body, "slow");
+    }
     let done = eventually("A reports n1 drained", Duration::from_secs(10), || {
         let s = ca.get_ok(path).json();
         (s["drained"] == true).then_some(s)
