@@ -377,10 +377,12 @@ impl<S: Store> Writer<S> {
                 match committed {
                     Ok(Committed::Local) => {
                         self.publish_dirty();
-                        for (_, received) in &meta {
-                            self.metrics
-                                .propagation_seconds
-                                .observe(received.elapsed().as_secs_f64());
+                        for ((_, result), (_, received)) in results.iter().zip(&meta) {
+                            if result.is_ok() {
+                                self.metrics
+                                    .propagation_seconds
+                                    .observe(received.elapsed().as_secs_f64());
+                            }
                         }
                     }
                     Ok(Committed::Shared { revision }) => {
