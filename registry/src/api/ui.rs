@@ -206,17 +206,11 @@ pub(super) async fn services(
             let _ = write!(out, r#"<th class="num">{}</th>"#, s.as_str());
         }
         out.push_str("<th>Tags</th></tr></thead><tbody>");
-        let mut shown = 0;
-        let mut hidden = 0;
+        let mut rows = Rows::default();
         for service in snap.services_sorted() {
-            if !view.shows(&service.name) {
+            if !view.shows(&service.name) || !rows.admit() {
                 continue;
             }
-            if shown == MAX_ROWS {
-                hidden += 1;
-                continue;
-            }
-            shown += 1;
             let _ = write!(
                 out,
                 r#"<tr data-service="{name}"><td><a href="/ui/services/{seg}">{name}</a></td><td class="num">{total}</td><td class="num">{routable}</td>"#,
@@ -235,7 +229,7 @@ pub(super) async fn services(
             }
             out.push_str("</td></tr>");
         }
-        if shown == 0 {
+        if rows.shown == 0 {
             out.push_str(r#"<tr><td colspan="9" class="empty">No services"#);
             if !view.filter.is_empty() {
                 out.push_str(" match the filter");
@@ -243,16 +237,37 @@ pub(super) async fn services(
             out.push_str(".</td></tr>");
         }
         out.push_str("</tbody></table>");
-        more(out, hidden);
+        rows.finish(out);
     })
 }
 
-fn more(out: &mut String, hidden: usize) {
-    if hidden > 0 {
-        let _ = write!(
-            out,
-            r#"<p class="more">{hidden} more not shown: narrow the list with the filter.</p>"#
-        );
+/// Counts a table's rows: the first `MAX_ROWS` are shown, the rest only counted.
+#[derive(Default)]
+struct Rows {
+    shown: usize,
+    hidden: usize,
+}
+
+impl Rows {
+    /// Whether the next row is shown.
+    fn admit(&mut self) -> bool {
+        if self.shown == MAX_ROWS {
+            self.hidden += 1;
+            return false;
+        }
+        self.shown += 1;
+        true
+    }
+
+    /// Says how many rows were left out, if any.
+    fn finish(&self, out: &mut String) {
+        if self.hidden > 0 {
+            let _ = write!(
+                out,
+                r#"<p class="more">{} more not shown: narrow the list with the filter.</p>"#,
+                self.hidden
+            );
+        }
     }
 }
 
@@ -291,17 +306,12 @@ pub(super) async fn service(
             None => out.push_str(r#"<p class="note">No proxy route or listener names this service: DNS and the API only.</p>"#),
         }
         out.push_str(r#"<table id="endpoints"><thead><tr><th>Endpoint</th><th>Node</th><th>Address</th><th>State</th><th>Why excluded</th><th class="num">In flight</th><th class="num">Req/s</th><th class="num">Latency</th><th class="num">Failures</th><th>Checks</th><th></th></tr></thead><tbody>"#);
-        let mut hidden = 0;
-        let mut shown = 0;
+        let mut rows = Rows::default();
         for instance in &service.instances {
-            if !view.shows(&instance.endpoint.id) && !view.shows(&instance.node.name) {
+            let wanted = view.shows(&instance.endpoint.id) || view.shows(&instance.node.name);
+            if !wanted || !rows.admit() {
                 continue;
             }
-            if shown == MAX_ROWS {
-                hidden += 1;
-                continue;
-            }
-            shown += 1;
             let traffic = load
                 .map(|l| {
                     l.endpoint_load(&service.name, &instance.node.name, &instance.endpoint.id)
@@ -310,7 +320,7 @@ pub(super) async fn service(
             endpoint_row(out, instance, &traffic, proxied.is_some());
         }
         out.push_str("</tbody></table>");
-        more(out, hidden);
+        rows.finish(out);
     })
 }
 
@@ -445,17 +455,12 @@ pub(super) async fn nodes(
         summary(out, &state, &snap);
         out.push_str(r#"<table id="nodes"><thead><tr><th>Node</th><th>Address</th><th class="num">Endpoints</th><th>State</th><th class="num">In flight</th><th class="num">Cut</th><th>Drain progress</th><th></th></tr></thead><tbody>"#);
         let now = unix_ms();
-        let (mut shown, mut hidden) = (0, 0);
+        let mut rows = Rows::default();
         for entry in snap.nodes_sorted() {
             let node = &entry.node;
-            if !view.shows(&node.name) {
+            if !view.shows(&node.name) || !rows.admit() {
                 continue;
             }
-            if shown == MAX_ROWS {
-                hidden += 1;
-                continue;
-            }
-            shown += 1;
             let drain = node.drain.as_ref();
             let progress = drain_progress(&state, drain, entry.endpoints.values().map(|e| &**e));
             let maintenance = entry.checks.contains_key(NODE_MAINTENANCE_CHECK);
@@ -520,11 +525,11 @@ pub(super) async fn nodes(
             }
             out.push_str("</td></tr>");
         }
-        if shown == 0 {
+        if rows.shown == 0 {
             out.push_str(r#"<tr><td colspan="8" class="empty">No nodes.</td></tr>"#);
         }
         out.push_str("</tbody></table>");
-        more(out, hidden);
+        rows.finish(out);
     })
 }
 
