@@ -161,20 +161,33 @@ async fn serve(
     let api_kept = api_listener.try_clone()?;
     let listener = tokio::net::TcpListener::from_std(api_listener)?;
     let api_addr = listener.local_addr()?;
-    let mut stop = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|down| *down).await;
-            })
-            .await
-    });
+    let api_tls = match &config.api.tls {
+        Some(tls) => Some(api::tls::acceptor(tls).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    if api_tls.is_none() && !api_addr.ip().is_loopback() {
+        tracing::warn!(api = %api_addr, "the API is reachable from other hosts over cleartext HTTP: tokens travel unencrypted; configure [api.tls]");
+    }
+    let api_scheme = if api_tls.is_some() { "https" } else { "http" };
+    let server = tokio::spawn(serve_api(
+        listener,
+        api_tls.clone(),
+        api::router(state),
+        shutdown_rx.clone(),
+    ));
 
     let upgrading = inherited.is_some();
     let metrics_addr = match config.api.metrics_addr {
-        Some(addr) => {
-            Some(serve_metrics(addr, upgrading, api_state.clone(), shutdown_rx.clone()).await?)
-        }
+        Some(addr) => Some(
+            serve_metrics(
+                addr,
+                upgrading,
+                api_tls,
+                api_state.clone(),
+                shutdown_rx.clone(),
+            )
+            .await?,
+        ),
         None => None,
     };
 
@@ -204,6 +217,7 @@ async fn serve(
     let ready = serde_json::json!({
         "ready": true,
         "api": api_addr.to_string(),
+        "api_url": format!("{api_scheme}://{api_addr}"),
         "dns": dns_addr.to_string(),
         "http": http_addr.to_string(),
         "https": http.tls_addr().map(|a| a.to_string()),
@@ -220,7 +234,7 @@ async fn serve(
     tracing::info!(api = %api_addr, dns = %dns_addr, http = %http_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
     if !demo.is_empty() {
         tracing::info!(
-            "demo: {n} backends serve service {service}; try  dig @{dns_ip} -p {dns_port} {service}.service.consul SRV  ·  curl -H 'Host: {host}' http://{http_addr}/  ·  open http://{api_addr}/ui/",
+            "demo: {n} backends serve service {service}; try  dig @{dns_ip} -p {dns_port} {service}.service.consul SRV  ·  curl -H 'Host: {host}' http://{http_addr}/  ·  open {api_scheme}://{api_addr}/ui/",
             n = demo.len(),
             service = crate::demo::SERVICE,
             host = crate::demo::HOST,
@@ -327,8 +341,9 @@ async fn serve(
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     upgrading: bool,
+    tls: Option<api::tls::TlsAcceptor>,
     state: Arc<ApiState>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<std::net::SocketAddr> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let listener = loop {
@@ -360,11 +375,7 @@ async fn serve_metrics(
                         return;
                     }
                 };
-                let served = axum::serve(listener, api::metrics_router(state))
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|down| *down).await;
-                    })
-                    .await;
+                let served = serve_api(listener, tls, api::metrics_router(state), stop).await;
                 if let Err(e) = served {
                     tracing::warn!(error = %e, "metrics server stopped with an error");
                 }
@@ -372,6 +383,31 @@ async fn serve_metrics(
         })
         .context("cannot start the metrics thread")?;
     Ok(local)
+}
+
+/// Serves `router` on `listener` (HTTPS when `tls` is given) until `stop`
+/// turns true.
+async fn serve_api(
+    listener: tokio::net::TcpListener,
+    tls: Option<api::tls::TlsAcceptor>,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let stopped = async move {
+        let _ = stop.wait_for(|down| *down).await;
+    };
+    match tls {
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        Some(acceptor) => {
+            axum::serve(api::tls::TlsListener::new(listener, acceptor)?, router)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+    }
 }
 
 fn start<S: Store>(

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
@@ -37,6 +38,26 @@ pub(crate) struct Cli {
     /// API token for the client commands (sent as X-Consul-Token).
     #[arg(long, global = true, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to verify an HTTPS API with (`[api.tls]`), for
+    /// the client commands. Default: the Mozilla roots.
+    #[arg(long, global = true, env = "SWITCHYARD_CACERT")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for an API that asks for one (`api.tls.client_ca`).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -174,9 +195,24 @@ struct AgentArgs {
 /// The client commands' token (`--token` / `SWITCHYARD_TOKEN`), set once.
 static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// The client commands' HTTP agent (with `--ca-cert` and the client
+/// certificate when given), set once.
+static HTTP: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+
 pub(crate) fn run(cli: Cli) -> ExitCode {
     if let Some(token) = &cli.token {
         let _ = TOKEN.set(token.clone());
+    }
+    if !matches!(cli.command, Commands::Agent(_)) {
+        match http_agent(&cli) {
+            Ok(agent) => {
+                let _ = HTTP.set(agent);
+            }
+            Err(e) => {
+                eprintln!("switchyard: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     match cli.command {
         Commands::Agent(args) => run_agent(args),
@@ -303,12 +339,50 @@ fn client(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn http() -> ureq::Agent {
+fn http_agent(cli: &Cli) -> anyhow::Result<ureq::Agent> {
+    use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+    };
+    let mut tls = TlsConfig::builder();
+    if let Some(path) = &cli.ca_cert {
+        let pem = read(path, "--ca-cert")?;
+        let roots = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(PemItem::Certificate(cert)) => Some(Ok(cert)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<Certificate<'static>>, _>>()
+            .with_context(|| format!("--ca-cert {}", path.display()))?;
+        anyhow::ensure!(
+            !roots.is_empty(),
+            "--ca-cert {}: no certificate in the file",
+            path.display()
+        );
+        tls = tls.root_certs(RootCerts::new_with_certs(&roots));
+    }
+    if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+        let chain = [Certificate::from_pem(&read(cert, "--client-cert")?)
+            .with_context(|| format!("--client-cert {}", cert.display()))?];
+        let key = PrivateKey::from_pem(&read(key, "--client-key")?)
+            .with_context(|| format!("--client-key {}", key.display()))?;
+        tls = tls.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+    }
+    Ok(agent_with(tls.build()))
+}
+
+fn agent_with(tls: ureq::tls::TlsConfig) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(60)))
+        .tls_config(tls)
         .build()
         .into()
+}
+
+fn http() -> &'static ureq::Agent {
+    HTTP.get_or_init(|| agent_with(ureq::tls::TlsConfig::default()))
 }
 
 /// Sends a request to the agent and returns the body of a 2xx answer.

@@ -87,6 +87,9 @@ impl AgentConfig {
             }
         }
         switchyard_registry::api::Tokens::load(&self.api.tokens)?;
+        if let Some(tls) = &self.api.tls {
+            switchyard_registry::api::tls::acceptor(tls)?;
+        }
         if self.api.max_body_bytes < 1024 {
             return Err("api.max_body_bytes must be at least 1024".to_string());
         }

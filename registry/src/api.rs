@@ -9,6 +9,7 @@ mod consul;
 mod decode;
 mod native;
 mod render;
+pub mod tls;
 mod ui;
 
 use std::sync::Arc;

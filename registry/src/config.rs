@@ -27,6 +27,24 @@ pub struct ApiConfig {
     /// API tokens. None configured: every request is allowed, which the
     /// agent accepts only on a loopback address.
     pub tokens: Vec<TokenConfig>,
+    /// `[api.tls]`: serve the API (and `metrics_addr`) over HTTPS only.
+    /// Default none (cleartext HTTP).
+    pub tls: Option<ApiTlsConfig>,
+}
+
+/// `[api.tls]`: the API's certificate and, for mutual TLS, the CA that
+/// signs its clients' certificates.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with the certificate's private key.
+    pub key: PathBuf,
+    /// PEM file with the CA certificates clients must present a certificate
+    /// from (Consul's `verify_incoming`). Default none: no client certificate asked.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// What a token may do; each role includes the ones before it.
@@ -102,6 +120,7 @@ impl Default for ApiConfig {
             max_batch_endpoints: 100_000,
             metrics_addr: None,
             tokens: Vec::new(),
+            tls: None,
         }
     }
 }

@@ -21,7 +21,7 @@ mod watch;
 mod writer;
 
 pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
-pub use config::{ApiConfig, Role, StoreConfig, StoreKind, TokenConfig};
+pub use config::{ApiConfig, ApiTlsConfig, Role, StoreConfig, StoreKind, TokenConfig};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use error::{RegistryError, StoreError};
 pub use health::spawn_checker;

@@ -250,6 +250,151 @@ fn the_cli_sends_its_token() {
 }
 
 #[test]
+fn the_api_speaks_tls_and_can_require_client_certificates() {
+    use std::io::{Read, Write};
+    let pki = crate::proxy::TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let at = |name: &str| certs.path().join(name).to_str().expect("utf8").to_string();
+    let ca = pki.write_ca(certs.path());
+    pki.leaf(certs.path(), "127.0.0.1");
+    pki.leaf(certs.path(), "scheduler");
+    // A client certificate from a CA the agent does not trust.
+    let strangers = tempfile::tempdir().expect("tempdir");
+    crate::proxy::TestPki::new().leaf(strangers.path(), "scheduler");
+    let stranger = |ext: &str| {
+        let path = strangers.path().join(format!("scheduler.{ext}"));
+        path.to_str().expect("utf8").to_string()
+    };
+    let (agent, _dir) = agent_with(&format!(
+        "[api]\nmetrics_addr = \"127.0.0.1:0\"\n[api.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        at("127.0.0.1.pem"),
+        at("127.0.0.1.key"),
+        ca.to_str().expect("utf8"),
+    ));
+    assert!(agent.api.starts_with("https://"), "{}", agent.api);
+    let batch = certs.path().join("batch.json");
+    std::fs::write(
+        &batch,
+        r#"{"nodes":[{"name":"n1","address":"10.3.0.1"}],
+            "endpoints":[{"node":"n1","service":"pay","id":"pay-1","port":9000}]}"#,
+    )
+    .expect("write");
+    let cli = |args: &[&str], cert: Option<(String, String)>| {
+        let mut command = std::process::Command::new(crate::support::bin());
+        command
+            .args(args)
+            .env("SWITCHYARD_API", &agent.api)
+            .env("SWITCHYARD_CACERT", &ca);
+        if let Some((cert, key)) = cert {
+            command.args(["--client-cert", &cert, "--client-key", &key]);
+        }
+        command.output().expect("run")
+    };
+    let ours = || Some((at("scheduler.pem"), at("scheduler.key")));
+
+    // With the CA and a client certificate it signed: a write and a read.
+    let out = cli(&["register", batch.to_str().expect("utf8")], ours());
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&["services", "--json"], ours());
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"pay\""));
+
+    // Without a client certificate, or with a stranger's, nothing gets through.
+    let index = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).to_string();
+    let before = cli(&["status", "--json"], ours());
+    let other = certs.path().join("other.json");
+    std::fs::write(
+        &other,
+        r#"{"endpoints":[{"node":"n1","service":"evil","id":"evil-1","port":1}]}"#,
+    )
+    .expect("write");
+    for cert in [None, Some((stranger("pem"), stranger("key")))] {
+        let out = cli(&["register", other.to_str().expect("utf8")], cert);
+        assert!(!out.status.success(), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"),
+            "{out:?}"
+        );
+    }
+    let after = cli(&["status", "--json"], ours());
+    let status = |out: &std::process::Output| -> serde_json::Value {
+        serde_json::from_str(&index(out)).expect("status --json")
+    };
+    assert!(status(&before)["index"].as_u64().is_some(), "{before:?}");
+    assert_eq!(status(&before)["index"], status(&after)["index"]);
+    let out = cli(&["services", "--json"], ours());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("evil"));
+
+    // Without our CA the agent's certificate is not trusted.
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["services", "--client-cert", &at("scheduler.pem")])
+        .args(["--client-key", &at("scheduler.key")])
+        .env("SWITCHYARD_API", &agent.api)
+        .env_remove("SWITCHYARD_CACERT")
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "{out:?}");
+
+    // Cleartext HTTP to the API gets no HTTP answer.
+    let addr = agent.api.trim_start_matches("https://");
+    let mut plain = std::net::TcpStream::connect(addr).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    plain
+        .write_all(b"GET /v1/catalog/services HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/"), "{answer:?}");
+
+    // The metrics listener is HTTPS too, with the same client rule.
+    let metrics = agent.metrics.expect("metrics listener");
+    let scrape = |cert: Option<(String, String)>| {
+        let mut command = std::process::Command::new(crate::support::bin());
+        command
+            .args(["status"])
+            .env("SWITCHYARD_API", format!("https://{metrics}"))
+            .env("SWITCHYARD_CACERT", &ca);
+        if let Some((cert, key)) = cert {
+            command.args(["--client-cert", &cert, "--client-key", &key]);
+        }
+        command.output().expect("run")
+    };
+    // `status` is not served there (404), but the handshake decides first.
+    let out = scrape(None);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"),
+        "{out:?}"
+    );
+    let out = scrape(ours());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{out:?}"
+    );
+
+    // A key that is not the certificate's, or a missing file, is a config
+    // error naming its key.
+    let path = certs.path().join("bad.toml");
+    for (cert, key, named) in [
+        (at("127.0.0.1.pem"), at("scheduler.key"), "api.tls"),
+        (at("missing.pem"), at("127.0.0.1.key"), "api.tls.cert"),
+    ] {
+        std::fs::write(
+            &path,
+            format!("[api.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+        )
+        .expect("write");
+        let out = crate::cli::check_config(&path);
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(named),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
 fn an_api_reachable_from_other_hosts_needs_tokens() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.toml");

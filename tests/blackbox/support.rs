@@ -89,7 +89,7 @@ impl Agent {
         let ready: Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
         assert_eq!(ready["ready"], true, "{line}");
-        let api = format!("http://{}", ready["api"].as_str().expect("api address"));
+        let api = ready["api_url"].as_str().expect("api url").to_string();
         let dns = ready["dns"]
             .as_str()
             .expect("dns address")
