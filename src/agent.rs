@@ -16,7 +16,8 @@ use switchyard_registry::{
 };
 use tokio::sync::watch;
 
-use crate::config::{host_name, AgentConfig, ConfigSource};
+use crate::config::AgentConfig;
+use crate::source::{host_name, ConfigSource};
 use crate::upgrade::{self, UpgradeListener};
 
 /// A data directory the agent made for itself (`--dev`) and removes on exit.

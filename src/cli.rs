@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::agent::{self, ScratchDir};
-use crate::config::ConfigSource;
+use crate::source::ConfigSource;
 use crate::upgrade;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).

@@ -1,8 +1,8 @@
 //! The agent's configuration file: one TOML tree, a table per role.
 //! Every key is optional; `configs/dev.toml` lists them all with defaults.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::IpAddr;
+use std::path::Path;
 
 use serde::Deserialize;
 use switchyard_registry::{ApiConfig, StoreConfig};
@@ -52,11 +52,13 @@ impl AgentConfig {
     pub(crate) fn load(path: &Path) -> Result<AgentConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let config: AgentConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        config
-            .validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        AgentConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks a config's text (the fuzz target `config` calls this).
+    pub(crate) fn parse(text: &str) -> Result<AgentConfig, String> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
         Ok(config)
     }
 
@@ -122,59 +124,47 @@ impl AgentConfig {
     }
 }
 
-/// Where the agent's configuration comes from: the file, if any, and the
-/// command-line overrides, applied again on every reload.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ConfigSource {
-    pub(crate) path: Option<PathBuf>,
-    pub(crate) data_dir: Option<PathBuf>,
-    pub(crate) api_addr: Option<SocketAddr>,
-    pub(crate) dns_addr: Option<SocketAddr>,
-    pub(crate) http_addr: Option<SocketAddr>,
-    pub(crate) proxy_threads: Option<usize>,
-    pub(crate) node_name: Option<String>,
-    /// `--demo`: the demo service's route is part of every load.
-    pub(crate) demo: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::AgentConfig;
 
-impl ConfigSource {
-    /// The file with the overrides applied, checked.
-    pub(crate) fn load(&self) -> Result<AgentConfig, String> {
-        let mut config = match &self.path {
-            Some(path) => AgentConfig::load(path)?,
-            None => AgentConfig::default(),
-        };
-        if let Some(dir) = &self.data_dir {
-            config.store.data_dir = Some(dir.clone());
+    /// What the `config` fuzz target checks, over mutations of the shipped
+    /// configs: any text is parsed or refused with a reason, never a panic.
+    #[test]
+    fn mangled_configs_are_refused_with_a_reason() {
+        let seeds = [
+            include_str!("../configs/dev.toml"),
+            include_str!("../configs/cluster.toml"),
+        ];
+        for seed in seeds {
+            assert!(AgentConfig::parse(seed).is_ok(), "a shipped config loads");
         }
-        if let Some(addr) = self.api_addr {
-            config.api.addr = addr;
+        const NOISE: &[u8] = b"[]{}=\"',.#\n -0123456789abcxyz*/:";
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut refused = 0;
+        for round in 0..2000 {
+            let mut text = seeds[round % seeds.len()].as_bytes().to_vec();
+            for _ in 0..rng.usize(1..4) {
+                let i = rng.usize(..text.len());
+                match rng.u8(0..3) {
+                    0 => text[i] = NOISE[rng.usize(..NOISE.len())],
+                    1 => {
+                        text.remove(i);
+                    }
+                    _ => text.insert(i, NOISE[rng.usize(..NOISE.len())]),
+                }
+            }
+            let Ok(text) = String::from_utf8(text) else {
+                continue;
+            };
+            if let Err(reason) = AgentConfig::parse(&text) {
+                assert!(!reason.trim().is_empty());
+                refused += 1;
+            }
         }
-        if let Some(addr) = self.dns_addr {
-            config.dns.addr = addr;
-        }
-        if let Some(addr) = self.http_addr {
-            config.http.addr = addr;
-        }
-        if let Some(threads) = self.proxy_threads {
-            config.http.threads = threads;
-        }
-        if let Some(name) = &self.node_name {
-            config.agent.node_name = Some(name.clone());
-        }
-        if self.demo {
-            config.http.routes.push(crate::demo::route());
-        }
-        config.validate()?;
-        Ok(config)
+        assert!(
+            refused > 0,
+            "no mutation was refused: the test mutates nothing"
+        );
     }
-}
-
-/// The host name, for the default node name.
-pub(crate) fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "switchyard".to_string())
 }

@@ -4,6 +4,7 @@ mod agent;
 mod cli;
 mod config;
 mod demo;
+mod source;
 mod upgrade;
 
 use std::process::ExitCode;

@@ -241,7 +241,7 @@ async fn exchange(
                         client,
                         431,
                         "Request Header Fields Too Large",
-                        "request head too large",
+                        "request head too large (http.max_header_bytes, http.max_headers)",
                         true,
                     )
                     .await;
@@ -270,7 +270,7 @@ async fn exchange(
                     client,
                     408,
                     "Request Timeout",
-                    "request head too slow",
+                    "request head too slow (http.header_timeout)",
                     true,
                 )
                 .await;
@@ -306,7 +306,7 @@ async fn exchange(
             let outcome = Outcome::refused(413, started);
             log_access(info, head, &request, Some(&route), &outcome);
             let body = format!(
-                "request body of {n} bytes is over this route's limit of {}",
+                "request body of {n} bytes is over this route's limit of {} (max_body_bytes)",
                 route.max_body_bytes
             );
             return answer(client, 413, "Content Too Large", &body, true).await;

@@ -215,7 +215,7 @@ impl H2 {
                 return answer(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
-                        "request body is over this route's limit of {} bytes",
+                        "request body is over this route's limit of {} bytes (max_body_bytes)",
                         route.max_body_bytes
                     ),
                 );

@@ -14,6 +14,9 @@ mod backend;
 mod balance;
 mod config;
 mod conn;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod h2;
 mod metrics;
 mod route;

@@ -48,7 +48,7 @@ struct Idle {
 }
 
 /// The answer to a client over its connection cap.
-const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 39\r\nconnection: close\r\nx-switchyard: proxy\r\n\r\ntoo many connections from your address\n";
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 73\r\nconnection: close\r\nx-switchyard: proxy\r\n\r\ntoo many connections from your address (http.max_connections_per_client)\n";
 
 /// A proxy thread's own state.
 pub(crate) struct Local {

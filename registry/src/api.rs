@@ -301,6 +301,17 @@ async fn common_headers(
 ) -> Response {
     let method = request.method().as_str().to_string();
     let mut response = next.run(request).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // axum's own text does not say which limit or how to raise it.
+        response = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body over {} bytes (api.max_body_bytes)",
+                state.config.max_body_bytes
+            ),
+        )
+        .into_response();
+    }
     let code = match response.status().as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -503,7 +514,7 @@ async fn block(
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
-                "too many blocking queries (limit {}); retry later",
+                "too many blocking queries (limit {}, api.max_blocking_queries); retry later",
                 state.config.max_blocking_queries
             ),
         ));

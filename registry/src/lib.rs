@@ -11,6 +11,9 @@ mod catalog;
 mod config;
 mod duration;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod load;
 mod metrics;

@@ -415,6 +415,208 @@ fn an_api_reachable_from_other_hosts_needs_tokens() {
 }
 
 #[test]
+fn slowloris_clients_are_cut_at_the_header_timeout_while_others_are_served() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+    use std::time::Instant;
+    const SLOW: usize = 64;
+    let (agent, _dir) =
+        agent_with("[http]\nheader_timeout = \"3s\"\n[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let up = crate::proxy::Upstream::start("web1");
+    crate::proxy::register(&c, "web", &[&up], &[]);
+    let served_before = up.served();
+
+    // Each slow client starts a head and then sends one byte every 100 ms,
+    // never finishing it, until the agent answers or closes (at most 15 s).
+    let cut = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(Barrier::new(SLOW + 1));
+    let slow: Vec<_> = (0..SLOW)
+        .map(|_| {
+            let (cut, started, addr) = (cut.clone(), started.clone(), agent.http);
+            std::thread::spawn(move || {
+                let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .expect("timeout");
+                let begun = Instant::now();
+                stream
+                    .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n")
+                    .expect("write");
+                started.wait();
+                let mut answer = Vec::new();
+                let dribble = b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+                for &byte in dribble.iter().cycle() {
+                    if begun.elapsed() > Duration::from_secs(15) {
+                        break;
+                    }
+                    let mut buf = [0u8; 512];
+                    match stream.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => break,
+                    }
+                    if stream.write_all(&[byte]).is_err() {
+                        break;
+                    }
+                }
+                cut.fetch_add(1, Ordering::SeqCst);
+                (
+                    String::from_utf8_lossy(&answer).to_string(),
+                    begun.elapsed(),
+                )
+            })
+        })
+        .collect();
+
+    // Every slow client has started its head; others are served meanwhile.
+    started.wait();
+    let mut served_while_slow_open = 0;
+    for _ in 0..50 {
+        let reply = crate::proxy::get(agent.http, "h", "/");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        if cut.load(Ordering::SeqCst) == 0 {
+            served_while_slow_open += 1;
+        }
+    }
+    assert!(
+        served_while_slow_open > 0,
+        "no request was served while the slow clients held their connections"
+    );
+
+    // Each slow client gets a 408 no earlier than the header timeout, and
+    // none of their requests reached the backend.
+    for handle in slow {
+        let (answer, elapsed) = handle.join().expect("slow client");
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "{answer:?} after {elapsed:?}"
+        );
+        assert!(answer.contains("http.header_timeout"), "{answer:?}");
+        assert!(elapsed >= Duration::from_secs(3), "cut after {elapsed:?}");
+        assert!(elapsed < Duration::from_secs(15), "never cut");
+    }
+    assert_eq!(up.served(), served_before + 50);
+    assert!(c
+        .metric("switchyard_proxy_rejected_total{reason=\"client_timeout\"}")
+        .is_some_and(|n| n >= SLOW as f64));
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_after_the_body_timeout() {
+    use std::io::{Read, Write};
+    const BODY: usize = 64 << 20;
+    let (agent, _dir) =
+        agent_with("[http]\nbody_timeout = \"2s\"\n[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let up = crate::proxy::Upstream::start("web1");
+    crate::proxy::register(&c, "web", &[&up], &[]);
+    let open = || {
+        c.metric("switchyard_proxy_client_connections")
+            .unwrap_or(-1.0)
+    };
+    // The backend echoes 64 MiB, far more than the sockets between us hold;
+    // this client sends it all and then reads nothing.
+    let mut stream = std::net::TcpStream::connect(agent.http).expect("connect");
+    stream
+        .write_all(
+            format!("POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: {BODY}\r\n\r\n").as_bytes(),
+        )
+        .expect("head");
+    stream.write_all(&vec![b'x'; BODY]).expect("body");
+    crate::support::eventually(
+        "the proxy drops the connection of a client that stopped reading",
+        Duration::from_secs(30),
+        || (open() == 0.0).then_some(()),
+    );
+    // Meanwhile and after, others are served.
+    assert_eq!(crate::proxy::get(agent.http, "h", "/").status, 200);
+    // What was in flight arrives, then the end: well short of the body.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got > 0, "the response had started");
+    assert!(got < BODY, "the whole body arrived ({got} bytes)");
+}
+
+#[test]
+fn every_limit_names_its_key_when_hit() {
+    let (agent, _dir) = agent_with(
+        "[api]\nmax_body_bytes = 1024\nmax_batch_endpoints = 1\nmax_blocking_queries = 1\n\
+         [http]\nmax_header_bytes = 1024\n",
+    );
+    let c = agent.client();
+    let index = c.get_ok("/v1/catalog/services").index;
+    let endpoint = |id: &str| format!(r#"{{"node":"n1","service":"s","id":"{id}","port":1}}"#);
+    let batch = |endpoints: &[String]| {
+        format!(
+            r#"{{"nodes":[{{"name":"n1","address":"10.0.0.1"}}],"endpoints":[{}]}}"#,
+            endpoints.join(",")
+        )
+    };
+    let padded = format!(
+        r#"{{"nodes":[{{"name":"n1","address":"10.0.0.1","meta":{{"pad":"{}"}}}}]}}"#,
+        "x".repeat(2000)
+    );
+    for (body, status, key) in [
+        (padded, 413, "api.max_body_bytes"),
+        (
+            batch(&[endpoint("a"), endpoint("b")]),
+            400,
+            "api.max_batch_endpoints",
+        ),
+    ] {
+        let answer = c.put("/v1/switchyard/batch", &body);
+        assert_eq!(answer.status, status, "{answer:?}");
+        assert!(answer.body.contains(key), "{answer:?}");
+    }
+    assert_eq!(
+        c.get_ok("/v1/catalog/services").index,
+        index,
+        "refused writes change nothing"
+    );
+
+    // One blocking query waits; the next one is refused.
+    let waiting = {
+        let c = agent.client();
+        std::thread::spawn(move || c.get(&format!("/v1/catalog/services?index={index}&wait=3s")))
+    };
+    crate::support::eventually("a blocking query waits", Duration::from_secs(10), || {
+        (c.metric("switchyard_api_blocking_queries") == Some(1.0)).then_some(())
+    });
+    let refused = c.get(&format!("/v1/catalog/services?index={index}&wait=3s"));
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert!(
+        refused.body.contains("api.max_blocking_queries"),
+        "{refused:?}"
+    );
+    assert_eq!(waiting.join().expect("waiting query").status, 200);
+
+    // The proxy's head limit.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(2000)
+    );
+    let reply = crate::proxy::raw(agent.http, big.as_bytes());
+    assert_eq!(reply.status, 431, "{reply:?}");
+    assert!(reply.body.contains("http.max_header_bytes"), "{reply:?}");
+}
+
+#[test]
 fn one_client_cannot_hold_more_than_its_share_of_connections() {
     use std::io::{Read, Write};
     let (agent, _dir) =
@@ -441,6 +643,7 @@ fn one_client_cannot_hold_more_than_its_share_of_connections() {
     let _ = third.read_to_end(&mut answer);
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(text.contains("http.max_connections_per_client"), "{text}");
     assert!(c
         .metric("switchyard_proxy_rejected_total{reason=\"client_connection_limit\"}")
         .is_some_and(|n| n >= 1.0));
@@ -480,6 +683,7 @@ fn request_bodies_over_the_route_limit_are_refused_or_cut() {
     let served = up.served();
     let refused = post("/small/echo", &"x".repeat(100));
     assert_eq!(refused.status, 413, "{refused:?}");
+    assert!(refused.body.contains("max_body_bytes"), "{refused:?}");
     assert_eq!(
         up.served(),
         served,

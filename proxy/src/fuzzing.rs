@@ -1,0 +1,226 @@
+//! Entry point for the cargo-fuzz target `http_request` in `fuzz/` (feature
+//! `fuzzing`): the route matcher and the request-head parser, checked
+//! against a model.
+//!
+//! Input: route lines (`HOST PREFIX`), a NUL byte, then a request head. The
+//! routes compile into a table; the head is parsed with it. Checked:
+//! - the table picks the route a plain linear model of the lookup rules
+//!   picks (exact host, then the longest matching suffix, then any host;
+//!   within each, the longest prefix; the first route of a host and prefix wins);
+//! - the host the lookup sees is lowercase and has no port;
+//! - a head we would forward parses again, with the same framing, host and
+//!   route: what a backend is told about the body is what we framed.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::config::{Config, HashOn, RouteConfig};
+use crate::route::{HostPattern, RouteTable};
+use crate::wire::{parse_request, Client, Framing, HeadError};
+
+/// Most routes read from one input.
+const MAX_ROUTES: usize = 32;
+
+/// Runs one input; panics when an invariant breaks.
+pub fn request_head(data: &[u8]) {
+    let (routes_part, head) = match data.iter().position(|&b| b == 0) {
+        Some(nul) => (&data[..nul], &data[nul + 1..]),
+        None => (&[][..], data),
+    };
+    let routes = routes(routes_part);
+    let config = Config {
+        routes: routes
+            .iter()
+            .enumerate()
+            .map(|(i, (host, prefix, _))| RouteConfig {
+                host: Some(host.clone()),
+                path_prefix: prefix.clone(),
+                service: format!("s{i}"),
+                balancer: None,
+                hash_on: HashOn::ClientIp,
+                connect_timeout: None,
+                response_timeout: None,
+                retries: None,
+                max_body_bytes: None,
+            })
+            .collect(),
+        ..Config::default()
+    };
+    let table = RouteTable::compile(&config, std::iter::empty());
+    let client = Client::new(IpAddr::V4(Ipv4Addr::LOCALHOST), "http");
+
+    let mut out = Vec::new();
+    let mut seen = None;
+    let parsed = parse_request(
+        head,
+        config.max_header_bytes,
+        config.max_headers,
+        &client,
+        7,
+        &mut out,
+        |target| {
+            seen = Some((target.host.to_string(), target.path.to_vec()));
+            table.find(target.host, target.path).cloned()
+        },
+        |route| &route.hash_on,
+    );
+    let (request, route) = match parsed {
+        Ok((request, route, _)) => (request, route),
+        Err(HeadError::Partial | HeadError::TooLarge | HeadError::Bad(_)) => return,
+    };
+    let Some((host, path)) = seen else {
+        panic!("a parsed request was routed without a lookup");
+    };
+    assert_eq!(host, request.host.as_str());
+    assert!(
+        !host.bytes().any(|b| b.is_ascii_uppercase()),
+        "host {host:?} is not lowercase"
+    );
+    let expected = model(&routes, &host, &path).map(|i| format!("s{i}"));
+    let got = route.as_ref().map(|r| r.service.to_string());
+    assert_eq!(got, expected, "route for host {host:?} path {path:?}");
+    let Some(route) = route else {
+        return;
+    };
+
+    // The forwarded head, read by the same strict rules, frames the body
+    // the same way and goes to the same place.
+    let mut again = Vec::new();
+    let reparsed = parse_request(
+        &out,
+        usize::MAX,
+        crate::config::HEADER_ARRAY,
+        &client,
+        8,
+        &mut again,
+        |target| table.find(target.host, target.path).cloned(),
+        |route| &route.hash_on,
+    );
+    let (second, second_route, _) = match reparsed {
+        Ok(parsed) => parsed,
+        Err(e) => panic!(
+            "forwarded head does not parse ({e:?}): {:?}",
+            String::from_utf8_lossy(&out)
+        ),
+    };
+    assert_eq!(second.head_len, out.len(), "the forwarded head is one head");
+    assert_eq!(second.framing, request.framing);
+    assert_eq!(second.host.as_str(), request.host.as_str());
+    assert_eq!(
+        second_route.map(|r| r.service.clone()),
+        Some(route.service.clone())
+    );
+    if request.framing == Framing::None {
+        assert!(!contains_header(&out, b"transfer-encoding"));
+    }
+}
+
+/// Route lines `HOST PREFIX` that the config would accept.
+fn routes(text: &[u8]) -> Vec<(String, String, HostPattern)> {
+    let text = String::from_utf8_lossy(text);
+    text.lines()
+        .filter_map(|line| {
+            let (host, prefix) = line.split_once(' ')?;
+            if !prefix.starts_with('/') {
+                return None;
+            }
+            let pattern = HostPattern::parse(host).ok()?;
+            Some((host.to_string(), prefix.to_string(), pattern))
+        })
+        .take(MAX_ROUTES)
+        .collect()
+}
+
+/// The lookup rules, written plainly: the index of the winning route.
+fn model(routes: &[(String, String, HostPattern)], host: &str, path: &[u8]) -> Option<usize> {
+    let best = |tier: &dyn Fn(&HostPattern) -> bool| {
+        let mut best: Option<usize> = None;
+        for (i, (_, prefix, pattern)) in routes.iter().enumerate() {
+            if tier(pattern) && path.starts_with(prefix.as_bytes()) {
+                let longer = best.is_none_or(|b| prefix.len() > routes[b].1.len());
+                if longer {
+                    best = Some(i);
+                }
+            }
+        }
+        best
+    };
+    if let Some(i) = best(&|p| matches!(p, HostPattern::Exact(h) if h == host)) {
+        return Some(i);
+    }
+    let mut suffixes: Vec<&str> = routes
+        .iter()
+        .filter_map(|(_, _, p)| match p {
+            HostPattern::Suffix(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
+    suffixes.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    suffixes.dedup();
+    for suffix in suffixes {
+        if host.len() > suffix.len() && host.ends_with(suffix) {
+            if let Some(i) = best(&|p| matches!(p, HostPattern::Suffix(s) if s == suffix)) {
+                return Some(i);
+            }
+        }
+    }
+    best(&|p| *p == HostPattern::Any)
+}
+
+fn contains_header(head: &[u8], name: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name)
+            && line[name.len()] == b':'
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    const SEED: &[u8] = b"api.example.com /\napi.example.com /v2/\n*.example.com /\n\
+        *.eu.example.com /static\n* /health\napi.example.com /v2/\n\0\
+        GET /v2/items?x=1 HTTP/1.1\r\nHost: API.example.com:8080\r\n\
+        Content-Length: 3\r\nConnection: keep-alive, x-drop\r\nX-Drop: 1\r\n\r\n";
+
+    #[test]
+    fn the_fuzz_entry_point_survives_a_corpus() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let hosts: [&[u8]; 6] = [
+            b"API.example.com",
+            b"x.eu.example.com",
+            b"eu.example.com",
+            b"other",
+            b"[::1]:80",
+            b"a.b.example.com",
+        ];
+        let paths: [&[u8]; 6] = [b"/", b"/v2/", b"/v2", b"/health/x", b"/static/a", b"*"];
+        for _ in 0..20_000 {
+            let mut input = SEED.to_vec();
+            match rng.u8(0..3) {
+                0 => {
+                    let host = hosts[rng.usize(..hosts.len())];
+                    let path = paths[rng.usize(..paths.len())];
+                    let head = format!(
+                        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                        String::from_utf8_lossy(path),
+                        String::from_utf8_lossy(host)
+                    );
+                    let nul = input.iter().position(|&b| b == 0).unwrap_or(0);
+                    input.truncate(nul + 1);
+                    input.extend_from_slice(head.as_bytes());
+                }
+                _ => {
+                    for _ in 0..rng.usize(1..6) {
+                        let i = rng.usize(..input.len());
+                        input[i] = match rng.u8(0..4) {
+                            0 => b' ',
+                            1 => b'\r',
+                            2 => b'\n',
+                            _ => rng.u8(..),
+                        };
+                    }
+                }
+            }
+            super::request_head(&input);
+        }
+    }
+}
