@@ -94,9 +94,12 @@ def dnsperf(port, qfile, seconds):
     return qps, lat, completed, lost
 
 
-def start_switchyard(work, binary):
+def start_switchyard(work, binary, udp_workers):
+    conf = os.path.join(work, "switchyard.toml")
+    with open(conf, "w") as f:
+        f.write(f"[dns]\nudp_workers = {udp_workers}\n")
     proc = subprocess.Popen([binary, "agent", "--api-addr", "127.0.0.1:0", "--dns-addr", f"127.0.0.1:{PORTS['switchyard']}",
-                             "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],
+                             "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench", "--config", conf],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     ready = json.loads(proc.stdout.readline())
     req = urllib.request.Request(f"http://{ready['api']}/v1/switchyard/batch", data=batch_json().encode(), method="PUT")
@@ -193,6 +196,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--binary", default="target/release/switchyard")
     parser.add_argument("--propagation", type=int, default=1000, help="write-to-DNS samples (0 = skip)")
+    parser.add_argument("--udp-workers", type=int, default=2, help="Switchyard's dns.udp_workers")
     args = parser.parse_args()
     for tool in ("nsd", "knotd", "dnsperf", "dig"):
         if not shutil.which(tool):
@@ -204,7 +208,7 @@ def main():
     qfile = os.path.join(work, "queries.txt")
     with open(qfile, "w") as f:
         f.write(queries_text())
-    switchyard, api = start_switchyard(work, args.binary)
+    switchyard, api = start_switchyard(work, args.binary, args.udp_workers)
     procs = {"switchyard": switchyard, "nsd": start_nsd(work, zone), "knot": start_knot(work, zone)}
     try:
         for name, port in PORTS.items():
@@ -232,7 +236,8 @@ def main():
             print(f"| {name} | {med([x['qps'] for x in r]):.0f} | {med([x['lat'] for x in r]) * 1e6:.0f} µs | "
                   f"{sum(x['lost'] for x in r)} | {med([x['cpu_us'] for x in r]):.2f} | "
                   f"{ratio('nsd', 'qps'):.2f}× | {ratio('knot', 'qps'):.2f}× | {ratio('nsd', 'cpu_us'):.2f}× | {ratio('knot', 'cpu_us'):.2f}× |")
-        print(f"\n{args.rounds} rounds of {args.seconds} s, alternating order; nproc={os.cpu_count()}; TTL 0 on every server.")
+        print(f"\n{args.rounds} rounds of {args.seconds} s, alternating order; nproc={os.cpu_count()}; TTL 0 on every server; "
+              f"switchyard udp_workers={args.udp_workers}.")
         if args.propagation:
             p50, p99, worst = propagation(api, PORTS["switchyard"], args.propagation)
             print(f"\nWrite acknowledged -> visible in a DNS answer ({args.propagation} samples, client-measured, "
