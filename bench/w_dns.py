@@ -107,12 +107,12 @@ def start_switchyard(work, binary, udp_workers):
     return proc, ready["api"]
 
 
-def start_nsd(work, zone):
+def start_nsd(work, zone, workers):
     conf = os.path.join(work, "nsd.conf")
     with open(conf, "w") as f:
         f.write(f"""server:
   ip-address: 127.0.0.1@{PORTS['nsd']}
-  server-count: 2
+  server-count: {workers}
   reuseport: yes
   rrl-ratelimit: 0
   username: ""
@@ -133,13 +133,13 @@ zone:
                             start_new_session=True)
 
 
-def start_knot(work, zone):
+def start_knot(work, zone, workers):
     conf = os.path.join(work, "knot.conf")
     os.makedirs(os.path.join(work, "knot"), exist_ok=True)
     with open(conf, "w") as f:
         f.write(f"""server:
     listen: 127.0.0.1@{PORTS['knot']}
-    udp-workers: 2
+    udp-workers: {workers}
     tcp-workers: 1
     background-workers: 1
     rundir: "{work}/knot"
@@ -197,6 +197,7 @@ def main():
     parser.add_argument("--binary", default="target/release/switchyard")
     parser.add_argument("--propagation", type=int, default=1000, help="write-to-DNS samples (0 = skip)")
     parser.add_argument("--udp-workers", type=int, default=2, help="Switchyard's dns.udp_workers")
+    parser.add_argument("--peer-workers", type=int, default=2, help="NSD's server-count and Knot's udp-workers")
     args = parser.parse_args()
     for tool in ("nsd", "knotd", "dnsperf", "dig"):
         if not shutil.which(tool):
@@ -209,7 +210,8 @@ def main():
     with open(qfile, "w") as f:
         f.write(queries_text())
     switchyard, api = start_switchyard(work, args.binary, args.udp_workers)
-    procs = {"switchyard": switchyard, "nsd": start_nsd(work, zone), "knot": start_knot(work, zone)}
+    procs = {"switchyard": switchyard, "nsd": start_nsd(work, zone, args.peer_workers),
+             "knot": start_knot(work, zone, args.peer_workers)}
     try:
         for name, port in PORTS.items():
             print(f"# {name} answers svc-1 A: {wait_dns(port).split()}", file=sys.stderr)
@@ -237,7 +239,7 @@ def main():
                   f"{sum(x['lost'] for x in r)} | {med([x['cpu_us'] for x in r]):.2f} | "
                   f"{ratio('nsd', 'qps'):.2f}× | {ratio('knot', 'qps'):.2f}× | {ratio('nsd', 'cpu_us'):.2f}× | {ratio('knot', 'cpu_us'):.2f}× |")
         print(f"\n{args.rounds} rounds of {args.seconds} s, alternating order; nproc={os.cpu_count()}; TTL 0 on every server; "
-              f"switchyard udp_workers={args.udp_workers}.")
+              f"switchyard udp_workers={args.udp_workers}; NSD and Knot workers={args.peer_workers}.")
         if args.propagation:
             p50, p99, worst = propagation(api, PORTS["switchyard"], args.propagation)
             print(f"\nWrite acknowledged -> visible in a DNS answer ({args.propagation} samples, client-measured, "
