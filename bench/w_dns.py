@@ -6,7 +6,8 @@
 ratio (candidate / peer within a round, then the median). Server CPU per
 query comes from /proc/PID/stat (utime + stime) around each run.
 
-Usage: bench/w_dns.py [--rounds 7] [--seconds 8]   (after cargo build --release)
+Usage: bench/w_dns.py [--rounds 7] [--seconds 8] [--policy batch|normal]
+                     [--peer-policy normal|batch]   (after cargo build --release)
 Needs: apt-get install -y nsd knot dnsperf dnsutils
 """
 
@@ -94,10 +95,10 @@ def dnsperf(port, qfile, seconds):
     return qps, lat, completed, lost
 
 
-def start_switchyard(work, binary, udp_workers):
+def start_switchyard(work, binary, udp_workers, policy):
     conf = os.path.join(work, "switchyard.toml")
     with open(conf, "w") as f:
-        f.write(f"[dns]\nudp_workers = {udp_workers}\n")
+        f.write(f"[dns]\nudp_workers = {udp_workers}\nthread_policy = \"{policy}\"\n")
     proc = subprocess.Popen([binary, "agent", "--api-addr", "127.0.0.1:0", "--dns-addr", f"127.0.0.1:{PORTS['switchyard']}",
                              "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench", "--config", conf],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -107,7 +108,12 @@ def start_switchyard(work, binary, udp_workers):
     return proc, ready["api"]
 
 
-def start_nsd(work, zone, workers):
+def peer_command(argv, policy):
+    """`argv` under the peers' scheduling policy: `batch` runs it with `chrt -b 0`."""
+    return ["chrt", "-b", "0"] + argv if policy == "batch" else argv
+
+
+def start_nsd(work, zone, workers, policy):
     conf = os.path.join(work, "nsd.conf")
     with open(conf, "w") as f:
         f.write(f"""server:
@@ -129,11 +135,11 @@ zone:
   name: consul.
   zonefile: {zone}
 """)
-    return subprocess.Popen(["nsd", "-d", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen(peer_command(["nsd", "-d", "-c", conf], policy), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
 
-def start_knot(work, zone, workers):
+def start_knot(work, zone, workers, policy):
     conf = os.path.join(work, "knot.conf")
     os.makedirs(os.path.join(work, "knot"), exist_ok=True)
     with open(conf, "w") as f:
@@ -154,7 +160,7 @@ zone:
     storage: "{work}/knot"
     semantic-checks: off
 """)
-    return subprocess.Popen(["knotd", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen(peer_command(["knotd", "-c", conf], policy), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
 
@@ -198,6 +204,9 @@ def main():
     parser.add_argument("--propagation", type=int, default=1000, help="write-to-DNS samples (0 = skip)")
     parser.add_argument("--udp-workers", type=int, default=2, help="Switchyard's dns.udp_workers")
     parser.add_argument("--peer-workers", type=int, default=2, help="NSD's server-count and Knot's udp-workers")
+    parser.add_argument("--policy", default="batch", choices=["batch", "normal"], help="Switchyard's dns.thread_policy")
+    parser.add_argument("--peer-policy", default="normal", choices=["batch", "normal"],
+                        help="batch runs NSD and Knot under chrt -b (a control: the same policy for everyone)")
     args = parser.parse_args()
     for tool in ("nsd", "knotd", "dnsperf", "dig"):
         if not shutil.which(tool):
@@ -209,9 +218,9 @@ def main():
     qfile = os.path.join(work, "queries.txt")
     with open(qfile, "w") as f:
         f.write(queries_text())
-    switchyard, api = start_switchyard(work, args.binary, args.udp_workers)
-    procs = {"switchyard": switchyard, "nsd": start_nsd(work, zone, args.peer_workers),
-             "knot": start_knot(work, zone, args.peer_workers)}
+    switchyard, api = start_switchyard(work, args.binary, args.udp_workers, args.policy)
+    procs = {"switchyard": switchyard, "nsd": start_nsd(work, zone, args.peer_workers, args.peer_policy),
+             "knot": start_knot(work, zone, args.peer_workers, args.peer_policy)}
     try:
         for name, port in PORTS.items():
             print(f"# {name} answers svc-1 A: {wait_dns(port).split()}", file=sys.stderr)
@@ -239,7 +248,8 @@ def main():
                   f"{sum(x['lost'] for x in r)} | {med([x['cpu_us'] for x in r]):.2f} | "
                   f"{ratio('nsd', 'qps'):.2f}× | {ratio('knot', 'qps'):.2f}× | {ratio('nsd', 'cpu_us'):.2f}× | {ratio('knot', 'cpu_us'):.2f}× |")
         print(f"\n{args.rounds} rounds of {args.seconds} s, alternating order; nproc={os.cpu_count()}; TTL 0 on every server; "
-              f"switchyard udp_workers={args.udp_workers}; NSD and Knot workers={args.peer_workers}.")
+              f"switchyard udp_workers={args.udp_workers}, thread_policy={args.policy}; NSD and Knot "
+              f"workers={args.peer_workers}, policy={args.peer_policy}.")
         if args.propagation:
             p50, p99, worst = propagation(api, PORTS["switchyard"], args.propagation)
             print(f"\nWrite acknowledged -> visible in a DNS answer ({args.propagation} samples, client-measured, "

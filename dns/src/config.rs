@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+use switchyard_registry::ThreadPolicy;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -15,6 +16,9 @@ pub struct Config {
     pub domain: String,
     /// UDP worker threads, each with its own SO_REUSEPORT socket. Default 2.
     pub udp_workers: usize,
+    /// Scheduling policy of the UDP workers. Default `batch` (SCHED_BATCH: no
+    /// wake-up preemption, so a busy worker takes bigger batches).
+    pub thread_policy: ThreadPolicy,
     /// TTL of service answers: exact names, prefixes ending in `*`, and `*` as
     /// the fallback (exact beats prefix, longest prefix wins). Default 0 s.
     #[serde(deserialize_with = "ttl_map")]
@@ -49,6 +53,7 @@ impl Default for Config {
             addr: SocketAddr::from(([127, 0, 0, 1], 8600)),
             domain: "consul.".to_string(),
             udp_workers: 2,
+            thread_policy: ThreadPolicy::Batch,
             service_ttl: BTreeMap::new(),
             node_ttl: Duration::ZERO,
             soa_min_ttl: Duration::ZERO,

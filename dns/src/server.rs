@@ -78,9 +78,13 @@ pub(crate) fn spawn_udp(
     for (i, socket) in sockets.into_iter().enumerate() {
         let engine = engine.clone();
         let stop = stop.clone();
+        let name = format!("dns-udp-{i}");
         let handle = std::thread::Builder::new()
-            .name(format!("dns-udp-{i}"))
-            .spawn(move || udp_worker(&engine, &socket, &stop))?;
+            .name(name.clone())
+            .spawn(move || {
+                engine.config.thread_policy.apply_to_current_thread(&name);
+                udp_worker(&engine, &socket, &stop)
+            })?;
         handles.push(handle);
     }
     Ok(handles)

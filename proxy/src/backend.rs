@@ -560,8 +560,11 @@ impl ProxyDecorator {
         if http.tls != old.tls {
             return Err("http.tls changed: the HTTPS listener and its certificates need a restart (or an upgrade)".to_string());
         }
-        if http.addr != old.addr || http.threads != old.threads {
-            return Err("http.addr and http.threads are fixed while running (restart or upgrade to change them)".to_string());
+        if http.addr != old.addr
+            || http.threads != old.threads
+            || http.thread_policy != old.thread_policy
+        {
+            return Err("http.addr, http.threads and http.thread_policy are fixed while running (restart or upgrade to change them)".to_string());
         }
         let old_tcp = self.shared.tcp.load();
         let addrs = |t: &TcpConfig| t.listeners.iter().map(|l| l.addr).collect::<Vec<_>>();

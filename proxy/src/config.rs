@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+use switchyard_registry::ThreadPolicy;
 
 /// How a route picks one endpoint of its service.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -154,6 +155,9 @@ pub struct Config {
     pub addr: SocketAddr,
     /// Proxy threads, each with its own listener and upstream pool. 0 = one per core.
     pub threads: usize,
+    /// Scheduling policy of the proxy threads (HTTP and L4). Default `normal`;
+    /// `batch` is SCHED_BATCH (see `ThreadPolicy`).
+    pub thread_policy: ThreadPolicy,
     /// Default balancer of routes that name none. Default `peak_ewma`.
     pub balancer: BalancerKind,
     /// Default 2 s.
@@ -237,6 +241,7 @@ impl Default for Config {
         Config {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             threads: 0,
+            thread_policy: ThreadPolicy::Normal,
             balancer: BalancerKind::PeakEwma,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(60),

@@ -431,6 +431,11 @@ fn run_thread(thread: Thread) {
         h2,
         mut stop,
     } = thread;
+    shared
+        .config
+        .load()
+        .thread_policy
+        .apply_to_current_thread(&format!("proxy-{index}"));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -18,6 +18,7 @@ mod health;
 mod load;
 mod metrics;
 mod model;
+mod sched;
 mod snapshot;
 mod store;
 mod watch;
@@ -34,6 +35,7 @@ pub use model::{
     node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,
     Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
 };
+pub use sched::ThreadPolicy;
 pub use snapshot::{
     EndpointState, Extra, Extras, Instance, NodeEntry, ServiceView, Snapshot, StateCounts,
     TableIndexes, ViewDecorator,

@@ -70,7 +70,17 @@ pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String>
     }
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("Request decode failed: {e}"))?;
-    serde_json::from_value(normalize(value)).map_err(|e| format!("Request decode failed: {e}"))
+    // The path names the field at fault ("deadline: invalid duration ..."),
+    // folded to lower case as the keys are.
+    serde_path_to_error::deserialize(normalize(value)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("Request decode failed: {inner}")
+        } else {
+            format!("Request decode failed: {path}: {inner}")
+        }
+    })
 }
 
 /// A duration given as a Go string or as nanoseconds.

@@ -70,10 +70,23 @@ fn bad_bodies_get_clear_errors() {
     let cases = [
         ("", "empty body"),
         ("{not json", "Request decode failed"),
-        (r#"{"Name":"web","Port":"eighty"}"#, "Request decode failed"),
-        (r#"{"Name":"web","Port":70000}"#, "Request decode failed"),
-        (r#"{"Name":"web","Tags":"v1"}"#, "Request decode failed"),
-        (r#"{"Name":"web","Meta":{"k":1}}"#, "Request decode failed"),
+        // The field at fault is named, in the folded key spelling.
+        (
+            r#"{"Name":"web","Port":"eighty"}"#,
+            "Request decode failed: port: ",
+        ),
+        (
+            r#"{"Name":"web","Port":70000}"#,
+            "Request decode failed: port: ",
+        ),
+        (
+            r#"{"Name":"web","Tags":"v1"}"#,
+            "Request decode failed: tags: ",
+        ),
+        (
+            r#"{"Name":"web","Meta":{"k":1}}"#,
+            "Request decode failed: meta.k: ",
+        ),
         (r#"{"Port":80}"#, "Missing service name"),
         (r#"{"Name":""}"#, "Missing service name"),
         (
@@ -90,7 +103,7 @@ fn bad_bodies_get_clear_errors() {
         ),
         (
             r#"{"Name":"web","Check":{"TTL":"soon"}}"#,
-            "Request decode failed",
+            "Request decode failed: check.ttl: ",
         ),
         (
             r#"{"Name":"web","Check":{"HTTP":"http://x/"}}"#,
