@@ -188,6 +188,13 @@ impl H2 {
         answered: &mut Answered,
     ) -> Response<ProxyBody> {
         let metrics = &self.shared.metrics;
+        if crate::wire::has_dot_segment(request.uri().path().as_bytes()) {
+            metrics.reject(Reject::BadRequest);
+            return answer(
+                StatusCode::BAD_REQUEST,
+                crate::wire::DOT_SEGMENT.to_string(),
+            );
+        }
         let host = request_host(&request);
         let route = self
             .shared

@@ -33,6 +33,69 @@ pub(crate) enum HeadError {
     Bad(&'static str),
 }
 
+/// Why a target with a dot-segment is refused (HTTP/1.1 and HTTP/2 alike).
+pub(crate) const DOT_SEGMENT: &str =
+    "request path has a dot-segment (/./ or /../, also percent-encoded)";
+
+/// True when the path part of a request target (before `?`) has a segment
+/// that is `.` or `..`, with the dots percent-encoded or not, and with `/`,
+/// `\` or their encodings as separators. Routes match path prefixes, so
+/// `/public/../admin` would reach the `/public` route's service and the
+/// backend would resolve it to `/admin`; clients that follow RFC 3986 never
+/// send such paths, so they are refused rather than rewritten. Paths without
+/// `.` or `%` (nearly all) are settled by one scan.
+pub(crate) fn has_dot_segment(target: &[u8]) -> bool {
+    let path = match target.iter().position(|&b| b == b'?') {
+        Some(query) => &target[..query],
+        None => target,
+    };
+    if !path.iter().any(|&b| b == b'.' || b == b'%') {
+        return false;
+    }
+    let mut dots = 0usize;
+    let mut other = false;
+    let mut i = 0;
+    loop {
+        // A separator (or the end) closes a segment.
+        let separator = match path.get(i..) {
+            None | Some([]) => Some(0),
+            Some([b'/' | b'\\', ..]) => Some(1),
+            Some([b'%', a, b, ..])
+                if matches!((a, b.to_ascii_lowercase()), (b'2', b'f') | (b'5', b'c')) =>
+            {
+                Some(3)
+            }
+            _ => None,
+        };
+        if let Some(width) = separator {
+            if !other && (dots == 1 || dots == 2) {
+                return true;
+            }
+            if width == 0 {
+                return false;
+            }
+            dots = 0;
+            other = false;
+            i += width;
+            continue;
+        }
+        match path.get(i..) {
+            Some([b'.', ..]) => {
+                dots += 1;
+                i += 1;
+            }
+            Some([b'%', b'2', e, ..]) if e.eq_ignore_ascii_case(&b'e') => {
+                dots += 1;
+                i += 3;
+            }
+            _ => {
+                other = true;
+                i += 1;
+            }
+        }
+    }
+}
+
 /// Lowercase host without port, kept inline.
 pub(crate) struct Host {
     bytes: [u8; 255],
@@ -280,6 +343,9 @@ pub(crate) fn parse_request<R>(
     }
     if method == "CONNECT" {
         return Err(HeadError::Bad("CONNECT is not served"));
+    }
+    if has_dot_segment(path.as_bytes()) {
+        return Err(HeadError::Bad(DOT_SEGMENT));
     }
 
     let mut listed = Listed::default();

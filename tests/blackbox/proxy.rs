@@ -637,6 +637,9 @@ fn malformed_requests_get_400_or_431_and_never_reach_a_backend() {
         (b"GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n".to_vec(), 400),
         (b"GARBAGE\r\n\r\n".to_vec(), 400),
         (b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(), 400),
+        // Dot-segments would slip past a path-prefix route; refused, not rewritten.
+        (b"GET /x/../admin HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(), 400),
+        (b"GET /x/%2e%2E/admin HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(), 400),
         // Obsolete line folding hiding a Transfer-Encoding, and a space before the colon.
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nX-A: b\r\n Transfer-Encoding: chunked\r\n\r\nabcd".to_vec(), 400),
         (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\nContent-Length: 4\r\n\r\nabcd".to_vec(), 400),

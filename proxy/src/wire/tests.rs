@@ -281,3 +281,42 @@ fn chunk_scanner_finds_the_end_and_refuses_garbage() {
         assert!(Chunks::default().scan(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn dot_segments_are_found_however_they_are_spelled() {
+    for bad in [
+        &b"/."[..],
+        b"/..",
+        b"/public/../admin",
+        b"/public/./x",
+        b"/a/..?q=1",
+        b"/public/%2e%2e/admin",
+        b"/public/%2E./admin",
+        b"/public/.%2e/admin",
+        b"/public/..%2fadmin",
+        b"/public%2F..%2Fadmin",
+        b"/public\\..\\admin",
+        b"/public/%2e",
+    ] {
+        assert!(has_dot_segment(bad), "{:?}", String::from_utf8_lossy(bad));
+    }
+    for good in [
+        &b"/"[..],
+        b"*",
+        b"/index.html",
+        b"/.well-known/acme-challenge/x",
+        b"/a..b/c",
+        b"/.../x",
+        b"/v1.2/items",
+        b"/search?path=/../etc",
+        b"/files/%2e%2e%2e",
+        b"/caf%C3%A9",
+        b"/a%2",
+    ] {
+        assert!(
+            !has_dot_segment(good),
+            "{:?}",
+            String::from_utf8_lossy(good)
+        );
+    }
+}
