@@ -140,6 +140,13 @@ impl Browser {
         result["result"]["value"].clone()
     }
 
+    /// Waits until the page's script has run (it is a plain script at the end
+    /// of the body): before that a click does nothing and a submitted token
+    /// form reloads the page instead of keeping the token.
+    fn wait_until_scripted(&mut self) {
+        self.wait_for("the page's script", "document.readyState !== 'loading'");
+    }
+
     /// Polls `expression` until it yields something other than null/false.
     fn wait_for(&mut self, what: &str, expression: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -193,6 +200,7 @@ fn phase_of(node: &str) -> String {
 }
 
 fn click(browser: &mut Browser, node: &str, action: &str) {
+    browser.wait_until_scripted();
     let clicked = browser.eval(&format!(
         "(() => {{ const b = document.querySelector('#nodes tr[data-node=\"{node}\"] button[data-action=\"{action}\"]'); if (!b) return false; b.click(); return true; }})()"
     ));
@@ -276,6 +284,7 @@ fn with_tokens_the_dashboard_asks_for_one_and_drains_only_for_an_operator() {
     assert_eq!(leaked, Value::Bool(false), "no data without a token");
 
     let sign_in = |browser: &mut Browser, token: &str| {
+        browser.wait_until_scripted();
         browser.eval(&format!(
             "(() => {{ const f = document.getElementById('login'); f.token.value = '{token}'; f.requestSubmit(); return true; }})()"
         ));
