@@ -288,62 +288,57 @@ fn bad_input_is_refused_and_changes_nothing() {
             "not registered",
         ),
     ];
-    for (path, body, want) in cases {
-        let a = c.put(path, body);
-        assert_eq!(a.status, 400, "{path} {body}: {}", a.body);
-        assert!(
-            a.body.to_lowercase().contains(&want.to_lowercase()),
-            "{path} {body}: {:?} should mention {want:?}",
-            a.body
-        );
-    }
     // The native write routes and the agent's maintenance and check routes,
     // aimed at targets that exist, so only the malformed part can refuse them.
     let node = c.get_ok("/v1/switchyard/status").json()["node"]
         .as_str()
         .expect("node")
         .to_string();
-    let more: Vec<(String, &str, &str)> = vec![
-        ("/v1/switchyard/heartbeat".into(), "{not json", "decode"),
-        (
-            "/v1/switchyard/heartbeat".into(),
-            r#"{"checks":"service:web"}"#,
-            "decode",
-        ),
-        (
-            "/v1/switchyard/heartbeat".into(),
-            r#"{"checks":[{"node":"n","id":"c","status":"great"}]}"#,
-            "status",
-        ),
-        (
-            format!("/v1/switchyard/nodes/{node}/drain"),
-            r#"{"deadline":"soon"}"#,
-            "deadline",
-        ),
-        (
-            format!("/v1/switchyard/nodes/{node}/drain"),
-            r#"{"deadline":"60s","extra":1}"#,
-            "extra",
-        ),
-        (
-            "/v1/switchyard/endpoints/web/drain".into(),
-            r#"{"deadline":-5}"#,
-            "deadline",
-        ),
-        (
-            format!("/v1/switchyard/nodes/{node}/maintenance?enable=maybe"),
-            "",
-            "enable",
-        ),
-        (
-            "/v1/switchyard/endpoints/web/maintenance".into(),
-            "",
-            "enable",
-        ),
-        ("/v1/agent/maintenance?enable=yes".into(), "", "enable"),
-        ("/v1/agent/check/register".into(), "[1,2]", "decode"),
-        ("/v1/catalog/deregister".into(), "{not json", "decode"),
-    ];
+    let more: Vec<(String, &str, &str)> = cases
+        .iter()
+        .map(|&(path, body, want)| (path.to_string(), body, want))
+        .chain([
+            ("/v1/switchyard/heartbeat".into(), "{not json", "decode"),
+            (
+                "/v1/switchyard/heartbeat".into(),
+                r#"{"checks":"service:web"}"#,
+                "decode",
+            ),
+            (
+                "/v1/switchyard/heartbeat".into(),
+                r#"{"checks":[{"node":"n","id":"c","status":"great"}]}"#,
+                "status",
+            ),
+            (
+                format!("/v1/switchyard/nodes/{node}/drain"),
+                r#"{"deadline":"soon"}"#,
+                "deadline",
+            ),
+            (
+                format!("/v1/switchyard/nodes/{node}/drain"),
+                r#"{"deadline":"60s","extra":1}"#,
+                "extra",
+            ),
+            (
+                "/v1/switchyard/endpoints/web/drain".into(),
+                r#"{"deadline":-5}"#,
+                "deadline",
+            ),
+            (
+                format!("/v1/switchyard/nodes/{node}/maintenance?enable=maybe"),
+                "",
+                "enable",
+            ),
+            (
+                "/v1/switchyard/endpoints/web/maintenance".into(),
+                "",
+                "enable",
+            ),
+            ("/v1/agent/maintenance?enable=yes".into(), "", "enable"),
+            ("/v1/agent/check/register".into(), "[1,2]", "decode"),
+            ("/v1/catalog/deregister".into(), "{not json", "decode"),
+        ])
+        .collect();
     for (path, body, want) in &more {
         let a = c.put(path, body);
         assert_eq!(a.status, 400, "{path} {body}: {}", a.body);
