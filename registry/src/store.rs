@@ -43,6 +43,12 @@ pub struct StoreBatch {
     /// records them so every agent restarts the check's clock; a local store
     /// has nothing to record (the writer restarts its own).
     pub ttl_renewals: Vec<((Name, Name), Duration)>,
+    /// TTL checks this batch turns critical because their clock ran out. A
+    /// shared store commits only if none of them was renewed (by any agent)
+    /// after `seen`, the store revision this agent had applied: a renewal
+    /// that lands first wins over an expiry decided without it.
+    pub ttl_expiries: Vec<(Name, Name)>,
+    pub seen: u64,
 }
 
 impl StoreBatch {

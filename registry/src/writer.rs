@@ -329,8 +329,20 @@ impl<S: Store> Writer<S> {
                 true => commands.clone(),
                 false => std::mem::take(&mut commands),
             };
+            let mut expiries = Vec::new();
             for command in group {
                 let kind = command.kind();
+                if let Command::ExpireTtl { node, id } = &command {
+                    let key = (node.clone(), id.clone());
+                    // The timer that made this command is gone from the map;
+                    // a clock there again was restarted since, by a renewal
+                    // another agent committed first (seen on a retry).
+                    if self.timers.ttl.contains_key(&key) {
+                        results.push((kind, Ok(())));
+                        continue;
+                    }
+                    expiries.push(key);
+                }
                 let ttl_keys = ttl_keys(&command);
                 let saved = self.catalog.snap.clone();
                 let mark = self.catalog.dirty.mark();
@@ -361,6 +373,10 @@ impl<S: Store> Writer<S> {
                 let mut batch = self.catalog.store_batch();
                 batch.base = before.index;
                 batch.ttl_renewals = renewals;
+                if shared {
+                    batch.ttl_expiries = expiries;
+                    batch.seen = self.feed_revision;
+                }
                 self.metrics.commit_records.observe(batch.len() as f64);
                 self.metrics.commit_commands.observe(results.len() as f64);
                 let started = Instant::now();

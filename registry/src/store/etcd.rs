@@ -346,9 +346,13 @@ impl EtcdStore {
             }
         }
         let base = i64::try_from(batch.base).map_err(io)?;
-        Ok(Txn::new()
-            .when([Compare::mod_revision(keys.index(), CompareOp::Equal, base)])
-            .and_then(ops))
+        let seen = i64::try_from(batch.seen).map_err(io)?;
+        let mut when = vec![Compare::mod_revision(keys.index(), CompareOp::Equal, base)];
+        // A TTL key that was never written has mod revision 0.
+        when.extend(batch.ttl_expiries.iter().map(|(node, id)| {
+            Compare::mod_revision(keys.pair("ttl", node, id), CompareOp::Less, seen + 1)
+        }));
+        Ok(Txn::new().when(when).and_then(ops))
     }
 }
 
@@ -698,4 +702,111 @@ async fn pass_on(
     })
     .await
     .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+
+    /// A one-member etcd on free loopback ports, killed on drop.
+    struct Etcd {
+        child: Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        socket.local_addr().expect("addr").port()
+    }
+
+    fn etcd() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path())
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the etcd binary is needed for this test: apt-get install -y etcd-server");
+        Etcd {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(url: &str) -> EtcdStore {
+        let options = EtcdOptions {
+            endpoints: vec![url.to_string()],
+            prefix: "/race".to_string(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            member: "a".to_string(),
+            lease_ttl: Duration::from_secs(5),
+            ..EtcdOptions::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match EtcdStore::connect(&options).await {
+                Ok(store) => return store,
+                Err(err) if Instant::now() > deadline => panic!("etcd never came up: {err}"),
+                Err(_) => sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn renew(id: &str) -> ((Name, Name), Duration) {
+        (("n".into(), id.into()), Duration::from_secs(2))
+    }
+
+    /// An expiry decided before a renewal was seen loses to that renewal; one
+    /// decided after it, or of a check never renewed, commits.
+    #[tokio::test]
+    async fn an_expiry_commits_only_if_no_renewal_came_after_what_was_seen() {
+        let etcd = etcd();
+        let mut store = connect(&etcd.url).await;
+        let renewed = StoreBatch {
+            ttl_renewals: vec![renew("c")],
+            ..StoreBatch::default()
+        };
+        let Committed::Shared { revision } = store.commit(renewed).await.expect("commit") else {
+            panic!("a plain renewal conflicted");
+        };
+        let expire = |seen: u64, id: &str| StoreBatch {
+            ttl_renewals: vec![renew("other")],
+            ttl_expiries: vec![("n".into(), id.into())],
+            seen,
+            ..StoreBatch::default()
+        };
+        let stale = store
+            .commit(expire(revision - 1, "c"))
+            .await
+            .expect("commit");
+        assert!(matches!(stale, Committed::Conflict { .. }), "{stale:?}");
+        let current = store.commit(expire(revision, "c")).await.expect("commit");
+        assert!(matches!(current, Committed::Shared { .. }), "{current:?}");
+        let never = store.commit(expire(0, "never")).await.expect("commit");
+        assert!(matches!(never, Committed::Shared { .. }), "{never:?}");
+    }
 }
