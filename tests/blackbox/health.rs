@@ -111,7 +111,7 @@ fn batch_heartbeats_keep_many_ttl_checks_alive() {
     let endpoints: Vec<Value> = (0..1000)
         .map(|i| {
             serde_json::json!({"node": "hb", "service": "task", "id": format!("t{i}"), "port": 9000,
-                                     "checks": [{"ttl": "2s"}]})
+                                     "checks": [{"ttl": "4s"}]})
         })
         .collect();
     let body = serde_json::json!({"nodes": [{"name": "hb", "address": "10.4.0.1"}], "endpoints": endpoints});
@@ -126,10 +126,11 @@ fn batch_heartbeats_keep_many_ttl_checks_alive() {
             .as_u64()
             .unwrap_or(0)
     };
-    // Renew every 300 ms for about 4 s: twice the TTL, so an unrenewed check would expire.
+    // Renew every 300 ms for about 6 s, longer than the TTL, so an unrenewed
+    // check would expire. (A TTL well past a loaded CI machine's stalls.)
     let started = std::time::Instant::now();
     let mut first = true;
-    while started.elapsed() < Duration::from_secs(4) {
+    while started.elapsed() < Duration::from_secs(6) {
         let answer = c.put_ok("/v1/switchyard/heartbeat", &heartbeat).json();
         assert_eq!(answer["renewed"], 1000);
         assert_eq!(answer["unknown"][0]["id"], "service:ghost");
