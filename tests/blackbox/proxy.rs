@@ -745,6 +745,17 @@ fn http2_with_prior_knowledge_is_routed_balanced_and_streamed() {
         assert_eq!((status, body.as_str()), (200, "over h2"));
         let (status, _, _) = send("GET", "nowhere.test", "/", "").await;
         assert_eq!(status, 404, "unknown hosts go nowhere over h2 too");
+        // Dot-segments are refused over h2 as over HTTP/1.1, before any backend.
+        let served = a.served() + b.served();
+        for path in ["/x/../admin", "/x/%2e%2e/admin", "/./admin"] {
+            let (status, _, _) = send("GET", "h2.test", path, "").await;
+            assert_eq!(status, 400, "{path}");
+        }
+        assert_eq!(
+            a.served() + b.served(),
+            served,
+            "a refused path reached a backend"
+        );
     });
 }
 

@@ -82,7 +82,7 @@ impl<'a> View<'a> {
     }
 }
 
-const LOGIN: &str = r#"<section class="login"><p>This agent requires an API token with the <b>read</b> role (drain and maintenance need <b>operator</b>).</p><form id="login"><input type="password" name="token" placeholder="token" autocomplete="off"> <button type="submit">Use token</button></form></section>"#;
+const LOGIN: &str = r#"<section class="login"><p>This agent requires an API token with the <b>read</b> role (drain and maintenance need <b>operator</b>).</p><form id="login" method="post"><input type="password" name="token" placeholder="token" autocomplete="off"> <button type="submit">Use token</button></form></section>"#;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tab {
@@ -612,6 +612,17 @@ mod tests {
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"
         );
         assert_eq!(Seg("a b/c?d").to_string(), "a%20b%2Fc%3Fd");
+    }
+
+    /// Submitted before the script has loaded (which turns it into a
+    /// header), the token form must not put the token in the URL, where
+    /// history and access logs keep it.
+    #[test]
+    fn the_token_form_never_submits_by_get() {
+        let form = LOGIN.split("<form").nth(1).expect("a form");
+        let tag = &form[..form.find('>').expect("tag end")];
+        assert!(tag.contains(r#"method="post""#), "{tag}");
+        assert_eq!(LOGIN.matches("<form").count(), 1);
     }
 
     #[test]
