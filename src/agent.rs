@@ -215,6 +215,7 @@ async fn serve(
 
     // Installed before the ready line: a SIGHUP after it must never kill us.
     let mut signals = Signals::new()?;
+    let successor = upgrade::Successor::of_this_process();
     let ready = serde_json::json!({
         "ready": true,
         "api": api_addr.to_string(),
@@ -247,6 +248,7 @@ async fn serve(
         upgrade::ready(stream);
         tracing::info!("took over from the previous agent");
     }
+    upgrade::notify(true);
     let upgrades = match &config.store.data_dir {
         Some(dir) => match UpgradeListener::bind(dir) {
             Ok(listener) => Some(listener),
@@ -276,6 +278,14 @@ async fn serve(
                     }
                 }
                 Signal::Stop => break None,
+                Signal::Upgrade => match (&upgrades, &successor) {
+                    (Some(_), Ok(successor)) => match successor.spawn() {
+                        Ok(pid) => tracing::info!(pid, "SIGUSR2: started the successor agent"),
+                        Err(e) => tracing::error!(error = %e, "SIGUSR2: cannot start the successor agent"),
+                    },
+                    (None, _) => tracing::error!("SIGUSR2 ignored: this agent has no upgrade socket"),
+                    (_, Err(e)) => tracing::error!(error = %e, "SIGUSR2 ignored: this agent's binary path is unknown"),
+                },
             },
             stream = next_upgrade => break Some(stream),
         }
@@ -314,6 +324,8 @@ async fn serve(
         tracing::info!("stopped after handing over");
         return Ok(());
     }
+    // Not at an upgrade: the successor is the main process by then.
+    upgrade::notify(false);
     if let Some(upgrades) = upgrades {
         upgrades.remove();
     }
@@ -423,11 +435,14 @@ fn start<S: Store>(
 enum Signal {
     Reload,
     Stop,
+    /// SIGUSR2: start a successor that takes over (an upgrade from inside).
+    Upgrade,
 }
 
 struct Signals {
     hup: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -436,6 +451,8 @@ impl Signals {
         Ok(Signals {
             hup: signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?,
             term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            usr2: signal(SignalKind::user_defined2())
+                .context("cannot install the SIGUSR2 handler")?,
         })
     }
 
@@ -448,6 +465,10 @@ impl Signals {
             _ = self.term.recv() => {
                 tracing::info!("SIGTERM received");
                 Signal::Stop
+            }
+            _ = self.usr2.recv() => {
+                tracing::info!("SIGUSR2 received: upgrading in place");
+                Signal::Upgrade
             }
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("SIGINT received");

@@ -273,3 +273,59 @@ pub(crate) fn hand_over(stream: &mut UnixStream, sockets: &Sockets) -> anyhow::R
     let mut answer = vec![0u8; READY.len()];
     Ok(stream.read_exact(&mut answer).is_ok() && answer == READY)
 }
+
+/// How this agent starts its own successor on SIGUSR2: the binary at the
+/// path it was started from (where a new version is installed) with the same
+/// arguments plus `--upgrade`. Under systemd the successor is then in the
+/// unit's cgroup and takes the main PID over (`MAINPID=`), which `agent
+/// --upgrade` started from a shell cannot.
+pub(crate) struct Successor {
+    exe: PathBuf,
+    args: Vec<std::ffi::OsString>,
+}
+
+impl Successor {
+    /// Read at start: later, `/proc/self/exe` names a replaced binary as
+    /// "(deleted)".
+    pub(crate) fn of_this_process() -> io::Result<Successor> {
+        Ok(Successor {
+            exe: std::env::current_exe()?,
+            args: std::env::args_os()
+                .skip(1)
+                .filter(|arg| arg != "--upgrade")
+                .collect(),
+        })
+    }
+
+    /// Starts the successor. It connects to this agent's upgrade socket and
+    /// the handover runs as for `agent --upgrade`; if it fails before that,
+    /// its exit is logged and this agent keeps serving.
+    pub(crate) fn spawn(&self) -> io::Result<u32> {
+        let mut child = std::process::Command::new(&self.exe)
+            .args(&self.args)
+            .arg("--upgrade")
+            .spawn()?;
+        let pid = child.id();
+        std::thread::spawn(move || match child.wait() {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                tracing::error!(pid, %status, "the successor agent failed; this agent keeps serving")
+            }
+            Err(e) => tracing::warn!(pid, error = %e, "cannot wait for the successor agent"),
+        });
+        Ok(pid)
+    }
+}
+
+/// Tells the service manager (systemd's `NOTIFY_SOCKET`, when set) how the
+/// agent is doing: ready with its PID as the main one, or stopping.
+pub(crate) fn notify(ready: bool) {
+    use sd_notify::NotifyState;
+    let states: &[NotifyState] = match ready {
+        true => &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
+        false => &[NotifyState::Stopping],
+    };
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}

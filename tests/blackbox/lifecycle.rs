@@ -319,3 +319,138 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
     }
     assert_eq!(failures, 0, "no request failed across the upgrade");
 }
+
+/// Reads service-manager notifications until one satisfies `wanted`.
+fn notification(
+    socket: &std::os::unix::net::UnixDatagram,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 1024];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no such notification within 30 s"
+        );
+        if let Ok(n) = socket.recv(&mut buf) {
+            let message = String::from_utf8_lossy(&buf[..n]).to_string();
+            if wanted(&message) {
+                return message;
+            }
+        }
+    }
+}
+
+fn main_pid(message: &str) -> Option<u32> {
+    message
+        .lines()
+        .find_map(|line| line.strip_prefix("MAINPID="))
+        .and_then(|pid| pid.parse().ok())
+}
+
+/// SIGKILLs a process this test did not spawn, if the test ends first.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !exited(self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Whether `pid` has exited (gone, or a zombie nobody reaped).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// The upgrade a service manager can follow: on SIGUSR2 the agent starts its
+/// successor (same binary path and arguments, plus `--upgrade`), which takes
+/// every listener and tells systemd (`NOTIFY_SOCKET`) it is the main process
+/// now; the old one exits 0 and no request fails.
+#[test]
+fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n",
+    )
+    .expect("write config");
+    let socket_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let args = [
+        "--config",
+        config.to_str().expect("utf8"),
+        "--proxy-threads",
+        "1",
+    ];
+    let old = Agent::start_in_env(
+        &dir.path().join("data"),
+        &args,
+        &[("NOTIFY_SOCKET", &socket_path)],
+    );
+    let ready = notification(&notify, |m| m.contains("READY=1"));
+    assert_eq!(main_pid(&ready), Some(old.pid()), "{ready}");
+    let c = old.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = old.http;
+    let load: Vec<_> = [false, true]
+        .into_iter()
+        .map(|fresh| {
+            let stop = stop.clone();
+            std::thread::spawn(move || client_loop(http, stop, fresh))
+        })
+        .collect();
+    eventually("load is flowing", Duration::from_secs(10), || {
+        (up.served() > 200).then_some(())
+    });
+
+    let old_pid = old.pid();
+    old.signal("USR2");
+    let taken = notification(&notify, |m| {
+        m.contains("READY=1") && main_pid(m).is_some_and(|pid| pid != old_pid)
+    });
+    let new_pid = main_pid(&taken).expect("successor pid");
+    let _reaper = KillOnDrop(new_pid);
+    let old_exit = old.wait_exit(Duration::from_secs(30));
+    assert!(old_exit.success(), "the old agent exits 0: {old_exit:?}");
+    assert!(!exited(new_pid), "the successor serves");
+    let served_at_switch = up.served();
+    eventually("the successor proxies", Duration::from_secs(10), || {
+        (up.served() > served_at_switch + 200).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let mut failures = 0;
+    for thread in load {
+        let (served, failed) = thread.join().expect("load thread");
+        assert!(served > 0);
+        failures += failed;
+    }
+
+    // The successor is not this test's child: stop it by its PID.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    notification(&notify, |m| m.contains("STOPPING=1"));
+    eventually("the successor exits", Duration::from_secs(20), || {
+        exited(new_pid).then_some(())
+    });
+    assert_eq!(failures, 0, "no request failed across the upgrade");
+}

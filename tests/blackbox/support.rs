@@ -42,6 +42,11 @@ impl Agent {
 
     /// An agent on `data_dir` (kept after the agent stops).
     pub(crate) fn start_in(data_dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_in_env(data_dir, extra, &[])
+    }
+
+    /// `start_in` with extra environment variables.
+    pub(crate) fn start_in_env(data_dir: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Agent {
         let stderr_path = data_dir.with_extension(format!("stderr-{}", fastrand_suffix()));
         std::fs::create_dir_all(data_dir.parent().expect("parent")).expect("mkdir");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
@@ -64,6 +69,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -125,6 +131,10 @@ impl Agent {
         Client {
             base: self.api.clone(),
         }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// SIGKILL: no chance to flush anything.
