@@ -239,6 +239,38 @@ fn client_loop(
     (served, failures)
 }
 
+/// `client_loop`s through `http`, one per entry of `fresh_each`, until `finish`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(usize, usize)>>,
+}
+
+impl Load {
+    fn start(http: std::net::SocketAddr, fresh_each: &[bool]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = fresh_each
+            .iter()
+            .map(|&fresh| {
+                let stop = stop.clone();
+                std::thread::spawn(move || client_loop(http, stop, fresh))
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the clients; the number of requests that failed.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut failures = 0;
+        for thread in self.threads {
+            let (served, failed) = thread.join().expect("load thread");
+            assert!(served > 0);
+            failures += failed;
+        }
+        failures
+    }
+}
+
 #[test]
 fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -263,15 +295,7 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
         .as_u64()
         .expect("index");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let http = old.http;
-    let load: Vec<_> = [false, true, false]
-        .into_iter()
-        .map(|fresh| {
-            let stop = stop.clone();
-            std::thread::spawn(move || client_loop(http, stop, fresh))
-        })
-        .collect();
+    let load = Load::start(old.http, &[false, true, false]);
     eventually("load is flowing", Duration::from_secs(10), || {
         (up.served() > 200).then_some(())
     });
@@ -310,13 +334,7 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
         registered.body
     );
 
-    stop.store(true, Ordering::SeqCst);
-    let mut failures = 0;
-    for thread in load {
-        let (served, failed) = thread.join().expect("load thread");
-        assert!(served > 0);
-        failures += failed;
-    }
+    let failures = load.finish();
     assert_eq!(failures, 0, "no request failed across the upgrade");
 }
 
@@ -407,15 +425,7 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let http = old.http;
-    let load: Vec<_> = [false, true]
-        .into_iter()
-        .map(|fresh| {
-            let stop = stop.clone();
-            std::thread::spawn(move || client_loop(http, stop, fresh))
-        })
-        .collect();
+    let load = Load::start(old.http, &[false, true]);
     eventually("load is flowing", Duration::from_secs(10), || {
         (up.served() > 200).then_some(())
     });
@@ -434,13 +444,7 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
     eventually("the successor proxies", Duration::from_secs(10), || {
         (up.served() > served_at_switch + 200).then_some(())
     });
-    stop.store(true, Ordering::SeqCst);
-    let mut failures = 0;
-    for thread in load {
-        let (served, failed) = thread.join().expect("load thread");
-        assert!(served > 0);
-        failures += failed;
-    }
+    let failures = load.finish();
 
     // The successor is not this test's child: stop it by its PID.
     let status = std::process::Command::new("kill")
