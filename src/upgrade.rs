@@ -282,6 +282,8 @@ pub(crate) fn hand_over(stream: &mut UnixStream, sockets: &Sockets) -> anyhow::R
 pub(crate) struct Successor {
     exe: PathBuf,
     args: Vec<std::ffi::OsString>,
+    /// A successor is running: a second SIGUSR2 must not start another.
+    started: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Successor {
@@ -294,6 +296,7 @@ impl Successor {
                 .skip(1)
                 .filter(|arg| arg != "--upgrade")
                 .collect(),
+            started: Default::default(),
         })
     }
 
@@ -301,17 +304,30 @@ impl Successor {
     /// the handover runs as for `agent --upgrade`; if it fails before that,
     /// its exit is logged and this agent keeps serving.
     pub(crate) fn spawn(&self) -> io::Result<u32> {
-        let mut child = std::process::Command::new(&self.exe)
+        use std::sync::atomic::Ordering;
+        if self.started.swap(true, Ordering::SeqCst) {
+            return Err(io::Error::other("a successor is already starting"));
+        }
+        let spawned = std::process::Command::new(&self.exe)
             .args(&self.args)
             .arg("--upgrade")
-            .spawn()?;
-        let pid = child.id();
-        std::thread::spawn(move || match child.wait() {
-            Ok(status) if status.success() => {}
-            Ok(status) => {
-                tracing::error!(pid, %status, "the successor agent failed; this agent keeps serving")
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                self.started.store(false, Ordering::SeqCst);
+                return Err(e);
             }
-            Err(e) => tracing::warn!(pid, error = %e, "cannot wait for the successor agent"),
+        };
+        let pid = child.id();
+        let started = self.started.clone();
+        std::thread::spawn(move || {
+            match child.wait() {
+                Ok(status) if status.success() => {}
+                Ok(status) => tracing::error!(pid, %status, "the successor agent exited"),
+                Err(e) => tracing::warn!(pid, error = %e, "cannot wait for the successor agent"),
+            }
+            started.store(false, Ordering::SeqCst);
         });
         Ok(pid)
     }

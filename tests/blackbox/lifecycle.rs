@@ -430,6 +430,28 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
         (up.served() > 200).then_some(())
     });
 
+    // A successor that cannot start (it refuses the config) leaves the old
+    // agent serving, and a later SIGUSR2 may try again.
+    let good = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(&config, "[http\n").expect("break config");
+    old.signal("USR2");
+    eventually(
+        "the failed successor is reported",
+        Duration::from_secs(20),
+        || {
+            old.stderr()
+                .contains("the successor agent exited")
+                .then_some(())
+        },
+    );
+    std::fs::write(&config, good).expect("restore config");
+    let served_after_failure = up.served();
+    eventually(
+        "the old agent still proxies",
+        Duration::from_secs(10),
+        || (up.served() > served_after_failure + 100).then_some(()),
+    );
+
     let old_pid = old.pid();
     old.signal("USR2");
     let taken = notification(&notify, |m| {
