@@ -248,7 +248,7 @@ async fn serve(
         upgrade::ready(stream);
         tracing::info!("took over from the previous agent");
     }
-    upgrade::notify(true);
+    upgrade::notify(upgrade::Lifecycle::Ready);
     let upgrades = match &config.store.data_dir {
         Some(dir) => match UpgradeListener::bind(dir) {
             Ok(listener) => Some(listener),
@@ -270,12 +270,14 @@ async fn serve(
         tokio::select! {
             signal = signals.next() => match signal {
                 Signal::Reload => {
+                    upgrade::notify(upgrade::Lifecycle::Reloading);
                     if reload(&source, &mut config, &proxy, &registry).await {
                         match register_config_services(&config, &registry, &node_name, &config_services).await {
                             Ok(ids) => config_services = ids,
                             Err(e) => tracing::error!(error = %e, "cannot apply the config's services"),
                         }
                     }
+                    upgrade::notify(upgrade::Lifecycle::Ready);
                 }
                 Signal::Stop => break None,
                 Signal::Upgrade => match (&upgrades, &successor) {
@@ -325,7 +327,7 @@ async fn serve(
         return Ok(());
     }
     // Not at an upgrade: the successor is the main process by then.
-    upgrade::notify(false);
+    upgrade::notify(upgrade::Lifecycle::Stopping);
     if let Some(upgrades) = upgrades {
         upgrades.remove();
     }

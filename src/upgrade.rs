@@ -333,15 +333,31 @@ impl Successor {
     }
 }
 
+/// What the agent tells the service manager.
+#[derive(Clone, Copy)]
+pub(crate) enum Lifecycle {
+    /// Serving, with this process as the main one.
+    Ready,
+    /// Re-reading the configuration (`Ready` follows).
+    Reloading,
+    Stopping,
+}
+
 /// Tells the service manager (systemd's `NOTIFY_SOCKET`, when set) how the
-/// agent is doing: ready with its PID as the main one, or stopping.
-pub(crate) fn notify(ready: bool) {
+/// agent is doing.
+pub(crate) fn notify(state: Lifecycle) {
     use sd_notify::NotifyState;
-    let states: &[NotifyState] = match ready {
-        true => &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
-        false => &[NotifyState::Stopping],
+    let sent = match state {
+        Lifecycle::Ready => sd_notify::notify(
+            false,
+            &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
+        ),
+        // systemd 253+ wants the clock with it (Type=notify-reload).
+        Lifecycle::Reloading => NotifyState::monotonic_usec_now()
+            .and_then(|now| sd_notify::notify(false, &[NotifyState::Reloading, now])),
+        Lifecycle::Stopping => sd_notify::notify(false, &[NotifyState::Stopping]),
     };
-    if let Err(e) = sd_notify::notify(false, states) {
+    if let Err(e) = sent {
         tracing::warn!(error = %e, "cannot notify the service manager");
     }
 }

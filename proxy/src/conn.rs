@@ -3,6 +3,7 @@
 //! while the client keeps the connection. The whole exchange runs inline in
 //! this task; nothing per request is allocated once the buffers are warm.
 
+use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -134,6 +135,7 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
     let mut ubuf = local.take_buffer();
     let mut head = Vec::with_capacity(1024);
     let mut reply = Vec::with_capacity(1024);
+    let mut fresh = Some(Busy::fresh(&local));
     loop {
         let next = exchange(
             &local,
@@ -145,6 +147,7 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
             &mut reply,
         )
         .await;
+        drop(fresh.take());
         if next == Next::Http2 {
             let prefix = cbuf.filled().to_vec();
             local.give_buffer(cbuf);
@@ -419,19 +422,28 @@ fn log_access(
     });
 }
 
-/// Counts a request in progress on this thread while it lives.
-struct Busy<'a>(&'a Local);
+/// Counts a request in progress on this thread while it lives (or, made by
+/// `fresh`, a new connection before its first request).
+struct Busy<'a>(&'a Cell<usize>);
 
 impl<'a> Busy<'a> {
     fn enter(local: &'a Local) -> Busy<'a> {
-        local.active.set(local.active.get() + 1);
-        Busy(local)
+        Busy::count(&local.active)
+    }
+
+    fn fresh(local: &'a Local) -> Busy<'a> {
+        Busy::count(&local.fresh)
+    }
+
+    fn count(counter: &'a Cell<usize>) -> Busy<'a> {
+        counter.set(counter.get() + 1);
+        Busy(counter)
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.active.set(self.0.active.get() - 1);
+        self.0.set(self.0.get() - 1);
     }
 }
 

@@ -73,7 +73,15 @@ pub(crate) struct Local {
     /// Requests whose head has begun to arrive, and L4 connections: what a
     /// shutdown waits for (idle keep-alive connections are not counted).
     pub(crate) active: Cell<usize>,
+    /// Connections accepted that have not begun their first request: the
+    /// client has one coming, so a shutdown waits `FIRST_REQUEST_GRACE` for it.
+    pub(crate) fresh: Cell<usize>,
 }
+
+/// How long a shutdown waits for a connection it accepted to send its first
+/// request. Closing it at once would lose a request that was on its way: a
+/// client retries only on a reused connection, never on a new one.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 impl Local {
     /// The proxy's view of a service in the current snapshot.
@@ -471,6 +479,7 @@ fn run_thread(thread: Thread) {
             request_ids: Cell::new(fastrand::u64(..) << 24),
             stopping: Cell::new(false),
             active: Cell::new(0),
+            fresh: Cell::new(0),
         });
         access::configure(local.config().access_log.as_deref());
         let sweeper = {
@@ -569,10 +578,22 @@ fn run_thread(thread: Thread) {
             let _ = task.await;
         }
         local.stopping.set(true);
+        tracing::info!(
+            thread = index,
+            open = local.active.get() + local.fresh.get(),
+            "proxy thread stopped accepting; finishing its connections"
+        );
         sweeper.abort();
         local.pool.borrow_mut().clear();
-        let deadline = tokio::time::Instant::now() + local.config().shutdown_grace;
-        while local.active.get() > 0 && tokio::time::Instant::now() < deadline {
+        let now = tokio::time::Instant::now();
+        let deadline = now + local.config().shutdown_grace;
+        let fresh_until = (now + FIRST_REQUEST_GRACE).min(deadline);
+        loop {
+            let now = tokio::time::Instant::now();
+            let fresh = local.fresh.get() > 0 && now < fresh_until;
+            if !(local.active.get() > 0 || fresh) || now >= deadline {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if local.active.get() > 0 {

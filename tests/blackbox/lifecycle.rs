@@ -70,6 +70,48 @@ fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
     );
 }
 
+/// A connection the agent accepted before SIGTERM has a request on its way:
+/// it is served (with `Connection: close`), not closed as idle, although it
+/// arrives once the proxy has stopped accepting.
+#[test]
+fn a_connection_accepted_before_sigterm_gets_its_first_request_served() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+    let mut early = TcpStream::connect(agent.http).expect("connect");
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    eventually(
+        "the connection is accepted",
+        Duration::from_secs(10),
+        || (c.metric("switchyard_proxy_client_connections") >= Some(1.0)).then_some(()),
+    );
+    agent.signal("TERM");
+    eventually(
+        "both proxy threads stop accepting",
+        Duration::from_secs(10),
+        || (agent.stderr().matches("stopped accepting").count() == 2).then_some(()),
+    );
+    let mut buf = Vec::new();
+    let answer = keep_alive_get(&mut early, &mut buf);
+    assert_eq!(
+        answer.map(|(status, _)| status),
+        Some(200),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(
+        String::from_utf8_lossy(&buf)
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(agent.wait_exit(Duration::from_secs(20)).success());
+}
+
 fn route_to(service: &str) -> String {
     format!(
         "[http]\nresponse_timeout = \"{}s\"\n[[http.routes]]\nhost = \"x\"\nservice = \"{service}\"\n",
@@ -424,6 +466,11 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
     let c = old.client();
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
+    // A reload is bracketed, so `systemctl reload` returns when it is done.
+    old.signal("HUP");
+    let reloading = notification(&notify, |m| m.contains("RELOADING=1"));
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    notification(&notify, |m| m.contains("READY=1"));
 
     let load = Load::start(old.http, &[false, true]);
     eventually("load is flowing", Duration::from_secs(10), || {
