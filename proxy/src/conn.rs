@@ -135,7 +135,7 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
     let mut ubuf = local.take_buffer();
     let mut head = Vec::with_capacity(1024);
     let mut reply = Vec::with_capacity(1024);
-    let mut fresh = Some(Busy::fresh(&local));
+    let mut fresh = Some(Busy::adopt_fresh(&local));
     loop {
         let next = exchange(
             &local,
@@ -423,7 +423,7 @@ fn log_access(
 }
 
 /// Counts a request in progress on this thread while it lives (or, made by
-/// `fresh`, a new connection before its first request).
+/// `adopt_fresh`, a new connection before its first request).
 struct Busy<'a>(&'a Cell<usize>);
 
 impl<'a> Busy<'a> {
@@ -431,8 +431,10 @@ impl<'a> Busy<'a> {
         Busy::count(&local.active)
     }
 
-    fn fresh(local: &'a Local) -> Busy<'a> {
-        Busy::count(&local.fresh)
+    /// Takes over the count the accept loop made for this new connection
+    /// (made there, so a shutdown sees it before this task first runs).
+    fn adopt_fresh(local: &'a Local) -> Busy<'a> {
+        Busy(&local.fresh)
     }
 
     fn count(counter: &'a Cell<usize>) -> Busy<'a> {

@@ -561,6 +561,8 @@ fn run_thread(thread: Thread) {
                     Ok((stream, peer)) => {
                         let Some(slot) = local.admit(&stream, peer, true) else { continue };
                         let info = Client::new(peer.ip(), "http");
+                        // Counted now: `conn::serve` adopts it when it first runs.
+                        local.fresh.set(local.fresh.get() + 1);
                         let serve = conn::serve(local.clone(), stream, info);
                         tokio::task::spawn_local(async move { let _slot = slot; serve.await });
                     }
