@@ -424,16 +424,16 @@ fn log_access(
 
 /// Counts a request in progress on this thread while it lives (or, made by
 /// `adopt_fresh`, a new connection before its first request).
-struct Busy<'a>(&'a Cell<usize>);
+pub(crate) struct Busy<'a>(&'a Cell<usize>);
 
 impl<'a> Busy<'a> {
-    fn enter(local: &'a Local) -> Busy<'a> {
+    pub(crate) fn enter(local: &'a Local) -> Busy<'a> {
         Busy::count(&local.active)
     }
 
     /// Takes over the count the accept loop made for this new connection
     /// (made there, so a shutdown sees it before this task first runs).
-    fn adopt_fresh(local: &'a Local) -> Busy<'a> {
+    pub(crate) fn adopt_fresh(local: &'a Local) -> Busy<'a> {
         Busy(&local.fresh)
     }
 

@@ -24,12 +24,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use switchyard_registry::Snapshot;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::access;
 use crate::backend::{now_ns, EndpointStats, ProxyService, Shared};
 use crate::balance::{self, Tried};
 use crate::metrics::Reject;
+use crate::server::FIRST_REQUEST_GRACE;
 use crate::wire;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -83,7 +84,9 @@ impl H2 {
 
     /// Serves one connection with hyper, HTTP/2 or HTTP/1.1. At shutdown the
     /// connection ends gracefully (GOAWAY for HTTP/2) once its requests in
-    /// progress are done.
+    /// progress are done; one that has sent no request yet first gets
+    /// `FIRST_REQUEST_GRACE` for it (a client retries a request lost on a
+    /// reused connection, never on a new one).
     pub(crate) async fn serve_io<I>(
         self: Arc<Self>,
         io: I,
@@ -96,17 +99,26 @@ impl H2 {
     {
         let io = TokioIo::new(io);
         let h2 = self.clone();
+        // Stores a permit at the first request: a shutdown gives a connection
+        // that has not sent one yet `FIRST_REQUEST_GRACE` to do so.
+        let first = Arc::new(Notify::new());
+        let seen = first.clone();
         let service = hyper::service::service_fn(move |request| {
             let h2 = h2.clone();
+            seen.notify_one();
             async move { Ok::<_, Infallible>(h2.handle(request, peer, proto).await) }
         });
+        let stop = async {
+            let _ = stop.wait_for(|stop| *stop).await;
+            let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first.notified()).await;
+        };
         if http2 {
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(io, service);
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
-                _ = stop.wait_for(|stop| *stop) => {
+                _ = stop => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }
@@ -120,7 +132,7 @@ impl H2 {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
-                _ = stop.wait_for(|stop| *stop) => {
+                _ = stop => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }

@@ -81,7 +81,7 @@ pub(crate) struct Local {
 /// How long a shutdown waits for a connection it accepted to send its first
 /// request. Closing it at once would lose a request that was on its way: a
 /// client retries only on a reused connection, never on a new one.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 impl Local {
     /// The proxy's view of a service in the current snapshot.
@@ -511,6 +511,8 @@ fn run_thread(thread: Thread) {
                                 accepted = listener.accept() => match accepted {
                                     Ok((stream, peer)) => {
                                         let Some(slot) = local.admit(&stream, peer, false) else { continue };
+                                        // Counted now, as for HTTP: `tls::serve` adopts it.
+                                        local.fresh.set(local.fresh.get() + 1);
                                         let serve = crate::tls::serve(local.clone(), acceptor.clone(), stream, peer);
                                         tokio::task::spawn_local(async move { let _slot = slot; serve.await });
                                     }

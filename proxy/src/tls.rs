@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::conn::Busy;
 use crate::server::Local;
 
 /// Certificates by server name, with the first one as the default.
@@ -98,31 +99,33 @@ fn load(
 }
 
 /// One HTTPS connection: the handshake (bounded by `header_timeout`), then
-/// HTTP/2 or HTTP/1.1 as ALPN chose.
+/// HTTP/2 or HTTP/1.1 as ALPN chose. The accept loop counted it as fresh: a
+/// shutdown during the handshake gives it `FIRST_REQUEST_GRACE`, after it
+/// waits for it like any request in progress.
 pub(crate) async fn serve(
     local: Rc<Local>,
     acceptor: TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
 ) {
+    let fresh = Busy::adopt_fresh(&local);
     let _ = stream.set_nodelay(true);
-    let limit = local.config().header_timeout;
-    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, %peer, "TLS handshake failed");
-            return;
-        }
-        Err(_) => return,
-    };
-    let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     local.shared.metrics.connections.inc();
-    local.active.set(local.active.get() + 1);
-    local
-        .h2
-        .clone()
-        .serve_io(stream, http2, peer.ip(), "https", local.stop.clone())
-        .await;
-    local.active.set(local.active.get() - 1);
+    let limit = local.config().header_timeout;
+    let handshake = tokio::time::timeout(limit, acceptor.accept(stream)).await;
+    drop(fresh);
+    match handshake {
+        Ok(Ok(stream)) => {
+            let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let _busy = Busy::enter(&local);
+            local
+                .h2
+                .clone()
+                .serve_io(stream, http2, peer.ip(), "https", local.stop.clone())
+                .await;
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
     local.shared.metrics.connections.dec();
 }

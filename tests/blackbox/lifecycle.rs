@@ -527,3 +527,83 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
     });
     assert_eq!(failures, 0, "no request failed across the upgrade");
 }
+
+#[test]
+fn https_connections_mid_handshake_or_before_their_first_request_are_served_at_sigterm() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = crate::proxy::TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    pki.leaf(certs.path(), "a.test");
+    let file = |name: &str| certs.path().join(name).to_string_lossy().to_string();
+    let (agent, _dir) = agent_with(&format!(
+        "[http.tls]\naddr = \"127.0.0.1:0\"\n\
+         [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [\"a.test\"]\n\
+         [[http.routes]]\nservice = \"web\"\n",
+        file("a.test.pem"),
+        file("a.test.key"),
+    ));
+    let https = agent.https.expect("an https address in the ready line");
+    let c = agent.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).expect("trust the test CA");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = || rustls::pki_types::ServerName::try_from("a.test").expect("name");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // One connection accepted but not yet past its TLS handshake, one
+        // past it that has not sent a request.
+        let mid_handshake = tokio::net::TcpStream::connect(https)
+            .await
+            .expect("connect");
+        let tcp = tokio::net::TcpStream::connect(https)
+            .await
+            .expect("connect");
+        let mut ready = connector.connect(name(), tcp).await.expect("TLS handshake");
+        eventually(
+            "both connections are accepted",
+            Duration::from_secs(10),
+            || (c.metric("switchyard_proxy_client_connections") >= Some(2.0)).then_some(()),
+        );
+        agent.signal("TERM");
+        eventually(
+            "both proxy threads stop accepting",
+            Duration::from_secs(10),
+            || (agent.stderr().matches("stopped accepting").count() == 2).then_some(()),
+        );
+        let mut late = connector
+            .connect(name(), mid_handshake)
+            .await
+            .expect("the handshake begun before SIGTERM completes");
+        for (what, tls) in [
+            ("after its handshake", &mut ready),
+            ("mid-handshake", &mut late),
+        ] {
+            tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .await
+                .expect("send request");
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
+                .await
+                .expect("the agent answers and closes within 10 s");
+            let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            assert!(read.is_ok() || !answer.is_empty(), "{what}: {read:?}");
+            assert!(text.starts_with("http/1.1 200"), "{what}: {text:?}");
+            assert!(text.contains("connection: close"), "{what}: {text:?}");
+            assert!(text.ends_with("web1"), "{what}: {text:?}");
+        }
+    });
+    assert!(agent.wait_exit(Duration::from_secs(20)).success());
+}

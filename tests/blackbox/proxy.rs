@@ -761,7 +761,7 @@ fn http2_with_prior_knowledge_is_routed_balanced_and_streamed() {
 
 /// A test CA and leaf certificates it signs, written as PEM files.
 pub(crate) struct TestPki {
-    ca: rcgen::Certificate,
+    pub(crate) ca: rcgen::Certificate,
     ca_key: rcgen::KeyPair,
 }
 
