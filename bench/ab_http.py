@@ -11,8 +11,11 @@ A variant is `base` (as shipped) or `+`-joined settings:
   NAME=value    an environment variable for the agent (e.g. SY_EXTRA, see w_http.py)
   slice=NS      the proxy threads' EEVDF slice (sched_setattr's sched_runtime
                 for SCHED_OTHER, Linux 6.12+), set after start
+  bin=PATH      another build of the agent (e.g. a copy of the binary before a
+                hot-path change), instead of --binary
 
 Usage: bench/ab_http.py base,slice=300000 [--rounds 5] [--seconds 6] [--path /]
+       bench/ab_http.py bin=/tmp/before,base
        (after cargo build --release)
 Needs: apt-get install -y nginx wrk
 """
@@ -46,7 +49,8 @@ def proxy_threads(pid):
 
 def start(work, binary, variant):
     settings = [s for s in variant.split("+") if s != "base"]
-    env = {k: v for k, v in (s.split("=", 1) for s in settings) if k != "slice"}
+    env = {k: v for k, v in (s.split("=", 1) for s in settings) if k not in ("slice", "bin")}
+    binary = next((s.split("=", 1)[1] for s in settings if s.startswith("bin=")), binary)
     saved = dict(os.environ)
     os.environ.update(env)
     try:

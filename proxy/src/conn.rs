@@ -500,9 +500,10 @@ async fn forward(
     // request's snapshot was taken: a first attempt reloads the service (a
     // few times at most), a retry skips them; neither counts as a retry.
     let (mut reloads, mut skipped) = (0, 0);
-    stats.note_request(now_ns());
+    // One clock read serves the budget and the first pick.
+    let mut now = now_ns();
+    stats.note_request(now);
     loop {
-        let now = now_ns();
         let picked = balance::pick(
             &service,
             route.balancer,
@@ -560,7 +561,7 @@ async fn forward(
         )
         .await;
         backend.stats.leave();
-        let now = now_ns();
+        now = now_ns();
         let failure = match result {
             Ok((next, status)) => {
                 if status >= 500 {

@@ -4,7 +4,6 @@
 //! state of another thread except the shared per-endpoint atomics.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -20,9 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access;
-use crate::backend::{
-    client_slot, now_ns, Backend, ClientSlot, EndpointStats, ProxyService, Shared,
-};
+use crate::backend::{client_slot, Backend, ClientSlot, EndpointStats, ProxyService, Shared};
 use crate::config::{Config, TcpConfig};
 use crate::conn::{self, Buf};
 use crate::h2::H2;
@@ -37,6 +34,8 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 /// How often the sweeper closes idle connections to withdrawn endpoints
 /// (drained, in maintenance, failing) and ones idle too long.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// `POOL_IDLE` in sweeps.
+const POOL_IDLE_SWEEPS: u64 = POOL_IDLE.as_secs() / SWEEP_EVERY.as_secs();
 /// Every this many sweeps, thread 0 prunes services that left the catalog.
 const PRUNE_EVERY_SWEEPS: u32 = 10;
 
@@ -44,6 +43,8 @@ const PRUNE_EVERY_SWEEPS: u32 = 10;
 /// became idle.
 struct Idle {
     stats: Arc<EndpointStats>,
+    /// Each with the sweep count when it was put back (no clock read per
+    /// request).
     streams: Vec<(TcpStream, u64)>,
 }
 
@@ -61,7 +62,11 @@ pub(crate) struct Local {
     config: RefCell<Rc<Config>>,
     tcp: RefCell<Rc<TcpConfig>>,
     generation: Cell<u64>,
-    pool: RefCell<HashMap<SocketAddr, Idle>>,
+    /// Looked up twice per request: foldhash, not SipHash (the keys are our
+    /// endpoints' addresses, not attacker-chosen).
+    pool: RefCell<foldhash::HashMap<SocketAddr, Idle>>,
+    /// Sweeps so far: the pool's coarse clock.
+    sweeps: Cell<u64>,
     /// HTTP/2 connections are handed to hyper here.
     pub(crate) h2: Arc<H2>,
     /// Turns true at shutdown (HTTP/2 connections then send GOAWAY).
@@ -187,14 +192,16 @@ impl Local {
             streams: Vec::new(),
         });
         if idle.streams.len() < self.config().pool_per_endpoint {
-            idle.streams.push((stream, now_ns()));
+            idle.streams.push((stream, self.sweeps.get()));
         }
     }
 
     /// Closes idle connections that are too old or lead to an endpoint that
     /// was withdrawn, so a drained node sees its idle connections go.
     fn sweep(&self) {
-        let oldest = now_ns().saturating_sub(crate::backend::nanos(POOL_IDLE));
+        let sweeps = self.sweeps.get() + 1;
+        self.sweeps.set(sweeps);
+        let oldest = sweeps.saturating_sub(POOL_IDLE_SWEEPS);
         let mut pool = self.pool.borrow_mut();
         pool.retain(|_, idle| {
             if idle.stats.is_withdrawn() {
@@ -471,7 +478,8 @@ fn run_thread(thread: Thread) {
             snapshot: RefCell::new(Cache::new(snapshot.clone())),
             shared,
             slot,
-            pool: RefCell::new(HashMap::new()),
+            pool: RefCell::new(foldhash::HashMap::default()),
+            sweeps: Cell::new(0),
             h2,
             stop: stop.clone(),
             buffers: RefCell::new(Vec::new()),
