@@ -62,6 +62,7 @@ pub struct ProxyMetrics {
     duration: HistogramVec,
     rejected: Vec<IntCounter>,
     pub(crate) connections: IntGauge,
+    pub(crate) thread_connections: IntGaugeVec,
     pub(crate) upgrades: IntCounter,
     tcp: IntCounterVec,
     drain_cuts: IntCounter,
@@ -199,6 +200,13 @@ impl ProxyMetrics {
             "switchyard_proxy_client_connections",
             "Open client connections",
         )?;
+        let thread_connections = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_thread_connections",
+                "Open HTTP client connections by proxy thread (new ones go to the least busy)",
+            ),
+            &["thread"],
+        )?;
         let upgrades = IntCounter::new(
             "switchyard_proxy_upgrades_total",
             "Connections upgraded to a tunnel (WebSocket and other 101 responses)",
@@ -226,6 +234,7 @@ impl ProxyMetrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(rejected_vec))?;
         registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(thread_connections.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
         Ok(ProxyMetrics {
             requests,
@@ -238,6 +247,7 @@ impl ProxyMetrics {
             duration,
             rejected,
             connections,
+            thread_connections,
             upgrades,
             tcp,
             drain_cuts,

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Cache};
+use prometheus::IntGauge;
 use socket2::{Domain, Protocol, Socket, Type};
 use switchyard_registry::Snapshot;
 use tokio::net::{TcpListener, TcpStream};
@@ -23,7 +24,7 @@ use crate::backend::{client_slot, Backend, ClientSlot, EndpointStats, ProxyServi
 use crate::config::{Config, TcpConfig};
 use crate::conn::{self, Buf};
 use crate::h2::H2;
-use crate::metrics::Reject;
+use crate::metrics::{ProxyMetrics, Reject};
 use crate::route::RouteTable;
 use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
@@ -81,6 +82,8 @@ pub(crate) struct Local {
     /// Connections accepted that have not begun their first request: the
     /// client has one coming, so a shutdown waits `FIRST_REQUEST_GRACE` for it.
     pub(crate) fresh: Cell<usize>,
+    /// This thread's open HTTP connections (see `Handoff`).
+    thread_connections: IntGauge,
 }
 
 /// How long a shutdown waits for a connection it accepted to send its first
@@ -355,10 +358,12 @@ impl HttpProxy {
         let (stop, stop_rx) = watch::channel(false);
         let h2 = Arc::new(H2::new(shared.clone(), slot, snapshot.clone()));
         let mut handles = Vec::new();
-        for (index, ((listener, tcp), tls)) in listeners
+        let handoffs = Handoff::group(&shared.metrics, threads);
+        for (index, (((listener, tcp), tls), handoff)) in listeners
             .into_iter()
             .zip(tcp)
             .zip(tls_listeners)
+            .zip(handoffs)
             .enumerate()
         {
             let thread = Thread {
@@ -371,6 +376,7 @@ impl HttpProxy {
                 tls: tls.zip(acceptor.clone()),
                 h2: h2.clone(),
                 stop: stop_rx.clone(),
+                handoff,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("proxy-{index}"))
@@ -432,6 +438,110 @@ struct Thread {
     tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     h2: Arc<H2>,
     stop: watch::Receiver<bool>,
+    handoff: Handoff,
+}
+
+/// A new HTTP connection handed from the thread that accepted it to a less
+/// busy one.
+type Handed = (std::net::TcpStream, SocketAddr, Option<ClientSlot>);
+
+/// Spreads HTTP connections evenly over the proxy threads. Each thread
+/// accepts from its own `SO_REUSEPORT` listener, which splits connections
+/// by address hash: 50 clients can land 30/20, and those on the busier
+/// thread wait longer (a p99 well above HAProxy's, which dispatches to its
+/// least busy thread). A thread holding more than `HANDOFF_SLACK` above
+/// the least busy one passes a new connection there.
+struct Handoff {
+    own: usize,
+    /// Open HTTP connections per thread (the `thread_connections` gauges).
+    counts: Arc<[IntGauge]>,
+    peers: Arc<[tokio::sync::mpsc::UnboundedSender<Handed>]>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<Handed>,
+}
+
+const HANDOFF_SLACK: i64 = 1;
+
+impl Handoff {
+    fn group(metrics: &ProxyMetrics, threads: usize) -> Vec<Handoff> {
+        let counts: Arc<[IntGauge]> = (0..threads)
+            .map(|i| {
+                metrics
+                    .thread_connections
+                    .with_label_values(&[&i.to_string()])
+            })
+            .collect();
+        let (peers, inboxes): (Vec<_>, Vec<_>) = (0..threads)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let peers: Arc<[_]> = peers.into();
+        inboxes
+            .into_iter()
+            .enumerate()
+            .map(|(own, inbox)| Handoff {
+                own,
+                counts: counts.clone(),
+                peers: peers.clone(),
+                inbox,
+            })
+            .collect()
+    }
+
+    /// The thread that serves a connection this one accepted, counted for
+    /// it now (so two threads deciding at once see each other's choice).
+    fn choose(&self) -> usize {
+        let least = (0..self.counts.len())
+            .min_by_key(|&i| self.counts[i].get())
+            .unwrap_or(self.own);
+        let target = if self.counts[self.own].get() > self.counts[least].get() + HANDOFF_SLACK {
+            least
+        } else {
+            self.own
+        };
+        self.counts[target].inc();
+        target
+    }
+
+    /// Passes a connection to `target`; gives it back when that thread has
+    /// stopped taking them.
+    fn pass(&self, target: usize, handed: Handed) -> Result<(), Handed> {
+        self.peers[target].send(handed).map_err(|e| {
+            self.counts[target].dec();
+            e.0
+        })
+    }
+}
+
+/// Serves one HTTP connection on this thread; it was counted in
+/// `thread_connections` and in `fresh` for it already.
+fn spawn_http(local: &Rc<Local>, stream: TcpStream, peer: SocketAddr, slot: Option<ClientSlot>) {
+    let info = Client::new(peer.ip(), "http");
+    let serve = conn::serve(local.clone(), stream, info);
+    let count = local.thread_connections.clone();
+    tokio::task::spawn_local(async move {
+        let _slot = slot;
+        serve.await;
+        count.dec();
+    });
+}
+
+/// Serves a connection another thread accepted (already counted for this
+/// one in `thread_connections`).
+fn take_handed(
+    local: &Rc<Local>,
+    std: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: Option<ClientSlot>,
+) {
+    match TcpStream::from_std(std) {
+        Ok(stream) => {
+            local.fresh.set(local.fresh.get() + 1);
+            spawn_http(local, stream, peer, slot);
+        }
+        Err(e) => {
+            local.thread_connections.dec();
+            tracing::warn!(error = %e, "proxy thread cannot take a handed connection");
+        }
+    }
 }
 
 fn run_thread(thread: Thread) {
@@ -445,6 +555,7 @@ fn run_thread(thread: Thread) {
         tls,
         h2,
         mut stop,
+        mut handoff,
     } = thread;
     shared
         .config
@@ -488,6 +599,7 @@ fn run_thread(thread: Thread) {
             stopping: Cell::new(false),
             active: Cell::new(0),
             fresh: Cell::new(0),
+            thread_connections: handoff.counts[index].clone(),
         });
         access::configure(local.config().access_log.as_deref());
         let sweeper = {
@@ -570,11 +682,28 @@ fn run_thread(thread: Thread) {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let Some(slot) = local.admit(&stream, peer, true) else { continue };
-                        let info = Client::new(peer.ip(), "http");
+                        let target = handoff.choose();
+                        let (stream, slot) = if target == index {
+                            (stream, slot)
+                        } else {
+                            match stream.into_std().map(|s| handoff.pass(target, (s, peer, slot))) {
+                                Ok(Ok(())) => continue,
+                                Ok(Err((std, _, slot))) => match TcpStream::from_std(std) {
+                                    Ok(stream) => {
+                                        handoff.counts[index].inc();
+                                        (stream, slot)
+                                    }
+                                    Err(_) => continue,
+                                },
+                                Err(_) => {
+                                    handoff.counts[target].dec();
+                                    continue;
+                                }
+                            }
+                        };
                         // Counted now: `conn::serve` adopts it when it first runs.
                         local.fresh.set(local.fresh.get() + 1);
-                        let serve = conn::serve(local.clone(), stream, info);
-                        tokio::task::spawn_local(async move { let _slot = slot; serve.await });
+                        spawn_http(&local, stream, peer, slot);
                     }
                     Err(e) => {
                         // Out of descriptors or similar: back off briefly.
@@ -582,8 +711,15 @@ fn run_thread(thread: Thread) {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
+                Some((std, peer, slot)) = handoff.inbox.recv() => take_handed(&local, std, peer, slot),
                 _ = stop.wait_for(|stop| *stop) => break,
             }
+        }
+        // Connections handed here before the stop are served like ones
+        // accepted here; a thread handing one now gets it back.
+        handoff.inbox.close();
+        while let Some((std, peer, slot)) = handoff.inbox.recv().await {
+            take_handed(&local, std, peer, slot);
         }
         drop(listener);
         for task in l4 {
