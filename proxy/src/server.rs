@@ -1,7 +1,8 @@
 //! Thread-per-core serving: each proxy thread runs a current-thread tokio
 //! runtime with its own SO_REUSEPORT listener, its own pool of idle upstream
 //! connections and its own buffers, so a request touches no lock and no
-//! state of another thread except the shared per-endpoint atomics.
+//! state of another thread except the shared per-endpoint atomics (and, at
+//! accept, a new connection handed to a less busy thread: `Handoff`).
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -448,9 +449,9 @@ type Handed = (std::net::TcpStream, SocketAddr, Option<ClientSlot>);
 /// Spreads HTTP connections evenly over the proxy threads. Each thread
 /// accepts from its own `SO_REUSEPORT` listener, which splits connections
 /// by address hash: 50 clients can land 30/20, and those on the busier
-/// thread wait longer (a p99 well above HAProxy's, which dispatches to its
-/// least busy thread). A thread holding more than `HANDOFF_SLACK` above
-/// the least busy one passes a new connection there.
+/// thread wait longer (HAProxy dispatches to its least busy thread). A
+/// thread holding more than `HANDOFF_SLACK` above the least busy one
+/// passes a new connection there.
 struct Handoff {
     own: usize,
     /// Open HTTP connections per thread (the `thread_connections` gauges).
