@@ -547,16 +547,7 @@ fn https_connections_mid_handshake_or_before_their_first_request_are_served_at_s
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.der().clone()).expect("trust the test CA");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = pki.connector(b"http/1.1");
     let name = || rustls::pki_types::ServerName::try_from("a.test").expect("name");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -761,7 +761,7 @@ fn http2_with_prior_knowledge_is_routed_balanced_and_streamed() {
 
 /// A test CA and leaf certificates it signs, written as PEM files.
 pub(crate) struct TestPki {
-    pub(crate) ca: rcgen::Certificate,
+    ca: rcgen::Certificate,
     ca_key: rcgen::KeyPair,
 }
 
@@ -772,6 +772,21 @@ impl TestPki {
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
         let ca = params.self_signed(&ca_key).expect("ca");
         TestPki { ca, ca_key }
+    }
+
+    /// A TLS client that trusts this CA and offers `alpn`.
+    pub(crate) fn connector(&self, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).expect("trust the test CA");
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
     }
 
     /// Writes the CA certificate as `ca.pem` in `dir`.
@@ -820,19 +835,6 @@ fn https_picks_the_certificate_by_sni_and_speaks_h2_and_http1_by_alpn() {
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.der().clone()).expect("trust the test CA");
-    let client_config = |alpn: &[u8]| {
-        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-        config.alpn_protocols = vec![alpn.to_vec()];
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -843,7 +845,7 @@ fn https_picks_the_certificate_by_sni_and_speaks_h2_and_http1_by_alpn() {
             .await
             .expect("connect");
         let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
-        let tls = client_config(b"h2")
+        let tls = pki.connector(b"h2")
             .connect(name, tcp)
             .await
             .expect("TLS handshake for a.test");
@@ -883,7 +885,7 @@ fn https_picks_the_certificate_by_sni_and_speaks_h2_and_http1_by_alpn() {
             .await
             .expect("connect");
         let name = rustls::pki_types::ServerName::try_from("b.test").expect("name");
-        let tls = client_config(b"http/1.1")
+        let tls = pki.connector(b"http/1.1")
             .connect(name, tcp)
             .await
             .expect("TLS handshake for b.test");
@@ -914,7 +916,7 @@ fn https_picks_the_certificate_by_sni_and_speaks_h2_and_http1_by_alpn() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let tcp = tokio::net::TcpStream::connect(https).await.expect("connect");
         let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
-        let mut tls = client_config(b"http/1.1")
+        let mut tls = pki.connector(b"http/1.1")
             .connect(name, tcp)
             .await
             .expect("TLS handshake");
