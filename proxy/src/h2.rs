@@ -36,7 +36,7 @@ use crate::wire;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// The HTTP/2 side of the proxy, shared by the proxy threads.
+/// The HTTP/2 side of the proxy, one per proxy thread.
 pub(crate) struct H2 {
     shared: Arc<Shared>,
     slot: usize,
@@ -50,12 +50,12 @@ impl H2 {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
-        // One pool for every thread's HTTP/2 streams: sized for the streams
-        // many multiplexed clients keep in flight, so they do not churn
-        // upstream connections.
+        // One pool per proxy thread (its connections live on that thread's
+        // runtime), sized for the streams many multiplexed clients keep in
+        // flight, so they do not churn upstream connections.
         let client = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(config.pool_per_endpoint * config.thread_count())
+            .pool_max_idle_per_host(config.pool_per_endpoint)
             .build(connector);
         H2 {
             shared,

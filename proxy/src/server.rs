@@ -357,7 +357,6 @@ impl HttpProxy {
             sockets.tls.into_iter().map(Some).collect();
         tls_listeners.resize_with(threads, || None);
         let (stop, stop_rx) = watch::channel(false);
-        let h2 = Arc::new(H2::new(shared.clone(), slot, snapshot.clone()));
         let mut handles = Vec::new();
         let handoffs = Handoff::group(&shared.metrics, threads);
         for (index, (((listener, tcp), tls), handoff)) in listeners
@@ -375,7 +374,11 @@ impl HttpProxy {
                 listener,
                 tcp,
                 tls: tls.zip(acceptor.clone()),
-                h2: h2.clone(),
+                // Per thread: hyper's client runs each upstream connection as
+                // a task on the runtime that opened it, so a pool shared by
+                // the threads lent connections that died with another
+                // thread's runtime at shutdown (a 502 for a late HTTPS request).
+                h2: Arc::new(H2::new(shared.clone(), slot, snapshot.clone())),
                 stop: stop_rx.clone(),
                 handoff,
             };
