@@ -19,6 +19,7 @@ use crate::balance::{self, Tried};
 use crate::metrics::Reject;
 use crate::route::Route;
 use crate::server::Local;
+use crate::splice::{self, Broken, SPLICE_ABOVE};
 use crate::wire::{self, Chunks, Client, Framing, HeadError, Request};
 
 /// Runs `fut` under a deadline, arming the timer (and reading the clock)
@@ -728,6 +729,7 @@ async fn attempt(
                 max => max,
             };
             match relay(
+                local,
                 cbuf,
                 client,
                 &mut upstream,
@@ -824,6 +826,7 @@ async fn attempt(
     let close_client =
         !request.keep_alive || response.framing == Framing::Close || local.stopping();
     match relay(
+        local,
         ubuf,
         &mut upstream,
         client,
@@ -886,8 +889,11 @@ enum Side {
 /// Forwards one body of `framing` from `src` to `dst`: first the bytes
 /// already in `buf`, then reads, each write following its read. `prefix`
 /// (a head, possibly empty) goes out in the same write as the first bytes.
-/// Bytes after the body stay in `buf`.
+/// Bytes after the body stay in `buf`. The rest of a long enough
+/// Content-Length body is spliced (`splice.rs`), never copied.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
+    local: &Local,
     buf: &mut Buf,
     src: &mut TcpStream,
     dst: &mut TcpStream,
@@ -942,6 +948,27 @@ async fn relay(
         buf.consume(take);
         if done {
             return Ok(());
+        }
+        if matches!(framing, Framing::Length(_))
+            && left >= SPLICE_ABOVE
+            && relayed.saturating_add(left) <= max
+            && buf.is_empty()
+        {
+            if let Some(pipe) = local.take_pipe() {
+                match splice::exact(&pipe, src, dst, left, stall).await {
+                    Ok(()) => {
+                        local.give_pipe(pipe);
+                        local.shared.metrics.spliced_bytes.inc_by(left);
+                        return Ok(());
+                    }
+                    Err(Broken::Unsupported) => {
+                        local.give_pipe(pipe);
+                        local.stop_splicing();
+                    }
+                    Err(Broken::Source) => return Err(Side::Source),
+                    Err(Broken::Sink) => return Err(Side::Sink),
+                }
+            }
         }
         match within(stall, buf.fill(src)).await {
             Some(Ok(0)) if framing == Framing::Close => return Ok(()),

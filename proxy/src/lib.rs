@@ -21,6 +21,7 @@ mod h2;
 mod metrics;
 mod route;
 mod server;
+mod splice;
 mod tcp;
 mod tls;
 mod wire;

@@ -64,6 +64,7 @@ pub struct ProxyMetrics {
     pub(crate) connections: IntGauge,
     pub(crate) thread_connections: IntGaugeVec,
     pub(crate) upgrades: IntCounter,
+    pub(crate) spliced_bytes: IntCounter,
     tcp: IntCounterVec,
     drain_cuts: IntCounter,
 }
@@ -211,6 +212,10 @@ impl ProxyMetrics {
             "switchyard_proxy_upgrades_total",
             "Connections upgraded to a tunnel (WebSocket and other 101 responses)",
         )?;
+        let spliced_bytes = IntCounter::new(
+            "switchyard_proxy_spliced_bytes_total",
+            "HTTP/1.1 body bytes moved with splice(2), never copied into the proxy",
+        )?;
         let tcp = IntCounterVec::new(
             Opts::new(
                 "switchyard_proxy_tcp_connections_total",
@@ -236,6 +241,7 @@ impl ProxyMetrics {
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(thread_connections.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
+        registry.register(Box::new(spliced_bytes.clone()))?;
         Ok(ProxyMetrics {
             requests,
             in_flight,
@@ -249,6 +255,7 @@ impl ProxyMetrics {
             connections,
             thread_connections,
             upgrades,
+            spliced_bytes,
             tcp,
             drain_cuts,
         })

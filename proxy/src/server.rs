@@ -27,6 +27,7 @@ use crate::conn::{self, Buf};
 use crate::h2::H2;
 use crate::metrics::{ProxyMetrics, Reject};
 use crate::route::RouteTable;
+use crate::splice::Pipe;
 use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
 
@@ -74,6 +75,10 @@ pub(crate) struct Local {
     /// Turns true at shutdown (HTTP/2 connections then send GOAWAY).
     pub(crate) stop: watch::Receiver<bool>,
     buffers: RefCell<Vec<Buf>>,
+    /// Empty pipes for `splice`; `splicing` turns false when the kernel
+    /// refuses to splice sockets, and bodies are then copied.
+    pipes: RefCell<Vec<Pipe>>,
+    splicing: Cell<bool>,
     pub(crate) rng: RefCell<fastrand::Rng>,
     request_ids: Cell<u64>,
     stopping: Cell<bool>,
@@ -178,6 +183,38 @@ impl Local {
         if buffers.len() < 256 && buf.capacity() == self.buffer_size() {
             buf.clear();
             buffers.push(buf);
+        }
+    }
+
+    /// An empty pipe for splicing a body, or `None` when bodies are copied.
+    pub(crate) fn take_pipe(&self) -> Option<Pipe> {
+        if !self.splicing.get() {
+            return None;
+        }
+        if let Some(pipe) = self.pipes.borrow_mut().pop() {
+            return Some(pipe);
+        }
+        match Pipe::new() {
+            Ok(pipe) => Some(pipe),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a pipe for splice: copying this body");
+                None
+            }
+        }
+    }
+
+    /// Takes back a pipe `splice::exact` left empty; keeps up to 64.
+    pub(crate) fn give_pipe(&self, pipe: Pipe) {
+        let mut pipes = self.pipes.borrow_mut();
+        if pipes.len() < 64 {
+            pipes.push(pipe);
+        }
+    }
+
+    /// The kernel refused to splice sockets: copy from now on.
+    pub(crate) fn stop_splicing(&self) {
+        if self.splicing.replace(false) {
+            tracing::warn!("splice(2) is not supported for these sockets: large bodies are copied");
         }
     }
 
@@ -598,6 +635,8 @@ fn run_thread(thread: Thread) {
             h2,
             stop: stop.clone(),
             buffers: RefCell::new(Vec::new()),
+            pipes: RefCell::new(Vec::new()),
+            splicing: Cell::new(true),
             rng: RefCell::new(fastrand::Rng::new()),
             request_ids: Cell::new(fastrand::u64(..) << 24),
             stopping: Cell::new(false),

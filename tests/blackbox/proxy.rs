@@ -1155,3 +1155,114 @@ fn new_connections_go_to_the_least_busy_proxy_thread() {
     drop((second_half, more));
     balanced(0.0);
 }
+
+/// ASCII bytes whose value depends on their position: a lost, doubled or
+/// reordered stretch shows.
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| b'a' + ((i * 7 + i / 251) % 26) as u8)
+        .collect()
+}
+
+/// Reads one response head and its Content-Length body from `stream`.
+fn read_response(stream: &mut TcpStream) -> (Raw, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    let head = parse_raw(&head);
+    let len: usize = head
+        .headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).expect("response body");
+    (head, body)
+}
+
+#[test]
+fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client() {
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"big\"\nservice = \"big\"\n\n\
+         [[http.routes]]\nhost = \"cut\"\nservice = \"cut\"\n",
+    );
+    let c = agent.client();
+    let up = Upstream::start("big1");
+    register(&c, "big", &[&up], &[]);
+
+    // A 1 MiB upload echoed back as a 1 MiB response, then a small request
+    // on the same connection: every byte in order, none taken from the next.
+    let body = patterned(1024 * 1024 + 3);
+    let mut stream = TcpStream::connect(agent.http).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut request = format!(
+        "POST /echo HTTP/1.1\r\nHost: big\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request.extend_from_slice(b"GET / HTTP/1.1\r\nHost: big\r\n\r\n");
+    let writer = {
+        let mut stream = stream.try_clone().expect("clone");
+        std::thread::spawn(move || stream.write_all(&request).expect("send"))
+    };
+    let (head, echoed) = read_response(&mut stream);
+    assert_eq!(head.status, 200, "{head:?}");
+    assert!(echoed == body, "the 1 MiB echo differs from what was sent");
+    let (head, small) = read_response(&mut stream);
+    assert_eq!((head.status, small.as_slice()), (200, &b"big1"[..]));
+    writer.join().expect("writer");
+    // Both bodies went through the kernel, not through user space.
+    let spliced = c
+        .metric("switchyard_proxy_spliced_bytes_total")
+        .expect("the spliced bytes counter");
+    assert!(spliced >= 2.0 * 900_000.0, "spliced {spliced} bytes");
+
+    // A backend that promises 1 MiB and sends 200 kB: the client gets the
+    // head and what came, then the connection closes, with no hang.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read_exact(&mut byte).is_err() {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n");
+            let _ = stream.write_all(&patterned(200_000));
+        }
+    });
+    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "cut", "id": "cut1",
+                       "address": "127.0.0.1", "port": port}]});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let mut stream = TcpStream::connect(agent.http).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /cut HTTP/1.1\r\nHost: cut\r\n\r\n")
+        .expect("send");
+    let mut got = Vec::new();
+    let read = stream.read_to_end(&mut got);
+    assert!(read.is_ok(), "the client was not closed: {read:?}");
+    let text = String::from_utf8_lossy(&got[..got.len().min(200)]).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let start = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    assert_eq!(got.len() - start, 200_000, "what came, and only that");
+    assert!(got[start..] == patterned(200_000)[..]);
+}
