@@ -29,11 +29,36 @@ impl Drop for ScratchDir {
     }
 }
 
+/// Where the listening sockets a starting agent serves on came from.
+pub(crate) enum Predecessor {
+    /// The agent this one upgrades: told on this stream once we serve.
+    Process(std::os::unix::net::UnixStream),
+    /// This process, after a successor took the sockets and never served:
+    /// its DNS and proxy servers kept serving and stop once the resumed ones
+    /// do.
+    Same(Box<(DnsServer, HttpProxy)>),
+}
+
+/// How one run of `serve` ended.
+enum Served {
+    /// Stopped, or handed over to a successor that serves.
+    Done,
+    /// A successor took the sockets and failed before it served: serve on.
+    Resume(Box<Resume>),
+}
+
+struct Resume {
+    /// The running configuration (reloads included).
+    config: AgentConfig,
+    sockets: upgrade::Sockets,
+    servers: (DnsServer, HttpProxy),
+}
+
 pub(crate) fn run(
     config: AgentConfig,
     source: ConfigSource,
     scratch: Option<ScratchDir>,
-    inherited: Option<(upgrade::Sockets, std::os::unix::net::UnixStream)>,
+    inherited: Option<(upgrade::Sockets, Predecessor)>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.agent.worker_threads)
@@ -41,7 +66,29 @@ pub(crate) fn run(
         .enable_all()
         .build()
         .context("cannot build the runtime")?;
-    let result = runtime.block_on(serve(config, source, inherited));
+    // Read once, at start: once the binary at this path is replaced,
+    // `/proc/self/exe` names a deleted file.
+    let successor = upgrade::Successor::of_this_process();
+    let (mut config, mut inherited) = (config, inherited);
+    let result = loop {
+        let serving = serve(config, source.clone(), inherited.take(), &successor);
+        match runtime.block_on(serving) {
+            Ok(Served::Done) => break Ok(()),
+            Ok(Served::Resume(resume)) => {
+                let Resume {
+                    config: running,
+                    sockets,
+                    servers,
+                } = *resume;
+                tracing::warn!(
+                    "the successor failed before it served: serving on, from the same sockets"
+                );
+                config = running;
+                inherited = Some((sockets, Predecessor::Same(Box::new(servers))));
+            }
+            Err(e) => break Err(e),
+        }
+    };
     drop(scratch);
     result
 }
@@ -49,8 +96,10 @@ pub(crate) fn run(
 async fn serve(
     mut config: AgentConfig,
     source: ConfigSource,
-    inherited: Option<(upgrade::Sockets, std::os::unix::net::UnixStream)>,
-) -> anyhow::Result<()> {
+    inherited: Option<(upgrade::Sockets, Predecessor)>,
+    successor: &std::io::Result<upgrade::Successor>,
+) -> anyhow::Result<Served> {
+    let resuming = matches!(inherited, Some((_, Predecessor::Same(_))));
     let prometheus = prometheus::Registry::new();
     let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
     let dns_config = Arc::new(config.dns.clone());
@@ -79,7 +128,7 @@ async fn serve(
                 .data_dir
                 .clone()
                 .context("store.data_dir is required for the embedded store")?;
-            let store = EmbeddedStore::open(&dir, config.store.cache_mib << 20)?;
+            let store = open_embedded(&dir, config.store.cache_mib << 20, resuming).await?;
             tracing::info!(path = %store.path().display(), "embedded store opened");
             start(store, metrics, decorators)?
         }
@@ -215,7 +264,6 @@ async fn serve(
 
     // Installed before the ready line: a SIGHUP after it must never kill us.
     let mut signals = Signals::new()?;
-    let successor = upgrade::Successor::of_this_process();
     let ready = serde_json::json!({
         "ready": true,
         "api": api_addr.to_string(),
@@ -244,9 +292,20 @@ async fn serve(
             dns_port = dns_addr.port(),
         );
     }
-    if let Some((_, stream)) = inherited {
-        upgrade::ready(stream);
-        tracing::info!("took over from the previous agent");
+    match inherited.map(|(_, predecessor)| predecessor) {
+        Some(Predecessor::Process(stream)) => {
+            upgrade::ready(stream);
+            tracing::info!("took over from the previous agent");
+        }
+        Some(Predecessor::Same(servers)) => {
+            tracing::info!("serving again after the failed upgrade");
+            tokio::spawn(async move {
+                let (dns, http) = *servers;
+                http.shutdown().await;
+                dns.shutdown().await;
+            });
+        }
+        None => {}
     }
     upgrade::notify(upgrade::Lifecycle::Ready);
     let upgrades = match &config.store.data_dir {
@@ -280,7 +339,7 @@ async fn serve(
                     upgrade::notify(upgrade::Lifecycle::Ready);
                 }
                 Signal::Stop => break None,
-                Signal::Upgrade => match (&upgrades, &successor) {
+                Signal::Upgrade => match (&upgrades, successor) {
                     (Some(_), Ok(successor)) => match successor.spawn() {
                         Ok(pid) => tracing::info!(pid, "SIGUSR2: started the successor agent"),
                         Err(e) => tracing::error!(error = %e, "SIGUSR2: cannot start the successor agent"),
@@ -311,20 +370,37 @@ async fn serve(
             dns: Some(dns.sockets().try_clone()?),
             proxy: Some(http.sockets().try_clone()?),
         };
-        let handed = tokio::task::spawn_blocking(move || upgrade::hand_over(&mut stream, &sockets))
-            .await
-            .context("handover task")?;
+        let (handed, sockets) = tokio::task::spawn_blocking(move || {
+            let handed = upgrade::hand_over(&mut stream, &sockets);
+            (handed, sockets)
+        })
+        .await
+        .context("handover task")?;
         match handed {
-            Ok(true) => tracing::info!("the new agent serves; finishing the work in progress"),
-            Ok(false) => {
-                tracing::error!("the new agent took the listeners but did not report ready")
+            Ok(upgrade::Handed::Ready) => {
+                tracing::info!("the new agent serves; finishing the work in progress")
             }
-            Err(e) => tracing::error!(error = %e, "handover failed"),
+            failed => {
+                match failed {
+                    Ok(handed) => tracing::error!(
+                        ?handed,
+                        "the new agent took the listeners but did not report ready"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "handover failed"),
+                }
+                // Its API and registry stopped for the handover; the DNS and
+                // proxy servers still serve and hand over to resumed ones.
+                return Ok(Served::Resume(Box::new(Resume {
+                    config,
+                    sockets,
+                    servers: (dns, http),
+                })));
+            }
         }
         http.shutdown().await;
         dns.shutdown().await;
         tracing::info!("stopped after handing over");
-        return Ok(());
+        return Ok(Served::Done);
     }
     // Not at an upgrade: the successor is the main process by then.
     upgrade::notify(upgrade::Lifecycle::Stopping);
@@ -346,7 +422,27 @@ async fn serve(
     registry.shutdown().await;
     let _ = writer.await;
     tracing::info!("stopped");
-    Ok(())
+    Ok(Served::Done)
+}
+
+/// Opens the embedded store. After a failed upgrade the successor may still
+/// be letting go of the file (it was stopped a moment ago): retried briefly.
+async fn open_embedded(
+    dir: &std::path::Path,
+    cache_bytes: usize,
+    resuming: bool,
+) -> anyhow::Result<EmbeddedStore> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match EmbeddedStore::open(dir, cache_bytes) {
+            Ok(store) => return Ok(store),
+            Err(e) if resuming && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the store is still held by the failed successor");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Serves `/metrics` on `addr` from a thread and runtime of its own, so a

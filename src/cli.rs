@@ -311,7 +311,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         };
         match upgrade::take_over(&dir) {
-            Ok(taken) => Some(taken),
+            Ok((sockets, stream)) => Some((sockets, agent::Predecessor::Process(stream))),
             Err(e) => {
                 eprintln!("switchyard: {e:#}");
                 return ExitCode::FAILURE;

@@ -9,6 +9,11 @@
 //! datagrams queued on them are taken by whichever process reads first, and
 //! none is refused. Once it is ready it says so; the old agent then stops
 //! accepting and finishes its work in progress as on SIGTERM.
+//!
+//! A new agent that fails first (it exits, or says nothing for two minutes
+//! and is killed) leaves the old one serving: it reopens the store, starts a
+//! fresh API, DNS and proxy on its own sockets, and the ones that served
+//! through the attempt finish their work and stop (`agent::Predecessor`).
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -35,6 +40,8 @@ const MAX_FDS: usize = 250;
 const REQUEST: &[u8] = b"switchyard-upgrade 1\n";
 /// What it sends once it serves.
 const READY: &[u8] = b"ready\n";
+/// How long the new agent may take from the sockets to serving.
+const READY_WITHIN: Duration = Duration::from_secs(120);
 
 /// Every listening socket of an agent.
 #[derive(Default)]
@@ -245,15 +252,28 @@ async fn read_request(stream: tokio::net::UnixStream) -> io::Result<UnixStream> 
     Ok(stream)
 }
 
+/// How a handover ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Handed {
+    /// The new agent serves.
+    Ready,
+    /// It hung up before it served: it has exited.
+    Gone,
+    /// It did not say `ready` within the limit (or said something else),
+    /// so it was killed: it holds the store and must not serve half-started.
+    Silent,
+}
+
 /// Sends `sockets` to the new agent, then waits (bounded) for it to say it
-/// serves. Returns whether it did.
-pub(crate) fn hand_over(stream: &mut UnixStream, sockets: &Sockets) -> anyhow::Result<bool> {
+/// serves.
+pub(crate) fn hand_over(stream: &mut UnixStream, sockets: &Sockets) -> anyhow::Result<Handed> {
     let fds = sockets.fds();
     anyhow::ensure!(
         fds.len() <= MAX_FDS,
         "{} sockets is more than one handover carries",
         fds.len()
     );
+    let successor = rustix::net::sockopt::socket_peercred(&*stream).map(|cred| cred.pid);
     let mut header = serde_json::to_vec(&sockets.header())?;
     header.push(b'\n');
     let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
@@ -269,9 +289,34 @@ pub(crate) fn hand_over(stream: &mut UnixStream, sockets: &Sockets) -> anyhow::R
         SendFlags::empty(),
     )
     .context("sending the sockets")?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.set_read_timeout(Some(READY_WITHIN))?;
     let mut answer = vec![0u8; READY.len()];
-    Ok(stream.read_exact(&mut answer).is_ok() && answer == READY)
+    match stream.read_exact(&mut answer) {
+        Ok(()) if answer == READY => Ok(Handed::Ready),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Ok(Handed::Gone)
+        }
+        _ => {
+            match successor {
+                Ok(pid) => {
+                    if let Err(e) =
+                        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                    {
+                        tracing::warn!(error = %e, pid = pid.as_raw_nonzero().get(), "cannot stop the silent successor");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the silent successor's PID is unknown: it is left running")
+                }
+            }
+            Ok(Handed::Silent)
+        }
+    }
 }
 
 /// How this agent starts its own successor on SIGUSR2: the binary at the

@@ -380,6 +380,90 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
     assert_eq!(failures, 0, "no request failed across the upgrade");
 }
 
+/// A successor that takes the sockets and the store, then fails before it
+/// serves (here: its metrics address is taken), leaves the old agent
+/// serving: it reopens the store, serves the API, DNS and proxy again on the
+/// same sockets, loses no request, and can still be upgraded after.
+#[test]
+fn a_successor_that_fails_after_taking_the_sockets_leaves_the_old_agent_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    let routes = "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n";
+    std::fs::write(&config, routes).expect("write config");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let bad = dir.path().join("bad.toml");
+    let metrics = taken.local_addr().expect("addr");
+    std::fs::write(
+        &bad,
+        format!("[api]\nmetrics_addr = \"{metrics}\"\n{routes}"),
+    )
+    .expect("write config");
+    let data = dir.path().join("data");
+    let args = [
+        "--config",
+        config.to_str().expect("utf8"),
+        "--proxy-threads",
+        "2",
+    ];
+    let old = Agent::start_in(&data, &args);
+    let c = old.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+    let load = Load::start(old.http, &[false, true]);
+    eventually("load is flowing", Duration::from_secs(10), || {
+        (up.served() > 200).then_some(())
+    });
+
+    let mut successor = std::process::Command::new(crate::support::bin())
+        .args(["agent", "--node-name", "test-node", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--config",
+            bad.to_str().expect("utf8"),
+            "--proxy-threads",
+            "2",
+            "--upgrade",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the successor");
+    let status = eventually("the successor fails", Duration::from_secs(60), || {
+        successor.try_wait().expect("wait")
+    });
+    assert!(!status.success(), "the successor cannot serve: {status:?}");
+
+    // The old agent serves again: its API answers and it owns the store.
+    let registered = c.put(
+        "/v1/agent/service/register",
+        r#"{"Name":"after","ID":"after-1","Port":1}"#,
+    );
+    assert_eq!(registered.status, 200, "{}", registered.body);
+    let served_then = up.served();
+    eventually("the old agent proxies on", Duration::from_secs(10), || {
+        (up.served() > served_then + 200).then_some(())
+    });
+    assert!(
+        old.stderr()
+            .contains("serving again after the failed upgrade"),
+        "{}",
+        old.stderr()
+    );
+    drop(taken);
+
+    // And a good successor still takes over from it.
+    let mut upgrade_args = args.to_vec();
+    upgrade_args.push("--upgrade");
+    let new = Agent::start_in(&data, &upgrade_args);
+    assert_eq!(new.http, old.http);
+    let old_exit = old.wait_exit(Duration::from_secs(30));
+    assert!(old_exit.success(), "the old agent exits 0: {old_exit:?}");
+    let services = new.client().get_ok("/v1/catalog/services").json();
+    assert!(services.get("after").is_some(), "{services}");
+    let failures = load.finish();
+    assert_eq!(failures, 0, "no request failed across both attempts");
+}
+
 /// Reads service-manager notifications until one satisfies `wanted`.
 fn notification(
     socket: &std::os::unix::net::UnixDatagram,
