@@ -610,6 +610,10 @@ async fn register_config_services(
 /// running (the `[http]` routes and settings, the settings of the `[tcp]`
 /// listeners). Anything wrong, or a change that needs a restart, is logged
 /// with its reason and the running configuration stays whole.
+/// How long after a reload the services it no longer routes keep their
+/// backend lists.
+const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn reload(
     source: &ConfigSource,
     running: &mut AgentConfig,
@@ -669,9 +673,18 @@ async fn reload(
     let (added, removed) = (plan.newly_routed.len(), released.len());
     proxy.finish_reload(plan);
     if !released.is_empty() {
-        if let Err(e) = registry.apply(Command::Redecorate(released)).await {
-            tracing::warn!(error = %e, "cannot rebuild the services no longer routed");
-        }
+        // A request that found its route just before the swap looks its
+        // service up a moment later (later still if its thread was preempted
+        // in between): release only after such requests have done so. A
+        // service routed again by then keeps its backends (the decorator
+        // reads the routes at rebuild time).
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RELEASE_AFTER).await;
+            if let Err(e) = registry.apply(Command::Redecorate(released)).await {
+                tracing::warn!(error = %e, "cannot rebuild the services no longer routed");
+            }
+        });
     }
     tracing::info!(
         file = %path.display(),

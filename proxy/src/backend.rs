@@ -600,15 +600,16 @@ impl ProxyDecorator {
     /// their views rebuilt (`no_longer_routed`) to release their state.
     pub fn finish_reload(&self, plan: ReloadPlan) {
         let shared = &self.shared;
-        shared
-            .configured
-            .store(Arc::new(configured_services(&plan.http, &plan.tcp)));
+        let configured = configured_services(&plan.http, &plan.tcp);
         shared.config.store(Arc::new(plan.http));
         shared.tcp.store(Arc::new(plan.tcp));
         shared.generation.fetch_add(1, Ordering::Release);
         if let Ok(services) = shared.services.lock() {
             shared.compile_routes(&services);
         }
+        // Only once no route names them: a view rebuilt in between would
+        // otherwise empty a service the old routes still send requests to.
+        shared.configured.store(Arc::new(configured));
     }
 }
 
