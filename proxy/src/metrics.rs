@@ -204,7 +204,7 @@ impl ProxyMetrics {
         let thread_connections = IntGaugeVec::new(
             Opts::new(
                 "switchyard_proxy_thread_connections",
-                "Open HTTP client connections by proxy thread (new ones go to the least busy)",
+                "Open client connections (HTTP, HTTPS and L4) by proxy thread (new ones go to the least busy)",
             ),
             &["thread"],
         )?;

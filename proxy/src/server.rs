@@ -482,21 +482,40 @@ struct Thread {
     handoff: Handoff,
 }
 
-/// A new HTTP connection handed from the thread that accepted it to a less
-/// busy one.
-type Handed = (std::net::TcpStream, SocketAddr, Option<ClientSlot>);
+/// What a connection is for: which listener accepted it.
+#[derive(Clone)]
+enum Kind {
+    Http,
+    Https(tokio_rustls::TlsAcceptor),
+    Tcp(Arc<TcpRoute>),
+}
 
-/// Spreads HTTP connections evenly over the proxy threads. Each thread
-/// accepts from its own `SO_REUSEPORT` listener, which splits connections
-/// by address hash: 50 clients can land 30/20, and those on the busier
-/// thread wait longer (HAProxy dispatches to its least busy thread). A
-/// thread holding more than `HANDOFF_SLACK` above the least busy one
-/// passes a new connection there.
-struct Handoff {
+/// A new connection handed from the thread that accepted it to a less busy
+/// one.
+struct Handed {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: Option<ClientSlot>,
+    kind: Kind,
+}
+
+/// Spreads client connections (HTTP, HTTPS and L4) evenly over the proxy
+/// threads. Each thread accepts from its own `SO_REUSEPORT` listeners, which
+/// split connections by address hash: 50 clients can land 30/20, and those
+/// on the busier thread wait longer (HAProxy dispatches to its least busy
+/// thread). A thread holding more than `HANDOFF_SLACK` above the least busy
+/// one passes a new connection there.
+#[derive(Clone)]
+struct Dispatch {
     own: usize,
-    /// Open HTTP connections per thread (the `thread_connections` gauges).
+    /// Open client connections per thread (the `thread_connections` gauges).
     counts: Arc<[IntGauge]>,
     peers: Arc<[tokio::sync::mpsc::UnboundedSender<Handed>]>,
+}
+
+/// A thread's side of the handoff: where to send, and what it was sent.
+struct Handoff {
+    dispatch: Dispatch,
     inbox: tokio::sync::mpsc::UnboundedReceiver<Handed>,
 }
 
@@ -519,14 +538,18 @@ impl Handoff {
             .into_iter()
             .enumerate()
             .map(|(own, inbox)| Handoff {
-                own,
-                counts: counts.clone(),
-                peers: peers.clone(),
+                dispatch: Dispatch {
+                    own,
+                    counts: counts.clone(),
+                    peers: peers.clone(),
+                },
                 inbox,
             })
             .collect()
     }
+}
 
+impl Dispatch {
     /// The thread that serves a connection this one accepted, counted for
     /// it now (so two threads deciding at once see each other's choice).
     fn choose(&self) -> usize {
@@ -542,45 +565,124 @@ impl Handoff {
         target
     }
 
-    /// Passes a connection to `target`; gives it back when that thread has
-    /// stopped taking them.
-    fn pass(&self, target: usize, handed: Handed) -> Result<(), Handed> {
-        self.peers[target].send(handed).map_err(|e| {
+    /// Serves a connection this thread accepted, here or on the thread
+    /// `choose` picks. A thread that has stopped taking connections gives it
+    /// back, and it is served here.
+    fn place(
+        &self,
+        local: &Rc<Local>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: Option<ClientSlot>,
+        kind: Kind,
+    ) {
+        let target = self.choose();
+        if target == self.own {
+            serve_here(local, stream, peer, slot, kind);
+            return;
+        }
+        let Ok(stream) = stream.into_std() else {
             self.counts[target].dec();
-            e.0
-        })
+            return;
+        };
+        let handed = Handed {
+            stream,
+            peer,
+            slot,
+            kind,
+        };
+        if let Err(back) = self.peers[target].send(handed) {
+            self.counts[target].dec();
+            let back = back.0;
+            if let Ok(stream) = TcpStream::from_std(back.stream) {
+                self.counts[self.own].inc();
+                serve_here(local, stream, back.peer, back.slot, back.kind);
+            }
+        }
     }
 }
 
-/// Serves one HTTP connection on this thread; it was counted in
-/// `thread_connections` and in `fresh` for it already.
-fn spawn_http(local: &Rc<Local>, stream: TcpStream, peer: SocketAddr, slot: Option<ClientSlot>) {
-    let info = Client::new(peer.ip(), "http");
-    let serve = conn::serve(local.clone(), stream, info);
+/// Serves one client connection on this thread; it was counted in
+/// `thread_connections` for it already (and is uncounted when it ends).
+fn serve_here(
+    local: &Rc<Local>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Option<ClientSlot>,
+    kind: Kind,
+) {
     let count = local.thread_connections.clone();
-    tokio::task::spawn_local(async move {
-        let _slot = slot;
-        serve.await;
-        count.dec();
-    });
+    match kind {
+        Kind::Http => {
+            // Counted now: `conn::serve` adopts it when it first runs.
+            local.fresh.set(local.fresh.get() + 1);
+            let serve = conn::serve(local.clone(), stream, Client::new(peer.ip(), "http"));
+            tokio::task::spawn_local(async move {
+                let _slot = slot;
+                serve.await;
+                count.dec();
+            });
+        }
+        Kind::Https(acceptor) => {
+            // Counted now, as for HTTP: `tls::serve` adopts it.
+            local.fresh.set(local.fresh.get() + 1);
+            let serve = crate::tls::serve(local.clone(), acceptor, stream, peer);
+            tokio::task::spawn_local(async move {
+                let _slot = slot;
+                serve.await;
+                count.dec();
+            });
+        }
+        Kind::Tcp(route) => {
+            let serve = tcp::serve(local.clone(), route, stream, peer);
+            tokio::task::spawn_local(async move {
+                let _slot = slot;
+                serve.await;
+                count.dec();
+            });
+        }
+    }
 }
 
 /// Serves a connection another thread accepted (already counted for this
 /// one in `thread_connections`).
-fn take_handed(
-    local: &Rc<Local>,
-    std: std::net::TcpStream,
-    peer: SocketAddr,
-    slot: Option<ClientSlot>,
-) {
-    match TcpStream::from_std(std) {
-        Ok(stream) => {
-            local.fresh.set(local.fresh.get() + 1);
-            spawn_http(local, stream, peer, slot);
-        }
+fn take_handed(local: &Rc<Local>, handed: Handed) {
+    match TcpStream::from_std(handed.stream) {
+        Ok(stream) => serve_here(local, stream, handed.peer, handed.slot, handed.kind),
         Err(e) => {
             local.thread_connections.dec();
             tracing::warn!(error = %e, "proxy thread cannot take a handed connection");
+        }
+    }
+}
+
+/// Accepts from one listener until the stop, placing each connection.
+async fn accept_loop(
+    local: Rc<Local>,
+    dispatch: Dispatch,
+    listener: TcpListener,
+    kind: Kind,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (http, what) = match kind {
+        Kind::Http => (true, "HTTP"),
+        Kind::Https(_) => (false, "HTTPS"),
+        Kind::Tcp(_) => (false, "L4"),
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Some(slot) = local.admit(&stream, peer, http) else { continue };
+                    dispatch.place(&local, stream, peer, slot, kind.clone());
+                }
+                Err(e) => {
+                    // Out of descriptors or similar: back off briefly.
+                    tracing::warn!(error = %e, listener = what, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.wait_for(|stop| *stop) => break,
         }
     }
 }
@@ -615,13 +717,6 @@ fn run_thread(thread: Thread) {
     };
     let tasks = tokio::task::LocalSet::new();
     tasks.block_on(&runtime, async move {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!(error = %e, "proxy thread cannot use its listener");
-                return;
-            }
-        };
         let local = Rc::new(Local {
             routes: RefCell::new(Cache::new(shared.routes.clone())),
             config: RefCell::new(Rc::new((**shared.config.load()).clone())),
@@ -642,7 +737,7 @@ fn run_thread(thread: Thread) {
             stopping: Cell::new(false),
             active: Cell::new(0),
             fresh: Cell::new(0),
-            thread_connections: handoff.counts[index].clone(),
+            thread_connections: handoff.dispatch.counts[index].clone(),
         });
         access::configure(local.config().access_log.as_deref());
         let sweeper = {
@@ -663,109 +758,42 @@ fn run_thread(thread: Thread) {
                 }
             })
         };
-        let mut l4 = Vec::new();
-        if let Some((listener, acceptor)) = tls {
+        // One accept task per listener; this task takes handed connections.
+        let mut accepting = Vec::new();
+        let mut accept = |listener: std::net::TcpListener, kind: Kind, what: &str| {
             match TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    let (local, mut stop) = (local.clone(), stop.clone());
-                    l4.push(tokio::task::spawn_local(async move {
-                        loop {
-                            tokio::select! {
-                                accepted = listener.accept() => match accepted {
-                                    Ok((stream, peer)) => {
-                                        let Some(slot) = local.admit(&stream, peer, false) else { continue };
-                                        // Counted now, as for HTTP: `tls::serve` adopts it.
-                                        local.fresh.set(local.fresh.get() + 1);
-                                        let serve = crate::tls::serve(local.clone(), acceptor.clone(), stream, peer);
-                                        tokio::task::spawn_local(async move { let _slot = slot; serve.await });
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "HTTPS accept failed");
-                                        tokio::time::sleep(Duration::from_millis(50)).await;
-                                    }
-                                },
-                                _ = stop.wait_for(|stop| *stop) => break,
-                            }
-                        }
-                    }));
+                Ok(listener) => accepting.push(tokio::task::spawn_local(accept_loop(
+                    local.clone(),
+                    handoff.dispatch.clone(),
+                    listener,
+                    kind,
+                    stop.clone(),
+                ))),
+                Err(e) => {
+                    tracing::error!(error = %e, listener = what, "proxy thread cannot use its listener")
                 }
-                Err(e) => tracing::error!(error = %e, "proxy thread cannot use its HTTPS listener"),
             }
+        };
+        accept(listener, Kind::Http, "HTTP");
+        if let Some((listener, acceptor)) = tls {
+            accept(listener, Kind::Https(acceptor), "HTTPS");
         }
         for (listener, route) in tcp {
-            let listener = match TcpListener::from_std(listener) {
-                Ok(listener) => listener,
-                Err(e) => {
-                    tracing::error!(error = %e, "proxy thread cannot use its L4 listener");
-                    continue;
-                }
-            };
-            let (local, mut stop) = (local.clone(), stop.clone());
-            l4.push(tokio::task::spawn_local(async move {
-                loop {
-                    tokio::select! {
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, peer)) => {
-                                let Some(slot) = local.admit(&stream, peer, false) else { continue };
-                                let serve = tcp::serve(local.clone(), route.clone(), stream, peer);
-                                tokio::task::spawn_local(async move { let _slot = slot; serve.await });
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "L4 accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        },
-                        _ = stop.wait_for(|stop| *stop) => break,
-                    }
-                }
-            }));
+            accept(listener, Kind::Tcp(route), "L4");
         }
         loop {
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let Some(slot) = local.admit(&stream, peer, true) else { continue };
-                        let target = handoff.choose();
-                        let (stream, slot) = if target == index {
-                            (stream, slot)
-                        } else {
-                            match stream.into_std().map(|s| handoff.pass(target, (s, peer, slot))) {
-                                Ok(Ok(())) => continue,
-                                Ok(Err((std, _, slot))) => match TcpStream::from_std(std) {
-                                    Ok(stream) => {
-                                        handoff.counts[index].inc();
-                                        (stream, slot)
-                                    }
-                                    Err(_) => continue,
-                                },
-                                Err(_) => {
-                                    handoff.counts[target].dec();
-                                    continue;
-                                }
-                            }
-                        };
-                        // Counted now: `conn::serve` adopts it when it first runs.
-                        local.fresh.set(local.fresh.get() + 1);
-                        spawn_http(&local, stream, peer, slot);
-                    }
-                    Err(e) => {
-                        // Out of descriptors or similar: back off briefly.
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some((std, peer, slot)) = handoff.inbox.recv() => take_handed(&local, std, peer, slot),
+                Some(handed) = handoff.inbox.recv() => take_handed(&local, handed),
                 _ = stop.wait_for(|stop| *stop) => break,
             }
         }
         // Connections handed here before the stop are served like ones
         // accepted here; a thread handing one now gets it back.
         handoff.inbox.close();
-        while let Some((std, peer, slot)) = handoff.inbox.recv().await {
-            take_handed(&local, std, peer, slot);
+        while let Some(handed) = handoff.inbox.recv().await {
+            take_handed(&local, handed);
         }
-        drop(listener);
-        for task in l4 {
+        for task in accepting {
             let _ = task.await;
         }
         local.stopping.set(true);

@@ -227,3 +227,50 @@ fn a_drain_deadline_cuts_l4_connections_and_reports_them() {
         .body
         .contains("outcome=\"drain_cut\"} 2"));
 }
+
+#[test]
+fn l4_connections_spread_evenly_over_the_proxy_threads() {
+    let (agent, _dir) = agent_with(CONFIG);
+    let c = agent.client();
+    let a = Echo::start("a");
+    place(&c, &[("n1", &a.name, a.addr.port())]);
+    let per_thread = || {
+        let x = c.metric("switchyard_proxy_thread_connections{thread=\"0\"}")?;
+        let y = c.metric("switchyard_proxy_thread_connections{thread=\"1\"}")?;
+        Some((x, y))
+    };
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                // Each one is served: a handed connection reaches the backend too.
+                let mut stream = connect(agent.tcp[0]);
+                assert_eq!(greeting(&mut stream), "a");
+                stream
+            })
+            .collect()
+    };
+    let balanced = |total: f64| {
+        eventually(
+            &format!("{total} L4 connections split evenly over the two threads"),
+            Duration::from_secs(10),
+            || per_thread().filter(|(x, y)| x + y == total && (x - y).abs() <= 2.0),
+        )
+    };
+    let mut first = open(40);
+    balanced(40.0);
+    let second_half = first.split_off(20);
+    drop(first);
+    eventually("20 L4 connections left", Duration::from_secs(10), || {
+        per_thread().filter(|(x, y)| x + y == 20.0)
+    });
+    let more = open(20);
+    balanced(40.0);
+    // A handed connection still carries both ways.
+    let mut last = more.into_iter().last().expect("a connection");
+    last.write_all(b"ping").expect("write");
+    let mut echo = [0u8; 4];
+    last.read_exact(&mut echo).expect("echo");
+    assert_eq!(&echo, b"ping");
+    drop((second_half, last));
+    balanced(0.0);
+}
