@@ -14,8 +14,10 @@ A variant is `base` (as shipped) or `+`-joined settings:
   bin=PATH      another build of the agent (e.g. a copy of the binary before a
                 hot-path change), instead of --binary
 
+With --tcp the load goes through an L4 listener instead (W-tcp's setup).
+
 Usage: bench/ab_http.py base,slice=300000 [--rounds 5] [--seconds 6] [--path /]
-       bench/ab_http.py bin=/tmp/before,base
+       bench/ab_http.py bin=/tmp/before,base [--tcp]
        (after cargo build --release)
 Needs: apt-get install -y nginx wrk
 """
@@ -29,6 +31,7 @@ import struct
 import tempfile
 
 import w_http
+import w_tcp
 from procstat import cpu_seconds, session_pids
 
 SYS_SCHED_SETATTR = 314  # x86_64
@@ -47,14 +50,14 @@ def proxy_threads(pid):
     return [int(t) for t in tasks if open(f"/proc/{pid}/task/{t}/comm").read().startswith("proxy-")]
 
 
-def start(work, binary, variant):
+def start(work, binary, variant, tcp):
     settings = [s for s in variant.split("+") if s != "base"]
     env = {k: v for k, v in (s.split("=", 1) for s in settings) if k not in ("slice", "bin")}
     binary = next((s.split("=", 1)[1] for s in settings if s.startswith("bin=")), binary)
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        agent = w_http.start_switchyard(work, binary)
+        agent = (w_tcp if tcp else w_http).start_switchyard(work, binary)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -73,16 +76,17 @@ def main():
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--path", default="/")
     parser.add_argument("--binary", default="target/release/switchyard")
+    parser.add_argument("--tcp", action="store_true", help="through an L4 listener (W-tcp)")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    port = w_http.PORTS["switchyard"]
+    port = (w_tcp if args.tcp else w_http).PORTS["switchyard"]
     work = tempfile.mkdtemp(prefix="ab-http-")
     backends = w_http.start_backends(work)
     results = {v: [] for v in variants}
     try:
         for rnd in range(args.rounds):
             for variant in variants if rnd % 2 == 0 else variants[::-1]:
-                agent = start(work, args.binary, variant)
+                agent = start(work, args.binary, variant, args.tcp)
                 try:
                     w_http.wait_http(port, args.path)
                     pids = session_pids(agent.pid)
@@ -100,7 +104,7 @@ def main():
         w_http.stop_all([backends], work)
     med = statistics.median
     base = results[variants[0]]
-    print(f"\nW-http A/B: wrk -t1 -c{args.connections} -d{args.seconds}s, {args.rounds} rounds, "
+    print(f"\n{'W-tcp' if args.tcp else 'W-http'} A/B: wrk -t1 -c{args.connections} -d{args.seconds}s, {args.rounds} rounds, "
           f"nproc={os.cpu_count()}")
     print("| variant | req/s | p99 | CPU µs/req | req/s ÷ base | CPU ÷ base | p99 ÷ base |")
     print("|---|---|---|---|---|---|---|")
