@@ -606,14 +606,14 @@ async fn register_config_services(
     Ok(ids)
 }
 
-/// SIGHUP: reads the configuration again and applies what can change while
-/// running (the `[http]` routes and settings, the settings of the `[tcp]`
-/// listeners). Anything wrong, or a change that needs a restart, is logged
-/// with its reason and the running configuration stays whole.
 /// How long after a reload the services it no longer routes keep their
 /// backend lists.
 const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// SIGHUP: reads the configuration again and applies what can change while
+/// running (the `[http]` routes and settings, the settings of the `[tcp]`
+/// listeners). Anything wrong, or a change that needs a restart, is logged
+/// with its reason and the running configuration stays whole.
 async fn reload(
     source: &ConfigSource,
     running: &mut AgentConfig,
