@@ -97,6 +97,14 @@ pub(crate) struct Local {
 /// client retries only on a reused connection, never on a new one.
 pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a shutdown keeps idle keep-alive connections open. A client
+/// under load sends its next request the moment a response arrives; closing
+/// its connection then would lose that request (wrk counts a read error, a
+/// browser retries). Within this window it is served with `Connection:
+/// close` instead, and the client opens a new connection (to the successor,
+/// at an upgrade). Connections idle for all of it are closed at its end.
+const IDLE_DRAIN: Duration = Duration::from_secs(1);
+
 impl Local {
     /// The proxy's view of a service in the current snapshot.
     pub(crate) fn service(&self, name: &str) -> Option<Arc<ProxyService>> {
@@ -807,10 +815,12 @@ fn run_thread(thread: Thread) {
         let now = tokio::time::Instant::now();
         let deadline = now + local.config().shutdown_grace;
         let fresh_until = (now + FIRST_REQUEST_GRACE).min(deadline);
+        let idle_until = (now + IDLE_DRAIN).min(deadline);
         loop {
             let now = tokio::time::Instant::now();
             let fresh = local.fresh.get() > 0 && now < fresh_until;
-            if !(local.active.get() > 0 || fresh) || now >= deadline {
+            let idle = local.thread_connections.get() > 0 && now < idle_until;
+            if !(local.active.get() > 0 || fresh || idle) || now >= deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -822,7 +832,8 @@ fn run_thread(thread: Thread) {
                 "shutdown grace ended with requests or connections still open"
             );
         }
-        // Returning drops the idle keep-alive connections: closed between
-        // requests, which HTTP/1.1 clients expect of an idle connection.
+        // Returning drops the keep-alive connections still idle: closed
+        // between requests, which HTTP/1.1 clients expect of an idle
+        // connection, after `IDLE_DRAIN` in which they could not have been.
     });
 }

@@ -70,6 +70,44 @@ fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
     );
 }
 
+/// A keep-alive connection idle when SIGTERM arrives whose client sends its
+/// next request a moment later (as every client under load does) gets it
+/// served with `Connection: close`: closing it at once would lose that
+/// request.
+#[test]
+fn an_idle_keep_alive_connection_that_sends_right_after_sigterm_is_served() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+    let mut idle = TcpStream::connect(agent.http).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = Vec::new();
+    let (status, _) = keep_alive_get(&mut idle, &mut buf).expect("first request");
+    assert_eq!(status, 200);
+
+    agent.signal("TERM");
+    eventually(
+        "both proxy threads stop accepting",
+        Duration::from_secs(10),
+        || {
+            (agent
+                .stderr()
+                .matches("proxy thread stopped accepting")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    let reply = keep_alive_get(&mut idle, &mut buf);
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert_eq!(reply, Some((200, "web1".to_string())), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    let exit = agent.wait_exit(Duration::from_secs(15));
+    assert!(exit.success(), "SIGTERM exits 0: {exit:?}");
+}
+
 /// A connection the agent accepted before SIGTERM has a request on its way:
 /// it is served (with `Connection: close`), not closed as idle, although it
 /// arrives once the proxy has stopped accepting.
