@@ -13,10 +13,11 @@ the running configuration. After each upgrade the script follows the new main
 process (the successor is the old agent's child and prints its ready line on
 the same stdout). The agents' log is left in /tmp/w-lifecycle-agent.log.
 
-h2load does not reconnect: a client that gets GOAWAY at an upgrade stops, so
-the HTTP/2 load thins out after the first one, and a stream h2load opened after
-the GOAWAY is refused (a client may retry such a stream: it was not processed),
-which h2load counts as failed.
+h2load does not reconnect: a client that gets GOAWAY at an upgrade stops. So
+h2load runs again and again (5 s each) for the whole time, and every run opens
+fresh connections to whichever agent serves. A stream h2load opens after the
+final GOAWAY is refused unprocessed (a client may retry it), and h2load counts
+it as failed.
 
 Usage: bench/w_lifecycle.py [--seconds 60] [--reloads 100] [--upgrades 5]
        (after cargo build --release)
@@ -124,12 +125,23 @@ def main():
     backends = start_backends(work)
     proc, conf, lines = start_agent(work, binary)
     pid = proc.pid
+    h2_runs, h2_stop = [], threading.Event()
     try:
         wait_http(PORT, "/")
         url = f"http://127.0.0.1:{PORT}/"
         load = args.seconds + 4
         h1 = subprocess.Popen(["wrk", "-t1", "-c50", f"-d{load}s", url], stdout=subprocess.PIPE, text=True)
-        h2 = subprocess.Popen(["h2load", "-c10", "-m10", "-t1", f"-D{load}", url], stdout=subprocess.PIPE, text=True)
+
+        def h2_loop():
+            until = time.monotonic() + load
+            while not h2_stop.is_set() and time.monotonic() < until - 1:
+                seconds = max(1, min(5, int(until - time.monotonic())))
+                out = subprocess.run(["h2load", "-c10", "-m10", "-t1", f"-D{seconds}", url],
+                                     capture_output=True, text=True).stdout
+                h2_runs.append(out)
+
+        h2 = threading.Thread(target=h2_loop)
+        h2.start()
         time.sleep(2)
         events = args.reloads + args.upgrades
         every = args.seconds / events
@@ -149,8 +161,9 @@ def main():
                 reloads += 1
             time.sleep(max(0.0, due - time.monotonic()))
         h1_out, _ = h1.communicate(timeout=60)
-        h2_out, _ = h2.communicate(timeout=60)
+        h2.join(timeout=60)
     finally:
+        h2_stop.set()
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -162,20 +175,29 @@ def main():
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", h1_out)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", h1_out)
     socket_errors = sum(map(int, socket.groups())) if socket else 0
-    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
-                     h2_out)
-    status = re.search(r"status codes: (\d+) 2xx", h2_out)
-    h2_done, h2_ok = int(done.group(2)), int(done.group(3))
-    # h2load's "errored" streams are a subset of its "failed" ones.
-    h2_bad = int(done.group(4)) + max(h2_ok - (int(status.group(1)) if status else 0), 0)
+    h2_done = h2_failed = h2_errored = h2_bad = 0
+    for out in h2_runs:
+        done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                         r"(\d+) errored", out)
+        if not done:
+            print(f"# h2load printed no totals:\n{out}", file=sys.stderr)
+            h2_bad += 1
+            continue
+        status = re.search(r"status codes: (\d+) 2xx", out)
+        ok = int(done.group(3))
+        h2_done += int(done.group(2))
+        h2_failed += int(done.group(4))
+        h2_errored += int(done.group(5))
+        # h2load's "errored" streams are a subset of its "failed" ones.
+        h2_bad += int(done.group(4)) + max(ok - (int(status.group(1)) if status else 0), 0)
     print(f"\nW-lifecycle: {args.seconds} s of wrk -t1 -c50 (HTTP/1.1) + h2load -c10 -m10 (HTTP/2), "
           f"{reloads} reloads, {len(took)} upgrades; nproc={os.cpu_count()}")
     print("| load | requests | req/s | failed (non-2xx) | socket errors / failed streams |")
     print("|---|---|---|---|---|")
     print(f"| HTTP/1.1 keep-alive | {total1} | {total1 / load:.0f} | {int(non2xx.group(1)) if non2xx else 0} | "
           f"{socket.group(0) if socket else 'none'} |")
-    print(f"| HTTP/2 | {h2_done} | {h2_done / load:.0f} | {h2_bad} | {int(done.group(4))} failed, "
-          f"{int(done.group(5))} errored |")
+    print(f"| HTTP/2 ({len(h2_runs)} h2load runs) | {h2_done} | {h2_done / load:.0f} | {h2_bad} | "
+          f"{h2_failed} failed, {h2_errored} errored |")
     if took:
         print(f"\nUpgrade, SIGUSR2 to the old agent's exit: {min(took) * 1000:.0f}–{max(took) * 1000:.0f} ms")
     bad = (int(non2xx.group(1)) if non2xx else 0) + socket_errors + h2_bad
