@@ -502,6 +502,120 @@ fn a_successor_that_fails_after_taking_the_sockets_leaves_the_old_agent_serving(
     assert_eq!(failures, 0, "no request failed across both attempts");
 }
 
+/// HTTP/2 clients keep streams in flight through two upgrades, reconnecting
+/// when a connection ends. A stream may fail (one sent after the final GOAWAY
+/// is refused unprocessed, which a client may retry), but none the backend
+/// served is lost: every request that reached it got its whole response.
+#[test]
+fn http2_streams_across_upgrades_complete_or_never_reach_a_backend() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[[http.routes]]\nservice = \"web\"\n").expect("write config");
+    let data = dir.path().join("data");
+    let args = [
+        "--config",
+        config.to_str().expect("utf8"),
+        "--proxy-threads",
+        "2",
+    ];
+    let mut agent = Agent::start_in(&data, &args);
+    let up = Upstream::start("web1");
+    register(&agent.client(), "web", &[&up], &[]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let http = agent.http;
+    let clients = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(stream) = tokio::net::TcpStream::connect(http).await else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let Ok((sender, connection)) = hyper::client::conn::http2::handshake(
+                        hyper_util::rt::TokioExecutor::new(),
+                        hyper_util::rt::TokioIo::new(stream),
+                    )
+                    .await
+                    else {
+                        continue;
+                    };
+                    tokio::spawn(connection);
+                    let streams: Vec<_> = (0..8)
+                        .map(|_| {
+                            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                            let mut sender = sender.clone();
+                            tokio::spawn(async move {
+                                while !stop.load(Ordering::SeqCst) {
+                                    let request = hyper::Request::builder()
+                                        .uri("http://x/")
+                                        .body(Empty::<Bytes>::new())
+                                        .expect("request");
+                                    let Ok(response) = sender.send_request(request).await else {
+                                        failed.fetch_add(1, Ordering::SeqCst);
+                                        return;
+                                    };
+                                    let status = response.status();
+                                    let body = response.into_body().collect().await;
+                                    let whole = body.map(|b| b.to_bytes());
+                                    if status == 200 && whole.as_deref().ok() == Some(b"web1") {
+                                        ok.fetch_add(1, Ordering::SeqCst);
+                                    } else {
+                                        failed.fetch_add(1, Ordering::SeqCst);
+                                        return;
+                                    }
+                                }
+                            })
+                        })
+                        .collect();
+                    for stream in streams {
+                        let _ = stream.await;
+                    }
+                }
+            });
+        })
+    };
+    let mut upgrade_args = args.to_vec();
+    upgrade_args.push("--upgrade");
+    for round in 0..2 {
+        let before = ok.load(Ordering::SeqCst);
+        eventually(
+            &format!("HTTP/2 load flows ({round})"),
+            Duration::from_secs(10),
+            || (ok.load(Ordering::SeqCst) > before + 500).then_some(()),
+        );
+        let next = Agent::start_in(&data, &upgrade_args);
+        let exit = agent.wait_exit(Duration::from_secs(30));
+        assert!(exit.success(), "the old agent exits 0: {exit:?}");
+        agent = next;
+    }
+    let before = ok.load(Ordering::SeqCst);
+    eventually(
+        "HTTP/2 load flows after the upgrades",
+        Duration::from_secs(10),
+        || (ok.load(Ordering::SeqCst) > before + 500).then_some(()),
+    );
+    stop.store(true, Ordering::SeqCst);
+    clients.join().expect("clients");
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!("HTTP/2 across 2 upgrades: {ok} completed, {failed} failed");
+    assert_eq!(
+        up.served(),
+        ok,
+        "every request the backend served was answered in full ({failed} failed unserved)"
+    );
+}
+
 /// Reads service-manager notifications until one satisfies `wanted`.
 fn notification(
     socket: &std::os::unix::net::UnixDatagram,
