@@ -619,37 +619,38 @@ fn serve_here(
     slot: Option<ClientSlot>,
     kind: Kind,
 ) {
-    let count = local.thread_connections.clone();
     match kind {
         Kind::Http => {
             // Counted now: `conn::serve` adopts it when it first runs.
             local.fresh.set(local.fresh.get() + 1);
-            let serve = conn::serve(local.clone(), stream, Client::new(peer.ip(), "http"));
-            tokio::task::spawn_local(async move {
-                let _slot = slot;
-                serve.await;
-                count.dec();
-            });
+            let info = Client::new(peer.ip(), "http");
+            spawn_counted(local, slot, conn::serve(local.clone(), stream, info));
         }
         Kind::Https(acceptor) => {
             // Counted now, as for HTTP: `tls::serve` adopts it.
             local.fresh.set(local.fresh.get() + 1);
             let serve = crate::tls::serve(local.clone(), acceptor, stream, peer);
-            tokio::task::spawn_local(async move {
-                let _slot = slot;
-                serve.await;
-                count.dec();
-            });
+            spawn_counted(local, slot, serve);
         }
         Kind::Tcp(route) => {
-            let serve = tcp::serve(local.clone(), route, stream, peer);
-            tokio::task::spawn_local(async move {
-                let _slot = slot;
-                serve.await;
-                count.dec();
-            });
+            spawn_counted(local, slot, tcp::serve(local.clone(), route, stream, peer))
         }
     }
+}
+
+/// Runs one connection's task, holding its per-client slot, and uncounts it
+/// from `thread_connections` when it ends.
+fn spawn_counted(
+    local: &Local,
+    slot: Option<ClientSlot>,
+    serve: impl std::future::Future<Output = ()> + 'static,
+) {
+    let count = local.thread_connections.clone();
+    tokio::task::spawn_local(async move {
+        let _slot = slot;
+        serve.await;
+        count.dec();
+    });
 }
 
 /// Serves a connection another thread accepted (already counted for this
