@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.request
 
-from w_http import BACKENDS, start_backends, stop_all, wait_http
+from w_http import register_backends, start_backends, stop_all, wait_http
 
 PROXY_PORT = 18080
 
@@ -38,11 +38,7 @@ def start_switchyard(work, binary):
                              "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     ready = json.loads(proc.stdout.readline())
-    batch = {"nodes": [{"name": "backends", "address": "127.0.0.1"}],
-             "endpoints": [{"node": "backends", "service": "web", "id": f"web-{p}", "port": p} for p in BACKENDS]}
-    req = urllib.request.Request(f"http://{ready['api']}/v1/switchyard/batch", data=json.dumps(batch).encode(),
-                                 method="PUT")
-    urllib.request.urlopen(req).read()
+    register_backends(ready["api"])
     return proc, ready
 
 

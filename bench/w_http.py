@@ -106,12 +106,17 @@ def start_switchyard(work, binary):
                              "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     ready = json.loads(proc.stdout.readline())
+    register_backends(ready["api"])
+    return proc
+
+
+def register_backends(api):
+    """Registers the W-http backends as service `web` through the agent at `api`."""
     batch = {"nodes": [{"name": "backends", "address": "127.0.0.1"}],
              "endpoints": [{"node": "backends", "service": "web", "id": f"web-{p}", "port": p} for p in BACKENDS]}
-    req = urllib.request.Request(f"http://{ready['api']}/v1/switchyard/batch", data=json.dumps(batch).encode(),
+    req = urllib.request.Request(f"http://{api}/v1/switchyard/batch", data=json.dumps(batch).encode(),
                                  method="PUT")
     urllib.request.urlopen(req).read()
-    return proc
 
 
 def wait_http(port, path):

@@ -36,9 +36,8 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
-from w_http import BACKENDS, start_backends, stop_all, wait_http
+from w_http import register_backends, start_backends, stop_all, wait_http
 
 PORT = 18080
 
@@ -64,11 +63,7 @@ def start_agent(work, binary):
 
     threading.Thread(target=read, daemon=True).start()
     ready = json.loads(lines.get(timeout=30))
-    batch = {"nodes": [{"name": "backends", "address": "127.0.0.1"}],
-             "endpoints": [{"node": "backends", "service": "web", "id": f"web-{p}", "port": p} for p in BACKENDS]}
-    req = urllib.request.Request(f"http://{ready['api']}/v1/switchyard/batch", data=json.dumps(batch).encode(),
-                                 method="PUT")
-    urllib.request.urlopen(req).read()
+    register_backends(ready["api"])
     return proc, conf, lines
 
 

@@ -26,10 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import urllib.request
 
 from procstat import cpu_seconds, session_pids
-from w_http import BACKENDS, start_backends, stop_all, wait_http, wrk
+from w_http import BACKENDS, register_backends, start_backends, stop_all, wait_http, wrk
 
 PORTS = {"switchyard": 18090, "nginx": 18091, "haproxy": 18092}
 # Debian ships nginx's stream module separately (libnginx-mod-stream).
@@ -82,11 +81,7 @@ def start_switchyard(work, binary):
                              "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     ready = json.loads(proc.stdout.readline())
-    batch = {"nodes": [{"name": "backends", "address": "127.0.0.1"}],
-             "endpoints": [{"node": "backends", "service": "web", "id": f"web-{p}", "port": p} for p in BACKENDS]}
-    req = urllib.request.Request(f"http://{ready['api']}/v1/switchyard/batch", data=json.dumps(batch).encode(),
-                                 method="PUT")
-    urllib.request.urlopen(req).read()
+    register_backends(ready["api"])
     return proc
 
 
