@@ -351,23 +351,49 @@ impl Load {
     }
 }
 
+/// A data directory and config file to start an agent from, and its
+/// successors with the same arguments plus `--upgrade`.
+struct Upgradable {
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+impl Upgradable {
+    fn new(config: &str) -> Upgradable {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, config).expect("write config");
+        Upgradable {
+            data: dir.path().join("data"),
+            config: path,
+            dir,
+        }
+    }
+
+    fn args(&self) -> Vec<&str> {
+        let config = self.config.to_str().expect("utf8");
+        vec!["--config", config, "--proxy-threads", "2"]
+    }
+
+    fn start(&self) -> Agent {
+        Agent::start_in(&self.data, &self.args())
+    }
+
+    /// `agent --upgrade`: returns once the successor serves.
+    fn successor(&self) -> Agent {
+        let mut args = self.args();
+        args.push("--upgrade");
+        Agent::start_in(&self.data, &args)
+    }
+}
+
 #[test]
 fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
+    let setup = Upgradable::new(
         "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n[[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n",
-    )
-    .expect("write config");
-    let data = dir.path().join("data");
-    let args = [
-        "--config",
-        config.to_str().expect("utf8"),
-        "--proxy-threads",
-        "2",
-    ];
-    let old = Agent::start_in(&data, &args);
+    );
+    let old = setup.start();
     let c = old.client();
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
@@ -380,9 +406,7 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
         (up.served() > 200).then_some(())
     });
 
-    let mut upgrade_args = args.to_vec();
-    upgrade_args.push("--upgrade");
-    let new = Agent::start_in(&data, &upgrade_args);
+    let new = setup.successor();
     assert_eq!(new.api, old.api, "the API listener was handed over");
     assert_eq!(new.http, old.http);
     assert_eq!(new.dns, old.dns);
@@ -424,26 +448,17 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
 /// same sockets, loses no request, and can still be upgraded after.
 #[test]
 fn a_successor_that_fails_after_taking_the_sockets_leaves_the_old_agent_serving() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("agent.toml");
     let routes = "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n";
-    std::fs::write(&config, routes).expect("write config");
+    let setup = Upgradable::new(routes);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let bad = dir.path().join("bad.toml");
+    let bad = setup.dir.path().join("bad.toml");
     let metrics = taken.local_addr().expect("addr");
     std::fs::write(
         &bad,
         format!("[api]\nmetrics_addr = \"{metrics}\"\n{routes}"),
     )
     .expect("write config");
-    let data = dir.path().join("data");
-    let args = [
-        "--config",
-        config.to_str().expect("utf8"),
-        "--proxy-threads",
-        "2",
-    ];
-    let old = Agent::start_in(&data, &args);
+    let old = setup.start();
     let c = old.client();
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
@@ -454,7 +469,7 @@ fn a_successor_that_fails_after_taking_the_sockets_leaves_the_old_agent_serving(
 
     let mut successor = std::process::Command::new(crate::support::bin())
         .args(["agent", "--node-name", "test-node", "--data-dir"])
-        .arg(&data)
+        .arg(&setup.data)
         .args([
             "--config",
             bad.to_str().expect("utf8"),
@@ -490,9 +505,7 @@ fn a_successor_that_fails_after_taking_the_sockets_leaves_the_old_agent_serving(
     drop(taken);
 
     // And a good successor still takes over from it.
-    let mut upgrade_args = args.to_vec();
-    upgrade_args.push("--upgrade");
-    let new = Agent::start_in(&data, &upgrade_args);
+    let new = setup.successor();
     assert_eq!(new.http, old.http);
     let old_exit = old.wait_exit(Duration::from_secs(30));
     assert!(old_exit.success(), "the old agent exits 0: {old_exit:?}");
@@ -510,17 +523,8 @@ fn a_successor_that_fails_after_taking_the_sockets_leaves_the_old_agent_serving(
 fn http2_streams_across_upgrades_complete_or_never_reach_a_backend() {
     use http_body_util::{BodyExt, Empty};
     use hyper::body::Bytes;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(&config, "[[http.routes]]\nservice = \"web\"\n").expect("write config");
-    let data = dir.path().join("data");
-    let args = [
-        "--config",
-        config.to_str().expect("utf8"),
-        "--proxy-threads",
-        "2",
-    ];
-    let mut agent = Agent::start_in(&data, &args);
+    let setup = Upgradable::new("[[http.routes]]\nservice = \"web\"\n");
+    let mut agent = setup.start();
     let up = Upstream::start("web1");
     register(&agent.client(), "web", &[&up], &[]);
 
@@ -585,8 +589,6 @@ fn http2_streams_across_upgrades_complete_or_never_reach_a_backend() {
             });
         })
     };
-    let mut upgrade_args = args.to_vec();
-    upgrade_args.push("--upgrade");
     for round in 0..2 {
         let before = ok.load(Ordering::SeqCst);
         eventually(
@@ -594,7 +596,7 @@ fn http2_streams_across_upgrades_complete_or_never_reach_a_backend() {
             Duration::from_secs(10),
             || (ok.load(Ordering::SeqCst) > before + 500).then_some(()),
         );
-        let next = Agent::start_in(&data, &upgrade_args);
+        let next = setup.successor();
         let exit = agent.wait_exit(Duration::from_secs(30));
         assert!(exit.success(), "the old agent exits 0: {exit:?}");
         agent = next;
