@@ -75,7 +75,7 @@ backend be
 def start_switchyard(work, binary):
     conf = os.path.join(work, "switchyard-tcp.toml")
     with open(conf, "w") as f:
-        f.write(f'[[tcp.listeners]]\naddr = "127.0.0.1:{PORTS["switchyard"]}"\nservice = "web"\n')
+        f.write(os.environ.get("SY_EXTRA", "") + "\n" + f'[[tcp.listeners]]\naddr = "127.0.0.1:{PORTS["switchyard"]}"\nservice = "web"\n')
     proc = subprocess.Popen([binary, "agent", "--config", conf, "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
                              "--http-addr", "127.0.0.1:0", "--proxy-threads", "2",
                              "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],

@@ -396,10 +396,23 @@ fn default_tcp_idle() -> Duration {
 }
 
 /// The `[tcp]` table: L4 listeners.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TcpConfig {
     pub listeners: Vec<TcpListenerConfig>,
+    /// Relay bytes through each proxy thread's io_uring (default), or with a
+    /// recv/send loop per connection. Where io_uring is unavailable the loop
+    /// is used anyway, and each thread logs that once.
+    pub io_uring: bool,
+}
+
+impl Default for TcpConfig {
+    fn default() -> TcpConfig {
+        TcpConfig {
+            listeners: Vec::new(),
+            io_uring: true,
+        }
+    }
 }
 
 impl TcpConfig {

@@ -65,6 +65,9 @@ pub struct ProxyMetrics {
     pub(crate) thread_connections: IntGaugeVec,
     pub(crate) upgrades: IntCounter,
     pub(crate) spliced_bytes: IntCounter,
+    /// L4 connections relayed through a thread's io_uring, and with recv/send.
+    pub(crate) relayed_io_uring: IntCounter,
+    pub(crate) relayed_copy: IntCounter,
     tcp: IntCounterVec,
     drain_cuts: IntCounter,
 }
@@ -216,6 +219,15 @@ impl ProxyMetrics {
             "switchyard_proxy_spliced_bytes_total",
             "HTTP/1.1 body bytes moved with splice(2), never copied into the proxy",
         )?;
+        let relayed = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_tcp_relays_total",
+                "L4 connections whose bytes went through a proxy thread's io_uring (via=io_uring) or a recv/send loop (via=copy)",
+            ),
+            &["via"],
+        )?;
+        let relayed_io_uring = relayed.with_label_values(&["io_uring"]);
+        let relayed_copy = relayed.with_label_values(&["copy"]);
         let tcp = IntCounterVec::new(
             Opts::new(
                 "switchyard_proxy_tcp_connections_total",
@@ -242,6 +254,7 @@ impl ProxyMetrics {
         registry.register(Box::new(thread_connections.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
         registry.register(Box::new(spliced_bytes.clone()))?;
+        registry.register(Box::new(relayed))?;
         Ok(ProxyMetrics {
             requests,
             in_flight,
@@ -256,6 +269,8 @@ impl ProxyMetrics {
             thread_connections,
             upgrades,
             spliced_bytes,
+            relayed_io_uring,
+            relayed_copy,
             tcp,
             drain_cuts,
         })

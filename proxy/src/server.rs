@@ -4,7 +4,7 @@
 //! state of another thread except the shared per-endpoint atomics (and, at
 //! accept, a new connection handed to a less busy thread: `Handoff`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -17,6 +17,7 @@ use arc_swap::{ArcSwap, Cache};
 use prometheus::IntGauge;
 use socket2::{Domain, Protocol, Socket, Type};
 use switchyard_registry::Snapshot;
+use switchyard_uring::Ring;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -90,6 +91,9 @@ pub(crate) struct Local {
     pub(crate) fresh: Cell<usize>,
     /// This thread's open HTTP connections (see `Handoff`).
     thread_connections: IntGauge,
+    /// The ring L4 connections relay through, made at the first one (`None`
+    /// where io_uring is unavailable).
+    ring: OnceCell<Option<Rc<Ring>>>,
 }
 
 /// How long a shutdown waits for a connection it accepted to send its first
@@ -175,6 +179,26 @@ impl Local {
 
     fn buffer_size(&self) -> usize {
         self.config().max_header_bytes.max(16 * 1024)
+    }
+
+    /// This thread's io_uring for L4 relays, made and driven from the first
+    /// call on; `None` (logged once per thread) where io_uring is unavailable.
+    pub(crate) fn ring(&self) -> Option<Rc<Ring>> {
+        self.ring
+            .get_or_init(|| match Ring::new() {
+                Ok(ring) => {
+                    tokio::task::spawn_local(ring.clone().drive());
+                    Some(ring)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "io_uring is unavailable: L4 connections are relayed with recv and send"
+                    );
+                    None
+                }
+            })
+            .clone()
     }
 
     pub(crate) fn take_buffer(&self) -> Buf {
@@ -747,6 +771,7 @@ fn run_thread(thread: Thread) {
             active: Cell::new(0),
             fresh: Cell::new(0),
             thread_connections: handoff.dispatch.counts[index].clone(),
+            ring: OnceCell::new(),
         });
         access::configure(local.config().access_log.as_deref());
         let sweeper = {

@@ -4,6 +4,10 @@
 //! stream passed on as a half-close. Endpoints, balancers, in-flight counts
 //! and drains are the L7 proxy's: an open connection counts as in flight on
 //! its endpoint until it closes, and is cut at the endpoint's drain deadline.
+//!
+//! The bytes go through the thread's io_uring (`switchyard-uring`) unless
+//! `[tcp] io_uring = false` or the kernel refuses it; then through a
+//! recv/send loop on the runtime (`pipe`).
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -20,6 +24,7 @@ use crate::balance::{self, hash64, Tried};
 use crate::config::BalancerKind;
 use crate::metrics::{TcpMetrics, TcpOutcome};
 use crate::server::Local;
+use switchyard_uring::Ring;
 
 /// Most endpoints one client connection is offered to before it is closed.
 const MAX_CONNECT_TRIES: usize = 3;
@@ -119,21 +124,70 @@ async fn proxy(
     };
     drop(service);
     let _ = client.set_nodelay(true);
-    let mut up = local.take_buffer();
-    let mut down = local.take_buffer();
-    let outcome = pipe(
-        &mut client,
-        &mut upstream,
-        up.space(),
-        down.space(),
-        config.idle_timeout,
-        &stats,
-    )
-    .await;
-    local.give_buffer(up);
-    local.give_buffer(down);
+    let ring = if tcp.io_uring { local.ring() } else { None };
+    let metrics = &local.shared.metrics;
+    let outcome = match ring {
+        Some(ring) => {
+            metrics.relayed_io_uring.inc();
+            relay(&ring, client, upstream, config.idle_timeout, &stats).await
+        }
+        None => {
+            metrics.relayed_copy.inc();
+            let mut up = local.take_buffer();
+            let mut down = local.take_buffer();
+            let outcome = pipe(
+                &mut client,
+                &mut upstream,
+                up.space(),
+                down.space(),
+                config.idle_timeout,
+                &stats,
+            )
+            .await;
+            local.give_buffer(up);
+            local.give_buffer(down);
+            outcome
+        }
+    };
     stats.leave();
     outcome
+}
+
+/// `pipe` through the thread's ring: the ring owns both sockets from here
+/// and closes them once the kernel is done with them.
+async fn relay(
+    ring: &Rc<Ring>,
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+    stats: &EndpointStats,
+) -> TcpOutcome {
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "L4 connection cannot leave the runtime for the ring");
+            return TcpOutcome::Closed;
+        }
+    };
+    let relay = ring.relay(client.into(), upstream.into());
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(idle).await;
+            if !relay.take_moved() {
+                return;
+            }
+        }
+    };
+    // Leaving by a timeout or the drain deadline drops the relay: both
+    // sockets are shut down.
+    tokio::select! {
+        _ = relay.finished() => TcpOutcome::Closed,
+        _ = watchdog => TcpOutcome::IdleTimeout,
+        _ = stats.drain_deadline() => {
+            stats.note_cut();
+            TcpOutcome::DrainCut
+        }
+    }
 }
 
 /// Copies both ways until both directions have ended, either side fails,

@@ -274,3 +274,86 @@ fn l4_connections_spread_evenly_over_the_proxy_threads() {
     drop((second_half, last));
     balanced(0.0);
 }
+
+/// `[tcp]` settings followed by one listener to `db` that closes a
+/// connection after 400 ms with no bytes moving.
+fn idle_config(io_uring: bool) -> String {
+    format!(
+        "[tcp]\nio_uring = {io_uring}\n[[tcp.listeners]]\naddr = \"127.0.0.1:0\"\n\
+         service = \"db\"\nidle_timeout = \"400ms\"\n"
+    )
+}
+
+/// A connection that moves bytes every 100 ms outlives three idle timeouts;
+/// one that moves none is closed, and counted as such.
+fn idle_connections_are_closed_and_busy_ones_are_not(io_uring: bool) {
+    let (agent, _dir) = agent_with(&idle_config(io_uring));
+    let c = agent.client();
+    let a = Echo::start("a");
+    place(&c, &[("n1", &a.name, a.addr.port())]);
+
+    let mut idle = connect(agent.tcp[0]);
+    assert_eq!(greeting(&mut idle), "a");
+    let mut busy = connect(agent.tcp[0]);
+    assert_eq!(greeting(&mut busy), "a");
+    for i in 0..12u8 {
+        busy.write_all(&[i]).expect("write while busy");
+        let mut echo = [0u8; 1];
+        busy.read_exact(&mut echo)
+            .unwrap_or_else(|e| panic!("busy connection cut after {i} round trips: {e}"));
+        assert_eq!(echo, [i]);
+        // The client's pace, not a wait for a condition.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut rest = Vec::new();
+    match idle.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "an idle connection still open 15 s after its 400 ms timeout"
+        ),
+    }
+    eventually("the idle close counted", Duration::from_secs(10), || {
+        let metrics = c.get_ok("/metrics").body;
+        metrics
+            .lines()
+            .any(|l| l.contains("outcome=\"idle_timeout\"} 1"))
+            .then_some(())
+    });
+    let via = if io_uring { "io_uring" } else { "copy" };
+    assert_eq!(
+        c.metric(&format!(
+            "switchyard_proxy_tcp_relays_total{{via=\"{via}\"}}"
+        )),
+        Some(2.0),
+        "both connections were relayed {via}"
+    );
+}
+
+#[test]
+fn idle_l4_connections_are_closed_and_busy_ones_are_not_through_io_uring() {
+    idle_connections_are_closed_and_busy_ones_are_not(true);
+}
+
+#[test]
+fn idle_l4_connections_are_closed_and_busy_ones_are_not_through_recv_and_send() {
+    idle_connections_are_closed_and_busy_ones_are_not(false);
+}
+
+#[test]
+fn l4_half_close_through_recv_and_send() {
+    let (agent, _dir) = agent_with(&idle_config(false).replace("400ms", "10m"));
+    let c = agent.client();
+    let a = Echo::start("a");
+    place(&c, &[("n1", &a.name, a.addr.port())]);
+    for _ in 0..3 {
+        assert_eq!(session(agent.tcp[0]), "a");
+    }
+    assert_eq!(
+        c.metric("switchyard_proxy_tcp_relays_total{via=\"copy\"}"),
+        Some(3.0)
+    );
+}

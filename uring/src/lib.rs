@@ -1,0 +1,642 @@
+//! The L4 proxy's byte relay on io_uring.
+//!
+//! A relay copies bytes both ways between two connected sockets, passing each
+//! side's end of stream on as a half-close, like the proxy's tokio copy loop.
+//! It differs in how the work reaches the kernel: every receive and send of
+//! every relay on a thread goes into that thread's ring, and one
+//! `io_uring_enter` per turn submits them all and runs the completions the
+//! kernel has deferred to us (`DEFER_TASKRUN`). The recv/send-per-message loop
+//! makes four syscalls per request and response through the tunnel, and each
+//! send that wakes a peer can preempt the proxy; here one syscall carries a
+//! turn's worth of them (measured: bench/prototypes/uring_l4.c, RESULTS.md).
+//!
+//! Each proxy thread owns one [`Ring`] (not `Send`) and runs [`Ring::drive`] as
+//! a task on its runtime: the ring signals an eventfd the runtime polls.
+//!
+//! Safety rests on one rule: the kernel only ever sees memory and descriptors
+//! owned by an `Entry` that stays alive while it can touch them. Every
+//! operation in the ring holds a strong reference to its relay's `Entry`
+//! (passed as the operation's user data, taken back from its completion), and
+//! the `Entry` owns both sockets and both buffers. So a buffer is freed and a
+//! descriptor closed (its number free for reuse) only after the last operation
+//! on them completed. A ring dropped with operations still in flight cancels
+//! them and reaps what completes within a bound; the rest leak, never free.
+#![deny(unsafe_code)]
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{opcode, squeue, IoUring};
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::net::Shutdown;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Bytes each direction of a relay reads at a time.
+const BUFFER: usize = 16 * 1024;
+/// Submission queue entries per ring (the completion queue is twice this;
+/// the kernel keeps overflowing completions rather than drop them).
+const ENTRIES: u32 = 4096;
+/// Completion batches one turn handles before yielding to the thread's other tasks.
+const BATCHES_PER_TURN: usize = 8;
+
+/// Tag bits in an operation's user data (an `Entry` is at least 8-aligned).
+const SEND: u64 = 1;
+const REVERSE: u64 = 2;
+const TAGS: u64 = 3;
+/// `IORING_RECVSEND_POLL_FIRST`: a receive waits for data before trying,
+/// instead of trying first. Right for a relay: after a direction forwarded a
+/// message, its peer's next one is rarely there yet, and the failed try
+/// costs a socket receive.
+const RECVSEND_POLL_FIRST: u16 = 1;
+/// User data of the cancellation a dropped ring submits.
+const CANCEL: u64 = 0;
+
+const _: () = assert!(std::mem::align_of::<Entry>() > TAGS as usize);
+
+/// One thread's ring.
+pub struct Ring {
+    ring: RefCell<IoUring>,
+    event: AsyncFd<OwnedFd>,
+    /// Operations pushed and not yet completed.
+    in_flight: Cell<usize>,
+    /// New relays pushed work: the driver submits it on its next turn.
+    kicked: Cell<bool>,
+    driver: Cell<Option<Waker>>,
+    batch: RefCell<Vec<(u64, i32)>>,
+}
+
+/// A relay's two directions: 0 is `a → b`, 1 is `b → a`.
+struct Entry {
+    fds: [OwnedFd; 2],
+    dirs: [Direction; 2],
+    /// Some bytes moved since the last [`Relay::take_moved`].
+    moved: Cell<bool>,
+    /// Cut, or one direction failed: nothing more is armed.
+    stopped: Cell<bool>,
+    /// Directions still running.
+    open: Cell<u8>,
+    waker: Cell<Option<Waker>>,
+}
+
+struct Direction {
+    /// `BUFFER` bytes from `Box::leak`, freed in `Entry::drop`. Only the
+    /// kernel reads and writes them; Rust code never makes a reference to them.
+    buf: NonNull<u8>,
+    len: Cell<usize>,
+    sent: Cell<usize>,
+}
+
+impl Direction {
+    fn new() -> Direction {
+        let buf: &mut [u8] = Box::leak(vec![0u8; BUFFER].into_boxed_slice());
+        Direction {
+            buf: NonNull::from(buf).cast::<u8>(),
+            len: Cell::new(0),
+            sent: Cell::new(0),
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            let slice = std::ptr::slice_from_raw_parts_mut(dir.buf.as_ptr(), BUFFER);
+            // SAFETY: `buf` came from `Box::leak` of a `BUFFER`-byte boxed
+            // slice, and an `Entry` drops only when no operation holds it, so
+            // the kernel is done with the buffer.
+            #[allow(unsafe_code)]
+            drop(unsafe { Box::from_raw(slice) });
+        }
+    }
+}
+
+impl Ring {
+    /// A ring for the calling thread, which must be the one that drives it
+    /// and starts its relays. Fails where io_uring is missing or forbidden
+    /// (kernels before 6.1, seccomp profiles, `kernel.io_uring_disabled`).
+    pub fn new() -> io::Result<Rc<Ring>> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(ENTRIES * 2)
+            .build(ENTRIES)?;
+        let event = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        // SAFETY: an `OwnedFd` stays open and returns the same descriptor
+        // for as long as it lives, and the `AsyncFd` owns it.
+        #[allow(unsafe_code)]
+        let event = unsafe { AsyncFd::register_with_interest(event, Interest::READABLE)? };
+        Ok(Rc::new(Ring {
+            ring: RefCell::new(ring),
+            event,
+            in_flight: Cell::new(0),
+            kicked: Cell::new(false),
+            driver: Cell::new(None),
+            batch: RefCell::new(Vec::new()),
+        }))
+    }
+
+    /// Relays between `a` and `b` until both directions have ended, one
+    /// fails, or the returned [`Relay`] is cut or dropped. The ring owns the
+    /// sockets from here and closes them when the kernel is done with them.
+    pub fn relay(self: &Rc<Self>, a: OwnedFd, b: OwnedFd) -> Relay {
+        // The ring waits for readiness itself; a blocking socket keeps it
+        // from ever handing back EAGAIN.
+        for fd in [&a, &b] {
+            let _ = rustix::io::ioctl_fionbio(fd, false);
+        }
+        let entry = Rc::new(Entry {
+            fds: [a, b],
+            dirs: [Direction::new(), Direction::new()],
+            moved: Cell::new(false),
+            stopped: Cell::new(false),
+            open: Cell::new(2),
+            waker: Cell::new(None),
+        });
+        {
+            let mut ring = self.ring.borrow_mut();
+            self.recv(&mut ring, &entry, 0);
+            self.recv(&mut ring, &entry, 1);
+        }
+        self.kicked.set(true);
+        if let Some(driver) = self.driver.take() {
+            driver.wake();
+        }
+        Relay { entry }
+    }
+
+    /// Runs the ring: submits what relays pushed and handles completions,
+    /// for as long as the thread runs. Spawn it once per ring.
+    pub async fn drive(self: Rc<Self>) {
+        loop {
+            if self.turn() {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            poll_fn(|cx| {
+                if self.kicked.replace(false) {
+                    return Poll::Ready(());
+                }
+                self.driver.set(Some(cx.waker().clone()));
+                match self.event.poll_read_ready(cx) {
+                    Poll::Ready(Ok(mut ready)) => {
+                        // Reset the counter before the turn: a completion
+                        // after this read signals again.
+                        let _ = rustix::io::read(self.event.get_ref(), &mut [0u8; 8]);
+                        ready.clear_ready();
+                        Poll::Ready(())
+                    }
+                    // Not expected of an eventfd; the turn finds out if
+                    // anything is waiting.
+                    Poll::Ready(Err(_)) => Poll::Ready(()),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Submits, runs deferred completions and handles them, up to
+    /// `BATCHES_PER_TURN` times. True if work may be left.
+    fn turn(&self) -> bool {
+        let mut batch = self.batch.borrow_mut();
+        for _ in 0..BATCHES_PER_TURN {
+            let mut ring = self.ring.borrow_mut();
+            // With TASKRUN_FLAG set, this enters with GETEVENTS whenever the
+            // kernel has deferred completions for us. A failure (EINTR, or
+            // EBUSY while completions overflowed) leaves the queue for the
+            // next turn; the completions below are handled either way.
+            let _ = ring.submit();
+            batch.clear();
+            batch.extend(ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
+            if batch.is_empty() {
+                return false;
+            }
+            for &(data, result) in batch.iter() {
+                if data == CANCEL {
+                    continue;
+                }
+                self.in_flight.set(self.in_flight.get() - 1);
+                self.complete(&mut ring, data, result);
+            }
+        }
+        true
+    }
+
+    fn complete(&self, ring: &mut IoUring, data: u64, result: i32) {
+        let ptr = (data & !TAGS) as *const Entry;
+        // SAFETY: every user data other than CANCEL is an `Rc::into_raw` of
+        // an `Entry` with tag bits or-ed into its alignment bits (see `push`),
+        // and each operation completes once, so this takes back exactly the
+        // reference that operation held.
+        #[allow(unsafe_code)]
+        let entry = unsafe { Rc::from_raw(ptr) };
+        let dir = usize::from(data & REVERSE != 0);
+        let retry = [rustix::io::Errno::INTR, rustix::io::Errno::AGAIN];
+        if retry.iter().any(|errno| result == -errno.raw_os_error()) {
+            if data & SEND != 0 {
+                self.send(ring, &entry, dir);
+            } else {
+                self.recv(ring, &entry, dir);
+            }
+            return;
+        }
+        if result < 0 {
+            entry.fail();
+            entry.end();
+            return;
+        }
+        let d = &entry.dirs[dir];
+        let n = result as usize;
+        if data & SEND == 0 {
+            if n == 0 {
+                // End of stream: pass it on as a half-close.
+                let _ = rustix::net::shutdown(entry.fds[1 - dir].as_fd(), Shutdown::Write);
+                entry.end();
+                return;
+            }
+            entry.moved.set(true);
+            d.len.set(n);
+            d.sent.set(0);
+        } else {
+            d.sent.set(d.sent.get() + n);
+        }
+        if entry.stopped.get() {
+            entry.end();
+        } else if d.sent.get() < d.len.get() {
+            self.send(ring, &entry, dir);
+        } else {
+            self.recv(ring, &entry, dir);
+        }
+    }
+
+    fn recv(&self, ring: &mut IoUring, entry: &Rc<Entry>, dir: usize) {
+        let d = &entry.dirs[dir];
+        let op = opcode::Recv::new(
+            Fd(entry.fds[dir].as_raw_fd()),
+            d.buf.as_ptr(),
+            BUFFER as u32,
+        )
+        .ioprio(RECVSEND_POLL_FIRST);
+        self.push(ring, entry, dir, 0, op.build());
+    }
+
+    fn send(&self, ring: &mut IoUring, entry: &Rc<Entry>, dir: usize) {
+        let d = &entry.dirs[dir];
+        let (sent, len) = (d.sent.get(), d.len.get());
+        // `sent < len <= BUFFER`: the bytes a receive of this direction left.
+        let start = d.buf.as_ptr().wrapping_add(sent);
+        let op = opcode::Send::new(
+            Fd(entry.fds[1 - dir].as_raw_fd()),
+            start,
+            (len - sent) as u32,
+        )
+        .flags(rustix::net::SendFlags::NOSIGNAL.bits() as i32);
+        self.push(ring, entry, dir, SEND, op.build());
+    }
+
+    fn push(&self, ring: &mut IoUring, entry: &Rc<Entry>, dir: usize, tag: u64, op: squeue::Entry) {
+        let reverse = if dir == 1 { REVERSE } else { 0 };
+        let data = Rc::into_raw(entry.clone()) as u64 | tag | reverse;
+        let op = op.user_data(data);
+        loop {
+            // SAFETY: the operation reads or writes only the `Entry`'s own
+            // buffer and sockets, and carries a strong reference to the
+            // `Entry` (`data`) that only its completion gives back, so both
+            // outlive it.
+            #[allow(unsafe_code)]
+            let pushed = unsafe { ring.submission().push(&op) };
+            if pushed.is_ok() {
+                break;
+            }
+            // Full: hand the queue to the kernel and push again.
+            if ring.submit().is_err() {
+                std::thread::yield_now();
+            }
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+    }
+}
+
+impl Drop for Ring {
+    /// Cancels the operations still in flight and reaps them for up to a
+    /// second; references they still hold then leak (with their buffers and
+    /// sockets) rather than free memory the kernel may still write.
+    fn drop(&mut self) {
+        let ring = self.ring.get_mut();
+        if self.in_flight.get() == 0 {
+            return;
+        }
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
+            .build()
+            .user_data(CANCEL);
+        // SAFETY: a cancellation touches no memory of ours.
+        #[allow(unsafe_code)]
+        let _ = unsafe { ring.submission().push(&cancel) };
+        let timeout = Timespec::from(Duration::from_millis(50));
+        for _ in 0..20 {
+            let args = SubmitArgs::new().timespec(&timeout);
+            let _ = ring.submitter().submit_with_args(1, &args);
+            let done: Vec<u64> = ring.completion().map(|cqe| cqe.user_data()).collect();
+            for data in done {
+                if data == CANCEL {
+                    continue;
+                }
+                self.in_flight.set(self.in_flight.get() - 1);
+                // SAFETY: as in `complete`.
+                #[allow(unsafe_code)]
+                drop(unsafe { Rc::from_raw((data & !TAGS) as *const Entry) });
+            }
+            if self.in_flight.get() == 0 {
+                return;
+            }
+        }
+    }
+}
+
+impl Entry {
+    fn fail(&self) {
+        if !self.stopped.replace(true) {
+            for fd in &self.fds {
+                let _ = rustix::net::shutdown(fd.as_fd(), Shutdown::Both);
+            }
+        }
+    }
+
+    fn end(&self) {
+        let open = self.open.get() - 1;
+        self.open.set(open);
+        if open == 0 {
+            if let Some(waker) = self.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    entry: Rc<Entry>,
+}
+
+impl Relay {
+    /// Resolves when both directions have ended (or failed, or were cut).
+    pub async fn finished(&self) {
+        poll_fn(|cx| {
+            if self.entry.open.get() == 0 {
+                Poll::Ready(())
+            } else {
+                self.entry.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// True if bytes moved since the last call.
+    pub fn take_moved(&self) -> bool {
+        self.entry.moved.replace(false)
+    }
+
+    /// Shuts both sockets down: pending receives end, nothing more is sent.
+    pub fn cut(&self) {
+        self.entry.fail();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.entry.open.get() > 0 {
+            self.cut();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected pair of sockets on 127.0.0.1: (ours, the peer's).
+    fn pair() -> (TcpStream, tokio::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let near = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (far, _) = listener.accept().expect("accept");
+        far.set_nonblocking(true).expect("nonblocking");
+        near.set_nonblocking(true).expect("nonblocking");
+        (
+            near,
+            tokio::net::TcpStream::from_std(far).expect("tokio stream"),
+        )
+    }
+
+    fn ring() -> Rc<Ring> {
+        Ring::new().unwrap_or_else(|e| {
+            panic!("io_uring is unavailable here ({e}); these tests need Linux ≥ 6.1 with io_uring enabled")
+        })
+    }
+
+    /// Runs `test` on a current-thread runtime with a driven ring.
+    fn with_ring<F: std::future::Future<Output = ()>>(test: impl FnOnce(Rc<Ring>) -> F) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let tasks = tokio::task::LocalSet::new();
+        tasks.block_on(&runtime, async {
+            let ring = ring();
+            tokio::task::spawn_local(ring.clone().drive());
+            tokio::time::timeout(Duration::from_secs(20), test(ring))
+                .await
+                .expect("test timed out");
+        });
+    }
+
+    #[test]
+    fn relays_both_ways_byte_exact_and_passes_half_closes_on() {
+        with_ring(|ring| async move {
+            let (a, mut client) = pair();
+            let (b, mut server) = pair();
+            let relay = ring.relay(a.into(), b.into());
+            // 3 MiB up, 1 MiB down, concurrently, with bytes that differ by position.
+            let up: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+            let down: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 241) as u8).collect();
+            let (mut client_read, mut client_write) = client.split();
+            let (mut server_read, mut server_write) = server.split();
+            let (got_up, got_down, _, _) = tokio::join!(
+                async {
+                    let mut got = Vec::new();
+                    server_read
+                        .read_to_end(&mut got)
+                        .await
+                        .expect("server read");
+                    got
+                },
+                async {
+                    let mut got = Vec::new();
+                    client_read
+                        .read_to_end(&mut got)
+                        .await
+                        .expect("client read");
+                    got
+                },
+                async {
+                    client_write.write_all(&up).await.expect("client write");
+                    // The server sees end of stream only through the relay's half-close.
+                    client_write.shutdown().await.expect("client shutdown");
+                },
+                async {
+                    server_write.write_all(&down).await.expect("server write");
+                    server_write.shutdown().await.expect("server shutdown");
+                },
+            );
+            assert!(
+                got_up == up,
+                "upstream got {} bytes, not the {} sent",
+                got_up.len(),
+                up.len()
+            );
+            assert!(
+                got_down == down,
+                "client got {} bytes, not the {} sent",
+                got_down.len(),
+                down.len()
+            );
+            relay.finished().await;
+            assert!(relay.take_moved());
+            assert!(!relay.take_moved(), "take_moved resets");
+        });
+    }
+
+    #[test]
+    fn one_half_close_leaves_the_other_direction_open() {
+        with_ring(|ring| async move {
+            let (a, mut client) = pair();
+            let (b, mut server) = pair();
+            let relay = ring.relay(a.into(), b.into());
+            client.write_all(b"request").await.expect("write");
+            client.shutdown().await.expect("shutdown");
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.expect("read");
+            assert_eq!(got, b"request");
+            // The server answers after the client's half-close.
+            server.write_all(b"response").await.expect("write");
+            drop(server);
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            assert_eq!(got, b"response");
+            relay.finished().await;
+        });
+    }
+
+    #[test]
+    fn a_cut_ends_an_idle_relay_and_both_peers_see_it() {
+        with_ring(|ring| async move {
+            let (a, mut client) = pair();
+            let (b, mut server) = pair();
+            let relay = ring.relay(a.into(), b.into());
+            client.write_all(b"x").await.expect("write");
+            let mut one = [0u8; 1];
+            server.read_exact(&mut one).await.expect("read");
+            relay.cut();
+            relay.finished().await;
+            let mut rest = Vec::new();
+            // EOF (or a reset) on both sides, not a hang.
+            let _ = client.read_to_end(&mut rest).await;
+            let _ = server.read_to_end(&mut rest).await;
+            assert!(rest.is_empty());
+        });
+    }
+
+    #[test]
+    fn dropping_a_relay_cuts_it_and_closes_its_sockets() {
+        with_ring(|ring| async move {
+            let (a, mut client) = pair();
+            let (b, mut server) = pair();
+            drop(ring.relay(a.into(), b.into()));
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+            let _ = server.read_to_end(&mut rest).await;
+            // Once the pending receives completed, the ring dropped the last
+            // references: nothing is left in flight.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while ring.in_flight.get() > 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} operations still in flight",
+                    ring.in_flight.get()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+
+    #[test]
+    fn a_peer_reset_fails_the_relay_and_ends_the_other_side() {
+        with_ring(|ring| async move {
+            let (a, client) = pair();
+            let (b, mut server) = pair();
+            let relay = ring.relay(a.into(), b.into());
+            // Closing with unread data or SO_LINGER 0 sends RST.
+            let client = client.into_std().expect("std");
+            socket_linger_zero(&client);
+            drop(client);
+            relay.finished().await;
+            let mut rest = Vec::new();
+            let _ = server.read_to_end(&mut rest).await;
+            assert!(rest.is_empty());
+        });
+    }
+
+    fn socket_linger_zero(stream: &TcpStream) {
+        rustix::net::sockopt::set_socket_linger(stream, Some(Duration::ZERO)).expect("SO_LINGER");
+    }
+
+    #[test]
+    fn many_relays_at_once() {
+        with_ring(|ring| async move {
+            let mut clients = Vec::new();
+            let mut servers = Vec::new();
+            let mut relays = Vec::new();
+            for _ in 0..200 {
+                let (a, client) = pair();
+                let (b, server) = pair();
+                relays.push(ring.relay(a.into(), b.into()));
+                clients.push(client);
+                servers.push(server);
+            }
+            for round in 0..20u8 {
+                for client in &mut clients {
+                    client.write_all(&[round; 100]).await.expect("write");
+                }
+                for server in &mut servers {
+                    let mut got = [0u8; 100];
+                    server.read_exact(&mut got).await.expect("read");
+                    assert_eq!(got, [round; 100]);
+                    server.write_all(&got).await.expect("write");
+                }
+                for client in &mut clients {
+                    let mut got = [0u8; 100];
+                    client.read_exact(&mut got).await.expect("read");
+                    assert_eq!(got, [round; 100]);
+                }
+            }
+            drop(clients);
+            drop(servers);
+            for relay in &relays {
+                relay.finished().await;
+            }
+        });
+    }
+}
