@@ -32,7 +32,7 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::types::{CancelBuilder, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{opcode, squeue, IoUring};
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::net::Shutdown;
@@ -44,6 +44,9 @@ const BUFFER: usize = 16 * 1024;
 /// Submission queue entries per ring (the completion queue is twice this;
 /// the kernel keeps overflowing completions rather than drop them).
 const ENTRIES: u32 = 4096;
+/// Most slots in a ring's table of registered sockets (two per relay; also
+/// capped by RLIMIT_NOFILE). A relay beyond them uses plain descriptors.
+const MAX_SLOTS: u64 = 1 << 16;
 /// Completion batches one turn handles before yielding to the thread's other tasks.
 const BATCHES_PER_TURN: usize = 8;
 
@@ -71,6 +74,30 @@ pub struct Ring {
     kicked: Cell<bool>,
     driver: Cell<Option<Waker>>,
     batch: RefCell<Vec<(u64, i32)>>,
+    slots: RefCell<Slots>,
+}
+
+/// The ring's table of registered sockets, handed out in pairs. An
+/// operation on a registered socket skips the kernel's descriptor lookup
+/// and its reference count (a shared one, in a process with threads).
+struct Slots {
+    /// Slots in the table (0: registration failed, plain descriptors only).
+    size: u32,
+    /// Pairs never handed out start here.
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        self.free.pop().or_else(|| {
+            let base = self.next;
+            (base + 2 <= self.size).then(|| {
+                self.next += 2;
+                base
+            })
+        })
+    }
 }
 
 /// A relay's two directions: 0 is `a → b`, 1 is `b → a`.
@@ -84,6 +111,8 @@ struct Entry {
     /// Directions still running.
     open: Cell<u8>,
     waker: Cell<Option<Waker>>,
+    /// `fds[i]` is registered at `slot + i`, cleared when both directions end.
+    slot: Option<u32>,
 }
 
 struct Direction {
@@ -123,12 +152,22 @@ impl Ring {
     /// and starts its relays. Fails where io_uring is missing or forbidden
     /// (kernels before 6.1, seccomp profiles, `kernel.io_uring_disabled`).
     pub fn new() -> io::Result<Rc<Ring>> {
+        Ring::with_slots(MAX_SLOTS)
+    }
+
+    fn with_slots(max_slots: u64) -> io::Result<Rc<Ring>> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_taskrun_flag()
             .setup_cqsize(ENTRIES * 2)
             .build(ENTRIES)?;
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let size = (limit.unwrap_or(1024).min(max_slots) & !1) as u32;
+        let size = match ring.submitter().register_files_sparse(size) {
+            Ok(()) => size,
+            Err(_) => 0,
+        };
         let event = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         // SAFETY: an `OwnedFd` stays open and returns the same descriptor
@@ -142,6 +181,11 @@ impl Ring {
             kicked: Cell::new(false),
             driver: Cell::new(None),
             batch: RefCell::new(Vec::new()),
+            slots: RefCell::new(Slots {
+                size,
+                next: 0,
+                free: Vec::new(),
+            }),
         }))
     }
 
@@ -154,7 +198,23 @@ impl Ring {
         for fd in [&a, &b] {
             let _ = rustix::io::ioctl_fionbio(fd, false);
         }
+        let slot = self.slots.borrow_mut().take().and_then(|base| {
+            let fds = [a.as_raw_fd(), b.as_raw_fd()];
+            match self
+                .ring
+                .borrow()
+                .submitter()
+                .register_files_update(base, &fds)
+            {
+                Ok(2) => Some(base),
+                _ => {
+                    self.release(base);
+                    None
+                }
+            }
+        });
         let entry = Rc::new(Entry {
+            slot,
             fds: [a, b],
             dirs: [Direction::new(), Direction::new()],
             moved: Cell::new(false),
@@ -252,7 +312,7 @@ impl Ring {
         }
         if result < 0 {
             entry.fail();
-            entry.end();
+            self.end(ring, &entry);
             return;
         }
         let d = &entry.dirs[dir];
@@ -261,7 +321,7 @@ impl Ring {
             if n == 0 {
                 // End of stream: pass it on as a half-close.
                 let _ = rustix::net::shutdown(entry.fds[1 - dir].as_fd(), Shutdown::Write);
-                entry.end();
+                self.end(ring, &entry);
                 return;
             }
             entry.moved.set(true);
@@ -271,7 +331,7 @@ impl Ring {
             d.sent.set(d.sent.get() + n);
         }
         if entry.stopped.get() {
-            entry.end();
+            self.end(ring, &entry);
         } else if d.sent.get() < d.len.get() {
             self.send(ring, &entry, dir);
         } else {
@@ -279,15 +339,37 @@ impl Ring {
         }
     }
 
+    /// One direction is over; when both are, nothing of the relay is in
+    /// the ring any more: its slots are cleared and its task woken.
+    fn end(&self, ring: &IoUring, entry: &Entry) {
+        let open = entry.open.get() - 1;
+        entry.open.set(open);
+        if open > 0 {
+            return;
+        }
+        if let Some(base) = entry.slot {
+            let cleared = ring.submitter().register_files_update(base, &[-1, -1]);
+            // A pair the kernel did not clear is never handed out again.
+            if cleared.is_ok() {
+                self.release(base);
+            }
+        }
+        if let Some(waker) = entry.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn release(&self, base: u32) {
+        self.slots.borrow_mut().free.push(base);
+    }
+
     fn recv(&self, ring: &mut IoUring, entry: &Rc<Entry>, dir: usize) {
-        let d = &entry.dirs[dir];
-        let op = opcode::Recv::new(
-            Fd(entry.fds[dir].as_raw_fd()),
-            d.buf.as_ptr(),
-            BUFFER as u32,
-        )
-        .ioprio(RECVSEND_POLL_FIRST);
-        self.push(ring, entry, dir, 0, op.build());
+        let (buf, len) = (entry.dirs[dir].buf.as_ptr(), BUFFER as u32);
+        let op = match entry.slot {
+            Some(base) => opcode::Recv::new(Fixed(base + dir as u32), buf, len),
+            None => opcode::Recv::new(Fd(entry.fds[dir].as_raw_fd()), buf, len),
+        };
+        self.push(ring, entry, dir, 0, op.ioprio(RECVSEND_POLL_FIRST).build());
     }
 
     fn send(&self, ring: &mut IoUring, entry: &Rc<Entry>, dir: usize) {
@@ -295,12 +377,13 @@ impl Ring {
         let (sent, len) = (d.sent.get(), d.len.get());
         // `sent < len <= BUFFER`: the bytes a receive of this direction left.
         let start = d.buf.as_ptr().wrapping_add(sent);
-        let op = opcode::Send::new(
-            Fd(entry.fds[1 - dir].as_raw_fd()),
-            start,
-            (len - sent) as u32,
-        )
-        .flags(rustix::net::SendFlags::NOSIGNAL.bits() as i32);
+        let len = (len - sent) as u32;
+        let to = 1 - dir;
+        let op = match entry.slot {
+            Some(base) => opcode::Send::new(Fixed(base + to as u32), start, len),
+            None => opcode::Send::new(Fd(entry.fds[to].as_raw_fd()), start, len),
+        };
+        let op = op.flags(rustix::net::SendFlags::NOSIGNAL.bits() as i32);
         self.push(ring, entry, dir, SEND, op.build());
     }
 
@@ -368,16 +451,6 @@ impl Entry {
         if !self.stopped.replace(true) {
             for fd in &self.fds {
                 let _ = rustix::net::shutdown(fd.as_fd(), Shutdown::Both);
-            }
-        }
-    }
-
-    fn end(&self) {
-        let open = self.open.get() - 1;
-        self.open.set(open);
-        if open == 0 {
-            if let Some(waker) = self.waker.take() {
-                waker.wake();
             }
         }
     }
@@ -601,6 +674,52 @@ mod tests {
 
     fn socket_linger_zero(stream: &TcpStream) {
         rustix::net::sockopt::set_socket_linger(stream, Some(Duration::ZERO)).expect("SO_LINGER");
+    }
+
+    /// Sends `msg` from `from` and reads it at `to`.
+    async fn carries(from: &mut tokio::net::TcpStream, to: &mut tokio::net::TcpStream, msg: &[u8]) {
+        from.write_all(msg).await.expect("write");
+        let mut got = vec![0u8; msg.len()];
+        to.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, msg);
+    }
+
+    #[test]
+    fn registered_slots_are_reused_and_relays_beyond_them_use_plain_descriptors() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let tasks = tokio::task::LocalSet::new();
+        tasks.block_on(&runtime, async {
+            // One pair of slots.
+            let ring = Ring::with_slots(2).expect("io_uring with a 2-slot table");
+            tokio::task::spawn_local(ring.clone().drive());
+            let (a1, mut c1) = pair();
+            let (b1, mut s1) = pair();
+            let first = ring.relay(a1.into(), b1.into());
+            let (a2, mut c2) = pair();
+            let (b2, mut s2) = pair();
+            let second = ring.relay(a2.into(), b2.into());
+            assert_eq!(first.entry.slot, Some(0));
+            assert_eq!(second.entry.slot, None, "the table is full");
+            carries(&mut c1, &mut s1, b"registered").await;
+            carries(&mut s1, &mut c1, b"both ways").await;
+            carries(&mut c2, &mut s2, b"plain").await;
+            carries(&mut s2, &mut c2, b"both ways").await;
+            drop((c1, s1));
+            first.finished().await;
+            let (a3, mut c3) = pair();
+            let (b3, mut s3) = pair();
+            let third = ring.relay(a3.into(), b3.into());
+            assert_eq!(
+                third.entry.slot,
+                Some(0),
+                "the ended relay's pair is free again"
+            );
+            carries(&mut c3, &mut s3, b"reused").await;
+            carries(&mut s3, &mut c3, b"both ways").await;
+        });
     }
 
     #[test]
