@@ -32,7 +32,7 @@ import tempfile
 
 import w_http
 import w_tcp
-from procstat import cpu_seconds, session_pids
+from procstat import session_pids
 
 SYS_SCHED_SETATTR = 314  # x86_64
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -90,16 +90,15 @@ def main():
                 try:
                     w_http.wait_http(port, args.path)
                     pids = session_pids(agent.pid)
-                    before = cpu_seconds(pids)
-                    rps, total, p99, bad, _ = w_http.wrk(port, args.path, args.connections, args.seconds)
-                    cpu = (cpu_seconds(pids) - before) * 1e6 / max(total, 1)
+                    rps, total, p99, bad, _, cpu, steal = w_http.measured_wrk(
+                        port, args.path, args.connections, args.seconds, pids)
                 finally:
                     agent.terminate()
                     agent.wait(timeout=10)
                     shutil.rmtree(os.path.join(work, "sy-data"), ignore_errors=True)
                 results[variant].append((rps, p99, cpu))
                 print(f"round {rnd} {variant}: {rps:.0f} req/s, p99 {p99:.2f} ms, {cpu:.1f} us CPU/req, "
-                      f"non-2xx {bad}", flush=True)
+                      f"non-2xx {bad}, steal {steal:.1%}", flush=True)
     finally:
         w_http.stop_all([backends], work)
     med = statistics.median

@@ -157,6 +157,32 @@ def wrk(port, path, connections, seconds):
     return rps, total, p99, int(errors.group(1)) if errors else 0, socket_errors.group(1) if socket_errors else ""
 
 
+# A run in which the hypervisor stole more than this share of the machine's
+# time measures the host's other guests, not the candidate: it is run again.
+MAX_STEAL = float(os.environ.get("BENCH_MAX_STEAL", "0.05"))
+
+
+def steal_and_total_ticks():
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return fields[7], sum(fields)
+
+
+def measured_wrk(port, path, connections, seconds, pids, tries=4):
+    """`wrk`, plus the CPU µs per request of `pids` (nan without pids) and the
+    share of machine time stolen meanwhile; a run with more than MAX_STEAL
+    stolen is repeated, up to `tries` runs in all (the last one is kept)."""
+    for attempt in range(tries):
+        steal0, total0 = steal_and_total_ticks()
+        before = cpu_seconds(pids)
+        rps, total, p99, bad, sock = wrk(port, path, connections, seconds)
+        cpu_us = (cpu_seconds(pids) - before) * 1e6 / max(total, 1) if pids else float("nan")
+        steal1, total1 = steal_and_total_ticks()
+        steal = (steal1 - steal0) / max(total1 - total0, 1)
+        if steal <= MAX_STEAL or attempt == tries - 1:
+            return rps, total, p99, bad, sock, cpu_us, steal
+        print(f"# {steal:.0%} of the machine stolen by the hypervisor: run again", file=sys.stderr)
+
+
 def stop_all(procs, work):
     """SIGTERM every process, wait (bounded), kill stragglers, remove `work`."""
     for proc in procs:
@@ -194,12 +220,11 @@ def main():
             order = names if rnd % 2 == 0 else list(reversed(names))
             for name in order:
                 pids = session_pids(procs[name].pid) if name in procs else []
-                before = cpu_seconds(pids)
-                rps, total, p99, bad, sock = wrk(PORTS[name], args.path, args.connections, args.seconds)
-                cpu_us = (cpu_seconds(pids) - before) * 1e6 / max(total, 1) if pids else float("nan")
+                rps, total, p99, bad, sock, cpu_us, steal = measured_wrk(
+                    PORTS[name], args.path, args.connections, args.seconds, pids)
                 results[name].append({"rps": rps, "p99": p99, "cpu": cpu_us, "bad": bad})
                 print(f"round {rnd} {name}: {rps:.0f} req/s, p99 {p99:.2f} ms, {cpu_us:.1f} us CPU/req, "
-                      f"non-2xx {bad} {sock}", file=sys.stderr)
+                      f"non-2xx {bad} {sock}, steal {steal:.1%}", file=sys.stderr)
         med = statistics.median
         print(f"\nW-http: wrk -t1 -c{args.connections} -d{args.seconds}s, path {args.path}, {args.rounds} rounds, "
               f"alternating order; nproc={os.cpu_count()}")

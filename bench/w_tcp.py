@@ -27,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 
-from procstat import cpu_seconds, session_pids
-from w_http import BACKENDS, register_backends, start_backends, stop_all, wait_http, wrk
+from procstat import session_pids
+from w_http import BACKENDS, measured_wrk, register_backends, start_backends, stop_all, wait_http
 
 PORTS = {"switchyard": 18090, "nginx": 18091, "haproxy": 18092}
 # Debian ships nginx's stream module separately (libnginx-mod-stream).
@@ -110,12 +110,11 @@ def main():
             order = names if rnd % 2 == 0 else list(reversed(names))
             for name in order:
                 pids = session_pids(procs[name].pid)
-                before = cpu_seconds(pids)
-                rps, total, p99, bad, sock = wrk(PORTS[name], "/", args.connections, args.seconds)
-                cpu_us = (cpu_seconds(pids) - before) * 1e6 / max(total, 1)
+                rps, total, p99, bad, sock, cpu_us, steal = measured_wrk(
+                    PORTS[name], "/", args.connections, args.seconds, pids)
                 results[name].append({"rps": rps, "p99": p99, "cpu": cpu_us, "bad": bad})
                 print(f"round {rnd} {name}: {rps:.0f} req/s, p99 {p99:.2f} ms, {cpu_us:.1f} us CPU/req, "
-                      f"non-2xx {bad} {sock}", file=sys.stderr)
+                      f"non-2xx {bad} {sock}, steal {steal:.1%}", file=sys.stderr)
         med = statistics.median
         print(f"\nW-tcp: wrk -t1 -c{args.connections} -d{args.seconds}s through each TCP proxy, {args.rounds} rounds, "
               f"alternating order; nproc={os.cpu_count()}")

@@ -198,7 +198,9 @@ impl Ring {
         for fd in [&a, &b] {
             let _ = rustix::io::ioctl_fionbio(fd, false);
         }
-        let slot = self.slots.borrow_mut().take().and_then(|base| {
+        // Not one expression: the closure below may borrow `slots` again.
+        let base = self.slots.borrow_mut().take();
+        let slot = base.and_then(|base| {
             let fds = [a.as_raw_fd(), b.as_raw_fd()];
             match self
                 .ring
