@@ -489,8 +489,18 @@ impl HttpProxy {
     /// `Connection: close`) within `shutdown_grace`; then each thread closes
     /// its idle keep-alive connections and ends.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let threads = self.threads;
+        let HttpProxy {
+            sockets,
+            stop,
+            threads,
+            ..
+        } = self;
+        // The threads drop their listeners as they stop accepting; the
+        // handles kept for an upgrade must go too, or the sockets stay
+        // listening through the grace and new connections queue unanswered
+        // in their backlogs instead of being refused.
+        drop(sockets);
+        let _ = stop.send(true);
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 let _ = thread.join();

@@ -357,3 +357,67 @@ fn l4_half_close_through_recv_and_send() {
         Some(3.0)
     );
 }
+
+/// SIGTERM with an L4 connection open: it keeps working through the grace
+/// period, is cut at its end, and the agent exits 0 (the ring it was relayed
+/// through is torn down with an operation in flight on each side).
+fn sigterm_with_an_l4_connection_open(io_uring: bool) {
+    let (agent, _dir) = agent_with(&format!(
+        "[http]\nshutdown_grace = \"1500ms\"\n{}",
+        idle_config(io_uring).replace("400ms", "10m")
+    ));
+    let c = agent.client();
+    let a = Echo::start("a");
+    place(&c, &[("n1", &a.name, a.addr.port())]);
+    let mut open = connect(agent.tcp[0]);
+    assert_eq!(greeting(&mut open), "a");
+    let via = if io_uring { "io_uring" } else { "copy" };
+    assert_eq!(
+        c.metric(&format!(
+            "switchyard_proxy_tcp_relays_total{{via=\"{via}\"}}"
+        )),
+        Some(1.0)
+    );
+    agent.signal("TERM");
+    // The listeners close at once (new clients are refused, not queued);
+    // the open connection still carries bytes.
+    eventually(
+        "the L4 and HTTP listeners closed",
+        Duration::from_secs(10),
+        || {
+            let refused = |addr| TcpStream::connect(addr).is_err();
+            (refused(agent.tcp[0]) && refused(agent.http)).then_some(())
+        },
+    );
+    open.write_all(b"still").expect("write during the grace");
+    let mut echo = [0u8; 5];
+    if let Err(e) = open.read_exact(&mut echo) {
+        panic!(
+            "no echo during the grace ({e}); agent log:\n{}",
+            agent.stderr()
+        );
+    }
+    assert_eq!(&echo, b"still");
+    let mut rest = Vec::new();
+    if let Err(e) = open.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the connection outlived the 1.5 s grace by 15 s"
+        );
+    }
+    let status = agent.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn sigterm_lets_an_l4_connection_through_io_uring_work_through_the_grace_then_exits_0() {
+    sigterm_with_an_l4_connection_open(true);
+}
+
+#[test]
+fn sigterm_lets_an_l4_connection_through_recv_and_send_work_through_the_grace_then_exits_0() {
+    sigterm_with_an_l4_connection_open(false);
+}
