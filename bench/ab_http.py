@@ -50,6 +50,11 @@ def proxy_threads(pid):
     return [int(t) for t in tasks if open(f"/proc/{pid}/task/{t}/comm").read().startswith("proxy-")]
 
 
+def shown(variant):
+    """A variant on one line (SY_EXTRA values hold TOML lines)."""
+    return variant.replace("\n", "\\n")
+
+
 def start(work, binary, variant, tcp):
     settings = [s for s in variant.split("+") if s != "base"]
     env = {k: v for k, v in (s.split("=", 1) for s in settings) if k not in ("slice", "bin")}
@@ -97,7 +102,7 @@ def main():
                     agent.wait(timeout=10)
                     shutil.rmtree(os.path.join(work, "sy-data"), ignore_errors=True)
                 results[variant].append((rps, p99, cpu))
-                print(f"round {rnd} {variant}: {rps:.0f} req/s, p99 {p99:.2f} ms, {cpu:.1f} us CPU/req, "
+                print(f"round {rnd} {shown(variant)}: {rps:.0f} req/s, p99 {p99:.2f} ms, {cpu:.1f} us CPU/req, "
                       f"non-2xx {bad}, steal {steal:.1%}", flush=True)
     finally:
         w_http.stop_all([backends], work)
@@ -110,7 +115,7 @@ def main():
     for variant in variants:
         rows = results[variant]
         ratio = [med(a[i] / b[i] for a, b in zip(rows, base)) for i in range(3)]
-        print(f"| {variant} | {med(r[0] for r in rows):.0f} | {med(r[1] for r in rows):.2f} ms | "
+        print(f"| {shown(variant)} | {med(r[0] for r in rows):.0f} | {med(r[1] for r in rows):.2f} ms | "
               f"{med(r[2] for r in rows):.1f} | {ratio[0]:.3f} | {ratio[2]:.3f} | {ratio[1]:.3f} |")
 
 
