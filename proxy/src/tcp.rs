@@ -15,6 +15,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_uring::Ring;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -24,7 +25,6 @@ use crate::balance::{self, hash64, Tried};
 use crate::config::BalancerKind;
 use crate::metrics::{TcpMetrics, TcpOutcome};
 use crate::server::Local;
-use switchyard_uring::Ring;
 
 /// Most endpoints one client connection is offered to before it is closed.
 const MAX_CONNECT_TRIES: usize = 3;
