@@ -19,8 +19,12 @@
 //! (passed as the operation's user data, taken back from its completion), and
 //! the `Entry` owns both sockets and both buffers. So a buffer is freed and a
 //! descriptor closed (its number free for reuse) only after the last operation
-//! on them completed. A ring dropped with operations still in flight cancels
-//! them and reaps what completes within a bound; the rest leak, never free.
+//! on them completed. A relay's sockets are also registered in the ring's file
+//! table (operations then name a slot, not a descriptor); its slots are cleared,
+//! and only then handed to another relay, once both directions have ended, when
+//! no operation can name them. A ring dropped with operations still in flight
+//! cancels them and reaps what completes within a bound; the rest leak, never
+//! free.
 #![deny(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
