@@ -37,7 +37,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use io_uring::types::{CancelBuilder, Fd, Fixed, SubmitArgs, Timespec};
-use io_uring::{opcode, squeue, IoUring};
+use io_uring::{opcode, squeue, EnterFlags, IoUring};
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::net::Shutdown;
 use tokio::io::unix::AsyncFd;
@@ -163,7 +163,6 @@ impl Ring {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
-            .setup_taskrun_flag()
             .setup_cqsize(ENTRIES * 2)
             .build(ENTRIES)?;
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
@@ -277,15 +276,13 @@ impl Ring {
         let mut batch = self.batch.borrow_mut();
         for _ in 0..BATCHES_PER_TURN {
             let mut ring = self.ring.borrow_mut();
-            // With TASKRUN_FLAG set, this enters with GETEVENTS whenever the
-            // kernel has deferred completions for us. A failure (EINTR, or
-            // EBUSY while completions overflowed) leaves the queue for the
-            // next turn; the completions below are handled either way.
-            let _ = ring.submit();
+            let entered = enter(&mut ring);
             batch.clear();
             batch.extend(ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
             if batch.is_empty() {
-                return false;
+                // A failed enter (EINTR, say) may have left deferred work
+                // that will not signal the eventfd again: another turn.
+                return entered.is_err();
             }
             for &(data, result) in batch.iter() {
                 if data == CANCEL {
@@ -413,6 +410,22 @@ impl Ring {
             }
         }
         self.in_flight.set(self.in_flight.get() + 1);
+    }
+}
+
+/// Submits what is queued and runs the completions the kernel deferred to
+/// this thread. Always with GETEVENTS, as liburing does on these rings: since
+/// 6.13 the kernel runs a bounded batch of deferred completions per enter and
+/// keeps the rest for the next one, so an enter that relied on the TASKRUN
+/// flag to say when to ask could leave them stranded.
+fn enter(ring: &mut IoUring) -> io::Result<usize> {
+    let queued = ring.submission().len() as u32;
+    // SAFETY: no argument is passed (no sigmask, no timeout), and the queued
+    // entries were made valid by `push`.
+    #[allow(unsafe_code)]
+    unsafe {
+        ring.submitter()
+            .enter::<()>(queued, 0, EnterFlags::GETEVENTS.bits(), None)
     }
 }
 
