@@ -166,7 +166,8 @@ impl Ring {
             .setup_cqsize(ENTRIES * 2)
             .build(ENTRIES)?;
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        let size = (limit.unwrap_or(1024).min(max_slots) & !1) as u32;
+        // `None`: no limit.
+        let size = (limit.map_or(max_slots, |limit| limit.min(max_slots)) & !1) as u32;
         let size = match ring.submitter().register_files_sparse(size) {
             Ok(()) => size,
             Err(_) => 0,
