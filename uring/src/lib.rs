@@ -51,6 +51,8 @@ const ENTRIES: u32 = 4096;
 /// Most slots in a ring's table of registered sockets (two per relay; also
 /// capped by RLIMIT_NOFILE). A relay beyond them uses plain descriptors.
 const MAX_SLOTS: u64 = 1 << 16;
+/// Failed enters in a row after which the driver retries every 10 ms.
+const FAILED_ENTERS_BEFORE_PAUSE: u32 = 100;
 /// Completion batches one turn handles before yielding to the thread's other tasks.
 const BATCHES_PER_TURN: usize = 8;
 
@@ -79,6 +81,8 @@ pub struct Ring {
     driver: Cell<Option<Waker>>,
     batch: RefCell<Vec<(u64, i32)>>,
     slots: RefCell<Slots>,
+    /// `io_uring_enter` calls in a row that failed.
+    failed_enters: Cell<u32>,
 }
 
 /// The ring's table of registered sockets, handed out in pairs. An
@@ -190,6 +194,7 @@ impl Ring {
                 next: 0,
                 free: Vec::new(),
             }),
+            failed_enters: Cell::new(0),
         }))
     }
 
@@ -245,7 +250,13 @@ impl Ring {
     pub async fn drive(self: Rc<Self>) {
         loop {
             if self.turn() {
-                tokio::task::yield_now().await;
+                if self.failed_enters.get() >= FAILED_ENTERS_BEFORE_PAUSE {
+                    // An error that does not go away: retry at a slow pace
+                    // instead of spinning on the thread.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
                 continue;
             }
             poll_fn(|cx| {
@@ -278,6 +289,12 @@ impl Ring {
         for _ in 0..BATCHES_PER_TURN {
             let mut ring = self.ring.borrow_mut();
             let entered = enter(&mut ring);
+            match entered {
+                Ok(_) => self.failed_enters.set(0),
+                Err(_) => self
+                    .failed_enters
+                    .set(self.failed_enters.get().saturating_add(1)),
+            }
             batch.clear();
             batch.extend(ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
             if batch.is_empty() {
