@@ -1113,11 +1113,6 @@ fn new_connections_go_to_the_least_busy_proxy_thread() {
     let c = agent.client();
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
-    let per_thread = || {
-        let a = c.metric("switchyard_proxy_thread_connections{thread=\"0\"}")?;
-        let b = c.metric("switchyard_proxy_thread_connections{thread=\"1\"}")?;
-        Some((a, b))
-    };
     let open = |n: usize| -> Vec<std::net::TcpStream> {
         (0..n)
             .map(|_| {
@@ -1133,27 +1128,9 @@ fn new_connections_go_to_the_least_busy_proxy_thread() {
             })
             .collect()
     };
-    let balanced = |total: f64| {
-        eventually(
-            &format!("{total} connections split evenly over the two threads"),
-            Duration::from_secs(10),
-            || per_thread().filter(|(a, b)| a + b == total && (a - b).abs() <= 2.0),
-        )
-    };
-    // Address hashing alone splits 40 connections wider than 21/19 two
-    // times in three.
-    let mut first = open(40);
-    balanced(40.0);
-    // Closing half of them leaves any split; the next 20 even it out.
-    let second_half = first.split_off(20);
-    drop(first);
-    eventually("20 connections left", Duration::from_secs(10), || {
-        per_thread().filter(|(a, b)| a + b == 20.0)
-    });
-    let more = open(20);
-    balanced(40.0);
-    drop((second_half, more));
-    balanced(0.0);
+    let open_now = crate::support::open_close_open_stays_even(&c, open);
+    drop(open_now);
+    crate::support::split_evenly(&c, 0.0);
 }
 
 /// ASCII bytes whose value depends on their position: a lost, doubled or

@@ -387,3 +387,39 @@ impl Backend {
         }
     }
 }
+
+/// Open client connections on proxy threads 0 and 1, from the metrics.
+fn per_thread(c: &Client) -> Option<(f64, f64)> {
+    let a = c.metric("switchyard_proxy_thread_connections{thread=\"0\"}")?;
+    let b = c.metric("switchyard_proxy_thread_connections{thread=\"1\"}")?;
+    Some((a, b))
+}
+
+/// Waits until `total` connections sit evenly (within 2) on the two threads.
+pub(crate) fn split_evenly(c: &Client, total: f64) {
+    eventually(
+        &format!("{total} connections split evenly over the two threads"),
+        Duration::from_secs(10),
+        || per_thread(c).filter(|(a, b)| a + b == total && (a - b).abs() <= 2.0),
+    );
+}
+
+/// The accept-time handoff under churn: 40 connections from `open` split
+/// evenly (address hashing alone splits 40 wider than 21/19 two times in
+/// three); closing half leaves any split, and 20 more even it out again.
+/// Returns the 40 left open.
+pub(crate) fn open_close_open_stays_even(
+    c: &Client,
+    open: impl Fn(usize) -> Vec<std::net::TcpStream>,
+) -> Vec<std::net::TcpStream> {
+    let mut first = open(40);
+    split_evenly(c, 40.0);
+    let mut kept = first.split_off(20);
+    drop(first);
+    eventually("20 connections left", Duration::from_secs(10), || {
+        per_thread(c).filter(|(a, b)| a + b == 20.0)
+    });
+    kept.extend(open(20));
+    split_evenly(c, 40.0);
+    kept
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::proxy::agent_with;
-use crate::support::{eventually, Client};
+use crate::support::{eventually, open_close_open_stays_even, split_evenly, Client};
 
 /// A TCP backend: greets each connection with `NAME\n`, echoes what it reads
 /// and, when the client half-closes, answers `bye` and closes.
@@ -113,6 +113,22 @@ fn session(addr: SocketAddr) -> String {
     name
 }
 
+/// Reads until the proxy closes `stream` (EOF or a reset) and returns what
+/// came first; panics with `still_open` if the 15 s read timeout ran out.
+fn read_until_closed(stream: &mut TcpStream, still_open: &str) -> Vec<u8> {
+    let mut rest = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{still_open}"
+        );
+    }
+    rest
+}
+
 const CONFIG: &str = "[[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"db\"\n\
                       [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"db\"\nbalancer = \"consistent_hash\"\n\
                       [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"none\"\n";
@@ -205,16 +221,7 @@ fn a_drain_deadline_cuts_l4_connections_and_reports_them() {
         .expect("echo before the deadline");
 
     for stream in &mut open {
-        let mut rest = Vec::new();
-        if let Err(e) = stream.read_to_end(&mut rest) {
-            assert!(
-                !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ),
-                "still open 15 s after a 1 s deadline"
-            );
-        }
+        read_until_closed(stream, "still open 15 s after a 1 s deadline");
     }
     let done = eventually("drained with cuts", Duration::from_secs(10), || {
         let s = c.get_ok(path).json();
@@ -234,11 +241,6 @@ fn l4_connections_spread_evenly_over_the_proxy_threads() {
     let c = agent.client();
     let a = Echo::start("a");
     place(&c, &[("n1", &a.name, a.addr.port())]);
-    let per_thread = || {
-        let x = c.metric("switchyard_proxy_thread_connections{thread=\"0\"}")?;
-        let y = c.metric("switchyard_proxy_thread_connections{thread=\"1\"}")?;
-        Some((x, y))
-    };
     let open = |n: usize| -> Vec<TcpStream> {
         (0..n)
             .map(|_| {
@@ -249,30 +251,15 @@ fn l4_connections_spread_evenly_over_the_proxy_threads() {
             })
             .collect()
     };
-    let balanced = |total: f64| {
-        eventually(
-            &format!("{total} L4 connections split evenly over the two threads"),
-            Duration::from_secs(10),
-            || per_thread().filter(|(x, y)| x + y == total && (x - y).abs() <= 2.0),
-        )
-    };
-    let mut first = open(40);
-    balanced(40.0);
-    let second_half = first.split_off(20);
-    drop(first);
-    eventually("20 L4 connections left", Duration::from_secs(10), || {
-        per_thread().filter(|(x, y)| x + y == 20.0)
-    });
-    let more = open(20);
-    balanced(40.0);
+    let mut open_now = open_close_open_stays_even(&c, open);
     // A handed connection still carries both ways.
-    let mut last = more.into_iter().last().expect("a connection");
+    let mut last = open_now.pop().expect("a connection");
     last.write_all(b"ping").expect("write");
     let mut echo = [0u8; 4];
     last.read_exact(&mut echo).expect("echo");
     assert_eq!(&echo, b"ping");
-    drop((second_half, last));
-    balanced(0.0);
+    drop((open_now, last));
+    split_evenly(&c, 0.0);
 }
 
 /// `[tcp]` settings followed by one listener to `db` that closes a
@@ -305,17 +292,11 @@ fn idle_connections_are_closed_and_busy_ones_are_not(io_uring: bool) {
         // The client's pace, not a wait for a condition.
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut rest = Vec::new();
-    match idle.read_to_end(&mut rest) {
-        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
-        Err(e) => assert!(
-            !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "an idle connection still open 15 s after its 400 ms timeout"
-        ),
-    }
+    let rest = read_until_closed(
+        &mut idle,
+        "an idle connection still open 15 s after its 400 ms timeout",
+    );
+    assert!(rest.is_empty(), "{rest:?}");
     eventually("the idle close counted", Duration::from_secs(10), || {
         let metrics = c.get_ok("/metrics").body;
         metrics
@@ -398,16 +379,7 @@ fn sigterm_with_an_l4_connection_open(io_uring: bool) {
         );
     }
     assert_eq!(&echo, b"still");
-    let mut rest = Vec::new();
-    if let Err(e) = open.read_to_end(&mut rest) {
-        assert!(
-            !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "the connection outlived the 1.5 s grace by 15 s"
-        );
-    }
+    read_until_closed(&mut open, "the connection outlived the 1.5 s grace by 15 s");
     let status = agent.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
 }

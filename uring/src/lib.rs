@@ -314,13 +314,7 @@ impl Ring {
     }
 
     fn complete(&self, ring: &mut IoUring, data: u64, result: i32) {
-        let ptr = (data & !TAGS) as *const Entry;
-        // SAFETY: every user data other than CANCEL is an `Rc::into_raw` of
-        // an `Entry` with tag bits or-ed into its alignment bits (see `push`),
-        // and each operation completes once, so this takes back exactly the
-        // reference that operation held.
-        #[allow(unsafe_code)]
-        let entry = unsafe { Rc::from_raw(ptr) };
+        let entry = reclaim(data);
         let dir = usize::from(data & REVERSE != 0);
         let retry = [rustix::io::Errno::INTR, rustix::io::Errno::AGAIN];
         if retry.iter().any(|errno| result == -errno.raw_os_error()) {
@@ -431,6 +425,19 @@ impl Ring {
     }
 }
 
+/// The reference to its `Entry` that a completed operation held (the user
+/// data of any completion but CANCEL's).
+fn reclaim(data: u64) -> Rc<Entry> {
+    // SAFETY: every user data other than CANCEL is an `Rc::into_raw` of an
+    // `Entry` with tag bits or-ed into its alignment bits (see `push`), and
+    // each operation completes once, so this takes back exactly the
+    // reference that operation held.
+    #[allow(unsafe_code)]
+    unsafe {
+        Rc::from_raw((data & !TAGS) as *const Entry)
+    }
+}
+
 /// Submits what is queued and runs the completions the kernel deferred to
 /// this thread. Always with GETEVENTS, as liburing does on these rings: since
 /// 6.13 the kernel runs a bounded batch of deferred completions per enter and
@@ -472,9 +479,7 @@ impl Drop for Ring {
                     continue;
                 }
                 self.in_flight.set(self.in_flight.get() - 1);
-                // SAFETY: as in `complete`.
-                #[allow(unsafe_code)]
-                drop(unsafe { Rc::from_raw((data & !TAGS) as *const Entry) });
+                drop(reclaim(data));
             }
             if self.in_flight.get() == 0 {
                 return;
@@ -551,21 +556,29 @@ mod tests {
         )
     }
 
-    fn ring() -> Rc<Ring> {
-        Ring::new().unwrap_or_else(|e| {
+    fn ring(slots: u64) -> Rc<Ring> {
+        Ring::with_slots(slots).unwrap_or_else(|e| {
             panic!("io_uring is unavailable here ({e}); these tests need Linux ≥ 6.1 with io_uring enabled")
         })
     }
 
     /// Runs `test` on a current-thread runtime with a driven ring.
     fn with_ring<F: std::future::Future<Output = ()>>(test: impl FnOnce(Rc<Ring>) -> F) {
+        with_ring_of(MAX_SLOTS, test)
+    }
+
+    /// `with_ring`, with at most `slots` registered sockets.
+    fn with_ring_of<F: std::future::Future<Output = ()>>(
+        slots: u64,
+        test: impl FnOnce(Rc<Ring>) -> F,
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let tasks = tokio::task::LocalSet::new();
         tasks.block_on(&runtime, async {
-            let ring = ring();
+            let ring = ring(slots);
             tokio::task::spawn_local(ring.clone().drive());
             tokio::time::timeout(Duration::from_secs(20), test(ring))
                 .await
@@ -723,15 +736,8 @@ mod tests {
 
     #[test]
     fn registered_slots_are_reused_and_relays_beyond_them_use_plain_descriptors() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let tasks = tokio::task::LocalSet::new();
-        tasks.block_on(&runtime, async {
-            // One pair of slots.
-            let ring = Ring::with_slots(2).expect("io_uring with a 2-slot table");
-            tokio::task::spawn_local(ring.clone().drive());
+        // One pair of slots.
+        with_ring_of(2, |ring| async move {
             let (a1, mut c1) = pair();
             let (b1, mut s1) = pair();
             let first = ring.relay(a1.into(), b1.into());
