@@ -11,20 +11,25 @@ use crate::drain::keep_alive_get;
 use crate::proxy::{agent_with, register, Upstream};
 use crate::support::{eventually, Agent};
 
-#[test]
-fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
-    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
+/// An agent routing to one upstream, and a keep-alive connection to it that
+/// has served one request and is now idle (with its read buffer).
+fn with_an_idle_connection() -> (Agent, tempfile::TempDir, Upstream, TcpStream, Vec<u8>) {
+    let (agent, dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
     let c = agent.client();
     let up = Upstream::start("web1");
     register(&c, "web", &[&up], &[]);
-
-    // An idle keep-alive connection that has served one request.
     let mut idle = TcpStream::connect(agent.http).expect("connect");
     idle.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     let mut buf = Vec::new();
     let (status, _) = keep_alive_get(&mut idle, &mut buf).expect("first request");
     assert_eq!(status, 200);
+    (agent, dir, up, idle, buf)
+}
+
+#[test]
+fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
+    let (agent, _dir, up, mut idle, _buf) = with_an_idle_connection();
 
     // A slow request in progress when SIGTERM arrives.
     up.delay_ms.store(1500, Ordering::SeqCst);
@@ -76,16 +81,7 @@ fn sigterm_finishes_requests_in_progress_and_closes_idle_connections() {
 /// request.
 #[test]
 fn an_idle_keep_alive_connection_that_sends_right_after_sigterm_is_served() {
-    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
-    let c = agent.client();
-    let up = Upstream::start("web1");
-    register(&c, "web", &[&up], &[]);
-    let mut idle = TcpStream::connect(agent.http).expect("connect");
-    idle.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut buf = Vec::new();
-    let (status, _) = keep_alive_get(&mut idle, &mut buf).expect("first request");
-    assert_eq!(status, 200);
+    let (agent, _dir, _up, mut idle, mut buf) = with_an_idle_connection();
 
     agent.signal("TERM");
     eventually(
