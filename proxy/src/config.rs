@@ -211,6 +211,11 @@ pub struct Config {
     /// Open connections one client address may hold across the HTTP, HTTPS
     /// and L4 listeners; more are refused (HTTP gets a 429). 0 = no cap (default).
     pub max_connections_per_client: usize,
+    /// Carry plain HTTP/1.1 connections' reads and writes through each proxy
+    /// thread's io_uring (default), or through tokio's epoll reactor. Where
+    /// io_uring is unavailable, tokio's. Reloadable; applies to connections
+    /// made after the change.
+    pub io_uring: bool,
 }
 
 /// One certificate chain and its key, served for `names` (SNI).
@@ -260,6 +265,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             access_log: None,
             max_connections_per_client: 0,
+            io_uring: true,
             max_body_bytes: 0,
         }
     }

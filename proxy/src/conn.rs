@@ -4,18 +4,17 @@
 //! this task; nothing per request is allocated once the buffers are warm.
 
 use std::cell::Cell;
-use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::access;
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, ServiceStats};
 use crate::balance::{self, Tried};
+use crate::io::{Buf, Conn};
 use crate::metrics::Reject;
 use crate::route::Route;
 use crate::server::Local;
@@ -43,82 +42,6 @@ async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Ou
     within_at(|| Instant::now() + limit, fut).await
 }
 
-/// A read buffer with a window of unread bytes.
-pub(crate) struct Buf {
-    data: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl Buf {
-    pub(crate) fn with_capacity(size: usize) -> Buf {
-        Buf {
-            data: vec![0; size],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    pub(crate) fn filled(&self) -> &[u8] {
-        &self.data[self.start..self.end]
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    pub(crate) fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.start = 0;
-        self.end = 0;
-    }
-
-    pub(crate) fn capacity(&self) -> usize {
-        self.data.len()
-    }
-
-    /// The whole buffer as scratch space (for plain copies).
-    pub(crate) fn space(&mut self) -> &mut [u8] {
-        self.clear();
-        &mut self.data
-    }
-
-    /// Doubles the buffer up to `max` when the last read filled it: large
-    /// bodies then move in fewer, larger reads and writes.
-    fn grow_if_full(&mut self, max: usize) {
-        if self.end == self.data.len() && self.data.len() < max {
-            let size = (self.data.len() * 2).min(max);
-            self.data.resize(size, 0);
-        }
-    }
-
-    /// Reads once from `stream` after the unread bytes; 0 means end of stream.
-    async fn fill(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
-        if self.end == self.data.len() && self.start > 0 {
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end == self.data.len() {
-            return Err(io::Error::other("buffer full"));
-        }
-        let n = stream.read(&mut self.data[self.end..]).await?;
-        self.end += n;
-        Ok(n)
-    }
-}
-
 /// What the connection does after an exchange.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -129,8 +52,11 @@ enum Next {
 }
 
 /// Serves one client connection until it closes, errs or idles out.
-pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client) {
+pub(crate) async fn serve(local: Rc<Local>, client: TcpStream, info: Client) {
     let _ = client.set_nodelay(true);
+    let Some(mut client) = local.http_conn(client) else {
+        return;
+    };
     local.shared.metrics.connections.inc();
     let mut cbuf = local.take_buffer();
     let mut ubuf = local.take_buffer();
@@ -154,11 +80,13 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
             local.give_buffer(cbuf);
             local.give_buffer(ubuf);
             let _busy = Busy::enter(&local);
-            local
-                .h2
-                .clone()
-                .serve(client, prefix, info.ip, local.stop.clone())
-                .await;
+            if let Some(client) = client.into_tokio() {
+                local
+                    .h2
+                    .clone()
+                    .serve(client, prefix, info.ip, local.stop.clone())
+                    .await;
+            }
             local.shared.metrics.connections.dec();
             return;
         }
@@ -168,7 +96,7 @@ pub(crate) async fn serve(local: Rc<Local>, mut client: TcpStream, info: Client)
     }
     local.give_buffer(cbuf);
     local.give_buffer(ubuf);
-    let _ = client.shutdown().await;
+    client.shutdown().await;
     local.shared.metrics.connections.dec();
 }
 
@@ -179,13 +107,7 @@ const MAX_BUFFER: usize = 256 * 1024;
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Answers a request the proxy handles itself.
-async fn answer(
-    client: &mut TcpStream,
-    status: u16,
-    reason: &str,
-    body: &str,
-    close: bool,
-) -> Next {
+async fn answer(client: &mut Conn, status: u16, reason: &str, body: &str, close: bool) -> Next {
     let text = format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}x-switchyard: proxy\r\n\r\n{body}\n",
         body.len() + 1,
@@ -200,7 +122,7 @@ async fn answer(
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     local: &Local,
-    client: &mut TcpStream,
+    client: &mut Conn,
     info: &Client,
     cbuf: &mut Buf,
     ubuf: &mut Buf,
@@ -467,7 +389,7 @@ enum Failure {
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     local: &Local,
-    client: &mut TcpStream,
+    client: &mut Conn,
     cbuf: &mut Buf,
     ubuf: &mut Buf,
     head: &[u8],
@@ -645,26 +567,14 @@ async fn forward(
     }
 }
 
-async fn connect(addr: std::net::SocketAddr, limit: Duration) -> Option<TcpStream> {
+async fn connect(local: &Local, addr: std::net::SocketAddr, limit: Duration) -> Option<Conn> {
     match timeout(limit, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Some(stream)
+            local.http_conn(stream)
         }
         _ => None,
     }
-}
-
-/// Whether a pooled connection still looks usable (no EOF, no stray bytes).
-async fn alive(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    std::future::poll_fn(|cx| {
-        match stream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut probe)) {
-            std::task::Poll::Pending => std::task::Poll::Ready(true),
-            std::task::Poll::Ready(_) => std::task::Poll::Ready(false),
-        }
-    })
-    .await
 }
 
 /// One try against one endpoint. `Ok` when the client got a response (with
@@ -672,7 +582,7 @@ async fn alive(stream: &TcpStream) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     local: &Local,
-    client: &mut TcpStream,
+    client: &mut Conn,
     cbuf: &mut Buf,
     ubuf: &mut Buf,
     head: &[u8],
@@ -690,7 +600,7 @@ async fn attempt(
     if !replayable {
         // The body will be streamed once: do not gamble on a stale connection.
         while let Some(stream) = pooled.take() {
-            if alive(&stream).await {
+            if stream.alive() {
                 pooled = Some(stream);
                 break;
             }
@@ -705,7 +615,7 @@ async fn attempt(
         let reused = pooled.is_some();
         let mut upstream = match pooled.take() {
             Some(stream) => stream,
-            None => match connect(backend.addr, route.connect_timeout).await {
+            None => match connect(local, backend.addr, route.connect_timeout).await {
                 Some(stream) => stream,
                 None => {
                     backend.stats.metrics.connect_errors.inc();
@@ -820,7 +730,7 @@ async fn attempt(
         ) {
             return Ok((Next::Close, status));
         }
-        tunnel(client, &mut upstream, cbuf, ubuf, &backend.stats).await;
+        tunnel(client.take(), upstream, cbuf, ubuf, &backend.stats).await;
         return Ok((Next::Close, status));
     }
     let close_client =
@@ -855,29 +765,6 @@ async fn attempt(
 /// larger ones are written beside it with writev.
 const COPY_BELOW: usize = 4096;
 
-/// Writes `a` then `b` with vectored writes, finishing partial ones.
-async fn write_both(dst: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let (mut a, mut b) = (a, b);
-    while !a.is_empty() {
-        let n = dst
-            .write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])
-            .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        if n < a.len() {
-            a = &a[n..];
-        } else {
-            b = &b[n - a.len()..];
-            a = &[];
-        }
-    }
-    if !b.is_empty() {
-        dst.write_all(b).await?;
-    }
-    Ok(())
-}
-
 /// Which end of a relay failed.
 enum Side {
     Source,
@@ -895,8 +782,8 @@ enum Side {
 async fn relay(
     local: &Local,
     buf: &mut Buf,
-    src: &mut TcpStream,
-    dst: &mut TcpStream,
+    src: &mut Conn,
+    dst: &mut Conn,
     framing: Framing,
     prefix: &mut Vec<u8>,
     stall: Duration,
@@ -923,22 +810,21 @@ async fn relay(
         if relayed > max {
             return Err(Side::TooLarge);
         }
-        let data = &buf.filled()[..take];
         let written = if prefix.is_empty() {
-            if data.is_empty() {
+            if take == 0 {
                 Some(Ok(()))
             } else {
-                within(stall, dst.write_all(data)).await
+                within(stall, dst.write_buf(buf, take)).await
             }
-        } else if data.len() <= COPY_BELOW {
-            prefix.extend_from_slice(data);
+        } else if take <= COPY_BELOW {
+            prefix.extend_from_slice(&buf.filled()[..take]);
             let result = within(stall, dst.write_all(prefix)).await;
             prefix.clear();
             result
         } else {
-            // A large first chunk goes out beside the head in one writev
+            // A large first chunk goes out beside the head in one message
             // instead of being copied behind it.
-            let result = within(stall, write_both(dst, prefix, data)).await;
+            let result = within(stall, dst.write_both(prefix, buf, take)).await;
             prefix.clear();
             result
         };
@@ -982,12 +868,17 @@ async fn relay(
 /// directions are copied until either side closes, or until the endpoint's
 /// drain deadline cuts the tunnel.
 async fn tunnel(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    client: Conn,
+    upstream: Conn,
     cbuf: &mut Buf,
     ubuf: &mut Buf,
     stats: &EndpointStats,
 ) {
+    use tokio::io::AsyncWriteExt;
+    let (Some(mut client), Some(mut upstream)) = (client.into_tokio(), upstream.into_tokio())
+    else {
+        return;
+    };
     if !ubuf.is_empty() {
         if client.write_all(ubuf.filled()).await.is_err() {
             return;
@@ -1001,7 +892,7 @@ async fn tunnel(
         cbuf.clear();
     }
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(client, upstream) => {}
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
         _ = stats.drain_deadline() => stats.note_cut(),
     }
 }

@@ -18,6 +18,7 @@ mod conn;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h2;
+mod io;
 mod metrics;
 mod route;
 mod server;

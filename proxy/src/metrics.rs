@@ -68,6 +68,10 @@ pub struct ProxyMetrics {
     /// L4 connections relayed through a thread's io_uring, and with recv/send.
     pub(crate) relayed_io_uring: IntCounter,
     pub(crate) relayed_copy: IntCounter,
+    /// HTTP/1.1 connections (client and upstream) on a thread's io_uring,
+    /// and on tokio's reactor.
+    pub(crate) http_io_uring: IntCounter,
+    pub(crate) http_tokio: IntCounter,
     tcp: IntCounterVec,
     drain_cuts: IntCounter,
 }
@@ -228,6 +232,15 @@ impl ProxyMetrics {
         )?;
         let relayed_io_uring = relayed.with_label_values(&["io_uring"]);
         let relayed_copy = relayed.with_label_values(&["copy"]);
+        let http_sockets = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_http_sockets_total",
+                "Plain HTTP/1.1 connections opened, client and upstream, whose reads and writes go through a proxy thread's io_uring (via=io_uring) or tokio's reactor (via=tokio)",
+            ),
+            &["via"],
+        )?;
+        let http_io_uring = http_sockets.with_label_values(&["io_uring"]);
+        let http_tokio = http_sockets.with_label_values(&["tokio"]);
         let tcp = IntCounterVec::new(
             Opts::new(
                 "switchyard_proxy_tcp_connections_total",
@@ -255,6 +268,7 @@ impl ProxyMetrics {
         registry.register(Box::new(upgrades.clone()))?;
         registry.register(Box::new(spliced_bytes.clone()))?;
         registry.register(Box::new(relayed))?;
+        registry.register(Box::new(http_sockets))?;
         Ok(ProxyMetrics {
             requests,
             in_flight,
@@ -271,6 +285,8 @@ impl ProxyMetrics {
             spliced_bytes,
             relayed_io_uring,
             relayed_copy,
+            http_io_uring,
+            http_tokio,
             tcp,
             drain_cuts,
         })

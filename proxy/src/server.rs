@@ -24,8 +24,9 @@ use tokio::sync::watch;
 use crate::access;
 use crate::backend::{client_slot, Backend, ClientSlot, EndpointStats, ProxyService, Shared};
 use crate::config::{Config, TcpConfig};
-use crate::conn::{self, Buf};
+use crate::conn;
 use crate::h2::H2;
+use crate::io::{Buf, Conn};
 use crate::metrics::{ProxyMetrics, Reject};
 use crate::route::RouteTable;
 use crate::splice::Pipe;
@@ -49,7 +50,7 @@ struct Idle {
     stats: Arc<EndpointStats>,
     /// Each with the sweep count when it was put back (no clock read per
     /// request).
-    streams: Vec<(TcpStream, u64)>,
+    streams: Vec<(Conn, u64)>,
 }
 
 /// The answer to a client over its connection cap.
@@ -181,8 +182,25 @@ impl Local {
         self.config().max_header_bytes.max(16 * 1024)
     }
 
-    /// This thread's io_uring for L4 relays, made and driven from the first
-    /// call on; `None` (logged once per thread) where io_uring is unavailable.
+    /// A plain HTTP/1.1 connection, client or upstream, on this thread's
+    /// ring unless `[http] io_uring` is off or io_uring is unavailable.
+    pub(crate) fn http_conn(&self, stream: TcpStream) -> Option<Conn> {
+        let ring = if self.config().io_uring {
+            self.ring()
+        } else {
+            None
+        };
+        let metrics = &self.shared.metrics;
+        match ring {
+            Some(_) => metrics.http_io_uring.inc(),
+            None => metrics.http_tokio.inc(),
+        }
+        Conn::new(stream, ring.as_ref())
+    }
+
+    /// This thread's io_uring (for L4 relays and HTTP/1.1 connections),
+    /// made and driven from the first call on; `None` (logged once per
+    /// thread) where io_uring is unavailable.
     pub(crate) fn ring(&self) -> Option<Rc<Ring>> {
         self.ring
             .get_or_init(|| match Ring::new() {
@@ -193,7 +211,7 @@ impl Local {
                 Err(e) => {
                     tracing::warn!(
                         error = %e,
-                        "io_uring is unavailable: L4 connections are relayed with recv and send"
+                        "io_uring is unavailable: connections go through tokio's reactor (L4 bytes with recv and send)"
                     );
                     None
                 }
@@ -250,12 +268,12 @@ impl Local {
         }
     }
 
-    pub(crate) fn pool_take(&self, addr: SocketAddr) -> Option<TcpStream> {
+    pub(crate) fn pool_take(&self, addr: SocketAddr) -> Option<Conn> {
         let mut pool = self.pool.borrow_mut();
         pool.get_mut(&addr)?.streams.pop().map(|(s, _)| s)
     }
 
-    pub(crate) fn pool_put(&self, backend: &Backend, stream: TcpStream) {
+    pub(crate) fn pool_put(&self, backend: &Backend, stream: Conn) {
         if self.stopping.get() || backend.stats.is_withdrawn() {
             return;
         }

@@ -7,11 +7,12 @@
 //! round trip costs more than copying a few KiB), so only a body with at
 //! least `SPLICE_ABOVE` bytes still to come takes this path.
 //!
-//! Readiness: the sockets stay registered with tokio. Splice runs on the raw
-//! descriptors; only an EAGAIN that must come from the socket (the pipe is
-//! empty on the way in; on the way out the pipe holds data, so only the
-//! socket's send buffer can be full) clears tokio's readiness before the wait.
-//! An EAGAIN from a full pipe never does, so no wake-up is lost.
+//! Readiness: splice runs on the raw descriptors; only an EAGAIN that must
+//! come from the socket (the pipe is empty on the way in; on the way out the
+//! pipe holds data, so only the socket's send buffer can be full) waits for
+//! the socket (`Conn::ready`: tokio's readiness, cleared first, or a poll on
+//! the thread's ring). An EAGAIN from a full pipe never does, so no wake-up
+//! is lost.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -20,7 +21,8 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
-use tokio::net::TcpStream;
+
+use crate::io::Conn;
 
 /// A body with at least this many bytes left to move is spliced.
 pub(crate) const SPLICE_ABOVE: u64 = 32 * 1024;
@@ -63,22 +65,25 @@ pub(crate) enum Broken {
 /// pipe is empty again and can be reused; on another `Err` it must be dropped.
 pub(crate) async fn exact(
     pipe: &Pipe,
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &Conn,
+    dst: &Conn,
     len: u64,
     stall: Duration,
 ) -> Result<(), Broken> {
+    let (Some(from), Some(to)) = (src.fd(), dst.fd()) else {
+        return Err(Broken::Source);
+    };
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut left = len;
     while left > 0 {
         // In: as much as the socket has, up to what the pipe takes.
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(pipe.size);
-        let held = match splice(src, None, &pipe.write, None, want, flags) {
+        let held = match splice(from, None, &pipe.write, None, want, flags) {
             Ok(0) => return Err(Broken::Source),
             Ok(n) => n,
             Err(Errno::EAGAIN) => {
                 // The pipe is empty here, so the socket has nothing.
-                wait(src, Interest::READABLE, stall)
+                src.ready(Interest::READABLE, stall)
                     .await
                     .map_err(|()| Broken::Source)?;
                 continue;
@@ -98,10 +103,11 @@ pub(crate) async fn exact(
         };
         let mut held = held;
         while held > 0 {
-            match splice(&pipe.read, None, dst, None, held, more) {
+            match splice(&pipe.read, None, to, None, held, more) {
                 Ok(0) => return Err(Broken::Sink),
                 Ok(n) => held -= n,
-                Err(Errno::EAGAIN) => wait(dst, Interest::WRITABLE, stall)
+                Err(Errno::EAGAIN) => dst
+                    .ready(Interest::WRITABLE, stall)
                     .await
                     .map_err(|()| Broken::Sink)?,
                 Err(Errno::EINTR) => {}
@@ -112,27 +118,43 @@ pub(crate) async fn exact(
     Ok(())
 }
 
-/// Waits until `stream` is ready for `interest` again after the kernel said
-/// EAGAIN: tokio's possibly stale readiness is cleared first.
-async fn wait(stream: &TcpStream, interest: Interest, stall: Duration) -> Result<(), ()> {
-    let _ = stream.try_io(interest, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-    match tokio::time::timeout(stall, stream.ready(interest)).await {
-        Ok(Ok(_)) => Ok(()),
-        _ => Err(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::rc::Rc;
+    use switchyard_uring::Ring;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    /// A connected pair: (the peer's side, the side splice uses, on `ring`
+    /// when one is given).
+    async fn pair(ring: Option<&Rc<Ring>>) -> (TcpStream, Conn) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.expect("connect"), b.expect("accept").0)
+        let ours = Conn::new(b.expect("accept").0, ring).expect("conn");
+        (a.expect("connect"), ours)
+    }
+
+    /// Runs `test` on a current-thread runtime, with the sockets on tokio
+    /// and then on a driven ring.
+    fn on_both<F: std::future::Future<Output = ()>>(test: impl Fn(Option<Rc<Ring>>) -> F) {
+        for on_ring in [false, true] {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            tokio::task::LocalSet::new().block_on(&runtime, async {
+                let ring = on_ring.then(|| {
+                    let ring = Ring::new().expect("io_uring (Linux >= 6.1) is needed here");
+                    tokio::task::spawn_local(ring.clone().drive());
+                    ring
+                });
+                tokio::time::timeout(Duration::from_secs(20), test(ring))
+                    .await
+                    .expect("test timed out");
+            });
+        }
     }
 
     /// Bytes that show a reordering or a loss: position-dependent.
@@ -140,62 +162,68 @@ mod tests {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
-    #[tokio::test]
-    async fn moves_exactly_the_length_and_leaves_what_follows() {
-        let (mut writer, src) = pair().await;
-        let (dst, mut reader) = pair().await;
-        let body = pattern(3 * 1024 * 1024 + 17);
-        let sent = body.clone();
-        let feed = tokio::spawn(async move {
-            writer.write_all(&sent).await.expect("feed");
-            writer.write_all(b"NEXT").await.expect("feed");
-            writer
+    #[test]
+    fn moves_exactly_the_length_and_leaves_what_follows() {
+        on_both(|ring| async move {
+            let (mut writer, src) = pair(ring.as_ref()).await;
+            let (mut reader, dst) = pair(ring.as_ref()).await;
+            let body = pattern(3 * 1024 * 1024 + 17);
+            let sent = body.clone();
+            let feed = tokio::spawn(async move {
+                writer.write_all(&sent).await.expect("feed");
+                writer.write_all(b"NEXT").await.expect("feed");
+                writer
+            });
+            let drain = tokio::spawn(async move {
+                let mut got = vec![0; 3 * 1024 * 1024 + 17];
+                // A slow reader: the destination's send buffer fills and splice waits.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                reader.read_exact(&mut got).await.expect("drain");
+                got
+            });
+            let pipe = Pipe::new().expect("pipe");
+            exact(
+                &pipe,
+                &src,
+                &dst,
+                body.len() as u64,
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("splice");
+            let got = drain.await.expect("drain task");
+            assert!(got == body, "the spliced bytes differ from the sent ones");
+            let _writer = feed.await.expect("feed task");
+            let mut next = [0; 4];
+            let mut src = src.into_tokio().expect("tokio stream");
+            src.read_exact(&mut next).await.expect("next");
+            assert_eq!(&next, b"NEXT", "splice took bytes past the length");
         });
-        let drain = tokio::spawn(async move {
-            let mut got = vec![0; 3 * 1024 * 1024 + 17];
-            // A slow reader: the destination's send buffer fills and splice waits.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            reader.read_exact(&mut got).await.expect("drain");
-            got
-        });
-        let pipe = Pipe::new().expect("pipe");
-        exact(
-            &pipe,
-            &src,
-            &dst,
-            body.len() as u64,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("splice");
-        let got = drain.await.expect("drain task");
-        assert!(got == body, "the spliced bytes differ from the sent ones");
-        let _writer = feed.await.expect("feed task");
-        let mut next = [0; 4];
-        let mut src = src;
-        src.read_exact(&mut next).await.expect("next");
-        assert_eq!(&next, b"NEXT", "splice took bytes past the length");
     }
 
-    #[tokio::test]
-    async fn a_source_that_ends_early_is_an_error_not_a_hang() {
-        let (mut writer, src) = pair().await;
-        let (dst, _reader) = pair().await;
-        writer.write_all(&pattern(100_000)).await.expect("feed");
-        drop(writer);
-        let pipe = Pipe::new().expect("pipe");
-        let result = exact(&pipe, &src, &dst, 200_000, Duration::from_secs(10)).await;
-        assert_eq!(result, Err(Broken::Source));
+    #[test]
+    fn a_source_that_ends_early_is_an_error_not_a_hang() {
+        on_both(|ring| async move {
+            let (mut writer, src) = pair(ring.as_ref()).await;
+            let (_reader, dst) = pair(ring.as_ref()).await;
+            writer.write_all(&pattern(100_000)).await.expect("feed");
+            drop(writer);
+            let pipe = Pipe::new().expect("pipe");
+            let result = exact(&pipe, &src, &dst, 200_000, Duration::from_secs(10)).await;
+            assert_eq!(result, Err(Broken::Source));
+        });
     }
 
-    #[tokio::test]
-    async fn a_stalled_source_times_out() {
-        let (mut writer, src) = pair().await;
-        let (dst, _reader) = pair().await;
-        writer.write_all(&pattern(1000)).await.expect("feed");
-        let pipe = Pipe::new().expect("pipe");
-        let result = exact(&pipe, &src, &dst, 200_000, Duration::from_millis(100)).await;
-        assert_eq!(result, Err(Broken::Source));
-        drop(writer);
+    #[test]
+    fn a_stalled_source_times_out() {
+        on_both(|ring| async move {
+            let (mut writer, src) = pair(ring.as_ref()).await;
+            let (_reader, dst) = pair(ring.as_ref()).await;
+            writer.write_all(&pattern(1000)).await.expect("feed");
+            let pipe = Pipe::new().expect("pipe");
+            let result = exact(&pipe, &src, &dst, 200_000, Duration::from_millis(100)).await;
+            assert_eq!(result, Err(Broken::Source));
+            drop(writer);
+        });
     }
 }

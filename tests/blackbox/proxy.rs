@@ -559,9 +559,40 @@ service = "web"
     assert_eq!(log.matches("service is failing open").count(), 1, "{log}");
 }
 
+/// `[http] io_uring` set to `on`, ahead of the rest of a config.
+fn http_via(on: bool, rest: &str) -> String {
+    format!("[http]\nio_uring = {on}\n{rest}")
+}
+
+/// The agent's HTTP/1.1 sockets all went the way `[http] io_uring` says.
+fn assert_http_sockets_via(c: &Client, on: bool) {
+    let (used, unused) = if on {
+        ("io_uring", "tokio")
+    } else {
+        ("tokio", "io_uring")
+    };
+    let count = |via: &str| {
+        c.metric(&format!(
+            "switchyard_proxy_http_sockets_total{{via=\"{via}\"}}"
+        ))
+        .unwrap_or(0.0)
+    };
+    assert!(count(used) > 0.0, "no HTTP/1.1 socket went via {used}");
+    assert_eq!(count(unused), 0.0, "HTTP/1.1 sockets went via {unused}");
+}
+
 #[test]
-fn websocket_upgrades_and_bodies_pass_through() {
-    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"ws\"\n");
+fn websocket_upgrades_and_bodies_pass_through_io_uring() {
+    websocket_upgrades_and_bodies_pass_through(true);
+}
+
+#[test]
+fn websocket_upgrades_and_bodies_pass_through_tokio() {
+    websocket_upgrades_and_bodies_pass_through(false);
+}
+
+fn websocket_upgrades_and_bodies_pass_through(io_uring: bool) {
+    let (agent, _dir) = agent_with(&http_via(io_uring, "[[http.routes]]\nservice = \"ws\"\n"));
     let c = agent.client();
     let up = Upstream::start("ws1");
     register(&c, "ws", &[&up], &[]);
@@ -615,11 +646,21 @@ fn websocket_upgrades_and_bodies_pass_through() {
     assert!(text.contains("\r\n\r\nhello"));
     assert!(text.contains("\r\n\r\nabcde"));
     assert!(text.ends_with(&big));
+    assert_http_sockets_via(&c, io_uring);
 }
 
 #[test]
-fn malformed_requests_get_400_or_431_and_never_reach_a_backend() {
-    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"web\"\n");
+fn malformed_requests_get_400_or_431_and_never_reach_a_backend_io_uring() {
+    malformed_requests_get_400_or_431_and_never_reach_a_backend(true);
+}
+
+#[test]
+fn malformed_requests_get_400_or_431_and_never_reach_a_backend_tokio() {
+    malformed_requests_get_400_or_431_and_never_reach_a_backend(false);
+}
+
+fn malformed_requests_get_400_or_431_and_never_reach_a_backend(io_uring: bool) {
+    let (agent, _dir) = agent_with(&http_via(io_uring, "[[http.routes]]\nservice = \"web\"\n"));
     let c = agent.client();
     let up = Upstream::start("w1");
     register(&c, "web", &[&up], &[]);
@@ -671,6 +712,7 @@ fn malformed_requests_get_400_or_431_and_never_reach_a_backend() {
         .metric("switchyard_proxy_rejected_total{reason=\"bad_request\"}")
         .unwrap_or(0.0);
     assert!(rejected >= 8.0, "{rejected}");
+    assert_http_sockets_via(&c, io_uring);
 }
 
 #[test]
@@ -1161,11 +1203,21 @@ fn read_response(stream: &mut TcpStream) -> (Raw, Vec<u8>) {
 }
 
 #[test]
-fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client() {
-    let (agent, _dir) = agent_with(
+fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client_io_uring() {
+    large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client(true);
+}
+
+#[test]
+fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client_tokio() {
+    large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client(false);
+}
+
+fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client(io_uring: bool) {
+    let (agent, _dir) = agent_with(&http_via(
+        io_uring,
         "[[http.routes]]\nhost = \"big\"\nservice = \"big\"\n\n\
          [[http.routes]]\nhost = \"cut\"\nservice = \"cut\"\n",
-    );
+    ));
     let c = agent.client();
     let up = Upstream::start("big1");
     register(&c, "big", &[&up], &[]);
@@ -1242,4 +1294,5 @@ fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client() {
         + 4;
     assert_eq!(got.len() - start, 200_000, "what came, and only that");
     assert!(got[start..] == patterned(200_000)[..]);
+    assert_http_sockets_via(&c, io_uring);
 }

@@ -1,4 +1,5 @@
-//! The L4 proxy's byte relay on io_uring.
+//! A proxy thread's io_uring: the L4 byte relay, and [`Socket`]s whose
+//! receives and sends a task awaits (the HTTP/1.1 path, `socket.rs`).
 //!
 //! A relay copies bytes both ways between two connected sockets, passing each
 //! side's end of stream on as a half-close, like the proxy's tokio copy loop.
@@ -22,7 +23,9 @@
 //! on them completed. A relay's sockets are also registered in the ring's file
 //! table (operations then name a slot, not a descriptor); its slots are cleared,
 //! and only then handed to another relay, once both directions have ended, when
-//! no operation can name them. A ring dropped with operations still in flight
+//! no operation can name them. A [`Socket`]'s operation holds the same kind of
+//! reference to its own `Op`, which owns the buffer and keeps the descriptor
+//! open. A ring dropped with operations still in flight
 //! cancels them and reaps what completes within a bound; the rest leak, never
 //! free.
 #![deny(unsafe_code)]
@@ -43,6 +46,10 @@ use rustix::net::Shutdown;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+mod socket;
+use socket::Op;
+pub use socket::Socket;
+
 /// Bytes each direction of a relay reads at a time.
 const BUFFER: usize = 16 * 1024;
 /// Submission queue entries per ring (the completion queue is twice this;
@@ -56,10 +63,12 @@ const FAILED_ENTERS_BEFORE_PAUSE: u32 = 100;
 /// Completion batches one turn handles before yielding to the thread's other tasks.
 const BATCHES_PER_TURN: usize = 8;
 
-/// Tag bits in an operation's user data (an `Entry` is at least 8-aligned).
+/// Tag bits in an operation's user data (an `Entry` and an `Op` are at
+/// least 8-aligned). `OP`: a [`Socket`]'s operation, not a relay's.
 const SEND: u64 = 1;
 const REVERSE: u64 = 2;
-const TAGS: u64 = 3;
+const OP: u64 = 4;
+const TAGS: u64 = 7;
 /// `IORING_RECVSEND_POLL_FIRST`: a receive waits for data before trying,
 /// instead of trying first. Right for a relay: after a direction forwarded a
 /// message, its peer's next one is rarely there yet, and the failed try
@@ -238,10 +247,7 @@ impl Ring {
             self.recv(&mut ring, &entry, 0);
             self.recv(&mut ring, &entry, 1);
         }
-        self.kicked.set(true);
-        if let Some(driver) = self.driver.take() {
-            driver.wake();
-        }
+        self.kick();
         Relay { entry }
     }
 
@@ -314,6 +320,10 @@ impl Ring {
     }
 
     fn complete(&self, ring: &mut IoUring, data: u64, result: i32) {
+        if data & OP != 0 {
+            reclaim_op(data).complete(result);
+            return;
+        }
         let entry = reclaim(data);
         let dir = usize::from(data & REVERSE != 0);
         let retry = [rustix::io::Errno::INTR, rustix::io::Errno::AGAIN];
@@ -405,36 +415,94 @@ impl Ring {
     fn push(&self, ring: &mut IoUring, entry: &Rc<Entry>, dir: usize, tag: u64, op: squeue::Entry) {
         let reverse = if dir == 1 { REVERSE } else { 0 };
         let data = Rc::into_raw(entry.clone()) as u64 | tag | reverse;
-        let op = op.user_data(data);
-        loop {
-            // SAFETY: the operation reads or writes only the `Entry`'s own
-            // buffer and sockets, and carries a strong reference to the
-            // `Entry` (`data`) that only its completion gives back, so both
-            // outlive it.
-            #[allow(unsafe_code)]
-            let pushed = unsafe { ring.submission().push(&op) };
-            if pushed.is_ok() {
-                break;
-            }
-            // Full: hand the queue to the kernel and push again.
-            if ring.submit().is_err() {
-                std::thread::yield_now();
-            }
-        }
+        // SAFETY: the operation reads or writes only the `Entry`'s own
+        // buffer and sockets, and carries a strong reference to the `Entry`
+        // (`data`) that only its completion gives back, so both outlive it.
+        #[allow(unsafe_code)]
+        unsafe {
+            push_raw(ring, &op.user_data(data))
+        };
         self.in_flight.set(self.in_flight.get() + 1);
+    }
+
+    /// Queues a [`Socket`]'s operation, which uses only `op`'s buffer and
+    /// descriptor, and has the driver submit it.
+    fn push_op(&self, op: &Rc<Op>, sqe: squeue::Entry) {
+        let data = Rc::into_raw(op.clone()) as u64 | OP;
+        debug_assert_eq!(data, op.data());
+        // SAFETY: the operation reads or writes only the buffer and the
+        // descriptor `op` owns, and carries a strong reference to `op`
+        // (`data`) that only its completion gives back, so both outlive it.
+        #[allow(unsafe_code)]
+        unsafe {
+            push_raw(&mut self.ring.borrow_mut(), &sqe.user_data(data))
+        };
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.kick();
+    }
+
+    /// Asks the kernel to cancel the operation with user data `data`; its
+    /// completion still comes (with ECANCELED if the cancel won).
+    fn cancel(&self, data: u64) {
+        let cancel = opcode::AsyncCancel::new(data).build().user_data(CANCEL);
+        // SAFETY: a cancellation touches no memory of ours.
+        #[allow(unsafe_code)]
+        unsafe {
+            push_raw(&mut self.ring.borrow_mut(), &cancel)
+        };
+        self.kick();
+    }
+
+    /// Has the driver submit on its next turn.
+    fn kick(&self) {
+        self.kicked.set(true);
+        if let Some(driver) = self.driver.take() {
+            driver.wake();
+        }
+    }
+}
+
+/// Pushes `sqe`, handing a full queue to the kernel first.
+///
+/// # Safety
+/// Whatever memory and descriptors `sqe` names must stay valid until its
+/// completion.
+#[allow(unsafe_code)]
+unsafe fn push_raw(ring: &mut IoUring, sqe: &squeue::Entry) {
+    loop {
+        // SAFETY: the caller's promise.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return;
+        }
+        if ring.submit().is_err() {
+            std::thread::yield_now();
+        }
     }
 }
 
 /// The reference to its `Entry` that a completed operation held (the user
 /// data of any completion but CANCEL's).
 fn reclaim(data: u64) -> Rc<Entry> {
-    // SAFETY: every user data other than CANCEL is an `Rc::into_raw` of an
-    // `Entry` with tag bits or-ed into its alignment bits (see `push`), and
-    // each operation completes once, so this takes back exactly the
-    // reference that operation held.
+    debug_assert_eq!(data & OP, 0);
+    // SAFETY: every user data other than CANCEL and without the OP tag is an
+    // `Rc::into_raw` of an `Entry` with tag bits or-ed into its alignment
+    // bits (see `push`), and each operation completes once, so this takes
+    // back exactly the reference that operation held.
     #[allow(unsafe_code)]
     unsafe {
         Rc::from_raw((data & !TAGS) as *const Entry)
+    }
+}
+
+/// The reference to its `Op` that a completed [`Socket`] operation held (the
+/// user data of a completion with the OP tag).
+fn reclaim_op(data: u64) -> Rc<Op> {
+    // SAFETY: user data with the OP tag is an `Rc::into_raw` of an `Op`
+    // or-ed with OP in its alignment bits (see `push_op`), and each
+    // operation completes once, so this takes back exactly its reference.
+    #[allow(unsafe_code)]
+    unsafe {
+        Rc::from_raw((data & !TAGS) as *const Op)
     }
 }
 
@@ -479,7 +547,11 @@ impl Drop for Ring {
                     continue;
                 }
                 self.in_flight.set(self.in_flight.get() - 1);
-                drop(reclaim(data));
+                if data & OP != 0 {
+                    drop(reclaim_op(data));
+                } else {
+                    drop(reclaim(data));
+                }
             }
             if self.in_flight.get() == 0 {
                 return;
@@ -799,6 +871,95 @@ mod tests {
             for relay in &relays {
                 relay.finished().await;
             }
+        });
+    }
+
+    /// Waits until the ring has no operation in flight.
+    async fn settled(ring: &Ring) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ring.in_flight.get() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} operations still in flight",
+                ring.in_flight.get()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn a_socket_receives_and_sends_through_the_ring_and_sees_end_of_stream() {
+        with_ring(|ring| async move {
+            let (near, mut far) = pair();
+            let socket = Socket::new(&ring, near.into());
+            // 1 MiB each way, in pieces, with bytes that differ by position.
+            let up: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+            let sent = up.clone();
+            let peer = tokio::task::spawn_local(async move {
+                far.write_all(&sent).await.expect("peer write");
+                let mut got = vec![0u8; 1 << 20];
+                far.read_exact(&mut got).await.expect("peer read");
+                far.shutdown().await.expect("peer shutdown");
+                got
+            });
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            while got.len() < up.len() {
+                let (n, back) = socket.recv(buf, 100).await;
+                buf = back;
+                let n = n.expect("recv");
+                assert!(n > 0, "end of stream after {} bytes", got.len());
+                got.extend_from_slice(&buf[100..100 + n]);
+            }
+            assert!(got == up, "received bytes differ from the sent ones");
+            let (sent, _) = socket.send_all(got, 0..1 << 20, false).await;
+            sent.expect("send");
+            let echoed = peer.await.expect("peer");
+            assert!(echoed == up, "the peer got different bytes back");
+            let (n, _) = socket.recv(buf, 0).await;
+            assert_eq!(n.expect("recv at the end"), 0, "end of stream reads 0");
+            settled(&ring).await;
+        });
+    }
+
+    #[test]
+    fn an_abandoned_receive_is_cancelled_and_the_socket_still_works() {
+        with_ring(|ring| async move {
+            let (near, mut far) = pair();
+            let socket = Socket::new(&ring, near.into());
+            let waited =
+                tokio::time::timeout(Duration::from_millis(50), socket.recv(vec![0; 64], 0)).await;
+            assert!(waited.is_err(), "nothing was sent, yet the receive ended");
+            settled(&ring).await;
+            far.write_all(b"later").await.expect("write");
+            let (n, buf) = socket.recv(vec![0; 64], 0).await;
+            assert_eq!(&buf[..n.expect("recv")], b"later");
+            // No operation holds the descriptor: it comes back as it came, nonblocking.
+            let fd = socket.into_fd().ok().expect("the descriptor is free");
+            let flags = rustix::fs::fcntl_getfl(&fd).expect("flags");
+            assert!(flags.contains(rustix::fs::OFlags::NONBLOCK));
+            drop(fd);
+            let mut rest = Vec::new();
+            far.read_to_end(&mut rest).await.expect("end of stream");
+            assert!(rest.is_empty());
+        });
+    }
+
+    #[test]
+    fn a_socket_waits_for_readiness_and_rejects_ranges_outside_its_buffer() {
+        with_ring(|ring| async move {
+            let (near, mut far) = pair();
+            let socket = Socket::new(&ring, near.into());
+            let ready = tokio::time::timeout(Duration::from_millis(50), socket.ready(false)).await;
+            assert!(ready.is_err(), "readable with nothing sent");
+            far.write_all(b"x").await.expect("write");
+            socket.ready(false).await.expect("readable");
+            socket.ready(true).await.expect("writable");
+            let (sent, _) = socket.send(vec![0; 4], 2..8, false).await;
+            assert!(sent.is_err());
+            let (got, _) = socket.recv(vec![0; 4], 4).await;
+            assert!(got.is_err());
+            settled(&ring).await;
         });
     }
 }
