@@ -64,7 +64,8 @@ const FAILED_ENTERS_BEFORE_PAUSE: u32 = 100;
 const BATCHES_PER_TURN: usize = 8;
 
 /// Tag bits in an operation's user data (an `Entry` and an `Op` are at
-/// least 8-aligned). `OP`: a [`Socket`]'s operation, not a relay's.
+/// least 8-aligned). `OP`: a [`Socket`]'s operation, not a relay's; with
+/// `SEND` too, the cancellation of one.
 const SEND: u64 = 1;
 const REVERSE: u64 = 2;
 const OP: u64 = 4;
@@ -321,7 +322,20 @@ impl Ring {
 
     fn complete(&self, ring: &mut IoUring, data: u64, result: i32) {
         if data & OP != 0 {
-            reclaim_op(data).complete(result);
+            let op = reclaim_op(data);
+            if data & SEND != 0 {
+                // A cancellation's own completion. One that found nothing
+                // may have run before the kernel took the operation up (both
+                // came in one enter): while it has not completed, again.
+                // Seen here with a MSG_WAITALL send that had to wait; the
+                // receives and sends made now are taken up at once.
+                let missed = result == -rustix::io::Errno::NOENT.raw_os_error();
+                if missed && !op.is_complete() {
+                    self.cancel_in(ring, &op);
+                }
+                return;
+            }
+            op.complete(result);
             return;
         }
         let entry = reclaim(data);
@@ -441,15 +455,23 @@ impl Ring {
         self.kick();
     }
 
-    /// Asks the kernel to cancel the operation with user data `data`; its
-    /// completion still comes (with ECANCELED if the cancel won).
-    fn cancel(&self, data: u64) {
-        let cancel = opcode::AsyncCancel::new(data).build().user_data(CANCEL);
+    /// Asks the kernel to cancel `op`; its completion still comes (with
+    /// ECANCELED if the cancellation won).
+    fn cancel(&self, op: &Rc<Op>) {
+        self.cancel_in(&mut self.ring.borrow_mut(), op);
+    }
+
+    fn cancel_in(&self, ring: &mut IoUring, op: &Rc<Op>) {
+        // The cancellation holds a reference to `op` too (OP | SEND), so
+        // its completion can look at it.
+        let data = Rc::into_raw(op.clone()) as u64 | OP | SEND;
+        let cancel = opcode::AsyncCancel::new(op.data()).build().user_data(data);
         // SAFETY: a cancellation touches no memory of ours.
         #[allow(unsafe_code)]
         unsafe {
-            push_raw(&mut self.ring.borrow_mut(), &cancel)
+            push_raw(ring, &cancel)
         };
+        self.in_flight.set(self.in_flight.get() + 1);
         self.kick();
     }
 
@@ -960,6 +982,35 @@ mod tests {
             let (got, _) = socket.recv(vec![0; 4], 4).await;
             assert!(got.is_err());
             settled(&ring).await;
+        });
+    }
+
+    #[test]
+    fn operations_abandoned_before_the_ring_took_them_up_are_cancelled() {
+        with_ring(|ring| async move {
+            let (near, mut far) = pair();
+            rustix::net::sockopt::set_socket_send_buffer_size(&near, 8192).expect("SO_SNDBUF");
+            let socket = Socket::new(&ring, near.into());
+            let big = vec![7u8; 32 << 20];
+            // Polled once (pushed) and dropped before the driver ran: each
+            // operation and its cancellation reach the kernel in one enter.
+            for _ in 0..50 {
+                let mut recv = std::pin::pin!(socket.recv(vec![0; 64], 0));
+                let polled =
+                    poll_fn(|cx| Poll::Ready(std::future::Future::poll(recv.as_mut(), cx))).await;
+                assert!(polled.is_pending(), "a receive finished with nothing sent");
+            }
+            {
+                let mut send = std::pin::pin!(socket.send(big, 0..32 << 20, false));
+                let polled =
+                    poll_fn(|cx| Poll::Ready(std::future::Future::poll(send.as_mut(), cx))).await;
+                assert!(polled.is_pending(), "32 MiB went out with nobody reading");
+            }
+            settled(&ring).await;
+            // None of the receives took the bytes sent afterwards.
+            far.write_all(b"after").await.expect("write");
+            let (n, buf) = socket.recv(vec![0; 64], 0).await;
+            assert_eq!(&buf[..n.expect("recv")], b"after");
         });
     }
 }

@@ -46,6 +46,10 @@ impl Op {
         Rc::as_ptr(self) as u64 | OP
     }
 
+    pub(crate) fn is_complete(&self) -> bool {
+        self.result.get().is_some()
+    }
+
     /// Records a completion and wakes the task waiting for it.
     pub(crate) fn complete(&self, result: i32) {
         self.result.set(Some(result));
@@ -65,7 +69,7 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.op.result.get().is_none() {
             self.op.waker.take();
-            self.ring.cancel(self.op.data());
+            self.ring.cancel(self.op);
         }
     }
 }
@@ -198,16 +202,26 @@ impl Socket {
     /// Pushes `sqe` (which uses only `buf`'s memory and this socket) and
     /// waits for its completion.
     async fn run(&self, buf: Option<Vec<u8>>, sqe: squeue::Entry) -> (i32, Option<Vec<u8>>) {
-        let op = Rc::new(Op {
+        let op = self.op(buf);
+        self.ring.push_op(&op, sqe);
+        self.wait(&op).await
+    }
+
+    fn op(&self, buf: Option<Vec<u8>>) -> Rc<Op> {
+        Rc::new(Op {
             _fd: self.fd.clone(),
             buf: Cell::new(buf),
             result: Cell::new(None),
             waker: Cell::new(None),
-        });
-        self.ring.push_op(&op, sqe);
+        })
+    }
+
+    /// Waits for `op`'s completion (cancelling it if the wait is abandoned)
+    /// and takes back its buffer.
+    async fn wait(&self, op: &Rc<Op>) -> (i32, Option<Vec<u8>>) {
         let waiting = Waiting {
             ring: &self.ring,
-            op: &op,
+            op,
         };
         let result = poll_fn(|cx| match op.result.get() {
             Some(result) => Poll::Ready(result),
