@@ -93,6 +93,8 @@ pub struct Ring {
     slots: RefCell<Slots>,
     /// `io_uring_enter` calls in a row that failed.
     failed_enters: Cell<u32>,
+    /// The last turn woke tasks waiting for [`Socket`] operations.
+    woke: Cell<bool>,
 }
 
 /// The ring's table of registered sockets, handed out in pairs. An
@@ -205,6 +207,7 @@ impl Ring {
                 free: Vec::new(),
             }),
             failed_enters: Cell::new(0),
+            woke: Cell::new(false),
         }))
     }
 
@@ -261,6 +264,11 @@ impl Ring {
                     // An error that does not go away: retry at a slow pace
                     // instead of spinning on the thread.
                     tokio::time::sleep(Duration::from_millis(10)).await;
+                } else if self.woke.replace(false) {
+                    // Tasks were woken: they run now and push their next
+                    // operations, and the next turn's one enter submits
+                    // them and runs what the kernel may have kept back.
+                    requeue().await;
                 } else {
                     tokio::task::yield_now().await;
                 }
@@ -273,9 +281,11 @@ impl Ring {
                 self.driver.set(Some(cx.waker().clone()));
                 match self.event.poll_read_ready(cx) {
                     Poll::Ready(Ok(mut ready)) => {
-                        // Reset the counter before the turn: a completion
-                        // after this read signals again.
-                        let _ = rustix::io::read(self.event.get_ref(), &mut [0u8; 8]);
+                        // The counter is not read back: epoll reports every
+                        // signal of an eventfd as a new edge, whatever its
+                        // count (which cannot come near overflowing), so
+                        // clearing tokio's readiness is enough, and a read
+                        // per wake-up is saved.
                         ready.clear_ready();
                         Poll::Ready(())
                     }
@@ -290,7 +300,8 @@ impl Ring {
     }
 
     /// Submits, runs deferred completions and handles them, up to
-    /// `BATCHES_PER_TURN` times. True if work may be left.
+    /// `BATCHES_PER_TURN` times, or once when the completions woke
+    /// [`Socket`] tasks (`woke`). True if work may be left.
     fn turn(&self) -> bool {
         let mut batch = self.batch.borrow_mut();
         for _ in 0..BATCHES_PER_TURN {
@@ -309,12 +320,18 @@ impl Ring {
                 // that will not signal the eventfd again: another turn.
                 return entered.is_err();
             }
+            let mut woke = false;
             for &(data, result) in batch.iter() {
                 if data == CANCEL {
                     continue;
                 }
+                woke |= data & OP != 0;
                 self.in_flight.set(self.in_flight.get() - 1);
                 self.complete(&mut ring, data, result);
+            }
+            if woke {
+                self.woke.set(true);
+                return true;
             }
         }
         true
@@ -500,6 +517,22 @@ unsafe fn push_raw(ring: &mut IoUring, sqe: &squeue::Entry) {
             std::thread::yield_now();
         }
     }
+}
+
+/// Lets the tasks the runtime has ready run, then resumes: the task wakes
+/// itself and goes to the back of the thread's run queue (tokio's
+/// `yield_now` waits for the reactor's next poll instead, a syscall).
+async fn requeue() {
+    let mut queued = false;
+    poll_fn(|cx| {
+        if queued {
+            return Poll::Ready(());
+        }
+        queued = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
 }
 
 /// The reference to its `Entry` that a completed operation held (the user
