@@ -64,6 +64,7 @@ pub(crate) async fn serve(local: Rc<Local>, client: TcpStream, info: Client) {
     let mut reply = Vec::with_capacity(1024);
     let mut fresh = Some(Busy::adopt_fresh(&local));
     loop {
+        local.place(&mut client);
         let next = exchange(
             &local,
             &mut client,
@@ -614,7 +615,10 @@ async fn attempt(
     let (mut upstream, response) = loop {
         let reused = pooled.is_some();
         let mut upstream = match pooled.take() {
-            Some(stream) => stream,
+            Some(mut stream) => {
+                local.place(&mut stream);
+                stream
+            }
             None => match connect(local, backend.addr, route.connect_timeout).await {
                 Some(stream) => stream,
                 None => {

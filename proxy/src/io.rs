@@ -178,6 +178,32 @@ impl Conn {
         }
     }
 
+    /// Moves the socket onto `ring`, or back to tokio's reactor with `None`
+    /// (between exchanges: nothing is in flight). A socket an abandoned
+    /// operation still holds stays where it is; one that cannot be moved
+    /// becomes `Closed`. True if it moved.
+    pub(crate) fn place(&mut self, ring: Option<&Rc<Ring>>) -> bool {
+        match (&*self, ring) {
+            (Conn::Tokio(_), Some(_)) | (Conn::Ring { .. }, None) => {}
+            _ => return false,
+        }
+        let moved = match self.take() {
+            Conn::Tokio(stream) => Conn::new(stream, ring),
+            Conn::Ring { socket, scratch } => match socket.into_fd() {
+                Ok(fd) => TcpStream::from_std(std::net::TcpStream::from(fd))
+                    .ok()
+                    .map(Conn::Tokio),
+                Err(socket) => {
+                    *self = Conn::Ring { socket, scratch };
+                    return false;
+                }
+            },
+            Conn::Closed => None,
+        };
+        *self = moved.unwrap_or(Conn::Closed);
+        true
+    }
+
     /// Takes the connection out, leaving `Closed`.
     pub(crate) fn take(&mut self) -> Conn {
         std::mem::replace(self, Conn::Closed)

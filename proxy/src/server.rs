@@ -182,20 +182,63 @@ impl Local {
         self.config().max_header_bytes.max(16 * 1024)
     }
 
-    /// A plain HTTP/1.1 connection, client or upstream, on this thread's
-    /// ring unless `[http] io_uring` is off or io_uring is unavailable.
+    /// A plain HTTP/1.1 connection, client or upstream, placed as `place`
+    /// says.
     pub(crate) fn http_conn(&self, stream: TcpStream) -> Option<Conn> {
-        let ring = if self.config().io_uring {
+        let ring = self.http_ring();
+        self.count_placed(ring.is_some());
+        Conn::new(stream, ring.as_ref())
+    }
+
+    /// Moves `conn` (between exchanges) to where this thread's load says it
+    /// belongs, if it is not there yet.
+    pub(crate) fn place(&self, conn: &mut Conn) {
+        let on_ring = matches!(conn, Conn::Ring { .. });
+        let want = self.ring_wanted(on_ring);
+        if want != on_ring {
+            let ring = if want { self.ring() } else { None };
+            if conn.place(ring.as_ref()) {
+                self.count_placed(ring.is_some());
+            }
+        }
+    }
+
+    /// The ring for a plain HTTP/1.1 connection: `None` when `[http]
+    /// io_uring` is off, io_uring is unavailable, or this thread serves
+    /// too few connections for their operations to share its enters (with
+    /// one client the ring costs more than tokio's path: RESULTS.md).
+    fn http_ring(&self) -> Option<Rc<Ring>> {
+        if self.ring_wanted(false) {
             self.ring()
         } else {
             None
-        };
-        let metrics = &self.shared.metrics;
-        match ring {
-            Some(_) => metrics.http_io_uring.inc(),
-            None => metrics.http_tokio.inc(),
         }
-        Conn::new(stream, ring.as_ref())
+    }
+
+    /// Whether HTTP/1.1 sockets go on the ring now, for one that is there
+    /// already (`on_ring`) or not: from `io_uring_connections` client
+    /// connections on this thread, and below half of that back to tokio.
+    fn ring_wanted(&self, on_ring: bool) -> bool {
+        let config = self.config();
+        if !config.io_uring {
+            return false;
+        }
+        let from = config.io_uring_connections as i64;
+        let open = self.thread_connections.get();
+        if on_ring {
+            open >= from / 2
+        } else {
+            open >= from
+        }
+    }
+
+    fn count_placed(&self, on_ring: bool) {
+        let metrics = &self.shared.metrics;
+        if on_ring {
+            metrics.http_io_uring.inc();
+        } else {
+            metrics.http_tokio.inc();
+        }
     }
 
     /// This thread's io_uring (for L4 relays and HTTP/1.1 connections),

@@ -561,7 +561,7 @@ service = "web"
 
 /// `[http] io_uring` set to `on`, ahead of the rest of a config.
 fn http_via(on: bool, rest: &str) -> String {
-    format!("[http]\nio_uring = {on}\n{rest}")
+    format!("[http]\nio_uring = {on}\nio_uring_connections = 0\n{rest}")
 }
 
 /// The agent's HTTP/1.1 sockets all went the way `[http] io_uring` says.
@@ -1295,4 +1295,66 @@ fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client(io_uri
     assert_eq!(got.len() - start, 200_000, "what came, and only that");
     assert!(got[start..] == patterned(200_000)[..]);
     assert_http_sockets_via(&c, io_uring);
+}
+
+#[test]
+fn http_sockets_move_to_the_ring_when_a_thread_gets_busy_and_back_when_it_quiets() {
+    let (agent, _dir) = agent_with(
+        "[http]\nthreads = 1\nio_uring_connections = 4\n[[http.routes]]\nservice = \"web\"\n",
+    );
+    let c = agent.client();
+    let up = Upstream::start("w1");
+    register(&c, "web", &[&up], &[]);
+    let via = |path: &str| {
+        c.metric(&format!(
+            "switchyard_proxy_http_sockets_total{{via=\"{path}\"}}"
+        ))
+        .unwrap_or(0.0)
+    };
+    let connect = || {
+        let stream = TcpStream::connect(agent.http).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+    };
+    let ask = |stream: &mut TcpStream| {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            .expect("send");
+        let (head, body) = read_response(stream);
+        assert_eq!((head.status, body.as_slice()), (200, &b"w1"[..]));
+    };
+
+    // One client: tokio's sockets, client and upstream.
+    let mut first = connect();
+    ask(&mut first);
+    assert_eq!(via("io_uring"), 0.0, "one client went on the ring");
+    let tokio_before = via("tokio");
+    assert!(tokio_before >= 2.0, "{tokio_before}");
+
+    // Six clients on the one thread: from the next exchange on, the ring.
+    let mut more: Vec<TcpStream> = (0..5).map(|_| connect()).collect();
+    for stream in &mut more {
+        ask(stream);
+    }
+    ask(&mut first);
+    let on_ring = via("io_uring");
+    assert!(on_ring >= 2.0, "busy, yet {on_ring} sockets on the ring");
+
+    // Back to one: the remaining client's socket returns to tokio.
+    drop(more);
+    eventually(
+        "the closed clients are gone",
+        Duration::from_secs(10),
+        || {
+            let open = c.metric("switchyard_proxy_thread_connections{thread=\"0\"}")?;
+            (open <= 1.0).then_some(())
+        },
+    );
+    ask(&mut first);
+    assert!(
+        via("tokio") > tokio_before,
+        "the quiet thread kept its sockets on the ring"
+    );
 }
