@@ -54,6 +54,8 @@ enum Next {
 /// Serves one client connection until it closes, errs or idles out.
 pub(crate) async fn serve(local: Rc<Local>, client: TcpStream, info: Client) {
     let _ = client.set_nodelay(true);
+    // Adopted first: a connection dropped here is uncounted too.
+    let mut fresh = Some(Busy::adopt_fresh(&local));
     let Some(mut client) = local.http_conn(client) else {
         return;
     };
@@ -62,7 +64,6 @@ pub(crate) async fn serve(local: Rc<Local>, client: TcpStream, info: Client) {
     let mut ubuf = local.take_buffer();
     let mut head = Vec::with_capacity(1024);
     let mut reply = Vec::with_capacity(1024);
-    let mut fresh = Some(Busy::adopt_fresh(&local));
     loop {
         local.place(&mut client);
         let next = exchange(

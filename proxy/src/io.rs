@@ -181,7 +181,7 @@ impl Conn {
     /// Moves the socket onto `ring`, or back to tokio's reactor with `None`
     /// (between exchanges: nothing is in flight). A socket an abandoned
     /// operation still holds stays where it is; one that cannot be moved
-    /// becomes `Closed`. True if it moved.
+    /// becomes `Closed`. True if it moved and is open.
     pub(crate) fn place(&mut self, ring: Option<&Rc<Ring>>) -> bool {
         match (&*self, ring) {
             (Conn::Tokio(_), Some(_)) | (Conn::Ring { .. }, None) => {}
@@ -200,8 +200,9 @@ impl Conn {
             },
             Conn::Closed => None,
         };
+        let open = moved.is_some();
         *self = moved.unwrap_or(Conn::Closed);
-        true
+        open
     }
 
     /// Takes the connection out, leaving `Closed`.
