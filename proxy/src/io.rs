@@ -1,8 +1,10 @@
 //! The HTTP/1.1 path's sockets and buffers.
 //!
 //! A connection's socket goes through the proxy thread's io_uring
-//! (`switchyard-uring`) unless `[http] io_uring = false` or the kernel
-//! refuses it; then through tokio. On the ring, each receive and send is an
+//! (`switchyard-uring`) while the thread serves enough clients to share its
+//! enters (`[http] io_uring_connections`; `Local::place` moves sockets
+//! between exchanges), unless `[http] io_uring = false` or the kernel
+//! refuses it; otherwise through tokio. On the ring, each receive and send is an
 //! operation the thread's one `io_uring_enter` per turn submits with all the
 //! others, instead of a syscall of its own plus the epoll wake-ups.
 //!
