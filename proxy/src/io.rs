@@ -137,6 +137,11 @@ impl Drop for Lent<'_> {
     }
 }
 
+/// A descriptor the ring gave back, registered with tokio's reactor again.
+fn tokio_stream(fd: OwnedFd) -> Option<TcpStream> {
+    TcpStream::from_std(std::net::TcpStream::from(fd)).ok()
+}
+
 fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "connection handed on")
 }
@@ -172,10 +177,7 @@ impl Conn {
     pub(crate) fn into_tokio(self) -> Option<TcpStream> {
         match self {
             Conn::Tokio(stream) => Some(stream),
-            Conn::Ring { socket, .. } => {
-                let fd = socket.into_fd().ok()?;
-                TcpStream::from_std(std::net::TcpStream::from(fd)).ok()
-            }
+            Conn::Ring { socket, .. } => tokio_stream(socket.into_fd().ok()?),
             Conn::Closed => None,
         }
     }
@@ -192,9 +194,7 @@ impl Conn {
         let moved = match self.take() {
             Conn::Tokio(stream) => Conn::new(stream, ring),
             Conn::Ring { socket, scratch } => match socket.into_fd() {
-                Ok(fd) => TcpStream::from_std(std::net::TcpStream::from(fd))
-                    .ok()
-                    .map(Conn::Tokio),
+                Ok(fd) => tokio_stream(fd).map(Conn::Tokio),
                 Err(socket) => {
                     *self = Conn::Ring { socket, scratch };
                     return false;
