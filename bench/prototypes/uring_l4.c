@@ -14,6 +14,8 @@
  *
  * -DEPOLL waits the way a tokio thread would (an eventfd the ring signals, in
  * an epoll set) instead of in io_uring_enter: the shape switchyard-uring took.
+ * -DMULTISHOT keeps one multishot receive armed per direction, taking buffers
+ * from a ring of provided buffers per thread, instead of one receive per message.
  * Needs apt-get install -y liburing-dev.
  */
 #define _GNU_SOURCE
@@ -37,12 +39,22 @@
 enum { OP_ACCEPT = 1, OP_RECV, OP_SEND };
 
 struct pair;
+#define QMAX 64
 struct dir {
     struct pair *pair;
     int from, to;
     int len, sent;
+#ifdef MULTISHOT
+    int q[QMAX], qlen[QMAX], qhead, qcount, eof, done;
+#else
     char buf[BUF];
+#endif
 };
+#ifdef MULTISHOT
+#define NBUFS 1024
+static __thread struct io_uring_buf_ring *br;
+static __thread char *bufs;
+#endif
 struct pair {
     struct dir d[2];
     int open; /* directions still open */
@@ -56,7 +68,13 @@ static void arm_recv(struct io_uring *ring, struct dir *d)
 {
     struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
     if (!sqe) { io_uring_submit(ring); sqe = io_uring_get_sqe(ring); }
+#ifdef MULTISHOT
+    io_uring_prep_recv_multishot(sqe, d->from, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = 0;
+#else
     io_uring_prep_recv(sqe, d->from, d->buf, BUF, 0);
+#endif
     io_uring_sqe_set_data64(sqe, tag(d, OP_RECV));
 }
 
@@ -64,7 +82,12 @@ static void arm_send(struct io_uring *ring, struct dir *d)
 {
     struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
     if (!sqe) { io_uring_submit(ring); sqe = io_uring_get_sqe(ring); }
-    io_uring_prep_send(sqe, d->to, d->buf + d->sent, d->len - d->sent, MSG_NOSIGNAL);
+#ifdef MULTISHOT
+    char *base = bufs + (size_t)d->q[d->qhead] * BUF;
+#else
+    char *base = d->buf;
+#endif
+    io_uring_prep_send(sqe, d->to, base + d->sent, d->len - d->sent, MSG_NOSIGNAL);
     io_uring_sqe_set_data64(sqe, tag(d, OP_SEND));
 }
 
@@ -78,6 +101,10 @@ static void arm_accept(struct io_uring *ring, int lfd)
 static void dir_done(struct dir *d)
 {
     struct pair *p = d->pair;
+#ifdef MULTISHOT
+    if (d->done) return;
+    d->done = 1;
+#endif
     shutdown(d->to, SHUT_WR);
     if (--p->open == 0) {
         close(p->d[0].from);
@@ -101,6 +128,18 @@ static void *worker(void *arg)
         struct io_uring_params params = { .flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN };
     if (io_uring_queue_init_params(1024, &ring, &params)) { perror("io_uring"); exit(1); }
     arm_accept(&ring, lfd);
+#ifdef MULTISHOT
+    /* liburing 2.3 has no io_uring_setup_buf_ring: register page-aligned memory. */
+    if (posix_memalign((void **)&br, 4096, NBUFS * sizeof(struct io_uring_buf))) exit(1);
+    io_uring_buf_ring_init(br);
+    struct io_uring_buf_reg reg = { .ring_addr = (unsigned long)br, .ring_entries = NBUFS, .bgid = 0 };
+    int err = io_uring_register_buf_ring(&ring, &reg, 0);
+    if (err) { fprintf(stderr, "buf ring: %d\n", err); exit(1); }
+    bufs = malloc((size_t)NBUFS * BUF);
+    for (int i = 0; i < NBUFS; i++)
+        io_uring_buf_ring_add(br, bufs + (size_t)i * BUF, BUF, i, io_uring_buf_ring_mask(NBUFS), i);
+    io_uring_buf_ring_advance(br, NBUFS);
+#endif
 #ifdef EPOLL
     /* The shape a tokio thread would have: an eventfd the ring signals when
      * completions wait (deferred ones included) sits in the thread's epoll set
@@ -147,6 +186,33 @@ static void *worker(void *arg)
                 continue;
             }
             struct dir *d = (struct dir *)(t & ~7UL);
+#ifdef MULTISHOT
+            if (op == OP_RECV) {
+                int more = cqe->flags & IORING_CQE_F_MORE;
+                if (res > 0) {
+                    int slot = (d->qhead + d->qcount) % QMAX;
+                    d->q[slot] = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+                    d->qlen[slot] = res;
+                    if (d->qcount++ == 0) { d->len = res; d->sent = 0; arm_send(&ring, d); }
+                    if (!more) arm_recv(&ring, d);
+                } else if (res == -ENOBUFS) {
+                    arm_recv(&ring, d);
+                } else if (!more) {
+                    d->eof = 1;
+                    if (d->qcount == 0) dir_done(d);
+                }
+            } else {
+                if (res < 0) { dir_done(d); continue; }
+                d->sent += res;
+                if (d->sent < d->len) { arm_send(&ring, d); continue; }
+                io_uring_buf_ring_add(br, bufs + (size_t)d->q[d->qhead] * BUF, BUF, d->q[d->qhead], io_uring_buf_ring_mask(NBUFS), 0);
+                io_uring_buf_ring_advance(br, 1);
+                d->qhead = (d->qhead + 1) % QMAX;
+                if (--d->qcount > 0) { d->len = d->qlen[d->qhead]; d->sent = 0; arm_send(&ring, d); }
+                else if (d->eof) dir_done(d);
+            }
+            continue;
+#endif
             if (op == OP_RECV) {
                 if (res <= 0) { dir_done(d); continue; }
                 d->len = res;

@@ -3,13 +3,15 @@
 alternating rounds, req/s, the proxy's CPU per request and the machine's.
 Usage, from the repository root:
   mkdir -p /tmp/ur && gcc -O2 -o /tmp/ur/urproxy bench/prototypes/uring_l4.c -luring -lpthread
-  python3 bench/prototypes/uring_vs_nginx.py ROUNDS
+  python3 bench/prototypes/uring_vs_nginx.py ROUNDS [NAME=BINARY ...]
+With NAME=BINARY arguments, each named build of the prototype (say
+ms=/tmp/ur/urms, compiled with -DMULTISHOT) runs too, on its own port.
 (needs apt-get install -y liburing-dev nginx libnginx-mod-stream wrk)
 """
 import os, subprocess, sys, tempfile, time, statistics
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import w_http, w_tcp
-from procstat import cpu_seconds, session_pids
+from procstat import session_pids
 
 def busy():
     v = list(map(int, open("/proc/stat").readline().split()[1:]))
@@ -17,24 +19,28 @@ def busy():
 
 work = tempfile.mkdtemp(prefix="ur-")
 backends = w_http.start_backends(work)
-ur = subprocess.Popen(["/tmp/ur/urproxy", "18096"] + [str(p) for p in w_http.BACKENDS], start_new_session=True)
-ng = w_tcp.start_nginx(work)
-procs = {"uring": ur, "nginx": ng}
-ports = {"uring": 18096, "nginx": w_tcp.PORTS["nginx"]}
+builds = {"uring": "/tmp/ur/urproxy"}
+builds.update(arg.split("=", 1) for arg in sys.argv[2:])
+procs, ports = {}, {}
+for i, (name, binary) in enumerate(builds.items()):
+    ports[name] = 18096 + i
+    procs[name] = subprocess.Popen([binary, str(ports[name])] + [str(p) for p in w_http.BACKENDS], start_new_session=True)
+procs["nginx"] = ng = w_tcp.start_nginx(work)
+ports["nginx"] = w_tcp.PORTS["nginx"]
 res = {k: [] for k in ports}
 try:
     for name in ports: w_http.wait_http(ports[name], "/")
     for rnd in range(int(sys.argv[1])):
         for name in (list(ports) if rnd % 2 == 0 else list(ports)[::-1]):
             pids = session_pids(procs[name].pid)
-            b, c = busy(), cpu_seconds(pids)
-            rps, total, p99, bad, sock = w_http.wrk(ports[name], "/", 50, 6)
+            b = busy()
+            rps, total, p99, bad, sock, pcpu, steal = w_http.measured_wrk(ports[name], "/", 50, 6, pids)
+            # Machine CPU over every try measured_wrk made; close enough when it made one.
             mcpu = (busy() - b) * 1e6 / max(total, 1)
-            pcpu = (cpu_seconds(pids) - c) * 1e6 / max(total, 1)
             res[name].append((rps, p99, pcpu, mcpu))
-            print(f"round {rnd} {name}: {rps:.0f} req/s p99 {p99:.2f} ms proxy CPU {pcpu:.1f} us/req machine {mcpu:.1f} us/req bad {bad} {sock}", flush=True)
+            print(f"round {rnd} {name}: {rps:.0f} req/s p99 {p99:.2f} ms proxy CPU {pcpu:.1f} us/req machine {mcpu:.1f} us/req bad {bad} {sock} steal {steal:.0%}", flush=True)
 finally:
-    for p in (ur, ng): p.terminate()
+    for p in procs.values(): p.terminate()
     w_http.stop_all([backends], work)
 med = statistics.median
 for name in ports:
