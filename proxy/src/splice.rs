@@ -146,7 +146,7 @@ mod tests {
                 .expect("runtime");
             tokio::task::LocalSet::new().block_on(&runtime, async {
                 let ring = on_ring.then(|| {
-                    let ring = Ring::new().expect("io_uring (Linux >= 6.1) is needed here");
+                    let ring = Ring::new().expect("io_uring (Linux >= 6.0) is needed here");
                     tokio::task::spawn_local(ring.clone().drive());
                     ring
                 });

@@ -5,14 +5,25 @@
 //! side's end of stream on as a half-close, like the proxy's tokio copy loop.
 //! It differs in how the work reaches the kernel: every receive and send of
 //! every relay on a thread goes into that thread's ring, and one
-//! `io_uring_enter` per turn submits them all and runs the completions the
-//! kernel has deferred to us (`DEFER_TASKRUN`). The recv/send-per-message loop
+//! `io_uring_enter` per turn submits them all and reaps the completions,
+//! which the kernel runs as task work on this thread when it next enters the
+//! kernel (`COOP_TASKRUN`: no interrupt of the thread per completion). The
+//! recv/send-per-message loop
 //! makes four syscalls per request and response through the tunnel, and each
 //! send that wakes a peer can preempt the proxy; here one syscall carries a
 //! turn's worth of them (measured: bench/prototypes/uring_l4.c, RESULTS.md).
 //!
 //! Each proxy thread owns one [`Ring`] (not `Send`) and runs [`Ring::drive`] as
 //! a task on its runtime: the ring signals an eventfd the runtime polls.
+//!
+//! Not `DEFER_TASKRUN`, although it measured better on earlier 6.18 builds
+//! (bench/prototypes: 1.10× nginx stream against 1.03×):
+//! there the eventfd is signalled for deferred work from the waker's context,
+//! and on Linux 6.18.44 that signal waits for an RCU grace period (14–20 ms
+//! per wake-up of a sleeping thread: W-http and W-tcp fell from ~55k to ~2k
+//! requests/s). With `COOP_TASKRUN` the completion is posted by this thread,
+//! which signals the eventfd itself, at once (test
+//! `a_relay_wakes_at_once_when_a_peer_sends`).
 //!
 //! Safety rests on one rule: the kernel only ever sees memory and descriptors
 //! owned by an `Entry` that stays alive while it can touch them. Every
@@ -170,7 +181,7 @@ impl Drop for Entry {
 impl Ring {
     /// A ring for the calling thread, which must be the one that drives it
     /// and starts its relays. Fails where io_uring is missing or forbidden
-    /// (kernels before 6.1, seccomp profiles, `kernel.io_uring_disabled`).
+    /// (kernels before 6.0, seccomp profiles, `kernel.io_uring_disabled`).
     pub fn new() -> io::Result<Rc<Ring>> {
         Ring::with_slots(MAX_SLOTS)
     }
@@ -178,7 +189,7 @@ impl Ring {
     fn with_slots(max_slots: u64) -> io::Result<Rc<Ring>> {
         let ring = IoUring::builder()
             .setup_single_issuer()
-            .setup_defer_taskrun()
+            .setup_coop_taskrun()
             .setup_cqsize(ENTRIES * 2)
             .build(ENTRIES)?;
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
@@ -299,7 +310,7 @@ impl Ring {
         }
     }
 
-    /// Submits, runs deferred completions and handles them, up to
+    /// Submits, reaps completions and handles them, up to
     /// `BATCHES_PER_TURN` times, or once when the completions woke
     /// [`Socket`] tasks (`woke`). True if work may be left.
     fn turn(&self) -> bool {
@@ -316,7 +327,7 @@ impl Ring {
             batch.clear();
             batch.extend(ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
             if batch.is_empty() {
-                // A failed enter (EINTR, say) may have left deferred work
+                // A failed enter (EINTR, say) may have left completions
                 // that will not signal the eventfd again: another turn.
                 return entered.is_err();
             }
@@ -561,11 +572,9 @@ fn reclaim_op(data: u64) -> Rc<Op> {
     }
 }
 
-/// Submits what is queued and runs the completions the kernel deferred to
-/// this thread. Always with GETEVENTS, as liburing does on these rings: since
-/// 6.13 the kernel runs a bounded batch of deferred completions per enter and
-/// keeps the rest for the next one, so an enter that relied on the TASKRUN
-/// flag to say when to ask could leave them stranded.
+/// Submits what is queued and runs the task work (completions) waiting for
+/// this thread. Always with GETEVENTS: it also flushes completions that
+/// overflowed the queue, and costs nothing when there is none.
 fn enter(ring: &mut IoUring) -> io::Result<usize> {
     let queued = ring.submission().len() as u32;
     // SAFETY: no argument is passed (no sigmask, no timeout), and the queued
@@ -685,7 +694,7 @@ mod tests {
 
     fn ring(slots: u64) -> Rc<Ring> {
         Ring::with_slots(slots).unwrap_or_else(|e| {
-            panic!("io_uring is unavailable here ({e}); these tests need Linux ≥ 6.1 with io_uring enabled")
+            panic!("io_uring is unavailable here ({e}); these tests need Linux ≥ 6.0 with io_uring enabled")
         })
     }
 
@@ -767,6 +776,66 @@ mod tests {
             assert!(relay.take_moved());
             assert!(!relay.take_moved(), "take_moved resets");
         });
+    }
+
+    /// Not a speed test: a liveness one. A ring whose thread sleeps must
+    /// learn of a completed receive from its eventfd at once. On Linux
+    /// 6.18.44 a `DEFER_TASKRUN` ring's eventfd was signalled only after an
+    /// RCU grace period, which took W-http and W-tcp from ~55k to ~2k
+    /// requests/s with every functional test still green. Each one-way trip
+    /// here starts while the ring's thread sleeps: about 0.1 ms when the
+    /// signal is prompt, about 14 ms when it is deferred. The median of 42 is
+    /// compared to 10 ms, so a stray slow wake-up on a loaded machine does
+    /// not decide it.
+    #[test]
+    fn a_relay_wakes_at_once_when_a_peer_sends() {
+        with_ring(|ring| async move {
+            let (a, client) = pair();
+            let (b, server) = pair();
+            let relay = ring.relay(a.into(), b.into());
+            // The peers run on a thread of their own, as clients and
+            // backends do: the ring's thread sleeps in epoll until the
+            // eventfd wakes it.
+            let (mut client, mut server) = (blocking(client), blocking(server));
+            let peers = std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut byte = [0u8; 1];
+                let mut trips = Vec::new();
+                for _ in 0..21 {
+                    // Long enough for the ring's thread to go to sleep.
+                    std::thread::sleep(Duration::from_millis(2));
+                    let start = Instant::now();
+                    client.write_all(b"?").expect("client write");
+                    server.read_exact(&mut byte).expect("server read");
+                    trips.push(start.elapsed());
+                    std::thread::sleep(Duration::from_millis(2));
+                    let start = Instant::now();
+                    server.write_all(b"!").expect("server write");
+                    client.read_exact(&mut byte).expect("client read");
+                    trips.push(start.elapsed());
+                }
+                trips
+            });
+            while !peers.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut trips = peers.join().expect("peers");
+            trips.sort();
+            let median = trips[trips.len() / 2];
+            assert!(
+                median < Duration::from_millis(10),
+                "the median trip through the ring took {median:?} (all: {trips:?}): \
+                 its eventfd is not signalled when a completion waits"
+            );
+            drop(relay);
+        });
+    }
+
+    /// A peer's tokio stream back as a blocking std stream.
+    fn blocking(stream: tokio::net::TcpStream) -> TcpStream {
+        let stream = stream.into_std().expect("std stream");
+        stream.set_nonblocking(false).expect("blocking");
+        stream
     }
 
     #[test]
