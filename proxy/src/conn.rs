@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
 
 use crate::access;
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, ServiceStats};
@@ -20,27 +20,6 @@ use crate::route::Route;
 use crate::server::Local;
 use crate::splice::{self, Broken, SPLICE_ABOVE};
 use crate::wire::{self, Chunks, Client, Framing, HeadError, Request};
-
-/// Runs `fut` under a deadline, arming the timer (and reading the clock)
-/// only when the first poll does not finish it: most reads and writes
-/// complete at once, and a timer per operation would cost more than the
-/// operation.
-async fn within_at<F: std::future::Future>(
-    deadline: impl FnOnce() -> Instant,
-    fut: F,
-) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-    match first {
-        std::task::Poll::Ready(output) => Some(output),
-        std::task::Poll::Pending => timeout_at(deadline(), fut).await.ok(),
-    }
-}
-
-/// `within_at` with a time limit from now.
-async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    within_at(|| Instant::now() + limit, fut).await
-}
 
 /// What the connection does after an exchange.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -109,13 +88,24 @@ const MAX_BUFFER: usize = 256 * 1024;
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Answers a request the proxy handles itself.
-async fn answer(client: &mut Conn, status: u16, reason: &str, body: &str, close: bool) -> Next {
+async fn answer(
+    local: &Local,
+    client: &mut Conn,
+    status: u16,
+    reason: &str,
+    body: &str,
+    close: bool,
+) -> Next {
     let text = format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}x-switchyard: proxy\r\n\r\n{body}\n",
         body.len() + 1,
         if close { "connection: close\r\n" } else { "" },
     );
-    match within(WRITE_LIMIT, client.write_all(text.as_bytes())).await {
+    match local
+        .deadlines
+        .within(WRITE_LIMIT, client.write_all(text.as_bytes()))
+        .await
+    {
         Some(Ok(())) if !close => Next::KeepAlive,
         _ => Next::Close,
     }
@@ -166,6 +156,7 @@ async fn exchange(
                 Err(HeadError::TooLarge) => {
                     metrics.reject(Reject::HeadTooLarge);
                     return answer(
+                        local,
                         client,
                         431,
                         "Request Header Fields Too Large",
@@ -176,18 +167,24 @@ async fn exchange(
                 }
                 Err(HeadError::Bad(why)) => {
                     metrics.reject(Reject::BadRequest);
-                    return answer(client, 400, "Bad Request", why, true).await;
+                    return answer(local, client, 400, "Bad Request", why, true).await;
                 }
             }
         }
         // Between requests the client may idle for `idle_timeout`; once a
         // head has started it has `header_timeout` to finish it.
         let read = if cbuf.is_empty() {
-            within(config.idle_timeout, cbuf.fill(client)).await
+            local
+                .deadlines
+                .within(config.idle_timeout, cbuf.fill(client))
+                .await
         } else {
             let deadline =
                 *head_deadline.get_or_insert_with(|| Instant::now() + config.header_timeout);
-            within_at(|| deadline, cbuf.fill(client)).await
+            local
+                .deadlines
+                .within_at(|| deadline, cbuf.fill(client))
+                .await
         };
         match read {
             Some(Ok(0)) | Some(Err(_)) => return Next::Close,
@@ -195,6 +192,7 @@ async fn exchange(
             None if head_deadline.is_some() => {
                 metrics.reject(Reject::ClientTimeout);
                 return answer(
+                    local,
                     client,
                     408,
                     "Request Timeout",
@@ -216,7 +214,7 @@ async fn exchange(
         let outcome = Outcome::refused(404, started);
         log_access(info, head, &request, None, &outcome);
         let body = format!("no route for host {:?}", request.host.as_str());
-        return answer(client, 404, "Not Found", &body, close_on_refusal).await;
+        return answer(local, client, 404, "Not Found", &body, close_on_refusal).await;
     };
     let service = match local.service(&route.service) {
         Some(service) if !service.backends.is_empty() => service,
@@ -225,7 +223,15 @@ async fn exchange(
             let outcome = Outcome::refused(503, started);
             log_access(info, head, &request, Some(&route), &outcome);
             let body = format!("service {:?} has no healthy endpoints", &*route.service);
-            return answer(client, 503, "Service Unavailable", &body, close_on_refusal).await;
+            return answer(
+                local,
+                client,
+                503,
+                "Service Unavailable",
+                &body,
+                close_on_refusal,
+            )
+            .await;
         }
     };
     if let Framing::Length(n) = request.framing {
@@ -237,7 +243,7 @@ async fn exchange(
                 "request body of {n} bytes is over this route's limit of {} (max_body_bytes)",
                 route.max_body_bytes
             );
-            return answer(client, 413, "Content Too Large", &body, true).await;
+            return answer(local, client, 413, "Content Too Large", &body, true).await;
         }
     }
     if request.expect_continue
@@ -411,6 +417,7 @@ async fn forward(
         None => {
             outcome.status = 503;
             return answer(
+                local,
                 client,
                 503,
                 "Service Unavailable",
@@ -440,7 +447,15 @@ async fn forward(
         let Some((index, fail_open)) = picked else {
             metrics.reject(Reject::NoEndpoint);
             outcome.status = 502;
-            return answer(client, 502, "Bad Gateway", "every endpoint failed", true).await;
+            return answer(
+                local,
+                client,
+                502,
+                "Bad Gateway",
+                "every endpoint failed",
+                true,
+            )
+            .await;
         };
         // Only a first attempt speaks for the service: a retry that falls
         // back to an ejected endpoint has merely run out of others.
@@ -530,6 +545,7 @@ async fn forward(
             Failure::Timeout => {
                 metrics.reject(Reject::UpstreamTimeout);
                 answer(
+                    local,
                     client,
                     504,
                     "Gateway Timeout",
@@ -542,6 +558,7 @@ async fn forward(
                 metrics.reject(Reject::UpstreamFailed);
                 let body = format!("upstream answered {status}; retries exhausted");
                 answer(
+                    local,
                     client,
                     status,
                     if status == 503 {
@@ -557,6 +574,7 @@ async fn forward(
             Failure::Connect | Failure::Broken => {
                 metrics.reject(Reject::UpstreamFailed);
                 answer(
+                    local,
                     client,
                     502,
                     "Bad Gateway",
@@ -629,7 +647,10 @@ async fn attempt(
             },
         };
         if !matches!(
-            within(config.body_timeout, upstream.write_all(head)).await,
+            local
+                .deadlines
+                .within(config.body_timeout, upstream.write_all(head))
+                .await,
             Some(Ok(()))
         ) {
             if reused && replayable {
@@ -665,7 +686,11 @@ async fn attempt(
             }
         }
         let response = loop {
-            match within(route.response_timeout, ubuf.fill(&mut upstream)).await {
+            match local
+                .deadlines
+                .within(route.response_timeout, ubuf.fill(&mut upstream))
+                .await
+            {
                 None => return Err(Failure::Timeout),
                 Some(Ok(0)) | Some(Err(_)) if ubuf.is_empty() && reused && replayable => {
                     break None
@@ -687,7 +712,10 @@ async fn attempt(
                     // Continue was already sent by us.
                     if response.status != 100
                         && !matches!(
-                            within(WRITE_LIMIT, client.write_all(reply)).await,
+                            local
+                                .deadlines
+                                .within(WRITE_LIMIT, client.write_all(reply))
+                                .await,
                             Some(Ok(()))
                         )
                     {
@@ -730,7 +758,10 @@ async fn attempt(
         }
         local.shared.metrics.upgrades.inc();
         if !matches!(
-            within(WRITE_LIMIT, client.write_all(reply)).await,
+            local
+                .deadlines
+                .within(WRITE_LIMIT, client.write_all(reply))
+                .await,
             Some(Ok(()))
         ) {
             return Ok((Next::Close, status));
@@ -819,17 +850,23 @@ async fn relay(
             if take == 0 {
                 Some(Ok(()))
             } else {
-                within(stall, dst.write_buf(buf, take)).await
+                local
+                    .deadlines
+                    .within(stall, dst.write_buf(buf, take))
+                    .await
             }
         } else if take <= COPY_BELOW {
             prefix.extend_from_slice(&buf.filled()[..take]);
-            let result = within(stall, dst.write_all(prefix)).await;
+            let result = local.deadlines.within(stall, dst.write_all(prefix)).await;
             prefix.clear();
             result
         } else {
             // A large first chunk goes out beside the head in one message
             // instead of being copied behind it.
-            let result = within(stall, dst.write_both(prefix, buf, take)).await;
+            let result = local
+                .deadlines
+                .within(stall, dst.write_both(prefix, buf, take))
+                .await;
             prefix.clear();
             result
         };
@@ -861,7 +898,7 @@ async fn relay(
                 }
             }
         }
-        match within(stall, buf.fill(src)).await {
+        match local.deadlines.within(stall, buf.fill(src)).await {
             Some(Ok(0)) if framing == Framing::Close => return Ok(()),
             Some(Ok(0)) | Some(Err(_)) | None => return Err(Side::Source),
             Some(Ok(_)) => buf.grow_if_full(MAX_BUFFER),

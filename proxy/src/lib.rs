@@ -14,6 +14,7 @@ mod backend;
 mod balance;
 mod config;
 mod conn;
+mod deadline;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

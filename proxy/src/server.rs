@@ -25,6 +25,7 @@ use crate::access;
 use crate::backend::{client_slot, Backend, ClientSlot, EndpointStats, ProxyService, Shared};
 use crate::config::{Config, TcpConfig};
 use crate::conn;
+use crate::deadline::Deadlines;
 use crate::h2::H2;
 use crate::io::{Buf, Conn};
 use crate::metrics::{ProxyMetrics, Reject};
@@ -95,6 +96,8 @@ pub(crate) struct Local {
     /// The ring L4 connections relay through, made at the first one (`None`
     /// where io_uring is unavailable).
     ring: OnceCell<Option<Rc<Ring>>>,
+    /// The time limits of this thread's waits (`deadline.rs`).
+    pub(crate) deadlines: Deadlines,
 }
 
 /// How long a shutdown waits for a connection it accepted to send its first
@@ -843,7 +846,12 @@ fn run_thread(thread: Thread) {
             fresh: Cell::new(0),
             thread_connections: handoff.dispatch.counts[index].clone(),
             ring: OnceCell::new(),
+            deadlines: Deadlines::default(),
         });
+        let deadlines = {
+            let local = local.clone();
+            tokio::task::spawn_local(async move { local.deadlines.sweep().await })
+        };
         access::configure(local.config().access_log.as_deref());
         let sweeper = {
             let local = local.clone();
@@ -929,6 +937,7 @@ fn run_thread(thread: Thread) {
                 "shutdown grace ended with requests or connections still open"
             );
         }
+        deadlines.abort();
         // Returning drops the keep-alive connections still idle: closed
         // between requests, which HTTP/1.1 clients expect of an idle
         // connection, after `IDLE_DRAIN` in which they could not have been.
