@@ -58,6 +58,8 @@ pub(crate) struct EndpointStats {
     /// When the current run of failures got it ejected (0 = not failing):
     /// what the passive reporter looks at.
     failing_since_ns: AtomicU64,
+    /// Its last response had a body long enough to splice.
+    large_responses: AtomicBool,
 }
 
 impl EndpointStats {
@@ -77,6 +79,7 @@ impl EndpointStats {
             drain_changed: tokio::sync::Notify::new(),
             cut: AtomicU64::new(0),
             failing_since_ns: AtomicU64::new(0),
+            large_responses: AtomicBool::new(false),
         }
     }
 
@@ -187,6 +190,20 @@ impl EndpointStats {
     /// The last peak-EWMA estimate, undecayed (what the operator's view shows).
     pub(crate) fn ewma_us(&self) -> u64 {
         (f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) / 1e3) as u64
+    }
+
+    /// Whether its last response had a body long enough to splice: the
+    /// next one's head is then read on its own, so that little of the body
+    /// is copied through user space before the splice takes over.
+    pub(crate) fn large_responses(&self) -> bool {
+        self.large_responses.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_response(&self, large: bool) {
+        // Written only on a change: the line stays shared between threads.
+        if self.large_responses.load(Ordering::Relaxed) != large {
+            self.large_responses.store(large, Ordering::Relaxed);
+        }
     }
 
     /// Folds in one response time: a slower sample replaces the estimate at

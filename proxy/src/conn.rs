@@ -685,10 +685,18 @@ async fn attempt(
                 Err(Side::Sink) => return Err(Failure::Broken),
             }
         }
+        // After a spliceable response from this endpoint, the next head is
+        // read on its own (in reads of HEAD_READ bytes), so that the body is
+        // spliced nearly whole.
+        let max = if backend.stats.large_responses() && local.splices() {
+            HEAD_READ
+        } else {
+            usize::MAX
+        };
         let response = loop {
             match local
                 .deadlines
-                .within(route.response_timeout, ubuf.fill(&mut upstream))
+                .within(route.response_timeout, ubuf.fill_up_to(&mut upstream, max))
                 .await
             {
                 None => return Err(Failure::Timeout),
@@ -742,6 +750,9 @@ async fn attempt(
     backend.stats.observe(rtt, now);
     stats.metrics.duration.observe(rtt as f64 / 1e9);
     ubuf.consume(response.head_len);
+    backend
+        .stats
+        .note_response(matches!(response.framing, Framing::Length(n) if n >= SPLICE_ABOVE));
     let status = response.status;
     if (status == 502 || status == 503) && replayable && request.idempotent {
         // The caller decides whether another endpoint gets the request; the
@@ -796,6 +807,11 @@ async fn attempt(
     };
     Ok((next, status))
 }
+
+/// Most bytes the first read of a response takes when the endpoint's last
+/// response was spliced: a head, and the start of the body that is copied
+/// behind it before the rest is spliced.
+const HEAD_READ: usize = 4096;
 
 /// Body bytes up to this size are copied behind the head (one plain write);
 /// larger ones are written beside it with writev.

@@ -84,6 +84,11 @@ impl Buf {
 
     /// Reads once from `conn` after the unread bytes; 0 means end of stream.
     pub(crate) async fn fill(&mut self, conn: &mut Conn) -> io::Result<usize> {
+        self.fill_up_to(conn, usize::MAX).await
+    }
+
+    /// `fill`, reading at most `max` bytes.
+    pub(crate) async fn fill_up_to(&mut self, conn: &mut Conn, max: usize) -> io::Result<usize> {
         if self.end == self.data.len() && self.start > 0 {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -92,11 +97,12 @@ impl Buf {
         if self.end == self.data.len() {
             return Err(io::Error::other("buffer full"));
         }
+        let stop = self.end.saturating_add(max.max(1)).min(self.data.len());
         let n = match conn {
-            Conn::Tokio(stream) => stream.read(&mut self.data[self.end..]).await?,
+            Conn::Tokio(stream) => stream.read(&mut self.data[self.end..stop]).await?,
             Conn::Ring { socket, .. } => {
                 let mut lent = Lent::new(&mut self.data);
-                let (n, back) = socket.recv(lent.take(), self.end).await;
+                let (n, back) = socket.recv_into(lent.take(), self.end..stop).await;
                 lent.give_back(back);
                 n?
             }

@@ -307,6 +307,11 @@ impl Local {
         }
     }
 
+    /// Whether long bodies are spliced on this thread.
+    pub(crate) fn splices(&self) -> bool {
+        self.splicing.get()
+    }
+
     /// The kernel refused to splice sockets: copy from now on.
     pub(crate) fn stop_splicing(&self) {
         if self.splicing.replace(false) {

@@ -1297,6 +1297,110 @@ fn large_bodies_pass_byte_exact_both_ways_and_a_cut_one_closes_the_client(io_uri
     assert_http_sockets_via(&c, io_uring);
 }
 
+/// A keep-alive backend answering `GET /N/H` with an N-byte patterned body
+/// under a head padded to about H bytes, each response in one write.
+fn sized_backend() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || loop {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let path = text.split(' ').nth(1).unwrap_or("/0/0").to_string();
+                let mut sizes = path.trim_start_matches('/').split('/');
+                let mut size =
+                    || -> usize { sizes.next().and_then(|v| v.parse().ok()).unwrap_or(0) };
+                let (body, pad) = (size(), size());
+                let mut out = format!(
+                    "HTTP/1.1 200 OK\r\nX-Pad: {}\r\nContent-Length: {body}\r\n\r\n",
+                    "p".repeat(pad)
+                )
+                .into_bytes();
+                out.extend_from_slice(&patterned(body));
+                if stream.write_all(&out).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn after_a_spliced_response_the_next_head_is_read_alone_and_every_size_stays_byte_exact_io_uring() {
+    after_a_spliced_response_the_next_head_is_read_alone(true);
+}
+
+#[test]
+fn after_a_spliced_response_the_next_head_is_read_alone_and_every_size_stays_byte_exact_tokio() {
+    after_a_spliced_response_the_next_head_is_read_alone(false);
+}
+
+fn after_a_spliced_response_the_next_head_is_read_alone(io_uring: bool) {
+    let (agent, _dir) = agent_with(&http_via(
+        io_uring,
+        "[[http.routes]]\nhost = \"sized\"\nservice = \"sized\"\n",
+    ));
+    let c = agent.client();
+    let port = sized_backend();
+    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "sized", "id": "sized1",
+                       "address": "127.0.0.1", "port": port}]});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let mut stream = TcpStream::connect(agent.http).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let spliced = || {
+        c.metric("switchyard_proxy_spliced_bytes_total")
+            .unwrap_or(0.0)
+    };
+    const BIG: usize = 64 * 1024;
+    // (body, head padding): a large body, large ones after it (one with a
+    // head longer than a head-only read), then small and medium ones after a
+    // large one, and a large one again.
+    let sequence = [
+        (BIG, 0),
+        (BIG, 0),
+        (BIG, 6000),
+        (2000, 0),
+        (BIG, 0),
+        (10_000, 0),
+        (20_000, 3000),
+        (BIG, 0),
+    ];
+    for (i, &(body, pad)) in sequence.iter().enumerate() {
+        let before = spliced();
+        let request = format!("GET /{body}/{pad} HTTP/1.1\r\nHost: sized\r\n\r\n");
+        stream.write_all(request.as_bytes()).expect("send");
+        let (head, got) = read_response(&mut stream);
+        assert_eq!(head.status, 200, "response {i}: {head:?}");
+        assert!(
+            got == patterned(body),
+            "response {i} ({body} bytes) differs"
+        );
+        let moved = spliced() - before;
+        if i > 0 && body == BIG && sequence[i - 1].0 == BIG {
+            // Right after a large response, at most a head-only read's worth
+            // of the body is copied: the rest goes through the kernel.
+            assert!(
+                moved >= (BIG - 4096) as f64,
+                "response {i}: only {moved} of {BIG} body bytes spliced"
+            );
+        }
+    }
+    assert_http_sockets_via(&c, io_uring);
+}
+
 #[test]
 fn http_sockets_move_to_the_ring_when_a_thread_gets_busy_and_back_when_it_quiets() {
     let (agent, _dir) =

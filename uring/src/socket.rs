@@ -100,13 +100,23 @@ impl Socket {
 
     /// Receives into `buf[at..]`; 0 bytes means end of stream.
     pub async fn recv(&self, buf: Vec<u8>, at: usize) -> (io::Result<usize>, Vec<u8>) {
-        if at >= buf.len() {
+        let end = buf.len();
+        self.recv_into(buf, at..end).await
+    }
+
+    /// `recv`, into `buf[range]` only.
+    pub async fn recv_into(
+        &self,
+        buf: Vec<u8>,
+        range: Range<usize>,
+    ) -> (io::Result<usize>, Vec<u8>) {
+        if range.start >= range.end || range.end > buf.len() {
             return (Err(io::Error::other("no room to receive into")), buf);
         }
         self.repeat(buf, false, |fd, buf| {
-            // Within `buf`: `at < buf.len()`, checked above.
-            let start = buf.as_mut_ptr().wrapping_add(at);
-            opcode::Recv::new(fd, start, (buf.len() - at) as u32)
+            // Within `buf`: `start < end <= buf.len()`, checked above.
+            let start = buf.as_mut_ptr().wrapping_add(range.start);
+            opcode::Recv::new(fd, start, range.len() as u32)
                 .ioprio(RECVSEND_POLL_FIRST)
                 .build()
         })
