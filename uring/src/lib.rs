@@ -19,9 +19,10 @@
 //! Not `DEFER_TASKRUN`, although it measured better on earlier 6.18 builds
 //! (bench/prototypes: 1.10× nginx stream against 1.03×):
 //! there the eventfd is signalled for deferred work from the waker's context,
-//! and on Linux 6.18.44 that signal waits for an RCU grace period (14–20 ms
-//! per wake-up of a sleeping thread: W-http and W-tcp fell from ~55k to ~2k
-//! requests/s). With `COOP_TASKRUN` the completion is posted by this thread,
+//! and on Linux 6.18.44 that signal arrives 14–20 ms late for each wake-up
+//! of a sleeping thread (the length of an RCU grace period: the kernel
+//! seems to defer it through one; not checked in its source). W-http and
+//! W-tcp fell from ~55k to ~2k requests/s. With `COOP_TASKRUN` the completion is posted by this thread,
 //! which signals the eventfd itself, at once (test
 //! `a_relay_wakes_at_once_when_a_peer_sends`).
 //!
@@ -780,8 +781,8 @@ mod tests {
 
     /// Not a speed test: a liveness one. A ring whose thread sleeps must
     /// learn of a completed receive from its eventfd at once. On Linux
-    /// 6.18.44 a `DEFER_TASKRUN` ring's eventfd was signalled only after an
-    /// RCU grace period, which took W-http and W-tcp from ~55k to ~2k
+    /// 6.18.44 a `DEFER_TASKRUN` ring's eventfd was signalled 14–20 ms
+    /// late, which took W-http and W-tcp from ~55k to ~2k
     /// requests/s with every functional test still green. Each one-way trip
     /// here starts while the ring's thread sleeps: about 0.1 ms when the
     /// signal is prompt, about 14 ms when it is deferred. The median of 42 is
