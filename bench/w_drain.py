@@ -41,7 +41,7 @@ import threading
 import time
 import urllib.request
 
-from w_http import BACKENDS, start_backends, stop_all, wait_http
+from w_http import BACKENDS, require_binary, start_backends, stop_all, wait_http
 
 SLOW = [18181, 18182, 18183]
 PORT = 18080
@@ -165,6 +165,7 @@ def main():
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool):
             sys.exit(f"missing {tool}: apt-get install -y nginx wrk")
+    require_binary(args.binary)
     work = tempfile.mkdtemp(prefix="w-drain-")
     backends = start_backends(work)
     slow_servers = [Server(("127.0.0.1", p), Slow) for p in SLOW]

@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 from procstat import cpu_seconds, session_pids
-from w_http import BACKENDS, start_backends, start_switchyard, stop_all, wait_http
+from w_http import BACKENDS, require_binary, start_backends, start_switchyard, stop_all, wait_http
 
 PORTS = {"switchyard": 18080, "nginx": 18094, "haproxy": 18095}
 
@@ -87,6 +87,7 @@ def main():
     for tool in ("nginx", "haproxy", "h2load"):
         if not shutil.which(tool):
             sys.exit(f"missing {tool}: apt-get install -y nginx haproxy nghttp2-client")
+    require_binary(args.binary)
     work = tempfile.mkdtemp(prefix="w-h2-")
     backends = start_backends(work)
     procs = {"switchyard": start_switchyard(work, args.binary), "nginx": start_nginx(work),

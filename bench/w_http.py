@@ -110,6 +110,14 @@ def start_switchyard(work, binary):
     return proc
 
 
+def require_binary(path):
+    """Exits with a clear message, before anything is started, when the agent
+    binary is missing (the default path is relative to the repository root)."""
+    if not os.access(path, os.X_OK):
+        sys.exit(f"no agent binary at {path}: run from the repository root after "
+                 "`cargo build --release`, or pass --binary")
+
+
 def register_backends(api):
     """Registers the W-http backends as service `web` through the agent at `api`."""
     batch = {"nodes": [{"name": "backends", "address": "127.0.0.1"}],
@@ -206,6 +214,7 @@ def main():
     for tool in ("nginx", "haproxy", "wrk"):
         if not shutil.which(tool):
             sys.exit(f"missing {tool}: apt-get install -y nginx haproxy wrk")
+    require_binary(args.binary)
     work = tempfile.mkdtemp(prefix="w-http-")
     backends = start_backends(work)
     procs = {"switchyard": start_switchyard(work, args.binary), "nginx": start_nginx(work),

@@ -28,7 +28,8 @@ import sys
 import tempfile
 
 from procstat import session_pids
-from w_http import BACKENDS, measured_wrk, register_backends, start_backends, stop_all, wait_http
+from w_http import (BACKENDS, measured_wrk, register_backends, require_binary, start_backends, stop_all,
+                    wait_http)
 
 PORTS = {"switchyard": 18090, "nginx": 18091, "haproxy": 18092}
 # Debian ships nginx's stream module separately (libnginx-mod-stream).
@@ -97,6 +98,7 @@ def main():
             sys.exit(f"missing {tool}: apt-get install -y nginx libnginx-mod-stream haproxy wrk")
     if not os.path.exists(STREAM_MODULE):
         sys.exit(f"missing {STREAM_MODULE}: apt-get install -y libnginx-mod-stream")
+    require_binary(args.binary)
     work = tempfile.mkdtemp(prefix="w-tcp-")
     backends = start_backends(work)
     procs = {"switchyard": start_switchyard(work, args.binary), "nginx": start_nginx(work),
