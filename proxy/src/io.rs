@@ -102,7 +102,7 @@ impl Buf {
             Conn::Tokio(stream) => stream.read(&mut self.data[self.end..stop]).await?,
             Conn::Ring { socket, .. } => {
                 let mut lent = Lent::new(&mut self.data);
-                let (n, back) = socket.recv_into(lent.take(), self.end..stop).await;
+                let (n, back) = socket.recv(lent.take(), self.end..stop).await;
                 lent.give_back(back);
                 n?
             }

@@ -1022,7 +1022,7 @@ mod tests {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 16 * 1024];
             while got.len() < up.len() {
-                let (n, back) = socket.recv(buf, 100).await;
+                let (n, back) = socket.recv(buf, 100..16 * 1024).await;
                 buf = back;
                 let n = n.expect("recv");
                 assert!(n > 0, "end of stream after {} bytes", got.len());
@@ -1033,7 +1033,7 @@ mod tests {
             sent.expect("send");
             let echoed = peer.await.expect("peer");
             assert!(echoed == up, "the peer got different bytes back");
-            let (n, _) = socket.recv(buf, 0).await;
+            let (n, _) = socket.recv(buf, 0..16 * 1024).await;
             assert_eq!(n.expect("recv at the end"), 0, "end of stream reads 0");
             settled(&ring).await;
         });
@@ -1045,11 +1045,12 @@ mod tests {
             let (near, mut far) = pair();
             let socket = Socket::new(&ring, near.into());
             let waited =
-                tokio::time::timeout(Duration::from_millis(50), socket.recv(vec![0; 64], 0)).await;
+                tokio::time::timeout(Duration::from_millis(50), socket.recv(vec![0; 64], 0..64))
+                    .await;
             assert!(waited.is_err(), "nothing was sent, yet the receive ended");
             settled(&ring).await;
             far.write_all(b"later").await.expect("write");
-            let (n, buf) = socket.recv(vec![0; 64], 0).await;
+            let (n, buf) = socket.recv(vec![0; 64], 0..64).await;
             assert_eq!(&buf[..n.expect("recv")], b"later");
             // No operation holds the descriptor: it comes back as it came, nonblocking.
             let fd = socket.into_fd().ok().expect("the descriptor is free");
@@ -1074,7 +1075,7 @@ mod tests {
             socket.ready(true).await.expect("writable");
             let (sent, _) = socket.send(vec![0; 4], 2..8, false).await;
             assert!(sent.is_err());
-            let (got, _) = socket.recv(vec![0; 4], 4).await;
+            let (got, _) = socket.recv(vec![0; 4], 4..4).await;
             assert!(got.is_err());
             settled(&ring).await;
         });
@@ -1090,7 +1091,7 @@ mod tests {
             // Polled once (pushed) and dropped before the driver ran: each
             // operation and its cancellation reach the kernel in one enter.
             for _ in 0..50 {
-                let mut recv = std::pin::pin!(socket.recv(vec![0; 64], 0));
+                let mut recv = std::pin::pin!(socket.recv(vec![0; 64], 0..64));
                 let polled =
                     poll_fn(|cx| Poll::Ready(std::future::Future::poll(recv.as_mut(), cx))).await;
                 assert!(polled.is_pending(), "a receive finished with nothing sent");
@@ -1104,7 +1105,7 @@ mod tests {
             settled(&ring).await;
             // None of the receives took the bytes sent afterwards.
             far.write_all(b"after").await.expect("write");
-            let (n, buf) = socket.recv(vec![0; 64], 0).await;
+            let (n, buf) = socket.recv(vec![0; 64], 0..64).await;
             assert_eq!(&buf[..n.expect("recv")], b"after");
         });
     }

@@ -98,18 +98,8 @@ impl Socket {
         })
     }
 
-    /// Receives into `buf[at..]`; 0 bytes means end of stream.
-    pub async fn recv(&self, buf: Vec<u8>, at: usize) -> (io::Result<usize>, Vec<u8>) {
-        let end = buf.len();
-        self.recv_into(buf, at..end).await
-    }
-
-    /// `recv`, into `buf[range]` only.
-    pub async fn recv_into(
-        &self,
-        buf: Vec<u8>,
-        range: Range<usize>,
-    ) -> (io::Result<usize>, Vec<u8>) {
+    /// Receives into `buf[range]`; 0 bytes means end of stream.
+    pub async fn recv(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<usize>, Vec<u8>) {
         if range.start >= range.end || range.end > buf.len() {
             return (Err(io::Error::other("no room to receive into")), buf);
         }
