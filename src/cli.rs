@@ -12,10 +12,14 @@ use serde_json::Value;
 
 use crate::agent::{self, ScratchDir};
 use crate::source::ConfigSource;
+use crate::summary::{summary, DataDir};
 use crate::upgrade;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
+
+/// The help heading of the flags that only the client commands use.
+const CLIENT_OPTIONS: &str = "Client options (commands that talk to a running agent)";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,21 +35,34 @@ pub(crate) struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = CLIENT_OPTIONS,
         env = "SWITCHYARD_API",
         default_value = "http://127.0.0.1:8500"
     )]
     api: String,
     /// API token for the client commands (sent as X-Consul-Token).
-    #[arg(long, global = true, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = CLIENT_OPTIONS,
+        env = "SWITCHYARD_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
     /// CA certificate (PEM) to verify an HTTPS API with (`[api.tls]`), for
     /// the client commands. Default: the Mozilla roots.
-    #[arg(long, global = true, env = "SWITCHYARD_CACERT")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = CLIENT_OPTIONS,
+        env = "SWITCHYARD_CACERT"
+    )]
     ca_cert: Option<PathBuf>,
     /// Client certificate (PEM) for an API that asks for one (`api.tls.client_ca`).
     #[arg(
         long,
         global = true,
+        help_heading = CLIENT_OPTIONS,
         env = "SWITCHYARD_CLIENT_CERT",
         requires = "client_key"
     )]
@@ -54,6 +71,7 @@ pub(crate) struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = CLIENT_OPTIONS,
         env = "SWITCHYARD_CLIENT_KEY",
         requires = "client_cert"
     )]
@@ -64,10 +82,12 @@ pub(crate) struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Commands {
-    /// Run the agent: registry API (Consul-compatible on :8500) and DNS (:8600).
+    /// Run the agent: registry API (Consul-compatible on :8500), DNS (:8600)
+    /// and the HTTP/TCP proxy (:8080).
     Agent(AgentArgs),
     /// One screen about the agent: listeners, catalog counts, index, store.
     Status {
+        /// Print the API's JSON instead of the summary.
         #[arg(long)]
         json: bool,
     },
@@ -79,7 +99,9 @@ enum Commands {
     },
     /// List a service's endpoints and why any of them is excluded.
     Endpoints {
+        /// The service's name.
         service: String,
+        /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -87,10 +109,15 @@ enum Commands {
     ///
     /// FILE is a JSON batch: {"nodes":[{"name","address"}], "endpoints":[{"node",
     /// "service","id","address","port","tags","meta","checks"}], "deregister":
-    /// [{"node","id"}], "deregister_nodes":["name"]}. Use - for standard input.
-    Register { file: PathBuf },
+    /// [{"node","id"}], "deregister_nodes":["name"]}; configs/batch.example.json
+    /// is one.
+    Register {
+        /// The batch file (JSON); - reads standard input.
+        file: PathBuf,
+    },
     /// List nodes with their drain state.
     Nodes {
+        /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -112,13 +139,16 @@ enum Commands {
 enum DrainTarget {
     /// Drain every endpoint on a node.
     Node {
+        /// The node's name.
         name: String,
         #[command(flatten)]
         opts: DrainOpts,
     },
     /// Drain one endpoint (by id; --node when the id exists on several nodes).
     Endpoint {
+        /// The endpoint's id.
         id: String,
+        /// The endpoint's node, when its id exists on several nodes.
         #[arg(long)]
         node: Option<String>,
         #[command(flatten)]
@@ -139,11 +169,16 @@ struct DrainOpts {
 
 #[derive(Subcommand, Debug)]
 enum UndrainTarget {
+    /// End a node's drain.
     Node {
+        /// The node's name.
         name: String,
     },
+    /// End one endpoint's drain.
     Endpoint {
+        /// The endpoint's id.
         id: String,
+        /// The endpoint's node, when its id exists on several nodes.
         #[arg(long)]
         node: Option<String>,
     },
@@ -179,7 +214,8 @@ struct AgentArgs {
     /// This agent's node name (overrides agent.node_name).
     #[arg(long)]
     node_name: Option<String>,
-    /// Load and check the configuration, print it, and exit.
+    /// Load and check the configuration, print a summary of it, and exit
+    /// (0 when valid, 64 with the line and key at fault).
     #[arg(long)]
     check_config: bool,
     /// Log format on stderr.
@@ -248,11 +284,21 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Whether text logs get ANSI colours: only on a terminal, and not when
+/// `NO_COLOR` is set to anything but the empty string (no-color.org).
+fn colour_logs(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// How the agent writes its logs (stderr).
@@ -281,6 +327,22 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if args.check_config {
+        let data_dir = if config.store.data_dir.is_some() {
+            DataDir::Given
+        } else if args.dev {
+            DataDir::Scratch
+        } else {
+            DataDir::Missing
+        };
+        let file = args
+            .config
+            .as_ref()
+            .map(|p| format!(": {}", p.display()))
+            .unwrap_or_default();
+        println!("configuration ok{file}\n{}", summary(&config, data_dir));
+        return ExitCode::SUCCESS;
+    }
     let mut scratch = None;
     if args.dev && config.store.data_dir.is_none() {
         let nanos = std::time::SystemTime::now()
@@ -299,10 +361,6 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             "switchyard: no data directory: pass --data-dir DIR, set store.data_dir, or use --dev"
         );
         return ExitCode::from(EXIT_USAGE);
-    }
-    if args.check_config {
-        println!("configuration ok\n{config:#?}");
-        return ExitCode::SUCCESS;
     }
     init_tracing(args.log_format);
     let inherited = if args.upgrade {
@@ -678,10 +736,21 @@ fn drain(api: &str, path: &str, opts: &DrainOpts) -> anyhow::Result<ExitCode> {
         println!("{}", drain_line(&status));
         return Ok(ExitCode::SUCCESS);
     }
+    // Progress goes to stderr while the drain runs; the outcome is one line
+    // on stdout, printed once.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = String::new();
     let status = loop {
         let status = get_json(api, path)?;
+        if status.get("drained").and_then(Value::as_bool) == Some(true) {
+            break status;
+        }
+        if status.get("state").and_then(Value::as_str) == Some("active") {
+            if tty && !last.is_empty() {
+                eprintln!();
+            }
+            anyhow::bail!("the drain was cancelled (undrained) while waiting");
+        }
         let line = drain_line(&status);
         if line != last {
             if tty {
@@ -691,22 +760,14 @@ fn drain(api: &str, path: &str, opts: &DrainOpts) -> anyhow::Result<ExitCode> {
             }
             last = line;
         }
-        if status.get("drained").and_then(Value::as_bool) == Some(true) {
-            break status;
-        }
-        if status.get("state").and_then(Value::as_str) == Some("active") {
-            anyhow::bail!("the drain was cancelled (undrained) while waiting");
-        }
         std::thread::sleep(Duration::from_millis(100));
     };
-    if tty {
-        eprintln!();
+    if tty && !last.is_empty() {
+        eprint!("\r\x1b[2K");
     }
     let cut = num(&status, "cut") + num(&status, "in_flight");
     if cut > 0 {
-        println!(
-            "drained at the deadline; {cut} request(s) or connection(s) were cut or still open"
-        );
+        println!("drained at the deadline: {cut} request(s) or connection(s) cut");
         return Ok(ExitCode::from(EXIT_CUT));
     }
     println!("drained: nothing in flight");
@@ -724,4 +785,68 @@ fn encode_path(segment: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every argument of every command says what it is, and the client-only
+    /// flags sit under their own heading, not among `agent`'s options.
+    #[test]
+    fn every_flag_is_described_and_client_flags_have_their_heading() {
+        fn walk(cmd: &clap::Command, path: &str, seen: &mut usize) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                *seen += 1;
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "`{path}` argument `{id}` has no description"
+                );
+                let client = matches!(
+                    id,
+                    "api" | "token" | "ca_cert" | "client_cert" | "client_key"
+                );
+                assert_eq!(
+                    arg.get_help_heading() == Some(CLIENT_OPTIONS),
+                    client,
+                    "`{path}` argument `{id}`: heading {:?}",
+                    arg.get_help_heading()
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                assert!(
+                    sub.get_about().is_some(),
+                    "`{path} {}` has no summary",
+                    sub.get_name()
+                );
+                walk(sub, &format!("{path} {}", sub.get_name()), seen);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut seen = 0;
+        walk(&cmd, "switchyard", &mut seen);
+        assert!(seen > 20, "only {seen} arguments walked");
+        let agent = cmd.find_subcommand("agent").expect("agent");
+        let about = agent.get_about().expect("about").to_string();
+        assert!(about.contains("proxy") && about.contains("DNS"), "{about}");
+    }
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(!colour_logs(false, None));
+        assert!(!colour_logs(true, Some("1".into())));
+        assert!(colour_logs(true, Some("".into())));
+    }
 }

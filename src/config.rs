@@ -58,8 +58,30 @@ impl AgentConfig {
     /// Parses and checks a config's text (the fuzz target `config` calls this).
     pub(crate) fn parse(text: &str) -> Result<AgentConfig, String> {
         let config: AgentConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check_services_in(text)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Checks each `[[services]]` entry; an error names the line of the key
+    /// at fault in `text` (or of the entry, when no one key is) and the key.
+    fn check_services_in(&self, text: &str) -> Result<(), String> {
+        for (i, table) in self.services.iter().enumerate() {
+            let json = serde_json::to_vec(table).map_err(|e| format!("services[{i}]: {e}"))?;
+            let Err(e) = switchyard_registry::api::service_definition("config-check", &json) else {
+                continue;
+            };
+            let key = match &e.field {
+                Some(field) => format!("services[{i}].{field}"),
+                None => format!("services[{i}]"),
+            };
+            let at = match service_line(text, i, e.field.as_deref()) {
+                Some(line) => format!("line {line}, "),
+                None => String::new(),
+            };
+            return Err(format!("{at}key `{key}`: {}", e.message));
+        }
+        Ok(())
     }
 
     /// Rules that span fields.
@@ -124,9 +146,79 @@ impl AgentConfig {
     }
 }
 
+/// The 1-based line of `services[index]` in `text`, or of the key `field`
+/// inside it (a path such as `check.interval` or `checks[1].ttl`, keys
+/// folded as the service decoder folds them: lower case, no `_` or `-`).
+fn service_line(text: &str, index: usize, field: Option<&str>) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let services = root
+        .get_ref()
+        .iter()
+        .find(|(k, _)| k.get_ref() == "services")?
+        .1;
+    let entry = services.get_ref().as_array()?.get(index)?;
+    let mut at = entry.span().start;
+    let mut value = entry;
+    let fold = |key: &str| -> String {
+        key.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    for segment in field.unwrap_or("").split('.').filter(|s| !s.is_empty()) {
+        let (name, indexes) = match segment.find('[') {
+            Some(b) => (&segment[..b], &segment[b..]),
+            None => (segment, ""),
+        };
+        let DeValue::Table(table) = value.get_ref() else {
+            break;
+        };
+        let Some((key, next)) = table.iter().find(|(k, _)| fold(k.get_ref()) == name) else {
+            break;
+        };
+        at = key.span().start;
+        value = next;
+        for n in indexes
+            .split(['[', ']'])
+            .filter_map(|n| n.parse::<usize>().ok())
+        {
+            let Some(item) = value.get_ref().as_array().and_then(|a| a.get(n)) else {
+                break;
+            };
+            at = item.span().start;
+            value = item;
+        }
+    }
+    Some(text.get(..at)?.matches('\n').count() + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::AgentConfig;
+
+    #[test]
+    fn a_bad_service_names_its_line_and_key() {
+        let text = "[agent]\nworker_threads = 2\n\n[[services]]\nname = \"web\"\nport = 80\n\n\
+                    [[services]]\nname = \"api\"\nport = 81\n\n[services.check]\nhttp = \"http://127.0.0.1:81/\"\n\
+                    interval = \"soon\"\n";
+        let err = AgentConfig::parse(text).expect_err("a bad interval");
+        assert!(err.contains("line 14"), "{err}");
+        assert!(err.contains("services[1].check.interval"), "{err}");
+
+        let text = "[[services]]\nname = \"web\"\n[[services.checks]]\nttl = \"10s\"\n\
+                    [[services.checks]]\nTTL = \"forever\"\n";
+        let err = AgentConfig::parse(text).expect_err("a bad ttl");
+        assert!(err.contains("line 6"), "{err}");
+        assert!(err.contains("services[0].checks[1].ttl"), "{err}");
+
+        let text = "[agent]\n\n[[services]]\nport = 80\n";
+        let err = AgentConfig::parse(text).expect_err("no name");
+        assert!(
+            err.contains("line 3") && err.contains("services[0]"),
+            "{err}"
+        );
+    }
 
     /// What the `config` fuzz target checks, over mutations of the shipped
     /// configs: any text is parsed or refused with a reason, never a panic.

@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod demo;
 mod source;
+mod summary;
 mod upgrade;
 
 use std::process::ExitCode;

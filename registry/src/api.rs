@@ -172,14 +172,33 @@ async fn authorize(State(state): State<Arc<ApiState>>, request: Request, next: N
 /// the command that registers it on `node`, replacing the checks it had.
 /// The agent's config file uses it, so a service defined there behaves as
 /// one registered through the API.
-pub fn service_definition(node: &str, json: &[u8]) -> Result<crate::Command, String> {
-    let def: decode::ServiceIn = decode::decode_body(json)?;
-    let (endpoint, checks) = def.into_endpoint(&node.into(), false)?;
+pub fn service_definition(node: &str, json: &[u8]) -> Result<crate::Command, DefinitionError> {
+    let def: decode::ServiceIn = decode::decode_at(json).map_err(|e| DefinitionError {
+        message: e.to_string(),
+        field: e.path,
+    })?;
+    let (endpoint, checks) =
+        def.into_endpoint(&node.into(), false)
+            .map_err(|message| DefinitionError {
+                field: None,
+                message,
+            })?;
     Ok(crate::Command::RegisterService {
         endpoint,
         checks,
         replace_existing_checks: true,
     })
+}
+
+/// A service definition that was refused: why, and the field at fault when
+/// the decoder knows it (so that a config file can point at its line).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DefinitionError {
+    /// The field's path inside the definition (`check.interval`,
+    /// `checks[1].ttl`), keys in lower case.
+    pub field: Option<String>,
+    pub message: String,
 }
 
 /// Whether `request` may read: no tokens are configured, or it presents

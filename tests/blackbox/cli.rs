@@ -113,8 +113,11 @@ fn client_commands_say_when_the_agent_is_unreachable() {
     assert!(err.contains("cannot reach the agent"), "{err}");
 }
 
+/// Every config in `configs/` passes `--check-config` exactly as a user
+/// would run it (no `--dev`, no data directory given), and the check prints
+/// a summary a person reads, not a debug dump.
 #[test]
-fn every_shipped_config_loads() {
+fn every_shipped_config_checks_as_it_is() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
     let mut seen = 0;
     for entry in std::fs::read_dir(dir).expect("configs/") {
@@ -123,15 +126,32 @@ fn every_shipped_config_loads() {
             continue;
         }
         seen += 1;
-        let out = check_config(&path);
+        let out = Command::new(bin())
+            .args(["agent", "--check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run switchyard");
+        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
             "{}: {}",
             path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        assert!(stdout.starts_with("configuration ok"), "{stdout}");
+        for role in ["api ", "store ", "dns ", "http "] {
+            assert!(
+                stdout.lines().any(|l| l.starts_with(role)),
+                "{}: no {role:?} line in\n{stdout}",
+                path.display()
+            );
+        }
+        assert!(
+            !stdout.contains(" {\n") && !stdout.contains("Some("),
+            "a debug dump: {stdout}"
+        );
     }
-    assert!(seen > 0, "no configs found");
+    assert!(seen >= 2, "no configs found");
 }
 
 #[test]
@@ -156,11 +176,20 @@ fn a_bad_config_names_the_line_and_exits_64() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("surprise"));
 
+    // The check says a data directory is still needed; starting without one
+    // is refused before anything is bound.
     let out = Command::new(bin())
         .args(["agent", "--check-config"])
         .output()
         .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("needs --data-dir"));
+    let out = Command::new(bin())
+        .args(["agent", "--api-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64), "no data dir and no --dev");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no data directory"));
 }
 
 #[test]
@@ -223,4 +252,66 @@ fn status_shows_listeners_and_counts_and_logs_can_be_json() {
             .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
         assert!(parsed.get("level").is_some(), "{line}");
     }
+}
+
+/// Text logs carry ANSI colours only on a terminal, and not even there with
+/// `NO_COLOR` set. The agent is started on a taken API port, so it logs that
+/// its store opened and then exits on its own.
+#[test]
+fn logs_have_no_colour_codes_off_a_terminal_or_with_no_color() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf8");
+    let args = [
+        "agent",
+        "--data-dir",
+        data,
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--dns-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    // Off a terminal: stderr is a pipe.
+    let out = Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store opened"), "{err}");
+    assert!(!err.contains('\x1b'), "colour codes in a pipe: {err:?}");
+
+    // On a terminal (script(1) gives the agent a pty): colours, unless NO_COLOR.
+    let on_tty = |no_color: bool| {
+        let command = format!("{} {}", bin(), args.join(" "));
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &command, "/dev/null"])
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR");
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        }
+        let out = cmd
+            .output()
+            .expect("script(1) (util-linux) is needed for this test");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let coloured = on_tty(false);
+    assert!(coloured.contains("store opened"), "{coloured}");
+    assert!(
+        coloured.contains("\x1b["),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_tty(true);
+    assert!(plain.contains("store opened"), "{plain}");
+    assert!(
+        !plain.contains("\x1b["),
+        "colour despite NO_COLOR: {plain:?}"
+    );
+    drop(taken);
 }

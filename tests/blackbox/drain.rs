@@ -106,7 +106,26 @@ fn a_node_drains_after_its_slow_request_finishes_and_undrains() {
         "{}",
         String::from_utf8_lossy(&waited.stderr)
     );
-    assert!(String::from_utf8_lossy(&waited.stdout).contains("drained"));
+    // One final line, on stdout; nothing on stderr once drained.
+    let out = String::from_utf8_lossy(&waited.stdout);
+    assert_eq!(out.trim(), "drained: nothing in flight", "{out}");
+    let err = String::from_utf8_lossy(&waited.stderr);
+    assert!(!err.contains("drained"), "a second final line: {err}");
+    // The node list agrees with the drain status.
+    let listed = run(&["nodes"], &agent.api);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("n1 ") && l.contains(" drained ")),
+        "{listed}"
+    );
+    let nodes = c.get_ok("/v1/switchyard/nodes").json();
+    let n1 = nodes
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["name"] == "n1"))
+        .expect("n1 listed");
+    assert_eq!(n1["state"], "drained", "{nodes}");
 
     let undrained = run(&["undrain", "node", "n1"], &agent.api);
     assert!(undrained.status.success());

@@ -65,20 +65,44 @@ fn normalize_values(value: Value) -> Value {
 
 /// Parses a JSON body with Consul's loose key rules into `T`.
 pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err("Request decode failed: empty body".to_string());
+    decode_at(body).map_err(|e| e.to_string())
+}
+
+/// A body that did not decode, and the field at fault when one is.
+#[derive(Debug)]
+pub(crate) struct DecodeError {
+    /// The field's path (`check.interval`, `checks[1].ttl`), keys folded to
+    /// lower case as the decoder sees them.
+    pub(crate) path: Option<String>,
+    pub(crate) message: String,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.path {
+            Some(path) => write!(f, "Request decode failed: {path}: {}", self.message),
+            None => write!(f, "Request decode failed: {}", self.message),
+        }
     }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("Request decode failed: {e}"))?;
+}
+
+/// `decode_body` with the field at fault kept apart from the message.
+pub(crate) fn decode_at<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    let plain = |message: String| DecodeError {
+        path: None,
+        message,
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(plain("empty body".to_string()));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| plain(e.to_string()))?;
     // The path names the field at fault ("deadline: invalid duration ..."),
     // folded to lower case as the keys are.
     serde_path_to_error::deserialize(normalize(value)).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            format!("Request decode failed: {inner}")
-        } else {
-            format!("Request decode failed: {path}: {inner}")
+        DecodeError {
+            path: (path != ".").then_some(path),
+            message: e.into_inner().to_string(),
         }
     })
 }

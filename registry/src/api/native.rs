@@ -309,14 +309,22 @@ pub(super) async fn service(
     json(&out, index, &opts)
 }
 
-fn node_json(entry: &NodeEntry) -> serde_json::Value {
+/// A node as `/v1/switchyard/nodes` lists it. Its `state` is the drain
+/// status's own (`active`, `draining` or `drained`, with the proxy's live
+/// counts), so the list and `/nodes/NAME/drain` never disagree.
+fn node_json(state: &ApiState, entry: &NodeEntry) -> serde_json::Value {
     let node = &entry.node;
+    let progress = drain_progress(
+        state,
+        node.drain.as_ref(),
+        entry.endpoints.values().map(|e| &**e),
+    );
     json!({
         "name": &*node.name,
         "id": node.id,
         "address": node.address,
         "meta": node.meta,
-        "state": if node.drain.is_some() { "draining" } else { "active" },
+        "state": progress.phase,
         "drain_since_ms": node.drain.as_ref().map(|d| d.since_ms),
         "drain_deadline_ms": node.drain.as_ref().and_then(|d| d.deadline_ms),
         "endpoints": entry.endpoints.len(),
@@ -330,7 +338,7 @@ pub(super) async fn nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult
     let out: Vec<_> = snap
         .nodes_sorted()
         .into_iter()
-        .map(|e| node_json(e))
+        .map(|e| node_json(&state, e))
         .collect();
     json(&out, index, &opts)
 }
