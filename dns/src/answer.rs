@@ -27,6 +27,7 @@ pub(crate) struct Scratch {
     positions: Vec<u32>,
     targets: Vec<(usize, u32)>,
     rng: fastrand::Rng,
+    sent: Sent,
 }
 
 impl Scratch {
@@ -35,6 +36,47 @@ impl Scratch {
             positions: Vec::with_capacity(256),
             targets: Vec::with_capacity(256),
             rng: fastrand::Rng::new(),
+            sent: Sent {
+                stamps: Vec::new(),
+                round: 0,
+            },
+        }
+    }
+}
+
+/// Which address records (by `Entry::addr`) one answer has sent: a stamp per
+/// record, so starting an answer clears nothing. It grows to the largest
+/// service answered and is then reused.
+struct Sent {
+    stamps: Vec<u32>,
+    round: u32,
+}
+
+impl Sent {
+    /// Starts an answer over `records` address records.
+    fn begin(&mut self, records: usize) {
+        self.round = self.round.wrapping_add(1);
+        if self.round == 0 {
+            self.stamps.fill(0);
+            self.round = 1;
+        }
+        if self.stamps.len() < records {
+            self.stamps.resize(records, 0);
+        }
+    }
+
+    fn contains(&self, record: u32) -> bool {
+        self.stamps.get(record as usize) == Some(&self.round)
+    }
+
+    /// Marks `record` sent; false if it already was.
+    fn insert(&mut self, record: u32) -> bool {
+        match self.stamps.get_mut(record as usize) {
+            Some(stamp) if *stamp != self.round => {
+                *stamp = self.round;
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -263,8 +305,8 @@ impl Engine {
             return (rcode::REFUSED, false);
         }
         self.ptr.queried();
-        let Some(index) = self.ptr.current.load_full() else {
-            // The index is being built for the first time: the client retries.
+        let Some(index) = self.ptr.index() else {
+            // The first build took longer than a query may wait.
             return (rcode::SERVFAIL, false);
         };
         let Some(names) = index.names.get(&ip) else {
@@ -392,17 +434,32 @@ impl Engine {
             return self.negative(q, snap, out, c, apex, rcode::NOERROR);
         }
         s.rng.shuffle(&mut s.positions);
+        let srv = q.qtype == rtype::SRV;
+        // Each record once (RFC 2181 §5.5): instances on one address give one
+        // A/AAAA answer, and one additional record for their SRV targets.
+        let dedup = dns.shared_addrs;
+        if dedup {
+            s.sent.begin(dns.id_count());
+            if !srv {
+                let (positions, sent) = (&mut s.positions, &mut s.sent);
+                positions.retain(|&p| sent.insert(dns.entries[p as usize].addr));
+            }
+        }
         if self.config.max_answers > 0 {
             s.positions.truncate(self.config.max_answers);
         }
-        let srv = q.qtype == rtype::SRV;
         s.targets.clear();
         let mut additional = 0usize;
         for &p in &s.positions {
             let entry = &dns.entries[p as usize];
             let addr = dns.addr(entry);
             let (rr_len, extra) = if srv {
-                let extra = if addr.is_empty() { 0 } else { 2 + addr.len() };
+                let repeat = dedup && s.sent.contains(entry.target);
+                let extra = if addr.is_empty() || repeat {
+                    0
+                } else {
+                    2 + addr.len()
+                };
                 (dns.srv(entry).len(), extra)
             } else {
                 (2 + addr.len(), 0)
@@ -412,7 +469,12 @@ impl Engine {
                 break;
             }
             if srv {
-                s.targets.push((out.len() + SRV_TARGET, p));
+                if extra > 0 {
+                    s.targets.push((out.len() + SRV_TARGET, p));
+                    if dedup {
+                        s.sent.insert(entry.target);
+                    }
+                }
                 additional += extra;
                 out.extend_from_slice(dns.srv(entry));
             } else {
@@ -424,9 +486,6 @@ impl Engine {
         for &(target_at, p) in &s.targets {
             let entry = &dns.entries[p as usize];
             let addr = dns.addr(entry);
-            if addr.is_empty() {
-                continue;
-            }
             if target_at <= 0x3FFF {
                 push_pointer(out, target_at as u16);
             } else {

@@ -7,6 +7,7 @@
 //! full; the target's address record (for the additional section) is kept
 //! without its owner, which the query path points at the SRV target.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -35,12 +36,19 @@ pub(crate) struct Entry {
     /// cannot be written as a name. Its target starts at `SRV_TARGET`.
     srv: u32,
     srv_len: u16,
-    /// The instance's address record without its owner name (TYPE..RDATA):
-    /// the answer to A/AAAA after a pointer to the question, and the SRV
-    /// target's additional record after a pointer to the target.
-    addr: u32,
-    addr_len: u16,
+    /// The instance's address record in `DnsService::addrs` (`NO_ADDR` for
+    /// a host name). Instances on one address share one record, so an answer
+    /// can send each record once (RFC 2181 §5.5).
+    pub(crate) addr: u32,
+    /// The SRV target's additional record: one id per distinct (target name,
+    /// address), `NO_ADDR` without an address. Instances on one address
+    /// usually share a target, but one that names no address of its own
+    /// has its node's name as target.
+    pub(crate) target: u32,
 }
+
+/// `Entry::addr` of an instance that has no address record.
+const NO_ADDR: u32 = u32::MAX;
 
 /// Offset of the target name inside an SRV record: owner pointer (2), TYPE,
 /// CLASS, TTL, RDLENGTH (10), priority, weight, port (6).
@@ -57,6 +65,14 @@ impl Entry {
 pub(crate) struct DnsService {
     arena: Box<[u8]>,
     pub(crate) entries: Box<[Entry]>,
+    /// Each distinct address record (TYPE..RDATA, no owner): arena offset
+    /// and length.
+    addrs: Box<[(u32, u16)]>,
+    /// Distinct SRV targets with an address (the range of `Entry::target`).
+    target_count: u32,
+    /// Whether two instances share an address record or an SRV target:
+    /// only then does an answer need to skip repeats.
+    pub(crate) shared_addrs: bool,
 }
 
 impl DnsService {
@@ -64,8 +80,20 @@ impl DnsService {
         &self.arena[e.srv as usize..e.srv as usize + e.srv_len as usize]
     }
 
+    /// The instance's address record without its owner name (TYPE..RDATA):
+    /// the answer to A/AAAA after a pointer to the question, and the SRV
+    /// target's additional record after a pointer to the target. Empty for a
+    /// host name.
     pub(crate) fn addr(&self, e: &Entry) -> &[u8] {
-        &self.arena[e.addr as usize..e.addr as usize + e.addr_len as usize]
+        match self.addrs.get(e.addr as usize) {
+            Some(&(at, len)) => &self.arena[at as usize..at as usize + len as usize],
+            None => &[],
+        }
+    }
+
+    /// How many ids `Entry::addr` and `Entry::target` range over.
+    pub(crate) fn id_count(&self) -> usize {
+        self.addrs.len().max(self.target_count as usize)
     }
 }
 
@@ -88,6 +116,10 @@ impl DnsDecorator {
         let domain = self.config.domain.trim_end_matches('.');
         let mut arena = Vec::with_capacity(view.instances.len() * 80);
         let mut entries = Vec::with_capacity(view.instances.len());
+        let mut addrs: Vec<(u32, u16)> = Vec::with_capacity(view.instances.len());
+        let mut by_ip: HashMap<IpAddr, u32> = HashMap::with_capacity(view.instances.len());
+        let mut by_target: HashMap<(u32, String), u32> =
+            HashMap::with_capacity(view.instances.len());
         for instance in &view.instances {
             let address = instance.address();
             let ip = address.parse::<IpAddr>().ok();
@@ -123,21 +155,38 @@ impl DnsDecorator {
                 arena.truncate(srv as usize);
                 0
             };
-            let addr = pos(&arena);
-            if let Some(ip) = ip {
-                push_addr_rr(&mut arena, None, ip, ttl);
-            }
+            let addr = match ip {
+                Some(ip) => *by_ip.entry(ip).or_insert_with(|| {
+                    let at = pos(&arena);
+                    push_addr_rr(&mut arena, None, ip, ttl);
+                    addrs.push((at, (pos(&arena) - at) as u16));
+                    (addrs.len() - 1) as u32
+                }),
+                None => NO_ADDR,
+            };
+            let target = match ip {
+                Some(_) => {
+                    let next = by_target.len() as u32;
+                    *by_target.entry((addr, target)).or_insert(next)
+                }
+                None => NO_ADDR,
+            };
             entries.push(Entry {
                 family,
                 srv,
                 srv_len,
                 addr,
-                addr_len: (pos(&arena) - addr) as u16,
+                target,
             });
         }
+        let with_ip = entries.iter().filter(|e| e.addr != NO_ADDR).count();
+        let shared_addrs = addrs.len() < with_ip || by_target.len() < with_ip;
         DnsService {
             arena: arena.into_boxed_slice(),
             entries: entries.into_boxed_slice(),
+            addrs: addrs.into_boxed_slice(),
+            target_count: by_target.len() as u32,
+            shared_addrs,
         }
     }
 }

@@ -4,12 +4,14 @@
 //! index is built off the query path, on demand: the first PTR query wakes the
 //! builder; after that it is refreshed at most once a second while the catalog
 //! changes and PTR queries keep coming (within the last five minutes). Queries
-//! read it lock-free; until the first build lands they get SERVFAIL and retry.
+//! read it lock-free. Only the queries that arrive before the first build has
+//! landed wait for it (up to `FIRST_BUILD_WAIT`, then SERVFAIL), so the first
+//! PTR query after start gets its answer.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -19,6 +21,8 @@ use switchyard_registry::{unix_ms, Snapshot};
 const REFRESH: Duration = Duration::from_secs(1);
 /// Stop refreshing when no PTR query came for this long.
 const IDLE_MS: u64 = 300_000;
+/// Longest a query waits for the first build before it gets SERVFAIL.
+const FIRST_BUILD_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) struct PtrIndex {
     /// Catalog index the map was built from.
@@ -30,6 +34,8 @@ pub(crate) struct Ptr {
     pub(crate) current: ArcSwapOption<PtrIndex>,
     last_query_ms: AtomicU64,
     builder: OnceLock<std::thread::Thread>,
+    /// Signalled when the first index lands (queries before it wait here).
+    first_build: (Mutex<bool>, Condvar),
 }
 
 impl Ptr {
@@ -38,6 +44,31 @@ impl Ptr {
             current: ArcSwapOption::empty(),
             last_query_ms: AtomicU64::new(0),
             builder: OnceLock::new(),
+            first_build: (Mutex::new(false), Condvar::new()),
+        }
+    }
+
+    /// The index, waiting (bounded) for the first build if none has landed.
+    /// Only queries before the first build ever wait.
+    pub(crate) fn index(&self) -> Option<Arc<PtrIndex>> {
+        if let Some(index) = self.current.load_full() {
+            return Some(index);
+        }
+        let (built, landed) = &self.first_build;
+        let guard = built.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = landed
+            .wait_timeout_while(guard, FIRST_BUILD_WAIT, |built| !*built)
+            .unwrap_or_else(|e| e.into_inner());
+        self.current.load_full()
+    }
+
+    fn store(&self, index: PtrIndex) {
+        self.current.store(Some(Arc::new(index)));
+        let (built, landed) = &self.first_build;
+        let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+        if !*built {
+            *built = true;
+            landed.notify_all();
         }
     }
 
@@ -108,8 +139,7 @@ pub(crate) fn spawn_builder(
                         .as_ref()
                         .is_none_or(|c| c.index != snap.index());
                     if stale {
-                        let index = build(&snap, &datacenter, domain.trim_end_matches('.'));
-                        ptr.current.store(Some(Arc::new(index)));
+                        ptr.store(build(&snap, &datacenter, domain.trim_end_matches('.')));
                     }
                 }
             }
