@@ -1,6 +1,8 @@
 //! `agent --demo`: three tiny HTTP backends inside the agent, registered as
 //! service `demo` (with HTTP checks) and routed from host `demo.localhost`
 //! round robin, so a newcomer can dig, curl and open the dashboard at once.
+//! They listen on 127.0.0.1:9001-9003, where the README's steps find them
+//! (a port already taken gets a free one instead).
 
 use std::net::SocketAddr;
 
@@ -16,6 +18,8 @@ use switchyard_registry::Registry;
 pub(crate) const SERVICE: &str = "demo";
 pub(crate) const HOST: &str = "demo.localhost";
 const BACKENDS: usize = 3;
+/// Backend n listens on `FIRST_PORT + n - 1` when that port is free.
+const FIRST_PORT: u16 = 9001;
 
 /// The route `--demo` adds to the `[http]` routes (again at every reload).
 pub(crate) fn route() -> RouteConfig {
@@ -38,9 +42,13 @@ pub(crate) async fn start(registry: &Registry, node: &str) -> anyhow::Result<Vec
     let mut addrs = Vec::with_capacity(BACKENDS);
     for n in 1..=BACKENDS {
         let id = format!("{SERVICE}-{n}");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("cannot listen for a demo backend")?;
+        let port = FIRST_PORT + n as u16 - 1;
+        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(listener) => listener,
+            Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("cannot listen for a demo backend")?,
+        };
         let addr = listener.local_addr()?;
         let app = Router::new()
             .route("/health", get(|| async { "ok\n" }))

@@ -870,7 +870,7 @@ fn run_thread(thread: Thread) {
                     local.sweep();
                     access::flush();
                     sweeps = sweeps.wrapping_add(1);
-                    if index == 0 && sweeps % PRUNE_EVERY_SWEEPS == 0 {
+                    if index == 0 && sweeps.is_multiple_of(PRUNE_EVERY_SWEEPS) {
                         local.shared.prune(&snapshot.load());
                     }
                 }

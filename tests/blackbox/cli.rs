@@ -315,3 +315,44 @@ fn logs_have_no_colour_codes_off_a_terminal_or_with_no_color() {
     );
     drop(taken);
 }
+
+/// The workspace's `rust-version` is at least what every locked dependency
+/// declares, so the toolchain the project names is one that builds it.
+#[test]
+fn the_declared_toolchain_builds_every_locked_dependency() {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let version = |v: &Value| -> Option<(u64, u64)> {
+        let mut parts = v.as_str()?.split('.').map(|p| p.parse::<u64>().ok());
+        Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+    };
+    let packages = meta["packages"].as_array().expect("packages");
+    let ours = packages
+        .iter()
+        .find(|p| p["name"] == "switchyard")
+        .and_then(|p| version(&p["rust_version"]))
+        .expect("the workspace declares rust-version");
+    let needed = packages
+        .iter()
+        .filter_map(|p| Some((version(&p["rust_version"])?, p["name"].as_str()?)))
+        .max()
+        .expect("some dependency declares rust-version");
+    assert!(
+        ours >= needed.0,
+        "rust-version {}.{} is below {}'s {}.{}",
+        ours.0,
+        ours.1,
+        needed.1,
+        needed.0 .0,
+        needed.0 .1
+    );
+}

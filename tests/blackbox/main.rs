@@ -10,6 +10,7 @@ mod health;
 mod lifecycle;
 mod operator;
 mod proxy;
+mod readme;
 mod registry_api;
 mod restart;
 mod security;

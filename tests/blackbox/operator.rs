@@ -15,6 +15,9 @@ use crate::support::{eventually, Agent};
 
 #[test]
 fn the_demo_answers_dig_curl_and_the_dashboard() {
+    let _ports = crate::support::DEMO_PORTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let agent = Agent::start_in(&dir.path().join("data"), &["--demo"]);
 

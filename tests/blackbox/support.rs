@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Held by the tests whose agent runs `--demo`: its backends take
+/// 127.0.0.1:9001-9003 when free, and the README's steps rely on it.
+pub(crate) static DEMO_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub(crate) fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_switchyard")
 }
