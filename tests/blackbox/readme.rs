@@ -289,3 +289,32 @@ fn shell_blocks_join_continued_lines() {
         ]
     );
 }
+
+/// Every link in the README points inside the repository, at a file that
+/// is there: a clone has nothing beside it.
+#[test]
+fn the_readme_links_only_inside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut links = 0;
+    for (at, _) in README.match_indices("](") {
+        let rest = &README[at + 2..];
+        let target = &rest[..rest.find(')').unwrap_or(rest.len())];
+        links += 1;
+        assert!(
+            !target.contains("://") && !target.starts_with('/') && !target.contains(".."),
+            "the README links outside the repository: {target}"
+        );
+        let file = target.split('#').next().unwrap_or(target);
+        assert!(
+            root.join(file).exists(),
+            "the README links to {target}, which is not in the repository"
+        );
+    }
+    assert!(links >= 3, "only {links} links found");
+    for mention in ["../shared", "CONSUL.md"] {
+        assert!(
+            !README.contains(mention),
+            "the README names {mention}, outside the repository"
+        );
+    }
+}
