@@ -173,7 +173,7 @@ async fn serve(
     let checker = switchyard_registry::spawn_checker(registry.clone());
     let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
         proxy.clone(),
-        registry.clone(),
+        Arc::new(registry.clone()),
     ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_registry::{NodeEntry, Snapshot};
+use switchyard_catalog::{NodeEntry, Snapshot};
 
 use crate::config::Config;
 use crate::metrics::DnsMetrics;

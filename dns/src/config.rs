@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use switchyard_registry::ThreadPolicy;
+use switchyard_catalog::ThreadPolicy;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -69,14 +69,14 @@ impl Default for Config {
 
 fn go_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    switchyard_registry::parse_go_duration(&text).map_err(serde::de::Error::custom)
+    switchyard_catalog::parse_go_duration(&text).map_err(serde::de::Error::custom)
 }
 
 fn ttl_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Duration>, D::Error> {
     let raw = BTreeMap::<String, String>::deserialize(d)?;
     raw.into_iter()
         .map(|(k, v)| {
-            switchyard_registry::parse_go_duration(&v)
+            switchyard_catalog::parse_go_duration(&v)
                 .map(|d| (k.clone(), d))
                 .map_err(|e| serde::de::Error::custom(format!("service_ttl.{k}: {e}")))
         })

@@ -1,4 +1,7 @@
-//! Entry point for the cargo-fuzz target in `fuzz/` (feature `fuzzing`).
+//! Entry point for the cargo-fuzz target in `fuzz/` (feature `fuzzing`, which
+//! also brings in the registry to build the fixture's snapshot: DNS itself
+//! needs only the catalog). Its test runs under `tools/test`
+//! (`--all-features`).
 
 use std::sync::{Arc, OnceLock};
 

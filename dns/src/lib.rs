@@ -8,7 +8,7 @@
 
 mod answer;
 mod config;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod metrics;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use switchyard_registry::Snapshot;
+use switchyard_catalog::Snapshot;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 

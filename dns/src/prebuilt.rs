@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use switchyard_registry::{Extra, ServiceView, Status, ViewDecorator};
+use switchyard_catalog::{Extra, ServiceView, Status, ViewDecorator};
 
 use crate::config::Config;
 use crate::wire::{finish_rdata, push_name, push_pointer, push_rr_head, rtype};

@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use switchyard_registry::{unix_ms, Snapshot};
+use switchyard_catalog::{unix_ms, Snapshot};
 
 /// Rebuild at most this often.
 const REFRESH: Duration = Duration::from_secs(1);

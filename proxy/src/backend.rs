@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use switchyard_registry::{
-    unix_ms, BusyEndpoint, EndpointLoad, EndpointState, Extra, Instance, LoadReport, Name,
-    Registry, ServiceLoad, ServiceView, Snapshot, ViewDecorator,
+use switchyard_catalog::{
+    unix_ms, BusyEndpoint, EndpointLoad, EndpointState, Extra, HealthReports, Instance, LoadReport,
+    Name, ServiceLoad, ServiceView, Snapshot, ViewDecorator,
 };
 
 use crate::balance::Ring;
@@ -656,8 +656,11 @@ impl Shared {
 /// Reports endpoints that keep failing to the registry as checks (see
 /// `OutlierConfig::report`), withdraws each report after `report_hold` or
 /// once the endpoint succeeds again. Runs until aborted.
-pub async fn report_passive_failures(decorator: Arc<ProxyDecorator>, registry: Registry) {
-    use switchyard_registry::{Check, CheckDefinition, Command, NewCheck, Status};
+pub async fn report_passive_failures(
+    decorator: Arc<ProxyDecorator>,
+    registry: Arc<dyn HealthReports>,
+) {
+    use switchyard_catalog::{Check, CheckDefinition, Status};
     let shared = decorator.shared.clone();
     let mut reported: HashMap<(Name, Name), (Arc<EndpointStats>, std::time::Instant)> =
         HashMap::new();
@@ -700,13 +703,7 @@ pub async fn report_passive_failures(decorator: Arc<ProxyDecorator>, registry: R
                     create_index: 0,
                     modify_index: 0,
                 };
-                let command = Command::RegisterCheck {
-                    check: NewCheck {
-                        check,
-                        status_given: true,
-                    },
-                };
-                match registry.apply(command).await {
+                match registry.report(check).await {
                     Ok(_) => {
                         tracing::warn!(service = %service, node = %node, endpoint = %id,
                             status = status.as_str(), "reported an endpoint that keeps failing to the registry");
@@ -730,11 +727,8 @@ pub async fn report_passive_failures(decorator: Arc<ProxyDecorator>, registry: R
             };
             stats.reset_failing();
             let (node, id) = key;
-            let command = Command::DeregisterCheck {
-                node: node.clone(),
-                id: format!("{PASSIVE_CHECK_PREFIX}{id}").into(),
-            };
-            if let Err(e) = registry.apply(command).await {
+            let check_id = format!("{PASSIVE_CHECK_PREFIX}{id}").into();
+            if let Err(e) = registry.withdraw(node.clone(), check_id).await {
                 tracing::debug!(error = %e, endpoint = %id, "cannot withdraw a passive report");
             } else {
                 tracing::info!(node = %node, endpoint = %id, "withdrew the passive failure report; the endpoint is tried again");

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use switchyard_registry::ThreadPolicy;
+use switchyard_catalog::ThreadPolicy;
 
 /// How a route picks one endpoint of its service.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -348,7 +348,7 @@ impl Config {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    switchyard_registry::parse_go_duration(&text).map_err(serde::de::Error::custom)
+    switchyard_catalog::parse_go_duration(&text).map_err(serde::de::Error::custom)
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

@@ -31,7 +31,7 @@ mod wire;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_registry::Snapshot;
+use switchyard_catalog::Snapshot;
 
 pub use backend::{
     report_passive_failures, ProxyDecorator, ProxyService, ReloadPlan, PASSIVE_CHECK_PREFIX,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_registry::Name;
+use switchyard_catalog::Name;
 
 use crate::config::{BalancerKind, Config, HashOn};
 

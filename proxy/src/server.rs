@@ -16,7 +16,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Cache};
 use prometheus::IntGauge;
 use socket2::{Domain, Protocol, Socket, Type};
-use switchyard_registry::Snapshot;
+use switchyard_catalog::Snapshot;
 use switchyard_uring::Ring;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;

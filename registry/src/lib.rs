@@ -2,14 +2,15 @@
 //!
 //! One writer task applies every change in order, makes it durable through a
 //! [`Store`], and publishes an immutable [`Snapshot`] that readers load through
-//! arc-swap without locking. This crate owns the types shared with DNS and the
-//! proxy (re-exported here) and serves the HTTP API (Consul-compatible and native).
+//! arc-swap without locking. The snapshot's types live in `switchyard_catalog`
+//! (re-exported here), which is all DNS and the proxy depend on; this crate
+//! builds snapshots, stores them, checks health and serves the HTTP API
+//! (Consul-compatible and native).
 #![forbid(unsafe_code)]
 
 pub mod api;
 mod catalog;
 mod config;
-mod duration;
 mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
@@ -17,32 +18,31 @@ pub mod fuzzing;
 mod health;
 mod load;
 mod metrics;
-mod model;
-mod sched;
-mod snapshot;
 mod store;
 mod watch;
 mod writer;
 
 pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
 pub use config::{ApiConfig, ApiTlsConfig, Role, StoreConfig, StoreKind, TokenConfig};
-pub use duration::{format_go_duration, parse_go_duration};
 pub use error::{RegistryError, StoreError};
 pub use health::spawn_checker;
-pub use load::{BusyEndpoint, ClusterLoad, EndpointLoad, LoadBoard, LoadReport, ServiceLoad};
+pub use load::{ClusterLoad, LoadBoard};
 pub use metrics::RegistryMetrics;
-pub use model::{
-    node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,
-    Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
+// The catalog's types, for the binary and the API (DNS and the proxy use
+// `switchyard_catalog` itself).
+pub use switchyard_catalog::{
+    format_go_duration, node_uuid, parse_go_duration, unix_ms, BusyEndpoint, Check,
+    CheckDefinition, Drain, Endpoint, EndpointLoad, EndpointState, Extra, Extras, Instance,
+    LoadReport, Name, Node, NodeEntry, ServiceLoad, ServiceView, Snapshot, StateCounts, Status,
+    TableIndexes, TaggedAddress, ThreadPolicy, ViewDecorator, Weights, NODE_HEALTH_CHECK,
+    NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
 };
-pub use sched::ThreadPolicy;
-pub use snapshot::{
-    EndpointState, Extra, Extras, Instance, NodeEntry, ServiceView, Snapshot, StateCounts,
-    TableIndexes, ViewDecorator,
-};
+// `crate::model::..`, `crate::snapshot::..` and `crate::duration::..` name the
+// catalog's modules inside this crate.
 pub use store::{
     Change, Committed, EmbeddedStore, EtcdOptions, EtcdStore, Keyed, Loaded, MemoryStore, Record,
     Store, StoreBatch, StoreStatus, CATALOG_FILE,
 };
+use switchyard_catalog::{duration, model, snapshot};
 pub use watch::WatchKey;
 pub use writer::Registry;

@@ -64,6 +64,35 @@ struct Inner {
 /// Where the writer reports changed checks, when a health checker listens.
 type CheckEvents = Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Vec<(Name, Name)>>>>>;
 
+/// The data plane's passive reports become check registrations and
+/// deregistrations, applied (durably) like any other write.
+impl switchyard_catalog::HealthReports for Registry {
+    fn report(&self, check: crate::model::Check) -> switchyard_catalog::Reported<'_> {
+        Box::pin(async move {
+            let command = Command::RegisterCheck {
+                check: NewCheck {
+                    check,
+                    status_given: true,
+                },
+            };
+            self.apply(command)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn withdraw(&self, node: Name, id: Name) -> switchyard_catalog::Reported<'_> {
+        Box::pin(async move {
+            let command = Command::DeregisterCheck { node, id };
+            self.apply(command)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 impl Registry {
     /// Loads the catalog from `store`, publishes the first snapshot and starts
     /// the writer task on the current runtime.

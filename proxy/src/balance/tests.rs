@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
-use switchyard_registry::Name;
+use switchyard_catalog::Name;
 
 use super::*;
 use crate::backend::EndpointStats;

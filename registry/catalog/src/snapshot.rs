@@ -18,33 +18,33 @@ use crate::model::{Check, Endpoint, Name, Node, Status};
 /// The whole catalog at one index.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub(crate) index: u64,
-    pub(crate) nodes: OrdMap<Name, Arc<NodeEntry>>,
+    pub index: u64,
+    pub nodes: OrdMap<Name, Arc<NodeEntry>>,
     /// One slot per service name ever seen. A hash trie (not a B-tree): a change
     /// path-copies one slot's branch, with hash compares instead of string ones.
-    pub(crate) services: PMap<Name, Arc<ServiceSlot>>,
+    pub services: PMap<Name, Arc<ServiceSlot>>,
     /// Services with at least one instance.
-    pub(crate) service_count: usize,
+    pub service_count: usize,
     /// Lowercase alias -> name, only for service names with uppercase letters,
     /// so that case-insensitive lookups (DNS) find them.
-    pub(crate) aliases: PMap<Name, Name>,
-    pub(crate) tables: TableIndexes,
-    pub(crate) counts: StateCounts,
+    pub aliases: PMap<Name, Name>,
+    pub tables: TableIndexes,
+    pub counts: StateCounts,
 }
 
 /// Everything kept per service name, in one map entry so that a change costs
 /// one path copy. A slot outlives its last instance as a tombstone carrying the
 /// index, so a blocking query on a removed service still sees the index grow.
 #[derive(Clone, Debug)]
-pub(crate) struct ServiceSlot {
+pub struct ServiceSlot {
     /// The service name, shared by every endpoint of the service (interned).
-    pub(crate) name: Name,
+    pub name: Name,
     /// Instances as `(node, endpoint id)`.
-    pub(crate) members: Members,
+    pub members: Members,
     /// Last index at which anything shown for the service changed.
-    pub(crate) index: u64,
+    pub index: u64,
     /// Built at publish time; `None` once the last instance is gone.
-    pub(crate) view: Option<Arc<ServiceView>>,
+    pub view: Option<Arc<ServiceView>>,
 }
 
 /// Per-table modify indexes for list endpoints (all services, all nodes, all checks).
@@ -132,13 +132,13 @@ impl StateCounts {
         self.0.iter().sum()
     }
 
-    pub(crate) fn add(&mut self, other: &StateCounts) {
+    pub fn add(&mut self, other: &StateCounts) {
         for (a, b) in self.0.iter_mut().zip(other.0) {
             *a += b;
         }
     }
 
-    pub(crate) fn sub(&mut self, other: &StateCounts) {
+    pub fn sub(&mut self, other: &StateCounts) {
         for (a, b) in self.0.iter_mut().zip(other.0) {
             *a = a.saturating_sub(b);
         }
@@ -262,7 +262,7 @@ pub trait ViewDecorator: Send + Sync + 'static {
 /// three. Past `LARGE` members the persistent set takes over, whose chunk cost is
 /// then spread thin and whose clone stays O(1).
 #[derive(Clone, Debug)]
-pub(crate) enum Members {
+pub enum Members {
     Small(Vec<(Name, Name)>),
     Large(OrdSet<(Name, Name)>),
 }
@@ -276,7 +276,7 @@ impl Default for Members {
 impl Members {
     const LARGE: usize = 32;
 
-    pub(crate) fn insert(&mut self, key: (Name, Name)) {
+    pub fn insert(&mut self, key: (Name, Name)) {
         match self {
             Members::Small(list) => {
                 if let Err(at) = list.binary_search(&key) {
@@ -292,7 +292,7 @@ impl Members {
         }
     }
 
-    pub(crate) fn remove(&mut self, key: &(Name, Name)) {
+    pub fn remove(&mut self, key: &(Name, Name)) {
         match self {
             Members::Small(list) => {
                 if let Ok(at) = list.binary_search(key) {
@@ -308,19 +308,19 @@ impl Members {
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         match self {
             Members::Small(list) => list.len(),
             Members::Large(set) => set.len(),
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// In sorted order.
-    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = &(Name, Name)> + '_> {
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &(Name, Name)> + '_> {
         match self {
             Members::Small(list) => Box::new(list.iter()),
             Members::Large(set) => Box::new(set.iter()),
@@ -360,7 +360,7 @@ pub struct ServiceView {
 }
 
 impl ServiceView {
-    pub(crate) fn build(name: Name, index: u64, instances: Vec<Instance>) -> ServiceView {
+    pub fn build(name: Name, index: u64, instances: Vec<Instance>) -> ServiceView {
         let mut routable = Vec::new();
         let mut passing = Vec::new();
         let mut by_tag: HashMap<Box<str>, Vec<u32>> = HashMap::new();
@@ -399,7 +399,7 @@ impl ServiceView {
     }
 
     /// Runs the decorators over the finished view.
-    pub(crate) fn decorate(&mut self, decorators: &[Arc<dyn ViewDecorator>]) {
+    pub fn decorate(&mut self, decorators: &[Arc<dyn ViewDecorator>]) {
         if !decorators.is_empty() {
             let extras = decorators.iter().map(|d| d.decorate(self)).collect();
             self.extras = Extras(extras);
@@ -516,7 +516,7 @@ impl Snapshot {
 
     /// The slot of a service for editing. A new slot is named after the
     /// service and, when the name has capitals, given its lowercase alias.
-    pub(crate) fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
+    pub fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
         if !self.services.contains_key(service) && service.bytes().any(|b| b.is_ascii_uppercase()) {
             let lower: Name = service.to_ascii_lowercase().into();
             self.aliases.insert(lower, service.clone());
@@ -536,11 +536,7 @@ impl Snapshot {
     /// for each service a change touched. Instances on nodes whose entry did
     /// not change (`changed_nodes`) are taken from the previous view as they
     /// are, so the cost follows what changed, not the size of the service's nodes.
-    pub(crate) fn build_view(
-        &self,
-        name: &Name,
-        changed_nodes: &HashSet<Name>,
-    ) -> Option<ServiceView> {
+    pub fn build_view(&self, name: &Name, changed_nodes: &HashSet<Name>) -> Option<ServiceView> {
         let slot = self.services.get(name)?;
         let members = &slot.members;
         if members.is_empty() {

@@ -106,7 +106,7 @@ impl Node {
     }
 
     /// True when the registrant-visible fields are equal (indexes and drain aside).
-    pub(crate) fn same_definition(&self, other: &Node) -> bool {
+    pub fn same_definition(&self, other: &Node) -> bool {
         self.name == other.name
             && self.id == other.id
             && self.address == other.address
@@ -199,7 +199,7 @@ impl Endpoint {
     }
 
     /// True when the registrant-visible fields are equal (indexes and drain aside).
-    pub(crate) fn same_definition(&self, other: &Endpoint) -> bool {
+    pub fn same_definition(&self, other: &Endpoint) -> bool {
         self.id == other.id
             && self.service == other.service
             && self.node == other.node
@@ -296,7 +296,7 @@ pub const NODE_MAINTENANCE_CHECK: &str = "_node_maintenance";
 pub const SERVICE_MAINTENANCE_PREFIX: &str = "_service_maintenance:";
 
 impl Check {
-    pub(crate) fn same_definition(&self, other: &Check) -> bool {
+    pub fn same_definition(&self, other: &Check) -> bool {
         self.node == other.node
             && self.id == other.id
             && self.name == other.name
@@ -334,7 +334,7 @@ pub fn node_uuid(name: &str) -> String {
 
 /// Microseconds since the Unix epoch (wall clock: comparable across agents
 /// only as far as their clocks agree).
-pub(crate) fn unix_us() -> u64 {
+pub fn unix_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))

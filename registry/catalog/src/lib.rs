@@ -1,0 +1,30 @@
+//! Switchyard catalog: the records (nodes, endpoints, checks), the immutable
+//! [`Snapshot`] the registry's writer publishes, its per-service views and
+//! their decorators, and the few settings and questions the roles share
+//! ([`ThreadPolicy`], [`LoadReport`], [`HealthReports`], Go durations).
+//!
+//! This is all that DNS and the proxy depend on: it does no I/O, so they
+//! build without the registry's stores, API or health checker. The registry
+//! builds snapshots (the `pub` fields and builders marked "the writer's"),
+//! everyone else reads them.
+#![forbid(unsafe_code)]
+
+pub mod duration;
+pub mod load;
+pub mod model;
+pub mod report;
+pub mod snapshot;
+pub mod thread_policy;
+
+pub use duration::{format_go_duration, parse_go_duration};
+pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
+pub use model::{
+    node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,
+    Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
+};
+pub use report::{HealthReports, Reported};
+pub use snapshot::{
+    EndpointState, Extra, Extras, Instance, NodeEntry, ServiceView, Snapshot, StateCounts,
+    TableIndexes, ViewDecorator,
+};
+pub use thread_policy::ThreadPolicy;
