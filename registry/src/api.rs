@@ -19,7 +19,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, put, MethodRouter};
 use axum::Router;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -90,18 +90,49 @@ impl Tokens {
     }
 }
 
-/// The role a request needs: reads need `read`; drains and maintenance need
-/// `operator`; every other write (registrations, checks, batches,
-/// heartbeats) needs `register`.
-fn required_role(method: &axum::http::Method, path: &str) -> crate::Role {
-    use axum::http::Method;
-    if method == Method::GET || method == Method::HEAD {
-        crate::Role::Read
-    } else if path.contains("/maintenance") || path.ends_with("/drain") {
-        crate::Role::Operator
-    } else {
-        crate::Role::Register
+/// Who may call a route, declared where the route is registered: reads
+/// (GET, HEAD) always need `read`; a route's other methods need the role it
+/// names. `Public` routes (the dashboard's pages and assets) check nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Public,
+    /// Read-only routes: `read`.
+    Read,
+    /// Reads need `read`, writes this role.
+    Writes(crate::Role),
+}
+
+impl Access {
+    fn needed(self, method: &axum::http::Method) -> Option<crate::Role> {
+        use axum::http::Method;
+        match self {
+            Access::Public => None,
+            Access::Read => Some(crate::Role::Read),
+            _ if method == Method::GET || method == Method::HEAD => Some(crate::Role::Read),
+            Access::Writes(role) => Some(role),
+        }
     }
+}
+
+/// A route's access rule with the state the check needs.
+#[derive(Clone)]
+struct Guard {
+    state: Arc<ApiState>,
+    access: Access,
+}
+
+/// `routes` behind `access`: a request without the role it needs reaches no
+/// handler (with tokens configured).
+fn guarded(
+    state: &Arc<ApiState>,
+    access: Access,
+    routes: MethodRouter<Arc<ApiState>>,
+) -> MethodRouter<Arc<ApiState>> {
+    let guard = Guard {
+        state: state.clone(),
+        access,
+    };
+    routes.route_layer(middleware::from_fn_with_state(guard, authorize))
 }
 
 /// The token a request carries: `X-Consul-Token`, `Authorization: Bearer`,
@@ -130,14 +161,14 @@ fn token_in<'a>(headers: &'a axum::http::HeaderMap, query: Option<&'a str>) -> O
 
 /// Refuses requests without a token of the role their route needs (when
 /// tokens are configured). A refused request reaches no handler.
-async fn authorize(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
-    // The dashboard's pages and assets load without a token (a browser
-    // navigation carries none); they show data only to a request that
-    // presents a read token, which their script sends with every refresh.
-    if state.tokens.is_empty() || ui::is_ui_path(request.uri().path()) {
+async fn authorize(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let Guard { state, access } = guard;
+    let Some(needed) = access.needed(request.method()) else {
+        return next.run(request).await;
+    };
+    if state.tokens.is_empty() {
         return next.run(request).await;
     }
-    let needed = required_role(request.method(), request.uri().path());
     let refusal = match presented_token(&request) {
         None => Some(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -212,84 +243,138 @@ fn may_read(state: &ApiState, request_token: Option<&[u8]>) -> bool {
 
 /// Builds the API router.
 pub fn router(state: Arc<ApiState>) -> Router {
+    use crate::Role::{Operator, Register};
+    use Access::{Public, Read, Writes};
     let limit = state.config.max_body_bytes;
+    let reads = |routes| guarded(&state, Read, routes);
+    let register = |routes| guarded(&state, Writes(Register), routes);
+    let operator = |routes| guarded(&state, Writes(Operator), routes);
+    // The dashboard's pages and assets load without a token (a browser
+    // navigation carries none); they show data only to a request that
+    // presents a read token, which their script sends with every refresh.
+    let public = |routes| guarded(&state, Public, routes);
     Router::new()
-        .route("/v1/agent/self", get(consul::agent_self))
-        .route("/v1/agent/services", get(consul::agent_services))
-        .route("/v1/agent/checks", get(consul::agent_checks))
-        .route("/v1/agent/service/register", put(consul::service_register))
+        .route("/v1/agent/self", reads(get(consul::agent_self)))
+        .route("/v1/agent/services", reads(get(consul::agent_services)))
+        .route("/v1/agent/checks", reads(get(consul::agent_checks)))
+        .route(
+            "/v1/agent/service/register",
+            register(put(consul::service_register)),
+        )
         .route(
             "/v1/agent/service/deregister/{*id}",
-            put(consul::service_deregister),
+            register(put(consul::service_deregister)),
         )
         .route(
             "/v1/agent/service/maintenance/{*id}",
-            put(consul::service_maintenance),
+            operator(put(consul::service_maintenance)),
         )
-        .route("/v1/agent/service/{*id}", get(consul::agent_service))
-        .route("/v1/agent/maintenance", put(consul::node_maintenance))
-        .route("/v1/agent/check/register", put(consul::check_register))
+        .route("/v1/agent/service/{*id}", reads(get(consul::agent_service)))
+        .route(
+            "/v1/agent/maintenance",
+            operator(put(consul::node_maintenance)),
+        )
+        .route(
+            "/v1/agent/check/register",
+            register(put(consul::check_register)),
+        )
         .route(
             "/v1/agent/check/deregister/{*id}",
-            put(consul::check_deregister),
+            register(put(consul::check_deregister)),
         )
-        .route("/v1/agent/check/pass/{*id}", put(consul::check_pass))
-        .route("/v1/agent/check/warn/{*id}", put(consul::check_warn))
-        .route("/v1/agent/check/fail/{*id}", put(consul::check_fail))
-        .route("/v1/agent/check/update/{*id}", put(consul::check_update))
-        .route("/v1/catalog/register", put(consul::catalog_register))
-        .route("/v1/catalog/deregister", put(consul::catalog_deregister))
-        .route("/v1/catalog/datacenters", get(consul::catalog_datacenters))
-        .route("/v1/catalog/services", get(consul::catalog_services))
-        .route("/v1/catalog/service/{*name}", get(consul::catalog_service))
-        .route("/v1/catalog/nodes", get(consul::catalog_nodes))
-        .route("/v1/catalog/node/{*name}", get(consul::catalog_node))
-        .route("/v1/health/service/{*name}", get(consul::health_service))
-        .route("/v1/health/checks/{*name}", get(consul::health_checks))
-        .route("/v1/health/state/{state}", get(consul::health_state))
-        .route("/v1/health/node/{*name}", get(consul::health_node))
-        .route("/v1/status/leader", get(consul::status_leader))
-        .route("/v1/status/peers", get(consul::status_peers))
-        .route("/v1/switchyard/status", get(native::status))
+        .route(
+            "/v1/agent/check/pass/{*id}",
+            register(put(consul::check_pass)),
+        )
+        .route(
+            "/v1/agent/check/warn/{*id}",
+            register(put(consul::check_warn)),
+        )
+        .route(
+            "/v1/agent/check/fail/{*id}",
+            register(put(consul::check_fail)),
+        )
+        .route(
+            "/v1/agent/check/update/{*id}",
+            register(put(consul::check_update)),
+        )
+        .route(
+            "/v1/catalog/register",
+            register(put(consul::catalog_register)),
+        )
+        .route(
+            "/v1/catalog/deregister",
+            register(put(consul::catalog_deregister)),
+        )
+        .route(
+            "/v1/catalog/datacenters",
+            reads(get(consul::catalog_datacenters)),
+        )
+        .route("/v1/catalog/services", reads(get(consul::catalog_services)))
+        .route(
+            "/v1/catalog/service/{*name}",
+            reads(get(consul::catalog_service)),
+        )
+        .route("/v1/catalog/nodes", reads(get(consul::catalog_nodes)))
+        .route("/v1/catalog/node/{*name}", reads(get(consul::catalog_node)))
+        .route(
+            "/v1/health/service/{*name}",
+            reads(get(consul::health_service)),
+        )
+        .route(
+            "/v1/health/checks/{*name}",
+            reads(get(consul::health_checks)),
+        )
+        .route("/v1/health/state/{state}", reads(get(consul::health_state)))
+        .route("/v1/health/node/{*name}", reads(get(consul::health_node)))
+        .route("/v1/status/leader", reads(get(consul::status_leader)))
+        .route("/v1/status/peers", reads(get(consul::status_peers)))
+        .route("/v1/switchyard/status", reads(get(native::status)))
         .route(
             "/v1/switchyard/batch",
-            put(native::batch).post(native::batch),
+            register(put(native::batch).post(native::batch)),
         )
         .route(
             "/v1/switchyard/heartbeat",
-            put(native::heartbeat).post(native::heartbeat),
+            register(put(native::heartbeat).post(native::heartbeat)),
         )
-        .route("/v1/switchyard/services", get(native::services))
-        .route("/v1/switchyard/services/{name}", get(native::service))
-        .route("/v1/switchyard/nodes", get(native::nodes))
+        .route("/v1/switchyard/services", reads(get(native::services)))
+        .route(
+            "/v1/switchyard/services/{name}",
+            reads(get(native::service)),
+        )
+        .route("/v1/switchyard/nodes", reads(get(native::nodes)))
         .route(
             "/v1/switchyard/nodes/{node}/drain",
-            get(native::drain_status)
-                .put(native::drain)
-                .delete(native::undrain),
+            operator(
+                get(native::drain_status)
+                    .put(native::drain)
+                    .delete(native::undrain),
+            ),
         )
         .route(
             "/v1/switchyard/endpoints/{id}/drain",
-            get(native::endpoint_drain_status)
-                .put(native::endpoint_drain)
-                .delete(native::endpoint_undrain),
+            operator(
+                get(native::endpoint_drain_status)
+                    .put(native::endpoint_drain)
+                    .delete(native::endpoint_undrain),
+            ),
         )
         .route(
             "/v1/switchyard/nodes/{node}/maintenance",
-            put(native::node_maintenance),
+            operator(put(native::node_maintenance)),
         )
         .route(
             "/v1/switchyard/endpoints/{id}/maintenance",
-            put(native::endpoint_maintenance),
+            operator(put(native::endpoint_maintenance)),
         )
-        .route("/metrics", get(native::metrics))
-        .route("/ui", get(ui::to_index))
-        .route("/ui/", get(ui::services))
-        .route("/ui/services/{name}", get(ui::service))
-        .route("/ui/nodes", get(ui::nodes))
-        .route("/ui/assets/{file}", get(ui::asset))
+        .route("/metrics", reads(get(native::metrics)))
+        .route("/ui", public(get(ui::to_index)))
+        .route("/ui/", public(get(ui::services)))
+        .route("/ui/services/{name}", public(get(ui::service)))
+        .route("/ui/nodes", public(get(ui::nodes)))
+        .route("/ui/assets/{file}", public(get(ui::asset)))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             common_headers,
@@ -301,11 +386,28 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// The router of the dedicated metrics listener (`api.metrics_addr`):
 /// `/metrics` alone, behind the same tokens.
 pub fn metrics_router(state: Arc<ApiState>) -> Router {
+    let metrics = guarded(&state, Access::Read, get(native::metrics));
     Router::new()
-        .route("/metrics", get(native::metrics))
+        .route("/metrics", metrics)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
+}
+
+/// The `method` label of `switchyard_api_requests_total`: the methods the
+/// API serves, and `other` for anything a client may invent (labels from
+/// unauthenticated input must stay a bounded set).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -318,7 +420,7 @@ async fn common_headers(
     request: Request,
     next: Next,
 ) -> Response {
-    let method = request.method().as_str().to_string();
+    let method = method_label(request.method());
     let mut response = next.run(request).await;
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
         // axum's own text does not say which limit or how to raise it.
@@ -342,7 +444,7 @@ async fn common_headers(
         .registry
         .metrics()
         .api_requests
-        .with_label_values(&[method.as_str(), code])
+        .with_label_values(&[method, code])
         .inc();
     let headers = response.headers_mut();
     if !headers.contains_key(X_CONSUL_INDEX) {

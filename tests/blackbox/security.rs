@@ -738,3 +738,33 @@ fn request_bodies_over_the_route_limit_are_refused_or_cut() {
         }
     });
 }
+
+/// The request counter's `method` label takes only the methods the API
+/// knows: a client that invents methods (before any token check) adds no
+/// series of its own; its requests count as `other`.
+#[test]
+fn invented_methods_do_not_grow_the_metric_labels() {
+    let agent = crate::support::Agent::start();
+    let addr: std::net::SocketAddr = agent
+        .api
+        .trim_start_matches("http://")
+        .parse()
+        .expect("api addr");
+    for method in ["BREW", "WHEN", "XYZZY"] {
+        let request =
+            format!("{method} /v1/agent/self HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = crate::proxy::raw(addr, request.as_bytes());
+        assert!(answer.status >= 400, "{method}: {}", answer.status);
+    }
+    let metrics = agent.client().get_ok("/metrics").body;
+    for method in ["BREW", "WHEN", "XYZZY"] {
+        assert!(!metrics.contains(method), "{method} became a label");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("switchyard_api_requests_total{")
+                && l.contains("method=\"other\"")),
+        "{metrics}"
+    );
+}

@@ -25,10 +25,6 @@ type St = State<Arc<ApiState>>;
 /// Rows a table shows before asking for a narrower filter.
 const MAX_ROWS: usize = 1000;
 
-pub(super) fn is_ui_path(path: &str) -> bool {
-    path == "/ui" || path.starts_with("/ui/")
-}
-
 pub(super) async fn to_index() -> Redirect {
     Redirect::permanent("/ui/")
 }
