@@ -11,8 +11,8 @@ use switchyard_dns::{DnsDecorator, DnsMetrics, DnsServer};
 use switchyard_proxy::{HttpProxy, ProxyDecorator, ProxyMetrics};
 use switchyard_registry::api::{self, AgentInfo, ApiState};
 use switchyard_registry::{
-    Command, EmbeddedStore, EtcdStore, MemoryStore, Node, Registry, RegistryMetrics, Store,
-    StoreKind, ViewDecorator,
+    Command, Decorators, EmbeddedStore, EtcdStore, MemoryStore, Node, Registry, RegistryMetrics,
+    Store, StoreKind,
 };
 use tokio::sync::watch;
 
@@ -110,17 +110,14 @@ async fn serve(
         config.tcp.clone(),
         proxy_metrics,
     ));
-    // Decorators, built by the writer with every view: slot 0 DNS answers,
-    // slot 1 the proxy's backend lists.
-    let decorators: Vec<Arc<dyn ViewDecorator>> = vec![
-        Arc::new(DnsDecorator::new(
-            dns_config.clone(),
-            &config.agent.datacenter,
-        )),
-        proxy.clone(),
-    ];
-    const DNS_SLOT: usize = 0;
-    const PROXY_SLOT: usize = 1;
+    // Decorators, run by the writer over every view it builds: DNS's answers
+    // and the proxy's backend lists, each found again by its key.
+    let mut decorators = Decorators::default();
+    let dns_answers = decorators.add(Arc::new(DnsDecorator::new(
+        dns_config.clone(),
+        &config.agent.datacenter,
+    )));
+    let proxy_backends = decorators.add(proxy.clone());
     let (registry, writer) = match config.store.kind {
         StoreKind::Embedded => {
             let dir = config
@@ -244,7 +241,7 @@ async fn serve(
     let dns = DnsServer::start(
         dns_config,
         &config.agent.datacenter,
-        DNS_SLOT,
+        dns_answers,
         registry.snapshot_cell(),
         dns_metrics,
         inherited.as_mut().and_then(|(s, _)| s.dns.take()),
@@ -255,7 +252,7 @@ async fn serve(
 
     let http = HttpProxy::start_with(
         &proxy,
-        PROXY_SLOT,
+        proxy_backends,
         registry.snapshot_cell(),
         inherited.as_mut().and_then(|(s, _)| s.proxy.take()),
     )
@@ -524,7 +521,7 @@ async fn serve_api(
 fn start<S: Store>(
     store: S,
     metrics: Arc<RegistryMetrics>,
-    decorators: Vec<Arc<dyn ViewDecorator>>,
+    decorators: Decorators,
 ) -> anyhow::Result<(Registry, tokio::task::JoinHandle<()>)> {
     Registry::start_with(store, metrics, decorators).context("cannot load the catalog")
 }

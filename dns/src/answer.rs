@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::{NodeEntry, Snapshot};
+use switchyard_catalog::{ExtraKey, NodeEntry, Snapshot};
 
 use crate::config::Config;
 use crate::metrics::DnsMetrics;
@@ -102,8 +102,8 @@ pub(crate) struct Engine {
     pub(crate) config: Arc<Config>,
     domain: Vec<Vec<u8>>,
     datacenter: Vec<u8>,
-    /// Which decorator slot holds our `DnsService`.
-    slot: usize,
+    /// Where each view holds its `DnsService`.
+    answers: ExtraKey<DnsService>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) metrics: Arc<DnsMetrics>,
     ptr: Arc<Ptr>,
@@ -131,7 +131,7 @@ impl Engine {
     pub(crate) fn new(
         config: Arc<Config>,
         datacenter: &str,
-        slot: usize,
+        answers: ExtraKey<DnsService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
         ptr: Arc<Ptr>,
@@ -141,7 +141,7 @@ impl Engine {
             domain: config.domain_labels(),
             datacenter: datacenter.to_ascii_lowercase().into_bytes(),
             config,
-            slot,
+            answers,
             snapshot,
             metrics,
         }
@@ -406,7 +406,7 @@ impl Engine {
         let Some(view) = snap.service_ci(name) else {
             return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
         };
-        let Some(dns) = view.extra::<DnsService>(self.slot) else {
+        let Some(dns) = view.extra(self.answers) else {
             return (rcode::SERVFAIL, true);
         };
         let positions: &[u32] = match tag {

@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use switchyard_registry::{
-    Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics, ViewDecorator,
+    Batch, Command, Decorators, Endpoint, MemoryStore, Node, Registry, RegistryMetrics,
 };
 
 use crate::answer::{Engine, Scratch, Transport};
@@ -28,9 +28,9 @@ fn fixture() -> &'static Fixture {
             Err(e) => panic!("fuzz fixture runtime: {e}"),
         };
         let config = Arc::new(Config::default());
-        let decorators: Vec<Arc<dyn ViewDecorator>> =
-            vec![Arc::new(DnsDecorator::new(config.clone(), "dc1"))];
-        let registry = runtime.block_on(async {
+        let mut decorators = Decorators::default();
+        let answers = decorators.add(Arc::new(DnsDecorator::new(config.clone(), "dc1")));
+        let registry = runtime.block_on(async move {
             let metrics = Arc::new(RegistryMetrics::unregistered());
             let (registry, _writer) =
                 match Registry::start_with(MemoryStore::default(), metrics, decorators) {
@@ -67,7 +67,14 @@ fn fixture() -> &'static Fixture {
             Err(e) => panic!("fuzz fixture metrics: {e}"),
         };
         let ptr = Arc::new(crate::ptr::Ptr::new());
-        let engine = Engine::new(config, "dc1", 0, registry.snapshot_cell(), metrics, ptr);
+        let engine = Engine::new(
+            config,
+            "dc1",
+            answers,
+            registry.snapshot_cell(),
+            metrics,
+            ptr,
+        );
         Fixture {
             engine,
             _runtime: runtime,

@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::Snapshot;
+use switchyard_catalog::{ExtraKey, Snapshot};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Config;
 pub use metrics::DnsMetrics;
-pub use prebuilt::DnsDecorator;
+pub use prebuilt::{DnsDecorator, DnsService};
 
 /// The sockets of a DNS server: one UDP socket per worker (a SO_REUSEPORT
 /// group) and the TCP listener, all on one address.
@@ -65,12 +65,12 @@ pub struct DnsServer {
 
 impl DnsServer {
     /// Binds UDP and TCP on `config.addr` (or serves on `inherited` sockets
-    /// from the process this one upgrades) and starts serving. `slot` is the
-    /// position of the `DnsDecorator` among the registry's decorators.
+    /// from the process this one upgrades) and starts serving. `answers` is
+    /// the key the registry's `Decorators` gave the `DnsDecorator`.
     pub async fn start(
         config: Arc<Config>,
         datacenter: &str,
-        slot: usize,
+        answers: ExtraKey<DnsService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
         inherited: Option<DnsSockets>,
@@ -101,7 +101,7 @@ impl DnsServer {
         let engine = Arc::new(answer::Engine::new(
             config.clone(),
             datacenter,
-            slot,
+            answers,
             snapshot,
             metrics,
             ptr,

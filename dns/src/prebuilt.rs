@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use switchyard_catalog::{Extra, ServiceView, Status, ViewDecorator};
+use switchyard_catalog::{ServiceView, Status, ViewDecorator};
 
 use crate::config::Config;
 use crate::wire::{finish_rdata, push_name, push_pointer, push_rr_head, rtype};
@@ -62,7 +62,7 @@ impl Entry {
 
 /// One service's ready answers; `entries` is indexed like `view.instances`.
 #[derive(Debug)]
-pub(crate) struct DnsService {
+pub struct DnsService {
     arena: Box<[u8]>,
     pub(crate) entries: Box<[Entry]>,
     /// Each distinct address record (TYPE..RDATA, no owner): arena offset
@@ -192,7 +192,9 @@ impl DnsDecorator {
 }
 
 impl ViewDecorator for DnsDecorator {
-    fn decorate(&self, view: &ServiceView) -> Extra {
+    type Output = DnsService;
+
+    fn decorate(&self, view: &ServiceView) -> Arc<DnsService> {
         Arc::new(self.build(view))
     }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use switchyard_catalog::{
-    unix_ms, BusyEndpoint, EndpointLoad, EndpointState, Extra, HealthReports, Instance, LoadReport,
-    Name, ServiceLoad, ServiceView, Snapshot, ViewDecorator,
+    unix_ms, BusyEndpoint, EndpointLoad, EndpointState, HealthReports, Instance, LoadReport, Name,
+    ServiceLoad, ServiceView, Snapshot, ViewDecorator,
 };
 
 use crate::balance::Ring;
@@ -435,7 +435,7 @@ pub(crate) struct Shared {
     /// Services named by a config route or L4 listener.
     configured: ArcSwap<HashSet<String>>,
     services: Mutex<HashMap<Name, ServiceEntry>>,
-    empty: Extra,
+    empty: Arc<ProxyService>,
     /// Open connections per client address (only while a cap is set).
     clients: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -816,7 +816,9 @@ impl LoadReport for ProxyLoad {
 }
 
 impl ViewDecorator for ProxyDecorator {
-    fn decorate(&self, view: &ServiceView) -> Extra {
+    type Output = ProxyService;
+
+    fn decorate(&self, view: &ServiceView) -> Arc<ProxyService> {
         let shared = &self.shared;
         let tag_route = TagRoute::from_tags(&view.tags);
         let routed = tag_route.is_some() || shared.configured.load().contains(&*view.name);

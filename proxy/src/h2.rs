@@ -21,7 +21,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use switchyard_catalog::Snapshot;
+use switchyard_catalog::{ExtraKey, Snapshot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
@@ -39,13 +39,17 @@ type ProxyBody = BoxBody<Bytes, BoxError>;
 /// The HTTP/2 side of the proxy, one per proxy thread.
 pub(crate) struct H2 {
     shared: Arc<Shared>,
-    slot: usize,
+    backends: ExtraKey<ProxyService>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     client: HttpClient<HttpConnector, ProxyBody>,
 }
 
 impl H2 {
-    pub(crate) fn new(shared: Arc<Shared>, slot: usize, snapshot: Arc<ArcSwap<Snapshot>>) -> H2 {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        backends: ExtraKey<ProxyService>,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+    ) -> H2 {
         let config = shared.config.load();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -59,7 +63,7 @@ impl H2 {
             .build(connector);
         H2 {
             shared,
-            slot,
+            backends,
             snapshot,
             client,
         }
@@ -244,7 +248,7 @@ impl H2 {
             .snapshot
             .load()
             .service(&route.service)
-            .and_then(|view| view.extra_arc(self.slot));
+            .and_then(|view| view.extra_arc(self.backends));
         let (service, stats) = match service {
             Some(s) if !s.backends.is_empty() && s.stats.is_some() => {
                 let stats = s.stats.clone();

@@ -31,7 +31,7 @@ mod wire;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::Snapshot;
+use switchyard_catalog::{ExtraKey, Snapshot};
 
 pub use backend::{
     report_passive_failures, ProxyDecorator, ProxyService, ReloadPlan, PASSIVE_CHECK_PREFIX,
@@ -45,14 +45,14 @@ pub use route::{HOST_TAG, PATH_TAG};
 pub use server::{HttpProxy, ProxySockets};
 
 impl HttpProxy {
-    /// Starts the proxy threads. `decorator` must be registered with the
-    /// registry at position `slot`.
+    /// Starts the proxy threads. `backends` is the key the registry's
+    /// `Decorators` gave `decorator`.
     pub fn start_with(
         decorator: &ProxyDecorator,
-        slot: usize,
+        backends: ExtraKey<ProxyService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         inherited: Option<ProxySockets>,
     ) -> std::io::Result<HttpProxy> {
-        HttpProxy::start(decorator.shared.clone(), slot, snapshot, inherited)
+        HttpProxy::start(decorator.shared.clone(), backends, snapshot, inherited)
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Cache};
 use prometheus::IntGauge;
 use socket2::{Domain, Protocol, Socket, Type};
-use switchyard_catalog::Snapshot;
+use switchyard_catalog::{ExtraKey, Snapshot};
 use switchyard_uring::Ring;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -60,7 +60,7 @@ const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/p
 /// A proxy thread's own state.
 pub(crate) struct Local {
     pub(crate) shared: Arc<Shared>,
-    slot: usize,
+    backends: ExtraKey<ProxyService>,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     pub(crate) routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
     /// This thread's copies of the settings (`Rc`: no shared refcount per
@@ -117,7 +117,7 @@ impl Local {
     /// The proxy's view of a service in the current snapshot.
     pub(crate) fn service(&self, name: &str) -> Option<Arc<ProxyService>> {
         let mut cache = self.snapshot.borrow_mut();
-        cache.load().service(name)?.extra_arc(self.slot)
+        cache.load().service(name)?.extra_arc(self.backends)
     }
 
     fn refresh(&self) {
@@ -428,7 +428,7 @@ impl HttpProxy {
     /// starts the threads.
     pub(crate) fn start(
         shared: Arc<Shared>,
-        slot: usize,
+        backends: ExtraKey<ProxyService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         inherited: Option<ProxySockets>,
     ) -> io::Result<HttpProxy> {
@@ -507,7 +507,7 @@ impl HttpProxy {
             let thread = Thread {
                 index,
                 shared: shared.clone(),
-                slot,
+                backends,
                 snapshot: snapshot.clone(),
                 listener,
                 tcp,
@@ -516,7 +516,7 @@ impl HttpProxy {
                 // a task on the runtime that opened it, so a pool shared by
                 // the threads lent connections that died with another
                 // thread's runtime at shutdown (a 502 for a late HTTPS request).
-                h2: Arc::new(H2::new(shared.clone(), slot, snapshot.clone())),
+                h2: Arc::new(H2::new(shared.clone(), backends, snapshot.clone())),
                 stop: stop_rx.clone(),
                 handoff,
             };
@@ -583,7 +583,7 @@ impl HttpProxy {
 struct Thread {
     index: usize,
     shared: Arc<Shared>,
-    slot: usize,
+    backends: ExtraKey<ProxyService>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     listener: std::net::TcpListener,
     tcp: TcpListeners,
@@ -803,7 +803,7 @@ fn run_thread(thread: Thread) {
     let Thread {
         index,
         shared,
-        slot,
+        backends,
         snapshot,
         listener,
         tcp,
@@ -836,7 +836,7 @@ fn run_thread(thread: Thread) {
             generation: Cell::new(shared.generation.load(Ordering::Acquire)),
             snapshot: RefCell::new(Cache::new(snapshot.clone())),
             shared,
-            slot,
+            backends,
             pool: RefCell::new(foldhash::HashMap::default()),
             sweeps: Cell::new(0),
             h2,

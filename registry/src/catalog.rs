@@ -15,7 +15,7 @@ use crate::model::{
     unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
 };
-use crate::snapshot::{NodeEntry, ServiceSlot, Snapshot, ViewDecorator};
+use crate::snapshot::{Decorators, NodeEntry, ServiceSlot, Snapshot};
 use crate::store::{Loaded, StoreBatch};
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
@@ -226,7 +226,7 @@ pub(crate) struct Catalog {
     pub(crate) snap: Snapshot,
     pub(crate) dirty: Dirty,
     /// Run on every view built (see `ViewDecorator`).
-    pub(crate) decorators: Vec<Arc<dyn ViewDecorator>>,
+    pub(crate) decorators: Decorators,
 }
 
 /// A check in a registration, with whether the registrant stated its status.
@@ -267,7 +267,7 @@ fn clip_output(mut output: String) -> String {
 
 impl Catalog {
     /// Rebuilds the catalog from what the store loaded.
-    pub(crate) fn from_loaded(loaded: Loaded, decorators: Vec<Arc<dyn ViewDecorator>>) -> Catalog {
+    pub(crate) fn from_loaded(loaded: Loaded, decorators: Decorators) -> Catalog {
         // A store that keeps every index (etcd) is taken at its word; otherwise
         // services inherit the indexes of their nodes and checks.
         let exact = loaded.tables.is_some();

@@ -18,7 +18,7 @@ use crate::catalog::{Catalog, Command, Dirty, NewCheck};
 use crate::error::{RegistryError, StoreError};
 use crate::metrics::RegistryMetrics;
 use crate::model::{Name, Status};
-use crate::snapshot::{Snapshot, ViewDecorator};
+use crate::snapshot::{Decorators, Snapshot};
 use crate::store::{Change, Committed, Record, Store, StoreStatus};
 use crate::watch::{WatchKey, Watchers};
 
@@ -100,7 +100,7 @@ impl Registry {
         store: S,
         metrics: Arc<RegistryMetrics>,
     ) -> Result<(Registry, JoinHandle<()>), StoreError> {
-        Registry::start_with(store, metrics, Vec::new())
+        Registry::start_with(store, metrics, Decorators::default())
     }
 
     /// Like `start`, with decorators that derive reader data from every view
@@ -108,7 +108,7 @@ impl Registry {
     pub fn start_with<S: Store>(
         mut store: S,
         metrics: Arc<RegistryMetrics>,
-        decorators: Vec<Arc<dyn ViewDecorator>>,
+        decorators: Decorators,
     ) -> Result<(Registry, JoinHandle<()>), StoreError> {
         let loaded = store.load()?;
         let catalog = Catalog::from_loaded(loaded, decorators);

@@ -24,7 +24,7 @@ pub use model::{
 };
 pub use report::{HealthReports, Reported};
 pub use snapshot::{
-    EndpointState, Extra, Extras, Instance, NodeEntry, ServiceView, Snapshot, StateCounts,
-    TableIndexes, ViewDecorator,
+    Decorators, EndpointState, Extra, ExtraKey, Extras, Instance, NodeEntry, ServiceView, Snapshot,
+    StateCounts, TableIndexes, ViewDecorator,
 };
 pub use thread_policy::ThreadPolicy;

@@ -9,6 +9,7 @@
 use std::any::Any;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use imbl::{HashMap as PMap, OrdMap, OrdSet};
@@ -246,14 +247,77 @@ impl Instance {
     }
 }
 
-/// Data a reader derives from a view (for example ready-made DNS answers).
+/// Data a reader derives from a view (for example ready-made DNS answers),
+/// as a view holds it.
 pub type Extra = Arc<dyn Any + Send + Sync>;
 
 /// Builds reader-specific data for each new view, at publish time, in the
 /// writer. The registry knows nothing of what is built: this is how DNS gets
 /// prebuilt answers without the registry depending on it.
 pub trait ViewDecorator: Send + Sync + 'static {
-    fn decorate(&self, view: &ServiceView) -> Extra;
+    /// What it builds for each view.
+    type Output: Send + Sync + 'static;
+
+    fn decorate(&self, view: &ServiceView) -> Arc<Self::Output>;
+}
+
+/// A decorator with its output type erased, as the writer runs it.
+trait AnyDecorator: Send + Sync {
+    fn build(&self, view: &ServiceView) -> Extra;
+}
+
+impl<D: ViewDecorator> AnyDecorator for D {
+    fn build(&self, view: &ServiceView) -> Extra {
+        self.decorate(view)
+    }
+}
+
+/// The decorators the writer runs over every view it builds. Adding one
+/// hands out the typed key under which its readers find its output in each
+/// view, so no reader depends on the order decorators were added in.
+#[derive(Clone, Default)]
+pub struct Decorators(Vec<Arc<dyn AnyDecorator>>);
+
+impl fmt::Debug for Decorators {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Decorators({})", self.0.len())
+    }
+}
+
+impl Decorators {
+    /// Runs `decorator` over every view from now on; its output is found
+    /// with the key returned.
+    pub fn add<D: ViewDecorator>(&mut self, decorator: Arc<D>) -> ExtraKey<D::Output> {
+        self.0.push(decorator);
+        ExtraKey {
+            at: self.0.len() - 1,
+            of: PhantomData,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Where one decorator's output sits in every view (`ServiceView::extra`).
+pub struct ExtraKey<T> {
+    at: usize,
+    of: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for ExtraKey<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for ExtraKey<T> {}
+
+impl<T> fmt::Debug for ExtraKey<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ExtraKey({}, {})", self.at, std::any::type_name::<T>())
+    }
 }
 
 /// A service's instances as sorted `(node, endpoint id)` keys. Small services
@@ -399,21 +463,22 @@ impl ServiceView {
     }
 
     /// Runs the decorators over the finished view.
-    pub fn decorate(&mut self, decorators: &[Arc<dyn ViewDecorator>]) {
+    pub fn decorate(&mut self, decorators: &Decorators) {
         if !decorators.is_empty() {
-            let extras = decorators.iter().map(|d| d.decorate(self)).collect();
+            let extras = decorators.0.iter().map(|d| d.build(self)).collect();
             self.extras = Extras(extras);
         }
     }
 
-    /// The data decorator number `slot` built, if it is of type `T`.
-    pub fn extra<T: Any + Send + Sync>(&self, slot: usize) -> Option<&T> {
-        self.extras.0.get(slot)?.downcast_ref()
+    /// What the decorator of `key` built for this view (none before the
+    /// writer has decorated it).
+    pub fn extra<T: Any + Send + Sync>(&self, key: ExtraKey<T>) -> Option<&T> {
+        self.extras.0.get(key.at)?.downcast_ref()
     }
 
     /// Like `extra`, as a shared handle that outlives this borrow.
-    pub fn extra_arc<T: Any + Send + Sync>(&self, slot: usize) -> Option<Arc<T>> {
-        self.extras.0.get(slot)?.clone().downcast().ok()
+    pub fn extra_arc<T: Any + Send + Sync>(&self, key: ExtraKey<T>) -> Option<Arc<T>> {
+        self.extras.0.get(key.at)?.clone().downcast().ok()
     }
 
     /// Routable instances, optionally restricted to one tag (case-insensitive).

@@ -679,7 +679,7 @@ fn rebuilt(snap: &crate::snapshot::Snapshot) -> Catalog {
             .checks
             .extend(entry.checks.values().map(|c| (**c).clone()));
     }
-    Catalog::from_loaded(loaded, Vec::new())
+    Catalog::from_loaded(loaded, Default::default())
 }
 
 #[tokio::test]
