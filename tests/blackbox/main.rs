@@ -6,6 +6,7 @@ mod cluster;
 mod dashboard;
 mod dns;
 mod drain;
+mod house;
 mod health;
 mod lifecycle;
 mod operator;
