@@ -1,5 +1,6 @@
 //! Listeners: UDP workers (one SO_REUSEPORT socket and thread each, blocking
-//! I/O, no allocation per query) and a TCP server on the agent's runtime.
+//! I/O, no allocation per query or per batch once a worker has started) and a
+//! TCP server on the agent's runtime.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -107,8 +108,10 @@ fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
     use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 
     let fd = socket.as_raw_fd();
-    let mut packets = vec![[0u8; MAX_QUERY]; BATCH];
-    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
+    // Everything a batch uses is allocated here, once: per batch the worker
+    // only builds the I/O vectors, on the stack.
+    let mut packets: Box<[[u8; MAX_QUERY]; BATCH]> = Box::new([[0u8; MAX_QUERY]; BATCH]);
+    let mut outs: [Vec<u8>; BATCH] = std::array::from_fn(|_| Vec::with_capacity(1232));
     let mut lens = [0usize; BATCH];
     let mut peers: [Option<SockaddrStorage>; BATCH] = [None; BATCH];
     let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
@@ -118,8 +121,8 @@ fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let mut count = 0;
         {
-            let mut slices: Vec<[IoSliceMut<'_>; 1]> =
-                packets.iter_mut().map(|p| [IoSliceMut::new(p)]).collect();
+            let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
+                packets.each_mut().map(|p| [IoSliceMut::new(p)]);
             match recvmmsg(
                 fd,
                 &mut recv_headers,
@@ -185,12 +188,11 @@ fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
         if replies == 0 {
             continue;
         }
-        let slices: Vec<[IoSlice<'_>; 1]> =
-            outs[..replies].iter().map(|o| [IoSlice::new(o)]).collect();
+        let slices: [[IoSlice<'_>; 1]; BATCH] = outs.each_ref().map(|o| [IoSlice::new(o)]);
         if let Err(e) = sendmmsg(
             fd,
             &mut send_headers,
-            &slices,
+            &slices[..replies],
             &peers[..replies],
             [],
             MsgFlags::empty(),

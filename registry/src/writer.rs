@@ -4,6 +4,21 @@
 //! Group commit: while a commit is in flight, new commands queue in the channel;
 //! the next turn takes all of them (up to `MAX_GROUP`) into one store batch, so
 //! many small registrations share one fsync.
+//!
+//! Two kinds of store:
+//! - A local one (embedded redb, memory): the batch is committed
+//!   (`Committed::Local`), then the writer publishes the snapshot it built and
+//!   acknowledges.
+//! - A shared one (etcd, many agents): the batch carries the revision this
+//!   catalog reflects (`seen`) and commits only if no other agent wrote the
+//!   same keys since. On success (`Committed::Shared`) the writer drops its own
+//!   copy of the change and waits (`catch_up`, up to `CATCH_UP`) until the
+//!   store's feed has brought it back at its revision, so every agent applies
+//!   every change the same way, from the feed, and publishes it at the same
+//!   index. On a conflict it catches up with the other agents' writes and
+//!   applies the commands again, up to `MAX_ATTEMPTS` times. Between
+//!   commands, the feed's changes (other agents' writes, lease expiries) are
+//!   applied as they come (`catalog/replica.rs`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};

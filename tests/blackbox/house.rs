@@ -90,9 +90,11 @@ fn the_crate_map_names_every_member_and_module() {
             );
         }
         for name in &named {
-            let found = src.join(name).exists()
-                || walk(&src).iter().any(|p| p.ends_with(name));
-            assert!(found, "the crate map's {key} names {name}, which {src:?} lacks");
+            let found = src.join(name).exists() || walk(&src).iter().any(|p| p.ends_with(name));
+            assert!(
+                found,
+                "the crate map's {key} names {name}, which {src:?} lacks"
+            );
         }
     }
     for (key, _) in map.iter().filter(|(k, _)| k.ends_with('/')) {

@@ -7,23 +7,18 @@
 //! every relay on a thread goes into that thread's ring, and one
 //! `io_uring_enter` per turn submits them all and reaps the completions,
 //! which the kernel runs as task work on this thread when it next enters the
-//! kernel (`COOP_TASKRUN`: no interrupt of the thread per completion). The
-//! recv/send-per-message loop
-//! makes four syscalls per request and response through the tunnel, and each
-//! send that wakes a peer can preempt the proxy; here one syscall carries a
-//! turn's worth of them (measured: bench/prototypes/uring_l4.c, RESULTS.md).
+//! kernel (`COOP_TASKRUN`: no interrupt of the thread per completion). One
+//! syscall carries a turn's worth of receives and sends, where a
+//! recv/send-per-message loop makes four per request and response through
+//! the tunnel (the figures are in bench/RESULTS.md).
 //!
 //! Each proxy thread owns one [`Ring`] (not `Send`) and runs [`Ring::drive`] as
 //! a task on its runtime: the ring signals an eventfd the runtime polls.
 //!
-//! Not `DEFER_TASKRUN`, although it measured better on earlier 6.18 builds
-//! (bench/prototypes: 1.10× nginx stream against 1.03×):
-//! there the eventfd is signalled for deferred work from the waker's context,
-//! and on Linux 6.18.44 that signal arrives 14–20 ms late for each wake-up
-//! of a sleeping thread (the length of an RCU grace period: the kernel
-//! seems to defer it through one; not checked in its source). W-http and
-//! W-tcp fell from ~55k to ~2k requests/s. With `COOP_TASKRUN` the completion is posted by this thread,
-//! which signals the eventfd itself, at once (test
+//! Not `DEFER_TASKRUN`: on some kernels the eventfd signal for its deferred
+//! work arrives many milliseconds after the wake-up of a sleeping thread
+//! (bench/RESULTS.md, "The rings on Linux 6.18.44"). With `COOP_TASKRUN` this
+//! thread posts the completion and signals the eventfd itself, at once (test
 //! `a_relay_wakes_at_once_when_a_peer_sends`).
 //!
 //! Safety rests on one rule: the kernel only ever sees memory and descriptors

@@ -480,18 +480,6 @@ impl ServiceView {
     pub fn extra_arc<T: Any + Send + Sync>(&self, key: ExtraKey<T>) -> Option<Arc<T>> {
         self.extras.0.get(key.at)?.clone().downcast().ok()
     }
-
-    /// Routable instances, optionally restricted to one tag (case-insensitive).
-    pub fn routable_with_tag(&self, tag: Option<&str>) -> impl Iterator<Item = &Instance> {
-        let positions: &[u32] = match tag {
-            None => &self.routable,
-            Some(tag) => {
-                let key = tag.to_ascii_lowercase();
-                self.by_tag.get(key.as_str()).map_or(&[], |v| v.as_slice())
-            }
-        };
-        positions.iter().map(|&p| &self.instances[p as usize])
-    }
 }
 
 impl Snapshot {

@@ -563,10 +563,13 @@ pub(super) async fn health_service(
     let dc = state.agent.datacenter.as_str();
     let mut out = Vec::new();
     if let Some(view) = snap.service(&name) {
-        for instance in &view.instances {
-            if opts.passing && instance.health != Status::Passing {
-                continue;
-            }
+        // `?passing`: the view's precomputed passing positions.
+        let instances: Box<dyn Iterator<Item = &Instance>> = if opts.passing {
+            Box::new(view.passing.iter().map(|&p| &view.instances[p as usize]))
+        } else {
+            Box::new(view.instances.iter())
+        };
+        for instance in instances {
             if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
                 continue;
             }

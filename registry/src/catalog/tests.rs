@@ -85,8 +85,18 @@ fn routable_ids(r: &Registry, service: &str, tag: Option<&str>) -> Vec<String> {
     let Some(view) = snap.service(service) else {
         return Vec::new();
     };
-    view.routable_with_tag(tag)
-        .map(|i| i.endpoint.id.to_string())
+    // Routable instances, optionally of one tag (case-insensitive), as DNS
+    // picks them.
+    let positions: &[u32] = match tag {
+        None => &view.routable,
+        Some(tag) => view
+            .by_tag
+            .get(tag.to_ascii_lowercase().as_str())
+            .map_or(&[], |v| v.as_slice()),
+    };
+    positions
+        .iter()
+        .map(|&p| view.instances[p as usize].endpoint.id.to_string())
         .collect()
 }
 
