@@ -94,278 +94,354 @@ pub(crate) fn run(
 }
 
 async fn serve(
-    mut config: AgentConfig,
+    config: AgentConfig,
     source: ConfigSource,
     inherited: Option<(upgrade::Sockets, Predecessor)>,
     successor: &std::io::Result<upgrade::Successor>,
 ) -> anyhow::Result<Served> {
-    let resuming = matches!(inherited, Some((_, Predecessor::Same(_))));
-    let prometheus = prometheus::Registry::new();
-    let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
-    let dns_config = Arc::new(config.dns.clone());
-    let dns_metrics = Arc::new(DnsMetrics::new(&prometheus).context("dns metrics")?);
-    let proxy_metrics = Arc::new(ProxyMetrics::new(&prometheus).context("proxy metrics")?);
-    let proxy = Arc::new(ProxyDecorator::new(
-        config.http.clone(),
-        config.tcp.clone(),
-        proxy_metrics,
-    ));
-    // Decorators, run by the writer over every view it builds: DNS's answers
-    // and the proxy's backend lists, each found again by its key.
-    let mut decorators = Decorators::default();
-    let dns_answers = decorators.add(Arc::new(DnsDecorator::new(
-        dns_config.clone(),
-        &config.agent.datacenter,
-    )));
-    let proxy_backends = decorators.add(proxy.clone());
-    let (registry, writer) = match config.store.kind {
-        StoreKind::Embedded => {
-            let dir = config
-                .store
-                .data_dir
-                .clone()
-                .context("store.data_dir is required for the embedded store")?;
-            let store = open_embedded(&dir, config.store.cache_mib << 20, resuming).await?;
-            tracing::info!(path = %store.path().display(), "embedded store opened");
-            start(store, metrics, decorators)?
+    let (mut agent, predecessor) = Running::start(config, &source, inherited).await?;
+    agent.announce(predecessor)?;
+    match agent.run(&source, successor).await {
+        Ending::Stop => {
+            agent.stop().await;
+            Ok(Served::Done)
         }
-        StoreKind::Memory => start(MemoryStore::default(), metrics, decorators)?,
-        StoreKind::Etcd => {
-            let member = config.agent.node_name.clone().unwrap_or_else(host_name);
-            let options = config
-                .store
-                .etcd_options(&member)
-                .map_err(anyhow::Error::msg)?;
-            let store = EtcdStore::connect(&options)
-                .await
-                .context("cannot reach the etcd store")?;
-            start(store, metrics, decorators)?
-        }
-    };
-
-    let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
-    let advertise = config.agent.advertise_addr.to_string();
-    let mut own_node = Node::new(node_name.as_str(), advertise.clone());
-    own_node.tagged_addresses = BTreeMap::from([
-        ("lan".to_string(), advertise.clone()),
-        ("wan".to_string(), advertise.clone()),
-    ]);
-    own_node.meta = BTreeMap::from([(
-        "switchyard-version".to_string(),
-        env!("CARGO_PKG_VERSION").to_string(),
-    )]);
-    registry
-        .apply(Command::EnsureNode(own_node))
-        .await
-        .context("cannot register the agent's own node")?;
-
-    // Services defined in the config file (their checks start with the checker).
-    let mut config_services = register_config_services(&config, &registry, &node_name, &[]).await?;
-
-    let demo = match source.demo {
-        true => crate::demo::start(&registry, &node_name).await?,
-        false => Vec::new(),
-    };
-
-    let checker = switchyard_registry::spawn_checker(registry.clone());
-    let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
-        proxy.clone(),
-        Arc::new(registry.clone()),
-    ));
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let state = Arc::new(ApiState {
-        registry: registry.clone(),
-        agent: AgentInfo {
-            node_name: node_name.clone(),
-            datacenter: config.agent.datacenter.clone(),
-            advertise_addr: advertise,
-            version: env!("CARGO_PKG_VERSION"),
-        },
-        config: config.api.clone(),
-        prometheus,
-        shutdown: shutdown_rx.clone(),
-        // In cluster mode a drain also counts what the other agents carry.
-        load: Some(match registry.shared() {
-            true => Arc::new(switchyard_registry::ClusterLoad::new(
-                proxy.load_report(),
-                registry.store_status().clone(),
-            )),
-            false => proxy.load_report(),
-        }),
-        tokens: api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?,
-        listeners: std::sync::OnceLock::new(),
-    });
-    let api_state = state.clone();
-    let mut inherited = inherited;
-    let api_listener = match inherited.as_mut().and_then(|(s, _)| s.api.take()) {
-        Some(listener) => listener,
-        None => std::net::TcpListener::bind(config.api.addr)
-            .with_context(|| format!("cannot listen on {}", config.api.addr))?,
-    };
-    api_listener.set_nonblocking(true)?;
-    // A second handle, to pass the listener on at an upgrade.
-    let api_kept = api_listener.try_clone()?;
-    let listener = tokio::net::TcpListener::from_std(api_listener)?;
-    let api_addr = listener.local_addr()?;
-    let api_tls = match &config.api.tls {
-        Some(tls) => Some(api::tls::acceptor(tls).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
-    if api_tls.is_none() && !api_addr.ip().is_loopback() {
-        tracing::warn!(api = %api_addr, "the API is reachable from other hosts over cleartext HTTP: tokens travel unencrypted; configure [api.tls]");
+        Ending::Upgrade(stream) => agent.hand_over(stream).await,
     }
-    let api_scheme = if api_tls.is_some() { "https" } else { "http" };
-    let server = tokio::spawn(serve_api(
-        listener,
-        api_tls.clone(),
-        api::router(state),
-        shutdown_rx.clone(),
-    ));
+}
 
-    let upgrading = inherited.is_some();
-    let metrics_addr = match config.api.metrics_addr {
-        Some(addr) => Some(
-            serve_metrics(
-                addr,
-                upgrading,
-                api_tls,
-                api_state.clone(),
-                shutdown_rx.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
+/// A serving agent: the registry and what feeds it, the API, DNS and the
+/// proxy, as `Running::start` made them.
+struct Running {
+    /// The running configuration (reloads included).
+    config: AgentConfig,
+    registry: Registry,
+    writer: tokio::task::JoinHandle<()>,
+    proxy: Arc<ProxyDecorator>,
+    node_name: String,
+    /// Ids of the `[[services]]` the file registered (for reloads).
+    config_services: Vec<Arc<str>>,
+    checker: tokio::task::JoinHandle<()>,
+    passive: tokio::task::JoinHandle<()>,
+    /// Turns true when the API and the metrics listener should stop.
+    shutdown: watch::Sender<bool>,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// A second handle on the API's listener, to pass on at an upgrade.
+    api_listener: std::net::TcpListener,
+    dns: DnsServer,
+    http: HttpProxy,
+    signals: Signals,
+    upgrades: Option<UpgradeListener>,
+}
 
-    let dns = DnsServer::start(
-        dns_config,
-        &config.agent.datacenter,
-        dns_answers,
-        registry.snapshot_cell(),
-        dns_metrics,
-        inherited.as_mut().and_then(|(s, _)| s.dns.take()),
-    )
-    .await
-    .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;
-    let dns_addr = dns.local_addr();
+/// Why `Running::run` returned.
+enum Ending {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// A successor connected to the upgrade socket.
+    Upgrade(std::os::unix::net::UnixStream),
+}
 
-    let http = HttpProxy::start_with(
-        &proxy,
-        proxy_backends,
-        registry.snapshot_cell(),
-        inherited.as_mut().and_then(|(s, _)| s.proxy.take()),
-    )
-    .with_context(|| format!("cannot listen for HTTP on {}", config.http.addr))?;
-    let http_addr = http.local_addr();
-
-    // Installed before the ready line: a SIGHUP after it must never kill us.
-    let mut signals = Signals::new()?;
-    let ready = serde_json::json!({
-        "ready": true,
-        "api": api_addr.to_string(),
-        "api_url": format!("{api_scheme}://{api_addr}"),
-        "dns": dns_addr.to_string(),
-        "http": http_addr.to_string(),
-        "https": http.tls_addr().map(|a| a.to_string()),
-        "metrics": metrics_addr.map(|a| a.to_string()),
-        "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "node": node_name,
-    });
-    let _ = api_state.listeners.set(ready.clone());
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{ready}")?;
-        out.flush()?;
-    }
-    tracing::info!(api = %api_addr, dns = %dns_addr, http = %http_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
-    if !demo.is_empty() {
-        tracing::info!(
-            "demo: {n} backends serve service {service}; try  dig @{dns_ip} -p {dns_port} {service}.service.consul SRV  ·  curl -H 'Host: {host}' http://{http_addr}/  ·  open {api_scheme}://{api_addr}/ui/",
-            n = demo.len(),
-            service = crate::demo::SERVICE,
-            host = crate::demo::HOST,
-            dns_ip = dns_addr.ip(),
-            dns_port = dns_addr.port(),
-        );
-    }
-    match inherited.map(|(_, predecessor)| predecessor) {
-        Some(Predecessor::Process(stream)) => {
-            upgrade::ready(stream);
-            tracing::info!("took over from the previous agent");
-        }
-        Some(Predecessor::Same(servers)) => {
-            tracing::info!("serving again after the failed upgrade");
-            tokio::spawn(async move {
-                let (dns, http) = *servers;
-                http.shutdown().await;
-                dns.shutdown().await;
-            });
-        }
-        None => {}
-    }
-    upgrade::notify(upgrade::Lifecycle::Ready);
-    let upgrades = match &config.store.data_dir {
-        Some(dir) => match UpgradeListener::bind(dir) {
-            Ok(listener) => Some(listener),
-            Err(e) => {
-                tracing::warn!(error = %e, "no upgrade socket: `agent --upgrade` cannot take over from this agent");
-                None
-            }
-        },
-        None => None,
-    };
-
-    let upgrade_request = loop {
-        let next_upgrade = async {
-            match &upgrades {
-                Some(listener) => listener.next().await,
-                None => std::future::pending().await,
-            }
+impl Running {
+    /// Opens the store and starts the registry, registers this node and the
+    /// file's services, starts the checkers, the API, DNS and the proxy (on
+    /// `inherited` sockets at an upgrade), and prints the ready line.
+    async fn start(
+        config: AgentConfig,
+        source: &ConfigSource,
+        inherited: Option<(upgrade::Sockets, Predecessor)>,
+    ) -> anyhow::Result<(Running, Option<Predecessor>)> {
+        let resuming = matches!(inherited, Some((_, Predecessor::Same(_))));
+        let upgrading = inherited.is_some();
+        let (mut sockets, predecessor) = match inherited {
+            Some((sockets, predecessor)) => (Some(sockets), Some(predecessor)),
+            None => (None, None),
         };
-        tokio::select! {
-            signal = signals.next() => match signal {
-                Signal::Reload => {
-                    upgrade::notify(upgrade::Lifecycle::Reloading);
-                    if reload(&source, &mut config, &proxy, &registry).await {
-                        match register_config_services(&config, &registry, &node_name, &config_services).await {
-                            Ok(ids) => config_services = ids,
-                            Err(e) => tracing::error!(error = %e, "cannot apply the config's services"),
-                        }
-                    }
-                    upgrade::notify(upgrade::Lifecycle::Ready);
-                }
-                Signal::Stop => break None,
-                Signal::Upgrade => match (&upgrades, successor) {
-                    (Some(_), Ok(successor)) => match successor.spawn() {
-                        Ok(pid) => tracing::info!(pid, "SIGUSR2: started the successor agent"),
-                        Err(e) => tracing::error!(error = %e, "SIGUSR2: cannot start the successor agent"),
-                    },
-                    (None, _) => tracing::error!("SIGUSR2 ignored: this agent has no upgrade socket"),
-                    (_, Err(e)) => tracing::error!(error = %e, "SIGUSR2 ignored: this agent's binary path is unknown"),
-                },
+        let prometheus = prometheus::Registry::new();
+        let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
+        let dns_config = Arc::new(config.dns.clone());
+        let dns_metrics = Arc::new(DnsMetrics::new(&prometheus).context("dns metrics")?);
+        let proxy_metrics = Arc::new(ProxyMetrics::new(&prometheus).context("proxy metrics")?);
+        let proxy = Arc::new(ProxyDecorator::new(
+            config.http.clone(),
+            config.tcp.clone(),
+            proxy_metrics,
+        ));
+        // Decorators, run by the writer over every view it builds: DNS's answers
+        // and the proxy's backend lists, each found again by its key.
+        let mut decorators = Decorators::default();
+        let dns_answers = decorators.add(Arc::new(DnsDecorator::new(
+            dns_config.clone(),
+            &config.agent.datacenter,
+        )));
+        let proxy_backends = decorators.add(proxy.clone());
+        let (registry, writer) = open_registry(&config, metrics, decorators, resuming).await?;
+
+        let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
+        let advertise = config.agent.advertise_addr.to_string();
+        register_own_node(&registry, &node_name, &advertise).await?;
+        // Services defined in the config file (their checks start with the checker).
+        let config_services = register_config_services(&config, &registry, &node_name, &[]).await?;
+        let demo = match source.demo {
+            true => crate::demo::start(&registry, &node_name).await?,
+            false => Vec::new(),
+        };
+        let checker = switchyard_registry::spawn_checker(registry.clone());
+        let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
+            proxy.clone(),
+            Arc::new(registry.clone()),
+        ));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(ApiState {
+            registry: registry.clone(),
+            agent: AgentInfo {
+                node_name: node_name.clone(),
+                datacenter: config.agent.datacenter.clone(),
+                advertise_addr: advertise,
+                version: env!("CARGO_PKG_VERSION"),
             },
-            stream = next_upgrade => break Some(stream),
+            config: config.api.clone(),
+            prometheus,
+            shutdown: shutdown_rx.clone(),
+            // In cluster mode a drain also counts what the other agents carry.
+            load: Some(match registry.shared() {
+                true => Arc::new(switchyard_registry::ClusterLoad::new(
+                    proxy.load_report(),
+                    registry.store_status().clone(),
+                )),
+                false => proxy.load_report(),
+            }),
+            tokens: api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?,
+            listeners: std::sync::OnceLock::new(),
+        });
+        let api_listener = match sockets.as_mut().and_then(|s| s.api.take()) {
+            Some(listener) => listener,
+            None => std::net::TcpListener::bind(config.api.addr)
+                .with_context(|| format!("cannot listen on {}", config.api.addr))?,
+        };
+        api_listener.set_nonblocking(true)?;
+        let api_kept = api_listener.try_clone()?;
+        let listener = tokio::net::TcpListener::from_std(api_listener)?;
+        let api_addr = listener.local_addr()?;
+        let api_tls = match &config.api.tls {
+            Some(tls) => Some(api::tls::acceptor(tls).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        if api_tls.is_none() && !api_addr.ip().is_loopback() {
+            tracing::warn!(api = %api_addr, "the API is reachable from other hosts over cleartext HTTP: tokens travel unencrypted; configure [api.tls]");
         }
-    };
-    if let Some(mut stream) = upgrade_request {
+        let api_scheme = if api_tls.is_some() { "https" } else { "http" };
+        let api = tokio::spawn(serve_api(
+            listener,
+            api_tls.clone(),
+            api::router(state.clone()),
+            shutdown_rx.clone(),
+        ));
+        let metrics_addr = match config.api.metrics_addr {
+            Some(addr) => {
+                Some(serve_metrics(addr, upgrading, api_tls, state.clone(), shutdown_rx).await?)
+            }
+            None => None,
+        };
+
+        let dns = DnsServer::start(
+            dns_config,
+            &config.agent.datacenter,
+            dns_answers,
+            registry.snapshot_cell(),
+            dns_metrics,
+            sockets.as_mut().and_then(|s| s.dns.take()),
+        )
+        .await
+        .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;
+        let dns_addr = dns.local_addr();
+        let http = HttpProxy::start_with(
+            &proxy,
+            proxy_backends,
+            registry.snapshot_cell(),
+            sockets.as_mut().and_then(|s| s.proxy.take()),
+        )
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http.addr))?;
+        let http_addr = http.local_addr();
+
+        // Installed before the ready line: a SIGHUP after it must never kill us.
+        let signals = Signals::new()?;
+        let ready = serde_json::json!({
+            "ready": true,
+            "api": api_addr.to_string(),
+            "api_url": format!("{api_scheme}://{api_addr}"),
+            "dns": dns_addr.to_string(),
+            "http": http_addr.to_string(),
+            "https": http.tls_addr().map(|a| a.to_string()),
+            "metrics": metrics_addr.map(|a| a.to_string()),
+            "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "node": node_name,
+        });
+        let _ = state.listeners.set(ready.clone());
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{ready}")?;
+            out.flush()?;
+        }
+        tracing::info!(api = %api_addr, dns = %dns_addr, http = %http_addr, node = %node_name, index = registry.snapshot().index(), "switchyard agent ready");
+        if !demo.is_empty() {
+            tracing::info!(
+                "demo: {n} backends serve service {service}; try  dig @{dns_ip} -p {dns_port} {service}.service.consul SRV  ·  curl -H 'Host: {host}' http://{http_addr}/  ·  open {api_scheme}://{api_addr}/ui/",
+                n = demo.len(),
+                service = crate::demo::SERVICE,
+                host = crate::demo::HOST,
+                dns_ip = dns_addr.ip(),
+                dns_port = dns_addr.port(),
+            );
+        }
+        let upgrades = match &config.store.data_dir {
+            Some(dir) => match UpgradeListener::bind(dir) {
+                Ok(listener) => Some(listener),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no upgrade socket: `agent --upgrade` cannot take over from this agent");
+                    None
+                }
+            },
+            None => None,
+        };
+        let running = Running {
+            config,
+            registry,
+            writer,
+            proxy,
+            node_name,
+            config_services,
+            checker,
+            passive,
+            shutdown,
+            api,
+            api_listener: api_kept,
+            dns,
+            http,
+            signals,
+            upgrades,
+        };
+        Ok((running, predecessor))
+    }
+
+    /// Tells whoever served before that this agent serves now: the agent it
+    /// upgrades, or this process's own servers after a failed upgrade (they
+    /// stop), and systemd.
+    fn announce(&self, predecessor: Option<Predecessor>) -> anyhow::Result<()> {
+        match predecessor {
+            Some(Predecessor::Process(stream)) => {
+                upgrade::ready(stream);
+                tracing::info!("took over from the previous agent");
+            }
+            Some(Predecessor::Same(servers)) => {
+                tracing::info!("serving again after the failed upgrade");
+                tokio::spawn(async move {
+                    let (dns, http) = *servers;
+                    stop_data_plane(http, dns).await;
+                });
+            }
+            None => {}
+        }
+        upgrade::notify(upgrade::Lifecycle::Ready);
+        Ok(())
+    }
+
+    /// Serves until SIGTERM/SIGINT or a successor's upgrade request,
+    /// reloading on SIGHUP and starting a successor on SIGUSR2.
+    async fn run(
+        &mut self,
+        source: &ConfigSource,
+        successor: &std::io::Result<upgrade::Successor>,
+    ) -> Ending {
+        loop {
+            let next_upgrade = async {
+                match &self.upgrades {
+                    Some(listener) => listener.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                signal = self.signals.next() => match signal {
+                    Signal::Reload => self.reload(source).await,
+                    Signal::Stop => return Ending::Stop,
+                    Signal::Upgrade => match (&self.upgrades, successor) {
+                        (Some(_), Ok(successor)) => match successor.spawn() {
+                            Ok(pid) => tracing::info!(pid, "SIGUSR2: started the successor agent"),
+                            Err(e) => tracing::error!(error = %e, "SIGUSR2: cannot start the successor agent"),
+                        },
+                        (None, _) => tracing::error!("SIGUSR2 ignored: this agent has no upgrade socket"),
+                        (_, Err(e)) => tracing::error!(error = %e, "SIGUSR2 ignored: this agent's binary path is unknown"),
+                    },
+                },
+                stream = next_upgrade => return Ending::Upgrade(stream),
+            }
+        }
+    }
+
+    /// SIGHUP: the file again; on success the file's services again too.
+    async fn reload(&mut self, source: &ConfigSource) {
+        upgrade::notify(upgrade::Lifecycle::Reloading);
+        if reload(source, &mut self.config, &self.proxy, &self.registry).await {
+            let registered = register_config_services(
+                &self.config,
+                &self.registry,
+                &self.node_name,
+                &self.config_services,
+            )
+            .await;
+            match registered {
+                Ok(ids) => self.config_services = ids,
+                Err(e) => tracing::error!(error = %e, "cannot apply the config's services"),
+            }
+        }
+        upgrade::notify(upgrade::Lifecycle::Ready);
+    }
+
+    /// SIGTERM: stop accepting, let the proxy and DNS finish their work in
+    /// progress, then the API, the checkers and the registry (store flushed).
+    async fn stop(self) {
+        // Not at an upgrade: the successor is the main process by then.
+        upgrade::notify(upgrade::Lifecycle::Stopping);
+        if let Some(upgrades) = self.upgrades {
+            upgrades.remove();
+        }
+        drop(self.api_listener);
+        tracing::info!("shutting down: no new API requests, finishing queued writes");
+        let _ = self.shutdown.send(true);
+        stop_data_plane(self.http, self.dns).await;
+        stop_control_plane(ControlPlane {
+            api: self.api,
+            checker: self.checker,
+            passive: self.passive,
+            registry: self.registry,
+            writer: self.writer,
+        })
+        .await;
+        tracing::info!("stopped");
+    }
+
+    /// An upgrade: stop the API and the registry (the store closed for the
+    /// successor), hand the listeners over, then let the proxy and DNS finish
+    /// their work in progress. If the successor fails before it serves, this
+    /// agent serves on from the same sockets (`Served::Resume`).
+    async fn hand_over(self, mut stream: std::os::unix::net::UnixStream) -> anyhow::Result<Served> {
         tracing::info!(
             "upgrade requested: stopping the API and the store, then handing over the listeners"
         );
-        let _ = shutdown_tx.send(true);
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
-            Err(e) => tracing::warn!(error = %e, "API server task failed"),
-        }
-        checker.abort();
-        passive.abort();
-        registry.shutdown().await;
-        let _ = writer.await;
+        let _ = self.shutdown.send(true);
+        stop_control_plane(ControlPlane {
+            api: self.api,
+            checker: self.checker,
+            passive: self.passive,
+            registry: self.registry,
+            writer: self.writer,
+        })
+        .await;
         let sockets = upgrade::Sockets {
-            api: Some(api_kept),
-            dns: Some(dns.sockets().try_clone()?),
-            proxy: Some(http.sockets().try_clone()?),
+            api: Some(self.api_listener),
+            dns: Some(self.dns.sockets().try_clone()?),
+            proxy: Some(self.http.sockets().try_clone()?),
         };
         let (handed, sockets) = tokio::task::spawn_blocking(move || {
             let handed = upgrade::hand_over(&mut stream, &sockets);
@@ -388,38 +464,102 @@ async fn serve(
                 // Its API and registry stopped for the handover; the DNS and
                 // proxy servers still serve and hand over to resumed ones.
                 return Ok(Served::Resume(Box::new(Resume {
-                    config,
+                    config: self.config,
                     sockets,
-                    servers: (dns, http),
+                    servers: (self.dns, self.http),
                 })));
             }
         }
-        http.shutdown().await;
-        dns.shutdown().await;
+        stop_data_plane(self.http, self.dns).await;
         tracing::info!("stopped after handing over");
-        return Ok(Served::Done);
+        Ok(Served::Done)
     }
-    // Not at an upgrade: the successor is the main process by then.
-    upgrade::notify(upgrade::Lifecycle::Stopping);
-    if let Some(upgrades) = upgrades {
-        upgrades.remove();
-    }
-    drop(api_kept);
-    tracing::info!("shutting down: no new API requests, finishing queued writes");
-    let _ = shutdown_tx.send(true);
-    http.shutdown().await;
-    dns.shutdown().await;
-    match server.await {
+}
+
+/// The registry and what reads or feeds it through the API, as they stop.
+struct ControlPlane {
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    checker: tokio::task::JoinHandle<()>,
+    passive: tokio::task::JoinHandle<()>,
+    registry: Registry,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// The one way the control plane stops (the API told to stop already):
+/// requests in progress finish, the checkers stop, and the writer applies
+/// what is queued, flushes and closes the store.
+async fn stop_control_plane(plane: ControlPlane) {
+    match plane.api.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "API server task failed"),
     }
-    checker.abort();
-    passive.abort();
-    registry.shutdown().await;
-    let _ = writer.await;
-    tracing::info!("stopped");
-    Ok(Served::Done)
+    plane.checker.abort();
+    plane.passive.abort();
+    plane.registry.shutdown().await;
+    let _ = plane.writer.await;
+}
+
+/// The one way the data plane stops: the proxy and DNS stop accepting and
+/// finish their work in progress (`http.shutdown_grace`).
+async fn stop_data_plane(http: HttpProxy, dns: DnsServer) {
+    http.shutdown().await;
+    dns.shutdown().await;
+}
+
+/// Opens the configured store and starts the registry's writer on it.
+async fn open_registry(
+    config: &AgentConfig,
+    metrics: Arc<RegistryMetrics>,
+    decorators: Decorators,
+    resuming: bool,
+) -> anyhow::Result<(Registry, tokio::task::JoinHandle<()>)> {
+    match config.store.kind {
+        StoreKind::Embedded => {
+            let dir = config
+                .store
+                .data_dir
+                .clone()
+                .context("store.data_dir is required for the embedded store")?;
+            let store = open_embedded(&dir, config.store.cache_mib << 20, resuming).await?;
+            tracing::info!(path = %store.path().display(), "embedded store opened");
+            start(store, metrics, decorators)
+        }
+        StoreKind::Memory => start(MemoryStore::default(), metrics, decorators),
+        StoreKind::Etcd => {
+            let member = config.agent.node_name.clone().unwrap_or_else(host_name);
+            let options = config
+                .store
+                .etcd_options(&member)
+                .map_err(anyhow::Error::msg)?;
+            let store = EtcdStore::connect(&options)
+                .await
+                .context("cannot reach the etcd store")?;
+            start(store, metrics, decorators)
+        }
+    }
+}
+
+/// Registers the agent's own node (its address, version in meta).
+async fn register_own_node(
+    registry: &Registry,
+    node_name: &str,
+    advertise: &str,
+) -> anyhow::Result<()> {
+    let mut own_node = Node::new(node_name, advertise.to_string());
+    own_node.tagged_addresses = BTreeMap::from([
+        ("lan".to_string(), advertise.to_string()),
+        ("wan".to_string(), advertise.to_string()),
+    ]);
+    own_node.meta = BTreeMap::from([(
+        "switchyard-version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    )]);
+    registry
+        .apply(Command::EnsureNode(own_node))
+        .await
+        .context("cannot register the agent's own node")?;
+    Ok(())
 }
 
 /// Opens the embedded store. After a failed upgrade the successor may still
