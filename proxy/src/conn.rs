@@ -3,7 +3,6 @@
 //! while the client keeps the connection. The whole exchange runs inline in
 //! this task; nothing per request is allocated once the buffers are warm.
 
-use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +14,9 @@ use crate::access;
 use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, ServiceStats};
 use crate::balance::{self, Tried};
 use crate::io::{Buf, Conn};
+use crate::local::{Busy, Local};
 use crate::metrics::Reject;
 use crate::route::Route;
-use crate::server::Local;
 use crate::splice::{self, Broken, SPLICE_ABOVE};
 use crate::wire::{self, Chunks, Client, Framing, HeadError, Request};
 
@@ -351,33 +350,6 @@ fn log_access(
         duration_ms: now_ns().saturating_sub(started) as f64 / 1e6,
         upstream_ms: outcome.upstream_ns as f64 / 1e6,
     });
-}
-
-/// Counts a request in progress on this thread while it lives (or, made by
-/// `adopt_fresh`, a new connection before its first request).
-pub(crate) struct Busy<'a>(&'a Cell<usize>);
-
-impl<'a> Busy<'a> {
-    pub(crate) fn enter(local: &'a Local) -> Busy<'a> {
-        Busy::count(&local.active)
-    }
-
-    /// Takes over the count the accept loop made for this new connection
-    /// (made there, so a shutdown sees it before this task first runs).
-    pub(crate) fn adopt_fresh(local: &'a Local) -> Busy<'a> {
-        Busy(&local.fresh)
-    }
-
-    fn count(counter: &'a Cell<usize>) -> Busy<'a> {
-        counter.set(counter.get() + 1);
-        Busy(counter)
-    }
-}
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
 }
 
 /// Why an attempt did not produce a response for the client.

@@ -29,8 +29,8 @@ use tokio::sync::{watch, Notify};
 use crate::access;
 use crate::backend::{now_ns, EndpointStats, ProxyService, Shared};
 use crate::balance::{self, Tried};
+use crate::grace::FIRST_REQUEST_GRACE;
 use crate::metrics::Reject;
-use crate::server::FIRST_REQUEST_GRACE;
 use crate::wire;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -6,7 +6,8 @@
 //! service's backends are built at publish time by `ProxyDecorator` (in the
 //! registry writer), so a request after an API acknowledgment already sees the
 //! change. Per-endpoint state (in-flight, latency, failures, ejection) is in
-//! atomics. Depends on `switchyard-registry` only, never on the DNS crate.
+//! atomics. Depends on `switchyard-catalog` only, never on the registry or the
+//! DNS crate.
 #![forbid(unsafe_code)]
 
 mod access;
@@ -18,8 +19,10 @@ mod deadline;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod grace;
 mod h2;
 mod io;
+mod local;
 mod metrics;
 mod route;
 mod server;

@@ -4,356 +4,29 @@
 //! state of another thread except the shared per-endpoint atomics (and, at
 //! accept, a new connection handed to a less busy thread: `Handoff`).
 
-use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, Cache};
+use arc_swap::ArcSwap;
 use prometheus::IntGauge;
 use socket2::{Domain, Protocol, Socket, Type};
 use switchyard_catalog::{ExtraKey, Snapshot};
-use switchyard_uring::Ring;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access;
-use crate::backend::{client_slot, Backend, ClientSlot, EndpointStats, ProxyService, Shared};
-use crate::config::{Config, TcpConfig};
+use crate::backend::{ClientSlot, ProxyService, Shared};
 use crate::conn;
-use crate::deadline::Deadlines;
+use crate::grace::{FIRST_REQUEST_GRACE, IDLE_DRAIN};
 use crate::h2::H2;
-use crate::io::{Buf, Conn};
-use crate::metrics::{ProxyMetrics, Reject};
-use crate::route::RouteTable;
-use crate::splice::Pipe;
+use crate::local::{Local, PRUNE_EVERY_SWEEPS, SWEEP_EVERY};
+use crate::metrics::ProxyMetrics;
 use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
-
-/// Idle upstream connections older than this are closed by the sweeper
-/// (below the usual 60-75 s keep-alive of upstream servers).
-const POOL_IDLE: Duration = Duration::from_secs(30);
-/// How often the sweeper closes idle connections to withdrawn endpoints
-/// (drained, in maintenance, failing) and ones idle too long.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// `POOL_IDLE` in sweeps.
-const POOL_IDLE_SWEEPS: u64 = POOL_IDLE.as_secs() / SWEEP_EVERY.as_secs();
-/// Every this many sweeps, thread 0 prunes services that left the catalog.
-const PRUNE_EVERY_SWEEPS: u32 = 10;
-
-/// Idle connections to one endpoint address, newest last, with the time each
-/// became idle.
-struct Idle {
-    stats: Arc<EndpointStats>,
-    /// Each with the sweep count when it was put back (no clock read per
-    /// request).
-    streams: Vec<(Conn, u64)>,
-}
-
-/// The answer to a client over its connection cap.
-const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 73\r\nconnection: close\r\nx-switchyard: proxy\r\n\r\ntoo many connections from your address (http.max_connections_per_client)\n";
-
-/// A proxy thread's own state.
-pub(crate) struct Local {
-    pub(crate) shared: Arc<Shared>,
-    backends: ExtraKey<ProxyService>,
-    snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
-    pub(crate) routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
-    /// This thread's copies of the settings (`Rc`: no shared refcount per
-    /// request), refreshed when a reload moves the shared generation.
-    config: RefCell<Rc<Config>>,
-    tcp: RefCell<Rc<TcpConfig>>,
-    generation: Cell<u64>,
-    /// Looked up twice per request: foldhash, not SipHash (the keys are our
-    /// endpoints' addresses, not attacker-chosen).
-    pool: RefCell<foldhash::HashMap<SocketAddr, Idle>>,
-    /// Sweeps so far: the pool's coarse clock.
-    sweeps: Cell<u64>,
-    /// HTTP/2 connections are handed to hyper here.
-    pub(crate) h2: Arc<H2>,
-    /// Turns true at shutdown (HTTP/2 connections then send GOAWAY).
-    pub(crate) stop: watch::Receiver<bool>,
-    buffers: RefCell<Vec<Buf>>,
-    /// Empty pipes for `splice`; `splicing` turns false when the kernel
-    /// refuses to splice sockets, and bodies are then copied.
-    pipes: RefCell<Vec<Pipe>>,
-    splicing: Cell<bool>,
-    pub(crate) rng: RefCell<fastrand::Rng>,
-    request_ids: Cell<u64>,
-    stopping: Cell<bool>,
-    /// Requests whose head has begun to arrive, and L4 connections: what a
-    /// shutdown waits for (idle keep-alive connections are not counted).
-    pub(crate) active: Cell<usize>,
-    /// Connections accepted that have not begun their first request: the
-    /// client has one coming, so a shutdown waits `FIRST_REQUEST_GRACE` for it.
-    pub(crate) fresh: Cell<usize>,
-    /// This thread's open HTTP connections (see `Handoff`).
-    thread_connections: IntGauge,
-    /// The ring L4 connections relay through, made at the first one (`None`
-    /// where io_uring is unavailable).
-    ring: OnceCell<Option<Rc<Ring>>>,
-    /// The time limits of this thread's waits (`deadline.rs`).
-    pub(crate) deadlines: Deadlines,
-}
-
-/// How long a shutdown waits for a connection it accepted to send its first
-/// request. Closing it at once would lose a request that was on its way: a
-/// client retries only on a reused connection, never on a new one.
-pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
-
-/// How long a shutdown keeps idle keep-alive connections open. A client
-/// under load sends its next request the moment a response arrives; closing
-/// its connection then would lose that request (wrk counts a read error, a
-/// browser retries). Within this window it is served with `Connection:
-/// close` instead, and the client opens a new connection (to the successor,
-/// at an upgrade). Connections idle for all of it are closed at its end.
-const IDLE_DRAIN: Duration = Duration::from_secs(1);
-
-impl Local {
-    /// The proxy's view of a service in the current snapshot.
-    pub(crate) fn service(&self, name: &str) -> Option<Arc<ProxyService>> {
-        let mut cache = self.snapshot.borrow_mut();
-        cache.load().service(name)?.extra_arc(self.backends)
-    }
-
-    fn refresh(&self) {
-        let generation = self.shared.generation.load(Ordering::Acquire);
-        if generation != self.generation.get() {
-            let config = Rc::new((**self.shared.config.load()).clone());
-            access::configure(config.access_log.as_deref());
-            *self.config.borrow_mut() = config;
-            *self.tcp.borrow_mut() = Rc::new((**self.shared.tcp.load()).clone());
-            self.generation.set(generation);
-        }
-    }
-
-    /// Counts a new connection against the per-client cap. `None` when the
-    /// client is at its cap: the connection is refused (plain HTTP gets a
-    /// 429 first, written without waiting) and dropped.
-    pub(crate) fn admit(
-        &self,
-        stream: &TcpStream,
-        peer: SocketAddr,
-        http: bool,
-    ) -> Option<Option<ClientSlot>> {
-        let max = self.config().max_connections_per_client;
-        match client_slot(&self.shared, peer.ip(), max) {
-            Ok(slot) => Some(slot),
-            Err(()) => {
-                self.shared.metrics.reject(Reject::ClientLimit);
-                if http {
-                    let _ = stream.try_write(TOO_MANY);
-                }
-                None
-            }
-        }
-    }
-
-    /// Whether requests are being logged (checked before building an entry).
-    pub(crate) fn logging(&self) -> bool {
-        self.refresh();
-        access::enabled()
-    }
-
-    /// The `[http]` settings in force.
-    pub(crate) fn config(&self) -> Rc<Config> {
-        self.refresh();
-        self.config.borrow().clone()
-    }
-
-    /// The `[tcp]` settings in force.
-    pub(crate) fn tcp(&self) -> Rc<TcpConfig> {
-        self.refresh();
-        self.tcp.borrow().clone()
-    }
-
-    pub(crate) fn next_request_id(&self) -> u64 {
-        let id = self.request_ids.get().wrapping_add(1);
-        self.request_ids.set(id);
-        id
-    }
-
-    pub(crate) fn stopping(&self) -> bool {
-        self.stopping.get()
-    }
-
-    fn buffer_size(&self) -> usize {
-        self.config().max_header_bytes.max(16 * 1024)
-    }
-
-    /// A plain HTTP/1.1 connection, client or upstream, placed as `place`
-    /// says.
-    pub(crate) fn http_conn(&self, stream: TcpStream) -> Option<Conn> {
-        let ring = self.http_ring();
-        self.count_placed(ring.is_some());
-        Conn::new(stream, ring.as_ref())
-    }
-
-    /// Moves `conn` (between exchanges) to where this thread's load says it
-    /// belongs, if it is not there yet.
-    pub(crate) fn place(&self, conn: &mut Conn) {
-        let on_ring = matches!(conn, Conn::Ring { .. });
-        let want = self.ring_wanted(on_ring);
-        if want != on_ring {
-            let ring = if want { self.ring() } else { None };
-            if conn.place(ring.as_ref()) {
-                self.count_placed(ring.is_some());
-            }
-        }
-    }
-
-    /// The ring for a plain HTTP/1.1 connection: `None` when `[http]
-    /// io_uring` is off, io_uring is unavailable, or this thread serves
-    /// too few connections for their operations to share its enters (with
-    /// one client the ring costs more than tokio's path: RESULTS.md).
-    fn http_ring(&self) -> Option<Rc<Ring>> {
-        if self.ring_wanted(false) {
-            self.ring()
-        } else {
-            None
-        }
-    }
-
-    /// Whether HTTP/1.1 sockets go on the ring now, for one that is there
-    /// already (`on_ring`) or not: from `io_uring_connections` client
-    /// connections on this thread, and below half of that back to tokio.
-    fn ring_wanted(&self, on_ring: bool) -> bool {
-        let config = self.config();
-        if !config.io_uring {
-            return false;
-        }
-        let from = config.io_uring_connections as i64;
-        let open = self.thread_connections.get();
-        if on_ring {
-            open >= from / 2
-        } else {
-            open >= from
-        }
-    }
-
-    fn count_placed(&self, on_ring: bool) {
-        let metrics = &self.shared.metrics;
-        if on_ring {
-            metrics.http_io_uring.inc();
-        } else {
-            metrics.http_tokio.inc();
-        }
-    }
-
-    /// This thread's io_uring (for L4 relays and HTTP/1.1 connections),
-    /// made and driven from the first call on; `None` (logged once per
-    /// thread) where io_uring is unavailable.
-    pub(crate) fn ring(&self) -> Option<Rc<Ring>> {
-        self.ring
-            .get_or_init(|| match Ring::new() {
-                Ok(ring) => {
-                    tokio::task::spawn_local(ring.clone().drive());
-                    Some(ring)
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        error = %e,
-                        "io_uring is unavailable: connections go through tokio's reactor (L4 bytes with recv and send)"
-                    );
-                    None
-                }
-            })
-            .clone()
-    }
-
-    pub(crate) fn take_buffer(&self) -> Buf {
-        self.buffers
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Buf::with_capacity(self.buffer_size()))
-    }
-
-    /// Keeps up to 256 buffers of the base size; grown ones are freed, so
-    /// idle memory stays small after a burst of large bodies.
-    pub(crate) fn give_buffer(&self, mut buf: Buf) {
-        let mut buffers = self.buffers.borrow_mut();
-        if buffers.len() < 256 && buf.capacity() == self.buffer_size() {
-            buf.clear();
-            buffers.push(buf);
-        }
-    }
-
-    /// An empty pipe for splicing a body, or `None` when bodies are copied.
-    pub(crate) fn take_pipe(&self) -> Option<Pipe> {
-        if !self.splicing.get() {
-            return None;
-        }
-        if let Some(pipe) = self.pipes.borrow_mut().pop() {
-            return Some(pipe);
-        }
-        match Pipe::new() {
-            Ok(pipe) => Some(pipe),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot make a pipe for splice: copying this body");
-                None
-            }
-        }
-    }
-
-    /// Takes back a pipe `splice::exact` left empty; keeps up to 64.
-    pub(crate) fn give_pipe(&self, pipe: Pipe) {
-        let mut pipes = self.pipes.borrow_mut();
-        if pipes.len() < 64 {
-            pipes.push(pipe);
-        }
-    }
-
-    /// Whether long bodies are spliced on this thread.
-    pub(crate) fn splices(&self) -> bool {
-        self.splicing.get()
-    }
-
-    /// The kernel refused to splice sockets: copy from now on.
-    pub(crate) fn stop_splicing(&self) {
-        if self.splicing.replace(false) {
-            tracing::warn!("splice(2) is not supported for these sockets: large bodies are copied");
-        }
-    }
-
-    pub(crate) fn pool_take(&self, addr: SocketAddr) -> Option<Conn> {
-        let mut pool = self.pool.borrow_mut();
-        pool.get_mut(&addr)?.streams.pop().map(|(s, _)| s)
-    }
-
-    pub(crate) fn pool_put(&self, backend: &Backend, stream: Conn) {
-        if self.stopping.get() || backend.stats.is_withdrawn() {
-            return;
-        }
-        let mut pool = self.pool.borrow_mut();
-        let idle = pool.entry(backend.addr).or_insert_with(|| Idle {
-            stats: backend.stats.clone(),
-            streams: Vec::new(),
-        });
-        if idle.streams.len() < self.config().pool_per_endpoint {
-            idle.streams.push((stream, self.sweeps.get()));
-        }
-    }
-
-    /// Closes idle connections that are too old or lead to an endpoint that
-    /// was withdrawn, so a drained node sees its idle connections go.
-    fn sweep(&self) {
-        let sweeps = self.sweeps.get() + 1;
-        self.sweeps.set(sweeps);
-        let oldest = sweeps.saturating_sub(POOL_IDLE_SWEEPS);
-        let mut pool = self.pool.borrow_mut();
-        pool.retain(|_, idle| {
-            if idle.stats.is_withdrawn() {
-                return false;
-            }
-            idle.streams.retain(|(_, since)| *since >= oldest);
-            !idle.streams.is_empty()
-        });
-    }
-}
 
 /// The running proxy (HTTP and L4 listeners): its threads and their shared
 /// stop signal.
@@ -744,15 +417,16 @@ fn serve_here(
 /// Runs one connection's task, holding its per-client slot, and uncounts it
 /// from `thread_connections` when it ends.
 fn spawn_counted(
-    local: &Local,
+    local: &Rc<Local>,
     slot: Option<ClientSlot>,
     serve: impl std::future::Future<Output = ()> + 'static,
 ) {
-    let count = local.thread_connections.clone();
+    let local = local.clone();
     tokio::task::spawn_local(async move {
         let _slot = slot;
         serve.await;
-        count.dec();
+        local.thread_connections().dec();
+        local.work_ended();
     });
 }
 
@@ -762,7 +436,7 @@ fn take_handed(local: &Rc<Local>, handed: Handed) {
     match TcpStream::from_std(handed.stream) {
         Ok(stream) => serve_here(local, stream, handed.peer, handed.slot, handed.kind),
         Err(e) => {
-            local.thread_connections.dec();
+            local.thread_connections().dec();
             tracing::warn!(error = %e, "proxy thread cannot take a handed connection");
         }
     }
@@ -829,30 +503,14 @@ fn run_thread(thread: Thread) {
     };
     let tasks = tokio::task::LocalSet::new();
     tasks.block_on(&runtime, async move {
-        let local = Rc::new(Local {
-            routes: RefCell::new(Cache::new(shared.routes.clone())),
-            config: RefCell::new(Rc::new((**shared.config.load()).clone())),
-            tcp: RefCell::new(Rc::new((**shared.tcp.load()).clone())),
-            generation: Cell::new(shared.generation.load(Ordering::Acquire)),
-            snapshot: RefCell::new(Cache::new(snapshot.clone())),
+        let local = Rc::new(Local::new(
             shared,
             backends,
-            pool: RefCell::new(foldhash::HashMap::default()),
-            sweeps: Cell::new(0),
+            snapshot.clone(),
             h2,
-            stop: stop.clone(),
-            buffers: RefCell::new(Vec::new()),
-            pipes: RefCell::new(Vec::new()),
-            splicing: Cell::new(true),
-            rng: RefCell::new(fastrand::Rng::new()),
-            request_ids: Cell::new(fastrand::u64(..) << 24),
-            stopping: Cell::new(false),
-            active: Cell::new(0),
-            fresh: Cell::new(0),
-            thread_connections: handoff.dispatch.counts[index].clone(),
-            ring: OnceCell::new(),
-            deadlines: Deadlines::default(),
-        });
+            stop.clone(),
+            handoff.dispatch.counts[index].clone(),
+        ));
         let deadlines = {
             let local = local.clone();
             tokio::task::spawn_local(async move { local.deadlines.sweep().await })
@@ -914,26 +572,34 @@ fn run_thread(thread: Thread) {
         for task in accepting {
             let _ = task.await;
         }
-        local.stopping.set(true);
+        local.begin_stopping();
         tracing::info!(
             thread = index,
             open = local.active.get() + local.fresh.get(),
             "proxy thread stopped accepting; finishing its connections"
         );
         sweeper.abort();
-        local.pool.borrow_mut().clear();
+        local.drop_idle_upstreams();
         let now = tokio::time::Instant::now();
         let deadline = now + local.config().shutdown_grace;
         let fresh_until = (now + FIRST_REQUEST_GRACE).min(deadline);
         let idle_until = (now + IDLE_DRAIN).min(deadline);
+        // Waits for the work to end, not polling: each end of a request or
+        // connection wakes this (`Local::work_ended`), and so does the next
+        // of the three limits.
         loop {
             let now = tokio::time::Instant::now();
             let fresh = local.fresh.get() > 0 && now < fresh_until;
-            let idle = local.thread_connections.get() > 0 && now < idle_until;
+            let idle = local.thread_connections().get() > 0 && now < idle_until;
             if !(local.active.get() > 0 || fresh || idle) || now >= deadline {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let next_limit = [fresh_until, idle_until, deadline]
+                .into_iter()
+                .filter(|limit| *limit > now)
+                .min()
+                .unwrap_or(deadline);
+            local.work_ends_or(next_limit).await;
         }
         if local.active.get() > 0 {
             tracing::warn!(

@@ -23,8 +23,8 @@ use tokio::net::TcpStream;
 use crate::backend::{now_ns, EndpointStats};
 use crate::balance::{self, hash64, Tried};
 use crate::config::BalancerKind;
+use crate::local::{Busy, Local};
 use crate::metrics::{TcpMetrics, TcpOutcome};
-use crate::server::Local;
 
 /// Most endpoints one client connection is offered to before it is closed.
 const MAX_CONNECT_TRIES: usize = 3;
@@ -43,10 +43,10 @@ pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    local.active.set(local.active.get() + 1);
+    let busy = Busy::enter(&local);
     let outcome = proxy(&local, &route, client, peer).await;
     route.metrics.count(outcome);
-    local.active.set(local.active.get() - 1);
+    drop(busy);
 }
 
 async fn proxy(

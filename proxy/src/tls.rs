@@ -16,8 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
-use crate::conn::Busy;
-use crate::server::Local;
+use crate::local::{Busy, Local};
 
 /// Certificates by server name, with the first one as the default.
 #[derive(Debug)]
