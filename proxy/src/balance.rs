@@ -3,10 +3,39 @@
 //! Everything here reads atomics and the view's immutable lists; the lazily
 //! built schedule and ring are made once per view.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
-use crate::backend::{Backend, ProxyService};
 use crate::config::BalancerKind;
+pub(crate) use crate::stats::Backend;
+
+/// A view's routable backends (usable address, weight above 0), with what
+/// its balancers build from them once (the weighted schedule, the hash
+/// ring) and share (the round-robin cursor). Reads as the slice of backends.
+#[derive(Default)]
+pub(crate) struct Backends {
+    list: Box<[Backend]>,
+    cursor: AtomicUsize,
+    schedule: OnceLock<Box<[u32]>>,
+    ring: OnceLock<HashRing>,
+}
+
+impl Backends {
+    pub(crate) fn new(list: Vec<Backend>) -> Backends {
+        Backends {
+            list: list.into_boxed_slice(),
+            ..Backends::default()
+        }
+    }
+}
+
+impl std::ops::Deref for Backends {
+    type Target = [Backend];
+
+    fn deref(&self) -> &[Backend] {
+        &self.list
+    }
+}
 
 /// Backends already tried by one request (retries never reuse one).
 #[derive(Default)]
@@ -53,12 +82,12 @@ const RING_POINTS: u32 = 160;
 /// A ring hash over the backends: each backend owns points derived from its
 /// endpoint id (not its position), so when one of N leaves only the keys it
 /// owned move.
-pub(crate) struct Ring {
+pub(crate) struct HashRing {
     points: Box<[(u64, u32)]>,
 }
 
-impl Ring {
-    fn build(backends: &[Backend]) -> Ring {
+impl HashRing {
+    fn build(backends: &[Backend]) -> HashRing {
         let mut points = Vec::new();
         for (i, backend) in backends.iter().enumerate() {
             let count = RING_POINTS * backend.weight.min(16);
@@ -75,7 +104,7 @@ impl Ring {
             }
         }
         points.sort_unstable();
-        Ring {
+        HashRing {
             points: points.into_boxed_slice(),
         }
     }
@@ -134,39 +163,38 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// the route hashes. Returns the index and whether the choice had to include
 /// ejected backends (fail-open).
 pub(crate) fn pick(
-    service: &ProxyService,
+    set: &Backends,
     kind: BalancerKind,
     key: Option<u64>,
     tried: &Tried,
     now: u64,
     rng: &mut fastrand::Rng,
 ) -> Option<(u32, bool)> {
-    let backends = &service.backends;
-    if backends.is_empty() {
+    if set.is_empty() {
         return None;
     }
-    let healthy = |i: u32| !tried.contains(i) && !backends[i as usize].stats.is_ejected(now);
-    if let Some(i) = pick_among(service, kind, key, &healthy, now, rng) {
+    let healthy = |i: u32| !tried.contains(i) && !set[i as usize].stats.is_ejected(now);
+    if let Some(i) = pick_among(set, kind, key, &healthy, now, rng) {
         return Some((i, false));
     }
     let untried = |i: u32| !tried.contains(i);
-    pick_among(service, kind, key, &untried, now, rng).map(|i| (i, true))
+    pick_among(set, kind, key, &untried, now, rng).map(|i| (i, true))
 }
 
 fn pick_among(
-    service: &ProxyService,
+    set: &Backends,
     kind: BalancerKind,
     key: Option<u64>,
     usable: &dyn Fn(u32) -> bool,
     now: u64,
     rng: &mut fastrand::Rng,
 ) -> Option<u32> {
-    let backends = &service.backends;
+    let backends: &[Backend] = set;
     let n = backends.len();
     match kind {
         BalancerKind::RoundRobin => {
-            let order = service.schedule.get_or_init(|| schedule(backends));
-            let start = service.cursor.fetch_add(1, Ordering::Relaxed);
+            let order = set.schedule.get_or_init(|| schedule(backends));
+            let start = set.cursor.fetch_add(1, Ordering::Relaxed);
             (0..order.len())
                 .map(|step| order[(start + step) % order.len()])
                 .find(|&i| usable(i))
@@ -178,9 +206,9 @@ fn pick_among(
                 .find(|&i| usable(i))
         }
         BalancerKind::ConsistentHash => match key {
-            Some(key) => service
+            Some(key) => set
                 .ring
-                .get_or_init(|| Ring::build(backends))
+                .get_or_init(|| HashRing::build(backends))
                 .find(key, usable),
             None => {
                 let start = rng.usize(..n);

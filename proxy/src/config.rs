@@ -330,8 +330,7 @@ impl Config {
                 ));
             }
             if let Some(host) = &route.host {
-                crate::route::HostPattern::parse(host)
-                    .map_err(|e| format!("http.routes[{i}].host: {e}"))?;
+                HostPattern::parse(host).map_err(|e| format!("http.routes[{i}].host: {e}"))?;
             }
         }
         Ok(())
@@ -449,5 +448,40 @@ impl TcpConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A route's `host`, checked: any host, one name, or `*.suffix`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HostPattern {
+    Any,
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub(crate) fn parse(text: &str) -> Result<HostPattern, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        if lower.is_empty() || lower == "*" {
+            return Ok(HostPattern::Any);
+        }
+        let (pattern, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (HostPattern::Suffix(format!(".{rest}")), rest.to_string()),
+            None => (HostPattern::Exact(lower.clone()), lower.clone()),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            && !name.split('.').any(str::is_empty);
+        if valid {
+            Ok(pattern)
+        } else {
+            Err(format!(
+                "{text:?} is not a host name, `*.suffix` or `*` (no port, no scheme)"
+            ))
+        }
     }
 }

@@ -11,13 +11,15 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use crate::access;
-use crate::backend::{now_ns, Backend, EndpointStats, ProxyService, ServiceStats};
+use crate::backend::ProxyService;
+use crate::balance::Backend;
 use crate::balance::{self, Tried};
 use crate::io::{Buf, Conn};
 use crate::local::{Busy, Local};
 use crate::metrics::Reject;
 use crate::route::Route;
 use crate::splice::{self, Broken, SPLICE_ABOVE};
+use crate::stats::{now_ns, EndpointStats, ServiceStats};
 use crate::wire::{self, Chunks, Client, Framing, HeadError, Request};
 
 /// What the connection does after an exchange.
@@ -409,7 +411,7 @@ async fn forward(
     stats.note_request(now);
     loop {
         let picked = balance::pick(
-            &service,
+            &service.backends,
             route.balancer,
             key,
             &tried,

@@ -13,8 +13,8 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::config::{Config, HashOn, RouteConfig};
-use crate::route::{HostPattern, RouteTable};
+use crate::config::{Config, HashOn, HostPattern, RouteConfig};
+use crate::route::RouteTable;
 use crate::wire::{parse_request, Client, Framing, HeadError};
 
 /// Most routes read from one input.

@@ -27,10 +27,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
 use crate::access;
-use crate::backend::{now_ns, EndpointStats, ProxyService, Shared};
+use crate::backend::ProxyService;
 use crate::balance::{self, Tried};
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::metrics::Reject;
+use crate::shared::Shared;
+use crate::stats::{now_ns, EndpointStats};
 use crate::wire;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -324,9 +326,14 @@ impl H2 {
         stats.note_request(now_ns());
         loop {
             let now = now_ns();
-            let Some((index, _)) =
-                balance::pick(&service, route.balancer, key, &tried, now, &mut rng)
-            else {
+            let Some((index, _)) = balance::pick(
+                &service.backends,
+                route.balancer,
+                key,
+                &tried,
+                now,
+                &mut rng,
+            ) else {
                 metrics.reject(Reject::NoEndpoint);
                 return answer(StatusCode::BAD_GATEWAY, "every endpoint failed".to_string());
             };

@@ -13,6 +13,7 @@
 mod access;
 mod backend;
 mod balance;
+mod clients;
 mod config;
 mod conn;
 mod deadline;
@@ -24,9 +25,12 @@ mod h2;
 mod io;
 mod local;
 mod metrics;
+mod passive;
 mod route;
 mod server;
+mod shared;
 mod splice;
+mod stats;
 mod tcp;
 mod tls;
 mod wire;
@@ -36,16 +40,16 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use switchyard_catalog::{ExtraKey, Snapshot};
 
-pub use backend::{
-    report_passive_failures, ProxyDecorator, ProxyService, ReloadPlan, PASSIVE_CHECK_PREFIX,
-};
+pub use backend::{ProxyDecorator, ProxyService};
 pub use config::{
     BalancerKind, CertificateConfig, Config, HashOn, OutlierConfig, PassiveReport, RouteConfig,
     TcpBalancer, TcpConfig, TcpListenerConfig, TlsConfig,
 };
 pub use metrics::ProxyMetrics;
+pub use passive::{report_passive_failures, PASSIVE_CHECK_PREFIX};
 pub use route::{HOST_TAG, PATH_TAG};
 pub use server::{HttpProxy, ProxySockets};
+pub use shared::ReloadPlan;
 
 impl HttpProxy {
     /// Starts the proxy threads. `backends` is the key the registry's

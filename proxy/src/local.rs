@@ -19,14 +19,18 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::access;
-use crate::backend::{client_slot, Backend, ClientSlot, EndpointStats, ProxyService, Shared};
+use crate::backend::ProxyService;
+use crate::balance::Backend;
+use crate::clients::{client_slot, ClientSlot};
 use crate::config::{Config, TcpConfig};
 use crate::deadline::Deadlines;
 use crate::h2::H2;
 use crate::io::{Buf, Conn};
 use crate::metrics::Reject;
 use crate::route::RouteTable;
+use crate::shared::Shared;
 use crate::splice::Pipe;
+use crate::stats::EndpointStats;
 
 /// Idle upstream connections older than this are closed by the sweeper
 /// (below the usual 60-75 s keep-alive of upstream servers).

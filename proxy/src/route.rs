@@ -11,46 +11,12 @@ use std::time::Duration;
 
 use switchyard_catalog::Name;
 
-use crate::config::{BalancerKind, Config, HashOn};
+use crate::config::{BalancerKind, Config, HashOn, HostPattern};
 
 /// Tag that publishes a service under a host name.
 pub const HOST_TAG: &str = "switchyard.http.host=";
 /// Tag that publishes a service under a path prefix.
 pub const PATH_TAG: &str = "switchyard.http.path=";
-
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum HostPattern {
-    Any,
-    Exact(String),
-    /// `*.example.com` is stored as `.example.com`.
-    Suffix(String),
-}
-
-impl HostPattern {
-    pub(crate) fn parse(text: &str) -> Result<HostPattern, String> {
-        let lower = text.trim().to_ascii_lowercase();
-        if lower.is_empty() || lower == "*" {
-            return Ok(HostPattern::Any);
-        }
-        let (pattern, name) = match lower.strip_prefix("*.") {
-            Some(rest) => (HostPattern::Suffix(format!(".{rest}")), rest.to_string()),
-            None => (HostPattern::Exact(lower.clone()), lower.clone()),
-        };
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-            && !name.split('.').any(str::is_empty);
-        if valid {
-            Ok(pattern)
-        } else {
-            Err(format!(
-                "{text:?} is not a host name, `*.suffix` or `*` (no port, no scheme)"
-            ))
-        }
-    }
-}
 
 /// The route a service publishes through its tags.
 #[derive(Clone, Debug, PartialEq, Eq)]

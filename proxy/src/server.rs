@@ -19,12 +19,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access;
-use crate::backend::{ClientSlot, ProxyService, Shared};
+use crate::backend::ProxyService;
+use crate::clients::ClientSlot;
 use crate::conn;
 use crate::grace::{FIRST_REQUEST_GRACE, IDLE_DRAIN};
 use crate::h2::H2;
 use crate::local::{Local, PRUNE_EVERY_SWEEPS, SWEEP_EVERY};
 use crate::metrics::ProxyMetrics;
+use crate::shared::Shared;
 use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
 

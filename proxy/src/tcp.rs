@@ -20,11 +20,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::backend::{now_ns, EndpointStats};
 use crate::balance::{self, hash64, Tried};
 use crate::config::BalancerKind;
 use crate::local::{Busy, Local};
 use crate::metrics::{TcpMetrics, TcpOutcome};
+use crate::stats::{now_ns, EndpointStats};
 
 /// Most endpoints one client connection is offered to before it is closed.
 const MAX_CONNECT_TRIES: usize = 3;
@@ -76,7 +76,7 @@ async fn proxy(
     let (mut upstream, stats) = loop {
         let now = now_ns();
         let picked = balance::pick(
-            &service,
+            &service.backends,
             kind,
             key,
             &tried,

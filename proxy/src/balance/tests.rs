@@ -1,15 +1,14 @@
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use switchyard_catalog::Name;
 
 use super::*;
-use crate::backend::EndpointStats;
 use crate::config::OutlierConfig;
 use crate::metrics::ProxyMetrics;
+use crate::stats::EndpointStats;
 
-fn service(weights: &[u32]) -> ProxyService {
+fn service(weights: &[u32]) -> Svc {
     service_named(
         &(0..weights.len())
             .map(|i| format!("ep-{i}"))
@@ -18,7 +17,7 @@ fn service(weights: &[u32]) -> ProxyService {
     )
 }
 
-fn service_named(ids: &[String], weights: &[u32]) -> ProxyService {
+fn service_named(ids: &[String], weights: &[u32]) -> Svc {
     let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
     let backends: Vec<Backend> = ids
         .iter()
@@ -34,21 +33,30 @@ fn service_named(ids: &[String], weights: &[u32]) -> ProxyService {
             weight,
         })
         .collect();
-    ProxyService {
-        stats: None,
-        all: backends.iter().map(|b| b.stats.clone()).collect(),
-        backends: backends.into_boxed_slice(),
-        cursor: AtomicUsize::new(0),
-        schedule: OnceLock::new(),
-        ring: OnceLock::new(),
+    Svc {
+        backends: Backends::new(backends),
     }
 }
 
-fn counts(svc: &ProxyService, kind: BalancerKind, picks: usize) -> Vec<usize> {
+/// A service's backends, as a view holds them.
+struct Svc {
+    backends: Backends,
+}
+
+impl std::ops::Deref for Svc {
+    type Target = Backends;
+
+    fn deref(&self) -> &Backends {
+        &self.backends
+    }
+}
+
+fn counts(svc: &Svc, kind: BalancerKind, picks: usize) -> Vec<usize> {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut counts = vec![0; svc.backends.len()];
     for _ in 0..picks {
-        let (i, open) = pick(svc, kind, None, &Tried::default(), 0, &mut rng).expect("pick");
+        let (i, open) =
+            pick(&svc.backends, kind, None, &Tried::default(), 0, &mut rng).expect("pick");
         assert!(!open);
         counts[i as usize] += 1;
     }
@@ -137,7 +145,7 @@ fn consistent_hash_keeps_keys_and_moves_only_the_leavers_share() {
     let four = service_named(&ids, &[1, 1, 1, 1]);
     let three = service_named(&ids[..3], &[1, 1, 1]);
     let mut rng = fastrand::Rng::with_seed(5);
-    let mut owner = |svc: &ProxyService, key: u64| {
+    let mut owner = |svc: &Svc, key: u64| {
         let (i, _) = pick(
             svc,
             BalancerKind::ConsistentHash,
@@ -182,14 +190,21 @@ fn tried_and_ejected_backends_are_skipped_until_none_is_left() {
         BalancerKind::PeakEwma,
     ] {
         assert_eq!(
-            pick(&svc, kind, Some(1), &tried, 0, &mut rng),
+            pick(&svc.backends, kind, Some(1), &tried, 0, &mut rng),
             Some((2, false)),
             "{kind:?}"
         );
     }
     tried.add(2);
     assert_eq!(
-        pick(&svc, BalancerKind::Random, None, &tried, 0, &mut rng),
+        pick(
+            &svc.backends,
+            BalancerKind::Random,
+            None,
+            &tried,
+            0,
+            &mut rng
+        ),
         None
     );
 
@@ -200,7 +215,7 @@ fn tried_and_ejected_backends_are_skipped_until_none_is_left() {
         ..OutlierConfig::default()
     };
     let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
-    let stats = crate::backend::ServiceStats::new("svc".into(), metrics.service("svc"));
+    let stats = crate::stats::ServiceStats::new("svc".into(), metrics.service("svc"));
     let now = 5;
     assert!(!svc.backends[1]
         .stats
@@ -217,11 +232,18 @@ fn tried_and_ejected_backends_are_skipped_until_none_is_left() {
     tried.add(0);
     tried.add(2);
     assert_eq!(
-        pick(&svc, BalancerKind::Random, None, &tried, now, &mut rng),
+        pick(
+            &svc.backends,
+            BalancerKind::Random,
+            None,
+            &tried,
+            now,
+            &mut rng
+        ),
         Some((1, true))
     );
     // It returns when its ejection time is over.
-    let later = now + crate::backend::nanos(outlier.base_ejection) + 1;
+    let later = now + crate::stats::nanos(outlier.base_ejection) + 1;
     assert!(!svc.backends[1].stats.is_ejected(later));
 }
 
@@ -234,7 +256,7 @@ fn the_ejection_cap_keeps_endpoints_in_and_reports_fail_open() {
         ..OutlierConfig::default()
     };
     let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
-    let stats = crate::backend::ServiceStats::new("svc".into(), metrics.service("svc"));
+    let stats = crate::stats::ServiceStats::new("svc".into(), metrics.service("svc"));
     assert!(!svc.backends[0]
         .stats
         .failed(1, &outlier, &stats, &svc.backends));
