@@ -30,6 +30,7 @@ import statistics
 import struct
 import tempfile
 
+import peers
 import w_http
 import w_tcp
 from procstat import session_pids
@@ -86,16 +87,16 @@ def main():
     variants = args.variants.split(",")
     port = (w_tcp if args.tcp else w_http).PORTS["switchyard"]
     work = tempfile.mkdtemp(prefix="ab-http-")
-    backends = w_http.start_backends(work)
+    backends = peers.start_backends(work)
     results = {v: [] for v in variants}
     try:
         for rnd in range(args.rounds):
             for variant in variants if rnd % 2 == 0 else variants[::-1]:
                 agent = start(work, args.binary, variant, args.tcp)
                 try:
-                    w_http.wait_http(port, args.path)
+                    peers.wait_http(port, args.path)
                     pids = session_pids(agent.pid)
-                    rps, total, p99, bad, _, cpu, steal = w_http.measured_wrk(
+                    rps, total, p99, bad, _, cpu, steal = peers.measured_wrk(
                         port, args.path, args.connections, args.seconds, pids)
                 finally:
                     agent.terminate()
@@ -105,7 +106,7 @@ def main():
                 print(f"round {rnd} {shown(variant)}: {rps:.0f} req/s, p99 {p99:.2f} ms, {cpu:.1f} us CPU/req, "
                       f"non-2xx {bad}, steal {steal:.1%}", flush=True)
     finally:
-        w_http.stop_all([backends], work)
+        peers.stop_all([backends], work)
     med = statistics.median
     base = results[variants[0]]
     print(f"\n{'W-tcp' if args.tcp else 'W-http'} A/B: wrk -t1 -c{args.connections} -d{args.seconds}s, {args.rounds} rounds, "

@@ -14,7 +14,6 @@ Needs: apt-get install -y nginx wrk
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -24,22 +23,15 @@ import tempfile
 import time
 import urllib.request
 
-from w_http import register_backends, start_backends, stop_all, wait_http
+from peers import start_backends, stop_all, wait_http
+from peers import start_switchyard as start_agent
 
 PROXY_PORT = 18080
 
 
 def start_switchyard(work, binary):
-    conf = os.path.join(work, "switchyard.toml")
-    with open(conf, "w") as f:
-        f.write('[api]\nmetrics_addr = "127.0.0.1:0"\n[[http.routes]]\nservice = "web"\n')
-    proc = subprocess.Popen([binary, "agent", "--config", conf, "--api-addr", "127.0.0.1:0", "--dns-addr",
-                             "127.0.0.1:0", "--http-addr", f"127.0.0.1:{PROXY_PORT}", "--proxy-threads", "2",
-                             "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    ready = json.loads(proc.stdout.readline())
-    register_backends(ready["api"])
-    return proc, ready
+    config = '[api]\nmetrics_addr = "127.0.0.1:0"\n[[http.routes]]\nservice = "web"\n'
+    return start_agent(work, binary, config, ["--http-addr", f"127.0.0.1:{PROXY_PORT}"])
 
 
 def scrape(addr):

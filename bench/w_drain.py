@@ -41,7 +41,8 @@ import threading
 import time
 import urllib.request
 
-from w_http import BACKENDS, require_binary, start_backends, stop_all, wait_http
+from peers import BACKENDS, require_binary, start_backends, stop_all, wait_http
+from peers import start_switchyard as start_agent
 
 SLOW = [18181, 18182, 18183]
 PORT = 18080
@@ -67,15 +68,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 def start_switchyard(work, binary):
-    conf = os.path.join(work, "switchyard.toml")
-    with open(conf, "w") as f:
-        f.write('[[http.routes]]\npath_prefix = "/slow"\nservice = "slow"\n'
-                '[[http.routes]]\nservice = "web"\n')
-    proc = subprocess.Popen([binary, "agent", "--config", conf, "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
-                             "--http-addr", f"127.0.0.1:{PORT}", "--proxy-threads", "2",
-                             "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    ready = json.loads(proc.stdout.readline())
+    config = ('[[http.routes]]\npath_prefix = "/slow"\nservice = "slow"\n'
+              '[[http.routes]]\nservice = "web"\n')
+    proc, ready = start_agent(work, binary, config, ["--http-addr", f"127.0.0.1:{PORT}"], register=False)
     api = f"http://{ready['api']}"
     nodes = [{"name": f"n{i + 1}", "address": "127.0.0.1"} for i in range(3)]
     endpoints = [{"node": f"n{i + 1}", "service": "web", "id": f"web-n{i + 1}", "port": p} for i, p in enumerate(BACKENDS)]

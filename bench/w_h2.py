@@ -14,68 +14,29 @@ Needs: apt-get install -y nginx haproxy nghttp2-client
 
 import argparse
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
+import peers
+from peers import h2load, require_binary, start_backends, stop_all, wait_http
 from procstat import cpu_seconds, session_pids
-from w_http import BACKENDS, require_binary, start_backends, start_switchyard, stop_all, wait_http
+from w_http import start_switchyard
 
 PORTS = {"switchyard": 18080, "nginx": 18094, "haproxy": 18095}
 
 
 def start_nginx(work):
-    servers = "".join(f"server 127.0.0.1:{p};" for p in BACKENDS)
-    conf = os.path.join(work, "nginx-h2.conf")
-    with open(conf, "w") as f:
-        f.write(f"""worker_processes 2; daemon off; pid {work}/nginx-h2.pid; error_log {work}/nginx-h2.err;
-events {{ worker_connections 8192; }}
-http {{ access_log off; keepalive_requests 1000000; http2_max_requests 1000000;
-  upstream app {{ {servers} keepalive 64; }}
+    return peers.start_nginx(work, "nginx-h2", f"""http {{ access_log off; keepalive_requests 1000000; http2_max_requests 1000000;
+  upstream app {{ {peers.nginx_upstreams()} keepalive 64; }}
   server {{ listen 127.0.0.1:{PORTS['nginx']} http2 reuseport;
-    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
-""")
-    return subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}""")
 
 
 def start_haproxy(work):
-    servers = "\n".join(f"  server b{p} 127.0.0.1:{p}" for p in BACKENDS)
-    conf = os.path.join(work, "haproxy-h2.cfg")
-    with open(conf, "w") as f:
-        f.write(f"""global
-  nbthread 2
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{PORTS['haproxy']} proto h2
-  default_backend be
-backend be
-  balance roundrobin
-{servers}
-""")
-    return subprocess.Popen(["haproxy", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-def h2load(port, seconds):
-    url = f"http://127.0.0.1:{port}/"
-    out = subprocess.run(["h2load", "-c50", "-m10", "-t1", f"-D{seconds}", "--warm-up-time=1", url],
-                         capture_output=True, text=True).stdout
-    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
-    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
-    total, succeeded, failed, errored = int(done.group(2)), int(done.group(3)), int(done.group(4)), int(done.group(5))
-    status = re.search(r"status codes: (\d+) 2xx", out)
-    ok = int(status.group(1)) if status else 0
-    return rps, total, failed + errored + max(succeeded - ok, 0)
+    return peers.start_haproxy(work, "haproxy-h2", PORTS["haproxy"], bind="proto h2",
+                               defaults="  http-reuse always\n")
 
 
 def main():

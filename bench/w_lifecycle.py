@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 
-from w_http import register_backends, start_backends, stop_all, wait_http
+from peers import register_backends, start_backends, stop_all, wait_http
 
 PORT = 18080
 

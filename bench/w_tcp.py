@@ -19,17 +19,15 @@ Needs: apt-get install -y nginx libnginx-mod-stream haproxy wrk
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
+import peers
+from peers import measured_wrk, require_binary, start_backends, stop_all, wait_http
 from procstat import session_pids
-from w_http import (BACKENDS, measured_wrk, register_backends, require_binary, start_backends, stop_all,
-                    wait_http)
 
 PORTS = {"switchyard": 18090, "nginx": 18091, "haproxy": 18092}
 # Debian ships nginx's stream module separately (libnginx-mod-stream).
@@ -37,52 +35,20 @@ STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
 def start_nginx(work):
-    servers = "".join(f"server 127.0.0.1:{p};" for p in BACKENDS)
-    conf = os.path.join(work, "nginx-stream.conf")
-    with open(conf, "w") as f:
-        f.write(f"""load_module {STREAM_MODULE};
-worker_processes 2; daemon off; pid {work}/nginx-stream.pid; error_log {work}/nginx-stream.err;
-events {{ worker_connections 8192; }}
-stream {{ upstream app {{ {servers} }}
-  server {{ listen 127.0.0.1:{PORTS['nginx']} reuseport; proxy_pass app; }} }}
-""")
-    return subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return peers.start_nginx(work, "nginx-stream", f"""stream {{ upstream app {{ {peers.nginx_upstreams()} }}
+  server {{ listen 127.0.0.1:{PORTS['nginx']} reuseport; proxy_pass app; }} }}""",
+                             preamble=f"load_module {STREAM_MODULE};\n")
 
 
 def start_haproxy(work):
-    servers = "\n".join(f"  server b{p} 127.0.0.1:{p}" for p in BACKENDS)
-    conf = os.path.join(work, "haproxy-tcp.cfg")
-    with open(conf, "w") as f:
-        f.write(f"""global
-  nbthread 2
-  maxconn 4096
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend fe
-  bind 127.0.0.1:{PORTS['haproxy']}
-  default_backend be
-backend be
-  balance roundrobin
-{servers}
-""")
-    return subprocess.Popen(["haproxy", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return peers.start_haproxy(work, "haproxy-tcp", PORTS["haproxy"], mode="tcp")
 
 
 def start_switchyard(work, binary):
-    conf = os.path.join(work, "switchyard-tcp.toml")
-    with open(conf, "w") as f:
-        f.write(os.environ.get("SY_EXTRA", "") + "\n" + f'[[tcp.listeners]]\naddr = "127.0.0.1:{PORTS["switchyard"]}"\nservice = "web"\n')
-    proc = subprocess.Popen([binary, "agent", "--config", conf, "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
-                             "--http-addr", "127.0.0.1:0", "--proxy-threads", "2",
-                             "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    ready = json.loads(proc.stdout.readline())
-    register_backends(ready["api"])
+    """The agent with one L4 listener to `web` on W-tcp's port (the
+    environment's SY_EXTRA first)."""
+    config = f'[[tcp.listeners]]\naddr = "127.0.0.1:{PORTS["switchyard"]}"\nservice = "web"\n'
+    proc, _ = peers.start_switchyard(work, binary, config, ["--http-addr", "127.0.0.1:0"])
     return proc
 
 
