@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_catalog::{HealthReports, Name};
+use switchyard_catalog::{CheckKind, HealthReports, Name};
 
 use crate::backend::ProxyDecorator;
 use crate::stats::{nanos, now_ns, EndpointStats};
@@ -55,7 +55,7 @@ pub async fn report_passive_failures(
                     output,
                     service_id: id.to_string(),
                     service_name: service.to_string(),
-                    kind: "passive".to_string(),
+                    kind: CheckKind::Passive,
                     definition: CheckDefinition::default(),
                     status_since_ms: 0,
                     create_index: 0,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use crate::error::RegistryError;
+use crate::model::CheckKind;
 use crate::model::{
     unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
@@ -454,7 +455,10 @@ impl Catalog {
             Command::Heartbeat(beats) => {
                 let mut changed = false;
                 for (node, id, status, output) in beats {
-                    if self.get_check(&node, &id).is_some_and(|c| c.kind == "ttl") {
+                    if self
+                        .get_check(&node, &id)
+                        .is_some_and(|c| c.kind == CheckKind::Ttl)
+                    {
                         changed |= self.update_check(&node, &id, status, output, true, idx)?;
                     }
                 }
@@ -967,7 +971,7 @@ impl Catalog {
         idx: u64,
     ) -> Result<bool, RegistryError> {
         let check = self.get_check(node, id).ok_or_else(|| unknown_check(id))?;
-        if require_ttl && check.kind != "ttl" {
+        if require_ttl && check.kind != CheckKind::Ttl {
             return Err(RegistryError::NotTtl(format!(
                 "CheckID \"{id}\" does not have associated TTL"
             )));
@@ -1016,7 +1020,7 @@ impl Catalog {
             output: String::new(),
             service_id: id.to_string(),
             service_name: endpoint.service.to_string(),
-            kind: "maintenance".to_string(),
+            kind: CheckKind::Maintenance,
             definition: Default::default(),
             status_since_ms: 0,
             create_index: 0,
@@ -1051,7 +1055,7 @@ impl Catalog {
             output: String::new(),
             service_id: String::new(),
             service_name: String::new(),
-            kind: "maintenance".to_string(),
+            kind: CheckKind::Maintenance,
             definition: Default::default(),
             status_since_ms: 0,
             create_index: 0,

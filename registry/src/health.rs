@@ -24,7 +24,7 @@ use tokio::time::Instant;
 mod tls;
 
 use crate::catalog::Command;
-use crate::model::{Check, Name, Status};
+use crate::model::{Check, CheckKind, Name, Status};
 use crate::writer::Registry;
 
 /// Probes running at once, whatever the number of checks.
@@ -36,12 +36,9 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest body excerpt kept as the check's output.
 const OUTPUT_BYTES: usize = 1024;
 
-/// Check kinds this agent runs itself.
-pub(crate) const PROBED_KINDS: [&str; 3] = ["http", "tcp", "grpc"];
-
 /// Whether this agent runs this check.
 pub(crate) fn is_probed(check: &Check) -> bool {
-    PROBED_KINDS.contains(&check.kind.as_str()) && check.definition.interval.is_some()
+    check.kind.is_probed_here() && check.definition.interval.is_some()
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
@@ -273,8 +270,8 @@ fn handle_result(
 async fn probe(client: &Clients, check: &Check) -> (Status, String) {
     let def = &check.definition;
     let timeout = def.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    match check.kind.as_str() {
-        "tcp" => {
+    match check.kind {
+        CheckKind::Tcp => {
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(def.tcp.as_str()))
                 .await
             {
@@ -286,14 +283,14 @@ async fn probe(client: &Clients, check: &Check) -> (Status, String) {
                 ),
             }
         }
-        "grpc" => match tokio::time::timeout(timeout, grpc_probe(client, check)).await {
+        CheckKind::Grpc => match tokio::time::timeout(timeout, grpc_probe(client, check)).await {
             Ok(result) => result,
             Err(_) => (
                 Status::Critical,
                 format!("gRPC {}: timeout after {timeout:?}", def.grpc),
             ),
         },
-        "http" => match tokio::time::timeout(timeout, http_probe(client, check)).await {
+        CheckKind::Http => match tokio::time::timeout(timeout, http_probe(client, check)).await {
             Ok(result) => result,
             Err(_) => (
                 Status::Critical,

@@ -19,8 +19,8 @@ pub mod thread_policy;
 pub use duration::{format_go_duration, parse_go_duration};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
 pub use model::{
-    node_uuid, unix_ms, Check, CheckDefinition, Drain, Endpoint, Name, Node, Status, TaggedAddress,
-    Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
+    node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name, Node, Status,
+    TaggedAddress, Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
 };
 pub use report::{HealthReports, Reported};
 pub use snapshot::{

@@ -275,9 +275,9 @@ pub struct Check {
     pub service_id: String,
     #[serde(default)]
     pub service_name: String,
-    /// Consul's `Type`: `ttl`, `http`, `tcp`, `grpc`, `script`, ... or `""`.
+    /// Consul's `Type`.
     #[serde(default)]
-    pub kind: String,
+    pub kind: CheckKind,
     #[serde(default)]
     pub definition: CheckDefinition,
     /// Wall clock (ms since the epoch) of the last change of `status`.
@@ -285,6 +285,105 @@ pub struct Check {
     pub status_since_ms: u64,
     pub create_index: u64,
     pub modify_index: u64,
+}
+
+/// What a check is (Consul's `Type`): who sets its status and how. Stored and
+/// shown as Consul's strings (`ttl`, `http`, ..., `""`); a string this build
+/// does not know reads as `Unknown`, so old or foreign records still load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CheckKind {
+    /// No type: a catalog registration's check, a node's `serfHealth`.
+    #[default]
+    None,
+    /// Its status comes from TTL updates (`/v1/agent/check/pass/...`).
+    Ttl,
+    Http,
+    Tcp,
+    Grpc,
+    H2ping,
+    Udp,
+    Docker,
+    OsService,
+    Alias,
+    Script,
+    /// Maintenance mode of a node or service.
+    Maintenance,
+    /// Written by the proxy for an endpoint it sees keep failing.
+    Passive,
+    /// A type this build does not know.
+    Unknown,
+}
+
+impl CheckKind {
+    const ALL: [(CheckKind, &'static str); 13] = [
+        (CheckKind::None, ""),
+        (CheckKind::Ttl, "ttl"),
+        (CheckKind::Http, "http"),
+        (CheckKind::Tcp, "tcp"),
+        (CheckKind::Grpc, "grpc"),
+        (CheckKind::H2ping, "h2ping"),
+        (CheckKind::Udp, "udp"),
+        (CheckKind::Docker, "docker"),
+        (CheckKind::OsService, "os_service"),
+        (CheckKind::Alias, "alias"),
+        (CheckKind::Script, "script"),
+        (CheckKind::Maintenance, "maintenance"),
+        (CheckKind::Passive, "passive"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        CheckKind::ALL
+            .iter()
+            .find(|(kind, _)| *kind == self)
+            .map_or("unknown", |(_, text)| text)
+    }
+
+    pub fn parse(text: &str) -> CheckKind {
+        CheckKind::ALL
+            .iter()
+            .find(|(_, name)| *name == text)
+            .map_or(CheckKind::Unknown, |(kind, _)| *kind)
+    }
+
+    /// The kinds this agent probes itself (given an interval).
+    pub fn is_probed_here(self) -> bool {
+        matches!(self, CheckKind::Http | CheckKind::Tcp | CheckKind::Grpc)
+    }
+
+    /// The kinds Consul's agent runs on an interval (which a registration
+    /// must then give).
+    pub fn needs_interval(self) -> bool {
+        matches!(
+            self,
+            CheckKind::Http
+                | CheckKind::Tcp
+                | CheckKind::Grpc
+                | CheckKind::H2ping
+                | CheckKind::Udp
+                | CheckKind::Script
+                | CheckKind::Docker
+                | CheckKind::OsService
+        )
+    }
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for CheckKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CheckKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(CheckKind::parse(&text))
+    }
 }
 
 /// Check id of a node's liveness (Consul's gossip check). Registered for real
@@ -318,7 +417,7 @@ impl Check {
     }
 
     pub fn ttl(&self) -> Option<Duration> {
-        if self.kind == "ttl" {
+        if self.kind == CheckKind::Ttl {
             self.definition.ttl
         } else {
             None
@@ -347,4 +446,38 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CheckKind;
+
+    #[test]
+    fn check_kinds_keep_consuls_strings_and_unknown_ones_still_load() {
+        for text in [
+            "",
+            "ttl",
+            "http",
+            "tcp",
+            "grpc",
+            "os_service",
+            "passive",
+            "maintenance",
+        ] {
+            let kind = CheckKind::parse(text);
+            assert_ne!(kind, CheckKind::Unknown, "{text:?}");
+            assert_eq!(kind.as_str(), text);
+            let json = serde_json::to_string(&kind).expect("serialize");
+            assert_eq!(json, format!("{text:?}"));
+            assert_eq!(
+                serde_json::from_str::<CheckKind>(&json).expect("read"),
+                kind
+            );
+        }
+        let odd: CheckKind =
+            serde_json::from_str("\"carrier-pigeon\"").expect("an unknown kind loads");
+        assert_eq!(odd, CheckKind::Unknown);
+        assert!(CheckKind::Http.is_probed_here() && !CheckKind::Ttl.is_probed_here());
+        assert!(CheckKind::Script.needs_interval() && !CheckKind::Ttl.needs_interval());
+    }
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::catalog::NewCheck;
+use crate::model::CheckKind;
 use crate::model::{
     node_uuid, Check, CheckDefinition, Endpoint, Name, Node, Status, TaggedAddress, Weights,
 };
@@ -288,36 +289,32 @@ impl CheckIn {
         let ttl = dur(self.ttl);
         let interval = dur(self.interval).or(dur(def.interval));
         let kind = if ttl.is_some() {
-            "ttl"
+            CheckKind::Ttl
         } else if !http.is_empty() {
-            "http"
+            CheckKind::Http
         } else if !tcp.is_empty() {
-            "tcp"
+            CheckKind::Tcp
         } else if !grpc.is_empty() {
-            "grpc"
+            CheckKind::Grpc
         } else if non_empty(self.h2ping).is_some() {
-            "h2ping"
+            CheckKind::H2ping
         } else if non_empty(self.udp).is_some() {
-            "udp"
+            CheckKind::Udp
         } else if non_empty(self.docker_container_id).is_some() {
-            "docker"
+            CheckKind::Docker
         } else if non_empty(self.os_service).is_some() {
-            "os_service"
+            CheckKind::OsService
         } else if non_empty(self.alias_node).is_some() || non_empty(self.alias_service).is_some() {
-            "alias"
+            CheckKind::Alias
         } else if !args.is_empty() {
-            "script"
+            CheckKind::Script
         } else {
-            ""
+            CheckKind::None
         };
-        let probed = matches!(
-            kind,
-            "http" | "tcp" | "grpc" | "h2ping" | "udp" | "script" | "docker" | "os_service"
-        );
-        if probed && !ctx.catalog && interval.is_none() {
+        if kind.needs_interval() && !ctx.catalog && interval.is_none() {
             return Err(format!("Invalid check: {kind} checks need an interval > 0"));
         }
-        if kind.is_empty() && !ctx.catalog {
+        if kind == CheckKind::None && !ctx.catalog {
             return Err(
                 "Invalid check: one of TTL, HTTP, TCP, GRPC, UDP, H2PING, Args, DockerContainerID, OSService or AliasService is required"
                     .to_string(),
@@ -339,13 +336,17 @@ impl CheckIn {
             ),
         };
         let output = self.output.unwrap_or_default();
-        let run_here = crate::health::PROBED_KINDS.contains(&kind);
-        let output =
-            if kind.is_empty() || kind == "ttl" || run_here || ctx.catalog || !output.is_empty() {
-                output
-            } else {
-                format!("{kind} checks are not run by this agent yet; status is as registered")
-            };
+        let run_here = kind.is_probed_here();
+        let output = if kind == CheckKind::None
+            || kind == CheckKind::Ttl
+            || run_here
+            || ctx.catalog
+            || !output.is_empty()
+        {
+            output
+        } else {
+            format!("{kind} checks are not run by this agent yet; status is as registered")
+        };
         let expected_status = match self.expected_status {
             None => None,
             Some(value) => Some(parse_status_range(&value)?),
@@ -359,7 +360,7 @@ impl CheckIn {
             output,
             service_id,
             service_name,
-            kind: kind.to_string(),
+            kind,
             definition: CheckDefinition {
                 ttl,
                 http,

@@ -15,6 +15,7 @@ use super::decode::{decode_body, node_from, validate_name, BatchIn, GoDuration};
 use super::{json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
 use crate::catalog::{Batch, Command, NewCheck};
 use crate::model::unix_ms;
+use crate::model::CheckKind;
 use crate::model::{Check, CheckDefinition, Drain, Endpoint, Status, NODE_HEALTH_CHECK};
 use crate::snapshot::{EndpointState, Instance, NodeEntry, Snapshot, StateCounts};
 use crate::watch::WatchKey;
@@ -96,7 +97,7 @@ pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
                     output: String::new(),
                     service_id: String::new(),
                     service_name: String::new(),
-                    kind: "ttl".to_string(),
+                    kind: CheckKind::Ttl,
                     definition: CheckDefinition {
                         ttl: Some(ttl),
                         ..CheckDefinition::default()
@@ -173,7 +174,7 @@ pub(super) async fn heartbeat(State(state): St, body: Bytes) -> ApiResult {
             .and_then(|n| n.checks.get(beat.id.as_str()))
         {
             None => unknown.push(json!({ "node": beat.node, "id": beat.id })),
-            Some(check) if check.kind != "ttl" => {
+            Some(check) if check.kind != CheckKind::Ttl => {
                 not_ttl.push(json!({ "node": beat.node, "id": beat.id }))
             }
             Some(_) => beats.push((beat.node.into(), beat.id.into(), status, beat.output)),
@@ -225,7 +226,7 @@ fn instance_json(i: &Instance) -> serde_json::Value {
                 "id": &*c.id,
                 "name": c.name,
                 "status": c.status.as_str(),
-                "type": c.kind,
+                "type": c.kind.as_str(),
                 "output": c.output,
                 "notes": c.notes,
                 "status_since_ms": c.status_since_ms,

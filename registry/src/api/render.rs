@@ -185,7 +185,7 @@ impl<'a> CheckOut<'a> {
             service_id: &c.service_id,
             service_name: &c.service_name,
             service_tags: tags,
-            kind: &c.kind,
+            kind: c.kind.as_str(),
             interval: go(d.interval),
             timeout: go(d.timeout),
             exposed_port: 0,

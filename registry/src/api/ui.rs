@@ -376,7 +376,7 @@ fn endpoint_row(
             out,
             "<p><code>{}</code> {}{}</p>",
             Esc(&check.id),
-            Esc(&check.kind),
+            Esc(check.kind.as_str()),
             if check.is_node_level() {
                 " · node-level"
             } else {

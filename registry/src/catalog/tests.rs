@@ -1,6 +1,7 @@
 //! Catalog and writer behaviour, driven through the real writer with an
 //! in-memory (or embedded) store and tokio's paused clock.
 
+use crate::model::CheckKind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ fn check(node: &str, service_id: &str, status: Status) -> NewCheck {
             output: String::new(),
             service_id: service_id.to_string(),
             service_name: String::new(),
-            kind: String::new(),
+            kind: CheckKind::None,
             definition: CheckDefinition::default(),
             status_since_ms: 0,
             create_index: 0,
@@ -46,7 +47,7 @@ fn check(node: &str, service_id: &str, status: Status) -> NewCheck {
 
 fn ttl_check(node: &str, service_id: &str, ttl: Duration, dcsa: Option<Duration>) -> NewCheck {
     let mut c = check(node, service_id, Status::Critical);
-    c.check.kind = "ttl".to_string();
+    c.check.kind = CheckKind::Ttl;
     c.check.definition.ttl = Some(ttl);
     c.check.definition.deregister_critical_after = dcsa;
     c.status_given = false;

@@ -1,5 +1,6 @@
 //! Bodies as python-consul, py-consul and the Go client send them.
 
+use crate::model::CheckKind;
 use std::time::Duration;
 
 use super::*;
@@ -31,7 +32,7 @@ fn python_lowercase_and_go_camelcase_decode_alike() {
         "meta keys keep their case"
     );
     assert_eq!(checks[0].check.id.as_ref(), "service:web-1");
-    assert_eq!(checks[0].check.kind, "ttl");
+    assert_eq!(checks[0].check.kind, CheckKind::Ttl);
     assert_eq!(checks[0].check.status, Status::Critical);
     assert!(!checks[0].status_given);
     assert_eq!(
@@ -55,7 +56,7 @@ fn several_checks_get_numbered_ids_and_explicit_status_is_kept() {
     assert_eq!(ids, ["service:api:1", "service:api:2", "custom"]);
     assert!(checks[0].status_given);
     assert_eq!(checks[0].check.status, Status::Passing);
-    assert_eq!(checks[1].check.kind, "http");
+    assert_eq!(checks[1].check.kind, CheckKind::Http);
     assert_eq!(checks[1].check.definition.header["X-Token"], ["a"]);
     assert_eq!(
         checks[2].check.definition.interval,
