@@ -186,7 +186,7 @@ impl Running {
             true => crate::demo::start(&registry, &node_name).await?,
             false => Vec::new(),
         };
-        let checker = switchyard_registry::spawn_checker(registry.clone());
+        let checker = switchyard_health::spawn_checker(registry.clone());
         let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
             proxy.clone(),
             Arc::new(registry.clone()),

@@ -15,7 +15,6 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-mod health;
 mod load;
 mod metrics;
 mod store;
@@ -25,7 +24,6 @@ mod writer;
 pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
 pub use config::{ApiConfig, ApiTlsConfig, Role, StoreConfig, StoreKind, TokenConfig};
 pub use error::{RegistryError, StoreError};
-pub use health::spawn_checker;
 pub use load::{ClusterLoad, LoadBoard};
 pub use metrics::RegistryMetrics;
 // The catalog's types, for the binary and the API (DNS and the proxy use

@@ -7,6 +7,11 @@
 //! number of consecutive results (`SuccessBeforePassing`, `FailuresBeforeWarning`,
 //! `FailuresBeforeCritical`), and only a change of status is written to the
 //! catalog: steady checks cost no store writes.
+//!
+//! A crate of its own on the registry's public handle (`Registry`): it reads
+//! snapshots and the check-change feed and writes through `Registry::apply`,
+//! like any other client of the registry.
+#![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -23,9 +28,8 @@ use tokio::time::Instant;
 
 mod tls;
 
-use crate::catalog::Command;
-use crate::model::{Check, CheckKind, Name, Status};
-use crate::writer::Registry;
+use switchyard_catalog::{Check, CheckKind, Name, Status};
+use switchyard_registry::{Command, Registry};
 
 /// Probes running at once, whatever the number of checks.
 const MAX_CONCURRENT_PROBES: usize = 256;
@@ -37,7 +41,7 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const OUTPUT_BYTES: usize = 1024;
 
 /// Whether this agent runs this check.
-pub(crate) fn is_probed(check: &Check) -> bool {
+fn is_probed(check: &Check) -> bool {
     check.kind.is_probed_here() && check.definition.interval.is_some()
 }
 
