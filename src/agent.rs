@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use switchyard_dns::{DnsDecorator, DnsMetrics, DnsServer};
-use switchyard_proxy::{HttpProxy, ProxyDecorator, ProxyMetrics};
+use switchyard_proxy::{Proxy, ProxyDecorator, ProxyMetrics};
 use switchyard_registry::api::{self, AgentInfo, ApiState};
 use switchyard_registry::{
     Command, Decorators, EmbeddedStore, EtcdStore, MemoryStore, Node, Registry, RegistryMetrics,
@@ -36,7 +36,7 @@ pub(crate) enum Predecessor {
     /// This process, after a successor took the sockets and never served:
     /// its DNS and proxy servers kept serving and stop once the resumed ones
     /// do.
-    Same(Box<(DnsServer, HttpProxy)>),
+    Same(Box<(DnsServer, Proxy)>),
 }
 
 /// How one run of `serve` ended.
@@ -51,7 +51,7 @@ struct Resume {
     /// The running configuration (reloads included).
     config: AgentConfig,
     sockets: upgrade::Sockets,
-    servers: (DnsServer, HttpProxy),
+    servers: (DnsServer, Proxy),
 }
 
 pub(crate) fn run(
@@ -129,7 +129,7 @@ struct Running {
     /// A second handle on the API's listener, to pass on at an upgrade.
     api_listener: std::net::TcpListener,
     dns: DnsServer,
-    http: HttpProxy,
+    http: Proxy,
     signals: Signals,
     upgrades: Option<UpgradeListener>,
 }
@@ -256,7 +256,7 @@ impl Running {
         .await
         .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;
         let dns_addr = dns.local_addr();
-        let http = HttpProxy::start_with(
+        let http = Proxy::start_with(
             &proxy,
             proxy_backends,
             registry.snapshot_cell(),
@@ -502,7 +502,7 @@ async fn stop_control_plane(plane: ControlPlane) {
 
 /// The one way the data plane stops: the proxy and DNS stop accepting and
 /// finish their work in progress (`http.shutdown_grace`).
-async fn stop_data_plane(http: HttpProxy, dns: DnsServer) {
+async fn stop_data_plane(http: Proxy, dns: DnsServer) {
     http.shutdown().await;
     dns.shutdown().await;
 }

@@ -9,12 +9,12 @@ use crate::shared::Shared;
 
 /// One client connection counted against `max_connections_per_client`;
 /// released when dropped.
-pub(crate) struct ClientSlot {
+pub(crate) struct ClientPermit {
     shared: Arc<Shared>,
     ip: IpAddr,
 }
 
-impl Drop for ClientSlot {
+impl Drop for ClientPermit {
     fn drop(&mut self) {
         if let Ok(mut clients) = self.shared.clients.lock() {
             if let Some(open) = clients.get_mut(&self.ip) {
@@ -30,11 +30,11 @@ impl Drop for ClientSlot {
 /// Counts a new connection from `ip` against `max` (0 = no cap): `Ok(None)`
 /// when uncounted, `Ok(Some(slot))` when counted, `Err(())` when the client
 /// is at its cap.
-pub(crate) fn client_slot(
+pub(crate) fn client_permit(
     shared: &Arc<Shared>,
     ip: IpAddr,
     max: usize,
-) -> Result<Option<ClientSlot>, ()> {
+) -> Result<Option<ClientPermit>, ()> {
     if max == 0 {
         return Ok(None);
     }
@@ -46,7 +46,7 @@ pub(crate) fn client_slot(
         return Err(());
     }
     *open += 1;
-    Ok(Some(ClientSlot {
+    Ok(Some(ClientPermit {
         shared: shared.clone(),
         ip,
     }))

@@ -64,7 +64,7 @@ pub(crate) async fn serve(local: Rc<Local>, client: TcpStream, info: Client) {
             let _busy = Busy::enter(&local);
             if let Some(client) = client.into_tokio() {
                 local
-                    .h2
+                    .h2_tls
                     .clone()
                     .serve(client, prefix, info.ip, local.stop.clone())
                     .await;

@@ -21,7 +21,7 @@ mod deadline;
 #[doc(hidden)]
 pub mod fuzzing;
 mod grace;
-mod h2;
+mod h2_tls;
 mod io;
 mod local;
 mod metrics;
@@ -48,10 +48,10 @@ pub use config::{
 pub use metrics::ProxyMetrics;
 pub use passive::{report_passive_failures, PASSIVE_CHECK_PREFIX};
 pub use route::{HOST_TAG, PATH_TAG};
-pub use server::{HttpProxy, ProxySockets};
+pub use server::{Proxy, ProxySockets};
 pub use shared::ReloadPlan;
 
-impl HttpProxy {
+impl Proxy {
     /// Starts the proxy threads. `backends` is the key the registry's
     /// `Decorators` gave `decorator`.
     pub fn start_with(
@@ -59,7 +59,7 @@ impl HttpProxy {
         backends: ExtraKey<ProxyService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         inherited: Option<ProxySockets>,
-    ) -> std::io::Result<HttpProxy> {
-        HttpProxy::start(decorator.shared.clone(), backends, snapshot, inherited)
+    ) -> std::io::Result<Proxy> {
+        Proxy::start(decorator.shared.clone(), backends, snapshot, inherited)
     }
 }

@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use crate::access;
 use crate::backend::ProxyService;
 use crate::balance::Backend;
-use crate::clients::{client_slot, ClientSlot};
+use crate::clients::{client_permit, ClientPermit};
 use crate::config::{Config, TcpConfig};
 use crate::deadline::Deadlines;
-use crate::h2::H2;
+use crate::h2_tls::H2Tls;
 use crate::io::{Buf, Conn};
 use crate::metrics::Reject;
 use crate::route::RouteTable;
@@ -72,7 +72,7 @@ pub(crate) struct Local {
     /// Sweeps so far: the pool's coarse clock.
     sweeps: Cell<u64>,
     /// HTTP/2 connections are handed to hyper here.
-    pub(crate) h2: Arc<H2>,
+    pub(crate) h2_tls: Arc<H2Tls>,
     /// Turns true at shutdown (HTTP/2 connections then send GOAWAY).
     pub(crate) stop: watch::Receiver<bool>,
     buffers: RefCell<Vec<Buf>>,
@@ -107,7 +107,7 @@ impl Local {
         shared: Arc<Shared>,
         backends: ExtraKey<ProxyService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
-        h2: Arc<H2>,
+        h2_tls: Arc<H2Tls>,
         stop: watch::Receiver<bool>,
         thread_connections: IntGauge,
     ) -> Local {
@@ -121,7 +121,7 @@ impl Local {
             backends,
             pool: RefCell::new(foldhash::HashMap::default()),
             sweeps: Cell::new(0),
-            h2,
+            h2_tls,
             stop,
             buffers: RefCell::new(Vec::new()),
             pipes: RefCell::new(Vec::new()),
@@ -163,9 +163,9 @@ impl Local {
         stream: &TcpStream,
         peer: SocketAddr,
         http: bool,
-    ) -> Option<Option<ClientSlot>> {
+    ) -> Option<Option<ClientPermit>> {
         let max = self.config().max_connections_per_client;
-        match client_slot(&self.shared, peer.ip(), max) {
+        match client_permit(&self.shared, peer.ip(), max) {
             Ok(slot) => Some(slot),
             Err(()) => {
                 self.shared.metrics.reject(Reject::ClientLimit);

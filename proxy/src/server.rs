@@ -20,10 +20,10 @@ use tokio::sync::watch;
 
 use crate::access;
 use crate::backend::ProxyService;
-use crate::clients::ClientSlot;
+use crate::clients::ClientPermit;
 use crate::conn;
 use crate::grace::{FIRST_REQUEST_GRACE, IDLE_DRAIN};
-use crate::h2::H2;
+use crate::h2_tls::H2Tls;
 use crate::local::{Local, PRUNE_EVERY_SWEEPS, SWEEP_EVERY};
 use crate::metrics::ProxyMetrics;
 use crate::shared::Shared;
@@ -32,7 +32,7 @@ use crate::wire::Client;
 
 /// The running proxy (HTTP and L4 listeners): its threads and their shared
 /// stop signal.
-pub struct HttpProxy {
+pub struct Proxy {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     tcp_addrs: Vec<SocketAddr>,
@@ -96,7 +96,7 @@ fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-impl HttpProxy {
+impl Proxy {
     /// Binds one listener per thread on `http.addr` and on each L4
     /// listener's address (or serves on `inherited` sockets from the process
     /// this one upgrades: then their number sets the thread count), and
@@ -106,7 +106,7 @@ impl HttpProxy {
         backends: ExtraKey<ProxyService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         inherited: Option<ProxySockets>,
-    ) -> io::Result<HttpProxy> {
+    ) -> io::Result<Proxy> {
         let config = shared.config.load_full();
         let tcp_config = shared.tcp.load_full();
         let mut sockets = match inherited {
@@ -191,7 +191,7 @@ impl HttpProxy {
                 // a task on the runtime that opened it, so a pool shared by
                 // the threads lent connections that died with another
                 // thread's runtime at shutdown (a 502 for a late HTTPS request).
-                h2: Arc::new(H2::new(shared.clone(), backends, snapshot.clone())),
+                h2_tls: Arc::new(H2Tls::new(shared.clone(), backends, snapshot.clone())),
                 stop: stop_rx.clone(),
                 handoff,
             };
@@ -200,7 +200,7 @@ impl HttpProxy {
                 .spawn(move || run_thread(thread))?;
             handles.push(handle);
         }
-        Ok(HttpProxy {
+        Ok(Proxy {
             addr,
             tls_addr,
             tcp_addrs,
@@ -233,7 +233,7 @@ impl HttpProxy {
     /// `Connection: close`) within `shutdown_grace`; then each thread closes
     /// its idle keep-alive connections and ends.
     pub async fn shutdown(self) {
-        let HttpProxy {
+        let Proxy {
             sockets,
             stop,
             threads,
@@ -263,7 +263,7 @@ struct Thread {
     listener: std::net::TcpListener,
     tcp: TcpListeners,
     tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
-    h2: Arc<H2>,
+    h2_tls: Arc<H2Tls>,
     stop: watch::Receiver<bool>,
     handoff: Handoff,
 }
@@ -281,7 +281,7 @@ enum Kind {
 struct Handed {
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    slot: Option<ClientSlot>,
+    slot: Option<ClientPermit>,
     kind: Kind,
 }
 
@@ -359,7 +359,7 @@ impl Dispatch {
         local: &Rc<Local>,
         stream: TcpStream,
         peer: SocketAddr,
-        slot: Option<ClientSlot>,
+        slot: Option<ClientPermit>,
         kind: Kind,
     ) {
         let target = self.choose();
@@ -394,7 +394,7 @@ fn serve_here(
     local: &Rc<Local>,
     stream: TcpStream,
     peer: SocketAddr,
-    slot: Option<ClientSlot>,
+    slot: Option<ClientPermit>,
     kind: Kind,
 ) {
     match kind {
@@ -420,7 +420,7 @@ fn serve_here(
 /// from `thread_connections` when it ends.
 fn spawn_counted(
     local: &Rc<Local>,
-    slot: Option<ClientSlot>,
+    slot: Option<ClientPermit>,
     serve: impl std::future::Future<Output = ()> + 'static,
 ) {
     let local = local.clone();
@@ -484,7 +484,7 @@ fn run_thread(thread: Thread) {
         listener,
         tcp,
         tls,
-        h2,
+        h2_tls,
         mut stop,
         mut handoff,
     } = thread;
@@ -509,7 +509,7 @@ fn run_thread(thread: Thread) {
             shared,
             backends,
             snapshot.clone(),
-            h2,
+            h2_tls,
             stop.clone(),
             handoff.dispatch.counts[index].clone(),
         ));

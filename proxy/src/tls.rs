@@ -118,7 +118,7 @@ pub(crate) async fn serve(
             let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let _busy = Busy::enter(&local);
             local
-                .h2
+                .h2_tls
                 .clone()
                 .serve_io(stream, http2, peer.ip(), "https", local.stop.clone())
                 .await;

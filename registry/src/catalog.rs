@@ -16,7 +16,7 @@ use crate::model::{
     unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
 };
-use crate::snapshot::{Decorators, NodeEntry, ServiceSlot, Snapshot};
+use crate::snapshot::{Decorators, NodeEntry, ServiceEntry, Snapshot};
 use crate::store::{Loaded, StoreBatch};
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
@@ -297,10 +297,10 @@ impl Catalog {
             endpoint.node = entry.node.name.clone();
             let key = (endpoint.node.clone(), endpoint.id.clone());
             let modify = endpoint.modify_index;
-            let slot = snap.slot_mut(&endpoint.service);
-            endpoint.service = slot.name.clone();
-            slot.members.insert(key);
-            slot.index = slot.index.max(modify);
+            let service_entry = snap.service_entry_mut(&endpoint.service);
+            endpoint.service = service_entry.name.clone();
+            service_entry.members.insert(key);
+            service_entry.index = service_entry.index.max(modify);
             if let Some(entry) = snap.nodes.get_mut(&endpoint.node) {
                 let entry = Arc::make_mut(entry);
                 entry.index = entry.index.max(modify);
@@ -319,8 +319,8 @@ impl Catalog {
             entry.checks.insert(check.id.clone(), Arc::new(check));
         }
         for (name, index) in loaded.service_index {
-            let slot = snap.slot_mut(&name.into());
-            slot.index = slot.index.max(index);
+            let service_entry = snap.service_entry_mut(&name.into());
+            service_entry.index = service_entry.index.max(index);
         }
         for (name, index) in loaded.entry_index {
             if let Some(entry) = snap.nodes.get_mut(name.as_str()) {
@@ -332,14 +332,14 @@ impl Catalog {
         let names: Vec<Name> = snap.services.keys().cloned().collect();
         for name in names.iter().filter(|_| !exact) {
             let nodes = &snap.nodes;
-            if let Some(slot) = snap.services.get_mut(name) {
-                let slot = Arc::make_mut(slot);
-                for (node, _) in slot.members.iter() {
+            if let Some(service_entry) = snap.services.get_mut(name) {
+                let service_entry = Arc::make_mut(service_entry);
+                for (node, _) in service_entry.members.iter() {
                     if let Some(entry) = nodes.get(node) {
-                        slot.index = slot.index.max(entry.index);
+                        service_entry.index = service_entry.index.max(entry.index);
                     }
                 }
-                top = top.max(slot.index);
+                top = top.max(service_entry.index);
             }
         }
         snap.index = snap.index.max(top);
@@ -596,8 +596,8 @@ impl Catalog {
         }
     }
 
-    fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
-        self.snap.slot_mut(service)
+    fn service_entry_mut(&mut self, service: &Name) -> &mut ServiceEntry {
+        self.snap.service_entry_mut(service)
     }
 
     /// Replaces an endpoint's node and service names by the catalog's shared
@@ -617,7 +617,7 @@ impl Catalog {
     }
 
     fn touch_service(&mut self, service: &Name, idx: u64) {
-        self.slot_mut(service).index = idx;
+        self.service_entry_mut(service).index = idx;
         self.dirty.add(DirtyKey::Service(service.clone()));
     }
 
@@ -751,7 +751,7 @@ impl Catalog {
             if prev.service != endpoint.service {
                 // Same id re-registered under another service name: move it.
                 let old_service = prev.service.clone();
-                self.slot_mut(&old_service)
+                self.service_entry_mut(&old_service)
                     .members
                     .remove(&(node.clone(), id.clone()));
                 self.touch_service(&old_service, idx);
@@ -766,7 +766,7 @@ impl Catalog {
             entry.endpoints.insert(id.clone(), Arc::new(endpoint));
             entry.index = idx;
         }
-        self.slot_mut(&service)
+        self.service_entry_mut(&service)
             .members
             .insert((node.clone(), id.clone()));
         self.touch_service(&service, idx);
@@ -796,7 +796,7 @@ impl Catalog {
             entry.endpoints.remove(id);
             entry.index = idx;
         }
-        self.slot_mut(&endpoint.service)
+        self.service_entry_mut(&endpoint.service)
             .members
             .remove(&(node.clone(), id.clone()));
         self.touch_service(&endpoint.service, idx);
@@ -912,8 +912,9 @@ impl Catalog {
                 .snap
                 .services
                 .get(&endpoint.service)
-                .map(|slot| {
-                    slot.members
+                .map(|service_entry| {
+                    service_entry
+                        .members
                         .iter()
                         .filter(|(_, member)| *member == id)
                         .filter_map(|(n, i)| self.snap.nodes.get(n)?.endpoints.get(i).cloned())
@@ -1124,7 +1125,7 @@ impl Catalog {
                 self.snap.counts.add(&view.counts);
                 self.snap.service_count += 1;
             }
-            let old = std::mem::replace(&mut self.slot_mut(&name).view, fresh);
+            let old = std::mem::replace(&mut self.service_entry_mut(&name).view, fresh);
             if let Some(old) = old {
                 self.snap.counts.sub(&old.counts);
                 self.snap.service_count -= 1;
@@ -1156,8 +1157,10 @@ impl Catalog {
             batch.checks.push(((node.clone(), id.clone()), check));
         }
         for service in &dirty.services {
-            if let Some(slot) = self.snap.services.get(service) {
-                batch.service_index.push((service.clone(), slot.index));
+            if let Some(service_entry) = self.snap.services.get(service) {
+                batch
+                    .service_index
+                    .push((service.clone(), service_entry.index));
             }
         }
         for node in dirty.entries.union(&dirty.nodes) {

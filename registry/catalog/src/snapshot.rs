@@ -23,7 +23,7 @@ pub struct Snapshot {
     pub nodes: OrdMap<Name, Arc<NodeEntry>>,
     /// One slot per service name ever seen. A hash trie (not a B-tree): a change
     /// path-copies one slot's branch, with hash compares instead of string ones.
-    pub services: PMap<Name, Arc<ServiceSlot>>,
+    pub services: PMap<Name, Arc<ServiceEntry>>,
     /// Services with at least one instance.
     pub service_count: usize,
     /// Lowercase alias -> name, only for service names with uppercase letters,
@@ -37,7 +37,7 @@ pub struct Snapshot {
 /// one path copy. A slot outlives its last instance as a tombstone carrying the
 /// index, so a blocking query on a removed service still sees the index grow.
 #[derive(Clone, Debug)]
-pub struct ServiceSlot {
+pub struct ServiceEntry {
     /// The service name, shared by every endpoint of the service (interned).
     pub name: Name,
     /// Instances as `(node, endpoint id)`.
@@ -569,13 +569,13 @@ impl Snapshot {
 
     /// The slot of a service for editing. A new slot is named after the
     /// service and, when the name has capitals, given its lowercase alias.
-    pub fn slot_mut(&mut self, service: &Name) -> &mut ServiceSlot {
+    pub fn service_entry_mut(&mut self, service: &Name) -> &mut ServiceEntry {
         if !self.services.contains_key(service) && service.bytes().any(|b| b.is_ascii_uppercase()) {
             let lower: Name = service.to_ascii_lowercase().into();
             self.aliases.insert(lower, service.clone());
         }
         let slot = self.services.entry(service.clone()).or_insert_with(|| {
-            Arc::new(ServiceSlot {
+            Arc::new(ServiceEntry {
                 name: service.clone(),
                 members: Members::default(),
                 index: 0,

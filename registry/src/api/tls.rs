@@ -106,7 +106,7 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
         let (stream, peer) = match listener.accept().await {
@@ -121,7 +121,7 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let done = done.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => {
                     let _ = done.send((stream, peer)).await;

@@ -99,7 +99,7 @@ impl Catalog {
         };
         if let Some(prev) = entry.endpoints.get(&id).cloned() {
             if prev.service != endpoint.service {
-                self.slot_mut(&prev.service)
+                self.service_entry_mut(&prev.service)
                     .members
                     .remove(&(node.clone(), id.clone()));
                 self.touch_service(&prev.service, revision);
@@ -110,8 +110,8 @@ impl Catalog {
             entry.endpoints.insert(id.clone(), Arc::new(endpoint));
             entry.index = revision;
         }
-        let slot = self.slot_mut(&service);
-        slot.members.insert((node.clone(), id.clone()));
+        let service_entry = self.service_entry_mut(&service);
+        service_entry.members.insert((node.clone(), id.clone()));
         self.touch_service(&service, revision);
         self.dirty.add(DirtyKey::Endpoint((node, id)));
         self.snap.tables.services = revision;

@@ -1,5 +1,7 @@
-//! HTTP/2 through hyper: cleartext with prior knowledge (a connection that
-//! opens with the HTTP/2 preface is handed here by the HTTP/1.1 path).
+//! The connections hyper serves: HTTP/2 in cleartext with prior knowledge (a
+//! connection that opens with the HTTP/2 preface is handed here by the
+//! HTTP/1.1 path) and every TLS connection, HTTP/2 or HTTP/1.1 as ALPN chose
+//! (handed here by `tls.rs`).
 //! Requests are routed, balanced, counted and retried like HTTP/1.1 ones and
 //! sent upstream over HTTP/1.1 by hyper's pooled client. The raw HTTP/1.1
 //! path stays hyper-free; this one favours completeness over the last µs.
@@ -38,20 +40,20 @@ use crate::wire;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// The HTTP/2 side of the proxy, one per proxy thread.
-pub(crate) struct H2 {
+/// The hyper side of the proxy (HTTP/2 and TLS), one per proxy thread.
+pub(crate) struct H2Tls {
     shared: Arc<Shared>,
     backends: ExtraKey<ProxyService>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     client: HttpClient<HttpConnector, ProxyBody>,
 }
 
-impl H2 {
+impl H2Tls {
     pub(crate) fn new(
         shared: Arc<Shared>,
         backends: ExtraKey<ProxyService>,
         snapshot: Arc<ArcSwap<Snapshot>>,
-    ) -> H2 {
+    ) -> H2Tls {
         let config = shared.config.load();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -63,7 +65,7 @@ impl H2 {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(config.pool_per_endpoint)
             .build(connector);
-        H2 {
+        H2Tls {
             shared,
             backends,
             snapshot,
