@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use switchyard_api::{self as api, AgentInfo, ApiState};
 use switchyard_dns::{DnsDecorator, DnsMetrics, DnsServer};
 use switchyard_proxy::{Proxy, ProxyDecorator, ProxyMetrics};
-use switchyard_registry::api::{self, AgentInfo, ApiState};
 use switchyard_registry::{
     Command, Decorators, EmbeddedStore, EtcdStore, MemoryStore, Node, Registry, RegistryMetrics,
     Store, StoreKind,

@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use serde::Deserialize;
-use switchyard_registry::{ApiConfig, StoreConfig};
+use switchyard_api::ApiConfig;
+use switchyard_registry::StoreConfig;
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,7 +69,7 @@ impl AgentConfig {
     fn check_services_in(&self, text: &str) -> Result<(), String> {
         for (i, table) in self.services.iter().enumerate() {
             let json = serde_json::to_vec(table).map_err(|e| format!("services[{i}]: {e}"))?;
-            let Err(e) = switchyard_registry::api::service_definition("config-check", &json) else {
+            let Err(e) = switchyard_api::service_definition("config-check", &json) else {
                 continue;
             };
             let key = match &e.field {
@@ -110,9 +111,9 @@ impl AgentConfig {
                 ));
             }
         }
-        switchyard_registry::api::Tokens::load(&self.api.tokens)?;
+        switchyard_api::Tokens::load(&self.api.tokens)?;
         if let Some(tls) = &self.api.tls {
-            switchyard_registry::api::tls::acceptor(tls)?;
+            switchyard_api::tls::acceptor(tls)?;
         }
         if self.api.max_body_bytes < 1024 {
             return Err("api.max_body_bytes must be at least 1024".to_string());
@@ -139,7 +140,7 @@ impl AgentConfig {
             .enumerate()
             .map(|(i, table)| {
                 let json = serde_json::to_vec(table).map_err(|e| format!("services[{i}]: {e}"))?;
-                switchyard_registry::api::service_definition(node, &json)
+                switchyard_api::service_definition(node, &json)
                     .map_err(|e| format!("services[{i}]: {e}"))
             })
             .collect()

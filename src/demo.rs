@@ -73,9 +73,8 @@ pub(crate) async fn start(registry: &Registry, node: &str) -> anyhow::Result<Vec
                 "Status": "passing",
             },
         });
-        let command =
-            switchyard_registry::api::service_definition(node, definition.to_string().as_bytes())
-                .map_err(anyhow::Error::msg)?;
+        let command = switchyard_api::service_definition(node, definition.to_string().as_bytes())
+            .map_err(anyhow::Error::msg)?;
         registry
             .apply(command)
             .await

@@ -390,6 +390,8 @@ impl Engine {
         }
     }
 
+    // The answer engine's per-query state (output, budget, counts, scratch)
+    // shared by every name form's writer, plus this form's own inputs.
     #[allow(clippy::too_many_arguments)]
     fn service(
         &self,

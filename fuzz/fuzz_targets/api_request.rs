@@ -6,5 +6,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    switchyard_registry::fuzzing::api_request(data);
+    switchyard_api::fuzzing::api_request(data);
 });

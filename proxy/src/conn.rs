@@ -112,6 +112,8 @@ async fn answer(
     }
 }
 
+// The connection's parts, lent one exchange at a time by `serve`, which owns
+// them; `Exchange` bundles them for the steps after the head is parsed.
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     local: &Local,
@@ -271,22 +273,21 @@ async fn exchange(
     let replayable = body == Framing::None;
 
     let mut outcome = Outcome::refused(0, started);
-    let next = forward(
+    let exchange = Exchange {
         local,
         client,
         cbuf,
         ubuf,
-        head,
         reply,
-        &request,
-        &route,
-        service,
-        key,
+    };
+    let req = Forward {
+        head,
+        request: &request,
+        route: &route,
         body,
         replayable,
-        &mut outcome,
-    )
-    .await;
+    };
+    let next = forward(exchange, req, service, key, &mut outcome).await;
     log_access(info, head, &request, Some(&route), &outcome);
     next
 }
@@ -368,22 +369,50 @@ enum Failure {
     Client,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    local: &Local,
-    client: &mut Conn,
-    cbuf: &mut Buf,
-    ubuf: &mut Buf,
-    head: &[u8],
-    reply: &mut Vec<u8>,
-    request: &Request,
-    route: &Route,
-    mut service: Arc<ProxyService>,
-    key: Option<u64>,
+/// The connection side of one exchange: the thread, the client connection,
+/// its read buffer and the upstream's, and the response head being built.
+/// Each step of the exchange (forward, each attempt) takes it whole.
+struct Exchange<'a> {
+    local: &'a Local,
+    client: &'a mut Conn,
+    cbuf: &'a mut Buf,
+    ubuf: &'a mut Buf,
+    reply: &'a mut Vec<u8>,
+}
+
+/// The request being forwarded: its head as it goes upstream, the request
+/// as parsed, its route, how its body is framed, and whether it may be sent
+/// again (no body to stream: a retry can replay it).
+#[derive(Clone, Copy)]
+struct Forward<'a> {
+    head: &'a [u8],
+    request: &'a Request,
+    route: &'a Route,
     body: Framing,
     replayable: bool,
+}
+
+/// Picks endpoints and attempts the request until one answers, the retry
+/// budget or the endpoints run out, or the client goes away.
+async fn forward(
+    Exchange {
+        local,
+        client,
+        cbuf,
+        ubuf,
+        reply,
+    }: Exchange<'_>,
+    req: Forward<'_>,
+    mut service: Arc<ProxyService>,
+    key: Option<u64>,
     outcome: &mut Outcome,
 ) -> Next {
+    let Forward {
+        request,
+        route,
+        replayable,
+        ..
+    } = req;
     let config = local.config();
     let metrics = &local.shared.metrics;
     let stats = match &service.stats {
@@ -458,22 +487,14 @@ async fn forward(
             outcome.endpoint = Some(backend.stats.clone());
         }
         outcome.upstream_ns = 0;
-        let result = attempt(
+        let lent = Exchange {
             local,
-            client,
-            cbuf,
-            ubuf,
-            head,
-            reply,
-            request,
-            route,
-            &stats,
-            backend,
-            body,
-            replayable,
-            &mut outcome.upstream_ns,
-        )
-        .await;
+            client: &mut *client,
+            cbuf: &mut *cbuf,
+            ubuf: &mut *ubuf,
+            reply: &mut *reply,
+        };
+        let result = attempt(lent, req, &stats, backend, &mut outcome.upstream_ns).await;
         backend.stats.leave();
         now = now_ns();
         let failure = match result {
@@ -573,20 +594,23 @@ async fn connect(local: &Local, addr: std::net::SocketAddr, limit: Duration) -> 
 
 /// One try against one endpoint. `Ok` when the client got a response (with
 /// the upstream status).
-#[allow(clippy::too_many_arguments)]
 async fn attempt(
-    local: &Local,
-    client: &mut Conn,
-    cbuf: &mut Buf,
-    ubuf: &mut Buf,
-    head: &[u8],
-    reply: &mut Vec<u8>,
-    request: &Request,
-    route: &Route,
+    Exchange {
+        local,
+        client,
+        cbuf,
+        ubuf,
+        reply,
+    }: Exchange<'_>,
+    Forward {
+        head,
+        request,
+        route,
+        body,
+        replayable,
+    }: Forward<'_>,
     stats: &ServiceStats,
     backend: &Backend,
-    body: Framing,
-    replayable: bool,
     head_ns: &mut u64,
 ) -> Result<(Next, u16), Failure> {
     let config = local.config();
@@ -804,6 +828,8 @@ enum Side {
 /// (a head, possibly empty) goes out in the same write as the first bytes.
 /// Bytes after the body stay in `buf`. The rest of a long enough
 /// Content-Length body is spliced (`splice.rs`), never copied.
+// Eight plain inputs of one copy loop, used in both directions (request and
+// response bodies): a struct would only rename them at each call.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     local: &Local,

@@ -314,6 +314,8 @@ pub(crate) struct Target<'a> {
 /// Parses a request head from `buf`, checks it, asks `route` (with host and
 /// path) which hashing the route wants, and writes the head to forward into
 /// `out`. Returns the request facts and the consistent-hash key, if any.
+// The limits and the two callbacks are what the fuzz target and the proxy
+// pass differently; a parser without I/O takes them as plain arguments.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn parse_request<R>(
     buf: &[u8],

@@ -4,17 +4,13 @@
 //! [`Store`], and publishes an immutable [`Snapshot`] that readers load through
 //! arc-swap without locking. The snapshot's types live in `switchyard_catalog`
 //! (re-exported here), which is all DNS and the proxy depend on; this crate
-//! builds snapshots, stores them, checks health and serves the HTTP API
-//! (Consul-compatible and native).
+//! builds snapshots and stores them; `switchyard-health` checks endpoints and
+//! `switchyard-api` serves the HTTP API on this crate's public handle.
 #![forbid(unsafe_code)]
 
-pub mod api;
 mod catalog;
 mod config;
 mod error;
-#[cfg(any(test, feature = "fuzzing"))]
-#[doc(hidden)]
-pub mod fuzzing;
 mod load;
 mod metrics;
 mod store;
@@ -22,7 +18,7 @@ mod watch;
 mod writer;
 
 pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
-pub use config::{ApiConfig, ApiTlsConfig, Role, StoreConfig, StoreKind, TokenConfig};
+pub use config::{StoreConfig, StoreKind};
 pub use error::{RegistryError, StoreError};
 pub use load::{ClusterLoad, LoadBoard};
 pub use metrics::RegistryMetrics;

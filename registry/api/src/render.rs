@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::duration::format_go_duration;
-use crate::model::{Check, Endpoint, Node, TaggedAddress, Weights};
+use switchyard_catalog::duration::format_go_duration;
+use switchyard_catalog::model::{Check, Endpoint, Node, TaggedAddress, Weights};
 
 static EMPTY_TAGS: Vec<String> = Vec::new();
 

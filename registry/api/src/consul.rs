@@ -15,10 +15,10 @@ use super::decode::{
 };
 use super::render::{CatalogServiceOut, CheckOut, NodeOut, ServiceEntryOut, ServiceOut};
 use super::{block, json, parse_bool, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
-use crate::catalog::Command;
-use crate::model::{Name, Status, NODE_HEALTH_CHECK};
-use crate::snapshot::{Instance, Snapshot};
-use crate::watch::WatchKey;
+use switchyard_catalog::model::{Name, Status, NODE_HEALTH_CHECK};
+use switchyard_catalog::snapshot::{Instance, Snapshot};
+use switchyard_registry::Command;
+use switchyard_registry::WatchKey;
 
 type St = State<Arc<ApiState>>;
 
@@ -45,7 +45,7 @@ pub(super) async fn agent_self(State(state): St) -> ApiResult {
         "Config": {
             "Datacenter": a.datacenter,
             "NodeName": a.node_name,
-            "NodeID": crate::model::node_uuid(&a.node_name),
+            "NodeID": switchyard_catalog::model::node_uuid(&a.node_name),
             "Server": true,
             "Version": "1.20.0",
             "Revision": "switchyard",
@@ -163,8 +163,8 @@ pub(super) async fn agent_checks(State(state): St, Query(q): Query<Pairs>) -> Ap
 }
 
 fn service_tags<'a>(
-    entry: &'a crate::snapshot::NodeEntry,
-    check: &crate::model::Check,
+    entry: &'a switchyard_catalog::snapshot::NodeEntry,
+    check: &switchyard_catalog::model::Check,
 ) -> &'a [String] {
     static NONE: Vec<String> = Vec::new();
     entry

@@ -17,8 +17,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 
 use super::native::drain_progress;
 use super::{ApiState, Pairs};
-use crate::model::{unix_ms, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX};
-use crate::snapshot::{EndpointState, Instance, Snapshot, StateCounts};
+use switchyard_catalog::model::{unix_ms, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX};
+use switchyard_catalog::snapshot::{EndpointState, Instance, Snapshot, StateCounts};
 
 type St = State<Arc<ApiState>>;
 
@@ -323,7 +323,7 @@ pub(super) async fn service(
 fn endpoint_row(
     out: &mut String,
     instance: &Instance,
-    traffic: &crate::EndpointLoad,
+    traffic: &switchyard_catalog::EndpointLoad,
     proxied: bool,
 ) {
     let (node, id) = (&*instance.node.name, &*instance.endpoint.id);

@@ -1,12 +1,16 @@
-//! The registry's HTTP API: Consul's agent/catalog/health/status subset, the
+//! Switchyard's HTTP API, on the registry's public handle: Consul's agent/catalog/health/status subset, the
 //! native `/v1/switchyard/...` API and `/metrics`, on axum.
 //!
 //! Reads answer from one snapshot. Blocking queries (`?index=&wait=`) compare
 //! the *resource's own* index (a service, a node, a table), so a watcher of one
 //! service is never answered because another one changed.
 
+mod config;
 mod consul;
 mod decode;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod native;
 mod render;
 pub mod tls;
@@ -25,11 +29,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::ApiConfig;
-use crate::error::RegistryError;
-use crate::snapshot::Snapshot;
-use crate::watch::WatchKey;
-use crate::writer::Registry;
+pub use crate::config::{ApiConfig, ApiTlsConfig, Role, TokenConfig};
+use switchyard_catalog::snapshot::Snapshot;
+use switchyard_registry::Registry;
+use switchyard_registry::RegistryError;
+use switchyard_registry::WatchKey;
 
 /// Facts about the agent the API reports (`/v1/agent/self`, status).
 #[derive(Clone, Debug)]
@@ -50,7 +54,7 @@ pub struct ApiState {
     /// Turns true when the agent starts shutting down: blocking queries answer at once.
     pub shutdown: watch::Receiver<bool>,
     /// Live traffic per endpoint (the proxy's counters), for drain status.
-    pub load: Option<Arc<dyn crate::LoadReport>>,
+    pub load: Option<Arc<dyn switchyard_catalog::LoadReport>>,
     /// The API's tokens; none means every request is allowed.
     pub tokens: Tokens,
     /// The agent's listeners (the ready line), once all are bound.
@@ -59,11 +63,11 @@ pub struct ApiState {
 
 /// The API's tokens, their secrets loaded.
 #[derive(Default)]
-pub struct Tokens(Vec<(Vec<u8>, crate::Role, String)>);
+pub struct Tokens(Vec<(Vec<u8>, crate::config::Role, String)>);
 
 impl Tokens {
     /// Loads every secret (inline or from its file).
-    pub fn load(configs: &[crate::TokenConfig]) -> Result<Tokens, String> {
+    pub fn load(configs: &[crate::config::TokenConfig]) -> Result<Tokens, String> {
         let mut tokens = Vec::with_capacity(configs.len());
         for config in configs {
             let secret = config.load_secret()?;
@@ -78,7 +82,7 @@ impl Tokens {
 
     /// The role of `presented`, comparing against every secret in constant
     /// time (a mismatch reveals no prefix).
-    fn role_of(&self, presented: &[u8]) -> Option<crate::Role> {
+    fn role_of(&self, presented: &[u8]) -> Option<crate::config::Role> {
         use subtle::ConstantTimeEq;
         let mut found = None;
         for (secret, role, _) in &self.0 {
@@ -99,16 +103,16 @@ enum Access {
     /// Read-only routes: `read`.
     Read,
     /// Reads need `read`, writes this role.
-    Writes(crate::Role),
+    Writes(crate::config::Role),
 }
 
 impl Access {
-    fn needed(self, method: &axum::http::Method) -> Option<crate::Role> {
+    fn needed(self, method: &axum::http::Method) -> Option<crate::config::Role> {
         use axum::http::Method;
         match self {
             Access::Public => None,
-            Access::Read => Some(crate::Role::Read),
-            _ if method == Method::GET || method == Method::HEAD => Some(crate::Role::Read),
+            Access::Read => Some(crate::config::Role::Read),
+            _ if method == Method::GET || method == Method::HEAD => Some(crate::config::Role::Read),
             Access::Writes(role) => Some(role),
         }
     }
@@ -203,7 +207,10 @@ async fn authorize(State(guard): State<Guard>, request: Request, next: Next) -> 
 /// the command that registers it on `node`, replacing the checks it had.
 /// The agent's config file uses it, so a service defined there behaves as
 /// one registered through the API.
-pub fn service_definition(node: &str, json: &[u8]) -> Result<crate::Command, DefinitionError> {
+pub fn service_definition(
+    node: &str,
+    json: &[u8],
+) -> Result<switchyard_registry::Command, DefinitionError> {
     let def: decode::ServiceIn = decode::decode_at(json).map_err(|e| DefinitionError {
         message: e.to_string(),
         field: e.path,
@@ -214,7 +221,7 @@ pub fn service_definition(node: &str, json: &[u8]) -> Result<crate::Command, Def
                 field: None,
                 message,
             })?;
-    Ok(crate::Command::RegisterService {
+    Ok(switchyard_registry::Command::RegisterService {
         endpoint,
         checks,
         replace_existing_checks: true,
@@ -243,7 +250,7 @@ fn may_read(state: &ApiState, request_token: Option<&[u8]>) -> bool {
 
 /// Builds the API router.
 pub fn router(state: Arc<ApiState>) -> Router {
-    use crate::Role::{Operator, Register};
+    use crate::config::Role::{Operator, Register};
     use Access::{Public, Read, Writes};
     let limit = state.config.max_body_bytes;
     let reads = |routes| guarded(&state, Read, routes);
@@ -546,7 +553,7 @@ impl QueryOpts {
                         .map_err(|_| ApiError::bad_request("Invalid index"))?
                 }
                 "wait" => {
-                    let wait = crate::duration::parse_go_duration(value)
+                    let wait = switchyard_catalog::duration::parse_go_duration(value)
                         .map_err(|_| ApiError::bad_request("Invalid wait time"))?;
                     opts.wait = Some(wait);
                 }

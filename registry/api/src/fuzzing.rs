@@ -18,13 +18,13 @@ use axum::http::Request;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use crate::api::{router, AgentInfo, ApiState, Tokens};
-use crate::catalog::{Batch, Command};
 use crate::config::ApiConfig;
-use crate::metrics::RegistryMetrics;
-use crate::model::{Endpoint, Node};
-use crate::store::MemoryStore;
-use crate::writer::Registry;
+use crate::{router, AgentInfo, ApiState, Tokens};
+use switchyard_catalog::model::{Endpoint, Node};
+use switchyard_registry::MemoryStore;
+use switchyard_registry::Registry;
+use switchyard_registry::RegistryMetrics;
+use switchyard_registry::{Batch, Command};
 
 /// The 500s Consul itself answers to client mistakes, kept for compatibility.
 const CONSUL_500: [&str; 2] = ["No path to datacenter", "CheckID \""];

@@ -1,7 +1,7 @@
 //! Bodies as python-consul, py-consul and the Go client send them.
 
-use crate::model::CheckKind;
 use std::time::Duration;
+use switchyard_catalog::model::CheckKind;
 
 use super::*;
 

@@ -13,12 +13,14 @@ use serde_json::json;
 
 use super::decode::{decode_body, node_from, validate_name, BatchIn, GoDuration};
 use super::{json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
-use crate::catalog::{Batch, Command, NewCheck};
-use crate::model::unix_ms;
-use crate::model::CheckKind;
-use crate::model::{Check, CheckDefinition, Drain, Endpoint, Status, NODE_HEALTH_CHECK};
-use crate::snapshot::{EndpointState, Instance, NodeEntry, Snapshot, StateCounts};
-use crate::watch::WatchKey;
+use switchyard_catalog::model::unix_ms;
+use switchyard_catalog::model::CheckKind;
+use switchyard_catalog::model::{
+    Check, CheckDefinition, Drain, Endpoint, Status, NODE_HEALTH_CHECK,
+};
+use switchyard_catalog::snapshot::{EndpointState, Instance, NodeEntry, Snapshot, StateCounts};
+use switchyard_registry::WatchKey;
+use switchyard_registry::{Batch, Command, NewCheck};
 
 type St = State<Arc<ApiState>>;
 
@@ -54,7 +56,7 @@ pub(super) async fn status(State(state): St) -> ApiResult {
 
 /// How current this agent's catalog is: a shared store may be out of reach,
 /// and then DNS and the proxy answer from the last state seen.
-fn store_state(registry: &crate::Registry) -> serde_json::Value {
+fn store_state(registry: &switchyard_registry::Registry) -> serde_json::Value {
     let status = registry.store_status();
     json!({
         "shared": registry.shared(),
@@ -364,7 +366,7 @@ pub(super) struct DrainProgress<'a> {
     pub in_flight: u64,
     pub cut: u64,
     pub deadline_passed: bool,
-    pub endpoints: Vec<(&'a Endpoint, crate::EndpointLoad)>,
+    pub endpoints: Vec<(&'a Endpoint, switchyard_catalog::EndpointLoad)>,
 }
 
 pub(super) fn drain_progress<'a>(

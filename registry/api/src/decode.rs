@@ -14,11 +14,11 @@ use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::catalog::NewCheck;
-use crate::model::CheckKind;
-use crate::model::{
+use switchyard_catalog::model::CheckKind;
+use switchyard_catalog::model::{
     node_uuid, Check, CheckDefinition, Endpoint, Name, Node, Status, TaggedAddress, Weights,
 };
+use switchyard_registry::NewCheck;
 
 /// Folds a key: `DeregisterCriticalServiceAfter`, `deregister_critical_service_after`
 /// and `deregistercriticalserviceafter` all become the last.
@@ -121,7 +121,7 @@ impl<'de> Deserialize<'de> for GoDuration {
                 f.write_str("a duration such as \"10s\" or a number of nanoseconds")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<GoDuration, E> {
-                crate::duration::parse_go_duration(v)
+                switchyard_catalog::duration::parse_go_duration(v)
                     .map(GoDuration)
                     .map_err(E::custom)
             }

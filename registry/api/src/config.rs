@@ -1,0 +1,138 @@
+//! The API's part of the agent configuration: the `[api]` table (listener,
+//! limits, tokens and their roles, TLS).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Listen address of the HTTP API. Default `127.0.0.1:8500` (Consul's port).
+    pub addr: SocketAddr,
+    /// Largest request body accepted, in bytes. Default 64 MiB (batch registrations).
+    pub max_body_bytes: usize,
+    /// Most blocking queries waiting at once; more get 429. Default 50,000.
+    pub max_blocking_queries: usize,
+    /// Longest `wait` honoured for blocking queries. Default 10 minutes.
+    #[serde(with = "go_duration")]
+    pub max_wait: Duration,
+    /// Most endpoints in one native batch. Default 100,000.
+    pub max_batch_endpoints: usize,
+    /// A second listener for `/metrics` alone, served by its own thread and
+    /// runtime so scrapes answer even when the agent's runtime is busy.
+    /// Default none (`/metrics` is on `addr` either way).
+    pub metrics_addr: Option<SocketAddr>,
+    /// API tokens. None configured: every request is allowed, which the
+    /// agent accepts only on a loopback address.
+    pub tokens: Vec<TokenConfig>,
+    /// `[api.tls]`: serve the API (and `metrics_addr`) over HTTPS only.
+    /// Default none (cleartext HTTP).
+    pub tls: Option<ApiTlsConfig>,
+}
+
+/// `[api.tls]`: the API's certificate and, for mutual TLS, the CA that
+/// signs its clients' certificates.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with the certificate's private key.
+    pub key: PathBuf,
+    /// PEM file with the CA certificates clients must present a certificate
+    /// from (Consul's `verify_incoming`). Default none: no client certificate asked.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// What a token may do; each role includes the ones before it.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads (every GET, `/metrics`).
+    Read,
+    /// Reads, and registrations: services, checks, batches, heartbeats (the scheduler).
+    Register,
+    /// Everything: also drains and maintenance.
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Register => "register",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+/// One `[[api.tokens]]` entry: a secret (inline or from a file) and its role.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A label for logs (never the secret).
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// File holding the secret (surrounding whitespace ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    pub role: Role,
+}
+
+impl TokenConfig {
+    /// The secret, read from its file when it has one.
+    pub fn load_secret(&self) -> Result<String, String> {
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(secret), None) => secret.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("token {:?}: cannot read {}: {e}", self.name, path.display()))?
+                .trim()
+                .to_string(),
+            _ => {
+                return Err(format!(
+                    "token {:?}: give exactly one of secret and secret_file",
+                    self.name
+                ))
+            }
+        };
+        if secret.len() < 16 {
+            return Err(format!(
+                "token {:?}: a secret must have at least 16 characters",
+                self.name
+            ));
+        }
+        Ok(secret)
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8500)),
+            max_body_bytes: 64 << 20,
+            max_blocking_queries: 50_000,
+            max_wait: Duration::from_secs(600),
+            max_batch_endpoints: 100_000,
+            metrics_addr: None,
+            tokens: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+mod go_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        switchyard_catalog::parse_go_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
