@@ -188,8 +188,8 @@ pub struct Config {
     pub max_headers: usize,
     /// Idle upstream connections kept per endpoint and thread. Default 1024:
     /// the cap must sit above the requests in flight per endpoint, or every
-    /// request past it opens and closes a connection (measured: 64 held 500
-    /// clients at 0.92× HAProxy, 512 gave 1.27×). Idle ones close after 30 s.
+    /// request past it opens and closes a connection (W-http at 500 clients
+    /// in bench/RESULTS.md). Idle ones close after 30 s.
     pub pool_per_endpoint: usize,
     /// At shutdown (SIGTERM), how long requests and L4 connections in progress
     /// may take to finish; idle keep-alive connections close when a thread's

@@ -3,9 +3,9 @@
 //! Every read and write of an exchange runs under a limit (idle, header,
 //! response, body, write), and on the io_uring path nearly every one of them
 //! waits, so a tokio timer per wait (its registration, wheel insert and
-//! removal, `Sleep` polls and clock reads) took about 3.5% of the agent's
-//! samples at W-http c50; this table saves a tenth of the proxy's user CPU
-//! per request (bench/RESULTS.md). Here a wait that does not finish on its
+//! removal, `Sleep` polls and clock reads) is a cost of every request; this
+//! table costs less (the A/B is in bench/RESULTS.md). Here a wait that does
+//! not finish on its
 //! first poll takes a slot in the thread's table instead: the deadline and
 //! the task's waker, no allocation once the table is warm. One sweeper task
 //! per thread wakes every [`TICK`] while any slot is armed (and sleeps

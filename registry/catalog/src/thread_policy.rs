@@ -5,8 +5,8 @@
 //! nice value but stops it from preempting whatever runs when one of its
 //! sockets wakes it. Under load the thread then wakes less often and finds
 //! more work queued each time (bigger `recvmmsg` batches, more ready
-//! connections per `epoll_wait`): measured on W-dns, 0.81× Knot's CPU per
-//! query against 1.01× with the normal policy (bench/RESULTS.md). An idle
+//! connections per `epoll_wait`), which lowers the DNS workers' CPU per query
+//! (W-dns in bench/RESULTS.md has the figures). An idle
 //! core still runs the thread at once, so a lightly loaded agent answers as
 //! fast as before.
 
