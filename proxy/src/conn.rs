@@ -46,10 +46,14 @@ pub(crate) async fn serve(local: Rc<Local>, client: TcpStream, info: Client) {
     let mut reply = Vec::with_capacity(1024);
     loop {
         local.place(&mut client);
+        // The HTTP/2 preface is recognised only at the start of a connection
+        // (RFC 9113 §3.4); later it is a malformed HTTP/1.1 request.
+        let first = fresh.is_some();
         let next = exchange(
             &local,
             &mut client,
             &info,
+            first,
             &mut cbuf,
             &mut ubuf,
             &mut head,
@@ -119,6 +123,7 @@ async fn exchange(
     local: &Local,
     client: &mut Conn,
     info: &Client,
+    first: bool,
     cbuf: &mut Buf,
     ubuf: &mut Buf,
     head: &mut Vec<u8>,
@@ -135,7 +140,7 @@ async fn exchange(
             if busy.is_none() {
                 busy = Some(Busy::enter(local));
             }
-            if cbuf.filled().starts_with(b"PRI * HTTP/2") {
+            if first && cbuf.filled().starts_with(b"PRI * HTTP/2") {
                 // HTTP/2 with prior knowledge: hyper takes the connection.
                 return Next::Http2;
             }

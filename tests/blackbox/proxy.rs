@@ -1481,3 +1481,46 @@ fn http_sockets_move_to_the_ring_when_a_thread_gets_busy_and_back_when_it_quiets
     );
     assert!(tokio_busy >= tokio_before);
 }
+
+/// The HTTP/2 preface belongs only at the start of a connection (RFC 9113
+/// §3.4): sent after a completed HTTP/1.1 exchange it is a malformed
+/// HTTP/1.1 request (400), not a switch to HTTP/2.
+#[test]
+fn the_http2_preface_after_an_http1_request_is_refused() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"pri.test\"\nservice = \"web\"\n");
+    let c = agent.client();
+    let a = Upstream::start("a");
+    register(&c, "web", &[&a], &[]);
+    let mut stream = TcpStream::connect(agent.http).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: pri.test\r\n\r\n")
+        .expect("send");
+    let (first, body) = read_response(&mut stream);
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(String::from_utf8_lossy(&body), "a");
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .expect("send the preface");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.starts_with("HTTP/1.1 400"),
+        "an HTTP/1.1 answer, not HTTP/2 frames: {text:?}"
+    );
+    // At the start of a connection the preface still means HTTP/2: the
+    // agent answers with an HTTP/2 SETTINGS frame (type 4), not HTTP/1.1.
+    let mut fresh = TcpStream::connect(agent.http).expect("connect");
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    fresh
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .expect("send the preface");
+    let mut frame = [0u8; 9];
+    fresh.read_exact(&mut frame).expect("a frame header");
+    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
+}
