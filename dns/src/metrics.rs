@@ -34,6 +34,7 @@ pub struct DnsMetrics {
     pub(crate) rate_limited: IntCounter,
     pub(crate) duration: Histogram,
     pub(crate) tcp_connections: IntCounter,
+    pub(crate) tcp_accept_errors: IntCounter,
 }
 
 impl DnsMetrics {
@@ -85,6 +86,11 @@ impl DnsMetrics {
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(tcp_connections.clone()))?;
+        let tcp_accept_errors = IntCounter::new(
+            "switchyard_dns_tcp_accept_errors_total",
+            "Failed accepts on the DNS TCP listener (out of descriptors: the loop pauses)",
+        )?;
+        registry.register(Box::new(tcp_accept_errors.clone()))?;
         Ok(DnsMetrics {
             queries,
             truncated,
@@ -92,6 +98,7 @@ impl DnsMetrics {
             rate_limited,
             duration,
             tcp_connections,
+            tcp_accept_errors,
         })
     }
 

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
+use switchyard_catalog::AcceptErrors;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -255,6 +256,7 @@ pub(crate) async fn serve_tcp(
     mut stop: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(max_connections));
+    let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -263,7 +265,17 @@ pub(crate) async fn serve_tcp(
         let (stream, peer) = match accepted {
             Ok(got) => got,
             Err(e) => {
-                tracing::warn!(error = %e, "dns tcp accept failed");
+                engine.metrics.tcp_accept_errors.inc();
+                let backoff = errors.failed(&e, std::time::Instant::now());
+                if let Some(failures) = backoff.log {
+                    tracing::warn!(error = %e, failures, "dns tcp accept failing (counted in switchyard_dns_tcp_accept_errors_total; next line in 10 s at most)");
+                }
+                if !backoff.pause.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.pause) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
                 continue;
             }
         };

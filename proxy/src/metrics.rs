@@ -64,6 +64,8 @@ pub struct ProxyMetrics {
     pub(crate) connections: IntGauge,
     pub(crate) thread_connections: IntGaugeVec,
     pub(crate) upgrades: IntCounter,
+    /// Failed accepts by listener kind (`http`, `https`, `l4`).
+    pub(crate) accept_errors: IntCounterVec,
     pub(crate) spliced_bytes: IntCounter,
     /// L4 connections relayed through a thread's io_uring, and with recv/send.
     pub(crate) relayed_io_uring: IntCounter,
@@ -215,6 +217,14 @@ impl ProxyMetrics {
             ),
             &["thread"],
         )?;
+        let accept_errors = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_accept_errors_total",
+                "Failed accepts by listener (out of descriptors: the loop pauses)",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(accept_errors.clone()))?;
         let upgrades = IntCounter::new(
             "switchyard_proxy_upgrades_total",
             "Connections upgraded to a tunnel (WebSocket and other 101 responses)",
@@ -282,6 +292,7 @@ impl ProxyMetrics {
             connections,
             thread_connections,
             upgrades,
+            accept_errors,
             spliced_bytes,
             relayed_io_uring,
             relayed_copy,

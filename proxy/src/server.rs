@@ -9,12 +9,11 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
 use socket2::{Domain, Protocol, Socket, Type};
-use switchyard_catalog::{ExtraKey, Snapshot};
+use switchyard_catalog::{AcceptErrors, ExtraKey, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -452,25 +451,42 @@ async fn accept_loop(
     kind: Kind,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (http, what) = match kind {
-        Kind::Http => (true, "HTTP"),
-        Kind::Https(_) => (false, "HTTPS"),
-        Kind::Tcp(_) => (false, "L4"),
+    let (http, what, label) = match kind {
+        Kind::Http => (true, "HTTP", "http"),
+        Kind::Https(_) => (false, "HTTPS", "https"),
+        Kind::Tcp(_) => (false, "L4", "l4"),
     };
+    let mut errors = AcceptErrors::default();
+    let failures = local
+        .shared
+        .metrics
+        .accept_errors
+        .with_label_values(&[label]);
     loop {
-        tokio::select! {
+        let pause = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Some(slot) = local.admit(&stream, peer, http) else { continue };
                     dispatch.place(&local, stream, peer, slot, kind.clone());
+                    continue;
                 }
                 Err(e) => {
-                    // Out of descriptors or similar: back off briefly.
-                    tracing::warn!(error = %e, listener = what, "proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    failures.inc();
+                    let backoff = errors.failed(&e, std::time::Instant::now());
+                    if let Some(count) = backoff.log {
+                        tracing::warn!(error = %e, listener = what, failures = count,
+                            "proxy accept failing (counted in switchyard_proxy_accept_errors_total; next line in 10 s at most)");
+                    }
+                    backoff.pause
                 }
             },
             _ = stop.wait_for(|stop| *stop) => break,
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|stop| *stop) => break,
+            }
         }
     }
 }

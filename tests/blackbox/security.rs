@@ -768,3 +768,107 @@ fn invented_methods_do_not_grow_the_metric_labels() {
         "{metrics}"
     );
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .expect("stat fields");
+    // utime and stime are fields 14 and 15 (11 and 12 after the name).
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// Out of descriptors, the accept loops of DNS over TCP and the proxy pause
+/// between tries instead of spinning: the agent, run under `ulimit -n 128`
+/// and flooded with connections, stays cheap and quiet (a line per 10 s),
+/// and the failures are counted.
+#[test]
+fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr_path = dir.path().join("agent.stderr");
+    let command = format!(
+        "ulimit -n 128 && exec {} agent --api-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 \
+         --http-addr 127.0.0.1:0 --data-dir {} --node-name t",
+        crate::support::bin(),
+        dir.path().join("data").display()
+    );
+    let mut child = std::process::Command::new("bash")
+        .args(["-c", &command])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr"))
+        .spawn()
+        .expect("start the agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready JSON");
+    let dns: std::net::SocketAddr = ready["dns"].as_str().expect("dns").parse().expect("addr");
+    let http: std::net::SocketAddr = ready["http"].as_str().expect("http").parse().expect("addr");
+    let api = ready["api_url"].as_str().expect("api").to_string();
+    let pid = child.id();
+
+    // Hold connections until the agent runs out of descriptors; the rest
+    // wait in the listeners' backlogs, keeping them readable.
+    let mut held = Vec::new();
+    for _ in 0..160 {
+        if let Ok(stream) = std::net::TcpStream::connect(dns) {
+            held.push(stream);
+        }
+    }
+    for _ in 0..20 {
+        if let Ok(stream) = std::net::TcpStream::connect(http) {
+            held.push(stream);
+        }
+    }
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    crate::support::eventually(
+        "the agent at its descriptor limit",
+        Duration::from_secs(10),
+        || (open() >= 120).then_some(()),
+    );
+    let before = cpu_seconds(pid);
+    let window = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(pid) - before;
+    let elapsed = window.elapsed().as_secs_f64();
+    assert!(
+        used < 0.5 * elapsed,
+        "the agent used {used:.2} s of CPU in {elapsed:.2} s at its descriptor limit: spinning"
+    );
+    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let lines = log.lines().filter(|l| l.contains("accept failing")).count();
+    assert!(
+        (1..=4).contains(&lines),
+        "{lines} accept-failure lines (one per listener per 10 s expected):\n{log}"
+    );
+
+    // Once the connections close, the failures are there to see.
+    drop(held);
+    let client = crate::support::Client::new(&api);
+    let metrics =
+        crate::support::eventually("the API answers again", Duration::from_secs(20), || {
+            let answer = client.get("/metrics");
+            (answer.status == 200).then_some(answer.body)
+        });
+    let count = |family: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(family))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        count("switchyard_dns_tcp_accept_errors_total") > 0.0,
+        "{metrics}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -250,6 +250,15 @@ pub(crate) struct Client {
 }
 
 impl Client {
+    /// A client of the API at `base` (`http://host:port`).
+    pub(crate) fn new(base: &str) -> Client {
+        Client {
+            base: base.to_string(),
+        }
+    }
+}
+
+impl Client {
     fn agent() -> ureq::Agent {
         ureq::Agent::config_builder()
             .http_status_as_error(false)

@@ -9,6 +9,7 @@
 //! everyone else reads them.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod duration;
 pub mod load;
 pub mod model;
@@ -16,6 +17,7 @@ pub mod report;
 pub mod snapshot;
 pub mod thread_policy;
 
+pub use accept::{AcceptBackoff, AcceptErrors};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
 pub use model::{
