@@ -872,3 +872,36 @@ fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A `Content-Length` over `api.max_body_bytes` gets its 413 before any byte
+/// of the body is sent (issue 26: the refusal used to come after 64 MiB).
+#[test]
+fn an_api_body_declared_too_large_is_refused_before_it_is_sent() {
+    use std::io::{Read, Write};
+    let agent = crate::support::Agent::start();
+    let addr: std::net::SocketAddr = agent
+        .api
+        .trim_start_matches("http://")
+        .parse()
+        .expect("api addr");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(
+            b"PUT /v1/switchyard/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n",
+        )
+        .expect("send the head only");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 413"),
+        "no 413 with the body unsent: {text:?}"
+    );
+    assert!(text.contains("api.max_body_bytes"), "{text}");
+    // Nothing changed.
+    let services = agent.client().get_ok("/v1/catalog/services").json();
+    assert_eq!(services.as_object().map(|o| o.len()), Some(0), "{services}");
+}

@@ -428,18 +428,38 @@ async fn common_headers(
     next: Next,
 ) -> Response {
     let method = method_label(request.method());
-    let mut response = next.run(request).await;
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    let too_large = || {
         // axum's own text does not say which limit or how to raise it.
-        response = ApiError::new(
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "request body over {} bytes (api.max_body_bytes)",
                 state.config.max_body_bytes
             ),
         )
-        .into_response();
-    }
+        .into_response()
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut response = if declared.is_some_and(|n| n > state.config.max_body_bytes as u64) {
+        // Refused before a byte of the body is read; the connection closes,
+        // so the client stops sending.
+        let mut response = too_large();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    } else {
+        let response = next.run(request).await;
+        if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            response
+        }
+    };
     let code = match response.status().as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",
