@@ -905,3 +905,84 @@ fn an_api_body_declared_too_large_is_refused_before_it_is_sent() {
     let services = agent.client().get_ok("/v1/catalog/services").json();
     assert_eq!(services.as_object().map(|o| o.len()), Some(0), "{services}");
 }
+
+/// Consul-shaped limits on what a write may carry: each refusal names its
+/// limit and changes nothing; output and notes are cut; errors quote a
+/// client's input only in part.
+#[test]
+fn registrations_over_the_consul_limits_are_refused_with_the_limit_named() {
+    let (agent, _dir) = agent_with("[api]\nmax_tags = 3\ncheck_output_max_size = 100\n");
+    let c = agent.client();
+    let before = c.get_ok("/v1/catalog/services").index;
+    let meta: serde_json::Map<String, serde_json::Value> = (0..65)
+        .map(|i| (format!("k{i}"), serde_json::Value::from("v")))
+        .collect();
+    let cases = [
+        (
+            serde_json::json!({"Name": "m", "ID": "m1", "Port": 1, "Meta": meta}),
+            "api.max_meta_keys",
+        ),
+        (
+            serde_json::json!({"Name": "m", "ID": "m1", "Port": 1, "Meta": {"k": "v".repeat(513)}}),
+            "api.max_meta_value_length",
+        ),
+        (
+            serde_json::json!({"Name": "m", "ID": "m1", "Port": 1, "Meta": {"k".repeat(129): "v"}}),
+            "api.max_meta_key_length",
+        ),
+        (
+            serde_json::json!({"Name": "m", "ID": "m1", "Port": 1, "Tags": ["a", "b", "c", "d"]}),
+            "api.max_tags",
+        ),
+        (
+            serde_json::json!({"Name": "m", "ID": "m1", "Port": 1, "Tags": ["t".repeat(600)]}),
+            "api.max_tag_length",
+        ),
+    ];
+    for (body, limit) in cases {
+        let answer = c.put("/v1/agent/service/register", &body.to_string());
+        assert_eq!(answer.status, 400, "{limit}: {}", answer.body);
+        assert!(answer.body.contains(limit), "{limit}: {}", answer.body);
+        assert!(
+            answer.body.len() < 400,
+            "the error quotes in part: {}",
+            answer.body
+        );
+    }
+    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "10.0.0.1", "meta": meta}]});
+    let answer = c.put("/v1/switchyard/batch", &batch.to_string());
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("api.max_meta_keys"), "{}", answer.body);
+    assert_eq!(
+        c.get_ok("/v1/catalog/services").index,
+        before,
+        "refused writes changed nothing"
+    );
+
+    // Output and notes are cut, the registration kept.
+    c.put_ok(
+        "/v1/agent/service/register",
+        &serde_json::json!({"Name": "o", "ID": "o1", "Port": 1,
+            "Check": {"TTL": "1m", "Notes": "n".repeat(5000)}})
+        .to_string(),
+    );
+    c.put_ok(
+        "/v1/agent/check/pass/service:o1?note=".to_string().as_str(),
+        "",
+    );
+    let update = serde_json::json!({"Status": "passing", "Output": "x".repeat(10_000)});
+    c.put_ok("/v1/agent/check/update/service:o1", &update.to_string());
+    let checks = c.get_ok("/v1/health/checks/o").json();
+    let check = &checks[0];
+    assert_eq!(check["Output"].as_str().map(str::len), Some(100), "{check}");
+    assert_eq!(check["Notes"].as_str().map(str::len), Some(100), "{check}");
+
+    // A heartbeat naming a huge unknown id gets a bounded quote of it back.
+    let beat = serde_json::json!({"checks": [{"node": "nope", "id": "z".repeat(100_000)}]});
+    let answer = c.put_ok("/v1/switchyard/heartbeat", &beat.to_string());
+    assert!(
+        answer.body.len() < 1000,
+        "{} bytes echoed",
+        answer.body.len()
+    );
+}

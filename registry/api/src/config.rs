@@ -31,6 +31,19 @@ pub struct ApiConfig {
     /// `[api.tls]`: serve the API (and `metrics_addr`) over HTTPS only.
     /// Default none (cleartext HTTP).
     pub tls: Option<ApiTlsConfig>,
+    /// Most `Meta` keys on a service or node. Default 64 (Consul's).
+    pub max_meta_keys: usize,
+    /// Longest `Meta` key, in bytes. Default 128 (Consul's).
+    pub max_meta_key_length: usize,
+    /// Longest `Meta` value, in bytes. Default 512 (Consul's).
+    pub max_meta_value_length: usize,
+    /// Most tags on a service. Default 256.
+    pub max_tags: usize,
+    /// Longest tag, in bytes. Default 512.
+    pub max_tag_length: usize,
+    /// A check's output and notes are cut to this many bytes. Default 4096
+    /// (Consul's `check_output_max_size`).
+    pub check_output_max_size: usize,
 }
 
 /// `[api.tls]`: the API's certificate and, for mutual TLS, the CA that
@@ -122,6 +135,12 @@ impl Default for ApiConfig {
             metrics_addr: None,
             tokens: Vec::new(),
             tls: None,
+            max_meta_keys: 64,
+            max_meta_key_length: 128,
+            max_meta_value_length: 512,
+            max_tags: 256,
+            max_tag_length: 512,
+            check_output_max_size: 4096,
         }
     }
 }

@@ -183,8 +183,7 @@ pub(super) async fn service_register(
     let (endpoint, checks) = def.into_endpoint(&node, false).map_err(bad)?;
     let replace = query_value(&q, "replace-existing-checks").is_some();
     let index = state
-        .registry
-        .apply(Command::RegisterService {
+        .write(Command::RegisterService {
             endpoint,
             checks,
             replace_existing_checks: replace,
@@ -276,10 +275,7 @@ pub(super) async fn check_register(State(state): St, body: Bytes) -> ApiResult {
         catalog: false,
     };
     let check = def.into_check(ctx).map_err(bad)?;
-    let index = state
-        .registry
-        .apply(Command::RegisterCheck { check })
-        .await?;
+    let index = state.write(Command::RegisterCheck { check }).await?;
     Ok(write_ok(index, None))
 }
 
@@ -301,8 +297,7 @@ async fn ttl_update(
     output: Option<String>,
 ) -> ApiResult {
     let index = state
-        .registry
-        .apply(Command::UpdateCheck {
+        .write(Command::UpdateCheck {
             node: agent_node(state),
             id: id.into(),
             status,
@@ -426,8 +421,7 @@ pub(super) async fn catalog_register(State(state): St, body: Bytes) -> ApiResult
         checks.push(def.into_check(ctx).map_err(bad)?.check);
     }
     let index = state
-        .registry
-        .apply(Command::CatalogRegister {
+        .write(Command::CatalogRegister {
             node,
             skip_node_update: skip,
             endpoint,

@@ -11,6 +11,7 @@ mod decode;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod limits;
 mod native;
 mod render;
 pub mod tls;
@@ -59,6 +60,18 @@ pub struct ApiState {
     pub tokens: Tokens,
     /// The agent's listeners (the ready line), once all are bound.
     pub listeners: std::sync::OnceLock<serde_json::Value>,
+}
+
+impl ApiState {
+    /// Applies a client's write: checked and trimmed against the `[api]`
+    /// limits first (a refusal names the limit and changes nothing).
+    pub(crate) async fn write(
+        &self,
+        mut command: switchyard_registry::Command,
+    ) -> Result<u64, ApiError> {
+        limits::apply(&self.config, &mut command).map_err(ApiError::bad_request)?;
+        Ok(self.registry.apply(command).await?)
+    }
 }
 
 /// The API's tokens, their secrets loaded.

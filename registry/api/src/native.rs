@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::decode::{decode_body, node_from, validate_name, BatchIn, GoDuration};
+use super::limits::shown;
 use super::{json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
 use switchyard_catalog::model::unix_ms;
 use switchyard_catalog::model::CheckKind;
@@ -128,7 +129,7 @@ pub(super) async fn batch(State(state): St, body: Bytes) -> ApiResult {
     for node in input.deregister_nodes {
         batch.deregister_nodes.push(node.into());
     }
-    let index = state.registry.apply(Command::Batch(batch)).await?;
+    let index = state.write(Command::Batch(batch)).await?;
     let mut response = json(&json!({ "index": index }), index, &QueryOpts::default())?;
     *response.status_mut() = StatusCode::OK;
     Ok(response)
@@ -168,22 +169,25 @@ pub(super) async fn heartbeat(State(state): St, body: Bytes) -> ApiResult {
     for beat in input.checks {
         let status = match beat.status.as_deref() {
             None | Some("") => Status::Passing,
-            Some(s) => Status::parse(s)
-                .ok_or_else(|| ApiError::bad_request(format!("Invalid check status: '{s}'")))?,
+            Some(s) => Status::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!("Invalid check status: '{}'", shown(s)))
+            })?,
         };
         match snap
             .node(&beat.node)
             .and_then(|n| n.checks.get(beat.id.as_str()))
         {
-            None => unknown.push(json!({ "node": beat.node, "id": beat.id })),
+            // Listed back as the client sent them, but never more than a
+            // bounded quote of each.
+            None => unknown.push(json!({ "node": shown(&beat.node), "id": shown(&beat.id) })),
             Some(check) if check.kind != CheckKind::Ttl => {
-                not_ttl.push(json!({ "node": beat.node, "id": beat.id }))
+                not_ttl.push(json!({ "node": shown(&beat.node), "id": shown(&beat.id) }))
             }
             Some(_) => beats.push((beat.node.into(), beat.id.into(), status, beat.output)),
         }
     }
     let renewed = beats.len();
-    let index = state.registry.apply(Command::Heartbeat(beats)).await?;
+    let index = state.write(Command::Heartbeat(beats)).await?;
     let out = json!({ "index": index, "renewed": renewed, "unknown": unknown, "not_ttl": not_ttl });
     json(&out, index, &QueryOpts::default())
 }
