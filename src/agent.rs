@@ -60,6 +60,7 @@ pub(crate) fn run(
     scratch: Option<ScratchDir>,
     inherited: Option<(upgrade::Sockets, Predecessor)>,
 ) -> anyhow::Result<()> {
+    raise_descriptor_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.agent.worker_threads)
         .thread_name("switchyard")
@@ -91,6 +92,30 @@ pub(crate) fn run(
     };
     drop(scratch);
     result
+}
+
+/// Raises the soft limit on open descriptors to the hard one, before any
+/// thread or ring is made (the rings size their file tables from it): a
+/// data plane holds a descriptor per connection, and the default soft limit
+/// (1024 on most systems) is far below what the hard limit allows.
+fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open-descriptor limit")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft = ?limit.current, "cannot raise the open-descriptor limit to the hard limit")
+        }
+    }
 }
 
 async fn serve(

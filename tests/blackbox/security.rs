@@ -986,3 +986,42 @@ fn registrations_over_the_consul_limits_are_refused_with_the_limit_named() {
         answer.body.len()
     );
 }
+
+/// The agent raises its soft limit on open descriptors to the hard limit at
+/// start (issue 26, item 2, first part): a flood meets the hard limit, not
+/// the usual soft 1024.
+#[test]
+fn the_agent_raises_its_descriptor_limit_to_the_hard_limit() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let command = format!(
+        "ulimit -S -n 256 && exec {} agent --api-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 \
+         --http-addr 127.0.0.1:0 --data-dir {} --node-name t",
+        crate::support::bin(),
+        dir.path().join("data").display()
+    );
+    let mut child = std::process::Command::new("bash")
+        .args(["-c", &command])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    assert!(line.contains("\"ready\":true"), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let _ = child.kill();
+    let _ = child.wait();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    // "Max open files <soft> <hard> files"
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "256", "the soft limit was not raised: {open_files}");
+    assert_eq!(soft, hard, "{open_files}");
+}
