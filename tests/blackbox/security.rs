@@ -769,6 +769,16 @@ fn invented_methods_do_not_grow_the_metric_labels() {
     );
 }
 
+/// A child process killed (and reaped) when dropped, also when a test fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -805,6 +815,7 @@ fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
         .spawn()
         .expect("start the agent");
     let stdout = child.stdout.take().expect("stdout");
+    let child = Reaped(child);
     let mut line = String::new();
     BufReader::new(stdout)
         .read_line(&mut line)
@@ -813,7 +824,7 @@ fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
     let dns: std::net::SocketAddr = ready["dns"].as_str().expect("dns").parse().expect("addr");
     let http: std::net::SocketAddr = ready["http"].as_str().expect("http").parse().expect("addr");
     let api = ready["api_url"].as_str().expect("api").to_string();
-    let pid = child.id();
+    let pid = child.0.id();
 
     // Hold connections until the agent runs out of descriptors; the rest
     // wait in the listeners' backlogs, keeping them readable.
@@ -869,8 +880,7 @@ fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
         count("switchyard_dns_tcp_accept_errors_total") > 0.0,
         "{metrics}"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 /// A `Content-Length` over `api.max_body_bytes` gets its 413 before any byte
@@ -1007,14 +1017,14 @@ fn the_agent_raises_its_descriptor_limit_to_the_hard_limit() {
         .spawn()
         .expect("start the agent");
     let stdout = child.stdout.take().expect("stdout");
+    let child = Reaped(child);
     let mut line = String::new();
     BufReader::new(stdout)
         .read_line(&mut line)
         .expect("ready line");
     assert!(line.contains("\"ready\":true"), "{line}");
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
-    let _ = child.kill();
-    let _ = child.wait();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).expect("limits");
+    drop(child);
     let open_files = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
