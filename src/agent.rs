@@ -125,7 +125,7 @@ async fn serve(
     successor: &std::io::Result<upgrade::Successor>,
 ) -> anyhow::Result<Served> {
     let (mut agent, predecessor) = Running::start(config, &source, inherited).await?;
-    agent.announce(predecessor)?;
+    agent.announce(predecessor);
     match agent.run(&source, successor).await {
         Ending::Stop => {
             agent.stop().await;
@@ -140,17 +140,14 @@ async fn serve(
 struct Running {
     /// The running configuration (reloads included).
     config: AgentConfig,
-    registry: Registry,
-    writer: tokio::task::JoinHandle<()>,
+    /// The registry and what serves or feeds it, stopped as one.
+    control: ControlPlane,
     proxy: Arc<ProxyDecorator>,
     node_name: String,
     /// Ids of the `[[services]]` the file registered (for reloads).
     config_services: Vec<Arc<str>>,
-    checker: tokio::task::JoinHandle<()>,
-    passive: tokio::task::JoinHandle<()>,
     /// Turns true when the API and the metrics listener should stop.
     shutdown: watch::Sender<bool>,
-    api: tokio::task::JoinHandle<std::io::Result<()>>,
     /// A second handle on the API's listener, to pass on at an upgrade.
     api_listener: std::net::TcpListener,
     dns: DnsServer,
@@ -332,15 +329,17 @@ impl Running {
         };
         let running = Running {
             config,
-            registry,
-            writer,
+            control: ControlPlane {
+                api,
+                checker,
+                passive,
+                registry,
+                writer,
+            },
             proxy,
             node_name,
             config_services,
-            checker,
-            passive,
             shutdown,
-            api,
             api_listener: api_kept,
             dns,
             http,
@@ -353,7 +352,7 @@ impl Running {
     /// Tells whoever served before that this agent serves now: the agent it
     /// upgrades, or this process's own servers after a failed upgrade (they
     /// stop), and systemd.
-    fn announce(&self, predecessor: Option<Predecessor>) -> anyhow::Result<()> {
+    fn announce(&self, predecessor: Option<Predecessor>) {
         match predecessor {
             Some(Predecessor::Process(stream)) => {
                 upgrade::ready(stream);
@@ -369,7 +368,6 @@ impl Running {
             None => {}
         }
         upgrade::notify(upgrade::Lifecycle::Ready);
-        Ok(())
     }
 
     /// Serves until SIGTERM/SIGINT or a successor's upgrade request,
@@ -407,10 +405,11 @@ impl Running {
     /// SIGHUP: the file again; on success the file's services again too.
     async fn reload(&mut self, source: &ConfigSource) {
         upgrade::notify(upgrade::Lifecycle::Reloading);
-        if reload(source, &mut self.config, &self.proxy, &self.registry).await {
+        let registry = &self.control.registry;
+        if reload(source, &mut self.config, &self.proxy, registry).await {
             let registered = register_config_services(
                 &self.config,
-                &self.registry,
+                registry,
                 &self.node_name,
                 &self.config_services,
             )
@@ -435,14 +434,7 @@ impl Running {
         tracing::info!("shutting down: no new API requests, finishing queued writes");
         let _ = self.shutdown.send(true);
         stop_data_plane(self.http, self.dns).await;
-        stop_control_plane(ControlPlane {
-            api: self.api,
-            checker: self.checker,
-            passive: self.passive,
-            registry: self.registry,
-            writer: self.writer,
-        })
-        .await;
+        stop_control_plane(self.control).await;
         tracing::info!("stopped");
     }
 
@@ -455,14 +447,7 @@ impl Running {
             "upgrade requested: stopping the API and the store, then handing over the listeners"
         );
         let _ = self.shutdown.send(true);
-        stop_control_plane(ControlPlane {
-            api: self.api,
-            checker: self.checker,
-            passive: self.passive,
-            registry: self.registry,
-            writer: self.writer,
-        })
-        .await;
+        stop_control_plane(self.control).await;
         let sockets = upgrade::Sockets {
             api: Some(self.api_listener),
             dns: Some(self.dns.sockets().try_clone()?),

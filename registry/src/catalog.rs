@@ -256,13 +256,7 @@ fn unknown_node(name: &str) -> RegistryError {
 }
 
 fn clip_output(mut output: String) -> String {
-    if output.len() > MAX_OUTPUT_BYTES {
-        let mut cut = MAX_OUTPUT_BYTES;
-        while !output.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        output.truncate(cut);
-    }
+    switchyard_catalog::clip(&mut output, MAX_OUTPUT_BYTES);
     output
 }
 

@@ -779,6 +779,37 @@ impl Drop for Reaped {
     }
 }
 
+/// An agent started by bash under `ulimit ARGS` (data in `dir`, stderr to
+/// `stderr`), with its ready line; killed when dropped.
+fn agent_under_ulimit(
+    args: &str,
+    dir: &std::path::Path,
+    stderr: &std::path::Path,
+) -> (Reaped, serde_json::Value) {
+    use std::io::{BufRead, BufReader};
+    let command = format!(
+        "ulimit {args} && exec {} agent --api-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 \
+         --http-addr 127.0.0.1:0 --data-dir {} --node-name t",
+        crate::support::bin(),
+        dir.join("data").display()
+    );
+    let mut child = std::process::Command::new("bash")
+        .args(["-c", &command])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(stderr).expect("stderr"))
+        .spawn()
+        .expect("start the agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = Reaped(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    let ready = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+    (child, ready)
+}
+
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -798,29 +829,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// and the failures are counted.
 #[test]
 fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("tempdir");
     let stderr_path = dir.path().join("agent.stderr");
-    let command = format!(
-        "ulimit -n 128 && exec {} agent --api-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 \
-         --http-addr 127.0.0.1:0 --data-dir {} --node-name t",
-        crate::support::bin(),
-        dir.path().join("data").display()
-    );
-    let mut child = std::process::Command::new("bash")
-        .args(["-c", &command])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr"))
-        .spawn()
-        .expect("start the agent");
-    let stdout = child.stdout.take().expect("stdout");
-    let child = Reaped(child);
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("ready line");
-    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready JSON");
+    let (child, ready) = agent_under_ulimit("-n 128", dir.path(), &stderr_path);
     let dns: std::net::SocketAddr = ready["dns"].as_str().expect("dns").parse().expect("addr");
     let http: std::net::SocketAddr = ready["http"].as_str().expect("http").parse().expect("addr");
     let api = ready["api_url"].as_str().expect("api").to_string();
@@ -1002,27 +1013,9 @@ fn registrations_over_the_consul_limits_are_refused_with_the_limit_named() {
 /// the usual soft 1024.
 #[test]
 fn the_agent_raises_its_descriptor_limit_to_the_hard_limit() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("tempdir");
-    let command = format!(
-        "ulimit -S -n 256 && exec {} agent --api-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 \
-         --http-addr 127.0.0.1:0 --data-dir {} --node-name t",
-        crate::support::bin(),
-        dir.path().join("data").display()
-    );
-    let mut child = std::process::Command::new("bash")
-        .args(["-c", &command])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the agent");
-    let stdout = child.stdout.take().expect("stdout");
-    let child = Reaped(child);
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("ready line");
-    assert!(line.contains("\"ready\":true"), "{line}");
+    let (child, ready) = agent_under_ulimit("-S -n 256", dir.path(), &dir.path().join("stderr"));
+    assert_eq!(ready["ready"], true, "{ready}");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).expect("limits");
     drop(child);
     let open_files = limits

@@ -4,7 +4,7 @@
 //! Applied to every command a client's write becomes, before it reaches the
 //! registry, so a refused write changes nothing.
 
-use switchyard_catalog::{Check, Endpoint, Node};
+use switchyard_catalog::{clip, clip_point, Check, Endpoint, Node};
 use switchyard_registry::Command;
 
 use crate::config::ApiConfig;
@@ -17,11 +17,11 @@ pub(crate) fn shown(text: &str) -> String {
     if text.len() <= ECHO {
         return text.to_string();
     }
-    let mut cut = ECHO;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..cut], text.len())
+    format!(
+        "{}… ({} bytes)",
+        &text[..clip_point(text, ECHO)],
+        text.len()
+    )
 }
 
 /// Checks and trims `command` against the API's limits.
@@ -39,7 +39,7 @@ pub(crate) fn apply(config: &ApiConfig, command: &mut Command) -> Result<(), Str
         Command::UpdateCheck {
             output: Some(output),
             ..
-        } => cut(output, config.check_output_max_size),
+        } => clip(output, config.check_output_max_size),
         Command::CatalogRegister {
             node,
             endpoint,
@@ -71,7 +71,7 @@ pub(crate) fn apply(config: &ApiConfig, command: &mut Command) -> Result<(), Str
         Command::Heartbeat(beats) => {
             for (_, _, _, output) in beats {
                 if let Some(output) = output {
-                    cut(output, config.check_output_max_size);
+                    clip(output, config.check_output_max_size);
                 }
             }
         }
@@ -156,20 +156,9 @@ fn check_trimmed(config: &ApiConfig, check: &mut Check) -> Result<(), String> {
             shown(&check.id)
         ));
     }
-    cut(&mut check.output, config.check_output_max_size);
-    cut(&mut check.notes, config.check_output_max_size);
+    clip(&mut check.output, config.check_output_max_size);
+    clip(&mut check.notes, config.check_output_max_size);
     Ok(())
-}
-
-/// Cuts `text` to at most `max` bytes, on a character boundary.
-fn cut(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut at = max;
-        while !text.is_char_boundary(at) {
-            at -= 1;
-        }
-        text.truncate(at);
-    }
 }
 
 #[cfg(test)]
@@ -184,7 +173,7 @@ mod tests {
         assert!(quoted.ends_with("(2000 bytes)"), "{quoted}");
         assert_eq!(shown("short"), "short");
         let mut text = "ab".repeat(10);
-        cut(&mut text, 5);
+        clip(&mut text, 5);
         assert_eq!(text, "ababa");
     }
 }

@@ -21,8 +21,9 @@ pub use accept::{AcceptBackoff, AcceptErrors};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
 pub use model::{
-    node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name, Node, Status,
-    TaggedAddress, Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
+    clip, clip_point, node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name,
+    Node, Status, TaggedAddress, Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK,
+    SERVICE_MAINTENANCE_PREFIX,
 };
 pub use report::{HealthReports, Reported};
 pub use snapshot::{

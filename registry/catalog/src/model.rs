@@ -425,6 +425,25 @@ impl Check {
     }
 }
 
+/// Cuts `text` to at most `max` bytes, on a character boundary (check
+/// output, notes, quotes of a client's input).
+pub fn clip(text: &mut String, max: usize) {
+    text.truncate(clip_point(text, max));
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a
+/// character boundary, as a byte length.
+pub fn clip_point(text: &str, max: usize) -> usize {
+    if text.len() <= max {
+        return text.len();
+    }
+    let mut at = max;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
 /// Derives a stable node UUID from its name, so that every agent computes the
 /// same id for the same node without coordinating.
 pub fn node_uuid(name: &str) -> String {
