@@ -61,6 +61,9 @@ pub(crate) fn run(
     inherited: Option<(upgrade::Sockets, Predecessor)>,
 ) -> anyhow::Result<()> {
     raise_descriptor_limit();
+    let mut config = config;
+    crate::budget::Budget::draw(&mut config);
+    let config = config;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.agent.worker_threads)
         .thread_name("switchyard")
@@ -254,15 +257,32 @@ impl Running {
             tracing::warn!(api = %api_addr, "the API is reachable from other hosts over cleartext HTTP: tokens travel unencrypted; configure [api.tls]");
         }
         let api_scheme = if api_tls.is_some() { "https" } else { "http" };
-        let api = tokio::spawn(serve_api(
-            listener,
-            api_tls.clone(),
-            api::router(state.clone()),
-            shutdown_rx.clone(),
-        ));
+        let connection_metrics =
+            api::serve::ConnectionMetrics::register(&state.prometheus).context("API metrics")?;
+        let limits =
+            api::serve::ConnectionLimits::from_config(&config.api, !state.tokens.is_empty());
+        let api = tokio::spawn({
+            let (tls, router, metrics) = (
+                api_tls.clone(),
+                api::router(state.clone()),
+                connection_metrics.clone(),
+            );
+            let stop = shutdown_rx.clone();
+            async move { api::serve::serve("api", listener, tls, router, limits, &metrics, stop).await }
+        });
         let metrics_addr = match config.api.metrics_addr {
             Some(addr) => {
-                Some(serve_metrics(addr, upgrading, api_tls, state.clone(), shutdown_rx).await?)
+                let limits = api::serve::ConnectionLimits {
+                    max_connections: crate::budget::Budget::current().metrics,
+                    ..limits
+                };
+                let serving = Metrics {
+                    tls: api_tls,
+                    state: state.clone(),
+                    limits,
+                    connections: connection_metrics,
+                };
+                Some(serve_metrics(addr, upgrading, serving, shutdown_rx).await?)
             }
             None => None,
         };
@@ -599,8 +619,7 @@ async fn open_embedded(
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     upgrading: bool,
-    tls: Option<api::tls::TlsAcceptor>,
-    state: Arc<ApiState>,
+    serving: Metrics,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<std::net::SocketAddr> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -633,7 +652,16 @@ async fn serve_metrics(
                         return;
                     }
                 };
-                let served = serve_api(listener, tls, api::metrics_router(state), stop).await;
+                let Metrics {
+                    tls,
+                    state,
+                    limits,
+                    connections,
+                } = serving;
+                let router = api::metrics_router(state);
+                let served =
+                    api::serve::serve("metrics", listener, tls, router, limits, &connections, stop)
+                        .await;
                 if let Err(e) = served {
                     tracing::warn!(error = %e, "metrics server stopped with an error");
                 }
@@ -643,29 +671,12 @@ async fn serve_metrics(
     Ok(local)
 }
 
-/// Serves `router` on `listener` (HTTPS when `tls` is given) until `stop`
-/// turns true.
-async fn serve_api(
-    listener: tokio::net::TcpListener,
+/// What the metrics listener serves, and under which limits.
+struct Metrics {
     tls: Option<api::tls::TlsAcceptor>,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let stopped = async move {
-        let _ = stop.wait_for(|down| *down).await;
-    };
-    match tls {
-        None => {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-        Some(acceptor) => {
-            axum::serve(api::tls::TlsListener::new(listener, acceptor)?, router)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-    }
+    state: Arc<ApiState>,
+    limits: api::serve::ConnectionLimits,
+    connections: api::serve::ConnectionMetrics,
 }
 
 fn start<S: Store>(
@@ -784,6 +795,7 @@ async fn reload(
     if next.store.data_dir.is_none() {
         next.store.data_dir = running.store.data_dir.clone();
     }
+    crate::budget::Budget::draw(&mut next);
     let fixed = [
         ("agent", next.agent != running.agent),
         ("api", next.api != running.api),

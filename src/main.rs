@@ -1,6 +1,7 @@
 //! `switchyard`: the agent (registry + DNS + proxy) and the operator CLI.
 
 mod agent;
+mod budget;
 mod cli;
 mod config;
 mod demo;

@@ -36,8 +36,11 @@ pub struct Config {
     pub max_answers: usize,
     /// Address given for the zone's name server (`ns.<domain>`). Default 127.0.0.1.
     pub ns_addr: IpAddr,
-    /// Most TCP connections at once. Default 1024.
+    /// Most TCP connections at once. 0 (default): DNS's share of the
+    /// agent's descriptor budget, which also caps a larger value.
     pub max_tcp_connections: usize,
+    /// Most TCP connections from one client address. 0 = no cap. Default 64.
+    pub max_tcp_connections_per_client: usize,
     /// A TCP connection idle this long is closed. Default 10 s.
     #[serde(deserialize_with = "go_duration")]
     pub tcp_idle_timeout: Duration,
@@ -60,7 +63,8 @@ impl Default for Config {
             max_udp_size: 4096,
             max_answers: 0,
             ns_addr: IpAddr::from([127, 0, 0, 1]),
-            max_tcp_connections: 1024,
+            max_tcp_connections: 0,
+            max_tcp_connections_per_client: 64,
             tcp_idle_timeout: Duration::from_secs(10),
             rate_limit: 0,
         }

@@ -118,8 +118,11 @@ impl DnsServer {
         let tcp = tokio::spawn(server::serve_tcp(
             engine,
             listener,
-            config.max_tcp_connections,
-            config.tcp_idle_timeout,
+            server::TcpLimits {
+                max_connections: config.max_tcp_connections,
+                max_per_client: config.max_tcp_connections_per_client,
+                idle: config.tcp_idle_timeout,
+            },
             stop_rx,
         ));
         Ok(DnsServer {

@@ -35,6 +35,8 @@ pub struct DnsMetrics {
     pub(crate) duration: Histogram,
     pub(crate) tcp_connections: IntCounter,
     pub(crate) tcp_accept_errors: IntCounter,
+    /// TCP connections refused: the listener's or the client's cap.
+    pub(crate) tcp_refused: IntCounterVec,
 }
 
 impl DnsMetrics {
@@ -91,6 +93,17 @@ impl DnsMetrics {
             "Failed accepts on the DNS TCP listener (out of descriptors: the loop pauses)",
         )?;
         registry.register(Box::new(tcp_accept_errors.clone()))?;
+        let tcp_refused = IntCounterVec::new(
+            Opts::new(
+                "switchyard_dns_tcp_refused_total",
+                "TCP connections closed at accept: dns.max_tcp_connections or max_tcp_connections_per_client reached",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(tcp_refused.clone()))?;
+        for reason in ["connection_limit", "client_connection_limit"] {
+            tcp_refused.with_label_values(&[reason]);
+        }
         Ok(DnsMetrics {
             queries,
             truncated,
@@ -99,6 +112,7 @@ impl DnsMetrics {
             duration,
             tcp_connections,
             tcp_accept_errors,
+            tcp_refused,
         })
     }
 

@@ -10,10 +10,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use switchyard_catalog::AcceptErrors;
+use switchyard_catalog::{AcceptErrors, Admission};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::answer::{Engine, Scratch, Transport};
 
@@ -247,15 +247,23 @@ impl RateLimit {
     }
 }
 
+/// The caps and time limit of DNS over TCP (`[dns]`).
+pub(crate) struct TcpLimits {
+    pub(crate) max_connections: usize,
+    pub(crate) max_per_client: usize,
+    /// Longest wait for a query (whole) or for the client to take an answer.
+    pub(crate) idle: Duration,
+}
+
 /// Accepts TCP connections until `stop` turns true.
 pub(crate) async fn serve_tcp(
     engine: Arc<Engine>,
     listener: TcpListener,
-    max_connections: usize,
-    idle: Duration,
+    limits: TcpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(max_connections));
+    let admission = Admission::new();
+    let idle = limits.idle;
     let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
@@ -279,9 +287,18 @@ pub(crate) async fn serve_tcp(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "dns tcp connection refused: too many connections");
-            continue;
+        let permit = match admission.admit(peer.ip(), limits.max_connections, limits.max_per_client)
+        {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                engine
+                    .metrics
+                    .tcp_refused
+                    .with_label_values(&[refusal.as_str()])
+                    .inc();
+                tracing::debug!(%peer, reason = refusal.as_str(), "dns tcp connection refused");
+                continue;
+            }
         };
         engine.metrics.tcp_connections.inc();
         let engine = engine.clone();
@@ -301,7 +318,7 @@ async fn tcp_connection(
     idle: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let mut packet = vec![0u8; 65535];
+    let mut packet = Vec::new();
     let mut out = Vec::with_capacity(4096);
     let mut scratch = Scratch::new();
     loop {
@@ -316,6 +333,7 @@ async fn tcp_connection(
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         let len = usize::from(u16::from_be_bytes(len));
+        packet.resize(len, 0);
         tokio::time::timeout(idle, stream.read_exact(&mut packet[..len]))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "slow client"))??;
@@ -335,6 +353,8 @@ async fn tcp_connection(
         let mut framed = Vec::with_capacity(out.len() + 2);
         framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
         framed.extend_from_slice(&out);
-        stream.write_all(&framed).await?;
+        tokio::time::timeout(idle, stream.write_all(&framed))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client not reading"))??;
     }
 }

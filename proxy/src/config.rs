@@ -211,6 +211,10 @@ pub struct Config {
     /// Open connections one client address may hold across the HTTP, HTTPS
     /// and L4 listeners; more are refused (HTTP gets a 429). 0 = no cap (default).
     pub max_connections_per_client: usize,
+    /// Open client connections across the HTTP, HTTPS and L4 listeners;
+    /// more are refused (HTTP gets a 503). 0 (default): the proxy's share of
+    /// the agent's descriptor budget, which also caps any larger value.
+    pub max_connections: usize,
     /// Carry plain HTTP/1.1 connections' reads and writes through each proxy
     /// thread's io_uring (default), or through tokio's epoll reactor. Where
     /// io_uring is unavailable, tokio's. Reloadable; applies to connections
@@ -270,6 +274,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             access_log: None,
             max_connections_per_client: 0,
+            max_connections: 0,
             io_uring: true,
             io_uring_connections: 4,
             max_body_bytes: 0,

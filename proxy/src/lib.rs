@@ -13,7 +13,6 @@
 mod access;
 mod backend;
 mod balance;
-mod clients;
 mod config;
 mod conn;
 mod deadline;

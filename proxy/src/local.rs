@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, Cache};
 use prometheus::IntGauge;
-use switchyard_catalog::{ExtraKey, Snapshot};
+use switchyard_catalog::{ExtraKey, Refusal, Snapshot, Ticket};
 use switchyard_uring::Ring;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use crate::access;
 use crate::backend::ProxyService;
 use crate::balance::Backend;
-use crate::clients::{client_permit, ClientPermit};
 use crate::config::{Config, TcpConfig};
 use crate::deadline::Deadlines;
 use crate::h2_tls::H2Tls;
@@ -54,6 +53,7 @@ struct Idle {
 
 /// The answer to a client over its connection cap.
 const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 73\r\nconnection: close\r\nx-switchyard: proxy\r\n\r\ntoo many connections from your address (http.max_connections_per_client)\n";
+const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 71\r\nconnection: close\r\nx-switchyard: proxy\r\n\r\nthe proxy is at its connection limit (http.max_connections); try again\n";
 
 /// A proxy thread's own state.
 pub(crate) struct Local {
@@ -155,22 +155,26 @@ impl Local {
         }
     }
 
-    /// Counts a new connection against the per-client cap. `None` when the
-    /// client is at its cap: the connection is refused (plain HTTP gets a
-    /// 429 first, written without waiting) and dropped.
-    pub(crate) fn admit(
-        &self,
-        stream: &TcpStream,
-        peer: SocketAddr,
-        http: bool,
-    ) -> Option<Option<ClientPermit>> {
-        let max = self.config().max_connections_per_client;
-        match client_permit(&self.shared, peer.ip(), max) {
-            Ok(slot) => Some(slot),
-            Err(()) => {
-                self.shared.metrics.reject(Reject::ClientLimit);
+    /// Counts a new connection against the proxy's cap and the per-client
+    /// cap. `None` when either is reached: the connection is refused (plain
+    /// HTTP gets a 503 or 429 first, written without waiting) and dropped.
+    pub(crate) fn admit(&self, stream: &TcpStream, peer: SocketAddr, http: bool) -> Option<Ticket> {
+        let config = self.config();
+        let admitted = self.shared.admission.admit(
+            peer.ip(),
+            config.max_connections,
+            config.max_connections_per_client,
+        );
+        match admitted {
+            Ok(ticket) => Some(ticket),
+            Err(refusal) => {
+                let (why, answer) = match refusal {
+                    Refusal::Full => (Reject::ConnectionLimit, FULL),
+                    Refusal::Client => (Reject::ClientLimit, TOO_MANY),
+                };
+                self.shared.metrics.reject(why);
                 if http {
-                    let _ = stream.try_write(TOO_MANY);
+                    let _ = stream.try_write(answer);
                 }
                 None
             }

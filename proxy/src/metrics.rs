@@ -21,10 +21,12 @@ pub(crate) enum Reject {
     ClientLimit,
     /// A request body over its route's `max_body_bytes`.
     BodyTooLarge,
+    /// The proxy already had `max_connections` open.
+    ConnectionLimit,
 }
 
 impl Reject {
-    const ALL: [Reject; 9] = [
+    const ALL: [Reject; 10] = [
         Reject::BadRequest,
         Reject::HeadTooLarge,
         Reject::NoRoute,
@@ -34,6 +36,7 @@ impl Reject {
         Reject::ClientTimeout,
         Reject::ClientLimit,
         Reject::BodyTooLarge,
+        Reject::ConnectionLimit,
     ];
 
     fn label(self) -> &'static str {
@@ -47,6 +50,7 @@ impl Reject {
             Reject::ClientTimeout => "client_timeout",
             Reject::ClientLimit => "client_connection_limit",
             Reject::BodyTooLarge => "body_too_large",
+            Reject::ConnectionLimit => "connection_limit",
         }
     }
 }

@@ -19,7 +19,6 @@ use tokio::sync::watch;
 
 use crate::access;
 use crate::backend::ProxyService;
-use crate::clients::ClientPermit;
 use crate::conn;
 use crate::grace::{FIRST_REQUEST_GRACE, IDLE_DRAIN};
 use crate::h2_tls::H2Tls;
@@ -28,6 +27,7 @@ use crate::metrics::ProxyMetrics;
 use crate::shared::Shared;
 use crate::tcp::{self, TcpRoute};
 use crate::wire::Client;
+use switchyard_catalog::Ticket;
 
 /// The running proxy (HTTP and L4 listeners): its threads and their shared
 /// stop signal.
@@ -280,7 +280,7 @@ enum Kind {
 struct Handed {
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    slot: Option<ClientPermit>,
+    slot: Ticket,
     kind: Kind,
 }
 
@@ -358,7 +358,7 @@ impl Dispatch {
         local: &Rc<Local>,
         stream: TcpStream,
         peer: SocketAddr,
-        slot: Option<ClientPermit>,
+        slot: Ticket,
         kind: Kind,
     ) {
         let target = self.choose();
@@ -389,13 +389,7 @@ impl Dispatch {
 
 /// Serves one client connection on this thread; it was counted in
 /// `thread_connections` for it already (and is uncounted when it ends).
-fn serve_here(
-    local: &Rc<Local>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    slot: Option<ClientPermit>,
-    kind: Kind,
-) {
+fn serve_here(local: &Rc<Local>, stream: TcpStream, peer: SocketAddr, slot: Ticket, kind: Kind) {
     match kind {
         Kind::Http => {
             // Counted now: `conn::serve` adopts it when it first runs.
@@ -419,7 +413,7 @@ fn serve_here(
 /// from `thread_connections` when it ends.
 fn spawn_counted(
     local: &Rc<Local>,
-    slot: Option<ClientPermit>,
+    slot: Ticket,
     serve: impl std::future::Future<Output = ()> + 'static,
 ) {
     let local = local.clone();

@@ -4,12 +4,11 @@
 //! requests run.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::{Name, Snapshot};
+use switchyard_catalog::{Admission, Name, Snapshot};
 
 use crate::config::{Config, TcpConfig};
 use crate::metrics::ProxyMetrics;
@@ -34,8 +33,9 @@ pub(crate) struct Shared {
     /// Services named by a config route or L4 listener.
     pub(crate) configured: ArcSwap<HashSet<String>>,
     pub(crate) services: Mutex<HashMap<Name, ServiceEntry>>,
-    /// Open connections per client address (only while a cap is set).
-    pub(crate) clients: Mutex<HashMap<IpAddr, usize>>,
+    /// Open client connections (HTTP, HTTPS and L4), in all and per client
+    /// address: `max_connections` and `max_connections_per_client`.
+    pub(crate) admission: Arc<Admission>,
 }
 
 /// The services a configuration routes to (HTTP routes and L4 listeners).
@@ -63,7 +63,7 @@ impl Shared {
             routes,
             configured: ArcSwap::from_pointee(configured),
             services: Mutex::new(HashMap::new()),
-            clients: Mutex::new(HashMap::new()),
+            admission: Admission::new(),
         }
     }
 

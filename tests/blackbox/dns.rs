@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::support::{eventually, Agent, Client};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Via {
+pub(crate) enum Via {
     Udp,
     Tcp,
 }
@@ -75,7 +75,7 @@ fn exchange(addr: SocketAddr, packet: &[u8], via: Via) -> Option<Vec<u8>> {
     }
 }
 
-fn ask(
+pub(crate) fn ask(
     addr: SocketAddr,
     name: &str,
     qtype: RecordType,

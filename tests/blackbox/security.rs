@@ -770,7 +770,7 @@ fn invented_methods_do_not_grow_the_metric_labels() {
 }
 
 /// A child process killed (and reaped) when dropped, also when a test fails.
-struct Reaped(std::process::Child);
+pub(crate) struct Reaped(pub(crate) std::process::Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -780,16 +780,18 @@ impl Drop for Reaped {
 }
 
 /// An agent started by bash under `ulimit ARGS` (data in `dir`, stderr to
-/// `stderr`), with its ready line; killed when dropped.
-fn agent_under_ulimit(
+/// `stderr`, `extra` arguments after the usual ones), with its ready line;
+/// killed when dropped.
+pub(crate) fn agent_under_ulimit(
     args: &str,
     dir: &std::path::Path,
     stderr: &std::path::Path,
+    extra: &str,
 ) -> (Reaped, serde_json::Value) {
     use std::io::{BufRead, BufReader};
     let command = format!(
         "ulimit {args} && exec {} agent --api-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 \
-         --http-addr 127.0.0.1:0 --data-dir {} --node-name t",
+         --http-addr 127.0.0.1:0 --data-dir {} --node-name t {extra}",
         crate::support::bin(),
         dir.join("data").display()
     );
@@ -811,7 +813,7 @@ fn agent_under_ulimit(
 }
 
 /// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -824,18 +826,27 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Out of descriptors, the accept loops of DNS over TCP and the proxy pause
-/// between tries instead of spinning: the agent, run under `ulimit -n 128`
-/// and flooded with connections, stays cheap and quiet (a line per 10 s),
-/// and the failures are counted.
+/// between tries instead of spinning: the agent, started under `ulimit -n
+/// 1024` and then given a limit just above what it holds (below its
+/// budget's caps, which would refuse the flood first), flooded with
+/// connections, stays cheap and quiet (a line per 10 s), and the failures
+/// are counted.
 #[test]
 fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let stderr_path = dir.path().join("agent.stderr");
-    let (child, ready) = agent_under_ulimit("-n 128", dir.path(), &stderr_path);
+    let (child, ready) = agent_under_ulimit("-n 1024", dir.path(), &stderr_path, "");
     let dns: std::net::SocketAddr = ready["dns"].as_str().expect("dns").parse().expect("addr");
     let http: std::net::SocketAddr = ready["http"].as_str().expect("http").parse().expect("addr");
     let api = ready["api_url"].as_str().expect("api").to_string();
     let pid = child.0.id();
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let low = (open() + 40) as u64;
+    let lowered = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={low}:{low}")])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(lowered.success(), "prlimit failed");
 
     // Hold connections until the agent runs out of descriptors; the rest
     // wait in the listeners' backlogs, keeping them readable.
@@ -850,11 +861,10 @@ fn accept_loops_out_of_descriptors_stay_quiet_and_cheap() {
             held.push(stream);
         }
     }
-    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     crate::support::eventually(
         "the agent at its descriptor limit",
         Duration::from_secs(10),
-        || (open() >= 120).then_some(()),
+        || (open() as u64 + 8 >= low).then_some(()),
     );
     let before = cpu_seconds(pid);
     let window = std::time::Instant::now();
@@ -1014,7 +1024,8 @@ fn registrations_over_the_consul_limits_are_refused_with_the_limit_named() {
 #[test]
 fn the_agent_raises_its_descriptor_limit_to_the_hard_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (child, ready) = agent_under_ulimit("-S -n 256", dir.path(), &dir.path().join("stderr"));
+    let (child, ready) =
+        agent_under_ulimit("-S -n 256", dir.path(), &dir.path().join("stderr"), "");
     assert_eq!(ready["ready"], true, "{ready}");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).expect("limits");
     drop(child);

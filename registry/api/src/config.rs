@@ -44,6 +44,30 @@ pub struct ApiConfig {
     /// A check's output and notes are cut to this many bytes. Default 4096
     /// (Consul's `check_output_max_size`).
     pub check_output_max_size: usize,
+    /// Time a client has to send a request head (TLS handshake included
+    /// for the first): 408 after. Default 10 s.
+    #[serde(with = "go_duration")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection idle this long between requests is closed.
+    /// Default 90 s.
+    #[serde(with = "go_duration")]
+    pub idle_timeout: Duration,
+    /// Bytes per second a request body must average once `header_timeout`
+    /// has passed since its head; slower: 408 and closed. 0 = no minimum.
+    /// Default 1024.
+    pub min_body_rate: u64,
+    /// A response write that makes no progress this long closes the
+    /// connection (a client that stopped reading). Default 60 s.
+    #[serde(with = "go_duration")]
+    pub send_timeout: Duration,
+    /// Open connections on `addr`; more are refused (503). 0 (default): the
+    /// API's share of the agent's descriptor budget, which also caps a
+    /// larger value.
+    pub max_connections: usize,
+    /// Open connections from one client address (Consul's
+    /// `http_max_conns_per_client`); more are refused (429). 0 = no cap.
+    /// Default 200.
+    pub max_connections_per_client: usize,
 }
 
 /// `[api.tls]`: the API's certificate and, for mutual TLS, the CA that
@@ -141,6 +165,12 @@ impl Default for ApiConfig {
             max_tags: 256,
             max_tag_length: 512,
             check_output_max_size: 4096,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            min_body_rate: 1024,
+            send_timeout: Duration::from_secs(60),
+            max_connections: 0,
+            max_connections_per_client: 200,
         }
     }
 }

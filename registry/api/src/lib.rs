@@ -14,6 +14,7 @@ pub mod fuzzing;
 mod limits;
 mod native;
 mod render;
+pub mod serve;
 pub mod tls;
 mod ui;
 
@@ -206,7 +207,12 @@ async fn authorize(State(guard): State<Guard>, request: Request, next: Next) -> 
                     needed.as_str()
                 ),
             )),
-            Some(_) => None,
+            Some(_) => {
+                if let Some(connection) = request.extensions().get::<serve::Connection>() {
+                    connection.authenticated();
+                }
+                None
+            }
         },
     };
     match refusal {

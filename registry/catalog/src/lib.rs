@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod admission;
 pub mod duration;
 pub mod load;
 pub mod model;
@@ -18,6 +19,7 @@ pub mod snapshot;
 pub mod thread_policy;
 
 pub use accept::{AcceptBackoff, AcceptErrors};
+pub use admission::{Admission, Refusal, Ticket};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
 pub use model::{

@@ -1,0 +1,271 @@
+//! Connection hygiene (issue 26): the API closes idle, slow-head and
+//! slow-body connections at their limits and leaves a waiting blocking
+//! query alone; without a token a connection gets only its head time; and a
+//! flood on the API, capped by its share of the descriptor budget, leaves
+//! DNS (UDP and TCP) and the proxy serving.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+
+use crate::dns::{ask, Via};
+use crate::proxy::agent_with;
+use crate::support::{eventually, Client};
+
+/// Reads until the peer closes (or 30 s pass); what arrived, and when the
+/// close came after `since`.
+fn until_closed(stream: &mut TcpStream, since: Instant) -> (String, Duration) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    (String::from_utf8_lossy(&got).into_owned(), since.elapsed())
+}
+
+fn api_addr(api: &str) -> SocketAddr {
+    api.trim_start_matches("http://").parse().expect("api addr")
+}
+
+fn metric(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{metrics}"))
+}
+
+#[test]
+fn api_connections_are_closed_at_their_time_limits() {
+    let (agent, _dir) =
+        agent_with("[api]\nheader_timeout = \"1s\"\nidle_timeout = \"3s\"\nmin_body_rate = 1000\n");
+    let addr = api_addr(&agent.api);
+
+    // A head that never ends: 408 at the header timeout.
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(addr).expect("connect");
+    slow.write_all(b"GET /v1/agent/self HTTP/1.1\r\nHost: x\r\n")
+        .expect("send");
+    let (got, after) = until_closed(&mut slow, started);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got:?}");
+    assert!(got.contains("api.header_timeout"), "{got:?}");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}"
+    );
+
+    // A connection that sends nothing is closed too.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(addr).expect("connect");
+    let (_, after) = until_closed(&mut silent, started);
+    assert!(
+        after < Duration::from_secs(25),
+        "still open after {after:?}"
+    );
+
+    // Served, then idle: kept past the head limit, closed at the idle one.
+    let mut idle = TcpStream::connect(addr).expect("connect");
+    idle.write_all(b"GET /v1/agent/self HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut buf = Vec::new();
+    let answer = crate::drain::read_response(&mut idle, &mut buf).expect("a response");
+    assert_eq!(answer.0, 200);
+    let served = Instant::now();
+    let (_, after) = until_closed(&mut idle, served);
+    assert!(
+        after >= Duration::from_millis(2500),
+        "an idle keep-alive connection was closed after {after:?}, before api.idle_timeout (3 s)"
+    );
+
+    // A body that trickles in below min_body_rate: 408 once the grace is over.
+    let started = Instant::now();
+    let mut trickle = TcpStream::connect(addr).expect("connect");
+    trickle
+        .write_all(
+            b"PUT /v1/agent/service/register HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{",
+        )
+        .expect("send");
+    trickle
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let closed = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a body at 5 bytes/s still accepted after 20 s"
+        );
+        if trickle.write_all(b"\"a\":1").is_err() {
+            break true;
+        }
+        let mut chunk = [0u8; 512];
+        match trickle.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    };
+    assert!(closed);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got:?}");
+
+    // A blocking query waits longer than every limit above and is answered.
+    let client = Client::new(&agent.api);
+    let index = client.get("/v1/catalog/services").index;
+    let started = Instant::now();
+    let waited = client.get(&format!("/v1/catalog/services?index={index}&wait=5s"));
+    assert_eq!(waited.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "the wait was cut"
+    );
+
+    let metrics = client.get("/metrics").body;
+    let timed_out = |reason: &str| {
+        metric(
+            &metrics,
+            &format!(
+                "switchyard_api_connections_timed_out_total{{listener=\"api\",reason=\"{reason}\"}}"
+            ),
+        )
+    };
+    assert!(timed_out("header_timeout") >= 2.0, "{metrics}");
+    assert!(timed_out("idle_timeout") >= 1.0, "{metrics}");
+    assert!(timed_out("min_body_rate") >= 1.0, "{metrics}");
+}
+
+#[test]
+fn without_a_token_a_connection_gets_only_its_head_time() {
+    let config = format!(
+        "{}[api]\nheader_timeout = \"1s\"\nidle_timeout = \"30s\"\n",
+        crate::security::config()
+    );
+    let (agent, _dir) = agent_with(&config);
+    let addr = api_addr(&agent.api);
+    let request = |token: &str| {
+        format!("GET /v1/agent/self HTTP/1.1\r\nHost: x\r\nX-Consul-Token: {token}\r\n\r\n")
+    };
+
+    // A refused request, then silence: closed at the head time.
+    let started = Instant::now();
+    let mut stranger = TcpStream::connect(addr).expect("connect");
+    stranger
+        .write_all(request("not-a-token-0123456789").as_bytes())
+        .expect("send");
+    let (got, after) = until_closed(&mut stranger, started);
+    assert!(got.starts_with("HTTP/1.1 401"), "{got:?}");
+    assert!(after < Duration::from_secs(20), "held for {after:?}");
+
+    // With a valid token the connection is kept between requests.
+    let mut known = TcpStream::connect(addr).expect("connect");
+    let mut buf = Vec::new();
+    known
+        .write_all(request(crate::security::READ).as_bytes())
+        .expect("send");
+    let first = crate::drain::read_response(&mut known, &mut buf).expect("response");
+    assert_eq!(first.0, 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    known
+        .write_all(request(crate::security::READ).as_bytes())
+        .expect("send again");
+    let second = crate::drain::read_response(&mut known, &mut buf)
+        .expect("the authenticated connection still open after the head time");
+    assert_eq!(second.0, 200);
+}
+
+/// The API flooded with connections from many client addresses: the flood
+/// meets the API's share of the descriptor budget (refused with 503), and
+/// DNS over UDP and TCP and the proxy go on answering; once it ends the API
+/// serves again. The agent runs under `ulimit -n 1024`, and the flood is
+/// larger than that.
+#[test]
+fn a_flood_of_api_connections_leaves_dns_and_the_proxy_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[api]\nmax_connections_per_client = 8\n").expect("config");
+    let (_child, ready) = crate::security::agent_under_ulimit(
+        "-n 1024",
+        dir.path(),
+        &dir.path().join("stderr"),
+        &format!("--config {}", config.display()),
+    );
+    let api = ready["api_url"].as_str().expect("api").to_string();
+    let addr = api_addr(&api);
+    let dns: SocketAddr = ready["dns"].as_str().expect("dns").parse().expect("addr");
+    let http: SocketAddr = ready["http"].as_str().expect("http").parse().expect("addr");
+
+    // 1,200 connections from 150 loopback addresses, 8 each (the per-client
+    // cap); this process needs the descriptors for them.
+    let own = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let _ = rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: own.maximum,
+            maximum: own.maximum,
+        },
+    );
+    let room = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    assert!(
+        room >= 1400,
+        "this test opens 1,200 connections: raise the hard open-file limit (now {room})"
+    );
+    let mut flood = Vec::new();
+    for i in 0..1200u32 {
+        if i == 8 {
+            // A ninth connection from one address is refused with 429.
+            let extra = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            extra
+                .bind(&SocketAddr::from(([127, 1, 0, 2], 0)).into())
+                .expect("bind");
+            extra.connect(&addr.into()).expect("connect");
+            let (got, _) = until_closed(&mut TcpStream::from(extra), Instant::now());
+            assert!(got.starts_with("HTTP/1.1 429"), "{got:?}");
+        }
+        let source: SocketAddr = ([127, 1, (i / 8 / 250) as u8, (i / 8 % 250 + 2) as u8], 0).into();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.bind(&source.into()).expect("bind a loopback source");
+        if socket.connect(&addr.into()).is_ok() {
+            flood.push(std::net::TcpStream::from(socket));
+        }
+    }
+    // A new API connection meets the API's cap: 503, at once.
+    let (got, _) = until_closed(
+        &mut TcpStream::connect(addr).expect("connect"),
+        Instant::now(),
+    );
+    assert!(
+        got.starts_with("HTTP/1.1 503") && got.contains("api.max_connections"),
+        "{got:?}"
+    );
+
+    // DNS over UDP and TCP and the proxy still answer.
+    for via in [Via::Udp, Via::Tcp] {
+        let (answer, _) = ask(dns, "consul.", RecordType::SOA, None, via);
+        assert_eq!(answer.answers.len(), 1, "{via:?}: {answer:?}");
+    }
+    let proxied = crate::proxy::get(http, "no-such-host.example", "/");
+    assert_eq!(proxied.status, 404, "the proxy answers its own no-route");
+
+    // The flood ends: the API serves again.
+    drop(flood);
+    let client = Client::new(&api);
+    let metrics = eventually("the API answers again", Duration::from_secs(20), || {
+        let answer = client.get("/metrics");
+        (answer.status == 200).then_some(answer.body)
+    });
+    let refused = |reason: &str| {
+        metric(
+            &metrics,
+            &format!(
+                "switchyard_api_connections_refused_total{{listener=\"api\",reason=\"{reason}\"}}"
+            ),
+        )
+    };
+    assert!(refused("connection_limit") >= 1.0, "{metrics}");
+    assert!(refused("client_connection_limit") >= 1.0, "{metrics}");
+}
