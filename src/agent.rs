@@ -218,6 +218,7 @@ impl Running {
         ));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let answers = api::Answers::register(&prometheus).context("API metrics")?;
         let state = Arc::new(ApiState {
             registry: registry.clone(),
             agent: AgentInfo {
@@ -239,6 +240,7 @@ impl Running {
             }),
             tokens: api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?,
             listeners: std::sync::OnceLock::new(),
+            answers,
         });
         let api_listener = match sockets.as_mut().and_then(|s| s.api.take()) {
             Some(listener) => listener,

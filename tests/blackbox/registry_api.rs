@@ -592,3 +592,84 @@ fn sigterm_answers_waiting_queries_and_exits_cleanly() {
         "the waiting query got its answer"
     );
 }
+
+/// 150 blocking queries on one service (two parameter sets) all receive the
+/// change with its new index, each set the same body, and the bodies were
+/// rendered once per parameter set, not once per watcher (issue 26).
+#[test]
+fn many_watchers_of_one_service_all_get_the_change_from_one_render() {
+    use std::io::{Read, Write};
+    let agent = Agent::start();
+    let c = agent.client();
+    for i in 0..40 {
+        c.put_ok(
+            "/v1/agent/service/register",
+            &format!(r#"{{"Name":"web","ID":"web-{i}","Port":{}}}"#, 9000 + i),
+        );
+    }
+    let index = c.get_ok("/v1/health/service/web").index;
+    let addr: std::net::SocketAddr = agent
+        .api
+        .trim_start_matches("http://")
+        .parse()
+        .expect("api addr");
+    let watchers: Vec<(std::net::TcpStream, bool)> = (0..150)
+        .map(|i| {
+            let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+            let passing = i % 2 == 0;
+            let query = if passing { "&passing" } else { "" };
+            write!(
+                stream,
+                "GET /v1/health/service/web?index={index}&wait=60s{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .expect("send");
+            (stream, passing)
+        })
+        .collect();
+    eventually("150 queries waiting", Duration::from_secs(10), || {
+        let metrics = c.get_ok("/metrics").body;
+        metrics
+            .lines()
+            .any(|l| l == "switchyard_api_blocking_queries 150")
+            .then_some(())
+    });
+    let before = c.get_ok("/metrics").body;
+    c.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"web","ID":"web-new","Port":9999}"#,
+    );
+    let mut bodies = std::collections::HashMap::new();
+    for (mut stream, passing) in watchers {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).expect("the answer");
+        let answer = crate::proxy::parse_raw(&raw);
+        assert_eq!(answer.status, 200);
+        let new_index: u64 = answer.headers["x-consul-index"].parse().expect("index");
+        assert!(new_index > index, "{new_index} after {index}");
+        let entries: Value = serde_json::from_str(&answer.body).expect("JSON");
+        assert_eq!(entries.as_array().map(Vec::len), Some(41));
+        assert!(answer.body.contains("web-new"));
+        let first = bodies.entry(passing).or_insert_with(|| answer.body.clone());
+        assert_eq!(*first, answer.body, "watchers with the same query got different bodies");
+    }
+    let after = c.get_ok("/metrics").body;
+    let count = |text: &str, outcome: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "switchyard_api_blocking_answers_total{{outcome=\"{outcome}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let rendered = count(&after, "rendered") - count(&before, "rendered");
+    let shared = count(&after, "shared") - count(&before, "shared");
+    assert!(
+        rendered <= 4.0 && shared >= 146.0,
+        "{rendered} renders and {shared} shared answers for 150 watchers of two queries"
+    );
+}

@@ -14,7 +14,9 @@ use super::decode::{
     CheckUpdateIn, ServiceIn,
 };
 use super::render::{CatalogServiceOut, CheckOut, NodeOut, ServiceEntryOut, ServiceOut};
-use super::{block, json, parse_bool, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts};
+use super::{
+    block, json, parse_bool, shared_json, write_ok, ApiError, ApiResult, ApiState, Pairs, QueryOpts,
+};
 use switchyard_catalog::model::{Name, Status, NODE_HEALTH_CHECK};
 use switchyard_catalog::snapshot::{Instance, Snapshot};
 use switchyard_registry::Command;
@@ -464,18 +466,29 @@ pub(super) async fn catalog_services(State(state): St, Query(q): Query<Pairs>) -
         s.tables().services.max(s.tables().nodes)
     })
     .await?;
-    let mut out: BTreeMap<&str, &[String]> = BTreeMap::new();
-    for view in snap.services() {
-        let keep = opts.node_meta.is_empty()
-            || view
-                .instances
-                .iter()
-                .any(|i| opts.node_meta_matches(&i.node.meta));
-        if keep {
-            out.insert(&view.name, &view.tags);
+    let build = || {
+        let mut out: BTreeMap<&str, &[String]> = BTreeMap::new();
+        for view in snap.services() {
+            let keep = opts.node_meta.is_empty()
+                || view
+                    .instances
+                    .iter()
+                    .any(|i| opts.node_meta_matches(&i.node.meta));
+            if keep {
+                out.insert(&view.name, &view.tags);
+            }
         }
-    }
-    json(&out, index, &opts)
+        out
+    };
+    shared_json(
+        &state,
+        ("catalog/services", "", &q),
+        &snap,
+        index,
+        &opts,
+        build,
+    )
+    .await
 }
 
 fn has_tags(instance: &Instance, tags: &[String]) -> bool {
@@ -493,30 +506,48 @@ pub(super) async fn catalog_service(
     })
     .await?;
     let dc = state.agent.datacenter.as_str();
-    let out: Vec<CatalogServiceOut<'_>> = snap
-        .service(&name)
-        .map(|view| {
-            view.instances
-                .iter()
-                .filter(|i| has_tags(i, &opts.tags) && opts.node_meta_matches(&i.node.meta))
-                .map(|i| CatalogServiceOut::new(&i.node, &i.endpoint, dc))
-                .collect()
-        })
-        .unwrap_or_default();
-    json(&out, index, &opts)
+    let build = || -> Vec<CatalogServiceOut<'_>> {
+        snap.service(&name)
+            .map(|view| {
+                view.instances
+                    .iter()
+                    .filter(|i| has_tags(i, &opts.tags) && opts.node_meta_matches(&i.node.meta))
+                    .map(|i| CatalogServiceOut::new(&i.node, &i.endpoint, dc))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    shared_json(
+        &state,
+        ("catalog/service", &name, &q),
+        &snap,
+        index,
+        &opts,
+        build,
+    )
+    .await
 }
 
 pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
     let opts = QueryOpts::parse(&q, &state)?;
     let (snap, index) = block(&state, &opts, None, |s| s.tables().nodes).await?;
     let dc = state.agent.datacenter.as_str();
-    let out: Vec<NodeOut<'_>> = snap
-        .nodes_sorted()
-        .into_iter()
-        .filter(|n| opts.node_meta_matches(&n.node.meta))
-        .map(|n| NodeOut::new(&n.node, dc))
-        .collect();
-    json(&out, index, &opts)
+    let build = || -> Vec<NodeOut<'_>> {
+        snap.nodes_sorted()
+            .into_iter()
+            .filter(|n| opts.node_meta_matches(&n.node.meta))
+            .map(|n| NodeOut::new(&n.node, dc))
+            .collect()
+    };
+    shared_json(
+        &state,
+        ("catalog/nodes", "", &q),
+        &snap,
+        index,
+        &opts,
+        build,
+    )
+    .await
 }
 
 pub(super) async fn catalog_node(
@@ -555,38 +586,49 @@ pub(super) async fn health_service(
     })
     .await?;
     let dc = state.agent.datacenter.as_str();
-    let mut out = Vec::new();
-    if let Some(view) = snap.service(&name) {
-        // `?passing`: the view's precomputed passing positions.
-        let instances: Box<dyn Iterator<Item = &Instance>> = if opts.passing {
-            Box::new(view.passing.iter().map(|&p| &view.instances[p as usize]))
-        } else {
-            Box::new(view.instances.iter())
-        };
-        for instance in instances {
-            if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
-                continue;
+    let build = || {
+        let mut out = Vec::new();
+        if let Some(view) = snap.service(&name) {
+            // `?passing`: the view's precomputed passing positions.
+            let instances: Box<dyn Iterator<Item = &Instance>> = if opts.passing {
+                Box::new(view.passing.iter().map(|&p| &view.instances[p as usize]))
+            } else {
+                Box::new(view.instances.iter())
+            };
+            for instance in instances {
+                if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
+                    continue;
+                }
+                let mut checks = Vec::with_capacity(instance.checks.len() + 1);
+                if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
+                    checks.push(CheckOut::serf_health(&instance.node));
+                }
+                for check in &instance.checks {
+                    let tags: &[String] = if check.is_node_level() {
+                        &[]
+                    } else {
+                        &instance.endpoint.tags
+                    };
+                    checks.push(CheckOut::new(check, tags));
+                }
+                out.push(ServiceEntryOut {
+                    node: NodeOut::new(&instance.node, dc),
+                    service: ServiceOut::new(&instance.endpoint, dc),
+                    checks,
+                });
             }
-            let mut checks = Vec::with_capacity(instance.checks.len() + 1);
-            if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
-                checks.push(CheckOut::serf_health(&instance.node));
-            }
-            for check in &instance.checks {
-                let tags: &[String] = if check.is_node_level() {
-                    &[]
-                } else {
-                    &instance.endpoint.tags
-                };
-                checks.push(CheckOut::new(check, tags));
-            }
-            out.push(ServiceEntryOut {
-                node: NodeOut::new(&instance.node, dc),
-                service: ServiceOut::new(&instance.endpoint, dc),
-                checks,
-            });
         }
-    }
-    json(&out, index, &opts)
+        out
+    };
+    shared_json(
+        &state,
+        ("health/service", &name, &q),
+        &snap,
+        index,
+        &opts,
+        build,
+    )
+    .await
 }
 
 pub(super) async fn health_checks(
@@ -599,18 +641,29 @@ pub(super) async fn health_checks(
         s.service_index(&name)
     })
     .await?;
-    let mut out = Vec::new();
-    if let Some(view) = snap.service(&name) {
-        for instance in &view.instances {
-            if !opts.node_meta_matches(&instance.node.meta) {
-                continue;
-            }
-            for check in instance.checks.iter().filter(|c| !c.is_node_level()) {
-                out.push(CheckOut::new(check, &instance.endpoint.tags));
+    let build = || {
+        let mut out = Vec::new();
+        if let Some(view) = snap.service(&name) {
+            for instance in &view.instances {
+                if !opts.node_meta_matches(&instance.node.meta) {
+                    continue;
+                }
+                for check in instance.checks.iter().filter(|c| !c.is_node_level()) {
+                    out.push(CheckOut::new(check, &instance.endpoint.tags));
+                }
             }
         }
-    }
-    json(&out, index, &opts)
+        out
+    };
+    shared_json(
+        &state,
+        ("health/checks", &name, &q),
+        &snap,
+        index,
+        &opts,
+        build,
+    )
+    .await
 }
 
 pub(super) async fn health_state(

@@ -96,6 +96,7 @@ pub fn api_request(data: &[u8]) {
             load: None,
             tokens: Tokens::default(),
             listeners: OnceLock::new(),
+            answers: Default::default(),
         });
         let before = registry.snapshot().index();
         let answer =

@@ -5,6 +5,7 @@
 //! the *resource's own* index (a service, a node, a table), so a watcher of one
 //! service is never answered because another one changed.
 
+mod answers;
 mod config;
 mod consul;
 mod decode;
@@ -21,6 +22,7 @@ mod ui;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -31,6 +33,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use crate::answers::Answers;
 pub use crate::config::{ApiConfig, ApiTlsConfig, Role, TokenConfig};
 use switchyard_catalog::snapshot::Snapshot;
 use switchyard_registry::Registry;
@@ -61,6 +64,8 @@ pub struct ApiState {
     pub tokens: Tokens,
     /// The agent's listeners (the ready line), once all are bound.
     pub listeners: std::sync::OnceLock<serde_json::Value>,
+    /// Bodies shared by blocking queries that ask the same.
+    pub answers: Answers,
 }
 
 impl ApiState {
@@ -739,12 +744,42 @@ async fn block(
 
 /// A JSON answer with Consul's read headers.
 fn json<T: Serialize>(value: &T, index: u64, opts: &QueryOpts) -> ApiResult {
-    let body = if opts.pretty {
+    Ok(json_response(json_body(value, opts)?, index, opts))
+}
+
+/// A read's JSON answer, for a blocking query rendered once per snapshot
+/// and shared by every query with the same `(route, name, parameters)`
+/// (see `answers.rs`); `build` makes the value when a render is needed.
+async fn shared_json<T: Serialize>(
+    state: &ApiState,
+    (route, name, pairs): (&str, &str, &Pairs),
+    snapshot: &Snapshot,
+    index: u64,
+    opts: &QueryOpts,
+    build: impl FnOnce() -> T,
+) -> ApiResult {
+    if opts.index == 0 {
+        return json(&build(), index, opts);
+    }
+    let key = answers::key(route, name, pairs);
+    let body = state
+        .answers
+        .get(key, snapshot.index(), || json_body(&build(), opts))
+        .await?;
+    Ok(json_response(body, index, opts))
+}
+
+fn json_body<T: Serialize>(value: &T, opts: &QueryOpts) -> Result<Bytes, ApiError> {
+    if opts.pretty {
         serde_json::to_vec_pretty(value)
     } else {
         serde_json::to_vec(value)
     }
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    .map(Bytes::from)
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+fn json_response(body: Bytes, index: u64, opts: &QueryOpts) -> Response {
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -753,7 +788,7 @@ fn json<T: Serialize>(value: &T, index: u64, opts: &QueryOpts) -> ApiResult {
     );
     headers.insert(X_CONSUL_INDEX, HeaderValue::from(index.max(1)));
     headers.insert(CONSISTENCY, HeaderValue::from_static(opts.consistency));
-    Ok(response)
+    response
 }
 
 /// A write's answer: 200 with an optional JSON body (Consul returns `true`
