@@ -7,8 +7,9 @@
 //! listeners, rings, pipes, health probes, etcd). The rest is shared:
 //! the proxy 60% (half for client connections, half for their upstream
 //! connections and the pools), the API 25%, DNS over TCP 10%, the metrics
-//! listener 5%. A configured cap above its share is lowered to it, with a
-//! warning; 0 means the share.
+//! listener 5%. A cap of 0 (the default) means the share; a configured cap
+//! above its share is kept, as the operator's choice, with a warning that
+//! the caps together no longer fit the limit.
 
 use crate::config::AgentConfig;
 
@@ -44,29 +45,29 @@ impl Budget {
         }
     }
 
-    /// Draws the budget of the soft limit in force for `config`, logging
-    /// each cap it lowers. The agent calls it after raising its limit, on
+    /// Draws the budget of the soft limit in force for `config`, warning
+    /// of each configured cap over its share. The agent calls it after raising its limit, on
     /// each configuration it runs (start and reload alike).
     pub(crate) fn draw(config: &mut AgentConfig) -> Budget {
         let budget = Budget::current();
-        for lowered in budget.apply(config) {
-            tracing::warn!("{lowered}");
+        for over in budget.apply(config) {
+            tracing::warn!("{over}");
         }
         budget
     }
 
-    /// Sets each role's connection cap in `config` to its share (0) or
-    /// lowers it to that share. Returns a line for each cap lowered.
+    /// Sets each role's connection cap in `config` that is 0 to its share.
+    /// Returns a warning for each configured cap over its share.
     pub(crate) fn apply(&self, config: &mut AgentConfig) -> Vec<String> {
-        let mut lowered = Vec::new();
+        let mut over = Vec::new();
         let mut fit = |key: &str, value: &mut usize, share: usize| {
             if *value > share {
-                lowered.push(format!(
-                    "{key} = {} is over its share of the open-descriptor limit ({}): {share} in force",
+                over.push(format!(
+                    "{key} = {} is over its share ({share}) of the open-descriptor limit ({}): a flood on it can take descriptors the other roles need; raise the limit (LimitNOFILE) instead",
                     *value, self.limit
                 ));
             }
-            if *value == 0 || *value > share {
+            if *value == 0 {
                 *value = share;
             }
         };
@@ -85,7 +86,7 @@ impl Budget {
             &mut config.dns.max_tcp_connections,
             self.dns_tcp,
         );
-        lowered
+        over
     }
 }
 
@@ -104,19 +105,16 @@ mod tests {
     }
 
     #[test]
-    fn zero_takes_the_share_and_a_larger_cap_is_lowered_to_it() {
+    fn zero_takes_the_share_and_a_larger_cap_is_kept_with_a_warning() {
         let budget = Budget::of(20_000);
         let mut config = AgentConfig::default();
         config.api.max_connections = 100;
         config.dns.max_tcp_connections = 1_000_000;
-        let lowered = budget.apply(&mut config);
+        let over = budget.apply(&mut config);
         assert_eq!(config.http.max_connections, budget.proxy);
         assert_eq!(config.api.max_connections, 100);
-        assert_eq!(config.dns.max_tcp_connections, budget.dns_tcp);
-        assert_eq!(lowered.len(), 1);
-        assert!(
-            lowered[0].contains("dns.max_tcp_connections"),
-            "{lowered:?}"
-        );
+        assert_eq!(config.dns.max_tcp_connections, 1_000_000);
+        assert_eq!(over.len(), 1);
+        assert!(over[0].contains("dns.max_tcp_connections"), "{over:?}");
     }
 }

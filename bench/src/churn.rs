@@ -52,7 +52,14 @@ impl Drop for AgentProcess {
 }
 
 pub(crate) fn start_agent(bin: &PathBuf) -> anyhow::Result<AgentProcess> {
+    start_agent_with(bin, "")
+}
+
+/// `start_agent` with `config` (TOML) as its configuration file.
+pub(crate) fn start_agent_with(bin: &PathBuf, config: &str) -> anyhow::Result<AgentProcess> {
     let dir = tempfile::tempdir()?;
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, config)?;
     let mut child = Command::new(bin)
         .args([
             "agent",
@@ -67,6 +74,8 @@ pub(crate) fn start_agent(bin: &PathBuf) -> anyhow::Result<AgentProcess> {
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&file)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -84,7 +93,7 @@ pub(crate) fn start_agent(bin: &PathBuf) -> anyhow::Result<AgentProcess> {
     })
 }
 
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
@@ -98,7 +107,7 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
-fn http() -> ureq::Agent {
+pub(crate) fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(300)))
@@ -106,7 +115,7 @@ fn http() -> ureq::Agent {
         .into()
 }
 
-fn put(agent: &ureq::Agent, url: &str, body: String) -> anyhow::Result<()> {
+pub(crate) fn put(agent: &ureq::Agent, url: &str, body: String) -> anyhow::Result<()> {
     let mut response = agent
         .put(url)
         .header("Content-Type", "application/json")
@@ -118,7 +127,7 @@ fn put(agent: &ureq::Agent, url: &str, body: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn get_json(agent: &ureq::Agent, url: &str) -> anyhow::Result<Value> {
+pub(crate) fn get_json(agent: &ureq::Agent, url: &str) -> anyhow::Result<Value> {
     let mut response = agent.get(url).call()?;
     Ok(serde_json::from_str(
         &response.body_mut().read_to_string()?,

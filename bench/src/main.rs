@@ -4,6 +4,8 @@
 mod churn;
 mod health;
 mod publish;
+mod watch;
+mod writecost;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,10 @@ enum Commands {
     Publish(publish::Args),
     /// Active HTTP checks at scale: agent CPU per probe.
     Health(health::Args),
+    /// Write cost by service size: one endpoint changed in a service of N.
+    WriteCost(writecost::Args),
+    /// W-watch: N blocking queries on one service, one change.
+    Watch(watch::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +35,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Churn(args) => churn::run(args),
         Commands::Publish(args) => publish::run(args),
         Commands::Health(args) => health::run(args),
+        Commands::WriteCost(args) => writecost::run(args),
+        Commands::Watch(args) => watch::run(args),
     }
 }

@@ -37,7 +37,7 @@ pub struct Config {
     /// Address given for the zone's name server (`ns.<domain>`). Default 127.0.0.1.
     pub ns_addr: IpAddr,
     /// Most TCP connections at once. 0 (default): DNS's share of the
-    /// agent's descriptor budget, which also caps a larger value.
+    /// agent's descriptor budget.
     pub max_tcp_connections: usize,
     /// Most TCP connections from one client address. 0 = no cap. Default 64.
     pub max_tcp_connections_per_client: usize,

@@ -213,7 +213,7 @@ pub struct Config {
     pub max_connections_per_client: usize,
     /// Open client connections across the HTTP, HTTPS and L4 listeners;
     /// more are refused (HTTP gets a 503). 0 (default): the proxy's share of
-    /// the agent's descriptor budget, which also caps any larger value.
+    /// the agent's descriptor budget.
     pub max_connections: usize,
     /// Carry plain HTTP/1.1 connections' reads and writes through each proxy
     /// thread's io_uring (default), or through tokio's epoll reactor. Where

@@ -595,7 +595,8 @@ fn sigterm_answers_waiting_queries_and_exits_cleanly() {
 
 /// 150 blocking queries on one service (two parameter sets) all receive the
 /// change with its new index, each set the same body, and the bodies were
-/// rendered once per parameter set, not once per watcher (issue 26).
+/// rendered once per parameter set, not once per watcher (issue 26). A
+/// third of the watchers accept gzip, and get the same body compressed.
 #[test]
 fn many_watchers_of_one_service_all_get_the_change_from_one_render() {
     use std::io::{Read, Write};
@@ -618,9 +619,10 @@ fn many_watchers_of_one_service_all_get_the_change_from_one_render() {
             let mut stream = std::net::TcpStream::connect(addr).expect("connect");
             let passing = i % 2 == 0;
             let query = if passing { "&passing" } else { "" };
+            let gzip = if i % 3 == 0 { "Accept-Encoding: gzip\r\n" } else { "" };
             write!(
                 stream,
-                "GET /v1/health/service/web?index={index}&wait=60s{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                "GET /v1/health/service/web?index={index}&wait=60s{query} HTTP/1.1\r\nHost: x\r\n{gzip}Connection: close\r\n\r\n"
             )
             .expect("send");
             (stream, passing)
@@ -639,12 +641,28 @@ fn many_watchers_of_one_service_all_get_the_change_from_one_render() {
         r#"{"Name":"web","ID":"web-new","Port":9999}"#,
     );
     let mut bodies = std::collections::HashMap::new();
+    let mut gzipped = 0;
     for (mut stream, passing) in watchers {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).expect("the answer");
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        if head.contains("content-encoding: gzip") {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&raw[split..])
+                .read_to_end(&mut plain)
+                .expect("gunzip the answer");
+            raw.truncate(split);
+            raw.extend_from_slice(&plain);
+            gzipped += 1;
+        }
         let answer = crate::proxy::parse_raw(&raw);
         assert_eq!(answer.status, 200);
         let new_index: u64 = answer.headers["x-consul-index"].parse().expect("index");
@@ -653,8 +671,12 @@ fn many_watchers_of_one_service_all_get_the_change_from_one_render() {
         assert_eq!(entries.as_array().map(Vec::len), Some(41));
         assert!(answer.body.contains("web-new"));
         let first = bodies.entry(passing).or_insert_with(|| answer.body.clone());
-        assert_eq!(*first, answer.body, "watchers with the same query got different bodies");
+        assert_eq!(
+            *first, answer.body,
+            "watchers with the same query got different bodies"
+        );
     }
+    assert_eq!(gzipped, 50, "the watchers that accept gzip get it");
     let after = c.get_ok("/metrics").body;
     let count = |text: &str, outcome: &str| -> f64 {
         text.lines()

@@ -4,6 +4,10 @@
 //! instead of one per watcher, and one copy of the body in memory however
 //! many connections are sending it.
 //!
+//! Clients that accept gzip (Go's HTTP client asks for it by default, so
+//! consul-template and Consul's own API client do) get the body compressed,
+//! also once per publish, on the first such watcher's request.
+//!
 //! A shared answer is keyed by the route, its name and its parameters
 //! (without `index`, `wait` and the token), and belongs to one snapshot
 //! index: a snapshot's content is fixed by its index, and the Consul
@@ -40,9 +44,47 @@ impl Default for Answers {
 
 struct Slot {
     index: u64,
-    body: Arc<OnceCell<Bytes>>,
+    body: Arc<OnceCell<Arc<Shared>>>,
     used: Instant,
 }
+
+/// One rendered answer, and its gzip form once a client asked for it.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) body: Bytes,
+    gzip: std::sync::OnceLock<Bytes>,
+}
+
+impl Shared {
+    fn new(body: Bytes) -> Arc<Shared> {
+        Arc::new(Shared {
+            body,
+            gzip: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The body gzip-compressed (fast level: the answers are repetitive
+    /// JSON, ten times smaller or more), made on first use.
+    pub(crate) fn gzip(&self) -> Bytes {
+        self.gzip
+            .get_or_init(|| {
+                use std::io::Write;
+                let mut encoder = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(self.body.len() / 8),
+                    flate2::Compression::fast(),
+                );
+                // Writing to a Vec cannot fail.
+                let _ = encoder.write_all(&self.body);
+                Bytes::from(encoder.finish().unwrap_or_default())
+            })
+            .clone()
+    }
+}
+
+/// Marks a response whose body is a shared answer, so the compression
+/// layer can send its shared gzip form.
+#[derive(Clone, Debug)]
+pub(crate) struct SharedAnswer(pub(crate) Arc<Shared>);
 
 impl Answers {
     /// With `switchyard_api_blocking_answers_total{outcome}` registered.
@@ -75,7 +117,7 @@ impl Answers {
         key: String,
         index: u64,
         render: impl FnOnce() -> Result<Bytes, E>,
-    ) -> Result<Bytes, E> {
+    ) -> Result<Arc<Shared>, E> {
         let cell = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -98,13 +140,13 @@ impl Answers {
         };
         let Some(cell) = cell else {
             self.rendered.inc();
-            return render();
+            return render().map(Shared::new);
         };
         let mut rendered = false;
         let body = cell
             .get_or_try_init(|| async {
                 rendered = true;
-                render()
+                render().map(Shared::new)
             })
             .await
             .cloned();
@@ -147,6 +189,33 @@ mod tests {
 
     use super::*;
 
+    fn body(shared: Result<Arc<Shared>, Infallible>) -> Bytes {
+        match shared {
+            Ok(shared) => shared.body.clone(),
+            Err(never) => match never {},
+        }
+    }
+
+    #[test]
+    fn the_gzip_form_decompresses_to_the_body() {
+        use std::io::Read;
+        let text = "[{\"Node\":\"n1\",\"Service\":\"web\"}]".repeat(200);
+        let shared = Shared::new(Bytes::from(text.clone()));
+        let gzip = shared.gzip();
+        assert!(
+            gzip.len() * 10 < text.len(),
+            "{} bytes of {}",
+            gzip.len(),
+            text.len()
+        );
+        let mut back = String::new();
+        flate2::read::GzDecoder::new(&gzip[..])
+            .read_to_string(&mut back)
+            .expect("gunzip");
+        assert_eq!(back, text);
+        assert_eq!(shared.gzip(), gzip, "made once");
+    }
+
     #[tokio::test]
     async fn one_render_per_key_and_index_and_older_snapshots_render_their_own() {
         let answers = Answers::default();
@@ -157,16 +226,13 @@ mod tests {
         };
         let k = || key("health", "web", &[("index".into(), "7".into())]);
         for _ in 0..100 {
-            assert_eq!(answers.get(k(), 8, || render("a")).await, Ok("a".into()));
+            assert_eq!(body(answers.get(k(), 8, || render("a")).await), "a");
         }
         assert_eq!(renders.load(Ordering::Relaxed), 1);
-        assert_eq!(answers.get(k(), 9, || render("b")).await, Ok("b".into()));
+        assert_eq!(body(answers.get(k(), 9, || render("b")).await), "b");
         // A waiter still on snapshot 8 does not take (or replace) 9's body.
-        assert_eq!(
-            answers.get(k(), 8, || render("old")).await,
-            Ok("old".into())
-        );
-        assert_eq!(answers.get(k(), 9, || render("x")).await, Ok("b".into()));
+        assert_eq!(body(answers.get(k(), 8, || render("old")).await), "old");
+        assert_eq!(body(answers.get(k(), 9, || render("x")).await), "b");
         assert_eq!(renders.load(Ordering::Relaxed), 3);
         assert_eq!(answers.rendered.get(), 3);
         assert_eq!(answers.shared.get(), 100);

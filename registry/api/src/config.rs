@@ -61,8 +61,7 @@ pub struct ApiConfig {
     #[serde(with = "go_duration")]
     pub send_timeout: Duration,
     /// Open connections on `addr`; more are refused (503). 0 (default): the
-    /// API's share of the agent's descriptor budget, which also caps a
-    /// larger value.
+    /// API's share of the agent's descriptor budget.
     pub max_connections: usize,
     /// Open connections from one client address (Consul's
     /// `http_max_conns_per_client`); more are refused (429). 0 = no cap.

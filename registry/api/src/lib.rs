@@ -463,6 +463,7 @@ async fn common_headers(
         )
         .into_response()
     };
+    let gzip = accepts_gzip(request.headers());
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -497,7 +498,16 @@ async fn common_headers(
         .api_requests
         .with_label_values(&[method, code])
         .inc();
+    if gzip {
+        if let Some(answers::SharedAnswer(shared)) = response.extensions_mut().remove() {
+            *response.body_mut() = axum::body::Body::from(shared.gzip());
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
     let headers = response.headers_mut();
+    headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     if !headers.contains_key(X_CONSUL_INDEX) {
         let index = state.registry.snapshot().index().max(1);
         headers.insert(X_CONSUL_INDEX, HeaderValue::from(index));
@@ -506,6 +516,26 @@ async fn common_headers(
     headers.insert(LAST_CONTACT, HeaderValue::from_static("0"));
     headers.insert(ACL_POLICY, HeaderValue::from_static("allow"));
     response
+}
+
+/// Whether `Accept-Encoding` takes gzip (not with `q=0`).
+fn accepts_gzip(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
 }
 
 const X_CONSUL_INDEX: HeaderName = HeaderName::from_static("x-consul-index");
@@ -762,11 +792,15 @@ async fn shared_json<T: Serialize>(
         return json(&build(), index, opts);
     }
     let key = answers::key(route, name, pairs);
-    let body = state
+    let shared = state
         .answers
         .get(key, snapshot.index(), || json_body(&build(), opts))
         .await?;
-    Ok(json_response(body, index, opts))
+    let mut response = json_response(shared.body.clone(), index, opts);
+    response
+        .extensions_mut()
+        .insert(answers::SharedAnswer(shared));
+    Ok(response)
 }
 
 fn json_body<T: Serialize>(value: &T, opts: &QueryOpts) -> Result<Bytes, ApiError> {

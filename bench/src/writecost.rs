@@ -1,0 +1,102 @@
+//! Write cost by service size (issue 26): one endpoint registered into, and
+//! deregistered from, a service that already has N endpoints, through the
+//! API (durable: acknowledged after the group commit), one at a time. The
+//! client's latency per write and the writer's publish time per write (from
+//! `switchyard_registry_publish_duration_seconds`), by N.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use crate::churn::{get_json, http, put, start_agent};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The switchyard binary (build it with --release first).
+    #[arg(long, default_value = "target/release/switchyard")]
+    agent: PathBuf,
+    /// Service sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
+    sizes: Vec<usize>,
+    /// Single-endpoint changes measured per size (each a registration and a deregistration).
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+}
+
+fn publish_seconds(api: &str) -> anyhow::Result<(f64, f64)> {
+    let text = http()
+        .get(format!("{api}/metrics"))
+        .call()?
+        .body_mut()
+        .read_to_string()?;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("switchyard_registry_publish_duration_seconds_sum"),
+        value("switchyard_registry_publish_duration_seconds_count"),
+    ))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    println!("| endpoints in the service | register: client µs (median) | deregister: client µs (median) | publish µs per write (mean) |");
+    println!("|---|---|---|---|");
+    for &size in &args.sizes {
+        let agent = start_agent(&args.agent)?;
+        let client = http();
+        let nodes = size.div_ceil(100).max(1);
+        let node_list: Vec<Value> = (0..nodes)
+            .map(|n| json!({"name": format!("node-{n}"), "address": format!("10.{}.{}.{}", n >> 16 & 255, n >> 8 & 255, n & 255)}))
+            .collect();
+        let batch = format!("{}/v1/switchyard/batch", agent.api);
+        put(&client, &batch, json!({"nodes": node_list}).to_string())?;
+        for start in (0..size).step_by(5000) {
+            let endpoints: Vec<Value> = (start..(start + 5000).min(size))
+                .map(|k| json!({"node": format!("node-{}", k / 100), "service": "big", "id": format!("task-{k}"), "port": 8000 + k % 100, "tags": ["v1"]}))
+                .collect();
+            put(
+                &client,
+                &batch,
+                json!({ "endpoints": endpoints }).to_string(),
+            )?;
+        }
+        let status = get_json(&client, &format!("{}/v1/switchyard/status", agent.api))?;
+        let registered = status["endpoints"].as_u64().context("endpoints")?;
+        anyhow::ensure!(
+            registered >= size as u64,
+            "only {registered} of {size} registered"
+        );
+        let register = format!("{}/v1/catalog/register", agent.api);
+        let deregister = format!("{}/v1/catalog/deregister", agent.api);
+        let (sum0, count0) = publish_seconds(&agent.api)?;
+        let (mut reg, mut dereg) = (Vec::new(), Vec::new());
+        for i in 0..args.changes {
+            let body = json!({"Node": "node-0", "Address": "10.0.0.0", "Service": {"ID": format!("extra-{i}"), "Service": "big", "Port": 9000}});
+            let started = Instant::now();
+            put(&client, &register, body.to_string())?;
+            reg.push(started.elapsed().as_secs_f64() * 1e6);
+            let body = json!({"Node": "node-0", "ServiceID": format!("extra-{i}")});
+            let started = Instant::now();
+            put(&client, &deregister, body.to_string())?;
+            dereg.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        let (sum1, count1) = publish_seconds(&agent.api)?;
+        let publish = (sum1 - sum0) / (count1 - count0).max(1.0) * 1e6;
+        println!(
+            "| {size} | {:.0} | {:.0} | {publish:.0} |",
+            median(reg),
+            median(dereg)
+        );
+    }
+    Ok(())
+}
