@@ -62,13 +62,13 @@ def holder(addr, count, payload, start, ready, done):
             s.close()
     ready.put((len(held), failed))
     done.wait(600)
-    # How many the server still holds open (not closed or refused by it).
+    # How many the server still holds open: nothing sent back (a refusal or
+    # a 408 comes with a response and a close) and not closed.
     alive = 0
     for s in held:
         s.setblocking(False)
         try:
-            data = s.recv(1)
-            alive += 0 if data == b"" else 1
+            s.recv(1)
         except BlockingIOError:
             alive += 1
         except OSError:
@@ -199,15 +199,19 @@ def main():
             ("nginx (peer)", lambda: http_probe(PORTS["nginx"], "/")),
         ]
 
+        t0 = time.monotonic()
+
         def report(phase):
-            print(f"\n{phase} (agent RSS {rss_mib(agent.pid):.0f} MiB, "
+            print(f"\n{phase}, at {time.monotonic() - t0:.1f} s (agent RSS {rss_mib(agent.pid):.0f} MiB, "
                   f"{len(os.listdir(f'/proc/{agent.pid}/fd'))} descriptors open)")
             for name, fn in probes:
                 print("  " + probe(name, fn, args.probes))
 
         report("before")
+        started = time.monotonic()
         idle = flood(("127.0.0.1", api_port), args.idle, b"")
-        print(f"\n{args.idle} idle API connections: {idle[3]} connected, {idle[4]} failed to connect")
+        print(f"\n{args.idle} idle API connections in {time.monotonic() - started:.1f} s: "
+              f"{idle[3]} connected, {idle[4]} failed to connect")
         report("with the idle flood")
         partial = b"GET /v1/agent/self HTTP/1.1\r\nHost: x\r\n"
         slow = [
