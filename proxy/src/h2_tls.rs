@@ -40,6 +40,103 @@ use crate::wire;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
 
+/// The exchanges in progress on one HTTP/2 connection, for its idle limit:
+/// with none, the connection gets `header_timeout` for its first request and
+/// `idle_timeout` between later ones, then a GOAWAY.
+struct Activity {
+    start: std::time::Instant,
+    open: std::sync::atomic::AtomicUsize,
+    /// Milliseconds from `start` to the moment `open` last fell to zero.
+    idle_since: std::sync::atomic::AtomicU64,
+    served: std::sync::atomic::AtomicBool,
+    quiet: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: std::time::Instant::now(),
+            open: Default::default(),
+            idle_since: Default::default(),
+            served: Default::default(),
+            quiet: Notify::new(),
+        }
+    }
+
+    /// Resolves once the connection has been idle past its limit.
+    async fn idle(&self, first: Duration, between: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let quiet = self.quiet.notified();
+            if self.open.load(Relaxed) > 0 {
+                quiet.await;
+                continue;
+            }
+            let limit = if self.served.load(Relaxed) {
+                between
+            } else {
+                first
+            };
+            let since = Duration::from_millis(self.idle_since.load(Relaxed));
+            let deadline = self.start + since + limit;
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// One exchange in progress (request in, response body not all sent).
+struct Exchange(Arc<Activity>);
+
+impl Exchange {
+    fn begin(activity: &Arc<Activity>) -> Exchange {
+        use std::sync::atomic::Ordering::Relaxed;
+        activity.served.store(true, Relaxed);
+        activity.open.fetch_add(1, Relaxed);
+        Exchange(activity.clone())
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let activity = &self.0;
+        let now = activity.start.elapsed().as_millis() as u64;
+        activity.idle_since.store(now, Relaxed);
+        if activity.open.fetch_sub(1, Relaxed) == 1 {
+            activity.quiet.notify_one();
+        }
+    }
+}
+
+/// A response body that ends its exchange when sent (or dropped).
+struct Sent {
+    inner: ProxyBody,
+    _exchange: Exchange,
+}
+
+impl Body for Sent {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The hyper side of the proxy (HTTP/2 and TLS), one per proxy thread.
 pub(crate) struct H2Tls {
     shared: Arc<Shared>,
@@ -111,10 +208,22 @@ impl H2Tls {
         // that has not sent one yet `FIRST_REQUEST_GRACE` to do so.
         let first = Arc::new(Notify::new());
         let seen = first.clone();
+        let activity = Arc::new(Activity::new());
+        let active = activity.clone();
         let service = hyper::service::service_fn(move |request| {
             let h2 = h2.clone();
             seen.notify_one();
-            async move { Ok::<_, Infallible>(h2.handle(request, peer, proto).await) }
+            let exchange = Exchange::begin(&active);
+            async move {
+                let response = h2.handle(request, peer, proto).await;
+                // The exchange lasts until its response body is sent.
+                Ok::<_, Infallible>(response.map(|body| {
+                    BoxBody::new(Sent {
+                        inner: body,
+                        _exchange: exchange,
+                    })
+                }))
+            }
         });
         let stop = async {
             let _ = stop.wait_for(|stop| *stop).await;
@@ -124,8 +233,16 @@ impl H2Tls {
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(io, service);
             let mut connection = std::pin::pin!(connection);
+            let config = self.shared.config.load_full();
+            let idle = activity.idle(config.header_timeout, config.idle_timeout);
             tokio::select! {
                 _ = connection.as_mut() => {}
+                _ = idle => {
+                    // GOAWAY, and a PING whose answer ends the connection;
+                    // a client that does not answer is cut after header_timeout.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(config.header_timeout, connection).await;
+                }
                 _ = stop => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;

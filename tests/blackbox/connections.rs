@@ -269,3 +269,68 @@ fn a_flood_of_api_connections_leaves_dns_and_the_proxy_serving() {
     assert!(refused("connection_limit") >= 1.0, "{metrics}");
     assert!(refused("client_connection_limit") >= 1.0, "{metrics}");
 }
+
+/// An HTTP/2 connection to the proxy that opens and asks nothing is closed
+/// at `http.header_timeout`; one that was served, at `http.idle_timeout`
+/// (each with a GOAWAY first). Before, both were held forever.
+#[test]
+fn idle_http2_connections_to_the_proxy_are_closed() {
+    let (agent, _dir) = agent_with(
+        "[http]\nheader_timeout = \"1s\"\nidle_timeout = \"3s\"\n\
+         [[http.routes]]\nhost = \"h2.test\"\nservice = \"web\"\n",
+    );
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(agent.http).expect("connect");
+    silent.write_all(PREFACE).expect("preface");
+    let (_, after) = until_closed(&mut silent, started);
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(20),
+        "closed after {after:?}"
+    );
+
+    // One request (HEADERS with END_STREAM, HPACK literals), answered, then silence.
+    let mut served = TcpStream::connect(agent.http).expect("connect");
+    served.write_all(PREFACE).expect("preface");
+    let mut block = vec![0x82, 0x87, 0x84]; // :method GET, :scheme https, :path /
+    block.push(0x41); // :authority, literal with incremental indexing (name index 1)
+    block.push(7);
+    block.extend_from_slice(b"h2.test");
+    let mut frame = vec![0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1];
+    frame.extend_from_slice(&block);
+    served.write_all(&frame).expect("request");
+    served
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Frames until a HEADERS frame (type 1) on stream 1: the response.
+    let answered = loop {
+        match served.read(&mut chunk) {
+            Ok(0) | Err(_) => break false,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+        }
+        let mut at = 0;
+        let mut found = false;
+        while at + 9 <= seen.len() {
+            let len = (usize::from(seen[at]) << 16)
+                | (usize::from(seen[at + 1]) << 8)
+                | usize::from(seen[at + 2]);
+            if seen[at + 3] == 1 && seen[at + 5..at + 9] == [0, 0, 0, 1] {
+                found = true;
+            }
+            at += 9 + len;
+        }
+        if found {
+            break true;
+        }
+    };
+    assert!(answered, "no response on the HTTP/2 connection");
+    let served_at = Instant::now();
+    let (_, after) = until_closed(&mut served, served_at);
+    assert!(
+        after >= Duration::from_millis(2500) && after < Duration::from_secs(25),
+        "a served HTTP/2 connection closed {after:?} after its answer (idle_timeout 3 s)"
+    );
+}
