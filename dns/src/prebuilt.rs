@@ -8,6 +8,7 @@
 //! without its owner, which the query path points at the SRV target.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -118,8 +119,11 @@ impl DnsDecorator {
         let mut entries = Vec::with_capacity(view.instances.len());
         let mut addrs: Vec<(u32, u16)> = Vec::with_capacity(view.instances.len());
         let mut by_ip: HashMap<IpAddr, u32> = HashMap::with_capacity(view.instances.len());
-        let mut by_target: HashMap<(u32, String), u32> =
+        // A target is its address's name, or (for an endpoint without an
+        // address of its own) its node's: keyed without building the name.
+        let mut by_target: HashMap<(u32, Option<&str>), u32> =
             HashMap::with_capacity(view.instances.len());
+        let mut target = String::new();
         for instance in &view.instances {
             let address = instance.address();
             let ip = address.parse::<IpAddr>().ok();
@@ -134,13 +138,22 @@ impl DnsDecorator {
                 _ => instance.endpoint.weights.warning,
             }
             .min(u32::from(u16::MAX)) as u16;
-            let target = match ip {
-                None => address.to_string(),
-                Some(_) if instance.endpoint.address.is_empty() => {
-                    format!("{}.node.{}.{domain}", instance.node.name, self.datacenter)
+            let node_target = ip.is_some() && instance.endpoint.address.is_empty();
+            target.clear();
+            match ip {
+                None => target.push_str(address),
+                Some(_) if node_target => {
+                    let _ = write!(
+                        target,
+                        "{}.node.{}.{domain}",
+                        instance.node.name, self.datacenter
+                    );
                 }
-                Some(ip) => format!("{}.addr.{}.{domain}", hex_ip(ip), self.datacenter),
-            };
+                Some(ip) => {
+                    push_hex_ip(&mut target, ip);
+                    let _ = write!(target, ".addr.{}.{domain}", self.datacenter);
+                }
+            }
             let srv = pos(&arena);
             push_pointer(&mut arena, QUESTION);
             let rdlen_at = push_rr_head(&mut arena, rtype::SRV, ttl);
@@ -167,7 +180,8 @@ impl DnsDecorator {
             let target = match ip {
                 Some(_) => {
                     let next = by_target.len() as u32;
-                    *by_target.entry((addr, target)).or_insert(next)
+                    let node = node_target.then_some(&*instance.node.name);
+                    *by_target.entry((addr, node)).or_insert(next)
                 }
                 None => NO_ADDR,
             };
@@ -220,11 +234,24 @@ pub(crate) fn push_addr_rr(out: &mut Vec<u8>, owner: Option<u16>, ip: IpAddr, tt
 
 /// Consul's `<hex>.addr` label: 8 hex digits for IPv4, 32 for IPv6.
 pub(crate) fn hex_ip(ip: IpAddr) -> String {
-    let bytes: Vec<u8> = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
+    let mut out = String::with_capacity(32);
+    push_hex_ip(&mut out, ip);
+    out
+}
+
+/// Appends `ip`'s bytes in lowercase hex (Consul's `<hex>.addr.` names).
+fn push_hex_ip(out: &mut String, ip: IpAddr) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut push = |bytes: &[u8]| {
+        for b in bytes {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
     };
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    match ip {
+        IpAddr::V4(v4) => push(&v4.octets()),
+        IpAddr::V6(v6) => push(&v6.octets()),
+    }
 }
 
 /// The inverse of `hex_ip`.

@@ -603,7 +603,7 @@ pub(super) async fn health_service(
                 if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
                     checks.push(CheckOut::serf_health(&instance.node));
                 }
-                for check in &instance.checks {
+                for check in instance.checks.iter() {
                     let tags: &[String] = if check.is_node_level() {
                         &[]
                     } else {

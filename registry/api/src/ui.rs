@@ -361,7 +361,7 @@ fn endpoint_row(
     if instance.checks.is_empty() {
         out.push_str(r#"<span class="note">no checks</span>"#);
     }
-    for check in &instance.checks {
+    for check in instance.checks.iter() {
         let _ = write!(
             out,
             r#"<details><summary><span class="badge s-{st}">{st}</span> {name}</summary>"#,

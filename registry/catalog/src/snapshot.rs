@@ -151,8 +151,9 @@ impl StateCounts {
 pub struct Instance {
     pub endpoint: Arc<Endpoint>,
     pub node: Arc<Node>,
-    /// The endpoint's checks followed by the node-level checks of its node.
-    pub checks: Vec<Arc<Check>>,
+    /// The endpoint's checks followed by the node-level checks of its node
+    /// (shared: reusing an instance in the next view copies no list).
+    pub checks: Arc<[Arc<Check>]>,
     /// Worst status over `checks` (passing when there are none).
     pub health: Status,
     pub state: EndpointState,
@@ -180,7 +181,7 @@ impl Instance {
         Instance {
             endpoint,
             node,
-            checks,
+            checks: checks.into(),
             health,
             state,
         }
@@ -428,13 +429,14 @@ impl ServiceView {
         let mut routable = Vec::new();
         let mut passing = Vec::new();
         let mut by_tag: HashMap<Box<str>, Vec<u32>> = HashMap::new();
-        let mut tags = BTreeSet::new();
+        let mut tags: BTreeSet<&str> = BTreeSet::new();
         let mut counts = StateCounts::default();
+        let mut lower = String::new();
         for (pos, instance) in instances.iter().enumerate() {
             let pos = pos as u32;
             counts.0[instance.state.slot()] += 1;
             for tag in &instance.endpoint.tags {
-                tags.insert(tag.clone());
+                tags.insert(tag);
             }
             if instance.health == Status::Passing {
                 passing.push(pos);
@@ -442,13 +444,26 @@ impl ServiceView {
             if instance.is_routable() {
                 routable.push(pos);
                 for tag in &instance.endpoint.tags {
-                    let list = by_tag.entry(tag.to_ascii_lowercase().into()).or_default();
+                    // Most tags are lowercase already: no key is made for them.
+                    let key: &str = if tag.bytes().any(|b| b.is_ascii_uppercase()) {
+                        lower.clear();
+                        lower.push_str(tag);
+                        lower.make_ascii_lowercase();
+                        &lower
+                    } else {
+                        tag
+                    };
+                    let list = match by_tag.get_mut(key) {
+                        Some(list) => list,
+                        None => by_tag.entry(key.into()).or_default(),
+                    };
                     if list.last() != Some(&pos) {
                         list.push(pos);
                     }
                 }
             }
         }
+        let tags = tags.into_iter().map(str::to_string).collect();
         ServiceView {
             name,
             index,
@@ -456,7 +471,7 @@ impl ServiceView {
             routable,
             passing,
             by_tag,
-            tags: tags.into_iter().collect(),
+            tags,
             counts,
             extras: Extras::default(),
         }
