@@ -233,12 +233,6 @@ pub(crate) fn push_addr_rr(out: &mut Vec<u8>, owner: Option<u16>, ip: IpAddr, tt
 }
 
 /// Consul's `<hex>.addr` label: 8 hex digits for IPv4, 32 for IPv6.
-pub(crate) fn hex_ip(ip: IpAddr) -> String {
-    let mut out = String::with_capacity(32);
-    push_hex_ip(&mut out, ip);
-    out
-}
-
 /// Appends `ip`'s bytes in lowercase hex (Consul's `<hex>.addr.` names).
 fn push_hex_ip(out: &mut String, ip: IpAddr) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -254,7 +248,7 @@ fn push_hex_ip(out: &mut String, ip: IpAddr) {
     }
 }
 
-/// The inverse of `hex_ip`.
+/// The inverse of `push_hex_ip`.
 pub(crate) fn parse_hex_ip(label: &[u8]) -> Option<IpAddr> {
     let hex = std::str::from_utf8(label).ok()?;
     let byte = |i: usize| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok();
@@ -268,5 +262,24 @@ pub(crate) fn parse_hex_ip(label: &[u8]) -> Option<IpAddr> {
             Some(IpAddr::from(octets))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_names_of_addresses_read_back() {
+        for ip in ["10.0.1.255", "127.0.0.1", "2001:db8::ff00:42:8329"] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            let mut hex = String::new();
+            push_hex_ip(&mut hex, ip);
+            assert_eq!(hex.len(), if ip.is_ipv4() { 8 } else { 32 });
+            assert_eq!(parse_hex_ip(hex.as_bytes()), Some(ip), "{hex}");
+        }
+        let mut hex = String::new();
+        push_hex_ip(&mut hex, "10.0.1.255".parse().expect("ip"));
+        assert_eq!(hex, "0a0001ff");
     }
 }

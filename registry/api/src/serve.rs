@@ -540,7 +540,15 @@ impl AsyncRead for Raw {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read(buf.initialize_unfilled()) {
+            // Only what has arrived is zeroed and read: hyper's 8 KiB read
+            // buffer stays untouched (out of the RSS) past a request's
+            // bytes, which matters with thousands of waiting connections.
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let arrived = rustix::io::ioctl_fionread(&*self.0).unwrap_or(0) as usize;
+            let want = arrived.clamp(1, buf.remaining());
+            match self.0.try_read(buf.initialize_unfilled_to(want)) {
                 Ok(n) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
