@@ -143,6 +143,8 @@ pub(crate) struct H2Tls {
     backends: ExtraKey<ProxyService>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     client: HttpClient<HttpConnector, ProxyBody>,
+    /// HTTP/2 (prior knowledge) to the endpoints, for gRPC calls.
+    grpc: HttpClient<HttpConnector, ProxyBody>,
 }
 
 impl H2Tls {
@@ -161,12 +163,22 @@ impl H2Tls {
         let client = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(config.pool_per_endpoint)
+            .build(connector.clone());
+        // gRPC servers speak only HTTP/2: gRPC calls go upstream over h2c,
+        // many calls multiplexed on a connection per endpoint and thread.
+        let grpc = HttpClient::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         H2Tls {
             shared,
             backends,
             snapshot,
             client,
+            grpc,
         }
     }
 
@@ -274,8 +286,12 @@ impl H2Tls {
     ) -> Response<ProxyBody> {
         access::configure(self.shared.config.load().access_log.as_deref());
         let mut answered = Answered::default();
+        if is_grpc(request.headers()) {
+            answered.grpc = true;
+        }
         if !access::enabled() {
-            return self.forward(request, peer, proto, &mut answered).await;
+            let response = self.forward(request, peer, proto, &mut answered).await;
+            return grpc_answer(response, answered.grpc).await;
         }
         answered.logging = true;
         let started = now_ns();
@@ -292,6 +308,7 @@ impl H2Tls {
             "HTTP/1.1"
         };
         let response = self.forward(request, peer, proto, &mut answered).await;
+        let response = grpc_answer(response, answered.grpc).await;
         let (node, endpoint) = answered
             .endpoint
             .as_ref()
@@ -475,9 +492,20 @@ impl H2Tls {
                 .body(body.take().unwrap_or_else(empty))
                 .unwrap_or_else(|_| Request::new(empty()));
             *upstream.headers_mut() = headers.clone();
+            let client = if answered.grpc {
+                // HTTP/2 carries `te: trailers` (the only TE it allows), which
+                // gRPC servers require.
+                upstream
+                    .headers_mut()
+                    .insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+                *upstream.version_mut() = hyper::Version::HTTP_2;
+                &self.grpc
+            } else {
+                &self.client
+            };
             let started = now_ns();
             let result =
-                tokio::time::timeout(route.response_timeout, self.client.request(upstream)).await;
+                tokio::time::timeout(route.response_timeout, client.request(upstream)).await;
             let now = now_ns();
             answered.upstream_ns = 0;
             match result {
@@ -565,6 +593,71 @@ struct Answered {
     attempts: usize,
     /// The last attempt's wait for the response head (ns; 0 when none came).
     upstream_ns: u64,
+    /// A gRPC call: upstream over HTTP/2, answered as gRPC when it fails.
+    grpc: bool,
+}
+
+/// `grpc-message` is percent-encoded: bytes outside printable ASCII, and `%`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a request is a gRPC call (`application/grpc`, `+proto`, ...;
+/// not gRPC-Web, which is HTTP/1.1-shaped).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.strip_prefix("application/grpc").is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('+') || rest.starts_with(';')
+            })
+        })
+}
+
+/// A gRPC call the proxy answered itself (no route, no endpoint, upstream
+/// failed or timed out, a limit) gets a gRPC answer: HTTP 200 with only
+/// headers, `grpc-status` saying why and `grpc-message` the proxy's text,
+/// never a plain-text 5xx a gRPC client cannot read.
+async fn grpc_answer(response: Response<ProxyBody>, grpc: bool) -> Response<ProxyBody> {
+    if !grpc || !response.headers().contains_key("x-switchyard") {
+        return response;
+    }
+    let status = match response.status().as_u16() {
+        200 => return response,
+        504 => "4",        // DEADLINE_EXCEEDED
+        413 | 429 => "8",  // RESOURCE_EXHAUSTED
+        404 => "12",       // UNIMPLEMENTED: nothing serves this host
+        400 | 431 => "13", // INTERNAL
+        _ => "14",         // UNAVAILABLE
+    };
+    let code = response.status().as_u16();
+    // The proxy's own answers are short texts in memory.
+    let said = match response.into_body().collect().await {
+        Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let text = percent_encode(&format!("switchyard (HTTP {code}): {said}"));
+    let mut answer = Response::new(empty());
+    let headers = answer.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from_static(status));
+    if let Ok(message) = HeaderValue::from_str(&text) {
+        headers.insert("grpc-message", message);
+    }
+    headers.insert("x-switchyard", HeaderValue::from_static("proxy"));
+    answer
 }
 
 /// The request's host: the authority (HTTP/2) or the Host header, without

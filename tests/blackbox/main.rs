@@ -7,6 +7,7 @@ mod connections;
 mod dashboard;
 mod dns;
 mod drain;
+mod grpc;
 mod health;
 mod house;
 mod lifecycle;

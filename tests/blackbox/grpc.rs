@@ -1,0 +1,260 @@
+//! gRPC through the L7 proxy (issue 27, first step): a gRPC call arriving
+//! over HTTP/2 goes upstream over HTTP/2 (h2c) with no configuration,
+//! balanced per call, with its trailers; a call the proxy cannot place is
+//! answered as gRPC. The backends are gRPC-shaped h2c servers: they echo
+//! the framed message and end with `grpc-status: 0` and metadata.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+
+use crate::proxy::agent_with;
+
+/// A gRPC-shaped backend: h2c only, echoes the request body, trailers
+/// `grpc-status: 0` and `x-served-by: NAME`.
+struct Backend {
+    name: String,
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Backend {
+    fn start(name: &str) -> Backend {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (who, counted) = (name.to_string(), calls.clone());
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (who, counted) = (who.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let (who, counted) = (who.clone(), counted.clone());
+                            async move {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                                let grpc = request
+                                    .headers()
+                                    .get("content-type")
+                                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                                let te = request.headers().get("te").cloned();
+                                let body = request
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let mut trailers = hyper::HeaderMap::new();
+                                trailers.insert(
+                                    "grpc-status",
+                                    hyper::header::HeaderValue::from_static("0"),
+                                );
+                                if let Ok(value) = hyper::header::HeaderValue::from_str(&who) {
+                                    trailers.insert("x-served-by", value);
+                                }
+                                let body = Full::new(body).with_trailers(async move {
+                                    Some(Ok::<_, std::convert::Infallible>(trailers))
+                                });
+                                let mut response = hyper::Response::new(body);
+                                response.headers_mut().insert(
+                                    "content-type",
+                                    hyper::header::HeaderValue::from_static("application/grpc"),
+                                );
+                                if !grpc || te.as_ref().is_none_or(|v| v != "trailers") {
+                                    *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                                }
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            calls,
+            _runtime: runtime,
+        }
+    }
+}
+
+/// One gRPC message: the 5-byte prefix (uncompressed, length) and `payload`.
+fn framed(payload: &[u8]) -> Bytes {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// What a call came back with: HTTP status, body, and headers and trailers
+/// together (a trailers-only answer has them in its headers).
+struct Call {
+    status: u16,
+    body: Bytes,
+    meta: HashMap<String, String>,
+}
+
+async fn call(
+    sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    host: &str,
+    payload: &[u8],
+) -> Call {
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{host}/echo.Echo/Say"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(framed(payload)))
+        .expect("request");
+    let response = sender
+        .clone()
+        .send_request(request)
+        .await
+        .expect("response");
+    let status = response.status().as_u16();
+    let mut meta: HashMap<String, String> = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    let collected = response.into_body().collect().await.expect("body");
+    if let Some(trailers) = collected.trailers() {
+        for (k, v) in trailers {
+            meta.insert(k.to_string(), v.to_str().unwrap_or_default().to_string());
+        }
+    }
+    Call {
+        status,
+        body: collected.to_bytes(),
+        meta,
+    }
+}
+
+#[test]
+fn grpc_calls_pass_the_l7_proxy_balanced_per_call_with_their_trailers() {
+    let (agent, _dir) = agent_with(
+        "[http]\nbalancer = \"round_robin\"\n\
+         [[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n\
+         [[http.routes]]\nhost = \"empty.test\"\nservice = \"nobody\"\n",
+    );
+    let c = agent.client();
+    let backends: Vec<Backend> = ["g1", "g2", "g3"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    let endpoints: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
+        .collect();
+    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake with the proxy");
+        tokio::spawn(connection);
+
+        // One call: echoed, with the backend's trailers.
+        let one = call(&sender, "grpc.test", b"hello").await;
+        assert_eq!(one.status, 200);
+        assert_eq!(one.body, framed(b"hello"), "the message comes back whole");
+        assert_eq!(
+            one.meta.get("grpc-status").map(String::as_str),
+            Some("0"),
+            "{:?}",
+            one.meta
+        );
+        assert!(
+            one.meta.contains_key("x-served-by"),
+            "custom metadata passes: {:?}",
+            one.meta
+        );
+
+        // Thirty calls on the one client connection spread over all three.
+        let mut by: HashMap<String, usize> = HashMap::new();
+        let calls: Vec<_> = (0..30)
+            .map(|i| {
+                let sender = sender.clone();
+                tokio::spawn(
+                    async move { call(&sender, "grpc.test", format!("m{i}").as_bytes()).await },
+                )
+            })
+            .collect();
+        for task in calls {
+            let done = task.await.expect("call");
+            assert_eq!(done.meta.get("grpc-status").map(String::as_str), Some("0"));
+            *by.entry(done.meta.get("x-served-by").cloned().unwrap_or_default())
+                .or_default() += 1;
+        }
+        assert_eq!(
+            by.len(),
+            3,
+            "calls of one connection pinned to fewer backends: {by:?}"
+        );
+        assert!(
+            by.values().all(|&n| n == 10),
+            "round robin per call: {by:?}"
+        );
+
+        // A call the proxy cannot place is answered as gRPC, not plain text.
+        let refused = call(&sender, "empty.test", b"x").await;
+        assert_eq!(refused.status, 200, "gRPC errors travel as HTTP 200");
+        assert_eq!(
+            refused.meta.get("grpc-status").map(String::as_str),
+            Some("14"),
+            "{:?}",
+            refused.meta
+        );
+        assert!(
+            refused
+                .meta
+                .get("grpc-message")
+                .is_some_and(|m| m.contains("switchyard")),
+            "{:?}",
+            refused.meta
+        );
+        let unrouted = call(&sender, "nowhere.test", b"x").await;
+        assert_eq!(
+            unrouted.meta.get("grpc-status").map(String::as_str),
+            Some("12"),
+            "{:?}",
+            unrouted.meta
+        );
+    });
+    assert_eq!(
+        backends
+            .iter()
+            .map(|b| b.calls.load(Ordering::SeqCst))
+            .sum::<usize>(),
+        31
+    );
+}
