@@ -465,14 +465,7 @@ async fn forward(
             )
             .await;
         };
-        // Only a first attempt speaks for the service: a retry that falls
-        // back to an ejected endpoint has merely run out of others.
-        if fail_open && tried.count() == 0 {
-            stats.set_fail_open(true, "every endpoint is ejected");
-        } else if stats.is_fail_open() && !service.backends.iter().any(|b| b.stats.is_ejected(now))
-        {
-            stats.set_fail_open(false, "");
-        }
+        stats.after_pick(fail_open, tried.count() == 0, &service.backends, now);
         let backend = &service.backends[index as usize];
         if !backend.stats.enter() {
             if tried.count() == 0 && reloads < 3 {

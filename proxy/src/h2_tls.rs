@@ -462,7 +462,7 @@ impl H2Tls {
         stats.note_request(now_ns());
         loop {
             let now = now_ns();
-            let Some((index, _)) = balance::pick(
+            let Some((index, fail_open)) = balance::pick(
                 &service.backends,
                 route.balancer,
                 key,
@@ -473,6 +473,7 @@ impl H2Tls {
                 metrics.reject(Reject::NoEndpoint);
                 return answer(StatusCode::BAD_GATEWAY, "every endpoint failed".to_string());
             };
+            stats.after_pick(fail_open, tried.count() == 0, &service.backends, now);
             tried.add(index);
             let backend = &service.backends[index as usize];
             if !backend.stats.enter() {

@@ -331,6 +331,20 @@ impl ServiceStats {
         }
     }
 
+    /// After a pick: a first attempt that had to take an ejected endpoint
+    /// (`fail_open`) sets fail-open; a service in fail-open with no ejected
+    /// endpoint left clears it. Every transport calls this with its picks,
+    /// so a service reached only over HTTP/2, TLS or L4 leaves fail-open too.
+    /// A retry that falls back to an ejected endpoint has merely run out of
+    /// others: it speaks for nothing.
+    pub(crate) fn after_pick(&self, fail_open: bool, first: bool, backends: &[Backend], now: u64) {
+        if fail_open && first {
+            self.set_fail_open(true, "every endpoint is ejected");
+        } else if self.is_fail_open() && !backends.iter().any(|b| b.stats.is_ejected(now)) {
+            self.set_fail_open(false, "");
+        }
+    }
+
     pub(crate) fn is_fail_open(&self) -> bool {
         self.fail_open.load(Ordering::Relaxed)
     }

@@ -83,13 +83,14 @@ async fn proxy(
             now,
             &mut local.rng.borrow_mut(),
         );
-        let Some((index, _fail_open)) = picked else {
+        let Some((index, fail_open)) = picked else {
             return if tried.count() == 0 {
                 TcpOutcome::NoEndpoint
             } else {
                 TcpOutcome::ConnectFailed
             };
         };
+        service_stats.after_pick(fail_open, tried.count() == 0, &service.backends, now);
         let backend = &service.backends[index as usize];
         if !backend.stats.enter() {
             // Withdrawn after this connection's snapshot: take the newer one.

@@ -1524,3 +1524,70 @@ fn the_http2_preface_after_an_http1_request_is_refused() {
     fresh.read_exact(&mut frame).expect("a frame header");
     assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
 }
+
+/// Fail-open is set and cleared by requests over HTTP/2 too (it was cleared
+/// only on the HTTP/1.1 path: a service reached over h2c stayed at
+/// `switchyard_proxy_fail_open 1` after it recovered).
+#[test]
+fn fail_open_over_http2_is_set_and_cleared() {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let (agent, _dir) = agent_with(
+        "[http]\nbalancer = \"round_robin\"\n\
+         [http.outlier]\nconsecutive_failures = 1\nbase_ejection = \"1s\"\nmax_ejected_percent = 100\n\
+         [[http.routes]]\nhost = \"h2.test\"\nservice = \"web\"\n",
+    );
+    let c = agent.client();
+    let ups: Vec<Upstream> = ["o1", "o2"].iter().map(|n| Upstream::start(n)).collect();
+    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sender = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        sender
+    });
+    let post = || {
+        let mut sender = sender.clone();
+        runtime.block_on(async move {
+            let request = hyper::Request::builder()
+                .method("POST")
+                .uri("http://h2.test/echo")
+                .body(Full::new(Bytes::from_static(b"x")))
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            let status = response.status().as_u16();
+            let _ = response.into_body().collect().await;
+            status
+        })
+    };
+    let fail_open = || c.metric("switchyard_proxy_fail_open{service=\"web\"}");
+    for up in &ups {
+        up.status.store(500, Ordering::SeqCst);
+    }
+    crate::support::eventually("fail-open over h2c", Duration::from_secs(10), || {
+        post();
+        (fail_open() == Some(1.0)).then_some(())
+    });
+    for up in &ups {
+        up.status.store(200, Ordering::SeqCst);
+    }
+    crate::support::eventually(
+        "fail-open cleared over h2c",
+        Duration::from_secs(15),
+        || {
+            post();
+            (fail_open() == Some(0.0)).then_some(())
+        },
+    );
+}
