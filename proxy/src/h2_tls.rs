@@ -435,7 +435,16 @@ impl H2Tls {
                 .boxed(),
         });
         let mut rng = fastrand::Rng::new();
-        let mut headers = upstream_headers(&parts.headers, &host, peer, proto, rng.u64(..));
+        // The authority as the client gave it (port included), as the
+        // HTTP/1.1 path forwards its Host header.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(HOST).and_then(|v| v.to_str().ok()))
+            .unwrap_or(&host)
+            .to_string();
+        let mut headers = upstream_headers(&parts.headers, &authority, peer, proto, rng.u64(..));
         if answered.logging {
             answered.request_id = headers
                 .get("x-request-id")
@@ -755,7 +764,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The request headers sent upstream: hop-by-hop ones dropped, `Host` from
-/// the request's authority, forwarding headers and a request id added.
+/// the request's authority (port included), forwarding headers added to
+/// what earlier proxies set (as the HTTP/1.1 path does), a request id added.
 fn upstream_headers(
     received: &HeaderMap,
     host: &str,
@@ -786,11 +796,12 @@ fn upstream_headers(
         IpAddr::V4(_) => peer_text,
         IpAddr::V6(_) => format!("\"[{peer_text}]\""),
     };
-    set(
-        &mut headers,
-        "forwarded",
-        &format!("for={for_value};host={host};proto={proto}"),
-    );
+    let this_hop = format!("for={for_value};host=\"{host}\";proto={proto}");
+    let forwarded = match received.get("forwarded").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {this_hop}"),
+        None => this_hop,
+    };
+    set(&mut headers, "forwarded", &forwarded);
     if !headers.contains_key("x-request-id") {
         set(&mut headers, "x-request-id", &format!("{id:016x}"));
     }

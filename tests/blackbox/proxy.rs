@@ -115,6 +115,7 @@ async fn serve(
         "x-forwarded-host",
         "forwarded",
         "x-request-id",
+        "host",
     ] {
         if let Some(value) = request.headers().get(echo) {
             reply = reply.header(format!("x-saw-{echo}"), value.clone());
@@ -1589,5 +1590,81 @@ fn fail_open_over_http2_is_set_and_cleared() {
             post();
             (fail_open() == Some(0.0)).then_some(())
         },
+    );
+}
+
+/// A request with an earlier proxy's `Forwarded` and a `Host` with a port
+/// reaches the backend with the same forwarding headers over HTTP/1.1 and
+/// over HTTP/2 (the hyper path replaced `Forwarded` and dropped the port).
+#[test]
+fn forwarding_headers_are_the_same_over_http1_and_http2() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"fw.test\"\nservice = \"web\"\n");
+    let c = agent.client();
+    let up = Upstream::start("fw");
+    register(&c, "web", &[&up], &[]);
+    let over_http1 = raw(
+        agent.http,
+        b"GET /x HTTP/1.1\r\nHost: fw.test:8443\r\nForwarded: for=192.0.2.1\r\nX-Forwarded-For: 192.0.2.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(over_http1.status, 200);
+    let saw = |headers: &HashMap<String, String>| -> Vec<(String, String)> {
+        let mut seen: Vec<(String, String)> = headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-saw-") && *k != "x-saw-x-request-id")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        seen.sort();
+        seen
+    };
+    let http1 = saw(&over_http1.headers);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let http2 = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .uri("http://fw.test:8443/x")
+            .header("forwarded", "for=192.0.2.1")
+            .header("x-forwarded-for", "192.0.2.1")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        let headers: HashMap<String, String> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        let _ = response.into_body().collect().await;
+        headers
+    });
+    let http2 = saw(&http2);
+    assert!(
+        http1
+            .iter()
+            .any(|(k, v)| k == "x-saw-forwarded" && v.starts_with("for=192.0.2.1, for=")),
+        "{http1:?}"
+    );
+    assert!(
+        http1
+            .iter()
+            .any(|(k, v)| k == "x-saw-host" && v == "fw.test:8443"),
+        "{http1:?}"
+    );
+    assert_eq!(
+        http1, http2,
+        "the backend saw different headers over HTTP/2"
     );
 }
