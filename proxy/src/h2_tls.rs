@@ -387,7 +387,7 @@ impl H2Tls {
             .load()
             .service(&route.service)
             .and_then(|view| view.extra_arc(self.backends));
-        let (service, stats) = match service {
+        let (mut service, stats) = match service {
             Some(s) if !s.backends.is_empty() && s.stats.is_some() => {
                 let stats = s.stats.clone();
                 (s, stats)
@@ -422,10 +422,7 @@ impl H2Tls {
         let mut request = request;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
-        let idempotent = matches!(
-            parts.method.as_str(),
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        );
+        let idempotent = wire::idempotent(parts.method.as_str());
         let replayable = body.is_end_stream();
         // A body without a declared length is cut at the limit: the upstream
         // request then fails instead of carrying it on.
@@ -468,6 +465,10 @@ impl H2Tls {
             .map_or("/", |p| p.as_str())
             .to_string();
         let mut tried = Tried::default();
+        // Endpoints withdrawn since the request's snapshot: a first attempt
+        // reloads the service (a few times at most), a retry skips them;
+        // neither counts as a retry (as on the HTTP/1.1 path).
+        let (mut reloads, mut skipped) = (0, 0);
         stats.note_request(now_ns());
         loop {
             let now = now_ns();
@@ -483,11 +484,27 @@ impl H2Tls {
                 return answer(StatusCode::BAD_GATEWAY, "every endpoint failed".to_string());
             };
             stats.after_pick(fail_open, tried.count() == 0, &service.backends, now);
-            tried.add(index);
             let backend = &service.backends[index as usize];
             if !backend.stats.enter() {
+                if tried.count() == 0 && reloads < 3 {
+                    let newer = self
+                        .snapshot
+                        .load()
+                        .service(&route.service)
+                        .and_then(|view| view.extra_arc(self.backends))
+                        .filter(|s| !s.backends.is_empty());
+                    if let Some(newer) = newer {
+                        reloads += 1;
+                        service = newer;
+                        continue;
+                    }
+                }
+                tried.add(index);
+                skipped += 1;
                 continue;
             }
+            tried.add(index);
+            let backend = &service.backends[index as usize];
             answered.attempts += 1;
             if answered.logging {
                 answered.endpoint = Some(backend.stats.clone());
@@ -534,6 +551,24 @@ impl H2Tls {
                     } else {
                         backend.stats.succeeded(now);
                     }
+                    // A 502 or 503 to a request that may be repeated goes to
+                    // another endpoint, within the retries and the budget.
+                    let attempts = tried.count() - skipped;
+                    let more = attempts <= route.retries as usize
+                        && tried.count() < service.backends.len();
+                    if matches!(status, 502 | 503)
+                        && idempotent
+                        && replayable
+                        && more
+                        && stats.take_retry(
+                            now,
+                            config.retry_budget_ratio,
+                            config.retry_budget_floor,
+                        )
+                    {
+                        backend.stats.leave();
+                        continue;
+                    }
                     if status == 101 {
                         if let Some(client) = client_upgrade.take() {
                             return tunnel(response, client, backend.stats.clone());
@@ -556,11 +591,13 @@ impl H2Tls {
                     if connect {
                         backend.stats.metrics.connect_errors.inc();
                     }
-                    let more = tried.count() <= route.retries as usize
+                    // Nothing reached an endpoint that could not be connected
+                    // to: any method whose body is in hand may go elsewhere.
+                    let attempts = tried.count() - skipped;
+                    let more = attempts <= route.retries as usize
                         && tried.count() < service.backends.len();
                     if connect
                         && replayable
-                        && idempotent
                         && more
                         && stats.take_retry(
                             now,

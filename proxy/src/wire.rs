@@ -210,6 +210,14 @@ pub(crate) fn hash_key<'h>(
     }
 }
 
+/// Methods a retry may repeat (RFC 9110 9.2.2), on every transport.
+pub(crate) fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
 /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded as received.
 pub(crate) fn hop_by_hop(name: &str) -> bool {
     const HOP: [&str; 8] = [
@@ -516,10 +524,7 @@ pub(crate) fn parse_request<R>(
     }
     out.extend_from_slice(b"\r\n");
 
-    let idempotent = matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    );
+    let idempotent = idempotent(method);
     let request = Request {
         head_len,
         framing,

@@ -1668,3 +1668,62 @@ fn forwarding_headers_are_the_same_over_http1_and_http2() {
         "the backend saw different headers over HTTP/2"
     );
 }
+
+/// Over HTTP/2, as over HTTP/1.1, an idempotent request answered 503 by one
+/// endpoint is retried on another (the hyper path retried only connect
+/// failures); a POST is not.
+#[test]
+fn http2_requests_answered_503_are_retried_on_another_endpoint() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let (agent, _dir) = agent_with(
+        // A budget that lets every retry of this burst through.
+        "[http]\nbalancer = \"round_robin\"\nretry_budget_floor = 100\n[http.outlier]\nconsecutive_failures = 0\n\
+         [[http.routes]]\nhost = \"r.test\"\nservice = \"web\"\n",
+    );
+    let c = agent.client();
+    let ups: Vec<Upstream> = ["r1", "r2"].iter().map(|n| Upstream::start(n)).collect();
+    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
+    ups[0].status.store(503, Ordering::SeqCst);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let statuses = |method: &'static str| {
+        runtime.block_on(async {
+            let stream = tokio::net::TcpStream::connect(agent.http)
+                .await
+                .expect("connect");
+            let (sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .expect("h2 handshake");
+            tokio::spawn(connection);
+            let mut seen = HashMap::new();
+            for _ in 0..20 {
+                let request = hyper::Request::builder()
+                    .method(method)
+                    .uri("http://r.test/x")
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                let response = sender
+                    .clone()
+                    .send_request(request)
+                    .await
+                    .expect("response");
+                *seen.entry(response.status().as_u16()).or_insert(0) += 1;
+                let _ = response.into_body().collect().await;
+            }
+            seen
+        })
+    };
+    let gets = statuses("GET");
+    assert_eq!(gets.get(&200), Some(&20), "{gets:?}");
+    let posts = statuses("POST");
+    assert!(
+        posts.get(&503).is_some_and(|&n| n > 0),
+        "a POST is not repeated: {posts:?}"
+    );
+}
