@@ -2,6 +2,7 @@
 //! shared/WORKLOADS.md and prints a Markdown table for bench/RESULTS.md.
 
 mod churn;
+mod grpc_backend;
 mod health;
 mod publish;
 mod watch;
@@ -28,6 +29,8 @@ enum Commands {
     WriteCost(writecost::Args),
     /// W-watch: N blocking queries on one service, one change.
     Watch(watch::Args),
+    /// W-grpc's backend: a gRPC-shaped h2c echo server (one thread).
+    GrpcBackend(grpc_backend::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Commands::Health(args) => health::run(args),
         Commands::WriteCost(args) => writecost::run(args),
         Commands::Watch(args) => watch::run(args),
+        Commands::GrpcBackend(args) => grpc_backend::run(args),
     }
 }
