@@ -464,6 +464,14 @@ impl H2Tls {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
+        // A gRPC call's deadline (`grpc-timeout`) bounds the wait for its
+        // answer, and each attempt tells the endpoint what is left of it.
+        let deadline = answered
+            .grpc
+            .then(|| parts.headers.get("grpc-timeout"))
+            .flatten()
+            .and_then(|v| grpc_timeout(v.as_bytes()))
+            .map(|left| std::time::Instant::now() + left);
         let mut tried = Tried::default();
         // Endpoints withdrawn since the request's snapshot: a first attempt
         // reloads the service (a few times at most), a retry skips them;
@@ -526,13 +534,26 @@ impl H2Tls {
                     .headers_mut()
                     .insert(hyper::header::TE, HeaderValue::from_static("trailers"));
                 *upstream.version_mut() = hyper::Version::HTTP_2;
+                if let Some(deadline) = deadline {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    // Whole milliseconds, at least one (0 would mean expired).
+                    let millis = left.as_millis().clamp(1, 99_999_999);
+                    if let Ok(value) = HeaderValue::from_str(&format!("{millis}m")) {
+                        upstream.headers_mut().insert("grpc-timeout", value);
+                    }
+                }
                 &self.grpc
             } else {
                 &self.client
             };
             let started = now_ns();
-            let result =
-                tokio::time::timeout(route.response_timeout, client.request(upstream)).await;
+            let wait = match deadline {
+                Some(deadline) => route
+                    .response_timeout
+                    .min(deadline.saturating_duration_since(std::time::Instant::now())),
+                None => route.response_timeout,
+            };
+            let result = tokio::time::timeout(wait, client.request(upstream)).await;
             let now = now_ns();
             answered.upstream_ns = 0;
             match result {
@@ -642,6 +663,24 @@ struct Answered {
     upstream_ns: u64,
     /// A gRPC call: upstream over HTTP/2, answered as gRPC when it fails.
     grpc: bool,
+}
+
+/// A `grpc-timeout` value: up to eight digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// `grpc-message` is percent-encoded: bytes outside printable ASCII, and `%`.
@@ -941,5 +980,53 @@ impl AsyncWrite for Prefixed {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_by_unit_and_bad_ones_are_ignored() {
+        assert_eq!(grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout(b"5S"), Some(Duration::from_secs(5)));
+        assert_eq!(grpc_timeout(b"300m"), Some(Duration::from_millis(300)));
+        assert_eq!(grpc_timeout(b"7u"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            grpc_timeout(b"99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in [
+            &b""[..],
+            b"S",
+            b"123456789S",
+            b"10s",
+            b"-1S",
+            b"1.5S",
+            b"10",
+        ] {
+            assert_eq!(
+                grpc_timeout(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_content_types_are_told_from_grpc_web() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static(v));
+            is_grpc(&h)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(!with("application/grpc-web"));
+        assert!(!with("application/grpc-web-text"));
+        assert!(!with("application/json"));
     }
 }

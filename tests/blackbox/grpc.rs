@@ -50,13 +50,20 @@ impl Backend {
                                     .get("content-type")
                                     .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
                                 let te = request.headers().get("te").cloned();
+                                let timeout = request.headers().get("grpc-timeout").cloned();
                                 let body = request
                                     .into_body()
                                     .collect()
                                     .await
                                     .map(|b| b.to_bytes())
                                     .unwrap_or_default();
+                                if body.ends_with(b"slow") {
+                                    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                                }
                                 let mut trailers = hyper::HeaderMap::new();
+                                if let Some(timeout) = timeout {
+                                    trailers.insert("x-saw-grpc-timeout", timeout);
+                                }
                                 trailers.insert(
                                     "grpc-status",
                                     hyper::header::HeaderValue::from_static("0"),
@@ -117,13 +124,24 @@ async fn call(
     host: &str,
     payload: &[u8],
 ) -> Call {
-    let request = hyper::Request::builder()
+    call_within(sender, host, payload, None).await
+}
+
+async fn call_within(
+    sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    host: &str,
+    payload: &[u8],
+    timeout: Option<&str>,
+) -> Call {
+    let mut request = hyper::Request::builder()
         .method("POST")
         .uri(format!("http://{host}/echo.Echo/Say"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(framed(payload)))
-        .expect("request");
+        .header("te", "trailers");
+    if let Some(timeout) = timeout {
+        request = request.header("grpc-timeout", timeout);
+    }
+    let request = request.body(Full::new(framed(payload))).expect("request");
     let response = sender
         .clone()
         .send_request(request)
@@ -249,12 +267,35 @@ fn grpc_calls_pass_the_l7_proxy_balanced_per_call_with_their_trailers() {
             "{:?}",
             unrouted.meta
         );
+
+        // grpc-timeout: the endpoint is told what is left of the deadline,
+        // and a call past it ends as DEADLINE_EXCEEDED without waiting on.
+        let timed = call_within(&sender, "grpc.test", b"quick", Some("5S")).await;
+        let left: u64 = timed
+            .meta
+            .get("x-saw-grpc-timeout")
+            .and_then(|v| v.strip_suffix('m'))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("the endpoint got no grpc-timeout in ms: {:?}", timed.meta));
+        assert!((1..=5000).contains(&left), "{left} ms left of 5 s");
+        let started = std::time::Instant::now();
+        let late = call_within(&sender, "grpc.test", b"slow", Some("300m")).await;
+        assert_eq!(
+            late.meta.get("grpc-status").map(String::as_str),
+            Some("4"),
+            "{:?}",
+            late.meta
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "waited for the slow endpoint"
+        );
     });
     assert_eq!(
         backends
             .iter()
             .map(|b| b.calls.load(Ordering::SeqCst))
             .sum::<usize>(),
-        31
+        33
     );
 }
