@@ -565,11 +565,19 @@ impl H2Tls {
                     stats.metrics.duration.observe(rtt as f64 / 1e9);
                     let class = usize::from(status / 100).clamp(1, 5) - 1;
                     backend.stats.metrics.by_class[class].inc();
-                    if status >= 500 {
+                    // A gRPC answer is judged by its grpc-status: in the
+                    // headers of a trailers-only answer, else in the trailers.
+                    let grpc_status = answered
+                        .grpc
+                        .then(|| response.headers().get("grpc-status"))
+                        .flatten()
+                        .map(|v| grpc_failure(v.as_bytes()));
+                    let judged_later = answered.grpc && status < 500 && grpc_status.is_none();
+                    if status >= 500 || grpc_status == Some(true) {
                         backend
                             .stats
                             .failed(now, &config.outlier, &stats, &service.backends);
-                    } else {
+                    } else if !judged_later {
                         backend.stats.succeeded(now);
                     }
                     // A 502 or 503 to a request that may be repeated goes to
@@ -600,6 +608,11 @@ impl H2Tls {
                     let body = Tracked {
                         inner: body,
                         stats: Some(backend.stats.clone()),
+                        grpc: judged_later.then(|| Verdict {
+                            service: service.clone(),
+                            stats: stats.clone(),
+                            outlier: config.outlier.clone(),
+                        }),
                     };
                     return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
                 }
@@ -889,12 +902,46 @@ fn upstream_headers(
 struct Tracked {
     inner: Incoming,
     stats: Option<Arc<EndpointStats>>,
+    /// A gRPC call: its `grpc-status`, in the trailers, decides whether
+    /// the endpoint failed.
+    grpc: Option<Verdict>,
+}
+
+/// What judging a gRPC call's outcome needs once its trailers arrive.
+struct Verdict {
+    service: Arc<ProxyService>,
+    stats: Arc<crate::stats::ServiceStats>,
+    outlier: crate::config::OutlierConfig,
+}
+
+/// gRPC statuses that count against an endpoint (as a 5xx does):
+/// UNKNOWN, INTERNAL, UNAVAILABLE.
+fn grpc_failure(status: &[u8]) -> bool {
+    matches!(status, b"2" | b"13" | b"14")
 }
 
 impl Tracked {
     fn finish(&mut self) {
         if let Some(stats) = self.stats.take() {
             stats.leave();
+        }
+    }
+
+    fn judge(&mut self, trailers: &HeaderMap) {
+        let (Some(verdict), Some(stats)) = (self.grpc.take(), self.stats.as_ref()) else {
+            return;
+        };
+        let now = now_ns();
+        match trailers.get("grpc-status").map(HeaderValue::as_bytes) {
+            Some(status) if grpc_failure(status) => {
+                stats.failed(
+                    now,
+                    &verdict.outlier,
+                    &verdict.stats,
+                    &verdict.service.backends,
+                );
+            }
+            _ => stats.succeeded(now),
         }
     }
 }
@@ -914,6 +961,11 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(trailers) = frame.trailers_ref() {
+                self.judge(trailers);
+            }
+        }
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             self.finish();
         }

@@ -20,6 +20,8 @@ struct Backend {
     name: String,
     addr: SocketAddr,
     calls: Arc<AtomicUsize>,
+    /// While set, every call ends with `grpc-status: 14` (UNAVAILABLE).
+    failing: Arc<std::sync::atomic::AtomicBool>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -35,14 +37,15 @@ impl Backend {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let calls = Arc::new(AtomicUsize::new(0));
-        let (who, counted) = (name.to_string(), calls.clone());
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (who, counted, down) = (name.to_string(), calls.clone(), failing.clone());
         runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (who, counted) = (who.clone(), counted.clone());
+                let (who, counted, down) = (who.clone(), counted.clone(), down.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: hyper::Request<hyper::body::Incoming>| {
-                            let (who, counted) = (who.clone(), counted.clone());
+                            let (who, counted, down) = (who.clone(), counted.clone(), down.clone());
                             async move {
                                 counted.fetch_add(1, Ordering::SeqCst);
                                 let grpc = request
@@ -64,9 +67,14 @@ impl Backend {
                                 if let Some(timeout) = timeout {
                                     trailers.insert("x-saw-grpc-timeout", timeout);
                                 }
+                                let code = if down.load(Ordering::SeqCst) {
+                                    "14"
+                                } else {
+                                    "0"
+                                };
                                 trailers.insert(
                                     "grpc-status",
-                                    hyper::header::HeaderValue::from_static("0"),
+                                    hyper::header::HeaderValue::from_static(code),
                                 );
                                 if let Ok(value) = hyper::header::HeaderValue::from_str(&who) {
                                     trailers.insert("x-served-by", value);
@@ -98,6 +106,7 @@ impl Backend {
             name: name.to_string(),
             addr,
             calls,
+            failing,
             _runtime: runtime,
         }
     }
@@ -297,5 +306,57 @@ fn grpc_calls_pass_the_l7_proxy_balanced_per_call_with_their_trailers() {
             .map(|b| b.calls.load(Ordering::SeqCst))
             .sum::<usize>(),
         33
+    );
+}
+
+/// An endpoint whose calls end with `grpc-status: 14` (in the trailers of
+/// an HTTP 200) counts as failing and is ejected, as one answering 5xx is.
+#[test]
+fn grpc_unavailable_in_the_trailers_ejects_the_endpoint() {
+    let (agent, _dir) = agent_with(
+        "[http]\nbalancer = \"round_robin\"\n\
+         [http.outlier]\nconsecutive_failures = 2\nbase_ejection = \"30s\"\nmax_ejected_percent = 50\n\
+         [[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n",
+    );
+    let c = agent.client();
+    let backends: Vec<Backend> = ["u1", "u2"].iter().map(|n| Backend::start(n)).collect();
+    let endpoints: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
+        .collect();
+    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    backends[0].failing.store(true, Ordering::SeqCst);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let statuses: Vec<String> = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        let mut statuses = Vec::new();
+        for i in 0..20 {
+            let done = call(&sender, "grpc.test", format!("c{i}").as_bytes()).await;
+            statuses.push(done.meta.get("grpc-status").cloned().unwrap_or_default());
+        }
+        statuses
+    });
+    let unavailable = statuses.iter().filter(|s| *s == "14").count();
+    assert_eq!(
+        unavailable, 2,
+        "ejected after two UNAVAILABLE answers: {statuses:?}"
+    );
+    assert!(statuses[10..].iter().all(|s| s == "0"), "{statuses:?}");
+    assert_eq!(
+        c.metric("switchyard_proxy_ejected{endpoint=\"u1\",node=\"n1\",service=\"echo\"}"),
+        Some(1.0)
     );
 }
