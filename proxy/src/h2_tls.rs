@@ -142,27 +142,34 @@ pub(crate) struct H2Tls {
     shared: Arc<Shared>,
     backends: ExtraKey<ProxyService>,
     snapshot: Arc<ArcSwap<Snapshot>>,
-    client: HttpClient<HttpConnector, ProxyBody>,
+    /// The upstream clients of the `connect_timeout` in force at start.
+    clients: Arc<Clients>,
+    /// Those of other connect timeouts (routes' own, or after a reload),
+    /// made on first use.
+    other_clients: std::sync::Mutex<std::collections::HashMap<Duration, Arc<Clients>>>,
+}
+
+/// Upstream clients with one connect timeout: hyper's connector takes it at
+/// construction, so each timeout in use has its pools.
+struct Clients {
+    connect_timeout: Duration,
+    /// HTTP/1.1, pooled.
+    http1: HttpClient<HttpConnector, ProxyBody>,
     /// HTTP/2 (prior knowledge) to the endpoints, for gRPC calls.
     grpc: HttpClient<HttpConnector, ProxyBody>,
 }
 
-impl H2Tls {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        backends: ExtraKey<ProxyService>,
-        snapshot: Arc<ArcSwap<Snapshot>>,
-    ) -> H2Tls {
-        let config = shared.config.load();
+impl Clients {
+    fn new(connect_timeout: Duration, pool_per_endpoint: usize) -> Clients {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_connect_timeout(Some(connect_timeout));
         // One pool per proxy thread (its connections live on that thread's
         // runtime), sized for the streams many multiplexed clients keep in
         // flight, so they do not churn upstream connections.
-        let client = HttpClient::builder(TokioExecutor::new())
+        let http1 = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(config.pool_per_endpoint)
+            .pool_max_idle_per_host(pool_per_endpoint)
             .build(connector.clone());
         // gRPC servers speak only HTTP/2: gRPC calls go upstream over h2c,
         // many calls multiplexed on a connection per endpoint and thread.
@@ -173,13 +180,48 @@ impl H2Tls {
             .http2_keep_alive_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
+        Clients {
+            connect_timeout,
+            http1,
+            grpc,
+        }
+    }
+}
+
+impl H2Tls {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        backends: ExtraKey<ProxyService>,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+    ) -> H2Tls {
+        let config = shared.config.load();
+        let clients = Arc::new(Clients::new(
+            config.connect_timeout,
+            config.pool_per_endpoint,
+        ));
         H2Tls {
             shared,
             backends,
             snapshot,
-            client,
-            grpc,
+            clients,
+            other_clients: Default::default(),
         }
+    }
+
+    /// The clients that connect within `timeout` (a route's
+    /// `connect_timeout`, which a reload may change).
+    fn clients(&self, timeout: Duration) -> Arc<Clients> {
+        if timeout == self.clients.connect_timeout {
+            return self.clients.clone();
+        }
+        let mut others = self.other_clients.lock().unwrap_or_else(|p| p.into_inner());
+        others
+            .entry(timeout)
+            .or_insert_with(|| {
+                let pool = self.shared.config.load().pool_per_endpoint;
+                Arc::new(Clients::new(timeout, pool))
+            })
+            .clone()
     }
 
     /// Serves one HTTP/2 connection whose first bytes (`prefix`) were read
@@ -472,6 +514,7 @@ impl H2Tls {
             .flatten()
             .and_then(|v| grpc_timeout(v.as_bytes()))
             .map(|left| std::time::Instant::now() + left);
+        let clients = self.clients(route.connect_timeout);
         let mut tried = Tried::default();
         // Endpoints withdrawn since the request's snapshot: a first attempt
         // reloads the service (a few times at most), a retry skips them;
@@ -542,9 +585,9 @@ impl H2Tls {
                         upstream.headers_mut().insert("grpc-timeout", value);
                     }
                 }
-                &self.grpc
+                &clients.grpc
             } else {
-                &self.client
+                &clients.http1
             };
             let started = now_ns();
             let wait = match deadline {

@@ -1727,3 +1727,66 @@ fn http2_requests_answered_503_are_retried_on_another_endpoint() {
         "a POST is not repeated: {posts:?}"
     );
 }
+
+/// A route's own `connect_timeout` holds over HTTP/2 too (the hyper path
+/// used the global one it was started with): an endpoint that never
+/// completes a connect (its listener's queue is full) fails the request
+/// after the route's 300 ms, not the global 20 s.
+#[test]
+fn a_routes_connect_timeout_holds_over_http2() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    // A listener whose accept queue is full: further SYNs are dropped.
+    let silent =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    silent
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    silent.listen(0).expect("listen");
+    let addr = silent
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet");
+    let _fill: Vec<TcpStream> = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    let (agent, _dir) = agent_with(
+        "[http]\nconnect_timeout = \"20s\"\nresponse_timeout = \"30s\"\nretries = 0\n\
+         [[http.routes]]\nhost = \"slow.test\"\nservice = \"web\"\nconnect_timeout = \"300ms\"\n",
+    );
+    let c = agent.client();
+    let batch = json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "web", "id": "silent", "address": "127.0.0.1", "port": addr.port()}]});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (status, waited) = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .uri("http://slow.test/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let started = std::time::Instant::now();
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        (status, started.elapsed())
+    });
+    assert_eq!(status, 502);
+    assert!(
+        waited < Duration::from_secs(10),
+        "waited {waited:?} for a 300 ms connect timeout"
+    );
+}
