@@ -656,8 +656,9 @@ impl H2Tls {
                             stats: stats.clone(),
                             outlier: config.outlier.clone(),
                         }),
+                        cut: None,
                     };
-                    return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+                    return Response::from_parts(parts, body.boxed());
                 }
                 Ok(Err(e)) => {
                     backend.stats.leave();
@@ -941,10 +942,14 @@ fn upstream_headers(
 }
 
 /// A response body that keeps its endpoint's request in flight until the
-/// body is done or dropped (what a drain waits for).
+/// body is done or dropped (what a drain waits for), and ends it at the
+/// endpoint's drain deadline: a stream still open then (a gRPC stream, a
+/// long download) is reset and counted as cut.
 struct Tracked {
     inner: Incoming,
     stats: Option<Arc<EndpointStats>>,
+    /// The endpoint's drain deadline, armed when the body first waits.
+    cut: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
     /// A gRPC call: its `grpc-status`, in the trailers, decides whether
     /// the endpoint failed.
     grpc: Option<Verdict>,
@@ -997,13 +1002,29 @@ impl Drop for Tracked {
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() {
+            let this = &mut *self;
+            if let Some(stats) = &this.stats {
+                let cut = this.cut.get_or_insert_with(|| {
+                    let stats = stats.clone();
+                    Box::pin(async move { stats.drain_deadline().await })
+                });
+                if cut.as_mut().poll(cx).is_ready() {
+                    stats.note_cut();
+                    this.finish();
+                    return Poll::Ready(Some(Err("cut at the endpoint's drain deadline".into())));
+                }
+            }
+            return Poll::Pending;
+        }
+        let polled = polled.map_err(BoxError::from);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(trailers) = frame.trailers_ref() {
                 self.judge(trailers);

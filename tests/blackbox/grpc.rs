@@ -79,9 +79,15 @@ impl Backend {
                                 if let Ok(value) = hyper::header::HeaderValue::from_str(&who) {
                                     trailers.insert("x-served-by", value);
                                 }
-                                let body = Full::new(body).with_trailers(async move {
-                                    Some(Ok::<_, std::convert::Infallible>(trailers))
-                                });
+                                let body = if body.ends_with(b"stream") {
+                                    Endless(Some(body)).boxed()
+                                } else {
+                                    Full::new(body)
+                                        .with_trailers(async move {
+                                            Some(Ok::<_, std::convert::Infallible>(trailers))
+                                        })
+                                        .boxed()
+                                };
                                 let mut response = hyper::Response::new(body);
                                 response.headers_mut().insert(
                                     "content-type",
@@ -108,6 +114,24 @@ impl Backend {
             calls,
             failing,
             _runtime: runtime,
+        }
+    }
+}
+
+/// A server stream that sends one message and then nothing, never ending.
+struct Endless(Option<Bytes>);
+
+impl hyper::body::Body for Endless {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(first) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(first)))),
+            None => std::task::Poll::Pending,
         }
     }
 }
@@ -359,4 +383,70 @@ fn grpc_unavailable_in_the_trailers_ejects_the_endpoint() {
         c.metric("switchyard_proxy_ejected{endpoint=\"u1\",node=\"n1\",service=\"echo\"}"),
         Some(1.0)
     );
+}
+
+/// A server stream still open at its endpoint's drain deadline is reset and
+/// counted as cut; until then it counts as in flight.
+#[test]
+fn an_open_grpc_stream_is_cut_at_the_drain_deadline() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n");
+    let c = agent.client();
+    let backend = Backend::start("s1");
+    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "echo", "id": "s1", "address": "127.0.0.1", "port": backend.addr.port()}]});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .method("POST")
+            .uri("http://grpc.test/echo.Echo/Watch")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(framed(b"stream")))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let first = body.frame().await.expect("a first message").expect("data");
+        assert_eq!(first.into_data().ok(), Some(framed(b"stream")));
+
+        let path = "/v1/switchyard/nodes/n1/drain";
+        let api = agent.api.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            crate::support::Client::new(&api)
+                .put_ok(path, r#"{"deadline":"1s"}"#)
+                .json()
+        })
+        .await
+        .expect("drain");
+        assert_eq!(started["in_flight"], 1, "the open stream counts: {started}");
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(15), body.frame()).await;
+        match ended {
+            Ok(Some(Err(_))) | Ok(None) => {}
+            Ok(Some(Ok(frame))) => panic!("the stream went on: {frame:?}"),
+            Err(_) => panic!("the stream was still open 15 s after a 1 s drain deadline"),
+        }
+    });
+    let done = crate::support::eventually(
+        "the cut counted",
+        std::time::Duration::from_secs(10),
+        || {
+            let s = c.get_ok("/v1/switchyard/nodes/n1/drain").json();
+            (s["cut"] == 1 && s["in_flight"] == 0).then_some(s)
+        },
+    );
+    assert_eq!(done["drained"], true, "{done}");
 }
