@@ -465,14 +465,27 @@ impl H2Tls {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
         let idempotent = wire::idempotent(parts.method.as_str());
-        let replayable = body.is_end_stream();
+        let mut replayable = body.is_end_stream();
         // A body without a declared length is cut at the limit: the upstream
         // request then fails instead of carrying it on.
-        let mut body = Some(match route.max_body_bytes {
+        let body = match route.max_body_bytes {
             0 => body.map_err(BoxError::from).boxed(),
             max => http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
                 .boxed(),
-        });
+        };
+        // A unary gRPC call's message arrives with its headers: in hand, it
+        // can be sent again, so a call that could not reach an endpoint is
+        // retried on another like any request with its body in hand.
+        let (in_hand, body) = if answered.grpc {
+            match in_hand(body, IN_HAND_MAX).await {
+                Ok(bytes) => (Some(bytes), None),
+                Err(body) => (None, Some(body)),
+            }
+        } else {
+            (None, Some(body))
+        };
+        replayable |= in_hand.is_some();
+        let mut body = body;
         let mut rng = fastrand::Rng::new();
         // The authority as the client gave it (port included), as the
         // HTTP/1.1 path forwards its Host header.
@@ -567,7 +580,12 @@ impl H2Tls {
             let mut upstream = Request::builder()
                 .method(parts.method.clone())
                 .uri(uri)
-                .body(body.take().unwrap_or_else(empty))
+                .body(match &in_hand {
+                    Some(bytes) => Full::new(bytes.clone())
+                        .map_err(|never| match never {})
+                        .boxed(),
+                    None => body.take().unwrap_or_else(empty),
+                })
                 .unwrap_or_else(|_| Request::new(empty()));
             *upstream.headers_mut() = headers.clone();
             let client = if answered.grpc {
@@ -669,12 +687,14 @@ impl H2Tls {
                     if connect {
                         backend.stats.metrics.connect_errors.inc();
                     }
-                    // Nothing reached an endpoint that could not be connected
-                    // to: any method whose body is in hand may go elsewhere.
+                    // Not connected, or hyper never sent it (its pooled
+                    // connection closed first): nothing reached the endpoint,
+                    // so any method whose body is in hand may go elsewhere.
+                    let unsent = connect || never_sent(&e);
                     let attempts = tried.count() - skipped;
                     let more = attempts <= route.retries as usize
                         && tried.count() < service.backends.len();
-                    if connect
+                    if unsent
                         && replayable
                         && more
                         && stats.take_retry(
@@ -720,6 +740,112 @@ struct Answered {
     upstream_ns: u64,
     /// A gRPC call: upstream over HTTP/2, answered as gRPC when it fails.
     grpc: bool,
+}
+
+/// Whether hyper gave up on a request before sending it (canceled: its
+/// connection closed first).
+fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_canceled)
+}
+
+/// Largest request body `in_hand` takes whole.
+const IN_HAND_MAX: usize = 64 * 1024;
+
+/// Longest a gRPC call's message is waited for to have it in hand: the
+/// client sends it right behind the headers (a unary call), often in the
+/// next packet; a streaming call waits this long once, then streams.
+const IN_HAND_WAIT: Duration = Duration::from_millis(2);
+
+/// The whole request body when it arrives within `IN_HAND_WAIT` (up to
+/// `cap` bytes); otherwise a body that gives back the frames read so far
+/// and then the rest, in order.
+async fn in_hand(mut body: ProxyBody, cap: usize) -> Result<Bytes, ProxyBody> {
+    let mut frames = std::collections::VecDeque::new();
+    let mut size = 0;
+    let mut deadline = None;
+    loop {
+        let mut polled =
+            Pin::new(&mut body).poll_frame(&mut Context::from_waker(std::task::Waker::noop()));
+        if polled.is_pending() {
+            // Not here yet: wait for it, a little.
+            let until = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + IN_HAND_WAIT);
+            polled = match tokio::time::timeout_at(until, body.frame()).await {
+                Ok(Some(frame)) => Poll::Ready(Some(frame)),
+                Ok(None) => Poll::Ready(None),
+                Err(_) => Poll::Pending,
+            };
+        }
+        match polled {
+            Poll::Ready(None) => {
+                let mut whole = Vec::with_capacity(size);
+                for frame in frames {
+                    if let Ok(data) = Frame::<Bytes>::into_data(frame) {
+                        whole.extend_from_slice(&data);
+                    }
+                }
+                return Ok(Bytes::from(whole));
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                let trailers = frame.is_trailers();
+                size += frame.data_ref().map_or(0, Bytes::len);
+                frames.push_back(frame);
+                if trailers || size > cap {
+                    break;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                return Err(Replayed {
+                    frames,
+                    error: Some(e),
+                    rest: None,
+                }
+                .boxed())
+            }
+            Poll::Pending => break,
+        }
+    }
+    Err(Replayed {
+        frames,
+        error: None,
+        rest: Some(body),
+    }
+    .boxed())
+}
+
+/// Frames taken from a body already, then the body's rest.
+struct Replayed {
+    frames: std::collections::VecDeque<Frame<Bytes>>,
+    error: Option<BoxError>,
+    rest: Option<ProxyBody>,
+}
+
+impl Body for Replayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(error) = self.error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+            && self.error.is_none()
+            && self.rest.as_ref().is_none_or(|rest| rest.is_end_stream())
+    }
 }
 
 /// A `grpc-timeout` value: up to eight digits and a unit (H, M, S, m, u, n).

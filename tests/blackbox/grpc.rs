@@ -22,7 +22,7 @@ struct Backend {
     calls: Arc<AtomicUsize>,
     /// While set, every call ends with `grpc-status: 14` (UNAVAILABLE).
     failing: Arc<std::sync::atomic::AtomicBool>,
-    _runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Backend {
@@ -113,7 +113,16 @@ impl Backend {
             addr,
             calls,
             failing,
-            _runtime: runtime,
+            runtime: Some(runtime),
+        }
+    }
+}
+
+impl Backend {
+    /// Closes the listener and every connection.
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }
@@ -449,4 +458,66 @@ fn an_open_grpc_stream_is_cut_at_the_drain_deadline() {
         },
     );
     assert_eq!(done["drained"], true, "{done}");
+}
+
+/// A backend killed under unary calls: a call that cannot reach it (its
+/// message in hand) goes to another endpoint. The one call that may meet
+/// the proxy's pooled connection to it before the proxy saw it reset (hyper
+/// then reports a reset on send, which may come after the endpoint took the
+/// call: not retried) is the first after the kill; every later one succeeds.
+#[test]
+fn a_killed_backend_fails_no_unary_call() {
+    let (agent, _dir) = agent_with(
+        "[http]\nbalancer = \"round_robin\"\nretry_budget_floor = 100\n\
+         [[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n",
+    );
+    let c = agent.client();
+    let mut backends: Vec<Backend> = ["k1", "k2"].iter().map(|n| Backend::start(n)).collect();
+    let endpoints: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
+        .collect();
+    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sender = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        // As gRPC clients do: a call's message follows its headers at once.
+        stream.set_nodelay(true).expect("nodelay");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        for i in 0..4 {
+            let warm = call(&sender, "grpc.test", format!("w{i}").as_bytes()).await;
+            assert_eq!(warm.meta.get("grpc-status").map(String::as_str), Some("0"));
+        }
+        sender
+    });
+    backends[0].kill();
+    let statuses: Vec<(String, String)> = runtime.block_on(async {
+        let mut statuses = Vec::new();
+        for i in 0..20 {
+            let done = call(&sender, "grpc.test", format!("c{i}").as_bytes()).await;
+            statuses.push((
+                done.meta.get("grpc-status").cloned().unwrap_or_default(),
+                done.meta.get("x-served-by").cloned().unwrap_or_default(),
+            ));
+        }
+        statuses
+    });
+    assert!(
+        statuses[1..]
+            .iter()
+            .all(|(status, by)| status == "0" && by == "k2"),
+        "{statuses:?}"
+    );
 }
