@@ -634,6 +634,15 @@ impl H2Tls {
                         .flatten()
                         .map(|v| grpc_failure(v.as_bytes()));
                     let judged_later = answered.grpc && status < 500 && grpc_status.is_none();
+                    if answered.grpc && !judged_later {
+                        // A trailers-only answer (or a 5xx): counted now.
+                        stats.metrics.grpc_call(
+                            response
+                                .headers()
+                                .get("grpc-status")
+                                .map(HeaderValue::as_bytes),
+                        );
+                    }
                     if status >= 500 || grpc_status == Some(true) {
                         backend
                             .stats
@@ -1096,6 +1105,10 @@ fn grpc_failure(status: &[u8]) -> bool {
 
 impl Tracked {
     fn finish(&mut self) {
+        if let Some(verdict) = self.grpc.take() {
+            // Ended (or cut) without trailers: no grpc-status came.
+            verdict.stats.metrics.grpc_call(None);
+        }
         if let Some(stats) = self.stats.take() {
             stats.leave();
         }
@@ -1106,7 +1119,9 @@ impl Tracked {
             return;
         };
         let now = now_ns();
-        match trailers.get("grpc-status").map(HeaderValue::as_bytes) {
+        let status = trailers.get("grpc-status").map(HeaderValue::as_bytes);
+        verdict.stats.metrics.grpc_call(status);
+        match status {
             Some(status) if grpc_failure(status) => {
                 stats.failed(
                     now,

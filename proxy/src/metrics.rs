@@ -63,6 +63,7 @@ pub struct ProxyMetrics {
     ejected: IntGaugeVec,
     retries: IntCounterVec,
     fail_open: IntGaugeVec,
+    grpc: IntCounterVec,
     duration: HistogramVec,
     rejected: Vec<IntCounter>,
     pub(crate) connections: IntGauge,
@@ -141,6 +142,75 @@ pub(crate) struct ServiceMetrics {
     pub(crate) retries: IntCounter,
     pub(crate) fail_open: IntGauge,
     pub(crate) duration: Histogram,
+    /// `switchyard_proxy_grpc_calls_total` of this service, a series made
+    /// when its code is first seen (services that carry no gRPC show none).
+    grpc: GrpcCodes,
+}
+
+/// gRPC status names (codes 0 to 16), then the two labels of the rest.
+const GRPC_CODES: [&str; 19] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+    "other",
+    "none",
+];
+
+struct GrpcCodes {
+    family: IntCounterVec,
+    service: String,
+    made: [std::sync::OnceLock<IntCounter>; 19],
+}
+
+impl GrpcCodes {
+    /// The OK series exists from the start (at 0), so the family is there
+    /// to see and to alert on before the first call.
+    fn new(family: &IntCounterVec, service: &str) -> GrpcCodes {
+        let codes = GrpcCodes {
+            family: family.clone(),
+            service: service.to_string(),
+            made: Default::default(),
+        };
+        let _ = codes.made[0].set(family.with_label_values(&[service, GRPC_CODES[0]]));
+        codes
+    }
+}
+
+impl ServiceMetrics {
+    /// Counts a gRPC call an endpoint answered with `status` (the value of
+    /// its `grpc-status`; `None` when it carried none).
+    pub(crate) fn grpc_call(&self, status: Option<&[u8]>) {
+        let slot = match status {
+            None => 18,
+            Some(code) => std::str::from_utf8(code)
+                .ok()
+                .and_then(|c| c.parse::<usize>().ok())
+                .filter(|&c| c <= 16)
+                .unwrap_or(17),
+        };
+        let codes = &self.grpc;
+        codes.made[slot]
+            .get_or_init(|| {
+                codes
+                    .family
+                    .with_label_values(&[codes.service.as_str(), GRPC_CODES[slot]])
+            })
+            .inc();
+    }
 }
 
 impl ProxyMetrics {
@@ -190,6 +260,13 @@ impl ProxyMetrics {
                 "1 while a service sends to failing endpoints because too many are bad",
             ),
             &["service"],
+        )?;
+        let grpc = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_grpc_calls_total",
+                "gRPC calls answered by a service's endpoints, by grpc-status (none: the answer carried no status)",
+            ),
+            &["service", "code"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -275,6 +352,7 @@ impl ProxyMetrics {
         registry.register(Box::new(ejected.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(fail_open.clone()))?;
+        registry.register(Box::new(grpc.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(rejected_vec))?;
         registry.register(Box::new(connections.clone()))?;
@@ -291,6 +369,7 @@ impl ProxyMetrics {
             ejected,
             retries,
             fail_open,
+            grpc,
             duration,
             rejected,
             connections,
@@ -354,6 +433,7 @@ impl ProxyMetrics {
             retries: self.retries.with_label_values(&[service]),
             fail_open: self.fail_open.with_label_values(&[service]),
             duration: self.duration.with_label_values(&[service]),
+            grpc: GrpcCodes::new(&self.grpc, service),
         }
     }
 
@@ -361,5 +441,8 @@ impl ProxyMetrics {
         let _ = self.retries.remove_label_values(&[service]);
         let _ = self.fail_open.remove_label_values(&[service]);
         let _ = self.duration.remove_label_values(&[service]);
+        for code in GRPC_CODES {
+            let _ = self.grpc.remove_label_values(&[service, code]);
+        }
     }
 }

@@ -392,6 +392,15 @@ fn grpc_unavailable_in_the_trailers_ejects_the_endpoint() {
         c.metric("switchyard_proxy_ejected{endpoint=\"u1\",node=\"n1\",service=\"echo\"}"),
         Some(1.0)
     );
+    // gRPC failures travel as HTTP 200: the calls are counted by grpc-status.
+    assert_eq!(
+        c.metric("switchyard_proxy_grpc_calls_total{code=\"UNAVAILABLE\",service=\"echo\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        c.metric("switchyard_proxy_grpc_calls_total{code=\"OK\",service=\"echo\"}"),
+        Some(18.0)
+    );
 }
 
 /// A server stream still open at its endpoint's drain deadline is reset and
