@@ -181,9 +181,9 @@ struct ListenerMetrics {
     accept_errors: IntCounter,
 }
 
-const REFUSED_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 53\r\nconnection: close\r\n\r\nthe API is at its connection limit (api.max_connections)\n";
+const REFUSED_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 57\r\nconnection: close\r\n\r\nthe API is at its connection limit (api.max_connections)\n";
 const REFUSED_CLIENT: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 72\r\nconnection: close\r\n\r\ntoo many connections from your address (api.max_connections_per_client)\n";
-const TIMED_OUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 70\r\nconnection: close\r\n\r\nthe request did not arrive in time (api.header_timeout, min_body_rate)\n";
+const TIMED_OUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 71\r\nconnection: close\r\n\r\nthe request did not arrive in time (api.header_timeout, min_body_rate)\n";
 
 /// Serves `router` on `listener` (HTTPS when `tls` is given) until `stop`
 /// turns true; then stops accepting, lets requests in progress finish
@@ -766,6 +766,20 @@ mod tests {
 
     fn at(watch: &Watch, ms: u64) -> Instant {
         watch.start + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn the_answers_written_raw_declare_their_length() {
+        for answer in [REFUSED_FULL, REFUSED_CLIENT, TIMED_OUT] {
+            let text = std::str::from_utf8(answer).expect("ASCII");
+            let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+            let declared: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|n| n.parse().ok())
+                .expect("content-length");
+            assert_eq!(declared, body.len(), "{head}");
+        }
     }
 
     #[test]
