@@ -91,6 +91,17 @@ fn slash() -> String {
     "/".to_string()
 }
 
+/// `[http.h2]`: HTTP/2 client connections (cleartext and TLS).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct H2Config {
+    /// A client connection older than this gets a GOAWAY: its streams in
+    /// progress finish, and the client opens a new connection (which may
+    /// land on another agent behind a load balancer). 0 (default) = off.
+    #[serde(deserialize_with = "duration")]
+    pub max_connection_age: Duration,
+}
+
 /// Passive outlier ejection.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -198,6 +209,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Passive outlier ejection.
     pub outlier: OutlierConfig,
+    /// `[http.h2]`: HTTP/2 client connections.
+    pub h2: H2Config,
     /// Routes from host and path prefix to registry services.
     pub routes: Vec<RouteConfig>,
     /// The HTTPS listener (off unless `addr` is set).
@@ -270,6 +283,7 @@ impl Default for Config {
             pool_per_endpoint: 1024,
             shutdown_grace: Duration::from_secs(10),
             outlier: OutlierConfig::default(),
+            h2: H2Config::default(),
             routes: Vec::new(),
             tls: TlsConfig::default(),
             access_log: None,

@@ -289,8 +289,21 @@ impl H2Tls {
             let mut connection = std::pin::pin!(connection);
             let config = self.shared.config.load_full();
             let idle = activity.idle(config.header_timeout, config.idle_timeout);
+            let age = config.h2.max_connection_age;
+            let aged = async {
+                match age.is_zero() {
+                    true => std::future::pending().await,
+                    false => tokio::time::sleep(age).await,
+                }
+            };
             tokio::select! {
                 _ = connection.as_mut() => {}
+                _ = aged => {
+                    // GOAWAY: the streams in progress finish within the
+                    // shutdown grace; the client reconnects for new ones.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(config.shutdown_grace, connection).await;
+                }
                 _ = idle => {
                     // GOAWAY, and a PING whose answer ends the connection;
                     // a client that does not answer is cut after header_timeout.

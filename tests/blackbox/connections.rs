@@ -337,3 +337,62 @@ fn idle_http2_connections_to_the_proxy_are_closed() {
         "a served HTTP/2 connection closed {after:?} after its answer (idle_timeout 3 s)"
     );
 }
+
+/// `http.h2.max_connection_age`: a busy HTTP/2 client connection gets a
+/// GOAWAY once it is that old; its requests until then are answered, and
+/// the client's next request goes on a new connection.
+#[test]
+fn http2_connections_are_sent_away_at_their_max_age() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let (agent, _dir) = agent_with(
+        "[http.h2]\nmax_connection_age = \"1s\"\n\
+         [[http.routes]]\nhost = \"age.test\"\nservice = \"web\"\n",
+    );
+    let c = agent.client();
+    let up = crate::proxy::Upstream::start("a1");
+    crate::proxy::register(&c, "web", &[&up], &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (answered, ended_after) = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        let connection = tokio::spawn(connection);
+        let started = Instant::now();
+        let mut answered = 0;
+        while started.elapsed() < Duration::from_secs(15) && !connection.is_finished() {
+            let request = hyper::Request::builder()
+                .uri("http://age.test/")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            match sender.send_request(request).await {
+                Ok(response) => {
+                    assert_eq!(response.status(), 200);
+                    let _ = response.into_body().collect().await;
+                    answered += 1;
+                }
+                Err(_) => break,
+            }
+            // One request per 100 ms: a busy client, never idle for long.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (answered, started.elapsed())
+    });
+    assert!(
+        answered >= 5,
+        "only {answered} requests answered before the GOAWAY"
+    );
+    assert!(
+        ended_after >= Duration::from_millis(900) && ended_after < Duration::from_secs(15),
+        "the connection ended after {ended_after:?} (max_connection_age 1 s)"
+    );
+}
