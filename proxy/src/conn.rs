@@ -443,6 +443,7 @@ async fn forward(
     // One clock read serves the budget and the first pick.
     let mut now = now_ns();
     stats.note_request(now);
+    stats.metrics.request(crate::metrics::Protocol::Http1);
     loop {
         let picked = balance::pick(
             &service.backends,

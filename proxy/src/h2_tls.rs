@@ -547,6 +547,14 @@ impl H2Tls {
         // neither counts as a retry (as on the HTTP/1.1 path).
         let (mut reloads, mut skipped) = (0, 0);
         stats.note_request(now_ns());
+        use crate::metrics::Protocol;
+        stats
+            .metrics
+            .request(match (parts.version == hyper::Version::HTTP_2, proto) {
+                (true, "https") => Protocol::H2,
+                (true, _) => Protocol::H2c,
+                (false, _) => Protocol::Http1Tls,
+            });
         loop {
             let now = now_ns();
             let Some((index, fail_open)) = balance::pick(

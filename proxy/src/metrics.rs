@@ -64,6 +64,7 @@ pub struct ProxyMetrics {
     retries: IntCounterVec,
     fail_open: IntGaugeVec,
     grpc: IntCounterVec,
+    protocols: IntCounterVec,
     duration: HistogramVec,
     rejected: Vec<IntCounter>,
     pub(crate) connections: IntGauge,
@@ -145,6 +146,25 @@ pub(crate) struct ServiceMetrics {
     /// `switchyard_proxy_grpc_calls_total` of this service, a series made
     /// when its code is first seen (services that carry no gRPC show none).
     grpc: GrpcCodes,
+    /// Requests by client protocol, indexed by `Protocol`.
+    pub(crate) protocols: [IntCounter; 4],
+}
+
+/// The client side of a request, for `switchyard_proxy_requests_by_protocol_total`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Protocol {
+    Http1 = 0,
+    Http1Tls = 1,
+    H2c = 2,
+    H2 = 3,
+}
+
+const PROTOCOLS: [&str; 4] = ["http1", "http1_tls", "h2c", "h2"];
+
+impl ServiceMetrics {
+    pub(crate) fn request(&self, protocol: Protocol) {
+        self.protocols[protocol as usize].inc();
+    }
 }
 
 /// gRPC status names (codes 0 to 16), then the two labels of the rest.
@@ -268,6 +288,13 @@ impl ProxyMetrics {
             ),
             &["service", "code"],
         )?;
+        let protocols = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_requests_by_protocol_total",
+                "Requests routed to a service, by the client's protocol (http1, http1_tls, h2c, h2)",
+            ),
+            &["service", "protocol"],
+        )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "switchyard_proxy_request_duration_seconds",
@@ -353,6 +380,7 @@ impl ProxyMetrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(fail_open.clone()))?;
         registry.register(Box::new(grpc.clone()))?;
+        registry.register(Box::new(protocols.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(rejected_vec))?;
         registry.register(Box::new(connections.clone()))?;
@@ -370,6 +398,7 @@ impl ProxyMetrics {
             retries,
             fail_open,
             grpc,
+            protocols,
             duration,
             rejected,
             connections,
@@ -434,6 +463,7 @@ impl ProxyMetrics {
             fail_open: self.fail_open.with_label_values(&[service]),
             duration: self.duration.with_label_values(&[service]),
             grpc: GrpcCodes::new(&self.grpc, service),
+            protocols: PROTOCOLS.map(|p| self.protocols.with_label_values(&[service, p])),
         }
     }
 
@@ -443,6 +473,9 @@ impl ProxyMetrics {
         let _ = self.duration.remove_label_values(&[service]);
         for code in GRPC_CODES {
             let _ = self.grpc.remove_label_values(&[service, code]);
+        }
+        for protocol in PROTOCOLS {
+            let _ = self.protocols.remove_label_values(&[service, protocol]);
         }
     }
 }

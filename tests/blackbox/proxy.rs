@@ -1667,6 +1667,15 @@ fn forwarding_headers_are_the_same_over_http1_and_http2() {
         http1, http2,
         "the backend saw different headers over HTTP/2"
     );
+    let by = |protocol: &str| {
+        c.metric(&format!(
+            "switchyard_proxy_requests_by_protocol_total{{protocol=\"{protocol}\",service=\"web\"}}"
+        ))
+    };
+    assert_eq!(
+        (by("http1"), by("h2c"), by("h2")),
+        (Some(1.0), Some(1.0), Some(0.0))
+    );
 }
 
 /// Over HTTP/2, as over HTTP/1.1, an idempotent request answered 503 by one
