@@ -809,13 +809,21 @@ async fn in_hand(mut body: ProxyBody, cap: usize) -> Result<Bytes, ProxyBody> {
         }
         match polled {
             Poll::Ready(None) => {
-                let mut whole = Vec::with_capacity(size);
-                for frame in frames {
-                    if let Ok(data) = Frame::<Bytes>::into_data(frame) {
-                        whole.extend_from_slice(&data);
+                let mut data = frames
+                    .into_iter()
+                    .filter_map(|f: Frame<Bytes>| f.into_data().ok());
+                // A unary call's message is one DATA frame: taken as it is.
+                return Ok(match (data.next(), data.next()) {
+                    (None, _) => Bytes::new(),
+                    (Some(only), None) => only,
+                    (Some(first), Some(second)) => {
+                        let mut whole = Vec::with_capacity(size);
+                        for part in [first, second].into_iter().chain(data) {
+                            whole.extend_from_slice(&part);
+                        }
+                        Bytes::from(whole)
                     }
-                }
-                return Ok(Bytes::from(whole));
+                });
             }
             Poll::Ready(Some(Ok(frame))) => {
                 let trailers = frame.is_trailers();

@@ -357,16 +357,7 @@ fn http2_connections_are_sent_away_at_their_max_age() {
         .build()
         .expect("runtime");
     let (answered, ended_after) = runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        let connection = tokio::spawn(connection);
+        let (mut sender, connection) = crate::support::h2c(agent.http).await;
         let started = Instant::now();
         let mut answered = 0;
         while started.elapsed() < Duration::from_secs(15) && !connection.is_finished() {

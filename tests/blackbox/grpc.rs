@@ -145,6 +145,16 @@ impl hyper::body::Body for Endless {
     }
 }
 
+/// Registers `backends` as the endpoints of service `echo` on node `n1`.
+fn place(c: &crate::support::Client, backends: &[&Backend]) {
+    let endpoints: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
+        .collect();
+    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
+    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+}
+
 /// One gRPC message: the 5-byte prefix (uncompressed, length) and `payload`.
 fn framed(payload: &[u8]) -> Bytes {
     let mut out = vec![0u8];
@@ -220,28 +230,14 @@ fn grpc_calls_pass_the_l7_proxy_balanced_per_call_with_their_trailers() {
         .iter()
         .map(|n| Backend::start(n))
         .collect();
-    let endpoints: Vec<serde_json::Value> = backends
-        .iter()
-        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
-        .collect();
-    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
-    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    place(&c, &backends.iter().collect::<Vec<_>>());
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake with the proxy");
-        tokio::spawn(connection);
+        let (sender, _) = crate::support::h2c(agent.http).await;
 
         // One call: echoed, with the backend's trailers.
         let one = call(&sender, "grpc.test", b"hello").await;
@@ -353,28 +349,14 @@ fn grpc_unavailable_in_the_trailers_ejects_the_endpoint() {
     );
     let c = agent.client();
     let backends: Vec<Backend> = ["u1", "u2"].iter().map(|n| Backend::start(n)).collect();
-    let endpoints: Vec<serde_json::Value> = backends
-        .iter()
-        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
-        .collect();
-    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
-    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    place(&c, &backends.iter().collect::<Vec<_>>());
     backends[0].failing.store(true, Ordering::SeqCst);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let statuses: Vec<String> = runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let (sender, _) = crate::support::h2c(agent.http).await;
         let mut statuses = Vec::new();
         for i in 0..20 {
             let done = call(&sender, "grpc.test", format!("c{i}").as_bytes()).await;
@@ -410,24 +392,13 @@ fn an_open_grpc_stream_is_cut_at_the_drain_deadline() {
     let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n");
     let c = agent.client();
     let backend = Backend::start("s1");
-    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}],
-        "endpoints": [{"node": "n1", "service": "echo", "id": "s1", "address": "127.0.0.1", "port": backend.addr.port()}]});
-    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    place(&c, &[&backend]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let (mut sender, _) = crate::support::h2c(agent.http).await;
         let request = hyper::Request::builder()
             .method("POST")
             .uri("http://grpc.test/echo.Echo/Watch")
@@ -482,29 +453,13 @@ fn a_killed_backend_fails_no_unary_call() {
     );
     let c = agent.client();
     let mut backends: Vec<Backend> = ["k1", "k2"].iter().map(|n| Backend::start(n)).collect();
-    let endpoints: Vec<serde_json::Value> = backends
-        .iter()
-        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
-        .collect();
-    let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
-    c.put_ok("/v1/switchyard/batch", &batch.to_string());
+    place(&c, &backends.iter().collect::<Vec<_>>());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let sender = runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        // As gRPC clients do: a call's message follows its headers at once.
-        stream.set_nodelay(true).expect("nodelay");
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let (sender, _) = crate::support::h2c(agent.http).await;
         for i in 0..4 {
             let warm = call(&sender, "grpc.test", format!("w{i}").as_bytes()).await;
             assert_eq!(warm.meta.get("grpc-status").map(String::as_str), Some("0"));

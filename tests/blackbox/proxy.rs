@@ -730,16 +730,7 @@ fn http2_with_prior_knowledge_is_routed_balanced_and_streamed() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake with the proxy");
-        tokio::spawn(connection);
+        let (sender, _) = crate::support::h2c(agent.http).await;
         let send = |method: &str, host: &str, path: &str, body: &'static str| {
             let mut sender = sender.clone();
             let request = hyper::Request::builder()
@@ -1004,16 +995,7 @@ fn access_logs_are_json_lines_when_on() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2");
-        tokio::spawn(connection);
+        let (mut sender, _) = crate::support::h2c(agent.http).await;
         let request = hyper::Request::get("http://x/over-h2")
             .body(Empty::<Bytes>::new())
             .expect("request");
@@ -1546,16 +1528,7 @@ fn fail_open_over_http2_is_set_and_cleared() {
         .build()
         .expect("runtime");
     let sender = runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let (sender, _) = crate::support::h2c(agent.http).await;
         sender
     });
     let post = || {
@@ -1624,16 +1597,7 @@ fn forwarding_headers_are_the_same_over_http1_and_http2() {
         .build()
         .expect("runtime");
     let http2 = runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let (mut sender, _) = crate::support::h2c(agent.http).await;
         let request = hyper::Request::builder()
             .uri("http://fw.test:8443/x")
             .header("forwarded", "for=192.0.2.1")
@@ -1700,16 +1664,7 @@ fn http2_requests_answered_503_are_retried_on_another_endpoint() {
         .expect("runtime");
     let statuses = |method: &'static str| {
         runtime.block_on(async {
-            let stream = tokio::net::TcpStream::connect(agent.http)
-                .await
-                .expect("connect");
-            let (sender, connection) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(stream),
-            )
-            .await
-            .expect("h2 handshake");
-            tokio::spawn(connection);
+            let (sender, _) = crate::support::h2c(agent.http).await;
             let mut seen = HashMap::new();
             for _ in 0..20 {
                 let request = hyper::Request::builder()
@@ -1773,16 +1728,7 @@ fn a_routes_connect_timeout_holds_over_http2() {
         .build()
         .expect("runtime");
     let (status, waited) = runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2 handshake");
-        tokio::spawn(connection);
+        let (mut sender, _) = crate::support::h2c(agent.http).await;
         let request = hyper::Request::builder()
             .uri("http://slow.test/")
             .body(Empty::<Bytes>::new())

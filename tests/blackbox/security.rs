@@ -719,16 +719,7 @@ fn request_bodies_over_the_route_limit_are_refused_or_cut() {
     runtime.block_on(async {
         use http_body_util::Full;
         use hyper::body::Bytes;
-        let tcp = tokio::net::TcpStream::connect(agent.http)
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("h2");
-        tokio::spawn(connection);
+        let (mut sender, _) = crate::support::h2c(agent.http).await;
         for (size, expected) in [(5usize, 200u16), (100, 413)] {
             let request = hyper::Request::post("http://h/small/echo")
                 .body(Full::new(Bytes::from(vec![b'z'; size])))

@@ -436,3 +436,31 @@ pub(crate) fn open_close_open_stays_even(
     split_evenly(c, 40.0);
     kept
 }
+
+/// An HTTP/2 client connection to `addr` with prior knowledge (h2c), with
+/// TCP_NODELAY as gRPC clients set it (a request's body follows its headers
+/// at once); the connection runs as a task on the current runtime, whose
+/// handle comes back too.
+pub(crate) async fn h2c<B>(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    stream.set_nodelay(true).expect("nodelay");
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake with the proxy");
+    (sender, tokio::spawn(connection))
+}
