@@ -1,15 +1,19 @@
 //! The answer engine: one query in, one response out, from one snapshot.
 //! Used unchanged by the UDP and TCP paths, so both always agree.
 
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::{ExtraKey, NodeEntry, Snapshot};
+use switchyard_catalog::{Chunk, ExtraKey, NodeEntry, Snapshot, CHUNK};
 
 use crate::config::Config;
 use crate::metrics::DnsMetrics;
-use crate::prebuilt::{parse_hex_ip, push_addr_rr, DnsService, Family, SRV_TARGET};
+use crate::prebuilt::{
+    parse_hex_ip, push_addr_rr, DnsDecorator, DnsService, Entry, Family, SRV_TARGET,
+};
 use crate::ptr::{parse_reverse, Ptr};
 use crate::wire::{
     finish_rdata, push_opt, push_pointer, push_rr_head, rcode, rtype, Header, Query, Reject,
@@ -28,6 +32,7 @@ pub(crate) struct Scratch {
     targets: Vec<(usize, u32)>,
     rng: fastrand::Rng,
     sent: Sent,
+    keys: Keys,
 }
 
 impl Scratch {
@@ -40,8 +45,70 @@ impl Scratch {
                 stamps: Vec::new(),
                 round: 0,
             },
+            keys: HashSet::default(),
         }
     }
+}
+
+/// Bits of a position that index into its chunk; the rest number the chunk.
+const CHUNK_BITS: u32 = 10;
+const _: () = assert!(CHUNK <= 1 << CHUNK_BITS);
+
+/// An answer position: the chunk and the instance in it.
+fn position(chunk: usize, local: u32) -> u32 {
+    ((chunk as u32) << CHUNK_BITS) | local
+}
+
+/// The chunk's answers and the entry of a position.
+fn entry_at(
+    chunks: &[Arc<Chunk>],
+    key: ExtraKey<DnsDecorator>,
+    p: u32,
+) -> Option<(&DnsService, &Entry)> {
+    let dns = chunks.get((p >> CHUNK_BITS) as usize)?.extra(key)?;
+    Some((
+        dns,
+        dns.entries.get((p & ((1 << CHUNK_BITS) - 1)) as usize)?,
+    ))
+}
+
+/// A 64-bit FNV-1a hash of a record's bytes: the key under which a view of
+/// many chunks tells repeated address records and SRV targets apart (its
+/// chunks number their records separately).
+fn record_key(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Hashes a `record_key` by taking it as it is.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
+}
+
+type Keys = HashSet<u64, BuildHasherDefault<KeyHasher>>;
+
+/// Which records one answer has sent: the chunk's own numbering when the
+/// view has one chunk, else the records' keys.
+enum Dedup {
+    None,
+    Ids,
+    Keys,
 }
 
 /// Which address records (by `Entry::addr`) one answer has sent: a stamp per
@@ -103,7 +170,7 @@ pub(crate) struct Engine {
     domain: Vec<Vec<u8>>,
     datacenter: Vec<u8>,
     /// Where each view holds its `DnsService`.
-    answers: ExtraKey<DnsService>,
+    answers: ExtraKey<DnsDecorator>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) metrics: Arc<DnsMetrics>,
     ptr: Arc<Ptr>,
@@ -131,7 +198,7 @@ impl Engine {
     pub(crate) fn new(
         config: Arc<Config>,
         datacenter: &str,
-        answers: ExtraKey<DnsService>,
+        answers: ExtraKey<DnsDecorator>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
         ptr: Arc<Ptr>,
@@ -408,17 +475,6 @@ impl Engine {
         let Some(view) = snap.service_ci(name) else {
             return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
         };
-        let Some(dns) = view.extra(self.answers) else {
-            return (rcode::SERVFAIL, true);
-        };
-        let positions: &[u32] = match tag {
-            None => &view.routable,
-            Some(tag) => match view.by_tag.get(tag) {
-                Some(p) => p,
-                None if view.tags.iter().any(|t| t.eq_ignore_ascii_case(tag)) => &[],
-                None => return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN),
-            },
-        };
         let wanted = |f: Family, has_srv: bool| match q.qtype {
             rtype::A => f == Family::V4,
             rtype::AAAA => f == Family::V6,
@@ -426,25 +482,60 @@ impl Engine {
             rtype::SRV => has_srv,
             _ => false,
         };
+        let chunks = view.chunks();
         s.positions.clear();
-        s.positions.extend(positions.iter().copied().filter(|&p| {
-            dns.entries
-                .get(p as usize)
-                .is_some_and(|e| wanted(e.family, e.has_srv()))
-        }));
+        let mut tagged = false;
+        for (at, chunk) in chunks.iter().enumerate() {
+            let Some(dns) = chunk.extra(self.answers) else {
+                return (rcode::SERVFAIL, true);
+            };
+            let positions = match tag {
+                None => chunk.routable(),
+                Some(tag) => chunk.tagged(tag),
+            };
+            tagged |= !positions.is_empty();
+            s.positions
+                .extend(positions.iter().copied().filter_map(|p| {
+                    let e = dns.entries.get(p as usize)?;
+                    wanted(e.family, e.has_srv()).then(|| position(at, p))
+                }));
+        }
+        if let Some(tag) = tag {
+            if !tagged && !view.has_tag_ci(tag) {
+                return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
+            }
+        }
         if s.positions.is_empty() {
             return self.negative(q, snap, out, c, apex, rcode::NOERROR);
         }
         s.rng.shuffle(&mut s.positions);
         let srv = q.qtype == rtype::SRV;
+        let entry = |p: u32| entry_at(chunks, self.answers, p);
         // Each record once (RFC 2181 §5.5): instances on one address give one
         // A/AAAA answer, and one additional record for their SRV targets.
-        let dedup = dns.shared_addrs;
-        if dedup {
-            s.sent.begin(dns.id_count());
-            if !srv {
-                let (positions, sent) = (&mut s.positions, &mut s.sent);
-                positions.retain(|&p| sent.insert(dns.entries[p as usize].addr));
+        let dedup = match chunks {
+            [one] => match one.extra(self.answers) {
+                Some(dns) if dns.shared_addrs => {
+                    s.sent.begin(dns.id_count());
+                    Dedup::Ids
+                }
+                _ => Dedup::None,
+            },
+            _ => {
+                s.keys.clear();
+                Dedup::Keys
+            }
+        };
+        if !srv {
+            let (positions, sent, keys) = (&mut s.positions, &mut s.sent, &mut s.keys);
+            match dedup {
+                Dedup::None => {}
+                Dedup::Ids => {
+                    positions.retain(|&p| entry(p).is_some_and(|(_, e)| sent.insert(e.addr)))
+                }
+                Dedup::Keys => positions.retain(|&p| {
+                    entry(p).is_some_and(|(dns, e)| keys.insert(record_key(dns.addr(e))))
+                }),
             }
         }
         if self.config.max_answers > 0 {
@@ -453,10 +544,17 @@ impl Engine {
         s.targets.clear();
         let mut additional = 0usize;
         for &p in &s.positions {
-            let entry = &dns.entries[p as usize];
+            let Some((dns, entry)) = entry(p) else {
+                continue;
+            };
             let addr = dns.addr(entry);
+            let target_key = || record_key(&dns.srv(entry)[SRV_TARGET..]);
             let (rr_len, extra) = if srv {
-                let repeat = dedup && s.sent.contains(entry.target);
+                let repeat = match dedup {
+                    Dedup::None => false,
+                    Dedup::Ids => s.sent.contains(entry.target),
+                    Dedup::Keys => s.keys.contains(&target_key()),
+                };
                 let extra = if addr.is_empty() || repeat {
                     0
                 } else {
@@ -473,8 +571,14 @@ impl Engine {
             if srv {
                 if extra > 0 {
                     s.targets.push((out.len() + SRV_TARGET, p));
-                    if dedup {
-                        s.sent.insert(entry.target);
+                    match dedup {
+                        Dedup::None => {}
+                        Dedup::Ids => {
+                            s.sent.insert(entry.target);
+                        }
+                        Dedup::Keys => {
+                            s.keys.insert(target_key());
+                        }
                     }
                 }
                 additional += extra;
@@ -486,7 +590,9 @@ impl Engine {
             c.an += 1;
         }
         for &(target_at, p) in &s.targets {
-            let entry = &dns.entries[p as usize];
+            let Some((dns, entry)) = entry(p) else {
+                continue;
+            };
             let addr = dns.addr(entry);
             if target_at <= 0x3FFF {
                 push_pointer(out, target_at as u16);

@@ -70,7 +70,7 @@ impl DnsServer {
     pub async fn start(
         config: Arc<Config>,
         datacenter: &str,
-        answers: ExtraKey<DnsService>,
+        answers: ExtraKey<DnsDecorator>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
         inherited: Option<DnsSockets>,

@@ -12,7 +12,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use switchyard_catalog::{ServiceView, Status, ViewDecorator};
+use switchyard_catalog::{
+    Chunk, Instance, ServiceView, Status, ViewChange, ViewDecorator, ViewHead,
+};
 
 use crate::config::Config;
 use crate::wire::{finish_rdata, push_name, push_pointer, push_rr_head, rtype};
@@ -61,7 +63,7 @@ impl Entry {
     }
 }
 
-/// One service's ready answers; `entries` is indexed like `view.instances`.
+/// One chunk's ready answers; `entries` is indexed like the chunk's instances.
 #[derive(Debug)]
 pub struct DnsService {
     arena: Box<[u8]>,
@@ -112,19 +114,19 @@ impl DnsDecorator {
         }
     }
 
-    fn build(&self, view: &ServiceView) -> DnsService {
-        let ttl = self.config.ttl_for(&view.name);
+    fn build(&self, name: &str, instances: &[Instance]) -> DnsService {
+        let ttl = self.config.ttl_for(name);
         let domain = self.config.domain.trim_end_matches('.');
-        let mut arena = Vec::with_capacity(view.instances.len() * 80);
-        let mut entries = Vec::with_capacity(view.instances.len());
-        let mut addrs: Vec<(u32, u16)> = Vec::with_capacity(view.instances.len());
-        let mut by_ip: HashMap<IpAddr, u32> = HashMap::with_capacity(view.instances.len());
+        let mut arena = Vec::with_capacity(instances.len() * 80);
+        let mut entries = Vec::with_capacity(instances.len());
+        let mut addrs: Vec<(u32, u16)> = Vec::with_capacity(instances.len());
+        let mut by_ip: HashMap<IpAddr, u32> = HashMap::with_capacity(instances.len());
         // A target is its address's name, or (for an endpoint without an
         // address of its own) its node's: keyed without building the name.
         let mut by_target: HashMap<(u32, Option<&str>), u32> =
-            HashMap::with_capacity(view.instances.len());
+            HashMap::with_capacity(instances.len());
         let mut target = String::new();
-        for instance in &view.instances {
+        for instance in instances {
             let address = instance.address();
             let ip = address.parse::<IpAddr>().ok();
             let family = match ip {
@@ -205,11 +207,17 @@ impl DnsDecorator {
     }
 }
 
+/// Answers are per chunk: a view needs nothing of its own.
 impl ViewDecorator for DnsDecorator {
-    type Output = DnsService;
+    type Chunk = DnsService;
+    type Output = ();
 
-    fn decorate(&self, view: &ServiceView) -> Arc<DnsService> {
-        Arc::new(self.build(view))
+    fn decorate_chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Arc<DnsService> {
+        Arc::new(self.build(view.name, chunk.instances()))
+    }
+
+    fn decorate(&self, _view: &ServiceView, _change: &ViewChange<'_>) -> Arc<()> {
+        Arc::new(())
     }
 }
 

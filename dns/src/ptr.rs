@@ -94,7 +94,7 @@ fn build(snap: &Snapshot, datacenter: &str, domain: &str) -> PtrIndex {
         }
     }
     for view in snap.services() {
-        for instance in &view.instances {
+        for instance in view.instances() {
             if let Ok(ip) = instance.endpoint.address.parse::<IpAddr>() {
                 let name = format!("{}.service.{datacenter}.{domain}", view.name);
                 let list = names.entry(ip).or_default();

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use switchyard_catalog::{
-    BusyEndpoint, EndpointLoad, EndpointState, LoadReport, Name, ServiceLoad, ServiceView,
-    ViewDecorator,
+    BusyEndpoint, Chunk, EndpointLoad, EndpointState, LoadReport, Name, ServiceLoad, ServiceView,
+    ViewChange, ViewDecorator, ViewHead,
 };
 
 use crate::balance::{Backend, Backends};
@@ -146,11 +146,17 @@ impl LoadReport for ProxyLoad {
 }
 
 impl ViewDecorator for ProxyDecorator {
+    type Chunk = ();
     type Output = ProxyService;
 
-    fn decorate(&self, view: &ServiceView) -> Arc<ProxyService> {
+    fn decorate_chunk(&self, _view: &ViewHead<'_>, _chunk: &Chunk) -> Arc<()> {
+        Arc::new(())
+    }
+
+    fn decorate(&self, view: &ServiceView, _change: &ViewChange<'_>) -> Arc<ProxyService> {
         let shared = &self.shared;
-        let tag_route = TagRoute::from_tags(&view.tags);
+        let tags: Vec<String> = view.tags().map(str::to_string).collect();
+        let tag_route = TagRoute::from_tags(&tags);
         let routed = tag_route.is_some() || shared.configured.load().contains(&*view.name);
         let Ok(mut services) = shared.services.lock() else {
             return self.empty.clone();
@@ -174,9 +180,9 @@ impl ViewDecorator for ProxyDecorator {
                 endpoints: HashMap::new(),
                 tag_route: None,
             });
-        let mut endpoints = HashMap::with_capacity(view.instances.len());
-        let mut all = Vec::with_capacity(view.instances.len());
-        for instance in &view.instances {
+        let mut endpoints = HashMap::with_capacity(view.len());
+        let mut all = Vec::with_capacity(view.len());
+        for instance in view.instances() {
             let key = (instance.node.name.clone(), instance.endpoint.id.clone());
             let stats = entry.endpoints.remove(&key).unwrap_or_else(|| {
                 Arc::new(EndpointStats::new(
@@ -193,9 +199,17 @@ impl ViewDecorator for ProxyDecorator {
             shared.metrics.forget_endpoint(&view.name, node, id);
         }
         entry.endpoints = endpoints;
-        let mut backends = Vec::with_capacity(view.routable.len());
-        for &pos in &view.routable {
-            let instance = &view.instances[pos as usize];
+        let mut backends = Vec::with_capacity(view.routable_len());
+        let mut base = 0;
+        let routable = view.chunks().iter().flat_map(|chunk| {
+            let at = base;
+            base += chunk.instances().len();
+            chunk
+                .routable()
+                .iter()
+                .map(move |&p| (at + p as usize, &chunk.instances()[p as usize]))
+        });
+        for (pos, instance) in routable {
             let weights = &instance.endpoint.weights;
             let weight = if instance.state == EndpointState::Warning {
                 weights.warning
@@ -211,7 +225,7 @@ impl ViewDecorator for ProxyDecorator {
                 continue;
             }
             backends.push(Backend {
-                stats: all[pos as usize].clone(),
+                stats: all[pos].clone(),
                 addr: SocketAddr::new(ip, instance.endpoint.port),
                 weight,
             });

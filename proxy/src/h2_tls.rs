@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
 use crate::access;
-use crate::backend::ProxyService;
+use crate::backend::{ProxyDecorator, ProxyService};
 use crate::balance::{self, Tried};
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::metrics::Reject;
@@ -140,7 +140,7 @@ impl Body for Sent {
 /// The hyper side of the proxy (HTTP/2 and TLS), one per proxy thread.
 pub(crate) struct H2Tls {
     shared: Arc<Shared>,
-    backends: ExtraKey<ProxyService>,
+    backends: ExtraKey<ProxyDecorator>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     /// The upstream clients of the `connect_timeout` in force at start.
     clients: Arc<Clients>,
@@ -191,7 +191,7 @@ impl Clients {
 impl H2Tls {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        backends: ExtraKey<ProxyService>,
+        backends: ExtraKey<ProxyDecorator>,
         snapshot: Arc<ArcSwap<Snapshot>>,
     ) -> H2Tls {
         let config = shared.config.load();

@@ -55,7 +55,7 @@ impl Proxy {
     /// `Decorators` gave `decorator`.
     pub fn start_with(
         decorator: &ProxyDecorator,
-        backends: ExtraKey<ProxyService>,
+        backends: ExtraKey<ProxyDecorator>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         inherited: Option<ProxySockets>,
     ) -> std::io::Result<Proxy> {

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::access;
-use crate::backend::ProxyService;
+use crate::backend::{ProxyDecorator, ProxyService};
 use crate::balance::Backend;
 use crate::config::{Config, TcpConfig};
 use crate::deadline::Deadlines;
@@ -58,7 +58,7 @@ const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/pla
 /// A proxy thread's own state.
 pub(crate) struct Local {
     pub(crate) shared: Arc<Shared>,
-    backends: ExtraKey<ProxyService>,
+    backends: ExtraKey<ProxyDecorator>,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     pub(crate) routes: RefCell<Cache<Arc<ArcSwap<RouteTable>>, Arc<RouteTable>>>,
     /// This thread's copies of the settings (`Rc`: no shared refcount per
@@ -105,7 +105,7 @@ impl Local {
     /// A thread's state, its copies of the settings taken now.
     pub(crate) fn new(
         shared: Arc<Shared>,
-        backends: ExtraKey<ProxyService>,
+        backends: ExtraKey<ProxyDecorator>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         h2_tls: Arc<H2Tls>,
         stop: watch::Receiver<bool>,

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access;
-use crate::backend::ProxyService;
+use crate::backend::ProxyDecorator;
 use crate::conn;
 use crate::grace::{FIRST_REQUEST_GRACE, IDLE_DRAIN};
 use crate::h2_tls::H2Tls;
@@ -102,7 +102,7 @@ impl Proxy {
     /// starts the threads.
     pub(crate) fn start(
         shared: Arc<Shared>,
-        backends: ExtraKey<ProxyService>,
+        backends: ExtraKey<ProxyDecorator>,
         snapshot: Arc<ArcSwap<Snapshot>>,
         inherited: Option<ProxySockets>,
     ) -> io::Result<Proxy> {
@@ -257,7 +257,7 @@ impl Proxy {
 struct Thread {
     index: usize,
     shared: Arc<Shared>,
-    backends: ExtraKey<ProxyService>,
+    backends: ExtraKey<ProxyDecorator>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     listener: std::net::TcpListener,
     tcp: TcpListeners,

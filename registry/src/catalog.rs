@@ -16,8 +16,9 @@ use crate::model::{
     unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
 };
-use crate::snapshot::{Decorators, NodeEntry, ServiceEntry, Snapshot};
+use crate::snapshot::{NodeEntry, ServiceEntry, Snapshot};
 use crate::store::{Loaded, StoreBatch};
+use crate::Decorators;
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
 pub const MAX_OUTPUT_BYTES: usize = 4096;
@@ -165,6 +166,9 @@ pub(crate) struct Dirty {
     /// Nodes whose entry (record, endpoints or checks) changed: instances on
     /// other nodes are reused as they are when a view is rebuilt.
     pub(crate) entries: HashSet<Name>,
+    /// Services whose every chunk is decorated again (the decorators'
+    /// settings changed).
+    pub(crate) redecorate: HashSet<Name>,
     /// Keys in insertion order, so a refused command's keys can be taken back.
     journal: Vec<DirtyKey>,
 }
@@ -176,6 +180,7 @@ enum DirtyKey {
     Endpoint((Name, Name)),
     Check((Name, Name)),
     Entry(Name),
+    Redecorate(Name),
 }
 
 impl Dirty {
@@ -193,6 +198,7 @@ impl Dirty {
             DirtyKey::Endpoint(k) => self.endpoints.insert(k.clone()),
             DirtyKey::Check(k) => self.checks.insert(k.clone()),
             DirtyKey::Entry(k) => self.entries.insert(k.clone()),
+            DirtyKey::Redecorate(k) => self.redecorate.insert(k.clone()),
         };
         if new {
             self.journal.push(key);
@@ -213,6 +219,7 @@ impl Dirty {
                 DirtyKey::Endpoint(k) => self.endpoints.remove(&k),
                 DirtyKey::Check(k) => self.checks.remove(&k),
                 DirtyKey::Entry(k) => self.entries.remove(&k),
+                DirtyKey::Redecorate(k) => self.redecorate.remove(&k),
             };
         }
     }
@@ -510,7 +517,8 @@ impl Catalog {
                         .get(&name)
                         .is_some_and(|s| s.view.is_some())
                     {
-                        self.dirty.add(DirtyKey::Service(name));
+                        self.dirty.add(DirtyKey::Service(name.clone()));
+                        self.dirty.add(DirtyKey::Redecorate(name));
                     }
                 }
                 false
@@ -1108,13 +1116,11 @@ impl Catalog {
     pub(crate) fn rebuild_views(&mut self) {
         let services: Vec<Name> = self.dirty.services.iter().cloned().collect();
         for name in services {
+            let redecorate = self.dirty.redecorate.contains(&name);
             let fresh = self
                 .snap
-                .build_view(&name, &self.dirty.entries)
-                .map(|mut view| {
-                    view.decorate(&self.decorators);
-                    Arc::new(view)
-                });
+                .build_view(&name, &self.dirty.entries, redecorate, &self.decorators)
+                .map(Arc::new);
             if let Some(view) = &fresh {
                 self.snap.counts.add(&view.counts);
                 self.snap.service_count += 1;

@@ -33,9 +33,10 @@ use crate::catalog::{Catalog, Command, Dirty, NewCheck};
 use crate::error::{RegistryError, StoreError};
 use crate::metrics::RegistryMetrics;
 use crate::model::{Name, Status};
-use crate::snapshot::{Decorators, Snapshot};
+use crate::snapshot::Snapshot;
 use crate::store::{Change, Committed, Record, Store, StoreStatus};
 use crate::watch::{WatchKey, Watchers};
+use crate::Decorators;
 
 /// Most commands folded into one store commit.
 const MAX_GROUP: usize = 4096;

@@ -467,15 +467,14 @@ pub(super) async fn catalog_services(State(state): St, Query(q): Query<Pairs>) -
     })
     .await?;
     let build = || {
-        let mut out: BTreeMap<&str, &[String]> = BTreeMap::new();
+        let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for view in snap.services() {
             let keep = opts.node_meta.is_empty()
                 || view
-                    .instances
-                    .iter()
+                    .instances()
                     .any(|i| opts.node_meta_matches(&i.node.meta));
             if keep {
-                out.insert(&view.name, &view.tags);
+                out.insert(&view.name, view.tags().collect());
             }
         }
         out
@@ -509,8 +508,7 @@ pub(super) async fn catalog_service(
     let build = || -> Vec<CatalogServiceOut<'_>> {
         snap.service(&name)
             .map(|view| {
-                view.instances
-                    .iter()
+                view.instances()
                     .filter(|i| has_tags(i, &opts.tags) && opts.node_meta_matches(&i.node.meta))
                     .map(|i| CatalogServiceOut::new(&i.node, &i.endpoint, dc))
                     .collect()
@@ -591,9 +589,9 @@ pub(super) async fn health_service(
         if let Some(view) = snap.service(&name) {
             // `?passing`: the view's precomputed passing positions.
             let instances: Box<dyn Iterator<Item = &Instance>> = if opts.passing {
-                Box::new(view.passing.iter().map(|&p| &view.instances[p as usize]))
+                Box::new(view.passing())
             } else {
-                Box::new(view.instances.iter())
+                Box::new(view.instances())
             };
             for instance in instances {
                 if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
@@ -644,7 +642,7 @@ pub(super) async fn health_checks(
     let build = || {
         let mut out = Vec::new();
         if let Some(view) = snap.service(&name) {
-            for instance in &view.instances {
+            for instance in view.instances() {
                 if !opts.node_meta_matches(&instance.node.meta) {
                     continue;
                 }

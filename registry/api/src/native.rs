@@ -196,7 +196,7 @@ pub(super) async fn heartbeat(State(state): St, body: Bytes) -> ApiResult {
 struct ServiceSummary<'a> {
     name: &'a str,
     index: u64,
-    tags: &'a [String],
+    tags: Vec<&'a str>,
     endpoints: u64,
     routable: usize,
     by_state: serde_json::Value,
@@ -214,9 +214,9 @@ pub(super) async fn services(State(state): St, Query(q): Query<Pairs>) -> ApiRes
         .map(|v| ServiceSummary {
             name: &v.name,
             index: v.index,
-            tags: &v.tags,
+            tags: v.tags().collect(),
             endpoints: v.counts.total(),
-            routable: v.routable.len(),
+            routable: v.routable_len(),
             by_state: counts_json(&v.counts),
         })
         .collect();
@@ -282,8 +282,7 @@ pub(super) async fn service(
         .as_ref()
         .and_then(|l| l.service_load(&view.name).map(|s| (l, s)));
     let endpoints: Vec<_> = view
-        .instances
-        .iter()
+        .instances()
         .map(|i| {
             let mut out = instance_json(i);
             if let (Some((load, _)), Some(map)) = (&proxy, out.as_object_mut()) {
@@ -305,8 +304,8 @@ pub(super) async fn service(
     let mut out = json!({
         "name": &*view.name,
         "index": view.index,
-        "tags": view.tags,
-        "routable": view.routable.len(),
+        "tags": view.tags().collect::<Vec<_>>(),
+        "routable": view.routable_len(),
         "by_state": counts_json(&view.counts),
         "endpoints": endpoints,
     });

@@ -213,15 +213,15 @@ pub(super) async fn services(
                 name = Esc(&service.name),
                 seg = Seg(&service.name),
                 total = service.counts.total(),
-                routable = service.routable.len(),
+                routable = service.routable_len(),
             );
             counts_cells(out, &service.counts);
             out.push_str(r#"<td class="tags">"#);
-            for tag in service.tags.iter().take(8) {
+            for tag in service.tags().take(8) {
                 let _ = write!(out, "<code>{}</code> ", Esc(tag));
             }
-            if service.tags.len() > 8 {
-                let _ = write!(out, "+{}", service.tags.len() - 8);
+            if service.tag_count() > 8 {
+                let _ = write!(out, "+{}", service.tag_count() - 8);
             }
             out.push_str("</td></tr>");
         }
@@ -293,7 +293,7 @@ pub(super) async fn service(
             out,
             r#"<h1>{} <small>{} of {} endpoints routable</small></h1>"#,
             Esc(&service.name),
-            service.routable.len(),
+            service.routable_len(),
             service.counts.total()
         );
         match proxied {
@@ -303,7 +303,7 @@ pub(super) async fn service(
         }
         out.push_str(r#"<table id="endpoints"><thead><tr><th>Endpoint</th><th>Node</th><th>Address</th><th>State</th><th>Why excluded</th><th class="num">In flight</th><th class="num">Req/s</th><th class="num">Latency</th><th class="num">Failures</th><th>Checks</th><th></th></tr></thead><tbody>"#);
         let mut rows = Rows::default();
-        for instance in &service.instances {
+        for instance in service.instances() {
             let wanted = view.shows(&instance.endpoint.id) || view.shows(&instance.node.name);
             if !wanted || !rows.admit() {
                 continue;

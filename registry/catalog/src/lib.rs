@@ -17,6 +17,7 @@ pub mod model;
 pub mod report;
 pub mod snapshot;
 pub mod thread_policy;
+pub mod view;
 
 pub use accept::{AcceptBackoff, AcceptErrors};
 pub use admission::{Admission, Refusal, Ticket};
@@ -29,7 +30,10 @@ pub use model::{
 };
 pub use report::{HealthReports, Reported};
 pub use snapshot::{
-    Decorators, EndpointState, Extra, ExtraKey, Extras, Instance, NodeEntry, ServiceView, Snapshot,
-    StateCounts, TableIndexes, ViewDecorator,
+    EndpointState, Instance, Members, NodeEntry, Snapshot, StateCounts, TableIndexes,
 };
 pub use thread_policy::ThreadPolicy;
+pub use view::{
+    Chunk, Decorators, Extra, ExtraKey, Extras, ServiceView, ViewChange, ViewDecorator, ViewHead,
+    CHUNK,
+};

@@ -6,15 +6,14 @@
 //! same `Arc`. Everything a reader needs per query (routable set, per-tag subsets,
 //! aggregated health) is computed here, at publish time.
 
-use std::any::Any;
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt;
-use std::marker::PhantomData;
+use std::collections::HashSet;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use imbl::{HashMap as PMap, OrdMap, OrdSet};
 
 use crate::model::{Check, Endpoint, Name, Node, Status};
+use crate::view::{Decorators, ServiceView};
 
 /// The whole catalog at one index.
 #[derive(Clone, Debug, Default)]
@@ -139,6 +138,10 @@ impl StateCounts {
         }
     }
 
+    pub(crate) fn add_one(&mut self, state: EndpointState) {
+        self.0[state.slot()] += 1;
+    }
+
     pub fn sub(&mut self, other: &StateCounts) {
         for (a, b) in self.0.iter_mut().zip(other.0) {
             *a = a.saturating_sub(b);
@@ -160,7 +163,11 @@ pub struct Instance {
 }
 
 impl Instance {
-    fn new(endpoint: Arc<Endpoint>, node: Arc<Node>, checks: Vec<Arc<Check>>) -> Instance {
+    pub(crate) fn new(
+        endpoint: Arc<Endpoint>,
+        node: Arc<Node>,
+        checks: Vec<Arc<Check>>,
+    ) -> Instance {
         let health = checks
             .iter()
             .map(|c| c.status)
@@ -248,79 +255,6 @@ impl Instance {
     }
 }
 
-/// Data a reader derives from a view (for example ready-made DNS answers),
-/// as a view holds it.
-pub type Extra = Arc<dyn Any + Send + Sync>;
-
-/// Builds reader-specific data for each new view, at publish time, in the
-/// writer. The registry knows nothing of what is built: this is how DNS gets
-/// prebuilt answers without the registry depending on it.
-pub trait ViewDecorator: Send + Sync + 'static {
-    /// What it builds for each view.
-    type Output: Send + Sync + 'static;
-
-    fn decorate(&self, view: &ServiceView) -> Arc<Self::Output>;
-}
-
-/// A decorator with its output type erased, as the writer runs it.
-trait AnyDecorator: Send + Sync {
-    fn build(&self, view: &ServiceView) -> Extra;
-}
-
-impl<D: ViewDecorator> AnyDecorator for D {
-    fn build(&self, view: &ServiceView) -> Extra {
-        self.decorate(view)
-    }
-}
-
-/// The decorators the writer runs over every view it builds. Adding one
-/// hands out the typed key under which its readers find its output in each
-/// view, so no reader depends on the order decorators were added in.
-#[derive(Clone, Default)]
-pub struct Decorators(Vec<Arc<dyn AnyDecorator>>);
-
-impl fmt::Debug for Decorators {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Decorators({})", self.0.len())
-    }
-}
-
-impl Decorators {
-    /// Runs `decorator` over every view from now on; its output is found
-    /// with the key returned.
-    pub fn add<D: ViewDecorator>(&mut self, decorator: Arc<D>) -> ExtraKey<D::Output> {
-        self.0.push(decorator);
-        ExtraKey {
-            at: self.0.len() - 1,
-            of: PhantomData,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-/// Where one decorator's output sits in every view (`ServiceView::extra`).
-pub struct ExtraKey<T> {
-    at: usize,
-    of: PhantomData<fn() -> T>,
-}
-
-impl<T> Clone for ExtraKey<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<T> Copy for ExtraKey<T> {}
-
-impl<T> fmt::Debug for ExtraKey<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ExtraKey({}, {})", self.at, std::any::type_name::<T>())
-    }
-}
-
 /// A service's instances as sorted `(node, endpoint id)` keys. Small services
 /// (the common case: a handful of replicas) keep a plain sorted `Vec`; an
 /// `OrdSet` allocates a 16-slot chunk per node, over 500 bytes for a service of
@@ -384,116 +318,44 @@ impl Members {
         self.len() == 0
     }
 
+    /// The members in a key range, in sorted order.
+    pub fn range(
+        &self,
+        lo: Bound<(Name, Name)>,
+        hi: Bound<(Name, Name)>,
+    ) -> Box<dyn Iterator<Item = &(Name, Name)> + '_> {
+        match self {
+            Members::Small(list) => {
+                let start = match &lo {
+                    Bound::Included(k) => list.partition_point(|m| m < k),
+                    Bound::Excluded(k) => list.partition_point(|m| m <= k),
+                    Bound::Unbounded => 0,
+                };
+                let end = match &hi {
+                    Bound::Included(k) => list.partition_point(|m| m <= k),
+                    Bound::Excluded(k) => list.partition_point(|m| m < k),
+                    Bound::Unbounded => list.len(),
+                };
+                Box::new(list[start..end.max(start)].iter())
+            }
+            Members::Large(set) => Box::new(set.range((lo, hi))),
+        }
+    }
+
+    /// Whether any member is on `node`.
+    pub fn has_node(&self, node: &Name) -> bool {
+        let from = (node.clone(), Name::from(""));
+        self.range(Bound::Included(from), Bound::Unbounded)
+            .next()
+            .is_some_and(|(n, _)| n == node)
+    }
+
     /// In sorted order.
     pub fn iter(&self) -> Box<dyn Iterator<Item = &(Name, Name)> + '_> {
         match self {
             Members::Small(list) => Box::new(list.iter()),
             Members::Large(set) => Box::new(set.iter()),
         }
-    }
-}
-
-/// The decorators' outputs, in registration order.
-#[derive(Default)]
-pub struct Extras(Box<[Extra]>);
-
-impl fmt::Debug for Extras {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Extras({})", self.0.len())
-    }
-}
-
-/// A service with all its instances and the subsets readers ask for.
-#[derive(Debug)]
-pub struct ServiceView {
-    pub name: Name,
-    /// Last index at which anything shown for this service changed.
-    pub index: u64,
-    /// Sorted by `(node, endpoint id)`.
-    pub instances: Vec<Instance>,
-    /// Positions in `instances` of the routable ones.
-    pub routable: Vec<u32>,
-    /// Positions of the instances whose every check is passing (Consul's `?passing`).
-    pub passing: Vec<u32>,
-    /// Routable positions per tag, keyed by the tag in lowercase (for DNS).
-    pub by_tag: HashMap<Box<str>, Vec<u32>>,
-    /// Distinct tags over all instances, sorted.
-    pub tags: Vec<String>,
-    pub counts: StateCounts,
-    /// What the registered decorators built from this view.
-    pub extras: Extras,
-}
-
-impl ServiceView {
-    pub fn build(name: Name, index: u64, instances: Vec<Instance>) -> ServiceView {
-        let mut routable = Vec::new();
-        let mut passing = Vec::new();
-        let mut by_tag: HashMap<Box<str>, Vec<u32>> = HashMap::new();
-        let mut tags: BTreeSet<&str> = BTreeSet::new();
-        let mut counts = StateCounts::default();
-        let mut lower = String::new();
-        for (pos, instance) in instances.iter().enumerate() {
-            let pos = pos as u32;
-            counts.0[instance.state.slot()] += 1;
-            for tag in &instance.endpoint.tags {
-                tags.insert(tag);
-            }
-            if instance.health == Status::Passing {
-                passing.push(pos);
-            }
-            if instance.is_routable() {
-                routable.push(pos);
-                for tag in &instance.endpoint.tags {
-                    // Most tags are lowercase already: no key is made for them.
-                    let key: &str = if tag.bytes().any(|b| b.is_ascii_uppercase()) {
-                        lower.clear();
-                        lower.push_str(tag);
-                        lower.make_ascii_lowercase();
-                        &lower
-                    } else {
-                        tag
-                    };
-                    let list = match by_tag.get_mut(key) {
-                        Some(list) => list,
-                        None => by_tag.entry(key.into()).or_default(),
-                    };
-                    if list.last() != Some(&pos) {
-                        list.push(pos);
-                    }
-                }
-            }
-        }
-        let tags = tags.into_iter().map(str::to_string).collect();
-        ServiceView {
-            name,
-            index,
-            instances,
-            routable,
-            passing,
-            by_tag,
-            tags,
-            counts,
-            extras: Extras::default(),
-        }
-    }
-
-    /// Runs the decorators over the finished view.
-    pub fn decorate(&mut self, decorators: &Decorators) {
-        if !decorators.is_empty() {
-            let extras = decorators.0.iter().map(|d| d.build(self)).collect();
-            self.extras = Extras(extras);
-        }
-    }
-
-    /// What the decorator of `key` built for this view (none before the
-    /// writer has decorated it).
-    pub fn extra<T: Any + Send + Sync>(&self, key: ExtraKey<T>) -> Option<&T> {
-        self.extras.0.get(key.at)?.downcast_ref()
-    }
-
-    /// Like `extra`, as a shared handle that outlives this borrow.
-    pub fn extra_arc<T: Any + Send + Sync>(&self, key: ExtraKey<T>) -> Option<Arc<T>> {
-        self.extras.0.get(key.at)?.clone().downcast().ok()
     }
 }
 
@@ -574,12 +436,7 @@ impl Snapshot {
     pub fn instance(&self, node: &str, id: &str) -> Option<&Instance> {
         let entry = self.nodes.get(node)?;
         let endpoint = entry.endpoints.get(id)?;
-        let view = self.service(&endpoint.service)?;
-        let pos = view
-            .instances
-            .binary_search_by(|i| (&*i.endpoint.node, &*i.endpoint.id).cmp(&(node, id)))
-            .ok()?;
-        view.instances.get(pos)
+        self.service(&endpoint.service)?.find(node, id)
     }
 
     /// The slot of a service for editing. A new slot is named after the
@@ -600,49 +457,40 @@ impl Snapshot {
         Arc::make_mut(slot)
     }
 
-    /// Rebuilds the view of one service from the records. Called by the writer
-    /// for each service a change touched. Instances on nodes whose entry did
-    /// not change (`changed_nodes`) are taken from the previous view as they
-    /// are, so the cost follows what changed, not the size of the service's nodes.
-    pub fn build_view(&self, name: &Name, changed_nodes: &HashSet<Name>) -> Option<ServiceView> {
+    /// Rebuilds the view of one service from the records (see
+    /// `ServiceView::build`). Called by the writer for each service a change
+    /// touched; `changed_nodes` are the nodes whose entry changed.
+    pub fn build_view(
+        &self,
+        name: &Name,
+        changed_nodes: &HashSet<Name>,
+        redecorate: bool,
+        decorators: &Decorators,
+    ) -> Option<ServiceView> {
         let slot = self.services.get(name)?;
-        let members = &slot.members;
-        if members.is_empty() {
-            return None;
-        }
-        let previous: &[Instance] = slot.view.as_ref().map_or(&[], |v| &v.instances);
-        let mut old = previous.iter().peekable();
-        let mut instances = Vec::with_capacity(members.len());
-        for (node, id) in members.iter() {
-            // Both sequences are sorted by (node, id): advance the old one.
-            while old
-                .peek()
-                .is_some_and(|i| (&*i.endpoint.node, &*i.endpoint.id) < (&**node, &**id))
-            {
-                old.next();
-            }
-            if !changed_nodes.contains(node) {
-                if let Some(reused) =
-                    old.next_if(|i| i.endpoint.node == *node && i.endpoint.id == *id)
-                {
-                    instances.push(reused.clone());
-                    continue;
-                }
-            }
-            let Some(entry) = self.nodes.get(node) else {
-                debug_assert!(false, "member {node}/{id} has no node");
-                continue;
-            };
-            let Some(endpoint) = entry.endpoints.get(id) else {
-                debug_assert!(false, "member {node}/{id} has no endpoint");
-                continue;
-            };
-            instances.push(Instance::new(
-                endpoint.clone(),
-                entry.node.clone(),
-                entry.checks_for(id),
-            ));
-        }
-        Some(ServiceView::build(name.clone(), slot.index, instances))
+        ServiceView::build(
+            name,
+            slot.index,
+            &slot.members,
+            slot.view.as_deref(),
+            changed_nodes,
+            redecorate,
+            decorators,
+            |node, id| {
+                let Some(entry) = self.nodes.get(node) else {
+                    debug_assert!(false, "member {node}/{id} has no node");
+                    return None;
+                };
+                let Some(endpoint) = entry.endpoints.get(id) else {
+                    debug_assert!(false, "member {node}/{id} has no endpoint");
+                    return None;
+                };
+                Some(Instance::new(
+                    endpoint.clone(),
+                    entry.node.clone(),
+                    entry.checks_for(id),
+                ))
+            },
+        )
     }
 }

@@ -88,17 +88,18 @@ fn routable_ids(r: &Registry, service: &str, tag: Option<&str>) -> Vec<String> {
     };
     // Routable instances, optionally of one tag (case-insensitive), as DNS
     // picks them.
-    let positions: &[u32] = match tag {
-        None => &view.routable,
-        Some(tag) => view
-            .by_tag
-            .get(tag.to_ascii_lowercase().as_str())
-            .map_or(&[], |v| v.as_slice()),
-    };
-    positions
-        .iter()
-        .map(|&p| view.instances[p as usize].endpoint.id.to_string())
-        .collect()
+    let tag = tag.map(str::to_ascii_lowercase);
+    let mut ids = Vec::new();
+    for chunk in view.chunks() {
+        let positions = match &tag {
+            None => chunk.routable(),
+            Some(tag) => chunk.tagged(tag),
+        };
+        for &p in positions {
+            ids.push(chunk.instances()[p as usize].endpoint.id.to_string());
+        }
+    }
+    ids
 }
 
 #[tokio::test]
@@ -134,11 +135,7 @@ async fn routable_set_and_tag_subsets_follow_health_maintenance_and_drain() {
     assert!(routable_ids(&r, "web", Some("v3")).is_empty());
     let snap = r.snapshot();
     let view = snap.service("web").expect("web");
-    let passing: Vec<_> = view
-        .passing
-        .iter()
-        .map(|&p| &*view.instances[p as usize].endpoint.id)
-        .collect();
+    let passing: Vec<_> = view.passing().map(|i| &*i.endpoint.id).collect();
     assert_eq!(passing, ["a", "d"], "?passing drops warning and critical");
     assert_eq!(view.counts.get(EndpointState::Critical), 1);
 
@@ -242,9 +239,9 @@ async fn a_change_rebuilds_only_the_services_it_touches() {
     let web_after = after.service("web").expect("web");
     assert!(!Arc::ptr_eq(web_before, web_after));
     assert!(after.service_index("web") > before.service_index("web"));
-    assert_eq!(web_after.instances.len(), 2);
+    assert_eq!(web_after.instances().count(), 2);
     assert_eq!(
-        before.service("web").expect("web").instances.len(),
+        before.service("web").expect("web").instances().count(),
         1,
         "old snapshot is immutable"
     );
@@ -551,7 +548,11 @@ async fn concurrent_writes_share_commits() {
     }
     let commits = metrics.commit_commands.get_sample_count();
     assert_eq!(
-        r.snapshot().service("web").expect("web").instances.len(),
+        r.snapshot()
+            .service("web")
+            .expect("web")
+            .instances()
+            .count(),
         500
     );
     assert!(
@@ -649,7 +650,7 @@ async fn embedded_store_recovers_everything_and_the_index() {
 fn observable(snap: &crate::snapshot::Snapshot) -> Vec<String> {
     let mut out = Vec::new();
     for view in snap.services_sorted() {
-        for i in &view.instances {
+        for i in view.instances() {
             let checks: Vec<String> = i
                 .checks
                 .iter()
@@ -666,9 +667,17 @@ fn observable(snap: &crate::snapshot::Snapshot) -> Vec<String> {
                 i.address()
             ));
         }
+        let key = |i: &crate::Instance| format!("{}/{}", i.endpoint.node, i.endpoint.id);
+        let routable: Vec<String> = view.routable().map(key).collect();
+        let passing: Vec<String> = view.passing().map(key).collect();
+        let tags: Vec<&str> = view.tags().collect();
         out.push(format!(
-            "{} routable={:?} passing={:?} tags={:?} counts={:?}",
-            view.name, view.routable, view.passing, view.tags, view.counts
+            "{} routable={routable:?} passing={passing:?} tags={tags:?} counts={:?} len={} {} {}",
+            view.name,
+            view.counts,
+            view.len(),
+            view.routable_len(),
+            view.passing_len()
         ));
     }
     out.push(format!("{:?} {}", snap.counts(), snap.service_count()));
@@ -779,7 +788,7 @@ async fn a_rescheduled_task_replaces_its_old_incarnation() {
     r.apply(task("n2", 2)).await.expect("moved");
     let snap = r.snapshot();
     let view = snap.service("worker").expect("worker");
-    let nodes: Vec<&str> = view.instances.iter().map(|i| &*i.endpoint.node).collect();
+    let nodes: Vec<&str> = view.instances().map(|i| &*i.endpoint.node).collect();
     assert_eq!(nodes, ["n2"], "the task moved instead of duplicating");
     // A late registration of the old incarnation changes nothing.
     let before = r.snapshot().index();
@@ -793,8 +802,8 @@ async fn a_rescheduled_task_replaces_its_old_incarnation() {
         r.snapshot()
             .service("worker")
             .expect("worker")
-            .instances
-            .len(),
+            .instances()
+            .count(),
         3
     );
 }
@@ -881,4 +890,189 @@ fn members_switch_representation_and_stay_sorted() {
         matches!(members, Members::Small(_)),
         "an emptied set is small again"
     );
+}
+
+/// Asserts two listings are equal, naming the first line that differs.
+fn same_lines(got: &[String], want: &[String], step: usize) {
+    if let Some(at) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "step {step}: line {at} differs: {:?} != {:?} ({} vs {} lines)",
+            got.get(at),
+            want.get(at),
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// Records, per chunk, each instance's key and state; per view, the chunks'
+/// records in order. Outputs built incrementally must equal a fresh record
+/// of the view's instances.
+#[derive(Default)]
+struct Recorder {
+    key: std::sync::OnceLock<crate::ExtraKey<Recorder>>,
+}
+
+fn record(service: &str, i: &crate::Instance) -> String {
+    format!(
+        "{service} {}/{} {:?} {}",
+        i.endpoint.node,
+        i.endpoint.id,
+        i.state,
+        i.endpoint.tags.join(",")
+    )
+}
+
+impl crate::ViewDecorator for Recorder {
+    type Chunk = Vec<String>;
+    type Output = Vec<String>;
+
+    fn decorate_chunk(&self, view: &crate::ViewHead<'_>, chunk: &crate::Chunk) -> Arc<Vec<String>> {
+        let out = chunk.instances().iter().map(|i| record(view.name, i));
+        Arc::new(out.collect())
+    }
+
+    fn decorate(
+        &self,
+        view: &crate::ServiceView,
+        change: &crate::ViewChange<'_>,
+    ) -> Arc<Vec<String>> {
+        assert!(
+            !change.added.is_empty() || !change.removed.is_empty() || view.index > 0,
+            "a view is decorated with what changed"
+        );
+        let key = *self.key.get().expect("key set");
+        let records = view.chunks().iter().flat_map(|chunk| {
+            chunk
+                .extra(key)
+                .expect("every chunk decorated")
+                .iter()
+                .cloned()
+        });
+        Arc::new(records.collect())
+    }
+}
+
+#[tokio::test]
+async fn chunked_views_change_only_what_a_write_touches_and_match_a_full_rebuild() {
+    let mut decorators = Decorators::default();
+    let recorder = Arc::new(Recorder::default());
+    let key = decorators.add(recorder.clone());
+    recorder.key.set(key).expect("once");
+    let metrics = Arc::new(RegistryMetrics::unregistered());
+    let (r, _writer) =
+        Registry::start_with(MemoryStore::default(), metrics, decorators.clone()).expect("start");
+    // One large service over 40 nodes, more than a few chunks.
+    let nodes: Vec<String> = (0..40).map(|n| format!("n{n:02}")).collect();
+    let mut batch = Batch {
+        nodes: nodes.iter().map(|n| node(n)).collect(),
+        ..Batch::default()
+    };
+    for (n, name) in nodes.iter().enumerate() {
+        for i in 0..100 {
+            let id = format!("e{i:03}");
+            let tags: &[&str] = if (n + i) % 3 == 0 {
+                &["Blue"]
+            } else {
+                &["green"]
+            };
+            batch.endpoints.push((
+                endpoint(name, &id, "web", tags),
+                vec![check(name, &id, Status::Passing)],
+            ));
+        }
+    }
+    r.apply(Command::Batch(batch)).await.expect("batch");
+    let view = r.snapshot().service("web").expect("web").clone();
+    assert_eq!(view.len(), 4000);
+    assert!(view.chunks().len() >= 4000 / switchyard_catalog::CHUNK);
+
+    let mut rng = fastrand::Rng::with_seed(11);
+    for step in 0..150 {
+        let before = r.snapshot();
+        let node_name = nodes[rng.usize(..nodes.len())].clone();
+        let node_name = node_name.as_str();
+        let id = format!("e{:03}", rng.usize(..130));
+        let command = match rng.u8(..12) {
+            0..=3 => {
+                let tags: &[&str] = match rng.u8(..4) {
+                    0 => &["Blue"],
+                    1 => &["green", "canary"],
+                    2 => &[],
+                    _ => &["green"],
+                };
+                let status = [Status::Passing, Status::Warning, Status::Critical][rng.usize(..3)];
+                Command::RegisterService {
+                    endpoint: endpoint(node_name, &id, "web", tags),
+                    checks: vec![check(node_name, &id, status)],
+                    replace_existing_checks: false,
+                }
+            }
+            4..=5 => Command::DeregisterService {
+                node: node_name.into(),
+                id: id.as_str().into(),
+            },
+            6 => Command::UpdateCheck {
+                node: node_name.into(),
+                id: format!("service:{id}").into(),
+                status: [Status::Passing, Status::Critical][rng.usize(..2)],
+                output: None,
+                require_ttl: false,
+            },
+            7 => Command::Drain {
+                node: node_name.into(),
+                deadline_ms: None,
+            },
+            8 => Command::Undrain {
+                node: node_name.into(),
+            },
+            9 => Command::NodeMaintenance {
+                node: node_name.into(),
+                enable: rng.bool(),
+                reason: None,
+            },
+            10 => {
+                // Many endpoints leave at once, as when a node is emptied.
+                let gone = (0..130)
+                    .map(|i| (Name::from(node_name), Name::from(format!("e{i:03}"))))
+                    .collect();
+                Command::Batch(Batch {
+                    deregister_endpoints: gone,
+                    ..Batch::default()
+                })
+            }
+            _ => Command::Redecorate(vec!["web".into()]),
+        };
+        let redecorate = matches!(command, Command::Redecorate(_));
+        let _ = r.apply(command).await;
+        let snap = r.snapshot();
+        let fresh = rebuilt(&snap);
+        same_lines(&observable(&snap), &observable(&fresh.snap), step);
+        let Some(view) = snap.service("web") else {
+            continue;
+        };
+        // Decorations follow the instances, chunk by chunk.
+        let expected: Vec<String> = view.instances().map(|i| record("web", i)).collect();
+        same_lines(view.extra(key).expect("view decorated"), &expected, step);
+        assert!(view
+            .chunks()
+            .iter()
+            .all(|c| c.instances().len() <= switchyard_catalog::CHUNK));
+        // Only the chunks holding the node that changed are new (two at the
+        // most when a small one took a neighbour along, or a full one split).
+        if let Some(old) = before.service("web") {
+            let new_chunks = view
+                .chunks()
+                .iter()
+                .filter(|c| !old.chunks().iter().any(|o| Arc::ptr_eq(o, c)))
+                .count();
+            if !redecorate && view.index != old.index {
+                assert!(
+                    new_chunks <= 4,
+                    "step {step}: {new_chunks} of {} chunks rebuilt",
+                    view.chunks().len()
+                );
+            }
+        }
+    }
 }
