@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use switchyard_catalog::{
-    Chunk, Instance, ServiceView, Status, ViewChange, ViewDecorator, ViewHead,
+    Chunk, ExtraKey, Instance, ServiceView, Status, ViewChange, ViewDecorator, ViewHead,
 };
 
 use crate::config::Config;
@@ -216,7 +216,12 @@ impl ViewDecorator for DnsDecorator {
         Arc::new(self.build(view.name, chunk.instances()))
     }
 
-    fn decorate(&self, _view: &ServiceView, _change: &ViewChange<'_>) -> Arc<()> {
+    fn decorate(
+        &self,
+        _view: &ServiceView,
+        _change: &ViewChange<'_>,
+        _key: ExtraKey<DnsDecorator>,
+    ) -> Arc<()> {
         Arc::new(())
     }
 }

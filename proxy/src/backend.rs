@@ -9,38 +9,50 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use switchyard_catalog::{
-    BusyEndpoint, Chunk, EndpointLoad, EndpointState, LoadReport, Name, ServiceLoad, ServiceView,
-    ViewChange, ViewDecorator, ViewHead,
+    BusyEndpoint, Chunk, EndpointLoad, EndpointState, ExtraKey, LoadReport, Name, ServiceLoad,
+    ServiceView, ViewChange, ViewDecorator, ViewHead,
 };
 
-use crate::balance::{Backend, Backends};
+use crate::balance::{Backend, BackendChunk, Backends};
 use crate::config::{Config, TcpConfig};
 use crate::metrics::ProxyMetrics;
-use crate::route::TagRoute;
+use crate::route::{TagRoute, TAG_PREFIX};
 use crate::shared::{ReloadPlan, ServiceEntry, Shared};
 use crate::stats::{now_ns, EndpointStats, ServiceStats};
+
+/// What the proxy keeps per view chunk (a decorator extra): the chunk's
+/// endpoints' stats and its backends.
+#[derive(Default)]
+pub struct ProxyChunk {
+    /// Every instance's stats, routable or not (drain status reads these).
+    all: Box<[Arc<EndpointStats>]>,
+    /// The routable endpoints with a usable address and a weight above 0.
+    backends: Arc<BackendChunk>,
+}
 
 /// What the proxy keeps per service view (a decorator extra).
 pub struct ProxyService {
     pub(crate) stats: Option<Arc<ServiceStats>>,
     /// The routable endpoints with a usable address and a weight above 0.
     pub(crate) backends: Backends,
-    /// Every instance's stats, routable or not (drain status reads these).
-    pub(crate) all: Box<[Arc<EndpointStats>]>,
+    chunks: Box<[Arc<ProxyChunk>]>,
 }
 
 impl ProxyService {
     /// `(node, endpoint id, requests in flight)` for every instance of the
     /// service, routable or not (what a drain waits on).
     pub fn in_flight(&self) -> impl Iterator<Item = (&str, &str, i64)> {
-        self.all.iter().map(|s| (&*s.node, &*s.id, s.in_flight()))
+        self.chunks
+            .iter()
+            .flat_map(|c| c.all.iter())
+            .map(|s| (&*s.node, &*s.id, s.in_flight()))
     }
 
     fn empty() -> ProxyService {
         ProxyService {
             stats: None,
             backends: Backends::default(),
-            all: Box::new([]),
+            chunks: Box::new([]),
         }
     }
 }
@@ -49,8 +61,9 @@ impl ProxyService {
 /// request that follows an API acknowledgment already sees the change.
 pub struct ProxyDecorator {
     pub(crate) shared: Arc<Shared>,
-    /// The value of every service no route names.
+    /// The value of every service no route names, and of its chunks.
     empty: Arc<ProxyService>,
+    empty_chunk: Arc<ProxyChunk>,
 }
 
 impl ProxyDecorator {
@@ -58,6 +71,7 @@ impl ProxyDecorator {
         ProxyDecorator {
             shared: Arc::new(Shared::new(config, tcp, metrics)),
             empty: Arc::new(ProxyService::empty()),
+            empty_chunk: Arc::new(ProxyChunk::default()),
         }
     }
 
@@ -145,19 +159,87 @@ impl LoadReport for ProxyLoad {
     }
 }
 
+impl ProxyDecorator {
+    /// Whether a config route, an L4 listener or the service's own tags
+    /// route traffic to it.
+    fn routed(&self, name: &str, tag_route: &Option<TagRoute>) -> bool {
+        tag_route.is_some() || self.shared.configured.load().contains(name)
+    }
+}
+
+/// Built per chunk (the chunk's endpoints' stats, found again by key so
+/// that counters survive, and its backends), then per view from the chunks:
+/// a change costs the chunks it touched.
 impl ViewDecorator for ProxyDecorator {
-    type Chunk = ();
+    type Chunk = ProxyChunk;
     type Output = ProxyService;
 
-    fn decorate_chunk(&self, _view: &ViewHead<'_>, _chunk: &Chunk) -> Arc<()> {
-        Arc::new(())
+    fn basis(&self, view: &ViewHead<'_>) -> u64 {
+        let tag_route = TagRoute::from_tags(view.tags_from(TAG_PREFIX));
+        u64::from(self.routed(view.name, &tag_route))
     }
 
-    fn decorate(&self, view: &ServiceView, _change: &ViewChange<'_>) -> Arc<ProxyService> {
+    fn decorate_chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Arc<ProxyChunk> {
         let shared = &self.shared;
-        let tags: Vec<String> = view.tags().map(str::to_string).collect();
-        let tag_route = TagRoute::from_tags(&tags);
-        let routed = tag_route.is_some() || shared.configured.load().contains(&*view.name);
+        if self.basis(view) == 0 {
+            return self.empty_chunk.clone();
+        }
+        let Ok(services) = shared.services.lock() else {
+            return self.empty_chunk.clone();
+        };
+        let known = services.get(view.name).map(|entry| &entry.endpoints);
+        let mut all = Vec::with_capacity(chunk.instances().len());
+        for instance in chunk.instances() {
+            let key = (instance.node.name.clone(), instance.endpoint.id.clone());
+            let stats = known.and_then(|k| k.get(&key)).cloned().unwrap_or_else(|| {
+                Arc::new(EndpointStats::new(
+                    key.1.clone(),
+                    key.0.clone(),
+                    shared.metrics.endpoint(view.name, &key.0, &key.1),
+                ))
+            });
+            stats.publish_state(instance);
+            all.push(stats);
+        }
+        drop(services);
+        let mut backends = Vec::with_capacity(chunk.routable().len());
+        for &pos in chunk.routable() {
+            let instance = &chunk.instances()[pos as usize];
+            let weights = &instance.endpoint.weights;
+            let weight = if instance.state == EndpointState::Warning {
+                weights.warning
+            } else {
+                weights.passing
+            };
+            let Ok(ip) = instance.address().parse::<IpAddr>() else {
+                tracing::debug!(service = %view.name, endpoint = %instance.endpoint.id,
+                    address = instance.address(), "endpoint address is not an IP; the proxy skips it");
+                continue;
+            };
+            if weight == 0 || instance.endpoint.port == 0 {
+                continue;
+            }
+            backends.push(Backend {
+                stats: all[pos as usize].clone(),
+                addr: SocketAddr::new(ip, instance.endpoint.port),
+                weight,
+            });
+        }
+        Arc::new(ProxyChunk {
+            all: all.into_boxed_slice(),
+            backends: Arc::new(BackendChunk::new(backends)),
+        })
+    }
+
+    fn decorate(
+        &self,
+        view: &ServiceView,
+        change: &ViewChange<'_>,
+        key: ExtraKey<ProxyDecorator>,
+    ) -> Arc<ProxyService> {
+        let shared = &self.shared;
+        let tag_route = TagRoute::from_tags(view.tags_from(TAG_PREFIX));
+        let routed = self.routed(&view.name, &tag_route);
         let Ok(mut services) = shared.services.lock() else {
             return self.empty.clone();
         };
@@ -180,65 +262,44 @@ impl ViewDecorator for ProxyDecorator {
                 endpoints: HashMap::new(),
                 tag_route: None,
             });
-        let mut endpoints = HashMap::with_capacity(view.len());
-        let mut all = Vec::with_capacity(view.len());
-        for instance in view.instances() {
-            let key = (instance.node.name.clone(), instance.endpoint.id.clone());
-            let stats = entry.endpoints.remove(&key).unwrap_or_else(|| {
-                Arc::new(EndpointStats::new(
-                    key.1.clone(),
-                    key.0.clone(),
-                    shared.metrics.endpoint(&view.name, &key.0, &key.1),
-                ))
-            });
-            stats.publish_state(instance);
-            all.push(stats.clone());
-            endpoints.insert(key, stats);
-        }
-        for (node, id) in entry.endpoints.keys() {
-            shared.metrics.forget_endpoint(&view.name, node, id);
-        }
-        entry.endpoints = endpoints;
-        let mut backends = Vec::with_capacity(view.routable_len());
-        let mut base = 0;
-        let routable = view.chunks().iter().flat_map(|chunk| {
-            let at = base;
-            base += chunk.instances().len();
-            chunk
-                .routable()
-                .iter()
-                .map(move |&p| (at + p as usize, &chunk.instances()[p as usize]))
-        });
-        for (pos, instance) in routable {
-            let weights = &instance.endpoint.weights;
-            let weight = if instance.state == EndpointState::Warning {
-                weights.warning
-            } else {
-                weights.passing
-            };
-            let Ok(ip) = instance.address().parse::<IpAddr>() else {
-                tracing::debug!(service = %view.name, endpoint = %instance.endpoint.id,
-                    address = instance.address(), "endpoint address is not an IP; the proxy skips it");
-                continue;
-            };
-            if weight == 0 || instance.endpoint.port == 0 {
-                continue;
+        // The endpoints of the replaced chunks leave the map, those of the
+        // new ones enter it; whoever is in neither any more is forgotten.
+        let proxied = |chunk: &Arc<Chunk>| chunk.extra_arc(key);
+        let mut gone = Vec::new();
+        for chunk in change.removed.iter().filter_map(&proxied) {
+            for stats in chunk.all.iter() {
+                let key = (stats.node.clone(), stats.id.clone());
+                if entry.endpoints.remove(&key).is_some() {
+                    gone.push(key);
+                }
             }
-            backends.push(Backend {
-                stats: all[pos].clone(),
-                addr: SocketAddr::new(ip, instance.endpoint.port),
-                weight,
-            });
+        }
+        for chunk in change.added.iter().filter_map(&proxied) {
+            for stats in chunk.all.iter() {
+                let key = (stats.node.clone(), stats.id.clone());
+                entry.endpoints.insert(key, stats.clone());
+            }
+        }
+        for (node, id) in gone {
+            if !entry.endpoints.contains_key(&(node.clone(), id.clone())) {
+                shared.metrics.forget_endpoint(&view.name, &node, &id);
+            }
         }
         let stats = entry.stats.clone();
         if entry.tag_route != tag_route {
             entry.tag_route = tag_route;
             shared.compile_routes(&services);
         }
+        drop(services);
+        let chunks: Box<[Arc<ProxyChunk>]> = view
+            .chunks()
+            .iter()
+            .map(|c| proxied(c).unwrap_or_else(|| self.empty_chunk.clone()))
+            .collect();
         Arc::new(ProxyService {
             stats: Some(stats),
-            backends: Backends::new(backends),
-            all: all.into_boxed_slice(),
+            backends: Backends::of(chunks.iter().map(|c| c.backends.clone())),
+            chunks,
         })
     }
 }

@@ -4,36 +4,162 @@
 //! built schedule and ring are made once per view.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::BalancerKind;
 pub(crate) use crate::stats::Backend;
 
-/// A view's routable backends (usable address, weight above 0), with what
-/// its balancers build from them once (the weighted schedule, the hash
-/// ring) and share (the round-robin cursor). Reads as the slice of backends.
+/// One view chunk's routable backends (usable address, weight above 0),
+/// as the proxy decorator builds them per chunk: shared by every view that
+/// keeps the chunk, with the chunk's cumulative weights and its lazily built
+/// share of the hash ring.
 #[derive(Default)]
-pub(crate) struct Backends {
+pub(crate) struct BackendChunk {
     list: Box<[Backend]>,
-    cursor: AtomicUsize,
-    schedule: OnceLock<Box<[u32]>>,
+    /// `weights[i]`: the total weight of `list[..i]` (one more entry than `list`).
+    weights: Box<[u64]>,
     ring: OnceLock<HashRing>,
 }
 
-impl Backends {
-    pub(crate) fn new(list: Vec<Backend>) -> Backends {
-        Backends {
-            list: list.into_boxed_slice(),
-            ..Backends::default()
+impl BackendChunk {
+    pub(crate) fn new(list: Vec<Backend>) -> BackendChunk {
+        let mut weights = Vec::with_capacity(list.len() + 1);
+        let mut total = 0u64;
+        weights.push(0);
+        for backend in &list {
+            total += u64::from(backend.weight);
+            weights.push(total);
         }
+        BackendChunk {
+            list: list.into_boxed_slice(),
+            weights: weights.into_boxed_slice(),
+            ring: OnceLock::new(),
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.weights.last().copied().unwrap_or(0)
+    }
+
+    fn ring(&self) -> &HashRing {
+        self.ring.get_or_init(|| HashRing::build(&self.list))
     }
 }
 
-impl std::ops::Deref for Backends {
-    type Target = [Backend];
+/// A view's routable backends: its chunks' lists read as one, indexed from
+/// 0, with what the balancers share per view (the round-robin cursor, and
+/// for a view of one chunk nginx's smooth weighted schedule). Building one
+/// costs the number of chunks, not of backends.
+#[derive(Default)]
+pub(crate) struct Backends {
+    /// The chunks that have backends.
+    chunks: Box<[Arc<BackendChunk>]>,
+    /// Index of each chunk's first backend, then the backend count.
+    starts: Box<[u32]>,
+    /// Total weight before each chunk, then the view's total.
+    weights: Box<[u64]>,
+    /// The step (coprime with the total weight) round robin takes through
+    /// the weight space of a view of several chunks.
+    stride: u64,
+    cursor: AtomicUsize,
+    schedule: OnceLock<Box<[u32]>>,
+}
 
-    fn deref(&self) -> &[Backend] {
-        &self.list
+impl Backends {
+    /// One list, as a view of one chunk (the tests' services).
+    #[cfg(test)]
+    pub(crate) fn new(list: Vec<Backend>) -> Backends {
+        Backends::of([Arc::new(BackendChunk::new(list))])
+    }
+
+    pub(crate) fn of(chunks: impl IntoIterator<Item = Arc<BackendChunk>>) -> Backends {
+        let chunks: Box<[Arc<BackendChunk>]> =
+            chunks.into_iter().filter(|c| !c.list.is_empty()).collect();
+        let mut starts = Vec::with_capacity(chunks.len() + 1);
+        let mut weights = Vec::with_capacity(chunks.len() + 1);
+        let (mut count, mut total) = (0u32, 0u64);
+        for chunk in chunks.iter() {
+            starts.push(count);
+            weights.push(total);
+            count += chunk.list.len() as u32;
+            total += chunk.total();
+        }
+        starts.push(count);
+        weights.push(total);
+        Backends {
+            chunks,
+            starts: starts.into_boxed_slice(),
+            weights: weights.into_boxed_slice(),
+            stride: stride(total),
+            ..Backends::default()
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.starts.last().map_or(0, |&n| n as usize)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Backend> + '_ {
+        self.chunks.iter().flat_map(|c| c.list.iter())
+    }
+
+    /// The chunk holding backend `index`, and the index in it.
+    fn locate(&self, index: u32) -> (usize, usize) {
+        let at = self
+            .starts
+            .partition_point(|&s| s <= index)
+            .saturating_sub(1);
+        (at, (index - self.starts[at]) as usize)
+    }
+
+    /// The backend whose share of the total weight holds `slot`.
+    fn at_weight(&self, slot: u64) -> u32 {
+        let at = self
+            .weights
+            .partition_point(|&w| w <= slot)
+            .saturating_sub(1);
+        let chunk = &self.chunks[at];
+        let slot = slot - self.weights[at];
+        let local = chunk
+            .weights
+            .partition_point(|&w| w <= slot)
+            .saturating_sub(1);
+        self.starts[at] + local as u32
+    }
+}
+
+impl std::ops::Index<usize> for Backends {
+    type Output = Backend;
+
+    fn index(&self, index: usize) -> &Backend {
+        let (at, local) = self.locate(index as u32);
+        &self.chunks[at].list[local]
+    }
+}
+
+/// About the golden section of `total`, moved to the next number coprime
+/// with it: consecutive turns land far apart, and `total` turns visit every
+/// slot once.
+fn stride(total: u64) -> u64 {
+    if total <= 1 {
+        return 1;
+    }
+    let mut step = ((total as f64 * 0.618_033_988_75) as u64).clamp(1, total - 1);
+    while gcd64(step, total) != 1 {
+        step += 1;
+    }
+    step
+}
+
+fn gcd64(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd64(b, a % b)
     }
 }
 
@@ -109,15 +235,16 @@ impl HashRing {
         }
     }
 
-    /// The first usable backend at or after `key` on the ring.
-    fn find(&self, key: u64, usable: impl Fn(u32) -> bool) -> Option<u32> {
+    /// The first point at or after `key` on the ring (looking at no more
+    /// than `limit` points) whose backend is usable.
+    fn find(&self, key: u64, usable: impl Fn(u32) -> bool, limit: usize) -> Option<(u64, u32)> {
         if self.points.is_empty() {
             return None;
         }
         let start = self.points.partition_point(|(h, _)| *h < key);
-        (0..self.points.len())
-            .map(|step| self.points[(start + step) % self.points.len()].1)
-            .find(|&i| usable(i))
+        (0..self.points.len().min(limit))
+            .map(|step| self.points[(start + step) % self.points.len()])
+            .find(|&(_, i)| usable(i))
     }
 }
 
@@ -189,48 +316,81 @@ fn pick_among(
     now: u64,
     rng: &mut fastrand::Rng,
 ) -> Option<u32> {
-    let backends: &[Backend] = set;
-    let n = backends.len();
+    let n = set.len();
+    let from = |start: usize| {
+        (0..n)
+            .map(|step| ((start + step) % n) as u32)
+            .find(|&i| usable(i))
+    };
     match kind {
-        BalancerKind::RoundRobin => {
-            let order = set.schedule.get_or_init(|| schedule(backends));
-            let start = set.cursor.fetch_add(1, Ordering::Relaxed);
-            (0..order.len())
-                .map(|step| order[(start + step) % order.len()])
-                .find(|&i| usable(i))
-        }
-        BalancerKind::Random => {
-            let start = rng.usize(..n);
-            (0..n)
-                .map(|step| ((start + step) % n) as u32)
-                .find(|&i| usable(i))
-        }
-        BalancerKind::ConsistentHash => match key {
-            Some(key) => set
-                .ring
-                .get_or_init(|| HashRing::build(backends))
-                .find(key, usable),
-            None => {
-                let start = rng.usize(..n);
-                (0..n)
-                    .map(|step| ((start + step) % n) as u32)
+        BalancerKind::RoundRobin => match &*set.chunks {
+            [one] => {
+                let order = set.schedule.get_or_init(|| schedule(&one.list));
+                let start = set.cursor.fetch_add(1, Ordering::Relaxed);
+                (0..order.len())
+                    .map(|step| order[(start + step) % order.len()])
                     .find(|&i| usable(i))
             }
+            // Many chunks: turn `c` takes the weight slot `c * stride` (mod
+            // the total), so each backend gets its weight's share of every
+            // round and consecutive turns land far apart.
+            _ => {
+                let total = set.weights.last().copied().unwrap_or(0);
+                let start = set.cursor.fetch_add(1, Ordering::Relaxed) as u64;
+                let slot = |turn: u64| {
+                    let slot =
+                        u128::from(turn % total) * u128::from(set.stride) % u128::from(total);
+                    set.at_weight(slot as u64)
+                };
+                (0..total.min(64))
+                    .map(|step| slot(start.wrapping_add(step)))
+                    .find(|&i| usable(i))
+                    .or_else(|| from(start as usize % n))
+            }
         },
-        BalancerKind::LeastRequest => p2c(backends, usable, rng, |b| {
+        BalancerKind::Random => from(rng.usize(..n)),
+        BalancerKind::ConsistentHash => match key {
+            Some(key) => ring_find(set, key, usable),
+            None => from(rng.usize(..n)),
+        },
+        BalancerKind::LeastRequest => p2c(set, usable, rng, |b| {
             (b.stats.in_flight().max(0) as f64 + 1.0) / f64::from(b.weight)
         }),
-        BalancerKind::PeakEwma => p2c(backends, usable, rng, |b| {
+        BalancerKind::PeakEwma => p2c(set, usable, rng, |b| {
             b.stats.latency_ns(now) * (b.stats.in_flight().max(0) as f64 + 1.0)
                 / f64::from(b.weight)
         }),
     }
 }
 
+/// The first usable backend clockwise from `key` on the ring of all the
+/// view's chunks: each chunk holds its backends' points, so the answer is
+/// the nearest of each chunk's first usable point.
+fn ring_find(set: &Backends, key: u64, usable: &dyn Fn(u32) -> bool) -> Option<u32> {
+    if let [one] = &*set.chunks {
+        return one.ring().find(key, usable, usize::MAX).map(|(_, i)| i);
+    }
+    let mut best: Option<(u64, u32)> = None;
+    for (at, chunk) in set.chunks.iter().enumerate() {
+        let base = set.starts[at];
+        let found = chunk.ring().find(key, |i| usable(base + i), 64);
+        if let Some((point, i)) = found {
+            let distance = point.wrapping_sub(key);
+            if best.is_none_or(|(d, _)| distance < d) {
+                best = Some((distance, base + i));
+            }
+        }
+    }
+    best.map(|(_, i)| i).or_else(|| {
+        let n = set.len();
+        (0..n as u32).find(|&i| usable(i))
+    })
+}
+
 /// Power of two choices: the cheaper of two distinct random usable backends
 /// (ties go to whichever was drawn first, so idle backends share evenly).
 fn p2c(
-    backends: &[Backend],
+    backends: &Backends,
     usable: &dyn Fn(u32) -> bool,
     rng: &mut fastrand::Rng,
     cost: impl Fn(&Backend) -> f64,

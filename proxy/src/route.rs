@@ -18,6 +18,9 @@ pub const HOST_TAG: &str = "switchyard.http.host=";
 /// Tag that publishes a service under a path prefix.
 pub const PATH_TAG: &str = "switchyard.http.path=";
 
+/// What every routing tag starts with.
+pub(crate) const TAG_PREFIX: &str = "switchyard.http.";
+
 /// The route a service publishes through its tags.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TagRoute {
@@ -27,13 +30,13 @@ pub(crate) struct TagRoute {
 
 impl TagRoute {
     /// Reads `switchyard.http.host=` / `switchyard.http.path=` from a view's
-    /// sorted distinct tags. `None` when the service publishes no route.
-    pub(crate) fn from_tags(tags: &[String]) -> Option<TagRoute> {
-        const PREFIX: &str = "switchyard.http.";
-        let start = tags.partition_point(|t| t.as_str() < PREFIX);
+    /// sorted distinct tags (from `TAG_PREFIX` on, or all of them). `None`
+    /// when the service publishes no route.
+    pub(crate) fn from_tags<'a>(tags: impl IntoIterator<Item = &'a str>) -> Option<TagRoute> {
         let mut hosts = Vec::new();
         let mut path = None;
-        for tag in tags[start..].iter().take_while(|t| t.starts_with(PREFIX)) {
+        let tags = tags.into_iter().skip_while(|t| *t < TAG_PREFIX);
+        for tag in tags.take_while(|t| t.starts_with(TAG_PREFIX)) {
             if let Some(host) = tag.strip_prefix(HOST_TAG) {
                 hosts.push(host.to_string());
             } else if let Some(p) = tag.strip_prefix(PATH_TAG) {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use switchyard_catalog::{unix_ms, Instance, Name};
 
+use crate::balance::Backends;
 use crate::config::OutlierConfig;
 use crate::metrics::{EndpointMetrics, ServiceMetrics};
 
@@ -245,7 +246,7 @@ impl EndpointStats {
         now: u64,
         outlier: &OutlierConfig,
         service: &ServiceStats,
-        peers: &[Backend],
+        peers: &Backends,
     ) -> bool {
         let streak = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if outlier.consecutive_failures == 0
@@ -337,7 +338,7 @@ impl ServiceStats {
     /// so a service reached only over HTTP/2, TLS or L4 leaves fail-open too.
     /// A retry that falls back to an ejected endpoint has merely run out of
     /// others: it speaks for nothing.
-    pub(crate) fn after_pick(&self, fail_open: bool, first: bool, backends: &[Backend], now: u64) {
+    pub(crate) fn after_pick(&self, fail_open: bool, first: bool, backends: &Backends, now: u64) {
         if fail_open && first {
             self.set_fail_open(true, "every endpoint is ejected");
         } else if self.is_fail_open() && !backends.iter().any(|b| b.stats.is_ejected(now)) {
@@ -393,6 +394,7 @@ pub(crate) fn nanos(d: Duration) -> u64 {
 
 /// One routable endpoint as the balancers see it: its stats, where to
 /// reach it, and its weight in this view.
+#[derive(Clone)]
 pub(crate) struct Backend {
     pub(crate) stats: Arc<EndpointStats>,
     pub(crate) addr: SocketAddr,

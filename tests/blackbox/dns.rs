@@ -624,3 +624,61 @@ fn any_over_udp_goes_to_tcp_and_one_client_is_rate_limited() {
         .expect("rate-limit metric");
     assert!(limited >= 1.0, "{limited}");
 }
+
+/// A service of 1,100 endpoints (views hold it in chunks): every record is
+/// sent once across chunks, and a change anywhere in it shows at once.
+#[test]
+fn a_large_service_answers_each_record_once_and_follows_each_change() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let nodes: Vec<_> = (0..100)
+        .map(|n| json!({"name": format!("n{n:03}"), "address": format!("10.8.0.{}", n + 1)}))
+        .collect();
+    let endpoints: Vec<_> = (0..1100)
+        .map(|e| {
+            json!({"node": format!("n{:03}", e / 11), "service": "big",
+                   "id": format!("e{e:04}"), "port": 9000 + e})
+        })
+        .collect();
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"nodes": nodes, "endpoints": endpoints}).to_string(),
+    );
+    let dns = agent.dns;
+    let node_ip = |n: usize| ip(&format!("10.8.0.{}", n + 1));
+    let check = |expect_ips: &[IpAddr], srv: usize| {
+        let (m, _) = ask(dns, "big.service.consul", RecordType::A, None, Via::Tcp);
+        let got = ips(&m.answers);
+        let mut want = expect_ips.to_vec();
+        want.sort();
+        assert_eq!(got, want, "each address once, across chunks");
+        let (m, _) = ask(dns, "big.service.consul", RecordType::SRV, None, Via::Tcp);
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), srv, "one SRV per endpoint");
+        let mut owners: Vec<String> = m.additionals.iter().map(|r| r.name.to_string()).collect();
+        let all = owners.len();
+        owners.sort();
+        owners.dedup();
+        assert_eq!(owners.len(), all, "each SRV target's record once");
+        assert_eq!(all, expect_ips.len(), "one additional per target");
+    };
+    let mut expect: Vec<IpAddr> = (0..100).map(node_ip).collect();
+    check(&expect, 1100);
+
+    // One endpoint leaves from the middle, a node drains, another endpoint
+    // arrives with an address of its own.
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"deregister": [{"node": "n050", "id": "e0551"}]}).to_string(),
+    );
+    c.put_ok("/v1/switchyard/nodes/n070/drain", "");
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"endpoints": [{"node": "n020", "service": "big", "id": "own",
+            "address": "10.9.9.9", "port": 7000}]})
+        .to_string(),
+    );
+    expect.retain(|&a| a != node_ip(70));
+    expect.push(ip("10.9.9.9"));
+    check(&expect, 1100 - 1 - 11 + 1);
+}

@@ -1745,3 +1745,74 @@ fn a_routes_connect_timeout_holds_over_http2() {
         "waited {waited:?} for a 300 ms connect timeout"
     );
 }
+
+/// 1,100 endpoints (more than one chunk of a view), of which only real
+/// upstreams on nodes far apart pass: every change to one of them reaches the
+/// very next requests, as in a small service.
+#[test]
+fn a_large_service_routes_across_its_chunks_and_follows_each_change() {
+    let (agent, _dir) =
+        agent_with("[[http.routes]]\nservice = \"big\"\nbalancer = \"round_robin\"\n");
+    let c = agent.client();
+    let ups = [
+        Upstream::start("one"),
+        Upstream::start("two"),
+        Upstream::start("three"),
+    ];
+    let placed = [(5, &ups[0]), (50, &ups[1]), (95, &ups[2])];
+    let nodes: Vec<_> = (0..100)
+        .map(|n| json!({"name": format!("n{n:03}"), "address": "127.0.0.1"}))
+        .collect();
+    let mut endpoints = Vec::new();
+    for n in 0..100 {
+        for i in 0..11 {
+            // Critical until a TTL pass: never routed.
+            endpoints.push(json!({"node": format!("n{n:03}"), "service": "big",
+                "id": format!("e{n:03}-{i:02}"), "port": 1, "checks": [{"ttl": "1h"}]}));
+        }
+    }
+    for (n, up) in placed {
+        endpoints.push(
+            json!({"node": format!("n{n:03}"), "service": "big", "id": up.name,
+            "address": "127.0.0.1", "port": up.addr.port()}),
+        );
+    }
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"nodes": nodes, "endpoints": endpoints}).to_string(),
+    );
+    let summary = c.get_ok("/v1/switchyard/services").json();
+    let big = summary
+        .as_array()
+        .and_then(|s| s.iter().find(|v| v["name"] == "big"))
+        .cloned()
+        .expect("big listed");
+    assert_eq!(big["endpoints"], 1103);
+    assert_eq!(big["routable"], 3);
+
+    let seen = counts(agent.http, "h", 30);
+    assert_eq!(seen.len(), 3, "round robin reaches every chunk: {seen:?}");
+    for up in &ups {
+        assert_eq!(seen.get(&up.name), Some(&10), "{seen:?}");
+    }
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"deregister": [{"node": "n050", "id": "two"}]}).to_string(),
+    );
+    let seen = counts(agent.http, "h", 20);
+    assert_eq!(seen.get("two"), None, "{seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    c.put_ok("/v1/switchyard/nodes/n095/drain", "");
+    let seen = counts(agent.http, "h", 10);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["one"], "{seen:?}");
+    let four = Upstream::start("four");
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &json!({"endpoints": [{"node": "n060", "service": "big", "id": "four",
+            "address": "127.0.0.1", "port": four.addr.port()}]})
+        .to_string(),
+    );
+    let seen = counts(agent.http, "h", 20);
+    assert_eq!(seen.get("one"), Some(&10), "{seen:?}");
+    assert_eq!(seen.get("four"), Some(&10), "{seen:?}");
+}

@@ -269,3 +269,116 @@ fn the_ejection_cap_keeps_endpoints_in_and_reports_fail_open() {
     assert!(stats.is_fail_open());
     assert_eq!(metrics.service("svc").fail_open.get(), 1);
 }
+
+/// The same backends as `service_named`, in chunks of `size`, as a view of
+/// more than 512 endpoints holds them.
+fn chunked(svc: &Svc, size: usize) -> Backends {
+    let list: Vec<Backend> = svc.backends.iter().cloned().collect();
+    Backends::of(
+        list.chunks(size)
+            .map(|part| Arc::new(BackendChunk::new(part.to_vec()))),
+    )
+}
+
+#[test]
+fn chunked_backends_index_as_one_list() {
+    let ids: Vec<String> = (0..10).map(|i| format!("ep-{i}")).collect();
+    let svc = service_named(&ids, &[1; 10]);
+    let set = chunked(&svc, 3);
+    assert_eq!(set.len(), 10);
+    for i in 0..10 {
+        assert_eq!(set[i].stats.id, svc.backends[i].stats.id);
+    }
+    let listed: Vec<_> = set.iter().map(|b| b.stats.id.clone()).collect();
+    let expected: Vec<_> = svc.backends.iter().map(|b| b.stats.id.clone()).collect();
+    assert_eq!(listed, expected);
+}
+
+#[test]
+fn round_robin_over_chunks_gives_each_its_weight_per_round_without_bursts() {
+    let weights: Vec<u32> = (0..9).map(|i| 1 + i % 3).collect();
+    let ids: Vec<String> = (0..9).map(|i| format!("ep-{i}")).collect();
+    let svc = service_named(&ids, &weights);
+    let set = chunked(&svc, 4);
+    let total: u32 = weights.iter().sum();
+    let mut rng = fastrand::Rng::with_seed(2);
+    let mut got = vec![0u32; 9];
+    let mut last = u32::MAX;
+    let mut repeats = 0;
+    for _ in 0..total * 5 {
+        let (i, _) = pick(
+            &set,
+            BalancerKind::RoundRobin,
+            None,
+            &Tried::default(),
+            0,
+            &mut rng,
+        )
+        .expect("pick");
+        got[i as usize] += 1;
+        repeats += u32::from(i == last);
+        last = i;
+    }
+    let want: Vec<u32> = weights.iter().map(|w| w * 5).collect();
+    assert_eq!(got, want, "five whole rounds");
+    assert!(repeats <= total / 4, "{repeats} back-to-back picks");
+}
+
+#[test]
+fn consistent_hash_over_chunks_is_the_ring_of_one_list() {
+    let ids: Vec<String> = (0..12).map(|i| format!("ep-{i}")).collect();
+    let svc = service_named(&ids, &[1, 2, 1, 1, 3, 1, 1, 1, 2, 1, 1, 1]);
+    let set = chunked(&svc, 5);
+    let mut rng = fastrand::Rng::with_seed(4);
+    let mut tried = Tried::default();
+    tried.add(3);
+    for k in 0..2000u64 {
+        let key = hash64(&k.to_le_bytes());
+        for tried in [&Tried::default(), &tried] {
+            let one = pick(
+                &svc.backends,
+                BalancerKind::ConsistentHash,
+                Some(key),
+                tried,
+                0,
+                &mut rng,
+            );
+            let many = pick(
+                &set,
+                BalancerKind::ConsistentHash,
+                Some(key),
+                tried,
+                0,
+                &mut rng,
+            );
+            assert_eq!(one, many, "key {k}");
+        }
+    }
+}
+
+#[test]
+fn every_balancer_over_chunks_skips_tried_backends() {
+    let ids: Vec<String> = (0..7).map(|i| format!("ep-{i}")).collect();
+    let svc = service_named(&ids, &[1; 7]);
+    let set = chunked(&svc, 2);
+    let mut rng = fastrand::Rng::with_seed(6);
+    let mut tried = Tried::default();
+    for i in [0, 1, 2, 3, 4, 6] {
+        tried.add(i);
+    }
+    for kind in [
+        BalancerKind::RoundRobin,
+        BalancerKind::Random,
+        BalancerKind::ConsistentHash,
+        BalancerKind::LeastRequest,
+        BalancerKind::PeakEwma,
+    ] {
+        for _ in 0..20 {
+            assert_eq!(
+                pick(&set, kind, Some(rng.u64(..)), &tried, 0, &mut rng),
+                Some((5, false)),
+                "{kind:?}"
+            );
+        }
+    }
+}

@@ -58,9 +58,8 @@ fn tag_routes_join_config_routes_and_lose_ties() {
     ];
     let mut sorted = tags.to_vec();
     sorted.sort();
-    let from_tags = TagRoute::from_tags(&sorted).expect("route tags");
-    let only_path =
-        TagRoute::from_tags(&["switchyard.http.path=/orders".to_string()]).expect("path");
+    let from_tags = TagRoute::from_tags(sorted.iter().map(String::as_str)).expect("route tags");
+    let only_path = TagRoute::from_tags(["switchyard.http.path=/orders"]).expect("path");
     let table = RouteTable::compile(
         &config,
         [
@@ -72,7 +71,7 @@ fn tag_routes_join_config_routes_and_lose_ties() {
     assert_eq!(find(&table, "shop.test", "/"), Some("configured"));
     assert_eq!(find(&table, "eu.shop.test", "/"), Some("tagged"));
     assert_eq!(find(&table, "anything", "/orders/7"), Some("orders"));
-    assert_eq!(TagRoute::from_tags(&["v1".to_string()]), None);
+    assert_eq!(TagRoute::from_tags(["v1"]), None);
 }
 
 #[test]

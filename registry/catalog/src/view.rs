@@ -42,6 +42,16 @@ impl ViewHead<'_> {
     pub fn tags(&self) -> impl Iterator<Item = &str> + '_ {
         self.tags.keys().map(|t| &**t)
     }
+
+    /// The distinct tags from `from` on, sorted.
+    pub fn tags_from<'a>(&'a self, from: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        tags_from(self.tags, from)
+    }
+}
+
+fn tags_from<'a>(tags: &'a OrdMap<Name, u32>, from: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    tags.range::<_, str>((Bound::Included(from), Bound::Unbounded))
+        .map(|(t, _)| &**t)
 }
 
 /// Which chunks a new view replaced: decorators that keep state per instance
@@ -72,16 +82,24 @@ pub trait ViewDecorator: Send + Sync + 'static {
 
     fn decorate_chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Arc<Self::Chunk>;
 
-    /// Runs after the view's chunks are decorated. Cost should follow
-    /// `change` and the number of chunks, not the number of instances.
-    fn decorate(&self, view: &ServiceView, change: &ViewChange<'_>) -> Arc<Self::Output>;
+    /// Runs after the view's chunks are decorated (`key` finds this
+    /// decorator's chunk outputs). Cost should follow `change` and the number
+    /// of chunks, not the number of instances.
+    fn decorate(
+        &self,
+        view: &ServiceView,
+        change: &ViewChange<'_>,
+        key: ExtraKey<Self>,
+    ) -> Arc<Self::Output>
+    where
+        Self: Sized;
 }
 
 /// A decorator with its output types erased, as the writer runs it.
 trait AnyDecorator: Send + Sync {
     fn basis(&self, view: &ViewHead<'_>) -> u64;
     fn chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Extra;
-    fn view(&self, view: &ServiceView, change: &ViewChange<'_>) -> Extra;
+    fn view(&self, view: &ServiceView, change: &ViewChange<'_>, at: usize) -> Extra;
 }
 
 impl<D: ViewDecorator> AnyDecorator for D {
@@ -93,8 +111,12 @@ impl<D: ViewDecorator> AnyDecorator for D {
         self.decorate_chunk(view, chunk)
     }
 
-    fn view(&self, view: &ServiceView, change: &ViewChange<'_>) -> Extra {
-        self.decorate(view, change)
+    fn view(&self, view: &ServiceView, change: &ViewChange<'_>, at: usize) -> Extra {
+        let key = ExtraKey {
+            at,
+            of: PhantomData,
+        };
+        self.decorate(view, change, key)
     }
 }
 
@@ -269,6 +291,11 @@ impl Chunk {
         self.extras.get(key.at)
     }
 
+    /// Like `extra`, as a shared handle that outlives this borrow.
+    pub fn extra_arc<D: ViewDecorator>(&self, key: ExtraKey<D>) -> Option<Arc<D::Chunk>> {
+        self.extras.0.get(key.at)?.clone().downcast().ok()
+    }
+
     fn first(&self) -> &Instance {
         &self.instances[0]
     }
@@ -377,6 +404,11 @@ impl ServiceView {
     /// Distinct tags over all instances, sorted.
     pub fn tags(&self) -> impl Iterator<Item = &str> + '_ {
         self.tags.keys().map(|t| &**t)
+    }
+
+    /// The distinct tags from `from` on, sorted.
+    pub fn tags_from<'a>(&'a self, from: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        tags_from(&self.tags, from)
     }
 
     pub fn tag_count(&self) -> usize {
@@ -555,10 +587,8 @@ impl ServiceView {
                 removed: &removed,
                 added: &added,
             };
-            let extras = decorators
-                .0
-                .iter()
-                .map(|d| d.view(&view, &change))
+            let extras = (decorators.0.iter().enumerate())
+                .map(|(at, d)| d.view(&view, &change, at))
                 .collect();
             view.extras = Extras(extras);
         }

@@ -908,10 +908,7 @@ fn same_lines(got: &[String], want: &[String], step: usize) {
 /// Records, per chunk, each instance's key and state; per view, the chunks'
 /// records in order. Outputs built incrementally must equal a fresh record
 /// of the view's instances.
-#[derive(Default)]
-struct Recorder {
-    key: std::sync::OnceLock<crate::ExtraKey<Recorder>>,
-}
+struct Recorder;
 
 fn record(service: &str, i: &crate::Instance) -> String {
     format!(
@@ -936,12 +933,12 @@ impl crate::ViewDecorator for Recorder {
         &self,
         view: &crate::ServiceView,
         change: &crate::ViewChange<'_>,
+        key: crate::ExtraKey<Recorder>,
     ) -> Arc<Vec<String>> {
         assert!(
             !change.added.is_empty() || !change.removed.is_empty() || view.index > 0,
             "a view is decorated with what changed"
         );
-        let key = *self.key.get().expect("key set");
         let records = view.chunks().iter().flat_map(|chunk| {
             chunk
                 .extra(key)
@@ -956,9 +953,7 @@ impl crate::ViewDecorator for Recorder {
 #[tokio::test]
 async fn chunked_views_change_only_what_a_write_touches_and_match_a_full_rebuild() {
     let mut decorators = Decorators::default();
-    let recorder = Arc::new(Recorder::default());
-    let key = decorators.add(recorder.clone());
-    recorder.key.set(key).expect("once");
+    let key = decorators.add(Arc::new(Recorder));
     let metrics = Arc::new(RegistryMetrics::unregistered());
     let (r, _writer) =
         Registry::start_with(MemoryStore::default(), metrics, decorators.clone()).expect("start");
