@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::churn::{get_json, http, put, start_agent};
+use crate::churn::{get_json, http, put, start_agent, start_agent_with};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -23,6 +23,13 @@ pub(crate) struct Args {
     /// Single-endpoint changes measured per size (each a registration and a deregistration).
     #[arg(long, default_value_t = 200)]
     changes: usize,
+    /// Route the service through the proxy (its backends are then built too).
+    #[arg(long)]
+    routed: bool,
+    /// Endpoints per change: above 1, each change is one batch of this many
+    /// registrations (`/v1/switchyard/batch`) and one of their deregistrations.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
 }
 
 fn publish_seconds(api: &str) -> anyhow::Result<(f64, f64)> {
@@ -30,6 +37,9 @@ fn publish_seconds(api: &str) -> anyhow::Result<(f64, f64)> {
         .get(format!("{api}/metrics"))
         .call()?
         .body_mut()
+        .with_config()
+        // A routed service of 100k endpoints has metrics for each.
+        .limit(1 << 30)
         .read_to_string()?;
     let value = |name: &str| -> f64 {
         text.lines()
@@ -52,7 +62,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     println!("| endpoints in the service | register: client µs (median) | deregister: client µs (median) | publish µs per write (mean) |");
     println!("|---|---|---|---|");
     for &size in &args.sizes {
-        let agent = start_agent(&args.agent)?;
+        let agent = if args.routed {
+            start_agent_with(&args.agent, "[[http.routes]]\nservice = \"big\"\n")?
+        } else {
+            start_agent(&args.agent)?
+        };
         let client = http();
         let nodes = size.div_ceil(100).max(1);
         let node_list: Vec<Value> = (0..nodes)
@@ -81,11 +95,37 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let (sum0, count0) = publish_seconds(&agent.api)?;
         let (mut reg, mut dereg) = (Vec::new(), Vec::new());
         for i in 0..args.changes {
-            let body = json!({"Node": "node-0", "Address": "10.0.0.0", "Service": {"ID": format!("extra-{i}"), "Service": "big", "Port": 9000}});
+            // Spread over the service: each change lands on another node.
+            let n = i * 7919 % nodes;
+            let node = format!("node-{n}");
+            let address = format!("10.{}.{}.{}", n >> 16 & 255, n >> 8 & 255, n & 255);
+            if args.batch > 1 {
+                let ids: Vec<String> = (0..args.batch).map(|b| format!("extra-{i}-{b}")).collect();
+                let endpoints: Vec<Value> = ids
+                    .iter()
+                    .map(|id| json!({"node": node, "service": "big", "id": id, "port": 9000}))
+                    .collect();
+                let started = Instant::now();
+                put(
+                    &client,
+                    &batch,
+                    json!({ "endpoints": endpoints }).to_string(),
+                )?;
+                reg.push(started.elapsed().as_secs_f64() * 1e6);
+                let gone: Vec<Value> = ids
+                    .iter()
+                    .map(|id| json!({"node": node, "id": id}))
+                    .collect();
+                let started = Instant::now();
+                put(&client, &batch, json!({ "deregister": gone }).to_string())?;
+                dereg.push(started.elapsed().as_secs_f64() * 1e6);
+                continue;
+            }
+            let body = json!({"Node": node, "Address": address, "Service": {"ID": format!("extra-{i}"), "Service": "big", "Port": 9000}});
             let started = Instant::now();
             put(&client, &register, body.to_string())?;
             reg.push(started.elapsed().as_secs_f64() * 1e6);
-            let body = json!({"Node": "node-0", "ServiceID": format!("extra-{i}")});
+            let body = json!({"Node": node, "ServiceID": format!("extra-{i}")});
             let started = Instant::now();
             put(&client, &deregister, body.to_string())?;
             dereg.push(started.elapsed().as_secs_f64() * 1e6);

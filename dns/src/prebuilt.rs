@@ -212,7 +212,12 @@ impl ViewDecorator for DnsDecorator {
     type Chunk = DnsService;
     type Output = ();
 
-    fn decorate_chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Arc<DnsService> {
+    fn decorate_chunk(
+        &self,
+        view: &ViewHead<'_>,
+        chunk: &Chunk,
+        _key: ExtraKey<DnsDecorator>,
+    ) -> Arc<DnsService> {
         Arc::new(self.build(view.name, chunk.instances()))
     }
 

@@ -3,14 +3,13 @@
 //! for the proxy (`ProxyService`), and the proxy's answer to the registry's
 //! question of live load (drain status, the dashboard).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use switchyard_catalog::{
-    BusyEndpoint, Chunk, EndpointLoad, EndpointState, ExtraKey, LoadReport, Name, ServiceLoad,
-    ServiceView, ViewChange, ViewDecorator, ViewHead,
+    BusyEndpoint, Chunk, EndpointLoad, EndpointState, ExtraKey, Instance, LoadReport, Name,
+    ServiceLoad, ServiceView, ViewChange, ViewDecorator, ViewHead,
 };
 
 use crate::balance::{Backend, BackendChunk, Backends};
@@ -159,6 +158,19 @@ impl LoadReport for ProxyLoad {
     }
 }
 
+/// An instance's place in its view.
+fn instance_key(i: &Instance) -> (&str, &str) {
+    (&i.endpoint.node, &i.endpoint.id)
+}
+
+/// The very same records (the writer reuses an instance whose node did not
+/// change): its published state stands.
+fn same_instance(a: &Instance, b: &Instance) -> bool {
+    Arc::ptr_eq(&a.endpoint, &b.endpoint)
+        && Arc::ptr_eq(&a.node, &b.node)
+        && Arc::ptr_eq(&a.checks, &b.checks)
+}
+
 impl ProxyDecorator {
     /// Whether a config route, an L4 listener or the service's own tags
     /// route traffic to it.
@@ -179,7 +191,12 @@ impl ViewDecorator for ProxyDecorator {
         u64::from(self.routed(view.name, &tag_route))
     }
 
-    fn decorate_chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Arc<ProxyChunk> {
+    fn decorate_chunk(
+        &self,
+        view: &ViewHead<'_>,
+        chunk: &Chunk,
+        key: ExtraKey<ProxyDecorator>,
+    ) -> Arc<ProxyChunk> {
         let shared = &self.shared;
         if self.basis(view) == 0 {
             return self.empty_chunk.clone();
@@ -188,8 +205,29 @@ impl ViewDecorator for ProxyDecorator {
             return self.empty_chunk.clone();
         };
         let known = services.get(view.name).map(|entry| &entry.endpoints);
+        // The replaced chunks' instances and stats, walked beside this
+        // chunk's (both sorted by node, id): most are found there, with no
+        // lookup in the service's map of every endpoint.
+        let first = chunk.instances().first().map(instance_key);
+        let from = view
+            .replaced
+            .partition_point(|c| c.instances().last().map(instance_key) < first);
+        let mut before = view.replaced[from..]
+            .iter()
+            .filter_map(|c| Some(c.instances().iter().zip(c.extra(key)?.all.iter())))
+            .flatten()
+            .peekable();
         let mut all = Vec::with_capacity(chunk.instances().len());
         for instance in chunk.instances() {
+            let at = instance_key(instance);
+            while before.next_if(|(i, _)| instance_key(i) < at).is_some() {}
+            if let Some((old, stats)) = before.next_if(|(i, _)| instance_key(i) == at) {
+                if !same_instance(old, instance) {
+                    stats.publish_state(instance);
+                }
+                all.push(stats.clone());
+                continue;
+            }
             let key = (instance.node.name.clone(), instance.endpoint.id.clone());
             let stats = known.and_then(|k| k.get(&key)).cloned().unwrap_or_else(|| {
                 Arc::new(EndpointStats::new(
@@ -259,31 +297,40 @@ impl ViewDecorator for ProxyDecorator {
                     view.name.clone(),
                     shared.metrics.service(&view.name),
                 )),
-                endpoints: HashMap::new(),
+                endpoints: foldhash::HashMap::default(),
                 tag_route: None,
             });
         // The endpoints of the replaced chunks leave the map, those of the
         // new ones enter it; whoever is in neither any more is forgotten.
+        // Most are the same stats in both (found again by key): only the
+        // others touch the map.
         let proxied = |chunk: &Arc<Chunk>| chunk.extra_arc(key);
-        let mut gone = Vec::new();
-        for chunk in change.removed.iter().filter_map(&proxied) {
-            for stats in chunk.all.iter() {
-                let key = (stats.node.clone(), stats.id.clone());
-                if entry.endpoints.remove(&key).is_some() {
-                    gone.push(key);
-                }
+        let stats_of = |chunks: &[Arc<Chunk>]| -> Vec<Arc<EndpointStats>> {
+            let mut list: Vec<_> = (chunks.iter().filter_map(&proxied))
+                .flat_map(|c| c.all.to_vec())
+                .collect();
+            list.sort_unstable_by_key(Arc::as_ptr);
+            list
+        };
+        let (before, after) = (stats_of(change.removed), stats_of(change.added));
+        let kept = |list: &[Arc<EndpointStats>], s: &Arc<EndpointStats>| {
+            list.binary_search_by_key(&Arc::as_ptr(s), Arc::as_ptr)
+                .is_ok()
+        };
+        for stats in before.iter().filter(|s| !kept(&after, s)) {
+            let key = (stats.node.clone(), stats.id.clone());
+            if entry
+                .endpoints
+                .get(&key)
+                .is_some_and(|s| Arc::ptr_eq(s, stats))
+            {
+                entry.endpoints.remove(&key);
+                shared.metrics.forget_endpoint(&view.name, &key.0, &key.1);
             }
         }
-        for chunk in change.added.iter().filter_map(&proxied) {
-            for stats in chunk.all.iter() {
-                let key = (stats.node.clone(), stats.id.clone());
-                entry.endpoints.insert(key, stats.clone());
-            }
-        }
-        for (node, id) in gone {
-            if !entry.endpoints.contains_key(&(node.clone(), id.clone())) {
-                shared.metrics.forget_endpoint(&view.name, &node, &id);
-            }
+        for stats in after.iter().filter(|s| !kept(&before, s)) {
+            let key = (stats.node.clone(), stats.id.clone());
+            entry.endpoints.insert(key, stats.clone());
         }
         let stats = entry.stats.clone();
         if entry.tag_route != tag_route {
@@ -303,3 +350,6 @@ impl ViewDecorator for ProxyDecorator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,7 +17,9 @@ use crate::stats::{EndpointStats, ServiceStats};
 
 pub(crate) struct ServiceEntry {
     pub(crate) stats: Arc<ServiceStats>,
-    pub(crate) endpoints: HashMap<(Name, Name), Arc<EndpointStats>>,
+    /// By (node, id); foldhash: a write looks up every endpoint of the
+    /// chunks it rebuilt.
+    pub(crate) endpoints: foldhash::HashMap<(Name, Name), Arc<EndpointStats>>,
     pub(crate) tag_route: Option<TagRoute>,
 }
 

@@ -35,6 +35,10 @@ pub type Extra = Arc<dyn Any + Send + Sync>;
 pub struct ViewHead<'a> {
     pub name: &'a Name,
     tags: &'a OrdMap<Name, u32>,
+    /// The previous view's chunks that the new chunks replace, in key order
+    /// (with their decorator outputs): a decorator that keeps state per
+    /// instance finds it here by walking both in order.
+    pub replaced: &'a [Arc<Chunk>],
 }
 
 impl ViewHead<'_> {
@@ -80,7 +84,16 @@ pub trait ViewDecorator: Send + Sync + 'static {
         0
     }
 
-    fn decorate_chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Arc<Self::Chunk>;
+    /// Builds a chunk's output (`key` finds this decorator's outputs of the
+    /// chunks in `view.replaced`).
+    fn decorate_chunk(
+        &self,
+        view: &ViewHead<'_>,
+        chunk: &Chunk,
+        key: ExtraKey<Self>,
+    ) -> Arc<Self::Chunk>
+    where
+        Self: Sized;
 
     /// Runs after the view's chunks are decorated (`key` finds this
     /// decorator's chunk outputs). Cost should follow `change` and the number
@@ -98,7 +111,7 @@ pub trait ViewDecorator: Send + Sync + 'static {
 /// A decorator with its output types erased, as the writer runs it.
 trait AnyDecorator: Send + Sync {
     fn basis(&self, view: &ViewHead<'_>) -> u64;
-    fn chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Extra;
+    fn chunk(&self, view: &ViewHead<'_>, chunk: &Chunk, at: usize) -> Extra;
     fn view(&self, view: &ServiceView, change: &ViewChange<'_>, at: usize) -> Extra;
 }
 
@@ -107,8 +120,12 @@ impl<D: ViewDecorator> AnyDecorator for D {
         ViewDecorator::basis(self, view)
     }
 
-    fn chunk(&self, view: &ViewHead<'_>, chunk: &Chunk) -> Extra {
-        self.decorate_chunk(view, chunk)
+    fn chunk(&self, view: &ViewHead<'_>, chunk: &Chunk, at: usize) -> Extra {
+        let key = ExtraKey {
+            at,
+            of: PhantomData,
+        };
+        self.decorate_chunk(view, chunk, key)
     }
 
     fn view(&self, view: &ServiceView, change: &ViewChange<'_>, at: usize) -> Extra {
@@ -153,7 +170,9 @@ impl Decorators {
 
     fn chunk(&self, head: &ViewHead<'_>, chunk: &mut Chunk) {
         if !self.is_empty() {
-            let extras = self.0.iter().map(|d| d.chunk(head, chunk)).collect();
+            let extras = (self.0.iter().enumerate())
+                .map(|(at, d)| d.chunk(head, chunk, at))
+                .collect();
             chunk.extras = Extras(extras);
         }
     }
@@ -541,7 +560,11 @@ impl ServiceView {
             passing_len += chunk.passing.len();
         }
 
-        let head = ViewHead { name, tags: &tags };
+        let head = ViewHead {
+            name,
+            tags: &tags,
+            replaced: &removed,
+        };
         let bases = decorators.bases(&head);
         if previous.is_some_and(|v| v.bases != bases) && !redecorate {
             // What every chunk's outputs depend on changed: all are rebuilt

@@ -924,7 +924,12 @@ impl crate::ViewDecorator for Recorder {
     type Chunk = Vec<String>;
     type Output = Vec<String>;
 
-    fn decorate_chunk(&self, view: &crate::ViewHead<'_>, chunk: &crate::Chunk) -> Arc<Vec<String>> {
+    fn decorate_chunk(
+        &self,
+        view: &crate::ViewHead<'_>,
+        chunk: &crate::Chunk,
+        _key: crate::ExtraKey<Recorder>,
+    ) -> Arc<Vec<String>> {
         let out = chunk.instances().iter().map(|i| record(view.name, i));
         Arc::new(out.collect())
     }
