@@ -186,6 +186,10 @@ pub struct Config {
     /// A body read or write stalled this long aborts the exchange. Default 60 s.
     #[serde(deserialize_with = "duration")]
     pub body_timeout: Duration,
+    /// Least average rate of a request body, in bytes/s, once
+    /// `header_timeout` has passed since it began; a slower one gets 408 and
+    /// the connection closes. 0 = no minimum. Default 1024.
+    pub min_body_rate: u64,
     /// Extra attempts for idempotent requests (connect failure, 502, 503),
     /// each to an endpoint not yet tried. Default 2.
     pub retries: u32,
@@ -275,6 +279,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
             retries: 2,
             retry_budget_ratio: 0.2,
             retry_budget_floor: 10,

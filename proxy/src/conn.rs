@@ -372,6 +372,43 @@ enum Failure {
     Timeout,
     /// The client went away or sent a bad body: end without answering.
     Client,
+    /// The client sent its body below `http.min_body_rate`: 408, then close.
+    SlowClient,
+}
+
+/// A request body's minimum pace: `rate` bytes/s on average, counted from
+/// `start` once `grace` has passed (`http.min_body_rate` after a grace of
+/// `http.header_timeout`), so that a client trickling a body cannot hold a
+/// connection and an upstream one for `body_timeout` per byte.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pace {
+    start: Instant,
+    grace: Duration,
+    rate: u64,
+}
+
+impl Pace {
+    pub(crate) fn new(rate: u64, grace: Duration) -> Option<Pace> {
+        (rate > 0).then(|| Pace {
+            start: Instant::now(),
+            grace,
+            rate,
+        })
+    }
+
+    /// How long the next wait for the body may last with `moved` bytes of it
+    /// through: until the average would fall below the rate, and never over
+    /// `stall`. True when the rate, not `stall`, is what limits it.
+    pub(crate) fn wait(&self, moved: u64, stall: Duration) -> (Duration, bool) {
+        let earned = Duration::from_millis(moved.saturating_mul(1000) / self.rate);
+        let due = self.start + self.grace + earned;
+        let left = due.saturating_duration_since(Instant::now());
+        if left < stall {
+            (left, true)
+        } else {
+            (stall, false)
+        }
+    }
 }
 
 /// The connection side of one exchange: the thread, the client connection,
@@ -510,7 +547,7 @@ async fn forward(
             }
             Err(failure) => failure,
         };
-        if !matches!(failure, Failure::Client) {
+        if !matches!(failure, Failure::Client | Failure::SlowClient) {
             backend
                 .stats
                 .failed(now, &config.outlier, &stats, &service.backends);
@@ -518,7 +555,7 @@ async fn forward(
         let retryable = match failure {
             Failure::Connect => replayable,
             Failure::Status(_) | Failure::Broken => replayable && request.idempotent,
-            Failure::Timeout | Failure::Client => false,
+            Failure::Timeout | Failure::Client | Failure::SlowClient => false,
         };
         let attempts = tried.count() - skipped;
         let more = attempts <= route.retries as usize && tried.count() < service.backends.len();
@@ -530,12 +567,25 @@ async fn forward(
         }
         outcome.status = match failure {
             Failure::Client => 0,
+            Failure::SlowClient => 408,
             Failure::Timeout => 504,
             Failure::Status(status) => status,
             Failure::Connect | Failure::Broken => 502,
         };
         return match failure {
             Failure::Client => Next::Close,
+            Failure::SlowClient => {
+                metrics.reject(Reject::ClientTimeout);
+                answer(
+                    local,
+                    client,
+                    408,
+                    "Request Timeout",
+                    "request body too slow (http.min_body_rate)",
+                    true,
+                )
+                .await
+            }
             Failure::Timeout => {
                 metrics.reject(Reject::UpstreamTimeout);
                 answer(
@@ -661,6 +711,7 @@ async fn attempt(
                 0 => u64::MAX,
                 max => max,
             };
+            let pace = Pace::new(config.min_body_rate, config.header_timeout);
             match relay(
                 local,
                 cbuf,
@@ -670,11 +721,13 @@ async fn attempt(
                 &mut none,
                 config.body_timeout,
                 max,
+                pace,
             )
             .await
             {
                 Ok(()) => {}
                 Err(Side::Source) => return Err(Failure::Client),
+                Err(Side::Slow) => return Err(Failure::SlowClient),
                 Err(Side::TooLarge) => {
                     local.shared.metrics.reject(Reject::BodyTooLarge);
                     return Err(Failure::Client);
@@ -788,6 +841,7 @@ async fn attempt(
         reply,
         config.body_timeout,
         u64::MAX,
+        None,
     )
     .await
     {
@@ -820,14 +874,17 @@ enum Side {
     Sink,
     /// The body passed its limit (counted on the wire, chunk framing included).
     TooLarge,
+    /// The source fell below its minimum pace.
+    Slow,
 }
 
 /// Forwards one body of `framing` from `src` to `dst`: first the bytes
 /// already in `buf`, then reads, each write following its read. `prefix`
 /// (a head, possibly empty) goes out in the same write as the first bytes.
 /// Bytes after the body stay in `buf`. The rest of a long enough
-/// Content-Length body is spliced (`splice.rs`), never copied.
-// Eight plain inputs of one copy loop, used in both directions (request and
+/// Content-Length body is spliced (`splice.rs`), never copied. A request
+/// body keeps `pace` (each wait for `src` ends when it would fall below).
+// Nine plain inputs of one copy loop, used in both directions (request and
 // response bodies): a struct would only rename them at each call.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
@@ -839,6 +896,7 @@ async fn relay(
     prefix: &mut Vec<u8>,
     stall: Duration,
     max: u64,
+    pace: Option<Pace>,
 ) -> Result<(), Side> {
     let mut chunks = Chunks::default();
     let mut relayed: u64 = 0;
@@ -898,7 +956,8 @@ async fn relay(
             && buf.is_empty()
         {
             if let Some(pipe) = local.take_pipe() {
-                match splice::exact(&pipe, src, dst, left, stall).await {
+                let paced = pace.map(|p| (p, relayed));
+                match splice::exact(&pipe, src, dst, left, stall, paced).await {
                     Ok(()) => {
                         local.give_pipe(pipe);
                         local.shared.metrics.spliced_bytes.inc_by(left);
@@ -910,11 +969,17 @@ async fn relay(
                     }
                     Err(Broken::Source) => return Err(Side::Source),
                     Err(Broken::Sink) => return Err(Side::Sink),
+                    Err(Broken::Slow) => return Err(Side::Slow),
                 }
             }
         }
-        match local.deadlines.within(stall, buf.fill(src)).await {
+        let (wait, by_rate) = pace.map_or((stall, false), |p| p.wait(relayed, stall));
+        if wait.is_zero() && by_rate {
+            return Err(Side::Slow);
+        }
+        match local.deadlines.within(wait, buf.fill(src)).await {
             Some(Ok(0)) if framing == Framing::Close => return Ok(()),
+            None if by_rate => return Err(Side::Slow),
             Some(Ok(0)) | Some(Err(_)) | None => return Err(Side::Source),
             Some(Ok(_)) => buf.grow_if_full(MAX_BUFFER),
         }

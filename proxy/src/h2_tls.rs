@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use tokio::sync::{watch, Notify};
 use crate::access;
 use crate::backend::{ProxyDecorator, ProxyService};
 use crate::balance::{self, Tried};
+use crate::conn::Pace;
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::metrics::Reject;
 use crate::shared::Shared;
@@ -498,6 +500,32 @@ impl H2Tls {
             (None, Some(body))
         };
         replayable |= in_hand.is_some();
+        // A request body keeps `http.min_body_rate` (gRPC streams excepted:
+        // a long-lived call may rightly send a message an hour).
+        let mut slow = None;
+        let body = match body {
+            Some(body) if !answered.grpc && !body.is_end_stream() => {
+                match Pace::new(config.min_body_rate, config.header_timeout) {
+                    Some(pace) => {
+                        let flag = Arc::new(AtomicBool::new(false));
+                        slow = Some(flag.clone());
+                        Some(
+                            Paced {
+                                inner: body,
+                                pace,
+                                stall: config.body_timeout,
+                                moved: 0,
+                                timer: None,
+                                slow: flag,
+                            }
+                            .boxed(),
+                        )
+                    }
+                    None => Some(body),
+                }
+            }
+            body => body,
+        };
         let mut body = body;
         let mut rng = fastrand::Rng::new();
         // The authority as the client gave it (port included), as the
@@ -708,6 +736,16 @@ impl H2Tls {
                     };
                     return Response::from_parts(parts, body.boxed());
                 }
+                Ok(Err(_)) if slow.as_ref().is_some_and(|s| s.load(Relaxed)) => {
+                    // The client's body fell below its pace: its fault, not
+                    // the endpoint's.
+                    backend.stats.leave();
+                    metrics.reject(Reject::ClientTimeout);
+                    return answer(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request body too slow (http.min_body_rate)".to_string(),
+                    );
+                }
                 Ok(Err(e)) => {
                     backend.stats.leave();
                     backend
@@ -850,6 +888,72 @@ async fn in_hand(mut body: ProxyBody, cap: usize) -> Result<Bytes, ProxyBody> {
         rest: Some(body),
     }
     .boxed())
+}
+
+/// A request body that must keep its pace (`Pace`), and never stall longer
+/// than `stall`: past either it ends in an error, and `slow` tells the
+/// attempt that the client, not the endpoint, was at fault.
+struct Paced {
+    inner: ProxyBody,
+    pace: Pace,
+    stall: Duration,
+    moved: u64,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    slow: Arc<AtomicBool>,
+}
+
+impl Body for Paced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.moved += data.len() as u64;
+                }
+                this.timer = None;
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(other) => return Poll::Ready(other),
+            Poll::Pending => {}
+        }
+        let (wait, by_rate) = this.pace.wait(this.moved, this.stall);
+        // Below the pace already, or until the wait runs out (a stall's wait
+        // counts from the first of its polls, the pace's due time is fixed
+        // while nothing arrives).
+        if !(by_rate && wait.is_zero()) {
+            let until = tokio::time::Instant::now() + wait;
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if by_rate && timer.deadline() > until {
+                timer.as_mut().reset(until);
+            }
+            if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        this.slow.store(by_rate, Relaxed);
+        let why = if by_rate {
+            "request body below http.min_body_rate"
+        } else {
+            "request body stalled (http.body_timeout)"
+        };
+        Poll::Ready(Some(Err(why.into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Frames taken from a body already, then the body's rest.

@@ -22,6 +22,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 
+use crate::conn::Pace;
 use crate::io::Conn;
 
 /// A body with at least this many bytes left to move is spliced.
@@ -56,19 +57,24 @@ pub(crate) enum Broken {
     Source,
     /// The destination failed or stalled.
     Sink,
+    /// The source fell below its minimum rate (`Pace`).
+    Slow,
     /// The kernel cannot splice these sockets (nothing was moved): copy.
     Unsupported,
 }
 
 /// Moves exactly `len` bytes from `src` to `dst` through `pipe`. Each wait
-/// for either socket is limited to `stall`. On `Ok` (and `Unsupported`) the
-/// pipe is empty again and can be reused; on another `Err` it must be dropped.
+/// for either socket is limited to `stall`, and a wait for the source also
+/// by `pace` (with `moved` bytes of the body already through) when given. On
+/// `Ok` (and `Unsupported`) the pipe is empty again and can be reused; on
+/// another `Err` it must be dropped.
 pub(crate) async fn exact(
     pipe: &Pipe,
     src: &Conn,
     dst: &Conn,
     len: u64,
     stall: Duration,
+    pace: Option<(Pace, u64)>,
 ) -> Result<(), Broken> {
     let (Some(from), Some(to)) = (src.fd(), dst.fd()) else {
         return Err(Broken::Source);
@@ -83,9 +89,23 @@ pub(crate) async fn exact(
             Ok(n) => n,
             Err(Errno::EAGAIN) => {
                 // The pipe is empty here, so the socket has nothing.
-                src.ready(Interest::READABLE, stall)
+                let (wait, by_rate) = match pace {
+                    Some((pace, moved)) => pace.wait(moved + (len - left), stall),
+                    None => (stall, false),
+                };
+                let slow = || {
+                    if by_rate {
+                        Broken::Slow
+                    } else {
+                        Broken::Source
+                    }
+                };
+                if wait.is_zero() {
+                    return Err(slow());
+                }
+                src.ready(Interest::READABLE, wait)
                     .await
-                    .map_err(|()| Broken::Source)?;
+                    .map_err(|()| slow())?;
                 continue;
             }
             Err(Errno::EINTR) => continue,
@@ -188,6 +208,7 @@ mod tests {
                 &dst,
                 body.len() as u64,
                 Duration::from_secs(10),
+                None,
             )
             .await
             .expect("splice");
@@ -209,7 +230,7 @@ mod tests {
             writer.write_all(&pattern(100_000)).await.expect("feed");
             drop(writer);
             let pipe = Pipe::new().expect("pipe");
-            let result = exact(&pipe, &src, &dst, 200_000, Duration::from_secs(10)).await;
+            let result = exact(&pipe, &src, &dst, 200_000, Duration::from_secs(10), None).await;
             assert_eq!(result, Err(Broken::Source));
         });
     }
@@ -221,9 +242,49 @@ mod tests {
             let (_reader, dst) = pair(ring.as_ref()).await;
             writer.write_all(&pattern(1000)).await.expect("feed");
             let pipe = Pipe::new().expect("pipe");
-            let result = exact(&pipe, &src, &dst, 200_000, Duration::from_millis(100)).await;
+            let result = exact(&pipe, &src, &dst, 200_000, Duration::from_millis(100), None).await;
             assert_eq!(result, Err(Broken::Source));
             drop(writer);
+        });
+    }
+
+    #[test]
+    fn a_source_below_its_pace_is_slow_long_before_it_stalls() {
+        on_both(|ring| async move {
+            let (mut writer, src) = pair(ring.as_ref()).await;
+            let (mut reader, dst) = pair(ring.as_ref()).await;
+            // 1,000 bytes every 20 ms: 50 KB/s against a pace of 200 KB/s.
+            let feed = tokio::spawn(async move {
+                for _ in 0..200 {
+                    if writer.write_all(&pattern(1000)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            let drain = tokio::spawn(async move {
+                let mut sink = vec![0; 65536];
+                while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+            let pipe = Pipe::new().expect("pipe");
+            let pace = crate::conn::Pace::new(200_000, Duration::from_millis(100));
+            let started = std::time::Instant::now();
+            let result = exact(
+                &pipe,
+                &src,
+                &dst,
+                200_000,
+                Duration::from_secs(10),
+                pace.map(|p| (p, 0)),
+            )
+            .await;
+            assert_eq!(result, Err(Broken::Slow));
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "cut by the pace, not the stall"
+            );
+            feed.abort();
+            drain.abort();
         });
     }
 }

@@ -387,3 +387,117 @@ fn http2_connections_are_sent_away_at_their_max_age() {
         "the connection ended after {ended_after:?} (max_connection_age 1 s)"
     );
 }
+
+/// A request body fed from a channel, as slowly as the test sends.
+struct Trickle(tokio::sync::mpsc::Receiver<hyper::body::Bytes>);
+
+impl hyper::body::Body for Trickle {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|piece| piece.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// `http.min_body_rate` on the proxy: a request body trickled below it gets
+/// 408 long before `body_timeout` (60 s), over HTTP/1.1 and over HTTP/2, and
+/// the endpoint is not blamed; a body above it passes.
+#[test]
+fn a_request_body_below_the_minimum_rate_gets_408() {
+    let up = crate::proxy::Upstream::start("up");
+    let (agent, _dir) = agent_with(
+        "[http]\nheader_timeout = \"1s\"\nmin_body_rate = 10000\n\
+         [http.outlier]\nconsecutive_failures = 1\n\
+         [[http.routes]]\nservice = \"web\"\n",
+    );
+    let c = agent.client();
+    crate::proxy::register(&c, "web", &[&up], &[]);
+    let post = |size: usize, piece: usize, every: Duration| {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(agent.http).expect("connect");
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).expect("head");
+        let mut writer = stream.try_clone().expect("clone");
+        let feed = std::thread::spawn(move || {
+            let mut sent = 0;
+            while sent < size {
+                let n = piece.min(size - sent);
+                if writer.write_all(&vec![b'x'; n]).is_err() {
+                    return;
+                }
+                sent += n;
+                std::thread::sleep(every);
+            }
+        });
+        let (answer, after) = until_closed(&mut stream, started);
+        let _ = feed.join();
+        (answer, after)
+    };
+    // 1 KB/s against 10 KB/s, after the 1 s grace.
+    let (answer, after) = post(20_000, 100, Duration::from_millis(100));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("min_body_rate"), "{answer}");
+    assert!(after < Duration::from_secs(10), "cut after {after:?}");
+    // 15 KB/s passes.
+    let (answer, _) = post(30_000, 1500, Duration::from_millis(100));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // HTTP/2 (h2c): the same trickle on one stream.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let status = runtime.block_on(async {
+        let (mut sender, _conn) = crate::support::h2c::<Trickle>(agent.http).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let request = hyper::Request::post("http://h/echo")
+            .body(Trickle(rx))
+            .expect("request");
+        let feed = tokio::spawn(async move {
+            for _ in 0..300 {
+                if tx
+                    .send(hyper::body::Bytes::from(vec![b'x'; 100]))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let started = Instant::now();
+        let response = tokio::time::timeout(Duration::from_secs(15), sender.send_request(request))
+            .await
+            .unwrap_or_else(|_| panic!("no answer; agent said:\n{}", agent.stderr()))
+            .expect("response");
+        feed.abort();
+        (response.status(), started.elapsed())
+    });
+    assert_eq!(status.0, 408, "over HTTP/2");
+    assert!(
+        status.1 < Duration::from_secs(10),
+        "cut after {:?}",
+        status.1
+    );
+    let metrics = c.get_ok("/metrics").body;
+    assert!(
+        metric(
+            &metrics,
+            "switchyard_proxy_rejected_total{reason=\"client_timeout\"}"
+        ) >= 2.0,
+        "both counted"
+    );
+    assert_eq!(
+        c.metric("switchyard_proxy_ejections_total{endpoint=\"up\",node=\"n1\",service=\"web\"}"),
+        Some(0.0),
+        "the endpoint is not blamed (one failure would eject it)"
+    );
+}
