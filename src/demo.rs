@@ -33,6 +33,7 @@ pub(crate) fn route() -> RouteConfig {
         response_timeout: None,
         retries: None,
         max_body_bytes: None,
+        retry_grpc_on: None,
     }
 }
 

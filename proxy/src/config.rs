@@ -85,6 +85,39 @@ pub struct RouteConfig {
     /// Largest request body in bytes (413 beyond). Default: the `[http]` table's value.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// gRPC statuses on which a call is retried on another endpoint. Default:
+    /// the `[http]` table's value.
+    #[serde(default)]
+    pub retry_grpc_on: Option<Vec<GrpcRetryOn>>,
+}
+
+/// A gRPC status a call may be retried on: only when the endpoint answered
+/// with it before any response message (a trailers-only answer), the
+/// call's message was in hand, and the retries and the budget allow.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GrpcRetryOn {
+    Cancelled,
+    DeadlineExceeded,
+    ResourceExhausted,
+    Internal,
+    Unavailable,
+}
+
+impl GrpcRetryOn {
+    /// The statuses as a bit per gRPC code.
+    pub(crate) fn mask(list: &[GrpcRetryOn]) -> u32 {
+        list.iter().fold(0, |mask, on| {
+            mask | 1
+                << match on {
+                    GrpcRetryOn::Cancelled => 1,
+                    GrpcRetryOn::DeadlineExceeded => 4,
+                    GrpcRetryOn::ResourceExhausted => 8,
+                    GrpcRetryOn::Internal => 13,
+                    GrpcRetryOn::Unavailable => 14,
+                }
+        })
+    }
 }
 
 fn slash() -> String {
@@ -193,6 +226,9 @@ pub struct Config {
     /// Extra attempts for idempotent requests (connect failure, 502, 503),
     /// each to an endpoint not yet tried. Default 2.
     pub retries: u32,
+    /// gRPC statuses on which a call is retried (see `GrpcRetryOn`).
+    /// Default `["unavailable"]`.
+    pub retry_grpc_on: Vec<GrpcRetryOn>,
     /// Retries allowed beyond the floor, as a share of requests. Default 0.2.
     pub retry_budget_ratio: f64,
     /// Retries per second always allowed per service. Default 10.
@@ -281,6 +317,7 @@ impl Default for Config {
             body_timeout: Duration::from_secs(60),
             min_body_rate: 1024,
             retries: 2,
+            retry_grpc_on: vec![GrpcRetryOn::Unavailable],
             retry_budget_ratio: 0.2,
             retry_budget_floor: 10,
             max_header_bytes: 16 * 1024,

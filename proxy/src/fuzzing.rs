@@ -41,6 +41,7 @@ pub fn request_head(data: &[u8]) {
                 response_timeout: None,
                 retries: None,
                 max_body_bytes: None,
+                retry_grpc_on: None,
             })
             .collect(),
         ..Config::default()

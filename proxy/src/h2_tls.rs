@@ -682,6 +682,43 @@ impl H2Tls {
                         .then(|| response.headers().get("grpc-status"))
                         .flatten()
                         .map(|v| grpc_failure(v.as_bytes()));
+                    // A trailers-only answer with a status the route retries
+                    // on, to a call whose message is in hand: nothing reached
+                    // the client yet, so another endpoint gets the call.
+                    let retry_on = answered.grpc
+                        && replayable
+                        && response.body().is_end_stream()
+                        && response
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                            .and_then(|v| v.parse::<u32>().ok())
+                            .is_some_and(|code| {
+                                code < 32 && route.retry_grpc_on & (1 << code) != 0
+                            });
+                    if retry_on {
+                        let attempts = tried.count() - skipped;
+                        let more = attempts <= route.retries as usize
+                            && tried.count() < service.backends.len();
+                        if more
+                            && stats.take_retry(
+                                now,
+                                config.retry_budget_ratio,
+                                config.retry_budget_floor,
+                            )
+                        {
+                            if grpc_status == Some(true) {
+                                backend.stats.failed(
+                                    now,
+                                    &config.outlier,
+                                    &stats,
+                                    &service.backends,
+                                );
+                            }
+                            backend.stats.leave();
+                            continue;
+                        }
+                    }
                     let judged_later = answered.grpc && status < 500 && grpc_status.is_none();
                     if answered.grpc && !judged_later {
                         // A trailers-only answer (or a 5xx): counted now.
@@ -758,7 +795,7 @@ impl H2Tls {
                     // Not connected, or hyper never sent it (its pooled
                     // connection closed first): nothing reached the endpoint,
                     // so any method whose body is in hand may go elsewhere.
-                    let unsent = connect || never_sent(&e);
+                    let unsent = connect || never_sent(&e) || refused(&e);
                     let attempts = tried.count() - skipped;
                     let more = attempts <= route.retries as usize
                         && tried.count() < service.backends.len();
@@ -816,6 +853,20 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
     std::error::Error::source(error)
         .and_then(|source| source.downcast_ref::<hyper::Error>())
         .is_some_and(hyper::Error::is_canceled)
+}
+
+/// The endpoint refused the stream (RST_STREAM or GOAWAY with
+/// REFUSED_STREAM): by RFC 9113 §8.7 it did not process the request, so any
+/// call with its body in hand may go elsewhere.
+fn refused(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(error) = source {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Largest request body `in_hand` takes whole.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switchyard_catalog::Name;
 
-use crate::config::{BalancerKind, Config, HashOn, HostPattern};
+use crate::config::{BalancerKind, Config, GrpcRetryOn, HashOn, HostPattern};
 
 /// Tag that publishes a service under a host name.
 pub const HOST_TAG: &str = "switchyard.http.host=";
@@ -67,6 +67,8 @@ pub(crate) struct Route {
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
     pub(crate) retries: u32,
+    /// gRPC codes a trailers-only answer is retried on, a bit per code.
+    pub(crate) retry_grpc_on: u32,
     /// Largest request body, in bytes; 0 = no limit.
     pub(crate) max_body_bytes: u64,
 }
@@ -103,6 +105,12 @@ impl RouteTable {
                 connect_timeout: route.connect_timeout.unwrap_or(config.connect_timeout),
                 response_timeout: route.response_timeout.unwrap_or(config.response_timeout),
                 retries: route.retries.unwrap_or(config.retries),
+                retry_grpc_on: GrpcRetryOn::mask(
+                    route
+                        .retry_grpc_on
+                        .as_deref()
+                        .unwrap_or(&config.retry_grpc_on),
+                ),
                 max_body_bytes: route.max_body_bytes.unwrap_or(config.max_body_bytes),
             });
             // Validated when the config was loaded.
@@ -121,6 +129,7 @@ impl RouteTable {
                 connect_timeout: config.connect_timeout,
                 response_timeout: config.response_timeout,
                 retries: config.retries,
+                retry_grpc_on: GrpcRetryOn::mask(&config.retry_grpc_on),
                 max_body_bytes: config.max_body_bytes,
             });
             if tag.hosts.is_empty() {

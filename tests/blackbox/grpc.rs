@@ -22,6 +22,9 @@ struct Backend {
     calls: Arc<AtomicUsize>,
     /// While set, every call ends with `grpc-status: 14` (UNAVAILABLE).
     failing: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, every call is answered trailers-only with `grpc-status:
+    /// 14` at once, its message unread (an overloaded server).
+    shedding: Arc<std::sync::atomic::AtomicBool>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -38,16 +41,38 @@ impl Backend {
         let addr = listener.local_addr().expect("addr");
         let calls = Arc::new(AtomicUsize::new(0));
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (who, counted, down) = (name.to_string(), calls.clone(), failing.clone());
+        let shedding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (who, counted, down, shed) = (
+            name.to_string(),
+            calls.clone(),
+            failing.clone(),
+            shedding.clone(),
+        );
         runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (who, counted, down) = (who.clone(), counted.clone(), down.clone());
+                let (who, counted, down, shed) =
+                    (who.clone(), counted.clone(), down.clone(), shed.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: hyper::Request<hyper::body::Incoming>| {
-                            let (who, counted, down) = (who.clone(), counted.clone(), down.clone());
+                            let (who, counted, down, shed) =
+                                (who.clone(), counted.clone(), down.clone(), shed.clone());
                             async move {
                                 counted.fetch_add(1, Ordering::SeqCst);
+                                if shed.load(Ordering::SeqCst) {
+                                    let mut response =
+                                        hyper::Response::new(Full::new(Bytes::new()).boxed());
+                                    let headers = response.headers_mut();
+                                    for (k, v) in [
+                                        ("content-type", "application/grpc"),
+                                        ("grpc-status", "14"),
+                                        ("grpc-message", "shedding load"),
+                                    ] {
+                                        headers
+                                            .insert(k, hyper::header::HeaderValue::from_static(v));
+                                    }
+                                    return Ok::<_, std::convert::Infallible>(response);
+                                }
                                 let grpc = request
                                     .headers()
                                     .get("content-type")
@@ -113,6 +138,7 @@ impl Backend {
             addr,
             calls,
             failing,
+            shedding,
             runtime: Some(runtime),
         }
     }
@@ -483,5 +509,127 @@ fn a_killed_backend_fails_no_unary_call() {
             .iter()
             .all(|(status, by)| status == "0" && by == "k2"),
         "{statuses:?}"
+    );
+}
+
+/// A trailers-only UNAVAILABLE answer (the server shed the call unread) is
+/// retried on another endpoint (`retry_grpc_on`, default `["unavailable"]`),
+/// so no call fails; a route whose `retry_grpc_on` is empty passes it on.
+#[test]
+fn a_call_shed_as_unavailable_is_retried_on_another_endpoint() {
+    let (agent, _dir) = agent_with(
+        "[http]\nbalancer = \"round_robin\"\nretry_budget_floor = 100\n[http.outlier]\nconsecutive_failures = 0\n\
+         [[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n\
+         [[http.routes]]\nhost = \"strict.test\"\nservice = \"echo\"\nretry_grpc_on = []\n",
+    );
+    let c = agent.client();
+    let (shed, ok) = (Backend::start("shed"), Backend::start("ok"));
+    shed.shedding.store(true, Ordering::SeqCst);
+    place(&c, &[&shed, &ok]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (sender, _) = crate::support::h2c(agent.http).await;
+        for i in 0..20 {
+            let answer = call(&sender, "grpc.test", format!("m{i}").as_bytes()).await;
+            assert_eq!(
+                answer.meta.get("grpc-status").map(String::as_str),
+                Some("0"),
+                "call {i}: {:?}",
+                answer.meta
+            );
+            assert_eq!(
+                answer.meta.get("x-served-by").map(String::as_str),
+                Some("ok")
+            );
+        }
+        assert!(
+            shed.calls.load(Ordering::SeqCst) > 0,
+            "the shedding one was tried"
+        );
+        let mut passed_on = 0;
+        for i in 0..10 {
+            let answer = call(&sender, "strict.test", format!("s{i}").as_bytes()).await;
+            if answer.meta.get("grpc-status").map(String::as_str) == Some("14") {
+                passed_on += 1;
+            }
+        }
+        assert!(
+            passed_on > 0,
+            "without retry_grpc_on the status reaches the client"
+        );
+    });
+}
+
+/// A server that refuses every stream with RST_STREAM(REFUSED_STREAM), as
+/// one at its stream limit does (RFC 9113 §8.7: not processed).
+fn refusing_server() -> (SocketAddr, Arc<AtomicUsize>, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = refused.clone();
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused, runtime)
+}
+
+#[test]
+fn a_refused_stream_is_retried_on_another_endpoint() {
+    let (agent, _dir) = agent_with(
+        "[http]\nbalancer = \"round_robin\"\n\
+         [[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n",
+    );
+    let c = agent.client();
+    let ok = Backend::start("ok");
+    let (refusing, refused, _runtime) = refusing_server();
+    let endpoints = serde_json::json!([
+        {"node": "n1", "service": "echo", "id": "ok", "address": "127.0.0.1", "port": ok.addr.port()},
+        {"node": "n1", "service": "echo", "id": "refusing", "address": "127.0.0.1", "port": refusing.port()},
+    ]);
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
+            .to_string(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (sender, _) = crate::support::h2c(agent.http).await;
+        for i in 0..10 {
+            let answer = call(&sender, "grpc.test", format!("m{i}").as_bytes()).await;
+            assert_eq!(
+                answer.meta.get("grpc-status").map(String::as_str),
+                Some("0"),
+                "call {i}: {:?}",
+                answer.meta
+            );
+        }
+    });
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the refusing one was tried"
     );
 }

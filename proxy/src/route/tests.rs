@@ -12,6 +12,7 @@ fn route(host: Option<&str>, prefix: &str, service: &str) -> RouteConfig {
         response_timeout: None,
         retries: None,
         max_body_bytes: None,
+        retry_grpc_on: None,
     }
 }
 
