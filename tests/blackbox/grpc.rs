@@ -633,3 +633,89 @@ fn a_refused_stream_is_retried_on_another_endpoint() {
         "the refusing one was tried"
     );
 }
+
+/// HTTP/2 requests that RFC 9113 §8.2 makes malformed (connection-specific
+/// fields, `te` other than `trailers`, uppercase field names) are refused
+/// (RST_STREAM, or GOAWAY where the h2 library takes it for a connection
+/// error) and reach no backend; a good request is served.
+#[test]
+fn http2_requests_that_rfc_9113_forbids_never_reach_a_backend() {
+    use std::io::{Read, Write};
+    let (agent, _dir) = agent_with("[[http.routes]]\nservice = \"echo\"\n");
+    let c = agent.client();
+    let backend = Backend::start("b");
+    place(&c, &[&backend]);
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    // One request on stream 1 of a new connection: the frame type that ends
+    // it (RST_STREAM 3, GOAWAY 7, or HEADERS 1 with its first block byte).
+    let ask = |extra: Option<(&str, &str)>| -> Option<(u8, Option<u8>)> {
+        // A gRPC call, so that one let through would reach the backend:
+        // :method POST, :scheme http, :path /, :authority h (HPACK), then
+        // literal fields without indexing.
+        let mut block = vec![0x83, 0x86, 0x84, 0x41, 1, b'h'];
+        let mut fields = vec![("content-type", "application/grpc")];
+        if extra.is_none_or(|(name, _)| name != "te") {
+            fields.push(("te", "trailers"));
+        }
+        fields.extend(extra);
+        for (name, value) in fields {
+            block.push(0x00);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        let mut frame = vec![0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1];
+        frame.extend_from_slice(&block);
+        let mut wire = std::net::TcpStream::connect(agent.http).expect("connect");
+        wire.write_all(PREFACE).expect("preface");
+        wire.write_all(&frame).expect("request");
+        wire.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            match wire.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+            let mut at = 0;
+            while at + 9 <= seen.len() {
+                let len = (usize::from(seen[at]) << 16)
+                    | (usize::from(seen[at + 1]) << 8)
+                    | usize::from(seen[at + 2]);
+                let kind = seen[at + 3];
+                let stream = seen[at + 8];
+                if matches!(kind, 0x3 | 0x7) || (kind == 0x1 && stream == 1) {
+                    return Some((kind, seen.get(at + 9).copied()));
+                }
+                at += 9 + len;
+            }
+        }
+    };
+    for field in [
+        ("connection", "keep-alive"),
+        ("te", "gzip"),
+        ("X-Upper", "1"),
+        ("transfer-encoding", "chunked"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+    ] {
+        let end = ask(Some(field));
+        // RST_STREAM, GOAWAY, or a 400 (HPACK static index 12).
+        assert!(
+            matches!(end, Some((0x3 | 0x7, _)) | Some((0x1, Some(0x8c)))),
+            "{field:?} was not refused: {end:?}"
+        );
+    }
+    assert_eq!(
+        backend.calls.load(Ordering::SeqCst),
+        0,
+        "no backend saw one"
+    );
+    assert!(
+        matches!(ask(None), Some((0x1, _))),
+        "a good request is answered"
+    );
+    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+}
