@@ -34,6 +34,7 @@ pub(crate) fn route() -> RouteConfig {
         retries: None,
         max_body_bytes: None,
         retry_grpc_on: None,
+        grpc_web: false,
     }
 }
 

@@ -89,6 +89,10 @@ pub struct RouteConfig {
     /// the `[http]` table's value.
     #[serde(default)]
     pub retry_grpc_on: Option<Vec<GrpcRetryOn>>,
+    /// Answer browsers' CORS preflights for gRPC-Web and mark answers for
+    /// their origin. gRPC-Web itself is translated on every route.
+    #[serde(default)]
+    pub grpc_web: bool,
 }
 
 /// A gRPC status a call may be retried on: only when the endpoint answered

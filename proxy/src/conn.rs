@@ -29,6 +29,9 @@ enum Next {
     Close,
     /// The client speaks HTTP/2: hand the connection over.
     Http2,
+    /// gRPC-Web (or its CORS preflight) over HTTP/1.1: hyper's side, which
+    /// translates it to gRPC, takes the connection, the head still unread.
+    Hyper,
 }
 
 /// Serves one client connection until it closes, errs or idles out.
@@ -61,16 +64,17 @@ pub(crate) async fn serve(local: Rc<Local>, client: TcpStream, info: Client) {
         )
         .await;
         drop(fresh.take());
-        if next == Next::Http2 {
+        if matches!(next, Next::Http2 | Next::Hyper) {
             let prefix = cbuf.filled().to_vec();
             local.give_buffer(cbuf);
             local.give_buffer(ubuf);
             let _busy = Busy::enter(&local);
             if let Some(client) = client.into_tokio() {
+                let http2 = next == Next::Http2;
                 local
                     .h2_tls
                     .clone()
-                    .serve(client, prefix, info.ip, local.stop.clone())
+                    .serve(client, prefix, http2, info.ip, local.stop.clone())
                     .await;
             }
             local.shared.metrics.connections.dec();
@@ -212,6 +216,9 @@ async fn exchange(
             None => return Next::Close,
         }
     };
+    if request.grpc_web || (request.preflight && route.as_ref().is_some_and(|r| r.grpc_web)) {
+        return Next::Hyper;
+    }
     cbuf.consume(request.head_len);
     // A refused request with a body we did not read ends the connection.
     let close_on_refusal = !request.keep_alive || request.framing != Framing::None;

@@ -42,6 +42,7 @@ pub fn request_head(data: &[u8]) {
                 retries: None,
                 max_body_bytes: None,
                 retry_grpc_on: None,
+                grpc_web: false,
             })
             .collect(),
         ..Config::default()

@@ -34,13 +34,14 @@ use crate::backend::{ProxyDecorator, ProxyService};
 use crate::balance::{self, Tried};
 use crate::conn::Pace;
 use crate::grace::FIRST_REQUEST_GRACE;
+use crate::grpc_web;
 use crate::metrics::Reject;
 use crate::shared::Shared;
 use crate::stats::{now_ns, EndpointStats};
 use crate::wire;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type ProxyBody = BoxBody<Bytes, BoxError>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// The exchanges in progress on one HTTP/2 connection, for its idle limit:
 /// with none, the connection gets `header_timeout` for its first request and
@@ -226,12 +227,14 @@ impl H2Tls {
             .clone()
     }
 
-    /// Serves one HTTP/2 connection whose first bytes (`prefix`) were read
-    /// already.
+    /// Serves one cleartext connection whose first bytes (`prefix`) were
+    /// read already: HTTP/2, or HTTP/1.1 (gRPC-Web, which hyper's side
+    /// translates).
     pub(crate) async fn serve(
         self: Arc<Self>,
         stream: TcpStream,
         prefix: Vec<u8>,
+        http2: bool,
         peer: IpAddr,
         stop: watch::Receiver<bool>,
     ) {
@@ -240,7 +243,7 @@ impl H2Tls {
             at: 0,
             inner: stream,
         };
-        self.serve_io(io, true, peer, "http", stop).await;
+        self.serve_io(io, http2, peer, "http", stop).await;
     }
 
     /// Serves one connection with hyper, HTTP/2 or HTTP/1.1. At shutdown the
@@ -343,12 +346,12 @@ impl H2Tls {
     ) -> Response<ProxyBody> {
         access::configure(self.shared.config.load().access_log.as_deref());
         let mut answered = Answered::default();
-        if is_grpc(request.headers()) {
-            answered.grpc = true;
-        }
+        let web = grpc_web::kind(request.headers());
+        answered.grpc = web.is_some() || is_grpc(request.headers());
         if !access::enabled() {
-            let response = self.forward(request, peer, proto, &mut answered).await;
-            return grpc_answer(response, answered.grpc).await;
+            return self
+                .exchange(request, web, peer, proto, &mut answered)
+                .await;
         }
         answered.logging = true;
         let started = now_ns();
@@ -364,8 +367,9 @@ impl H2Tls {
         } else {
             "HTTP/1.1"
         };
-        let response = self.forward(request, peer, proto, &mut answered).await;
-        let response = grpc_answer(response, answered.grpc).await;
+        let response = self
+            .exchange(request, web, peer, proto, &mut answered)
+            .await;
         let (node, endpoint) = answered
             .endpoint
             .as_ref()
@@ -391,13 +395,48 @@ impl H2Tls {
         response
     }
 
-    async fn forward(
+    /// Forwards a request and shapes the answer: gRPC calls get gRPC
+    /// answers from the proxy too, gRPC-Web goes upstream as gRPC and comes
+    /// back as gRPC-Web, and a gRPC-Web route's answers name the origin.
+    async fn exchange(
         &self,
         request: Request<Incoming>,
+        web: Option<(grpc_web::Web, Box<str>)>,
         peer: IpAddr,
         proto: &'static str,
         answered: &mut Answered,
     ) -> Response<ProxyBody> {
+        let mut response = match web {
+            None => {
+                let response = self.forward(request, peer, proto, answered).await;
+                grpc_answer(response, answered.grpc).await
+            }
+            Some((web, format)) => {
+                let response = match grpc_web::to_grpc(request, web, &format).await {
+                    Ok(request) => self.forward(request, peer, proto, answered).await,
+                    Err(refused) => refused,
+                };
+                let response = grpc_answer(response, true).await;
+                grpc_web::to_web(response, web, &format)
+            }
+        };
+        if let Some(origin) = answered.cors.take() {
+            grpc_web::allow(&mut response, origin);
+        }
+        response
+    }
+
+    async fn forward<B>(
+        &self,
+        request: Request<B>,
+        peer: IpAddr,
+        proto: &'static str,
+        answered: &mut Answered,
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
         let metrics = &self.shared.metrics;
         if crate::wire::has_dot_segment(request.uri().path().as_bytes()) {
             metrics.reject(Reject::BadRequest);
@@ -420,6 +459,22 @@ impl H2Tls {
         if answered.logging {
             answered.service = route.service.to_string();
             answered.route = route.name.to_string();
+        }
+        // A gRPC-Web route answers browsers' CORS preflights itself.
+        if route.grpc_web {
+            if let Some(origin) = request.headers().get(hyper::header::ORIGIN).cloned() {
+                if request.method() == hyper::Method::OPTIONS
+                    && request
+                        .headers()
+                        .contains_key(hyper::header::ACCESS_CONTROL_REQUEST_METHOD)
+                {
+                    let asked = request
+                        .headers()
+                        .get(hyper::header::ACCESS_CONTROL_REQUEST_HEADERS);
+                    return grpc_web::preflight(&origin, asked);
+                }
+                answered.cors = Some(origin);
+            }
         }
         if route.max_body_bytes > 0 {
             let declared = request
@@ -484,7 +539,7 @@ impl H2Tls {
         // A body without a declared length is cut at the limit: the upstream
         // request then fails instead of carrying it on.
         let body = match route.max_body_bytes {
-            0 => body.map_err(BoxError::from).boxed(),
+            0 => body.map_err(Into::into).boxed(),
             max => http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
                 .boxed(),
         };
@@ -845,6 +900,8 @@ struct Answered {
     upstream_ns: u64,
     /// A gRPC call: upstream over HTTP/2, answered as gRPC when it fails.
     grpc: bool,
+    /// The origin a gRPC-Web route's answer is marked for (CORS).
+    cors: Option<HeaderValue>,
 }
 
 /// Whether hyper gave up on a request before sending it (canceled: its
@@ -1124,7 +1181,7 @@ async fn grpc_answer(response: Response<ProxyBody>, grpc: bool) -> Response<Prox
 
 /// The request's host: the authority (HTTP/2) or the Host header, without
 /// the port, lowercase.
-fn request_host(request: &Request<Incoming>) -> String {
+fn request_host<B>(request: &Request<B>) -> String {
     request
         .uri()
         .authority()

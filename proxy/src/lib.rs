@@ -20,6 +20,7 @@ mod deadline;
 #[doc(hidden)]
 pub mod fuzzing;
 mod grace;
+mod grpc_web;
 mod h2_tls;
 mod io;
 mod local;

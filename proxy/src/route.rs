@@ -17,6 +17,8 @@ use crate::config::{BalancerKind, Config, GrpcRetryOn, HashOn, HostPattern};
 pub const HOST_TAG: &str = "switchyard.http.host=";
 /// Tag that publishes a service under a path prefix.
 pub const PATH_TAG: &str = "switchyard.http.path=";
+/// The tag that makes a service's tag route a gRPC-Web one (CORS answered).
+pub(crate) const GRPC_WEB_TAG: &str = "switchyard.http.grpc_web=true";
 
 /// What every routing tag starts with.
 pub(crate) const TAG_PREFIX: &str = "switchyard.http.";
@@ -26,6 +28,8 @@ pub(crate) const TAG_PREFIX: &str = "switchyard.http.";
 pub(crate) struct TagRoute {
     hosts: Vec<String>,
     path: String,
+    /// `switchyard.http.grpc_web=true`.
+    grpc_web: bool,
 }
 
 impl TagRoute {
@@ -35,10 +39,13 @@ impl TagRoute {
     pub(crate) fn from_tags<'a>(tags: impl IntoIterator<Item = &'a str>) -> Option<TagRoute> {
         let mut hosts = Vec::new();
         let mut path = None;
+        let mut grpc_web = false;
         let tags = tags.into_iter().skip_while(|t| *t < TAG_PREFIX);
         for tag in tags.take_while(|t| t.starts_with(TAG_PREFIX)) {
             if let Some(host) = tag.strip_prefix(HOST_TAG) {
                 hosts.push(host.to_string());
+            } else if tag == GRPC_WEB_TAG {
+                grpc_web = true;
             } else if let Some(p) = tag.strip_prefix(PATH_TAG) {
                 if p.starts_with('/') && path.is_none() {
                     path = Some(p.to_string());
@@ -51,6 +58,7 @@ impl TagRoute {
         Some(TagRoute {
             hosts,
             path: path.unwrap_or_else(|| "/".to_string()),
+            grpc_web,
         })
     }
 }
@@ -71,6 +79,8 @@ pub(crate) struct Route {
     pub(crate) retry_grpc_on: u32,
     /// Largest request body, in bytes; 0 = no limit.
     pub(crate) max_body_bytes: u64,
+    /// Answers CORS preflights for gRPC-Web and marks answers for the origin.
+    pub(crate) grpc_web: bool,
 }
 
 type Prefixes = Vec<(Box<[u8]>, Arc<Route>)>;
@@ -112,6 +122,7 @@ impl RouteTable {
                         .unwrap_or(&config.retry_grpc_on),
                 ),
                 max_body_bytes: route.max_body_bytes.unwrap_or(config.max_body_bytes),
+                grpc_web: route.grpc_web,
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -131,6 +142,7 @@ impl RouteTable {
                 retries: config.retries,
                 retry_grpc_on: GrpcRetryOn::mask(&config.retry_grpc_on),
                 max_body_bytes: config.max_body_bytes,
+                grpc_web: tag.grpc_web,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());

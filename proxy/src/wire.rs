@@ -156,6 +156,11 @@ pub(crate) struct Request {
     pub(crate) upgrade: bool,
     pub(crate) expect_continue: bool,
     pub(crate) host: Host,
+    /// `Content-Type: application/grpc-web…`: for hyper's side, which
+    /// translates it to gRPC.
+    pub(crate) grpc_web: bool,
+    /// A CORS preflight (OPTIONS with Access-Control-Request-Method).
+    pub(crate) preflight: bool,
 }
 
 /// Per-connection facts written into every forwarded head.
@@ -368,6 +373,7 @@ pub(crate) fn parse_request<R>(
     let mut forwarded_for: Option<&[u8]> = None;
     let mut forwarded: Option<&[u8]> = None;
     let mut has_request_id = false;
+    let (mut grpc_web, mut asks_cors) = (false, false);
     for h in parsed.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
@@ -399,8 +405,15 @@ pub(crate) fn parse_request<R>(
             forwarded = Some(trim(h.value));
         } else if name.eq_ignore_ascii_case("x-request-id") {
             has_request_id = true;
+        } else if name.eq_ignore_ascii_case("content-type") {
+            let value = trim(h.value);
+            grpc_web =
+                value.len() >= 20 && value[..20].eq_ignore_ascii_case(b"application/grpc-web");
+        } else if name.eq_ignore_ascii_case("access-control-request-method") {
+            asks_cors = true;
         }
     }
+    let preflight = asks_cors && method == "OPTIONS";
     if chunked && length.is_some() {
         return Err(HeadError::Bad("both Content-Length and Transfer-Encoding"));
     }
@@ -431,6 +444,8 @@ pub(crate) fn parse_request<R>(
             upgrade,
             expect_continue,
             host,
+            grpc_web,
+            preflight,
         };
         // Nothing is forwarded; the request line stays for the access log.
         out.clear();
@@ -534,6 +549,8 @@ pub(crate) fn parse_request<R>(
         upgrade,
         expect_continue,
         host,
+        grpc_web,
+        preflight,
     };
     Ok((request, Some(route), key))
 }

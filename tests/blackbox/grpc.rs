@@ -719,3 +719,201 @@ fn http2_requests_that_rfc_9113_forbids_never_reach_a_backend() {
     );
     assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
 }
+
+/// A gRPC-Web request as a browser sends it, on one h2c connection.
+async fn web_call(
+    sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    host: &str,
+    content_type: &str,
+    body: Bytes,
+) -> (u16, hyper::HeaderMap, Bytes, bool) {
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{host}/echo.Echo/Say"))
+        .header("content-type", content_type)
+        .header("x-grpc-web", "1")
+        .header("origin", "https://app.example")
+        .body(Full::new(body))
+        .expect("request");
+    let response = sender
+        .clone()
+        .send_request(request)
+        .await
+        .expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let collected = response.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().is_some();
+    (status, headers, collected.to_bytes(), trailers)
+}
+
+/// Splits a gRPC-Web body into its message frames and its trailers text.
+fn web_frames(body: &[u8]) -> (Vec<Bytes>, String) {
+    let (mut messages, mut trailers) = (Vec::new(), String::new());
+    let mut at = 0;
+    while at + 5 <= body.len() {
+        let len =
+            u32::from_be_bytes([body[at + 1], body[at + 2], body[at + 3], body[at + 4]]) as usize;
+        let frame = &body[at + 5..(at + 5 + len).min(body.len())];
+        if body[at] & 0x80 != 0 {
+            trailers.push_str(&String::from_utf8_lossy(frame));
+        } else {
+            messages.push(Bytes::copy_from_slice(frame));
+        }
+        at += 5 + len;
+    }
+    (messages, trailers)
+}
+
+/// gRPC-Web from a browser, binary and base64 text: translated to gRPC for
+/// the endpoint and back, the trailers as the body's last frame; a route
+/// with `grpc_web = true` answers the CORS preflight and marks answers for
+/// the origin; a call the proxy cannot place is answered in gRPC-Web.
+#[test]
+fn grpc_web_binary_and_text_pass_and_cors_is_answered() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"web.test\"\nservice = \"echo\"\ngrpc_web = true\n\
+         [[http.routes]]\nhost = \"plain.test\"\nservice = \"echo\"\n\
+         [[http.routes]]\nhost = \"empty.test\"\nservice = \"nobody\"\n",
+    );
+    let c = agent.client();
+    let backend = Backend::start("g1");
+    place(&c, &[&backend]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (sender, _) = crate::support::h2c(agent.http).await;
+
+        let (status, headers, body, trailers) = web_call(
+            &sender,
+            "web.test",
+            "application/grpc-web+proto",
+            Bytes::from(framed(b"hello").to_vec()),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["content-type"], "application/grpc-web+proto");
+        assert_eq!(
+            headers["access-control-allow-origin"],
+            "https://app.example"
+        );
+        assert!(!trailers, "no HTTP trailers: they are in the body");
+        let (messages, meta) = web_frames(&body);
+        assert_eq!(messages, [Bytes::from_static(b"hello")], "the message back");
+        assert!(meta.contains("grpc-status:0\r\n"), "{meta:?}");
+        assert!(meta.contains("x-served-by:g1\r\n"), "{meta:?}");
+
+        let text = b64.encode(framed(b"in text"));
+        let (status, headers, body, _) = web_call(
+            &sender,
+            "plain.test",
+            "application/grpc-web-text",
+            Bytes::from(text),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["content-type"], "application/grpc-web-text+proto");
+        assert!(
+            !headers.contains_key("access-control-allow-origin"),
+            "no CORS on a route without grpc_web"
+        );
+        // Base64 per frame, each padded: decoded four characters at a time.
+        let mut decoded = Vec::new();
+        for group in body.chunks(4) {
+            decoded.extend(b64.decode(group).expect("base64 answer"));
+        }
+        let (messages, meta) = web_frames(&decoded);
+        assert_eq!(messages, [Bytes::from_static(b"in text")]);
+        assert!(meta.contains("grpc-status:0\r\n"), "{meta:?}");
+
+        // The preflight, answered by the proxy on the gRPC-Web route only.
+        let calls = backend.calls.load(Ordering::SeqCst);
+        let preflight = |host: &str| {
+            hyper::Request::builder()
+                .method("OPTIONS")
+                .uri(format!("http://{host}/echo.Echo/Say"))
+                .header("origin", "https://app.example")
+                .header("access-control-request-method", "POST")
+                .header("access-control-request-headers", "content-type,x-grpc-web")
+                .body(Full::new(Bytes::new()))
+                .expect("request")
+        };
+        let answer = sender
+            .clone()
+            .send_request(preflight("web.test"))
+            .await
+            .expect("preflight");
+        assert_eq!(answer.status(), 204);
+        let h = answer.headers();
+        assert_eq!(h["access-control-allow-origin"], "https://app.example");
+        assert_eq!(h["access-control-allow-headers"], "content-type,x-grpc-web");
+        assert!(h["access-control-allow-methods"]
+            .to_str()
+            .is_ok_and(|m| m.contains("POST")));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), calls, "not forwarded");
+        let answer = sender
+            .clone()
+            .send_request(preflight("plain.test"))
+            .await
+            .expect("options");
+        // Forwarded (over HTTP/1.1, which this h2c-only backend refuses).
+        assert_ne!(answer.status(), 204);
+        assert!(!answer.headers().contains_key("access-control-allow-origin"));
+
+        // Over HTTP/1.1 as a browser's fetch sends it, preflight first.
+        let agent_h1: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let preflight = ureq::http::Request::builder()
+            .method("OPTIONS")
+            .uri(format!("http://{}/echo.Echo/Say", agent.http))
+            .header("host", "web.test")
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST")
+            .body(())
+            .expect("preflight");
+        let answer = agent_h1.run(preflight).expect("preflight over HTTP/1.1");
+        assert_eq!(answer.status(), 204);
+        assert_eq!(
+            answer.headers()["access-control-allow-origin"],
+            "https://app.example"
+        );
+        let mut answer = agent_h1
+            .post(format!("http://{}/echo.Echo/Say", agent.http))
+            .header("host", "web.test")
+            .header("content-type", "application/grpc-web+proto")
+            .header("origin", "https://app.example")
+            .send(&framed(b"over http/1.1")[..])
+            .expect("gRPC-Web over HTTP/1.1");
+        assert_eq!(answer.status(), 200);
+        assert_eq!(
+            answer.headers()["content-type"],
+            "application/grpc-web+proto"
+        );
+        assert_eq!(
+            answer.headers()["access-control-allow-origin"],
+            "https://app.example"
+        );
+        let body = answer.body_mut().read_to_vec().expect("body");
+        let (messages, meta) = web_frames(&body);
+        assert_eq!(messages, [Bytes::from_static(b"over http/1.1")]);
+        assert!(meta.contains("grpc-status:0\r\n"), "{meta:?}");
+
+        // Nobody to place it on: a gRPC-Web answer saying UNAVAILABLE.
+        let (status, headers, _, _) = web_call(
+            &sender,
+            "empty.test",
+            "application/grpc-web+proto",
+            Bytes::from(framed(b"x").to_vec()),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["content-type"], "application/grpc-web+proto");
+        assert_eq!(headers["grpc-status"], "14");
+    });
+}

@@ -13,6 +13,7 @@ fn route(host: Option<&str>, prefix: &str, service: &str) -> RouteConfig {
         retries: None,
         max_body_bytes: None,
         retry_grpc_on: None,
+        grpc_web: false,
     }
 }
 
