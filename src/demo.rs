@@ -35,6 +35,7 @@ pub(crate) fn route() -> RouteConfig {
         max_body_bytes: None,
         retry_grpc_on: None,
         grpc_web: false,
+        upstream_protocol: Default::default(),
     }
 }
 

@@ -93,6 +93,21 @@ pub struct RouteConfig {
     /// their origin. gRPC-Web itself is translated on every route.
     #[serde(default)]
     pub grpc_web: bool,
+    /// How requests go to the endpoints. Default `http1`; gRPC calls go
+    /// over HTTP/2 whatever this says.
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+/// The protocol a route speaks to its endpoints.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, pooled connections.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (cleartext), requests multiplexed.
+    H2c,
 }
 
 /// A gRPC status a call may be retried on: only when the endpoint answered

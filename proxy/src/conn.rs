@@ -216,7 +216,13 @@ async fn exchange(
             None => return Next::Close,
         }
     };
-    if request.grpc_web || (request.preflight && route.as_ref().is_some_and(|r| r.grpc_web)) {
+    // gRPC-Web, its preflight on a gRPC-Web route, and any request of a
+    // route whose endpoints speak HTTP/2 go through hyper's side.
+    if request.grpc_web
+        || route
+            .as_ref()
+            .is_some_and(|r| r.h2c || (request.preflight && r.grpc_web))
+    {
         return Next::Hyper;
     }
     cbuf.consume(request.head_len);

@@ -43,6 +43,7 @@ pub fn request_head(data: &[u8]) {
                 max_body_bytes: None,
                 retry_grpc_on: None,
                 grpc_web: false,
+                upstream_protocol: Default::default(),
             })
             .collect(),
         ..Config::default()

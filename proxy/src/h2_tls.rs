@@ -692,7 +692,12 @@ impl H2Tls {
                 })
                 .unwrap_or_else(|_| Request::new(empty()));
             *upstream.headers_mut() = headers.clone();
-            let client = if answered.grpc {
+            let client = if route.h2c && !answered.grpc && !upgrade {
+                // The route's endpoints speak HTTP/2: hyper drops the
+                // fields HTTP/2 forbids (Connection, Keep-Alive, ...).
+                *upstream.version_mut() = hyper::Version::HTTP_2;
+                &clients.grpc
+            } else if answered.grpc {
                 // HTTP/2 carries `te: trailers` (the only TE it allows), which
                 // gRPC servers require.
                 upstream

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switchyard_catalog::Name;
 
-use crate::config::{BalancerKind, Config, GrpcRetryOn, HashOn, HostPattern};
+use crate::config::{BalancerKind, Config, GrpcRetryOn, HashOn, HostPattern, UpstreamProtocol};
 
 /// Tag that publishes a service under a host name.
 pub const HOST_TAG: &str = "switchyard.http.host=";
@@ -19,6 +19,8 @@ pub const HOST_TAG: &str = "switchyard.http.host=";
 pub const PATH_TAG: &str = "switchyard.http.path=";
 /// The tag that makes a service's tag route a gRPC-Web one (CORS answered).
 pub(crate) const GRPC_WEB_TAG: &str = "switchyard.http.grpc_web=true";
+/// The tag that sends every request of a service's tag route over h2c.
+pub(crate) const H2C_TAG: &str = "switchyard.http.upstream=h2c";
 
 /// What every routing tag starts with.
 pub(crate) const TAG_PREFIX: &str = "switchyard.http.";
@@ -30,6 +32,8 @@ pub(crate) struct TagRoute {
     path: String,
     /// `switchyard.http.grpc_web=true`.
     grpc_web: bool,
+    /// `switchyard.http.upstream=h2c`.
+    h2c: bool,
 }
 
 impl TagRoute {
@@ -40,12 +44,15 @@ impl TagRoute {
         let mut hosts = Vec::new();
         let mut path = None;
         let mut grpc_web = false;
+        let mut h2c = false;
         let tags = tags.into_iter().skip_while(|t| *t < TAG_PREFIX);
         for tag in tags.take_while(|t| t.starts_with(TAG_PREFIX)) {
             if let Some(host) = tag.strip_prefix(HOST_TAG) {
                 hosts.push(host.to_string());
             } else if tag == GRPC_WEB_TAG {
                 grpc_web = true;
+            } else if tag == H2C_TAG {
+                h2c = true;
             } else if let Some(p) = tag.strip_prefix(PATH_TAG) {
                 if p.starts_with('/') && path.is_none() {
                     path = Some(p.to_string());
@@ -59,6 +66,7 @@ impl TagRoute {
             hosts,
             path: path.unwrap_or_else(|| "/".to_string()),
             grpc_web,
+            h2c,
         })
     }
 }
@@ -81,6 +89,8 @@ pub(crate) struct Route {
     pub(crate) max_body_bytes: u64,
     /// Answers CORS preflights for gRPC-Web and marks answers for the origin.
     pub(crate) grpc_web: bool,
+    /// Every request goes to the endpoints over HTTP/2 (h2c), not only gRPC.
+    pub(crate) h2c: bool,
 }
 
 type Prefixes = Vec<(Box<[u8]>, Arc<Route>)>;
@@ -123,6 +133,7 @@ impl RouteTable {
                 ),
                 max_body_bytes: route.max_body_bytes.unwrap_or(config.max_body_bytes),
                 grpc_web: route.grpc_web,
+                h2c: route.upstream_protocol == UpstreamProtocol::H2c,
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -143,6 +154,7 @@ impl RouteTable {
                 retry_grpc_on: GrpcRetryOn::mask(&config.retry_grpc_on),
                 max_body_bytes: config.max_body_bytes,
                 grpc_web: tag.grpc_web,
+                h2c: tag.h2c,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());

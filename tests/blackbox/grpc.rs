@@ -917,3 +917,96 @@ fn grpc_web_binary_and_text_pass_and_cors_is_answered() {
         assert_eq!(headers["grpc-status"], "14");
     });
 }
+
+/// A plain HTTP/2-only (h2c) server: answers every request with the
+/// protocol it arrived in and its path.
+fn h2c_server() -> (SocketAddr, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let said = format!("{:?} {}", request.version(), request.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(said),
+                        )))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    (addr, runtime)
+}
+
+/// `upstream_protocol = "h2c"` on a route (or the tag
+/// `switchyard.http.upstream=h2c`): every request, HTTP/1.1 or HTTP/2 from
+/// the client, reaches the endpoints over HTTP/2.
+#[test]
+fn routes_with_an_h2c_upstream_send_every_request_over_http2() {
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"h2c.test\"\nservice = \"plain2\"\nupstream_protocol = \"h2c\"\n",
+    );
+    let c = agent.client();
+    let (server, _runtime) = h2c_server();
+    let endpoints = serde_json::json!([
+        {"node": "n1", "service": "plain2", "id": "p1", "address": "127.0.0.1", "port": server.port()},
+        {"node": "n1", "service": "tagged2", "id": "t1", "address": "127.0.0.1", "port": server.port(),
+         "tags": ["switchyard.http.host=tagged.test", "switchyard.http.upstream=h2c"]},
+    ]);
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
+            .to_string(),
+    );
+    // HTTP/1.1 from the client, two requests on one connection.
+    let agent_h1: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    for (host, path) in [
+        ("h2c.test", "/one"),
+        ("h2c.test", "/two"),
+        ("tagged.test", "/t"),
+    ] {
+        let mut answer = agent_h1
+            .get(format!("http://{}{path}", agent.http))
+            .header("host", host)
+            .call()
+            .expect("request");
+        assert_eq!(answer.status(), 200, "{host}{path}");
+        let body = answer.body_mut().read_to_string().expect("body");
+        assert_eq!(body, format!("HTTP/2.0 {path}"), "{host}{path}");
+    }
+    // HTTP/2 from the client.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (sender, _) = crate::support::h2c::<Full<Bytes>>(agent.http).await;
+        let request = hyper::Request::get("http://h2c.test/h2")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let answer = sender
+            .clone()
+            .send_request(request)
+            .await
+            .expect("response");
+        assert_eq!(answer.status(), 200);
+        let body = answer.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, Bytes::from_static(b"HTTP/2.0 /h2"));
+    });
+}

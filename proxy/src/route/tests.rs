@@ -14,6 +14,7 @@ fn route(host: Option<&str>, prefix: &str, service: &str) -> RouteConfig {
         max_body_bytes: None,
         retry_grpc_on: None,
         grpc_web: false,
+        upstream_protocol: Default::default(),
     }
 }
 
