@@ -35,7 +35,7 @@ use crate::balance::{self, Tried};
 use crate::conn::Pace;
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::grpc_web;
-use crate::metrics::Reject;
+use crate::metrics::{GoAway, Reject};
 use crate::shared::Shared;
 use crate::stats::{now_ns, EndpointStats};
 use crate::wire;
@@ -306,16 +306,19 @@ impl H2Tls {
                 _ = aged => {
                     // GOAWAY: the streams in progress finish within the
                     // shutdown grace; the client reconnects for new ones.
+                    self.shared.metrics.goaway(GoAway::MaxAge);
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(config.shutdown_grace, connection).await;
                 }
                 _ = idle => {
                     // GOAWAY, and a PING whose answer ends the connection;
                     // a client that does not answer is cut after header_timeout.
+                    self.shared.metrics.goaway(GoAway::Idle);
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(config.header_timeout, connection).await;
                 }
                 _ = stop => {
+                    self.shared.metrics.goaway(GoAway::Shutdown);
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }

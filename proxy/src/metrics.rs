@@ -55,6 +55,24 @@ impl Reject {
     }
 }
 
+/// Why the proxy sent an HTTP/2 client a GOAWAY.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum GoAway {
+    Idle,
+    MaxAge,
+    Shutdown,
+}
+
+impl GoAway {
+    fn label(self) -> &'static str {
+        match self {
+            GoAway::Idle => "idle",
+            GoAway::MaxAge => "max_age",
+            GoAway::Shutdown => "shutdown",
+        }
+    }
+}
+
 pub struct ProxyMetrics {
     requests: IntCounterVec,
     in_flight: IntGaugeVec,
@@ -70,6 +88,8 @@ pub struct ProxyMetrics {
     pub(crate) connections: IntGauge,
     pub(crate) thread_connections: IntGaugeVec,
     pub(crate) upgrades: IntCounter,
+    /// GOAWAYs sent to HTTP/2 clients, by why (`idle`, `max_age`, `shutdown`).
+    pub(crate) goaways: [IntCounter; 3],
     /// Failed accepts by listener kind (`http`, `https`, `l4`).
     pub(crate) accept_errors: IntCounterVec,
     pub(crate) spliced_bytes: IntCounter,
@@ -386,6 +406,16 @@ impl ProxyMetrics {
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(thread_connections.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
+        let goaways_vec = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_h2_goaways_sent_total",
+                "GOAWAYs sent to HTTP/2 client connections, by reason (idle, max_age, shutdown)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(goaways_vec.clone()))?;
+        let goaways = [GoAway::Idle, GoAway::MaxAge, GoAway::Shutdown]
+            .map(|why| goaways_vec.with_label_values(&[why.label()]));
         registry.register(Box::new(spliced_bytes.clone()))?;
         registry.register(Box::new(relayed))?;
         registry.register(Box::new(http_sockets))?;
@@ -404,6 +434,7 @@ impl ProxyMetrics {
             connections,
             thread_connections,
             upgrades,
+            goaways,
             accept_errors,
             spliced_bytes,
             relayed_io_uring,
@@ -423,6 +454,11 @@ impl ProxyMetrics {
 
     pub(crate) fn reject(&self, why: Reject) {
         self.rejected[why as usize].inc();
+    }
+
+    /// Counts a GOAWAY sent to an HTTP/2 client.
+    pub(crate) fn goaway(&self, why: GoAway) {
+        self.goaways[why as usize].inc();
     }
 
     pub(crate) fn endpoint(&self, service: &str, node: &str, id: &str) -> EndpointMetrics {

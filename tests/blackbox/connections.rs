@@ -336,6 +336,13 @@ fn idle_http2_connections_to_the_proxy_are_closed() {
         after >= Duration::from_millis(2500) && after < Duration::from_secs(25),
         "a served HTTP/2 connection closed {after:?} after its answer (idle_timeout 3 s)"
     );
+    let sent = agent
+        .client()
+        .metric("switchyard_proxy_h2_goaways_sent_total{reason=\"idle\"}");
+    assert!(
+        sent.is_some_and(|n| n >= 1.0),
+        "idle GOAWAYs counted: {sent:?}"
+    );
 }
 
 /// `http.h2.max_connection_age`: a busy HTTP/2 client connection gets a
@@ -385,6 +392,13 @@ fn http2_connections_are_sent_away_at_their_max_age() {
     assert!(
         ended_after >= Duration::from_millis(900) && ended_after < Duration::from_secs(15),
         "the connection ended after {ended_after:?} (max_connection_age 1 s)"
+    );
+    let sent = agent
+        .client()
+        .metric("switchyard_proxy_h2_goaways_sent_total{reason=\"max_age\"}");
+    assert!(
+        sent.is_some_and(|n| n >= 1.0),
+        "max-age GOAWAYs counted: {sent:?}"
     );
 }
 
