@@ -1010,3 +1010,133 @@ fn routes_with_an_h2c_upstream_send_every_request_over_http2() {
         assert_eq!(body, Bytes::from_static(b"HTTP/2.0 /h2"));
     });
 }
+
+/// A request or response body fed frame by frame from a channel.
+struct Frames(tokio::sync::mpsc::Receiver<hyper::body::Frame<Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|frame| frame.map(Ok))
+    }
+}
+
+/// An h2c server for bidirectional streaming calls: each request DATA frame
+/// is echoed as it arrives, and the end of the request ends the answer with
+/// `grpc-status: 0`.
+fn chat_server() -> (SocketAddr, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel(4);
+                        tokio::spawn(async move {
+                            let mut body = request.into_body();
+                            while let Some(Ok(frame)) = body.frame().await {
+                                if let Ok(data) = frame.into_data() {
+                                    if tx.send(hyper::body::Frame::data(data)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert(
+                                "grpc-status",
+                                hyper::header::HeaderValue::from_static("0"),
+                            );
+                            let _ = tx.send(hyper::body::Frame::trailers(trailers)).await;
+                        });
+                        let mut response = hyper::Response::new(Frames(rx));
+                        response.headers_mut().insert(
+                            "content-type",
+                            hyper::header::HeaderValue::from_static("application/grpc"),
+                        );
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    (addr, runtime)
+}
+
+/// A bidirectional streaming call through the proxy: each message comes
+/// back before the next is sent (nothing waits for the whole request), and
+/// the call ends with the endpoint's trailers when the client ends its side.
+#[test]
+fn a_bidirectional_streaming_call_streams_both_ways() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"chat.test\"\nservice = \"chat\"\n");
+    let c = agent.client();
+    let (server, _server_runtime) = chat_server();
+    let endpoints = serde_json::json!([
+        {"node": "n1", "service": "chat", "id": "c1", "address": "127.0.0.1", "port": server.port()},
+    ]);
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
+            .to_string(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (sender, _) = crate::support::h2c::<Frames>(agent.http).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let request = hyper::Request::post("http://chat.test/chat.Chat/Talk")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Frames(rx))
+            .expect("request");
+        tx.send(hyper::body::Frame::data(framed(b"one")))
+            .await
+            .expect("send");
+        let within = std::time::Duration::from_secs(5);
+        let response = tokio::time::timeout(within, sender.clone().send_request(request))
+            .await
+            .expect("headers in time")
+            .expect("response");
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        for (i, message) in [&b"one"[..], b"two", b"three"].iter().enumerate() {
+            if i > 0 {
+                tx.send(hyper::body::Frame::data(framed(message)))
+                    .await
+                    .expect("send");
+            }
+            let frame = tokio::time::timeout(within, body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("message {i} did not come back while the call is open"))
+                .expect("a frame")
+                .expect("no error");
+            assert_eq!(frame.into_data().ok(), Some(framed(message)), "message {i}");
+        }
+        drop(tx);
+        let last = tokio::time::timeout(within, body.frame())
+            .await
+            .expect("the end in time")
+            .expect("a frame")
+            .expect("no error");
+        let trailers = last.into_trailers().expect("trailers end the call");
+        assert_eq!(trailers["grpc-status"], "0");
+    });
+}
