@@ -1140,3 +1140,119 @@ fn a_bidirectional_streaming_call_streams_both_ways() {
         assert_eq!(trailers["grpc-status"], "0");
     });
 }
+
+/// A slow reader slows the sender: a server streaming 1 MiB messages to a
+/// client that reads nothing gets only as far as the flow-control windows
+/// let it, and the proxy's memory stays bounded; the client then reads on.
+#[test]
+fn a_stream_nobody_reads_holds_the_sender_and_bounded_memory() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"flood.test\"\nservice = \"flood\"\n");
+    let c = agent.client();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let server = listener.local_addr().expect("addr");
+    let handed = Arc::new(AtomicUsize::new(0));
+    let counted = handed.clone();
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request| {
+                    let counted = counted.clone();
+                    async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel(1);
+                        tokio::spawn(async move {
+                            let message = framed(&vec![7u8; 1 << 20]);
+                            for _ in 0..200 {
+                                if tx
+                                    .send(hyper::body::Frame::data(message.clone()))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                counted.fetch_add(message.len(), Ordering::SeqCst);
+                            }
+                        });
+                        let mut response = hyper::Response::new(Frames(rx));
+                        response.headers_mut().insert(
+                            "content-type",
+                            hyper::header::HeaderValue::from_static("application/grpc"),
+                        );
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    let endpoints = serde_json::json!([
+        {"node": "n1", "service": "flood", "id": "f1", "address": "127.0.0.1", "port": server.port()},
+    ]);
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
+            .to_string(),
+    );
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let pid = agent.pid();
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    client.block_on(async {
+        let (sender, _) = crate::support::h2c::<Full<Bytes>>(agent.http).await;
+        let before = rss(pid);
+        let request = hyper::Request::post("http://flood.test/flood.Flood/Pour")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(framed(b"go")))
+            .expect("request");
+        let response = sender
+            .clone()
+            .send_request(request)
+            .await
+            .expect("response");
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let held = handed.load(Ordering::SeqCst);
+        let grown = rss(pid).saturating_sub(before);
+        assert!(
+            held < 40 << 20,
+            "the server got {held} bytes out to a client that reads nothing"
+        );
+        assert!(
+            grown < 64 << 10,
+            "the proxy grew by {grown} KiB for one unread stream"
+        );
+        // Reading on, the stream flows again.
+        let mut body = response.into_body();
+        let mut read = 0usize;
+        while read < 60 << 20 {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("data keeps coming once read")
+                .expect("a frame")
+                .expect("no error");
+            read += frame.into_data().map_or(0, |d| d.len());
+        }
+        assert!(handed.load(Ordering::SeqCst) > held, "the sender moved on");
+    });
+}
