@@ -1256,3 +1256,79 @@ fn a_stream_nobody_reads_holds_the_sender_and_bounded_memory() {
         assert!(handed.load(Ordering::SeqCst) > held, "the sender moved on");
     });
 }
+
+/// Per-call balancing on a long-lived client connection: an endpoint
+/// registered while the connection is open gets calls at once (round robin:
+/// one of the next three), no reconnect needed.
+#[test]
+fn a_new_endpoint_gets_calls_on_an_open_client_connection_at_once() {
+    let (agent, _dir) = agent_with(
+        "[http]\nbalancer = \"round_robin\"\n\
+         [[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n",
+    );
+    let c = agent.client();
+    let backends: Vec<Backend> = ["a1", "a2", "a3"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    place(&c, &[&backends[0], &backends[1]]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (sender, _) = crate::support::h2c(agent.http).await;
+        for i in 0..6 {
+            let answer = call(&sender, "grpc.test", format!("m{i}").as_bytes()).await;
+            assert_ne!(
+                answer.meta.get("x-served-by").map(String::as_str),
+                Some("a3")
+            );
+        }
+        place(&c, &backends.iter().collect::<Vec<_>>());
+        let mut served = Vec::new();
+        for i in 0..3 {
+            let answer = call(&sender, "grpc.test", format!("n{i}").as_bytes()).await;
+            served.push(answer.meta.get("x-served-by").cloned().unwrap_or_default());
+        }
+        assert!(
+            served.iter().any(|s| s == "a3"),
+            "the new endpoint got none of the next three calls: {served:?}"
+        );
+    });
+}
+
+/// SIGTERM with a call in progress on an HTTP/2 client connection: the
+/// connection gets a GOAWAY, the call finishes with its trailers within the
+/// shutdown grace, and the agent exits 0.
+#[test]
+fn a_call_in_progress_at_sigterm_finishes() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n");
+    let c = agent.client();
+    let backend = Backend::start("s1");
+    place(&c, &[&backend]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (answer, agent) = runtime.block_on(async {
+        let (sender, _) = crate::support::h2c(agent.http).await;
+        // The backend holds a message ending in "slow" for 3 s.
+        let slow = tokio::spawn(async move { call(&sender, "grpc.test", b"take it slow").await });
+        while backend.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        agent.signal("TERM");
+        (slow.await.expect("call task"), agent)
+    });
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.meta.get("grpc-status").map(String::as_str),
+        Some("0"),
+        "{:?}",
+        answer.meta
+    );
+    assert_eq!(answer.body, framed(b"take it slow"));
+    let exit = agent.wait_exit(std::time::Duration::from_secs(20));
+    assert!(exit.success(), "SIGTERM exits 0: {exit:?}");
+}
