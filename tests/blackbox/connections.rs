@@ -515,3 +515,36 @@ fn a_request_body_below_the_minimum_rate_gets_408() {
         "the endpoint is not blamed (one failure would eject it)"
     );
 }
+
+/// Blocking queries whose clients go away are let go at once (hyper
+/// notices the close while the query waits), not held until their wait ends.
+#[test]
+fn watchers_that_go_away_are_let_go() {
+    let agent = crate::support::Agent::start();
+    let c = agent.client();
+    c.put_ok(
+        "/v1/switchyard/batch",
+        r#"{"nodes":[{"name":"n1","address":"10.0.0.1"}],"endpoints":[{"node":"n1","service":"web","id":"w1","port":80}]}"#,
+    );
+    let index = c.get_ok("/v1/health/service/web").index;
+    let open = || c.metric("switchyard_api_connections{listener=\"api\"}");
+    let base = open().expect("the gauge");
+    let addr = api_addr(&agent.api);
+    let watchers: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            let head = format!(
+                "GET /v1/health/service/web?index={index}&wait=5m HTTP/1.1\r\nHost: x\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).expect("blocking query");
+            s
+        })
+        .collect();
+    eventually("20 watchers waiting", Duration::from_secs(10), || {
+        open().filter(|&n| n >= base + 20.0)
+    });
+    drop(watchers);
+    eventually("the watchers let go", Duration::from_secs(5), || {
+        open().filter(|&n| n <= base)
+    });
+}
