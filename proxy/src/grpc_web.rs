@@ -15,7 +15,7 @@ use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 
-use crate::h2_tls::{BoxError, ProxyBody};
+use crate::h2_tls::{answer, empty, BoxError, ProxyBody};
 
 /// Largest `-text` request body decoded (it is taken whole).
 const TEXT_MAX: usize = 4 << 20;
@@ -65,9 +65,9 @@ where
             let text = match limited.collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(_) => {
-                    return Err(refusal(
+                    return Err(answer(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        "grpc-web-text request body over 4 MiB or cut short",
+                        "grpc-web-text request body over 4 MiB or cut short".to_string(),
                     ))
                 }
             };
@@ -81,9 +81,9 @@ where
                     .map_err(|never| match never {})
                     .boxed(),
                 None => {
-                    return Err(refusal(
+                    return Err(answer(
                         StatusCode::BAD_REQUEST,
-                        "grpc-web-text request body is not base64",
+                        "grpc-web-text request body is not base64".to_string(),
                     ))
                 }
             }
@@ -104,19 +104,6 @@ fn decode(text: &[u8]) -> Option<Vec<u8>> {
         out.extend(engine.decode(group).ok()?);
     }
     Some(out)
-}
-
-fn refusal(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(text))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert("x-switchyard", HeaderValue::from_static("proxy"));
-    response
 }
 
 /// The endpoint's gRPC answer as gRPC-Web: content type, and a body whose
@@ -212,11 +199,7 @@ impl Body for WebBody {
 /// The answer to a CORS preflight for a gRPC-Web route: any origin that
 /// asks, POST, the headers it asks for (or gRPC-Web's usual ones).
 pub(crate) fn preflight(origin: &HeaderValue, asked: Option<&HeaderValue>) -> Response<ProxyBody> {
-    let mut response = Response::new(
-        http_body_util::Empty::new()
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut response = Response::new(empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
     headers.insert("access-control-allow-origin", origin.clone());

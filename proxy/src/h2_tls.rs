@@ -1237,14 +1237,14 @@ fn tunnel(
     Response::from_parts(parts, empty())
 }
 
-fn empty() -> ProxyBody {
+pub(crate) fn empty() -> ProxyBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed()
 }
 
 /// A response the proxy gives itself.
-fn answer(status: StatusCode, text: String) -> Response<ProxyBody> {
+pub(crate) fn answer(status: StatusCode, text: String) -> Response<ProxyBody> {
     let body = Full::new(Bytes::from(text + "\n"))
         .map_err(|never| match never {})
         .boxed();

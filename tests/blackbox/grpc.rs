@@ -30,15 +30,6 @@ struct Backend {
 
 impl Backend {
     fn start(name: &str) -> Backend {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let calls = Arc::new(AtomicUsize::new(0));
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let shedding = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -48,89 +39,85 @@ impl Backend {
             failing.clone(),
             shedding.clone(),
         );
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (who, counted, down, shed) =
-                    (who.clone(), counted.clone(), down.clone(), shed.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |request: hyper::Request<hyper::body::Incoming>| {
-                            let (who, counted, down, shed) =
-                                (who.clone(), counted.clone(), down.clone(), shed.clone());
-                            async move {
-                                counted.fetch_add(1, Ordering::SeqCst);
-                                if shed.load(Ordering::SeqCst) {
-                                    let mut response =
-                                        hyper::Response::new(Full::new(Bytes::new()).boxed());
-                                    let headers = response.headers_mut();
-                                    for (k, v) in [
-                                        ("content-type", "application/grpc"),
-                                        ("grpc-status", "14"),
-                                        ("grpc-message", "shedding load"),
-                                    ] {
-                                        headers
-                                            .insert(k, hyper::header::HeaderValue::from_static(v));
-                                    }
-                                    return Ok::<_, std::convert::Infallible>(response);
+        let (addr, runtime) = serve_loopback(move |stream| {
+            let (who, counted, down, shed) =
+                (who.clone(), counted.clone(), down.clone(), shed.clone());
+            async move {
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let (who, counted, down, shed) =
+                            (who.clone(), counted.clone(), down.clone(), shed.clone());
+                        async move {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            if shed.load(Ordering::SeqCst) {
+                                let mut response =
+                                    hyper::Response::new(Full::new(Bytes::new()).boxed());
+                                let headers = response.headers_mut();
+                                for (k, v) in [
+                                    ("content-type", "application/grpc"),
+                                    ("grpc-status", "14"),
+                                    ("grpc-message", "shedding load"),
+                                ] {
+                                    headers.insert(k, hyper::header::HeaderValue::from_static(v));
                                 }
-                                let grpc = request
-                                    .headers()
-                                    .get("content-type")
-                                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                                let te = request.headers().get("te").cloned();
-                                let timeout = request.headers().get("grpc-timeout").cloned();
-                                let body = request
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                if body.ends_with(b"slow") {
-                                    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-                                }
-                                let mut trailers = hyper::HeaderMap::new();
-                                if let Some(timeout) = timeout {
-                                    trailers.insert("x-saw-grpc-timeout", timeout);
-                                }
-                                let code = if down.load(Ordering::SeqCst) {
-                                    "14"
-                                } else {
-                                    "0"
-                                };
-                                trailers.insert(
-                                    "grpc-status",
-                                    hyper::header::HeaderValue::from_static(code),
-                                );
-                                if let Ok(value) = hyper::header::HeaderValue::from_str(&who) {
-                                    trailers.insert("x-served-by", value);
-                                }
-                                let body = if body.ends_with(b"stream") {
-                                    Endless(Some(body)).boxed()
-                                } else {
-                                    Full::new(body)
-                                        .with_trailers(async move {
-                                            Some(Ok::<_, std::convert::Infallible>(trailers))
-                                        })
-                                        .boxed()
-                                };
-                                let mut response = hyper::Response::new(body);
-                                response.headers_mut().insert(
-                                    "content-type",
-                                    hyper::header::HeaderValue::from_static("application/grpc"),
-                                );
-                                if !grpc || te.as_ref().is_none_or(|v| v != "trailers") {
-                                    *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
-                                }
-                                Ok::<_, std::convert::Infallible>(response)
+                                return Ok::<_, std::convert::Infallible>(response);
                             }
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-                });
+                            let grpc = request
+                                .headers()
+                                .get("content-type")
+                                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                            let te = request.headers().get("te").cloned();
+                            let timeout = request.headers().get("grpc-timeout").cloned();
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if body.ends_with(b"slow") {
+                                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                            }
+                            let mut trailers = hyper::HeaderMap::new();
+                            if let Some(timeout) = timeout {
+                                trailers.insert("x-saw-grpc-timeout", timeout);
+                            }
+                            let code = if down.load(Ordering::SeqCst) {
+                                "14"
+                            } else {
+                                "0"
+                            };
+                            trailers.insert(
+                                "grpc-status",
+                                hyper::header::HeaderValue::from_static(code),
+                            );
+                            if let Ok(value) = hyper::header::HeaderValue::from_str(&who) {
+                                trailers.insert("x-served-by", value);
+                            }
+                            let body = if body.ends_with(b"stream") {
+                                Endless(Some(body)).boxed()
+                            } else {
+                                Full::new(body)
+                                    .with_trailers(async move {
+                                        Some(Ok::<_, std::convert::Infallible>(trailers))
+                                    })
+                                    .boxed()
+                            };
+                            let mut response = hyper::Response::new(body);
+                            response.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/grpc"),
+                            );
+                            if !grpc || te.as_ref().is_none_or(|v| v != "trailers") {
+                                *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
             }
         });
         Backend {
@@ -173,9 +160,49 @@ impl hyper::body::Body for Endless {
 
 /// Registers `backends` as the endpoints of service `echo` on node `n1`.
 fn place(c: &crate::support::Client, backends: &[&Backend]) {
-    let endpoints: Vec<serde_json::Value> = backends
+    let endpoints: Vec<(&str, u16)> = backends
         .iter()
-        .map(|b| serde_json::json!({"node": "n1", "service": "echo", "id": b.name, "address": "127.0.0.1", "port": b.addr.port()}))
+        .map(|b| (b.name.as_str(), b.addr.port()))
+        .collect();
+    place_ports(c, "echo", &endpoints, &[]);
+}
+
+/// A loopback listener on a runtime of its own (one worker): each accepted
+/// connection goes to `on_connection` as a task. Dropping the runtime ends
+/// the server and its connections.
+fn serve_loopback<F, Fut>(on_connection: F) -> (SocketAddr, tokio::runtime::Runtime)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(on_connection(stream));
+        }
+    });
+    (addr, runtime)
+}
+
+/// Places endpoints `(id, port)` of `service` at 127.0.0.1 on node `n1`,
+/// each with `tags`.
+fn place_ports(
+    c: &crate::support::Client,
+    service: &str,
+    endpoints: &[(&str, u16)],
+    tags: &[&str],
+) {
+    let endpoints: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(id, port)| serde_json::json!({"node": "n1", "service": service, "id": id, "address": "127.0.0.1", "port": port, "tags": tags}))
         .collect();
     let batch = serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints});
     c.put_ok("/v1/switchyard/batch", &batch.to_string());
@@ -566,29 +593,18 @@ fn a_call_shed_as_unavailable_is_retried_on_another_endpoint() {
 /// A server that refuses every stream with RST_STREAM(REFUSED_STREAM), as
 /// one at its stream limit does (RFC 9113 §8.7: not processed).
 fn refusing_server() -> (SocketAddr, Arc<AtomicUsize>, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let refused = Arc::new(AtomicUsize::new(0));
     let counted = refused.clone();
-    runtime.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((_, mut respond))) = connection.accept().await {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
-                }
-            });
+    let (addr, runtime) = serve_loopback(move |stream| {
+        let counted = counted.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
         }
     });
     (addr, refused, runtime)
@@ -603,14 +619,11 @@ fn a_refused_stream_is_retried_on_another_endpoint() {
     let c = agent.client();
     let ok = Backend::start("ok");
     let (refusing, refused, _runtime) = refusing_server();
-    let endpoints = serde_json::json!([
-        {"node": "n1", "service": "echo", "id": "ok", "address": "127.0.0.1", "port": ok.addr.port()},
-        {"node": "n1", "service": "echo", "id": "refusing", "address": "127.0.0.1", "port": refusing.port()},
-    ]);
-    c.put_ok(
-        "/v1/switchyard/batch",
-        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
-            .to_string(),
+    place_ports(
+        &c,
+        "echo",
+        &[("ok", ok.addr.port()), ("refusing", refusing.port())],
+        &[],
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -921,32 +934,18 @@ fn grpc_web_binary_and_text_pass_and_cors_is_answered() {
 /// A plain HTTP/2-only (h2c) server: answers every request with the
 /// protocol it arrived in and its path.
 fn h2c_server() -> (SocketAddr, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    runtime.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |request: hyper::Request<hyper::body::Incoming>| async move {
-                        let said = format!("{:?} {}", request.version(), request.uri().path());
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(said),
-                        )))
-                    },
-                );
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-            });
-        }
+    let (addr, runtime) = serve_loopback(move |stream| async move {
+        let service = hyper::service::service_fn(
+            |request: hyper::Request<hyper::body::Incoming>| async move {
+                let said = format!("{:?} {}", request.version(), request.uri().path());
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                    said,
+                ))))
+            },
+        );
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
     });
     (addr, runtime)
 }
@@ -961,15 +960,15 @@ fn routes_with_an_h2c_upstream_send_every_request_over_http2() {
     );
     let c = agent.client();
     let (server, _runtime) = h2c_server();
-    let endpoints = serde_json::json!([
-        {"node": "n1", "service": "plain2", "id": "p1", "address": "127.0.0.1", "port": server.port()},
-        {"node": "n1", "service": "tagged2", "id": "t1", "address": "127.0.0.1", "port": server.port(),
-         "tags": ["switchyard.http.host=tagged.test", "switchyard.http.upstream=h2c"]},
-    ]);
-    c.put_ok(
-        "/v1/switchyard/batch",
-        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
-            .to_string(),
+    place_ports(&c, "plain2", &[("p1", server.port())], &[]);
+    place_ports(
+        &c,
+        "tagged2",
+        &[("t1", server.port())],
+        &[
+            "switchyard.http.host=tagged.test",
+            "switchyard.http.upstream=h2c",
+        ],
     );
     // HTTP/1.1 from the client, two requests on one connection.
     let agent_h1: ureq::Agent = ureq::Agent::config_builder()
@@ -1030,51 +1029,34 @@ impl hyper::body::Body for Frames {
 /// is echoed as it arrives, and the end of the request ends the answer with
 /// `grpc-status: 0`.
 fn chat_server() -> (SocketAddr, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    runtime.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |request: hyper::Request<hyper::body::Incoming>| async move {
-                        let (tx, rx) = tokio::sync::mpsc::channel(4);
-                        tokio::spawn(async move {
-                            let mut body = request.into_body();
-                            while let Some(Ok(frame)) = body.frame().await {
-                                if let Ok(data) = frame.into_data() {
-                                    if tx.send(hyper::body::Frame::data(data)).await.is_err() {
-                                        return;
-                                    }
-                                }
+    let (addr, runtime) = serve_loopback(move |stream| async move {
+        let service = hyper::service::service_fn(
+            |request: hyper::Request<hyper::body::Incoming>| async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    while let Some(Ok(frame)) = body.frame().await {
+                        if let Ok(data) = frame.into_data() {
+                            if tx.send(hyper::body::Frame::data(data)).await.is_err() {
+                                return;
                             }
-                            let mut trailers = hyper::HeaderMap::new();
-                            trailers.insert(
-                                "grpc-status",
-                                hyper::header::HeaderValue::from_static("0"),
-                            );
-                            let _ = tx.send(hyper::body::Frame::trailers(trailers)).await;
-                        });
-                        let mut response = hyper::Response::new(Frames(rx));
-                        response.headers_mut().insert(
-                            "content-type",
-                            hyper::header::HeaderValue::from_static("application/grpc"),
-                        );
-                        Ok::<_, std::convert::Infallible>(response)
-                    },
+                        }
+                    }
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                    let _ = tx.send(hyper::body::Frame::trailers(trailers)).await;
+                });
+                let mut response = hyper::Response::new(Frames(rx));
+                response.headers_mut().insert(
+                    "content-type",
+                    hyper::header::HeaderValue::from_static("application/grpc"),
                 );
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-            });
-        }
+                Ok::<_, std::convert::Infallible>(response)
+            },
+        );
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
     });
     (addr, runtime)
 }
@@ -1087,14 +1069,7 @@ fn a_bidirectional_streaming_call_streams_both_ways() {
     let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"chat.test\"\nservice = \"chat\"\n");
     let c = agent.client();
     let (server, _server_runtime) = chat_server();
-    let endpoints = serde_json::json!([
-        {"node": "n1", "service": "chat", "id": "c1", "address": "127.0.0.1", "port": server.port()},
-    ]);
-    c.put_ok(
-        "/v1/switchyard/batch",
-        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
-            .to_string(),
-    );
+    place_ports(&c, "chat", &[("c1", server.port())], &[]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1148,61 +1123,42 @@ fn a_bidirectional_streaming_call_streams_both_ways() {
 fn a_stream_nobody_reads_holds_the_sender_and_bounded_memory() {
     let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"flood.test\"\nservice = \"flood\"\n");
     let c = agent.client();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let server = listener.local_addr().expect("addr");
     let handed = Arc::new(AtomicUsize::new(0));
     let counted = handed.clone();
-    runtime.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_request| {
-                    let counted = counted.clone();
-                    async move {
-                        let (tx, rx) = tokio::sync::mpsc::channel(1);
-                        tokio::spawn(async move {
-                            let message = framed(&vec![7u8; 1 << 20]);
-                            for _ in 0..200 {
-                                if tx
-                                    .send(hyper::body::Frame::data(message.clone()))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                                counted.fetch_add(message.len(), Ordering::SeqCst);
+    let (server, _server_runtime) = serve_loopback(move |stream| {
+        let counted = counted.clone();
+        async move {
+            let service = hyper::service::service_fn(move |_request| {
+                let counted = counted.clone();
+                async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(async move {
+                        let message = framed(&vec![7u8; 1 << 20]);
+                        for _ in 0..200 {
+                            if tx
+                                .send(hyper::body::Frame::data(message.clone()))
+                                .await
+                                .is_err()
+                            {
+                                return;
                             }
-                        });
-                        let mut response = hyper::Response::new(Frames(rx));
-                        response.headers_mut().insert(
-                            "content-type",
-                            hyper::header::HeaderValue::from_static("application/grpc"),
-                        );
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                            counted.fetch_add(message.len(), Ordering::SeqCst);
+                        }
+                    });
+                    let mut response = hyper::Response::new(Frames(rx));
+                    response.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static("application/grpc"),
+                    );
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
         }
     });
-    let endpoints = serde_json::json!([
-        {"node": "n1", "service": "flood", "id": "f1", "address": "127.0.0.1", "port": server.port()},
-    ]);
-    c.put_ok(
-        "/v1/switchyard/batch",
-        &serde_json::json!({"nodes": [{"name": "n1", "address": "127.0.0.1"}], "endpoints": endpoints})
-            .to_string(),
-    );
+    place_ports(&c, "flood", &[("f1", server.port())], &[]);
     let rss = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
