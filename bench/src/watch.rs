@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::churn::{http, put, rss_bytes, start_agent_with};
 
@@ -56,6 +56,10 @@ fn metric(api: &str, name: &str) -> anyhow::Result<f64> {
         .unwrap_or(0.0))
 }
 
+thread_local! {
+    static READ: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
@@ -81,11 +85,39 @@ async fn watcher(
         "GET /v1/health/service/web?index={index}&wait=300s HTTP/1.1\r\nHost: x\r\n{encoding}Connection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let n = stream.read(&mut buf).await?;
-    let head = change.borrow().context("answered before the change")?;
-    let head = head.elapsed().as_secs_f64();
-    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // One read buffer for every watcher (the runtime has one thread): 10,000
+    // buffers of their own would cost the client more than the agent.
+    let mut head: Option<(f64, String)> = None;
+    let mut total = 0;
+    loop {
+        stream.readable().await?;
+        let read = READ.with_borrow_mut(|buf| {
+            let n = stream.try_read(buf)?;
+            if head.is_none() && n > 0 {
+                let text = String::from_utf8_lossy(&buf[..n.min(1024)]).into_owned();
+                head = Some((0.0, text));
+            }
+            Ok::<_, std::io::Error>(n)
+        });
+        match read {
+            Ok(0) => break,
+            Ok(n) => {
+                if total == 0 {
+                    if let Some(head) = head.as_mut() {
+                        head.0 = change
+                            .borrow()
+                            .context("answered before the change")?
+                            .elapsed()
+                            .as_secs_f64();
+                    }
+                }
+                total += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (head, text) = head.context("no answer")?;
     let new_index = text
         .lines()
         .find_map(|l| {
@@ -94,14 +126,6 @@ async fn watcher(
         })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    let mut total = n;
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
     let whole = change.borrow().context("change")?.elapsed().as_secs_f64();
     if total < 500 {
         bail!("a short answer: {text}");

@@ -548,3 +548,90 @@ fn watchers_that_go_away_are_let_go() {
         open().filter(|&n| n <= base)
     });
 }
+
+/// Reads a response head alone (a HEAD answer has no body to read).
+fn read_head(stream: &mut TcpStream) -> crate::proxy::Raw {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    crate::proxy::parse_raw(&head)
+}
+
+/// The API reads bodiless requests itself and hands a connection to hyper
+/// at its first request with a body: on one connection, pipelined reads
+/// are answered in order, HEAD carries the length and no body, a write with
+/// a body is served and so is every request after it; `Connection: close`
+/// closes after the answer, and a malformed head still gets its 400.
+#[test]
+fn one_api_connection_carries_reads_heads_and_writes_in_turn() {
+    use crate::proxy::read_response;
+    let agent = crate::support::Agent::start();
+    let addr = api_addr(&agent.api);
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+
+    s.write_all(
+        b"GET /v1/agent/self HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/catalog/services HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .expect("two pipelined reads");
+    let (first, body) = read_response(&mut s);
+    assert_eq!(first.status, 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"Config\""),
+        "agent/self first: {body:?}"
+    );
+    let (second, listed) = read_response(&mut s);
+    assert_eq!(second.status, 200);
+    assert!(second.headers.contains_key("x-consul-index"), "{second:?}");
+    let services: serde_json::Value = serde_json::from_slice(&listed).expect("JSON");
+    assert!(services.is_object(), "catalog/services second: {services}");
+
+    s.write_all(b"HEAD /v1/catalog/services HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("HEAD");
+    let head = read_head(&mut s);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.headers.get("content-length").map(String::as_str),
+        Some(listed.len().to_string().as_str()),
+        "HEAD declares the GET's length: {head:?}"
+    );
+
+    let register = r#"{"Name":"web","ID":"w1","Port":80}"#;
+    s.write_all(
+        format!(
+            "PUT /v1/agent/service/register HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{register}",
+            register.len()
+        )
+        .as_bytes(),
+    )
+    .expect("a write with a body");
+    let (registered, body) = read_response(&mut s);
+    assert_eq!(registered.status, 200, "{body:?}");
+    s.write_all(b"GET /v1/catalog/service/web HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("a read after the write");
+    let (read, body) = read_response(&mut s);
+    assert_eq!(read.status, 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"w1\""),
+        "the same connection serves on: {body:?}"
+    );
+
+    let mut closing = TcpStream::connect(addr).expect("connect");
+    closing
+        .write_all(b"GET /v1/status/leader HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let (got, _) = until_closed(&mut closing, Instant::now());
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    assert!(got.contains("connection: close"), "{got:?}");
+
+    let mut malformed = TcpStream::connect(addr).expect("connect");
+    malformed
+        .write_all(b"GET /v1/status/leader HTTP/1.1\r\nBad Name: y\r\n\r\n")
+        .expect("send");
+    let (got, _) = until_closed(&mut malformed, Instant::now());
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+}

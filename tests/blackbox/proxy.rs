@@ -1167,7 +1167,7 @@ fn patterned(len: usize) -> Vec<u8> {
 }
 
 /// Reads one response head and its Content-Length body from `stream`.
-fn read_response(stream: &mut TcpStream) -> (Raw, Vec<u8>) {
+pub(crate) fn read_response(stream: &mut TcpStream) -> (Raw, Vec<u8>) {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -39,6 +39,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+mod plain;
+
 /// The limits of one listener's connections (from `[api]`).
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
@@ -273,30 +275,18 @@ async fn connection(
     match tls {
         None => {
             let socket = raw.0.clone();
-            // Nothing of hyper's (its connection, its 8 KiB read buffer)
-            // exists until the first bytes come: an idle connection costs
-            // ~2.6 KiB (was 13.5).
-            // (A peek, not `readable()`: readiness of a fresh socket may be
-            // reported before any byte is there.)
             let mut stopped = stop.clone();
-            let mut first = [0u8; 1];
-            tokio::select! {
-                peeked = tokio::time::timeout(limits.header_timeout, socket.peek(&mut first)) => {
-                    match peeked {
-                        Ok(Ok(n)) if n > 0 => {}
-                        Ok(_) => return,
-                        Err(_) => {
-                            metrics.expired[Expired::Head as usize].inc();
-                            if Expired::Head.answers_408() {
-                                let _ = socket.try_write(TIMED_OUT);
-                            }
-                            return;
-                        }
-                    }
+            // Bodiless requests are read and answered without hyper: a
+            // waiting one holds no read buffer (see plain.rs).
+            let served = plain::serve(&socket, &watch, &router, &limits, &mut stopped).await;
+            let expired = match served {
+                plain::Outcome::Closed => None,
+                plain::Outcome::Expired(expired) => Some(expired),
+                plain::Outcome::Hyper(read) => {
+                    let io = plain::Prefixed { read, inner: raw };
+                    Box::pin(drive(io, &watch, router, limits, stop)).await
                 }
-                _ = stopped.wait_for(|down| *down) => return,
-            }
-            let expired = Box::pin(drive(raw, &watch, router, limits, stop)).await;
+            };
             if let Some(expired) = expired {
                 metrics.expired[expired as usize].inc();
                 if expired.answers_408() {
