@@ -29,6 +29,10 @@ pub(crate) struct Args {
     /// (consul-template, Consul's API client).
     #[arg(long)]
     gzip: bool,
+    /// Watchers keep their connections open, as consul-template and Consul's
+    /// API client do (the default asks `Connection: close`).
+    #[arg(long)]
+    keep_alive: bool,
 }
 
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -56,6 +60,17 @@ fn metric(api: &str, name: &str) -> anyhow::Result<f64> {
         .unwrap_or(0.0))
 }
 
+/// The length of an answer from its head: the head and its Content-Length.
+fn answer_length(text: &str) -> Option<usize> {
+    let (head, _) = text.split_once("\r\n\r\n")?;
+    let body: usize = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    })?;
+    Some(head.len() + 4 + body)
+}
+
 thread_local! {
     static READ: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
 }
@@ -71,6 +86,7 @@ async fn watcher(
     source: std::net::IpAddr,
     index: u64,
     gzip: bool,
+    keep_alive: bool,
     change: tokio::sync::watch::Receiver<Option<Instant>>,
 ) -> anyhow::Result<(f64, f64, u64)> {
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -81,15 +97,25 @@ async fn watcher(
     } else {
         ""
     };
+    let close = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
     let request = format!(
-        "GET /v1/health/service/web?index={index}&wait=300s HTTP/1.1\r\nHost: x\r\n{encoding}Connection: close\r\n\r\n"
+        "GET /v1/health/service/web?index={index}&wait=300s HTTP/1.1\r\nHost: x\r\n{encoding}{close}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     // One read buffer for every watcher (the runtime has one thread): 10,000
     // buffers of their own would cost the client more than the agent.
     let mut head: Option<(f64, String)> = None;
     let mut total = 0;
+    // With keep-alive the answer ends at its length, not at the close.
+    let mut length: Option<usize> = None;
     loop {
+        if length.is_some_and(|length| total >= length) {
+            break;
+        }
         stream.readable().await?;
         let read = READ.with_borrow_mut(|buf| {
             let n = stream.try_read(buf)?;
@@ -112,6 +138,9 @@ async fn watcher(
                     }
                 }
                 total += n;
+                if keep_alive && length.is_none() {
+                    length = head.as_ref().and_then(|(_, text)| answer_length(text));
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
@@ -175,7 +204,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             let tasks: Vec<_> = (0..count)
                 .map(|i| {
                     let source = std::net::IpAddr::from([127, 3, (i / 100 / 250) as u8, (i / 100 % 250 + 1) as u8]);
-                    tokio::spawn(watcher(api, source, index, args.gzip, rx.clone()))
+                    tokio::spawn(watcher(api, source, index, args.gzip, args.keep_alive, rx.clone()))
                 })
                 .collect();
             let waiting = "switchyard_api_blocking_queries ";
@@ -217,8 +246,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         wholes.sort_by(f64::total_cmp);
         let per_watcher = rss_waiting.saturating_sub(rss_before) as f64 / count as f64 / 1024.0;
         println!(
-            "| {count}{} ({} endpoints, {} KB body) | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {per_watcher:.1} KiB | {cpu:.2} | {rendered:.0} |",
+            "| {count}{}{} ({} endpoints, {} KB body) | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {per_watcher:.1} KiB | {cpu:.2} | {rendered:.0} |",
             if args.gzip { ", gzip" } else { "" },
+            if args.keep_alive { ", keep-alive" } else { "" },
             args.endpoints,
             body_len / 1000,
             percentile(&heads, 0.5),
