@@ -43,17 +43,25 @@ use crate::wire;
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// The exchanges in progress on one HTTP/2 connection, for its idle limit:
-/// with none, the connection gets `header_timeout` for its first request and
-/// `idle_timeout` between later ones, then a GOAWAY.
+/// The exchanges in progress on one connection, for its idle limits: with
+/// none, the connection gets `header_timeout` for its first request and
+/// `idle_timeout` between later ones (then a GOAWAY on HTTP/2); on HTTP/1.1
+/// a head that has begun ([`Heads`]) gets `header_timeout` from its first
+/// byte (hyper's own header timeout runs from the end of the last response,
+/// so it would cut idle keep-alive connections at `header_timeout`).
 struct Activity {
     start: std::time::Instant,
     open: std::sync::atomic::AtomicUsize,
     /// Milliseconds from `start` to the moment `open` last fell to zero.
     idle_since: std::sync::atomic::AtomicU64,
+    /// Milliseconds from `start` to the first byte of a head not yet
+    /// answered (HTTP/1.1); `NO_HEAD` when none.
+    head_since: std::sync::atomic::AtomicU64,
     served: std::sync::atomic::AtomicBool,
     quiet: Notify,
 }
+
+const NO_HEAD: u64 = u64::MAX;
 
 impl Activity {
     fn new() -> Activity {
@@ -61,32 +69,99 @@ impl Activity {
             start: std::time::Instant::now(),
             open: Default::default(),
             idle_since: Default::default(),
+            head_since: std::sync::atomic::AtomicU64::new(NO_HEAD),
             served: Default::default(),
             quiet: Notify::new(),
         }
     }
 
-    /// Resolves once the connection has been idle past its limit.
+    /// Resolves once the connection has been idle, or in a head, past its
+    /// limit.
     async fn idle(&self, first: Duration, between: Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
         loop {
             let quiet = self.quiet.notified();
             if self.open.load(Relaxed) > 0 {
                 quiet.await;
                 continue;
             }
-            let limit = if self.served.load(Relaxed) {
-                between
+            let head = self.head_since.load(Relaxed);
+            let (since, limit) = if !self.served.load(Relaxed) {
+                (0, first)
+            } else if head != NO_HEAD {
+                (head, first)
             } else {
-                first
+                (self.idle_since.load(Relaxed), between)
             };
-            let since = Duration::from_millis(self.idle_since.load(Relaxed));
-            let deadline = self.start + since + limit;
+            let deadline = self.start + Duration::from_millis(since) + limit;
             if std::time::Instant::now() >= deadline {
                 return;
             }
-            tokio::time::sleep_until(deadline.into()).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => {}
+                () = quiet => {}
+            }
         }
+    }
+
+    /// Bytes arrived: with no exchange open they begin a head.
+    fn read_some(&self) {
+        if self.open.load(Relaxed) == 0 && self.head_since.load(Relaxed) == NO_HEAD {
+            let now = self.start.elapsed().as_millis() as u64;
+            self.head_since.store(now, Relaxed);
+            self.quiet.notify_one();
+        }
+    }
+}
+
+/// An HTTP/1.1 connection's stream, telling its [`Activity`] when a head
+/// begins.
+struct Heads<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Heads<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read_some();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Heads<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -95,8 +170,8 @@ struct Exchange(Arc<Activity>);
 
 impl Exchange {
     fn begin(activity: &Arc<Activity>) -> Exchange {
-        use std::sync::atomic::Ordering::Relaxed;
         activity.served.store(true, Relaxed);
+        activity.head_since.store(NO_HEAD, Relaxed);
         activity.open.fetch_add(1, Relaxed);
         Exchange(activity.clone())
     }
@@ -104,7 +179,6 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
         let activity = &self.0;
         let now = activity.start.elapsed().as_millis() as u64;
         activity.idle_since.store(now, Relaxed);
@@ -261,7 +335,6 @@ impl H2Tls {
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(io);
         let h2 = self.clone();
         // Stores a permit at the first request: a shutdown gives a connection
         // that has not sent one yet `FIRST_REQUEST_GRACE` to do so.
@@ -290,7 +363,7 @@ impl H2Tls {
         };
         if http2 {
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(io, service);
+                .serve_connection(TokioIo::new(io), service);
             let mut connection = std::pin::pin!(connection);
             let config = self.shared.config.load_full();
             let idle = activity.idle(config.header_timeout, config.idle_timeout);
@@ -324,14 +397,24 @@ impl H2Tls {
                 }
             }
         } else {
+            // hyper's header timeout would run from the last response's end
+            // and cut idle keep-alive connections: `Activity` keeps both
+            // limits instead.
+            let io = Heads {
+                inner: io,
+                activity: activity.clone(),
+            };
             let connection = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(self.shared.config.load().header_timeout)
+                .header_read_timeout(None)
                 .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(io, service)
+                .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);
+            let config = self.shared.config.load_full();
+            let idle = activity.idle(config.header_timeout, config.idle_timeout);
             tokio::select! {
                 _ = connection.as_mut() => {}
+                _ = idle => {}
                 _ = stop => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;

@@ -635,3 +635,87 @@ fn one_api_connection_carries_reads_heads_and_writes_in_turn() {
     let (got, _) = until_closed(&mut malformed, Instant::now());
     assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
 }
+
+/// HTTP/1.1 over TLS to the proxy: an idle keep-alive connection is kept
+/// past `header_timeout` and closed at `idle_timeout`, and a head that never
+/// ends is closed at `header_timeout` from its first byte (hyper's own
+/// header timeout ran from the end of the last response and cut idle
+/// connections at `header_timeout`).
+#[test]
+fn tls_http1_connections_to_the_proxy_keep_their_idle_and_head_limits() {
+    use crate::proxy::{register, TestPki, Upstream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    pki.leaf(certs.path(), "a.test");
+    let file = |name: &str| certs.path().join(name).to_string_lossy().to_string();
+    let (agent, _dir) = agent_with(&format!(
+        "[http]\nheader_timeout = \"1s\"\nidle_timeout = \"4s\"\n\
+         [http.tls]\naddr = \"127.0.0.1:0\"\n\
+         [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [\"a.test\"]\n\
+         [[http.routes]]\nhost = \"a.test\"\nservice = \"web\"\n",
+        file("a.test.pem"),
+        file("a.test.key"),
+    ));
+    let https = agent.https.expect("an https address");
+    let up = Upstream::start("web1");
+    register(&agent.client(), "web", &[&up], &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let connect = || async {
+            let tcp = tokio::net::TcpStream::connect(https)
+                .await
+                .expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
+            pki.connector(b"http/1.1")
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake")
+        };
+        // Reads until the close; how long after `since` it came.
+        let closed_after = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+                            since: Instant| async move {
+            let mut sink = [0u8; 4096];
+            let read = tokio::time::timeout(Duration::from_secs(30), async {
+                while let Ok(n) = tls.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+            read.await.expect("the proxy closes the connection");
+            since.elapsed()
+        };
+
+        let mut served = connect().await;
+        served
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .expect("request");
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).ends_with("web1") {
+            let n = served.read(&mut chunk).await.expect("response");
+            assert!(n > 0, "closed before the answer: {got:?}");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let after = closed_after(served, Instant::now()).await;
+        assert!(
+            after >= Duration::from_millis(3500) && after < Duration::from_secs(25),
+            "an idle keep-alive TLS connection closed {after:?} after its answer (idle_timeout 4 s, header_timeout 1 s)"
+        );
+
+        let mut slow = connect().await;
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n")
+            .await
+            .expect("half a head");
+        let after = closed_after(slow, Instant::now()).await;
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_millis(3500),
+            "a head that never ends closed after {after:?} (header_timeout 1 s)"
+        );
+    });
+}
