@@ -23,20 +23,10 @@ const FIRST_PORT: u16 = 9001;
 
 /// The route `--demo` adds to the `[http]` routes (again at every reload).
 pub(crate) fn route() -> RouteConfig {
-    RouteConfig {
-        host: Some(HOST.to_string()),
-        path_prefix: "/".to_string(),
-        service: SERVICE.to_string(),
-        balancer: Some(BalancerKind::RoundRobin),
-        hash_on: Default::default(),
-        connect_timeout: None,
-        response_timeout: None,
-        retries: None,
-        max_body_bytes: None,
-        retry_grpc_on: None,
-        grpc_web: false,
-        upstream_protocol: Default::default(),
-    }
+    let mut route = RouteConfig::to_service(SERVICE);
+    route.host = Some(HOST.to_string());
+    route.balancer = Some(BalancerKind::RoundRobin);
+    route
 }
 
 /// Starts the backends on loopback ports of their own and registers them on

@@ -1,6 +1,7 @@
 //! The `[http]` table of the agent configuration.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -97,6 +98,93 @@ pub struct RouteConfig {
     /// over HTTP/2 whatever this says.
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
+    /// TLS to the endpoints (HTTP/1.1, or HTTP/2 for gRPC, by ALPN);
+    /// `upstream_protocol = "h2"` implies it.
+    #[serde(default)]
+    pub upstream_tls: bool,
+    /// The name sent (SNI) and verified in the endpoints' certificates.
+    /// Default: the service's name.
+    #[serde(default)]
+    pub upstream_server_name: Option<String>,
+    /// PEM file of the CAs the endpoints' certificates must chain to.
+    /// Default: the Mozilla roots (webpki-roots).
+    #[serde(default)]
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+    /// Client certificate chain and key (PEM) for mutual TLS: both or neither.
+    #[serde(default)]
+    pub upstream_client_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub upstream_client_key: Option<std::path::PathBuf>,
+    /// The TLS setup, built from the fields above when the configuration
+    /// is validated.
+    #[serde(skip)]
+    pub(crate) built_tls: crate::upstream_tls::Built,
+}
+
+impl RouteConfig {
+    /// A route to `service` for any host and path, every setting at its
+    /// default.
+    pub fn to_service(service: &str) -> RouteConfig {
+        RouteConfig {
+            host: None,
+            path_prefix: slash(),
+            service: service.to_string(),
+            balancer: None,
+            hash_on: HashOn::default(),
+            connect_timeout: None,
+            response_timeout: None,
+            retries: None,
+            max_body_bytes: None,
+            retry_grpc_on: None,
+            grpc_web: false,
+            upstream_protocol: UpstreamProtocol::default(),
+            upstream_tls: false,
+            upstream_server_name: None,
+            upstream_ca_file: None,
+            upstream_client_cert: None,
+            upstream_client_key: None,
+            built_tls: Default::default(),
+        }
+    }
+
+    /// The route's TLS to its endpoints, if any (files read once per loaded
+    /// configuration).
+    pub(crate) fn tls(&self) -> Result<Option<Arc<crate::upstream_tls::UpstreamTls>>, String> {
+        let tls = self.upstream_tls || self.upstream_protocol == UpstreamProtocol::H2;
+        if !tls {
+            if self.upstream_server_name.is_some()
+                || self.upstream_ca_file.is_some()
+                || self.upstream_client_cert.is_some()
+                || self.upstream_client_key.is_some()
+            {
+                return Err("upstream TLS settings need upstream_tls = true".to_string());
+            }
+            return Ok(None);
+        }
+        if self.upstream_protocol == UpstreamProtocol::H2c {
+            return Err(
+                "upstream_protocol = \"h2c\" is cleartext: use \"h2\" for HTTP/2 over TLS"
+                    .to_string(),
+            );
+        }
+        let client = match (&self.upstream_client_cert, &self.upstream_client_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => return Err("upstream_client_cert and upstream_client_key go together".to_string()),
+        };
+        self.built_tls
+            .get_or_build(|| {
+                crate::upstream_tls::UpstreamTls::build(crate::upstream_tls::TlsSource {
+                    server_name: self
+                        .upstream_server_name
+                        .as_deref()
+                        .unwrap_or(&self.service),
+                    ca_file: self.upstream_ca_file.as_deref(),
+                    client,
+                })
+            })
+            .map(Some)
+    }
 }
 
 /// The protocol a route speaks to its endpoints.
@@ -108,6 +196,8 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 with prior knowledge (cleartext), requests multiplexed.
     H2c,
+    /// HTTP/2 over TLS (ALPN `h2`), requests multiplexed.
+    H2,
 }
 
 /// A gRPC status a call may be retried on: only when the endpoint answered
@@ -412,6 +502,7 @@ impl Config {
             if let Some(host) = &route.host {
                 HostPattern::parse(host).map_err(|e| format!("http.routes[{i}].host: {e}"))?;
             }
+            route.tls().map_err(|e| format!("http.routes[{i}]: {e}"))?;
         }
         Ok(())
     }

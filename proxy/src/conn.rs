@@ -217,11 +217,11 @@ async fn exchange(
         }
     };
     // gRPC-Web, its preflight on a gRPC-Web route, and any request of a
-    // route whose endpoints speak HTTP/2 go through hyper's side.
+    // route whose endpoints speak HTTP/2 or TLS go through hyper's side.
     if request.grpc_web
         || route
             .as_ref()
-            .is_some_and(|r| r.h2c || (request.preflight && r.grpc_web))
+            .is_some_and(|r| r.via_hyper() || (request.preflight && r.grpc_web))
     {
         return Next::Hyper;
     }

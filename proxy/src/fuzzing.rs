@@ -13,7 +13,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::config::{Config, HashOn, HostPattern, RouteConfig};
+use crate::config::{Config, HostPattern, RouteConfig};
 use crate::route::RouteTable;
 use crate::wire::{parse_request, Client, Framing, HeadError};
 
@@ -34,16 +34,7 @@ pub fn request_head(data: &[u8]) {
             .map(|(i, (host, prefix, _))| RouteConfig {
                 host: Some(host.clone()),
                 path_prefix: prefix.clone(),
-                service: format!("s{i}"),
-                balancer: None,
-                hash_on: HashOn::ClientIp,
-                connect_timeout: None,
-                response_timeout: None,
-                retries: None,
-                max_body_bytes: None,
-                retry_grpc_on: None,
-                grpc_web: false,
-                upstream_protocol: Default::default(),
+                ..RouteConfig::to_service(&format!("s{i}"))
             })
             .collect(),
         ..Config::default()

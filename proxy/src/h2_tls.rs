@@ -224,39 +224,73 @@ pub(crate) struct H2Tls {
     /// Those of other connect timeouts (routes' own, or after a reload),
     /// made on first use.
     other_clients: std::sync::Mutex<std::collections::HashMap<Duration, Arc<Clients>>>,
+    /// Clients over each upstream TLS setup (by its id) and connect timeout,
+    /// made on first use.
+    tls_clients: std::sync::Mutex<std::collections::HashMap<(u64, Duration), TlsEntry>>,
 }
 
+/// Clients over one upstream TLS setup, as long as the setup is in use.
+type TlsEntry = (
+    std::sync::Weak<crate::upstream_tls::UpstreamTls>,
+    TlsClients,
+);
+
+type TlsClients = Arc<Clients<crate::upstream_tls::TlsConnect>>;
+
 /// Upstream clients with one connect timeout: hyper's connector takes it at
-/// construction, so each timeout in use has its pools.
-struct Clients {
+/// construction, so each timeout in use has its pools (and each upstream
+/// TLS setup its own, `C` = `TlsConnect`).
+struct Clients<C = HttpConnector> {
     connect_timeout: Duration,
     /// HTTP/1.1, pooled.
-    http1: HttpClient<HttpConnector, ProxyBody>,
-    /// HTTP/2 (prior knowledge) to the endpoints, for gRPC calls.
-    grpc: HttpClient<HttpConnector, ProxyBody>,
+    http1: HttpClient<C, ProxyBody>,
+    /// HTTP/2 to the endpoints (prior knowledge, or ALPN over TLS), for
+    /// gRPC calls and HTTP/2 routes.
+    grpc: HttpClient<C, ProxyBody>,
+}
+
+fn plain_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector
 }
 
 impl Clients {
     fn new(connect_timeout: Duration, pool_per_endpoint: usize) -> Clients {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
+        let connector = plain_connector(connect_timeout);
+        Clients::over(
+            connector.clone(),
+            connector,
+            connect_timeout,
+            pool_per_endpoint,
+        )
+    }
+}
+
+impl<C> Clients<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    /// The clients over `http1` (for HTTP/1.1) and `h2` (for HTTP/2).
+    fn over(http1: C, h2: C, connect_timeout: Duration, pool_per_endpoint: usize) -> Clients<C> {
         // One pool per proxy thread (its connections live on that thread's
         // runtime), sized for the streams many multiplexed clients keep in
         // flight, so they do not churn upstream connections.
         let http1 = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(pool_per_endpoint)
-            .build(connector.clone());
-        // gRPC servers speak only HTTP/2: gRPC calls go upstream over h2c,
-        // many calls multiplexed on a connection per endpoint and thread.
+            .build(http1);
+        // gRPC servers speak only HTTP/2: gRPC calls go upstream over
+        // HTTP/2, many calls multiplexed on a connection per endpoint and
+        // thread.
         let grpc = HttpClient::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(hyper_util::rt::TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+            .build(h2);
         Clients {
             connect_timeout,
             http1,
@@ -282,7 +316,35 @@ impl H2Tls {
             snapshot,
             clients,
             other_clients: Default::default(),
+            tls_clients: Default::default(),
         }
+    }
+
+    /// The clients over `tls` to a service's endpoints (`failures`: its
+    /// counters).
+    fn tls_clients(
+        &self,
+        tls: &Arc<crate::upstream_tls::UpstreamTls>,
+        timeout: Duration,
+        failures: &crate::upstream_tls::Failures,
+    ) -> TlsClients {
+        let mut all = self.tls_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, clients)) = all.get(&(tls.id, timeout)) {
+            return clients.clone();
+        }
+        // Setups a reload or a tag change replaced go with their pools.
+        all.retain(|_, (setup, _)| setup.strong_count() > 0);
+        let pool = self.shared.config.load().pool_per_endpoint;
+        let mut tcp = plain_connector(timeout);
+        tcp.enforce_http(false);
+        let clients = Arc::new(Clients::over(
+            tls.connector(tcp.clone(), false, failures.clone()),
+            tls.connector(tcp, true, failures.clone()),
+            timeout,
+            pool,
+        ));
+        all.insert((tls.id, timeout), (Arc::downgrade(tls), clients.clone()));
+        clients
     }
 
     /// The clients that connect within `timeout` (a route's
@@ -710,6 +772,15 @@ impl H2Tls {
             .and_then(|v| grpc_timeout(v.as_bytes()))
             .map(|left| std::time::Instant::now() + left);
         let clients = self.clients(route.connect_timeout);
+        let tls_clients = route
+            .tls
+            .as_ref()
+            .map(|tls| self.tls_clients(tls, route.connect_timeout, &stats.metrics.tls));
+        let scheme = if tls_clients.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let mut tried = Tried::default();
         // Endpoints withdrawn since the request's snapshot: a first attempt
         // reloads the service (a few times at most), a retry skips them;
@@ -763,7 +834,7 @@ impl H2Tls {
             if answered.logging {
                 answered.endpoint = Some(backend.stats.clone());
             }
-            let Ok(uri) = Uri::try_from(format!("http://{}{path}", backend.addr)) else {
+            let Ok(uri) = Uri::try_from(format!("{scheme}://{}{path}", backend.addr)) else {
                 backend.stats.leave();
                 return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
             };
@@ -778,11 +849,11 @@ impl H2Tls {
                 })
                 .unwrap_or_else(|_| Request::new(empty()));
             *upstream.headers_mut() = headers.clone();
-            let client = if route.h2c && !answered.grpc && !upgrade {
+            let http2 = if (route.h2c || route.h2) && !answered.grpc && !upgrade {
                 // The route's endpoints speak HTTP/2: hyper drops the
                 // fields HTTP/2 forbids (Connection, Keep-Alive, ...).
                 *upstream.version_mut() = hyper::Version::HTTP_2;
-                &clients.grpc
+                true
             } else if answered.grpc {
                 // HTTP/2 carries `te: trailers` (the only TE it allows), which
                 // gRPC servers require.
@@ -798,9 +869,15 @@ impl H2Tls {
                         upstream.headers_mut().insert("grpc-timeout", value);
                     }
                 }
-                &clients.grpc
+                true
             } else {
-                &clients.http1
+                false
+            };
+            let sent = match (&tls_clients, http2) {
+                (Some(tls), true) => tls.grpc.request(upstream),
+                (Some(tls), false) => tls.http1.request(upstream),
+                (None, true) => clients.grpc.request(upstream),
+                (None, false) => clients.http1.request(upstream),
             };
             let started = now_ns();
             let wait = match deadline {
@@ -809,7 +886,7 @@ impl H2Tls {
                     .min(deadline.saturating_duration_since(std::time::Instant::now())),
                 None => route.response_timeout,
             };
-            let result = tokio::time::timeout(wait, client.request(upstream)).await;
+            let result = tokio::time::timeout(wait, sent).await;
             let now = now_ns();
             answered.upstream_ns = 0;
             match result {
@@ -937,6 +1014,11 @@ impl H2Tls {
                     let connect = e.is_connect();
                     if connect {
                         backend.stats.metrics.connect_errors.inc();
+                    } else if route.tls.is_some() {
+                        if let Some(tls) = crate::upstream_tls::tls_error(&e) {
+                            stats.metrics.tls.handshake.inc();
+                            tracing::warn!(service = %route.service, endpoint = %backend.addr, error = %tls, "upstream TLS failed after the handshake (switchyard_proxy_upstream_tls_failures_total)");
+                        }
                     }
                     // Not connected, or hyper never sent it (its pooled
                     // connection closed first): nothing reached the endpoint,

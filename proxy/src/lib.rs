@@ -33,6 +33,7 @@ mod splice;
 mod stats;
 mod tcp;
 mod tls;
+mod upstream_tls;
 mod wire;
 
 use std::sync::Arc;

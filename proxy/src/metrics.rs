@@ -102,6 +102,7 @@ pub struct ProxyMetrics {
     pub(crate) http_tokio: IntCounter,
     tcp: IntCounterVec,
     drain_cuts: IntCounter,
+    upstream_tls_failures: IntCounterVec,
 }
 
 /// How an L4 connection ended.
@@ -168,6 +169,8 @@ pub(crate) struct ServiceMetrics {
     grpc: GrpcCodes,
     /// Requests by client protocol, indexed by `Protocol`.
     pub(crate) protocols: [IntCounter; 4],
+    /// Failed TLS to the service's endpoints.
+    pub(crate) tls: crate::upstream_tls::Failures,
 }
 
 /// The client side of a request, for `switchyard_proxy_requests_by_protocol_total`.
@@ -323,6 +326,13 @@ impl ProxyMetrics {
             .buckets(exponential_buckets(0.000_1, 2.5, 14)?),
             &["service"],
         )?;
+        let upstream_tls_failures = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_upstream_tls_failures_total",
+                "Failed TLS handshakes with a service's endpoints, by reason (certificate: it did not verify; handshake: anything else)",
+            ),
+            &["service", "reason"],
+        )?;
         let rejected_vec = IntCounterVec::new(
             Opts::new(
                 "switchyard_proxy_rejected_total",
@@ -395,6 +405,7 @@ impl ProxyMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(connect_errors.clone()))?;
+        registry.register(Box::new(upstream_tls_failures.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(ejected.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -423,6 +434,7 @@ impl ProxyMetrics {
             requests,
             in_flight,
             connect_errors,
+            upstream_tls_failures,
             ejections,
             ejected,
             retries,
@@ -500,11 +512,25 @@ impl ProxyMetrics {
             duration: self.duration.with_label_values(&[service]),
             grpc: GrpcCodes::new(&self.grpc, service),
             protocols: PROTOCOLS.map(|p| self.protocols.with_label_values(&[service, p])),
+            tls: crate::upstream_tls::Failures {
+                service: std::sync::Arc::from(service),
+                certificate: self
+                    .upstream_tls_failures
+                    .with_label_values(&[service, "certificate"]),
+                handshake: self
+                    .upstream_tls_failures
+                    .with_label_values(&[service, "handshake"]),
+            },
         }
     }
 
     pub(crate) fn forget_service(&self, service: &str) {
         let _ = self.retries.remove_label_values(&[service]);
+        for reason in ["certificate", "handshake"] {
+            let _ = self
+                .upstream_tls_failures
+                .remove_label_values(&[service, reason]);
+        }
         let _ = self.fail_open.remove_label_values(&[service]);
         let _ = self.duration.remove_label_values(&[service]);
         for code in GRPC_CODES {

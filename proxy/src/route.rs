@@ -21,6 +21,10 @@ pub const PATH_TAG: &str = "switchyard.http.path=";
 pub(crate) const GRPC_WEB_TAG: &str = "switchyard.http.grpc_web=true";
 /// The tag that sends every request of a service's tag route over h2c.
 pub(crate) const H2C_TAG: &str = "switchyard.http.upstream=h2c";
+/// HTTP/2 over TLS to the endpoints (SNI and verified name: the service's).
+pub(crate) const H2_TAG: &str = "switchyard.http.upstream=h2";
+/// TLS to the endpoints (HTTP/1.1, or HTTP/2 for gRPC, by ALPN).
+pub(crate) const UPSTREAM_TLS_TAG: &str = "switchyard.http.upstream_tls=true";
 
 /// What every routing tag starts with.
 pub(crate) const TAG_PREFIX: &str = "switchyard.http.";
@@ -34,6 +38,10 @@ pub(crate) struct TagRoute {
     grpc_web: bool,
     /// `switchyard.http.upstream=h2c`.
     h2c: bool,
+    /// `switchyard.http.upstream=h2`.
+    h2: bool,
+    /// `switchyard.http.upstream_tls=true` (or `h2`).
+    tls: bool,
 }
 
 impl TagRoute {
@@ -45,6 +53,8 @@ impl TagRoute {
         let mut path = None;
         let mut grpc_web = false;
         let mut h2c = false;
+        let mut h2 = false;
+        let mut tls = false;
         let tags = tags.into_iter().skip_while(|t| *t < TAG_PREFIX);
         for tag in tags.take_while(|t| t.starts_with(TAG_PREFIX)) {
             if let Some(host) = tag.strip_prefix(HOST_TAG) {
@@ -53,6 +63,11 @@ impl TagRoute {
                 grpc_web = true;
             } else if tag == H2C_TAG {
                 h2c = true;
+            } else if tag == H2_TAG {
+                h2 = true;
+                tls = true;
+            } else if tag == UPSTREAM_TLS_TAG {
+                tls = true;
             } else if let Some(p) = tag.strip_prefix(PATH_TAG) {
                 if p.starts_with('/') && path.is_none() {
                     path = Some(p.to_string());
@@ -66,7 +81,10 @@ impl TagRoute {
             hosts,
             path: path.unwrap_or_else(|| "/".to_string()),
             grpc_web,
-            h2c,
+            // TLS wins over cleartext HTTP/2.
+            h2c: h2c && !tls,
+            h2,
+            tls,
         })
     }
 }
@@ -91,6 +109,18 @@ pub(crate) struct Route {
     pub(crate) grpc_web: bool,
     /// Every request goes to the endpoints over HTTP/2 (h2c), not only gRPC.
     pub(crate) h2c: bool,
+    /// TLS to the endpoints.
+    pub(crate) tls: Option<Arc<crate::upstream_tls::UpstreamTls>>,
+    /// Every request goes over HTTP/2 on that TLS (ALPN `h2`).
+    pub(crate) h2: bool,
+}
+
+impl Route {
+    /// Requests of this route go through hyper's side (HTTP/2 or TLS to
+    /// the endpoints).
+    pub(crate) fn via_hyper(&self) -> bool {
+        self.h2c || self.tls.is_some()
+    }
 }
 
 type Prefixes = Vec<(Box<[u8]>, Arc<Route>)>;
@@ -101,6 +131,9 @@ pub(crate) struct RouteTable {
     /// Longest suffix first.
     suffix: Vec<(Box<str>, Prefixes)>,
     any: Prefixes,
+    /// Tag routes' TLS setups by service, kept by the next compile (a
+    /// setup's clients and pools live as long as it does).
+    tag_tls: HashMap<Name, Arc<crate::upstream_tls::UpstreamTls>>,
 }
 
 impl RouteTable {
@@ -109,6 +142,15 @@ impl RouteTable {
     pub(crate) fn compile<'a>(
         config: &Config,
         tags: impl Iterator<Item = (Name, &'a TagRoute)>,
+    ) -> RouteTable {
+        RouteTable::compile_after(config, tags, &RouteTable::default())
+    }
+
+    /// As `compile`, keeping `previous`'s TLS setups of tag routes.
+    pub(crate) fn compile_after<'a>(
+        config: &Config,
+        tags: impl Iterator<Item = (Name, &'a TagRoute)>,
+        previous: &RouteTable,
     ) -> RouteTable {
         let mut table = RouteTable::default();
         for route in &config.routes {
@@ -134,6 +176,9 @@ impl RouteTable {
                 max_body_bytes: route.max_body_bytes.unwrap_or(config.max_body_bytes),
                 grpc_web: route.grpc_web,
                 h2c: route.upstream_protocol == UpstreamProtocol::H2c,
+                // Built when the config was validated.
+                tls: route.tls().ok().flatten(),
+                h2: route.upstream_protocol == UpstreamProtocol::H2,
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -143,6 +188,29 @@ impl RouteTable {
         let mut tags: Vec<_> = tags.collect();
         tags.sort_by(|a, b| a.0.cmp(&b.0));
         for (service, tag) in tags {
+            let tls = match tag.tls {
+                false => None,
+                true if previous.tag_tls.contains_key(&service) => {
+                    previous.tag_tls.get(&service).cloned()
+                }
+                true => {
+                    let source = crate::upstream_tls::TlsSource {
+                        server_name: &service,
+                        ca_file: None,
+                        client: None,
+                    };
+                    match crate::upstream_tls::UpstreamTls::build(source) {
+                        Ok(tls) => Some(Arc::new(tls)),
+                        Err(e) => {
+                            tracing::warn!(%service, error = %e, "ignoring the route tags of a service whose TLS cannot be set up");
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Some(tls) = &tls {
+                table.tag_tls.insert(service.clone(), tls.clone());
+            }
             let target = Arc::new(Route {
                 name: format!("tags:{service}").into_boxed_str(),
                 service,
@@ -155,6 +223,8 @@ impl RouteTable {
                 max_body_bytes: config.max_body_bytes,
                 grpc_web: tag.grpc_web,
                 h2c: tag.h2c,
+                tls,
+                h2: tag.h2,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());

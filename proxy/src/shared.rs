@@ -73,8 +73,11 @@ impl Shared {
         let tags = services
             .iter()
             .filter_map(|(name, entry)| entry.tag_route.as_ref().map(|r| (name.clone(), r)));
-        self.routes
-            .store(Arc::new(RouteTable::compile(&self.config.load(), tags)));
+        self.routes.store(Arc::new(RouteTable::compile_after(
+            &self.config.load(),
+            tags,
+            &self.routes.load(),
+        )));
     }
 
     /// Forgets services that left the catalog (the decorator is not called

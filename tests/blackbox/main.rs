@@ -19,3 +19,4 @@ mod restart;
 mod security;
 mod support;
 mod tcp;
+mod upstream_tls;

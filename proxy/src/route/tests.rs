@@ -5,16 +5,7 @@ fn route(host: Option<&str>, prefix: &str, service: &str) -> RouteConfig {
     RouteConfig {
         host: host.map(str::to_string),
         path_prefix: prefix.to_string(),
-        service: service.to_string(),
-        balancer: None,
-        hash_on: HashOn::ClientIp,
-        connect_timeout: None,
-        response_timeout: None,
-        retries: None,
-        max_body_bytes: None,
-        retry_grpc_on: None,
-        grpc_web: false,
-        upstream_protocol: Default::default(),
+        ..RouteConfig::to_service(service)
     }
 }
 
