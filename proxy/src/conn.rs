@@ -11,9 +11,9 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use crate::access;
+use crate::attempts::{Attempts, Ending, Grpc, Replay, Verdict};
 use crate::backend::ProxyService;
 use crate::balance::Backend;
-use crate::balance::{self, Tried};
 use crate::io::{Buf, Conn};
 use crate::local::{Busy, Local};
 use crate::metrics::Reject;
@@ -485,25 +485,25 @@ async fn forward(
             .await;
         }
     };
-    let mut tried = Tried::default();
-    // Endpoints found withdrawn (drained, in maintenance, failing) after this
-    // request's snapshot was taken: a first attempt reloads the service (a
-    // few times at most), a retry skips them; neither counts as a retry.
-    let (mut reloads, mut skipped) = (0, 0);
+    let mut attempts = Attempts::default();
     // One clock read serves the budget and the first pick.
     let mut now = now_ns();
     stats.note_request(now);
     stats.metrics.request(crate::metrics::Protocol::Http1);
+    let replay = Replay {
+        replayable,
+        idempotent: request.idempotent,
+    };
     loop {
-        let picked = balance::pick(
-            &service.backends,
-            route.balancer,
-            key,
-            &tried,
+        let picked = attempts.pick(
+            &mut service,
+            &stats,
+            (route.balancer, key),
             now,
             &mut local.rng.borrow_mut(),
+            || local.service(&route.service),
         );
-        let Some((index, fail_open)) = picked else {
+        let Some(index) = picked else {
             metrics.reject(Reject::NoEndpoint);
             outcome.status = 502;
             return answer(
@@ -516,21 +516,7 @@ async fn forward(
             )
             .await;
         };
-        stats.after_pick(fail_open, tried.count() == 0, &service.backends, now);
         let backend = &service.backends[index as usize];
-        if !backend.stats.enter() {
-            if tried.count() == 0 && reloads < 3 {
-                if let Some(newer) = local.service(&route.service) {
-                    reloads += 1;
-                    service = newer;
-                    continue;
-                }
-            }
-            tried.add(index);
-            skipped += 1;
-            continue;
-        }
-        tried.add(index);
         outcome.attempts += 1;
         if outcome.started.is_some() {
             outcome.endpoint = Some(backend.stats.clone());
@@ -546,36 +532,39 @@ async fn forward(
         let result = attempt(lent, req, &stats, backend, &mut outcome.upstream_ns).await;
         backend.stats.leave();
         now = now_ns();
+        let ending = match result {
+            Ok((_, status)) => Ending::Answered {
+                status,
+                grpc: Grpc::No,
+            },
+            Err(Failure::Connect) => Ending::Unsent,
+            Err(Failure::Status(status)) => Ending::Answered {
+                status,
+                grpc: Grpc::No,
+            },
+            Err(Failure::Broken) => Ending::Broken,
+            Err(Failure::Timeout) => Ending::Timeout,
+            Err(Failure::Client) => Ending::Client,
+            Err(Failure::SlowClient) => Ending::SlowClient,
+        };
+        let verdict = attempts.judge(
+            ending,
+            replay,
+            backend,
+            &service.backends,
+            &stats,
+            (&config, route.retries),
+            now,
+        );
         let failure = match result {
             Ok((next, status)) => {
-                if status >= 500 {
-                    backend
-                        .stats
-                        .failed(now, &config.outlier, &stats, &service.backends);
-                } else {
-                    backend.stats.succeeded(now);
-                }
+                // Relayed already: never retried.
                 outcome.status = status;
                 return next;
             }
             Err(failure) => failure,
         };
-        if !matches!(failure, Failure::Client | Failure::SlowClient) {
-            backend
-                .stats
-                .failed(now, &config.outlier, &stats, &service.backends);
-        }
-        let retryable = match failure {
-            Failure::Connect => replayable,
-            Failure::Status(_) | Failure::Broken => replayable && request.idempotent,
-            Failure::Timeout | Failure::Client | Failure::SlowClient => false,
-        };
-        let attempts = tried.count() - skipped;
-        let more = attempts <= route.retries as usize && tried.count() < service.backends.len();
-        if retryable
-            && more
-            && stats.take_retry(now, config.retry_budget_ratio, config.retry_budget_floor)
-        {
+        if verdict == Verdict::Retry {
             continue;
         }
         outcome.status = match failure {

@@ -30,8 +30,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
 use crate::access;
+use crate::attempts::{Attempts, Ending, Grpc, Replay, Verdict as Judgement};
 use crate::backend::{ProxyDecorator, ProxyService};
-use crate::balance::{self, Tried};
 use crate::conn::Pace;
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::grpc_web;
@@ -781,11 +781,11 @@ impl H2Tls {
         } else {
             "http"
         };
-        let mut tried = Tried::default();
-        // Endpoints withdrawn since the request's snapshot: a first attempt
-        // reloads the service (a few times at most), a retry skips them;
-        // neither counts as a retry (as on the HTTP/1.1 path).
-        let (mut reloads, mut skipped) = (0, 0);
+        let mut attempts = Attempts::default();
+        let replay = Replay {
+            replayable,
+            idempotent,
+        };
         stats.note_request(now_ns());
         use crate::metrics::Protocol;
         stats
@@ -797,38 +797,24 @@ impl H2Tls {
             });
         loop {
             let now = now_ns();
-            let Some((index, fail_open)) = balance::pick(
-                &service.backends,
-                route.balancer,
-                key,
-                &tried,
+            let picked = attempts.pick(
+                &mut service,
+                &stats,
+                (route.balancer, key),
                 now,
                 &mut rng,
-            ) else {
-                metrics.reject(Reject::NoEndpoint);
-                return answer(StatusCode::BAD_GATEWAY, "every endpoint failed".to_string());
-            };
-            stats.after_pick(fail_open, tried.count() == 0, &service.backends, now);
-            let backend = &service.backends[index as usize];
-            if !backend.stats.enter() {
-                if tried.count() == 0 && reloads < 3 {
-                    let newer = self
-                        .snapshot
+                || {
+                    self.snapshot
                         .load()
                         .service(&route.service)
                         .and_then(|view| view.extra_arc(self.backends))
-                        .filter(|s| !s.backends.is_empty());
-                    if let Some(newer) = newer {
-                        reloads += 1;
-                        service = newer;
-                        continue;
-                    }
-                }
-                tried.add(index);
-                skipped += 1;
-                continue;
-            }
-            tried.add(index);
+                        .filter(|s| !s.backends.is_empty())
+                },
+            );
+            let Some(index) = picked else {
+                metrics.reject(Reject::NoEndpoint);
+                return answer(StatusCode::BAD_GATEWAY, "every endpoint failed".to_string());
+            };
             let backend = &service.backends[index as usize];
             answered.attempts += 1;
             if answered.logging {
@@ -900,50 +886,38 @@ impl H2Tls {
                     backend.stats.metrics.by_class[class].inc();
                     // A gRPC answer is judged by its grpc-status: in the
                     // headers of a trailers-only answer, else in the trailers.
-                    let grpc_status = answered
-                        .grpc
-                        .then(|| response.headers().get("grpc-status"))
-                        .flatten()
-                        .map(|v| grpc_failure(v.as_bytes()));
-                    // A trailers-only answer with a status the route retries
-                    // on, to a call whose message is in hand: nothing reached
-                    // the client yet, so another endpoint gets the call.
-                    let retry_on = answered.grpc
-                        && replayable
-                        && response.body().is_end_stream()
-                        && response
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-                            .and_then(|v| v.parse::<u32>().ok())
-                            .is_some_and(|code| {
-                                code < 32 && route.retry_grpc_on & (1 << code) != 0
-                            });
-                    if retry_on {
-                        let attempts = tried.count() - skipped;
-                        let more = attempts <= route.retries as usize
-                            && tried.count() < service.backends.len();
-                        if more
-                            && stats.take_retry(
-                                now,
-                                config.retry_budget_ratio,
-                                config.retry_budget_floor,
-                            )
-                        {
-                            if grpc_status == Some(true) {
-                                backend.stats.failed(
-                                    now,
-                                    &config.outlier,
-                                    &stats,
-                                    &service.backends,
-                                );
-                            }
-                            backend.stats.leave();
-                            continue;
-                        }
+                    let grpc = match response.headers().get("grpc-status") {
+                        _ if !answered.grpc => Grpc::No,
+                        None if status < 500 => Grpc::Later,
+                        None => Grpc::No,
+                        Some(code) => Grpc::Status {
+                            failure: grpc_failure(code.as_bytes()),
+                            // Trailers-only with a code the route retries on:
+                            // nothing reached the client yet.
+                            retry_on: response.body().is_end_stream()
+                                && std::str::from_utf8(code.as_bytes())
+                                    .ok()
+                                    .and_then(|v| v.parse::<u32>().ok())
+                                    .is_some_and(|code| {
+                                        code < 32 && route.retry_grpc_on & (1 << code) != 0
+                                    }),
+                        },
+                    };
+                    let ending = Ending::Answered { status, grpc };
+                    let verdict = attempts.judge(
+                        ending,
+                        replay,
+                        backend,
+                        &service.backends,
+                        &stats,
+                        (&config, route.retries),
+                        now,
+                    );
+                    if verdict == Judgement::Retry {
+                        backend.stats.leave();
+                        continue;
                     }
-                    let judged_later = answered.grpc && status < 500 && grpc_status.is_none();
-                    if answered.grpc && !judged_later {
+                    if answered.grpc && grpc != Grpc::Later {
                         // A trailers-only answer (or a 5xx): counted now.
                         stats.metrics.grpc_call(
                             response
@@ -951,31 +925,6 @@ impl H2Tls {
                                 .get("grpc-status")
                                 .map(HeaderValue::as_bytes),
                         );
-                    }
-                    if status >= 500 || grpc_status == Some(true) {
-                        backend
-                            .stats
-                            .failed(now, &config.outlier, &stats, &service.backends);
-                    } else if !judged_later {
-                        backend.stats.succeeded(now);
-                    }
-                    // A 502 or 503 to a request that may be repeated goes to
-                    // another endpoint, within the retries and the budget.
-                    let attempts = tried.count() - skipped;
-                    let more = attempts <= route.retries as usize
-                        && tried.count() < service.backends.len();
-                    if matches!(status, 502 | 503)
-                        && idempotent
-                        && replayable
-                        && more
-                        && stats.take_retry(
-                            now,
-                            config.retry_budget_ratio,
-                            config.retry_budget_floor,
-                        )
-                    {
-                        backend.stats.leave();
-                        continue;
                     }
                     if status == 101 {
                         if let Some(client) = client_upgrade.take() {
@@ -987,7 +936,7 @@ impl H2Tls {
                     let body = Tracked {
                         inner: body,
                         stats: Some(backend.stats.clone()),
-                        grpc: judged_later.then(|| Verdict {
+                        grpc: (grpc == Grpc::Later).then(|| Verdict {
                             service: service.clone(),
                             stats: stats.clone(),
                             outlier: config.outlier.clone(),
@@ -996,47 +945,51 @@ impl H2Tls {
                     };
                     return Response::from_parts(parts, body.boxed());
                 }
-                Ok(Err(_)) if slow.as_ref().is_some_and(|s| s.load(Relaxed)) => {
-                    // The client's body fell below its pace: its fault, not
-                    // the endpoint's.
-                    backend.stats.leave();
-                    metrics.reject(Reject::ClientTimeout);
-                    return answer(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request body too slow (http.min_body_rate)".to_string(),
-                    );
-                }
                 Ok(Err(e)) => {
                     backend.stats.leave();
-                    backend
-                        .stats
-                        .failed(now, &config.outlier, &stats, &service.backends);
-                    let connect = e.is_connect();
-                    if connect {
+                    let ending = if slow.as_ref().is_some_and(|s| s.load(Relaxed)) {
+                        // The client's body fell below its pace: its fault,
+                        // not the endpoint's.
+                        Ending::SlowClient
+                    } else if e.is_connect() {
                         backend.stats.metrics.connect_errors.inc();
-                    } else if route.tls.is_some() {
-                        if let Some(tls) = crate::upstream_tls::tls_error(&e) {
+                        Ending::Unsent
+                    } else {
+                        if let Some(tls) = route
+                            .tls
+                            .as_ref()
+                            .and_then(|_| crate::upstream_tls::tls_error(&e))
+                        {
                             stats.metrics.tls.handshake.inc();
                             tracing::warn!(service = %route.service, endpoint = %backend.addr, error = %tls, "upstream TLS failed after the handshake (switchyard_proxy_upstream_tls_failures_total)");
                         }
-                    }
-                    // Not connected, or hyper never sent it (its pooled
-                    // connection closed first): nothing reached the endpoint,
-                    // so any method whose body is in hand may go elsewhere.
-                    let unsent = connect || never_sent(&e) || refused(&e);
-                    let attempts = tried.count() - skipped;
-                    let more = attempts <= route.retries as usize
-                        && tried.count() < service.backends.len();
-                    if unsent
-                        && replayable
-                        && more
-                        && stats.take_retry(
-                            now,
-                            config.retry_budget_ratio,
-                            config.retry_budget_floor,
-                        )
-                    {
+                        // hyper never sent it (its pooled connection closed
+                        // first), or the endpoint refused the stream: nothing
+                        // reached the endpoint.
+                        if never_sent(&e) || refused(&e) {
+                            Ending::Unsent
+                        } else {
+                            Ending::Broken
+                        }
+                    };
+                    let verdict = attempts.judge(
+                        ending,
+                        replay,
+                        backend,
+                        &service.backends,
+                        &stats,
+                        (&config, route.retries),
+                        now,
+                    );
+                    if verdict == Judgement::Retry {
                         continue;
+                    }
+                    if ending == Ending::SlowClient {
+                        metrics.reject(Reject::ClientTimeout);
+                        return answer(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request body too slow (http.min_body_rate)".to_string(),
+                        );
                     }
                     metrics.reject(Reject::UpstreamFailed);
                     return answer(
@@ -1046,9 +999,15 @@ impl H2Tls {
                 }
                 Err(_) => {
                     backend.stats.leave();
-                    backend
-                        .stats
-                        .failed(now, &config.outlier, &stats, &service.backends);
+                    attempts.judge(
+                        Ending::Timeout,
+                        replay,
+                        backend,
+                        &service.backends,
+                        &stats,
+                        (&config, route.retries),
+                        now,
+                    );
                     metrics.reject(Reject::UpstreamTimeout);
                     return answer(
                         StatusCode::GATEWAY_TIMEOUT,

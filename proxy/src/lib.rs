@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod access;
+mod attempts;
 mod backend;
 mod balance;
 mod config;

@@ -20,7 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::balance::{self, hash64, Tried};
+use crate::attempts::Attempts;
+use crate::balance::hash64;
 use crate::config::BalancerKind;
 use crate::local::{Busy, Local};
 use crate::metrics::{TcpMetrics, TcpOutcome};
@@ -71,40 +72,25 @@ async fn proxy(
         return TcpOutcome::NoEndpoint;
     };
     let outlier = local.config().outlier.clone();
-    let mut tried = Tried::default();
-    let mut reloads = 0;
+    let mut attempts = Attempts::default();
     let (mut upstream, stats) = loop {
         let now = now_ns();
-        let picked = balance::pick(
-            &service.backends,
-            kind,
-            key,
-            &tried,
+        let picked = attempts.pick(
+            &mut service,
+            &service_stats,
+            (kind, key),
             now,
             &mut local.rng.borrow_mut(),
+            || local.service(&config.service),
         );
-        let Some((index, fail_open)) = picked else {
-            return if tried.count() == 0 {
+        let Some(index) = picked else {
+            return if attempts.made() == 0 {
                 TcpOutcome::NoEndpoint
             } else {
                 TcpOutcome::ConnectFailed
             };
         };
-        service_stats.after_pick(fail_open, tried.count() == 0, &service.backends, now);
         let backend = &service.backends[index as usize];
-        if !backend.stats.enter() {
-            // Withdrawn after this connection's snapshot: take the newer one.
-            if reloads < 3 {
-                if let Some(newer) = local.service(&config.service) {
-                    reloads += 1;
-                    service = newer;
-                    continue;
-                }
-            }
-            tried.add(index);
-            continue;
-        }
-        tried.add(index);
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
@@ -117,7 +103,7 @@ async fn proxy(
                 backend
                     .stats
                     .failed(now_ns(), &outlier, &service_stats, &service.backends);
-                if tried.count() >= MAX_CONNECT_TRIES.min(service.backends.len()) {
+                if attempts.made() >= MAX_CONNECT_TRIES.min(service.backends.len()) {
                     return TcpOutcome::ConnectFailed;
                 }
             }
