@@ -19,4 +19,5 @@ mod restart;
 mod security;
 mod support;
 mod tcp;
+mod transports;
 mod upstream_tls;

@@ -18,7 +18,7 @@ use crate::support::{eventually, Agent, Client};
 pub(crate) struct Upstream {
     pub(crate) name: String,
     pub(crate) addr: SocketAddr,
-    status: Arc<AtomicU16>,
+    pub(crate) status: Arc<AtomicU16>,
     pub(crate) delay_ms: Arc<AtomicU64>,
     served: Arc<AtomicUsize>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -29,7 +29,7 @@ impl Upstream {
         Upstream::start_on(name, "127.0.0.1:0".parse().expect("addr"))
     }
 
-    fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+    pub(crate) fn start_on(name: &str, addr: SocketAddr) -> Upstream {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -74,7 +74,7 @@ impl Upstream {
     }
 
     /// Closes the listener and every connection.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -437,47 +437,8 @@ hash_on = "header:X-User"
     }
 }
 
-#[test]
-fn a_killed_backend_is_retried_around_ejected_and_readmitted() {
-    let (agent, _dir) = agent_with(
-        r#"
-[http]
-balancer = "round_robin"
-[http.outlier]
-consecutive_failures = 3
-base_ejection = "1s"
-[[http.routes]]
-service = "web"
-"#,
-    );
-    let c = agent.client();
-    let mut ups: Vec<Upstream> = ["k1", "k2", "k3"]
-        .iter()
-        .map(|n| Upstream::start(n))
-        .collect();
-    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
-    assert_eq!(counts(agent.http, "h", 30).len(), 3);
-    let dead_addr = ups[0].addr;
-    ups[0].kill();
-    // Idempotent requests all succeed: connect failures go to another endpoint.
-    let seen = counts(agent.http, "h", 60);
-    assert_eq!(seen.get("k1"), None);
-    let sample = "switchyard_proxy_ejections_total{endpoint=\"k1\",node=\"n1\",service=\"web\"}";
-    assert_eq!(c.metric(sample), Some(1.0), "k1 should be ejected once");
-    let errors =
-        "switchyard_proxy_connect_errors_total{endpoint=\"k1\",node=\"n1\",service=\"web\"}";
-    let connect_errors = c.metric(errors).unwrap_or(0.0);
-    assert!(
-        (3.0..=6.0).contains(&connect_errors),
-        "while ejected k1 is not tried: {connect_errors} connect errors"
-    );
-    // Back on the same port: readmitted once the ejection time is over.
-    ups[0] = Upstream::start_on("k1", dead_addr);
-    eventually("k1 readmitted", Duration::from_secs(10), || {
-        let seen = counts(agent.http, "h", 6);
-        seen.contains_key("k1").then_some(())
-    });
-}
+// A killed backend retried around, ejected and readmitted: transports.rs,
+// over HTTP/1.1, h2c and TLS.
 
 #[test]
 fn failing_endpoints_are_ejected_and_fail_open_is_reported() {
@@ -1506,64 +1467,6 @@ fn the_http2_preface_after_an_http1_request_is_refused() {
     let mut frame = [0u8; 9];
     fresh.read_exact(&mut frame).expect("a frame header");
     assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
-}
-
-/// Fail-open is set and cleared by requests over HTTP/2 too (it was cleared
-/// only on the HTTP/1.1 path: a service reached over h2c stayed at
-/// `switchyard_proxy_fail_open 1` after it recovered).
-#[test]
-fn fail_open_over_http2_is_set_and_cleared() {
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
-    let (agent, _dir) = agent_with(
-        "[http]\nbalancer = \"round_robin\"\n\
-         [http.outlier]\nconsecutive_failures = 1\nbase_ejection = \"1s\"\nmax_ejected_percent = 100\n\
-         [[http.routes]]\nhost = \"h2.test\"\nservice = \"web\"\n",
-    );
-    let c = agent.client();
-    let ups: Vec<Upstream> = ["o1", "o2"].iter().map(|n| Upstream::start(n)).collect();
-    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let sender = runtime.block_on(async {
-        let (sender, _) = crate::support::h2c(agent.http).await;
-        sender
-    });
-    let post = || {
-        let mut sender = sender.clone();
-        runtime.block_on(async move {
-            let request = hyper::Request::builder()
-                .method("POST")
-                .uri("http://h2.test/echo")
-                .body(Full::new(Bytes::from_static(b"x")))
-                .expect("request");
-            let response = sender.send_request(request).await.expect("response");
-            let status = response.status().as_u16();
-            let _ = response.into_body().collect().await;
-            status
-        })
-    };
-    let fail_open = || c.metric("switchyard_proxy_fail_open{service=\"web\"}");
-    for up in &ups {
-        up.status.store(500, Ordering::SeqCst);
-    }
-    crate::support::eventually("fail-open over h2c", Duration::from_secs(10), || {
-        post();
-        (fail_open() == Some(1.0)).then_some(())
-    });
-    for up in &ups {
-        up.status.store(200, Ordering::SeqCst);
-    }
-    crate::support::eventually(
-        "fail-open cleared over h2c",
-        Duration::from_secs(15),
-        || {
-            post();
-            (fail_open() == Some(0.0)).then_some(())
-        },
-    );
 }
 
 /// A request with an earlier proxy's `Forwarded` and a `Host` with a port
