@@ -170,7 +170,7 @@ fn place(c: &crate::support::Client, backends: &[&Backend]) {
 /// A loopback listener on a runtime of its own (one worker): each accepted
 /// connection goes to `on_connection` as a task. Dropping the runtime ends
 /// the server and its connections.
-fn serve_loopback<F, Fut>(on_connection: F) -> (SocketAddr, tokio::runtime::Runtime)
+pub(crate) fn serve_loopback<F, Fut>(on_connection: F) -> (SocketAddr, tokio::runtime::Runtime)
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -194,7 +194,7 @@ where
 
 /// Places endpoints `(id, port)` of `service` at 127.0.0.1 on node `n1`,
 /// each with `tags`.
-fn place_ports(
+pub(crate) fn place_ports(
     c: &crate::support::Client,
     service: &str,
     endpoints: &[(&str, u16)],

@@ -19,5 +19,6 @@ mod restart;
 mod security;
 mod support;
 mod tcp;
+mod tonic_grpc;
 mod transports;
 mod upstream_tls;
