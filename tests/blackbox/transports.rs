@@ -167,9 +167,11 @@ fn a_killed_backend_is_retried_around_ejected_and_readmitted(transport: Transpor
     );
     let errors =
         "switchyard_proxy_connect_errors_total{endpoint=\"k1\",node=\"n1\",service=\"web\"}";
+    // (Of the failures that ejected it, some may be pooled connections found
+    // broken rather than refused connects.)
     let connect_errors = c.metric(errors).unwrap_or(0.0);
     assert!(
-        (3.0..=6.0).contains(&connect_errors),
+        (1.0..=6.0).contains(&connect_errors),
         "{transport:?}: while ejected k1 is not tried: {connect_errors} connect errors"
     );
     ups[0] = Upstream::start_on("k1", dead);
