@@ -215,10 +215,11 @@ fn failing_endpoints_are_ejected_and_fail_open_is_set_and_cleared(transport: Tra
     for _ in 0..12 {
         front.send(&agent, "POST", "x");
     }
-    let ok = (0..60)
+    // (Few enough to end well within the 2 s ejection.)
+    let ok = (0..20)
         .filter(|_| front.send(&agent, "POST", "x").0 == 200)
         .count();
-    assert_eq!(ok, 60, "{transport:?}: f3 takes everything");
+    assert_eq!(ok, 20, "{transport:?}: f3 takes everything");
     assert_eq!(fail_open(), Some(0.0), "{transport:?}");
     // All three fail: fail-open, and ejected endpoints get requests again.
     ups[2].status.store(500, Ordering::SeqCst);
@@ -231,7 +232,7 @@ fn failing_endpoints_are_ejected_and_fail_open_is_set_and_cleared(transport: Tra
     for up in &ups {
         up.status.store(200, Ordering::SeqCst);
     }
-    eventually("fail-open cleared", Duration::from_secs(15), || {
+    eventually("fail-open cleared", Duration::from_secs(30), || {
         let (status, _) = front.send(&agent, "POST", "x");
         (status == 200 && fail_open() == Some(0.0)).then_some(())
     });
