@@ -488,6 +488,58 @@ fn losing_one_of_three_etcd_members_loses_nothing() {
     assert!(TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], members[1].client_port))).is_ok());
 }
 
+/// The index of the member that leads `members` (etcd's JSON gateway).
+fn leader_of(members: &[Etcd]) -> usize {
+    let status = |etcd: &Etcd| -> Value {
+        ureq::post(&format!("{}/v3/maintenance/status", etcd.url()))
+            .send("{}")
+            .expect("etcd status")
+            .body_mut()
+            .read_json()
+            .expect("status JSON")
+    };
+    let leader = status(&members[0])["leader"].clone();
+    members
+        .iter()
+        .position(|m| status(m)["header"]["member_id"] == leader)
+        .expect("a member is the leader")
+}
+
+/// Writes through the death of etcd's leader all succeed: the election that
+/// follows is ridden out (tried again until `store.request_timeout`), never
+/// answered with an error, and every write is there afterwards.
+#[test]
+fn writes_through_the_etcd_leaders_death_all_succeed() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut members = Etcd::cluster(scratch.path(), 3);
+    let urls: Vec<String> = members.iter().map(Etcd::url).collect();
+    let a = agent_on(scratch.path(), "agent-a", &urls, "/sy-election");
+    let ca = a.client();
+    let write = |i: u16| {
+        let body = json!({
+            "nodes": [{"name": "n1", "address": "127.0.0.1"}],
+            "endpoints": [{"node": "n1", "service": "web", "id": format!("w{i}"),
+                           "address": "127.0.0.1", "port": 10_000 + i}],
+        });
+        let answer = ca.put("/v1/switchyard/batch", &body.to_string());
+        assert_eq!(answer.status, 200, "write {i}: {}", answer.body);
+    };
+    for i in 0..10 {
+        write(i);
+    }
+    let leader = leader_of(&members);
+    members[leader].kill();
+    for i in 10..60 {
+        write(i);
+    }
+    let listed = ca.get_ok("/v1/catalog/service/web").json();
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(60),
+        "every acknowledged write is there"
+    );
+}
+
 /// Waits until every agent lists all of them as live members.
 fn see_each_other(agents: &[&Client]) {
     for c in agents {

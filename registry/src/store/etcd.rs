@@ -45,11 +45,15 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// No word from etcd for this long: the watch is restarted.
 const SILENCE: Duration = Duration::from_secs(4);
 
-/// Extra tries of a request that met a member which is down.
+/// Extra tries of a read at start that met a member which is down.
 const RETRIES: u32 = 4;
+/// Longest pause between tries of a write (a member down, an election).
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
-/// True when the request never reached a live member (connection refused,
-/// member unavailable): safe to send again.
+/// True when the request met a member that is down or has no leader
+/// (connection refused or reset; etcd's `Unavailable`: no leader, leader
+/// changed, request timed out in raft): worth sending again. A write sent
+/// again cannot apply twice (see `commit`).
 fn unreachable_member(err: &etcd_client::Error) -> bool {
     match err {
         etcd_client::Error::TransportError(_) => true,
@@ -83,6 +87,9 @@ pub struct EtcdStore {
     loaded: Option<Loaded>,
     feed: Option<mpsc::Receiver<Change>>,
     status: Arc<StoreStatus>,
+    /// How long a write keeps trying through members that are down or an
+    /// election (`store.request_timeout`).
+    request_timeout: Duration,
 }
 
 fn io(err: impl std::fmt::Display) -> StoreError {
@@ -291,6 +298,7 @@ impl EtcdStore {
             loaded: Some(loaded),
             feed: Some(rx),
             status,
+            request_timeout: options.request_timeout,
         })
     }
 
@@ -368,19 +376,38 @@ impl Store for EtcdStore {
     async fn commit(&mut self, batch: StoreBatch) -> Result<Committed, StoreError> {
         let txn = self.transaction(&batch)?;
         // The client spreads requests over the members; one that is down
-        // refuses the connection and the next try goes to another. A retry
-        // cannot apply the batch twice: the transaction is conditional on
-        // the catalog index, which a first success would have moved.
-        let mut tries = 0;
+        // refuses the connection and the next try goes to another, and an
+        // election ends within a few of etcd's election timeouts: the write
+        // keeps trying until `request_timeout`, and is refused only when no
+        // quorum answered by then. A retry cannot apply the batch twice: the
+        // transaction is conditional on the catalog index, which a first
+        // success would have moved (the writer then sees a conflict, catches
+        // up, and finds its change there).
+        // Each try waits a fifth of that at most: a request caught by a
+        // member without a leader waits for one, and may be better sent to
+        // another member.
+        let deadline = Instant::now() + self.request_timeout;
+        let per_try = (self.request_timeout / 5).max(Duration::from_millis(500));
+        let mut tries = 0u32;
         let response = loop {
-            match self.client.kv_client().txn(txn.clone()).await {
-                Ok(response) => break response,
-                Err(err) if tries < RETRIES && unreachable_member(&err) => {
-                    tries += 1;
-                    sleep(Duration::from_millis(20 << tries)).await;
-                }
-                Err(err) => return Err(io(err)),
+            let left = deadline.saturating_duration_since(Instant::now());
+            let failed =
+                match timeout(per_try.min(left), self.client.kv_client().txn(txn.clone())).await {
+                    Ok(Ok(response)) => break response,
+                    Ok(Err(err)) if unreachable_member(&err) => err.to_string(),
+                    Ok(Err(err)) => return Err(io(err)),
+                    Err(_) => format!("no answer within {per_try:?}"),
+                };
+            tries += 1;
+            let pause = Duration::from_millis(10 << tries.min(5)).min(MAX_BACKOFF);
+            if Instant::now() + pause >= deadline {
+                return Err(io(format!(
+                    "no etcd quorum answered within store.request_timeout ({:?}, {tries} tries): {failed}",
+                    self.request_timeout
+                )));
             }
+            tracing::debug!(error = %failed, tries, "etcd write met a member down or an election; trying again");
+            sleep(pause).await;
         };
         let revision = response.header().map_or(0, |h| rev(h.revision()));
         Ok(match response.succeeded() {
