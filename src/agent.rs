@@ -212,6 +212,14 @@ impl Running {
             false => Vec::new(),
         };
         let checker = switchyard_health::spawn_checker(registry.clone());
+        // Cluster mode: the nodes of agents whose etcd lease lapsed turn
+        // critical (their endpoints leave DNS and the proxy everywhere).
+        if registry.shared() {
+            tokio::spawn(switchyard_registry::watch_agents(
+                registry.clone(),
+                std::time::Duration::from_secs(1),
+            ));
+        }
         let passive = tokio::spawn(switchyard_proxy::report_passive_failures(
             proxy.clone(),
             Arc::new(registry.clone()),
@@ -584,7 +592,7 @@ async fn register_own_node(
         ("wan".to_string(), advertise.to_string()),
     ]);
     own_node.meta = BTreeMap::from([(
-        "switchyard-version".to_string(),
+        switchyard_registry::AGENT_META.to_string(),
         env!("CARGO_PKG_VERSION").to_string(),
     )]);
     registry

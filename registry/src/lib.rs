@@ -8,6 +8,7 @@
 //! `switchyard-api` serves the HTTP API on this crate's public handle.
 #![forbid(unsafe_code)]
 
+mod agents;
 mod catalog;
 mod config;
 mod error;
@@ -17,6 +18,7 @@ mod store;
 mod watch;
 mod writer;
 
+pub use agents::{watch_agents, AGENT_META};
 pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
 pub use config::{StoreConfig, StoreKind};
 pub use error::{RegistryError, StoreError};

@@ -178,6 +178,8 @@ pub struct StoreStatus {
     me: Option<Name>,
     /// The live agents sharing the store, as last read (sorted).
     members: ArcSwap<Vec<Name>>,
+    /// Notified when `members` changes.
+    members_changed: tokio::sync::Notify,
     /// Live load exchanged with those agents.
     board: crate::load::LoadBoard,
 }
@@ -194,6 +196,7 @@ impl StoreStatus {
             revision: AtomicU64::new(0),
             me,
             members: ArcSwap::from_pointee(Vec::new()),
+            members_changed: tokio::sync::Notify::new(),
             board: crate::load::LoadBoard::default(),
         }
     }
@@ -202,7 +205,13 @@ impl StoreStatus {
         if **self.members.load() != members {
             tracing::info!(agents = ?members, "agents sharing the catalog changed");
             self.members.store(Arc::new(members));
+            self.members_changed.notify_waiters();
         }
+    }
+
+    /// Resolves at the next change of the live agents.
+    pub async fn members_changed(&self) {
+        self.members_changed.notified().await;
     }
 
     /// This agent's name among those sharing the store (None: alone).

@@ -540,6 +540,64 @@ fn writes_through_the_etcd_leaders_death_all_succeed() {
     );
 }
 
+/// `serfHealth` of `node` as `c` sees it: its status and output.
+fn serf_health(c: &Client, node: &str) -> (String, String) {
+    let checks = c.get_ok(&format!("/v1/health/node/{node}")).json();
+    checks
+        .as_array()
+        .and_then(|all| all.iter().find(|chk| chk["CheckID"] == "serfHealth"))
+        .map(|chk| {
+            (
+                chk["Status"].as_str().unwrap_or("").to_string(),
+                chk["Output"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// A killed agent is seen dead: once its etcd lease lapses its node's
+/// `serfHealth` turns critical on the other agents and its endpoints leave
+/// their answers; started again, its node passes and they are back.
+#[test]
+fn a_killed_agents_node_turns_critical_and_comes_back_with_it() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::single(scratch.path());
+    let urls = [etcd.url()];
+    let a = agent_on(scratch.path(), "agent-a", &urls, "/sy-dead");
+    let b = agent_on(scratch.path(), "agent-b", &urls, "/sy-dead");
+    let (ca, cb) = (a.client(), b.client());
+    see_each_other(&[&ca, &cb]);
+    // An endpoint on B's own node, registered through B.
+    cb.put_ok(
+        "/v1/agent/service/register",
+        r#"{"Name":"web","ID":"web-b","Port":8080}"#,
+    );
+    let passing = |c: &Client| {
+        c.get_ok("/v1/health/service/web?passing")
+            .json()
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    eventually("A sees web-b passing", Duration::from_secs(10), || {
+        (passing(&ca) == 1).then_some(())
+    });
+    assert_eq!(serf_health(&ca, "agent-b").0, "passing");
+
+    b.kill9();
+    eventually("B's node critical on A", Duration::from_secs(15), || {
+        let (status, output) = serf_health(&ca, "agent-b");
+        (status == "critical" && output.contains("lease")).then_some(())
+    });
+    assert_eq!(passing(&ca), 0, "B's endpoint left the passing answers");
+    assert_eq!(serf_health(&ca, "agent-a").0, "passing", "A is alive");
+
+    let b = agent_on(scratch.path(), "agent-b", &urls, "/sy-dead");
+    eventually("B's node passes again", Duration::from_secs(15), || {
+        (serf_health(&ca, "agent-b").0 == "passing" && passing(&ca) == 1).then_some(())
+    });
+    drop(b);
+}
+
 /// Waits until every agent lists all of them as live members.
 fn see_each_other(agents: &[&Client]) {
     for c in agents {
