@@ -15,6 +15,13 @@ use arc_swap::{ArcSwap, Cache};
 use prometheus::IntGauge;
 use switchyard_catalog::{ExtraKey, Refusal, Snapshot, Ticket};
 use switchyard_uring::Ring;
+
+/// A ring whose median wake-up takes longer is not used (prompt: ~0.1 ms).
+const SLOW_WAKEUP: Duration = Duration::from_millis(1);
+/// One-way trips a wake-up probe times (about 1.1 ms each), and probes at
+/// most.
+const PROBE_TRIPS: usize = 7;
+const PROBES: usize = 3;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -269,6 +276,59 @@ impl Local {
             metrics.http_io_uring.inc();
         } else {
             metrics.http_tokio.inc();
+        }
+    }
+
+    /// Makes this thread's io_uring and measures how promptly it wakes
+    /// (`switchyard_proxy_io_uring_wakeup_seconds{thread}`). A ring that wakes
+    /// later than [`SLOW_WAKEUP`] is not used: the thread's connections go
+    /// through tokio's sockets, with one warning naming the kernel and the
+    /// figure (a kernel that defers the ring's signal made every exchange
+    /// wait ~25 ms, and only a benchmark saw it). Call before serving.
+    pub(crate) async fn probe_ring(&self, thread: usize) {
+        let Ok(ring) = Ring::new() else {
+            // `ring()` says so on first use.
+            return;
+        };
+        tokio::task::spawn_local(ring.clone().drive());
+        // A kernel that defers the signal is slow every time; a busy machine
+        // now and then: the best of up to three probes counts.
+        let mut measured = Duration::MAX;
+        for _ in 0..PROBES {
+            match ring.wake_latency(PROBE_TRIPS).await {
+                Ok(median) => measured = measured.min(median),
+                Err(e) => {
+                    tracing::warn!(error = %e, thread, "io_uring wake-up probe failed: this thread uses tokio's sockets");
+                    let _ = self.ring.set(None);
+                    return;
+                }
+            }
+            if measured <= SLOW_WAKEUP {
+                break;
+            }
+        }
+        // A test hook: the slow path, forced.
+        let floor = std::env::var("SWITCHYARD_TEST_RING_WAKEUP_FLOOR_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_millis);
+        let median = measured.max(floor);
+        self.shared
+            .metrics
+            .ring_wakeup
+            .with_label_values(&[&thread.to_string()])
+            .set(median.as_secs_f64());
+        if median > SLOW_WAKEUP {
+            let kernel = rustix::system::uname();
+            tracing::warn!(
+                thread,
+                kernel = %kernel.release().to_string_lossy(),
+                wakeup_ms = median.as_secs_f64() * 1e3,
+                "io_uring wakes this thread late on this kernel: its connections use tokio's sockets"
+            );
+            let _ = self.ring.set(None);
+        } else {
+            let _ = self.ring.set(Some(ring));
         }
     }
 

@@ -3,8 +3,8 @@
 //! removed when it leaves, so a request pays atomic adds only.
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Why a request was answered by the proxy itself.
@@ -87,6 +87,8 @@ pub struct ProxyMetrics {
     rejected: Vec<IntCounter>,
     pub(crate) connections: IntGauge,
     pub(crate) thread_connections: IntGaugeVec,
+    /// Each proxy thread's io_uring wake-up latency, measured at start.
+    pub(crate) ring_wakeup: GaugeVec,
     pub(crate) upgrades: IntCounter,
     /// GOAWAYs sent to HTTP/2 clients, by why (`idle`, `max_age`, `shutdown`).
     pub(crate) goaways: [IntCounter; 3],
@@ -355,6 +357,13 @@ impl ProxyMetrics {
             ),
             &["thread"],
         )?;
+        let ring_wakeup = GaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_io_uring_wakeup_seconds",
+                "Median wake-up latency of each proxy thread's io_uring, measured at start (over 1 ms: the thread uses tokio's sockets)",
+            ),
+            &["thread"],
+        )?;
         let accept_errors = IntCounterVec::new(
             Opts::new(
                 "switchyard_proxy_accept_errors_total",
@@ -406,6 +415,7 @@ impl ProxyMetrics {
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(connect_errors.clone()))?;
         registry.register(Box::new(upstream_tls_failures.clone()))?;
+        registry.register(Box::new(ring_wakeup.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(ejected.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -445,6 +455,7 @@ impl ProxyMetrics {
             rejected,
             connections,
             thread_connections,
+            ring_wakeup,
             upgrades,
             goaways,
             accept_errors,

@@ -528,6 +528,9 @@ fn run_thread(thread: Thread) {
             tokio::task::spawn_local(async move { local.deadlines.sweep().await })
         };
         access::configure(local.config().access_log.as_deref());
+        if local.config().io_uring || local.tcp().io_uring {
+            local.probe_ring(index).await;
+        }
         let sweeper = {
             let local = local.clone();
             let snapshot = snapshot.clone();

@@ -527,7 +527,7 @@ fn http_via(on: bool, rest: &str) -> String {
 }
 
 /// The agent's HTTP/1.1 sockets all went the way `[http] io_uring` says.
-fn assert_http_sockets_via(c: &Client, on: bool) {
+pub(crate) fn assert_http_sockets_via(c: &Client, on: bool) {
     let (used, unused) = if on {
         ("io_uring", "tokio")
     } else {
@@ -1718,4 +1718,53 @@ fn a_large_service_routes_across_its_chunks_and_follows_each_change() {
     let seen = counts(agent.http, "h", 20);
     assert_eq!(seen.get("one"), Some(&10), "{seen:?}");
     assert_eq!(seen.get("four"), Some(&10), "{seen:?}");
+}
+
+/// Each proxy thread measures its io_uring's wake-up at start: prompt here,
+/// so HTTP/1.1 sockets go on the ring; forced slow (a kernel that defers the
+/// ring's signal made every exchange wait ~25 ms), the thread falls back to
+/// tokio's sockets with one warning naming the kernel, and still serves.
+#[test]
+fn a_ring_that_wakes_late_is_not_used() {
+    let config =
+        "[http]\nio_uring_connections = 0\n[[http.routes]]\nhost = \"h\"\nservice = \"web\"\n";
+    for slow in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, config).expect("write config");
+        let floor = std::path::Path::new("5");
+        let env: &[(&str, &std::path::Path)] = if slow {
+            &[("SWITCHYARD_TEST_RING_WAKEUP_FLOOR_MS", floor)]
+        } else {
+            &[]
+        };
+        let agent = Agent::start_in_env(
+            &dir.path().join("data"),
+            &[
+                "--config",
+                path.to_str().expect("utf8"),
+                "--proxy-threads",
+                "1",
+            ],
+            env,
+        );
+        let c = agent.client();
+        let up = Upstream::start("r1");
+        register(&c, "web", &[&up], &[]);
+        for _ in 0..5 {
+            assert_eq!(get(agent.http, "h", "/").status, 200);
+        }
+        let wakeup = c
+            .metric("switchyard_proxy_io_uring_wakeup_seconds{thread=\"0\"}")
+            .expect("the thread's wake-up is measured");
+        assert_http_sockets_via(&c, !slow);
+        let warned = agent.stderr().contains("io_uring wakes this thread late");
+        if slow {
+            assert!(wakeup >= 0.005, "{wakeup}");
+            assert!(warned, "one warning names the fallback");
+        } else {
+            assert!(wakeup < 0.001, "a prompt ring here: {wakeup}");
+            assert!(!warned);
+        }
+    }
 }

@@ -262,6 +262,45 @@ impl Ring {
         Relay { entry }
     }
 
+    /// The median time one byte takes through a relay on this ring while
+    /// the ring's thread sleeps, over `trips` one-way trips sent from a
+    /// helper thread: what a connection waits at each wake-up. About 0.1 ms
+    /// where the kernel signals the ring's eventfd at once; 14-20 ms where it
+    /// defers the signal (Linux 6.18.44 with DEFER_TASKRUN: bench/RESULTS.md).
+    /// The ring must be driven ([`Ring::drive`]) meanwhile.
+    pub async fn wake_latency(self: &Rc<Self>, trips: usize) -> io::Result<Duration> {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (a, mut client) = UnixStream::pair()?;
+        let (b, mut server) = UnixStream::pair()?;
+        let relay = self.relay(a.into(), b.into());
+        let (done, times) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut trip = || -> io::Result<Duration> {
+                // Long enough for the ring's thread to go to sleep.
+                std::thread::sleep(Duration::from_millis(1));
+                let start = std::time::Instant::now();
+                client.write_all(b"?")?;
+                let mut byte = [0u8; 1];
+                server.read_exact(&mut byte)?;
+                Ok(start.elapsed())
+            };
+            let _ = done.send(
+                (0..trips.max(1))
+                    .map(|_| trip())
+                    .collect::<io::Result<Vec<_>>>(),
+            );
+        });
+        // The ring's thread sleeps here until the helper is done.
+        let times = times
+            .await
+            .map_err(|_| io::Error::other("the wake-up probe's thread ended early"));
+        drop(relay);
+        let mut times = times??;
+        times.sort();
+        Ok(times[times.len() / 2])
+    }
+
     /// Runs the ring: submits what relays pushed and handles completions,
     /// for as long as the thread runs. Spawn it once per ring.
     pub async fn drive(self: Rc<Self>) {
@@ -824,6 +863,17 @@ mod tests {
                  its eventfd is not signalled when a completion waits"
             );
             drop(relay);
+        });
+    }
+
+    #[test]
+    fn the_wake_up_probe_measures_a_prompt_ring_as_prompt() {
+        with_ring(|ring| async move {
+            let median = ring.wake_latency(9).await.expect("probe");
+            assert!(
+                median < Duration::from_millis(10),
+                "a COOP_TASKRUN ring woke after {median:?}"
+            );
         });
     }
 
