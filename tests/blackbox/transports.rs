@@ -1,8 +1,9 @@
 //! The proxy's resilience over every client transport (issue 27, item 1):
 //! HTTP/1.1 (our own wire path), HTTP/2 with prior knowledge and HTTP/2 over
 //! TLS (hyper's side) share one request core, so a killed endpoint is
-//! retried around, ejected and readmitted, and failing endpoints are ejected
-//! and fail-open is set and cleared, the same way over each.
+//! retried around, ejected and readmitted, failing endpoints are ejected and
+//! fail-open is set and cleared, a drained endpoint gets nothing after the
+//! acknowledgment, and a reloaded timeout holds, the same way over each.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -251,4 +252,87 @@ fn failing_endpoints_are_ejected_and_fail_open_is_set_and_cleared_over_h2c() {
 #[test]
 fn failing_endpoints_are_ejected_and_fail_open_is_set_and_cleared_over_tls() {
     failing_endpoints_are_ejected_and_fail_open_is_set_and_cleared(Transport::Tls);
+}
+
+fn a_drained_endpoint_gets_nothing_after_the_ack(transport: Transport) {
+    let front = Front::new(transport);
+    let (agent, _dir) =
+        front.agent("[http]\nbalancer = \"round_robin\"\n[[http.routes]]\nservice = \"web\"\n");
+    let c = agent.client();
+    let ups: Vec<Upstream> = ["d1", "d2", "d3"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    register(&c, "web", &ups.iter().collect::<Vec<_>>(), &[]);
+    assert_eq!(front.counts(&agent, 30).len(), 3, "{transport:?}");
+    // The acknowledgment is the line: every request after it avoids d1.
+    let drained = c
+        .put_ok("/v1/switchyard/endpoints/d1/drain", r#"{"deadline":"30s"}"#)
+        .json();
+    assert_eq!(drained["endpoint"], "d1", "{drained}");
+    let served = ups[0].served();
+    let seen = front.counts(&agent, 30);
+    assert_eq!(seen.get("d1"), None, "{transport:?}: {seen:?}");
+    assert_eq!(seen.len(), 2, "{transport:?}: {seen:?}");
+    assert_eq!(ups[0].served(), served, "{transport:?}");
+    let status = c.get_ok("/v1/switchyard/endpoints/d1/drain").json();
+    assert_eq!(status["state"], "drained", "{transport:?}: {status}");
+}
+
+#[test]
+fn a_drained_endpoint_gets_nothing_after_the_ack_over_http1() {
+    a_drained_endpoint_gets_nothing_after_the_ack(Transport::Http1);
+}
+
+#[test]
+fn a_drained_endpoint_gets_nothing_after_the_ack_over_h2c() {
+    a_drained_endpoint_gets_nothing_after_the_ack(Transport::H2c);
+}
+
+#[test]
+fn a_drained_endpoint_gets_nothing_after_the_ack_over_tls() {
+    a_drained_endpoint_gets_nothing_after_the_ack(Transport::Tls);
+}
+
+/// A route's `response_timeout`, changed by a reload (SIGHUP), holds for the
+/// next request over every transport: a slow endpoint's answer that fitted
+/// before is cut with a 504 after.
+fn a_reloaded_response_timeout_holds(transport: Transport) {
+    let front = Front::new(transport);
+    let route = |timeout: &str| {
+        format!("[[http.routes]]\nservice = \"web\"\nresponse_timeout = \"{timeout}\"\n")
+    };
+    let (agent, dir) = front.agent(&route("5s"));
+    let c = agent.client();
+    let slow = Upstream::start("s1");
+    slow.delay_ms.store(700, Ordering::SeqCst);
+    register(&c, "web", &[&slow], &[]);
+    assert_eq!(
+        front.send(&agent, "GET", "").0,
+        200,
+        "{transport:?}: fits 5 s"
+    );
+    // The same file with the new timeout (and, for TLS, its listener as it was).
+    let path = dir.path().join("agent.toml");
+    let before = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, before.replace("\"5s\"", "\"200ms\"")).expect("write config");
+    agent.signal("HUP");
+    eventually("the new timeout holds", Duration::from_secs(10), || {
+        (front.send(&agent, "GET", "").0 == 504).then_some(())
+    });
+}
+
+#[test]
+fn a_reloaded_response_timeout_holds_over_http1() {
+    a_reloaded_response_timeout_holds(Transport::Http1);
+}
+
+#[test]
+fn a_reloaded_response_timeout_holds_over_h2c() {
+    a_reloaded_response_timeout_holds(Transport::H2c);
+}
+
+#[test]
+fn a_reloaded_response_timeout_holds_over_tls() {
+    a_reloaded_response_timeout_holds(Transport::Tls);
 }
