@@ -223,10 +223,11 @@ pub(crate) struct H2Tls {
     clients: Arc<Clients>,
     /// Those of other connect timeouts (routes' own, or after a reload),
     /// made on first use.
-    other_clients: std::sync::Mutex<std::collections::HashMap<Duration, Arc<Clients>>>,
+    /// (Read per request without a lock; copied on the rare insert.)
+    other_clients: ArcSwap<std::collections::HashMap<Duration, Arc<Clients>>>,
     /// Clients over each upstream TLS setup (by its id) and connect timeout,
     /// made on first use.
-    tls_clients: std::sync::Mutex<std::collections::HashMap<(u64, Duration), TlsEntry>>,
+    tls_clients: ArcSwap<std::collections::HashMap<(u64, Duration), TlsEntry>>,
 }
 
 /// Clients over one upstream TLS setup, as long as the setup is in use.
@@ -328,23 +329,32 @@ impl H2Tls {
         timeout: Duration,
         failures: &crate::upstream_tls::Failures,
     ) -> TlsClients {
-        let mut all = self.tls_clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, clients)) = all.get(&(tls.id, timeout)) {
+        let key = (tls.id, timeout);
+        if let Some((_, clients)) = self.tls_clients.load().get(&key) {
             return clients.clone();
         }
-        // Setups a reload or a tag change replaced go with their pools.
-        all.retain(|_, (setup, _)| setup.strong_count() > 0);
         let pool = self.shared.config.load().pool_per_endpoint;
         let mut tcp = plain_connector(timeout);
         tcp.enforce_http(false);
-        let clients = Arc::new(Clients::over(
+        let made = Arc::new(Clients::over(
             tls.connector(tcp.clone(), false, failures.clone()),
             tls.connector(tcp, true, failures.clone()),
             timeout,
             pool,
         ));
-        all.insert((tls.id, timeout), (Arc::downgrade(tls), clients.clone()));
-        clients
+        self.tls_clients.rcu(|all| {
+            let mut all = (**all).clone();
+            // Setups a reload or a tag change replaced go with their pools.
+            all.retain(|_, (setup, _)| setup.strong_count() > 0);
+            all.entry(key)
+                .or_insert_with(|| (Arc::downgrade(tls), made.clone()));
+            all
+        });
+        // (Another task may have put its own there first: that one is kept.)
+        match self.tls_clients.load().get(&key) {
+            Some((_, clients)) => clients.clone(),
+            None => made,
+        }
     }
 
     /// The clients that connect within `timeout` (a route's
@@ -353,14 +363,21 @@ impl H2Tls {
         if timeout == self.clients.connect_timeout {
             return self.clients.clone();
         }
-        let mut others = self.other_clients.lock().unwrap_or_else(|p| p.into_inner());
-        others
-            .entry(timeout)
-            .or_insert_with(|| {
-                let pool = self.shared.config.load().pool_per_endpoint;
-                Arc::new(Clients::new(timeout, pool))
-            })
-            .clone()
+        if let Some(clients) = self.other_clients.load().get(&timeout) {
+            return clients.clone();
+        }
+        let pool = self.shared.config.load().pool_per_endpoint;
+        let made = Arc::new(Clients::new(timeout, pool));
+        self.other_clients.rcu(|all| {
+            let mut all = (**all).clone();
+            all.entry(timeout).or_insert_with(|| made.clone());
+            all
+        });
+        self.other_clients
+            .load()
+            .get(&timeout)
+            .cloned()
+            .unwrap_or(made)
     }
 
     /// Serves one cleartext connection whose first bytes (`prefix`) were
