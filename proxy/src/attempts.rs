@@ -56,7 +56,7 @@ pub(crate) enum Grpc {
 }
 
 /// Whether the request can go to another endpoint after an attempt.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Replay {
     /// Its body is in hand (or it has none): it can be sent again.
     pub(crate) replayable: bool,
@@ -72,13 +72,18 @@ pub(crate) enum Verdict {
     Done,
 }
 
-/// One request's attempts.
+/// One request's attempts. `Default` picks only (L4 connections, which
+/// judge nothing).
 #[derive(Default)]
 pub(crate) struct Attempts {
     tried: Tried,
     reloads: u8,
     /// Endpoints found withdrawn after the snapshot: tried, not retries.
     skipped: usize,
+    /// Whether the request can go to another endpoint.
+    replay: Replay,
+    /// The route's retries.
+    retries: u32,
 }
 
 /// A first attempt that finds its endpoint withdrawn takes a newer snapshot
@@ -86,6 +91,15 @@ pub(crate) struct Attempts {
 const MAX_RELOADS: u8 = 3;
 
 impl Attempts {
+    /// The attempts of a request that may be `replay`ed `retries` times.
+    pub(crate) fn new(replay: Replay, retries: u32) -> Attempts {
+        Attempts {
+            replay,
+            retries,
+            ..Attempts::default()
+        }
+    }
+
     /// Endpoints picked and entered so far.
     pub(crate) fn made(&self) -> usize {
         self.tried.count() - self.skipped
@@ -124,19 +138,18 @@ impl Attempts {
         }
     }
 
-    /// Counts an attempt's `ending` for or against `backend` and says
-    /// whether another endpoint gets the request.
-    #[allow(clippy::too_many_arguments)]
+    /// Counts an attempt's `ending` for or against `backend` (one of
+    /// `backends`) and says whether another endpoint gets the request.
     pub(crate) fn judge(
         &mut self,
         ending: Ending,
-        replay: Replay,
         backend: &Backend,
         backends: &Backends,
         stats: &ServiceStats,
-        (config, retries): (&Config, u32),
+        config: &Config,
         now: u64,
     ) -> Verdict {
+        let replay = self.replay;
         let failed = match ending {
             Ending::Answered { status, grpc } => {
                 status >= 500 || matches!(grpc, Grpc::Status { failure: true, .. })
@@ -159,7 +172,7 @@ impl Attempts {
         if failed {
             backend.stats.failed(now, &config.outlier, stats, backends);
         }
-        let more = self.made() <= retries as usize && self.tried.count() < backends.len();
+        let more = self.made() <= self.retries as usize && self.tried.count() < backends.len();
         if retryable
             && more
             && stats.take_retry(now, config.retry_budget_ratio, config.retry_budget_floor)
@@ -228,17 +241,9 @@ mod tests {
     /// The first attempt's verdict on `ending` for `replay`, with retries left.
     fn first(ending: Ending, replay: Replay) -> Verdict {
         let f = fixture(3);
-        let mut attempts = Attempts::default();
+        let mut attempts = Attempts::new(replay, 2);
         attempts.tried.add(0);
-        attempts.judge(
-            ending,
-            replay,
-            &f.backends[0],
-            &f.backends,
-            &f.stats,
-            (&f.config, 2),
-            1,
-        )
+        attempts.judge(ending, &f.backends[0], &f.backends, &f.stats, &f.config, 1)
     }
 
     #[test]
@@ -286,21 +291,20 @@ mod tests {
         let judge = |attempts: &mut Attempts| {
             attempts.judge(
                 Ending::Unsent,
-                ANY,
                 &f.backends[0],
                 &f.backends,
                 &f.stats,
-                (&f.config, 1),
+                &f.config,
                 1,
             )
         };
-        let mut attempts = Attempts::default();
+        let mut attempts = Attempts::new(ANY, 1);
         attempts.tried.add(0);
         assert_eq!(judge(&mut attempts), Verdict::Retry);
         attempts.tried.add(1);
         assert_eq!(judge(&mut attempts), Verdict::Done, "retries = 1");
         // Skipped (withdrawn) endpoints are no retries, but they are tried.
-        let mut attempts = Attempts::default();
+        let mut attempts = Attempts::new(ANY, 1);
         attempts.tried.add(0);
         attempts.tried.add(1);
         attempts.skipped = 1;
@@ -349,17 +353,9 @@ mod tests {
         ] {
             let mut f = fixture(3);
             f.config.outlier = outlier.clone();
-            let mut attempts = Attempts::default();
+            let mut attempts = Attempts::new(STREAMED, 0);
             attempts.tried.add(0);
-            attempts.judge(
-                ending,
-                STREAMED,
-                &f.backends[0],
-                &f.backends,
-                &f.stats,
-                (&f.config, 0),
-                1,
-            );
+            attempts.judge(ending, &f.backends[0], &f.backends, &f.stats, &f.config, 1);
             assert_eq!(f.backends[0].stats.is_ejected(1), ejected, "{ending:?}");
         }
     }

@@ -485,15 +485,17 @@ async fn forward(
             .await;
         }
     };
-    let mut attempts = Attempts::default();
+    let mut attempts = Attempts::new(
+        Replay {
+            replayable,
+            idempotent: request.idempotent,
+        },
+        route.retries,
+    );
     // One clock read serves the budget and the first pick.
     let mut now = now_ns();
     stats.note_request(now);
     stats.metrics.request(crate::metrics::Protocol::Http1);
-    let replay = Replay {
-        replayable,
-        idempotent: request.idempotent,
-    };
     loop {
         let picked = attempts.pick(
             &mut service,
@@ -547,15 +549,7 @@ async fn forward(
             Err(Failure::Client) => Ending::Client,
             Err(Failure::SlowClient) => Ending::SlowClient,
         };
-        let verdict = attempts.judge(
-            ending,
-            replay,
-            backend,
-            &service.backends,
-            &stats,
-            (&config, route.retries),
-            now,
-        );
+        let verdict = attempts.judge(ending, backend, &service.backends, &stats, &config, now);
         let failure = match result {
             Ok((next, status)) => {
                 // Relayed already: never retried.

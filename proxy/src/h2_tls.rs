@@ -798,11 +798,13 @@ impl H2Tls {
         } else {
             "http"
         };
-        let mut attempts = Attempts::default();
-        let replay = Replay {
-            replayable,
-            idempotent,
-        };
+        let mut attempts = Attempts::new(
+            Replay {
+                replayable,
+                idempotent,
+            },
+            route.retries,
+        );
         stats.note_request(now_ns());
         use crate::metrics::Protocol;
         stats
@@ -921,15 +923,8 @@ impl H2Tls {
                         },
                     };
                     let ending = Ending::Answered { status, grpc };
-                    let verdict = attempts.judge(
-                        ending,
-                        replay,
-                        backend,
-                        &service.backends,
-                        &stats,
-                        (&config, route.retries),
-                        now,
-                    );
+                    let verdict =
+                        attempts.judge(ending, backend, &service.backends, &stats, &config, now);
                     if verdict == Judgement::Retry {
                         backend.stats.leave();
                         continue;
@@ -989,15 +984,8 @@ impl H2Tls {
                             Ending::Broken
                         }
                     };
-                    let verdict = attempts.judge(
-                        ending,
-                        replay,
-                        backend,
-                        &service.backends,
-                        &stats,
-                        (&config, route.retries),
-                        now,
-                    );
+                    let verdict =
+                        attempts.judge(ending, backend, &service.backends, &stats, &config, now);
                     if verdict == Judgement::Retry {
                         continue;
                     }
@@ -1018,11 +1006,10 @@ impl H2Tls {
                     backend.stats.leave();
                     attempts.judge(
                         Ending::Timeout,
-                        replay,
                         backend,
                         &service.backends,
                         &stats,
-                        (&config, route.retries),
+                        &config,
                         now,
                     );
                     metrics.reject(Reject::UpstreamTimeout);

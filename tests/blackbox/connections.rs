@@ -647,15 +647,10 @@ fn tls_http1_connections_to_the_proxy_keep_their_idle_and_head_limits() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = TestPki::new();
     let certs = tempfile::tempdir().expect("tempdir");
-    pki.leaf(certs.path(), "a.test");
-    let file = |name: &str| certs.path().join(name).to_string_lossy().to_string();
     let (agent, _dir) = agent_with(&format!(
-        "[http]\nheader_timeout = \"1s\"\nidle_timeout = \"4s\"\n\
-         [http.tls]\naddr = \"127.0.0.1:0\"\n\
-         [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [\"a.test\"]\n\
+        "[http]\nheader_timeout = \"1s\"\nidle_timeout = \"4s\"\n{}\
          [[http.routes]]\nhost = \"a.test\"\nservice = \"web\"\n",
-        file("a.test.pem"),
-        file("a.test.key"),
+        pki.https_listener(certs.path(), "a.test")
     ));
     let https = agent.https.expect("an https address");
     let up = Upstream::start("web1");

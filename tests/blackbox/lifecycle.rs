@@ -767,14 +767,9 @@ fn https_connections_mid_handshake_or_before_their_first_request_are_served_at_s
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = crate::proxy::TestPki::new();
     let certs = tempfile::tempdir().expect("tempdir");
-    pki.leaf(certs.path(), "a.test");
-    let file = |name: &str| certs.path().join(name).to_string_lossy().to_string();
     let (agent, _dir) = agent_with(&format!(
-        "[http.tls]\naddr = \"127.0.0.1:0\"\n\
-         [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [\"a.test\"]\n\
-         [[http.routes]]\nservice = \"web\"\n",
-        file("a.test.pem"),
-        file("a.test.key"),
+        "{}[[http.routes]]\nservice = \"web\"\n",
+        pki.https_listener(certs.path(), "a.test")
     ));
     let https = agent.https.expect("an https address in the ready line");
     let c = agent.client();

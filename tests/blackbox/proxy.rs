@@ -791,6 +791,23 @@ impl TestPki {
         path
     }
 
+    /// The `[http.tls]` table of an HTTPS listener on a free port with one
+    /// certificate for `name` (a leaf written into `dir`).
+    pub(crate) fn https_listener(&self, dir: &std::path::Path, name: &str) -> String {
+        self.leaf(dir, name);
+        let file = |ext: &str| {
+            dir.join(format!("{name}.{ext}"))
+                .to_string_lossy()
+                .to_string()
+        };
+        format!(
+            "[http.tls]\naddr = \"127.0.0.1:0\"\n\
+             [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [{name:?}]\n",
+            file("pem"),
+            file("key"),
+        )
+    }
+
     /// Writes `NAME.pem` and `NAME.key` for a leaf valid for `name`; returns its DER.
     pub(crate) fn leaf(&self, dir: &std::path::Path, name: &str) -> Vec<u8> {
         let params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("leaf params");

@@ -34,7 +34,6 @@ impl Front {
     fn new(transport: Transport) -> Front {
         let pki = TestPki::new();
         let certs = tempfile::tempdir().expect("tempdir");
-        pki.leaf(certs.path(), "a.test");
         Front {
             transport,
             runtime: tokio::runtime::Builder::new_current_thread()
@@ -48,14 +47,8 @@ impl Front {
 
     /// An agent with `config` and, for TLS, an HTTPS listener.
     fn agent(&self, config: &str) -> (Agent, tempfile::TempDir) {
-        let file = |name: &str| self.certs.path().join(name).to_string_lossy().to_string();
         let tls = match self.transport {
-            Transport::Tls => format!(
-                "[http.tls]\naddr = \"127.0.0.1:0\"\n\
-                 [[http.tls.certificates]]\ncert = {:?}\nkey = {:?}\nnames = [\"a.test\"]\n",
-                file("a.test.pem"),
-                file("a.test.key"),
-            ),
+            Transport::Tls => self.pki.https_listener(self.certs.path(), "a.test"),
             _ => String::new(),
         };
         agent_with(&format!("{config}\n{tls}"))
