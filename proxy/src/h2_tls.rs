@@ -38,6 +38,7 @@ use crate::grpc_web;
 use crate::metrics::{GoAway, Reject};
 use crate::shared::Shared;
 use crate::stats::{now_ns, EndpointStats};
+use crate::upstream_h2::{self, Failure, Outgoing};
 use crate::wire;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -243,11 +244,8 @@ type TlsClients = Arc<Clients<crate::upstream_tls::TlsConnect>>;
 /// TLS setup its own, `C` = `TlsConnect`).
 struct Clients<C = HttpConnector> {
     connect_timeout: Duration,
-    /// HTTP/1.1, pooled.
+    /// HTTP/1.1, pooled. (HTTP/2 goes over `upstream_h2`'s pool.)
     http1: HttpClient<C, ProxyBody>,
-    /// HTTP/2 to the endpoints (prior knowledge, or ALPN over TLS), for
-    /// gRPC calls and HTTP/2 routes.
-    grpc: HttpClient<C, ProxyBody>,
 }
 
 fn plain_connector(connect_timeout: Duration) -> HttpConnector {
@@ -259,10 +257,8 @@ fn plain_connector(connect_timeout: Duration) -> HttpConnector {
 
 impl Clients {
     fn new(connect_timeout: Duration, pool_per_endpoint: usize) -> Clients {
-        let connector = plain_connector(connect_timeout);
         Clients::over(
-            connector.clone(),
-            connector,
+            plain_connector(connect_timeout),
             connect_timeout,
             pool_per_endpoint,
         )
@@ -273,8 +269,8 @@ impl<C> Clients<C>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
-    /// The clients over `http1` (for HTTP/1.1) and `h2` (for HTTP/2).
-    fn over(http1: C, h2: C, connect_timeout: Duration, pool_per_endpoint: usize) -> Clients<C> {
+    /// The client over `http1`.
+    fn over(http1: C, connect_timeout: Duration, pool_per_endpoint: usize) -> Clients<C> {
         // One pool per proxy thread (its connections live on that thread's
         // runtime), sized for the streams many multiplexed clients keep in
         // flight, so they do not churn upstream connections.
@@ -282,20 +278,9 @@ where
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(pool_per_endpoint)
             .build(http1);
-        // gRPC servers speak only HTTP/2: gRPC calls go upstream over
-        // HTTP/2, many calls multiplexed on a connection per endpoint and
-        // thread.
-        let grpc = HttpClient::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(h2);
         Clients {
             connect_timeout,
             http1,
-            grpc,
         }
     }
 }
@@ -337,8 +322,7 @@ impl H2Tls {
         let mut tcp = plain_connector(timeout);
         tcp.enforce_http(false);
         let made = Arc::new(Clients::over(
-            tls.connector(tcp.clone(), false, failures.clone()),
-            tls.connector(tcp, true, failures.clone()),
+            tls.connector(tcp, failures.clone()),
             timeout,
             pool,
         ));
@@ -839,50 +823,76 @@ impl H2Tls {
             if answered.logging {
                 answered.endpoint = Some(backend.stats.clone());
             }
-            let Ok(uri) = Uri::try_from(format!("{scheme}://{}{path}", backend.addr)) else {
-                backend.stats.leave();
-                return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
-            };
-            let mut upstream = Request::builder()
-                .method(parts.method.clone())
-                .uri(uri)
-                .body(match &in_hand {
-                    Some(bytes) => Full::new(bytes.clone())
-                        .map_err(|never| match never {})
-                        .boxed(),
-                    None => body.take().unwrap_or_else(empty),
-                })
-                .unwrap_or_else(|_| Request::new(empty()));
-            *upstream.headers_mut() = headers.clone();
-            let http2 = if (route.h2c || route.h2) && !answered.grpc && !upgrade {
-                // The route's endpoints speak HTTP/2: hyper drops the
-                // fields HTTP/2 forbids (Connection, Keep-Alive, ...).
-                *upstream.version_mut() = hyper::Version::HTTP_2;
-                true
-            } else if answered.grpc {
-                // HTTP/2 carries `te: trailers` (the only TE it allows), which
-                // gRPC servers require.
-                upstream
-                    .headers_mut()
-                    .insert(hyper::header::TE, HeaderValue::from_static("trailers"));
-                *upstream.version_mut() = hyper::Version::HTTP_2;
-                if let Some(deadline) = deadline {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    // Whole milliseconds, at least one (0 would mean expired).
-                    let millis = left.as_millis().clamp(1, 99_999_999);
-                    if let Ok(value) = HeaderValue::from_str(&format!("{millis}m")) {
-                        upstream.headers_mut().insert("grpc-timeout", value);
+            // gRPC calls and routes whose endpoints speak HTTP/2 go over
+            // this thread's HTTP/2 pool; the rest over hyper's HTTP/1.1.
+            let http2 = (answered.grpc || route.h2c || route.h2) && !upgrade;
+            let sent = if http2 {
+                // `:authority` is the client's (a gRPC server may route on
+                // it); HTTP/2 carries no Host.
+                let target = format!("{scheme}://{authority}{path}");
+                let uri = Uri::try_from(target)
+                    .or_else(|_| Uri::try_from(format!("{scheme}://{}{path}", backend.addr)));
+                let Ok(uri) = uri else {
+                    backend.stats.leave();
+                    return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
+                };
+                let mut head = Request::builder()
+                    .method(parts.method.clone())
+                    .uri(uri)
+                    .version(hyper::Version::HTTP_2)
+                    .body(())
+                    .unwrap_or_else(|_| Request::new(()));
+                let fields = head.headers_mut();
+                *fields = headers.clone();
+                fields.remove(HOST);
+                if answered.grpc {
+                    // The only TE HTTP/2 allows, and gRPC servers require it.
+                    fields.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+                    if let Some(deadline) = deadline {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        // Whole milliseconds, at least one (0 would mean expired).
+                        let millis = left.as_millis().clamp(1, 99_999_999);
+                        if let Ok(value) = HeaderValue::from_str(&format!("{millis}m")) {
+                            fields.insert("grpc-timeout", value);
+                        }
                     }
                 }
-                true
+                let outgoing = match (&in_hand, body.take()) {
+                    (Some(bytes), _) => Outgoing::Whole(bytes.clone()),
+                    (None, Some(body)) if !body.is_end_stream() => Outgoing::Stream(body),
+                    (None, _) => Outgoing::Empty,
+                };
+                let target = upstream_h2::Target {
+                    addr: backend.addr,
+                    tls: route.tls.as_ref().map(|tls| (tls, &stats.metrics.tls)),
+                    connect_timeout: route.connect_timeout,
+                    metrics: backend.stats.metrics.h2(),
+                };
+                Pending::H2 {
+                    target,
+                    head,
+                    outgoing,
+                }
             } else {
-                false
-            };
-            let sent = match (&tls_clients, http2) {
-                (Some(tls), true) => tls.grpc.request(upstream),
-                (Some(tls), false) => tls.http1.request(upstream),
-                (None, true) => clients.grpc.request(upstream),
-                (None, false) => clients.http1.request(upstream),
+                let Ok(uri) = Uri::try_from(format!("{scheme}://{}{path}", backend.addr)) else {
+                    backend.stats.leave();
+                    return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
+                };
+                let mut upstream = Request::builder()
+                    .method(parts.method.clone())
+                    .uri(uri)
+                    .body(match &in_hand {
+                        Some(bytes) => Full::new(bytes.clone())
+                            .map_err(|never| match never {})
+                            .boxed(),
+                        None => body.take().unwrap_or_else(empty),
+                    })
+                    .unwrap_or_else(|_| Request::new(empty()));
+                *upstream.headers_mut() = headers.clone();
+                Pending::Http1(match &tls_clients {
+                    Some(tls) => tls.http1.request(upstream),
+                    None => clients.http1.request(upstream),
+                })
             };
             let started = now_ns();
             let wait = match deadline {
@@ -891,7 +901,18 @@ impl H2Tls {
                     .min(deadline.saturating_duration_since(std::time::Instant::now())),
                 None => route.response_timeout,
             };
-            let result = tokio::time::timeout(wait, sent).await;
+            let result = match sent {
+                Pending::H2 {
+                    target,
+                    head,
+                    outgoing,
+                } => tokio::time::timeout(wait, upstream_h2::send(target, head, outgoing))
+                    .await
+                    .map(|r| r.map(|r| r.map(UpBody::H2)).map_err(UpError::H2)),
+                Pending::Http1(future) => tokio::time::timeout(wait, future)
+                    .await
+                    .map(|r| r.map(|r| r.map(UpBody::Http1)).map_err(UpError::Http1)),
+            };
             let now = now_ns();
             answered.upstream_ns = 0;
             match result {
@@ -959,31 +980,48 @@ impl H2Tls {
                 }
                 Ok(Err(e)) => {
                     backend.stats.leave();
-                    let ending = if slow.as_ref().is_some_and(|s| s.load(Relaxed)) {
-                        // The client's body fell below its pace: its fault,
-                        // not the endpoint's.
-                        Ending::SlowClient
-                    } else if e.is_connect() {
-                        backend.stats.metrics.connect_errors.inc();
-                        Ending::Unsent
-                    } else {
+                    let tls_failed = |e: &(dyn std::error::Error + 'static)| {
                         if let Some(tls) = route
                             .tls
                             .as_ref()
-                            .and_then(|_| crate::upstream_tls::tls_error(&e))
+                            .and_then(|_| crate::upstream_tls::tls_error(e))
                         {
                             stats.metrics.tls.handshake.inc();
                             tracing::warn!(service = %route.service, endpoint = %backend.addr, error = %tls, "upstream TLS failed after the handshake (switchyard_proxy_upstream_tls_failures_total)");
                         }
-                        // hyper never sent it (its pooled connection closed
-                        // first), or the endpoint refused the stream: nothing
-                        // reached the endpoint.
-                        if never_sent(&e) || refused(&e) {
-                            Ending::Unsent
-                        } else {
-                            Ending::Broken
+                    };
+                    let ending = if slow.as_ref().is_some_and(|s| s.load(Relaxed)) {
+                        // The client's body fell below its pace: its fault,
+                        // not the endpoint's.
+                        Ending::SlowClient
+                    } else {
+                        match &e {
+                            UpError::Http1(e) if e.is_connect() => {
+                                backend.stats.metrics.connect_errors.inc();
+                                Ending::Unsent
+                            }
+                            UpError::Http1(e) => {
+                                tls_failed(e);
+                                // hyper never sent it (its pooled connection
+                                // closed first): nothing reached the endpoint.
+                                if never_sent(e) {
+                                    Ending::Unsent
+                                } else {
+                                    Ending::Broken
+                                }
+                            }
+                            UpError::H2(Failure::Connect(_)) => {
+                                backend.stats.metrics.connect_errors.inc();
+                                Ending::Unsent
+                            }
+                            UpError::H2(Failure::Unsent(_)) => Ending::Unsent,
+                            UpError::H2(Failure::Broken(e)) => {
+                                tls_failed(e.as_ref());
+                                Ending::Broken
+                            }
                         }
                     };
+                    tracing::debug!(service = %route.service, endpoint = %backend.addr, error = %e, ?ending, "upstream request failed");
                     let verdict =
                         attempts.judge(ending, backend, &service.backends, &stats, &config, now);
                     if verdict == Judgement::Retry {
@@ -1048,18 +1086,68 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
         .is_some_and(hyper::Error::is_canceled)
 }
 
-/// The endpoint refused the stream (RST_STREAM or GOAWAY with
-/// REFUSED_STREAM): by RFC 9113 §8.7 it did not process the request, so any
-/// call with its body in hand may go elsewhere.
-fn refused(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(error) = source {
-        if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+/// An attempt on its way: over this thread's HTTP/2 pool, or hyper's
+/// HTTP/1.1 client. (One lives on the stack for one attempt: boxing the
+/// larger variant would cost an allocation per request.)
+#[allow(clippy::large_enum_variant)]
+enum Pending<'a> {
+    H2 {
+        target: upstream_h2::Target<'a>,
+        head: Request<()>,
+        outgoing: Outgoing,
+    },
+    Http1(hyper_util::client::legacy::ResponseFuture),
+}
+
+/// Why an attempt got no response, by the client that made it.
+#[derive(Debug)]
+enum UpError {
+    Http1(hyper_util::client::legacy::Error),
+    H2(Failure),
+}
+
+impl std::fmt::Display for UpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpError::Http1(e) => write!(f, "{e}"),
+            UpError::H2(e) => write!(f, "{}", e.error()),
         }
-        source = error.source();
     }
-    false
+}
+
+/// An endpoint's response body, by the client that received it.
+enum UpBody {
+    Http1(Incoming),
+    H2(upstream_h2::Incoming),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            UpBody::H2(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Http1(body) => body.is_end_stream(),
+            UpBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Http1(body) => body.size_hint(),
+            UpBody::H2(body) => body.size_hint(),
+        }
+    }
 }
 
 /// Largest request body `in_hand` takes whole.
@@ -1345,7 +1433,7 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// upgraded connections in a tunnel, which stays in flight on its endpoint
 /// until it closes or the endpoint's drain deadline cuts it.
 fn tunnel(
-    mut response: Response<Incoming>,
+    mut response: Response<UpBody>,
     client: hyper::upgrade::OnUpgrade,
     stats: Arc<EndpointStats>,
 ) -> Response<ProxyBody> {
@@ -1458,7 +1546,7 @@ fn upstream_headers(
 /// endpoint's drain deadline: a stream still open then (a gRPC stream, a
 /// long download) is reset and counted as cut.
 struct Tracked {
-    inner: Incoming,
+    inner: UpBody,
     stats: Option<Arc<EndpointStats>>,
     /// The endpoint's drain deadline, armed when the body first waits.
     cut: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
@@ -1542,7 +1630,6 @@ impl Body for Tracked {
             }
             return Poll::Pending;
         }
-        let polled = polled.map_err(BoxError::from);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(trailers) = frame.trailers_ref() {
                 self.judge(trailers);

@@ -34,6 +34,7 @@ mod splice;
 mod stats;
 mod tcp;
 mod tls;
+mod upstream_h2;
 mod upstream_tls;
 mod wire;
 

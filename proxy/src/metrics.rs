@@ -105,6 +105,7 @@ pub struct ProxyMetrics {
     tcp: IntCounterVec,
     drain_cuts: IntCounter,
     upstream_tls_failures: IntCounterVec,
+    h2: std::sync::Arc<H2Families>,
 }
 
 /// How an L4 connection ended.
@@ -159,6 +160,41 @@ pub(crate) struct EndpointMetrics {
     pub(crate) ejected: IntGauge,
     /// The agent-wide count of connections cut at a drain deadline.
     pub(crate) drain_cuts: IntCounter,
+    /// Its upstream HTTP/2 series, made at its first HTTP/2 connection
+    /// (endpoints only ever reached over HTTP/1.1 show none).
+    h2: std::sync::OnceLock<H2Metrics>,
+    h2_source: (std::sync::Arc<H2Families>, [Box<str>; 3]),
+}
+
+impl EndpointMetrics {
+    pub(crate) fn h2(&self) -> &H2Metrics {
+        self.h2.get_or_init(|| {
+            let (families, labels) = &self.h2_source;
+            let labels = [&*labels[0], &*labels[1], &*labels[2]];
+            H2Metrics {
+                connections: families.connections.with_label_values(&labels),
+                streams: families.streams.with_label_values(&labels),
+                goaways: families.goaways.with_label_values(&labels),
+            }
+        })
+    }
+}
+
+/// An endpoint's upstream HTTP/2 series.
+#[derive(Clone)]
+pub(crate) struct H2Metrics {
+    /// Connections open to it, over every proxy thread.
+    pub(crate) connections: IntGauge,
+    /// Streams open on those.
+    pub(crate) streams: IntGauge,
+    /// GOAWAYs it sent.
+    pub(crate) goaways: IntCounter,
+}
+
+struct H2Families {
+    connections: IntGaugeVec,
+    streams: IntGaugeVec,
+    goaways: IntCounterVec,
 }
 
 /// Handles for one service.
@@ -440,7 +476,34 @@ impl ProxyMetrics {
         registry.register(Box::new(spliced_bytes.clone()))?;
         registry.register(Box::new(relayed))?;
         registry.register(Box::new(http_sockets))?;
+        let h2 = H2Families {
+            connections: IntGaugeVec::new(
+                Opts::new(
+                    "switchyard_proxy_upstream_h2_connections",
+                    "HTTP/2 connections open to an endpoint (gRPC, h2c and h2 routes), over every proxy thread",
+                ),
+                &["service", "node", "endpoint"],
+            )?,
+            streams: IntGaugeVec::new(
+                Opts::new(
+                    "switchyard_proxy_upstream_h2_streams",
+                    "HTTP/2 streams open to an endpoint",
+                ),
+                &["service", "node", "endpoint"],
+            )?,
+            goaways: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_proxy_upstream_h2_goaways_received_total",
+                    "GOAWAYs an endpoint sent the proxy's HTTP/2 connections",
+                ),
+                &["service", "node", "endpoint"],
+            )?,
+        };
+        registry.register(Box::new(h2.connections.clone()))?;
+        registry.register(Box::new(h2.streams.clone()))?;
+        registry.register(Box::new(h2.goaways.clone()))?;
         Ok(ProxyMetrics {
+            h2: std::sync::Arc::new(h2),
             requests,
             in_flight,
             connect_errors,
@@ -499,6 +562,8 @@ impl ProxyMetrics {
             ejections: self.ejections.with_label_values(&[service, node, id]),
             ejected: self.ejected.with_label_values(&[service, node, id]),
             drain_cuts: self.drain_cuts.clone(),
+            h2: std::sync::OnceLock::new(),
+            h2_source: (self.h2.clone(), [service.into(), node.into(), id.into()]),
         }
     }
 
@@ -514,6 +579,12 @@ impl ProxyMetrics {
             .remove_label_values(&[service, node, id]);
         let _ = self.ejections.remove_label_values(&[service, node, id]);
         let _ = self.ejected.remove_label_values(&[service, node, id]);
+        let _ = self
+            .h2
+            .connections
+            .remove_label_values(&[service, node, id]);
+        let _ = self.h2.streams.remove_label_values(&[service, node, id]);
+        let _ = self.h2.goaways.remove_label_values(&[service, node, id]);
     }
 
     pub(crate) fn service(&self, service: &str) -> ServiceMetrics {

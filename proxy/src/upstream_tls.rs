@@ -123,18 +123,12 @@ impl UpstreamTls {
         })
     }
 
-    /// A connector for hyper's client: TCP as `http` connects, then TLS
-    /// offering `h2` or `http/1.1`.
-    pub(crate) fn connector(
-        &self,
-        http: HttpConnector,
-        h2: bool,
-        failures: Failures,
-    ) -> TlsConnect {
-        let config = if h2 { &self.h2 } else { &self.http1 };
+    /// A connector for hyper's HTTP/1.1 client: TCP as `http` connects,
+    /// then TLS offering `http/1.1`.
+    pub(crate) fn connector(&self, http: HttpConnector, failures: Failures) -> TlsConnect {
         TlsConnect {
             http,
-            tls: TlsConnector::from(config.clone()),
+            tls: TlsConnector::from(self.http1.clone()),
             name: self.name.clone(),
             failures,
         }
@@ -198,32 +192,56 @@ impl tower::Service<Uri> for TlsConnect {
         let failures = self.failures.clone();
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            let peer = tcp.peer_addr().ok();
-            match tls.connect(name, tcp).await {
-                Ok(stream) => Ok(TlsIo(TokioIo::new(stream))),
-                Err(e) => {
-                    let certificate = e
-                        .get_ref()
-                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                        .is_some_and(|e| {
-                            matches!(
-                                e,
-                                rustls::Error::InvalidCertificate(_)
-                                    | rustls::Error::NoCertificatesPresented
-                            )
-                        });
-                    let reason = if certificate {
-                        failures.certificate.inc();
-                        "certificate"
-                    } else {
-                        failures.handshake.inc();
-                        "handshake"
-                    };
-                    tracing::warn!(service = %failures.service, ?peer, reason, error = %e, "upstream TLS handshake failed (switchyard_proxy_upstream_tls_failures_total)");
-                    Err(Box::new(e) as BoxError)
-                }
-            }
+            let stream = handshake(&tls, name, tcp, &failures).await?;
+            Ok(TlsIo(TokioIo::new(stream)))
         })
+    }
+}
+
+impl UpstreamTls {
+    /// TLS over `tcp` offering only `h2` (the HTTP/2 pool's connections).
+    pub(crate) async fn handshake_h2(
+        &self,
+        tcp: TcpStream,
+        failures: &Failures,
+    ) -> Result<TlsStream<TcpStream>, BoxError> {
+        let tls = TlsConnector::from(self.h2.clone());
+        handshake(&tls, self.name.clone(), tcp, failures).await
+    }
+}
+
+/// The TLS handshake over `tcp`; a failure is counted and logged, as a
+/// certificate that did not verify or as any other handshake failure.
+async fn handshake(
+    tls: &TlsConnector,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+    failures: &Failures,
+) -> Result<TlsStream<TcpStream>, BoxError> {
+    let peer = tcp.peer_addr().ok();
+    match tls.connect(name, tcp).await {
+        Ok(stream) => Ok(stream),
+        Err(e) => {
+            let certificate = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| {
+                    matches!(
+                        e,
+                        rustls::Error::InvalidCertificate(_)
+                            | rustls::Error::NoCertificatesPresented
+                    )
+                });
+            let reason = if certificate {
+                failures.certificate.inc();
+                "certificate"
+            } else {
+                failures.handshake.inc();
+                "handshake"
+            };
+            tracing::warn!(service = %failures.service, ?peer, reason, error = %e, "upstream TLS handshake failed (switchyard_proxy_upstream_tls_failures_total)");
+            Err(Box::new(e) as BoxError)
+        }
     }
 }
 

@@ -132,10 +132,11 @@ impl Backend {
 }
 
 impl Backend {
-    /// Closes the listener and every connection.
+    /// Closes the listener and every connection, as a killed process's
+    /// kernel would: every socket is closed when this returns.
     fn kill(&mut self) {
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
         }
     }
 }
@@ -531,8 +532,10 @@ fn a_killed_backend_fails_no_unary_call() {
         }
         statuses
     });
+    // The first call after the kill too: its pooled connection is found
+    // ended before a stream is written to it.
     assert!(
-        statuses[1..]
+        statuses
             .iter()
             .all(|(status, by)| status == "0" && by == "k2"),
         "{statuses:?}"
@@ -1287,4 +1290,193 @@ fn a_call_in_progress_at_sigterm_finishes() {
     assert_eq!(answer.body, framed(b"take it slow"));
     let exit = agent.wait_exit(std::time::Duration::from_secs(20));
     assert!(exit.success(), "SIGTERM exits 0: {exit:?}");
+}
+
+/// A raw gRPC-shaped h2c server: each connection allows `max_streams`
+/// streams at once (`None`: h2's default, unlimited); each call is held
+/// `hold`, then its message is echoed with `grpc-status: 0`. With `goaway`,
+/// the first connection takes its first stream, reads nothing more for
+/// `hold`, then sends a GOAWAY (NO_ERROR, last stream id: that one's) and
+/// closes, that stream unanswered (it may have been processed: not to be
+/// sent again); the streams sent meanwhile are above the last id.
+/// Counts connections and calls answered.
+fn raw_server(
+    max_streams: Option<u32>,
+    hold: std::time::Duration,
+    goaway: bool,
+) -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::runtime::Runtime,
+) {
+    async fn answer(
+        request: hyper::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        hold: std::time::Duration,
+    ) {
+        let mut body = request.into_body();
+        let mut got = Vec::new();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        tokio::time::sleep(hold).await;
+        let mut response = hyper::Response::new(());
+        response.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("application/grpc"),
+        );
+        let Ok(mut send) = respond.send_response(response, false) else {
+            return;
+        };
+        let _ = send.send_data(Bytes::from(got), false);
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+        let _ = send.send_trailers(trailers);
+    }
+    let connections = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (opened, done) = (connections.clone(), answered.clone());
+    let once = Arc::new(std::sync::atomic::AtomicBool::new(goaway));
+    let (addr, runtime) = serve_loopback(move |stream| {
+        let (opened, done, once) = (opened.clone(), done.clone(), once.clone());
+        async move {
+            let mut builder = h2::server::Builder::new();
+            if let Some(max) = max_streams {
+                builder.max_concurrent_streams(max);
+            }
+            let Ok(mut connection) = builder.handshake::<_, Bytes>(stream).await else {
+                return;
+            };
+            opened.fetch_add(1, Ordering::SeqCst);
+            if once.swap(false, Ordering::SeqCst) {
+                let Some(Ok((request, respond))) = connection.accept().await else {
+                    return;
+                };
+                // Nothing more is read while the first call is held: the
+                // streams sent meanwhile are above the GOAWAY's last id.
+                tokio::time::sleep(hold).await;
+                connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+                drop((request, respond));
+                let _ = std::future::poll_fn(|cx| connection.poll_closed(cx)).await;
+                return;
+            }
+            while let Some(Ok((request, respond))) = connection.accept().await {
+                let done = done.clone();
+                tokio::spawn(async move {
+                    answer(request, respond, hold).await;
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        }
+    });
+    (addr, connections, answered, runtime)
+}
+
+/// `n` concurrent calls on `sender`'s client connection, each its own
+/// task: the grpc-status of each (with its grpc-message if any), in order.
+async fn calls_on(
+    sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    n: usize,
+) -> Vec<String> {
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let done = call(&sender, "grpc.test", format!("c{i}").as_bytes()).await;
+                let status = done.meta.get("grpc-status").cloned().unwrap_or_default();
+                match done.meta.get("grpc-message") {
+                    Some(message) => format!("{status}: {message}"),
+                    None => status,
+                }
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.expect("call task"));
+    }
+    statuses
+}
+
+/// An endpoint that allows two streams per connection: eight concurrent
+/// calls open more connections to it instead of queueing on one, and the
+/// per-endpoint HTTP/2 gauges show them (streams back to 0 when done).
+#[test]
+fn calls_beyond_an_endpoints_stream_limit_open_more_connections() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n");
+    let c = agent.client();
+    let (addr, connections, answered, _runtime) =
+        raw_server(Some(2), std::time::Duration::from_millis(300), false);
+    place_ports(&c, "echo", &[("lim", addr.port())], &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let statuses = runtime.block_on(async {
+        let (sender, _) = crate::support::h2c(agent.http).await;
+        calls_on(&sender, 8).await
+    });
+    assert!(statuses.iter().all(|s| s == "0"), "{statuses:?}");
+    assert_eq!(answered.load(Ordering::SeqCst), 8);
+    let opened = connections.load(Ordering::SeqCst);
+    assert!(
+        opened >= 3,
+        "8 concurrent calls at 2 streams per connection went over {opened} connection(s)"
+    );
+    let labels = "{endpoint=\"lim\",node=\"n1\",service=\"echo\"}";
+    let gauge = c
+        .metric(&format!("switchyard_proxy_upstream_h2_connections{labels}"))
+        .unwrap_or(0.0);
+    assert!(gauge >= 3.0, "upstream_h2_connections = {gauge}");
+    crate::support::eventually("streams closed", std::time::Duration::from_secs(5), || {
+        (c.metric(&format!("switchyard_proxy_upstream_h2_streams{labels}")) == Some(0.0))
+            .then_some(())
+    });
+}
+
+/// An endpoint that sends a GOAWAY while calls are on their way and
+/// closes: the calls above its last stream id, which it never took, are
+/// sent again on a new connection and none fails; the call at the last id
+/// (it may have been processed) is not sent again. The GOAWAY is counted.
+#[test]
+fn calls_above_a_goaways_last_stream_id_are_sent_again() {
+    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n");
+    let c = agent.client();
+    let (addr, connections, answered, _runtime) =
+        raw_server(None, std::time::Duration::from_millis(300), true);
+    place_ports(&c, "echo", &[("away", addr.port())], &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (first, others) = runtime.block_on(async {
+        let (sender, _) = crate::support::h2c(agent.http).await;
+        // The first call opens the connection and is held there...
+        let first = {
+            let sender = sender.clone();
+            tokio::spawn(async move { call(&sender, "grpc.test", b"first").await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // ...while these go out on the same upstream connection, unread.
+        let others = calls_on(&sender, 4).await;
+        (first.await.expect("first call"), others)
+    });
+    assert!(others.iter().all(|s| s == "0"), "{others:?}");
+    assert_eq!(
+        first.meta.get("grpc-status").map(String::as_str),
+        Some("14"),
+        "the call the endpoint may have taken fails, not sent twice: {:?}",
+        first.meta
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 4);
+    assert!(connections.load(Ordering::SeqCst) >= 2);
+    let labels = "{endpoint=\"away\",node=\"n1\",service=\"echo\"}";
+    let goaways = c
+        .metric(&format!(
+            "switchyard_proxy_upstream_h2_goaways_received_total{labels}"
+        ))
+        .unwrap_or(0.0);
+    assert!(goaways >= 1.0, "GOAWAYs received: {goaways}");
 }
