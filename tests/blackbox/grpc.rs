@@ -936,7 +936,7 @@ fn grpc_web_binary_and_text_pass_and_cors_is_answered() {
 
 /// A plain HTTP/2-only (h2c) server: answers every request with the
 /// protocol it arrived in and its path.
-fn h2c_server() -> (SocketAddr, tokio::runtime::Runtime) {
+pub(crate) fn h2c_server() -> (SocketAddr, tokio::runtime::Runtime) {
     let (addr, runtime) = serve_loopback(move |stream| async move {
         let service = hyper::service::service_fn(
             |request: hyper::Request<hyper::body::Incoming>| async move {

@@ -169,15 +169,19 @@ fn every_metric_the_grafana_dashboard_and_the_docs_name_exists() {
     let not_metrics = ["switchyard_proxy", "switchyard_registry", "switchyard_"];
 
     // An agent with something of each kind: a routed service with traffic,
-    // an L4 listener, a DNS query, a write.
+    // one reached over HTTP/2, an L4 listener, a DNS query, a write.
     let (agent, _dir) = agent_with(
         "[[http.routes]]\nhost = \"m.test\"\nservice = \"web\"\n\
+         [[http.routes]]\nhost = \"h2.test\"\nservice = \"web2\"\nupstream_protocol = \"h2c\"\n\
          [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n",
     );
     let c = agent.client();
     let up = crate::proxy::Upstream::start("m1");
     crate::proxy::register(&c, "web", &[&up], &[]);
     assert_eq!(get(agent.http, "m.test", "/").status, 200);
+    let (h2, _h2_runtime) = crate::grpc::h2c_server();
+    crate::grpc::place_ports(&c, "web2", &[("h2", h2.port())], &[]);
+    assert_eq!(get(agent.http, "h2.test", "/").status, 200);
     let _ = udp(agent.dns, "web.service.consul", RecordType::A);
     // A refused write.
     assert_eq!(c.put("/v1/agent/check/pass/no-such-check", "").status, 404);
