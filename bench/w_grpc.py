@@ -11,7 +11,9 @@ itself), HAProxy (:18097, `proto h2` on both sides), nginx (:18096,
 reported: median calls/s, CPU µs per call, paired ratios. h2load checks
 the HTTP status only, not `grpc-status` in the trailers.
 
-Usage: bench/w_grpc.py [--rounds 7] [--seconds 6]
+Usage: bench/w_grpc.py [--rounds 7] [--seconds 6] [--baseline BINARY]
+   (--baseline: another Switchyard build as one more candidate, :18081,
+   for an A/B in the same rounds)
    (after cargo build --release -p switchyard -p switchyard-bench)
 Needs: apt-get install -y nginx haproxy nghttp2-client
 """
@@ -33,7 +35,7 @@ from peers import require_binary, spawn, stop_all
 from procstat import cpu_seconds, session_pids
 
 GRPC = [18091, 18092, 18093]
-PORTS = {"switchyard": 18080, "haproxy": 18097, "nginx": 18096, "direct": 18091}
+PORTS = {"switchyard": 18080, "haproxy": 18097, "nginx": 18096, "direct": 18091, "baseline": 18081}
 
 
 def start_grpc_backends(bench):
@@ -75,9 +77,9 @@ def start_nginx(work):
     location / {{ grpc_pass grpc://grpcs; }} }} }}""")
 
 
-def start_switchyard(work, binary):
+def start_switchyard(work, binary, name="switchyard"):
     proc, ready = peers.start_switchyard(work, binary, '[[http.routes]]\nservice = "echo"\n',
-                                         ["--http-addr", f"127.0.0.1:{PORTS['switchyard']}"],
+                                         ["--http-addr", f"127.0.0.1:{PORTS[name]}"],
                                          register=False)
     endpoints = [{"node": "bench", "service": "echo", "id": f"g{p}", "address": "127.0.0.1", "port": p}
                  for p in GRPC]
@@ -106,6 +108,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--binary", default="target/release/switchyard")
     parser.add_argument("--bench", default="target/release/switchyard-bench")
+    parser.add_argument("--baseline", help="another Switchyard build, run as candidate 'baseline'")
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "h2load"):
         if not shutil.which(tool):
@@ -120,6 +123,11 @@ def main():
     procs = {"switchyard": start_switchyard(work, args.binary), "haproxy": start_haproxy(work),
              "nginx": start_nginx(work)}
     names = ["switchyard", "haproxy", "nginx", "direct"]
+    if args.baseline:
+        require_binary(args.baseline)
+        os.mkdir(os.path.join(work, "baseline"))
+        procs["baseline"] = start_switchyard(os.path.join(work, "baseline"), args.baseline, "baseline")
+        names.insert(1, "baseline")
     try:
         time.sleep(1)
         for name in names:
