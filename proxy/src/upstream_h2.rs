@@ -219,7 +219,14 @@ fn open(key: Key, target: &Target<'_>) -> watch::Receiver<Option<Result<Ready, S
         .map(|(tls, failures)| (tls.clone(), failures.clone()));
     let timeout = target.connect_timeout;
     let metrics = target.metrics.clone();
+    let leave = Leave {
+        key,
+        opened: opened.clone(),
+        state: None,
+    };
     tokio::spawn(async move {
+        // Whole, so it drops (and leaves the pool) when the task ends.
+        let mut leave = leave;
         let goaway_last = Arc::new(AtomicU32::new(u32::MAX));
         let connecting = connect(addr, tls, goaway_last.clone());
         let io = match tokio::time::timeout(timeout, connecting).await {
@@ -282,6 +289,7 @@ fn open(key: Key, target: &Target<'_>) -> watch::Receiver<Option<Result<Ready, S
             goaway: AtomicBool::new(false),
             goaway_last,
         });
+        leave.state = Some(state.clone());
         let _ = settle.send(Some(Ok(Ready {
             send,
             state: state.clone(),
@@ -302,6 +310,37 @@ fn open(key: Key, target: &Target<'_>) -> watch::Receiver<Option<Result<Ready, S
         }
     });
     opened
+}
+
+/// Takes a connection's slot out of this thread's pool when its task ends
+/// (an endpoint that is gone leaves nothing behind).
+struct Leave {
+    key: Key,
+    opened: watch::Receiver<Option<Result<Ready, String>>>,
+    state: Option<Arc<ConnState>>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let _ = POOL.try_with(|pool| {
+            let Ok(mut pool) = pool.try_borrow_mut() else {
+                return;
+            };
+            let Some(slots) = pool.get_mut(&self.key) else {
+                return;
+            };
+            slots.retain(|slot| match slot {
+                Slot::Connecting(opened) => !opened.same_channel(&self.opened),
+                Slot::Ready(ready) => !self
+                    .state
+                    .as_ref()
+                    .is_some_and(|state| Arc::ptr_eq(state, &ready.state)),
+            });
+            if slots.is_empty() {
+                pool.remove(&self.key);
+            }
+        });
+    }
 }
 
 /// How a connection ended.
@@ -805,6 +844,61 @@ mod tests {
             // The reserved bit is not part of the id.
             assert_eq!(frames.goaway_last.load(Relaxed), 3, "reads of {cut} bytes");
         }
+    }
+
+    /// A connection's slot is in this thread's pool while it is open, and
+    /// gone (gauges back to 0) once the endpoint closes it.
+    #[test]
+    fn a_closed_connection_leaves_the_pool() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let mut connection = h2::server::handshake(tcp).await.expect("handshake");
+                if let Some(Ok((_, mut respond))) = connection.accept().await {
+                    let _ = respond.send_response(Response::new(()), true);
+                }
+                // Answered; then the connection is dropped: closed.
+                let _ = tokio::time::timeout(Duration::from_millis(50), connection.accept()).await;
+            });
+            let metrics = crate::metrics::ProxyMetrics::new(&prometheus::Registry::new())
+                .expect("metrics")
+                .endpoint("svc", "node", "ep");
+            let h2 = metrics.h2();
+            let target = Target {
+                addr,
+                tls: None,
+                connect_timeout: Duration::from_secs(2),
+                metrics: h2,
+            };
+            let request = Request::builder()
+                .uri(format!("http://{addr}/"))
+                .body(())
+                .expect("request");
+            let response = send(target, request, Outgoing::Empty)
+                .await
+                .expect("answered");
+            assert_eq!(response.status(), 200);
+            drop(response);
+            let key = Key { addr, tls: 0 };
+            let slots = || POOL.with(|pool| pool.borrow().get(&key).map_or(0, Vec::len));
+            assert_eq!(slots(), 1);
+            assert_eq!(h2.connections.get(), 1);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while slots() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(slots(), 0, "the closed connection left the pool");
+            assert_eq!(h2.connections.get(), 0);
+            assert_eq!(h2.streams.get(), 0);
+        });
     }
 
     #[test]
