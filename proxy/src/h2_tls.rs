@@ -35,7 +35,7 @@ use crate::backend::{ProxyDecorator, ProxyService};
 use crate::conn::Pace;
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::grpc_web;
-use crate::metrics::{GoAway, Reject};
+use crate::metrics::Reject;
 use crate::shared::Shared;
 use crate::stats::{now_ns, EndpointStats};
 use crate::upstream_h2::{self, Failure, Outgoing};
@@ -50,7 +50,7 @@ pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 /// a head that has begun ([`Heads`]) gets `header_timeout` from its first
 /// byte (hyper's own header timeout runs from the end of the last response,
 /// so it would cut idle keep-alive connections at `header_timeout`).
-struct Activity {
+pub(crate) struct Activity {
     start: std::time::Instant,
     open: std::sync::atomic::AtomicUsize,
     /// Milliseconds from `start` to the moment `open` last fell to zero.
@@ -78,7 +78,7 @@ impl Activity {
 
     /// Resolves once the connection has been idle, or in a head, past its
     /// limit.
-    async fn idle(&self, first: Duration, between: Duration) {
+    pub(crate) async fn idle(&self, first: Duration, between: Duration) {
         loop {
             let quiet = self.quiet.notified();
             if self.open.load(Relaxed) > 0 {
@@ -167,10 +167,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Heads<I> {
 }
 
 /// One exchange in progress (request in, response body not all sent).
-struct Exchange(Arc<Activity>);
+pub(crate) struct Exchange(Arc<Activity>);
 
 impl Exchange {
-    fn begin(activity: &Arc<Activity>) -> Exchange {
+    pub(crate) fn begin(activity: &Arc<Activity>) -> Exchange {
         activity.served.store(true, Relaxed);
         activity.head_since.store(NO_HEAD, Relaxed);
         activity.open.fetch_add(1, Relaxed);
@@ -217,7 +217,7 @@ impl Body for Sent {
 
 /// The hyper side of the proxy (HTTP/2 and TLS), one per proxy thread.
 pub(crate) struct H2Tls {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     backends: ExtraKey<ProxyDecorator>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     /// The upstream clients of the `connect_timeout` in force at start.
@@ -425,40 +425,8 @@ impl H2Tls {
             let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first.notified()).await;
         };
         if http2 {
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(io), service);
-            let mut connection = std::pin::pin!(connection);
-            let config = self.shared.config.load_full();
-            let idle = activity.idle(config.header_timeout, config.idle_timeout);
-            let age = config.h2.max_connection_age;
-            let aged = async {
-                match age.is_zero() {
-                    true => std::future::pending().await,
-                    false => tokio::time::sleep(age).await,
-                }
-            };
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = aged => {
-                    // GOAWAY: the streams in progress finish within the
-                    // shutdown grace; the client reconnects for new ones.
-                    self.shared.metrics.goaway(GoAway::MaxAge);
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(config.shutdown_grace, connection).await;
-                }
-                _ = idle => {
-                    // GOAWAY, and a PING whose answer ends the connection;
-                    // a client that does not answer is cut after header_timeout.
-                    self.shared.metrics.goaway(GoAway::Idle);
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(config.header_timeout, connection).await;
-                }
-                _ = stop => {
-                    self.shared.metrics.goaway(GoAway::Shutdown);
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
+            let first = first.clone();
+            crate::h2_server::serve(self.clone(), io, peer, proto, stop, first, activity).await;
         } else {
             // hyper's header timeout would run from the last response's end
             // and cut idle keep-alive connections: `Activity` keeps both
@@ -487,12 +455,16 @@ impl H2Tls {
     }
 
     /// One request, and its access log line when logging is on.
-    async fn handle(
+    pub(crate) async fn handle<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         peer: IpAddr,
         proto: &'static str,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
         access::configure(self.shared.config.load().access_log.as_deref());
         let mut answered = Answered::default();
         let web = grpc_web::kind(request.headers());
@@ -547,14 +519,18 @@ impl H2Tls {
     /// Forwards a request and shapes the answer: gRPC calls get gRPC
     /// answers from the proxy too, gRPC-Web goes upstream as gRPC and comes
     /// back as gRPC-Web, and a gRPC-Web route's answers name the origin.
-    async fn exchange(
+    async fn exchange<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         web: Option<(grpc_web::Web, Box<str>)>,
         peer: IpAddr,
         proto: &'static str,
         answered: &mut Answered,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
         let mut response = match web {
             None => {
                 let response = self.forward(request, peer, proto, answered).await;
