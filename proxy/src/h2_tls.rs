@@ -658,7 +658,7 @@ impl H2Tls {
             request.version() == hyper::Version::HTTP_11 && wants_upgrade(request.headers());
         let mut request = request;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let idempotent = wire::idempotent(parts.method.as_str());
         let mut replayable = body.is_end_stream();
         // A body without a declared length is cut at the limit: the upstream
@@ -717,7 +717,17 @@ impl H2Tls {
             .or_else(|| parts.headers.get(HOST).and_then(|v| v.to_str().ok()))
             .unwrap_or(&host)
             .to_string();
-        let mut headers = upstream_headers(&parts.headers, &authority, peer, proto, rng.u64(..));
+        let upgrade_to = parts.headers.get(hyper::header::UPGRADE).cloned();
+        // A gRPC call's deadline (`grpc-timeout`) bounds the wait for its
+        // answer, and each attempt tells the endpoint what is left of it.
+        let deadline = answered
+            .grpc
+            .then(|| parts.headers.get("grpc-timeout"))
+            .flatten()
+            .and_then(|v| grpc_timeout(v.as_bytes()))
+            .map(|left| std::time::Instant::now() + left);
+        let received = std::mem::take(&mut parts.headers);
+        let mut headers = upstream_headers(received, &authority, peer, proto, rng.u64(..));
         if answered.logging {
             answered.request_id = headers
                 .get("x-request-id")
@@ -730,8 +740,8 @@ impl H2Tls {
                 hyper::header::CONNECTION,
                 HeaderValue::from_static("upgrade"),
             );
-            if let Some(value) = parts.headers.get(hyper::header::UPGRADE) {
-                headers.insert(hyper::header::UPGRADE, value.clone());
+            if let Some(value) = upgrade_to {
+                headers.insert(hyper::header::UPGRADE, value);
             }
         }
         let mut client_upgrade = client_upgrade;
@@ -740,14 +750,6 @@ impl H2Tls {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        // A gRPC call's deadline (`grpc-timeout`) bounds the wait for its
-        // answer, and each attempt tells the endpoint what is left of it.
-        let deadline = answered
-            .grpc
-            .then(|| parts.headers.get("grpc-timeout"))
-            .flatten()
-            .and_then(|v| grpc_timeout(v.as_bytes()))
-            .map(|left| std::time::Instant::now() + left);
         let clients = self.clients(route.connect_timeout);
         let tls_clients = route
             .tls
@@ -805,34 +807,10 @@ impl H2Tls {
             let sent = if http2 {
                 // `:authority` is the client's (a gRPC server may route on
                 // it); HTTP/2 carries no Host.
-                let target = format!("{scheme}://{authority}{path}");
-                let uri = Uri::try_from(target)
-                    .or_else(|_| Uri::try_from(format!("{scheme}://{}{path}", backend.addr)));
-                let Ok(uri) = uri else {
+                let Some(uri) = h2_uri(&parts.uri, scheme, &authority, backend.addr) else {
                     backend.stats.leave();
                     return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
                 };
-                let mut head = Request::builder()
-                    .method(parts.method.clone())
-                    .uri(uri)
-                    .version(hyper::Version::HTTP_2)
-                    .body(())
-                    .unwrap_or_else(|_| Request::new(()));
-                let fields = head.headers_mut();
-                *fields = headers.clone();
-                fields.remove(HOST);
-                if answered.grpc {
-                    // The only TE HTTP/2 allows, and gRPC servers require it.
-                    fields.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
-                    if let Some(deadline) = deadline {
-                        let left = deadline.saturating_duration_since(std::time::Instant::now());
-                        // Whole milliseconds, at least one (0 would mean expired).
-                        let millis = left.as_millis().clamp(1, 99_999_999);
-                        if let Ok(value) = HeaderValue::from_str(&format!("{millis}m")) {
-                            fields.insert("grpc-timeout", value);
-                        }
-                    }
-                }
                 let outgoing = match (&in_hand, body.take()) {
                     (Some(bytes), _) => Outgoing::Whole(bytes.clone()),
                     (None, Some(body)) if !body.is_end_stream() => Outgoing::Stream(body),
@@ -846,7 +824,7 @@ impl H2Tls {
                 };
                 Pending::H2 {
                     target,
-                    head,
+                    uri,
                     outgoing,
                 }
             } else {
@@ -880,11 +858,15 @@ impl H2Tls {
             let result = match sent {
                 Pending::H2 {
                     target,
-                    head,
+                    uri,
                     outgoing,
-                } => tokio::time::timeout(wait, upstream_h2::send(target, head, outgoing))
-                    .await
-                    .map(|r| r.map(|r| r.map(UpBody::H2)).map_err(UpError::H2)),
+                } => {
+                    let grpc = answered.grpc;
+                    let head = || h2_head(&parts.method, &uri, &headers, grpc, deadline);
+                    tokio::time::timeout(wait, upstream_h2::send(target, &head, outgoing))
+                        .await
+                        .map(|r| r.map(|r| r.map(UpBody::H2)).map_err(UpError::H2))
+                }
                 Pending::Http1(future) => tokio::time::timeout(wait, future)
                     .await
                     .map(|r| r.map(|r| r.map(UpBody::Http1)).map_err(UpError::Http1)),
@@ -1069,7 +1051,7 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
 enum Pending<'a> {
     H2 {
         target: upstream_h2::Target<'a>,
-        head: Request<()>,
+        uri: Uri,
         outgoing: Outgoing,
     },
     Http1(hyper_util::client::legacy::ResponseFuture),
@@ -1451,7 +1433,59 @@ pub(crate) fn answer(status: StatusCode, text: String) -> Response<ProxyBody> {
     response
 }
 
+/// The upstream URI of an HTTP/2 attempt: the client's path, its
+/// `authority` (else the endpoint's address), `scheme`.
+fn h2_uri(client: &Uri, scheme: &str, authority: &str, addr: std::net::SocketAddr) -> Option<Uri> {
+    let mut parts = client.clone().into_parts();
+    parts.scheme = Some(match scheme {
+        "https" => hyper::http::uri::Scheme::HTTPS,
+        _ => hyper::http::uri::Scheme::HTTP,
+    });
+    if parts.authority.is_none() {
+        parts.authority = authority.parse().or_else(|_| addr.to_string().parse()).ok();
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).ok()
+}
+
+/// The head of an HTTP/2 attempt (made again if it must be sent again): a
+/// gRPC call carries `te: trailers` (the only TE HTTP/2 allows, which gRPC
+/// servers require) and what is left of its deadline.
+fn h2_head(
+    method: &hyper::Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    grpc: bool,
+    deadline: Option<std::time::Instant>,
+) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = method.clone();
+    *head.uri_mut() = uri.clone();
+    *head.version_mut() = hyper::Version::HTTP_2;
+    let fields = head.headers_mut();
+    *fields = headers.clone();
+    fields.remove(HOST);
+    if grpc {
+        fields.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // Whole milliseconds, at least one (0 would mean expired).
+            let millis = left.as_millis().clamp(1, 99_999_999);
+            if let Ok(value) = HeaderValue::from_str(&format!("{millis}m")) {
+                fields.insert("grpc-timeout", value);
+            }
+        }
+    }
+    head
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Nearly always there is none (HTTP/2 forbids them): no allocation then.
+    if !headers.keys().any(|name| wire::hop_by_hop(name.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()
@@ -1472,47 +1506,96 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The request headers sent upstream: hop-by-hop ones dropped, `Host` from
-/// the request's authority (port included), forwarding headers added to
-/// what earlier proxies set (as the HTTP/1.1 path does), a request id added.
+/// This hop's forwarding values for one client, host and scheme: the same
+/// for every request of a connection, so each thread keeps the last ones.
+struct Hop {
+    peer: IpAddr,
+    host: Box<str>,
+    proto: &'static str,
+    host_value: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+}
+
+impl Hop {
+    fn new(peer: IpAddr, host: &str, proto: &'static str) -> Hop {
+        let peer_text = peer.to_string();
+        let for_value = match peer {
+            IpAddr::V4(_) => peer_text.clone(),
+            IpAddr::V6(_) => format!("\"[{peer_text}]\""),
+        };
+        let forwarded = format!("for={for_value};host=\"{host}\";proto={proto}");
+        Hop {
+            peer,
+            host: host.into(),
+            proto,
+            host_value: HeaderValue::from_str(host).ok(),
+            forwarded_for: HeaderValue::from_str(&peer_text).ok(),
+            forwarded: HeaderValue::from_str(&forwarded).ok(),
+        }
+    }
+}
+
+thread_local! {
+    static LAST_HOP: std::cell::RefCell<Option<Hop>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The request headers sent upstream (`received`, moved): hop-by-hop ones
+/// dropped, `Host` from the request's authority (port included), forwarding
+/// headers added to what earlier proxies set (as the HTTP/1.1 path does), a
+/// request id added.
 fn upstream_headers(
-    received: &HeaderMap,
+    received: HeaderMap,
     host: &str,
     peer: IpAddr,
-    proto: &str,
+    proto: &'static str,
     id: u64,
 ) -> HeaderMap {
-    let mut headers = received.clone();
+    let mut headers = received;
     strip_hop_by_hop(&mut headers);
-    let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
-        }
+    let (host_value, mut forwarded_for, mut forwarded) = LAST_HOP.with(|last| {
+        let mut last = last.borrow_mut();
+        let hop = match last.as_mut() {
+            Some(hop) if hop.peer == peer && hop.proto == proto && *hop.host == *host => hop,
+            _ => last.insert(Hop::new(peer, host, proto)),
+        };
+        (
+            hop.host_value.clone(),
+            hop.forwarded_for.clone(),
+            hop.forwarded.clone(),
+        )
+    });
+    // Appended to what earlier proxies set.
+    let earlier = |headers: &HeaderMap, name: &str, this: &Option<HeaderValue>| {
+        let earlier = headers.get(name)?.to_str().ok()?;
+        let this = this.as_ref()?.to_str().ok()?;
+        HeaderValue::from_str(&format!("{earlier}, {this}")).ok()
     };
-    set(&mut headers, "host", host);
-    let peer_text = peer.to_string();
-    let forwarded_for = match received
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(earlier) => format!("{earlier}, {peer_text}"),
-        None => peer_text.clone(),
-    };
-    set(&mut headers, "x-forwarded-for", &forwarded_for);
-    set(&mut headers, "x-forwarded-proto", proto);
-    set(&mut headers, "x-forwarded-host", host);
-    let for_value = match peer {
-        IpAddr::V4(_) => peer_text,
-        IpAddr::V6(_) => format!("\"[{peer_text}]\""),
-    };
-    let this_hop = format!("for={for_value};host=\"{host}\";proto={proto}");
-    let forwarded = match received.get("forwarded").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {this_hop}"),
-        None => this_hop,
-    };
-    set(&mut headers, "forwarded", &forwarded);
+    if let Some(both) = earlier(&headers, "x-forwarded-for", &forwarded_for) {
+        forwarded_for = Some(both);
+    }
+    if let Some(both) = earlier(&headers, "forwarded", &forwarded) {
+        forwarded = Some(both);
+    }
+    if let Some(value) = host_value {
+        headers.insert(HOST, value.clone());
+        headers.insert("x-forwarded-host", value);
+    }
+    if let Some(value) = forwarded_for {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Some(value) = forwarded {
+        headers.insert("forwarded", value);
+    }
     if !headers.contains_key("x-request-id") {
-        set(&mut headers, "x-request-id", &format!("{id:016x}"));
+        let mut hex = [0u8; 16];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = b"0123456789abcdef"[((id >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        if let Ok(value) = HeaderValue::from_bytes(&hex) {
+            headers.insert("x-request-id", value);
+        }
     }
     headers
 }
@@ -1683,6 +1766,75 @@ impl AsyncWrite for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The forwarding headers: this hop appended to earlier ones, per
+    /// client and host (the per-thread copy of the last ones never leaks
+    /// into another client's), hop-by-hop dropped, a request id kept or made.
+    #[test]
+    fn upstream_headers_append_this_hop_for_each_client() {
+        let v4: IpAddr = "192.0.2.7".parse().expect("ip");
+        let v6: IpAddr = "2001:db8::1".parse().expect("ip");
+        let mut received = HeaderMap::new();
+        received.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        received.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
+        received.insert("connection", HeaderValue::from_static("x-hop"));
+        received.insert("x-hop", HeaderValue::from_static("1"));
+        received.insert("x-request-id", HeaderValue::from_static("given"));
+        let sent = upstream_headers(received, "a.test:8080", v4, "https", 0xabc);
+        let get =
+            |h: &HeaderMap, name: &str| h.get(name).map(|v| v.to_str().expect("text").to_string());
+        assert_eq!(get(&sent, "host").as_deref(), Some("a.test:8080"));
+        assert_eq!(
+            get(&sent, "x-forwarded-for").as_deref(),
+            Some("10.0.0.1, 192.0.2.7")
+        );
+        assert_eq!(
+            get(&sent, "forwarded").as_deref(),
+            Some("for=10.0.0.1, for=192.0.2.7;host=\"a.test:8080\";proto=https")
+        );
+        assert_eq!(get(&sent, "x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(get(&sent, "x-request-id").as_deref(), Some("given"));
+        assert!(!sent.contains_key("connection") && !sent.contains_key("x-hop"));
+        for (peer, host, proto, xff, fwd) in [
+            (
+                v4,
+                "a.test",
+                "http",
+                "192.0.2.7",
+                "for=192.0.2.7;host=\"a.test\";proto=http",
+            ),
+            (
+                v6,
+                "a.test",
+                "http",
+                "2001:db8::1",
+                "for=\"[2001:db8::1]\";host=\"a.test\";proto=http",
+            ),
+            (
+                v6,
+                "b.test",
+                "http",
+                "2001:db8::1",
+                "for=\"[2001:db8::1]\";host=\"b.test\";proto=http",
+            ),
+            (
+                v4,
+                "a.test",
+                "http",
+                "192.0.2.7",
+                "for=192.0.2.7;host=\"a.test\";proto=http",
+            ),
+        ] {
+            let sent = upstream_headers(HeaderMap::new(), host, peer, proto, 0x1f);
+            assert_eq!(get(&sent, "x-forwarded-for").as_deref(), Some(xff));
+            assert_eq!(get(&sent, "forwarded").as_deref(), Some(fwd));
+            assert_eq!(get(&sent, "x-forwarded-host").as_deref(), Some(host));
+            assert_eq!(
+                get(&sent, "x-request-id").as_deref(),
+                Some("000000000000001f")
+            );
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse_by_unit_and_bad_ones_are_ignored() {

@@ -418,33 +418,33 @@ async fn connect(
     })
 }
 
-/// Sends `request` (its URI gives `:scheme`, `:authority` and `:path`) with
-/// `body` to `target` over HTTP/2. A request the endpoint did not take
+/// Sends the request `head` makes (its URI gives `:scheme`, `:authority`
+/// and `:path`) with `body` to `target` over HTTP/2. A request the endpoint did not take
 /// because its connection was going away (a graceful GOAWAY, or the
 /// connection found ended as the stream was opened) goes once more to the
 /// same endpoint on a fresh connection when its body can be sent again:
 /// that is no failure of the endpoint's.
 pub(crate) async fn send(
     target: Target<'_>,
-    request: Request<()>,
+    head: &(dyn Fn() -> Request<()> + Sync),
     body: Outgoing,
 ) -> Result<Response<Incoming>, Failure> {
     let key = Key {
         addr: target.addr,
         tls: target.tls.map_or(0, |(tls, _)| tls.id),
     };
-    // A second copy, when the body can be sent again.
+    // The body again, when it can be sent again.
     let spare = match &body {
         Outgoing::Stream(_) => None,
-        Outgoing::Empty => Some((copy(&request), Outgoing::Empty)),
-        Outgoing::Whole(bytes) => Some((copy(&request), Outgoing::Whole(bytes.clone()))),
+        Outgoing::Empty => Some(Outgoing::Empty),
+        Outgoing::Whole(bytes) => Some(Outgoing::Whole(bytes.clone())),
     };
-    match attempt(key, &target, request, body).await {
+    match attempt(key, &target, head(), body).await {
         Ok(response) => Ok(response),
         Err((failure, true)) => match spare {
-            Some((request, body)) => {
+            Some(body) => {
                 tracing::debug!(endpoint = %target.addr, error = %failure.error(), "upstream HTTP/2 connection going away: the request goes on a new one");
-                attempt(key, &target, request, body)
+                attempt(key, &target, head(), body)
                     .await
                     .map_err(|(failure, _)| failure)
             }
@@ -452,16 +452,6 @@ pub(crate) async fn send(
         },
         Err((failure, false)) => Err(failure),
     }
-}
-
-/// `request`'s head again (`Request` is not `Clone`: extensions).
-fn copy(request: &Request<()>) -> Request<()> {
-    let mut copy = Request::new(());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    copy
 }
 
 /// One try on a pooled (or new) connection; a failure says too whether
@@ -878,11 +868,13 @@ mod tests {
                 connect_timeout: Duration::from_secs(2),
                 metrics: h2,
             };
-            let request = Request::builder()
-                .uri(format!("http://{addr}/"))
-                .body(())
-                .expect("request");
-            let response = send(target, request, Outgoing::Empty)
+            let head = || {
+                Request::builder()
+                    .uri(format!("http://{addr}/"))
+                    .body(())
+                    .expect("request")
+            };
+            let response = send(target, &head, Outgoing::Empty)
                 .await
                 .expect("answered");
             assert_eq!(response.status(), 200);
