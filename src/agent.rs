@@ -204,9 +204,17 @@ impl Running {
 
         let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
         let advertise = config.agent.advertise_addr.to_string();
-        register_own_node(&registry, &node_name, &advertise).await?;
-        // Services defined in the config file (their checks start with the checker).
-        let config_services = register_config_services(&config, &registry, &node_name, &[]).await?;
+        let config_services = if registry.store_status().connected() {
+            register_own_node(&registry, &node_name, &advertise).await?;
+            // Services defined in the config file (their checks start with
+            // the checker).
+            register_config_services(&config, &registry, &node_name, &[]).await?
+        } else {
+            // Cluster mode started from the local copy while etcd is down:
+            // the agent's own node and its config's services are written
+            // once etcd answers.
+            register_when_reachable(&config, &registry, &node_name, &advertise)?
+        };
         let demo = match source.demo {
             true => crate::demo::start(&registry, &node_name).await?,
             false => Vec::new(),
@@ -578,6 +586,45 @@ async fn open_registry(
             start(store, metrics, decorators)
         }
     }
+}
+
+/// Registers the agent's own node and its config's services from a task
+/// that tries again each second until the store takes them; returns the
+/// config's service ids.
+fn register_when_reachable(
+    config: &AgentConfig,
+    registry: &Registry,
+    node_name: &str,
+    advertise: &str,
+) -> anyhow::Result<Vec<switchyard_registry::Name>> {
+    let ids = config
+        .service_commands(node_name)
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .filter_map(|command| match command {
+            Command::RegisterService { endpoint, .. } => Some(endpoint.id.clone()),
+            _ => None,
+        })
+        .collect();
+    let (config, registry) = (config.clone(), registry.clone());
+    let (node_name, advertise) = (node_name.to_string(), advertise.to_string());
+    tokio::spawn(async move {
+        loop {
+            let done = async {
+                register_own_node(&registry, &node_name, &advertise).await?;
+                register_config_services(&config, &registry, &node_name, &[]).await
+            };
+            match done.await {
+                Ok(_) => {
+                    tracing::info!("the agent's own node and config services are registered");
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %format!("{e:#}"), "not registered yet"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+    Ok(ids)
 }
 
 /// Registers the agent's own node (its address, version in meta).

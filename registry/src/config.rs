@@ -119,6 +119,7 @@ impl StoreConfig {
             request_timeout: self.request_timeout,
             member: member.to_string(),
             lease_ttl: self.lease_ttl,
+            copy_dir: self.data_dir.clone(),
         })
     }
 }

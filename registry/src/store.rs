@@ -1,6 +1,7 @@
 //! Where the catalog is kept durably. The writer commits one `StoreBatch` per
 //! group of commands and acknowledges them only after the commit returns.
 
+mod copy;
 mod embedded;
 mod etcd;
 
@@ -62,7 +63,7 @@ impl StoreBatch {
 }
 
 /// The whole stored catalog, read once at start.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Loaded {
     pub index: u64,
     pub nodes: Vec<Node>,
@@ -102,7 +103,7 @@ pub enum Change {
 
 /// One record of a `Change`; `None` is a deletion. Record indexes are the
 /// store's revisions.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Record {
     Node(Name, Option<Box<Node>>),
     Endpoint((Name, Name), Option<Box<Endpoint>>),
@@ -182,6 +183,10 @@ pub struct StoreStatus {
     members_changed: tokio::sync::Notify,
     /// Live load exchanged with those agents.
     board: crate::load::LoadBoard,
+    /// Cluster mode's local copy of the catalog: the index it holds and
+    /// when it was written (ms since the epoch); 0 when there is none.
+    copy_index: AtomicU64,
+    copy_written_ms: AtomicU64,
 }
 
 impl StoreStatus {
@@ -198,6 +203,23 @@ impl StoreStatus {
             members: ArcSwap::from_pointee(Vec::new()),
             members_changed: tokio::sync::Notify::new(),
             board: crate::load::LoadBoard::default(),
+            copy_index: AtomicU64::new(0),
+            copy_written_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The local copy now holds the catalog at `index`, written at `written_ms`.
+    pub(crate) fn copied(&self, index: u64, written_ms: u64) {
+        self.copy_index.store(index, Ordering::Relaxed);
+        self.copy_written_ms.store(written_ms, Ordering::Relaxed);
+    }
+
+    /// The index the local copy of a shared catalog holds, and when it was
+    /// written (ms since the epoch): `None` without one.
+    pub fn local_copy(&self) -> Option<(u64, u64)> {
+        match self.copy_written_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some((self.copy_index.load(Ordering::Relaxed), at)),
         }
     }
 
@@ -250,6 +272,14 @@ impl StoreStatus {
         self.connected.store(true, Ordering::Relaxed);
         self.last_contact_ms.store(unix_ms(), Ordering::Relaxed);
         self.revision.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    /// Not connected; the catalog served is as of `written_ms` (a local
+    /// copy read at start): its staleness counts from then.
+    pub(crate) fn stale_since(&self, written_ms: u64) {
+        self.connected.store(false, Ordering::Relaxed);
+        self.last_contact_ms
+            .store(written_ms.max(1), Ordering::Relaxed);
     }
 
     pub(crate) fn lost(&self) {

@@ -447,6 +447,81 @@ fn agents_answer_from_their_last_state_while_etcd_is_down() {
     assert_eq!(status["store_state"]["connected"], true, "{status}");
 }
 
+/// An agent started while etcd is down serves its local copy of the
+/// catalog at once (DNS, proxy, reads), stale with its age; writes are
+/// refused with a store error; once etcd answers the agent takes etcd's
+/// catalog (with its indexes), registers its own node and writes again.
+#[test]
+fn an_agent_started_while_etcd_is_down_serves_its_copy_and_converges() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut etcd = Etcd::single(scratch.path());
+    let a = agent_on(scratch.path(), "agent-a", &[etcd.url()], "/sy");
+    let b = agent_on(scratch.path(), "agent-b", &[etcd.url()], "/sy");
+    let (ca, cb) = (a.client(), b.client());
+    let up1 = Upstream::start("u1");
+    register(&ca, "w1", &up1);
+    let written = index(&ca, "/v1/health/service/web");
+    // The copy is kept by a task of its own: it reaches the write's index.
+    eventually("A's local copy holds w1", Duration::from_secs(10), || {
+        let status = ca.get_ok("/v1/switchyard/status").json();
+        (status["store_state"]["local_copy"]["index"].as_u64()? >= written).then_some(())
+    });
+    drop(a);
+    etcd.kill();
+
+    // Started with etcd down: it serves the copy at once.
+    let a = agent_on(scratch.path(), "agent-a", &[etcd.url()], "/sy");
+    let ca = a.client();
+    assert!(
+        served_by(&a, &up1),
+        "DNS and the proxy answer from the copy"
+    );
+    assert_eq!(ids(&ca.get_ok("/v1/health/service/web").json()), ["w1"]);
+    let status = ca.get_ok("/v1/switchyard/status").json();
+    assert_eq!(status["store_state"]["connected"], false, "{status}");
+    assert!(
+        status["store_state"]["staleness_ms"].as_u64() > Some(0),
+        "stale, with the copy's age: {status}"
+    );
+    let up2 = Upstream::start("u2");
+    let body = json!({
+        "nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "web", "id": "w2", "address": "127.0.0.1",
+                       "port": up2.addr.port()}],
+    });
+    let refused = ca.put("/v1/switchyard/batch", &body.to_string());
+    assert_eq!(refused.status, 500, "{}", refused.body);
+    assert!(refused.body.contains("store"), "{}", refused.body);
+    assert_eq!(ids(&ca.get_ok("/v1/health/service/web").json()), ["w1"]);
+
+    // etcd returns: A takes etcd's catalog, registers itself, writes again.
+    etcd.restart();
+    eventually("A writes again", Duration::from_secs(30), || {
+        (ca.put("/v1/switchyard/batch", &body.to_string()).status == 200).then_some(())
+    });
+    eventually("B sees A's write", Duration::from_secs(20), || {
+        (ids(&cb.get_ok("/v1/health/service/web").json()) == ["w1", "w2"]).then_some(())
+    });
+    eventually("A's node is registered", Duration::from_secs(20), || {
+        let node = ca.get("/v1/catalog/node/agent-a");
+        (node.status == 200 && node.json()["Node"]["Node"] == "agent-a").then_some(())
+    });
+    let status = ca.get_ok("/v1/switchyard/status").json();
+    assert_eq!(status["store_state"]["connected"], true, "{status}");
+    // The same indexes as an agent that never left.
+    eventually(
+        "A and B agree on the index",
+        Duration::from_secs(20),
+        || {
+            let (ia, ib) = (
+                index(&ca, "/v1/health/service/web"),
+                index(&cb, "/v1/health/service/web"),
+            );
+            (ia == ib).then_some(())
+        },
+    );
+}
+
 #[test]
 fn losing_one_of_three_etcd_members_loses_nothing() {
     let scratch = tempfile::tempdir().expect("tempdir");

@@ -65,6 +65,12 @@ fn store_state(registry: &switchyard_registry::Registry) -> serde_json::Value {
         "revision": status.revision(),
         "staleness_ms": u64::try_from(status.staleness().as_millis()).unwrap_or(u64::MAX),
         "agents": *status.members(),
+        // Cluster mode's local copy (what the agent would start from
+        // while etcd is down): its index and age.
+        "local_copy": status.local_copy().map(|(index, written_ms)| json!({
+            "index": index,
+            "age_ms": switchyard_registry::unix_ms().saturating_sub(written_ms),
+        })),
     })
 }
 

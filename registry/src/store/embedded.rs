@@ -94,7 +94,97 @@ fn load_table<T: DeserializeOwned>(
     Ok(out)
 }
 
+/// Everything in a catalog file (the embedded store's, or cluster mode's
+/// local copy, which has the same tables).
+pub(super) fn load_db(db: &Database) -> Result<Loaded, StoreError> {
+    let txn = db.begin_read().map_err(io)?;
+    let mut loaded = Loaded {
+        nodes: load_table(&txn, NODES)?,
+        endpoints: load_table(&txn, ENDPOINTS)?,
+        checks: load_table(&txn, CHECKS)?,
+        ..Loaded::default()
+    };
+    match txn.open_table(SERVICE_INDEX) {
+        Ok(table) => {
+            for row in table.iter().map_err(io)? {
+                let (key, value) = row.map_err(io)?;
+                loaded
+                    .service_index
+                    .push((key.value().to_string(), value.value()));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(io(e)),
+    }
+    loaded.index = meta(&txn, INDEX_KEY)?.unwrap_or(0);
+    Ok(loaded)
+}
+
+/// A value of the `meta` table.
+pub(super) fn meta(txn: &redb::ReadTransaction, key: &str) -> Result<Option<u64>, StoreError> {
+    match txn.open_table(META) {
+        Ok(table) => Ok(table.get(key).map_err(io)?.map(|v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Replaces everything in a catalog file with `loaded`, and sets the meta
+/// values `extra`, in one transaction.
+pub(super) fn replace_blocking(
+    db: &Database,
+    loaded: &Loaded,
+    extra: &[(&str, u64)],
+) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(io)?;
+    {
+        for table in [NODES, ENDPOINTS, CHECKS] {
+            txn.delete_table(table).map_err(io)?;
+        }
+        txn.delete_table(SERVICE_INDEX).map_err(io)?;
+        let mut nodes = txn.open_table(NODES).map_err(io)?;
+        for node in &loaded.nodes {
+            nodes
+                .insert(&*node.name, encode(node)?.as_slice())
+                .map_err(io)?;
+        }
+        let mut endpoints = txn.open_table(ENDPOINTS).map_err(io)?;
+        for endpoint in &loaded.endpoints {
+            let key = pair_key(&endpoint.node, &endpoint.id);
+            endpoints
+                .insert(key.as_str(), encode(endpoint)?.as_slice())
+                .map_err(io)?;
+        }
+        let mut checks = txn.open_table(CHECKS).map_err(io)?;
+        for check in &loaded.checks {
+            let key = pair_key(&check.node, &check.id);
+            checks
+                .insert(key.as_str(), encode(check)?.as_slice())
+                .map_err(io)?;
+        }
+        let mut service_index = txn.open_table(SERVICE_INDEX).map_err(io)?;
+        for (name, index) in &loaded.service_index {
+            service_index.insert(name.as_str(), *index).map_err(io)?;
+        }
+        let mut meta = txn.open_table(META).map_err(io)?;
+        meta.insert(INDEX_KEY, loaded.index).map_err(io)?;
+        for (key, value) in extra {
+            meta.insert(*key, *value).map_err(io)?;
+        }
+    }
+    txn.commit().map_err(io)
+}
+
 fn commit_blocking(db: &Database, batch: &StoreBatch) -> Result<(), StoreError> {
+    commit_with(db, batch, &[])
+}
+
+/// Commits `batch`, and sets the meta values `extra` in the same transaction.
+pub(super) fn commit_with(
+    db: &Database,
+    batch: &StoreBatch,
+    extra: &[(&str, u64)],
+) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io)?;
     {
         let mut nodes = txn.open_table(NODES).map_err(io)?;
@@ -129,6 +219,9 @@ fn commit_blocking(db: &Database, batch: &StoreBatch) -> Result<(), StoreError> 
         }
         let mut meta = txn.open_table(META).map_err(io)?;
         meta.insert(INDEX_KEY, batch.index).map_err(io)?;
+        for (key, value) in extra {
+            meta.insert(*key, *value).map_err(io)?;
+        }
     }
     txn.commit().map_err(io)
 }
@@ -139,35 +232,7 @@ impl Store for EmbeddedStore {
     }
 
     fn load(&mut self) -> Result<Loaded, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let mut loaded = Loaded {
-            nodes: load_table(&txn, NODES)?,
-            endpoints: load_table(&txn, ENDPOINTS)?,
-            checks: load_table(&txn, CHECKS)?,
-            ..Loaded::default()
-        };
-        match txn.open_table(SERVICE_INDEX) {
-            Ok(table) => {
-                for row in table.iter().map_err(io)? {
-                    let (key, value) = row.map_err(io)?;
-                    loaded
-                        .service_index
-                        .push((key.value().to_string(), value.value()));
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(io(e)),
-        }
-        match txn.open_table(META) {
-            Ok(table) => {
-                if let Some(index) = table.get(INDEX_KEY).map_err(io)? {
-                    loaded.index = index.value();
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(io(e)),
-        }
-        Ok(loaded)
+        load_db(&self.db)
     }
 
     async fn commit(&mut self, batch: StoreBatch) -> Result<Committed, StoreError> {

@@ -19,7 +19,8 @@
 //! on the prefix, resumed after a disconnect from the next revision; a
 //! compacted revision turns into a full re-read.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use etcd_client::{
@@ -31,6 +32,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant};
 
+use super::copy::{keep, LocalCopy, Update};
 use super::{Change, Committed, Loaded, Record, Store, StoreBatch, StoreStatus};
 use crate::error::StoreError;
 use crate::model::{Check, Endpoint, Name, Node};
@@ -79,10 +81,15 @@ pub struct EtcdOptions {
     pub member: String,
     /// TTL of that lease: how long a dead agent keeps its checks. Default 5s.
     pub lease_ttl: Duration,
+    /// Where this agent keeps its local copy of the catalog (its data
+    /// directory): with one, it starts while etcd is down.
+    pub copy_dir: Option<PathBuf>,
 }
 
 pub struct EtcdStore {
-    client: Client,
+    /// Set once etcd has answered (at start, or later for an agent that
+    /// started from its local copy).
+    client: Arc<OnceLock<Client>>,
     keys: Keys,
     loaded: Option<Loaded>,
     feed: Option<mpsc::Receiver<Change>>,
@@ -230,70 +237,70 @@ fn delete_record(keys: &Keys, key: &[u8]) -> Option<Record> {
 
 impl EtcdStore {
     /// Connects, reads the whole catalog under the prefix and starts the
-    /// watch that feeds the writer. Fails if etcd cannot be reached.
+    /// watch that feeds the writer. When etcd cannot be reached, an agent
+    /// with a local copy of the catalog (`copy_dir`) starts from it, stale,
+    /// and keeps trying etcd: once it answers, the catalog is replaced by
+    /// etcd's and followed from there. Without a copy that is an error.
     pub async fn connect(options: &EtcdOptions) -> Result<EtcdStore, StoreError> {
-        let open_err = |message: String| StoreError::Open {
-            path: options.endpoints.join(","),
-            message,
-        };
         if options.endpoints.is_empty() {
-            return Err(open_err("store.endpoints is empty".to_string()));
+            return Err(StoreError::Open {
+                path: String::new(),
+                message: "store.endpoints is empty".to_string(),
+            });
         }
-        let mut connect = ConnectOptions::new()
-            .with_connect_timeout(options.connect_timeout)
-            .with_timeout(options.request_timeout)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        if let Some((user, password)) = &options.user {
-            connect = connect.with_user(user.clone(), password.clone());
-        }
-        if options.ca_pem.is_some() || options.identity_pem.is_some() {
-            let mut tls = etcd_client::TlsOptions::new();
-            if let Some(ca) = &options.ca_pem {
-                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
-            }
-            if let Some((cert, key)) = &options.identity_pem {
-                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
-            }
-            connect = connect.with_tls(tls);
-        }
-        let client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .map_err(|e| open_err(e.to_string()))?;
+        // The copy's file may still be held by the agent this one replaces
+        // (an upgrade): then there is none to start from, and it is kept
+        // once the file is free.
+        let copy = options.copy_dir.as_ref().map(|dir| {
+            let opened = LocalCopy::open(dir)
+                .map_err(
+                    |err| tracing::info!(%err, "the local copy of the catalog is not open yet"),
+                )
+                .ok();
+            (dir.clone(), opened)
+        });
         let keys = Keys::new(&options.prefix);
-        let mut tries = 0;
-        let (loaded, revision) = loop {
-            match read_all(&client, &keys).await {
-                Ok(read) => break read,
-                // Another member may answer (the client spreads requests).
-                Err(_) if tries < RETRIES => {
-                    tries += 1;
-                    sleep(Duration::from_millis(50 << tries)).await;
-                }
-                Err(err) => return Err(open_err(err.to_string())),
+        let status = Arc::new(StoreStatus::member(Some(options.member.as_str().into())));
+        let (tx, rx) = mpsc::channel(1024);
+        let slot = Arc::new(OnceLock::new());
+        let loaded = match reach(options, &keys).await {
+            Ok((client, loaded, revision)) => {
+                let copy = copy.map(|(dir, opened)| {
+                    let copy = keep(dir, opened, status.clone());
+                    let _ = copy.send(Update::Reset(loaded.clone()));
+                    copy
+                });
+                let _ = slot.set(client.clone());
+                start_following(options, &keys, client, revision, tx, &status, copy);
+                tracing::info!(endpoints = ?options.endpoints, prefix = %options.prefix, revision,
+                    index = loaded.index, "etcd store connected");
+                loaded
+            }
+            Err(err) => {
+                let Some((dir, Some(copy))) = copy else {
+                    return Err(err);
+                };
+                let Some((loaded, written_ms)) = copy.read()? else {
+                    return Err(err);
+                };
+                status.stale_since(written_ms);
+                status.copied(loaded.index, written_ms);
+                let age = Duration::from_millis(crate::model::unix_ms().saturating_sub(written_ms));
+                tracing::warn!(%err, ?age, index = loaded.index,
+                    "etcd unreachable at start: serving this agent's local copy of the catalog (stale); writes fail until etcd answers");
+                tokio::spawn(reach_later(
+                    options.clone(),
+                    keys.clone(),
+                    slot.clone(),
+                    tx,
+                    status.clone(),
+                    keep(dir, Some(copy), status.clone()),
+                ));
+                loaded
             }
         };
-        let status = Arc::new(StoreStatus::member(Some(options.member.as_str().into())));
-        status.contact(revision);
-        tokio::spawn(keep_membership(
-            client.clone(),
-            options.prefix.trim_end_matches('/').to_string(),
-            options.member.clone(),
-            options.lease_ttl.max(Duration::from_secs(2)),
-            status.clone(),
-        ));
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(follow(
-            client.clone(),
-            keys.clone(),
-            revision,
-            tx,
-            status.clone(),
-        ));
-        tracing::info!(endpoints = ?options.endpoints, prefix = %options.prefix, revision,
-            index = loaded.index, "etcd store connected");
         Ok(EtcdStore {
-            client,
+            client: slot,
             keys,
             loaded: Some(loaded),
             feed: Some(rx),
@@ -375,6 +382,11 @@ impl Store for EtcdStore {
 
     async fn commit(&mut self, batch: StoreBatch) -> Result<Committed, StoreError> {
         let txn = self.transaction(&batch)?;
+        let Some(client) = self.client.get() else {
+            return Err(io(
+                "etcd has not answered since this agent started: it serves its local copy of the catalog (stale), and writes resume once etcd answers",
+            ));
+        };
         // The client spreads requests over the members; one that is down
         // refuses the connection and the next try goes to another, and an
         // election ends within a few of etcd's election timeouts: the write
@@ -391,13 +403,13 @@ impl Store for EtcdStore {
         let mut tries = 0u32;
         let response = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let failed =
-                match timeout(per_try.min(left), self.client.kv_client().txn(txn.clone())).await {
-                    Ok(Ok(response)) => break response,
-                    Ok(Err(err)) if unreachable_member(&err) => err.to_string(),
-                    Ok(Err(err)) => return Err(io(err)),
-                    Err(_) => format!("no answer within {per_try:?}"),
-                };
+            let failed = match timeout(per_try.min(left), client.kv_client().txn(txn.clone())).await
+            {
+                Ok(Ok(response)) => break response,
+                Ok(Err(err)) if unreachable_member(&err) => err.to_string(),
+                Ok(Err(err)) => return Err(io(err)),
+                Err(_) => format!("no answer within {per_try:?}"),
+            };
             tries += 1;
             let pause = Duration::from_millis(10 << tries.min(5)).min(MAX_BACKOFF);
             if Instant::now() + pause >= deadline {
@@ -426,6 +438,135 @@ impl Store for EtcdStore {
 
     fn status(&self) -> Arc<StoreStatus> {
         self.status.clone()
+    }
+}
+
+/// A client of etcd, and the whole catalog with its revision: what an agent
+/// needs before it follows the catalog.
+async fn reach(options: &EtcdOptions, keys: &Keys) -> Result<(Client, Loaded, u64), StoreError> {
+    let open_err = |message: String| StoreError::Open {
+        path: options.endpoints.join(","),
+        message,
+    };
+    let mut connect = ConnectOptions::new()
+        .with_connect_timeout(options.connect_timeout)
+        .with_timeout(options.request_timeout)
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true);
+    if let Some((user, password)) = &options.user {
+        connect = connect.with_user(user.clone(), password.clone());
+    }
+    if options.ca_pem.is_some() || options.identity_pem.is_some() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &options.ca_pem {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &options.identity_pem {
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        connect = connect.with_tls(tls);
+    }
+    let client = Client::connect(&options.endpoints, Some(connect))
+        .await
+        .map_err(|e| open_err(e.to_string()))?;
+    let mut tries = 0;
+    loop {
+        match read_all(&client, keys).await {
+            Ok((loaded, revision)) => return Ok((client, loaded, revision)),
+            // Another member may answer (the client spreads requests).
+            Err(_) if tries < RETRIES => {
+                tries += 1;
+                sleep(Duration::from_millis(50 << tries)).await;
+            }
+            Err(err) => return Err(open_err(err.to_string())),
+        }
+    }
+}
+
+/// Starts keeping this agent's membership and following the catalog from
+/// `revision`.
+fn start_following(
+    options: &EtcdOptions,
+    keys: &Keys,
+    client: Client,
+    revision: u64,
+    tx: mpsc::Sender<Change>,
+    status: &Arc<StoreStatus>,
+    copy: Option<mpsc::UnboundedSender<Update>>,
+) {
+    status.contact(revision);
+    tokio::spawn(keep_membership(
+        client.clone(),
+        options.prefix.trim_end_matches('/').to_string(),
+        options.member.clone(),
+        options.lease_ttl.max(Duration::from_secs(2)),
+        status.clone(),
+    ));
+    tokio::spawn(follow(
+        client,
+        keys.clone(),
+        revision,
+        Feed { tx, copy },
+        status.clone(),
+    ));
+}
+
+/// An agent started from its local copy: tries etcd until it answers, then
+/// replaces the catalog with etcd's and follows it like any other.
+async fn reach_later(
+    options: EtcdOptions,
+    keys: Keys,
+    slot: Arc<OnceLock<Client>>,
+    tx: mpsc::Sender<Change>,
+    status: Arc<StoreStatus>,
+    copy: mpsc::UnboundedSender<Update>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        match reach(&options, &keys).await {
+            Ok((client, loaded, revision)) => {
+                tracing::info!(
+                    revision,
+                    index = loaded.index,
+                    "etcd answered: the local copy gives way to etcd's catalog"
+                );
+                let _ = copy.send(Update::Reset(loaded.clone()));
+                if tx.send(Change::Reset { revision, loaded }).await.is_err() {
+                    return;
+                }
+                let _ = slot.set(client.clone());
+                start_following(&options, &keys, client, revision, tx, &status, Some(copy));
+                return;
+            }
+            Err(err) => tracing::debug!(%err, "etcd still unreachable"),
+        }
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Where the watch passes changes on: the writer, and the local copy.
+struct Feed {
+    tx: mpsc::Sender<Change>,
+    copy: Option<mpsc::UnboundedSender<Update>>,
+}
+
+impl Feed {
+    /// False once the writer is gone.
+    async fn send(&self, change: Change) -> bool {
+        if let Some(copy) = &self.copy {
+            let update = match &change {
+                Change::Records { revision, records } => {
+                    Update::Records(*revision, records.clone())
+                }
+                Change::Reset { loaded, .. } => Update::Reset(loaded.clone()),
+            };
+            let _ = copy.send(update);
+        }
+        self.tx.send(change).await.is_ok()
     }
 }
 
@@ -590,13 +731,7 @@ enum Ended {
 
 /// Follows the catalog from `revision` for as long as the writer listens,
 /// reconnecting with backoff.
-async fn follow(
-    client: Client,
-    keys: Keys,
-    mut revision: u64,
-    tx: mpsc::Sender<Change>,
-    status: Arc<StoreStatus>,
-) {
+async fn follow(client: Client, keys: Keys, mut revision: u64, tx: Feed, status: Arc<StoreStatus>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let outcome = watch_from(&client, &keys, &mut revision, &tx, &status).await;
@@ -611,13 +746,12 @@ async fn follow(
                     );
                     revision = at;
                     status.contact(at);
-                    if tx
+                    if !tx
                         .send(Change::Reset {
                             revision: at,
                             loaded,
                         })
                         .await
-                        .is_err()
                     {
                         return;
                     }
@@ -635,7 +769,7 @@ async fn follow(
         status.lost();
         sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
-        if tx.is_closed() {
+        if tx.tx.is_closed() {
             return;
         }
     }
@@ -647,7 +781,7 @@ async fn watch_from(
     client: &Client,
     keys: &Keys,
     revision: &mut u64,
-    tx: &mpsc::Sender<Change>,
+    tx: &Feed,
     status: &StoreStatus,
 ) -> Result<Ended, StoreError> {
     let start = i64::try_from(*revision + 1).map_err(io)?;
@@ -670,7 +804,7 @@ async fn watch_from(
                 watcher.request_progress().await.map_err(io)?;
                 continue;
             }
-            () = tx.closed() => return Ok(Ended::Closed),
+            () = tx.tx.closed() => return Ok(Ended::Closed),
         };
         let Some(response) = message else {
             return Err(io("etcd closed the watch"));
@@ -716,19 +850,13 @@ async fn watch_from(
     }
 }
 
-async fn pass_on(
-    tx: &mpsc::Sender<Change>,
-    at: u64,
-    records: Vec<Record>,
-    revision: &mut u64,
-) -> bool {
+async fn pass_on(tx: &Feed, at: u64, records: Vec<Record>, revision: &mut u64) -> bool {
     *revision = at;
     tx.send(Change::Records {
         revision: at,
         records,
     })
     .await
-    .is_ok()
 }
 
 #[cfg(test)]
