@@ -182,6 +182,12 @@ impl Running {
             Some((sockets, predecessor)) => (Some(sockets), Some(predecessor)),
             None => (None, None),
         };
+        if matches!(predecessor, Some(Predecessor::Process(_))) {
+            // The predecessor accepts on these sockets until this agent
+            // says it is ready: a successor that dies or hangs first must
+            // hold no connection (`announce` opens the gate).
+            switchyard_registry::hold_accepts();
+        }
         let prometheus = prometheus::Registry::new();
         let metrics = Arc::new(RegistryMetrics::new(&prometheus).context("metrics")?);
         let dns_config = Arc::new(config.dns.clone());
@@ -393,7 +399,9 @@ impl Running {
     fn announce(&self, predecessor: Option<Predecessor>) {
         match predecessor {
             Some(Predecessor::Process(stream)) => {
+                upgrade::die_before_ready_for_tests();
                 upgrade::ready(stream);
+                switchyard_registry::open_accepts();
                 tracing::info!("took over from the previous agent");
             }
             Some(Predecessor::Same(servers)) => {

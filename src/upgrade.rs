@@ -186,6 +186,21 @@ pub(crate) fn take_over(data_dir: &Path) -> anyhow::Result<(Sockets, UnixStream)
 }
 
 /// Tells the old agent that the new one serves.
+/// Test hook: `SWITCHYARD_TEST_DIE_BEFORE_READY_MS=N` makes a successor
+/// serve N ms without having said `ready`, then exit 1 as if it crashed
+/// there (what the upgrade must survive without losing a connection).
+pub(crate) fn die_before_ready_for_tests() {
+    let Some(ms) = std::env::var("SWITCHYARD_TEST_DIE_BEFORE_READY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(ms));
+    tracing::error!("SWITCHYARD_TEST_DIE_BEFORE_READY_MS: exiting before ready (a test hook)");
+    std::process::exit(1);
+}
+
 pub(crate) fn ready(mut stream: UnixStream) {
     if let Err(e) = stream.write_all(READY) {
         tracing::warn!(error = %e, "could not tell the old agent that this one is ready");

@@ -265,6 +265,11 @@ pub(crate) async fn serve_tcp(
     let admission = Admission::new();
     let idle = limits.idle;
     let mut errors = AcceptErrors::default();
+    // An upgrading agent takes no connection before it is ready.
+    tokio::select! {
+        () = switchyard_catalog::accepts_open() => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -456,6 +456,11 @@ async fn accept_loop(
         .metrics
         .accept_errors
         .with_label_values(&[label]);
+    // An upgrading agent takes no connection before it is ready.
+    tokio::select! {
+        () = switchyard_catalog::accepts_open() => {}
+        _ = stop.wait_for(|stop| *stop) => return,
+    }
     loop {
         let pause = tokio::select! {
             accepted = listener.accept() => match accepted {

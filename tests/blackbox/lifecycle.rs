@@ -274,7 +274,9 @@ fn client_loop(
     fresh_each: bool,
 ) -> (usize, usize) {
     let connect = || {
-        let s = TcpStream::connect(http).ok()?;
+        let s = TcpStream::connect(http)
+            .map_err(|e| eprintln!("connect: {e}"))
+            .ok()?;
         s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
         Some(s)
     };
@@ -509,6 +511,68 @@ fn a_successor_that_fails_after_taking_the_sockets_leaves_the_old_agent_serving(
     assert!(services.get("after").is_some(), "{services}");
     let failures = load.finish();
     assert_eq!(failures, 0, "no request failed across both attempts");
+}
+
+/// A successor that took the sockets and serves, but dies before it says
+/// `ready` (a crash at the worst moment): it took no connection, since an
+/// upgrading agent accepts nothing before then, so the old agent served
+/// every request, and it serves on afterwards.
+#[test]
+fn a_successor_that_dies_before_ready_drops_no_connection() {
+    let routes = "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n";
+    let setup = Upgradable::new(routes);
+    let old = setup.start();
+    let c = old.client();
+    let up = Upstream::start("web1");
+    register(&c, "web", &[&up], &[]);
+    // Fresh connections too: those are what a successor's accept would take.
+    let load = Load::start(old.http, &[false, true]);
+    eventually("load is flowing", Duration::from_secs(10), || {
+        (up.served() > 200).then_some(())
+    });
+    let log = setup.dir.path().join("successor.log");
+    let mut successor = std::process::Command::new(crate::support::bin())
+        .args(["agent", "--node-name", "test-node", "--data-dir"])
+        .arg(&setup.data)
+        .args(setup.args())
+        .arg("--upgrade")
+        .env("SWITCHYARD_TEST_DIE_BEFORE_READY_MS", "1000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("successor log"))
+        .spawn()
+        .expect("spawn the successor");
+    let status = eventually("the successor dies", Duration::from_secs(60), || {
+        successor.try_wait().expect("wait")
+    });
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.code() == Some(1) && said.contains("exiting before ready"),
+        "it died by the hook, serving: {status:?}\n{said}"
+    );
+    // The old agent resumes: its API and store again, the same sockets.
+    eventually(
+        "the old agent serves again",
+        Duration::from_secs(30),
+        || {
+            old.stderr()
+                .contains("serving again after the failed upgrade")
+                .then_some(())
+        },
+    );
+    let registered = c.put(
+        "/v1/agent/service/register",
+        r#"{"Name":"after","ID":"after-1","Port":1}"#,
+    );
+    assert_eq!(registered.status, 200, "{}", registered.body);
+    let served_then = up.served();
+    eventually("the old agent proxies on", Duration::from_secs(10), || {
+        (up.served() > served_then + 200).then_some(())
+    });
+    let failures = load.finish();
+    assert_eq!(
+        failures, 0,
+        "no request failed, none was left with the dead successor"
+    );
 }
 
 /// HTTP/2 clients keep streams in flight through two upgrades, reconnecting

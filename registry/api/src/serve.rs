@@ -203,6 +203,11 @@ pub async fn serve(
     let admission = Admission::new();
     let mut errors = AcceptErrors::default();
     let mut connections = JoinSet::new();
+    // An upgrading agent takes no connection before it is ready.
+    tokio::select! {
+        () = switchyard_catalog::accepts_open() => {}
+        _ = stop.wait_for(|down| *down) => return Ok(()),
+    }
     loop {
         while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {

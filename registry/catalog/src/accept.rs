@@ -6,7 +6,33 @@
 //! it was taken) need no pause. Every role's accept loops share this rule.
 
 use std::io;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// Whether this process's accept loops take connections. An upgrading
+/// agent holds them until it has told its predecessor it is ready: until
+/// then the predecessor accepts from the very same sockets, so a successor
+/// that dies or hangs before `ready` leaves no accepted connection behind.
+fn gate() -> &'static tokio::sync::watch::Sender<bool> {
+    static GATE: OnceLock<tokio::sync::watch::Sender<bool>> = OnceLock::new();
+    GATE.get_or_init(|| tokio::sync::watch::channel(true).0)
+}
+
+/// Accept loops wait (at `accepts_open`) until `open_accepts`.
+pub fn hold_accepts() {
+    gate().send_replace(false);
+}
+
+pub fn open_accepts() {
+    gate().send_replace(true);
+}
+
+/// Resolves once this process's accept loops may take connections (at
+/// once, but in an upgrading agent not ready yet).
+pub async fn accepts_open() {
+    let mut open = gate().subscribe();
+    let _ = open.wait_for(|open| *open).await;
+}
 
 /// Pause after an accept failed for want of descriptors or memory.
 pub const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
@@ -58,6 +84,22 @@ impl AcceptErrors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_accepts_wait_until_opened() {
+        use std::future::Future;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        hold_accepts();
+        let mut waiting = std::pin::pin!(accepts_open());
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        open_accepts();
+        runtime.block_on(waiting);
+        runtime.block_on(accepts_open());
+    }
 
     #[test]
     fn out_of_descriptors_pauses_and_logs_once_per_interval_with_a_count() {

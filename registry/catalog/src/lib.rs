@@ -19,7 +19,7 @@ pub mod snapshot;
 pub mod thread_policy;
 pub mod view;
 
-pub use accept::{AcceptBackoff, AcceptErrors};
+pub use accept::{accepts_open, hold_accepts, open_accepts, AcceptBackoff, AcceptErrors};
 pub use admission::{Admission, Refusal, Ticket};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
