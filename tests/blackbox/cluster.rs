@@ -616,6 +616,72 @@ fn writes_through_the_etcd_leaders_death_all_succeed() {
 }
 
 /// `serfHealth` of `node` as `c` sees it: its status and output.
+/// A write made while etcd has lost its quorum is either acknowledged and
+/// then present on every agent, or refused and then absent from every
+/// agent: its outcome is found out once a quorum answers again, before the
+/// write is answered (never a refusal that later appears: a ghost).
+#[test]
+fn a_write_during_a_quorum_loss_is_acknowledged_everywhere_or_refused_everywhere() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut members = Etcd::cluster(scratch.path(), 3);
+    let urls: Vec<String> = members.iter().map(Etcd::url).collect();
+    let keys = "request_timeout = \"2s\"\n";
+    let a = agent_on_with(scratch.path(), "agent-a", &urls, "/sy-quorum", keys);
+    let b = agent_on_with(scratch.path(), "agent-b", &urls, "/sy-quorum", keys);
+    let (ca, cb) = (a.client(), b.client());
+    let batch = |id: &str, port: u16| {
+        json!({
+            "nodes": [{"name": "n1", "address": "127.0.0.1"}],
+            "endpoints": [{"node": "n1", "service": "web", "id": id,
+                           "address": "127.0.0.1", "port": port}],
+        })
+        .to_string()
+    };
+    ca.put_ok("/v1/switchyard/batch", &batch("w0", 10_000));
+    eventually("B sees w0", Duration::from_secs(10), || {
+        (ids(&cb.get_ok("/v1/health/service/web").json()) == ["w0"]).then_some(())
+    });
+
+    // Two of three members die: no quorum.
+    members[1].kill();
+    members[2].kill();
+    let writer = {
+        let ca = a.client();
+        let body = batch("w1", 10_001);
+        std::thread::spawn(move || ca.put("/v1/switchyard/batch", &body))
+    };
+    // Past store.request_timeout the write waits to learn its outcome...
+    eventually("A waits for the outcome", Duration::from_secs(20), || {
+        a.stderr()
+            .contains("waiting for etcd to tell whether it was applied")
+            .then_some(())
+    });
+    // ...which a quorum, back, tells.
+    members[1].restart();
+    let answer = writer.join().expect("writer thread");
+    assert!(
+        answer.status == 200 || (answer.status == 500 && answer.body.contains("not applied")),
+        "acknowledged, or refused as not applied: {} {}",
+        answer.status,
+        answer.body
+    );
+    eventually("A and B agree", Duration::from_secs(30), || {
+        let (ia, ib) = (
+            index(&ca, "/v1/health/service/web"),
+            index(&cb, "/v1/health/service/web"),
+        );
+        (ia == ib).then_some(())
+    });
+    let expected: Vec<&str> = if answer.status == 200 {
+        vec!["w0", "w1"]
+    } else {
+        vec!["w0"]
+    };
+    for c in [&ca, &cb] {
+        assert_eq!(ids(&c.get_ok("/v1/health/service/web").json()), expected);
+    }
+}
+
 fn serf_health(c: &Client, node: &str) -> (String, String) {
     let checks = c.get_ok(&format!("/v1/health/node/{node}")).json();
     checks

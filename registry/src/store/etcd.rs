@@ -97,7 +97,18 @@ pub struct EtcdStore {
     /// How long a write keeps trying through members that are down or an
     /// election (`store.request_timeout`).
     request_timeout: Duration,
+    /// `<prefix>/writes/<member>`: every commit of this agent also puts its
+    /// own write id there, so a commit whose outcome is unknown (no quorum
+    /// answered) can be told applied or not once etcd answers again.
+    mark: Vec<u8>,
+    /// The id of this agent's last commit.
+    write_id: u64,
 }
+
+/// How long past `store.request_timeout` a write whose outcome is unknown
+/// (no quorum answered) waits for etcd to say whether it was applied,
+/// before it is answered as unknown.
+const RESOLVE_FOR: Duration = Duration::from_secs(30);
 
 fn io(err: impl std::fmt::Display) -> StoreError {
     StoreError::Io(err.to_string())
@@ -306,12 +317,21 @@ impl EtcdStore {
             feed: Some(rx),
             status,
             request_timeout: options.request_timeout,
+            mark: format!(
+                "{}/writes/{}",
+                options.prefix.trim_end_matches('/'),
+                options.member
+            )
+            .into_bytes(),
+            // Microseconds at start: above any id an earlier run of this
+            // agent left in its mark.
+            write_id: crate::model::unix_us(),
         })
     }
 
-    fn transaction(&self, batch: &StoreBatch) -> Result<Txn, StoreError> {
+    fn transaction(&self, batch: &StoreBatch, id: u64) -> Result<Txn, StoreError> {
         let keys = &self.keys;
-        let mut ops = Vec::new();
+        let mut ops = vec![TxnOp::put(self.mark.clone(), id.to_string(), None)];
         let catalog_changed = !batch.is_empty();
         for (name, node) in &batch.nodes {
             let key = keys.key("node", name);
@@ -371,6 +391,64 @@ impl EtcdStore {
     }
 }
 
+impl EtcdStore {
+    /// The outcome of write `id`, which no quorum acknowledged within
+    /// `store.request_timeout`: once etcd answers a (linearizable) read
+    /// again, its mark says whether one of the tries was applied. A try not
+    /// applied by then never will be (a leader that commits in its term
+    /// has dropped what other leaders' logs held), so a refusal is final
+    /// and an applied write is acknowledged, late. Waits `RESOLVE_FOR` at
+    /// most; then the outcome is unknown, and said so.
+    async fn resolve(
+        &self,
+        client: &Client,
+        id: u64,
+        tries: u32,
+        failed: String,
+    ) -> Result<Committed, StoreError> {
+        tracing::warn!(tries, error = %failed, "no etcd quorum answered a write within store.request_timeout: waiting for etcd to tell whether it was applied");
+        let until = Instant::now() + RESOLVE_FOR;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io(format!(
+                    "no etcd quorum answered within store.request_timeout ({:?}, {tries} tries) nor {RESOLVE_FOR:?} after: the write's outcome is unknown (it may yet be applied): {failed}",
+                    self.request_timeout
+                )));
+            }
+            let read = timeout(
+                left.min(self.request_timeout),
+                client.kv_client().get(self.mark.clone(), None),
+            )
+            .await;
+            if let Ok(Ok(response)) = read {
+                let applied = response
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.value() == id.to_string().as_bytes());
+                return match applied {
+                    Some(kv) => {
+                        tracing::info!(
+                            revision = kv.mod_revision(),
+                            "the write no quorum acknowledged in time was applied"
+                        );
+                        Ok(Committed::Shared {
+                            revision: rev(kv.mod_revision()),
+                        })
+                    }
+                    None => Err(io(format!(
+                        "no etcd quorum answered within store.request_timeout ({:?}, {tries} tries): not applied: {failed}",
+                        self.request_timeout
+                    ))),
+                };
+            }
+            sleep(pause.min(left)).await;
+            pause = (pause * 2).min(MAX_BACKOFF * 4);
+        }
+    }
+}
+
 impl Store for EtcdStore {
     fn kind(&self) -> &'static str {
         "etcd"
@@ -381,8 +459,10 @@ impl Store for EtcdStore {
     }
 
     async fn commit(&mut self, batch: StoreBatch) -> Result<Committed, StoreError> {
-        let txn = self.transaction(&batch)?;
-        let Some(client) = self.client.get() else {
+        self.write_id += 1;
+        let id = self.write_id;
+        let txn = self.transaction(&batch, id)?;
+        let Some(client) = self.client.get().cloned() else {
             return Err(io(
                 "etcd has not answered since this agent started: it serves its local copy of the catalog (stale), and writes resume once etcd answers",
             ));
@@ -390,11 +470,10 @@ impl Store for EtcdStore {
         // The client spreads requests over the members; one that is down
         // refuses the connection and the next try goes to another, and an
         // election ends within a few of etcd's election timeouts: the write
-        // keeps trying until `request_timeout`, and is refused only when no
-        // quorum answered by then. A retry cannot apply the batch twice: the
-        // transaction is conditional on the catalog index, which a first
-        // success would have moved (the writer then sees a conflict, catches
-        // up, and finds its change there).
+        // keeps trying until `request_timeout`. A retry cannot apply the
+        // batch twice: the transaction is conditional on the catalog index,
+        // which a first success would have moved (the writer then sees a
+        // conflict, catches up, and finds its change there).
         // Each try waits a fifth of that at most: a request caught by a
         // member without a leader waits for one, and may be better sent to
         // another member.
@@ -413,10 +492,10 @@ impl Store for EtcdStore {
             tries += 1;
             let pause = Duration::from_millis(10 << tries.min(5)).min(MAX_BACKOFF);
             if Instant::now() + pause >= deadline {
-                return Err(io(format!(
-                    "no etcd quorum answered within store.request_timeout ({:?}, {tries} tries): {failed}",
-                    self.request_timeout
-                )));
+                // A try may still be in a leader's log that lost its quorum,
+                // and commit once the quorum is back: the outcome is found
+                // out before the write is answered.
+                return self.resolve(&client, id, tries, failed).await;
             }
             tracing::debug!(error = %failed, tries, "etcd write met a member down or an election; trying again");
             sleep(pause).await;
