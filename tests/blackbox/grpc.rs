@@ -443,7 +443,25 @@ fn grpc_unavailable_in_the_trailers_ejects_the_endpoint() {
 /// counted as cut; until then it counts as in flight.
 #[test]
 fn an_open_grpc_stream_is_cut_at_the_drain_deadline() {
-    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n");
+    open_stream_cut_at_the_drain_deadline(false);
+}
+
+/// The same over HTTP/2 behind TLS (ALPN h2).
+#[test]
+fn an_open_grpc_stream_over_tls_is_cut_at_the_drain_deadline() {
+    open_stream_cut_at_the_drain_deadline(true);
+}
+
+fn open_stream_cut_at_the_drain_deadline(tls: bool) {
+    let pki = crate::proxy::TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let listener = match tls {
+        true => pki.https_listener(certs.path(), "grpc.test"),
+        false => String::new(),
+    };
+    let (agent, _dir) = agent_with(&format!(
+        "[[http.routes]]\nhost = \"grpc.test\"\nservice = \"echo\"\n{listener}"
+    ));
     let c = agent.client();
     let backend = Backend::start("s1");
     place(&c, &[&backend]);
@@ -452,7 +470,29 @@ fn an_open_grpc_stream_is_cut_at_the_drain_deadline() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let (mut sender, _) = crate::support::h2c(agent.http).await;
+        let mut sender = match tls {
+            false => crate::support::h2c(agent.http).await.0,
+            true => {
+                let https = agent.https.expect("an https address");
+                let tcp = tokio::net::TcpStream::connect(https)
+                    .await
+                    .expect("connect");
+                let name = rustls::pki_types::ServerName::try_from("grpc.test").expect("name");
+                let tls = pki
+                    .connector(b"h2")
+                    .connect(name, tcp)
+                    .await
+                    .expect("TLS handshake");
+                let (sender, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tls),
+                )
+                .await
+                .expect("h2 over TLS");
+                tokio::spawn(conn);
+                sender
+            }
+        };
         let request = hyper::Request::builder()
             .method("POST")
             .uri("http://grpc.test/echo.Echo/Watch")
