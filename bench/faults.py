@@ -52,10 +52,10 @@ class Etcd:
     def url(self):
         return f"http://127.0.0.1:{self.client}"
 
-    def start(self, state="new"):
+    def start(self, state="new", extra=()):
         peer = f"http://127.0.0.1:{self.peer}"
         self.proc = subprocess.Popen(
-            ["etcd", "--name", self.name, "--data-dir", os.path.join(self.work, self.name),
+            ["etcd", *extra, "--name", self.name, "--data-dir", os.path.join(self.work, self.name),
              "--listen-client-urls", self.url(), "--advertise-client-urls", self.url(),
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", self.cluster, "--initial-cluster-state", state],
@@ -141,12 +141,12 @@ class Relay:
 
 
 class Agent:
-    def __init__(self, work, binary, name, endpoints):
+    def __init__(self, work, binary, name, endpoints, request_timeout="2s"):
         self.work, self.binary, self.name = work, binary, name
         self.conf = os.path.join(work, f"{name}.toml")
         with open(self.conf, "w") as f:
             f.write('[store]\nkind = "etcd"\nendpoints = %s\nprefix = "%s"\nlease_ttl = "2s"\n'
-                    'request_timeout = "2s"\n' % (json.dumps(endpoints), PREFIX))
+                    'request_timeout = "%s"\n' % (json.dumps(endpoints), PREFIX, request_timeout))
         self.proc, self.api, self.dns, self.http = None, None, None, None
         self.generation = 0
 
