@@ -190,6 +190,7 @@ class Book:
         self.present = {}  # id -> True (registered) / False (deregistered), acknowledged
         self.refused = set()  # registrations refused: must never appear
         self.uncertain = set()  # ids whose last write's outcome is unknown
+        self.why = {}  # refused id -> the answer
         self.unknown = 0
         self.down = 0  # refused by a dead agent's closed port: never sent
         self.attempted = self.acked = 0
@@ -240,6 +241,7 @@ def writer(agent, book, stop, rng):
                     mine.append(victim)  # still registered
                 else:
                     book.refused.add(key)
+                    book.why[key] = f"{status} {text[:300]!r} at {time.strftime('%H:%M:%S')} via {agent.name}"
         if status != 200:
             time.sleep(0.05)
 
@@ -361,6 +363,8 @@ def main():
         if lost:
             print(f"lost: {missing}", file=sys.stderr)
         ghosts = sum(len(book.refused & v) for v in views)
+        for key in sorted(set().union(*[book.refused & v for v in views])):
+            print(f"ghost {key}: refused as {book.why.get(key)}", file=sys.stderr)
         same = all(v == views[0] for v in views)
         print(f"\nCluster faults: 3 etcd members, 3 agents, {args.seconds} s schedule; nproc={os.cpu_count()}")
         print("| writes attempted | acknowledged | refused | agent down | outcome unknown | lost | ghosts | agents agree | "

@@ -1017,3 +1017,31 @@ fn agents_reach_etcd_over_tls_with_client_certificates_and_with_a_password() {
     let d = agent_on_with(dir, "auth-d", &[plain.url()], "/sec", &auth);
     shared_between(&c, &d);
 }
+
+/// The fault harness (`bench/faults.py`) in its short form: a 3-member etcd
+/// and 3 agents, writers through every agent while etcd members, an agent
+/// and a partition fail in turn, 2 s apart. It exits non-zero on a lost
+/// acknowledged write, a refused write that appears, or agents that do not
+/// agree; its table is printed. Its full form is a benchmark (RESULTS.md).
+#[test]
+fn the_fault_harness_loses_no_acknowledged_write() {
+    let _ = etcd_bin();
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .unwrap_or_else(|| {
+            panic!("python3 not found: the fault harness needs it (apt-get install -y python3)")
+        });
+    let root = env!("CARGO_MANIFEST_DIR");
+    let run = Command::new(python)
+        .arg(format!("{root}/bench/faults.py"))
+        .args(["--seconds", "18", "--binary", crate::support::bin()])
+        .current_dir(format!("{root}/bench"))
+        .output()
+        .expect("run bench/faults.py");
+    let out = String::from_utf8_lossy(&run.stdout);
+    let err = String::from_utf8_lossy(&run.stderr);
+    println!("{out}");
+    assert!(run.status.success(), "{:?}\n{out}\n{err}", run.status);
+    assert!(out.contains("| lost | ghosts |"), "{out}");
+}

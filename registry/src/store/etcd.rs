@@ -64,6 +64,23 @@ fn unreachable_member(err: &etcd_client::Error) -> bool {
     }
 }
 
+/// True when a request may have reached etcd's log even though it failed
+/// here (no answer in time, a broken stream): its outcome must be found out.
+fn ambiguous(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Aborted
+        ),
+        etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct EtcdOptions {
     pub endpoints: Vec<String>,
@@ -387,7 +404,12 @@ impl EtcdStore {
         when.extend(batch.ttl_expiries.iter().map(|(node, id)| {
             Compare::mod_revision(keys.pair("ttl", node, id), CompareOp::Less, seen + 1)
         }));
-        Ok(Txn::new().when(when).and_then(ops))
+        // When the compare fails, the mark says whether an earlier try of
+        // this very write was applied (its answer lost to a member's death).
+        Ok(Txn::new()
+            .when(when)
+            .and_then(ops)
+            .or_else(vec![TxnOp::get(self.mark.clone(), None)]))
     }
 }
 
@@ -485,7 +507,12 @@ impl Store for EtcdStore {
             let failed = match timeout(per_try.min(left), client.kv_client().txn(txn.clone())).await
             {
                 Ok(Ok(response)) => break response,
-                Ok(Err(err)) if unreachable_member(&err) => err.to_string(),
+                Ok(Err(err)) if unreachable_member(&err) || ambiguous(&err) => err.to_string(),
+                // Refused as such (too large, not allowed): not applied,
+                // unless an earlier try was.
+                Ok(Err(err)) if tries > 0 => {
+                    return self.resolve(&client, id, tries, err.to_string()).await
+                }
                 Ok(Err(err)) => return Err(io(err)),
                 Err(_) => format!("no answer within {per_try:?}"),
             };
@@ -501,9 +528,22 @@ impl Store for EtcdStore {
             sleep(pause).await;
         };
         let revision = response.header().map_or(0, |h| rev(h.revision()));
-        Ok(match response.succeeded() {
-            true => Committed::Shared { revision },
-            false => Committed::Conflict { revision },
+        if response.succeeded() {
+            return Ok(Committed::Shared { revision });
+        }
+        let mine = id.to_string();
+        let applied = response.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .filter(|kv| kv.value() == mine.as_bytes())
+                .map(|kv| rev(kv.mod_revision())),
+            _ => None,
+        });
+        Ok(match applied {
+            // An earlier try was applied; this one met its own change.
+            Some(at) => Committed::Shared { revision: at },
+            None => Committed::Conflict { revision },
         })
     }
 
