@@ -8,7 +8,8 @@ order: kill -9 of one etcd member and its restart; kill -9 of two members
 (quorum lost) and their restart; kill -9 of an agent and its restart (on its
 data directory); a partition of the third agent from etcd (every connection
 it has to etcd goes through a relay here, which cuts them all and refuses new
-ones, then heals). Monitors poll every agent's index (it must never go back
+ones, then heals; before that it delays, then pauses, the same traffic).
+Monitors poll every agent's index (it must never go back
 within one process), its staleness, its DNS (UDP) and its proxy.
 
 Afterwards, once the agents agree on the catalog index: every acknowledged
@@ -69,13 +70,16 @@ class Etcd:
 
 
 class Relay:
-    """TCP relay 127.0.0.1:port -> target that can be cut (every connection
-    closed, new ones refused) and healed."""
+    """TCP relay 127.0.0.1:port -> target that can be paused (bytes held,
+    connections kept), delayed (each chunk held `delay` s), cut (every
+    connection closed, new ones refused) and healed."""
 
     def __init__(self, target):
         self.target = target
         self.port = free_port()
-        self.cut = False
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.delay = 0.0
         self.conns = []
         self.lock = threading.Lock()
         self.listener = None
@@ -104,13 +108,15 @@ class Relay:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def pipe(a, b):
+    def pipe(self, a, b):
         try:
             while True:
                 data = a.recv(65536)
                 if not data:
                     break
+                self.flowing.wait()
+                if self.delay:
+                    time.sleep(self.delay)
                 b.sendall(data)
         except OSError:
             pass
@@ -138,6 +144,16 @@ class Relay:
 
     def heal(self):
         self.listen()
+
+    def pause(self):
+        self.flowing.clear()
+
+    def slow(self, delay):
+        self.delay = delay
+
+    def resume(self):
+        self.delay = 0.0
+        self.flowing.set()
 
 
 class Agent:
@@ -326,7 +342,7 @@ def main():
         threads.append(threading.Thread(target=monitor, args=(agents, stop, seen), daemon=True))
         for t in threads:
             t.start()
-        step = args.seconds / 9
+        step = args.seconds / 11
         schedule = [
             ("kill -9 etcd e0", lambda: members[0].kill()),
             ("restart e0", lambda: members[0].start("existing")),
@@ -334,7 +350,10 @@ def main():
             ("restart e1 and e2", lambda: (members[1].start("existing"), members[2].start("existing"))),
             ("kill -9 agent a1", lambda: agents[1].kill()),
             ("restart agent a1", lambda: agents[1].start()),
-            ("partition agent a2 from etcd", lambda: [r.partition() for r in relays]),
+            ("delay agent a2's etcd traffic 300 ms a chunk", lambda: [r.slow(0.3) for r in relays]),
+            ("pause agent a2's etcd traffic", lambda: [r.pause() for r in relays]),
+            ("resume it, then partition agent a2 from etcd",
+             lambda: [(r.resume(), r.partition()) for r in relays]),
             ("heal the partition", lambda: [r.heal() for r in relays]),
         ]
         for what, act in schedule:
