@@ -2,11 +2,10 @@
 //! h2 crate, without hyper's server: one task per connection carries every
 //! stream of it (no task per stream), each a future in the connection's
 //! own set, polled when its own wake-up comes. A request goes to
-//! `H2Tls::handle` like every other on this side; its response is sent as
-//! the client's window allows (a slow reader slows the endpoint), its
-//! trailers after. A stream the client resets drops its exchange (the
-//! upstream stream is reset in turn); a response body that fails (cut at a
-//! drain deadline) resets the stream with CANCEL.
+//! `H2Tls::handle` like every other on this side; its response is sent by
+//! `h2_body::send_body` (the client's window paces it; a failed body, cut at
+//! a drain deadline, resets the stream with CANCEL). A stream the client
+//! resets drops its exchange (the upstream stream is reset in turn).
 //!
 //! The connection ends gracefully (two-step GOAWAY by h2: streams in
 //! progress finish) at shutdown, when idle past its limits, and past
@@ -14,18 +13,18 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use hyper::body::{Body, Bytes, Frame, SizeHint};
+use hyper::body::{Body, Bytes};
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
-use crate::h2_tls::{Activity, BoxError, Exchange, H2Tls, ProxyBody};
+use crate::h2_body::{send_body, Received};
+use crate::h2_tls::{Activity, Exchange, H2Tls, ProxyBody};
 use crate::metrics::GoAway;
 
 /// Streams a client may open at once.
@@ -140,7 +139,7 @@ async fn exchange_stream(
     proto: &'static str,
     exchange: Exchange,
 ) {
-    let request = request.map(|recv| Received { recv, done: false });
+    let request = request.map(Received::new);
     let handled = h2.handle(request, peer, proto);
     let mut handled = std::pin::pin!(handled);
     // The client may reset the stream while the answer is being made:
@@ -158,126 +157,15 @@ async fn exchange_stream(
     drop(exchange);
 }
 
-/// Sends `response` on its stream: the head, the body as the client's
-/// window allows, the trailers.
+/// Sends `response` on its stream: the head, then the body as the client's
+/// window allows, then the trailers.
 async fn send(mut respond: h2::server::SendResponse<Bytes>, response: Response<ProxyBody>) {
-    let (parts, mut body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let end = body.is_end_stream();
-    let Ok(mut out) = respond.send_response(Response::from_parts(parts, ()), end) else {
+    let Ok(out) = respond.send_response(Response::from_parts(parts, ()), end) else {
         return;
     };
-    if end {
-        return;
-    }
-    loop {
-        let frame = std::future::poll_fn(|cx| {
-            if out.poll_reset(cx).is_ready() {
-                return Poll::Ready(Next::Reset);
-            }
-            match Pin::new(&mut body).poll_frame(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(None) => Poll::Ready(Next::End),
-                Poll::Ready(Some(Err(_))) => Poll::Ready(Next::Failed),
-                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Next::Frame(frame)),
-            }
-        })
-        .await;
-        let frame = match frame {
-            Next::Reset => return,
-            Next::End => {
-                let _ = out.send_data(Bytes::new(), true);
-                return;
-            }
-            Next::Failed => {
-                out.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-            Next::Frame(frame) => frame,
-        };
-        match frame.into_data() {
-            Ok(mut data) => {
-                while !data.is_empty() {
-                    out.reserve_capacity(data.len());
-                    let granted = std::future::poll_fn(|cx| out.poll_capacity(cx)).await;
-                    let Some(Ok(granted)) = granted else {
-                        // Reset by the client, or the connection ended.
-                        return;
-                    };
-                    let chunk = data.split_to(granted.min(data.len()));
-                    let last = data.is_empty() && body.is_end_stream();
-                    if out.send_data(chunk, last).is_err() || last {
-                        return;
-                    }
-                }
-            }
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = out.send_trailers(trailers);
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// What a response body gave next.
-enum Next {
-    Frame(Frame<Bytes>),
-    End,
-    Failed,
-    Reset,
-}
-
-/// A request body from the client: data as it is forwarded (each read gives
-/// the client that much window back), then the trailers.
-struct Received {
-    recv: h2::RecvStream,
-    done: bool,
-}
-
-impl Body for Received {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if !self.recv.is_end_stream() {
-            match self.recv.poll_data(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Ready(None) => {}
-            }
-        }
-        match self.recv.poll_trailers(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(trailers)) => {
-                self.done = true;
-                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
-            }
-            Poll::Ready(Err(e)) => {
-                self.done = true;
-                Poll::Ready(Some(Err(e.into())))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+    if !end {
+        send_body(body, out).await;
     }
 }

@@ -22,6 +22,7 @@ mod deadline;
 pub mod fuzzing;
 mod grace;
 mod grpc_web;
+mod h2_body;
 mod h2_server;
 mod h2_tls;
 mod io;

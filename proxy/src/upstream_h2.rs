@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::h2_body::{send_body, Received};
 use crate::h2_tls::{BoxError, ProxyBody};
 use crate::metrics::H2Metrics;
 use crate::stats::now_ns;
@@ -150,7 +150,6 @@ fn find(key: Key) -> Found {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let slots = pool.entry(key).or_default();
-        let mut waker = Context::from_waker(std::task::Waker::noop());
         // Settled openings become connections; ended ones leave.
         slots.retain_mut(|slot| {
             if let Slot::Connecting(opened) = slot {
@@ -161,20 +160,9 @@ fn find(key: Key) -> Found {
                     None => return true,
                 }
             }
-            let Slot::Ready(ready) = slot else {
-                return true;
-            };
-            if ready.state.closed.load(Relaxed) {
-                return false;
-            }
-            // A connection error (a GOAWAY, the endpoint gone) shows here
-            // before any stream is written to it.
-            match ready.send.poll_ready(&mut waker) {
-                Poll::Ready(Ok(())) => true,
-                _ => {
-                    ready.state.closed.store(true, Relaxed);
-                    false
-                }
+            match slot {
+                Slot::Ready(ready) => !ready.state.closed.load(Relaxed),
+                Slot::Connecting(_) => true,
             }
         });
         let mut least: Option<&Ready> = None;
@@ -183,7 +171,7 @@ fn find(key: Key) -> Found {
             match slot {
                 Slot::Ready(ready) => {
                     let open = ready.state.streams.load(Relaxed) as usize;
-                    if open < ready.send.current_max_send_streams() {
+                    if open < ready.send.current_max_send_streams() && usable(ready) {
                         return Found::Use(ready.clone());
                     }
                     if least.is_none_or(|l| l.state.streams.load(Relaxed) > open as u32) {
@@ -197,10 +185,24 @@ fn find(key: Key) -> Found {
             return Found::Wait(opened);
         }
         match least {
-            Some(ready) if slots.len() >= MAX_CONNECTIONS => Found::Use(ready.clone()),
+            Some(ready) if slots.len() >= MAX_CONNECTIONS && usable(ready) => {
+                Found::Use(ready.clone())
+            }
             _ => Found::Open,
         }
     })
+}
+
+/// Whether `ready` can take a stream. A connection error (a GOAWAY, the
+/// endpoint gone) shows here before any stream is written to it; only the
+/// connection about to be used is asked (h2 takes its lock for it).
+fn usable(ready: &Ready) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let ok = matches!(ready.send.clone().poll_ready(&mut cx), Poll::Ready(Ok(())));
+    if !ok {
+        ready.state.closed.store(true, Relaxed);
+    }
+    ok
 }
 
 /// Starts opening a connection to `key` on its own task (a request that
@@ -510,13 +512,12 @@ async fn attempt(
             }
         }
         Outgoing::Stream(body) => {
-            tokio::spawn(pump(body, outgoing));
+            tokio::spawn(send_body(body, outgoing));
         }
     }
     match response.await {
         Ok(response) => Ok(response.map(|recv| Incoming {
-            recv,
-            done: false,
+            body: Received::new(recv),
             _open: open,
         })),
         Err(e) => Err(judge(e, id, &state, target.metrics)),
@@ -540,47 +541,6 @@ fn judge(e: h2::Error, id: u32, state: &ConnState, metrics: &H2Metrics) -> (Fail
         return (Failure::Unsent(e.into()), false);
     }
     (Failure::Broken(e.into()), false)
-}
-
-/// Copies a request body onto its stream as the stream's window allows,
-/// so a slow endpoint slows the client (the body is read only as fast as
-/// it is sent).
-async fn pump(mut body: ProxyBody, mut outgoing: h2::SendStream<Bytes>) {
-    loop {
-        let frame = match body.frame().await {
-            None => {
-                let _ = outgoing.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Err(_)) => {
-                outgoing.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-            Some(Ok(frame)) => frame,
-        };
-        let frame = match frame.into_data() {
-            Ok(mut data) => {
-                while !data.is_empty() {
-                    outgoing.reserve_capacity(data.len());
-                    let granted = std::future::poll_fn(|cx| outgoing.poll_capacity(cx)).await;
-                    let Some(Ok(granted)) = granted else {
-                        // The stream was reset or the connection ended.
-                        return;
-                    };
-                    let chunk = data.split_to(granted.min(data.len()));
-                    if outgoing.send_data(chunk, false).is_err() {
-                        return;
-                    }
-                }
-                continue;
-            }
-            Err(frame) => frame,
-        };
-        if let Ok(trailers) = frame.into_trailers() {
-            let _ = outgoing.send_trailers(trailers);
-            return;
-        }
-    }
 }
 
 /// A stream counted open on its connection and endpoint until dropped.
@@ -609,11 +569,10 @@ impl Drop for Open {
     }
 }
 
-/// A response body from an endpoint: data as the client takes it (each
-/// read gives the endpoint that much window back), then the trailers.
+/// A response body from an endpoint (`h2_body::Received`), its stream
+/// counted open until the body is dropped.
 pub(crate) struct Incoming {
-    recv: h2::RecvStream,
-    done: bool,
+    body: Received,
     _open: Open,
 }
 
@@ -625,46 +584,15 @@ impl Body for Incoming {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if !self.recv.is_end_stream() {
-            match self.recv.poll_data(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Ready(None) => {}
-            }
-        }
-        match self.recv.poll_trailers(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(trailers))) => {
-                self.done = true;
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-            Poll::Ready(Ok(None)) => {
-                self.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Err(e)) => {
-                self.done = true;
-                Poll::Ready(Some(Err(e.into())))
-            }
-        }
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.recv.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        self.body.size_hint()
     }
 }
 

@@ -274,6 +274,29 @@ fn served_by(agent: &Agent, upstream: &Upstream) -> bool {
     dns_ok && get(agent.http, "web.test", "/").body == upstream.name
 }
 
+/// With etcd down (`a` holding only `w1` of service web): a write through
+/// `a` is refused with a store error and changes nothing; after `etcd`
+/// restarts, the same write goes through and `b` sees it.
+fn refused_until_etcd_returns(a: &Client, b: &Client, etcd: &mut Etcd) {
+    let up2 = Upstream::start("u2");
+    let body = json!({
+        "nodes": [{"name": "n1", "address": "127.0.0.1"}],
+        "endpoints": [{"node": "n1", "service": "web", "id": "w2", "address": "127.0.0.1",
+                       "port": up2.addr.port()}],
+    });
+    let refused = a.put("/v1/switchyard/batch", &body.to_string());
+    assert_eq!(refused.status, 500, "{}", refused.body);
+    assert!(refused.body.contains("store"), "{}", refused.body);
+    assert_eq!(ids(&a.get_ok("/v1/health/service/web").json()), ["w1"]);
+    etcd.restart();
+    eventually("A writes again", Duration::from_secs(30), || {
+        (a.put("/v1/switchyard/batch", &body.to_string()).status == 200).then_some(())
+    });
+    eventually("B sees the write", Duration::from_secs(20), || {
+        (ids(&b.get_ok("/v1/health/service/web").json()) == ["w1", "w2"]).then_some(())
+    });
+}
+
 fn index(c: &Client, path: &str) -> u64 {
     c.get_ok(path)
         .header("X-Consul-Index")
@@ -423,26 +446,9 @@ fn agents_answer_from_their_last_state_while_etcd_is_down() {
     });
     assert!(staleness >= 1000);
     assert_eq!(cb.metric("switchyard_registry_store_connected"), Some(0.0));
-    // A write cannot be made durable: refused with a clear error, nothing applied.
-    let up2 = Upstream::start("u2");
-    let body = json!({
-        "nodes": [{"name": "n1", "address": "127.0.0.1"}],
-        "endpoints": [{"node": "n1", "service": "web", "id": "w2", "address": "127.0.0.1",
-                       "port": up2.addr.port()}],
-    });
-    let refused = ca.put("/v1/switchyard/batch", &body.to_string());
-    assert_eq!(refused.status, 500, "{}", refused.body);
-    assert!(refused.body.contains("store"), "{}", refused.body);
-    assert_eq!(ids(&ca.get_ok("/v1/health/service/web").json()), ["w1"]);
-
-    // etcd returns: both agents reconnect and catch up.
-    etcd.restart();
-    eventually("A writes again", Duration::from_secs(30), || {
-        (ca.put("/v1/switchyard/batch", &body.to_string()).status == 200).then_some(())
-    });
-    eventually("B catches up", Duration::from_secs(20), || {
-        (ids(&cb.get_ok("/v1/health/service/web").json()) == ["w1", "w2"]).then_some(())
-    });
+    // A write cannot be made durable: refused with a clear error, nothing
+    // applied; once etcd returns, both agents reconnect and catch up.
+    refused_until_etcd_returns(&ca, &cb, &mut etcd);
     let status = cb.get_ok("/v1/switchyard/status").json();
     assert_eq!(status["store_state"]["connected"], true, "{status}");
 }
@@ -483,25 +489,9 @@ fn an_agent_started_while_etcd_is_down_serves_its_copy_and_converges() {
         status["store_state"]["staleness_ms"].as_u64() > Some(0),
         "stale, with the copy's age: {status}"
     );
-    let up2 = Upstream::start("u2");
-    let body = json!({
-        "nodes": [{"name": "n1", "address": "127.0.0.1"}],
-        "endpoints": [{"node": "n1", "service": "web", "id": "w2", "address": "127.0.0.1",
-                       "port": up2.addr.port()}],
-    });
-    let refused = ca.put("/v1/switchyard/batch", &body.to_string());
-    assert_eq!(refused.status, 500, "{}", refused.body);
-    assert!(refused.body.contains("store"), "{}", refused.body);
-    assert_eq!(ids(&ca.get_ok("/v1/health/service/web").json()), ["w1"]);
-
-    // etcd returns: A takes etcd's catalog, registers itself, writes again.
-    etcd.restart();
-    eventually("A writes again", Duration::from_secs(30), || {
-        (ca.put("/v1/switchyard/batch", &body.to_string()).status == 200).then_some(())
-    });
-    eventually("B sees A's write", Duration::from_secs(20), || {
-        (ids(&cb.get_ok("/v1/health/service/web").json()) == ["w1", "w2"]).then_some(())
-    });
+    // Writes are refused; once etcd returns, A takes etcd's catalog, writes
+    // again, and B sees it.
+    refused_until_etcd_returns(&ca, &cb, &mut etcd);
     eventually("A's node is registered", Duration::from_secs(20), || {
         let node = ca.get("/v1/catalog/node/agent-a");
         (node.status == 200 && node.json()["Node"]["Node"] == "agent-a").then_some(())
