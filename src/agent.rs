@@ -241,6 +241,17 @@ impl Running {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let answers = api::Answers::register(&prometheus).context("API metrics")?;
+        // Other datacenters: always known (the list may be empty), probed
+        // for their round trips until shutdown.
+        let federation = Arc::new(
+            switchyard_federation::Federation::new(
+                &config.agent.datacenter,
+                &config.federation,
+                &prometheus,
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
+        tokio::spawn(federation.clone().run(shutdown_rx.clone()));
         let state = Arc::new(ApiState {
             registry: registry.clone(),
             agent: AgentInfo {
@@ -263,6 +274,7 @@ impl Running {
             tokens: api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?,
             listeners: std::sync::OnceLock::new(),
             answers,
+            federation: Some(federation),
         });
         let api_listener = match sockets.as_mut().and_then(|s| s.api.take()) {
             Some(listener) => listener,

@@ -121,6 +121,13 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// List the datacenters: this one, then the others ([[federation.datacenters]])
+    /// by measured round trip, with whether they answer.
+    Datacenters {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drain a node or one endpoint: DNS and the proxy stop sending it new
     /// traffic at once; work in flight finishes, long-lived connections are
     /// cut at the deadline.
@@ -257,6 +264,7 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
         Commands::Endpoints { service, json } => client(endpoints(&cli.api, &service, json)),
         Commands::Register { file } => client(register(&cli.api, &file)),
         Commands::Nodes { json } => client(nodes(&cli.api, json)),
+        Commands::Datacenters { json } => client(datacenters(&cli.api, json)),
         Commands::Drain { target } => {
             let (path, opts) = match target {
                 DrainTarget::Node { name, opts } => (node_drain_path(&name), opts),
@@ -673,6 +681,43 @@ fn nodes(api: &str, as_json: bool) -> anyhow::Result<()> {
             s("state"),
             num(row, "endpoints"),
             deadline
+        );
+    }
+    Ok(())
+}
+
+fn datacenters(api: &str, as_json: bool) -> anyhow::Result<()> {
+    let list = get_json(api, "/v1/switchyard/datacenters")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<10} {:>10} {:>13}  API",
+        "DATACENTER", "STATE", "RTT", "LAST CONTACT"
+    );
+    for row in list.as_array().into_iter().flatten() {
+        let name = row.get("name").and_then(Value::as_str).unwrap_or("");
+        let state = match (row.get("local"), row.get("reachable")) {
+            (Some(Value::Bool(true)), _) => "local",
+            (_, Some(Value::Bool(true))) => "reachable",
+            _ => "unreached",
+        };
+        let ms = |key: &str| row.get(key).and_then(Value::as_f64);
+        let rtt = ms("rtt_ms").map_or("-".to_string(), |ms| format!("{ms:.2} ms"));
+        let contact = ms("last_contact_ms").map_or("never".to_string(), |ms| {
+            humantime::format_duration(Duration::from_millis(ms as u64)).to_string() + " ago"
+        });
+        let api: Vec<&str> = row
+            .get("api")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "{name:<20} {state:<10} {rtt:>10} {contact:>13}  {}",
+            api.join(", ")
         );
     }
     Ok(())

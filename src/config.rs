@@ -17,6 +17,8 @@ pub(crate) struct AgentConfig {
     pub(crate) dns: switchyard_dns::Config,
     pub(crate) http: switchyard_proxy::Config,
     pub(crate) tcp: switchyard_proxy::TcpConfig,
+    /// `[federation]`: the other datacenters this agent may ask.
+    pub(crate) federation: switchyard_federation::FederationConfig,
     /// Services of this agent's node with their checks, in Consul's service
     /// definition shape (`name`, `id`, `port`, `tags`, `meta`, `check` or
     /// `checks` with `http`/`tcp`/`grpc`/`ttl`, `interval`, ...), registered
@@ -125,6 +127,7 @@ impl AgentConfig {
             self.store.etcd_options("check")?;
         }
         self.dns.validate()?;
+        self.federation.validate(&self.agent.datacenter)?;
         self.http.validate()?;
         self.tcp.validate()?;
         self.service_commands("config-check").map(|_| ())

@@ -112,6 +112,9 @@ pub(crate) fn summary(config: &AgentConfig, data_dir: DataDir) -> String {
             serde_name(&listener.balancer)
         );
     }
+    for dc in &config.federation.datacenters {
+        let _ = writeln!(out, "datacenter {} at {}", dc.name, dc.api.join(", "));
+    }
     let names: Vec<String> = config
         .services
         .iter()

@@ -7,6 +7,7 @@ mod connections;
 mod dashboard;
 mod dns;
 mod drain;
+mod federation;
 mod grpc;
 mod health;
 mod house;

@@ -132,8 +132,14 @@ impl Agent {
     }
 
     pub(crate) fn client(&self) -> Client {
+        Client::new(&self.api)
+    }
+
+    /// A client that presents `token` (X-Consul-Token) with every request.
+    pub(crate) fn client_with_token(&self, token: &str) -> Client {
         Client {
             base: self.api.clone(),
+            token: Some(token.to_string()),
         }
     }
 
@@ -247,6 +253,7 @@ impl Answer {
 #[derive(Clone)]
 pub(crate) struct Client {
     base: String,
+    token: Option<String>,
 }
 
 impl Client {
@@ -254,6 +261,7 @@ impl Client {
     pub(crate) fn new(base: &str) -> Client {
         Client {
             base: base.to_string(),
+            token: None,
         }
     }
 }
@@ -294,21 +302,33 @@ impl Client {
         }
     }
 
+    fn with_token<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(token) => request.header("X-Consul-Token", token),
+            None => request,
+        }
+    }
+
     pub(crate) fn get(&self, path: &str) -> Answer {
-        Self::answer(Self::agent().get(format!("{}{path}", self.base)).call())
+        Self::answer(
+            self.with_token(Self::agent().get(format!("{}{path}", self.base)))
+                .call(),
+        )
     }
 
     pub(crate) fn put(&self, path: &str, body: &str) -> Answer {
         Self::answer(
-            Self::agent()
-                .put(format!("{}{path}", self.base))
+            self.with_token(Self::agent().put(format!("{}{path}", self.base)))
                 .header("Content-Type", "application/json")
                 .send(body),
         )
     }
 
     pub(crate) fn delete(&self, path: &str) -> Answer {
-        Self::answer(Self::agent().delete(format!("{}{path}", self.base)).call())
+        Self::answer(
+            self.with_token(Self::agent().delete(format!("{}{path}", self.base)))
+                .call(),
+        )
     }
 
     /// PUT that must succeed.

@@ -74,7 +74,7 @@ pub(super) async fn agent_self(State(state): St) -> ApiResult {
 }
 
 pub(super) async fn agent_services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let snap = state.registry.snapshot();
     let dc = state.agent.datacenter.as_str();
     let node = snap.node(&state.agent.node_name);
@@ -94,7 +94,7 @@ pub(super) async fn agent_service(
     Path(id): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let node_name = state.agent.node_name.clone();
     let hash_of = |snap: &Snapshot| -> Option<(String, u64)> {
         let entry = snap.node(&node_name)?;
@@ -153,7 +153,7 @@ pub(super) async fn agent_service(
 }
 
 pub(super) async fn agent_checks(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let snap = state.registry.snapshot();
     let mut out = BTreeMap::new();
     if let Some(entry) = snap.node(&state.agent.node_name) {
@@ -453,15 +453,16 @@ pub(super) async fn catalog_deregister(State(state): St, body: Bytes) -> ApiResu
 
 pub(super) async fn catalog_datacenters(State(state): St) -> ApiResult {
     let snap = state.registry.snapshot();
-    json(
-        &[&state.agent.datacenter],
-        snap.index(),
-        &QueryOpts::default(),
-    )
+    // Ours first, then the others by measured round trip (as Consul does).
+    let names = match &state.federation {
+        Some(federation) => federation.names(),
+        None => vec![state.agent.datacenter.clone()],
+    };
+    json(&names, snap.index(), &QueryOpts::default())
 }
 
 pub(super) async fn catalog_services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = block(&state, &opts, None, |s| {
         s.tables().services.max(s.tables().nodes)
     })
@@ -499,7 +500,7 @@ pub(super) async fn catalog_service(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
         s.service_index(&name)
     })
@@ -527,7 +528,7 @@ pub(super) async fn catalog_service(
 }
 
 pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = block(&state, &opts, None, |s| s.tables().nodes).await?;
     let dc = state.agent.datacenter.as_str();
     let build = || -> Vec<NodeOut<'_>> {
@@ -553,7 +554,7 @@ pub(super) async fn catalog_node(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = block(&state, &opts, Some(WatchKey::Node(&name)), |s| {
         s.node(&name).map_or(1, |n| n.index)
     })
@@ -578,7 +579,7 @@ pub(super) async fn health_service(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
         s.service_index(&name)
     })
@@ -634,7 +635,7 @@ pub(super) async fn health_checks(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
         s.service_index(&name)
     })
@@ -669,7 +670,7 @@ pub(super) async fn health_state(
     Path(wanted): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let filter = match wanted.as_str() {
         "any" => None,
         other => Some(Status::parse(other).ok_or_else(|| ApiError::bad_request("Invalid state"))?),
@@ -702,7 +703,7 @@ pub(super) async fn health_node(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = block(&state, &opts, Some(WatchKey::Node(&name)), |s| {
         s.node(&name).map_or(1, |n| n.index)
     })

@@ -97,6 +97,7 @@ pub fn api_request(data: &[u8]) {
             tokens: Tokens::default(),
             listeners: OnceLock::new(),
             answers: Default::default(),
+            federation: None,
         });
         let before = registry.snapshot().index();
         let answer =

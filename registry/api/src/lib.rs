@@ -9,6 +9,7 @@ mod answers;
 mod config;
 mod consul;
 mod decode;
+mod federation;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -66,6 +67,8 @@ pub struct ApiState {
     pub listeners: std::sync::OnceLock<serde_json::Value>,
     /// Bodies shared by blocking queries that ask the same.
     pub answers: Answers,
+    /// The other datacenters (`[federation]`): `?dc=` requests go there.
+    pub federation: Option<Arc<switchyard_federation::Federation>>,
 }
 
 impl ApiState {
@@ -362,6 +365,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status/peers", reads(get(consul::status_peers)))
         .route("/v1/switchyard/status", reads(get(native::status)))
         .route(
+            "/v1/switchyard/datacenters",
+            reads(get(native::datacenters)),
+        )
+        .route(
             "/v1/switchyard/batch",
             register(put(native::batch).post(native::batch)),
         )
@@ -406,6 +413,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/ui/nodes", public(get(ui::nodes)))
         .route("/ui/assets/{file}", public(get(ui::asset)))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            federation::forward,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             common_headers,
@@ -506,8 +517,16 @@ async fn common_headers(
             headers.remove(header::CONTENT_LENGTH);
         }
     }
+    let forwarded = response
+        .extensions()
+        .get::<federation::Forwarded>()
+        .is_some();
     let headers = response.headers_mut();
     headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    if forwarded {
+        // Another datacenter's answer: its X-Consul-* headers stand.
+        return response;
+    }
     if !headers.contains_key(X_CONSUL_INDEX) {
         let index = state.registry.snapshot().index().max(1);
         headers.insert(X_CONSUL_INDEX, HeaderValue::from(index));
@@ -596,7 +615,6 @@ struct QueryOpts {
     wait: Option<Duration>,
     pretty: bool,
     consistency: &'static str,
-    dc: Option<String>,
     tags: Vec<String>,
     node_meta: Vec<(String, String)>,
     passing: bool,
@@ -613,7 +631,7 @@ fn parse_bool(value: &str) -> Option<bool> {
 }
 
 impl QueryOpts {
-    fn parse(pairs: &Pairs, state: &ApiState) -> Result<QueryOpts, ApiError> {
+    fn parse(pairs: &Pairs) -> Result<QueryOpts, ApiError> {
         let mut opts = QueryOpts {
             consistency: "leader",
             ..QueryOpts::default()
@@ -635,7 +653,6 @@ impl QueryOpts {
                 "stale" => stale = true,
                 "consistent" => consistent = true,
                 "cached" => cached = true,
-                "dc" => opts.dc = Some(value.clone()).filter(|v| !v.is_empty()),
                 "tag" => opts.tags.push(value.clone()),
                 "node-meta" => {
                     let (k, v) = value.split_once(':').unwrap_or((value.as_str(), ""));
@@ -668,14 +685,9 @@ impl QueryOpts {
         } else if consistent {
             opts.consistency = "consistent";
         }
-        if let Some(dc) = &opts.dc {
-            if *dc != state.agent.datacenter {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("No path to datacenter {dc:?}"),
-                ));
-            }
-        }
+        // `dc` naming another datacenter was forwarded there
+        // (`federation::forward`) or is ignored, as Consul's agent
+        // endpoints ignore it.
         Ok(opts)
     }
 

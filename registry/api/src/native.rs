@@ -55,6 +55,19 @@ pub(super) async fn status(State(state): St) -> ApiResult {
     json(&body, snap.index(), &QueryOpts::default())
 }
 
+/// The datacenters this agent knows: its own first, then the others by
+/// measured round trip, with whether they answer and their addresses.
+pub(super) async fn datacenters(State(state): St) -> ApiResult {
+    let snap = state.registry.snapshot();
+    let body = match &state.federation {
+        Some(federation) => serde_json::to_value(federation.datacenters())
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        None => json!([{ "name": state.agent.datacenter, "local": true, "reachable": true,
+            "rtt_ms": 0.0, "last_contact_ms": 0, "api": [], "proxy": [] }]),
+    };
+    json(&body, snap.index(), &QueryOpts::default())
+}
+
 /// How current this agent's catalog is: a shared store may be out of reach,
 /// and then DNS and the proxy answer from the last state seen.
 fn store_state(registry: &switchyard_registry::Registry) -> serde_json::Value {
@@ -209,7 +222,7 @@ struct ServiceSummary<'a> {
 }
 
 pub(super) async fn services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = super::block(&state, &opts, None, |s| {
         s.tables().services.max(s.tables().checks)
     })
@@ -270,7 +283,7 @@ pub(super) async fn service(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = super::block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
         s.service_index(&name)
     })
@@ -345,7 +358,7 @@ fn node_json(state: &ApiState, entry: &NodeEntry) -> serde_json::Value {
 }
 
 pub(super) async fn nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q, &state)?;
+    let opts = QueryOpts::parse(&q)?;
     let (snap, index) = super::block(&state, &opts, None, |s| s.tables().nodes).await?;
     let out: Vec<_> = snap
         .nodes_sorted()

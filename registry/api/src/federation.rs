@@ -1,0 +1,160 @@
+//! Requests for another datacenter (`?dc=NAME`): forwarded whole to one of
+//! its agents and answered with its response, headers and all, blocking
+//! queries included (the index is the remote one). A forwarded request is
+//! never forwarded again, and a datacenter this agent has no entry for gets
+//! Consul's "No path to datacenter".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use switchyard_federation::{FederationError, FORWARDED_FROM};
+
+use crate::{ApiError, ApiState};
+
+/// Marks a response that another datacenter gave.
+#[derive(Clone, Copy)]
+pub(crate) struct Forwarded;
+
+/// Consul's answer for a datacenter it cannot reach.
+pub(crate) fn no_path(dc: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("No path to datacenter {dc:?}"),
+    )
+}
+
+/// The reads and writes that name a datacenter; agent endpoints are this
+/// agent's own, whatever `dc` says (as in Consul).
+fn forwardable(path: &str) -> bool {
+    if path == "/v1/catalog/datacenters" {
+        return false;
+    }
+    [
+        "/v1/catalog/",
+        "/v1/health/",
+        "/v1/status/",
+        "/v1/switchyard/services",
+    ]
+    .iter()
+    .any(|prefix| path.starts_with(prefix))
+}
+
+fn param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// How long the remote datacenter may take to answer: a blocking query's
+/// wait (capped as this agent caps its own, plus the remote's jitter of up
+/// to a sixteenth) and a margin; 30 s for anything else.
+fn answer_within(state: &ApiState, query: Option<&str>) -> Duration {
+    let blocking = param(query, "index").is_some_and(|i| i != "0" && !i.is_empty());
+    if !blocking {
+        return Duration::from_secs(30);
+    }
+    let wait = param(query, "wait")
+        .and_then(|w| switchyard_catalog::parse_go_duration(w).ok())
+        .unwrap_or(Duration::from_secs(300))
+        .min(state.config.max_wait);
+    wait + wait / 16 + Duration::from_secs(10)
+}
+
+/// The middleware: requests for this datacenter pass on; others go there.
+pub(crate) async fn forward(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let query = request.uri().query();
+    let Some(dc) = param(query, "dc").filter(|dc| !dc.is_empty()) else {
+        return next.run(request).await;
+    };
+    if dc == state.agent.datacenter || !forwardable(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let dc = dc.to_string();
+    if let Some(from) = request.headers().get(FORWARDED_FROM) {
+        let from = String::from_utf8_lossy(from.as_bytes()).into_owned();
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "No path to datacenter {dc:?}: datacenter {from:?} sent this request to {:?}, which does not forward it again",
+                state.agent.datacenter
+            ),
+        )
+        .into_response();
+    }
+    let Some(federation) = state.federation.as_ref().filter(|f| f.knows(&dc)) else {
+        return no_path(&dc).into_response();
+    };
+    let within = answer_within(&state, query);
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, state.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+    };
+    let request = Request::from_parts(parts, body);
+    let mut response = match federation.forward(&dc, request, within).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
+                // Say whose refusal it is: the client's token was checked there.
+                let text = match body.collect().await {
+                    Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                    Err(_) => String::new(),
+                };
+                ApiError::new(
+                    parts.status,
+                    format!("datacenter {dc:?} refused the request: {}", text.trim()),
+                )
+                .into_response()
+            } else {
+                Response::from_parts(parts, Body::new(body))
+            }
+        }
+        Err(error) => {
+            let status = match error {
+                FederationError::Unknown(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                FederationError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                FederationError::Unreachable { .. } | FederationError::Request { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            };
+            tracing::debug!(datacenter = %dc, %error, "forward failed");
+            ApiError::new(status, error.to_string()).into_response()
+        }
+    };
+    response.extensions_mut().insert(Forwarded);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_endpoints_stay_local_and_catalog_reads_go() {
+        assert!(forwardable("/v1/catalog/service/web"));
+        assert!(forwardable("/v1/health/service/web"));
+        assert!(forwardable("/v1/switchyard/services/web"));
+        assert!(!forwardable("/v1/catalog/datacenters"));
+        assert!(!forwardable("/v1/agent/services"));
+        assert!(!forwardable("/v1/switchyard/nodes/n1/drain"));
+    }
+
+    #[test]
+    fn parameters_are_found_by_whole_key() {
+        assert_eq!(param(Some("index=5&dc=dc2"), "dc"), Some("dc2"));
+        assert_eq!(param(Some("xdc=dc2"), "dc"), None);
+        assert_eq!(param(Some("dc"), "dc"), Some(""));
+        assert_eq!(param(None, "dc"), None);
+    }
+}

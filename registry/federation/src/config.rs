@@ -1,0 +1,161 @@
+//! The `[federation]` table: the other datacenters this agent may ask, by
+//! configuration (no gossip, no full mesh: a datacenter needs a path only to
+//! the ones it names).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// The other datacenters (`[[federation.datacenters]]`).
+    pub datacenters: Vec<DatacenterConfig>,
+    /// How often each datacenter's agents are probed for their round trip.
+    /// Default 2 s.
+    #[serde(deserialize_with = "go_duration")]
+    pub probe_interval: Duration,
+    /// Longest wait for a connection to another datacenter's agent (and for
+    /// a probe's answer). Default 2 s.
+    #[serde(deserialize_with = "go_duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            datacenters: Vec::new(),
+            probe_interval: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One other datacenter.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatacenterConfig {
+    /// Its name, as `?dc=` and DNS labels give it.
+    pub name: String,
+    /// Some of its agents' API addresses (`host:port`, `http://host:port` or
+    /// `https://host:port`); any of them may answer.
+    pub api: Vec<String>,
+    /// A file holding the token this agent presents there (its own probes,
+    /// and client requests forwarded without a token of their own).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificates (PEM) to verify its agents' `https` addresses with.
+    /// Default: the Mozilla roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Addresses of its ingress proxies (`host:port`).
+    #[serde(default)]
+    pub proxy: Vec<String>,
+}
+
+impl FederationConfig {
+    /// Rules across fields; `local` is this agent's datacenter.
+    pub fn validate(&self, local: &str) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, dc) in self.datacenters.iter().enumerate() {
+            let at = format!("federation.datacenters[{i}]");
+            if !valid_name(&dc.name) {
+                return Err(format!(
+                    "{at}.name {:?}: a datacenter name is letters, digits, '-' and '_' (a DNS label)",
+                    dc.name
+                ));
+            }
+            if dc.name == local {
+                return Err(format!(
+                    "{at}.name {:?} is this agent's own datacenter (agent.datacenter)",
+                    dc.name
+                ));
+            }
+            if !seen.insert(dc.name.as_str()) {
+                return Err(format!("{at}.name {:?} is named twice", dc.name));
+            }
+            if dc.api.is_empty() {
+                return Err(format!(
+                    "{at}.api: give at least one agent address of datacenter {:?}",
+                    dc.name
+                ));
+            }
+            for address in &dc.api {
+                crate::client::base_uri(address).map_err(|e| format!("{at}.api: {e}"))?;
+            }
+            if let Some(path) = &dc.token_file {
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("{at}.token_file: cannot read {}: {e}", path.display()))?;
+            }
+            for address in &dc.proxy {
+                if address.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!(
+                        "{at}.proxy: {address:?} is not an address (ip:port)"
+                    ));
+                }
+            }
+        }
+        if self.probe_interval < Duration::from_millis(100) {
+            return Err("federation.probe_interval must be at least 100ms".to_string());
+        }
+        if self.connect_timeout.is_zero() {
+            return Err("federation.connect_timeout must be above 0".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// A datacenter name: one DNS label of letters, digits, `-` and `_`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn go_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    switchyard_catalog::parse_go_duration(&text).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> FederationConfig {
+        toml::from_str(text).expect("parses")
+    }
+
+    #[test]
+    fn a_datacenter_needs_a_name_of_its_own_and_an_address() {
+        let ok = parse("[[datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:8500\", \"https://dc2.example:8501\"]\n");
+        assert_eq!(ok.validate("dc1"), Ok(()));
+        let own = ok.validate("dc2").expect_err("own name");
+        assert!(own.contains("own datacenter"), "{own}");
+        let none = parse("[[datacenters]]\nname = \"dc2\"\napi = []\n");
+        assert!(none
+            .validate("dc1")
+            .expect_err("no address")
+            .contains("at least one"));
+        let bad = parse("[[datacenters]]\nname = \"dc 2\"\napi = [\"127.0.0.1:1\"]\n");
+        assert!(bad
+            .validate("dc1")
+            .expect_err("bad name")
+            .contains("DNS label"));
+        let twice = parse("[[datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:1\"]\n[[datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:2\"]\n");
+        assert!(twice.validate("dc1").expect_err("twice").contains("twice"));
+        let scheme = parse("[[datacenters]]\nname = \"dc2\"\napi = [\"ftp://x:1\"]\n");
+        assert!(scheme.validate("dc1").expect_err("scheme").contains("http"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<FederationConfig>(
+            "[[datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:1\"]\nport = 3\n",
+        )
+        .expect_err("unknown key");
+        assert!(e.to_string().contains("port"), "{e}");
+    }
+}

@@ -1,0 +1,531 @@
+//! Other datacenters, by configuration: no gossip and no full mesh. Each
+//! `[[federation.datacenters]]` entry names a datacenter and some of its
+//! agents' API addresses. This crate probes them for their round trip
+//! ([`Federation::run`]), orders the datacenters by it
+//! ([`Federation::datacenters`], Consul's `/v1/catalog/datacenters`), and
+//! forwards requests to them ([`Federation::forward`], `?dc=`), over pooled
+//! keep-alive connections, cleartext or TLS.
+//!
+//! A forwarded request carries the client's own token, never this agent's:
+//! the remote datacenter's token rules decide, and a request the local agent
+//! would refuse is not let through on the agent's credentials.
+
+mod client;
+pub mod config;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, Uri};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts};
+use tokio::sync::watch;
+
+pub use crate::config::{DatacenterConfig, FederationConfig};
+
+/// Marks a request one agent forwarded to another datacenter: the receiver
+/// answers it itself and never forwards it again (no loops, no relays).
+pub const FORWARDED_FROM: HeaderName = HeaderName::from_static("x-switchyard-forwarded-from");
+
+/// Why a request could not be answered by another datacenter.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    #[error("No path to datacenter {0:?}: it is not one of [[federation.datacenters]]")]
+    Unknown(String),
+    #[error("datacenter {dc:?} is not reachable (tried {tried}): {error}")]
+    Unreachable {
+        dc: String,
+        tried: String,
+        error: String,
+    },
+    #[error("datacenter {dc:?} did not answer within {after:?}")]
+    Timeout { dc: String, after: Duration },
+    #[error("request to datacenter {dc:?} refused: {error}")]
+    Request { dc: String, error: String },
+}
+
+/// A datacenter as `switchyard datacenters` and the native API show it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DatacenterInfo {
+    pub name: String,
+    /// This agent's own.
+    pub local: bool,
+    /// Whether the last probe round reached one of its agents.
+    pub reachable: bool,
+    /// The measured round trip (smoothed), when known.
+    pub rtt_ms: Option<f64>,
+    /// Time since one of its agents last answered, when one has.
+    pub last_contact_ms: Option<u64>,
+    /// Its agents' API addresses, the one answering fastest first.
+    pub api: Vec<String>,
+    /// Its ingress proxies' addresses.
+    pub proxy: Vec<String>,
+}
+
+/// Other datacenters, their round trips, and the client to them.
+pub struct Federation {
+    local: String,
+    remotes: Vec<Remote>,
+    config: FederationConfig,
+    epoch: Instant,
+    metrics: Metrics,
+}
+
+struct Remote {
+    name: String,
+    /// Its agents' base URIs (scheme and authority), in config order.
+    bases: Vec<Uri>,
+    /// The token this agent presents there (its own probes).
+    token: Option<HeaderValue>,
+    proxy: Vec<String>,
+    client: client::HttpClient,
+    /// Smoothed round trip in µs; `u64::MAX` until measured.
+    rtt_us: AtomicU64,
+    /// The base that answered fastest in the last round.
+    best: AtomicUsize,
+    reachable: AtomicBool,
+    /// When one of its agents last answered (ms since `epoch` + 1; 0 never).
+    contact_ms: AtomicU64,
+    /// A refused token is logged once per change, not every probe.
+    token_refused: AtomicBool,
+}
+
+struct Metrics {
+    rtt: GaugeVec,
+    reachable: IntGaugeVec,
+    contact_age: GaugeVec,
+    forwarded: IntCounterVec,
+}
+
+impl Metrics {
+    fn new(registry: &prometheus::Registry) -> Result<Metrics, prometheus::Error> {
+        let rtt = GaugeVec::new(
+            Opts::new(
+                "switchyard_federation_rtt_seconds",
+                "Smoothed round trip to the fastest agent of each other datacenter (NaN until one answers)",
+            ),
+            &["datacenter"],
+        )?;
+        let reachable = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_federation_reachable",
+                "Whether the last probe reached an agent of each other datacenter (1) or none (0)",
+            ),
+            &["datacenter"],
+        )?;
+        let contact_age = GaugeVec::new(
+            Opts::new(
+                "switchyard_federation_last_contact_seconds",
+                "Time since an agent of each other datacenter last answered (-1: never)",
+            ),
+            &["datacenter"],
+        )?;
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                "switchyard_federation_forwarded_total",
+                "Requests forwarded to another datacenter (?dc=), by outcome: answered, unreachable, timeout",
+            ),
+            &["datacenter", "outcome"],
+        )?;
+        registry.register(Box::new(rtt.clone()))?;
+        registry.register(Box::new(reachable.clone()))?;
+        registry.register(Box::new(contact_age.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
+        Ok(Metrics {
+            rtt,
+            reachable,
+            contact_age,
+            forwarded,
+        })
+    }
+}
+
+impl Federation {
+    /// The datacenters of `config` (checked already), seen from `local`.
+    /// Metrics go to `registry`.
+    pub fn new(
+        local: &str,
+        config: &FederationConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Federation, String> {
+        config.validate(local)?;
+        let mut remotes = Vec::with_capacity(config.datacenters.len());
+        for dc in &config.datacenters {
+            let bases = dc
+                .api
+                .iter()
+                .map(|a| client::base_uri(a))
+                .collect::<Result<Vec<_>, _>>()?;
+            let token = match &dc.token_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        format!(
+                            "datacenter {:?}: token_file {}: {e}",
+                            dc.name,
+                            path.display()
+                        )
+                    })?;
+                    Some(HeaderValue::from_str(text.trim()).map_err(|_| {
+                        format!(
+                            "datacenter {:?}: token_file {} holds characters a header cannot carry",
+                            dc.name,
+                            path.display()
+                        )
+                    })?)
+                }
+                None => None,
+            };
+            let client = client::client(dc.ca_file.as_deref(), config.connect_timeout)
+                .map_err(|e| format!("datacenter {:?}: {e}", dc.name))?;
+            remotes.push(Remote {
+                name: dc.name.clone(),
+                bases,
+                token,
+                proxy: dc.proxy.clone(),
+                client,
+                rtt_us: AtomicU64::new(u64::MAX),
+                best: AtomicUsize::new(0),
+                reachable: AtomicBool::new(false),
+                contact_ms: AtomicU64::new(0),
+                token_refused: AtomicBool::new(false),
+            });
+        }
+        let metrics = Metrics::new(registry).map_err(|e| format!("federation metrics: {e}"))?;
+        // Every series of every datacenter exists from the start: a
+        // datacenter never reached shows as such, not as a missing series.
+        for remote in &remotes {
+            let labels = [remote.name.as_str()];
+            metrics.rtt.with_label_values(&labels).set(f64::NAN);
+            metrics.reachable.with_label_values(&labels).set(0);
+            metrics.contact_age.with_label_values(&labels).set(-1.0);
+            for outcome in ["answered", "unreachable", "timeout"] {
+                metrics
+                    .forwarded
+                    .with_label_values(&[remote.name.as_str(), outcome])
+                    .reset();
+            }
+        }
+        Ok(Federation {
+            local: local.to_string(),
+            remotes,
+            config: config.clone(),
+            epoch: Instant::now(),
+            metrics,
+        })
+    }
+
+    /// This agent's datacenter.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+
+    /// Whether `name` is a datacenter this agent knows (its own included).
+    pub fn knows(&self, name: &str) -> bool {
+        name == self.local || self.remote(name).is_some()
+    }
+
+    fn remote(&self, name: &str) -> Option<&Remote> {
+        self.remotes.iter().find(|r| r.name == name)
+    }
+
+    /// The datacenter names as Consul lists them: this one first, then the
+    /// others by measured round trip, those not reached (or not measured
+    /// yet) last, by name.
+    pub fn names(&self) -> Vec<String> {
+        self.datacenters().into_iter().map(|dc| dc.name).collect()
+    }
+
+    /// Every datacenter with what is known of it, in `names` order.
+    pub fn datacenters(&self) -> Vec<DatacenterInfo> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let mut others: Vec<DatacenterInfo> = self
+            .remotes
+            .iter()
+            .map(|r| {
+                let rtt = r.rtt_us.load(Ordering::Relaxed);
+                let contact = r.contact_ms.load(Ordering::Relaxed);
+                let best = r.best.load(Ordering::Relaxed);
+                let mut api: Vec<String> = Vec::with_capacity(r.bases.len());
+                api.extend(r.bases.get(best).map(base_text));
+                api.extend(
+                    r.bases
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != best)
+                        .map(|(_, b)| base_text(b)),
+                );
+                DatacenterInfo {
+                    name: r.name.clone(),
+                    local: false,
+                    reachable: r.reachable.load(Ordering::Relaxed),
+                    rtt_ms: (rtt != u64::MAX).then(|| rtt as f64 / 1000.0),
+                    last_contact_ms: (contact != 0).then(|| now.saturating_sub(contact - 1)),
+                    api,
+                    proxy: r.proxy.clone(),
+                }
+            })
+            .collect();
+        others.sort_by(|a, b| {
+            let key = |d: &DatacenterInfo| match (d.reachable, d.rtt_ms) {
+                (true, Some(rtt)) => (0, rtt),
+                _ => (1, 0.0),
+            };
+            let (ka, kb) = (key(a), key(b));
+            ka.0.cmp(&kb.0)
+                .then(ka.1.total_cmp(&kb.1))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let mut all = Vec::with_capacity(others.len() + 1);
+        all.push(DatacenterInfo {
+            name: self.local.clone(),
+            local: true,
+            reachable: true,
+            rtt_ms: Some(0.0),
+            last_contact_ms: Some(0),
+            api: Vec::new(),
+            proxy: Vec::new(),
+        });
+        all.extend(others);
+        all
+    }
+
+    /// Time since an agent of `dc` last answered (none: never, or not a
+    /// remote datacenter).
+    pub fn last_contact(&self, dc: &str) -> Option<Duration> {
+        let remote = self.remote(dc)?;
+        let contact = remote.contact_ms.load(Ordering::Relaxed);
+        (contact != 0).then(|| {
+            Duration::from_millis(
+                (self.epoch.elapsed().as_millis() as u64).saturating_sub(contact - 1),
+            )
+        })
+    }
+
+    fn touch(&self, remote: &Remote) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        remote.contact_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Sends `request` (its URI: path and query only) to an agent of `dc`,
+    /// the fastest first, another one when a connection cannot be made.
+    /// Its response head must come within `within` (a blocking query's
+    /// wait, plus margin). The request's own headers go as they are
+    /// (the client's token among them), marked with [`FORWARDED_FROM`].
+    pub async fn forward(
+        &self,
+        dc: &str,
+        request: Request<Bytes>,
+        within: Duration,
+    ) -> Result<Response<Incoming>, FederationError> {
+        let remote = self
+            .remote(dc)
+            .ok_or_else(|| FederationError::Unknown(dc.to_string()))?;
+        let (mut parts, body) = request.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".to_string());
+        for name in HOP_BY_HOP {
+            parts.headers.remove(*name);
+        }
+        parts.headers.remove(hyper::header::HOST);
+        if let Ok(local) = HeaderValue::from_str(&self.local) {
+            parts.headers.insert(FORWARDED_FROM, local);
+        }
+        let best = remote.best.load(Ordering::Relaxed);
+        let order = std::iter::once(best).chain((0..remote.bases.len()).filter(|i| *i != best));
+        let mut tried = Vec::new();
+        let mut last_error = String::new();
+        for i in order {
+            let Some(base) = remote.bases.get(i) else {
+                continue;
+            };
+            let uri = match with_path(base, &path) {
+                Ok(uri) => uri,
+                Err(error) => {
+                    return Err(FederationError::Request {
+                        dc: dc.to_string(),
+                        error,
+                    })
+                }
+            };
+            let mut request = Request::new(Full::new(body.clone()));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = uri;
+            *request.headers_mut() = parts.headers.clone();
+            tried.push(base_text(base));
+            match tokio::time::timeout(within, remote.client.request(request)).await {
+                Ok(Ok(response)) => {
+                    self.touch(remote);
+                    self.count(dc, "answered");
+                    return Ok(response);
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    last_error = error_chain(&e);
+                }
+                Ok(Err(e)) => {
+                    self.count(dc, "unreachable");
+                    return Err(FederationError::Unreachable {
+                        dc: dc.to_string(),
+                        tried: tried.join(", "),
+                        error: error_chain(&e),
+                    });
+                }
+                Err(_) => {
+                    self.count(dc, "timeout");
+                    return Err(FederationError::Timeout {
+                        dc: dc.to_string(),
+                        after: within,
+                    });
+                }
+            }
+        }
+        self.count(dc, "unreachable");
+        Err(FederationError::Unreachable {
+            dc: dc.to_string(),
+            tried: tried.join(", "),
+            error: last_error,
+        })
+    }
+
+    fn count(&self, dc: &str, outcome: &str) {
+        self.metrics
+            .forwarded
+            .with_label_values(&[dc, outcome])
+            .inc();
+    }
+
+    /// Probes every other datacenter's agents every `probe_interval` until
+    /// `shutdown` turns true: the round trip of a small read
+    /// (`/v1/status/leader`) to each address, the fastest kept (smoothed).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if self.remotes.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let rounds = self.remotes.iter().map(|remote| self.probe(remote));
+            futures_util::future::join_all(rounds).await;
+        }
+    }
+
+    /// One probe round of `remote`: every address, at once.
+    async fn probe(&self, remote: &Remote) {
+        let timeout = self.config.connect_timeout;
+        let probes = remote.bases.iter().map(|base| async move {
+            let uri = with_path(base, "/v1/status/leader").ok()?;
+            let mut request = Request::new(Full::new(Bytes::new()));
+            *request.uri_mut() = uri;
+            if let Some(token) = &remote.token {
+                request
+                    .headers_mut()
+                    .insert("x-consul-token", token.clone());
+            }
+            let started = Instant::now();
+            let response = tokio::time::timeout(timeout, remote.client.request(request))
+                .await
+                .ok()?
+                .ok()?;
+            let status = response.status();
+            // Read it whole: the connection goes back to the pool.
+            let _ = tokio::time::timeout(
+                timeout,
+                http_body_util::BodyExt::collect(response.into_body()),
+            )
+            .await;
+            Some((started.elapsed(), status))
+        });
+        let answers = futures_util::future::join_all(probes).await;
+        let fastest = answers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.map(|(rtt, status)| (i, rtt, status)))
+            .min_by_key(|(_, rtt, _)| *rtt);
+        let was = remote.reachable.load(Ordering::Relaxed);
+        let labels = [remote.name.as_str()];
+        match fastest {
+            Some((i, rtt, status)) => {
+                self.touch(remote);
+                remote.best.store(i, Ordering::Relaxed);
+                let sample = rtt.as_micros().min(u64::MAX as u128 - 1) as u64;
+                let old = remote.rtt_us.load(Ordering::Relaxed);
+                let smoothed = if old == u64::MAX {
+                    sample
+                } else {
+                    (old * 7 + sample * 3) / 10
+                };
+                remote.rtt_us.store(smoothed, Ordering::Relaxed);
+                remote.reachable.store(true, Ordering::Relaxed);
+                self.metrics
+                    .rtt
+                    .with_label_values(&labels)
+                    .set(smoothed as f64 / 1e6);
+                self.metrics.reachable.with_label_values(&labels).set(1);
+                if !was {
+                    tracing::info!(datacenter = %remote.name, rtt_ms = smoothed as f64 / 1000.0, "datacenter reachable");
+                }
+                let refused = status == hyper::StatusCode::UNAUTHORIZED
+                    || status == hyper::StatusCode::FORBIDDEN;
+                if refused != remote.token_refused.swap(refused, Ordering::Relaxed) && refused {
+                    tracing::warn!(datacenter = %remote.name, %status, "the datacenter refuses this agent's token (federation.datacenters.token_file)");
+                }
+            }
+            None => {
+                remote.reachable.store(false, Ordering::Relaxed);
+                self.metrics.reachable.with_label_values(&labels).set(0);
+                if was {
+                    tracing::warn!(datacenter = %remote.name, "datacenter not reachable: no agent answered");
+                }
+            }
+        }
+        let age = self
+            .last_contact(&remote.name)
+            .map_or(-1.0, |age| age.as_secs_f64());
+        self.metrics.contact_age.with_label_values(&labels).set(age);
+    }
+}
+
+/// Headers of one connection, not of the request.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn base_text(base: &Uri) -> String {
+    let text = base.to_string();
+    text.strip_suffix('/').map(str::to_string).unwrap_or(text)
+}
+
+fn with_path(base: &Uri, path: &str) -> Result<Uri, String> {
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(path.parse().map_err(|e| format!("path {path:?}: {e}"))?);
+    Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
+/// An error with its sources, one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text
+}

@@ -1,0 +1,255 @@
+//! Many datacenters (issue 29): separate agents with their own data
+//! directories on loopback, one per datacenter, federated by configuration.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{bin, eventually, Agent, Client};
+
+const READER: &str = "dc3-reader-token-0123456789";
+const WRITER: &str = "dc3-writer-token-0123456789";
+
+/// An agent of datacenter `dc` with `extra` config text.
+fn start_dc(scratch: &Path, dc: &str, extra: &str) -> Agent {
+    let config = format!("[agent]\ndatacenter = \"{dc}\"\n{extra}");
+    let path = scratch.join(format!("{dc}.toml"));
+    std::fs::write(&path, config).expect("write config");
+    Agent::start_in(
+        &scratch.join(format!("data-{dc}")),
+        &[
+            "--config",
+            path.to_str().expect("utf8"),
+            "--node-name",
+            &format!("{dc}-node"),
+            "--proxy-threads",
+            "1",
+        ],
+    )
+}
+
+fn host_port(agent: &Agent) -> String {
+    agent
+        .api
+        .strip_prefix("http://")
+        .expect("cleartext API")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// A port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+fn register(c: &Client, id: &str, port: u16) {
+    c.put_ok(
+        "/v1/agent/service/register",
+        &json!({"Name": "web", "ID": id, "Address": "127.0.0.1", "Port": port}).to_string(),
+    );
+}
+
+/// dc1 knows dc2 (open), dc3 (tokens) and dc4 (nobody home).
+struct Fleet {
+    dc1: Agent,
+    dc2: Agent,
+    dc3: Agent,
+    _scratch: tempfile::TempDir,
+}
+
+fn fleet() -> Fleet {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    let dc3 = start_dc(
+        scratch.path(),
+        "dc3",
+        &format!(
+            "[[api.tokens]]\nname = \"reader\"\nrole = \"read\"\nsecret = \"{READER}\"\n\
+             [[api.tokens]]\nname = \"writer\"\nrole = \"register\"\nsecret = \"{WRITER}\"\n"
+        ),
+    );
+    let federation = format!(
+        "[federation]\nprobe_interval = \"200ms\"\nconnect_timeout = \"500ms\"\n\
+         [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n\
+         [[federation.datacenters]]\nname = \"dc3\"\napi = [\"http://{}\"]\n\
+         [[federation.datacenters]]\nname = \"dc4\"\napi = [\"127.0.0.1:{}\"]\n",
+        host_port(&dc2),
+        host_port(&dc3),
+        closed_port()
+    );
+    let dc1 = start_dc(scratch.path(), "dc1", &federation);
+    Fleet {
+        dc1,
+        dc2,
+        dc3,
+        _scratch: scratch,
+    }
+}
+
+#[test]
+fn reads_and_writes_name_a_datacenter_and_are_answered_there() {
+    let fleet = fleet();
+    let (dc1, dc2) = (fleet.dc1.client(), fleet.dc2.client());
+    register(&dc2, "web-a", 9001);
+
+    // The catalog: ours first, then those that answer, by round trip; the
+    // one nobody answers for last.
+    let listed = eventually("dc2 and dc3 measured", Duration::from_secs(10), || {
+        let list = dc1.get_ok("/v1/catalog/datacenters").json();
+        (list == json!(["dc1", "dc2", "dc3", "dc4"]) || list == json!(["dc1", "dc3", "dc2", "dc4"]))
+            .then_some(list)
+    });
+    assert_eq!(listed[0], "dc1");
+    let detail = dc1.get_ok("/v1/switchyard/datacenters").json();
+    let dc4 = detail
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|d| d["name"] == "dc4")
+        .expect("dc4 listed");
+    assert_eq!(dc4["reachable"], false, "{detail}");
+    assert_eq!(dc4["last_contact_ms"], Value::Null, "{detail}");
+    let dc2_row = detail
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|d| d["name"] == "dc2")
+        .expect("dc2");
+    assert!(
+        dc2_row["rtt_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{detail}"
+    );
+
+    // A read in dc2, through dc1: dc2's entries and dc2's index.
+    let there = dc1.get_ok("/v1/catalog/service/web?dc=dc2");
+    let direct = dc2.get_ok("/v1/catalog/service/web");
+    assert_eq!(there.json(), direct.json());
+    assert_eq!(there.json()[0]["Datacenter"], "dc2");
+    assert_eq!(there.index, direct.index);
+    // dc1 itself has no such service.
+    assert_eq!(dc1.get_ok("/v1/catalog/service/web").json(), json!([]));
+    // The native read too.
+    let native = dc1.get_ok("/v1/switchyard/services/web?dc=dc2").json();
+    assert_eq!(
+        native["endpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{native}"
+    );
+
+    // A blocking read wakes on dc2's change, with dc2's new index.
+    let index = there.index;
+    let waiter = {
+        let dc1 = dc1.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let answer = dc1.get(&format!(
+                "/v1/health/service/web?dc=dc2&index={index}&wait=20s"
+            ));
+            (answer, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    register(&dc2, "web-b", 9002);
+    let (woke, took) = waiter.join().expect("waiter");
+    assert_eq!(woke.status, 200, "{}", woke.body);
+    assert!(woke.index > index, "index {} after {index}", woke.index);
+    assert_eq!(
+        woke.json().as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        woke.body
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "woke after {took:?}, not on the change"
+    );
+
+    // A write with ?dc= is made there.
+    let node = json!({"Node": "remote-node", "Address": "10.0.0.9",
+        "Service": {"Service": "db", "ID": "db-1", "Port": 5432}});
+    dc1.put_ok("/v1/catalog/register?dc=dc2", &node.to_string());
+    assert_eq!(
+        dc2.get_ok("/v1/catalog/service/db").json()[0]["Node"],
+        "remote-node"
+    );
+    assert_eq!(dc1.get_ok("/v1/catalog/service/db").json(), json!([]));
+
+    // Agent endpoints are this agent's own, whatever dc says (as in Consul).
+    let own = dc1.get_ok("/v1/agent/services?dc=dc2").json();
+    assert_eq!(own.as_object().map(|o| o.len()), Some(0), "{own}");
+}
+
+#[test]
+fn a_datacenter_without_a_path_tokens_and_loops_get_clear_errors() {
+    let fleet = fleet();
+    let dc1 = fleet.dc1.client();
+    register(&fleet.dc3.client_with_token(WRITER), "web-z", 9009);
+
+    let unknown = dc1.get("/v1/catalog/services?dc=dc9");
+    assert_eq!(unknown.status, 500);
+    assert!(
+        unknown.body.contains("No path to datacenter \"dc9\""),
+        "{}",
+        unknown.body
+    );
+
+    let down = dc1.get("/v1/catalog/services?dc=dc4");
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert!(
+        down.body.contains("\"dc4\" is not reachable"),
+        "{}",
+        down.body
+    );
+
+    // dc3 wants a token: none, or a wrong one, is refused there and says so.
+    let none = dc1.get("/v1/catalog/services?dc=dc3");
+    assert_eq!(none.status, 401, "{}", none.body);
+    assert!(
+        none.body.contains("datacenter \"dc3\" refused"),
+        "{}",
+        none.body
+    );
+    let wrong = dc1.get("/v1/catalog/services?dc=dc3&token=not-the-token-at-all");
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    let right = dc1.get_ok(&format!("/v1/catalog/service/web?dc=dc3&token={READER}"));
+    assert_eq!(right.json()[0]["ServiceID"], "web-z");
+
+    // A request another agent forwarded is not forwarded again.
+    let looped = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .get(format!("{}/v1/catalog/services?dc=dc2", fleet.dc1.api))
+        .header("X-Switchyard-Forwarded-From", "dc7")
+        .call()
+        .expect("request");
+    assert_eq!(looped.status().as_u16(), 500);
+
+    // The operator's view.
+    let out = std::process::Command::new(bin())
+        .args(["datacenters", "--api", &fleet.dc1.api])
+        .output()
+        .expect("run switchyard datacenters");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[1].starts_with("dc1") && lines[1].contains("local"),
+        "{text}"
+    );
+    let dc4 = lines
+        .iter()
+        .find(|l| l.starts_with("dc4"))
+        .expect("dc4 row");
+    assert!(dc4.contains("unreached") && dc4.contains("never"), "{text}");
+    let metrics = dc1.get_ok("/metrics").body;
+    assert!(
+        metrics.contains("switchyard_federation_reachable{datacenter=\"dc4\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "switchyard_federation_forwarded_total{datacenter=\"dc4\",outcome=\"unreachable\"} 1"
+    ));
+}
