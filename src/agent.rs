@@ -252,6 +252,15 @@ impl Running {
             .map_err(anyhow::Error::msg)?,
         );
         tokio::spawn(federation.clone().run(shutdown_rx.clone()));
+        // Their services and nodes as DNS asks for them: a catalog per
+        // datacenter, decorated like ours (the DNS decorator at the same key).
+        let copies = switchyard_federation::Copies::new(federation.clone(), |dc| {
+            let mut decorators = Decorators::default();
+            let key = decorators.add(Arc::new(DnsDecorator::new(dns_config.clone(), dc)));
+            debug_assert!(key == dns_answers, "copies' DNS answers sit where ours do");
+            decorators
+        })
+        .map_err(anyhow::Error::msg)?;
         let state = Arc::new(ApiState {
             registry: registry.clone(),
             agent: AgentInfo {
@@ -330,6 +339,7 @@ impl Running {
             registry.snapshot_cell(),
             dns_metrics,
             sockets.as_mut().and_then(|s| s.dns.take()),
+            Some(copies as Arc<dyn switchyard_registry::Elsewhere>),
         )
         .await
         .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;

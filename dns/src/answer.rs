@@ -2,12 +2,14 @@
 //! Used unchanged by the UDP and TCP paths, so both always agree.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::hash::BuildHasherDefault;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::{Chunk, ExtraKey, NodeEntry, Snapshot, CHUNK};
+use switchyard_catalog::{Chunk, Copied, CopyOf, Elsewhere, ExtraKey, NodeEntry, Snapshot, CHUNK};
 
 use crate::config::Config;
 use crate::metrics::DnsMetrics;
@@ -33,6 +35,12 @@ pub(crate) struct Scratch {
     rng: fastrand::Rng,
     sent: Sent,
     keys: Keys,
+    /// Whether a name of another datacenter whose copy is being fetched may
+    /// be answered later (`pending`), or gets SERVFAIL now (the second try).
+    pub(crate) defer: bool,
+    /// Set instead of an answer: the caller waits for it, then asks again
+    /// with `defer` off. (The reply written meanwhile is a SERVFAIL.)
+    pub(crate) pending: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Scratch {
@@ -46,6 +54,8 @@ impl Scratch {
                 round: 0,
             },
             keys: HashSet::default(),
+            defer: true,
+            pending: None,
         }
     }
 }
@@ -174,6 +184,8 @@ pub(crate) struct Engine {
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) metrics: Arc<DnsMetrics>,
     ptr: Arc<Ptr>,
+    /// Other datacenters' copies (`<name>.service.<dc>.consul`).
+    elsewhere: Option<Arc<dyn Elsewhere>>,
 }
 
 /// What a name under our zone refers to.
@@ -202,9 +214,11 @@ impl Engine {
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
         ptr: Arc<Ptr>,
+        elsewhere: Option<Arc<dyn Elsewhere>>,
     ) -> Engine {
         Engine {
             ptr,
+            elsewhere,
             domain: config.domain_labels(),
             datacenter: datacenter.to_ascii_lowercase().into_bytes(),
             config,
@@ -330,7 +344,11 @@ impl Engine {
             len += 1;
         }
         let apex = n - d;
-        match self.classify(q, &buf[..len]) {
+        let (target, remote) = self.classify(q, &buf[..len]);
+        if let Some(dc) = remote {
+            return self.elsewhere(q, dc, target, &snap, out, budget, c, s, apex);
+        }
+        match target {
             Target::Apex => self.apex(q, &snap, out, budget, c, apex),
             Target::Unknown => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
             Target::Service { name, tag } => {
@@ -395,22 +413,43 @@ impl Engine {
         (rcode::NOERROR, true)
     }
 
-    fn classify<'a>(&self, q: &Query, labels: &[&'a [u8]]) -> Target<'a> {
+    /// Whether `dc` names another datacenter this agent knows.
+    fn remote(&self, dc: &[u8]) -> bool {
+        self.elsewhere.as_ref().is_some_and(|e| e.knows(dc))
+    }
+
+    /// What the name refers to, and the other datacenter it names (none:
+    /// ours).
+    fn classify<'a>(&self, q: &Query, labels: &[&'a [u8]]) -> (Target<'a>, Option<&'a [u8]>) {
         let mut rest = labels;
         if rest.is_empty() {
-            return Target::Apex;
+            return (Target::Apex, None);
         }
         // Optional datacenter: `<dc>` or `<dc>.dc` right before the domain.
+        let mut remote = None;
         if let [head @ .., dc, b"dc"] = rest {
-            if *dc != self.datacenter.as_slice() {
-                return Target::Unknown;
-            }
-            rest = head;
-        } else if let [head @ .., dc] = rest {
-            if *dc == self.datacenter.as_slice() && !head.is_empty() {
+            if *dc == self.datacenter.as_slice() {
                 rest = head;
+            } else if self.remote(dc) {
+                remote = Some(*dc);
+                rest = head;
+            } else {
+                return (Target::Unknown, None);
+            }
+        } else if let [head @ .., dc] = rest {
+            if !head.is_empty() {
+                if *dc == self.datacenter.as_slice() {
+                    rest = head;
+                } else if self.remote(dc) {
+                    remote = Some(*dc);
+                    rest = head;
+                }
             }
         }
+        (Self::target(q, rest), remote)
+    }
+
+    fn target<'a>(q: &Query, rest: &[&'a [u8]]) -> Target<'a> {
         match rest {
             [] => Target::Apex,
             // RFC 2782: _service._tag[.service]; `_tcp`/`_udp` mean no tag.
@@ -454,6 +493,51 @@ impl Engine {
             }
             [hex, b"addr"] => parse_hex_ip(hex).map_or(Target::Unknown, Target::Addr),
             _ => Target::Unknown,
+        }
+    }
+
+    /// A name in another datacenter: answered from its copy, the same way as
+    /// ours. A copy not fetched yet defers the answer (`Scratch::pending`)
+    /// or, on the second try, is a SERVFAIL.
+    #[allow(clippy::too_many_arguments)]
+    fn elsewhere(
+        &self,
+        q: &Query,
+        dc: &[u8],
+        target: Target<'_>,
+        local: &Snapshot,
+        out: &mut Vec<u8>,
+        budget: usize,
+        c: &mut Counts,
+        s: &mut Scratch,
+        apex: usize,
+    ) -> (u8, bool) {
+        let (Some(elsewhere), Some(dc)) = (&self.elsewhere, text(dc)) else {
+            return self.negative(q, local, out, c, apex, rcode::NXDOMAIN);
+        };
+        let of = match &target {
+            Target::Service { name, .. } => CopyOf::Service(name),
+            Target::Node(name) => CopyOf::Node(name),
+            _ => return self.negative(q, local, out, c, apex, rcode::NXDOMAIN),
+        };
+        match elsewhere.copy(dc, of) {
+            Copied::Ready(snap) => match target {
+                Target::Service { name, tag } => {
+                    self.service(q, &snap, name, tag.as_deref(), out, budget, c, s, apex)
+                }
+                Target::Node(name) => match snap.node(&name) {
+                    Some(entry) => self.node(q, &snap, entry, out, c, apex),
+                    None => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
+                },
+                _ => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
+            },
+            Copied::Fetching(wait) => {
+                if s.defer {
+                    s.pending = Some(wait);
+                }
+                (rcode::SERVFAIL, false)
+            }
+            Copied::Unknown => self.negative(q, local, out, c, apex, rcode::NXDOMAIN),
         }
     }
 

@@ -74,6 +74,7 @@ fn fixture() -> &'static Fixture {
             registry.snapshot_cell(),
             metrics,
             ptr,
+            None,
         );
         Fixture {
             engine,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::{ExtraKey, Snapshot};
+use switchyard_catalog::{Elsewhere, ExtraKey, Snapshot};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -66,7 +66,8 @@ pub struct DnsServer {
 impl DnsServer {
     /// Binds UDP and TCP on `config.addr` (or serves on `inherited` sockets
     /// from the process this one upgrades) and starts serving. `answers` is
-    /// the key the registry's `Decorators` gave the `DnsDecorator`.
+    /// the key the registry's `Decorators` gave the `DnsDecorator`; other
+    /// datacenters' copies (`elsewhere`) hold theirs under the same key.
     pub async fn start(
         config: Arc<Config>,
         datacenter: &str,
@@ -74,6 +75,7 @@ impl DnsServer {
         snapshot: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<DnsMetrics>,
         inherited: Option<DnsSockets>,
+        elsewhere: Option<Arc<dyn Elsewhere>>,
     ) -> std::io::Result<DnsServer> {
         let bound = match inherited {
             Some(sockets) => sockets,
@@ -105,8 +107,10 @@ impl DnsServer {
             snapshot,
             metrics,
             ptr,
+            elsewhere,
         ));
-        let mut udp = match server::spawn_udp(engine.clone(), sockets, stop.clone()) {
+        let runtime = tokio::runtime::Handle::current();
+        let mut udp = match server::spawn_udp(engine.clone(), sockets, stop.clone(), runtime) {
             Ok(handles) => handles,
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);

@@ -75,17 +75,22 @@ pub(crate) fn spawn_udp(
     engine: Arc<Engine>,
     sockets: Vec<UdpSocket>,
     stop: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let mut handles = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let engine = engine.clone();
         let stop = stop.clone();
         let name = format!("dns-udp-{i}");
+        let later = Later {
+            socket: Arc::new(socket.try_clone()?),
+            runtime: runtime.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 engine.config.thread_policy.apply_to_current_thread(&name);
-                udp_worker(&engine, &socket, &stop)
+                udp_worker(&engine, &socket, &stop, &later)
             })?;
         handles.push(handle);
     }
@@ -101,7 +106,54 @@ const MAX_QUERY: usize = 4096;
 /// is queued (up to `BATCH`), the engine answers each, and `sendmmsg` sends
 /// all answers in one call. Under load this turns two syscalls and a wake-up
 /// per query into two syscalls per batch.
-fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
+/// Where a UDP worker answers the queries it cannot answer yet (a name of
+/// another datacenter whose copy is being fetched): a task on the agent's
+/// runtime waits for the copy, answers, and sends from a second handle on
+/// the worker's socket, while the worker goes on with the next batch.
+struct Later {
+    socket: Arc<UdpSocket>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Later {
+    fn answer(
+        &self,
+        engine: &Arc<Engine>,
+        wait: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        packet: Vec<u8>,
+        peer: SocketAddr,
+    ) {
+        let (engine, socket) = (engine.clone(), self.socket.clone());
+        self.runtime.spawn(async move {
+            wait.await;
+            let mut scratch = Scratch::new();
+            scratch.defer = false;
+            let mut out = Vec::with_capacity(512);
+            match engine.answer(&packet, Transport::Udp, &mut out, &mut scratch) {
+                Some(outcome) => {
+                    engine
+                        .metrics
+                        .count(outcome.qtype, outcome.rcode, outcome.truncated);
+                    if let Err(e) = socket.send_to(&out, peer) {
+                        tracing::debug!(error = %e, "dns udp send failed");
+                    }
+                }
+                None => engine.metrics.dropped.inc(),
+            }
+        });
+    }
+}
+
+/// A received datagram's source, as the standard library names it.
+fn socket_addr(peer: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = peer.as_sockaddr_in() {
+        return Some(SocketAddr::from((v4.ip(), v4.port())));
+    }
+    peer.as_sockaddr_in6()
+        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+}
+
+fn udp_worker(engine: &Arc<Engine>, socket: &UdpSocket, stop: &AtomicBool, later: &Later) {
     use std::io::{IoSlice, IoSliceMut};
     use std::os::fd::AsRawFd;
 
@@ -171,6 +223,12 @@ fn udp_worker(engine: &Engine, socket: &UdpSocket, stop: &AtomicBool) {
                 &mut outs[replies],
                 &mut scratch,
             );
+            if let Some(wait) = scratch.pending.take() {
+                if let Some(peer) = peers[i].as_ref().and_then(socket_addr) {
+                    later.answer(engine, wait, packets[i][..len].to_vec(), peer);
+                }
+                continue;
+            }
             match answered {
                 Some(outcome) if peers[i].is_some() => {
                     engine
@@ -343,8 +401,15 @@ async fn tcp_connection(
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "slow client"))??;
         let started = Instant::now();
-        let Some(outcome) = engine.answer(&packet[..len], Transport::Tcp, &mut out, &mut scratch)
-        else {
+        let mut answered = engine.answer(&packet[..len], Transport::Tcp, &mut out, &mut scratch);
+        if let Some(wait) = scratch.pending.take() {
+            // Another datacenter's copy on its way: wait for it, then again.
+            wait.await;
+            scratch.defer = false;
+            answered = engine.answer(&packet[..len], Transport::Tcp, &mut out, &mut scratch);
+            scratch.defer = true;
+        }
+        let Some(outcome) = answered else {
             engine.metrics.dropped.inc();
             return Ok(());
         };

@@ -28,11 +28,11 @@ pub use metrics::RegistryMetrics;
 // `switchyard_catalog` itself).
 pub use switchyard_catalog::{
     format_go_duration, hold_accepts, node_uuid, open_accepts, parse_go_duration, unix_ms,
-    BusyEndpoint, Check, CheckDefinition, CheckKind, Chunk, Decorators, Drain, Endpoint,
-    EndpointLoad, EndpointState, Extra, ExtraKey, Extras, Instance, LoadReport, Name, Node,
-    NodeEntry, ServiceLoad, ServiceView, Snapshot, StateCounts, Status, TableIndexes,
-    TaggedAddress, ThreadPolicy, ViewChange, ViewDecorator, ViewHead, Weights, NODE_HEALTH_CHECK,
-    NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
+    BusyEndpoint, Check, CheckDefinition, CheckKind, Chunk, Copied, CopyOf, Decorators, Drain,
+    Elsewhere, Endpoint, EndpointLoad, EndpointState, Extra, ExtraKey, Extras, Instance,
+    LoadReport, Name, Node, NodeEntry, ServiceLoad, ServiceView, Snapshot, StateCounts, Status,
+    TableIndexes, TaggedAddress, ThreadPolicy, ViewChange, ViewDecorator, ViewHead, Weights,
+    NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK, SERVICE_MAINTENANCE_PREFIX,
 };
 // `crate::model::..`, `crate::snapshot::..` and `crate::duration::..` name the
 // catalog's modules inside this crate.

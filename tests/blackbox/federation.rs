@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{RData, RecordType};
+
+use crate::dns::{ask, ips, udp, Via};
 use crate::support::{bin, eventually, Agent, Client};
 
 const READER: &str = "dc3-reader-token-0123456789";
@@ -71,7 +75,7 @@ fn fleet() -> Fleet {
         ),
     );
     let federation = format!(
-        "[federation]\nprobe_interval = \"200ms\"\nconnect_timeout = \"500ms\"\n\
+        "[federation]\nprobe_interval = \"200ms\"\nconnect_timeout = \"500ms\"\ndns_timeout = \"1s\"\n\
          [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n\
          [[federation.datacenters]]\nname = \"dc3\"\napi = [\"http://{}\"]\n\
          [[federation.datacenters]]\nname = \"dc4\"\napi = [\"127.0.0.1:{}\"]\n",
@@ -252,4 +256,110 @@ fn a_datacenter_without_a_path_tokens_and_loops_get_clear_errors() {
     assert!(metrics.contains(
         "switchyard_federation_forwarded_total{datacenter=\"dc4\",outcome=\"unreachable\"} 1"
     ));
+}
+
+fn ip(text: &str) -> std::net::IpAddr {
+    text.parse().expect("ip")
+}
+
+#[test]
+fn dns_answers_names_of_another_datacenter_from_a_copy_that_follows_it() {
+    let fleet = fleet();
+    let dc2 = fleet.dc2.client();
+    let batch = json!({
+        "nodes": [
+            {"name": "n1", "address": "10.0.0.1"},
+            {"name": "n2", "address": "10.0.0.2"},
+            {"name": "n3", "address": "10.0.0.3"},
+        ],
+        "endpoints": [
+            {"node": "n1", "service": "web", "id": "w1", "port": 8001, "tags": ["v1"]},
+            // Critical until its TTL is renewed: not routable, so not copied.
+            {"node": "n2", "service": "web", "id": "w2", "port": 8002, "checks": [{"ttl": "1h"}]},
+        ],
+    });
+    dc2.put_ok("/v1/switchyard/batch", &batch.to_string());
+    let dns = fleet.dc1.dns;
+
+    // The first ask waits for the copy's first fetch, then answers.
+    let first = udp(dns, "web.service.dc2.consul", RecordType::A);
+    assert_eq!(first.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(ips(&first.answers), vec![ip("10.0.0.1")]);
+    // Ours has no such service.
+    let here = udp(dns, "web.service.consul", RecordType::A);
+    assert_eq!(here.metadata.response_code, ResponseCode::NXDomain);
+    // Every form, over UDP and TCP.
+    let tagged = udp(dns, "v1.web.service.dc2.consul", RecordType::A);
+    assert_eq!(ips(&tagged.answers), vec![ip("10.0.0.1")]);
+    let (over_tcp, _) = ask(dns, "web.service.dc2.consul", RecordType::A, None, Via::Tcp);
+    assert_eq!(ips(&over_tcp.answers), vec![ip("10.0.0.1")]);
+    let srv = udp(dns, "_web._tcp.service.dc2.consul", RecordType::SRV);
+    let targets: Vec<(u16, String)> = srv
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(srv) => Some((srv.port, srv.target.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(targets.len(), 1, "{srv:?}");
+    assert_eq!(targets[0].0, 8001);
+    assert!(
+        targets[0].1.contains(".dc2."),
+        "the target names dc2: {targets:?}"
+    );
+    let node = udp(dns, "n2.node.dc2.consul", RecordType::A);
+    assert_eq!(ips(&node.answers), vec![ip("10.0.0.2")]);
+    let (node_tcp, _) = ask(dns, "n3.node.dc2.consul", RecordType::A, None, Via::Tcp);
+    assert_eq!(ips(&node_tcp.answers), vec![ip("10.0.0.3")]);
+    let missing = udp(dns, "nosuch.service.dc2.consul", RecordType::A);
+    assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
+
+    // A change there shows here: an endpoint added, one removed.
+    let more = json!({
+        "endpoints": [{"node": "n3", "service": "web", "id": "w3", "port": 8003}],
+        "deregister": [{"node": "n1", "id": "w1"}],
+    });
+    dc2.put_ok("/v1/switchyard/batch", &more.to_string());
+    eventually("dc2's change in dc1's DNS", Duration::from_secs(5), || {
+        let now = udp(dns, "web.service.dc2.consul", RecordType::A);
+        (ips(&now.answers) == vec![ip("10.0.0.3")]).then_some(())
+    });
+
+    // A datacenter nobody answers for: SERVFAIL once dns_timeout is over.
+    let down = udp(dns, "web.service.dc4.consul", RecordType::A);
+    assert_eq!(down.metadata.response_code, ResponseCode::ServFail);
+    // One this agent does not know is not a datacenter label at all.
+    let unknown = udp(dns, "web.service.dc9.consul", RecordType::A);
+    assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn a_copy_nobody_asks_for_expires() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    register(&dc2.client(), "web-a", 9001);
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[federation]\ncopy_expiry = \"1s\"\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n",
+            host_port(&dc2)
+        ),
+    );
+    let c = dc1.client();
+    let copies = || c.metric("switchyard_federation_copies{datacenter=\"dc2\"}");
+    assert_eq!(copies(), Some(0.0));
+    let answer = udp(dc1.dns, "web.service.dc2.consul", RecordType::A);
+    assert_eq!(ips(&answer.answers), vec![ip("127.0.0.1")]);
+    assert_eq!(copies(), Some(1.0));
+    // Left alone, it goes.
+    eventually("the copy dropped", Duration::from_secs(10), || {
+        (copies() == Some(0.0)).then_some(())
+    });
+    // And is made again at the next ask.
+    let again = udp(dc1.dns, "web.service.dc2.consul", RecordType::A);
+    assert_eq!(ips(&again.answers), vec![ip("127.0.0.1")]);
+    assert_eq!(copies(), Some(1.0));
 }

@@ -263,6 +263,7 @@ fn instance_json(i: &Instance) -> serde_json::Value {
     json!({
         "id": &*i.endpoint.id,
         "node": &*i.node.name,
+        "node_address": i.node.address,
         "address": i.address(),
         "port": i.endpoint.port,
         "tags": i.endpoint.tags,

@@ -12,6 +12,7 @@
 pub mod accept;
 pub mod admission;
 pub mod duration;
+pub mod elsewhere;
 pub mod load;
 pub mod model;
 pub mod report;
@@ -22,6 +23,7 @@ pub mod view;
 pub use accept::{accepts_open, hold_accepts, open_accepts, AcceptBackoff, AcceptErrors};
 pub use admission::{Admission, Refusal, Ticket};
 pub use duration::{format_go_duration, parse_go_duration};
+pub use elsewhere::{Copied, CopyOf, Elsewhere};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
 pub use model::{
     clip, clip_point, node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name,

@@ -192,6 +192,12 @@ impl<D> Clone for ExtraKey<D> {
 
 impl<D> Copy for ExtraKey<D> {}
 
+impl<D> PartialEq for ExtraKey<D> {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
 impl<D> fmt::Debug for ExtraKey<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ExtraKey({}, {})", self.at, std::any::type_name::<D>())

@@ -20,6 +20,14 @@ pub struct FederationConfig {
     /// a probe's answer). Default 2 s.
     #[serde(deserialize_with = "go_duration")]
     pub connect_timeout: Duration,
+    /// The first DNS query for a name in another datacenter waits this long
+    /// for its copy's first fetch, then gets SERVFAIL. Default 2 s.
+    #[serde(deserialize_with = "go_duration")]
+    pub dns_timeout: Duration,
+    /// A copy of another datacenter's service or node that nobody asks for
+    /// this long is dropped (its watch stops). Default 10 minutes.
+    #[serde(deserialize_with = "go_duration")]
+    pub copy_expiry: Duration,
 }
 
 impl Default for FederationConfig {
@@ -28,6 +36,8 @@ impl Default for FederationConfig {
             datacenters: Vec::new(),
             probe_interval: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            dns_timeout: Duration::from_secs(2),
+            copy_expiry: Duration::from_secs(600),
         }
     }
 }
@@ -99,6 +109,12 @@ impl FederationConfig {
         if self.probe_interval < Duration::from_millis(100) {
             return Err("federation.probe_interval must be at least 100ms".to_string());
         }
+        if self.dns_timeout.is_zero() {
+            return Err("federation.dns_timeout must be above 0".to_string());
+        }
+        if self.copy_expiry < Duration::from_secs(1) {
+            return Err("federation.copy_expiry must be at least 1s".to_string());
+        }
         if self.connect_timeout.is_zero() {
             return Err("federation.connect_timeout must be above 0".to_string());
         }
@@ -106,9 +122,14 @@ impl FederationConfig {
     }
 }
 
-/// A datacenter name: one DNS label of letters, digits, `-` and `_`.
+/// A datacenter name: one DNS label of letters, digits, `-` and `_`, and
+/// none of the words DNS names use (`service.consul` must not read as a
+/// datacenter).
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
+    !matches!(
+        name.to_ascii_lowercase().as_str(),
+        "service" | "node" | "query" | "addr" | "dc" | "consul"
+    ) && !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
@@ -139,6 +160,8 @@ mod tests {
             .validate("dc1")
             .expect_err("no address")
             .contains("at least one"));
+        let word = parse("[[datacenters]]\nname = \"service\"\napi = [\"127.0.0.1:1\"]\n");
+        assert!(word.validate("dc1").is_err(), "a word of DNS names");
         let bad = parse("[[datacenters]]\nname = \"dc 2\"\napi = [\"127.0.0.1:1\"]\n");
         assert!(bad
             .validate("dc1")

@@ -12,6 +12,7 @@
 
 mod client;
 pub mod config;
+mod copies;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts};
 use tokio::sync::watch;
 
 pub use crate::config::{DatacenterConfig, FederationConfig};
+pub use crate::copies::Copies;
 
 /// Marks a request one agent forwarded to another datacenter: the receiver
 /// answers it itself and never forwards it again (no loops, no relays).
@@ -99,6 +101,7 @@ struct Metrics {
     reachable: IntGaugeVec,
     contact_age: GaugeVec,
     forwarded: IntCounterVec,
+    copies: IntGaugeVec,
 }
 
 impl Metrics {
@@ -131,6 +134,14 @@ impl Metrics {
             ),
             &["datacenter", "outcome"],
         )?;
+        let copies = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_federation_copies",
+                "Services and nodes of each other datacenter copied here (for DNS), kept while asked for",
+            ),
+            &["datacenter"],
+        )?;
+        registry.register(Box::new(copies.clone()))?;
         registry.register(Box::new(rtt.clone()))?;
         registry.register(Box::new(reachable.clone()))?;
         registry.register(Box::new(contact_age.clone()))?;
@@ -140,6 +151,7 @@ impl Metrics {
             reachable,
             contact_age,
             forwarded,
+            copies,
         })
     }
 }
@@ -202,6 +214,7 @@ impl Federation {
             metrics.rtt.with_label_values(&labels).set(f64::NAN);
             metrics.reachable.with_label_values(&labels).set(0);
             metrics.contact_age.with_label_values(&labels).set(-1.0);
+            metrics.copies.with_label_values(&labels).set(0);
             for outcome in ["answered", "unreachable", "timeout"] {
                 metrics
                     .forwarded
@@ -221,6 +234,65 @@ impl Federation {
     /// This agent's datacenter.
     pub fn local(&self) -> &str {
         &self.local
+    }
+
+    /// The other datacenters' names, in config order.
+    pub fn remote_names(&self) -> Vec<String> {
+        self.remotes.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// The `[federation]` table in force.
+    pub fn config(&self) -> &FederationConfig {
+        &self.config
+    }
+
+    /// A read of this agent's own (a copy's watch) from an agent of `dc`,
+    /// presenting the datacenter's `token_file` token: the status, the
+    /// `X-Consul-Index` and the whole body. `wait` is the blocking query's.
+    pub async fn fetch(
+        &self,
+        dc: &str,
+        path: &str,
+        wait: Duration,
+    ) -> Result<(hyper::StatusCode, u64, Bytes), FederationError> {
+        let remote = self
+            .remote(dc)
+            .ok_or_else(|| FederationError::Unknown(dc.to_string()))?;
+        let mut request = Request::new(Bytes::new());
+        *request.uri_mut() = path.parse().map_err(|e| FederationError::Request {
+            dc: dc.to_string(),
+            error: format!("path {path:?}: {e}"),
+        })?;
+        if let Some(token) = &remote.token {
+            request
+                .headers_mut()
+                .insert("x-consul-token", token.clone());
+        }
+        let within = wait + wait / 16 + Duration::from_secs(10);
+        let response = self.forward(dc, request, within).await?;
+        let status = response.status();
+        let index = response
+            .headers()
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let body = tokio::time::timeout(
+            within,
+            http_body_util::BodyExt::collect(response.into_body()),
+        )
+        .await
+        .map_err(|_| FederationError::Timeout {
+            dc: dc.to_string(),
+            after: within,
+        })?
+        .map_err(|e| FederationError::Unreachable {
+            dc: dc.to_string(),
+            tried: String::new(),
+            error: error_chain(&e),
+        })?
+        .to_bytes();
+        Ok((status, index, body))
     }
 
     /// Whether `name` is a datacenter this agent knows (its own included).
@@ -391,6 +463,14 @@ impl Federation {
             tried: tried.join(", "),
             error: last_error,
         })
+    }
+
+    /// Sets how many names of `dc` are copied here.
+    pub(crate) fn count_copies(&self, dc: &str, kept: usize) {
+        self.metrics
+            .copies
+            .with_label_values(&[dc])
+            .set(kept as i64);
     }
 
     fn count(&self, dc: &str, outcome: &str) {
