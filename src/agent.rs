@@ -254,12 +254,16 @@ impl Running {
         tokio::spawn(federation.clone().run(shutdown_rx.clone()));
         // Their services and nodes as DNS asks for them: a catalog per
         // datacenter, decorated like ours (the DNS decorator at the same key).
-        let copies = switchyard_federation::Copies::new(federation.clone(), |dc| {
-            let mut decorators = Decorators::default();
-            let key = decorators.add(Arc::new(DnsDecorator::new(dns_config.clone(), dc)));
-            debug_assert!(key == dns_answers, "copies' DNS answers sit where ours do");
-            decorators
-        })
+        let copies = switchyard_federation::Copies::new(
+            federation.clone(),
+            registry.snapshot_cell(),
+            |dc| {
+                let mut decorators = Decorators::default();
+                let key = decorators.add(Arc::new(DnsDecorator::new(dns_config.clone(), dc)));
+                debug_assert!(key == dns_answers, "copies' DNS answers sit where ours do");
+                decorators
+            },
+        )
         .map_err(anyhow::Error::msg)?;
         let state = Arc::new(ApiState {
             registry: registry.clone(),

@@ -9,7 +9,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::{Chunk, Copied, CopyOf, Elsewhere, ExtraKey, NodeEntry, Snapshot, CHUNK};
+use switchyard_catalog::{
+    failover_policy, needs_failover, Chunk, Copied, CopyOf, Elsewhere, ExtraKey, NodeEntry,
+    ServiceView, Snapshot, CHUNK,
+};
 
 use crate::config::Config;
 use crate::metrics::DnsMetrics;
@@ -184,8 +187,10 @@ pub(crate) struct Engine {
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) metrics: Arc<DnsMetrics>,
     ptr: Arc<Ptr>,
-    /// Other datacenters' copies (`<name>.service.<dc>.consul`).
+    /// Other datacenters' copies (`<name>.service.<dc>.consul`, failover).
     elsewhere: Option<Arc<dyn Elsewhere>>,
+    /// `federation.min_healthy`, read once.
+    min_healthy: f64,
 }
 
 /// What a name under our zone refers to.
@@ -218,6 +223,7 @@ impl Engine {
     ) -> Engine {
         Engine {
             ptr,
+            min_healthy: elsewhere.as_ref().map_or(0.0, |e| e.min_healthy()),
             elsewhere,
             domain: config.domain_labels(),
             datacenter: datacenter.to_ascii_lowercase().into_bytes(),
@@ -523,7 +529,8 @@ impl Engine {
         match elsewhere.copy(dc, of) {
             Copied::Ready(snap) => match target {
                 Target::Service { name, tag } => {
-                    self.service(q, &snap, name, tag.as_deref(), out, budget, c, s, apex)
+                    let view = snap.service_ci(name);
+                    self.service_here(q, &snap, view, tag.as_deref(), out, budget, c, s, apex)
                 }
                 Target::Node(name) => match snap.node(&name) {
                     Some(entry) => self.node(q, &snap, entry, out, c, apex),
@@ -541,8 +548,10 @@ impl Engine {
         }
     }
 
-    // The answer engine's per-query state (output, budget, counts, scratch)
-    // shared by every name form's writer, plus this form's own inputs.
+    /// A service of ours, or, when it has too few routable endpoints here
+    /// and a failover policy, of the first datacenter in its failover order
+    /// whose copy has some. (A copy not fetched yet defers the answer, as
+    /// for a name with that datacenter's label.)
     #[allow(clippy::too_many_arguments)]
     fn service(
         &self,
@@ -556,7 +565,48 @@ impl Engine {
         s: &mut Scratch,
         apex: usize,
     ) -> (u8, bool) {
-        let Some(view) = snap.service_ci(name) else {
+        let view = snap.service_ci(name);
+        if let Some(elsewhere) = &self.elsewhere {
+            if needs_failover(view.map(|v| &**v), self.min_healthy) {
+                let policy = view.and_then(|v| failover_policy(v));
+                for dc in elsewhere.order(policy) {
+                    match elsewhere.copy(&dc, CopyOf::Service(name)) {
+                        Copied::Ready(copy) => {
+                            let there = copy.service_ci(name);
+                            if there.is_some_and(|v| v.routable_len() > 0) {
+                                elsewhere.failed_over(name, &dc);
+                                return self
+                                    .service_here(q, &copy, there, tag, out, budget, c, s, apex);
+                            }
+                        }
+                        Copied::Fetching(wait) if s.defer => {
+                            s.pending = Some(wait);
+                            return (rcode::SERVFAIL, false);
+                        }
+                        Copied::Fetching(_) | Copied::Unknown => {}
+                    }
+                }
+            }
+        }
+        self.service_here(q, snap, view, tag, out, budget, c, s, apex)
+    }
+
+    // The answer engine's per-query state (output, budget, counts, scratch)
+    // shared by every name form's writer, plus this form's own inputs.
+    #[allow(clippy::too_many_arguments)]
+    fn service_here(
+        &self,
+        q: &Query,
+        snap: &Snapshot,
+        view: Option<&Arc<ServiceView>>,
+        tag: Option<&str>,
+        out: &mut Vec<u8>,
+        budget: usize,
+        c: &mut Counts,
+        s: &mut Scratch,
+        apex: usize,
+    ) -> (u8, bool) {
+        let Some(view) = view else {
             return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
         };
         let wanted = |f: Family, has_srv: bool| match q.qtype {

@@ -363,3 +363,143 @@ fn a_copy_nobody_asks_for_expires() {
     assert_eq!(ips(&again.answers), vec![ip("127.0.0.1")]);
     assert_eq!(copies(), Some(1.0));
 }
+
+/// Registers `id` of `service` through the agent API, at `address`, with a
+/// TTL check (critical until passed) when `ttl`.
+fn register_at(c: &Client, service: &str, id: &str, address: &str, tags: &[&str], ttl: bool) {
+    let mut body = json!({"Name": service, "ID": id, "Address": address, "Port": 80, "Tags": tags});
+    if ttl {
+        body["Check"] = json!({"TTL": "1h"});
+    }
+    c.put_ok("/v1/agent/service/register", &body.to_string());
+}
+
+fn a_records(dns: std::net::SocketAddr, name: &str) -> Vec<std::net::IpAddr> {
+    ips(&udp(dns, name, RecordType::A).answers)
+}
+
+#[test]
+fn dns_fails_over_by_policy_and_share_and_comes_back() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    let dc3 = start_dc(scratch.path(), "dc3", "");
+    for (dc, at) in [(&dc2, "10.0.2.1"), (&dc3, "10.0.3.1")] {
+        let c = dc.client();
+        for service in ["web", "api", "db", "cache"] {
+            register_at(&c, service, &format!("{service}-x"), at, &[], false);
+        }
+    }
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[federation]\nprobe_interval = \"200ms\"\nconnect_timeout = \"500ms\"\n\
+             failover = [\"dc3\", \"dc2\"]\nmin_healthy = 0.6\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n\
+             [[federation.datacenters]]\nname = \"dc3\"\napi = [\"{}\"]\n",
+            host_port(&dc2),
+            host_port(&dc3)
+        ),
+    );
+    let c = dc1.client();
+    // web: one of two routable here (0.5 < min_healthy 0.6).
+    register_at(&c, "web", "web-1", "10.0.1.1", &[], true);
+    register_at(&c, "web", "web-2", "10.0.1.2", &[], false);
+    // api: down here, its own policy sends it to dc2.
+    register_at(
+        &c,
+        "api",
+        "api-1",
+        "10.0.1.3",
+        &["switchyard.failover=dc2"],
+        true,
+    );
+    // db: down here, and never fails over.
+    register_at(
+        &c,
+        "db",
+        "db-1",
+        "10.0.1.4",
+        &["switchyard.failover=none"],
+        true,
+    );
+    let dns = dc1.dns;
+    // Both others measured first, so neither is skipped as out of reach.
+    eventually("dc2 and dc3 reachable", Duration::from_secs(10), || {
+        let list = c.get_ok("/v1/switchyard/datacenters").json();
+        (list
+            .as_array()?
+            .iter()
+            .filter(|d| d["reachable"] == true)
+            .count()
+            == 3)
+            .then_some(())
+    });
+
+    assert_eq!(
+        a_records(dns, "web.service.consul"),
+        vec![ip("10.0.3.1")],
+        "the first of the list"
+    );
+    assert_eq!(
+        a_records(dns, "api.service.consul"),
+        vec![ip("10.0.2.1")],
+        "its own policy"
+    );
+    let db = udp(dns, "db.service.consul", RecordType::A);
+    assert_eq!(db.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        db.answers.is_empty(),
+        "no failover for db: {:?}",
+        db.answers
+    );
+    assert_eq!(
+        a_records(dns, "cache.service.consul"),
+        vec![ip("10.0.3.1")],
+        "absent here"
+    );
+    let failing_to = |dc: &str| {
+        c.metric(&format!(
+            "switchyard_federation_failover_services{{datacenter=\"{dc}\"}}"
+        ))
+    };
+    assert_eq!(failing_to("dc3"), Some(2.0));
+    assert_eq!(failing_to("dc2"), Some(1.0));
+    let listed = c.get_ok("/v1/switchyard/datacenters").json();
+    let dc3_row = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|d| d["name"] == "dc3")
+        .expect("dc3");
+    assert_eq!(
+        dc3_row["failover_services"],
+        json!(["cache", "web"]),
+        "{listed}"
+    );
+
+    // web's share recovers: served here again.
+    c.put_ok("/v1/agent/check/pass/service:web-1", "");
+    let mut here = a_records(dns, "web.service.consul");
+    here.sort();
+    assert_eq!(here, vec![ip("10.0.1.1"), ip("10.0.1.2")]);
+    eventually(
+        "web's failover shown as over",
+        Duration::from_secs(5),
+        || (failing_to("dc3") == Some(1.0)).then_some(()),
+    );
+    assert!(
+        dc1.stderr().contains("failover over"),
+        "the end is logged too"
+    );
+
+    // dc3 gone: failover skips it once it is seen out of reach.
+    dc3.kill9();
+    eventually("cache fails over to dc2", Duration::from_secs(10), || {
+        (a_records(dns, "cache.service.consul") == vec![ip("10.0.2.1")]).then_some(())
+    });
+    assert!(
+        dc1.stderr().contains("service fails over"),
+        "one log line per change"
+    );
+}

@@ -32,7 +32,7 @@ pub enum Copied {
 }
 
 /// Other datacenters' copies, asked for by name (lower case).
-pub trait Elsewhere: Send + Sync {
+pub trait Elsewhere: Failover + Send + Sync {
     /// Whether `dc` (lower case) is another datacenter this agent knows.
     /// Asked per query: answers from memory, without a lock.
     fn knows(&self, dc: &[u8]) -> bool;
@@ -40,4 +40,44 @@ pub trait Elsewhere: Send + Sync {
     /// The copy of `of` in `dc`: made (and its watch started) at the first
     /// ask, kept while asked for.
     fn copy(&self, dc: &str, of: CopyOf<'_>) -> Copied;
+}
+
+/// Where services fail over to, and the record of those that do.
+pub trait Failover: Send + Sync {
+    /// The share of a service's endpoints that must be routable here;
+    /// below it the service fails over (`federation.min_healthy`; 0: only
+    /// when none is).
+    fn min_healthy(&self) -> f64;
+
+    /// The datacenters a service fails over to, in order, lower case:
+    /// `policy` is its `switchyard.failover=` tag's value (`none`,
+    /// `nearest`, or names), else `federation.failover`. Datacenters out
+    /// of reach are left out.
+    fn order(&self, policy: Option<&str>) -> Vec<String>;
+
+    /// `service` was answered from `dc`: the first time (or another `dc`)
+    /// it is logged, and `switchyard_federation_failover_services` and the
+    /// datacenters list show it.
+    fn failed_over(&self, service: &str, dc: &str);
+}
+
+/// The tag that sets a service's failover (`switchyard.failover=dc2,dc3`,
+/// `=nearest` or `=none`).
+pub const FAILOVER_TAG: &str = "switchyard.failover=";
+
+/// A service's own failover policy: its `switchyard.failover=` tag's value.
+pub fn failover_policy(view: &crate::view::ServiceView) -> Option<&str> {
+    view.tags_from(FAILOVER_TAG)
+        .next()
+        .and_then(|tag| tag.strip_prefix(FAILOVER_TAG))
+}
+
+/// Whether a service (none: not in the catalog) has too few routable
+/// endpoints here: none, or a share under `min_healthy`.
+pub fn needs_failover(view: Option<&crate::view::ServiceView>, min_healthy: f64) -> bool {
+    let Some(view) = view else {
+        return true;
+    };
+    let routable = view.routable_len();
+    routable == 0 || (min_healthy > 0.0 && (routable as f64) < min_healthy * view.len() as f64)
 }

@@ -23,7 +23,9 @@ pub mod view;
 pub use accept::{accepts_open, hold_accepts, open_accepts, AcceptBackoff, AcceptErrors};
 pub use admission::{Admission, Refusal, Ticket};
 pub use duration::{format_go_duration, parse_go_duration};
-pub use elsewhere::{Copied, CopyOf, Elsewhere};
+pub use elsewhere::{
+    failover_policy, needs_failover, Copied, CopyOf, Elsewhere, Failover, FAILOVER_TAG,
+};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
 pub use model::{
     clip, clip_point, node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name,

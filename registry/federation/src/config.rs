@@ -28,6 +28,24 @@ pub struct FederationConfig {
     /// this long is dropped (its watch stops). Default 10 minutes.
     #[serde(deserialize_with = "go_duration")]
     pub copy_expiry: Duration,
+    /// Where a service with no routable endpoint here fails over to:
+    /// `"nearest"` (the others by measured round trip) or a list of
+    /// datacenter names. Default none. A service's tag
+    /// `switchyard.failover=dc2,dc3` (or `=nearest`, `=none`) overrides it.
+    pub failover: Option<FailoverConfig>,
+    /// With failover on, a service fails over once its routable share here
+    /// falls below this fraction (0 to 1). Default 0: only when none is.
+    pub min_healthy: f64,
+}
+
+/// `federation.failover`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum FailoverConfig {
+    /// `"nearest"`.
+    Word(String),
+    /// Datacenter names, in order.
+    List(Vec<String>),
 }
 
 impl Default for FederationConfig {
@@ -38,6 +56,8 @@ impl Default for FederationConfig {
             connect_timeout: Duration::from_secs(2),
             dns_timeout: Duration::from_secs(2),
             copy_expiry: Duration::from_secs(600),
+            failover: None,
+            min_healthy: 0.0,
         }
     }
 }
@@ -109,6 +129,27 @@ impl FederationConfig {
         if self.probe_interval < Duration::from_millis(100) {
             return Err("federation.probe_interval must be at least 100ms".to_string());
         }
+        match &self.failover {
+            None => {}
+            Some(FailoverConfig::Word(word)) if word == "nearest" => {}
+            Some(FailoverConfig::Word(word)) => {
+                return Err(format!(
+                    "federation.failover {word:?}: give \"nearest\" or a list of datacenter names"
+                ))
+            }
+            Some(FailoverConfig::List(names)) => {
+                for name in names {
+                    if !self.datacenters.iter().any(|dc| &dc.name == name) {
+                        return Err(format!(
+                            "federation.failover names {name:?}, which is not one of [[federation.datacenters]]"
+                        ));
+                    }
+                }
+            }
+        }
+        if !(0.0..=1.0).contains(&self.min_healthy) {
+            return Err("federation.min_healthy is a fraction from 0 to 1".to_string());
+        }
         if self.dns_timeout.is_zero() {
             return Err("federation.dns_timeout must be above 0".to_string());
         }
@@ -171,6 +212,21 @@ mod tests {
         assert!(twice.validate("dc1").expect_err("twice").contains("twice"));
         let scheme = parse("[[datacenters]]\nname = \"dc2\"\napi = [\"ftp://x:1\"]\n");
         assert!(scheme.validate("dc1").expect_err("scheme").contains("http"));
+    }
+
+    #[test]
+    fn failover_is_nearest_or_known_names() {
+        let dcs = "[[datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:1\"]\n";
+        let nearest = parse(&format!("failover = \"nearest\"\nmin_healthy = 0.5\n{dcs}"));
+        assert_eq!(nearest.validate("dc1"), Ok(()));
+        let listed = parse(&format!("failover = [\"dc2\"]\n{dcs}"));
+        assert_eq!(listed.validate("dc1"), Ok(()));
+        let unknown = parse(&format!("failover = [\"dc3\"]\n{dcs}"));
+        assert!(unknown.validate("dc1").expect_err("dc3").contains("dc3"));
+        let word = parse(&format!("failover = \"closest\"\n{dcs}"));
+        assert!(word.validate("dc1").is_err());
+        let share = parse(&format!("min_healthy = 1.5\n{dcs}"));
+        assert!(share.validate("dc1").is_err());
     }
 
     #[test]

@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use hyper::StatusCode;
 use serde::Deserialize;
-use switchyard_catalog::{node_uuid, Copied, CopyOf, Decorators, Elsewhere, Name, Weights};
+use switchyard_catalog::{
+    needs_failover, node_uuid, Copied, CopyOf, Decorators, Elsewhere, Failover, Name, Snapshot,
+    Weights,
+};
 use switchyard_registry::{Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics};
 use tokio::sync::watch;
 
@@ -39,6 +42,10 @@ pub struct Copies {
     epoch: Instant,
     /// Itself, for the watch tasks it starts.
     me: std::sync::Weak<Copies>,
+    /// Our own catalog: whether a service that fails over is served here
+    /// again.
+    local: Arc<ArcSwap<Snapshot>>,
+    min_healthy: f64,
 }
 
 struct DcCopies {
@@ -64,6 +71,7 @@ impl Copies {
     /// DNS reads ours with). Call within the agent's runtime.
     pub fn new(
         federation: Arc<Federation>,
+        local: Arc<ArcSwap<Snapshot>>,
         decorators: impl Fn(&str) -> Decorators,
     ) -> Result<Arc<Copies>, String> {
         let mut dcs = Vec::new();
@@ -83,7 +91,8 @@ impl Copies {
             });
         }
         let config = federation.config();
-        let (dns_timeout, expiry) = (config.dns_timeout, config.copy_expiry);
+        let (dns_timeout, expiry, min_healthy) =
+            (config.dns_timeout, config.copy_expiry, config.min_healthy);
         let copies = Arc::new_cyclic(|me| Copies {
             dns_timeout,
             expiry,
@@ -92,9 +101,12 @@ impl Copies {
             runtime: tokio::runtime::Handle::current(),
             epoch: Instant::now(),
             me: me.clone(),
+            local,
+            min_healthy,
         });
         if !copies.dcs.is_empty() {
             tokio::spawn(copies.clone().expire());
+            tokio::spawn(copies.clone().fail_back());
         }
         Ok(copies)
     }
@@ -409,6 +421,60 @@ impl Copies {
                 }
             }
         }
+    }
+}
+
+impl Copies {
+    /// Notices services served here again (their failover over): logged,
+    /// and gone from `switchyard_federation_failover_active`.
+    async fn fail_back(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let failing = self.federation.failing_over();
+            if failing.is_empty() {
+                continue;
+            }
+            let local = self.local.load();
+            let back: Vec<(String, String)> = failing
+                .iter()
+                .filter(|(service, _)| {
+                    !needs_failover(local.service_ci(service).map(|v| &**v), self.min_healthy)
+                })
+                .map(|(service, dc)| (service.clone(), dc.clone()))
+                .collect();
+            if back.is_empty() {
+                continue;
+            }
+            for (service, dc) in back {
+                self.federation.set_failover(&service, None);
+                tracing::info!(%service, from = %dc, "service served here again: failover over");
+            }
+        }
+    }
+}
+
+impl Failover for Copies {
+    fn min_healthy(&self) -> f64 {
+        self.min_healthy
+    }
+
+    fn order(&self, policy: Option<&str>) -> Vec<String> {
+        self.federation.failover_order(policy)
+    }
+
+    fn failed_over(&self, service: &str, dc: &str) {
+        let service = service.to_ascii_lowercase();
+        if self
+            .federation
+            .failing_over()
+            .get(&service)
+            .is_some_and(|d| d == dc)
+        {
+            return;
+        }
+        let was = self.federation.set_failover(&service, Some(dc));
+        tracing::warn!(%service, to = %dc, from = ?was, "service fails over: too few routable endpoints here");
     }
 }
 

@@ -26,7 +26,7 @@ use hyper::{Request, Response, Uri};
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts};
 use tokio::sync::watch;
 
-pub use crate::config::{DatacenterConfig, FederationConfig};
+pub use crate::config::{DatacenterConfig, FailoverConfig, FederationConfig};
 pub use crate::copies::Copies;
 
 /// Marks a request one agent forwarded to another datacenter: the receiver
@@ -66,6 +66,8 @@ pub struct DatacenterInfo {
     pub api: Vec<String>,
     /// Its ingress proxies' addresses.
     pub proxy: Vec<String>,
+    /// Services of ours answered from there now (failover).
+    pub failover_services: Vec<String>,
 }
 
 /// Other datacenters, their round trips, and the client to them.
@@ -75,6 +77,9 @@ pub struct Federation {
     config: FederationConfig,
     epoch: Instant,
     metrics: Metrics,
+    /// Services answered from another datacenter now (lower-case name to
+    /// lower-case datacenter).
+    failing: arc_swap::ArcSwap<std::collections::HashMap<String, String>>,
 }
 
 struct Remote {
@@ -102,6 +107,7 @@ struct Metrics {
     contact_age: GaugeVec,
     forwarded: IntCounterVec,
     copies: IntGaugeVec,
+    failover: IntGaugeVec,
 }
 
 impl Metrics {
@@ -142,6 +148,14 @@ impl Metrics {
             &["datacenter"],
         )?;
         registry.register(Box::new(copies.clone()))?;
+        let failover = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_federation_failover_services",
+                "Services answered from each other datacenter now (too few routable endpoints here)",
+            ),
+            &["datacenter"],
+        )?;
+        registry.register(Box::new(failover.clone()))?;
         registry.register(Box::new(rtt.clone()))?;
         registry.register(Box::new(reachable.clone()))?;
         registry.register(Box::new(contact_age.clone()))?;
@@ -152,6 +166,7 @@ impl Metrics {
             contact_age,
             forwarded,
             copies,
+            failover,
         })
     }
 }
@@ -215,6 +230,7 @@ impl Federation {
             metrics.reachable.with_label_values(&labels).set(0);
             metrics.contact_age.with_label_values(&labels).set(-1.0);
             metrics.copies.with_label_values(&labels).set(0);
+            metrics.failover.with_label_values(&labels).set(0);
             for outcome in ["answered", "unreachable", "timeout"] {
                 metrics
                     .forwarded
@@ -228,6 +244,7 @@ impl Federation {
             config: config.clone(),
             epoch: Instant::now(),
             metrics,
+            failing: Default::default(),
         })
     }
 
@@ -239,6 +256,41 @@ impl Federation {
     /// The other datacenters' names, in config order.
     pub fn remote_names(&self) -> Vec<String> {
         self.remotes.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// The datacenters a service fails over to, in order, lower case, those
+    /// out of reach left out: `policy` is the service's own
+    /// (`switchyard.failover=` tag: `none`, `nearest` or names), else
+    /// `federation.failover`.
+    pub fn failover_order(&self, policy: Option<&str>) -> Vec<String> {
+        let reachable = |name: &str| {
+            self.remote(name)
+                .is_some_and(|r| r.reachable.load(Ordering::Relaxed))
+        };
+        let nearest = || -> Vec<String> {
+            self.datacenters()
+                .into_iter()
+                .filter(|dc| !dc.local && dc.reachable)
+                .map(|dc| dc.name.to_ascii_lowercase())
+                .collect()
+        };
+        let listed = |names: &mut dyn Iterator<Item = &str>| -> Vec<String> {
+            names
+                .map(str::trim)
+                .filter(|name| *name != self.local && reachable(name))
+                .map(str::to_ascii_lowercase)
+                .collect()
+        };
+        match policy.map(str::trim) {
+            Some("none") | Some("") => Vec::new(),
+            Some("nearest") => nearest(),
+            Some(names) => listed(&mut names.split(',')),
+            None => match &self.config.failover {
+                None => Vec::new(),
+                Some(FailoverConfig::Word(_)) => nearest(),
+                Some(FailoverConfig::List(names)) => listed(&mut names.iter().map(String::as_str)),
+            },
+        }
     }
 
     /// The `[federation]` table in force.
@@ -314,6 +366,17 @@ impl Federation {
     /// Every datacenter with what is known of it, in `names` order.
     pub fn datacenters(&self) -> Vec<DatacenterInfo> {
         let now = self.epoch.elapsed().as_millis() as u64;
+        let failing = self.failing.load();
+        let failing_to = |dc: &str| -> Vec<String> {
+            let lower = dc.to_ascii_lowercase();
+            let mut services: Vec<String> = failing
+                .iter()
+                .filter(|(_, to)| **to == lower)
+                .map(|(service, _)| service.clone())
+                .collect();
+            services.sort();
+            services
+        };
         let mut others: Vec<DatacenterInfo> = self
             .remotes
             .iter()
@@ -338,6 +401,7 @@ impl Federation {
                     last_contact_ms: (contact != 0).then(|| now.saturating_sub(contact - 1)),
                     api,
                     proxy: r.proxy.clone(),
+                    failover_services: failing_to(&r.name),
                 }
             })
             .collect();
@@ -360,6 +424,7 @@ impl Federation {
             last_contact_ms: Some(0),
             api: Vec::new(),
             proxy: Vec::new(),
+            failover_services: Vec::new(),
         });
         all.extend(others);
         all
@@ -471,6 +536,35 @@ impl Federation {
             .copies
             .with_label_values(&[dc])
             .set(kept as i64);
+    }
+
+    /// Records `service` as answered from `dc` now (none: here again);
+    /// returns the datacenter it was answered from before, if another.
+    pub(crate) fn set_failover(&self, service: &str, dc: Option<&str>) -> Option<String> {
+        let mut was = None;
+        self.failing.rcu(|all| {
+            let mut all = (**all).clone();
+            was = match dc {
+                Some(dc) => all.insert(service.to_string(), dc.to_string()),
+                None => all.remove(service),
+            };
+            all
+        });
+        let failing = self.failing.load();
+        for remote in &self.remotes {
+            let lower = remote.name.to_ascii_lowercase();
+            let count = failing.values().filter(|dc| **dc == lower).count();
+            self.metrics
+                .failover
+                .with_label_values(&[remote.name.as_str()])
+                .set(count as i64);
+        }
+        was
+    }
+
+    /// Services answered from another datacenter now, and from which.
+    pub fn failing_over(&self) -> Arc<std::collections::HashMap<String, String>> {
+        self.failing.load_full()
     }
 
     fn count(&self, dc: &str, outcome: &str) {
