@@ -196,7 +196,7 @@ impl Running {
         let proxy = Arc::new(ProxyDecorator::new(
             config.http.clone(),
             config.tcp.clone(),
-            proxy_metrics,
+            proxy_metrics.clone(),
         ));
         // Decorators, run by the writer over every view it builds: DNS's answers
         // and the proxy's backend lists, each found again by its key.
@@ -259,12 +259,18 @@ impl Running {
             registry.snapshot_cell(),
             |dc| {
                 let mut decorators = Decorators::default();
-                let key = decorators.add(Arc::new(DnsDecorator::new(dns_config.clone(), dc)));
-                debug_assert!(key == dns_answers, "copies' DNS answers sit where ours do");
+                let dns = decorators.add(Arc::new(DnsDecorator::new(dns_config.clone(), dc)));
+                let backends =
+                    decorators.add(Arc::new(ProxyDecorator::for_copies(proxy_metrics.clone())));
+                debug_assert!(
+                    dns == dns_answers && backends == proxy_backends,
+                    "a copy's decorators sit where ours do"
+                );
                 decorators
             },
         )
         .map_err(anyhow::Error::msg)?;
+        proxy.fail_over_to(copies.clone());
         let state = Arc::new(ApiState {
             registry: registry.clone(),
             agent: AgentInfo {

@@ -60,6 +60,9 @@ impl ProxyService {
 /// request that follows an API acknowledgment already sees the change.
 pub struct ProxyDecorator {
     pub(crate) shared: Arc<Shared>,
+    /// Decorates every service, routed or not: the decorator of another
+    /// datacenter's copy, whose services are asked for by our routes.
+    every_service: bool,
     /// The value of every service no route names, and of its chunks.
     empty: Arc<ProxyService>,
     empty_chunk: Arc<ProxyChunk>,
@@ -69,9 +72,26 @@ impl ProxyDecorator {
     pub fn new(config: Config, tcp: TcpConfig, metrics: Arc<ProxyMetrics>) -> ProxyDecorator {
         ProxyDecorator {
             shared: Arc::new(Shared::new(config, tcp, metrics)),
+            every_service: false,
             empty: Arc::new(ProxyService::empty()),
             empty_chunk: Arc::new(ProxyChunk::default()),
         }
+    }
+
+    /// The decorator of another datacenter's copy (registered at the same
+    /// position as ours, so `ExtraKey`s agree): every service it holds gets
+    /// backends, with stats of their own.
+    pub fn for_copies(metrics: Arc<ProxyMetrics>) -> ProxyDecorator {
+        ProxyDecorator {
+            every_service: true,
+            ..ProxyDecorator::new(Config::default(), TcpConfig::default(), metrics)
+        }
+    }
+
+    /// Where services fail over to: other datacenters' copies, decorated by
+    /// `for_copies` decorators.
+    pub fn fail_over_to(&self, elsewhere: Arc<dyn switchyard_catalog::Elsewhere>) {
+        let _ = self.shared.elsewhere.set(elsewhere);
     }
 
     /// Checks a new configuration against the running one (see
@@ -175,7 +195,7 @@ impl ProxyDecorator {
     /// Whether a config route, an L4 listener or the service's own tags
     /// route traffic to it.
     fn routed(&self, name: &str, tag_route: &Option<TagRoute>) -> bool {
-        tag_route.is_some() || self.shared.configured.load().contains(name)
+        self.every_service || tag_route.is_some() || self.shared.configured.load().contains(name)
     }
 }
 

@@ -237,7 +237,9 @@ async fn exchange(
         let body = format!("no route for host {:?}", request.host.as_str());
         return answer(local, client, 404, "Not Found", &body, close_on_refusal).await;
     };
-    let service = match local.service(&route.service) {
+    let found = local.service_anywhere(&route.service).await;
+    let elsewhere = found.elsewhere;
+    let service = match found.service {
         Some(service) if !service.backends.is_empty() => service,
         _ => {
             metrics.reject(Reject::NoEndpoint);
@@ -304,6 +306,7 @@ async fn exchange(
         route: &route,
         body,
         replayable,
+        elsewhere,
     };
     let next = forward(exchange, req, service, key, &mut outcome).await;
     log_access(info, head, &request, Some(&route), &outcome);
@@ -445,6 +448,8 @@ struct Forward<'a> {
     route: &'a Route,
     body: Framing,
     replayable: bool,
+    /// The service came from another datacenter's copy (failover).
+    elsewhere: bool,
 }
 
 /// Picks endpoints and attempts the request until one answers, the retry
@@ -466,6 +471,7 @@ async fn forward(
         request,
         route,
         replayable,
+        elsewhere,
         ..
     } = req;
     let config = local.config();
@@ -503,7 +509,11 @@ async fn forward(
             (route.balancer, key),
             now,
             &mut local.rng.borrow_mut(),
-            || local.service(&route.service),
+            || {
+                (!elsewhere)
+                    .then(|| local.service(&route.service))
+                    .flatten()
+            },
         );
         let Some(index) = picked else {
             metrics.reject(Reject::NoEndpoint);
@@ -653,6 +663,7 @@ async fn attempt(
         route,
         body,
         replayable,
+        ..
     }: Forward<'_>,
     stats: &ServiceStats,
     backend: &Backend,

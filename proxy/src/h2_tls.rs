@@ -619,12 +619,15 @@ impl H2Tls {
                 );
             }
         }
-        let service: Option<Arc<ProxyService>> = self
-            .snapshot
-            .load()
-            .service(&route.service)
-            .and_then(|view| view.extra_arc(self.backends));
-        let (mut service, stats) = match service {
+        let here = crate::failover::here(
+            &self.shared,
+            &self.snapshot.load(),
+            self.backends,
+            &route.service,
+        );
+        let found = crate::failover::find(&self.shared, self.backends, &route.service, here).await;
+        let elsewhere = found.elsewhere;
+        let (mut service, stats) = match found.service {
             Some(s) if !s.backends.is_empty() && s.stats.is_some() => {
                 let stats = s.stats.clone();
                 (s, stats)
@@ -785,6 +788,9 @@ impl H2Tls {
                 now,
                 &mut rng,
                 || {
+                    if elsewhere {
+                        return None;
+                    }
                     self.snapshot
                         .load()
                         .service(&route.service)

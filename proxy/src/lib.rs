@@ -17,6 +17,7 @@ mod balance;
 mod config;
 mod conn;
 mod deadline;
+mod failover;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

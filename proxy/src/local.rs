@@ -151,6 +151,16 @@ impl Local {
         cache.load().service(name)?.extra_arc(self.backends)
     }
 
+    /// A request's service: ours, or another datacenter's when ours fails
+    /// over (`failover.rs`).
+    pub(crate) async fn service_anywhere(&self, name: &str) -> crate::failover::Found {
+        let here = {
+            let mut cache = self.snapshot.borrow_mut();
+            crate::failover::here(&self.shared, cache.load(), self.backends, name)
+        };
+        crate::failover::find(&self.shared, self.backends, name, here).await
+    }
+
     fn refresh(&self) {
         let generation = self.shared.generation.load(Ordering::Acquire);
         if generation != self.generation.get() {

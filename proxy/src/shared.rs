@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use switchyard_catalog::{Admission, Name, Snapshot};
+use switchyard_catalog::{Admission, Elsewhere, Name, Snapshot};
 
 use crate::config::{Config, TcpConfig};
 use crate::metrics::ProxyMetrics;
@@ -38,6 +38,9 @@ pub(crate) struct Shared {
     /// Open client connections (HTTP, HTTPS and L4), in all and per client
     /// address: `max_connections` and `max_connections_per_client`.
     pub(crate) admission: Arc<Admission>,
+    /// Other datacenters' copies, where services fail over (set once at
+    /// start, when federation is wired).
+    pub(crate) elsewhere: std::sync::OnceLock<Arc<dyn Elsewhere>>,
 }
 
 /// The services a configuration routes to (HTTP routes and L4 listeners).
@@ -66,6 +69,7 @@ impl Shared {
             configured: ArcSwap::from_pointee(configured),
             services: Mutex::new(HashMap::new()),
             admission: Admission::new(),
+            elsewhere: std::sync::OnceLock::new(),
         }
     }
 

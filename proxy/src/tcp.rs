@@ -65,7 +65,9 @@ async fn proxy(
         std::net::IpAddr::V4(ip) => hash64(&ip.octets()),
         std::net::IpAddr::V6(ip) => hash64(&ip.octets()),
     });
-    let Some(mut service) = local.service(&config.service) else {
+    let found = local.service_anywhere(&config.service).await;
+    let elsewhere = found.elsewhere;
+    let Some(mut service) = found.service else {
         return TcpOutcome::NoEndpoint;
     };
     let Some(service_stats) = service.stats.clone() else {
@@ -81,7 +83,11 @@ async fn proxy(
             (kind, key),
             now,
             &mut local.rng.borrow_mut(),
-            || local.service(&config.service),
+            || {
+                (!elsewhere)
+                    .then(|| local.service(&config.service))
+                    .flatten()
+            },
         );
         let Some(index) = picked else {
             return if attempts.made() == 0 {

@@ -503,3 +503,92 @@ fn dns_fails_over_by_policy_and_share_and_comes_back() {
         "one log line per change"
     );
 }
+
+#[test]
+fn the_proxy_fails_over_to_another_datacenter_and_back() {
+    use crate::proxy::{get, Upstream};
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    let remote = Upstream::start("remote");
+    crate::proxy::register(&dc2.client(), "web", &[&remote], &[]);
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[federation]\nfailover = \"nearest\"\nprobe_interval = \"200ms\"\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n\
+             [[http.routes]]\nhost = \"web.test\"\nservice = \"web\"\n\
+             [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n",
+            host_port(&dc2)
+        ),
+    );
+    let c = dc1.client();
+    let local = Upstream::start("local");
+    let body = json!({"Name": "web", "ID": "web-local", "Address": "127.0.0.1",
+        "Port": local.addr.port(), "Check": {"TTL": "1h"}});
+    c.put_ok("/v1/agent/service/register", &body.to_string());
+    eventually("dc2 reachable", Duration::from_secs(10), || {
+        let list = c.get_ok("/v1/switchyard/datacenters").json();
+        list.as_array()?
+            .iter()
+            .any(|d| d["name"] == "dc2" && d["reachable"] == true)
+            .then_some(())
+    });
+    let over_l4 = |addr: std::net::SocketAddr| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect L4");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    };
+
+    let over_h2c = |addr: std::net::SocketAddr| -> (u16, String) {
+        use http_body_util::{BodyExt, Empty};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .expect("h2c");
+            tokio::spawn(conn);
+            let request = hyper::Request::builder()
+                .uri("http://web.test/")
+                .body(Empty::<hyper::body::Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+
+    // Critical here: HTTP/1.1, HTTP/2 and L4 go to dc2's endpoint.
+    let first = get(dc1.http, "web.test", "/");
+    assert_eq!((first.status, first.body.as_str()), (200, "remote"));
+    assert_eq!(over_h2c(dc1.http), (200, "remote".to_string()));
+    assert!(over_l4(dc1.tcp[0]).ends_with("remote"));
+    // Healthy here: back at once.
+    c.put_ok("/v1/agent/check/pass/service:web-local", "");
+    let back = get(dc1.http, "web.test", "/");
+    assert_eq!((back.status, back.body.as_str()), (200, "local"));
+    assert_eq!(over_h2c(dc1.http), (200, "local".to_string()));
+    assert!(over_l4(dc1.tcp[0]).ends_with("local"));
+    // And away again.
+    c.put_ok("/v1/agent/check/fail/service:web-local", "");
+    let again = get(dc1.http, "web.test", "/");
+    assert_eq!((again.status, again.body.as_str()), (200, "remote"));
+}
