@@ -237,9 +237,7 @@ async fn exchange(
         let body = format!("no route for host {:?}", request.host.as_str());
         return answer(local, client, 404, "Not Found", &body, close_on_refusal).await;
     };
-    let found = local.service_anywhere(&route.service).await;
-    let elsewhere = found.elsewhere;
-    let service = match found.service {
+    let service = match local.service_anywhere(&route.service).await {
         Some(service) if !service.backends.is_empty() => service,
         _ => {
             metrics.reject(Reject::NoEndpoint);
@@ -306,7 +304,6 @@ async fn exchange(
         route: &route,
         body,
         replayable,
-        elsewhere,
     };
     let next = forward(exchange, req, service, key, &mut outcome).await;
     log_access(info, head, &request, Some(&route), &outcome);
@@ -448,8 +445,6 @@ struct Forward<'a> {
     route: &'a Route,
     body: Framing,
     replayable: bool,
-    /// The service came from another datacenter's copy (failover).
-    elsewhere: bool,
 }
 
 /// Picks endpoints and attempts the request until one answers, the retry
@@ -471,7 +466,6 @@ async fn forward(
         request,
         route,
         replayable,
-        elsewhere,
         ..
     } = req;
     let config = local.config();
@@ -509,11 +503,7 @@ async fn forward(
             (route.balancer, key),
             now,
             &mut local.rng.borrow_mut(),
-            || {
-                (!elsewhere)
-                    .then(|| local.service(&route.service))
-                    .flatten()
-            },
+            || local.service_anywhere_now(&route.service),
         );
         let Some(index) = picked else {
             metrics.reject(Reject::NoEndpoint);

@@ -9,19 +9,11 @@
 use std::sync::Arc;
 
 use switchyard_catalog::{
-    failover_policy, needs_failover, Copied, CopyOf, ExtraKey, ServiceView, Snapshot,
+    failover_policy, needs_failover, Copied, CopyOf, Elsewhere, ExtraKey, ServiceView, Snapshot,
 };
 
 use crate::backend::{ProxyDecorator, ProxyService};
 use crate::shared::Shared;
-
-/// A service as a request sees it.
-pub(crate) struct Found {
-    pub(crate) service: Option<Arc<ProxyService>>,
-    /// Found in another datacenter's copy: a withdrawn endpoint is skipped,
-    /// never reloaded from ours.
-    pub(crate) elsewhere: bool,
-}
 
 /// What to look for elsewhere, read off our snapshot without waiting.
 pub(crate) enum Here {
@@ -35,19 +27,30 @@ pub(crate) enum Here {
     },
 }
 
-/// Ours, and whether it should fail over.
+/// Ours, and whether it should fail over. `reloading`: a request found an
+/// endpoint withdrawn since its snapshot; the writer withdraws endpoints
+/// before it publishes the snapshot without them, so ours counts as short
+/// when every backend is withdrawn already, not only when the snapshot
+/// says so.
 pub(crate) fn here(
     shared: &Shared,
     snapshot: &Snapshot,
     key: ExtraKey<ProxyDecorator>,
     name: &str,
+    reloading: bool,
 ) -> Here {
     let view: Option<&Arc<ServiceView>> = snapshot.service(name);
     let ours = view.and_then(|v| v.extra_arc(key));
     let Some(elsewhere) = shared.elsewhere.get() else {
         return Here::Served(ours);
     };
-    if !needs_failover(view.map(|v| &**v), elsewhere.min_healthy()) {
+    let withdrawn = || {
+        ours.as_ref()
+            .is_some_and(|s| s.backends.iter().all(|b| b.stats.is_withdrawn()))
+    };
+    let short =
+        needs_failover(view.map(|v| &**v), elsewhere.min_healthy()) || (reloading && withdrawn());
+    if !short {
         return Here::Served(ours);
     }
     Here::Short {
@@ -56,56 +59,97 @@ pub(crate) fn here(
     }
 }
 
+/// A first fetch under way.
+type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The service in `dc`'s copy when it has routable endpoints there;
+/// `Err` while the copy's first fetch is under way.
+fn there(
+    elsewhere: &dyn Elsewhere,
+    key: ExtraKey<ProxyDecorator>,
+    dc: &str,
+    lower: &str,
+) -> Result<Option<Arc<ProxyService>>, Wait> {
+    match elsewhere.copy(dc, CopyOf::Service(lower)) {
+        Copied::Ready(copy) => Ok(copy
+            .service_ci(lower)
+            .and_then(|v| v.extra_arc(key))
+            .filter(|s| !s.backends.is_empty())),
+        Copied::Fetching(wait) => Err(wait),
+        Copied::Unknown => Ok(None),
+    }
+}
+
+/// What a short service needs: where to look, ours, its policy. `Err`:
+/// the answer already (ours serves it, or nothing fails over).
+#[allow(clippy::type_complexity)]
+fn short(
+    shared: &Shared,
+    here: Here,
+) -> Result<
+    (
+        &Arc<dyn Elsewhere>,
+        Option<Arc<ProxyService>>,
+        Option<String>,
+    ),
+    Option<Arc<ProxyService>>,
+> {
+    match (here, shared.elsewhere.get()) {
+        (Here::Served(service), _) => Err(service),
+        (Here::Short { here, .. }, None) => Err(here),
+        (Here::Short { here, policy }, Some(elsewhere)) => Ok((elsewhere, here, policy)),
+    }
+}
+
+/// `find` without waiting: copies not fetched yet are passed over. For a
+/// request's reload of its service (an endpoint withdrawn since its
+/// snapshot), which may find ours emptied meanwhile.
+pub(crate) fn find_now(
+    shared: &Shared,
+    key: ExtraKey<ProxyDecorator>,
+    name: &str,
+    here: Here,
+) -> Option<Arc<ProxyService>> {
+    let (elsewhere, ours, policy) = match short(shared, here) {
+        Ok(short) => short,
+        Err(answer) => return answer,
+    };
+    let lower = name.to_ascii_lowercase();
+    for dc in elsewhere.order(policy.as_deref()) {
+        if let Ok(Some(service)) = there(&**elsewhere, key, &dc, &lower) {
+            elsewhere.failed_over(&lower, &dc);
+            return Some(service);
+        }
+    }
+    ours
+}
+
 /// The service from the first datacenter in its failover order whose copy
-/// has routable endpoints; ours when none has.
+/// has routable endpoints (a copy's first fetch waited for); ours when none
+/// has.
 pub(crate) async fn find(
     shared: &Shared,
     key: ExtraKey<ProxyDecorator>,
     name: &str,
     here: Here,
-) -> Found {
-    let (ours, policy) = match here {
-        Here::Served(service) => {
-            return Found {
-                service,
-                elsewhere: false,
-            }
-        }
-        Here::Short { here, policy } => (here, policy),
-    };
-    let Some(elsewhere) = shared.elsewhere.get() else {
-        return Found {
-            service: ours,
-            elsewhere: false,
-        };
+) -> Option<Arc<ProxyService>> {
+    let (elsewhere, ours, policy) = match short(shared, here) {
+        Ok(short) => short,
+        Err(answer) => return answer,
     };
     let lower = name.to_ascii_lowercase();
     for dc in elsewhere.order(policy.as_deref()) {
-        let copy = match elsewhere.copy(&dc, CopyOf::Service(&lower)) {
-            Copied::Ready(copy) => copy,
-            Copied::Fetching(wait) => {
+        let found = match there(&**elsewhere, key, &dc, &lower) {
+            Ok(found) => found,
+            Err(wait) => {
                 wait.await;
-                match elsewhere.copy(&dc, CopyOf::Service(&lower)) {
-                    Copied::Ready(copy) => copy,
-                    _ => continue,
-                }
+                there(&**elsewhere, key, &dc, &lower).ok().flatten()
             }
-            Copied::Unknown => continue,
         };
-        let there = copy
-            .service_ci(&lower)
-            .and_then(|v| v.extra_arc(key))
-            .filter(|s| !s.backends.is_empty());
-        if let Some(there) = there {
+        if let Some(service) = found {
             elsewhere.failed_over(&lower, &dc);
-            return Found {
-                service: Some(there),
-                elsewhere: true,
-            };
+            return Some(service);
         }
     }
-    Found {
-        service: ours,
-        elsewhere: false,
-    }
+    ours
 }

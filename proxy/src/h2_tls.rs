@@ -624,10 +624,10 @@ impl H2Tls {
             &self.snapshot.load(),
             self.backends,
             &route.service,
+            false,
         );
         let found = crate::failover::find(&self.shared, self.backends, &route.service, here).await;
-        let elsewhere = found.elsewhere;
-        let (mut service, stats) = match found.service {
+        let (mut service, stats) = match found {
             Some(s) if !s.backends.is_empty() && s.stats.is_some() => {
                 let stats = s.stats.clone();
                 (s, stats)
@@ -788,13 +788,14 @@ impl H2Tls {
                 now,
                 &mut rng,
                 || {
-                    if elsewhere {
-                        return None;
-                    }
-                    self.snapshot
-                        .load()
-                        .service(&route.service)
-                        .and_then(|view| view.extra_arc(self.backends))
+                    let here = crate::failover::here(
+                        &self.shared,
+                        &self.snapshot.load(),
+                        self.backends,
+                        &route.service,
+                        true,
+                    );
+                    crate::failover::find_now(&self.shared, self.backends, &route.service, here)
                         .filter(|s| !s.backends.is_empty())
                 },
             );

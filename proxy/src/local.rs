@@ -145,18 +145,22 @@ impl Local {
         }
     }
 
-    /// The proxy's view of a service in the current snapshot.
-    pub(crate) fn service(&self, name: &str) -> Option<Arc<ProxyService>> {
-        let mut cache = self.snapshot.borrow_mut();
-        cache.load().service(name)?.extra_arc(self.backends)
+    /// `service_anywhere` without waiting for a copy's first fetch (a
+    /// request's reload of its service).
+    pub(crate) fn service_anywhere_now(&self, name: &str) -> Option<Arc<ProxyService>> {
+        let here = {
+            let mut cache = self.snapshot.borrow_mut();
+            crate::failover::here(&self.shared, cache.load(), self.backends, name, true)
+        };
+        crate::failover::find_now(&self.shared, self.backends, name, here)
     }
 
     /// A request's service: ours, or another datacenter's when ours fails
     /// over (`failover.rs`).
-    pub(crate) async fn service_anywhere(&self, name: &str) -> crate::failover::Found {
+    pub(crate) async fn service_anywhere(&self, name: &str) -> Option<Arc<ProxyService>> {
         let here = {
             let mut cache = self.snapshot.borrow_mut();
-            crate::failover::here(&self.shared, cache.load(), self.backends, name)
+            crate::failover::here(&self.shared, cache.load(), self.backends, name, false)
         };
         crate::failover::find(&self.shared, self.backends, name, here).await
     }

@@ -65,9 +65,7 @@ async fn proxy(
         std::net::IpAddr::V4(ip) => hash64(&ip.octets()),
         std::net::IpAddr::V6(ip) => hash64(&ip.octets()),
     });
-    let found = local.service_anywhere(&config.service).await;
-    let elsewhere = found.elsewhere;
-    let Some(mut service) = found.service else {
+    let Some(mut service) = local.service_anywhere(&config.service).await else {
         return TcpOutcome::NoEndpoint;
     };
     let Some(service_stats) = service.stats.clone() else {
@@ -83,11 +81,7 @@ async fn proxy(
             (kind, key),
             now,
             &mut local.rng.borrow_mut(),
-            || {
-                (!elsewhere)
-                    .then(|| local.service(&config.service))
-                    .flatten()
-            },
+            || local.service_anywhere_now(&config.service),
         );
         let Some(index) = picked else {
             return if attempts.made() == 0 {

@@ -378,6 +378,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/switchyard/services", reads(get(native::services)))
         .route(
+            "/v1/switchyard/watch",
+            reads(axum::routing::post(native::watch)),
+        )
+        .route(
             "/v1/switchyard/services/{name}",
             reads(get(native::service)),
         )
@@ -699,7 +703,7 @@ impl QueryOpts {
 }
 
 /// Counts a waiting blocking query for as long as it lives.
-struct BlockingGuard<'a>(&'a prometheus::IntGauge);
+pub(crate) struct BlockingGuard<'a>(pub(crate) &'a prometheus::IntGauge);
 
 impl Drop for BlockingGuard<'_> {
     fn drop(&mut self) {

@@ -55,6 +55,83 @@ pub(super) async fn status(State(state): St) -> ApiResult {
     json(&body, snap.index(), &QueryOpts::default())
 }
 
+/// What another datacenter's agent watches here at once (its copies):
+/// each name with the index the watcher holds (0: never fetched).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct WatchIn {
+    services: std::collections::BTreeMap<String, u64>,
+    nodes: std::collections::BTreeMap<String, u64>,
+}
+
+/// Many services and nodes watched in one blocking query (another
+/// datacenter's copies of them, one connection for all): answers as soon as
+/// any of them is at an index other than the one the caller holds, with
+/// each that is (a service's routable endpoints, a node's record, or null
+/// when it is gone), or with nothing when `wait` is over.
+pub(super) async fn watch(State(state): St, Query(q): Query<Pairs>, body: Bytes) -> ApiResult {
+    let input: WatchIn = decode_body(&body).map_err(ApiError::bad_request)?;
+    let keys = input.services.len() + input.nodes.len();
+    if keys > state.config.max_batch_endpoints {
+        return Err(ApiError::bad_request(format!(
+            "watch of {keys} names; the limit is {} (api.max_batch_endpoints)",
+            state.config.max_batch_endpoints
+        )));
+    }
+    let opts = QueryOpts::parse(&q)?;
+    let wait = opts
+        .wait
+        .unwrap_or(std::time::Duration::from_secs(300))
+        .min(state.config.max_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    let metrics = state.registry.metrics();
+    metrics.blocking_queries.inc();
+    let _guard = super::BlockingGuard(&metrics.blocking_queries);
+    let mut changes = state.registry.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        changes.borrow_and_update();
+        let snap = state.registry.snapshot();
+        let mut services = serde_json::Map::new();
+        for (name, held) in &input.services {
+            let index = snap.service_index(name);
+            if *held != 0 && *held == index {
+                continue;
+            }
+            let endpoints: Vec<_> = snap
+                .service(name)
+                .map(|view| view.routable().map(instance_json).collect())
+                .unwrap_or_default();
+            services.insert(
+                name.clone(),
+                json!({ "index": index, "endpoints": endpoints }),
+            );
+        }
+        let mut nodes = serde_json::Map::new();
+        for (name, held) in &input.nodes {
+            let entry = snap.node(name);
+            let index = entry.map_or(1, |n| n.index).max(1);
+            if *held != 0 && *held == index {
+                continue;
+            }
+            let node = entry.map(|n| {
+                json!({ "name": &*n.node.name, "address": n.node.address, "meta": n.node.meta })
+            });
+            nodes.insert(name.clone(), json!({ "index": index, "node": node }));
+        }
+        let over = tokio::time::Instant::now() >= deadline || *shutdown.borrow();
+        if !services.is_empty() || !nodes.is_empty() || over {
+            let body = json!({ "services": services, "nodes": nodes });
+            return json(&body, snap.index(), &opts);
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 /// The datacenters this agent knows: its own first, then the others by
 /// measured round trip, with whether they answer and their addresses.
 pub(super) async fn datacenters(State(state): St) -> ApiResult {

@@ -1,9 +1,11 @@
 //! Local copies of other datacenters' services and nodes, for DNS (and the
 //! proxy's failover, later): each datacenter's copy is a catalog of its own
 //! (an in-memory registry with the same decorators as ours), holding only
-//! what was asked for. A copy is made at the first ask and kept current by a
-//! blocking query on the remote agent, so a remote change is in the copy as
-//! soon as the remote publishes it. Copies nobody asks for expire.
+//! what was asked for. A copy is made at the first ask and kept current by
+//! one blocking query per datacenter for all its names
+//! (`/v1/switchyard/watch` on the remote agent: one connection, however many
+//! names), asked again at once when a name is added; so a remote change is in
+//! the copy as soon as the remote publishes it. Copies nobody asks for expire.
 //!
 //! Readers find copies without a lock (an `ArcSwap` map per datacenter);
 //! only the first ask of a name writes the map.
@@ -12,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -38,10 +40,7 @@ pub struct Copies {
     dcs: Vec<DcCopies>,
     dns_timeout: Duration,
     expiry: Duration,
-    runtime: tokio::runtime::Handle,
     epoch: Instant,
-    /// Itself, for the watch tasks it starts.
-    me: std::sync::Weak<Copies>,
     /// Our own catalog: whether a service that fails over is served here
     /// again.
     local: Arc<ArcSwap<Snapshot>>,
@@ -54,7 +53,13 @@ struct DcCopies {
     registry: Registry,
     services: ArcSwap<HashMap<String, Arc<Watched>>>,
     nodes: ArcSwap<HashMap<String, Arc<Watched>>>,
+    /// Wakes the datacenter's watch when a name is added: it asks again at
+    /// once, with the new name.
+    added: tokio::sync::Notify,
 }
+
+/// A service's endpoints in a copy, `(node, id)`.
+type Held = HashSet<(Name, Name)>;
 
 /// One name being copied.
 struct Watched {
@@ -62,7 +67,11 @@ struct Watched {
     fetched: watch::Sender<bool>,
     /// When it was last asked for (ms since `epoch`).
     asked_ms: AtomicU64,
-    task: OnceLock<tokio::task::AbortHandle>,
+    /// The remote index of what the copy holds (0: nothing yet).
+    index: AtomicU64,
+    /// A service's endpoints in the copy, `(node, id)` (the datacenter's
+    /// watch task alone touches it).
+    held: std::sync::Mutex<HashSet<(Name, Name)>>,
 }
 
 impl Copies {
@@ -88,25 +97,27 @@ impl Copies {
                 registry,
                 services: Default::default(),
                 nodes: Default::default(),
+                added: tokio::sync::Notify::new(),
             });
         }
         let config = federation.config();
         let (dns_timeout, expiry, min_healthy) =
             (config.dns_timeout, config.copy_expiry, config.min_healthy);
-        let copies = Arc::new_cyclic(|me| Copies {
+        let copies = Arc::new(Copies {
             dns_timeout,
             expiry,
             federation,
             dcs,
-            runtime: tokio::runtime::Handle::current(),
             epoch: Instant::now(),
-            me: me.clone(),
             local,
             min_healthy,
         });
         if !copies.dcs.is_empty() {
             tokio::spawn(copies.clone().expire());
             tokio::spawn(copies.clone().fail_back());
+        }
+        for at in 0..copies.dcs.len() {
+            tokio::spawn(copies.clone().watch(at));
         }
         Ok(copies)
     }
@@ -139,7 +150,8 @@ impl Copies {
         let made = Arc::new(Watched {
             fetched: watch::Sender::new(false),
             asked_ms: AtomicU64::new(self.now_ms()),
-            task: OnceLock::new(),
+            index: AtomicU64::new(0),
+            held: Default::default(),
         });
         let mut ours = false;
         map.rcu(|all| {
@@ -156,212 +168,136 @@ impl Copies {
         }
         self.federation
             .count_copies(&dc.name, dc.services.load().len() + dc.nodes.load().len());
-        let Some(copies) = self.me.upgrade() else {
-            return made;
-        };
-        let watched = made.clone();
-        let task = match of {
-            CopyOf::Service(name) => {
-                let name = name.to_string();
-                self.runtime
-                    .spawn(async move { copies.watch_service(at, name, watched).await })
-            }
-            CopyOf::Node(name) => {
-                let name = name.to_string();
-                self.runtime
-                    .spawn(async move { copies.watch_node(at, name, watched).await })
-            }
-        };
-        let _ = made.task.set(task.abort_handle());
+        dc.added.notify_one();
         made
     }
 
-    /// Keeps the copy of service `name` current: one blocking query after
-    /// another on the remote agent.
-    async fn watch_service(&self, at: usize, name: String, watched: Arc<Watched>) {
+    /// Keeps the copies of datacenter `at` current: one blocking query for
+    /// all its names at a time (`/v1/switchyard/watch` there), asked again
+    /// at once when a name is added.
+    async fn watch(self: Arc<Self>, at: usize) {
         let dc = &self.dcs[at];
-        let mut index = 0u64;
-        let mut held: HashSet<(Name, Name)> = HashSet::new();
         let mut backoff = Duration::from_millis(250);
         loop {
-            let path = format!(
-                "/v1/switchyard/services/{name}?index={index}&wait={}s",
-                WATCH_WAIT.as_secs()
+            let services = dc.services.load_full();
+            let nodes = dc.nodes.load_full();
+            if services.is_empty() && nodes.is_empty() {
+                dc.added.notified().await;
+                continue;
+            }
+            let held = |map: &HashMap<String, Arc<Watched>>| -> serde_json::Map<String, serde_json::Value> {
+                map.iter()
+                    .map(|(name, w)| (name.clone(), w.index.load(Ordering::Relaxed).into()))
+                    .collect()
+            };
+            let body = serde_json::json!({ "services": held(&services), "nodes": held(&nodes) });
+            let path = format!("/v1/switchyard/watch?wait={}s", WATCH_WAIT.as_secs());
+            let asked = self.federation.send(
+                &dc.name,
+                hyper::Method::POST,
+                &path,
+                bytes::Bytes::from(body.to_string()),
+                WATCH_WAIT,
             );
-            match self.federation.fetch(&dc.name, &path, WATCH_WAIT).await {
-                Ok((status, remote_index, body)) if status == StatusCode::OK => {
-                    match serde_json::from_slice::<ServiceIn>(&body) {
-                        Ok(service) => {
-                            if self.apply_service(dc, &name, service, &mut held).await {
-                                watched.fetched.send_replace(true);
-                            }
+            let answer = tokio::select! {
+                answer = asked => answer,
+                () = dc.added.notified() => continue,
+            };
+            match answer {
+                Ok((status, _, body)) if status == StatusCode::OK => {
+                    match serde_json::from_slice::<WatchOut>(&body) {
+                        Ok(out) => {
+                            self.apply(dc, &services, &nodes, out).await;
+                            backoff = Duration::from_millis(250);
+                            continue;
                         }
                         Err(e) => {
-                            tracing::warn!(datacenter = %dc.name, service = %name, error = %e, "a remote service's answer did not parse")
+                            tracing::warn!(datacenter = %dc.name, error = %e, "a remote watch's answer did not parse")
                         }
                     }
-                    index = next_index(index, remote_index);
-                    backoff = Duration::from_millis(250);
-                    continue;
-                }
-                Ok((status, remote_index, _)) if status == StatusCode::NOT_FOUND => {
-                    if self
-                        .apply_service(dc, &name, ServiceIn::default(), &mut held)
-                        .await
-                    {
-                        watched.fetched.send_replace(true);
-                    }
-                    index = next_index(index, remote_index);
-                    backoff = Duration::from_millis(250);
-                    continue;
                 }
                 Ok((status, _, body)) => {
-                    tracing::warn!(datacenter = %dc.name, service = %name, %status, answer = %String::from_utf8_lossy(&body).trim(), "the datacenter refused a copy's read");
+                    tracing::warn!(datacenter = %dc.name, %status, answer = %String::from_utf8_lossy(&body).trim(), "the datacenter refused this agent's watch of its copies");
                 }
                 Err(e) => {
-                    tracing::debug!(datacenter = %dc.name, service = %name, error = %e, "copy watch failed; trying again");
+                    tracing::debug!(datacenter = %dc.name, error = %e, "copy watch failed; trying again");
                 }
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = dc.added.notified() => {}
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    /// Writes what the remote said of service `name` into the copy: its
-    /// routable endpoints, and their nodes; the endpoints it no longer has
-    /// leave. Returns whether the copy took it.
-    async fn apply_service(
+    /// Writes a watch's answer into the copy: each service's routable
+    /// endpoints and their nodes (those it no longer has leave), each node's
+    /// record; then marks them fetched at their remote index.
+    async fn apply(
         &self,
         dc: &DcCopies,
-        name: &str,
-        service: ServiceIn,
-        held: &mut HashSet<(Name, Name)>,
-    ) -> bool {
+        services: &HashMap<String, Arc<Watched>>,
+        nodes: &HashMap<String, Arc<Watched>>,
+        out: WatchOut,
+    ) {
         let mut batch = Batch::default();
-        let mut now: HashSet<(Name, Name)> = HashSet::new();
-        let mut nodes: HashSet<String> = HashSet::new();
-        for e in service.endpoints.into_iter().filter(|e| e.routable) {
-            let node_address = e.node_address.clone().unwrap_or_else(|| e.address.clone());
-            if nodes.insert(e.node.clone()) {
-                batch.nodes.push(Node {
-                    name: e.node.as_str().into(),
-                    id: node_uuid(&e.node),
-                    address: node_address,
-                    tagged_addresses: Default::default(),
-                    meta: Default::default(),
-                    drain: None,
-                    create_index: 0,
-                    modify_index: 0,
-                });
+        let mut node_names: HashSet<String> = HashSet::new();
+        // Each name answered: its index there, and a service's endpoints.
+        let mut done: Vec<(&Arc<Watched>, u64, Option<Held>)> = Vec::new();
+        for (name, service) in out.services {
+            let Some(watched) = services.get(&name) else {
+                continue;
+            };
+            let mut now: HashSet<(Name, Name)> = HashSet::new();
+            for e in service.endpoints.into_iter().filter(|e| e.routable) {
+                let node_address = e.node_address.clone().unwrap_or_else(|| e.address.clone());
+                if node_names.insert(e.node.clone()) {
+                    batch
+                        .nodes
+                        .push(node(&e.node, node_address, Default::default()));
+                }
+                now.insert((e.node.as_str().into(), e.id.as_str().into()));
+                batch.endpoints.push((endpoint(&name, e), Vec::new()));
             }
-            now.insert((e.node.as_str().into(), e.id.as_str().into()));
-            batch.endpoints.push((
-                Endpoint {
-                    id: e.id.as_str().into(),
-                    service: service.name.as_deref().unwrap_or(name).into(),
-                    node: e.node.as_str().into(),
-                    address: e.address,
-                    port: e.port,
-                    tags: e.tags,
-                    meta: e.meta,
-                    tagged_addresses: Default::default(),
-                    weights: Weights {
-                        passing: e.weight.unwrap_or(1),
-                        warning: 1,
-                    },
-                    enable_tag_override: false,
-                    kind: String::new(),
-                    incarnation: 0,
-                    drain: None,
-                    create_index: 0,
-                    modify_index: 0,
-                },
-                Vec::new(),
-            ));
+            if let Ok(held) = watched.held.lock() {
+                batch
+                    .deregister_endpoints
+                    .extend(held.difference(&now).cloned());
+            }
+            done.push((watched, service.index, Some(now)));
         }
-        batch.deregister_endpoints = held.difference(&now).cloned().collect();
-        match dc.registry.apply(Command::Batch(batch)).await {
-            Ok(_) => {
-                *held = now;
-                true
-            }
-            Err(e) => {
-                tracing::warn!(datacenter = %dc.name, service = %name, error = %e, "a remote service could not be copied");
-                false
-            }
-        }
-    }
-
-    /// Keeps the copy of node `name` current.
-    async fn watch_node(&self, at: usize, name: String, watched: Arc<Watched>) {
-        let dc = &self.dcs[at];
-        let mut index = 0u64;
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            let path = format!(
-                "/v1/catalog/node/{name}?index={index}&wait={}s",
-                WATCH_WAIT.as_secs()
-            );
-            match self.federation.fetch(&dc.name, &path, WATCH_WAIT).await {
-                Ok((status, remote_index, body)) if status == StatusCode::OK => {
-                    let node =
-                        serde_json::from_slice::<Option<NodeOut>>(&body).map(|n| n.map(|n| n.node));
-                    let applied = match node {
-                        Ok(Some(node)) => {
-                            let batch = Batch {
-                                nodes: vec![Node {
-                                    name: node.node.as_str().into(),
-                                    id: node_uuid(&node.node),
-                                    address: node.address,
-                                    tagged_addresses: Default::default(),
-                                    meta: node.meta,
-                                    drain: None,
-                                    create_index: 0,
-                                    modify_index: 0,
-                                }],
-                                ..Batch::default()
-                            };
-                            dc.registry.apply(Command::Batch(batch)).await.is_ok()
-                        }
-                        Ok(None) => {
-                            // Gone there: gone here, unless copied services
-                            // still have endpoints on it.
-                            let empty = dc
-                                .registry
-                                .snapshot()
-                                .node(&name)
-                                .is_some_and(|n| n.endpoints.is_empty());
-                            !empty
-                                || dc
-                                    .registry
-                                    .apply(Command::Batch(Batch {
-                                        deregister_nodes: vec![name.as_str().into()],
-                                        ..Batch::default()
-                                    }))
-                                    .await
-                                    .is_ok()
-                        }
-                        Err(e) => {
-                            tracing::warn!(datacenter = %dc.name, node = %name, error = %e, "a remote node's answer did not parse");
-                            false
-                        }
-                    };
-                    if applied {
-                        watched.fetched.send_replace(true);
+        let copy = dc.registry.snapshot();
+        for (name, entry) in out.nodes {
+            let Some(watched) = nodes.get(&name) else {
+                continue;
+            };
+            match entry.node {
+                Some(n) => {
+                    if node_names.insert(n.name.clone()) {
+                        batch.nodes.push(node(&n.name, n.address, n.meta));
                     }
-                    index = next_index(index, remote_index);
-                    backoff = Duration::from_millis(250);
-                    continue;
                 }
-                Ok((status, _, body)) => {
-                    tracing::warn!(datacenter = %dc.name, node = %name, %status, answer = %String::from_utf8_lossy(&body).trim(), "the datacenter refused a copy's read");
-                }
-                Err(e) => {
-                    tracing::debug!(datacenter = %dc.name, node = %name, error = %e, "copy watch failed; trying again");
+                // Gone there: gone here, unless copied services still
+                // have endpoints on it.
+                None => {
+                    if copy.node(&name).is_some_and(|n| n.endpoints.is_empty()) {
+                        batch.deregister_nodes.push(name.as_str().into());
+                    }
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            done.push((watched, entry.index, None));
+        }
+        if let Err(e) = dc.registry.apply(Command::Batch(batch)).await {
+            tracing::warn!(datacenter = %dc.name, error = %e, "a remote change could not be copied");
+            return;
+        }
+        for (watched, index, held) in done {
+            if let (Some(now), Ok(mut held)) = (held, watched.held.lock()) {
+                *held = now;
+            }
+            watched.index.store(index.max(1), Ordering::Relaxed);
+            watched.fetched.send_replace(true);
         }
     }
 
@@ -395,11 +331,7 @@ impl Copies {
                     });
                     self.federation
                         .count_copies(&dc.name, dc.services.load().len() + dc.nodes.load().len());
-                    for watched in &gone {
-                        if let Some(task) = watched.task.get() {
-                            task.abort();
-                        }
-                    }
+                    drop(gone);
                     let snapshot = dc.registry.snapshot();
                     let mut batch = Batch::default();
                     for name in &stale {
@@ -478,16 +410,6 @@ impl Failover for Copies {
     }
 }
 
-/// The index to ask with next: the remote's, unless it went back (the
-/// remote restarted with a smaller one), then from the start.
-fn next_index(asked: u64, remote: u64) -> u64 {
-    if remote < asked {
-        0
-    } else {
-        remote
-    }
-}
-
 impl Elsewhere for Copies {
     fn knows(&self, dc: &[u8]) -> bool {
         self.dcs.iter().any(|c| c.lower == dc)
@@ -520,12 +442,61 @@ impl Elsewhere for Copies {
     }
 }
 
-/// `/v1/switchyard/services/NAME`, the parts a copy keeps.
+/// `/v1/switchyard/watch`'s answer: the names whose index moved.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct WatchOut {
+    services: HashMap<String, ServiceIn>,
+    nodes: HashMap<String, NodeWatched>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct ServiceIn {
-    name: Option<String>,
+    index: u64,
     #[serde(default)]
     endpoints: Vec<EndpointIn>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeWatched {
+    index: u64,
+    node: Option<NodeIn>,
+}
+
+fn node(name: &str, address: String, meta: std::collections::BTreeMap<String, String>) -> Node {
+    Node {
+        name: name.into(),
+        id: node_uuid(name),
+        address,
+        tagged_addresses: Default::default(),
+        meta,
+        drain: None,
+        create_index: 0,
+        modify_index: 0,
+    }
+}
+
+fn endpoint(service: &str, e: EndpointIn) -> Endpoint {
+    Endpoint {
+        id: e.id.as_str().into(),
+        service: service.into(),
+        node: e.node.as_str().into(),
+        address: e.address,
+        port: e.port,
+        tags: e.tags,
+        meta: e.meta,
+        tagged_addresses: Default::default(),
+        weights: Weights {
+            passing: e.weight.unwrap_or(1),
+            warning: 1,
+        },
+        enable_tag_override: false,
+        kind: String::new(),
+        incarnation: 0,
+        drain: None,
+        create_index: 0,
+        modify_index: 0,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -546,19 +517,10 @@ struct EndpointIn {
     routable: bool,
 }
 
-/// `/v1/catalog/node/NAME`: `{"Node": {...}, "Services": {...}}` or null.
-#[derive(Debug, Deserialize)]
-struct NodeOut {
-    #[serde(rename = "Node")]
-    node: NodeIn,
-}
-
 #[derive(Debug, Deserialize)]
 struct NodeIn {
-    #[serde(rename = "Node")]
-    node: String,
-    #[serde(rename = "Address")]
+    name: String,
     address: String,
-    #[serde(rename = "Meta", default)]
+    #[serde(default)]
     meta: std::collections::BTreeMap<String, String>,
 }

@@ -307,10 +307,24 @@ impl Federation {
         path: &str,
         wait: Duration,
     ) -> Result<(hyper::StatusCode, u64, Bytes), FederationError> {
+        self.send(dc, hyper::Method::GET, path, Bytes::new(), wait)
+            .await
+    }
+
+    /// `fetch` with a method and a body.
+    pub async fn send(
+        &self,
+        dc: &str,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+        wait: Duration,
+    ) -> Result<(hyper::StatusCode, u64, Bytes), FederationError> {
         let remote = self
             .remote(dc)
             .ok_or_else(|| FederationError::Unknown(dc.to_string()))?;
-        let mut request = Request::new(Bytes::new());
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
         *request.uri_mut() = path.parse().map_err(|e| FederationError::Request {
             dc: dc.to_string(),
             error: format!("path {path:?}: {e}"),
