@@ -274,6 +274,7 @@ fn dns_answers_names_of_another_datacenter_from_a_copy_that_follows_it() {
         ],
         "endpoints": [
             {"node": "n1", "service": "web", "id": "w1", "port": 8001, "tags": ["v1"]},
+            {"node": "n3", "service": "Payments", "id": "pay1", "port": 7000},
             // Critical until its TTL is renewed: not routable, so not copied.
             {"node": "n2", "service": "web", "id": "w2", "port": 8002, "checks": [{"ttl": "1h"}]},
         ],
@@ -312,6 +313,11 @@ fn dns_answers_names_of_another_datacenter_from_a_copy_that_follows_it() {
     assert_eq!(ips(&node.answers), vec![ip("10.0.0.2")]);
     let (node_tcp, _) = ask(dns, "n3.node.dc2.consul", RecordType::A, None, Via::Tcp);
     assert_eq!(ips(&node_tcp.answers), vec![ip("10.0.0.3")]);
+    // Names are matched in any case there, as here.
+    assert_eq!(
+        a_records(dns, "payments.service.dc2.consul"),
+        vec![ip("10.0.0.3")]
+    );
     let missing = udp(dns, "nosuch.service.dc2.consul", RecordType::A);
     assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
 
@@ -591,4 +597,106 @@ fn the_proxy_fails_over_to_another_datacenter_and_back() {
     c.put_ok("/v1/agent/check/fail/service:web-local", "");
     let again = get(dc1.http, "web.test", "/");
     assert_eq!((again.status, again.body.as_str()), (200, "remote"));
+}
+
+fn post(url: &str, body: &str) -> (u16, Value) {
+    let mut response = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .post(url)
+        .send(body)
+        .expect("request");
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[test]
+fn one_watch_carries_many_names_and_blocks_until_one_moves() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    let c = dc2.client();
+    register(&c, "web-a", 9001);
+    let url = format!("{}/v1/switchyard/watch?wait=20s", dc2.api);
+
+    // Never fetched (index 0): answered at once, gone names as such.
+    let (status, first) = post(
+        &url,
+        r#"{"services": {"web": 0, "nope": 0}, "nodes": {"dc2-node": 0}}"#,
+    );
+    assert_eq!(status, 200, "{first}");
+    let web = &first["services"]["web"];
+    assert_eq!(
+        web["endpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{first}"
+    );
+    assert_eq!(first["services"]["nope"]["endpoints"], json!([]));
+    assert_eq!(first["nodes"]["dc2-node"]["node"]["name"], "dc2-node");
+    let index = web["index"].as_u64().expect("index");
+
+    // Held at its index: blocks until web moves, and answers with web alone.
+    let body =
+        json!({"services": {"web": index, "nope": first["services"]["nope"]["index"]}}).to_string();
+    let waiter = {
+        let (url, body) = (url.clone(), body.clone());
+        std::thread::spawn(move || post(&url, &body))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "nothing moved: it waits");
+    register(&c, "web-b", 9002);
+    let (status, moved) = waiter.join().expect("waiter");
+    assert_eq!(status, 200);
+    assert_eq!(
+        moved["services"]["web"]["endpoints"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{moved}"
+    );
+    assert!(moved["services"].get("nope").is_none(), "{moved}");
+
+    // Nothing moves within its wait: an empty answer.
+    let short = format!("{}/v1/switchyard/watch?wait=200ms", dc2.api);
+    let index = moved["services"]["web"]["index"].as_u64().expect("index");
+    let (_, idle) = post(&short, &json!({"services": {"web": index}}).to_string());
+    assert_eq!(idle["services"], json!({}), "{idle}");
+    // A body that is not a watch is refused.
+    let (status, _) = post(&url, "{\"services\": [1, 2]}");
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn hundreds_of_copied_names_share_one_connection_to_a_datacenter() {
+    // The remote allows 200 connections per client (api default): one
+    // watch per name would stop at 200.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    let endpoints: Vec<Value> = (0..300)
+        .map(|i| json!({"node": "n1", "service": format!("s{i}"), "id": format!("s{i}"), "port": 80}))
+        .collect();
+    let batch = json!({"nodes": [{"name": "n1", "address": "10.1.1.1"}], "endpoints": endpoints});
+    dc2.client()
+        .put_ok("/v1/switchyard/batch", &batch.to_string());
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n",
+            host_port(&dc2)
+        ),
+    );
+    for i in 0..300 {
+        let name = format!("s{i}.service.dc2.consul");
+        assert_eq!(a_records(dc1.dns, &name), vec![ip("10.1.1.1")], "{name}");
+    }
+    assert_eq!(
+        dc1.client()
+            .metric("switchyard_federation_copies{datacenter=\"dc2\"}"),
+        Some(300.0)
+    );
 }

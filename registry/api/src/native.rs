@@ -70,7 +70,12 @@ struct WatchIn {
 /// each that is (a service's routable endpoints, a node's record, or null
 /// when it is gone), or with nothing when `wait` is over.
 pub(super) async fn watch(State(state): St, Query(q): Query<Pairs>, body: Bytes) -> ApiResult {
-    let input: WatchIn = decode_body(&body).map_err(ApiError::bad_request)?;
+    // The keys are names, as they are: not folded like field names.
+    let input: WatchIn = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "a watch is {{\"services\": {{NAME: INDEX}}, \"nodes\": {{NAME: INDEX}}}}: {e}"
+        ))
+    })?;
     let keys = input.services.len() + input.nodes.len();
     if keys > state.config.max_batch_endpoints {
         return Err(ApiError::bad_request(format!(
@@ -94,12 +99,13 @@ pub(super) async fn watch(State(state): St, Query(q): Query<Pairs>, body: Bytes)
         let snap = state.registry.snapshot();
         let mut services = serde_json::Map::new();
         for (name, held) in &input.services {
-            let index = snap.service_index(name);
+            // DNS names are in lower case: the service is found in any.
+            let view = snap.service(name).or_else(|| snap.service_ci(name));
+            let index = snap.service_index(view.map_or(name.as_str(), |v| &*v.name));
             if *held != 0 && *held == index {
                 continue;
             }
-            let endpoints: Vec<_> = snap
-                .service(name)
+            let endpoints: Vec<_> = view
                 .map(|view| view.routable().map(instance_json).collect())
                 .unwrap_or_default();
             services.insert(
