@@ -196,7 +196,7 @@ impl Running {
         let proxy = Arc::new(ProxyDecorator::new(
             config.http.clone(),
             config.tcp.clone(),
-            proxy_metrics.clone(),
+            proxy_metrics,
         ));
         // Decorators, run by the writer over every view it builds: DNS's answers
         // and the proxy's backend lists, each found again by its key.
@@ -260,8 +260,7 @@ impl Running {
             |dc| {
                 let mut decorators = Decorators::default();
                 let dns = decorators.add(Arc::new(DnsDecorator::new(dns_config.clone(), dc)));
-                let backends =
-                    decorators.add(Arc::new(ProxyDecorator::for_copies(proxy_metrics.clone())));
+                let backends = decorators.add(Arc::new(ProxyDecorator::for_copies(&proxy)));
                 debug_assert!(
                     dns == dns_answers && backends == proxy_backends,
                     "a copy's decorators sit where ours do"

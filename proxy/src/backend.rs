@@ -60,9 +60,10 @@ impl ProxyService {
 /// request that follows an API acknowledgment already sees the change.
 pub struct ProxyDecorator {
     pub(crate) shared: Arc<Shared>,
-    /// Decorates every service, routed or not: the decorator of another
-    /// datacenter's copy, whose services are asked for by our routes.
-    every_service: bool,
+    /// The decorator of another datacenter's copy: it decorates the
+    /// services *ours* routes (by config or by their tags here), whatever
+    /// the copy's own tags say; DNS-only copies get no stats.
+    ours: Option<Arc<Shared>>,
     /// The value of every service no route names, and of its chunks.
     empty: Arc<ProxyService>,
     empty_chunk: Arc<ProxyChunk>,
@@ -72,19 +73,23 @@ impl ProxyDecorator {
     pub fn new(config: Config, tcp: TcpConfig, metrics: Arc<ProxyMetrics>) -> ProxyDecorator {
         ProxyDecorator {
             shared: Arc::new(Shared::new(config, tcp, metrics)),
-            every_service: false,
+            ours: None,
             empty: Arc::new(ProxyService::empty()),
             empty_chunk: Arc::new(ProxyChunk::default()),
         }
     }
 
     /// The decorator of another datacenter's copy (registered at the same
-    /// position as ours, so `ExtraKey`s agree): every service it holds gets
-    /// backends, with stats of their own.
-    pub fn for_copies(metrics: Arc<ProxyMetrics>) -> ProxyDecorator {
+    /// position as ours, so `ExtraKey`s agree): the services `ours` routes
+    /// get backends, with stats of their own.
+    pub fn for_copies(ours: &ProxyDecorator) -> ProxyDecorator {
         ProxyDecorator {
-            every_service: true,
-            ..ProxyDecorator::new(Config::default(), TcpConfig::default(), metrics)
+            ours: Some(ours.shared.clone()),
+            ..ProxyDecorator::new(
+                Config::default(),
+                TcpConfig::default(),
+                ours.shared.metrics.clone(),
+            )
         }
     }
 
@@ -195,7 +200,17 @@ impl ProxyDecorator {
     /// Whether a config route, an L4 listener or the service's own tags
     /// route traffic to it.
     fn routed(&self, name: &str, tag_route: &Option<TagRoute>) -> bool {
-        self.every_service || tag_route.is_some() || self.shared.configured.load().contains(name)
+        match &self.ours {
+            // A copy: routed when ours routes it, by config or by tags here.
+            Some(ours) => {
+                ours.configured.load().contains(name)
+                    || ours
+                        .services
+                        .lock()
+                        .is_ok_and(|services| services.contains_key(name))
+            }
+            None => tag_route.is_some() || self.shared.configured.load().contains(name),
+        }
     }
 }
 
