@@ -293,6 +293,7 @@ impl Running {
             listeners: std::sync::OnceLock::new(),
             answers,
             federation: Some(federation),
+            copies: Some(copies.clone()),
         });
         let api_listener = match sockets.as_mut().and_then(|s| s.api.take()) {
             Some(listener) => listener,

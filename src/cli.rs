@@ -28,7 +28,10 @@ const CLIENT_OPTIONS: &str = "Client options (commands that talk to a running ag
     about = "Service discovery and load balancing: registry, DNS and proxy in one agent",
     long_about = "Switchyard tracks which task endpoints are healthy (registry), answers service \
 names with them (DNS) and carries traffic to them (proxy).\n\nStart an all-in-one agent on \
-loopback with `switchyard agent --dev`; the other commands talk to a running agent."
+loopback with `switchyard agent --dev`; the other commands talk to a running agent.",
+    // A flag given twice counts once, the last one (a wrapper's default,
+    // then the caller's own).
+    args_override_self = true
 )]
 pub(crate) struct Cli {
     /// Address of the agent's HTTP API, for the client commands.

@@ -17,20 +17,25 @@ const WRITER: &str = "dc3-writer-token-0123456789";
 
 /// An agent of datacenter `dc` with `extra` config text.
 fn start_dc(scratch: &Path, dc: &str, extra: &str) -> Agent {
+    start_dc_with(scratch, dc, extra, &[])
+}
+
+/// `start_dc` with more arguments (they override the harness's own).
+fn start_dc_with(scratch: &Path, dc: &str, extra: &str, args: &[&str]) -> Agent {
     let config = format!("[agent]\ndatacenter = \"{dc}\"\n{extra}");
     let path = scratch.join(format!("{dc}.toml"));
     std::fs::write(&path, config).expect("write config");
-    Agent::start_in(
-        &scratch.join(format!("data-{dc}")),
-        &[
-            "--config",
-            path.to_str().expect("utf8"),
-            "--node-name",
-            &format!("{dc}-node"),
-            "--proxy-threads",
-            "1",
-        ],
-    )
+    let node = format!("{dc}-node");
+    let mut all = vec![
+        "--config",
+        path.to_str().expect("utf8"),
+        "--node-name",
+        &node,
+        "--proxy-threads",
+        "1",
+    ];
+    all.extend_from_slice(args);
+    Agent::start_in(&scratch.join(format!("data-{dc}")), &all)
 }
 
 fn host_port(agent: &Agent) -> String {
@@ -699,4 +704,61 @@ fn hundreds_of_copied_names_share_one_connection_to_a_datacenter() {
             .metric("switchyard_federation_copies{datacenter=\"dc2\"}"),
         Some(300.0)
     );
+}
+
+#[test]
+fn a_datacenter_out_of_reach_answers_from_its_copy_with_its_age_and_catches_up() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let port = closed_port();
+    let api = format!("127.0.0.1:{port}");
+    let dc2 = start_dc_with(scratch.path(), "dc2", "", &["--api-addr", &api]);
+    register_at(&dc2.client(), "web", "web-1", "10.0.0.1", &[], false);
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[federation]\nprobe_interval = \"200ms\"\nconnect_timeout = \"500ms\"\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{api}\"]\n"
+        ),
+    );
+    let c = dc1.client();
+    assert_eq!(
+        a_records(dc1.dns, "web.service.dc2.consul"),
+        vec![ip("10.0.0.1")]
+    );
+    let fresh = c.get_ok("/v1/health/service/web?dc=dc2");
+    assert_eq!(fresh.header("X-Consul-KnownLeader"), Some("true"));
+
+    // Cut off: DNS and health reads answer from the copy, stale, aged.
+    dc2.kill9();
+    eventually("dc2 seen out of reach", Duration::from_secs(10), || {
+        (c.metric("switchyard_federation_reachable{datacenter=\"dc2\"}") == Some(0.0)).then_some(())
+    });
+    assert_eq!(
+        a_records(dc1.dns, "web.service.dc2.consul"),
+        vec![ip("10.0.0.1")]
+    );
+    let stale = c.get_ok("/v1/health/service/web?dc=dc2");
+    assert_eq!(stale.header("X-Consul-KnownLeader"), Some("false"));
+    let age: u64 = stale
+        .header("X-Consul-LastContact")
+        .and_then(|v| v.parse().ok())
+        .expect("an age");
+    assert!(age > 0, "stale for {age} ms");
+    assert_eq!(stale.json()[0]["Service"]["ID"], "web-1", "{}", stale.body);
+    assert!(c.metric("switchyard_federation_last_contact_seconds{datacenter=\"dc2\"}") > Some(0.0));
+    // A read of something never copied has nothing to fall back on.
+    assert_eq!(c.get("/v1/health/service/other?dc=dc2").status, 503);
+
+    // Back: the copy catches up with what changed meanwhile.
+    let dc2 = start_dc_with(scratch.path(), "dc2", "", &["--api-addr", &api]);
+    register_at(&dc2.client(), "web", "web-2", "10.0.0.2", &[], false);
+    eventually("dc2's change in dc1's DNS", Duration::from_secs(15), || {
+        let mut now = a_records(dc1.dns, "web.service.dc2.consul");
+        now.sort();
+        (now == vec![ip("10.0.0.1"), ip("10.0.0.2")]).then_some(())
+    });
+    eventually("dc2 reachable again", Duration::from_secs(10), || {
+        (c.metric("switchyard_federation_reachable{datacenter=\"dc2\"}") == Some(1.0)).then_some(())
+    });
 }

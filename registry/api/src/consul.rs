@@ -585,40 +585,7 @@ pub(super) async fn health_service(
     })
     .await?;
     let dc = state.agent.datacenter.as_str();
-    let build = || {
-        let mut out = Vec::new();
-        if let Some(view) = snap.service(&name) {
-            // `?passing`: the view's precomputed passing positions.
-            let instances: Box<dyn Iterator<Item = &Instance>> = if opts.passing {
-                Box::new(view.passing())
-            } else {
-                Box::new(view.instances())
-            };
-            for instance in instances {
-                if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
-                    continue;
-                }
-                let mut checks = Vec::with_capacity(instance.checks.len() + 1);
-                if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
-                    checks.push(CheckOut::serf_health(&instance.node));
-                }
-                for check in instance.checks.iter() {
-                    let tags: &[String] = if check.is_node_level() {
-                        &[]
-                    } else {
-                        &instance.endpoint.tags
-                    };
-                    checks.push(CheckOut::new(check, tags));
-                }
-                out.push(ServiceEntryOut {
-                    node: NodeOut::new(&instance.node, dc),
-                    service: ServiceOut::new(&instance.endpoint, dc),
-                    checks,
-                });
-            }
-        }
-        out
-    };
+    let build = || health_entries(&snap, &name, &opts, dc);
     shared_json(
         &state,
         ("health/service", &name, &q),
@@ -628,6 +595,49 @@ pub(super) async fn health_service(
         build,
     )
     .await
+}
+
+/// `/v1/health/service/NAME`'s entries in `snap` (ours, or another
+/// datacenter's copy when it is out of reach), reported as datacenter `dc`.
+pub(super) fn health_entries<'a>(
+    snap: &'a Snapshot,
+    name: &str,
+    opts: &QueryOpts,
+    dc: &'a str,
+) -> Vec<ServiceEntryOut<'a>> {
+    let mut out = Vec::new();
+    // (A copy holds names in lower case, as DNS asks for them.)
+    if let Some(view) = snap.service(name).or_else(|| snap.service_ci(name)) {
+        // `?passing`: the view's precomputed passing positions.
+        let instances: Box<dyn Iterator<Item = &Instance>> = if opts.passing {
+            Box::new(view.passing())
+        } else {
+            Box::new(view.instances())
+        };
+        for instance in instances {
+            if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
+                continue;
+            }
+            let mut checks = Vec::with_capacity(instance.checks.len() + 1);
+            if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
+                checks.push(CheckOut::serf_health(&instance.node));
+            }
+            for check in instance.checks.iter() {
+                let tags: &[String] = if check.is_node_level() {
+                    &[]
+                } else {
+                    &instance.endpoint.tags
+                };
+                checks.push(CheckOut::new(check, tags));
+            }
+            out.push(ServiceEntryOut {
+                node: NodeOut::new(&instance.node, dc),
+                service: ServiceOut::new(&instance.endpoint, dc),
+                checks,
+            });
+        }
+    }
+    out
 }
 
 pub(super) async fn health_checks(

@@ -101,6 +101,7 @@ pub(crate) async fn forward(
         Ok(body) => body,
         Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
     };
+    let uri = parts.uri.clone();
     let request = Request::from_parts(parts, body);
     let mut response = match federation.forward(&dc, request, within).await {
         Ok(response) => {
@@ -120,20 +121,74 @@ pub(crate) async fn forward(
                 Response::from_parts(parts, Body::new(body))
             }
         }
-        Err(error) => {
-            let status = match error {
-                FederationError::Unknown(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                FederationError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-                FederationError::Unreachable { .. } | FederationError::Request { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-            };
-            tracing::debug!(datacenter = %dc, %error, "forward failed");
-            ApiError::new(status, error.to_string()).into_response()
+        Err(error @ (FederationError::Unreachable { .. } | FederationError::Timeout { .. })) => {
+            match stale(&state, &dc, &uri, &error) {
+                Some(answer) => answer,
+                None => failed(&dc, error),
+            }
         }
+        Err(error) => failed(&dc, error),
     };
     response.extensions_mut().insert(Forwarded);
     response
+}
+
+/// The answer to a request another datacenter could not be asked for.
+fn failed(dc: &str, error: FederationError) -> Response {
+    let status = match error {
+        FederationError::Unknown(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        FederationError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        FederationError::Unreachable { .. } | FederationError::Request { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
+    tracing::debug!(datacenter = %dc, %error, "forward failed");
+    ApiError::new(status, error.to_string()).into_response()
+}
+
+/// A health read of a service in a datacenter out of reach, answered from
+/// this agent's copy of it (routable endpoints only, as DNS sees them),
+/// stale: `X-Consul-LastContact` is the time since the datacenter last
+/// answered, `X-Consul-KnownLeader` false. None when there is no copy, or
+/// when a blocking read's copy has nothing newer than the caller holds.
+fn stale(
+    state: &ApiState,
+    dc: &str,
+    uri: &axum::http::Uri,
+    error: &FederationError,
+) -> Option<Response> {
+    let name = uri.path().strip_prefix("/v1/health/service/")?;
+    let copies = state.copies.as_ref()?;
+    let lower = name.to_ascii_lowercase();
+    let switchyard_catalog::Copied::Ready(copy) =
+        copies.copy(dc, switchyard_catalog::CopyOf::Service(&lower))
+    else {
+        return None;
+    };
+    let axum::extract::Query(pairs) =
+        axum::extract::Query::<crate::Pairs>::try_from_uri(uri).ok()?;
+    let opts = crate::QueryOpts::parse(&pairs).ok()?;
+    let index = copy
+        .service_ci(&lower)
+        .map_or(1, |view| copy.service_index(&view.name));
+    if opts.index != 0 && opts.index >= index {
+        return None;
+    }
+    let entries = crate::consul::health_entries(&copy, name, &opts, dc);
+    let mut answer = crate::json(&entries, index, &opts).ok()?;
+    let age = state
+        .federation
+        .as_ref()
+        .and_then(|f| f.last_contact(dc))
+        .map_or(u64::MAX, |age| age.as_millis() as u64);
+    let headers = answer.headers_mut();
+    headers.insert(crate::LAST_CONTACT, age.into());
+    headers.insert(
+        crate::KNOWN_LEADER,
+        axum::http::HeaderValue::from_static("false"),
+    );
+    tracing::debug!(datacenter = %dc, service = %name, %error, age_ms = age, "answered from the copy: the datacenter is out of reach");
+    Some(answer)
 }
 
 #[cfg(test)]

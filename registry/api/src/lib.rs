@@ -69,6 +69,9 @@ pub struct ApiState {
     pub answers: Answers,
     /// The other datacenters (`[federation]`): `?dc=` requests go there.
     pub federation: Option<Arc<switchyard_federation::Federation>>,
+    /// Their copies: a service read of a datacenter out of reach is
+    /// answered from its copy, stale, with its age.
+    pub copies: Option<Arc<dyn switchyard_catalog::Elsewhere>>,
 }
 
 impl ApiState {
