@@ -762,3 +762,65 @@ fn a_datacenter_out_of_reach_answers_from_its_copy_with_its_age_and_catches_up()
         (c.metric("switchyard_federation_reachable{datacenter=\"dc2\"}") == Some(1.0)).then_some(())
     });
 }
+
+#[test]
+fn a_datacenter_of_two_agents_on_etcd_is_asked_through_either() {
+    // (Etcd::single says loudly when etcd is not installed.)
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = crate::cluster::Etcd::single(scratch.path());
+    let store = format!(
+        "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/dc2\"\nlease_ttl = \"2s\"\n",
+        etcd.url()
+    );
+    let agent = |name: &str| {
+        let path = scratch.path().join(format!("{name}.toml"));
+        std::fs::write(&path, format!("[agent]\ndatacenter = \"dc2\"\n{store}")).expect("config");
+        Agent::start_in(
+            &scratch.path().join(format!("data-{name}")),
+            &[
+                "--config",
+                path.to_str().expect("utf8"),
+                "--node-name",
+                name,
+                "--proxy-threads",
+                "1",
+            ],
+        )
+    };
+    let (a, b) = (agent("dc2-a"), agent("dc2-b"));
+    register_at(&a.client(), "web", "web-1", "10.0.0.1", &[], false);
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[federation]\nprobe_interval = \"200ms\"\nconnect_timeout = \"500ms\"\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\", \"{}\"]\n",
+            host_port(&a),
+            host_port(&b)
+        ),
+    );
+    let c = dc1.client();
+    assert_eq!(
+        a_records(dc1.dns, "web.service.dc2.consul"),
+        vec![ip("10.0.0.1")]
+    );
+    assert_eq!(
+        c.get_ok("/v1/catalog/service/web?dc=dc2").json()[0]["ServiceID"],
+        "web-1"
+    );
+
+    // One agent of dc2 gone: the other answers reads and carries changes.
+    a.kill9();
+    let read = c.get_ok("/v1/catalog/service/web?dc=dc2");
+    assert_eq!(read.json()[0]["ServiceID"], "web-1", "{}", read.body);
+    register_at(&b.client(), "web", "web-2", "10.0.0.2", &[], false);
+    eventually(
+        "a change made through dc2's other agent",
+        Duration::from_secs(15),
+        || {
+            let mut now = a_records(dc1.dns, "web.service.dc2.consul");
+            now.sort();
+            (now == vec![ip("10.0.0.1"), ip("10.0.0.2")]).then_some(())
+        },
+    );
+}
