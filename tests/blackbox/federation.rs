@@ -488,6 +488,16 @@ fn dns_fails_over_by_policy_and_share_and_comes_back() {
         json!(["cache", "web"]),
         "{listed}"
     );
+    // The dashboard shows the same.
+    let page = c.get_ok("/ui/datacenters?fragment=1").body;
+    let row = page
+        .split("<tr ")
+        .find(|row| row.contains("data-dc=\"dc3\""))
+        .unwrap_or_else(|| panic!("no dc3 row: {page}"));
+    assert!(
+        row.contains("reachable") && row.contains("cache, web"),
+        "{row}"
+    );
 
     // web's share recovers: served here again.
     c.put_ok("/v1/agent/check/pass/service:web-1", "");
@@ -509,6 +519,8 @@ fn dns_fails_over_by_policy_and_share_and_comes_back() {
     eventually("cache fails over to dc2", Duration::from_secs(10), || {
         (a_records(dns, "cache.service.consul") == vec![ip("10.0.2.1")]).then_some(())
     });
+    let page = c.get_ok("/ui/datacenters?fragment=1").body;
+    assert!(page.contains("out of reach"), "{page}");
     assert!(
         dc1.stderr().contains("service fails over"),
         "one log line per change"

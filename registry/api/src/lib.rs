@@ -418,6 +418,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/ui/", public(get(ui::services)))
         .route("/ui/services/{name}", public(get(ui::service)))
         .route("/ui/nodes", public(get(ui::nodes)))
+        .route("/ui/datacenters", public(get(ui::datacenters)))
         .route("/ui/assets/{file}", public(get(ui::asset)))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(

@@ -84,6 +84,7 @@ const LOGIN: &str = r#"<section class="login"><p>This agent requires an API toke
 enum Tab {
     Services,
     Nodes,
+    Datacenters,
 }
 
 fn page(state: &ApiState, title: &str, tab: Tab, filter: &str, main: &str) -> String {
@@ -92,7 +93,7 @@ fn page(state: &ApiState, title: &str, tab: Tab, filter: &str, main: &str) -> St
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title} · Switchyard</title><link rel="stylesheet" href="/ui/assets/style.css"></head>
-<body><header><a class="brand" href="/ui/">Switchyard</a><nav><a href="/ui/"{s}>Services</a><a href="/ui/nodes"{n}>Nodes</a></nav>
+<body><header><a class="brand" href="/ui/">Switchyard</a><nav><a href="/ui/"{s}>Services</a><a href="/ui/nodes"{n}>Nodes</a><a href="/ui/datacenters"{d}>Datacenters</a></nav>
 <form class="filter" method="get"><input type="search" name="q" value="{filter}" placeholder="filter by name"></form>
 <label class="deadline">drain deadline <select id="deadline"><option value="">none</option><option>30s</option><option selected>5m</option><option>30m</option><option>2h</option></select></label>
 <span class="agent">node <b>{node}</b> · {dc} · v{version}</span><span id="live" class="live">…</span></header>
@@ -103,6 +104,7 @@ fn page(state: &ApiState, title: &str, tab: Tab, filter: &str, main: &str) -> St
         title = Esc(title),
         s = active(Tab::Services),
         n = active(Tab::Nodes),
+        d = active(Tab::Datacenters),
         filter = Esc(filter),
         node = Esc(&state.agent.node_name),
         dc = Esc(&state.agent.datacenter),
@@ -437,6 +439,55 @@ fn button(out: &mut String, action: &str, method: &str, url: &str, label: &str, 
         t = Esc(target),
         u = Esc(url),
     );
+}
+
+/// The datacenters: this one, then the others by measured round trip,
+/// whether they answer, and which of our services fail over to each.
+pub(super) async fn datacenters(
+    State(state): St,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<Pairs>,
+) -> Response {
+    let view = View::new(&state, &headers, &uri, &q);
+    view.respond("Datacenters", Tab::Datacenters, |out| {
+        out.push_str(r#"<table id="datacenters"><thead><tr><th>Datacenter</th><th>State</th><th class="num">Round trip</th><th>Last contact</th><th>Agents</th><th>Services failing over to it</th></tr></thead><tbody>"#);
+        let list = match &state.federation {
+            Some(federation) => federation.datacenters(),
+            None => Vec::new(),
+        };
+        if list.is_empty() {
+            let _ = write!(
+                out,
+                r#"<tr data-dc="{dc}"><td><b>{dc}</b></td><td><span class="badge s-passing">local</span></td><td class="num">-</td><td>-</td><td></td><td></td></tr>"#,
+                dc = Esc(&state.agent.datacenter)
+            );
+        }
+        for dc in list.iter().filter(|dc| view.shows(&dc.name)) {
+            let (badge, class) = match (dc.local, dc.reachable) {
+                (true, _) => ("local", "passing"),
+                (false, true) => ("reachable", "passing"),
+                (false, false) => ("out of reach", "critical"),
+            };
+            let rtt = dc
+                .rtt_ms
+                .filter(|_| !dc.local)
+                .map_or("-".to_string(), |ms| format!("{ms:.2} ms"));
+            let contact = match (dc.local, dc.last_contact_ms) {
+                (true, _) => "-".to_string(),
+                (false, Some(ms)) => format!("{} ago", Age(ms)),
+                (false, None) => "never".to_string(),
+            };
+            let _ = write!(
+                out,
+                r#"<tr data-dc="{name}"><td><b>{name}</b></td><td><span class="badge s-{class}">{badge}</span></td><td class="num">{rtt}</td><td>{contact}</td><td><code>{api}</code></td><td>{failover}</td></tr>"#,
+                name = Esc(&dc.name),
+                api = Esc(&dc.api.join(", ")),
+                failover = Esc(&dc.failover_services.join(", ")),
+            );
+        }
+        out.push_str("</tbody></table>");
+    })
 }
 
 pub(super) async fn nodes(
