@@ -351,14 +351,16 @@ pub(super) async fn check_update(
 
 // ---- catalog --------------------------------------------------------------
 
-pub(super) async fn catalog_register(State(state): St, body: Bytes) -> ApiResult {
+pub(super) async fn catalog_register(
+    State(state): St,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let reg: CatalogRegisterIn = decode_body(&body).map_err(bad)?;
     if let Some(dc) = reg.datacenter.as_deref().filter(|d| !d.is_empty()) {
         if dc != state.agent.datacenter {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("No path to datacenter {dc:?}"),
-            ));
+            let path = "/v1/catalog/register";
+            return Ok(super::federation::forward_write(&state, dc, path, &headers, body).await);
         }
     }
     let name = reg.node.clone().unwrap_or_default();
@@ -433,9 +435,18 @@ pub(super) async fn catalog_register(State(state): St, body: Bytes) -> ApiResult
     Ok(write_ok(index, Some("true")))
 }
 
-pub(super) async fn catalog_deregister(State(state): St, body: Bytes) -> ApiResult {
+pub(super) async fn catalog_deregister(
+    State(state): St,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let reg: CatalogDeregisterIn = decode_body(&body).map_err(bad)?;
-    let _ = reg.datacenter;
+    if let Some(dc) = reg.datacenter.as_deref().filter(|d| !d.is_empty()) {
+        if dc != state.agent.datacenter {
+            let path = "/v1/catalog/deregister";
+            return Ok(super::federation::forward_write(&state, dc, path, &headers, body).await);
+        }
+    }
     let node = reg
         .node
         .filter(|n| !n.is_empty())

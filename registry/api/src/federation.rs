@@ -103,7 +103,54 @@ pub(crate) async fn forward(
     };
     let uri = parts.uri.clone();
     let request = Request::from_parts(parts, body);
-    let mut response = match federation.forward(&dc, request, within).await {
+    send(&state, federation, &dc, request, within, Some(&uri)).await
+}
+
+/// A write whose body names another datacenter (`Datacenter` in
+/// `/v1/catalog/register` and `/deregister`), made there as Consul does.
+pub(crate) async fn forward_write(
+    state: &ApiState,
+    dc: &str,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if headers.contains_key(FORWARDED_FROM) {
+        return no_path(dc).into_response();
+    }
+    let Some(federation) = state.federation.as_ref().filter(|f| f.knows(dc)) else {
+        return no_path(dc).into_response();
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = axum::http::Method::PUT;
+    *request.headers_mut() = headers.clone();
+    match path.parse() {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => return no_path(dc).into_response(),
+    }
+    send(
+        state,
+        federation,
+        dc,
+        request,
+        Duration::from_secs(30),
+        None,
+    )
+    .await
+}
+
+/// Sends `request` to `dc` and answers with its response (a refusal named
+/// as the datacenter's; `stale_for`: a read that its copy may answer when
+/// the datacenter is out of reach).
+async fn send(
+    state: &ApiState,
+    federation: &switchyard_federation::Federation,
+    dc: &str,
+    request: Request<axum::body::Bytes>,
+    within: Duration,
+    stale_for: Option<&axum::http::Uri>,
+) -> Response {
+    let mut response = match federation.forward(dc, request, within).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();
             if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
@@ -122,12 +169,12 @@ pub(crate) async fn forward(
             }
         }
         Err(error @ (FederationError::Unreachable { .. } | FederationError::Timeout { .. })) => {
-            match stale(&state, &dc, &uri, &error) {
+            match stale_for.and_then(|uri| stale(state, dc, uri, &error)) {
                 Some(answer) => answer,
-                None => failed(&dc, error),
+                None => failed(dc, error),
             }
         }
-        Err(error) => failed(&dc, error),
+        Err(error) => failed(dc, error),
     };
     response.extensions_mut().insert(Forwarded);
     response
