@@ -190,7 +190,10 @@ fn reads_and_writes_name_a_datacenter_and_are_answered_there() {
     let body = json!({"Datacenter": "dc2", "Node": "body-node", "Address": "10.0.0.8",
         "Service": {"Service": "cache", "ID": "cache-1", "Port": 6379}});
     dc1.put_ok("/v1/catalog/register", &body.to_string());
-    assert_eq!(dc2.get_ok("/v1/catalog/service/cache").json()[0]["Node"], "body-node");
+    assert_eq!(
+        dc2.get_ok("/v1/catalog/service/cache").json()[0]["Node"],
+        "body-node"
+    );
     assert_eq!(dc1.get_ok("/v1/catalog/service/cache").json(), json!([]));
     let gone = json!({"Datacenter": "dc2", "Node": "body-node"});
     dc1.put_ok("/v1/catalog/deregister", &gone.to_string());
@@ -198,7 +201,11 @@ fn reads_and_writes_name_a_datacenter_and_are_answered_there() {
     let nowhere = json!({"Datacenter": "dc9", "Node": "x", "Address": "10.0.0.9"});
     let refused = dc1.put("/v1/catalog/register", &nowhere.to_string());
     assert_eq!(refused.status, 500);
-    assert!(refused.body.contains("No path to datacenter"), "{}", refused.body);
+    assert!(
+        refused.body.contains("No path to datacenter"),
+        "{}",
+        refused.body
+    );
 
     // Agent endpoints are this agent's own, whatever dc says (as in Consul).
     let own = dc1.get_ok("/v1/agent/services?dc=dc2").json();

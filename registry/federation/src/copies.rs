@@ -58,9 +58,6 @@ struct DcCopies {
     added: tokio::sync::Notify,
 }
 
-/// A service's endpoints in a copy, `(node, id)`.
-type Held = HashSet<(Name, Name)>;
-
 /// One name being copied.
 struct Watched {
     /// Turns true at the first fetch.
@@ -69,9 +66,6 @@ struct Watched {
     asked_ms: AtomicU64,
     /// The remote index of what the copy holds (0: nothing yet).
     index: AtomicU64,
-    /// A service's endpoints in the copy, `(node, id)` (the datacenter's
-    /// watch task alone touches it).
-    held: std::sync::Mutex<HashSet<(Name, Name)>>,
 }
 
 impl Copies {
@@ -133,13 +127,6 @@ impl Copies {
             .find(|(_, dc)| dc.lower == name.as_bytes() || dc.name == name)
     }
 
-    /// The number of names copied from `dc`.
-    pub fn kept(&self, dc: &str) -> usize {
-        self.dc(dc).map_or(0, |(_, dc)| {
-            dc.services.load().len() + dc.nodes.load().len()
-        })
-    }
-
     /// Starts copying `of` from datacenter `at`.
     fn start(&self, at: usize, of: CopyOf<'_>) -> Arc<Watched> {
         let dc = &self.dcs[at];
@@ -151,7 +138,6 @@ impl Copies {
             fetched: watch::Sender::new(false),
             asked_ms: AtomicU64::new(self.now_ms()),
             index: AtomicU64::new(0),
-            held: Default::default(),
         });
         let mut ours = false;
         map.rcu(|all| {
@@ -207,7 +193,7 @@ impl Copies {
                 Ok((status, _, body)) if status == StatusCode::OK => {
                     match serde_json::from_slice::<WatchOut>(&body) {
                         Ok(out) => {
-                            self.apply(dc, &services, &nodes, out).await;
+                            self.apply(dc, out).await;
                             backoff = Duration::from_millis(250);
                             continue;
                         }
@@ -232,42 +218,17 @@ impl Copies {
     }
 
     /// Writes a watch's answer into the copy: each service's routable
-    /// endpoints and their nodes (those it no longer has leave), each node's
-    /// record; then marks them fetched at their remote index.
-    async fn apply(
-        &self,
-        dc: &DcCopies,
-        services: &HashMap<String, Arc<Watched>>,
-        nodes: &HashMap<String, Arc<Watched>>,
-        out: WatchOut,
-    ) {
+    /// endpoints and their nodes (the copy's others of that service leave),
+    /// each node's record; then marks them fetched at their remote index.
+    /// Names expired meanwhile are left out.
+    async fn apply(&self, dc: &DcCopies, out: WatchOut) {
+        let (services, nodes) = (dc.services.load_full(), dc.nodes.load_full());
+        let copy = dc.registry.snapshot();
         let mut batch = Batch::default();
         let mut node_names: HashSet<String> = HashSet::new();
-        // Each name answered: its index there, and a service's endpoints.
-        let mut done: Vec<(&Arc<Watched>, u64, Option<Held>)> = Vec::new();
-        for (name, service) in out.services {
-            let Some(watched) = services.get(&name) else {
-                continue;
-            };
-            let mut now: HashSet<(Name, Name)> = HashSet::new();
-            for e in service.endpoints.into_iter().filter(|e| e.routable) {
-                let node_address = e.node_address.clone().unwrap_or_else(|| e.address.clone());
-                if node_names.insert(e.node.clone()) {
-                    batch
-                        .nodes
-                        .push(node(&e.node, node_address, Default::default()));
-                }
-                now.insert((e.node.as_str().into(), e.id.as_str().into()));
-                batch.endpoints.push((endpoint(&name, e), Vec::new()));
-            }
-            if let Ok(held) = watched.held.lock() {
-                batch
-                    .deregister_endpoints
-                    .extend(held.difference(&now).cloned());
-            }
-            done.push((watched, service.index, Some(now)));
-        }
-        let copy = dc.registry.snapshot();
+        // Each name answered, with its index there.
+        let mut done: Vec<(&Arc<Watched>, u64)> = Vec::new();
+        // Nodes first: a node copied for itself keeps its meta.
         for (name, entry) in out.nodes {
             let Some(watched) = nodes.get(&name) else {
                 continue;
@@ -286,16 +247,42 @@ impl Copies {
                     }
                 }
             }
-            done.push((watched, entry.index, None));
+            done.push((watched, entry.index));
+        }
+        for (name, service) in out.services {
+            let Some(watched) = services.get(&name) else {
+                continue;
+            };
+            let mut now: HashSet<(Name, Name)> = HashSet::new();
+            for e in service.endpoints.into_iter().filter(|e| e.routable) {
+                let node_address = e.node_address.clone().unwrap_or_else(|| e.address.clone());
+                // A node the copy has at that address stays as it is (its
+                // meta, when a node watch copied it).
+                let known = copy
+                    .node(&e.node)
+                    .is_some_and(|n| n.node.address == node_address);
+                if !known && node_names.insert(e.node.clone()) {
+                    batch
+                        .nodes
+                        .push(node(&e.node, node_address, Default::default()));
+                }
+                now.insert((e.node.as_str().into(), e.id.as_str().into()));
+                batch.endpoints.push((endpoint(&name, e), Vec::new()));
+            }
+            if let Some(view) = copy.service(&name) {
+                batch.deregister_endpoints.extend(
+                    view.instances()
+                        .map(|i| (i.node.name.clone(), i.endpoint.id.clone()))
+                        .filter(|key| !now.contains(key)),
+                );
+            }
+            done.push((watched, service.index));
         }
         if let Err(e) = dc.registry.apply(Command::Batch(batch)).await {
             tracing::warn!(datacenter = %dc.name, error = %e, "a remote change could not be copied");
             return;
         }
-        for (watched, index, held) in done {
-            if let (Some(now), Ok(mut held)) = (held, watched.held.lock()) {
-                *held = now;
-            }
+        for (watched, index) in done {
             watched.index.store(index.max(1), Ordering::Relaxed);
             watched.fetched.send_replace(true);
         }
@@ -323,15 +310,15 @@ impl Copies {
                     if stale.is_empty() {
                         continue;
                     }
-                    let mut gone = Vec::new();
                     map.rcu(|all| {
                         let mut all = (**all).clone();
-                        gone = stale.iter().filter_map(|name| all.remove(name)).collect();
+                        for name in &stale {
+                            all.remove(name);
+                        }
                         all
                     });
                     self.federation
                         .count_copies(&dc.name, dc.services.load().len() + dc.nodes.load().len());
-                    drop(gone);
                     let snapshot = dc.registry.snapshot();
                     let mut batch = Batch::default();
                     for name in &stale {
@@ -358,7 +345,7 @@ impl Copies {
 
 impl Copies {
     /// Notices services served here again (their failover over): logged,
-    /// and gone from `switchyard_federation_failover_active`.
+    /// and no longer counted in `switchyard_federation_failover_services`.
     async fn fail_back(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
