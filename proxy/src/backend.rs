@@ -35,6 +35,9 @@ pub struct ProxyService {
     /// The routable endpoints with a usable address and a weight above 0.
     pub(crate) backends: Backends,
     chunks: Box<[Arc<ProxyChunk>]>,
+    /// Another datacenter's proxies (`via = "proxy"`): requests carry
+    /// `x-switchyard-failover` with this, our datacenter's name.
+    pub(crate) via: Option<Arc<str>>,
 }
 
 impl ProxyService {
@@ -52,6 +55,42 @@ impl ProxyService {
             stats: None,
             backends: Backends::default(),
             chunks: Box::new([]),
+            via: None,
+        }
+    }
+
+    /// Datacenter `dc`'s proxies as one service, for requests failing over
+    /// through them from `ours` (its stats and metrics as `<dc>-proxies`).
+    pub(crate) fn proxies(
+        dc: &str,
+        ours: &str,
+        addrs: &[SocketAddr],
+        metrics: &ProxyMetrics,
+    ) -> ProxyService {
+        let name = format!("{dc}-proxies");
+        let backends = addrs
+            .iter()
+            .map(|addr| {
+                let id = addr.to_string();
+                Backend {
+                    stats: Arc::new(EndpointStats::new(
+                        id.as_str().into(),
+                        dc.into(),
+                        metrics.endpoint(&name, dc, &id),
+                    )),
+                    addr: *addr,
+                    weight: 1,
+                }
+            })
+            .collect();
+        ProxyService {
+            stats: Some(Arc::new(ServiceStats::new(
+                name.as_str().into(),
+                metrics.service(&name),
+            ))),
+            backends: Backends::new(backends),
+            chunks: Box::new([]),
+            via: Some(ours.into()),
         }
     }
 }
@@ -382,6 +421,7 @@ impl ViewDecorator for ProxyDecorator {
             stats: Some(stats),
             backends: Backends::of(chunks.iter().map(|c| c.backends.clone())),
             chunks,
+            via: None,
         })
     }
 }

@@ -66,8 +66,8 @@ pub(crate) struct Backends {
 }
 
 impl Backends {
-    /// One list, as a view of one chunk (the tests' services).
-    #[cfg(test)]
+    /// One list, as a view of one chunk (another datacenter's proxies, the
+    /// tests' services).
     pub(crate) fn new(list: Vec<Backend>) -> Backends {
         Backends::of([Arc::new(BackendChunk::new(list))])
     }

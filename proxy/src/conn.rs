@@ -14,6 +14,7 @@ use crate::access;
 use crate::attempts::{Attempts, Ending, Grpc, Replay, Verdict};
 use crate::backend::ProxyService;
 use crate::balance::Backend;
+use crate::failover::Reach;
 use crate::io::{Buf, Conn};
 use crate::local::{Busy, Local};
 use crate::metrics::Reject;
@@ -237,7 +238,11 @@ async fn exchange(
         let body = format!("no route for host {:?}", request.host.as_str());
         return answer(local, client, 404, "Not Found", &body, close_on_refusal).await;
     };
-    let service = match local.service_anywhere(&route.service).await {
+    let reach = match request.failed_over {
+        true => Reach::Here,
+        false => Reach::L7,
+    };
+    let service = match local.service_anywhere(&route.service, reach).await {
         Some(service) if !service.backends.is_empty() => service,
         _ => {
             metrics.reject(Reject::NoEndpoint);
@@ -255,6 +260,10 @@ async fn exchange(
             .await;
         }
     };
+    if let Some(ours) = &service.via {
+        // Through another datacenter's proxy: it must not send this on.
+        wire::mark_failover(head, ours);
+    }
     if let Framing::Length(n) = request.framing {
         if route.max_body_bytes > 0 && n > route.max_body_bytes {
             metrics.reject(Reject::BodyTooLarge);
@@ -503,7 +512,15 @@ async fn forward(
             (route.balancer, key),
             now,
             &mut local.rng.borrow_mut(),
-            || local.service_anywhere_now(&route.service),
+            // (A reload never picks another datacenter's proxies: the
+            // head is written already, without their mark.)
+            || {
+                let reach = match request.failed_over {
+                    true => Reach::Here,
+                    false => Reach::L4,
+                };
+                local.service_anywhere_now(&route.service, reach)
+            },
         );
         let Some(index) = picked else {
             metrics.reject(Reject::NoEndpoint);

@@ -15,6 +15,18 @@ use switchyard_catalog::{
 use crate::backend::{ProxyDecorator, ProxyService};
 use crate::shared::Shared;
 
+/// How a request may be served elsewhere.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// HTTP: another datacenter's endpoints, or its proxies (`via =
+    /// "proxy"`).
+    L7,
+    /// L4: another datacenter's endpoints.
+    L4,
+    /// Sent here by another datacenter failing over: ours only.
+    Here,
+}
+
 /// What to look for elsewhere, read off our snapshot without waiting.
 pub(crate) enum Here {
     /// Ours serves it.
@@ -38,10 +50,11 @@ pub(crate) fn here(
     key: ExtraKey<ProxyDecorator>,
     name: &str,
     reloading: bool,
+    reach: Reach,
 ) -> Here {
     let view: Option<&Arc<ServiceView>> = snapshot.service(name);
     let ours = view.and_then(|v| v.extra_arc(key));
-    let Some(elsewhere) = shared.elsewhere.get() else {
+    let Some(elsewhere) = shared.elsewhere.get().filter(|_| reach != Reach::Here) else {
         return Here::Served(ours);
     };
     let withdrawn = || {
@@ -62,22 +75,54 @@ pub(crate) fn here(
 /// A first fetch under way.
 type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// The service in `dc`'s copy when it has routable endpoints there;
+/// The service in `dc`'s copy when it has routable endpoints there (for
+/// HTTP through `dc`'s proxies when it is reached `via = "proxy"`);
 /// `Err` while the copy's first fetch is under way.
 fn there(
+    shared: &Shared,
     elsewhere: &dyn Elsewhere,
     key: ExtraKey<ProxyDecorator>,
     dc: &str,
     lower: &str,
+    reach: Reach,
 ) -> Result<Option<Arc<ProxyService>>, Wait> {
-    match elsewhere.copy(dc, CopyOf::Service(lower)) {
-        Copied::Ready(copy) => Ok(copy
+    let found = match elsewhere.copy(dc, CopyOf::Service(lower)) {
+        Copied::Ready(copy) => copy
             .service_ci(lower)
             .and_then(|v| v.extra_arc(key))
-            .filter(|s| !s.backends.is_empty())),
-        Copied::Fetching(wait) => Err(wait),
-        Copied::Unknown => Ok(None),
+            .filter(|s| !s.backends.is_empty()),
+        Copied::Fetching(wait) => return Err(wait),
+        Copied::Unknown => None,
+    };
+    let via = elsewhere.via_proxies(dc).filter(|_| reach == Reach::L7);
+    Ok(match (found, via) {
+        (Some(_), Some(addrs)) => Some(proxies(shared, elsewhere, dc, &addrs)),
+        (found, _) => found,
+    })
+}
+
+/// Datacenter `dc`'s proxies as a service, made once.
+fn proxies(
+    shared: &Shared,
+    elsewhere: &dyn Elsewhere,
+    dc: &str,
+    addrs: &[std::net::SocketAddr],
+) -> Arc<ProxyService> {
+    if let Some(made) = shared.via_proxies.load().get(dc) {
+        return made.clone();
     }
+    let made = Arc::new(ProxyService::proxies(
+        dc,
+        elsewhere.datacenter(),
+        addrs,
+        &shared.metrics,
+    ));
+    shared.via_proxies.rcu(|all| {
+        let mut all = (**all).clone();
+        all.entry(dc.to_string()).or_insert_with(|| made.clone());
+        all
+    });
+    shared.via_proxies.load().get(dc).cloned().unwrap_or(made)
 }
 
 /// What a short service needs: where to look, ours, its policy. `Err`:
@@ -109,6 +154,7 @@ pub(crate) fn find_now(
     key: ExtraKey<ProxyDecorator>,
     name: &str,
     here: Here,
+    reach: Reach,
 ) -> Option<Arc<ProxyService>> {
     let (elsewhere, ours, policy) = match short(shared, here) {
         Ok(short) => short,
@@ -116,7 +162,7 @@ pub(crate) fn find_now(
     };
     let lower = name.to_ascii_lowercase();
     for dc in elsewhere.order(policy.as_deref()) {
-        if let Ok(Some(service)) = there(&**elsewhere, key, &dc, &lower) {
+        if let Ok(Some(service)) = there(shared, &**elsewhere, key, &dc, &lower, reach) {
             elsewhere.failed_over(&lower, &dc);
             return Some(service);
         }
@@ -132,6 +178,7 @@ pub(crate) async fn find(
     key: ExtraKey<ProxyDecorator>,
     name: &str,
     here: Here,
+    reach: Reach,
 ) -> Option<Arc<ProxyService>> {
     let (elsewhere, ours, policy) = match short(shared, here) {
         Ok(short) => short,
@@ -139,11 +186,13 @@ pub(crate) async fn find(
     };
     let lower = name.to_ascii_lowercase();
     for dc in elsewhere.order(policy.as_deref()) {
-        let found = match there(&**elsewhere, key, &dc, &lower) {
+        let found = match there(shared, &**elsewhere, key, &dc, &lower, reach) {
             Ok(found) => found,
             Err(wait) => {
                 wait.await;
-                there(&**elsewhere, key, &dc, &lower).ok().flatten()
+                there(shared, &**elsewhere, key, &dc, &lower, reach)
+                    .ok()
+                    .flatten()
             }
         };
         if let Some(service) = found {

@@ -33,6 +33,7 @@ use crate::access;
 use crate::attempts::{Attempts, Ending, Grpc, Replay, Verdict as Judgement};
 use crate::backend::{ProxyDecorator, ProxyService};
 use crate::conn::Pace;
+use crate::failover::Reach;
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::grpc_web;
 use crate::metrics::Reject;
@@ -619,14 +620,23 @@ impl H2Tls {
                 );
             }
         }
+        // A request another datacenter's proxy sent here failing over is
+        // served here or not at all.
+        let failed_over = request.headers().contains_key(crate::wire::FAILOVER_HEADER);
+        let reach = match failed_over {
+            true => Reach::Here,
+            false => Reach::L7,
+        };
         let here = crate::failover::here(
             &self.shared,
             &self.snapshot.load(),
             self.backends,
             &route.service,
             false,
+            reach,
         );
-        let found = crate::failover::find(&self.shared, self.backends, &route.service, here).await;
+        let found =
+            crate::failover::find(&self.shared, self.backends, &route.service, here, reach).await;
         let (mut service, stats) = match found {
             Some(s) if !s.backends.is_empty() && s.stats.is_some() => {
                 let stats = s.stats.clone();
@@ -731,6 +741,14 @@ impl H2Tls {
             .map(|left| std::time::Instant::now() + left);
         let received = std::mem::take(&mut parts.headers);
         let mut headers = upstream_headers(received, &authority, peer, proto, rng.u64(..));
+        if let Some(ours) = service
+            .via
+            .as_deref()
+            .and_then(|o| HeaderValue::from_str(o).ok())
+        {
+            // Through another datacenter's proxy: it must not send this on.
+            headers.insert(crate::wire::FAILOVER_HEADER, ours);
+        }
         if answered.logging {
             answered.request_id = headers
                 .get("x-request-id")
@@ -788,15 +806,28 @@ impl H2Tls {
                 now,
                 &mut rng,
                 || {
+                    // (Never another datacenter's proxies: the head is
+                    // made already, without their mark.)
+                    let reach = match failed_over {
+                        true => Reach::Here,
+                        false => Reach::L4,
+                    };
                     let here = crate::failover::here(
                         &self.shared,
                         &self.snapshot.load(),
                         self.backends,
                         &route.service,
                         true,
+                        reach,
                     );
-                    crate::failover::find_now(&self.shared, self.backends, &route.service, here)
-                        .filter(|s| !s.backends.is_empty())
+                    crate::failover::find_now(
+                        &self.shared,
+                        self.backends,
+                        &route.service,
+                        here,
+                        reach,
+                    )
+                    .filter(|s| !s.backends.is_empty())
                 },
             );
             let Some(index) = picked else {

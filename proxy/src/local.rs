@@ -147,22 +147,37 @@ impl Local {
 
     /// `service_anywhere` without waiting for a copy's first fetch (a
     /// request's reload of its service).
-    pub(crate) fn service_anywhere_now(&self, name: &str) -> Option<Arc<ProxyService>> {
+    pub(crate) fn service_anywhere_now(
+        &self,
+        name: &str,
+        reach: crate::failover::Reach,
+    ) -> Option<Arc<ProxyService>> {
         let here = {
             let mut cache = self.snapshot.borrow_mut();
-            crate::failover::here(&self.shared, cache.load(), self.backends, name, true)
+            crate::failover::here(&self.shared, cache.load(), self.backends, name, true, reach)
         };
-        crate::failover::find_now(&self.shared, self.backends, name, here)
+        crate::failover::find_now(&self.shared, self.backends, name, here, reach)
     }
 
     /// A request's service: ours, or another datacenter's when ours fails
     /// over (`failover.rs`).
-    pub(crate) async fn service_anywhere(&self, name: &str) -> Option<Arc<ProxyService>> {
+    pub(crate) async fn service_anywhere(
+        &self,
+        name: &str,
+        reach: crate::failover::Reach,
+    ) -> Option<Arc<ProxyService>> {
         let here = {
             let mut cache = self.snapshot.borrow_mut();
-            crate::failover::here(&self.shared, cache.load(), self.backends, name, false)
+            crate::failover::here(
+                &self.shared,
+                cache.load(),
+                self.backends,
+                name,
+                false,
+                reach,
+            )
         };
-        crate::failover::find(&self.shared, self.backends, name, here).await
+        crate::failover::find(&self.shared, self.backends, name, here, reach).await
     }
 
     fn refresh(&self) {

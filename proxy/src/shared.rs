@@ -41,6 +41,9 @@ pub(crate) struct Shared {
     /// Other datacenters' copies, where services fail over (set once at
     /// start, when federation is wired).
     pub(crate) elsewhere: std::sync::OnceLock<Arc<dyn Elsewhere>>,
+    /// Other datacenters' proxies as services (`via = "proxy"`), made at
+    /// the first failover through them, by datacenter.
+    pub(crate) via_proxies: ArcSwap<HashMap<String, Arc<crate::backend::ProxyService>>>,
 }
 
 /// The services a configuration routes to (HTTP routes and L4 listeners).
@@ -70,6 +73,7 @@ impl Shared {
             services: Mutex::new(HashMap::new()),
             admission: Admission::new(),
             elsewhere: std::sync::OnceLock::new(),
+            via_proxies: Default::default(),
         }
     }
 

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use crate::attempts::Attempts;
 use crate::balance::hash64;
 use crate::config::BalancerKind;
+use crate::failover::Reach;
 use crate::local::{Busy, Local};
 use crate::metrics::{TcpMetrics, TcpOutcome};
 use crate::stats::{now_ns, EndpointStats};
@@ -65,7 +66,7 @@ async fn proxy(
         std::net::IpAddr::V4(ip) => hash64(&ip.octets()),
         std::net::IpAddr::V6(ip) => hash64(&ip.octets()),
     });
-    let Some(mut service) = local.service_anywhere(&config.service).await else {
+    let Some(mut service) = local.service_anywhere(&config.service, Reach::L4).await else {
         return TcpOutcome::NoEndpoint;
     };
     let Some(service_stats) = service.stats.clone() else {
@@ -81,7 +82,7 @@ async fn proxy(
             (kind, key),
             now,
             &mut local.rng.borrow_mut(),
-            || local.service_anywhere_now(&config.service),
+            || local.service_anywhere_now(&config.service, Reach::L4),
         );
         let Some(index) = picked else {
             return if attempts.made() == 0 {

@@ -161,7 +161,15 @@ pub(crate) struct Request {
     pub(crate) grpc_web: bool,
     /// A CORS preflight (OPTIONS with Access-Control-Request-Method).
     pub(crate) preflight: bool,
+    /// Sent here by another datacenter's proxy failing over
+    /// (`x-switchyard-failover`): served here or not at all, never sent
+    /// on to a third.
+    pub(crate) failed_over: bool,
 }
+
+/// The header a proxy failing over through another datacenter's proxy
+/// sends, naming its own datacenter.
+pub(crate) const FAILOVER_HEADER: &str = "x-switchyard-failover";
 
 /// Per-connection facts written into every forwarded head.
 pub(crate) struct Client {
@@ -373,7 +381,7 @@ pub(crate) fn parse_request<R>(
     let mut forwarded_for: Option<&[u8]> = None;
     let mut forwarded: Option<&[u8]> = None;
     let mut has_request_id = false;
-    let (mut grpc_web, mut asks_cors) = (false, false);
+    let (mut grpc_web, mut asks_cors, mut failed_over) = (false, false, false);
     for h in parsed.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
@@ -411,6 +419,8 @@ pub(crate) fn parse_request<R>(
                 value.len() >= 20 && value[..20].eq_ignore_ascii_case(b"application/grpc-web");
         } else if name.eq_ignore_ascii_case("access-control-request-method") {
             asks_cors = true;
+        } else if name.eq_ignore_ascii_case(FAILOVER_HEADER) {
+            failed_over = true;
         }
     }
     let preflight = asks_cors && method == "OPTIONS";
@@ -446,6 +456,7 @@ pub(crate) fn parse_request<R>(
             host,
             grpc_web,
             preflight,
+            failed_over,
         };
         // Nothing is forwarded; the request line stays for the access log.
         out.clear();
@@ -551,8 +562,22 @@ pub(crate) fn parse_request<R>(
         host,
         grpc_web,
         preflight,
+        failed_over,
     };
     Ok((request, Some(route), key))
+}
+
+/// Adds `x-switchyard-failover: <ours>` to a forwarded head (which ends
+/// with its blank line): the request goes through another datacenter's
+/// proxy, which must serve it there or not at all.
+pub(crate) fn mark_failover(head: &mut Vec<u8>, ours: &str) {
+    if head.ends_with(b"\r\n\r\n") {
+        head.truncate(head.len() - 2);
+        head.extend_from_slice(FAILOVER_HEADER.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(ours.as_bytes());
+        head.extend_from_slice(b"\r\n\r\n");
+    }
 }
 
 fn push_hex(out: &mut Vec<u8>, value: u64) {

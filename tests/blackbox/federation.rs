@@ -858,3 +858,85 @@ fn a_datacenter_of_two_agents_on_etcd_is_asked_through_either() {
         },
     );
 }
+
+#[test]
+fn failover_through_another_datacenters_proxy_is_marked_and_never_sent_on() {
+    use crate::proxy::{get, get_with, Upstream};
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let route = "[[http.routes]]\nhost = \"web.test\"\nservice = \"web\"\n";
+    // dc3: web is up.
+    let dc3 = start_dc(scratch.path(), "dc3", route);
+    let third = Upstream::start("third");
+    crate::proxy::register(&dc3.client(), "web", &[&third], &[]);
+    // dc2: web is up, and would fail over to dc3.
+    let dc2 = start_dc(
+        scratch.path(),
+        "dc2",
+        &format!(
+            "{route}[federation]\nfailover = \"nearest\"\nprobe_interval = \"200ms\"\n\
+             [[federation.datacenters]]\nname = \"dc3\"\napi = [\"{}\"]\n",
+            host_port(&dc3)
+        ),
+    );
+    let remote = Upstream::start("remote");
+    crate::proxy::register(&dc2.client(), "web", &[&remote], &[]);
+    // dc1: web down here; dc2 reached through its proxy.
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "{route}[federation]\nfailover = [\"dc2\"]\nprobe_interval = \"200ms\"\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\nvia = \"proxy\"\nproxy = [\"{}\"]\n",
+            host_port(&dc2),
+            dc2.http
+        ),
+    );
+    let c = dc1.client();
+    register_at(&c, "web", "web-local", "127.0.0.1", &[], true);
+    for (agent, dc) in [(&dc1, "dc2"), (&dc2, "dc3")] {
+        eventually("reachable", Duration::from_secs(10), || {
+            let list = agent.client().get_ok("/v1/switchyard/datacenters").json();
+            list.as_array()?
+                .iter()
+                .any(|d| d["name"] == dc && d["reachable"] == true)
+                .then_some(())
+        });
+    }
+
+    // Through dc2's proxy: two hops, marked with our datacenter.
+    let through = get(dc1.http, "web.test", "/");
+    assert_eq!((through.status, through.body.as_str()), (200, "remote"));
+    assert_eq!(
+        through
+            .headers
+            .get("x-saw-x-switchyard-failover")
+            .map(String::as_str),
+        Some("dc1"),
+        "{through:?}"
+    );
+    let hops = through
+        .headers
+        .get("x-saw-x-forwarded-for")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(hops.split(',').count(), 2, "two proxies on the way: {hops}");
+
+    // dc2's web down: dc2 would fail over to dc3, but a request marked by a
+    // failover is served there or not at all.
+    let body = json!({"Name": "web", "ID": "web-remote", "Address": "127.0.0.1",
+        "Port": remote.addr.port(), "Check": {"TTL": "1h"}});
+    dc2.client()
+        .put_ok("/v1/agent/service/register", &body.to_string());
+    dc2.client().put_ok(
+        "/v1/switchyard/batch",
+        &json!({"deregister": [{"node": "n1", "id": "remote"}]}).to_string(),
+    );
+    let unmarked = get(dc2.http, "web.test", "/");
+    assert_eq!(
+        (unmarked.status, unmarked.body.as_str()),
+        (200, "third"),
+        "dc2 fails over itself"
+    );
+    let marked = get_with(dc2.http, "web.test", "/", "x-switchyard-failover: dc1\r\n");
+    assert_eq!(marked.status, 503, "{marked:?}");
+}

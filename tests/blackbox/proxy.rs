@@ -116,6 +116,7 @@ async fn serve(
         "forwarded",
         "x-request-id",
         "host",
+        "x-switchyard-failover",
     ] {
         if let Some(value) = request.headers().get(echo) {
             reply = reply.header(format!("x-saw-{echo}"), value.clone());
@@ -203,7 +204,7 @@ pub(crate) fn get(addr: SocketAddr, host: &str, path: &str) -> Raw {
     get_with(addr, host, path, "")
 }
 
-fn get_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Raw {
+pub(crate) fn get_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Raw {
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
     raw(addr, request.as_bytes())

@@ -55,6 +55,14 @@ pub trait Failover: Send + Sync {
     /// of reach are left out.
     fn order(&self, policy: Option<&str>) -> Vec<String>;
 
+    /// How the proxy reaches `dc`'s endpoints when it fails over: `None`
+    /// straight to their addresses, else through these proxies of that
+    /// datacenter (`via = "proxy"`).
+    fn via_proxies(&self, dc: &str) -> Option<Arc<[std::net::SocketAddr]>>;
+
+    /// This agent's own datacenter.
+    fn datacenter(&self) -> &str;
+
     /// `service` was answered from `dc`: the first time (or another `dc`)
     /// it is logged, and `switchyard_federation_failover_services` and the
     /// datacenters list show it.

@@ -79,9 +79,24 @@ pub struct DatacenterConfig {
     /// Default: the Mozilla roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// Addresses of its ingress proxies (`host:port`).
+    /// Addresses of its ingress proxies (`ip:port`).
     #[serde(default)]
     pub proxy: Vec<String>,
+    /// How our proxy reaches its endpoints when a service fails over there:
+    /// `"direct"` (default: their own addresses) or `"proxy"` (through
+    /// `proxy`, for datacenters whose endpoints are not routable from here;
+    /// HTTP only, L4 listeners go direct).
+    #[serde(default)]
+    pub via: Via,
+}
+
+/// `federation.datacenters.via`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    #[default]
+    Direct,
+    Proxy,
 }
 
 impl FederationConfig {
@@ -117,6 +132,11 @@ impl FederationConfig {
             if let Some(path) = &dc.token_file {
                 std::fs::read_to_string(path)
                     .map_err(|e| format!("{at}.token_file: cannot read {}: {e}", path.display()))?;
+            }
+            if dc.via == Via::Proxy && dc.proxy.is_empty() {
+                return Err(format!(
+                    "{at}: via = \"proxy\" needs the datacenter's proxy addresses (proxy = [\"ip:port\"])"
+                ));
             }
             for address in &dc.proxy {
                 if address.parse::<std::net::SocketAddr>().is_err() {
@@ -227,6 +247,10 @@ mod tests {
         assert!(word.validate("dc1").is_err());
         let share = parse(&format!("min_healthy = 1.5\n{dcs}"));
         assert!(share.validate("dc1").is_err());
+        let via = parse(&format!("{dcs}via = \"proxy\"\n"));
+        assert!(via.validate("dc1").expect_err("no proxies").contains("proxy addresses"));
+        let via = parse(&format!("{dcs}via = \"proxy\"\nproxy = [\"127.0.0.1:8080\"]\n"));
+        assert_eq!(via.validate("dc1"), Ok(()));
     }
 
     #[test]

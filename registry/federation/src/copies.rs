@@ -382,6 +382,14 @@ impl Failover for Copies {
         self.federation.failover_order(policy)
     }
 
+    fn via_proxies(&self, dc: &str) -> Option<Arc<[std::net::SocketAddr]>> {
+        self.federation.via_proxies(dc)
+    }
+
+    fn datacenter(&self) -> &str {
+        self.federation.local()
+    }
+
     fn failed_over(&self, service: &str, dc: &str) {
         let service = service.to_ascii_lowercase();
         if self

@@ -89,6 +89,8 @@ struct Remote {
     /// The token this agent presents there (its own probes).
     token: Option<HeaderValue>,
     proxy: Vec<String>,
+    /// `via = "proxy"`: its proxies' addresses, as the proxy fails over.
+    via_proxies: Option<Arc<[std::net::SocketAddr]>>,
     client: client::HttpClient,
     /// Smoothed round trip in µs; `u64::MAX` until measured.
     rtt_us: AtomicU64,
@@ -213,6 +215,13 @@ impl Federation {
                 bases,
                 token,
                 proxy: dc.proxy.clone(),
+                via_proxies: (dc.via == config::Via::Proxy).then(|| {
+                    dc.proxy
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect::<Vec<_>>()
+                        .into()
+                }),
                 client,
                 rtt_us: AtomicU64::new(u64::MAX),
                 best: AtomicUsize::new(0),
@@ -291,6 +300,15 @@ impl Federation {
                 Some(FailoverConfig::List(names)) => listed(&mut names.iter().map(String::as_str)),
             },
         }
+    }
+
+    /// `dc`'s proxies when the proxy reaches it through them.
+    pub fn via_proxies(&self, dc: &str) -> Option<Arc<[std::net::SocketAddr]>> {
+        self.remotes
+            .iter()
+            .find(|r| r.name.eq_ignore_ascii_case(dc))?
+            .via_proxies
+            .clone()
     }
 
     /// The `[federation]` table in force.
