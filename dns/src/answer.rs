@@ -545,6 +545,7 @@ impl Engine {
                 (rcode::SERVFAIL, false)
             }
             Copied::Unknown => self.negative(q, local, out, c, apex, rcode::NXDOMAIN),
+            Copied::Full => (rcode::SERVFAIL, false),
         }
     }
 
@@ -583,7 +584,7 @@ impl Engine {
                             s.pending = Some(wait);
                             return (rcode::SERVFAIL, false);
                         }
-                        Copied::Fetching(_) | Copied::Unknown => {}
+                        Copied::Fetching(_) | Copied::Unknown | Copied::Full => {}
                     }
                 }
             }

@@ -92,7 +92,7 @@ fn there(
             .and_then(|v| v.extra_arc(key))
             .filter(|s| !s.backends.is_empty()),
         Copied::Fetching(wait) => return Err(wait),
-        Copied::Unknown => None,
+        Copied::Unknown | Copied::Full => None,
     };
     let via = elsewhere.via_proxies(dc).filter(|_| reach == Reach::L7);
     Ok(match (found, via) {

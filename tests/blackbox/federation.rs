@@ -368,6 +368,43 @@ fn dns_answers_names_of_another_datacenter_from_a_copy_that_follows_it() {
 }
 
 #[test]
+fn made_up_names_cannot_grow_the_copies_past_their_cap() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    register(&dc2.client(), "web-a", 9001);
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[federation]\nmax_copies = 3\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n",
+            host_port(&dc2)
+        ),
+    );
+    let answer = udp(dc1.dns, "web.service.dc2.consul", RecordType::A);
+    assert_eq!(ips(&answer.answers), vec![ip("127.0.0.1")]);
+    for made_up in ["x1", "x2"] {
+        let m = udp(
+            dc1.dns,
+            &format!("{made_up}.service.dc2.consul"),
+            RecordType::A,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    }
+    let refused = udp(dc1.dns, "x3.service.dc2.consul", RecordType::A);
+    assert_eq!(refused.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(
+        dc1.client()
+            .metric("switchyard_federation_copies{datacenter=\"dc2\"}"),
+        Some(3.0)
+    );
+    // What is copied already still answers.
+    let again = udp(dc1.dns, "web.service.dc2.consul", RecordType::A);
+    assert_eq!(ips(&again.answers), vec![ip("127.0.0.1")]);
+    assert!(dc1.stderr().contains("federation.max_copies"));
+}
+
+#[test]
 fn a_copy_nobody_asks_for_expires() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let dc2 = start_dc(scratch.path(), "dc2", "");

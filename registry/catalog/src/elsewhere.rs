@@ -29,6 +29,10 @@ pub enum Copied {
     Fetching(Pin<Box<dyn Future<Output = ()> + Send>>),
     /// Not a datacenter this agent knows.
     Unknown,
+    /// Not copied: the datacenter's copies are at their cap
+    /// (`federation.max_copies`), so a flood of made-up names cannot grow
+    /// them. (DNS answers SERVFAIL; the proxy passes the datacenter over.)
+    Full,
 }
 
 /// Other datacenters' copies, asked for by name (lower case).

@@ -33,6 +33,10 @@ pub struct FederationConfig {
     /// datacenter names. Default none. A service's tag
     /// `switchyard.failover=dc2,dc3` (or `=nearest`, `=none`) overrides it.
     pub failover: Option<FailoverConfig>,
+    /// Most services and nodes copied from one datacenter; a name asked
+    /// beyond it is not copied (SERVFAIL) until others expire. Default
+    /// 10,000.
+    pub max_copies: usize,
     /// With failover on, a service fails over once its routable share here
     /// falls below this fraction (0 to 1). Default 0: only when none is.
     pub min_healthy: f64,
@@ -58,6 +62,7 @@ impl Default for FederationConfig {
             copy_expiry: Duration::from_secs(600),
             failover: None,
             min_healthy: 0.0,
+            max_copies: 10_000,
         }
     }
 }
@@ -248,8 +253,13 @@ mod tests {
         let share = parse(&format!("min_healthy = 1.5\n{dcs}"));
         assert!(share.validate("dc1").is_err());
         let via = parse(&format!("{dcs}via = \"proxy\"\n"));
-        assert!(via.validate("dc1").expect_err("no proxies").contains("proxy addresses"));
-        let via = parse(&format!("{dcs}via = \"proxy\"\nproxy = [\"127.0.0.1:8080\"]\n"));
+        assert!(via
+            .validate("dc1")
+            .expect_err("no proxies")
+            .contains("proxy addresses"));
+        let via = parse(&format!(
+            "{dcs}via = \"proxy\"\nproxy = [\"127.0.0.1:8080\"]\n"
+        ));
         assert_eq!(via.validate("dc1"), Ok(()));
     }
 

@@ -40,6 +40,7 @@ pub struct Copies {
     dcs: Vec<DcCopies>,
     dns_timeout: Duration,
     expiry: Duration,
+    max_copies: usize,
     epoch: Instant,
     /// Our own catalog: whether a service that fails over is served here
     /// again.
@@ -56,6 +57,8 @@ struct DcCopies {
     /// Wakes the datacenter's watch when a name is added: it asks again at
     /// once, with the new name.
     added: tokio::sync::Notify,
+    /// When a name was last refused for the cap (ms since `epoch`; 0 never).
+    refused_ms: AtomicU64,
 }
 
 /// One name being copied.
@@ -92,11 +95,16 @@ impl Copies {
                 services: Default::default(),
                 nodes: Default::default(),
                 added: tokio::sync::Notify::new(),
+                refused_ms: AtomicU64::new(0),
             });
         }
         let config = federation.config();
-        let (dns_timeout, expiry, min_healthy) =
-            (config.dns_timeout, config.copy_expiry, config.min_healthy);
+        let (dns_timeout, expiry, min_healthy, max_copies) = (
+            config.dns_timeout,
+            config.copy_expiry,
+            config.min_healthy,
+            config.max_copies,
+        );
         let copies = Arc::new(Copies {
             dns_timeout,
             expiry,
@@ -105,6 +113,7 @@ impl Copies {
             epoch: Instant::now(),
             local,
             min_healthy,
+            max_copies,
         });
         if !copies.dcs.is_empty() {
             tokio::spawn(copies.clone().expire());
@@ -114,6 +123,20 @@ impl Copies {
             tokio::spawn(copies.clone().watch(at));
         }
         Ok(copies)
+    }
+
+    /// A name not copied for the cap: logged once a minute at most.
+    fn refused(&self, dc: &DcCopies) {
+        let now = self.now_ms();
+        let last = dc.refused_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) > 60_000)
+            && dc
+                .refused_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(datacenter = %dc.name, max = self.max_copies, "a name was not copied: the datacenter's copies are at federation.max_copies (next line in a minute at most)");
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -422,6 +445,10 @@ impl Elsewhere for Copies {
             Some(watched) => {
                 watched.asked_ms.store(self.now_ms(), Ordering::Relaxed);
                 watched
+            }
+            None if copies.services.load().len() + copies.nodes.load().len() >= self.max_copies => {
+                self.refused(copies);
+                return Copied::Full;
             }
             None => self.start(at, of),
         };
