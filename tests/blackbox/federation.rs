@@ -818,6 +818,9 @@ fn a_datacenter_out_of_reach_answers_from_its_copy_with_its_age_and_catches_up()
     assert!(age > 0, "stale for {age} ms");
     assert_eq!(stale.json()[0]["Service"]["ID"], "web-1", "{}", stale.body);
     assert!(c.metric("switchyard_federation_last_contact_seconds{datacenter=\"dc2\"}") > Some(0.0));
+    let catalog = c.get_ok("/v1/catalog/service/web?dc=dc2");
+    assert_eq!(catalog.header("X-Consul-KnownLeader"), Some("false"));
+    assert_eq!(catalog.json()[0]["ServiceID"], "web-1", "{}", catalog.body);
     // A read of something never copied has nothing to fall back on.
     assert_eq!(c.get("/v1/health/service/other?dc=dc2").status, 503);
 

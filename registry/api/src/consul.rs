@@ -517,16 +517,7 @@ pub(super) async fn catalog_service(
     })
     .await?;
     let dc = state.agent.datacenter.as_str();
-    let build = || -> Vec<CatalogServiceOut<'_>> {
-        snap.service(&name)
-            .map(|view| {
-                view.instances()
-                    .filter(|i| has_tags(i, &opts.tags) && opts.node_meta_matches(&i.node.meta))
-                    .map(|i| CatalogServiceOut::new(&i.node, &i.endpoint, dc))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let build = || catalog_entries(&snap, &name, &opts, dc);
     shared_json(
         &state,
         ("catalog/service", &name, &q),
@@ -536,6 +527,25 @@ pub(super) async fn catalog_service(
         build,
     )
     .await
+}
+
+/// `/v1/catalog/service/NAME`'s entries in `snap` (ours, or another
+/// datacenter's copy when it is out of reach), reported as datacenter `dc`.
+pub(super) fn catalog_entries<'a>(
+    snap: &'a Snapshot,
+    name: &str,
+    opts: &QueryOpts,
+    dc: &'a str,
+) -> Vec<CatalogServiceOut<'a>> {
+    snap.service(name)
+        .or_else(|| snap.service_ci(name))
+        .map(|view| {
+            view.instances()
+                .filter(|i| has_tags(i, &opts.tags) && opts.node_meta_matches(&i.node.meta))
+                .map(|i| CatalogServiceOut::new(&i.node, &i.endpoint, dc))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {

@@ -193,9 +193,9 @@ fn failed(dc: &str, error: FederationError) -> Response {
     ApiError::new(status, error.to_string()).into_response()
 }
 
-/// A health read of a service in a datacenter out of reach, answered from
-/// this agent's copy of it (routable endpoints only, as DNS sees them),
-/// stale: `X-Consul-LastContact` is the time since the datacenter last
+/// A health or catalog read of a service in a datacenter out of reach,
+/// answered from this agent's copy of it (routable endpoints only, as DNS
+/// sees them), stale: `X-Consul-LastContact` is the time since the datacenter last
 /// answered, `X-Consul-KnownLeader` false. None when there is no copy, or
 /// when a blocking read's copy has nothing newer than the caller holds.
 fn stale(
@@ -204,7 +204,11 @@ fn stale(
     uri: &axum::http::Uri,
     error: &FederationError,
 ) -> Option<Response> {
-    let name = uri.path().strip_prefix("/v1/health/service/")?;
+    let path = uri.path();
+    let (name, health) = match path.strip_prefix("/v1/health/service/") {
+        Some(name) => (name, true),
+        None => (path.strip_prefix("/v1/catalog/service/")?, false),
+    };
     let copies = state.copies.as_ref()?;
     let lower = name.to_ascii_lowercase();
     let switchyard_catalog::Copied::Ready(copy) =
@@ -221,8 +225,19 @@ fn stale(
     if opts.index != 0 && opts.index >= index {
         return None;
     }
-    let entries = crate::consul::health_entries(&copy, name, &opts, dc);
-    let mut answer = crate::json(&entries, index, &opts).ok()?;
+    let mut answer = match health {
+        true => crate::json(
+            &crate::consul::health_entries(&copy, name, &opts, dc),
+            index,
+            &opts,
+        ),
+        false => crate::json(
+            &crate::consul::catalog_entries(&copy, name, &opts, dc),
+            index,
+            &opts,
+        ),
+    }
+    .ok()?;
     let age = state
         .federation
         .as_ref()
