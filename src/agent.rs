@@ -146,6 +146,8 @@ struct Running {
     /// The registry and what serves or feeds it, stopped as one.
     control: ControlPlane,
     proxy: Arc<ProxyDecorator>,
+    /// Other datacenters' copies (their proxy backends follow our routes).
+    copies: Arc<switchyard_federation::Copies>,
     node_name: String,
     /// Ids of the `[[services]]` the file registered (for reloads).
     config_services: Vec<Arc<str>>,
@@ -349,7 +351,7 @@ impl Running {
             registry.snapshot_cell(),
             dns_metrics,
             sockets.as_mut().and_then(|s| s.dns.take()),
-            Some(copies as Arc<dyn switchyard_registry::Elsewhere>),
+            Some(copies.clone() as Arc<dyn switchyard_registry::Elsewhere>),
         )
         .await
         .with_context(|| format!("cannot listen for DNS on {}", config.dns.addr))?;
@@ -413,6 +415,7 @@ impl Running {
                 writer,
             },
             proxy,
+            copies,
             node_name,
             config_services,
             shutdown,
@@ -484,7 +487,15 @@ impl Running {
     async fn reload(&mut self, source: &ConfigSource) {
         upgrade::notify(upgrade::Lifecycle::Reloading);
         let registry = &self.control.registry;
-        if reload(source, &mut self.config, &self.proxy, registry).await {
+        if reload(
+            source,
+            &mut self.config,
+            &self.proxy,
+            registry,
+            &self.copies,
+        )
+        .await
+        {
             let registered = register_config_services(
                 &self.config,
                 registry,
@@ -874,6 +885,7 @@ async fn reload(
     running: &mut AgentConfig,
     proxy: &ProxyDecorator,
     registry: &Registry,
+    copies: &switchyard_federation::Copies,
 ) -> bool {
     let Some(path) = &source.path else {
         tracing::warn!("SIGHUP ignored: the agent was started without --config");
@@ -924,6 +936,8 @@ async fn reload(
         {
             tracing::warn!(error = %e, "cannot rebuild the newly routed services' views");
         }
+        // Copies of them in other datacenters get their backends too.
+        copies.redecorate(&plan.newly_routed).await;
     }
     let released = plan.no_longer_routed.clone();
     let (added, removed) = (plan.newly_routed.len(), released.len());

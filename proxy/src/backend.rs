@@ -240,13 +240,17 @@ impl ProxyDecorator {
     /// route traffic to it.
     fn routed(&self, name: &str, tag_route: &Option<TagRoute>) -> bool {
         match &self.ours {
-            // A copy: routed when ours routes it, by config or by tags here.
+            // A copy (its names in lower case): routed when ours routes it,
+            // by config or by tags here.
             Some(ours) => {
-                ours.configured.load().contains(name)
+                ours.configured
+                    .load()
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(name))
                     || ours
                         .services
                         .lock()
-                        .is_ok_and(|services| services.contains_key(name))
+                        .is_ok_and(|services| services.keys().any(|s| s.eq_ignore_ascii_case(name)))
             }
             None => tag_route.is_some() || self.shared.configured.load().contains(name),
         }

@@ -980,3 +980,52 @@ fn failover_through_another_datacenters_proxy_is_marked_and_never_sent_on() {
     let marked = get_with(dc2.http, "web.test", "/", "x-switchyard-failover: dc1\r\n");
     assert_eq!(marked.status, 503, "{marked:?}");
 }
+
+#[test]
+fn a_route_added_by_a_reload_fails_over_to_a_copy_made_before_it() {
+    use crate::proxy::{get, Upstream};
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    let remote = Upstream::start("remote");
+    crate::proxy::register(&dc2.client(), "Api", &[&remote], &[]);
+    let federation = format!(
+        "[federation]\nfailover = \"nearest\"\nprobe_interval = \"200ms\"\n\
+         [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n",
+        host_port(&dc2)
+    );
+    let dc1 = start_dc(scratch.path(), "dc1", &federation);
+    let c = dc1.client();
+    register_at(&c, "Api", "api-local", "127.0.0.1", &[], true);
+    eventually("dc2 reachable", Duration::from_secs(10), || {
+        let list = c.get_ok("/v1/switchyard/datacenters").json();
+        list.as_array()?
+            .iter()
+            .any(|d| d["name"] == "dc2" && d["reachable"] == true)
+            .then_some(())
+    });
+    // DNS copies Api (not routed here yet: no proxy stats in the copy).
+    assert_eq!(
+        a_records(dc1.dns, "api.service.consul"),
+        vec![ip("127.0.0.1")]
+    );
+    // A reload routes it (named in capitals, as registered): the copy made
+    // before serves the route.
+    std::fs::write(
+        scratch.path().join("dc1.toml"),
+        format!(
+            "[agent]\ndatacenter = \"dc1\"\n{federation}\
+             [[http.routes]]\nhost = \"api.test\"\nservice = \"Api\"\n"
+        ),
+    )
+    .expect("config");
+    dc1.signal("HUP");
+    let answer = eventually(
+        "the new route served from dc2",
+        Duration::from_secs(10),
+        || {
+            let answer = get(dc1.http, "api.test", "/");
+            (answer.status == 200).then_some(answer)
+        },
+    );
+    assert_eq!(answer.body, "remote");
+}

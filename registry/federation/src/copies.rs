@@ -125,6 +125,20 @@ impl Copies {
         Ok(copies)
     }
 
+    /// Rebuilds the views of `services` in every copy (a reload routes
+    /// them now: their copies get proxy backends).
+    pub async fn redecorate(&self, services: &[Name]) {
+        let names: Vec<Name> = services
+            .iter()
+            .map(|n| n.to_ascii_lowercase().as_str().into())
+            .collect();
+        for dc in &self.dcs {
+            if let Err(e) = dc.registry.apply(Command::Redecorate(names.clone())).await {
+                tracing::warn!(datacenter = %dc.name, error = %e, "cannot rebuild copied services' views after a reload");
+            }
+        }
+    }
+
     /// A name not copied for the cap: logged once a minute at most.
     fn refused(&self, dc: &DcCopies) {
         let now = self.now_ms();
