@@ -584,6 +584,18 @@ fn dns_fails_over_by_policy_and_share_and_comes_back() {
         dc1.stderr().contains("service fails over"),
         "one log line per change"
     );
+    // Where cache went has none left either: that failover is over too.
+    eventually(
+        "cache and api fail over to dc2",
+        Duration::from_secs(5),
+        || (failing_to("dc2") == Some(2.0)).then_some(()),
+    );
+    dc2.client()
+        .put_ok("/v1/agent/service/deregister/cache-x", "");
+    eventually("cache's failover over", Duration::from_secs(5), || {
+        (failing_to("dc2") == Some(1.0)).then_some(())
+    });
+    assert!(dc1.stderr().contains("no routable endpoint of it either"));
 }
 
 #[test]

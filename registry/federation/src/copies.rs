@@ -381,8 +381,9 @@ impl Copies {
 }
 
 impl Copies {
-    /// Notices services served here again (their failover over): logged,
-    /// and no longer counted in `switchyard_federation_failover_services`.
+    /// Notices failovers that are over (ours serves the service again, or
+    /// where it went has none either): logged, and no longer counted in
+    /// `switchyard_federation_failover_services`.
     async fn fail_back(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -392,19 +393,34 @@ impl Copies {
                 continue;
             }
             let local = self.local.load();
-            let back: Vec<(String, String)> = failing
+            // Over when ours serves it again, or when the datacenter it went
+            // to has no routable endpoint of it either (answers are ours,
+            // empty, until another has some).
+            let over: Vec<(String, String, bool)> = failing
                 .iter()
-                .filter(|(service, _)| {
-                    !needs_failover(local.service_ci(service).map(|v| &**v), self.min_healthy)
+                .filter_map(|(service, dc)| {
+                    let here =
+                        !needs_failover(local.service_ci(service).map(|v| &**v), self.min_healthy);
+                    let there = self.dc(dc).is_some_and(|(_, copies)| {
+                        copies
+                            .registry
+                            .snapshot()
+                            .service_ci(service)
+                            .is_some_and(|v| v.routable_len() > 0)
+                    });
+                    (here || !there).then(|| (service.clone(), dc.clone(), here))
                 })
-                .map(|(service, dc)| (service.clone(), dc.clone()))
                 .collect();
-            if back.is_empty() {
-                continue;
-            }
-            for (service, dc) in back {
+            for (service, dc, here) in over {
                 self.federation.set_failover(&service, None);
-                tracing::info!(%service, from = %dc, "service served here again: failover over");
+                match here {
+                    true => {
+                        tracing::info!(%service, from = %dc, "service served here again: failover over")
+                    }
+                    false => {
+                        tracing::warn!(%service, from = %dc, "failover over: the datacenter has no routable endpoint of it either")
+                    }
+                }
             }
         }
     }
