@@ -833,6 +833,10 @@ fn a_datacenter_out_of_reach_answers_from_its_copy_with_its_age_and_catches_up()
     let catalog = c.get_ok("/v1/catalog/service/web?dc=dc2");
     assert_eq!(catalog.header("X-Consul-KnownLeader"), Some("false"));
     assert_eq!(catalog.json()[0]["ServiceID"], "web-1", "{}", catalog.body);
+    let stale_for = || c.metric("switchyard_federation_copy_stale_seconds{datacenter=\"dc2\"}");
+    eventually("the copies shown stale", Duration::from_secs(10), || {
+        (stale_for() > Some(0.0)).then_some(())
+    });
     // A read of something never copied has nothing to fall back on.
     assert_eq!(c.get("/v1/health/service/other?dc=dc2").status, 503);
 
@@ -844,6 +848,11 @@ fn a_datacenter_out_of_reach_answers_from_its_copy_with_its_age_and_catches_up()
         now.sort();
         (now == vec![ip("10.0.0.1"), ip("10.0.0.2")]).then_some(())
     });
+    eventually(
+        "the copies following again",
+        Duration::from_secs(10),
+        || (stale_for() == Some(0.0)).then_some(()),
+    );
     eventually("dc2 reachable again", Duration::from_secs(10), || {
         (c.metric("switchyard_federation_reachable{datacenter=\"dc2\"}") == Some(1.0)).then_some(())
     });

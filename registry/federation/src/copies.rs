@@ -59,6 +59,8 @@ struct DcCopies {
     added: tokio::sync::Notify,
     /// When a name was last refused for the cap (ms since `epoch`; 0 never).
     refused_ms: AtomicU64,
+    /// Since when the watch has failed (ms since `epoch` + 1; 0: it follows).
+    failing_ms: AtomicU64,
 }
 
 /// One name being copied.
@@ -96,6 +98,7 @@ impl Copies {
                 nodes: Default::default(),
                 added: tokio::sync::Notify::new(),
                 refused_ms: AtomicU64::new(0),
+                failing_ms: AtomicU64::new(0),
             });
         }
         let config = federation.config();
@@ -231,6 +234,7 @@ impl Copies {
                     match serde_json::from_slice::<WatchOut>(&body) {
                         Ok(out) => {
                             self.apply(dc, out).await;
+                            dc.failing_ms.store(0, Ordering::Relaxed);
                             backoff = Duration::from_millis(250);
                             continue;
                         }
@@ -246,6 +250,12 @@ impl Copies {
                     tracing::debug!(datacenter = %dc.name, error = %e, "copy watch failed; trying again");
                 }
             }
+            let _ = dc.failing_ms.compare_exchange(
+                0,
+                self.now_ms() + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = dc.added.notified() => {}
@@ -381,13 +391,23 @@ impl Copies {
 }
 
 impl Copies {
-    /// Notices failovers that are over (ours serves the service again, or
+    /// Shows how stale each datacenter's copies are, and notices failovers
+    /// that are over (ours serves the service again, or
     /// where it went has none either): logged, and no longer counted in
     /// `switchyard_federation_failover_services`.
     async fn fail_back(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tick.tick().await;
+            let now = self.now_ms();
+            for dc in &self.dcs {
+                let since = dc.failing_ms.load(Ordering::Relaxed);
+                let stale = match since {
+                    0 => Duration::ZERO,
+                    since => Duration::from_millis(now.saturating_sub(since - 1)),
+                };
+                self.federation.show_copy_stale(&dc.name, stale);
+            }
             let failing = self.federation.failing_over();
             if failing.is_empty() {
                 continue;

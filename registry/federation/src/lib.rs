@@ -110,6 +110,7 @@ struct Metrics {
     forwarded: IntCounterVec,
     copies: IntGaugeVec,
     failover: IntGaugeVec,
+    copy_stale: GaugeVec,
 }
 
 impl Metrics {
@@ -150,6 +151,14 @@ impl Metrics {
             &["datacenter"],
         )?;
         registry.register(Box::new(copies.clone()))?;
+        let copy_stale = GaugeVec::new(
+            Opts::new(
+                "switchyard_federation_copy_stale_seconds",
+                "How long the copies of each other datacenter have failed to follow it (their watch failing); 0 while they follow",
+            ),
+            &["datacenter"],
+        )?;
+        registry.register(Box::new(copy_stale.clone()))?;
         let failover = IntGaugeVec::new(
             Opts::new(
                 "switchyard_federation_failover_services",
@@ -169,6 +178,7 @@ impl Metrics {
             forwarded,
             copies,
             failover,
+            copy_stale,
         })
     }
 }
@@ -239,6 +249,7 @@ impl Federation {
             metrics.reachable.with_label_values(&labels).set(0);
             metrics.contact_age.with_label_values(&labels).set(-1.0);
             metrics.copies.with_label_values(&labels).set(0);
+            metrics.copy_stale.with_label_values(&labels).set(0.0);
             metrics.failover.with_label_values(&labels).set(0);
             for outcome in ["answered", "unreachable", "timeout"] {
                 metrics
@@ -568,6 +579,14 @@ impl Federation {
             .copies
             .with_label_values(&[dc])
             .set(kept as i64);
+    }
+
+    /// Shows how long `dc`'s copies have failed to follow it.
+    pub(crate) fn show_copy_stale(&self, dc: &str, stale: Duration) {
+        self.metrics
+            .copy_stale
+            .with_label_values(&[dc])
+            .set(stale.as_secs_f64());
     }
 
     /// Records `service` as answered from `dc` now (none: here again);
