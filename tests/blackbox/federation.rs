@@ -60,6 +60,18 @@ fn register(c: &Client, id: &str, port: u16) {
     );
 }
 
+/// Waits until the agent of `c` has reached datacenter `dc` (measured, so
+/// failover does not skip it).
+fn wait_reachable(c: &Client, dc: &str) {
+    eventually(&format!("{dc} reachable"), Duration::from_secs(10), || {
+        let list = c.get_ok("/v1/switchyard/datacenters").json();
+        list.as_array()?
+            .iter()
+            .any(|d| d["name"] == dc && d["reachable"] == true)
+            .then_some(())
+    });
+}
+
 /// dc1 knows dc2 (open), dc3 (tokens) and dc4 (nobody home).
 struct Fleet {
     dc1: Agent,
@@ -621,13 +633,7 @@ fn the_proxy_fails_over_to_another_datacenter_and_back() {
     let body = json!({"Name": "web", "ID": "web-local", "Address": "127.0.0.1",
         "Port": local.addr.port(), "Check": {"TTL": "1h"}});
     c.put_ok("/v1/agent/service/register", &body.to_string());
-    eventually("dc2 reachable", Duration::from_secs(10), || {
-        let list = c.get_ok("/v1/switchyard/datacenters").json();
-        list.as_array()?
-            .iter()
-            .any(|d| d["name"] == "dc2" && d["reachable"] == true)
-            .then_some(())
-    });
+    wait_reachable(&c, "dc2");
     let over_l4 = |addr: std::net::SocketAddr| {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(addr).expect("connect L4");
@@ -954,15 +960,8 @@ fn failover_through_another_datacenters_proxy_is_marked_and_never_sent_on() {
     );
     let c = dc1.client();
     register_at(&c, "web", "web-local", "127.0.0.1", &[], true);
-    for (agent, dc) in [(&dc1, "dc2"), (&dc2, "dc3")] {
-        eventually("reachable", Duration::from_secs(10), || {
-            let list = agent.client().get_ok("/v1/switchyard/datacenters").json();
-            list.as_array()?
-                .iter()
-                .any(|d| d["name"] == dc && d["reachable"] == true)
-                .then_some(())
-        });
-    }
+    wait_reachable(&dc1.client(), "dc2");
+    wait_reachable(&dc2.client(), "dc3");
 
     // Through dc2's proxy: two hops, marked with our datacenter.
     let through = get(dc1.http, "web.test", "/");
@@ -1017,13 +1016,7 @@ fn a_route_added_by_a_reload_fails_over_to_a_copy_made_before_it() {
     let dc1 = start_dc(scratch.path(), "dc1", &federation);
     let c = dc1.client();
     register_at(&c, "Api", "api-local", "127.0.0.1", &[], true);
-    eventually("dc2 reachable", Duration::from_secs(10), || {
-        let list = c.get_ok("/v1/switchyard/datacenters").json();
-        list.as_array()?
-            .iter()
-            .any(|d| d["name"] == "dc2" && d["reachable"] == true)
-            .then_some(())
-    });
+    wait_reachable(&c, "dc2");
     // DNS copies Api (not routed here yet: no proxy stats in the copy).
     assert_eq!(
         a_records(dc1.dns, "api.service.consul"),
