@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use switchyard_catalog::{
     failover_policy, needs_failover, Chunk, Copied, CopyOf, Elsewhere, ExtraKey, NodeEntry,
-    ServiceView, Snapshot, CHUNK,
+    QueryService, ServiceView, Snapshot, CHUNK,
 };
 
 use crate::config::Config;
@@ -196,10 +196,38 @@ pub(crate) struct Engine {
 /// What a name under our zone refers to.
 enum Target<'a> {
     Apex,
-    Service { name: &'a str, tag: Option<String> },
+    Service {
+        name: &'a str,
+        tag: Option<String>,
+    },
     Node(String),
+    /// A prepared query, by ID or name.
+    Query(String),
     Addr(IpAddr),
     Unknown,
+}
+
+/// Which of a service's instances an answer picks from.
+#[derive(Clone, Copy)]
+enum Pick<'a> {
+    Routable,
+    /// Routable and tagged (lower case).
+    Tag(&'a str),
+    /// What a prepared query admits.
+    Query(&'a QueryService),
+}
+
+impl<'a> Pick<'a> {
+    fn tag(tag: Option<&'a str>) -> Pick<'a> {
+        tag.map_or(Pick::Routable, Pick::Tag)
+    }
+}
+
+/// Sets the TTL of the record whose TYPE starts at `type_at`.
+fn set_ttl(out: &mut [u8], type_at: usize, ttl: u32) {
+    if let Some(field) = out.get_mut(type_at + 4..type_at + 8) {
+        field.copy_from_slice(&ttl.to_be_bytes());
+    }
 }
 
 fn text(label: &[u8]) -> Option<&str> {
@@ -364,6 +392,7 @@ impl Engine {
                 Some(entry) => self.node(q, &snap, entry, out, c, apex),
                 None => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
             },
+            Target::Query(name) => self.query(q, &snap, &name, out, budget, c, s, apex),
             Target::Addr(ip) => {
                 let wanted = matches!(
                     (q.qtype, ip),
@@ -494,6 +523,13 @@ impl Engine {
                     None => Target::Unknown,
                 }
             }
+            // RFC 2782 form of a query: `_<name>._tcp.query`.
+            [name, b"_tcp", b"query"] if name.first() == Some(&b'_') => {
+                text(&name[1..]).map_or(Target::Unknown, |n| Target::Query(n.to_string()))
+            }
+            [parts @ .., b"query"] if !parts.is_empty() => {
+                join(parts).map_or(Target::Unknown, Target::Query)
+            }
             [parts @ .., b"node"] if !parts.is_empty() => {
                 join(parts).map_or(Target::Unknown, Target::Node)
             }
@@ -530,7 +566,8 @@ impl Engine {
             Copied::Ready(snap) => match target {
                 Target::Service { name, tag } => {
                     let view = snap.service_ci(name);
-                    self.service_here(q, &snap, view, tag.as_deref(), out, budget, c, s, apex)
+                    let pick = Pick::tag(tag.as_deref());
+                    self.service_here(q, &snap, view, pick, None, out, budget, c, s, apex)
                 }
                 Target::Node(name) => match snap.node(&name) {
                     Some(entry) => self.node(q, &snap, entry, out, c, apex),
@@ -576,8 +613,10 @@ impl Engine {
                             let there = copy.service_ci(name);
                             if there.is_some_and(|v| v.routable_len() > 0) {
                                 elsewhere.failed_over(name, &dc);
-                                return self
-                                    .service_here(q, &copy, there, tag, out, budget, c, s, apex);
+                                let pick = Pick::tag(tag);
+                                return self.service_here(
+                                    q, &copy, there, pick, None, out, budget, c, s, apex,
+                                );
                             }
                         }
                         Copied::Fetching(wait) if s.defer => {
@@ -589,7 +628,66 @@ impl Engine {
                 }
             }
         }
-        self.service_here(q, snap, view, tag, out, budget, c, s, apex)
+        self.service_here(q, snap, view, Pick::tag(tag), None, out, budget, c, s, apex)
+    }
+
+    /// A prepared query (`<name>.query.<domain>`): the instances it admits
+    /// here, or, when none, in the first datacenter it fails over to that
+    /// has some (from that datacenter's copy). No instance anywhere, or no
+    /// such query: NXDOMAIN, as in Consul. `DNS.TTL` overrides the
+    /// service's TTL.
+    #[allow(clippy::too_many_arguments)]
+    fn query(
+        &self,
+        q: &Query,
+        snap: &Snapshot,
+        name: &str,
+        out: &mut Vec<u8>,
+        budget: usize,
+        c: &mut Counts,
+        s: &mut Scratch,
+        apex: usize,
+    ) -> (u8, bool) {
+        let Some(query) = snap.queries.resolve(name) else {
+            return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
+        };
+        let def = query.render(name);
+        let ttl = match def.dns_ttl.as_str() {
+            "" => None,
+            ttl => switchyard_catalog::parse_go_duration(ttl)
+                .ok()
+                .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+        };
+        let service = &def.service;
+        let admits = |view: Option<&Arc<ServiceView>>| {
+            view.is_some_and(|v| v.instances().any(|i| service.admits(i)))
+        };
+        let pick = Pick::Query(service);
+        let view = service.view(snap);
+        if admits(view) {
+            return self.service_here(q, snap, view, pick, ttl, out, budget, c, s, apex);
+        }
+        if let Some(elsewhere) = &self.elsewhere {
+            let lower = service.service.to_ascii_lowercase();
+            for dc in service.failover_targets(&**elsewhere) {
+                match elsewhere.copy(&dc, CopyOf::Service(&lower)) {
+                    Copied::Ready(copy) => {
+                        let there = service.view(&copy);
+                        if admits(there) {
+                            elsewhere.failed_over(&lower, &dc);
+                            return self
+                                .service_here(q, &copy, there, pick, ttl, out, budget, c, s, apex);
+                        }
+                    }
+                    Copied::Fetching(wait) if s.defer => {
+                        s.pending = Some(wait);
+                        return (rcode::SERVFAIL, false);
+                    }
+                    Copied::Fetching(_) | Copied::Unknown | Copied::Full => {}
+                }
+            }
+        }
+        self.negative(q, snap, out, c, apex, rcode::NXDOMAIN)
     }
 
     // The answer engine's per-query state (output, budget, counts, scratch)
@@ -600,7 +698,8 @@ impl Engine {
         q: &Query,
         snap: &Snapshot,
         view: Option<&Arc<ServiceView>>,
-        tag: Option<&str>,
+        pick: Pick<'_>,
+        ttl: Option<u32>,
         out: &mut Vec<u8>,
         budget: usize,
         c: &mut Counts,
@@ -624,18 +723,28 @@ impl Engine {
             let Some(dns) = chunk.extra(self.answers) else {
                 return (rcode::SERVFAIL, true);
             };
-            let positions = match tag {
-                None => chunk.routable(),
-                Some(tag) => chunk.tagged(tag),
+            let wanted_at = |p: u32| {
+                let e = dns.entries.get(p as usize)?;
+                wanted(e.family, e.has_srv()).then(|| position(at, p))
             };
-            tagged |= !positions.is_empty();
-            s.positions
-                .extend(positions.iter().copied().filter_map(|p| {
-                    let e = dns.entries.get(p as usize)?;
-                    wanted(e.family, e.has_srv()).then(|| position(at, p))
-                }));
+            match pick {
+                Pick::Routable => s
+                    .positions
+                    .extend(chunk.routable().iter().copied().filter_map(wanted_at)),
+                Pick::Tag(tag) => {
+                    let positions = chunk.tagged(tag);
+                    tagged |= !positions.is_empty();
+                    s.positions
+                        .extend(positions.iter().copied().filter_map(wanted_at));
+                }
+                Pick::Query(def) => s.positions.extend(
+                    (0..chunk.instances().len() as u32)
+                        .filter(|&p| def.admits(&chunk.instances()[p as usize]))
+                        .filter_map(wanted_at),
+                ),
+            }
         }
-        if let Some(tag) = tag {
+        if let Pick::Tag(tag) = pick {
             if !tagged && !view.has_tag_ci(tag) {
                 return self.negative(q, snap, out, c, apex, rcode::NXDOMAIN);
             }
@@ -717,10 +826,18 @@ impl Engine {
                     }
                 }
                 additional += extra;
+                let at = out.len();
                 out.extend_from_slice(dns.srv(entry));
+                if let Some(ttl) = ttl {
+                    set_ttl(out, at + 2, ttl);
+                }
             } else {
                 push_pointer(out, 12);
+                let at = out.len();
                 out.extend_from_slice(addr);
+                if let Some(ttl) = ttl {
+                    set_ttl(out, at, ttl);
+                }
             }
             c.an += 1;
         }
@@ -735,7 +852,11 @@ impl Engine {
                 // Beyond pointer reach (large TCP answers): write the name out.
                 out.extend_from_slice(&dns.srv(entry)[SRV_TARGET..]);
             }
+            let at = out.len();
             out.extend_from_slice(addr);
+            if let Some(ttl) = ttl {
+                set_ttl(out, at, ttl);
+            }
             c.ar += 1;
         }
         (rcode::NOERROR, true)

@@ -19,6 +19,7 @@ use crate::model::{
 use crate::snapshot::{NodeEntry, ServiceEntry, Snapshot};
 use crate::store::{Loaded, StoreBatch};
 use crate::Decorators;
+use switchyard_catalog::{PreparedQuery, Query};
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
 pub const MAX_OUTPUT_BYTES: usize = 4096;
@@ -116,6 +117,15 @@ pub enum Command {
         node: Name,
         check: Name,
     },
+    /// Store a prepared query: a new one (`create`), or a new definition of
+    /// an existing one (its `CreateIndex` kept).
+    PutQuery {
+        query: PreparedQuery,
+        create: bool,
+    },
+    DeleteQuery {
+        id: Name,
+    },
 }
 
 impl Command {
@@ -141,6 +151,8 @@ impl Command {
             Command::EnsureNode(_) => "ensure_node",
             Command::ExpireTtl { .. } => "ttl_expired",
             Command::ReapCritical { .. } => "reap_critical",
+            Command::PutQuery { .. } => "query_put",
+            Command::DeleteQuery { .. } => "query_delete",
         }
     }
 }
@@ -169,6 +181,8 @@ pub(crate) struct Dirty {
     /// Services whose every chunk is decorated again (the decorators'
     /// settings changed).
     pub(crate) redecorate: HashSet<Name>,
+    /// Prepared queries written or deleted, by ID.
+    pub(crate) queries: HashSet<Name>,
     /// Keys in insertion order, so a refused command's keys can be taken back.
     journal: Vec<DirtyKey>,
 }
@@ -181,6 +195,7 @@ enum DirtyKey {
     Check((Name, Name)),
     Entry(Name),
     Redecorate(Name),
+    Query(Name),
 }
 
 impl Dirty {
@@ -189,6 +204,7 @@ impl Dirty {
             && self.nodes.is_empty()
             && self.endpoints.is_empty()
             && self.checks.is_empty()
+            && self.queries.is_empty()
     }
 
     fn add(&mut self, key: DirtyKey) {
@@ -199,6 +215,7 @@ impl Dirty {
             DirtyKey::Check(k) => self.checks.insert(k.clone()),
             DirtyKey::Entry(k) => self.entries.insert(k.clone()),
             DirtyKey::Redecorate(k) => self.redecorate.insert(k.clone()),
+            DirtyKey::Query(k) => self.queries.insert(k.clone()),
         };
         if new {
             self.journal.push(key);
@@ -220,6 +237,7 @@ impl Dirty {
                 DirtyKey::Check(k) => self.checks.remove(&k),
                 DirtyKey::Entry(k) => self.entries.remove(&k),
                 DirtyKey::Redecorate(k) => self.redecorate.remove(&k),
+                DirtyKey::Query(k) => self.queries.remove(&k),
             };
         }
     }
@@ -319,6 +337,16 @@ impl Catalog {
             entry.index = entry.index.max(check.modify_index);
             entry.checks.insert(check.id.clone(), Arc::new(check));
         }
+        for query in loaded.queries {
+            let id = query.id.clone();
+            snap.queries.index = snap.queries.index.max(query.modify_index);
+            match Query::compile(query) {
+                Ok(query) => snap.queries.insert(Arc::new(query)),
+                Err(e) => {
+                    tracing::error!(query = %id, error = %e, "stored prepared query does not compile; dropped")
+                }
+            }
+        }
         for (name, index) in loaded.service_index {
             let service_entry = snap.service_entry_mut(&name.into());
             service_entry.index = service_entry.index.max(index);
@@ -365,6 +393,77 @@ impl Catalog {
 
     pub(crate) fn index(&self) -> u64 {
         self.snap.index
+    }
+
+    /// Stores a prepared query after Consul's checks against the others: no
+    /// other query has its name (any case) or an ID equal to it, and one
+    /// catch-all template at most.
+    fn put_query(
+        &mut self,
+        mut query: PreparedQuery,
+        create: bool,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let existing = self.snap.queries.get(&query.id).map(|q| q.def.clone());
+        match (&existing, create) {
+            (Some(_), true) => {
+                return Err(RegistryError::Refused(format!(
+                    "prepared query ID '{}' is in use",
+                    query.id
+                )))
+            }
+            (None, false) => {
+                return Err(RegistryError::Refused(format!(
+                    "Cannot modify non-existent prepared query: '{}'",
+                    query.id
+                )))
+            }
+            _ => {}
+        }
+        let lower = query.name.to_ascii_lowercase();
+        if !lower.is_empty() || query.template.is_some() {
+            if let Some(other) = self
+                .snap
+                .queries
+                .named(&lower)
+                .filter(|other| other.def.id != query.id)
+            {
+                return Err(RegistryError::Refused(match lower.is_empty() {
+                    true => "a query template with an empty name already exists".to_string(),
+                    false => format!(
+                        "name '{}' aliases an existing query name ({})",
+                        query.name, other.def.id
+                    ),
+                }));
+            }
+        }
+        if !query.name.is_empty()
+            && query.name != query.id
+            && self.snap.queries.get(&query.name).is_some()
+        {
+            return Err(RegistryError::Refused(format!(
+                "name '{}' aliases an existing query ID",
+                query.name
+            )));
+        }
+        query.create_index = existing.as_ref().map_or(idx, |q| q.create_index);
+        query.modify_index = idx;
+        let compiled = Query::compile(query).map_err(RegistryError::Refused)?;
+        let id: Name = compiled.def.id.as_str().into();
+        self.set_query(&id, Some(Arc::new(compiled)), idx);
+        Ok(true)
+    }
+
+    /// Puts (or, with `None`, removes) a query and marks it dirty.
+    pub(crate) fn set_query(&mut self, id: &Name, query: Option<Arc<Query>>, idx: u64) {
+        match query {
+            Some(query) => self.snap.queries.insert(query),
+            None => {
+                self.snap.queries.remove(id);
+            }
+        }
+        self.snap.queries.index = self.snap.queries.index.max(idx);
+        self.dirty.add(DirtyKey::Query(id.clone()));
     }
 
     /// Applies one command. On error the catalog may be half-changed: the
@@ -550,6 +649,16 @@ impl Catalog {
                 tracing::info!(node = %node, service_id = %id, check = %check.id,
                     "deregistering service critical for longer than deregister_critical_service_after");
                 self.del_endpoint(&node, &id, idx)
+            }
+            Command::PutQuery { query, create } => self.put_query(query, create, idx)?,
+            Command::DeleteQuery { id } => {
+                if self.snap.queries.get(&id).is_none() {
+                    return Err(RegistryError::Refused(format!(
+                        "Cannot delete non-existent prepared query: '{id}'"
+                    )));
+                }
+                self.set_query(&id, None, idx);
+                true
             }
         };
         if changed {
@@ -1167,6 +1276,10 @@ impl Catalog {
             batch
                 .entries
                 .push((node.clone(), self.snap.nodes.contains_key(node)));
+        }
+        for id in &dirty.queries {
+            let query = self.snap.queries.get(id).map(|q| q.def.clone());
+            batch.queries.push((id.clone(), query));
         }
         batch.tables = [
             !dirty.endpoints.is_empty(),

@@ -14,6 +14,10 @@ pub enum RegistryError {
     /// A TTL update on a check without a TTL (HTTP 500, Consul's text).
     #[error("{0}")]
     NotTtl(String),
+    /// A write refused the way Consul refuses it, with HTTP 500 and its
+    /// text (a prepared query whose name clashes with another's).
+    #[error("{0}")]
+    Refused(String),
     /// The change could not be made durable; nothing was applied.
     #[error("store failure: {0}")]
     Store(#[from] StoreError),

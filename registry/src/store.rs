@@ -18,6 +18,7 @@ pub use etcd::{EtcdOptions, EtcdStore};
 
 use crate::error::StoreError;
 use crate::model::{unix_ms, Check, Endpoint, Name, Node};
+use switchyard_catalog::PreparedQuery;
 
 /// A record keyed by `(node, id)`, or `None` for a deletion.
 pub type Keyed<T> = ((Name, Name), Option<Arc<T>>);
@@ -30,6 +31,8 @@ pub struct StoreBatch {
     pub nodes: Vec<(Name, Option<Arc<Node>>)>,
     pub endpoints: Vec<Keyed<Endpoint>>,
     pub checks: Vec<Keyed<Check>>,
+    /// Prepared queries by ID.
+    pub queries: Vec<(Name, Option<Arc<PreparedQuery>>)>,
     /// Last change index per service, kept for services that no longer exist.
     pub service_index: Vec<(Name, u64)>,
     /// The catalog index this batch was built on. A shared store commits only
@@ -54,7 +57,7 @@ pub struct StoreBatch {
 
 impl StoreBatch {
     pub fn len(&self) -> usize {
-        self.nodes.len() + self.endpoints.len() + self.checks.len()
+        self.nodes.len() + self.endpoints.len() + self.checks.len() + self.queries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -69,6 +72,7 @@ pub struct Loaded {
     pub nodes: Vec<Node>,
     pub endpoints: Vec<Endpoint>,
     pub checks: Vec<Check>,
+    pub queries: Vec<PreparedQuery>,
     pub service_index: Vec<(String, u64)>,
     /// Last change index per node entry (a shared store keeps them so that a
     /// freshly started agent reports the same indexes as one that watched).
@@ -108,6 +112,8 @@ pub enum Record {
     Node(Name, Option<Box<Node>>),
     Endpoint((Name, Name), Option<Box<Endpoint>>),
     Check((Name, Name), Option<Box<Check>>),
+    /// A prepared query, by ID.
+    Query(Name, Option<Box<PreparedQuery>>),
     /// A TTL check was renewed (its clock restarts on every agent).
     Ttl((Name, Name), Duration),
     /// The catalog changed at this revision (every catalog write carries it),

@@ -18,6 +18,8 @@ use crate::model::Name;
 pub enum WatchKey<'a> {
     Service(&'a str),
     Node(&'a str),
+    /// A prepared query's definition, by ID.
+    Query(&'a str),
 }
 
 #[derive(Default)]
@@ -57,6 +59,7 @@ impl Keyed {
 pub(crate) struct Watchers {
     services: Mutex<Keyed>,
     nodes: Mutex<Keyed>,
+    queries: Mutex<Keyed>,
 }
 
 impl Watchers {
@@ -72,11 +75,22 @@ impl Watchers {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(name),
+            WatchKey::Query(id) => self
+                .queries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(id),
         }
     }
 
-    /// Wakes the waiters of every touched service and node.
-    pub(crate) fn notify(&self, services: &[Name], nodes: &[Name]) {
+    /// Wakes the waiters of every touched service, node and query.
+    pub(crate) fn notify(&self, services: &[Name], nodes: &[Name], queries: &[Name]) {
+        if !queries.is_empty() {
+            self.queries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .notify(queries.iter());
+        }
         if !services.is_empty() {
             self.services
                 .lock()

@@ -507,13 +507,15 @@ impl<S: Store> Writer<S> {
         let dirty = &self.catalog.dirty;
         let touched_services: Vec<Name> = dirty.services.iter().cloned().collect();
         let touched_nodes: Vec<Name> = dirty.entries.union(&dirty.nodes).cloned().collect();
+        let touched_queries: Vec<Name> = dirty.queries.iter().cloned().collect();
         let started = Instant::now();
         let snapshot = self.catalog.publish();
         self.metrics.observe_snapshot(&snapshot);
         let index = snapshot.index;
         self.snapshot.store(Arc::new(snapshot));
         self.index_tx.send_replace(index);
-        self.watchers.notify(&touched_services, &touched_nodes);
+        self.watchers
+            .notify(&touched_services, &touched_nodes, &touched_queries);
         self.metrics
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());

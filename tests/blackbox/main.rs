@@ -14,6 +14,7 @@ mod house;
 mod lifecycle;
 mod operator;
 mod proxy;
+mod queries;
 mod readme;
 mod registry_api;
 mod restart;

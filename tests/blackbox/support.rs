@@ -324,6 +324,14 @@ impl Client {
         )
     }
 
+    pub(crate) fn post(&self, path: &str, body: &str) -> Answer {
+        Self::answer(
+            self.with_token(Self::agent().post(format!("{}{path}", self.base)))
+                .header("Content-Type", "application/json")
+                .send(body),
+        )
+    }
+
     pub(crate) fn delete(&self, path: &str) -> Answer {
         Self::answer(
             self.with_token(Self::agent().delete(format!("{}{path}", self.base)))

@@ -639,26 +639,32 @@ pub(super) fn health_entries<'a>(
             if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
                 continue;
             }
-            let mut checks = Vec::with_capacity(instance.checks.len() + 1);
-            if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
-                checks.push(CheckOut::serf_health(&instance.node));
-            }
-            for check in instance.checks.iter() {
-                let tags: &[String] = if check.is_node_level() {
-                    &[]
-                } else {
-                    &instance.endpoint.tags
-                };
-                checks.push(CheckOut::new(check, tags));
-            }
-            out.push(ServiceEntryOut {
-                node: NodeOut::new(&instance.node, dc),
-                service: ServiceOut::new(&instance.endpoint, dc),
-                checks,
-            });
+            out.push(health_entry(instance, dc));
         }
     }
     out
+}
+
+/// One instance as `/v1/health/service` (and a prepared query's
+/// `execute`) shows it, in datacenter `dc`.
+pub(super) fn health_entry<'a>(instance: &'a Instance, dc: &'a str) -> ServiceEntryOut<'a> {
+    let mut checks = Vec::with_capacity(instance.checks.len() + 1);
+    if !instance.checks.iter().any(|c| &*c.id == NODE_HEALTH_CHECK) {
+        checks.push(CheckOut::serf_health(&instance.node));
+    }
+    for check in instance.checks.iter() {
+        let tags: &[String] = if check.is_node_level() {
+            &[]
+        } else {
+            &instance.endpoint.tags
+        };
+        checks.push(CheckOut::new(check, tags));
+    }
+    ServiceEntryOut {
+        node: NodeOut::new(&instance.node, dc),
+        service: ServiceOut::new(&instance.endpoint, dc),
+        checks,
+    }
 }
 
 pub(super) async fn health_checks(

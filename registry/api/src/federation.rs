@@ -39,6 +39,7 @@ fn forwardable(path: &str) -> bool {
         "/v1/catalog/",
         "/v1/health/",
         "/v1/status/",
+        "/v1/query",
         "/v1/switchyard/services",
     ]
     .iter()

@@ -15,6 +15,7 @@ mod federation;
 pub mod fuzzing;
 mod limits;
 mod native;
+mod query;
 mod render;
 pub mod serve;
 pub mod tls;
@@ -364,6 +365,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/health/state/{state}", reads(get(consul::health_state)))
         .route("/v1/health/node/{*name}", reads(get(consul::health_node)))
+        .route("/v1/query", register(get(query::list).post(query::create)))
+        .route(
+            "/v1/query/{id}",
+            register(get(query::read).put(query::update).delete(query::delete)),
+        )
+        .route("/v1/query/{id}/execute", reads(get(query::execute)))
+        .route("/v1/query/{id}/explain", reads(get(query::explain)))
         .route("/v1/status/leader", reads(get(consul::status_leader)))
         .route("/v1/status/peers", reads(get(consul::status_peers)))
         .route("/v1/switchyard/status", reads(get(native::status)))
@@ -596,7 +604,9 @@ impl From<RegistryError> for ApiError {
         let status = match &err {
             RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-            RegistryError::NotTtl(_) | RegistryError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RegistryError::NotTtl(_) | RegistryError::Refused(_) | RegistryError::Store(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             RegistryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, err.to_string())

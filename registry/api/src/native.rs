@@ -347,6 +347,7 @@ fn instance_json(i: &Instance) -> serde_json::Value {
         "id": &*i.endpoint.id,
         "node": &*i.node.name,
         "node_address": i.node.address,
+        "node_meta": i.node.meta,
         "address": i.address(),
         "port": i.endpoint.port,
         "tags": i.endpoint.tags,

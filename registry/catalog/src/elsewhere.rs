@@ -44,6 +44,14 @@ pub trait Elsewhere: Failover + Send + Sync {
     /// The copy of `of` in `dc`: made (and its watch started) at the first
     /// ask, kept while asked for.
     fn copy(&self, dc: &str, of: CopyOf<'_>) -> Copied;
+
+    /// `dc`'s copies as they are, without asking for anything (none: not a
+    /// datacenter this agent knows).
+    fn peek(&self, dc: &str) -> Option<Arc<Snapshot>>;
+
+    /// Notified (`notify_waiters`) whenever any copy changes: a blocking
+    /// read that answered from copies waits on it.
+    fn changed(&self) -> &tokio::sync::Notify;
 }
 
 /// Where services fail over to, and the record of those that do.

@@ -15,6 +15,7 @@ pub mod duration;
 pub mod elsewhere;
 pub mod load;
 pub mod model;
+pub mod query;
 pub mod report;
 pub mod snapshot;
 pub mod thread_policy;
@@ -31,6 +32,9 @@ pub use model::{
     clip, clip_point, node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name,
     Node, Status, TaggedAddress, Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
+};
+pub use query::{
+    PreparedQuery, Queries, Query, QueryFailover, QueryService, QueryTemplate, NAME_PREFIX_MATCH,
 };
 pub use report::{HealthReports, Reported};
 pub use snapshot::{

@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub aliases: PMap<Name, Name>,
     pub tables: TableIndexes,
     pub counts: StateCounts,
+    /// Prepared queries, with the index of their last change.
+    pub queries: crate::query::Queries,
 }
 
 /// Everything kept per service name, in one map entry so that a change costs

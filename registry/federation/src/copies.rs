@@ -24,7 +24,10 @@ use switchyard_catalog::{
     needs_failover, node_uuid, Copied, CopyOf, Decorators, Elsewhere, Failover, Name, Snapshot,
     Weights,
 };
-use switchyard_registry::{Batch, Command, Endpoint, MemoryStore, Node, Registry, RegistryMetrics};
+use switchyard_registry::{
+    Batch, Check, CheckKind, Command, Endpoint, MemoryStore, NewCheck, Node, Registry,
+    RegistryMetrics, Status,
+};
 use tokio::sync::watch;
 
 use crate::Federation;
@@ -46,6 +49,8 @@ pub struct Copies {
     /// again.
     local: Arc<ArcSwap<Snapshot>>,
     min_healthy: f64,
+    /// Woken after every change to any copy.
+    changed: tokio::sync::Notify,
 }
 
 struct DcCopies {
@@ -117,6 +122,7 @@ impl Copies {
             local,
             min_healthy,
             max_copies,
+            changed: tokio::sync::Notify::new(),
         });
         if !copies.dcs.is_empty() {
             tokio::spawn(copies.clone().expire());
@@ -301,20 +307,25 @@ impl Copies {
                 continue;
             };
             let mut now: HashSet<(Name, Name)> = HashSet::new();
-            for e in service.endpoints.into_iter().filter(|e| e.routable) {
+            for mut e in service.endpoints.into_iter().filter(|e| e.routable) {
                 let node_address = e.node_address.clone().unwrap_or_else(|| e.address.clone());
                 // A node the copy has at that address stays as it is (its
                 // meta, when a node watch copied it).
                 let known = copy
                     .node(&e.node)
                     .is_some_and(|n| n.node.address == node_address);
+                let known = known
+                    && (e.node_meta.is_empty()
+                        || copy
+                            .node(&e.node)
+                            .is_some_and(|n| n.node.meta == e.node_meta));
                 if !known && node_names.insert(e.node.clone()) {
-                    batch
-                        .nodes
-                        .push(node(&e.node, node_address, Default::default()));
+                    let meta = std::mem::take(&mut e.node_meta);
+                    batch.nodes.push(node(&e.node, node_address, meta));
                 }
                 now.insert((e.node.as_str().into(), e.id.as_str().into()));
-                batch.endpoints.push((endpoint(&name, e), Vec::new()));
+                let checks = health_check(&dc.name, &name, &e).into_iter().collect();
+                batch.endpoints.push((endpoint(&name, e), checks));
             }
             if let Some(view) = copy.service(&name) {
                 batch.deregister_endpoints.extend(
@@ -333,6 +344,7 @@ impl Copies {
             watched.index.store(index.max(1), Ordering::Relaxed);
             watched.fetched.send_replace(true);
         }
+        self.changed.notify_waiters();
     }
 
     /// Drops the copies nobody asked for within `expiry`: their watches
@@ -512,6 +524,14 @@ impl Elsewhere for Copies {
         });
         Copied::Fetching(wait)
     }
+
+    fn peek(&self, dc: &str) -> Option<Arc<Snapshot>> {
+        self.dc(dc).map(|(_, copies)| copies.registry.snapshot())
+    }
+
+    fn changed(&self) -> &tokio::sync::Notify {
+        &self.changed
+    }
 }
 
 /// `/v1/switchyard/watch`'s answer: the names whose index moved.
@@ -571,12 +591,46 @@ fn endpoint(service: &str, e: EndpointIn) -> Endpoint {
     }
 }
 
+/// The check that carries a copied endpoint's health there (passing or
+/// warning: copies hold routable endpoints only), so that a prepared
+/// query's `OnlyPassing` reads copies as it reads ours. (Every copied
+/// endpoint has it: a batch keeps checks it does not name, so a check only
+/// for warnings would outlive the warning.)
+fn health_check(dc: &str, service: &str, e: &EndpointIn) -> Option<NewCheck> {
+    let status = e.health.as_deref().and_then(Status::parse)?;
+    Some(NewCheck {
+        check: Check {
+            node: e.node.as_str().into(),
+            id: REMOTE_HEALTH.into(),
+            name: format!("Health in datacenter {dc}"),
+            status,
+            notes: String::new(),
+            output: String::new(),
+            service_id: e.id.clone(),
+            service_name: service.to_string(),
+            kind: CheckKind::None,
+            definition: Default::default(),
+            status_since_ms: 0,
+            create_index: 0,
+            modify_index: 0,
+        },
+        status_given: true,
+    })
+}
+
+/// The ID of a copied endpoint's health check (see `health_check`).
+const REMOTE_HEALTH: &str = "switchyard:remote-health";
+
 #[derive(Debug, Deserialize)]
 struct EndpointIn {
     id: String,
     node: String,
     #[serde(default)]
     node_address: Option<String>,
+    #[serde(default)]
+    node_meta: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    health: Option<String>,
     address: String,
     port: u16,
     #[serde(default)]

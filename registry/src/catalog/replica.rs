@@ -13,6 +13,7 @@ use super::{Catalog, DirtyKey};
 use crate::model::{Check, Endpoint, Name, Node};
 use crate::snapshot::{NodeEntry, Snapshot};
 use crate::store::Record;
+use switchyard_catalog::{PreparedQuery, Query};
 
 impl Catalog {
     /// Applies one revision's records. Returns the TTL checks it renewed.
@@ -35,6 +36,7 @@ impl Catalog {
                 // Each agent restarts the clock with the TTL in the check's definition.
                 Record::Ttl(key, _) => renewed.push(key),
                 Record::Index { .. } => catalog_changed = true,
+                Record::Query(id, query) => self.replace_query(&id, query, revision),
                 deletion => deletions.push(deletion),
             }
         }
@@ -68,6 +70,19 @@ impl Catalog {
         }
         renewed.retain(|(node, id)| self.get_check(node, id).is_some());
         renewed
+    }
+
+    /// A query as committed (compiled again: a definition that no longer
+    /// compiles is dropped, loudly).
+    fn replace_query(&mut self, id: &Name, query: Option<Box<PreparedQuery>>, revision: u64) {
+        let compiled = query.and_then(|q| match Query::compile(*q) {
+            Ok(q) => Some(Arc::new(q)),
+            Err(e) => {
+                tracing::error!(query = %id, error = %e, "replicated prepared query does not compile; dropped");
+                None
+            }
+        });
+        self.set_query(id, compiled, revision);
     }
 
     fn replace_node(&mut self, node: Node, revision: u64) {
@@ -150,6 +165,15 @@ impl Catalog {
             .collect();
         for service in services {
             self.dirty.add(DirtyKey::Service(service));
+        }
+        let queries: Vec<Name> = old
+            .queries
+            .iter()
+            .chain(self.snap.queries.iter())
+            .map(|q| q.def.id.as_str().into())
+            .collect();
+        for id in queries {
+            self.dirty.add(DirtyKey::Query(id));
         }
         for snap in [old, &self.snap.clone()] {
             for (name, entry) in snap.nodes.iter() {

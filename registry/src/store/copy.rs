@@ -135,6 +135,7 @@ fn write(db: &Database, mut updates: Vec<Update>) -> Result<(u64, u64), StoreErr
                     batch.endpoints.push((key, endpoint.map(Arc::from)))
                 }
                 Record::Check(key, check) => batch.checks.push((key, check.map(Arc::from))),
+                Record::Query(id, query) => batch.queries.push((id, query.map(Arc::from))),
                 Record::Ttl(..) | Record::Index { .. } => {}
             }
         }

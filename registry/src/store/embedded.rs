@@ -17,6 +17,7 @@ use crate::error::StoreError;
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
 const CHECKS: TableDefinition<&str, &[u8]> = TableDefinition::new("checks");
+const QUERIES: TableDefinition<&str, &[u8]> = TableDefinition::new("queries");
 const SERVICE_INDEX: TableDefinition<&str, u64> = TableDefinition::new("service_index");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_KEY: &str = "index";
@@ -102,6 +103,7 @@ pub(super) fn load_db(db: &Database) -> Result<Loaded, StoreError> {
         nodes: load_table(&txn, NODES)?,
         endpoints: load_table(&txn, ENDPOINTS)?,
         checks: load_table(&txn, CHECKS)?,
+        queries: load_table(&txn, QUERIES)?,
         ..Loaded::default()
     };
     match txn.open_table(SERVICE_INDEX) {
@@ -138,7 +140,7 @@ pub(super) fn replace_blocking(
 ) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io)?;
     {
-        for table in [NODES, ENDPOINTS, CHECKS] {
+        for table in [NODES, ENDPOINTS, CHECKS, QUERIES] {
             txn.delete_table(table).map_err(io)?;
         }
         txn.delete_table(SERVICE_INDEX).map_err(io)?;
@@ -160,6 +162,12 @@ pub(super) fn replace_blocking(
             let key = pair_key(&check.node, &check.id);
             checks
                 .insert(key.as_str(), encode(check)?.as_slice())
+                .map_err(io)?;
+        }
+        let mut queries = txn.open_table(QUERIES).map_err(io)?;
+        for query in &loaded.queries {
+            queries
+                .insert(query.id.as_str(), encode(query)?.as_slice())
                 .map_err(io)?;
         }
         let mut service_index = txn.open_table(SERVICE_INDEX).map_err(io)?;
@@ -212,6 +220,16 @@ pub(super) fn commit_with(
                 None => checks.remove(key.as_str()),
             }
             .map_err(io)?;
+        }
+        if !batch.queries.is_empty() {
+            let mut queries = txn.open_table(QUERIES).map_err(io)?;
+            for (id, query) in &batch.queries {
+                match query {
+                    Some(query) => queries.insert(&**id, encode(&**query)?.as_slice()),
+                    None => queries.remove(&**id),
+                }
+                .map_err(io)?;
+            }
         }
         let mut service_index = txn.open_table(SERVICE_INDEX).map_err(io)?;
         for (name, index) in &batch.service_index {

@@ -36,6 +36,7 @@ use super::copy::{keep, LocalCopy, Update};
 use super::{Change, Committed, Loaded, Record, Store, StoreBatch, StoreStatus};
 use crate::error::StoreError;
 use crate::model::{Check, Endpoint, Name, Node};
+use switchyard_catalog::PreparedQuery;
 
 /// Largest gRPC message accepted from etcd (a full read is paged well below).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -143,6 +144,7 @@ enum Parsed<'a> {
     Node(&'a str),
     Endpoint(&'a str, &'a str),
     Check(&'a str, &'a str),
+    Query(&'a str),
     Ttl(&'a str, &'a str),
     Index,
     Service(&'a str),
@@ -191,6 +193,7 @@ impl Keys {
         let pair = || name.split_once('\0');
         Some(match kind {
             "node" => Parsed::Node(name),
+            "query" => Parsed::Query(name),
             "endpoint" => pair().map(|(n, i)| Parsed::Endpoint(n, i))?,
             "check" => pair().map(|(n, i)| Parsed::Check(n, i))?,
             "ttl" => pair().map(|(n, i)| Parsed::Ttl(n, i))?,
@@ -238,6 +241,11 @@ fn put_record(keys: &Keys, kv: &KeyValue) -> Result<Option<Record>, StoreError> 
             let key = (check.node.clone(), check.id.clone());
             Record::Check(key, Some(Box::new(check)))
         }
+        Some(Parsed::Query(id)) => {
+            let mut query: PreparedQuery = decode(kv)?;
+            (query.create_index, query.modify_index) = (create, modify);
+            Record::Query(id.into(), Some(Box::new(query)))
+        }
         Some(Parsed::Ttl(node, id)) => {
             let ms: u64 = decode(kv)?;
             Record::Ttl((node.into(), id.into()), Duration::from_millis(ms))
@@ -259,6 +267,7 @@ fn delete_record(keys: &Keys, key: &[u8]) -> Option<Record> {
         Parsed::Node(name) => Record::Node(name.into(), None),
         Parsed::Endpoint(n, i) => Record::Endpoint(pair(n, i), None),
         Parsed::Check(n, i) => Record::Check(pair(n, i), None),
+        Parsed::Query(id) => Record::Query(id.into(), None),
         _ => return None,
     })
 }
@@ -373,6 +382,13 @@ impl EtcdStore {
                     ops.push(TxnOp::delete(keys.pair("ttl", node, id), None));
                 }
             }
+        }
+        for (id, query) in &batch.queries {
+            let key = keys.key("query", id);
+            ops.push(match query {
+                Some(query) => TxnOp::put(key, encode(&**query)?, None),
+                None => TxnOp::delete(key, None),
+            });
         }
         for ((node, id), ttl) in &batch.ttl_renewals {
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
@@ -820,6 +836,7 @@ async fn read_all(client: &Client, keys: &Keys) -> Result<(Loaded, u64), StoreEr
                     Ok(Some(Record::Node(_, Some(node)))) => loaded.nodes.push(*node),
                     Ok(Some(Record::Endpoint(_, Some(e)))) => loaded.endpoints.push(*e),
                     Ok(Some(Record::Check(_, Some(c)))) => loaded.checks.push(*c),
+                    Ok(Some(Record::Query(_, Some(q)))) => loaded.queries.push(*q),
                     Ok(Some(Record::Index { .. })) => loaded.index = modify,
                     Ok(_) => {}
                     Err(err) => tracing::error!(%err, "skipping an undecodable record in etcd"),
