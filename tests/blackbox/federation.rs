@@ -890,6 +890,21 @@ fn a_datacenter_of_two_agents_on_etcd_is_asked_through_either() {
     };
     let (a, b) = (agent("dc2-a"), agent("dc2-b"));
     register_at(&a.client(), "web", "web-1", "10.0.0.1", &[], false);
+    // A prepared query made through one agent executes through the other.
+    let made = a.client().post(
+        "/v1/query",
+        &json!({"Name": "web-q", "Service": {"Service": "web"}}).to_string(),
+    );
+    assert_eq!(made.status, 200, "{}", made.body);
+    eventually(
+        "the query through dc2's other agent",
+        Duration::from_secs(10),
+        || {
+            let answer = b.client().get("/v1/query/web-q/execute");
+            (answer.status == 200 && answer.json()["Nodes"][0]["Service"]["ID"] == "web-1")
+                .then_some(())
+        },
+    );
     let dc1 = start_dc(
         scratch.path(),
         "dc1",
@@ -1042,4 +1057,151 @@ fn a_route_added_by_a_reload_fails_over_to_a_copy_made_before_it() {
         },
     );
     assert_eq!(answer.body, "remote");
+}
+
+/// `execute` of prepared query `name` at `c`: (datacenter, failovers,
+/// service IDs sorted, index).
+fn execute(c: &Client, path: &str) -> (String, u64, Vec<String>, u64) {
+    let answer = c.get_ok(path);
+    let body = answer.json();
+    let mut ids: Vec<String> = body["Nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("Nodes: {body}"))
+        .iter()
+        .map(|n| n["Service"]["ID"].as_str().expect("id").to_string())
+        .collect();
+    ids.sort();
+    (
+        body["Datacenter"].as_str().expect("dc").to_string(),
+        body["Failovers"].as_u64().expect("failovers"),
+        ids,
+        answer.index,
+    )
+}
+
+#[test]
+fn prepared_queries_fail_over_and_a_blocking_execute_wakes_on_it() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dc2 = start_dc(scratch.path(), "dc2", "");
+    let dc3 = start_dc(scratch.path(), "dc3", "");
+    register_at(&dc2.client(), "db", "db-2", "10.0.2.1", &["primary"], false);
+    register_at(&dc3.client(), "db", "db-3", "10.0.3.1", &["primary"], false);
+    register_at(
+        &dc3.client(),
+        "db",
+        "db-3-replica",
+        "10.0.3.9",
+        &["replica"],
+        false,
+    );
+    let dc1 = start_dc(
+        scratch.path(),
+        "dc1",
+        &format!(
+            "[federation]\nprobe_interval = \"200ms\"\nconnect_timeout = \"500ms\"\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{}\"]\n\
+             [[federation.datacenters]]\nname = \"dc3\"\napi = [\"{}\"]\n",
+            host_port(&dc2),
+            host_port(&dc3)
+        ),
+    );
+    let c = dc1.client();
+    register_at(&c, "db", "db-1", "10.0.1.1", &["primary"], true);
+    c.put_ok("/v1/agent/check/pass/service:db-1", "");
+    wait_reachable(&c, "dc2");
+    wait_reachable(&c, "dc3");
+    let made = c.post(
+        "/v1/query",
+        &json!({"Name": "db-any", "Service": {"Service": "db", "Tags": ["primary"],
+            "Failover": {"Datacenters": ["dc3", "dc2"]}}})
+        .to_string(),
+    );
+    assert_eq!(made.status, 200, "{}", made.body);
+    let path = "/v1/query/db-any/execute";
+    let (dc, failovers, ids, index) = execute(&c, path);
+    assert_eq!(
+        (dc.as_str(), failovers, ids),
+        ("dc1", 0, vec!["db-1".to_string()])
+    );
+
+    // A blocking execute wakes the moment ours fail: answered from dc3.
+    let (base, wait) = (c.clone(), format!("{path}?index={index}&wait=30s"));
+    let waiter = std::thread::spawn(move || execute(&base, &wait));
+    c.put_ok("/v1/agent/check/fail/service:db-1", "");
+    let (dc, failovers, ids, index) = waiter.join().expect("waiter");
+    assert_eq!(
+        (dc.as_str(), failovers, ids),
+        ("dc3", 1, vec!["db-3".to_string()]),
+        "the first listed, its tags applied"
+    );
+    assert_eq!(
+        a_records(dc1.dns, "db-any.query.consul"),
+        vec![ip("10.0.3.1")],
+        "DNS answers the same"
+    );
+    // A change there while failed over wakes it too.
+    let (base, wait) = (c.clone(), format!("{path}?index={index}&wait=30s"));
+    let waiter = std::thread::spawn(move || execute(&base, &wait));
+    register_at(
+        &dc3.client(),
+        "db",
+        "db-3b",
+        "10.0.3.2",
+        &["primary"],
+        false,
+    );
+    let (dc, _, ids, _) = waiter.join().expect("waiter");
+    assert_eq!(dc, "dc3");
+    assert_eq!(ids, ["db-3", "db-3b"]);
+
+    // NearestN: one of the others, whichever is nearer.
+    let made = c.post(
+        "/v1/query",
+        &json!({"Name": "db-near", "Service": {"Service": "db", "Tags": ["primary"],
+            "Failover": {"NearestN": 1}}})
+        .to_string(),
+    );
+    assert_eq!(made.status, 200, "{}", made.body);
+    let (dc, failovers, _, _) = execute(&c, "/v1/query/db-near/execute");
+    assert!(dc == "dc2" || dc == "dc3", "{dc}");
+    assert_eq!(failovers, 1);
+    // Without failover: an empty answer, here.
+    let made = c.post(
+        "/v1/query",
+        &json!({"Name": "db-here", "Service": {"Service": "db"}}).to_string(),
+    );
+    assert_eq!(made.status, 200, "{}", made.body);
+    let (dc, failovers, ids, _) = execute(&c, "/v1/query/db-here/execute");
+    assert_eq!(
+        (dc.as_str(), failovers, ids),
+        ("dc1", 0, Vec::<String>::new())
+    );
+    let none = udp(dc1.dns, "db-here.query.consul", RecordType::A);
+    assert_eq!(none.metadata.response_code, ResponseCode::NXDomain);
+
+    // dc3 gone: failover skips it once it is seen out of reach.
+    dc3.kill9();
+    eventually("db-any fails over to dc2", Duration::from_secs(10), || {
+        let (dc, failovers, ids, _) = execute(&c, path);
+        (dc == "dc2" && failovers == 1 && ids == ["db-2"]).then_some(())
+    });
+    assert_eq!(
+        a_records(dc1.dns, "db-any.query.consul"),
+        vec![ip("10.0.2.1")]
+    );
+
+    // Ours recover: a blocking execute learns of it, answered here again.
+    let (_, _, _, index) = execute(&c, path);
+    let (base, wait) = (c.clone(), format!("{path}?index={index}&wait=30s"));
+    let waiter = std::thread::spawn(move || execute(&base, &wait));
+    c.put_ok("/v1/agent/check/pass/service:db-1", "");
+    let (dc, failovers, ids, _) = waiter.join().expect("waiter");
+    assert_eq!(
+        (dc.as_str(), failovers, ids),
+        ("dc1", 0, vec!["db-1".to_string()])
+    );
+    assert_eq!(
+        a_records(dc1.dns, "db-any.query.consul"),
+        vec![ip("10.0.1.1")]
+    );
 }
