@@ -1179,12 +1179,32 @@ fn prepared_queries_fail_over_and_a_blocking_execute_wakes_on_it() {
     let none = udp(dc1.dns, "db-here.query.consul", RecordType::A);
     assert_eq!(none.metadata.response_code, ResponseCode::NXDomain);
 
-    // dc3 gone: failover skips it once it is seen out of reach.
-    dc3.kill9();
-    eventually("db-any fails over to dc2", Duration::from_secs(10), || {
-        let (dc, failovers, ids, _) = execute(&c, path);
-        (dc == "dc2" && failovers == 1 && ids == ["db-2"]).then_some(())
+    // dc3 gone: failover skips it once it is seen out of reach, and a
+    // blocking execute learns of that too (its wait is a minute: an answer
+    // well before shows it was woken).
+    let (_, _, _, index) = execute(&c, path);
+    let (base, path_) = (c.clone(), path.to_string());
+    let waiter = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let mut index = index;
+        loop {
+            let got = execute(&base, &format!("{path_}?index={index}&wait=60s"));
+            if got.0 != "dc3" || started.elapsed() > Duration::from_secs(60) {
+                return (got, started.elapsed());
+            }
+            index = got.3;
+        }
     });
+    dc3.kill9();
+    let ((dc, failovers, ids, _), took) = waiter.join().expect("waiter");
+    assert_eq!(
+        (dc.as_str(), failovers, ids),
+        ("dc2", 1, vec!["db-2".to_string()])
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "woken, not timed out: {took:?}"
+    );
     assert_eq!(
         a_records(dc1.dns, "db-any.query.consul"),
         vec![ip("10.0.2.1")]

@@ -3,10 +3,16 @@
 //!
 //! Unlike Consul, `execute` is a blocking query: with `?index=` it answers
 //! when its answer may have changed: the query's definition, its service
-//! here, or the copy of its service in a datacenter it fails over to. Its
-//! index is the sum of those three indexes (each only grows), so it moves
-//! whenever any of them does, the moment a failover starts or ends
-//! included. Failover reads the other datacenters' copies
+//! here, or the copy of its service in another datacenter. Its index is
+//! the larger of the query's and the service's indexes here (both from our
+//! catalog's counter: whichever changed last is the larger, so it moves
+//! when either does) plus the service's index in each datacenter's copy
+//! (each its own counter, summed) plus the number of times a datacenter
+//! came into or went out of reach (failover skips those out of reach). It moves whenever one of them does, the
+//! moment a failover starts or ends included. It can only go back when a
+//! new definition names another service; the wait ends whenever the index
+//! differs from the one held, so a watcher then starts over, as Consul's
+//! clients do when an index goes back. Failover reads the other datacenters' copies
 //! (`switchyard-federation`): the same ones DNS and the proxy fail over
 //! with, so the three agree on where a service is served from.
 
@@ -359,25 +365,26 @@ async fn run(state: &ApiState, def: &QueryService, query_index: u64) -> Answer {
     let mut answer = Answer {
         dc: state.agent.datacenter.clone(),
         failovers: 0,
-        index: query_index + local_index,
+        index: query_index.max(local_index),
         snap: local.clone(),
     };
     let Some(elsewhere) = &state.copies else {
         return answer;
     };
-    let targets = def.failover_targets(&**elsewhere);
     let lower = def.service.to_ascii_lowercase();
-    // Every target's copy counts in the index, whether it answered or not:
-    // the sum never loses a term.
-    let copy_index = |dc: &str| {
-        elsewhere
-            .peek(dc)
-            .map_or(0, |snap| snap.service_index(&lower))
-    };
+    // Every other datacenter's copy counts, failed over to or not, in reach
+    // or not: the sum never loses a term.
+    answer.index += elsewhere
+        .datacenters()
+        .iter()
+        .filter_map(|dc| elsewhere.peek(dc))
+        .map(|copy| copy.service_index(&lower))
+        .sum::<u64>()
+        + elsewhere.reach_changes();
     if !def.select(here).is_empty() {
-        answer.index += targets.iter().map(|dc| copy_index(dc)).sum::<u64>();
         return answer;
     }
+    let targets = def.failover_targets(&**elsewhere);
     let mut found = None;
     for (tried, dc) in targets.iter().enumerate() {
         if found.is_some() {
@@ -395,7 +402,8 @@ async fn run(state: &ApiState, def: &QueryService, query_index: u64) -> Answer {
             }
         }
     }
-    answer.index += targets.iter().map(|dc| copy_index(dc)).sum::<u64>();
+    // Copies made by this execution count from the next one on; the
+    // index may only grow meanwhile.
     match found {
         Some((failovers, dc, snap)) => Answer {
             snap,
@@ -466,7 +474,7 @@ pub(super) async fn execute(
         let answer = run(&state, &def.service, query.def.modify_index).await;
         let index = answer.index.max(1);
         let over = Instant::now() >= deadline || *shutdown.borrow();
-        if opts.index == 0 || index > opts.index || over {
+        if opts.index == 0 || index != opts.index || over {
             return respond(&state, &def, answer, &exec, &opts);
         }
         if guard.is_none() {

@@ -45,13 +45,21 @@ pub trait Elsewhere: Failover + Send + Sync {
     /// ask, kept while asked for.
     fn copy(&self, dc: &str, of: CopyOf<'_>) -> Copied;
 
+    /// Every other datacenter this agent knows, lower case.
+    fn datacenters(&self) -> Vec<String>;
+
     /// `dc`'s copies as they are, without asking for anything (none: not a
     /// datacenter this agent knows).
     fn peek(&self, dc: &str) -> Option<Arc<Snapshot>>;
 
-    /// Notified (`notify_waiters`) whenever any copy changes: a blocking
-    /// read that answered from copies waits on it.
+    /// Notified (`notify_waiters`) whenever any copy changes or a
+    /// datacenter comes into or goes out of reach: a blocking read whose
+    /// answer may fail over waits on it.
     fn changed(&self) -> &tokio::sync::Notify;
+
+    /// How many times a datacenter came into or went out of reach (only
+    /// grows).
+    fn reach_changes(&self) -> u64;
 }
 
 /// Where services fail over to, and the record of those that do.

@@ -409,8 +409,14 @@ impl Copies {
     /// `switchyard_federation_failover_services`.
     async fn fail_back(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut reach_changes = self.federation.reach_changes();
         loop {
             tick.tick().await;
+            let seen = self.federation.reach_changes();
+            if seen != reach_changes {
+                reach_changes = seen;
+                self.changed.notify_waiters();
+            }
             let now = self.now_ms();
             for dc in &self.dcs {
                 let since = dc.failing_ms.load(Ordering::Relaxed);
@@ -525,12 +531,23 @@ impl Elsewhere for Copies {
         Copied::Fetching(wait)
     }
 
+    fn datacenters(&self) -> Vec<String> {
+        self.dcs
+            .iter()
+            .map(|dc| String::from_utf8_lossy(&dc.lower).into_owned())
+            .collect()
+    }
+
     fn peek(&self, dc: &str) -> Option<Arc<Snapshot>> {
         self.dc(dc).map(|(_, copies)| copies.registry.snapshot())
     }
 
     fn changed(&self) -> &tokio::sync::Notify {
         &self.changed
+    }
+
+    fn reach_changes(&self) -> u64 {
+        self.federation.reach_changes()
     }
 }
 

@@ -80,6 +80,8 @@ pub struct Federation {
     /// Services answered from another datacenter now (lower-case name to
     /// lower-case datacenter).
     failing: arc_swap::ArcSwap<std::collections::HashMap<String, String>>,
+    /// Times a datacenter came into or went out of reach.
+    reach_changes: AtomicU64,
 }
 
 struct Remote {
@@ -265,6 +267,7 @@ impl Federation {
             epoch: Instant::now(),
             metrics,
             failing: Default::default(),
+            reach_changes: AtomicU64::new(0),
         })
     }
 
@@ -614,6 +617,12 @@ impl Federation {
     }
 
     /// Services answered from another datacenter now, and from which.
+    /// How many times a datacenter came into or went out of reach (only
+    /// grows): what failover skips moved when it did.
+    pub fn reach_changes(&self) -> u64 {
+        self.reach_changes.load(Ordering::Relaxed)
+    }
+
     pub fn failing_over(&self) -> Arc<std::collections::HashMap<String, String>> {
         self.failing.load_full()
     }
@@ -691,6 +700,9 @@ impl Federation {
                 };
                 remote.rtt_us.store(smoothed, Ordering::Relaxed);
                 remote.reachable.store(true, Ordering::Relaxed);
+                if !was {
+                    self.reach_changes.fetch_add(1, Ordering::Relaxed);
+                }
                 self.metrics
                     .rtt
                     .with_label_values(&labels)
@@ -707,6 +719,9 @@ impl Federation {
             }
             None => {
                 remote.reachable.store(false, Ordering::Relaxed);
+                if was {
+                    self.reach_changes.fetch_add(1, Ordering::Relaxed);
+                }
                 self.metrics.reachable.with_label_values(&labels).set(0);
                 if was {
                     tracing::warn!(datacenter = %remote.name, "datacenter not reachable: no agent answered");
