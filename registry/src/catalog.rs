@@ -17,9 +17,9 @@ use crate::model::{
     SERVICE_MAINTENANCE_PREFIX,
 };
 use crate::snapshot::{NodeEntry, ServiceEntry, Snapshot};
-use crate::store::{Loaded, StoreBatch};
+use crate::store::{KvChange, Loaded, StoreBatch};
 use crate::Decorators;
-use switchyard_catalog::{PreparedQuery, Query};
+use switchyard_catalog::{KvEntry, PreparedQuery, Query};
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
 pub const MAX_OUTPUT_BYTES: usize = 4096;
@@ -126,6 +126,23 @@ pub enum Command {
     DeleteQuery {
         id: Name,
     },
+    /// Consul's `PUT /v1/kv/<key>`. With `cas`, only if the key's
+    /// `ModifyIndex` is that (0: only if absent); else `Unmet`. An existing
+    /// lock's session is kept.
+    KvSet {
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        cas: Option<u64>,
+    },
+    /// Consul's `DELETE /v1/kv/<key>`: the key, or every key under it
+    /// (`recurse`). With `cas`, only if the key is absent or its
+    /// `ModifyIndex` is that; else `Unmet`.
+    KvDelete {
+        key: String,
+        recurse: bool,
+        cas: Option<u64>,
+    },
 }
 
 impl Command {
@@ -153,6 +170,8 @@ impl Command {
             Command::ReapCritical { .. } => "reap_critical",
             Command::PutQuery { .. } => "query_put",
             Command::DeleteQuery { .. } => "query_delete",
+            Command::KvSet { .. } => "kv_set",
+            Command::KvDelete { .. } => "kv_delete",
         }
     }
 }
@@ -183,6 +202,8 @@ pub(crate) struct Dirty {
     pub(crate) redecorate: HashSet<Name>,
     /// Prepared queries written or deleted, by ID.
     pub(crate) queries: HashSet<Name>,
+    /// KV keys set or deleted.
+    pub(crate) kv: HashSet<Name>,
     /// Keys in insertion order, so a refused command's keys can be taken back.
     journal: Vec<DirtyKey>,
 }
@@ -196,6 +217,7 @@ enum DirtyKey {
     Entry(Name),
     Redecorate(Name),
     Query(Name),
+    Kv(Name),
 }
 
 impl Dirty {
@@ -205,6 +227,7 @@ impl Dirty {
             && self.endpoints.is_empty()
             && self.checks.is_empty()
             && self.queries.is_empty()
+            && self.kv.is_empty()
     }
 
     fn add(&mut self, key: DirtyKey) {
@@ -216,6 +239,7 @@ impl Dirty {
             DirtyKey::Entry(k) => self.entries.insert(k.clone()),
             DirtyKey::Redecorate(k) => self.redecorate.insert(k.clone()),
             DirtyKey::Query(k) => self.queries.insert(k.clone()),
+            DirtyKey::Kv(k) => self.kv.insert(k.clone()),
         };
         if new {
             self.journal.push(key);
@@ -238,6 +262,7 @@ impl Dirty {
                 DirtyKey::Entry(k) => self.entries.remove(&k),
                 DirtyKey::Redecorate(k) => self.redecorate.remove(&k),
                 DirtyKey::Query(k) => self.queries.remove(&k),
+                DirtyKey::Kv(k) => self.kv.remove(&k),
             };
         }
     }
@@ -336,6 +361,13 @@ impl Catalog {
             let entry = Arc::make_mut(entry);
             entry.index = entry.index.max(check.modify_index);
             entry.checks.insert(check.id.clone(), Arc::new(check));
+        }
+        for entry in loaded.kv {
+            let idx = entry.modify_index;
+            snap.kv.insert(Arc::new(entry), idx);
+        }
+        for (key, idx) in loaded.kv_tombstones {
+            snap.kv.bury(&key, idx);
         }
         for query in loaded.queries {
             let id = query.id.clone();
@@ -452,6 +484,76 @@ impl Catalog {
         let id: Name = compiled.def.id.as_str().into();
         self.set_query(&id, Some(Arc::new(compiled)), idx);
         Ok(true)
+    }
+
+    fn kv_set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        cas: Option<u64>,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let old = self.snap.kv.get(&key).cloned();
+        if let Some(cas) = cas {
+            let now = old.as_ref().map_or(0, |e| e.modify_index);
+            if now != cas {
+                return Err(RegistryError::Unmet(format!(
+                    "failed to set key {key:?}, index is stale"
+                )));
+            }
+        }
+        if old
+            .as_ref()
+            .is_some_and(|e| e.value == value && e.flags == flags && cas.is_none())
+        {
+            return Ok(false);
+        }
+        let entry = KvEntry {
+            value,
+            flags,
+            session: old.as_ref().map(|e| e.session.clone()).unwrap_or_default(),
+            lock_index: old.as_ref().map_or(0, |e| e.lock_index),
+            create_index: old.as_ref().map_or(idx, |e| e.create_index),
+            modify_index: idx,
+            key,
+        };
+        self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
+        self.snap.kv.insert(Arc::new(entry), idx);
+        Ok(true)
+    }
+
+    fn kv_delete(
+        &mut self,
+        key: &str,
+        recurse: bool,
+        cas: Option<u64>,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let keys: Vec<Name> = match recurse {
+            true => self
+                .snap
+                .kv
+                .under(key)
+                .map(|e| e.key.as_str().into())
+                .collect(),
+            false => {
+                let Some(old) = self.snap.kv.get(key) else {
+                    return Ok(false);
+                };
+                if cas.is_some_and(|cas| cas != old.modify_index) {
+                    return Err(RegistryError::Unmet(format!(
+                        "failed to delete key {key:?}, index is stale"
+                    )));
+                }
+                vec![key.into()]
+            }
+        };
+        for key in &keys {
+            self.snap.kv.remove(key, idx);
+            self.dirty.add(DirtyKey::Kv(key.clone()));
+        }
+        Ok(!keys.is_empty())
     }
 
     /// Puts (or, with `None`, removes) a query and marks it dirty.
@@ -660,6 +762,13 @@ impl Catalog {
                 self.set_query(&id, None, idx);
                 true
             }
+            Command::KvSet {
+                key,
+                value,
+                flags,
+                cas,
+            } => self.kv_set(key, value, flags, cas, idx)?,
+            Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas, idx)?,
         };
         if changed {
             self.snap.index = idx;
@@ -1276,6 +1385,13 @@ impl Catalog {
             batch
                 .entries
                 .push((node.clone(), self.snap.nodes.contains_key(node)));
+        }
+        for key in &dirty.kv {
+            let change = match self.snap.kv.get(key) {
+                Some(entry) => KvChange::Set(entry.clone()),
+                None => KvChange::Deleted(self.snap.kv.key_index(key)),
+            };
+            batch.kv.push((key.clone(), change));
         }
         for id in &dirty.queries {
             let query = self.snap.queries.get(id).map(|q| q.def.clone());

@@ -14,6 +14,10 @@ pub enum RegistryError {
     /// A TTL update on a check without a TTL (HTTP 500, Consul's text).
     #[error("{0}")]
     NotTtl(String),
+    /// A conditional write whose condition did not hold (a KV `cas`): it
+    /// changed nothing, and Consul answers `false`.
+    #[error("{0}")]
+    Unmet(String),
     /// A write refused the way Consul refuses it, with HTTP 500 and its
     /// text (a prepared query whose name clashes with another's).
     #[error("{0}")]

@@ -18,7 +18,14 @@ pub use etcd::{EtcdOptions, EtcdStore};
 
 use crate::error::StoreError;
 use crate::model::{unix_ms, Check, Endpoint, Name, Node};
-use switchyard_catalog::PreparedQuery;
+use switchyard_catalog::{KvEntry, PreparedQuery};
+
+/// A key's change in a batch: its entry, or its deletion at that index.
+#[derive(Clone, Debug)]
+pub enum KvChange {
+    Set(Arc<KvEntry>),
+    Deleted(u64),
+}
 
 /// A record keyed by `(node, id)`, or `None` for a deletion.
 pub type Keyed<T> = ((Name, Name), Option<Arc<T>>);
@@ -33,6 +40,8 @@ pub struct StoreBatch {
     pub checks: Vec<Keyed<Check>>,
     /// Prepared queries by ID.
     pub queries: Vec<(Name, Option<Arc<PreparedQuery>>)>,
+    /// KV keys set or deleted.
+    pub kv: Vec<(Name, KvChange)>,
     /// Last change index per service, kept for services that no longer exist.
     pub service_index: Vec<(Name, u64)>,
     /// The catalog index this batch was built on. A shared store commits only
@@ -57,7 +66,11 @@ pub struct StoreBatch {
 
 impl StoreBatch {
     pub fn len(&self) -> usize {
-        self.nodes.len() + self.endpoints.len() + self.checks.len() + self.queries.len()
+        self.nodes.len()
+            + self.endpoints.len()
+            + self.checks.len()
+            + self.queries.len()
+            + self.kv.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,6 +86,9 @@ pub struct Loaded {
     pub endpoints: Vec<Endpoint>,
     pub checks: Vec<Check>,
     pub queries: Vec<PreparedQuery>,
+    pub kv: Vec<KvEntry>,
+    /// Deleted keys with the index of their deletion.
+    pub kv_tombstones: Vec<(String, u64)>,
     pub service_index: Vec<(String, u64)>,
     /// Last change index per node entry (a shared store keeps them so that a
     /// freshly started agent reports the same indexes as one that watched).
@@ -102,7 +118,7 @@ pub enum Change {
     Records { revision: u64, records: Vec<Record> },
     /// The whole catalog at `revision` (after a gap the store could not
     /// replay, such as a compacted revision): replaces everything.
-    Reset { revision: u64, loaded: Loaded },
+    Reset { revision: u64, loaded: Box<Loaded> },
 }
 
 /// One record of a `Change`; `None` is a deletion. Record indexes are the
@@ -114,6 +130,11 @@ pub enum Record {
     Check((Name, Name), Option<Box<Check>>),
     /// A prepared query, by ID.
     Query(Name, Option<Box<PreparedQuery>>),
+    /// A KV key, or its deletion.
+    Kv(Name, Option<Box<KvEntry>>),
+    /// A KV key's tombstone (written with its deletion; its revision is the
+    /// deletion's index).
+    KvTombstone(Name),
     /// A TTL check was renewed (its clock restarts on every agent).
     Ttl((Name, Name), Duration),
     /// The catalog changed at this revision (every catalog write carries it),

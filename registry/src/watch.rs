@@ -20,6 +20,8 @@ pub enum WatchKey<'a> {
     Node(&'a str),
     /// A prepared query's definition, by ID.
     Query(&'a str),
+    /// A KV key or prefix: woken by a change to any key that starts with it.
+    Kv(&'a str),
 }
 
 #[derive(Default)]
@@ -60,6 +62,7 @@ pub(crate) struct Watchers {
     services: Mutex<Keyed>,
     nodes: Mutex<Keyed>,
     queries: Mutex<Keyed>,
+    kv: Mutex<Keyed>,
 }
 
 impl Watchers {
@@ -80,6 +83,30 @@ impl Watchers {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(id),
+            WatchKey::Kv(prefix) => self
+                .kv
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(prefix),
+        }
+    }
+
+    /// Wakes the waiters of every prefix of each touched KV key (the key
+    /// itself and the empty prefix included).
+    pub(crate) fn notify_kv(&self, keys: &[Name]) {
+        if keys.is_empty() {
+            return;
+        }
+        let keyed = self.kv.lock().unwrap_or_else(PoisonError::into_inner);
+        if keyed.map.is_empty() {
+            return;
+        }
+        for key in keys {
+            for end in (0..=key.len()).filter(|end| key.is_char_boundary(*end)) {
+                if let Some(notify) = keyed.map.get(&key[..end]) {
+                    notify.notify_waiters();
+                }
+            }
         }
     }
 

@@ -508,6 +508,7 @@ impl<S: Store> Writer<S> {
         let touched_services: Vec<Name> = dirty.services.iter().cloned().collect();
         let touched_nodes: Vec<Name> = dirty.entries.union(&dirty.nodes).cloned().collect();
         let touched_queries: Vec<Name> = dirty.queries.iter().cloned().collect();
+        let touched_kv: Vec<Name> = dirty.kv.iter().cloned().collect();
         let started = Instant::now();
         let snapshot = self.catalog.publish();
         self.metrics.observe_snapshot(&snapshot);
@@ -516,6 +517,7 @@ impl<S: Store> Writer<S> {
         self.index_tx.send_replace(index);
         self.watchers
             .notify(&touched_services, &touched_nodes, &touched_queries);
+        self.watchers.notify_kv(&touched_kv);
         self.metrics
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -593,7 +595,7 @@ impl<S: Store> Writer<S> {
                 self.feed_revision = self.feed_revision.max(revision);
                 let decorators = std::mem::take(&mut self.catalog.decorators);
                 let old =
-                    std::mem::replace(&mut self.catalog, Catalog::from_loaded(loaded, decorators));
+                    std::mem::replace(&mut self.catalog, Catalog::from_loaded(*loaded, decorators));
                 self.catalog.mark_all(&old.snap);
                 self.timers = Timers::default();
                 self.publish_dirty();

@@ -11,6 +11,7 @@ mod federation;
 mod grpc;
 mod health;
 mod house;
+mod kv;
 mod lifecycle;
 mod operator;
 mod proxy;

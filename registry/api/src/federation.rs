@@ -40,6 +40,7 @@ fn forwardable(path: &str) -> bool {
         "/v1/health/",
         "/v1/status/",
         "/v1/query",
+        "/v1/kv/",
         "/v1/switchyard/services",
     ]
     .iter()

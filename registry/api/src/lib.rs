@@ -13,6 +13,7 @@ mod federation;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod kv;
 mod limits;
 mod native;
 mod query;
@@ -365,6 +366,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/health/state/{state}", reads(get(consul::health_state)))
         .route("/v1/health/node/{*name}", reads(get(consul::health_node)))
+        .route(
+            "/v1/kv",
+            register(get(kv::get_root).put(kv::put_root).delete(kv::delete_root)),
+        )
+        .route(
+            "/v1/kv/",
+            register(get(kv::get_root).put(kv::put_root).delete(kv::delete_root)),
+        )
+        .route(
+            "/v1/kv/{*key}",
+            register(get(kv::get).put(kv::put).delete(kv::delete)),
+        )
         .route("/v1/query", register(get(query::list).post(query::create)))
         .route(
             "/v1/query/{id}",
@@ -472,6 +485,11 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
+/// On a 413 a handler wrote itself (a limit of its own, such as a KV
+/// value's): its text stands.
+#[derive(Clone, Copy)]
+pub(crate) struct OwnLimit;
+
 /// Consul's headers on every response, and request counting.
 async fn common_headers(
     State(state): State<Arc<ApiState>>,
@@ -506,7 +524,9 @@ async fn common_headers(
         response
     } else {
         let response = next.run(request).await;
-        if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if response.status() == StatusCode::PAYLOAD_TOO_LARGE
+            && response.extensions().get::<OwnLimit>().is_none()
+        {
             too_large()
         } else {
             response
@@ -604,6 +624,7 @@ impl From<RegistryError> for ApiError {
         let status = match &err {
             RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::Unmet(_) => StatusCode::CONFLICT,
             RegistryError::NotTtl(_) | RegistryError::Refused(_) | RegistryError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -13,6 +13,7 @@ pub mod accept;
 pub mod admission;
 pub mod duration;
 pub mod elsewhere;
+pub mod kv;
 pub mod load;
 pub mod model;
 pub mod query;
@@ -27,6 +28,7 @@ pub use duration::{format_go_duration, parse_go_duration};
 pub use elsewhere::{
     failover_policy, needs_failover, Copied, CopyOf, Elsewhere, Failover, FAILOVER_TAG,
 };
+pub use kv::{Kv, KvEntry};
 pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
 pub use model::{
     clip, clip_point, node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name,

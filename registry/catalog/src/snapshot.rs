@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub counts: StateCounts,
     /// Prepared queries, with the index of their last change.
     pub queries: crate::query::Queries,
+    /// The key/value store.
+    pub kv: crate::kv::Kv,
 }
 
 /// Everything kept per service name, in one map entry so that a change costs

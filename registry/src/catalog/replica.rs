@@ -37,6 +37,15 @@ impl Catalog {
                 Record::Ttl(key, _) => renewed.push(key),
                 Record::Index { .. } => catalog_changed = true,
                 Record::Query(id, query) => self.replace_query(&id, query, revision),
+                Record::Kv(key, Some(entry)) => {
+                    self.snap.kv.insert(Arc::from(entry), revision);
+                    self.dirty.add(DirtyKey::Kv(key));
+                }
+                Record::Kv(key, None) => {
+                    self.snap.kv.remove(&key, revision);
+                    self.dirty.add(DirtyKey::Kv(key));
+                }
+                Record::KvTombstone(key) => self.snap.kv.bury(&key, revision),
                 deletion => deletions.push(deletion),
             }
         }
@@ -174,6 +183,15 @@ impl Catalog {
             .collect();
         for id in queries {
             self.dirty.add(DirtyKey::Query(id));
+        }
+        let keys: Vec<Name> = old
+            .kv
+            .under("")
+            .chain(self.snap.kv.under(""))
+            .map(|e| e.key.as_str().into())
+            .collect();
+        for key in keys {
+            self.dirty.add(DirtyKey::Kv(key));
         }
         for snap in [old, &self.snap.clone()] {
             for (name, entry) in snap.nodes.iter() {

@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase};
 use tokio::sync::mpsc;
 
 use super::embedded::{commit_with, load_db, meta, replace_blocking};
-use super::{Loaded, Record, StoreBatch, StoreStatus};
+use super::{KvChange, Loaded, Record, StoreBatch, StoreStatus};
 use crate::error::StoreError;
 use crate::model::unix_ms;
 
@@ -136,6 +136,12 @@ fn write(db: &Database, mut updates: Vec<Update>) -> Result<(u64, u64), StoreErr
                 }
                 Record::Check(key, check) => batch.checks.push((key, check.map(Arc::from))),
                 Record::Query(id, query) => batch.queries.push((id, query.map(Arc::from))),
+                Record::Kv(key, Some(entry)) => {
+                    batch.kv.push((key, KvChange::Set(Arc::from(entry))))
+                }
+                Record::Kv(key, None) | Record::KvTombstone(key) => {
+                    batch.kv.push((key, KvChange::Deleted(revision)))
+                }
                 Record::Ttl(..) | Record::Index { .. } => {}
             }
         }

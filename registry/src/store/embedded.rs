@@ -11,13 +11,15 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Committed, Loaded, Store, StoreBatch};
+use super::{Committed, KvChange, Loaded, Store, StoreBatch};
 use crate::error::StoreError;
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
 const CHECKS: TableDefinition<&str, &[u8]> = TableDefinition::new("checks");
 const QUERIES: TableDefinition<&str, &[u8]> = TableDefinition::new("queries");
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const KV_TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("kv_tombstones");
 const SERVICE_INDEX: TableDefinition<&str, u64> = TableDefinition::new("service_index");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_KEY: &str = "index";
@@ -104,8 +106,21 @@ pub(super) fn load_db(db: &Database) -> Result<Loaded, StoreError> {
         endpoints: load_table(&txn, ENDPOINTS)?,
         checks: load_table(&txn, CHECKS)?,
         queries: load_table(&txn, QUERIES)?,
+        kv: load_table(&txn, KV)?,
         ..Loaded::default()
     };
+    match txn.open_table(KV_TOMBSTONES) {
+        Ok(table) => {
+            for row in table.iter().map_err(io)? {
+                let (key, value) = row.map_err(io)?;
+                loaded
+                    .kv_tombstones
+                    .push((key.value().to_string(), value.value()));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(io(e)),
+    }
     match txn.open_table(SERVICE_INDEX) {
         Ok(table) => {
             for row in table.iter().map_err(io)? {
@@ -140,10 +155,20 @@ pub(super) fn replace_blocking(
 ) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io)?;
     {
-        for table in [NODES, ENDPOINTS, CHECKS, QUERIES] {
+        for table in [NODES, ENDPOINTS, CHECKS, QUERIES, KV] {
             txn.delete_table(table).map_err(io)?;
         }
         txn.delete_table(SERVICE_INDEX).map_err(io)?;
+        txn.delete_table(KV_TOMBSTONES).map_err(io)?;
+        let mut kv = txn.open_table(KV).map_err(io)?;
+        for entry in &loaded.kv {
+            kv.insert(entry.key.as_str(), encode(entry)?.as_slice())
+                .map_err(io)?;
+        }
+        let mut tombstones = txn.open_table(KV_TOMBSTONES).map_err(io)?;
+        for (key, index) in &loaded.kv_tombstones {
+            tombstones.insert(key.as_str(), *index).map_err(io)?;
+        }
         let mut nodes = txn.open_table(NODES).map_err(io)?;
         for node in &loaded.nodes {
             nodes
@@ -220,6 +245,23 @@ pub(super) fn commit_with(
                 None => checks.remove(key.as_str()),
             }
             .map_err(io)?;
+        }
+        if !batch.kv.is_empty() {
+            let mut kv = txn.open_table(KV).map_err(io)?;
+            let mut tombstones = txn.open_table(KV_TOMBSTONES).map_err(io)?;
+            for (key, change) in &batch.kv {
+                match change {
+                    KvChange::Set(entry) => {
+                        kv.insert(&**key, encode(&**entry)?.as_slice())
+                            .map_err(io)?;
+                        tombstones.remove(&**key).map_err(io)?;
+                    }
+                    KvChange::Deleted(index) => {
+                        kv.remove(&**key).map_err(io)?;
+                        tombstones.insert(&**key, *index).map_err(io)?;
+                    }
+                }
+            }
         }
         if !batch.queries.is_empty() {
             let mut queries = txn.open_table(QUERIES).map_err(io)?;

@@ -33,10 +33,10 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant};
 
 use super::copy::{keep, LocalCopy, Update};
-use super::{Change, Committed, Loaded, Record, Store, StoreBatch, StoreStatus};
+use super::{Change, Committed, KvChange, Loaded, Record, Store, StoreBatch, StoreStatus};
 use crate::error::StoreError;
 use crate::model::{Check, Endpoint, Name, Node};
-use switchyard_catalog::PreparedQuery;
+use switchyard_catalog::{KvEntry, PreparedQuery};
 
 /// Largest gRPC message accepted from etcd (a full read is paged well below).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -145,6 +145,8 @@ enum Parsed<'a> {
     Endpoint(&'a str, &'a str),
     Check(&'a str, &'a str),
     Query(&'a str),
+    Kv(&'a str),
+    KvTombstone(&'a str),
     Ttl(&'a str, &'a str),
     Index,
     Service(&'a str),
@@ -194,6 +196,8 @@ impl Keys {
         Some(match kind {
             "node" => Parsed::Node(name),
             "query" => Parsed::Query(name),
+            "kv" => Parsed::Kv(name),
+            "kvdel" => Parsed::KvTombstone(name),
             "endpoint" => pair().map(|(n, i)| Parsed::Endpoint(n, i))?,
             "check" => pair().map(|(n, i)| Parsed::Check(n, i))?,
             "ttl" => pair().map(|(n, i)| Parsed::Ttl(n, i))?,
@@ -246,6 +250,13 @@ fn put_record(keys: &Keys, kv: &KeyValue) -> Result<Option<Record>, StoreError> 
             (query.create_index, query.modify_index) = (create, modify);
             Record::Query(id.into(), Some(Box::new(query)))
         }
+        Some(Parsed::Kv(key)) => {
+            let mut entry: KvEntry = decode(kv)?;
+            (entry.create_index, entry.modify_index) = (create, modify);
+            entry.key = key.to_string();
+            Record::Kv(key.into(), Some(Box::new(entry)))
+        }
+        Some(Parsed::KvTombstone(key)) => Record::KvTombstone(key.into()),
         Some(Parsed::Ttl(node, id)) => {
             let ms: u64 = decode(kv)?;
             Record::Ttl((node.into(), id.into()), Duration::from_millis(ms))
@@ -268,6 +279,7 @@ fn delete_record(keys: &Keys, key: &[u8]) -> Option<Record> {
         Parsed::Endpoint(n, i) => Record::Endpoint(pair(n, i), None),
         Parsed::Check(n, i) => Record::Check(pair(n, i), None),
         Parsed::Query(id) => Record::Query(id.into(), None),
+        Parsed::Kv(key) => Record::Kv(key.into(), None),
         _ => return None,
     })
 }
@@ -389,6 +401,19 @@ impl EtcdStore {
                 Some(query) => TxnOp::put(key, encode(&**query)?, None),
                 None => TxnOp::delete(key, None),
             });
+        }
+        for (key, change) in &batch.kv {
+            let (entry, tombstone) = (keys.key("kv", key), keys.key("kvdel", key));
+            match change {
+                KvChange::Set(e) => {
+                    ops.push(TxnOp::put(entry, encode(&**e)?, None));
+                    ops.push(TxnOp::delete(tombstone, None));
+                }
+                KvChange::Deleted(_) => {
+                    ops.push(TxnOp::delete(entry, None));
+                    ops.push(TxnOp::put(tombstone, Vec::new(), None));
+                }
+            }
         }
         for ((node, id), ttl) in &batch.ttl_renewals {
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
@@ -669,6 +694,7 @@ async fn reach_later(
                     "etcd answered: the local copy gives way to etcd's catalog"
                 );
                 let _ = copy.send(Update::Reset(loaded.clone()));
+                let loaded = Box::new(loaded);
                 if tx.send(Change::Reset { revision, loaded }).await.is_err() {
                     return;
                 }
@@ -697,7 +723,7 @@ impl Feed {
                 Change::Records { revision, records } => {
                     Update::Records(*revision, records.clone())
                 }
-                Change::Reset { loaded, .. } => Update::Reset(loaded.clone()),
+                Change::Reset { loaded, .. } => Update::Reset((**loaded).clone()),
             };
             let _ = copy.send(update);
         }
@@ -837,6 +863,10 @@ async fn read_all(client: &Client, keys: &Keys) -> Result<(Loaded, u64), StoreEr
                     Ok(Some(Record::Endpoint(_, Some(e)))) => loaded.endpoints.push(*e),
                     Ok(Some(Record::Check(_, Some(c)))) => loaded.checks.push(*c),
                     Ok(Some(Record::Query(_, Some(q)))) => loaded.queries.push(*q),
+                    Ok(Some(Record::Kv(_, Some(e)))) => loaded.kv.push(*e),
+                    Ok(Some(Record::KvTombstone(key))) => {
+                        loaded.kv_tombstones.push((key.to_string(), modify))
+                    }
                     Ok(Some(Record::Index { .. })) => loaded.index = modify,
                     Ok(_) => {}
                     Err(err) => tracing::error!(%err, "skipping an undecodable record in etcd"),
@@ -885,7 +915,7 @@ async fn follow(client: Client, keys: Keys, mut revision: u64, tx: Feed, status:
                     if !tx
                         .send(Change::Reset {
                             revision: at,
-                            loaded,
+                            loaded: Box::new(loaded),
                         })
                         .await
                     {

@@ -1,0 +1,177 @@
+//! Consul's key/value store as the snapshot holds it: entries by key (sorted,
+//! so a prefix is a range), and a tombstone per deleted key holding the index
+//! of its deletion, so that a prefix's index still grows when a key under it
+//! goes (a blocking read of the prefix wakes and sees it gone).
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use imbl::OrdMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::model::Name;
+
+/// Consul's `kv_max_value_size`.
+pub const MAX_VALUE_BYTES: usize = 512 * 1024;
+
+/// One key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvEntry {
+    pub key: String,
+    /// Stored as base64 (records are JSON).
+    #[serde(serialize_with = "to_base64", deserialize_with = "from_base64")]
+    pub value: Vec<u8>,
+    pub flags: u64,
+    /// The session holding its lock (empty: none).
+    pub session: String,
+    /// Successful acquisitions.
+    pub lock_index: u64,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+fn to_base64<S: Serializer>(value: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(value))
+}
+
+fn from_base64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    let text = String::deserialize(d)?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(serde::de::Error::custom)
+}
+
+/// Every key, and the deletions a prefix's index must remember.
+#[derive(Clone, Debug, Default)]
+pub struct Kv {
+    entries: OrdMap<Name, Arc<KvEntry>>,
+    tombstones: OrdMap<Name, u64>,
+    /// Last index at which any key changed (the table's index).
+    pub index: u64,
+}
+
+/// The keys from `prefix` on, while they start with it.
+fn range<'a, V>(
+    map: &'a OrdMap<Name, V>,
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a Name, &'a V)> + 'a {
+    map.range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+}
+
+impl Kv {
+    pub fn get(&self, key: &str) -> Option<&Arc<KvEntry>> {
+        self.entries.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries whose key starts with `prefix`, sorted by key.
+    pub fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Arc<KvEntry>> + 'a {
+        range(&self.entries, prefix).map(|(_, e)| e)
+    }
+
+    /// Tombstones (key, index of its deletion), for the stores.
+    pub fn tombstones(&self) -> impl Iterator<Item = (&Name, u64)> {
+        self.tombstones.iter().map(|(k, i)| (k, *i))
+    }
+
+    /// A key's index: its last change, or its deletion; else the table's.
+    pub fn key_index(&self, key: &str) -> u64 {
+        self.entries
+            .get(key)
+            .map(|e| e.modify_index)
+            .or_else(|| self.tombstones.get(key).copied())
+            .unwrap_or(self.index)
+    }
+
+    /// A prefix's index: the newest change or deletion under it; the
+    /// table's when there is none (and for the empty prefix).
+    pub fn prefix_index(&self, prefix: &str) -> u64 {
+        if prefix.is_empty() {
+            return self.index;
+        }
+        let entries = range(&self.entries, prefix).map(|(_, e)| e.modify_index);
+        let deleted = range(&self.tombstones, prefix).map(|(_, i)| *i);
+        match entries.chain(deleted).max() {
+            Some(0) | None => self.index,
+            Some(index) => index,
+        }
+    }
+
+    /// The writer's: stores an entry (its tombstone, if any, goes).
+    pub fn insert(&mut self, entry: Arc<KvEntry>, idx: u64) {
+        let key: Name = entry.key.as_str().into();
+        self.tombstones.remove(&key);
+        self.entries.insert(key, entry);
+        self.index = self.index.max(idx);
+    }
+
+    /// The writer's: deletes a key at `idx`, leaving a tombstone.
+    pub fn remove(&mut self, key: &str, idx: u64) -> Option<Arc<KvEntry>> {
+        let old = self.entries.remove(key)?;
+        self.tombstones.insert(key.into(), idx);
+        self.index = self.index.max(idx);
+        Some(old)
+    }
+
+    /// The writer's: a tombstone read back from a store.
+    pub fn bury(&mut self, key: &str, idx: u64) {
+        if !self.entries.contains_key(key) {
+            self.tombstones.insert(key.into(), idx);
+        }
+        self.index = self.index.max(idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, index: u64) -> Arc<KvEntry> {
+        Arc::new(KvEntry {
+            key: key.to_string(),
+            value: b"x".to_vec(),
+            create_index: index,
+            modify_index: index,
+            ..KvEntry::default()
+        })
+    }
+
+    #[test]
+    fn a_prefix_index_remembers_deletions_under_it_only() {
+        let mut kv = Kv::default();
+        kv.insert(entry("web/a", 3), 3);
+        kv.insert(entry("web/b", 5), 5);
+        kv.insert(entry("db/a", 7), 7);
+        assert_eq!(kv.prefix_index("web/"), 5);
+        assert_eq!(kv.under("web/").count(), 2);
+        kv.remove("web/b", 9);
+        assert_eq!(kv.prefix_index("web/"), 9, "a deletion moves it");
+        assert_eq!(kv.prefix_index("db/"), 7, "not another prefix's");
+        assert_eq!(kv.prefix_index("nope/"), 9, "none under it: the table's");
+        assert_eq!(kv.key_index("web/b"), 9);
+        kv.insert(entry("web/b", 11), 11);
+        assert_eq!(kv.tombstones().count(), 0);
+    }
+
+    #[test]
+    fn values_are_stored_as_base64() {
+        let e = KvEntry {
+            key: "k".into(),
+            value: vec![0, 255, 1],
+            ..KvEntry::default()
+        };
+        let text = serde_json::to_string(&e).expect("json");
+        assert!(text.contains("\"AP8B\""), "{text}");
+        assert_eq!(serde_json::from_str::<KvEntry>(&text).expect("back"), e);
+    }
+}
