@@ -38,7 +38,7 @@ pub use switchyard_catalog::{
 // catalog's modules inside this crate.
 pub use store::{
     Change, Committed, EmbeddedStore, EtcdOptions, EtcdStore, Keyed, Loaded, MemoryStore, Record,
-    Store, StoreBatch, StoreStatus, CATALOG_FILE,
+    Servers, Store, StoreBatch, StoreStatus, CATALOG_FILE,
 };
 use switchyard_catalog::{duration, model, snapshot};
 pub use watch::WatchKey;

@@ -214,6 +214,17 @@ pub struct StoreStatus {
     /// when it was written (ms since the epoch); 0 when there is none.
     copy_index: AtomicU64,
     copy_written_ms: AtomicU64,
+    /// A shared store's servers as last read: the leader's and every
+    /// member's client address (none for a local store).
+    servers: ArcSwap<Servers>,
+}
+
+/// The servers of a shared store (etcd): its leader and members, by client
+/// address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Servers {
+    pub leader: Option<String>,
+    pub members: Vec<String>,
 }
 
 impl StoreStatus {
@@ -232,6 +243,7 @@ impl StoreStatus {
             board: crate::load::LoadBoard::default(),
             copy_index: AtomicU64::new(0),
             copy_written_ms: AtomicU64::new(0),
+            servers: ArcSwap::from_pointee(Servers::default()),
         }
     }
 
@@ -311,6 +323,17 @@ impl StoreStatus {
 
     pub(crate) fn lost(&self) {
         self.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// The shared store's servers, as last read (empty for a local store).
+    pub fn servers(&self) -> Arc<Servers> {
+        self.servers.load_full()
+    }
+
+    pub(crate) fn set_servers(&self, servers: Servers) {
+        if *self.servers.load_full() != servers {
+            self.servers.store(Arc::new(servers));
+        }
     }
 
     pub fn connected(&self) -> bool {

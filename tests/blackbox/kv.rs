@@ -386,3 +386,102 @@ fn kv_is_shared_by_the_agents_on_one_etcd() {
         "the prefix's index, its deletion included"
     );
 }
+
+#[test]
+fn consul_endpoints_not_built_answer_501_never_404() {
+    let agent = Agent::start();
+    let c = agent.client();
+    for (method, path) in [
+        ("GET", "/v1/session/list"),
+        ("PUT", "/v1/event/fire/deploy"),
+        ("GET", "/v1/acl/tokens"),
+        ("GET", "/v1/connect/ca/roots"),
+    ] {
+        let answer = match method {
+            "GET" => c.get(path),
+            _ => c.put(path, ""),
+        };
+        assert_eq!(answer.status, 501, "{method} {path}: {}", answer.body);
+        assert!(
+            answer.body.contains(path),
+            "names the endpoint: {}",
+            answer.body
+        );
+    }
+    assert_eq!(c.get("/nothing/here").status, 404, "outside the API: 404");
+    // One agent on the embedded store: itself, alone, in the lead.
+    let members = c.get_ok("/v1/agent/members").json();
+    let me = c.get_ok("/v1/agent/self").json()["Config"]["NodeName"].clone();
+    assert_eq!(members.as_array().map(Vec::len), Some(1), "{members}");
+    assert_eq!(members[0]["Name"], me);
+    assert_eq!(members[0]["Status"], 1);
+    let read = c.get_ok("/v1/catalog/services");
+    assert_eq!(read.header("X-Consul-KnownLeader"), Some("true"));
+    assert_eq!(read.header("X-Consul-LastContact"), Some("0"));
+    assert_eq!(read.header("X-Consul-Default-ACL-Policy"), Some("allow"));
+}
+
+#[test]
+fn headers_and_status_tell_the_truth_about_etcd() {
+    // (Etcd::single says loudly when etcd is not installed.)
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut etcd = crate::cluster::Etcd::single(scratch.path());
+    let token = "truth-reader-token-0123456789";
+    let config = format!(
+        "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/truth\"\nlease_ttl = \"2s\"\n\
+         [[api.tokens]]\nname = \"reader\"\nrole = \"read\"\nsecret = \"{token}\"\n",
+        etcd.url()
+    );
+    let path = scratch.path().join("truth.toml");
+    std::fs::write(&path, config).expect("config");
+    let agent = Agent::start_in(
+        &scratch.path().join("data"),
+        &[
+            "--config",
+            path.to_str().expect("utf8"),
+            "--node-name",
+            "truth-a",
+            "--proxy-threads",
+            "1",
+        ],
+    );
+    let c = agent.client_with_token(token);
+    let etcd_addr = etcd.url().trim_start_matches("http://").to_string();
+    eventually("etcd named as leader", Duration::from_secs(15), || {
+        (c.get_ok("/v1/status/leader").json() == json!(etcd_addr)).then_some(())
+    });
+    assert_eq!(c.get_ok("/v1/status/peers").json(), json!([etcd_addr]));
+    let read = c.get_ok("/v1/catalog/services");
+    assert_eq!(read.header("X-Consul-KnownLeader"), Some("true"));
+    assert_eq!(
+        read.header("X-Consul-Default-ACL-Policy"),
+        Some("deny"),
+        "tokens set"
+    );
+    let members = c.get_ok("/v1/agent/members").json();
+    assert!(
+        members
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|m| m["Name"] == "truth-a"),
+        "{members}"
+    );
+
+    // etcd stopped: reads go on, stale, and say so.
+    etcd.kill();
+    let stale = eventually("reads marked stale", Duration::from_secs(20), || {
+        let read = c.get_ok("/v1/catalog/services");
+        (read.header("X-Consul-KnownLeader") == Some("false")).then_some(read)
+    });
+    let age: u64 = stale
+        .header("X-Consul-LastContact")
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    assert!(age > 0, "the time since etcd last answered: {age}");
+    etcd.restart();
+    eventually("reads current again", Duration::from_secs(30), || {
+        let read = c.get_ok("/v1/catalog/services");
+        (read.header("X-Consul-KnownLeader") == Some("true")).then_some(())
+    });
+}

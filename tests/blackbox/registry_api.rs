@@ -118,7 +118,14 @@ fn register_read_and_ttl_pass() {
             .len()
             == 1
     );
-    assert_eq!(c.get_ok("/v1/status/leader").json(), "127.0.0.1:8300");
+    // The embedded store: this agent alone leads, at its API address.
+    let api = agent
+        .api
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    assert_eq!(c.get_ok("/v1/status/leader").json(), api.as_str());
+    assert_eq!(c.get_ok("/v1/status/peers").json(), json!([api]));
     assert_eq!(
         c.get_ok("/v1/agent/self").json()["Config"]["Datacenter"],
         "dc1"

@@ -759,21 +759,76 @@ pub(super) async fn health_node(
 
 // ---- status ---------------------------------------------------------------
 
-fn leader(state: &ApiState) -> String {
+/// This agent's API address as others reach it (the advertised host and
+/// the API's port).
+fn own_address(state: &ApiState) -> String {
+    let port = state
+        .listeners
+        .get()
+        .and_then(|l| l["api"].as_str())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map_or(8500, |a| a.port());
     let host = &state.agent.advertise_addr;
     if host.contains(':') {
-        format!("[{host}]:8300")
+        format!("[{host}]:{port}")
     } else {
-        format!("{host}:8300")
+        format!("{host}:{port}")
     }
+}
+
+/// The leader and peers of what holds the catalog: etcd's leader and
+/// members in cluster mode (by client address; the leader empty while
+/// unknown, as Consul's is without a leader), this agent alone on the
+/// embedded store.
+fn servers(state: &ApiState) -> (String, Vec<String>) {
+    if !state.registry.shared() {
+        let me = own_address(state);
+        return (me.clone(), vec![me]);
+    }
+    let servers = state.registry.store_status().servers();
+    (
+        servers.leader.clone().unwrap_or_default(),
+        servers.members.clone(),
+    )
 }
 
 pub(super) async fn status_leader(State(state): St) -> ApiResult {
     let snap = state.registry.snapshot();
-    json(&leader(&state), snap.index(), &QueryOpts::default())
+    json(&servers(&state).0, snap.index(), &QueryOpts::default())
 }
 
 pub(super) async fn status_peers(State(state): St) -> ApiResult {
     let snap = state.registry.snapshot();
-    json(&[leader(&state)], snap.index(), &QueryOpts::default())
+    json(&servers(&state).1, snap.index(), &QueryOpts::default())
+}
+
+/// `/v1/agent/members`: the live agents sharing this catalog (this one
+/// alone on the embedded store), each at its node's address.
+pub(super) async fn agent_members(State(state): St) -> ApiResult {
+    let snap = state.registry.snapshot();
+    let store = state.registry.store_status();
+    let mut names: Vec<String> = store.members().iter().map(|n| n.to_string()).collect();
+    if !names.contains(&state.agent.node_name) {
+        names.push(state.agent.node_name.clone());
+        names.sort();
+    }
+    let members: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let addr = snap
+                .node(name)
+                .map(|n| n.node.address.clone())
+                .unwrap_or_default();
+            json!({
+                "Name": name,
+                "Addr": addr,
+                "Port": 8301,
+                "Tags": {"dc": state.agent.datacenter, "role": "consul", "build": "1.20.0:switchyard"},
+                "Status": 1,
+                "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2,
+                "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
+            })
+        })
+        .collect();
+    json(&members, snap.index(), &QueryOpts::default())
 }

@@ -294,6 +294,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let public = |routes| guarded(&state, Public, routes);
     Router::new()
         .route("/v1/agent/self", reads(get(consul::agent_self)))
+        .route("/v1/agent/members", reads(get(consul::agent_members)))
         .route("/v1/agent/services", reads(get(consul::agent_services)))
         .route("/v1/agent/checks", reads(get(consul::agent_checks)))
         .route(
@@ -441,7 +442,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/ui/nodes", public(get(ui::nodes)))
         .route("/ui/datacenters", public(get(ui::datacenters)))
         .route("/ui/assets/{file}", public(get(ui::asset)))
-        .fallback(not_found)
+        .fallback(unimplemented)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             federation::forward,
@@ -483,6 +484,22 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// A Consul endpoint Switchyard does not have (sessions, events, Connect,
+/// ACL management, snapshots, …): 501 naming it. Never 404, which clients
+/// read as "no such key" and go on with nothing.
+async fn unimplemented(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let path = uri.path();
+    if !path.starts_with("/v1/") {
+        return ApiError::new(StatusCode::NOT_FOUND, "no such endpoint");
+    }
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "Switchyard does not implement {method} {path} (docs/compatibility.md lists the Consul API it has)"
+        ),
+    )
 }
 
 /// On a 413 a handler wrote itself (a limit of its own, such as a KV
@@ -567,9 +584,21 @@ async fn common_headers(
         let index = state.registry.snapshot().index().max(1);
         headers.insert(X_CONSUL_INDEX, HeaderValue::from(index));
     }
-    headers.insert(KNOWN_LEADER, HeaderValue::from_static("true"));
-    headers.insert(LAST_CONTACT, HeaderValue::from_static("0"));
-    headers.insert(ACL_POLICY, HeaderValue::from_static("allow"));
+    // What this agent's reads stand on: the store (etcd in cluster mode) in
+    // reach or not, and how long since it was last heard from.
+    let store = state.registry.store_status();
+    let known = match store.connected() {
+        true => "true",
+        false => "false",
+    };
+    headers.insert(KNOWN_LEADER, HeaderValue::from_static(known));
+    let last_contact = store.staleness().as_millis() as u64;
+    headers.insert(LAST_CONTACT, HeaderValue::from(last_contact));
+    let policy = match state.tokens.is_empty() {
+        true => "allow",
+        false => "deny",
+    };
+    headers.insert(ACL_POLICY, HeaderValue::from_static(policy));
     response
 }
 

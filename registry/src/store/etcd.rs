@@ -761,8 +761,18 @@ async fn keep_membership(
             let (mut keeper, mut answers) = lease.keep_alive(id).await.map_err(io)?;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut renewed = Instant::now();
+            let mut ticks = 0u64;
             loop {
                 tick.tick().await;
+                // etcd's leader and members, for /v1/status/leader and peers.
+                if ticks.is_multiple_of(5) {
+                    match timeout(Duration::from_secs(2), etcd_servers(&client)).await {
+                        Ok(Ok(servers)) => status.set_servers(servers),
+                        Ok(Err(err)) => tracing::debug!(%err, "cannot read etcd's members"),
+                        Err(_) => tracing::debug!("etcd's members: no answer"),
+                    }
+                }
+                ticks += 1;
                 if renewed.elapsed() >= ttl / 3 {
                     keeper.keep_alive().await.map_err(io)?;
                     match timeout(Duration::from_secs(2), answers.message()).await {
@@ -799,6 +809,28 @@ async fn keep_membership(
         }
         sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// etcd's leader and members by their first client URL's address.
+async fn etcd_servers(client: &Client) -> Result<super::Servers, etcd_client::Error> {
+    let leader = client.maintenance_client().status().await?.leader();
+    let listed = client.cluster_client().member_list().await?;
+    let addr = |m: &etcd_client::Member| {
+        m.client_urls().first().map(|url| {
+            url.trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+                .to_string()
+        })
+    };
+    let mut members: Vec<String> = listed.members().iter().filter_map(addr).collect();
+    members.sort();
+    let leader = listed
+        .members()
+        .iter()
+        .find(|m| m.id() == leader)
+        .and_then(addr);
+    Ok(super::Servers { leader, members })
 }
 
 /// Publishes this agent's live load under its lease (`<prefix>/load/<me>`,
