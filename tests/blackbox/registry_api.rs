@@ -702,3 +702,70 @@ fn many_watchers_of_one_service_all_get_the_change_from_one_render() {
         "{rendered} renders and {shared} shared answers for 150 watchers of two queries"
     );
 }
+
+#[test]
+fn agent_health_node_services_and_metrics_as_consul_shows_them() {
+    let agent = Agent::start();
+    let c = agent.client();
+    c.put_ok(
+        "/v1/agent/service/register",
+        &json!({"Name": "web", "ID": "web-1", "Port": 1, "Check": {"TTL": "1h"}}).to_string(),
+    );
+    c.put_ok(
+        "/v1/agent/service/register",
+        &json!({"Name": "web", "ID": "web-2", "Port": 2}).to_string(),
+    );
+    // The worst of this agent's instances is the status code.
+    let by_name = c.get("/v1/agent/health/service/name/web");
+    assert_eq!(by_name.status, 503, "{}", by_name.body);
+    let entries = by_name.json();
+    assert_eq!(entries.as_array().map(Vec::len), Some(2));
+    let text = c.get("/v1/agent/health/service/name/web?format=text");
+    assert_eq!((text.status, text.body.as_str()), (503, "critical"));
+    c.put_ok("/v1/agent/check/warn/service:web-1", "");
+    assert_eq!(c.get("/v1/agent/health/service/name/web").status, 429);
+    c.put_ok("/v1/agent/check/pass/service:web-1", "");
+    let passing = c.get("/v1/agent/health/service/name/web?format=text");
+    assert_eq!((passing.status, passing.body.as_str()), (200, "passing"));
+    let one = c.get("/v1/agent/health/service/id/web-2");
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json()["Service"]["ID"], "web-2");
+    assert_eq!(one.json()["AggregatedStatus"], "passing");
+    assert_eq!(c.get("/v1/agent/health/service/id/nope").status, 404);
+    assert_eq!(c.get("/v1/agent/health/service/name/nope").status, 404);
+
+    // node-services: the node and its services as a list.
+    let me = c.get_ok("/v1/agent/self").json()["Config"]["NodeName"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let listed = c.get_ok(&format!("/v1/catalog/node-services/{me}")).json();
+    assert_eq!(listed["Node"]["Node"], me.as_str());
+    let mut ids: Vec<&str> = listed["Services"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["ID"].as_str().expect("id"))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["web-1", "web-2"]);
+    assert_eq!(
+        c.get_ok("/v1/catalog/node-services/ghost").json(),
+        json!({"Node": null, "Services": []})
+    );
+
+    // Metrics in Consul's JSON shape, or as Prometheus text.
+    let metrics = c.get_ok("/v1/agent/metrics").json();
+    let gauges = metrics["Gauges"].as_array().expect("gauges");
+    assert!(
+        gauges
+            .iter()
+            .any(|g| g["Name"] == "switchyard_registry_snapshot_age_seconds"),
+        "{metrics}"
+    );
+    assert!(metrics["Counters"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty()));
+    let text = c.get_ok("/v1/agent/metrics?format=prometheus").body;
+    assert!(text.contains("# TYPE switchyard_registry_snapshot_age_seconds gauge"));
+}

@@ -593,6 +593,201 @@ pub(super) async fn catalog_node(
     json(&out, index, &opts)
 }
 
+/// `/v1/catalog/node-services/NODE`: the node and its services as a list
+/// (`{"Node": null, "Services": []}` for a node not in the catalog).
+pub(super) async fn catalog_node_services(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let opts = QueryOpts::parse(&q)?;
+    let (snap, index) = block(&state, &opts, Some(WatchKey::Node(&name)), |s| {
+        s.node(&name).map_or(1, |n| n.index)
+    })
+    .await?;
+    let dc = state.agent.datacenter.as_str();
+    let out = match snap.node(&name) {
+        None => json!({ "Node": null, "Services": [] }),
+        Some(entry) => {
+            let services: Vec<ServiceOut<'_>> = entry
+                .endpoints
+                .values()
+                .map(|e| ServiceOut::new(e, dc))
+                .collect();
+            json!({ "Node": NodeOut::new(&entry.node, dc), "Services": services })
+        }
+    };
+    json(&out, index, &opts)
+}
+
+/// One of this agent's services with its checks and their worst status,
+/// as `/v1/agent/health/service/*` shows it.
+fn agent_health<'a>(
+    entry: &'a switchyard_catalog::NodeEntry,
+    endpoint: &'a switchyard_catalog::Endpoint,
+    dc: &'a str,
+) -> (Status, serde_json::Value) {
+    let checks: Vec<_> = entry
+        .checks
+        .values()
+        .filter(|c| c.service_id == *endpoint.id || c.is_node_level())
+        .collect();
+    let worst = checks
+        .iter()
+        .map(|c| c.status)
+        .max()
+        .unwrap_or(Status::Passing);
+    let rendered: Vec<CheckOut<'_>> = checks
+        .iter()
+        .map(|c| CheckOut::new(c, &endpoint.tags))
+        .collect();
+    let body = json!({
+        "AggregatedStatus": worst.as_str(),
+        "Service": ServiceOut::new(endpoint, dc),
+        "Checks": rendered,
+    });
+    (worst, body)
+}
+
+/// Consul's status code for an aggregated status: 200 passing, 429
+/// warning, 503 critical.
+fn health_code(status: Status) -> StatusCode {
+    match status {
+        Status::Passing => StatusCode::OK,
+        Status::Warning => StatusCode::TOO_MANY_REQUESTS,
+        Status::Critical => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn health_answer(status: Status, body: serde_json::Value, text: bool) -> ApiResult {
+    let mut response = match text {
+        true => axum::response::IntoResponse::into_response(status.as_str().to_string()),
+        false => axum::response::IntoResponse::into_response(axum::Json(body)),
+    };
+    *response.status_mut() = health_code(status);
+    Ok(response)
+}
+
+/// `/v1/agent/health/service/name/NAME`: this agent's instances of a
+/// service, with the worst status among them as the status code (what
+/// load balancers and Nomad poll). `?format=text`: the status alone.
+pub(super) async fn agent_health_by_name(
+    State(state): St,
+    Path(name): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let snap = state.registry.snapshot();
+    let dc = state.agent.datacenter.as_str();
+    let text = query_value(&q, "format") == Some("text");
+    let Some(entry) = snap.node(&state.agent.node_name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("ServiceName {name} Not Found"),
+        ));
+    };
+    let found: Vec<(Status, serde_json::Value)> = entry
+        .endpoints
+        .values()
+        .filter(|e| *e.service == *name)
+        .map(|e| agent_health(entry, e, dc))
+        .collect();
+    if found.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("ServiceName {name} Not Found"),
+        ));
+    }
+    let worst = found
+        .iter()
+        .map(|(s, _)| *s)
+        .max()
+        .unwrap_or(Status::Passing);
+    let bodies: Vec<serde_json::Value> = found.into_iter().map(|(_, b)| b).collect();
+    health_answer(worst, serde_json::Value::Array(bodies), text)
+}
+
+/// `/v1/agent/health/service/id/ID`: one of this agent's instances.
+pub(super) async fn agent_health_by_id(
+    State(state): St,
+    Path(id): Path<String>,
+    Query(q): Query<Pairs>,
+) -> ApiResult {
+    let snap = state.registry.snapshot();
+    let dc = state.agent.datacenter.as_str();
+    let text = query_value(&q, "format") == Some("text");
+    let found = snap.node(&state.agent.node_name).and_then(|entry| {
+        entry
+            .endpoints
+            .get(id.as_str())
+            .map(|e| agent_health(entry, e, dc))
+    });
+    let Some((status, body)) = found else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("ServiceId {id} not found"),
+        ));
+    };
+    health_answer(status, body, text)
+}
+
+/// `/v1/agent/metrics`: the agent's metrics in Consul's JSON shape
+/// (gauges, counters, histograms as samples), or the Prometheus text with
+/// `?format=prometheus`.
+pub(super) async fn agent_metrics(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
+    use prometheus::proto::MetricType;
+    if query_value(&q, "format") == Some("prometheus") {
+        return Ok(super::native::metrics(State(state)).await);
+    }
+    let store = state.registry.store_status();
+    let metrics = state.registry.metrics();
+    metrics.store_connected.set(i64::from(store.connected()));
+    metrics.store_staleness.set(store.staleness().as_secs_f64());
+    metrics.before_scrape(&state.registry.snapshot());
+    let families = state.prometheus.gather();
+    let (mut gauges, mut counters, mut samples) = (Vec::new(), Vec::new(), Vec::new());
+    for family in &families {
+        for metric in family.get_metric() {
+            let labels: BTreeMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            let name = family.name();
+            match family.get_field_type() {
+                MetricType::GAUGE => gauges.push(json!({
+                    "Name": name, "Value": metric.get_gauge().get_value(), "Labels": labels,
+                })),
+                MetricType::COUNTER => {
+                    let v = metric.get_counter().get_value();
+                    counters.push(json!({
+                        "Name": name, "Count": v, "Sum": v, "Min": v, "Max": v,
+                        "Mean": v, "Stddev": 0, "Rate": 0, "Labels": labels,
+                    }));
+                }
+                MetricType::HISTOGRAM => {
+                    let h = metric.get_histogram();
+                    let (count, sum) = (h.get_sample_count(), h.get_sample_sum());
+                    let mean = if count > 0 { sum / count as f64 } else { 0.0 };
+                    samples.push(json!({
+                        "Name": name, "Count": count, "Sum": sum, "Mean": mean,
+                        "Rate": 0, "Labels": labels,
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    json(
+        &json!({
+            "Timestamp": now, "Gauges": gauges, "Points": [], "Counters": counters,
+            "Samples": samples,
+        }),
+        state.registry.snapshot().index(),
+        &QueryOpts::default(),
+    )
+}
+
 // ---- health ---------------------------------------------------------------
 
 pub(super) async fn health_service(

@@ -295,6 +295,19 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/agent/self", reads(get(consul::agent_self)))
         .route("/v1/agent/members", reads(get(consul::agent_members)))
+        .route("/v1/agent/metrics", reads(get(consul::agent_metrics)))
+        .route(
+            "/v1/agent/health/service/name/{name}",
+            reads(get(consul::agent_health_by_name)),
+        )
+        .route(
+            "/v1/agent/health/service/id/{id}",
+            reads(get(consul::agent_health_by_id)),
+        )
+        .route(
+            "/v1/catalog/node-services/{*name}",
+            reads(get(consul::catalog_node_services)),
+        )
         .route("/v1/agent/services", reads(get(consul::agent_services)))
         .route("/v1/agent/checks", reads(get(consul::agent_checks)))
         .route(
