@@ -13,13 +13,13 @@ use imbl::OrdMap;
 use crate::error::RegistryError;
 use crate::model::CheckKind;
 use crate::model::{
-    unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_MAINTENANCE_CHECK,
+    unix_ms, Check, Drain, Endpoint, Name, Node, Status, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK,
     SERVICE_MAINTENANCE_PREFIX,
 };
 use crate::snapshot::{NodeEntry, ServiceEntry, Snapshot};
 use crate::store::{KvChange, Loaded, StoreBatch};
 use crate::Decorators;
-use switchyard_catalog::{KvEntry, PreparedQuery, Query};
+use switchyard_catalog::{Behavior, KvEntry, PreparedQuery, Query, Session};
 
 /// Longest check output kept (Consul's default `OutputMaxSize`).
 pub const MAX_OUTPUT_BYTES: usize = 4096;
@@ -143,6 +143,36 @@ pub enum Command {
         recurse: bool,
         cas: Option<u64>,
     },
+    /// `PUT /v1/kv/<key>?acquire=<session>`: lock the key for the session
+    /// (and write it); `Unmet` when another holds it or it is in a lock
+    /// delay.
+    KvLock {
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        session: String,
+    },
+    /// `?release=<session>`: unlock the key the session holds (and write
+    /// it); `Unmet` when the session does not hold it.
+    KvUnlock {
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        session: String,
+    },
+    SessionCreate(Session),
+    /// Ends a session (nothing for one that is gone).
+    SessionDestroy {
+        id: Name,
+    },
+    /// Restarts a session's TTL clock.
+    SessionRenew {
+        id: Name,
+    },
+    /// A session's TTL ran out (issued by the writer's timers).
+    SessionExpire {
+        id: Name,
+    },
 }
 
 impl Command {
@@ -172,6 +202,12 @@ impl Command {
             Command::DeleteQuery { .. } => "query_delete",
             Command::KvSet { .. } => "kv_set",
             Command::KvDelete { .. } => "kv_delete",
+            Command::KvLock { .. } => "kv_lock",
+            Command::KvUnlock { .. } => "kv_unlock",
+            Command::SessionCreate(_) => "session_create",
+            Command::SessionDestroy { .. } => "session_destroy",
+            Command::SessionRenew { .. } => "session_renew",
+            Command::SessionExpire { .. } => "session_expire",
         }
     }
 }
@@ -204,6 +240,8 @@ pub(crate) struct Dirty {
     pub(crate) queries: HashSet<Name>,
     /// KV keys set or deleted.
     pub(crate) kv: HashSet<Name>,
+    /// Sessions made or ended.
+    pub(crate) sessions: HashSet<Name>,
     /// Keys in insertion order, so a refused command's keys can be taken back.
     journal: Vec<DirtyKey>,
 }
@@ -218,6 +256,7 @@ enum DirtyKey {
     Redecorate(Name),
     Query(Name),
     Kv(Name),
+    Session(Name),
 }
 
 impl Dirty {
@@ -228,6 +267,7 @@ impl Dirty {
             && self.checks.is_empty()
             && self.queries.is_empty()
             && self.kv.is_empty()
+            && self.sessions.is_empty()
     }
 
     fn add(&mut self, key: DirtyKey) {
@@ -240,6 +280,7 @@ impl Dirty {
             DirtyKey::Redecorate(k) => self.redecorate.insert(k.clone()),
             DirtyKey::Query(k) => self.queries.insert(k.clone()),
             DirtyKey::Kv(k) => self.kv.insert(k.clone()),
+            DirtyKey::Session(k) => self.sessions.insert(k.clone()),
         };
         if new {
             self.journal.push(key);
@@ -263,6 +304,7 @@ impl Dirty {
                 DirtyKey::Redecorate(k) => self.redecorate.remove(&k),
                 DirtyKey::Query(k) => self.queries.remove(&k),
                 DirtyKey::Kv(k) => self.kv.remove(&k),
+                DirtyKey::Session(k) => self.sessions.remove(&k),
             };
         }
     }
@@ -278,6 +320,9 @@ pub(crate) struct Catalog {
     pub(crate) dirty: Dirty,
     /// Run on every view built (see `ViewDecorator`).
     pub(crate) decorators: Decorators,
+    /// Sessions whose clock restarts (made or renewed, read back from a
+    /// shared store); the writer takes them.
+    pub(crate) renewed_sessions: Vec<Name>,
 }
 
 /// A check in a registration, with whether the registrant stated its status.
@@ -369,6 +414,10 @@ impl Catalog {
         for (key, idx) in loaded.kv_tombstones {
             snap.kv.bury(&key, idx);
         }
+        for session in loaded.sessions {
+            let idx = session.modify_index;
+            snap.sessions.insert(Arc::new(session), idx);
+        }
         for query in loaded.queries {
             let id = query.id.clone();
             snap.queries.index = snap.queries.index.max(query.modify_index);
@@ -414,6 +463,7 @@ impl Catalog {
             snap,
             dirty: Dirty::default(),
             decorators,
+            renewed_sessions: Vec::new(),
         };
         for service in names {
             catalog.dirty.add(DirtyKey::Service(service));
@@ -476,6 +526,12 @@ impl Catalog {
             return Err(RegistryError::Refused(format!(
                 "name '{}' aliases an existing query ID",
                 query.name
+            )));
+        }
+        if !query.session.is_empty() && self.snap.sessions.get(&query.session).is_none() {
+            return Err(RegistryError::Refused(format!(
+                "invalid session {:?}",
+                query.session
             )));
         }
         query.create_index = existing.as_ref().map_or(idx, |q| q.create_index);
@@ -556,6 +612,187 @@ impl Catalog {
         Ok(!keys.is_empty())
     }
 
+    fn kv_lock(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        session: &str,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        if self.snap.sessions.get(session).is_none() {
+            return Err(RegistryError::Refused(format!(
+                "invalid session {session:?}"
+            )));
+        }
+        let old = self.snap.kv.get(&key).cloned();
+        let held = old.as_ref().is_some_and(|e| e.session == session);
+        if let Some(other) = old.as_ref().filter(|e| !e.session.is_empty() && !held) {
+            return Err(RegistryError::Unmet(format!(
+                "failed to lock key {key:?}, lock is already held by {:?}",
+                other.session
+            )));
+        }
+        if !held && self.snap.kv.delayed_until(&key) > unix_ms() {
+            return Err(RegistryError::Unmet(format!(
+                "failed to lock key {key:?}: in a lock delay"
+            )));
+        }
+        let entry = KvEntry {
+            value,
+            flags,
+            session: session.to_string(),
+            lock_index: old.as_ref().map_or(0, |e| e.lock_index) + u64::from(!held),
+            create_index: old.as_ref().map_or(idx, |e| e.create_index),
+            modify_index: idx,
+            key,
+        };
+        self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
+        self.snap.kv.insert(Arc::new(entry), idx);
+        Ok(true)
+    }
+
+    fn kv_unlock(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        flags: u64,
+        session: &str,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let Some(old) = self
+            .snap
+            .kv
+            .get(&key)
+            .filter(|e| e.session == session)
+            .cloned()
+        else {
+            return Err(RegistryError::Unmet(format!(
+                "failed to unlock key {key:?}, lock isn't held, or is held by another session"
+            )));
+        };
+        let entry = KvEntry {
+            value,
+            flags,
+            session: String::new(),
+            lock_index: old.lock_index,
+            create_index: old.create_index,
+            modify_index: idx,
+            key,
+        };
+        self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
+        self.snap.kv.insert(Arc::new(entry), idx);
+        Ok(true)
+    }
+
+    /// Makes a session after Consul's checks: its node is registered, and
+    /// every check it links to is there and not critical.
+    fn session_create(&mut self, mut session: Session, idx: u64) -> Result<bool, RegistryError> {
+        let Some(node) = self.snap.nodes.get(session.node.as_str()) else {
+            return Err(RegistryError::Refused(
+                "Missing node registration".to_string(),
+            ));
+        };
+        for check in session.checks() {
+            match node.checks.get(check) {
+                // A node without a serfHealth of its own (one agent on the
+                // embedded store) is alive: the API shows it passing.
+                None if check == NODE_HEALTH_CHECK => {}
+                None => {
+                    return Err(RegistryError::Refused(format!(
+                        "Missing check '{check}' registration"
+                    )))
+                }
+                Some(c) if c.status == Status::Critical => {
+                    return Err(RegistryError::Refused(format!(
+                        "Check '{check}' is in critical state"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.snap.sessions.get(&session.id).is_some() {
+            return Err(RegistryError::Refused(format!(
+                "Session ID '{}' is in use",
+                session.id
+            )));
+        }
+        session.create_index = idx;
+        session.modify_index = idx;
+        self.dirty
+            .add(DirtyKey::Session(session.id.as_str().into()));
+        self.snap.sessions.insert(Arc::new(session), idx);
+        Ok(true)
+    }
+
+    /// Ends a session: its keys released (or deleted, by its behavior) and
+    /// held back from locking for its lock delay; prepared queries bound to
+    /// it go. Whether there was one.
+    pub(crate) fn session_end(&mut self, id: &str, idx: u64) -> bool {
+        let Some(session) = self.snap.sessions.remove(id, idx) else {
+            return false;
+        };
+        self.dirty.add(DirtyKey::Session(id.into()));
+        let now = unix_ms();
+        let until = now + session.lock_delay().as_millis() as u64;
+        let held: Vec<Arc<KvEntry>> = self
+            .snap
+            .kv
+            .under("")
+            .filter(|e| e.session == id)
+            .cloned()
+            .collect();
+        for entry in held {
+            match session.behavior {
+                Behavior::Release => {
+                    let mut released = (*entry).clone();
+                    released.session.clear();
+                    released.modify_index = idx;
+                    self.snap.kv.insert(Arc::new(released), idx);
+                }
+                Behavior::Delete => {
+                    self.snap.kv.remove(&entry.key, idx);
+                }
+            }
+            self.snap.kv.delay(&entry.key, until, now);
+            self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
+        }
+        let bound: Vec<Name> = self
+            .snap
+            .queries
+            .iter()
+            .filter(|q| q.def.session == id)
+            .map(|q| q.def.id.as_str().into())
+            .collect();
+        for query in bound {
+            self.set_query(&query, None, idx);
+        }
+        true
+    }
+
+    /// Ends the sessions whose node is gone or one of whose checks is gone
+    /// or critical (after a write that may have done that).
+    fn end_broken_sessions(&mut self, idx: u64) -> bool {
+        let broken: Vec<Name> = self
+            .snap
+            .sessions
+            .iter()
+            .filter(|s| match self.snap.nodes.get(s.node.as_str()) {
+                None => true,
+                Some(node) => s.checks().any(|check| match node.checks.get(check) {
+                    None => check != NODE_HEALTH_CHECK,
+                    Some(c) => c.status == Status::Critical,
+                }),
+            })
+            .map(|s| s.id.as_str().into())
+            .collect();
+        for id in &broken {
+            tracing::info!(session = %id, "session ended: its node or a check it links to is gone or critical");
+            self.session_end(id, idx);
+        }
+        !broken.is_empty()
+    }
+
     /// Puts (or, with `None`, removes) a query and marks it dirty.
     pub(crate) fn set_query(&mut self, id: &Name, query: Option<Arc<Query>>, idx: u64) {
         match query {
@@ -572,7 +809,23 @@ impl Catalog {
     /// caller restores its pre-command clone. Returns whether anything changed.
     pub(crate) fn apply(&mut self, command: Command) -> Result<bool, RegistryError> {
         let idx = self.snap.index + 1;
-        let changed = match command {
+        // Whether the command may end sessions: a node or check gone, or
+        // a check turned critical.
+        let health = !matches!(
+            command,
+            Command::PutQuery { .. }
+                | Command::DeleteQuery { .. }
+                | Command::KvSet { .. }
+                | Command::KvDelete { .. }
+                | Command::KvLock { .. }
+                | Command::KvUnlock { .. }
+                | Command::SessionCreate(_)
+                | Command::SessionDestroy { .. }
+                | Command::SessionRenew { .. }
+                | Command::SessionExpire { .. }
+                | Command::Redecorate(_)
+        );
+        let mut changed = match command {
             Command::RegisterService {
                 endpoint,
                 checks,
@@ -769,7 +1022,34 @@ impl Catalog {
                 cas,
             } => self.kv_set(key, value, flags, cas, idx)?,
             Command::KvDelete { key, recurse, cas } => self.kv_delete(&key, recurse, cas, idx)?,
+            Command::KvLock {
+                key,
+                value,
+                flags,
+                session,
+            } => self.kv_lock(key, value, flags, &session, idx)?,
+            Command::KvUnlock {
+                key,
+                value,
+                flags,
+                session,
+            } => self.kv_unlock(key, value, flags, &session, idx)?,
+            Command::SessionCreate(session) => self.session_create(session, idx)?,
+            Command::SessionDestroy { id } | Command::SessionExpire { id } => {
+                self.session_end(&id, idx)
+            }
+            Command::SessionRenew { id } => {
+                if self.snap.sessions.get(&id).is_none() {
+                    return Err(RegistryError::NotFound(format!(
+                        "Session id '{id}' not found"
+                    )));
+                }
+                false
+            }
         };
+        if health && !self.snap.sessions.is_empty() {
+            changed |= self.end_broken_sessions(idx);
+        }
         if changed {
             self.snap.index = idx;
         }
@@ -1392,6 +1672,10 @@ impl Catalog {
                 None => KvChange::Deleted(self.snap.kv.key_index(key)),
             };
             batch.kv.push((key.clone(), change));
+        }
+        for id in &dirty.sessions {
+            let session = self.snap.sessions.get(id).cloned();
+            batch.sessions.push((id.clone(), session));
         }
         for id in &dirty.queries {
             let query = self.snap.queries.get(id).map(|q| q.def.clone());

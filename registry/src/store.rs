@@ -18,7 +18,7 @@ pub use etcd::{EtcdOptions, EtcdStore};
 
 use crate::error::StoreError;
 use crate::model::{unix_ms, Check, Endpoint, Name, Node};
-use switchyard_catalog::{KvEntry, PreparedQuery};
+use switchyard_catalog::{KvEntry, PreparedQuery, Session};
 
 /// A key's change in a batch: its entry, or its deletion at that index.
 #[derive(Clone, Debug)]
@@ -42,6 +42,11 @@ pub struct StoreBatch {
     pub queries: Vec<(Name, Option<Arc<PreparedQuery>>)>,
     /// KV keys set or deleted.
     pub kv: Vec<(Name, KvChange)>,
+    /// Sessions made or ended.
+    pub sessions: Vec<(Name, Option<Arc<Session>>)>,
+    /// Sessions renewed: a shared store records them so that every agent
+    /// restarts the session's clock.
+    pub session_renewals: Vec<Name>,
     /// Last change index per service, kept for services that no longer exist.
     pub service_index: Vec<(Name, u64)>,
     /// The catalog index this batch was built on. A shared store commits only
@@ -71,6 +76,7 @@ impl StoreBatch {
             + self.checks.len()
             + self.queries.len()
             + self.kv.len()
+            + self.sessions.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,6 +93,7 @@ pub struct Loaded {
     pub checks: Vec<Check>,
     pub queries: Vec<PreparedQuery>,
     pub kv: Vec<KvEntry>,
+    pub sessions: Vec<Session>,
     /// Deleted keys with the index of their deletion.
     pub kv_tombstones: Vec<(String, u64)>,
     pub service_index: Vec<(String, u64)>,
@@ -135,6 +142,10 @@ pub enum Record {
     /// A KV key's tombstone (written with its deletion; its revision is the
     /// deletion's index).
     KvTombstone(Name),
+    /// A session, or its end.
+    Session(Name, Option<Box<Session>>),
+    /// A session was renewed (its clock restarts on every agent).
+    SessionRenewed(Name),
     /// A TTL check was renewed (its clock restarts on every agent).
     Ttl((Name, Name), Duration),
     /// The catalog changed at this revision (every catalog write carries it),

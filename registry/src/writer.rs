@@ -299,6 +299,25 @@ impl<S: Store> Writer<S> {
                         let (kind, node, id) = match command {
                             Command::ExpireTtl { node, id } => (TimerKind::Ttl, node, id),
                             Command::ReapCritical { node, check } => (TimerKind::Reap, node, check),
+                            Command::SessionExpire { id } => {
+                                // The owner of the session's node ends it.
+                                let node: Name = self
+                                    .catalog
+                                    .snap
+                                    .sessions
+                                    .get(id)
+                                    .map_or_else(|| Name::from(""), |s| s.node.as_str().into());
+                                let owned = self.status.owns(&node, id);
+                                if !owned {
+                                    self.timers.defer(
+                                        TimerKind::Session,
+                                        (id.clone(), Name::from("")),
+                                        now,
+                                        &self.catalog,
+                                    );
+                                }
+                                return owned;
+                            }
                             _ => return true,
                         };
                         let owned = self.status.owns(node, id);
@@ -375,8 +394,14 @@ impl<S: Store> Writer<S> {
                 false => std::mem::take(&mut commands),
             };
             let mut expiries = Vec::new();
+            let mut sessions_renewed: Vec<Name> = Vec::new();
             for command in group {
                 let kind = command.kind();
+                let session_key = match &command {
+                    Command::SessionCreate(s) => Some(Name::from(s.id.as_str())),
+                    Command::SessionRenew { id } => Some(id.clone()),
+                    _ => None,
+                };
                 if let Command::ExpireTtl { node, id } = &command {
                     let key = (node.clone(), id.clone());
                     // The timer that made this command is gone from the map;
@@ -388,12 +413,21 @@ impl<S: Store> Writer<S> {
                     }
                     expiries.push(key);
                 }
+                if let Command::SessionExpire { id } = &command {
+                    // Renewed since the timer fired.
+                    if self.timers.sessions.contains_key(id) {
+                        results.push((kind, Ok(())));
+                        continue;
+                    }
+                    tracing::info!(session = %id, "session ended: its TTL ran out");
+                }
                 let ttl_keys = ttl_keys(&command);
                 let saved = self.catalog.snap.clone();
                 let mark = self.catalog.dirty.mark();
                 let result = match self.catalog.apply(command) {
                     Ok(_) => {
                         refresh.extend(ttl_keys);
+                        sessions_renewed.extend(session_key);
                         Ok(())
                     }
                     Err(err) => {
@@ -414,10 +448,20 @@ impl<S: Store> Writer<S> {
                     .collect(),
                 false => Vec::new(),
             };
-            if !self.catalog.dirty.is_empty() || !renewals.is_empty() {
+            // A shared store records renewals, so every agent restarts the
+            // session's clock; a local one has nothing to record.
+            let session_renewals = match shared {
+                true => sessions_renewed.clone(),
+                false => Vec::new(),
+            };
+            if !self.catalog.dirty.is_empty()
+                || !renewals.is_empty()
+                || !session_renewals.is_empty()
+            {
                 let mut batch = self.catalog.store_batch();
                 batch.base = before.index;
                 batch.ttl_renewals = renewals;
+                batch.session_renewals = session_renewals;
                 if shared {
                     batch.ttl_expiries = expiries;
                     batch.seen = self.feed_revision;
@@ -425,7 +469,10 @@ impl<S: Store> Writer<S> {
                 self.metrics.commit_records.observe(batch.len() as f64);
                 self.metrics.commit_commands.observe(results.len() as f64);
                 let started = Instant::now();
-                let committed = if batch.is_empty() && batch.ttl_renewals.is_empty() {
+                let committed = if batch.is_empty()
+                    && batch.ttl_renewals.is_empty()
+                    && batch.session_renewals.is_empty()
+                {
                     // Views to rebuild and nothing to store (a reload's
                     // `Redecorate`): this agent's own business.
                     Ok(Committed::Local)
@@ -481,6 +528,11 @@ impl<S: Store> Writer<S> {
             let now = Instant::now();
             for key in refresh {
                 self.timers.refresh_ttl(key, now, &self.catalog);
+            }
+            if !shared {
+                for id in sessions_renewed {
+                    self.timers.refresh_session(id, now, &self.catalog);
+                }
             }
             break;
         }
@@ -590,6 +642,9 @@ impl<S: Store> Writer<S> {
                 for key in renewed {
                     self.timers.refresh_ttl(key, now, &self.catalog);
                 }
+                for id in std::mem::take(&mut self.catalog.renewed_sessions) {
+                    self.timers.refresh_session(id, now, &self.catalog);
+                }
             }
             Change::Reset { revision, loaded } => {
                 self.feed_revision = self.feed_revision.max(revision);
@@ -621,6 +676,17 @@ impl<S: Store> Writer<S> {
             self.timers.refresh_ttl(key.clone(), now, &self.catalog);
             self.timers.check_changed(key, now, &self.catalog);
         }
+        let sessions: Vec<Name> = self
+            .catalog
+            .snap
+            .sessions
+            .iter()
+            .map(|s| s.id.as_str().into())
+            .collect();
+        for id in sessions {
+            self.timers.refresh_session(id, now, &self.catalog);
+        }
+        self.catalog.renewed_sessions.clear();
     }
 }
 
@@ -674,6 +740,8 @@ fn ttl_keys(command: &Command) -> Vec<(Name, Name)> {
 enum TimerKind {
     Ttl,
     Reap,
+    /// A session's TTL (key: its id and "").
+    Session,
 }
 
 /// TTL deadlines and deregister-critical clocks. The heap may hold stale
@@ -681,6 +749,8 @@ enum TimerKind {
 #[derive(Default)]
 struct Timers {
     ttl: HashMap<(Name, Name), Instant>,
+    /// Sessions' deadlines: twice their TTL after their last renewal.
+    sessions: HashMap<Name, Instant>,
     critical_since: HashMap<(Name, Name), Instant>,
     heap: BinaryHeap<Reverse<(Instant, TimerKind, Name, Name)>>,
 }
@@ -700,6 +770,22 @@ impl Timers {
             }
             None => {
                 self.ttl.remove(&key);
+            }
+        }
+    }
+
+    /// Restarts a session's clock (made, renewed): it ends twice its TTL
+    /// from now unless renewed again.
+    fn refresh_session(&mut self, id: Name, now: Instant, catalog: &Catalog) {
+        match catalog.snap.sessions.get(&id).and_then(|s| s.ttl()) {
+            Some(ttl) => {
+                let at = now + ttl * 2;
+                self.sessions.insert(id.clone(), at);
+                self.heap
+                    .push(Reverse((at, TimerKind::Session, id, Name::from(""))));
+            }
+            None => {
+                self.sessions.remove(&id);
             }
         }
     }
@@ -735,6 +821,9 @@ impl Timers {
             TimerKind::Ttl => {
                 self.ttl.insert(key.clone(), at);
             }
+            TimerKind::Session => {
+                self.sessions.insert(key.0.clone(), at);
+            }
             TimerKind::Reap => {
                 // It was due: keep it due, so a new owner reaps at once.
                 let after = catalog
@@ -767,6 +856,12 @@ impl Timers {
                             node: key.0,
                             id: key.1,
                         });
+                    }
+                }
+                TimerKind::Session => {
+                    if self.sessions.get(&key.0) == Some(&at) {
+                        self.sessions.remove(&key.0);
+                        out.push(Command::SessionExpire { id: key.0 });
                     }
                 }
                 TimerKind::Reap => {

@@ -392,7 +392,7 @@ fn consul_endpoints_not_built_answer_501_never_404() {
     let agent = Agent::start();
     let c = agent.client();
     for (method, path) in [
-        ("GET", "/v1/session/list"),
+        ("GET", "/v1/operator/raft/configuration"),
         ("PUT", "/v1/event/fire/deploy"),
         ("GET", "/v1/acl/tokens"),
         ("GET", "/v1/connect/ca/roots"),

@@ -20,6 +20,7 @@ mod readme;
 mod registry_api;
 mod restart;
 mod security;
+mod sessions;
 mod support;
 mod tcp;
 mod tonic_grpc;

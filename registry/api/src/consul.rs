@@ -52,6 +52,8 @@ pub(super) async fn agent_self(State(state): St) -> ApiResult {
             "Version": "1.20.0",
             "Revision": "switchyard",
             "SwitchyardVersion": a.version,
+            // Patroni reads it after an `Invalid Session TTL`.
+            "SessionTTLMin": switchyard_catalog::session::MIN_TTL.as_nanos() as u64,
         },
         "DebugConfig": {},
         "Coord": null,

@@ -1,8 +1,7 @@
 //! Consul's key/value store: `GET`, `PUT` and `DELETE /v1/kv/<key>`
-//! (CONSUL-KV.md §1). Reads block on the key or prefix they name and wake
-//! only for changes under it. Sessions (`acquire`, `release`) are not built
-//! yet: no session exists, so an `acquire` is refused as Consul refuses an
-//! unknown session, and a `release` holds nothing.
+//! (CONSUL-KV.md §1), with locks (`acquire`, `release`) held by sessions.
+//! Reads block on the key or prefix they name and wake only for changes
+//! under it.
 
 use std::sync::Arc;
 
@@ -219,18 +218,30 @@ pub(super) async fn put(
         response.extensions_mut().insert(super::OwnLimit);
         return Ok(response);
     }
-    if let Some(session) = value(&q, "acquire") {
+    let session = value(&q, "acquire").or_else(|| value(&q, "release"));
+    if session == Some("") {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            match session {
-                "" => "missing session".to_string(),
-                s => format!("invalid session {s:?}"),
-            },
+            "missing session",
         ));
     }
-    if has(&q, "release") {
-        // No key is held: nothing to release.
-        return Ok(write_ok(state.registry.snapshot().kv.index, Some("false")));
+    if let Some(session) = value(&q, "acquire") {
+        let command = Command::KvLock {
+            key,
+            value: body.to_vec(),
+            flags,
+            session: session.to_string(),
+        };
+        return apply(&state, command).await;
+    }
+    if let Some(session) = value(&q, "release") {
+        let command = Command::KvUnlock {
+            key,
+            value: body.to_vec(),
+            flags,
+            session: session.to_string(),
+        };
+        return apply(&state, command).await;
     }
     apply(
         &state,

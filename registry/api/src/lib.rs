@@ -19,6 +19,7 @@ mod native;
 mod query;
 mod render;
 pub mod serve;
+mod session;
 pub mod tls;
 mod ui;
 
@@ -392,6 +393,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/kv/{*key}",
             register(get(kv::get).put(kv::put).delete(kv::delete)),
         )
+        .route("/v1/session/create", register(put(session::create)))
+        .route("/v1/session/destroy/", register(put(session::destroy_none)))
+        .route("/v1/session/destroy/{id}", register(put(session::destroy)))
+        .route("/v1/session/renew/{id}", register(put(session::renew)))
+        .route("/v1/session/info/{id}", reads(get(session::info)))
+        .route("/v1/session/node/{node}", reads(get(session::node)))
+        .route("/v1/session/list", reads(get(session::list)))
         .route("/v1/query", register(get(query::list).post(query::create)))
         .route(
             "/v1/query/{id}",

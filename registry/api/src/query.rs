@@ -154,10 +154,6 @@ fn definition(body: &[u8], id: String) -> Result<PreparedQuery, ApiError> {
         }
         parse_go_duration(&ttl).map_err(|e| invalid(format!("Bad DNS TTL '{ttl}': {e}")))?;
     }
-    if !input.session.is_empty() {
-        // Sessions are not built yet (issue 30): none is valid.
-        return Err(refused(format!("invalid session {:?}", input.session)));
-    }
     let nearest_n = u32::try_from(failover.nearestn)
         .map_err(|_| invalid(format!("Bad NearestN '{}'", failover.nearestn)))?;
     Ok(PreparedQuery {

@@ -48,6 +48,9 @@ fn from_base64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
 pub struct Kv {
     entries: OrdMap<Name, Arc<KvEntry>>,
     tombstones: OrdMap<Name, u64>,
+    /// Keys in a lock delay (a session that held them ended): until when
+    /// (Unix ms) no session may lock them. Kept in memory, as in Consul.
+    delays: OrdMap<Name, u64>,
     /// Last index at which any key changed (the table's index).
     pub index: u64,
 }
@@ -121,6 +124,28 @@ impl Kv {
         self.tombstones.insert(key.into(), idx);
         self.index = self.index.max(idx);
         Some(old)
+    }
+
+    /// Until when (Unix ms) `key` may not be locked; 0: it may.
+    pub fn delayed_until(&self, key: &str) -> u64 {
+        self.delays.get(key).copied().unwrap_or(0)
+    }
+
+    /// The writer's: `key` may not be locked before `until_ms` (delays
+    /// that are over are dropped here).
+    pub fn delay(&mut self, key: &str, until_ms: u64, now_ms: u64) {
+        let over: Vec<Name> = self
+            .delays
+            .iter()
+            .filter(|(_, until)| **until <= now_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in over {
+            self.delays.remove(&key);
+        }
+        if until_ms > now_ms {
+            self.delays.insert(key.into(), until_ms);
+        }
     }
 
     /// The writer's: a tombstone read back from a store.

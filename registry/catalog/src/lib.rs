@@ -18,6 +18,7 @@ pub mod load;
 pub mod model;
 pub mod query;
 pub mod report;
+pub mod session;
 pub mod snapshot;
 pub mod thread_policy;
 pub mod view;
@@ -39,6 +40,7 @@ pub use query::{
     PreparedQuery, Queries, Query, QueryFailover, QueryService, QueryTemplate, NAME_PREFIX_MATCH,
 };
 pub use report::{HealthReports, Reported};
+pub use session::{Behavior, Session, Sessions};
 pub use snapshot::{
     EndpointState, Instance, Members, NodeEntry, Snapshot, StateCounts, TableIndexes,
 };

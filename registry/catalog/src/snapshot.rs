@@ -34,6 +34,7 @@ pub struct Snapshot {
     pub queries: crate::query::Queries,
     /// The key/value store.
     pub kv: crate::kv::Kv,
+    pub sessions: crate::session::Sessions,
 }
 
 /// Everything kept per service name, in one map entry so that a change costs

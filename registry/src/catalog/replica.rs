@@ -27,6 +27,13 @@ impl Catalog {
         let mut endpoints = Vec::new();
         let mut checks = Vec::new();
         let mut catalog_changed = false;
+        // Sessions that end first, while the keys they held still say so:
+        // each agent holds those keys back for the session's lock delay.
+        for record in &records {
+            if let Record::Session(id, None) = record {
+                self.session_gone(id, revision);
+            }
+        }
         // Nodes first, then what lives on them; deletions last, innermost first.
         for record in records {
             match record {
@@ -46,6 +53,13 @@ impl Catalog {
                     self.dirty.add(DirtyKey::Kv(key));
                 }
                 Record::KvTombstone(key) => self.snap.kv.bury(&key, revision),
+                Record::Session(id, Some(session)) => {
+                    self.snap.sessions.insert(Arc::from(session), revision);
+                    self.dirty.add(DirtyKey::Session(id.clone()));
+                    self.renewed_sessions.push(id);
+                }
+                Record::Session(_, None) => {}
+                Record::SessionRenewed(id) => self.renewed_sessions.push(id),
                 deletion => deletions.push(deletion),
             }
         }
@@ -92,6 +106,27 @@ impl Catalog {
             }
         });
         self.set_query(id, compiled, revision);
+    }
+
+    /// A session ended by another write: gone, and the keys it holds (the
+    /// same revision releases or deletes them) held back for its delay.
+    fn session_gone(&mut self, id: &str, revision: u64) {
+        let Some(session) = self.snap.sessions.remove(id, revision) else {
+            return;
+        };
+        self.dirty.add(DirtyKey::Session(id.into()));
+        let now = crate::model::unix_ms();
+        let until = now + session.lock_delay().as_millis() as u64;
+        let held: Vec<Name> = self
+            .snap
+            .kv
+            .under("")
+            .filter(|e| e.session == id)
+            .map(|e| e.key.as_str().into())
+            .collect();
+        for key in held {
+            self.snap.kv.delay(&key, until, now);
+        }
     }
 
     fn replace_node(&mut self, node: Node, revision: u64) {

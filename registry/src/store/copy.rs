@@ -23,7 +23,7 @@ const WRITTEN: &str = "written_ms";
 /// What the copy is told.
 pub(super) enum Update {
     /// The whole catalog (read at connect or after a compaction).
-    Reset(Loaded),
+    Reset(Box<Loaded>),
     /// The records one revision changed.
     Records(u64, Vec<Record>),
 }
@@ -142,6 +142,8 @@ fn write(db: &Database, mut updates: Vec<Update>) -> Result<(u64, u64), StoreErr
                 Record::Kv(key, None) | Record::KvTombstone(key) => {
                     batch.kv.push((key, KvChange::Deleted(revision)))
                 }
+                Record::Session(id, session) => batch.sessions.push((id, session.map(Arc::from))),
+                Record::SessionRenewed(_) => {}
                 Record::Ttl(..) | Record::Index { .. } => {}
             }
         }

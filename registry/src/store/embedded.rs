@@ -19,6 +19,7 @@ const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints"
 const CHECKS: TableDefinition<&str, &[u8]> = TableDefinition::new("checks");
 const QUERIES: TableDefinition<&str, &[u8]> = TableDefinition::new("queries");
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const KV_TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("kv_tombstones");
 const SERVICE_INDEX: TableDefinition<&str, u64> = TableDefinition::new("service_index");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -107,6 +108,7 @@ pub(super) fn load_db(db: &Database) -> Result<Loaded, StoreError> {
         checks: load_table(&txn, CHECKS)?,
         queries: load_table(&txn, QUERIES)?,
         kv: load_table(&txn, KV)?,
+        sessions: load_table(&txn, SESSIONS)?,
         ..Loaded::default()
     };
     match txn.open_table(KV_TOMBSTONES) {
@@ -155,7 +157,7 @@ pub(super) fn replace_blocking(
 ) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io)?;
     {
-        for table in [NODES, ENDPOINTS, CHECKS, QUERIES, KV] {
+        for table in [NODES, ENDPOINTS, CHECKS, QUERIES, KV, SESSIONS] {
             txn.delete_table(table).map_err(io)?;
         }
         txn.delete_table(SERVICE_INDEX).map_err(io)?;
@@ -163,6 +165,12 @@ pub(super) fn replace_blocking(
         let mut kv = txn.open_table(KV).map_err(io)?;
         for entry in &loaded.kv {
             kv.insert(entry.key.as_str(), encode(entry)?.as_slice())
+                .map_err(io)?;
+        }
+        let mut sessions = txn.open_table(SESSIONS).map_err(io)?;
+        for session in &loaded.sessions {
+            sessions
+                .insert(session.id.as_str(), encode(session)?.as_slice())
                 .map_err(io)?;
         }
         let mut tombstones = txn.open_table(KV_TOMBSTONES).map_err(io)?;
@@ -245,6 +253,16 @@ pub(super) fn commit_with(
                 None => checks.remove(key.as_str()),
             }
             .map_err(io)?;
+        }
+        if !batch.sessions.is_empty() {
+            let mut sessions = txn.open_table(SESSIONS).map_err(io)?;
+            for (id, session) in &batch.sessions {
+                match session {
+                    Some(session) => sessions.insert(&**id, encode(&**session)?.as_slice()),
+                    None => sessions.remove(&**id),
+                }
+                .map_err(io)?;
+            }
         }
         if !batch.kv.is_empty() {
             let mut kv = txn.open_table(KV).map_err(io)?;

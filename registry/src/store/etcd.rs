@@ -36,7 +36,7 @@ use super::copy::{keep, LocalCopy, Update};
 use super::{Change, Committed, KvChange, Loaded, Record, Store, StoreBatch, StoreStatus};
 use crate::error::StoreError;
 use crate::model::{Check, Endpoint, Name, Node};
-use switchyard_catalog::{KvEntry, PreparedQuery};
+use switchyard_catalog::{KvEntry, PreparedQuery, Session};
 
 /// Largest gRPC message accepted from etcd (a full read is paged well below).
 const MAX_MESSAGE: usize = 256 << 20;
@@ -147,6 +147,8 @@ enum Parsed<'a> {
     Query(&'a str),
     Kv(&'a str),
     KvTombstone(&'a str),
+    Session(&'a str),
+    SessionTtl(&'a str),
     Ttl(&'a str, &'a str),
     Index,
     Service(&'a str),
@@ -198,6 +200,8 @@ impl Keys {
             "query" => Parsed::Query(name),
             "kv" => Parsed::Kv(name),
             "kvdel" => Parsed::KvTombstone(name),
+            "session" => Parsed::Session(name),
+            "sessionttl" => Parsed::SessionTtl(name),
             "endpoint" => pair().map(|(n, i)| Parsed::Endpoint(n, i))?,
             "check" => pair().map(|(n, i)| Parsed::Check(n, i))?,
             "ttl" => pair().map(|(n, i)| Parsed::Ttl(n, i))?,
@@ -257,6 +261,12 @@ fn put_record(keys: &Keys, kv: &KeyValue) -> Result<Option<Record>, StoreError> 
             Record::Kv(key.into(), Some(Box::new(entry)))
         }
         Some(Parsed::KvTombstone(key)) => Record::KvTombstone(key.into()),
+        Some(Parsed::Session(id)) => {
+            let mut session: Session = decode(kv)?;
+            (session.create_index, session.modify_index) = (create, modify);
+            Record::Session(id.into(), Some(Box::new(session)))
+        }
+        Some(Parsed::SessionTtl(id)) => Record::SessionRenewed(id.into()),
         Some(Parsed::Ttl(node, id)) => {
             let ms: u64 = decode(kv)?;
             Record::Ttl((node.into(), id.into()), Duration::from_millis(ms))
@@ -280,6 +290,7 @@ fn delete_record(keys: &Keys, key: &[u8]) -> Option<Record> {
         Parsed::Check(n, i) => Record::Check(pair(n, i), None),
         Parsed::Query(id) => Record::Query(id.into(), None),
         Parsed::Kv(key) => Record::Kv(key.into(), None),
+        Parsed::Session(id) => Record::Session(id.into(), None),
         _ => return None,
     })
 }
@@ -316,7 +327,7 @@ impl EtcdStore {
             Ok((client, loaded, revision)) => {
                 let copy = copy.map(|(dir, opened)| {
                     let copy = keep(dir, opened, status.clone());
-                    let _ = copy.send(Update::Reset(loaded.clone()));
+                    let _ = copy.send(Update::Reset(Box::new(loaded.clone())));
                     copy
                 });
                 let _ = slot.set(client.clone());
@@ -401,6 +412,24 @@ impl EtcdStore {
                 Some(query) => TxnOp::put(key, encode(&**query)?, None),
                 None => TxnOp::delete(key, None),
             });
+        }
+        // Sessions first: an agent applying this revision sees a session's
+        // end before the keys it released (their lock delay is its own).
+        for (id, session) in &batch.sessions {
+            match session {
+                Some(session) => ops.push(TxnOp::put(
+                    keys.key("session", id),
+                    encode(&**session)?,
+                    None,
+                )),
+                None => {
+                    ops.push(TxnOp::delete(keys.key("session", id), None));
+                    ops.push(TxnOp::delete(keys.key("sessionttl", id), None));
+                }
+            }
+        }
+        for id in &batch.session_renewals {
+            ops.push(TxnOp::put(keys.key("sessionttl", id), Vec::new(), None));
         }
         for (key, change) in &batch.kv {
             let (entry, tombstone) = (keys.key("kv", key), keys.key("kvdel", key));
@@ -693,7 +722,7 @@ async fn reach_later(
                     index = loaded.index,
                     "etcd answered: the local copy gives way to etcd's catalog"
                 );
-                let _ = copy.send(Update::Reset(loaded.clone()));
+                let _ = copy.send(Update::Reset(Box::new(loaded.clone())));
                 let loaded = Box::new(loaded);
                 if tx.send(Change::Reset { revision, loaded }).await.is_err() {
                     return;
@@ -723,7 +752,7 @@ impl Feed {
                 Change::Records { revision, records } => {
                     Update::Records(*revision, records.clone())
                 }
-                Change::Reset { loaded, .. } => Update::Reset((**loaded).clone()),
+                Change::Reset { loaded, .. } => Update::Reset(loaded.clone()),
             };
             let _ = copy.send(update);
         }
@@ -896,6 +925,7 @@ async fn read_all(client: &Client, keys: &Keys) -> Result<(Loaded, u64), StoreEr
                     Ok(Some(Record::Check(_, Some(c)))) => loaded.checks.push(*c),
                     Ok(Some(Record::Query(_, Some(q)))) => loaded.queries.push(*q),
                     Ok(Some(Record::Kv(_, Some(e)))) => loaded.kv.push(*e),
+                    Ok(Some(Record::Session(_, Some(s)))) => loaded.sessions.push(*s),
                     Ok(Some(Record::KvTombstone(key))) => {
                         loaded.kv_tombstones.push((key.to_string(), modify))
                     }
