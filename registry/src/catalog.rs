@@ -160,6 +160,12 @@ pub enum Command {
         flags: u64,
         session: String,
     },
+    /// Consul's `/v1/txn` (KV operations): all applied, or none. The
+    /// results (the entries written or read, in order) are left in `out`.
+    KvTxn {
+        ops: Vec<TxnOp>,
+        out: TxnResults,
+    },
     SessionCreate(Session),
     /// Ends a session (nothing for one that is gone).
     SessionDestroy {
@@ -204,6 +210,7 @@ impl Command {
             Command::KvDelete { .. } => "kv_delete",
             Command::KvLock { .. } => "kv_lock",
             Command::KvUnlock { .. } => "kv_unlock",
+            Command::KvTxn { .. } => "kv_txn",
             Command::SessionCreate(_) => "session_create",
             Command::SessionDestroy { .. } => "session_destroy",
             Command::SessionRenew { .. } => "session_renew",
@@ -211,6 +218,30 @@ impl Command {
         }
     }
 }
+
+/// One operation of a KV transaction (`/v1/txn`): Consul's `Verb` and the
+/// fields it reads.
+#[derive(Debug, Clone, Default)]
+pub struct TxnOp {
+    pub verb: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub flags: u64,
+    pub index: u64,
+    pub session: String,
+}
+
+/// One result of a transaction: the entry, and whether the transaction
+/// wrote it (`created`: made it).
+#[derive(Debug, Clone)]
+pub struct TxnResult {
+    pub entry: KvEntry,
+    pub written: bool,
+    pub created: bool,
+}
+
+/// Where a transaction leaves its results for the caller.
+pub type TxnResults = Arc<std::sync::Mutex<Vec<TxnResult>>>;
 
 /// The native batch: applied atomically, one index for all of it.
 #[derive(Debug, Clone, Default)]
@@ -629,7 +660,7 @@ impl Catalog {
         let held = old.as_ref().is_some_and(|e| e.session == session);
         if let Some(other) = old.as_ref().filter(|e| !e.session.is_empty() && !held) {
             return Err(RegistryError::Unmet(format!(
-                "failed to lock key {key:?}, lock is already held by {:?}",
+                "failed to lock key {key:?}, lock is already held (by {:?})",
                 other.session
             )));
         }
@@ -683,6 +714,109 @@ impl Catalog {
         self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
         self.snap.kv.insert(Arc::new(entry), idx);
         Ok(true)
+    }
+
+    /// A KV transaction: each operation against the state the previous
+    /// ones left; any failing one refuses all (each failure reported).
+    fn kv_txn(
+        &mut self,
+        ops: Vec<TxnOp>,
+        out: &TxnResults,
+        idx: u64,
+    ) -> Result<bool, RegistryError> {
+        let mut errors: Vec<(usize, String)> = Vec::new();
+        let mut results: Vec<TxnResult> = Vec::new();
+        let mut changed = false;
+        let missing = |key: &str| format!("key {key:?} doesn't exist");
+        for (at, op) in ops.into_iter().enumerate() {
+            let key = op.key.clone();
+            let wrote = match op.verb.as_str() {
+                "set" => Some(self.kv_set(op.key, op.value, op.flags, None, idx)),
+                "cas" => Some(self.kv_set(op.key, op.value, op.flags, Some(op.index), idx)),
+                "lock" => Some(self.kv_lock(op.key, op.value, op.flags, &op.session, idx)),
+                "unlock" => Some(self.kv_unlock(op.key, op.value, op.flags, &op.session, idx)),
+                "delete" | "delete-tree" | "delete-cas" => {
+                    let cas = (op.verb == "delete-cas").then_some(op.index);
+                    let recurse = op.verb == "delete-tree";
+                    match self.kv_delete(&key, recurse, cas, idx) {
+                        Ok(c) => changed |= c,
+                        Err(e) => errors.push((at, e.to_string())),
+                    }
+                    None
+                }
+                _ => None,
+            };
+            match wrote {
+                Some(Ok(c)) => {
+                    changed |= c;
+                    if let Some(entry) = self.snap.kv.get(&key) {
+                        results.push(TxnResult {
+                            entry: KvEntry {
+                                value: Vec::new(),
+                                ..(**entry).clone()
+                            },
+                            written: true,
+                            created: entry.create_index == idx,
+                        });
+                    }
+                    continue;
+                }
+                Some(Err(e)) => {
+                    errors.push((at, e.to_string()));
+                    continue;
+                }
+                None => {}
+            }
+            let current = self.snap.kv.get(&key).cloned();
+            let read = |entry: &Arc<KvEntry>| TxnResult {
+                entry: (**entry).clone(),
+                written: false,
+                created: false,
+            };
+            match op.verb.as_str() {
+                "delete" | "delete-tree" | "delete-cas" => {}
+                "get" => match &current {
+                    Some(entry) => results.push(read(entry)),
+                    None => errors.push((at, missing(&key))),
+                },
+                "get-or-empty" => results.extend(current.as_ref().map(read)),
+                "get-tree" => results.extend(self.snap.kv.under(&key).map(read)),
+                "check-index" => match &current {
+                    None => errors.push((at, missing(&key))),
+                    Some(e) if e.modify_index != op.index => errors.push((
+                        at,
+                        format!(
+                            "failed index check for key {key:?}, current modify index {} != {}",
+                            e.modify_index, op.index
+                        ),
+                    )),
+                    Some(_) => {}
+                },
+                "check-session" => match &current {
+                    None => errors.push((at, missing(&key))),
+                    Some(e) if e.session != op.session => errors.push((
+                        at,
+                        format!(
+                            "failed session check for key {key:?}, current session {:?} != {:?}",
+                            e.session, op.session
+                        ),
+                    )),
+                    Some(_) => {}
+                },
+                "check-not-exists" => {
+                    if current.is_some() {
+                        errors.push((at, format!("key {key:?} exists")));
+                    }
+                }
+                verb => errors.push((at, format!("unknown KV verb {verb:?}"))),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(RegistryError::Txn(errors));
+        }
+        *out.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = results;
+        Ok(changed)
     }
 
     /// Makes a session after Consul's checks: its node is registered, and
@@ -819,6 +953,7 @@ impl Catalog {
                 | Command::KvDelete { .. }
                 | Command::KvLock { .. }
                 | Command::KvUnlock { .. }
+                | Command::KvTxn { .. }
                 | Command::SessionCreate(_)
                 | Command::SessionDestroy { .. }
                 | Command::SessionRenew { .. }
@@ -1034,6 +1169,7 @@ impl Catalog {
                 flags,
                 session,
             } => self.kv_unlock(key, value, flags, &session, idx)?,
+            Command::KvTxn { ops, out } => self.kv_txn(ops, &out, idx)?,
             Command::SessionCreate(session) => self.session_create(session, idx)?,
             Command::SessionDestroy { id } | Command::SessionExpire { id } => {
                 self.session_end(&id, idx)

@@ -18,6 +18,10 @@ pub enum RegistryError {
     /// changed nothing, and Consul answers `false`.
     #[error("{0}")]
     Unmet(String),
+    /// A transaction refused: each failing operation (its position, why).
+    /// Nothing of it was applied.
+    #[error("transaction refused: {}", .0.iter().map(|(i, e)| format!("op {i}: {e}")).collect::<Vec<_>>().join("; "))]
+    Txn(Vec<(usize, String)>),
     /// A write refused the way Consul refuses it, with HTTP 500 and its
     /// text (a prepared query whose name clashes with another's).
     #[error("{0}")]

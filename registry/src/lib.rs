@@ -19,7 +19,7 @@ mod watch;
 mod writer;
 
 pub use agents::{watch_agents, AGENT_META};
-pub use catalog::{Batch, Command, NewCheck, MAX_OUTPUT_BYTES};
+pub use catalog::{Batch, Command, NewCheck, TxnOp, TxnResult, TxnResults, MAX_OUTPUT_BYTES};
 pub use config::{StoreConfig, StoreKind};
 pub use error::{RegistryError, StoreError};
 pub use load::{ClusterLoad, LoadBoard};

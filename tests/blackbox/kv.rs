@@ -485,3 +485,98 @@ fn headers_and_status_tell_the_truth_about_etcd() {
         (read.header("X-Consul-KnownLeader") == Some("true")).then_some(())
     });
 }
+
+#[test]
+fn a_txn_applies_all_of_its_kv_operations_or_none() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let set = |key: &str, value: &str| json!({"KV": {"Verb": "set", "Key": key, "Value": base64_of(value)}});
+    // 14. Three sets: 200, each result without its value.
+    let ok = c.put(
+        "/v1/txn",
+        &json!([set("t/a", "1"), set("t/b", "2"), set("t/c", "3")]).to_string(),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let body = ok.json();
+    assert_eq!(body["Errors"], Value::Null);
+    let results = body["Results"].as_array().expect("results");
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["KV"]["Key"], "t/a");
+    assert_eq!(results[0]["KV"]["Value"], Value::Null);
+    let index = results[0]["KV"]["ModifyIndex"].as_u64().expect("index");
+    assert_eq!(
+        c.get_ok("/v1/kv/t/a").json()[0]["ModifyIndex"].as_u64(),
+        Some(index)
+    );
+
+    // A stale CAS fails the whole transaction: 409, nothing applied.
+    let failed = c.put(
+        "/v1/txn",
+        &json!([
+            {"KV": {"Verb": "cas", "Key": "t/a", "Value": base64_of("x"), "Index": index - 1}},
+            set("t/untouched", "y"),
+            {"KV": {"Verb": "check-not-exists", "Key": "t/b"}},
+            {"KV": {"Verb": "frobnicate", "Key": "t/b"}},
+        ])
+        .to_string(),
+    );
+    assert_eq!(failed.status, 409, "{}", failed.body);
+    let body = failed.json();
+    assert_eq!(body["Results"], Value::Null);
+    let errors = body["Errors"].as_array().expect("errors");
+    let at: Vec<u64> = errors
+        .iter()
+        .map(|e| e["OpIndex"].as_u64().expect("i"))
+        .collect();
+    assert_eq!(at, [0, 2, 3], "{body}");
+    assert!(errors[0]["What"]
+        .as_str()
+        .expect("what")
+        .contains("index is stale"));
+    assert!(errors[1]["What"].as_str().expect("what").contains("exists"));
+    assert!(errors[2]["What"]
+        .as_str()
+        .expect("what")
+        .contains("unknown KV verb"));
+    assert_eq!(c.get("/v1/kv/t/untouched").status, 404, "nothing applied");
+    assert_eq!(c.get_ok("/v1/kv/t/a").json()[0]["Value"], "MQ==");
+
+    // 15. Reads: get-tree gives one result per key, with values.
+    let read = c.put(
+        "/v1/txn",
+        &json!([{"KV": {"Verb": "get-tree", "Key": "t/"}}]).to_string(),
+    );
+    assert_eq!(read.status, 200, "{}", read.body);
+    let results = read.json()["Results"].as_array().expect("results").clone();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[2]["KV"]["Value"], "Mw==");
+    // Operation limits.
+    let ops: Vec<Value> = (0..128).map(|i| set(&format!("many/{i}"), "v")).collect();
+    assert_eq!(c.put("/v1/txn", &json!(ops).to_string()).status, 200);
+    let ops: Vec<Value> = (0..129).map(|i| set(&format!("many/{i}"), "v")).collect();
+    let over = c.put("/v1/txn", &json!(ops).to_string());
+    assert_eq!(over.status, 413);
+    assert!(
+        over.body.contains("too many operations (129 > 128)"),
+        "{}",
+        over.body
+    );
+    // Bad input: 400, nothing applied.
+    let bad = c.put(
+        "/v1/txn",
+        &json!([{"KV": {"Verb": "set", "Key": "bad", "Value": "%%%"}}]).to_string(),
+    );
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.starts_with("Failed to parse body"), "{}", bad.body);
+    let node = c.put(
+        "/v1/txn",
+        &json!([{"Node": {"Verb": "get", "Node": {"Node": "n"}}}]).to_string(),
+    );
+    assert_eq!(node.status, 400, "{}", node.body);
+    assert_eq!(c.get("/v1/kv/bad").status, 404);
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}

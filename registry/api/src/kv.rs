@@ -283,3 +283,138 @@ async fn remove(state: &ApiState, key: String, q: Pairs, raw: Option<String>) ->
     // A delete that finds nothing changes nothing, and is `true`.
     apply(state, Command::KvDelete { key, recurse, cas }).await
 }
+
+/// One operation of `/v1/txn` as clients send it (keys folded).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct TxnIn {
+    kv: Option<KvOpIn>,
+    node: Option<Value>,
+    service: Option<Value>,
+    check: Option<Value>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct KvOpIn {
+    verb: String,
+    key: String,
+    value: Option<String>,
+    flags: u64,
+    index: u64,
+    session: String,
+}
+
+/// Consul's limits on a transaction (1.14 and later).
+const MAX_TXN_OPS: usize = 128;
+const MAX_TXN_BYTES: usize = 512 * 1024;
+
+fn too_large(message: String) -> Response {
+    let mut response = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+    response.extensions_mut().insert(super::OwnLimit);
+    response
+}
+
+/// `PUT /v1/txn` with KV operations: all applied or none. 200 with each
+/// operation's result, or 409 naming every operation that failed.
+pub(super) async fn txn(State(state): St, body: Bytes) -> ApiResult {
+    if body.len() > MAX_TXN_BYTES {
+        return Ok(too_large(format!(
+            "Request body too large, max size: {MAX_TXN_BYTES} bytes"
+        )));
+    }
+    let parsed: Vec<TxnIn> = super::decode::decode_body(&body)
+        .map_err(|e| ApiError::bad_request(format!("Failed to parse body: {e}")))?;
+    if parsed.len() > MAX_TXN_OPS {
+        return Ok(too_large(format!(
+            "Transaction contains too many operations ({} > {MAX_TXN_OPS})",
+            parsed.len()
+        )));
+    }
+    let mut ops = Vec::with_capacity(parsed.len());
+    for (at, op) in parsed.into_iter().enumerate() {
+        if op.node.is_some() || op.service.is_some() || op.check.is_some() {
+            return Err(ApiError::bad_request(format!(
+                "Failed to parse body: operation {at}: Switchyard's /v1/txn takes KV operations only"
+            )));
+        }
+        let Some(kv) = op.kv else {
+            return Err(ApiError::bad_request(format!(
+                "Failed to parse body: operation {at} has no KV"
+            )));
+        };
+        checked(&kv.key)?;
+        let value = match kv.value.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(text) => base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| {
+                    ApiError::bad_request(format!("Failed to parse body: operation {at}: {e}"))
+                })?,
+        };
+        if value.len() > MAX_VALUE_BYTES {
+            return Ok(too_large(format!(
+                "Value for key {:?} is too large ({} > {MAX_VALUE_BYTES} bytes)",
+                kv.key,
+                value.len()
+            )));
+        }
+        ops.push(switchyard_registry::TxnOp {
+            verb: kv.verb,
+            key: kv.key,
+            value,
+            flags: kv.flags,
+            index: kv.index,
+            session: kv.session,
+        });
+    }
+    let out: switchyard_registry::TxnResults = Default::default();
+    let applied = state
+        .registry
+        .apply(Command::KvTxn {
+            ops,
+            out: out.clone(),
+        })
+        .await;
+    match applied {
+        Ok(index) => {
+            let results: Vec<Value> = out
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .map(|r| {
+                    let mut entry = r.entry.clone();
+                    // A shared store numbers the write by its revision.
+                    if r.written {
+                        entry.modify_index = index;
+                        if r.created {
+                            entry.create_index = index;
+                        }
+                    }
+                    json!({ "KV": entry_json(&entry) })
+                })
+                .collect();
+            let body = json!({ "Results": results, "Errors": null });
+            Ok(json_response(
+                json_body(&body, &QueryOpts::default())?,
+                index,
+                &QueryOpts::default(),
+            ))
+        }
+        Err(RegistryError::Txn(errors)) => {
+            let errors: Vec<Value> = errors
+                .into_iter()
+                .map(|(at, what)| json!({ "OpIndex": at, "What": what }))
+                .collect();
+            let body = json!({ "Results": null, "Errors": errors });
+            let mut response = json_response(
+                json_body(&body, &QueryOpts::default())?,
+                state.registry.snapshot().kv.index,
+                &QueryOpts::default(),
+            );
+            *response.status_mut() = StatusCode::CONFLICT;
+            Ok(response)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

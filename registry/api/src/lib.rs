@@ -393,6 +393,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/kv/{*key}",
             register(get(kv::get).put(kv::put).delete(kv::delete)),
         )
+        .route("/v1/txn", register(put(kv::txn)))
         .route("/v1/session/create", register(put(session::create)))
         .route("/v1/session/destroy/", register(put(session::destroy_none)))
         .route("/v1/session/destroy/{id}", register(put(session::destroy)))
@@ -674,7 +675,7 @@ impl From<RegistryError> for ApiError {
         let status = match &err {
             RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-            RegistryError::Unmet(_) => StatusCode::CONFLICT,
+            RegistryError::Unmet(_) | RegistryError::Txn(_) => StatusCode::CONFLICT,
             RegistryError::NotTtl(_) | RegistryError::Refused(_) | RegistryError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
