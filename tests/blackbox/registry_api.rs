@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{eventually, Agent, Client};
+use crate::support::{eventually, Agent, Answer, Client};
 
 fn ids(entries: &Value, pointer: &str) -> Vec<String> {
     let mut out: Vec<String> = entries
@@ -768,4 +768,149 @@ fn agent_health_node_services_and_metrics_as_consul_shows_them() {
         .is_some_and(|c| !c.is_empty()));
     let text = c.get_ok("/v1/agent/metrics?format=prometheus").body;
     assert!(text.contains("# TYPE switchyard_registry_snapshot_age_seconds gauge"));
+}
+
+/// `?filter=` on health/service, catalog/service, catalog/services,
+/// catalog/nodes and agent/services (CONSUL-KV.md §5, 39-42).
+#[test]
+fn filter_expressions_select_rows_as_consul_does() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let register = |node: &str,
+                    meta: Value,
+                    id: &str,
+                    tags: &[&str],
+                    smeta: Value,
+                    status: &str| {
+        c.put_ok(
+            "/v1/catalog/register",
+            &json!({
+                "Node": node, "Address": format!("10.0.0.{}", &node[1..]), "NodeMeta": meta,
+                "Service": {"ID": id, "Service": "web", "Tags": tags, "Meta": smeta, "Port": 80},
+                "Checks": [{"CheckID": format!("c-{id}"), "Name": "c", "Status": status, "ServiceID": id}],
+            })
+            .to_string(),
+        );
+    };
+    register(
+        "n1",
+        json!({"rack": "a"}),
+        "web-1",
+        &["v1"],
+        json!({"env": "prod", "my-key": "x"}),
+        "passing",
+    );
+    register(
+        "n2",
+        json!({"rack": "b"}),
+        "web-2",
+        &["v2"],
+        json!({"env": "prod"}),
+        "warning",
+    );
+    register(
+        "n3",
+        json!({}),
+        "web-3",
+        &["v2"],
+        json!({"env": "dev"}),
+        "passing",
+    );
+    let q = |path: &str, filter: &str| -> Answer {
+        let encoded: String = filter
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        c.get(&format!("{path}?filter={encoded}"))
+    };
+    let ids = |answer: &Answer, pointer: &str| -> Vec<String> {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        self::ids(&answer.json(), pointer)
+    };
+
+    // 39.
+    let prod_v2 = q(
+        "/v1/health/service/web",
+        r#"Service.Meta.env == "prod" and "v2" in Service.Tags"#,
+    );
+    assert_eq!(ids(&prod_v2, "/Service/ID"), ["web-2"]);
+    let keyed = q("/v1/health/service/web", r#"Service.Meta["my-key"] == x"#);
+    assert_eq!(ids(&keyed, "/Service/ID"), ["web-1"]);
+    // 40. Through a list: any check.
+    let unhealthy = q("/v1/health/service/web", r#"Checks.Status != "passing""#);
+    assert_eq!(ids(&unhealthy, "/Service/ID"), ["web-2"]);
+    let healthy = q(
+        "/v1/health/service/web",
+        r#"not Checks.Status != "passing""#,
+    );
+    assert_eq!(ids(&healthy, "/Service/ID"), ["web-1", "web-3"]);
+    // 41. Missing keys; quoting; catalog's flat selectors.
+    let nodes = q("/v1/catalog/nodes", r#"Meta.missing != "x""#);
+    assert_eq!(
+        ids(&nodes, "/Node").len(),
+        4,
+        "every node (the agent's too)"
+    );
+    assert_eq!(
+        ids(&q("/v1/catalog/nodes", r#"Meta.missing == "x""#), "/Node"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(&q("/v1/catalog/nodes", r#"Address == "10.0.0.1""#), "/Node"),
+        ["n1"]
+    );
+    let unquoted = q("/v1/catalog/nodes", "Address == 10.0.0.1");
+    assert_eq!(unquoted.status, 400, "{}", unquoted.body);
+    let tagged = q("/v1/catalog/service/web", r#"ServiceTags contains "v1""#);
+    assert_eq!(ids(&tagged, "/ServiceID"), ["web-1"]);
+    let racked = q(
+        "/v1/catalog/service/web",
+        r#"NodeMeta.rack == b or ServiceMeta.env == dev"#,
+    );
+    assert_eq!(ids(&racked, "/ServiceID"), ["web-2", "web-3"]);
+    // catalog/services: the services with a matching instance.
+    let listed = q("/v1/catalog/services", r#"ServiceMeta.env == "dev""#);
+    assert_eq!(listed.status, 200);
+    assert!(listed.json().get("web").is_some(), "{}", listed.body);
+    let none = q("/v1/catalog/services", r#"ServiceMeta.env == "qa""#);
+    assert_eq!(none.json(), json!({}));
+    // agent/services.
+    c.put_ok(
+        "/v1/agent/service/register",
+        &json!({"Name": "api", "ID": "api-1", "Port": 9, "Meta": {"team": "x"}}).to_string(),
+    );
+    c.put_ok(
+        "/v1/agent/service/register",
+        &json!({"Name": "api", "ID": "api-2", "Port": 10}).to_string(),
+    );
+    let mine = q("/v1/agent/services", r#"Meta.team == x and Port == 9"#);
+    assert_eq!(mine.status, 200);
+    assert_eq!(
+        mine.json().as_object().map(|m| m.len()),
+        Some(1),
+        "{}",
+        mine.body
+    );
+    // 42. Bad expressions and selectors: a clear 400 with Consul's prefix;
+    // an endpoint without filters refuses one rather than ignore it.
+    for bad in ["foo", r#"Nope == "x""#, r#"Service.Port =="#] {
+        let answer = q("/v1/health/service/web", bad);
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
+        assert!(
+            answer
+                .body
+                .starts_with("Failed to create boolean expression evaluator:"),
+            "{bad}: {}",
+            answer.body
+        );
+    }
+    assert_eq!(
+        q("/v1/health/state/any", r#"Status == "passing""#).status,
+        400
+    );
 }

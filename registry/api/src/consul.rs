@@ -76,7 +76,7 @@ pub(super) async fn agent_self(State(state): St) -> ApiResult {
 }
 
 pub(super) async fn agent_services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q)?;
+    let opts = QueryOpts::parse_filtered(&q, super::filter::SERVICE)?;
     let snap = state.registry.snapshot();
     let dc = state.agent.datacenter.as_str();
     let node = snap.node(&state.agent.node_name);
@@ -85,6 +85,7 @@ pub(super) async fn agent_services(State(state): St, Query(q): Query<Pairs>) -> 
             n.endpoints
                 .values()
                 .map(|e| (&*e.id, ServiceOut::new(e, dc)))
+                .filter(|(_, row)| opts.admits(row))
                 .collect()
         })
         .unwrap_or_default();
@@ -475,7 +476,8 @@ pub(super) async fn catalog_datacenters(State(state): St) -> ApiResult {
 }
 
 pub(super) async fn catalog_services(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q)?;
+    let opts = QueryOpts::parse_filtered(&q, super::filter::CATALOG_SERVICE)?;
+    let dc = state.agent.datacenter.as_str();
     let (snap, index) = block(&state, &opts, None, |s| {
         s.tables().services.max(s.tables().nodes)
     })
@@ -483,10 +485,14 @@ pub(super) async fn catalog_services(State(state): St, Query(q): Query<Pairs>) -
     let build = || {
         let mut out: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for view in snap.services() {
-            let keep = opts.node_meta.is_empty()
+            let keep = (opts.node_meta.is_empty()
                 || view
                     .instances()
-                    .any(|i| opts.node_meta_matches(&i.node.meta));
+                    .any(|i| opts.node_meta_matches(&i.node.meta)))
+                && (opts.filter.is_none()
+                    || view
+                        .instances()
+                        .any(|i| opts.admits(&CatalogServiceOut::new(&i.node, &i.endpoint, dc))));
             if keep {
                 out.insert(&view.name, view.tags().collect());
             }
@@ -513,7 +519,7 @@ pub(super) async fn catalog_service(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q)?;
+    let opts = QueryOpts::parse_filtered(&q, super::filter::CATALOG_SERVICE)?;
     let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
         s.service_index(&name)
     })
@@ -545,13 +551,14 @@ pub(super) fn catalog_entries<'a>(
             view.instances()
                 .filter(|i| has_tags(i, &opts.tags) && opts.node_meta_matches(&i.node.meta))
                 .map(|i| CatalogServiceOut::new(&i.node, &i.endpoint, dc))
+                .filter(|row| opts.admits(row))
                 .collect()
         })
         .unwrap_or_default()
 }
 
 pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> ApiResult {
-    let opts = QueryOpts::parse(&q)?;
+    let opts = QueryOpts::parse_filtered(&q, super::filter::NODE)?;
     let (snap, index) = block(&state, &opts, None, |s| s.tables().nodes).await?;
     let dc = state.agent.datacenter.as_str();
     let build = || -> Vec<NodeOut<'_>> {
@@ -559,6 +566,7 @@ pub(super) async fn catalog_nodes(State(state): St, Query(q): Query<Pairs>) -> A
             .into_iter()
             .filter(|n| opts.node_meta_matches(&n.node.meta))
             .map(|n| NodeOut::new(&n.node, dc))
+            .filter(|row| opts.admits(row))
             .collect()
     };
     shared_json(
@@ -797,7 +805,7 @@ pub(super) async fn health_service(
     Path(name): Path<String>,
     Query(q): Query<Pairs>,
 ) -> ApiResult {
-    let opts = QueryOpts::parse(&q)?;
+    let opts = QueryOpts::parse_filtered(&q, super::filter::HEALTH_SERVICE)?;
     let (snap, index) = block(&state, &opts, Some(WatchKey::Service(&name)), |s| {
         s.service_index(&name)
     })
@@ -836,7 +844,10 @@ pub(super) fn health_entries<'a>(
             if !has_tags(instance, &opts.tags) || !opts.node_meta_matches(&instance.node.meta) {
                 continue;
             }
-            out.push(health_entry(instance, dc));
+            let entry = health_entry(instance, dc);
+            if opts.admits(&entry) {
+                out.push(entry);
+            }
         }
     }
     out

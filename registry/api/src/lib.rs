@@ -10,6 +10,7 @@ mod config;
 mod consul;
 mod decode;
 mod federation;
+mod filter;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -708,6 +709,8 @@ struct QueryOpts {
     tags: Vec<String>,
     node_meta: Vec<(String, String)>,
     passing: bool,
+    /// `?filter=`, on the endpoints that take one.
+    filter: Option<Arc<filter::Filter>>,
 }
 
 type Pairs = Vec<(String, String)>;
@@ -722,6 +725,23 @@ fn parse_bool(value: &str) -> Option<bool> {
 
 impl QueryOpts {
     fn parse(pairs: &Pairs) -> Result<QueryOpts, ApiError> {
+        QueryOpts::parse_with(pairs, None)
+    }
+
+    /// `parse` for an endpoint that takes `?filter=`, over rows of `shape`.
+    fn parse_filtered(pairs: &Pairs, shape: filter::Field) -> Result<QueryOpts, ApiError> {
+        QueryOpts::parse_with(pairs, Some(shape))
+    }
+
+    /// Whether a row passes `?filter=` (all do without one).
+    fn admits<T: Serialize>(&self, row: &T) -> bool {
+        match &self.filter {
+            None => true,
+            Some(filter) => serde_json::to_value(row).is_ok_and(|v| filter.admits(&v)),
+        }
+    }
+
+    fn parse_with(pairs: &Pairs, shape: Option<filter::Field>) -> Result<QueryOpts, ApiError> {
         let mut opts = QueryOpts {
             consistency: "leader",
             ..QueryOpts::default()
@@ -753,9 +773,15 @@ impl QueryOpts {
                         .ok_or_else(|| ApiError::bad_request("Invalid value for ?passing"))?
                 }
                 "filter" if !value.is_empty() => {
-                    return Err(ApiError::bad_request(
-                        "filter expressions are not supported by Switchyard yet",
-                    ))
+                    // A client that filters must never get everything.
+                    let Some(shape) = shape else {
+                        return Err(ApiError::bad_request(
+                            "filter expressions are not supported on this endpoint (they are on health/service, catalog/service, catalog/services, catalog/nodes and agent/services)",
+                        ));
+                    };
+                    let parsed = filter::Filter::parse(value).map_err(ApiError::bad_request)?;
+                    parsed.check(shape).map_err(ApiError::bad_request)?;
+                    opts.filter = Some(Arc::new(parsed));
                 }
                 _ => {}
             }
