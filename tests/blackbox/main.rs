@@ -2,6 +2,7 @@
 //! real sockets on 127.0.0.1.
 
 mod cli;
+mod clients;
 mod cluster;
 mod connections;
 mod dashboard;
