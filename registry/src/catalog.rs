@@ -872,9 +872,9 @@ impl Catalog {
         let held: Vec<Arc<KvEntry>> = self
             .snap
             .kv
-            .under("")
-            .filter(|e| e.session == id)
-            .cloned()
+            .held_by(id)
+            .iter()
+            .filter_map(|key| self.snap.kv.get(key).cloned())
             .collect();
         for entry in held {
             match session.behavior {
@@ -905,12 +905,19 @@ impl Catalog {
     }
 
     /// Ends the sessions whose node is gone or one of whose checks is gone
-    /// or critical (after a write that may have done that).
+    /// or critical (after a write that may have done that): those on the
+    /// nodes this group of writes touched.
     fn end_broken_sessions(&mut self, idx: u64) -> bool {
-        let broken: Vec<Name> = self
-            .snap
-            .sessions
+        let touched: Vec<Name> = self
+            .dirty
+            .entries
             .iter()
+            .chain(&self.dirty.nodes)
+            .flat_map(|node| self.snap.sessions.on_node(node))
+            .collect();
+        let broken: Vec<Name> = touched
+            .iter()
+            .filter_map(|id| self.snap.sessions.get(id))
             .filter(|s| match self.snap.nodes.get(s.node.as_str()) {
                 None => true,
                 Some(node) => s.checks().any(|check| match node.checks.get(check) {

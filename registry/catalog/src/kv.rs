@@ -51,6 +51,9 @@ pub struct Kv {
     /// Keys in a lock delay (a session that held them ended): until when
     /// (Unix ms) no session may lock them. Kept in memory, as in Consul.
     delays: OrdMap<Name, u64>,
+    /// Locked keys by the session holding them: a session's end finds its
+    /// keys without reading every key.
+    held: OrdMap<Name, OrdMap<Name, ()>>,
     /// Last index at which any key changed (the table's index).
     pub index: u64,
 }
@@ -110,17 +113,47 @@ impl Kv {
         }
     }
 
+    /// The keys `session` holds.
+    pub fn held_by(&self, session: &str) -> Vec<Name> {
+        self.held
+            .get(session)
+            .map(|keys| keys.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn unhold(&mut self, session: &str, key: &str) {
+        if let Some(keys) = self.held.get_mut(session) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.held.remove(session);
+            }
+        }
+    }
+
     /// The writer's: stores an entry (its tombstone, if any, goes).
     pub fn insert(&mut self, entry: Arc<KvEntry>, idx: u64) {
         let key: Name = entry.key.as_str().into();
         self.tombstones.remove(&key);
-        self.entries.insert(key, entry);
+        if !entry.session.is_empty() {
+            self.held
+                .entry(entry.session.as_str().into())
+                .or_default()
+                .insert(key.clone(), ());
+        }
+        if let Some(old) = self.entries.insert(key, entry.clone()) {
+            if !old.session.is_empty() && old.session != entry.session {
+                self.unhold(&old.session, &old.key);
+            }
+        }
         self.index = self.index.max(idx);
     }
 
     /// The writer's: deletes a key at `idx`, leaving a tombstone.
     pub fn remove(&mut self, key: &str, idx: u64) -> Option<Arc<KvEntry>> {
         let old = self.entries.remove(key)?;
+        if !old.session.is_empty() {
+            self.unhold(&old.session, key);
+        }
         self.tombstones.insert(key.into(), idx);
         self.index = self.index.max(idx);
         Some(old)
@@ -186,6 +219,28 @@ mod tests {
         assert_eq!(kv.key_index("web/b"), 9);
         kv.insert(entry("web/b", 11), 11);
         assert_eq!(kv.tombstones().count(), 0);
+    }
+
+    #[test]
+    fn a_sessions_keys_are_found_without_reading_every_key() {
+        let mut kv = Kv::default();
+        let locked = |key: &str, session: &str| {
+            Arc::new(KvEntry {
+                key: key.to_string(),
+                session: session.to_string(),
+                ..KvEntry::default()
+            })
+        };
+        kv.insert(locked("a", "s1"), 1);
+        kv.insert(locked("b", "s1"), 2);
+        kv.insert(locked("c", "s2"), 3);
+        assert_eq!(kv.held_by("s1").len(), 2);
+        kv.insert(locked("a", ""), 4);
+        kv.remove("b", 5);
+        assert!(kv.held_by("s1").is_empty(), "released and deleted");
+        kv.insert(locked("c", "s3"), 6);
+        assert!(kv.held_by("s2").is_empty());
+        assert_eq!(kv.held_by("s3").len(), 1);
     }
 
     #[test]

@@ -82,6 +82,8 @@ impl Session {
 #[derive(Clone, Debug, Default)]
 pub struct Sessions {
     by_id: OrdMap<Name, Arc<Session>>,
+    /// Session ids by node, for the checks a write to a node makes.
+    by_node: OrdMap<Name, OrdMap<Name, ()>>,
     /// Last index at which any session was made or ended.
     pub index: u64,
 }
@@ -103,15 +105,34 @@ impl Sessions {
         self.by_id.is_empty()
     }
 
+    /// The ids of the sessions on `node`.
+    pub fn on_node(&self, node: &str) -> Vec<Name> {
+        self.by_node
+            .get(node)
+            .map(|ids| ids.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The writer's.
     pub fn insert(&mut self, session: Arc<Session>, idx: u64) {
-        self.by_id.insert(session.id.as_str().into(), session);
+        let id: Name = session.id.as_str().into();
+        self.by_node
+            .entry(session.node.as_str().into())
+            .or_default()
+            .insert(id.clone(), ());
+        self.by_id.insert(id, session);
         self.index = self.index.max(idx);
     }
 
     /// The writer's.
     pub fn remove(&mut self, id: &str, idx: u64) -> Option<Arc<Session>> {
         let old = self.by_id.remove(id)?;
+        if let Some(ids) = self.by_node.get_mut(old.node.as_str()) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_node.remove(old.node.as_str());
+            }
+        }
         self.index = self.index.max(idx);
         Some(old)
     }

@@ -117,13 +117,7 @@ impl Catalog {
         self.dirty.add(DirtyKey::Session(id.into()));
         let now = crate::model::unix_ms();
         let until = now + session.lock_delay().as_millis() as u64;
-        let held: Vec<Name> = self
-            .snap
-            .kv
-            .under("")
-            .filter(|e| e.session == id)
-            .map(|e| e.key.as_str().into())
-            .collect();
+        let held = self.snap.kv.held_by(id);
         for key in held {
             self.snap.kv.delay(&key, until, now);
         }
