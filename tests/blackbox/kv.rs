@@ -297,6 +297,13 @@ fn kv_survives_a_kill_of_the_embedded_store() {
         put(&c, &format!("/v1/kv/cfg/{i}"), &format!("value-{i}"));
     }
     assert_eq!(c.delete("/v1/kv/cfg/7").body, "true");
+    // A session and its lock are kept too.
+    let made = c.put("/v1/session/create", &json!({"Name": "kept"}).to_string());
+    let session = made.json()["ID"].as_str().expect("ID").to_string();
+    assert_eq!(
+        put(&c, &format!("/v1/kv/cfg/leader?acquire={session}"), "me"),
+        "true"
+    );
     let before = c.get_ok("/v1/kv/cfg/?recurse");
     agent.kill9();
 
@@ -310,6 +317,17 @@ fn kv_survives_a_kill_of_the_embedded_store() {
     assert_eq!(
         after.index, before.index,
         "the prefix's index, its deletion included"
+    );
+    let kept = c.get_ok(&format!("/v1/session/info/{session}")).json();
+    assert_eq!(kept[0]["Name"], "kept", "{kept}");
+    let other = c.put("/v1/session/create", "").json()["ID"]
+        .as_str()
+        .expect("ID")
+        .to_string();
+    assert_eq!(
+        put(&c, &format!("/v1/kv/cfg/leader?acquire={other}"), "you"),
+        "false",
+        "still held by the session made before the kill"
     );
 }
 
