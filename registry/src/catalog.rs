@@ -166,6 +166,11 @@ pub enum Command {
         ops: Vec<TxnOp>,
         out: TxnResults,
     },
+    /// Drops the tombstones of KV deletions up to this index (issued by
+    /// the writer when there are too many).
+    KvReap {
+        through: u64,
+    },
     SessionCreate(Session),
     /// Ends a session (nothing for one that is gone).
     SessionDestroy {
@@ -211,6 +216,7 @@ impl Command {
             Command::KvLock { .. } => "kv_lock",
             Command::KvUnlock { .. } => "kv_unlock",
             Command::KvTxn { .. } => "kv_txn",
+            Command::KvReap { .. } => "kv_reap",
             Command::SessionCreate(_) => "session_create",
             Command::SessionDestroy { .. } => "session_destroy",
             Command::SessionRenew { .. } => "session_renew",
@@ -273,6 +279,8 @@ pub(crate) struct Dirty {
     pub(crate) kv: HashSet<Name>,
     /// Sessions made or ended.
     pub(crate) sessions: HashSet<Name>,
+    /// KV tombstones reaped.
+    pub(crate) kv_reaped: HashSet<Name>,
     /// Keys in insertion order, so a refused command's keys can be taken back.
     journal: Vec<DirtyKey>,
 }
@@ -288,6 +296,7 @@ enum DirtyKey {
     Query(Name),
     Kv(Name),
     Session(Name),
+    KvReaped(Name),
 }
 
 impl Dirty {
@@ -299,6 +308,7 @@ impl Dirty {
             && self.queries.is_empty()
             && self.kv.is_empty()
             && self.sessions.is_empty()
+            && self.kv_reaped.is_empty()
     }
 
     fn add(&mut self, key: DirtyKey) {
@@ -312,6 +322,7 @@ impl Dirty {
             DirtyKey::Query(k) => self.queries.insert(k.clone()),
             DirtyKey::Kv(k) => self.kv.insert(k.clone()),
             DirtyKey::Session(k) => self.sessions.insert(k.clone()),
+            DirtyKey::KvReaped(k) => self.kv_reaped.insert(k.clone()),
         };
         if new {
             self.journal.push(key);
@@ -336,6 +347,7 @@ impl Dirty {
                 DirtyKey::Query(k) => self.queries.remove(&k),
                 DirtyKey::Kv(k) => self.kv.remove(&k),
                 DirtyKey::Session(k) => self.sessions.remove(&k),
+                DirtyKey::KvReaped(k) => self.kv_reaped.remove(&k),
             };
         }
     }
@@ -445,6 +457,9 @@ impl Catalog {
         for (key, idx) in loaded.kv_tombstones {
             snap.kv.bury(&key, idx);
         }
+        snap.kv.reaped = loaded.kv_reaped;
+        // The table's index: its newest entry, tombstone or reaped one.
+        snap.kv.index = snap.kv.index.max(loaded.kv_reaped);
         for session in loaded.sessions {
             let idx = session.modify_index;
             snap.sessions.insert(Arc::new(session), idx);
@@ -961,6 +976,7 @@ impl Catalog {
                 | Command::KvLock { .. }
                 | Command::KvUnlock { .. }
                 | Command::KvTxn { .. }
+                | Command::KvReap { .. }
                 | Command::SessionCreate(_)
                 | Command::SessionDestroy { .. }
                 | Command::SessionRenew { .. }
@@ -1177,6 +1193,13 @@ impl Catalog {
                 session,
             } => self.kv_unlock(key, value, flags, &session, idx)?,
             Command::KvTxn { ops, out } => self.kv_txn(ops, &out, idx)?,
+            Command::KvReap { through } => {
+                let reaped = self.snap.kv.reap(through);
+                for key in &reaped {
+                    self.dirty.add(DirtyKey::KvReaped(key.clone()));
+                }
+                !reaped.is_empty()
+            }
             Command::SessionCreate(session) => self.session_create(session, idx)?,
             Command::SessionDestroy { id } | Command::SessionExpire { id } => {
                 self.session_end(&id, idx)
@@ -1815,6 +1838,10 @@ impl Catalog {
                 None => KvChange::Deleted(self.snap.kv.key_index(key)),
             };
             batch.kv.push((key.clone(), change));
+        }
+        if !dirty.kv_reaped.is_empty() {
+            batch.kv_reaped = dirty.kv_reaped.iter().cloned().collect();
+            batch.kv_floor = Some(self.snap.kv.reaped);
         }
         for id in &dirty.sessions {
             let session = self.snap.sessions.get(id).cloned();

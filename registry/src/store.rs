@@ -44,6 +44,9 @@ pub struct StoreBatch {
     pub kv: Vec<(Name, KvChange)>,
     /// Sessions made or ended.
     pub sessions: Vec<(Name, Option<Arc<Session>>)>,
+    /// KV tombstones reaped, and the floor they leave.
+    pub kv_reaped: Vec<Name>,
+    pub kv_floor: Option<u64>,
     /// Sessions renewed: a shared store records them so that every agent
     /// restarts the session's clock.
     pub session_renewals: Vec<Name>,
@@ -77,6 +80,7 @@ impl StoreBatch {
             + self.queries.len()
             + self.kv.len()
             + self.sessions.len()
+            + self.kv_reaped.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -94,6 +98,8 @@ pub struct Loaded {
     pub queries: Vec<PreparedQuery>,
     pub kv: Vec<KvEntry>,
     pub sessions: Vec<Session>,
+    /// The newest deletion whose tombstone was reaped.
+    pub kv_reaped: u64,
     /// Deleted keys with the index of their deletion.
     pub kv_tombstones: Vec<(String, u64)>,
     pub service_index: Vec<(String, u64)>,
@@ -142,6 +148,10 @@ pub enum Record {
     /// A KV key's tombstone (written with its deletion; its revision is the
     /// deletion's index).
     KvTombstone(Name),
+    /// A KV tombstone reaped.
+    KvUnbury(Name),
+    /// The floor reaped tombstones leave (`Kv::reaped`).
+    KvReaped(u64),
     /// A session, or its end.
     Session(Name, Option<Box<Session>>),
     /// A session was renewed (its clock restarts on every agent).

@@ -277,7 +277,10 @@ impl<S: Store> Writer<S> {
             let first = tokio::select! {
                 change = recv_feed(&mut self.feed), if self.feed.is_some() => {
                     match change {
-                        Some(change) => self.apply_change(change),
+                        Some(change) => {
+                            self.apply_change(change);
+                            self.maybe_reap().await;
+                        }
                         None => {
                             tracing::error!("the store's feed stopped; this agent no longer sees other agents' writes");
                             self.feed = None;
@@ -330,6 +333,7 @@ impl<S: Store> Writer<S> {
                     if !due.is_empty() {
                         let work = due.into_iter().map(|c| (c, None, Instant::now())).collect();
                         self.process(work).await;
+                        self.maybe_reap().await;
                     }
                     continue;
                 }
@@ -355,6 +359,7 @@ impl<S: Store> Writer<S> {
             }
             if !work.is_empty() {
                 self.process(work).await;
+                self.maybe_reap().await;
             }
             if let Some(done) = shutdown {
                 self.rx.close();
@@ -373,6 +378,27 @@ impl<S: Store> Writer<S> {
                 return;
             }
         }
+    }
+
+    /// Past `MAX_TOMBSTONES` KV tombstones, the oldest go (down to half),
+    /// in one write of their own; with a shared store, by the one agent
+    /// that owns the reaping (as a check has one owner), so every agent
+    /// sees the same tombstones.
+    async fn maybe_reap(&mut self) {
+        let Some(through) = self
+            .catalog
+            .snap
+            .kv
+            .reap_point(switchyard_catalog::kv::MAX_TOMBSTONES)
+        else {
+            return;
+        };
+        if self.store.shared() && !self.status.owns("", "kv-tombstones") {
+            return;
+        }
+        tracing::debug!(through, "reaping KV tombstones");
+        self.process(vec![(Command::KvReap { through }, None, Instant::now())])
+            .await;
     }
 
     async fn process(&mut self, work: Vec<(Command, Option<Reply>, Instant)>) {

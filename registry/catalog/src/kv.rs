@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::model::Name;
 
+/// Tombstones kept: past this many the oldest are reaped, down to half.
+pub const MAX_TOMBSTONES: usize = 10_000;
+
 /// Consul's `kv_max_value_size`.
 pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 
@@ -56,6 +59,9 @@ pub struct Kv {
     held: OrdMap<Name, OrdMap<Name, ()>>,
     /// Last index at which any key changed (the table's index).
     pub index: u64,
+    /// The newest deletion whose tombstone was reaped: every prefix's index
+    /// is at least this, so reaping never takes one back.
+    pub reaped: u64,
 }
 
 /// The keys from `prefix` on, while they start with it.
@@ -109,7 +115,7 @@ impl Kv {
         let deleted = range(&self.tombstones, prefix).map(|(_, i)| *i);
         match entries.chain(deleted).max() {
             Some(0) | None => self.index,
-            Some(index) => index,
+            Some(index) => index.max(self.reaped),
         }
     }
 
@@ -181,6 +187,43 @@ impl Kv {
         }
     }
 
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Where to reap when there are more than `max` tombstones: the
+    /// deletion index up to which they go, leaving at most the newest
+    /// `max / 2` (fewer when deletions share an index).
+    pub fn reap_point(&self, max: usize) -> Option<u64> {
+        if self.tombstones.len() <= max {
+            return None;
+        }
+        let mut indexes: Vec<u64> = self.tombstones.values().copied().collect();
+        indexes.sort_unstable();
+        indexes.get(indexes.len() - max / 2 - 1).copied()
+    }
+
+    /// The writer's: drops the tombstones of deletions up to `through`;
+    /// returns their keys.
+    pub fn reap(&mut self, through: u64) -> Vec<Name> {
+        let old: Vec<(Name, u64)> = self
+            .tombstones
+            .iter()
+            .filter(|(_, i)| **i <= through)
+            .map(|(k, i)| (k.clone(), *i))
+            .collect();
+        for (key, index) in &old {
+            self.tombstones.remove(key);
+            self.reaped = self.reaped.max(*index);
+        }
+        old.into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// The writer's: a tombstone another agent reaped.
+    pub fn unbury(&mut self, key: &str) {
+        self.tombstones.remove(key);
+    }
+
     /// The writer's: a tombstone read back from a store.
     pub fn bury(&mut self, key: &str, idx: u64) {
         if !self.entries.contains_key(key) {
@@ -241,6 +284,35 @@ mod tests {
         kv.insert(locked("c", "s3"), 6);
         assert!(kv.held_by("s2").is_empty());
         assert_eq!(kv.held_by("s3").len(), 1);
+    }
+
+    #[test]
+    fn reaping_keeps_the_newest_tombstones_and_never_takes_an_index_back() {
+        let mut kv = Kv::default();
+        for i in 1..=10u64 {
+            kv.insert(entry(&format!("p{i}/k"), i), i);
+        }
+        kv.insert(entry("p9/live", 11), 11);
+        for i in 1..=10u64 {
+            kv.remove(&format!("p{i}/k"), 20 + i);
+        }
+        assert_eq!(kv.reap_point(20), None);
+        let through = kv.reap_point(6).expect("over");
+        assert_eq!(through, 27, "the newest three stay");
+        let p9 = kv.prefix_index("p9/");
+        let p2 = kv.prefix_index("p2/");
+        let reaped = kv.reap(through);
+        assert_eq!(reaped.len(), 7);
+        assert_eq!(kv.tombstone_count(), 3);
+        assert!(
+            kv.prefix_index("p2/") >= p2,
+            "a reaped prefix falls to the table"
+        );
+        assert_eq!(kv.prefix_index("p9/"), p9, "a kept one stays");
+        kv.remove("p9/live", 40);
+        kv.insert(entry("p1/new", 41), 41);
+        assert_eq!(kv.prefix_index("p1/"), 41);
+        assert_eq!(kv.reaped, 27);
     }
 
     #[test]

@@ -60,6 +60,8 @@ impl Catalog {
                 }
                 Record::Session(_, None) => {}
                 Record::SessionRenewed(id) => self.renewed_sessions.push(id),
+                Record::KvUnbury(key) => self.snap.kv.unbury(&key),
+                Record::KvReaped(floor) => self.snap.kv.reaped = self.snap.kv.reaped.max(floor),
                 deletion => deletions.push(deletion),
             }
         }

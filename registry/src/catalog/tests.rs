@@ -1076,3 +1076,76 @@ async fn chunked_views_change_only_what_a_write_touches_and_match_a_full_rebuild
         }
     }
 }
+
+#[tokio::test]
+async fn kv_tombstones_are_reaped_past_the_cap_without_taking_an_index_back() {
+    use switchyard_catalog::kv::MAX_TOMBSTONES;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (prefix_before, reaped_floor, left);
+    {
+        let store = EmbeddedStore::open(dir.path(), 8 << 20).expect("open");
+        let r = start_with(store).await;
+        // More keys than the cap, in transactions of 128 sets.
+        let keys: Vec<String> = (0..=MAX_TOMBSTONES)
+            .map(|i| format!("gone/{i:05}"))
+            .collect();
+        for chunk in keys.chunks(128) {
+            let ops = chunk
+                .iter()
+                .map(|k| TxnOp {
+                    verb: "set".into(),
+                    key: k.clone(),
+                    value: b"v".to_vec(),
+                    ..TxnOp::default()
+                })
+                .collect();
+            r.apply(Command::KvTxn {
+                ops,
+                out: Default::default(),
+            })
+            .await
+            .expect("txn");
+        }
+        r.apply(Command::KvSet {
+            key: "kept/a".into(),
+            value: b"x".to_vec(),
+            flags: 0,
+            cas: None,
+        })
+        .await
+        .expect("set");
+        r.apply(Command::KvDelete {
+            key: "gone/".into(),
+            recurse: true,
+            cas: None,
+        })
+        .await
+        .expect("delete");
+        // The writer reaps after that write, in a write of its own.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.snapshot().kv.tombstone_count() > MAX_TOMBSTONES {
+            assert!(Instant::now() < deadline, "not reaped");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let snap = r.snapshot();
+        left = snap.kv.tombstone_count();
+        // One delete made them all at one index: all go, the floor stays.
+        assert_eq!(left, 0);
+        prefix_before = snap.kv.prefix_index("gone/");
+        reaped_floor = snap.kv.reaped;
+        assert!(reaped_floor > 0);
+        assert!(
+            snap.kv.prefix_index("kept/") >= reaped_floor,
+            "a floor for every prefix"
+        );
+        r.shutdown().await;
+    }
+    // Restarted: the same tombstones, the same floor, the same indexes.
+    let store = EmbeddedStore::open(dir.path(), 8 << 20).expect("reopen");
+    let r = start_with(store).await;
+    let snap = r.snapshot();
+    assert_eq!(snap.kv.tombstone_count(), left);
+    assert_eq!(snap.kv.reaped, reaped_floor);
+    assert_eq!(snap.kv.prefix_index("gone/"), prefix_before);
+}

@@ -144,6 +144,8 @@ fn write(db: &Database, mut updates: Vec<Update>) -> Result<(u64, u64), StoreErr
                 }
                 Record::Session(id, session) => batch.sessions.push((id, session.map(Arc::from))),
                 Record::SessionRenewed(_) => {}
+                Record::KvUnbury(key) => batch.kv_reaped.push(key),
+                Record::KvReaped(floor) => batch.kv_floor = Some(floor),
                 Record::Ttl(..) | Record::Index { .. } => {}
             }
         }

@@ -24,6 +24,7 @@ const KV_TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("kv_tombs
 const SERVICE_INDEX: TableDefinition<&str, u64> = TableDefinition::new("service_index");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_KEY: &str = "index";
+const KV_REAPED_KEY: &str = "kv_reaped";
 
 /// File name of the catalog inside the data directory.
 pub const CATALOG_FILE: &str = "catalog.redb";
@@ -136,6 +137,7 @@ pub(super) fn load_db(db: &Database) -> Result<Loaded, StoreError> {
         Err(e) => return Err(io(e)),
     }
     loaded.index = meta(&txn, INDEX_KEY)?.unwrap_or(0);
+    loaded.kv_reaped = meta(&txn, KV_REAPED_KEY)?.unwrap_or(0);
     Ok(loaded)
 }
 
@@ -209,6 +211,7 @@ pub(super) fn replace_blocking(
         }
         let mut meta = txn.open_table(META).map_err(io)?;
         meta.insert(INDEX_KEY, loaded.index).map_err(io)?;
+        meta.insert(KV_REAPED_KEY, loaded.kv_reaped).map_err(io)?;
         for (key, value) in extra {
             meta.insert(*key, *value).map_err(io)?;
         }
@@ -254,6 +257,12 @@ pub(super) fn commit_with(
             }
             .map_err(io)?;
         }
+        if !batch.kv_reaped.is_empty() {
+            let mut tombstones = txn.open_table(KV_TOMBSTONES).map_err(io)?;
+            for key in &batch.kv_reaped {
+                tombstones.remove(&**key).map_err(io)?;
+            }
+        }
         if !batch.sessions.is_empty() {
             let mut sessions = txn.open_table(SESSIONS).map_err(io)?;
             for (id, session) in &batch.sessions {
@@ -297,6 +306,9 @@ pub(super) fn commit_with(
         }
         let mut meta = txn.open_table(META).map_err(io)?;
         meta.insert(INDEX_KEY, batch.index).map_err(io)?;
+        if let Some(floor) = batch.kv_floor {
+            meta.insert(KV_REAPED_KEY, floor).map_err(io)?;
+        }
         for (key, value) in extra {
             meta.insert(*key, *value).map_err(io)?;
         }

@@ -149,6 +149,7 @@ enum Parsed<'a> {
     KvTombstone(&'a str),
     Session(&'a str),
     SessionTtl(&'a str),
+    KvReaped,
     Ttl(&'a str, &'a str),
     Index,
     Service(&'a str),
@@ -202,6 +203,7 @@ impl Keys {
             "kvdel" => Parsed::KvTombstone(name),
             "session" => Parsed::Session(name),
             "sessionttl" => Parsed::SessionTtl(name),
+            "kvreaped" => Parsed::KvReaped,
             "endpoint" => pair().map(|(n, i)| Parsed::Endpoint(n, i))?,
             "check" => pair().map(|(n, i)| Parsed::Check(n, i))?,
             "ttl" => pair().map(|(n, i)| Parsed::Ttl(n, i))?,
@@ -267,6 +269,12 @@ fn put_record(keys: &Keys, kv: &KeyValue) -> Result<Option<Record>, StoreError> 
             Record::Session(id.into(), Some(Box::new(session)))
         }
         Some(Parsed::SessionTtl(id)) => Record::SessionRenewed(id.into()),
+        Some(Parsed::KvReaped) => Record::KvReaped(
+            std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        ),
         Some(Parsed::Ttl(node, id)) => {
             let ms: u64 = decode(kv)?;
             Record::Ttl((node.into(), id.into()), Duration::from_millis(ms))
@@ -291,6 +299,7 @@ fn delete_record(keys: &Keys, key: &[u8]) -> Option<Record> {
         Parsed::Query(id) => Record::Query(id.into(), None),
         Parsed::Kv(key) => Record::Kv(key.into(), None),
         Parsed::Session(id) => Record::Session(id.into(), None),
+        Parsed::KvTombstone(key) => Record::KvUnbury(key.into()),
         _ => return None,
     })
 }
@@ -427,6 +436,16 @@ impl EtcdStore {
                     ops.push(TxnOp::delete(keys.key("sessionttl", id), None));
                 }
             }
+        }
+        for key in &batch.kv_reaped {
+            ops.push(TxnOp::delete(keys.key("kvdel", key), None));
+        }
+        if let Some(floor) = batch.kv_floor {
+            ops.push(TxnOp::put(
+                keys.key("kvreaped", "floor"),
+                floor.to_string().into_bytes(),
+                None,
+            ));
         }
         for id in &batch.session_renewals {
             ops.push(TxnOp::put(keys.key("sessionttl", id), Vec::new(), None));
@@ -926,6 +945,7 @@ async fn read_all(client: &Client, keys: &Keys) -> Result<(Loaded, u64), StoreEr
                     Ok(Some(Record::Query(_, Some(q)))) => loaded.queries.push(*q),
                     Ok(Some(Record::Kv(_, Some(e)))) => loaded.kv.push(*e),
                     Ok(Some(Record::Session(_, Some(s)))) => loaded.sessions.push(*s),
+                    Ok(Some(Record::KvReaped(floor))) => loaded.kv_reaped = floor,
                     Ok(Some(Record::KvTombstone(key))) => {
                         loaded.kv_tombstones.push((key.to_string(), modify))
                     }
