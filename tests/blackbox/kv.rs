@@ -567,6 +567,12 @@ fn a_txn_applies_all_of_its_kv_operations_or_none() {
     assert_eq!(read.status, 200, "{}", read.body);
     let results = read.json()["Results"].as_array().expect("results").clone();
     assert_eq!(results.len(), 3);
+    assert_eq!(
+        read.header("X-Consul-Index"),
+        None,
+        "a read-only txn has none"
+    );
+    assert!(read.header("X-Consul-LastContact").is_some());
     assert_eq!(results[2]["KV"]["Value"], "Mw==");
     // Operation limits.
     let ops: Vec<Value> = (0..128).map(|i| set(&format!("many/{i}"), "v")).collect();

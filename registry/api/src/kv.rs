@@ -368,6 +368,18 @@ pub(super) async fn txn(State(state): St, body: Bytes) -> ApiResult {
             session: kv.session,
         });
     }
+    // Reads only: no write, no index (Consul's read-only transactions).
+    let read_only = ops.iter().all(|op| {
+        matches!(
+            op.verb.as_str(),
+            "get"
+                | "get-or-empty"
+                | "get-tree"
+                | "check-index"
+                | "check-session"
+                | "check-not-exists"
+        )
+    });
     let out: switchyard_registry::TxnResults = Default::default();
     let applied = state
         .registry
@@ -395,11 +407,16 @@ pub(super) async fn txn(State(state): St, body: Bytes) -> ApiResult {
                 })
                 .collect();
             let body = json!({ "Results": results, "Errors": null });
-            Ok(json_response(
+            let mut response = json_response(
                 json_body(&body, &QueryOpts::default())?,
                 index,
                 &QueryOpts::default(),
-            ))
+            );
+            if read_only {
+                response.headers_mut().remove("x-consul-index");
+                response.extensions_mut().insert(super::NoIndex);
+            }
+            Ok(response)
         }
         Err(RegistryError::Txn(errors)) => {
             let errors: Vec<Value> = errors

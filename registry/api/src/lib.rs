@@ -525,6 +525,11 @@ async fn unimplemented(method: axum::http::Method, uri: axum::http::Uri) -> ApiE
     )
 }
 
+/// An answer that carries no `X-Consul-Index` (a read-only transaction's,
+/// as in Consul).
+#[derive(Clone, Copy)]
+pub(crate) struct NoIndex;
+
 /// On a 413 a handler wrote itself (a limit of its own, such as a KV
 /// value's): its text stands.
 #[derive(Clone, Copy)]
@@ -597,13 +602,14 @@ async fn common_headers(
         .extensions()
         .get::<federation::Forwarded>()
         .is_some();
+    let unindexed = response.extensions().get::<NoIndex>().is_some();
     let headers = response.headers_mut();
     headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     if forwarded {
         // Another datacenter's answer: its X-Consul-* headers stand.
         return response;
     }
-    if !headers.contains_key(X_CONSUL_INDEX) {
+    if !headers.contains_key(X_CONSUL_INDEX) && !unindexed {
         let index = state.registry.snapshot().index().max(1);
         headers.insert(X_CONSUL_INDEX, HeaderValue::from(index));
     }
