@@ -385,17 +385,16 @@ impl<S: Store> Writer<S> {
     /// that owns the reaping (as a check has one owner), so every agent
     /// sees the same tombstones.
     async fn maybe_reap(&mut self) {
-        let Some(through) = self
-            .catalog
-            .snap
-            .kv
-            .reap_point(switchyard_catalog::kv::MAX_TOMBSTONES)
-        else {
-            return;
-        };
-        if self.store.shared() && !self.status.owns("", "kv-tombstones") {
+        use switchyard_catalog::kv::MAX_TOMBSTONES;
+        let kv = &self.catalog.snap.kv;
+        if kv.tombstone_count() <= MAX_TOMBSTONES
+            || (self.store.shared() && !self.status.owns("", "kv-tombstones"))
+        {
             return;
         }
+        let Some(through) = kv.reap_point(MAX_TOMBSTONES) else {
+            return;
+        };
         tracing::debug!(through, "reaping KV tombstones");
         self.process(vec![(Command::KvReap { through }, None, Instant::now())])
             .await;
