@@ -14,8 +14,8 @@ writes over HTTP/1.1 from the same client, etcd through its own JSON gateway
   not change (Consul's `?cas=`, etcd's transaction on mod_revision); the
   figure is successful writes/s;
 - wake: a reader blocks on the key (Consul's `?index=`, an etcd watch), a
-  writer changes it; the time from sending the write to the reader having
-  the new value (200 samples);
+  writer on another connection changes it; the time from sending the write
+  to the reader's answer arriving (one thread, `select`; 200 samples);
 - lock hand-over (ours only): a holder's session is destroyed (or its linked
   check fails); the time until a waiting contender holds the lock (lock delay
   0, 50 samples each).
@@ -31,6 +31,7 @@ import base64
 import http.client
 import json
 import os
+import select
 import shutil
 import socket
 import statistics
@@ -181,54 +182,58 @@ def cas_loop(kind, port, seconds):
     return done[0] / (time.time() - started)
 
 
+def raw_conn(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def raw_request(method, path, body=b""):
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
 def wake_sy(port, samples):
+    """A reader's blocking GET parked on the key; the time from sending a
+    write (another connection) to the reader's answer arriving. One thread:
+    no interpreter scheduling in the figure."""
     key = "bench/wake"
-    writer = Client(port)
-    _, headers, _ = writer.call("PUT", f"/v1/kv/{key}", b"start")
+    c = Client(port)
+    c.call("PUT", f"/v1/kv/{key}", b"start")
     out = []
     for i in range(samples):
-        _, headers, _ = Client(port).call("GET", f"/v1/kv/{key}")
-        index = headers["x-consul-index"]
-        got = {}
-        ready = threading.Event()
-
-        def read():
-            c = Client(port)
-            ready.set()
-            _, _, body = c.call("GET", f"/v1/kv/{key}?index={index}&wait=30s")
-            got["t"] = time.perf_counter()
-            got["v"] = base64.b64decode(json.loads(body)[0]["Value"])
-
-        t = threading.Thread(target=read)
-        t.start()
-        ready.wait()
-        time.sleep(0.02)  # the read is parked on the server
+        _, headers, _ = c.call("GET", f"/v1/kv/{key}")
+        reader = raw_conn(port)
+        reader.sendall(raw_request("GET", f"/v1/kv/{key}?index={headers['x-consul-index']}&wait=30s"))
+        time.sleep(0.01)  # the read is parked on the server
+        writer = raw_conn(port)
         sent = time.perf_counter()
-        writer.call("PUT", f"/v1/kv/{key}", f"v{i}".encode())
-        t.join()
-        assert got["v"] == f"v{i}".encode()
-        out.append((got["t"] - sent) * 1000)
+        writer.sendall(raw_request("PUT", f"/v1/kv/{key}", f"v{i}".encode()))
+        ready, _, _ = select.select([reader], [], [], 10)
+        assert ready, "the blocked read did not wake"
+        out.append((time.perf_counter() - sent) * 1000)
+        reader.close()
+        writer.close()
     return out
 
 
 def wake_etcd(port, samples):
+    """The same with an etcd watch (created before the write)."""
     key = b64("bench/wake")
-    writer = Client(port)
-    writer.call("POST", "/v3/kv/put", json.dumps({"key": key, "value": b64("start")}))
     out = []
     for i in range(samples):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("POST", "/v3/watch", json.dumps({"create_request": {"key": key}}))
-        stream = conn.getresponse()
-        stream.readline()  # the watch's creation
+        reader = raw_conn(port)
+        reader.sendall(raw_request("POST", "/v3/watch", json.dumps({"create_request": {"key": key}}).encode()))
+        seen = b""
+        while b"created" not in seen:
+            seen += reader.recv(65536)
+        writer = raw_conn(port)
         sent = time.perf_counter()
-        writer.call("POST", "/v3/kv/put", json.dumps({"key": key, "value": b64(f"v{i}")}))
-        line = stream.readline()
-        got = time.perf_counter()
-        events = json.loads(line)["result"]["events"]
-        assert base64.b64decode(events[0]["kv"]["value"]) == f"v{i}".encode()
-        conn.close()
-        out.append((got - sent) * 1000)
+        writer.sendall(raw_request("POST", "/v3/kv/put", json.dumps({"key": key, "value": b64(f"v{i}")}).encode()))
+        ready, _, _ = select.select([reader], [], [], 10)
+        assert ready, "the watch did not fire"
+        out.append((time.perf_counter() - sent) * 1000)
+        reader.close()
+        writer.close()
     return out
 
 
