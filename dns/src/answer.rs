@@ -388,7 +388,7 @@ impl Engine {
             Target::Service { name, tag } => {
                 self.service(q, &snap, name, tag.as_deref(), out, budget, c, s, apex)
             }
-            Target::Node(name) => match snap.node(&name) {
+            Target::Node(name) => match snap.node_ci(&name) {
                 Some(entry) => self.node(q, &snap, entry, out, c, apex),
                 None => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
             },
@@ -569,7 +569,7 @@ impl Engine {
                     let pick = Pick::tag(tag.as_deref());
                     self.service_here(q, &snap, view, pick, None, out, budget, c, s, apex)
                 }
-                Target::Node(name) => match snap.node(&name) {
+                Target::Node(name) => match snap.node_ci(&name) {
                     Some(entry) => self.node(q, &snap, entry, out, c, apex),
                     None => self.negative(q, &snap, out, c, apex, rcode::NXDOMAIN),
                 },

@@ -410,7 +410,7 @@ impl Catalog {
         };
         for node in loaded.nodes {
             let index = node.modify_index;
-            snap.nodes.insert(
+            snap.insert_node(
                 node.name.clone(),
                 Arc::new(NodeEntry {
                     node: Arc::new(node),
@@ -1305,7 +1305,7 @@ impl Catalog {
                 node.create_index = idx;
                 node.modify_index = idx;
                 node.drain = None;
-                self.snap.nodes.insert(
+                self.snap.insert_node(
                     name.clone(),
                     Arc::new(NodeEntry {
                         node: Arc::new(node),
@@ -1394,7 +1394,7 @@ impl Catalog {
         for id in entry.checks.keys() {
             self.del_check(name, id, idx);
         }
-        self.snap.nodes.remove(name);
+        self.snap.remove_node(name);
         self.dirty.add(DirtyKey::Node(name.clone()));
         self.snap.tables.nodes = idx;
         true

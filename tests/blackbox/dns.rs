@@ -185,6 +185,24 @@ fn every_name_form_answers_from_the_catalog() {
         ips(&udp(dns, "0a090003.addr.consul", RecordType::A).answers),
         [ip("10.9.0.3")]
     );
+    // Node names in any case: DNS asks in lower case (or in 0x20 mixed
+    // case); a node registered with capitals is found either way.
+    agent.client().put_ok(
+        "/v1/catalog/register",
+        r#"{"Node": "Big-Node-7", "Address": "10.7.7.7"}"#,
+    );
+    for name in ["big-node-7.node.consul", "BIG-node-7.node.consul"] {
+        assert_eq!(
+            ips(&udp(dns, name, RecordType::A).answers),
+            [ip("10.7.7.7")],
+            "{name}"
+        );
+    }
+    agent
+        .client()
+        .put_ok("/v1/catalog/deregister", r#"{"Node": "Big-Node-7"}"#);
+    let gone = udp(dns, "big-node-7.node.consul", RecordType::A);
+    assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
     let txt = udp(dns, "n1.node.consul", RecordType::TXT);
     assert!(
         matches!(&txt.answers[0].data, RData::TXT(t) if t.to_string().contains("rack=r1")),

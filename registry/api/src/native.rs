@@ -115,7 +115,7 @@ pub(super) async fn watch(State(state): St, Query(q): Query<Pairs>, body: Bytes)
         }
         let mut nodes = serde_json::Map::new();
         for (name, held) in &input.nodes {
-            let entry = snap.node(name);
+            let entry = snap.node(name).or_else(|| snap.node_ci(name));
             let index = entry.map_or(1, |n| n.index).max(1);
             if *held != 0 && *held == index {
                 continue;

@@ -28,6 +28,9 @@ pub struct Snapshot {
     /// Lowercase alias -> name, only for service names with uppercase letters,
     /// so that case-insensitive lookups (DNS) find them.
     pub aliases: PMap<Name, Name>,
+    /// Lowercase alias -> name, only for node names with uppercase letters
+    /// (DNS asks in lower case).
+    pub node_aliases: PMap<Name, Name>,
     pub tables: TableIndexes,
     pub counts: StateCounts,
     /// Prepared queries, with the index of their last change.
@@ -409,6 +412,39 @@ impl Snapshot {
 
     pub fn node(&self, name: &str) -> Option<&Arc<NodeEntry>> {
         self.nodes.get(name)
+    }
+
+    /// A node by its name in lower case (DNS), whatever its case.
+    pub fn node_ci(&self, lower: &str) -> Option<&Arc<NodeEntry>> {
+        self.nodes.get(lower).or_else(|| {
+            self.node_aliases
+                .get(lower)
+                .and_then(|name| self.nodes.get(name))
+        })
+    }
+
+    /// The writer's: adds a node (and its lowercase alias when its name
+    /// has capitals).
+    pub fn insert_node(&mut self, name: Name, entry: Arc<NodeEntry>) {
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.node_aliases
+                .insert(name.to_ascii_lowercase().into(), name.clone());
+        }
+        self.nodes.insert(name, entry);
+    }
+
+    /// The writer's: removes a node and its alias.
+    pub fn remove_node(&mut self, name: &str) {
+        if self.nodes.remove(name).is_some() && name.bytes().any(|b| b.is_ascii_uppercase()) {
+            let lower = name.to_ascii_lowercase();
+            if self
+                .node_aliases
+                .get(lower.as_str())
+                .is_some_and(|n| **n == *name)
+            {
+                self.node_aliases.remove(lower.as_str());
+            }
+        }
     }
 
     /// Every node, in no particular order.

@@ -130,7 +130,7 @@ impl Catalog {
         match self.entry_mut(&name) {
             Some(entry) => entry.node = Arc::new(node),
             None => {
-                self.snap.nodes.insert(
+                self.snap.insert_node(
                     name.clone(),
                     Arc::new(NodeEntry {
                         node: Arc::new(node),
