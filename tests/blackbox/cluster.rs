@@ -828,6 +828,11 @@ fn ttl_renewals_through_any_agent_reach_the_checks_owner() {
             .as_u64()
             .unwrap_or(0)
     };
+    // B has the batch A took before it is renewed through B (its feed may
+    // lag on a loaded machine).
+    eventually("B sees the checks", Duration::from_secs(10), || {
+        (passing(&cb) == 20).then_some(())
+    });
     // Renew through B only, for longer than the TTL: A's clocks expire the
     // checks A owns unless B's renewals reach them. (The TTL is long enough
     // that a stall of a loaded CI machine cannot outlast it.)
