@@ -207,6 +207,9 @@ enum Target<'a> {
     Unknown,
 }
 
+/// An answer that waits for a copy's first fetch (see `Engine::failover`).
+struct Deferred;
+
 /// Which of a service's instances an answer picks from.
 #[derive(Clone, Copy)]
 enum Pick<'a> {
@@ -607,24 +610,17 @@ impl Engine {
         if let Some(elsewhere) = &self.elsewhere {
             if needs_failover(view.map(|v| &**v), self.min_healthy) {
                 let policy = view.and_then(|v| failover_policy(v));
-                for dc in elsewhere.order(policy) {
-                    match elsewhere.copy(&dc, CopyOf::Service(name)) {
-                        Copied::Ready(copy) => {
-                            let there = copy.service_ci(name);
-                            if there.is_some_and(|v| v.routable_len() > 0) {
-                                elsewhere.failed_over(name, &dc);
-                                let pick = Pick::tag(tag);
-                                return self.service_here(
-                                    q, &copy, there, pick, None, out, budget, c, s, apex,
-                                );
-                            }
-                        }
-                        Copied::Fetching(wait) if s.defer => {
-                            s.pending = Some(wait);
-                            return (rcode::SERVFAIL, false);
-                        }
-                        Copied::Fetching(_) | Copied::Unknown | Copied::Full => {}
+                let routable =
+                    |copy: &Snapshot| copy.service_ci(name).is_some_and(|v| v.routable_len() > 0);
+                match Self::failover(&**elsewhere, elsewhere.order(policy), name, s, routable) {
+                    Err(Deferred) => return (rcode::SERVFAIL, false),
+                    Ok(Some(copy)) => {
+                        let there = copy.service_ci(name);
+                        let pick = Pick::tag(tag);
+                        return self
+                            .service_here(q, &copy, there, pick, None, out, budget, c, s, apex);
                     }
+                    Ok(None) => {}
                 }
             }
         }
@@ -669,25 +665,46 @@ impl Engine {
         }
         if let Some(elsewhere) = &self.elsewhere {
             let lower = service.service.to_ascii_lowercase();
-            for dc in service.failover_targets(&**elsewhere) {
-                match elsewhere.copy(&dc, CopyOf::Service(&lower)) {
-                    Copied::Ready(copy) => {
-                        let there = service.view(&copy);
-                        if admits(there) {
-                            elsewhere.failed_over(&lower, &dc);
-                            return self
-                                .service_here(q, &copy, there, pick, ttl, out, budget, c, s, apex);
-                        }
-                    }
-                    Copied::Fetching(wait) if s.defer => {
-                        s.pending = Some(wait);
-                        return (rcode::SERVFAIL, false);
-                    }
-                    Copied::Fetching(_) | Copied::Unknown | Copied::Full => {}
+            let dcs = service.failover_targets(&**elsewhere);
+            let has = |copy: &Snapshot| admits(service.view(copy));
+            match Self::failover(&**elsewhere, dcs, &lower, s, has) {
+                Err(Deferred) => return (rcode::SERVFAIL, false),
+                Ok(Some(copy)) => {
+                    let there = service.view(&copy);
+                    return self.service_here(q, &copy, there, pick, ttl, out, budget, c, s, apex);
                 }
+                Ok(None) => {}
             }
         }
         self.negative(q, snap, out, c, apex, rcode::NXDOMAIN)
+    }
+
+    /// Where a service short here is answered from: the copy of the first
+    /// of `dcs` (in order) that `has` what the answer needs (the failover
+    /// recorded). `Deferred` while such a copy's first fetch is under way
+    /// and the answer may wait (`Scratch::pending` set); `None` when no
+    /// datacenter has any.
+    fn failover(
+        elsewhere: &dyn Elsewhere,
+        dcs: Vec<String>,
+        lower: &str,
+        s: &mut Scratch,
+        has: impl Fn(&Snapshot) -> bool,
+    ) -> Result<Option<Arc<Snapshot>>, Deferred> {
+        for dc in dcs {
+            match elsewhere.copy(&dc, CopyOf::Service(lower)) {
+                Copied::Ready(copy) if has(&copy) => {
+                    elsewhere.failed_over(lower, &dc);
+                    return Ok(Some(copy));
+                }
+                Copied::Fetching(wait) if s.defer => {
+                    s.pending = Some(wait);
+                    return Err(Deferred);
+                }
+                Copied::Ready(_) | Copied::Fetching(_) | Copied::Unknown | Copied::Full => {}
+            }
+        }
+        Ok(None)
     }
 
     // The answer engine's per-query state (output, budget, counts, scratch)

@@ -611,18 +611,38 @@ impl Catalog {
         {
             return Ok(false);
         }
+        // An existing lock stays.
+        let session = old.as_ref().map(|e| e.session.clone()).unwrap_or_default();
+        let lock_index = old.as_ref().map_or(0, |e| e.lock_index);
+        self.put_kv(
+            old.as_deref(),
+            (key, value, flags),
+            (session, lock_index),
+            idx,
+        );
+        Ok(true)
+    }
+
+    /// Writes a key's new entry at `idx` (its `CreateIndex` kept from
+    /// `old`) with its lock (`session`, `LockIndex`), and marks it.
+    fn put_kv(
+        &mut self,
+        old: Option<&KvEntry>,
+        (key, value, flags): (String, Vec<u8>, u64),
+        (session, lock_index): (String, u64),
+        idx: u64,
+    ) {
         let entry = KvEntry {
             value,
             flags,
-            session: old.as_ref().map(|e| e.session.clone()).unwrap_or_default(),
-            lock_index: old.as_ref().map_or(0, |e| e.lock_index),
-            create_index: old.as_ref().map_or(idx, |e| e.create_index),
+            session,
+            lock_index,
+            create_index: old.map_or(idx, |e| e.create_index),
             modify_index: idx,
             key,
         };
         self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
         self.snap.kv.insert(Arc::new(entry), idx);
-        Ok(true)
     }
 
     fn kv_delete(
@@ -684,17 +704,9 @@ impl Catalog {
                 "failed to lock key {key:?}: in a lock delay"
             )));
         }
-        let entry = KvEntry {
-            value,
-            flags,
-            session: session.to_string(),
-            lock_index: old.as_ref().map_or(0, |e| e.lock_index) + u64::from(!held),
-            create_index: old.as_ref().map_or(idx, |e| e.create_index),
-            modify_index: idx,
-            key,
-        };
-        self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
-        self.snap.kv.insert(Arc::new(entry), idx);
+        let lock_index = old.as_ref().map_or(0, |e| e.lock_index) + u64::from(!held);
+        let lock = (session.to_string(), lock_index);
+        self.put_kv(old.as_deref(), (key, value, flags), lock, idx);
         Ok(true)
     }
 
@@ -717,17 +729,8 @@ impl Catalog {
                 "failed to unlock key {key:?}, lock isn't held, or is held by another session"
             )));
         };
-        let entry = KvEntry {
-            value,
-            flags,
-            session: String::new(),
-            lock_index: old.lock_index,
-            create_index: old.create_index,
-            modify_index: idx,
-            key,
-        };
-        self.dirty.add(DirtyKey::Kv(entry.key.as_str().into()));
-        self.snap.kv.insert(Arc::new(entry), idx);
+        let lock = (String::new(), old.lock_index);
+        self.put_kv(Some(&old), (key, value, flags), lock, idx);
         Ok(true)
     }
 

@@ -213,12 +213,13 @@ impl Drop for Etcd {
 
 /// An agent on the etcd store at `urls`, named `name`, with etcd's
 /// shortest agent lease (2 s) so that a dead agent's checks move quickly.
-fn agent_on(scratch: &Path, name: &str, urls: &[String], prefix: &str) -> Agent {
+pub(crate) fn agent_on(scratch: &Path, name: &str, urls: &[String], prefix: &str) -> Agent {
     agent_on_with(scratch, name, urls, prefix, "")
 }
 
-/// `agent_on` with extra `[store]` keys (TLS, credentials).
-fn agent_on_with(
+/// `agent_on` with extra config text after the `[store]` table's keys
+/// (more store keys: TLS, credentials; or other tables).
+pub(crate) fn agent_on_with(
     scratch: &Path,
     name: &str,
     urls: &[String],

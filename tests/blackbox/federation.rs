@@ -869,24 +869,9 @@ fn a_datacenter_of_two_agents_on_etcd_is_asked_through_either() {
     // (Etcd::single says loudly when etcd is not installed.)
     let scratch = tempfile::tempdir().expect("tempdir");
     let etcd = crate::cluster::Etcd::single(scratch.path());
-    let store = format!(
-        "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/dc2\"\nlease_ttl = \"2s\"\n",
-        etcd.url()
-    );
     let agent = |name: &str| {
-        let path = scratch.path().join(format!("{name}.toml"));
-        std::fs::write(&path, format!("[agent]\ndatacenter = \"dc2\"\n{store}")).expect("config");
-        Agent::start_in(
-            &scratch.path().join(format!("data-{name}")),
-            &[
-                "--config",
-                path.to_str().expect("utf8"),
-                "--node-name",
-                name,
-                "--proxy-threads",
-                "1",
-            ],
-        )
+        let dc2 = "[agent]\ndatacenter = \"dc2\"\n";
+        crate::cluster::agent_on_with(scratch.path(), name, &[etcd.url()], "/dc2", dc2)
     };
     let (a, b) = (agent("dc2-a"), agent("dc2-b"));
     register_at(&a.client(), "web", "web-1", "10.0.0.1", &[], false);

@@ -336,25 +336,7 @@ fn kv_is_shared_by_the_agents_on_one_etcd() {
     // (Etcd::single says loudly when etcd is not installed.)
     let scratch = tempfile::tempdir().expect("tempdir");
     let etcd = crate::cluster::Etcd::single(scratch.path());
-    let store = format!(
-        "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/kv\"\nlease_ttl = \"2s\"\n",
-        etcd.url()
-    );
-    let agent = |name: &str| {
-        let path = scratch.path().join(format!("{name}.toml"));
-        std::fs::write(&path, &store).expect("config");
-        Agent::start_in(
-            &scratch.path().join(format!("data-{name}")),
-            &[
-                "--config",
-                path.to_str().expect("utf8"),
-                "--node-name",
-                name,
-                "--proxy-threads",
-                "1",
-            ],
-        )
-    };
+    let agent = |name: &str| crate::cluster::agent_on(scratch.path(), name, &[etcd.url()], "/kv");
     let (a, b) = (agent("kv-a"), agent("kv-b"));
     let (ca, cb) = (a.client(), b.client());
     put(&ca, "/v1/kv/app/x", "1");
@@ -445,24 +427,10 @@ fn headers_and_status_tell_the_truth_about_etcd() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let mut etcd = crate::cluster::Etcd::single(scratch.path());
     let token = "truth-reader-token-0123456789";
-    let config = format!(
-        "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/truth\"\nlease_ttl = \"2s\"\n\
-         [[api.tokens]]\nname = \"reader\"\nrole = \"read\"\nsecret = \"{token}\"\n",
-        etcd.url()
-    );
-    let path = scratch.path().join("truth.toml");
-    std::fs::write(&path, config).expect("config");
-    let agent = Agent::start_in(
-        &scratch.path().join("data"),
-        &[
-            "--config",
-            path.to_str().expect("utf8"),
-            "--node-name",
-            "truth-a",
-            "--proxy-threads",
-            "1",
-        ],
-    );
+    let tokens =
+        format!("[[api.tokens]]\nname = \"reader\"\nrole = \"read\"\nsecret = \"{token}\"\n");
+    let agent =
+        crate::cluster::agent_on_with(scratch.path(), "truth-a", &[etcd.url()], "/truth", &tokens);
     let c = agent.client_with_token(token);
     let etcd_addr = etcd.url().trim_start_matches("http://").to_string();
     eventually("etcd named as leader", Duration::from_secs(15), || {

@@ -315,25 +315,7 @@ fn sessions_and_locks_across_agents_on_one_etcd() {
     // (Etcd::single says loudly when etcd is not installed.)
     let scratch = tempfile::tempdir().expect("tempdir");
     let etcd = crate::cluster::Etcd::single(scratch.path());
-    let store = format!(
-        "[store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"/sess\"\nlease_ttl = \"2s\"\n",
-        etcd.url()
-    );
-    let agent = |name: &str| {
-        let path = scratch.path().join(format!("{name}.toml"));
-        std::fs::write(&path, &store).expect("config");
-        Agent::start_in(
-            &scratch.path().join(format!("data-{name}")),
-            &[
-                "--config",
-                path.to_str().expect("utf8"),
-                "--node-name",
-                name,
-                "--proxy-threads",
-                "1",
-            ],
-        )
-    };
+    let agent = |name: &str| crate::cluster::agent_on(scratch.path(), name, &[etcd.url()], "/sess");
     let (a, b) = (agent("sess-a"), agent("sess-b"));
     let (ca, cb) = (a.client(), b.client());
     // Each agent's node has its lease's serfHealth before a session links it.
