@@ -3,8 +3,8 @@
 //! HTTP/1.1 path) and every TLS connection, HTTP/2 or HTTP/1.1 as ALPN chose
 //! (handed here by `tls.rs`).
 //! Requests are routed, balanced, counted and retried like HTTP/1.1 ones and
-//! sent upstream over HTTP/1.1 by hyper's pooled client. The raw HTTP/1.1
-//! path stays hyper-free; this one favours completeness over the last µs.
+//! sent upstream over HTTP/1.1 by this thread's own pool (`upstream_h1`), or
+//! over HTTP/2 (`upstream_h2`) for gRPC calls and HTTP/2 routes.
 
 use std::convert::Infallible;
 use std::io;
@@ -18,12 +18,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use switchyard_catalog::{ExtraKey, Snapshot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -39,6 +37,7 @@ use crate::grpc_web;
 use crate::metrics::Reject;
 use crate::shared::Shared;
 use crate::stats::{now_ns, EndpointStats};
+use crate::upstream_h1;
 use crate::upstream_h2::{self, Failure, Outgoing};
 use crate::wire;
 
@@ -221,69 +220,6 @@ pub(crate) struct H2Tls {
     pub(crate) shared: Arc<Shared>,
     backends: ExtraKey<ProxyDecorator>,
     snapshot: Arc<ArcSwap<Snapshot>>,
-    /// The upstream clients of the `connect_timeout` in force at start.
-    clients: Arc<Clients>,
-    /// Those of other connect timeouts (routes' own, or after a reload),
-    /// made on first use.
-    /// (Read per request without a lock; copied on the rare insert.)
-    other_clients: ArcSwap<std::collections::HashMap<Duration, Arc<Clients>>>,
-    /// Clients over each upstream TLS setup (by its id) and connect timeout,
-    /// made on first use.
-    tls_clients: ArcSwap<std::collections::HashMap<(u64, Duration), TlsEntry>>,
-}
-
-/// Clients over one upstream TLS setup, as long as the setup is in use.
-type TlsEntry = (
-    std::sync::Weak<crate::upstream_tls::UpstreamTls>,
-    TlsClients,
-);
-
-type TlsClients = Arc<Clients<crate::upstream_tls::TlsConnect>>;
-
-/// Upstream clients with one connect timeout: hyper's connector takes it at
-/// construction, so each timeout in use has its pools (and each upstream
-/// TLS setup its own, `C` = `TlsConnect`).
-struct Clients<C = HttpConnector> {
-    connect_timeout: Duration,
-    /// HTTP/1.1, pooled. (HTTP/2 goes over `upstream_h2`'s pool.)
-    http1: HttpClient<C, ProxyBody>,
-}
-
-fn plain_connector(connect_timeout: Duration) -> HttpConnector {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector
-}
-
-impl Clients {
-    fn new(connect_timeout: Duration, pool_per_endpoint: usize) -> Clients {
-        Clients::over(
-            plain_connector(connect_timeout),
-            connect_timeout,
-            pool_per_endpoint,
-        )
-    }
-}
-
-impl<C> Clients<C>
-where
-    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
-{
-    /// The client over `http1`.
-    fn over(http1: C, connect_timeout: Duration, pool_per_endpoint: usize) -> Clients<C> {
-        // One pool per proxy thread (its connections live on that thread's
-        // runtime), sized for the streams many multiplexed clients keep in
-        // flight, so they do not churn upstream connections.
-        let http1 = HttpClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(pool_per_endpoint)
-            .build(http1);
-        Clients {
-            connect_timeout,
-            http1,
-        }
-    }
 }
 
 impl H2Tls {
@@ -292,77 +228,11 @@ impl H2Tls {
         backends: ExtraKey<ProxyDecorator>,
         snapshot: Arc<ArcSwap<Snapshot>>,
     ) -> H2Tls {
-        let config = shared.config.load();
-        let clients = Arc::new(Clients::new(
-            config.connect_timeout,
-            config.pool_per_endpoint,
-        ));
         H2Tls {
             shared,
             backends,
             snapshot,
-            clients,
-            other_clients: Default::default(),
-            tls_clients: Default::default(),
         }
-    }
-
-    /// The clients over `tls` to a service's endpoints (`failures`: its
-    /// counters).
-    fn tls_clients(
-        &self,
-        tls: &Arc<crate::upstream_tls::UpstreamTls>,
-        timeout: Duration,
-        failures: &crate::upstream_tls::Failures,
-    ) -> TlsClients {
-        let key = (tls.id, timeout);
-        if let Some((_, clients)) = self.tls_clients.load().get(&key) {
-            return clients.clone();
-        }
-        let pool = self.shared.config.load().pool_per_endpoint;
-        let mut tcp = plain_connector(timeout);
-        tcp.enforce_http(false);
-        let made = Arc::new(Clients::over(
-            tls.connector(tcp, failures.clone()),
-            timeout,
-            pool,
-        ));
-        self.tls_clients.rcu(|all| {
-            let mut all = (**all).clone();
-            // Setups a reload or a tag change replaced go with their pools.
-            all.retain(|_, (setup, _)| setup.strong_count() > 0);
-            all.entry(key)
-                .or_insert_with(|| (Arc::downgrade(tls), made.clone()));
-            all
-        });
-        // (Another task may have put its own there first: that one is kept.)
-        match self.tls_clients.load().get(&key) {
-            Some((_, clients)) => clients.clone(),
-            None => made,
-        }
-    }
-
-    /// The clients that connect within `timeout` (a route's
-    /// `connect_timeout`, which a reload may change).
-    fn clients(&self, timeout: Duration) -> Arc<Clients> {
-        if timeout == self.clients.connect_timeout {
-            return self.clients.clone();
-        }
-        if let Some(clients) = self.other_clients.load().get(&timeout) {
-            return clients.clone();
-        }
-        let pool = self.shared.config.load().pool_per_endpoint;
-        let made = Arc::new(Clients::new(timeout, pool));
-        self.other_clients.rcu(|all| {
-            let mut all = (**all).clone();
-            all.entry(timeout).or_insert_with(|| made.clone());
-            all
-        });
-        self.other_clients
-            .load()
-            .get(&timeout)
-            .cloned()
-            .unwrap_or(made)
     }
 
     /// Serves one cleartext connection whose first bytes (`prefix`) were
@@ -766,21 +636,14 @@ impl H2Tls {
             }
         }
         let mut client_upgrade = client_upgrade;
+        // An HTTP/1.1 attempt's head (made again for each).
+        let mut head = Vec::with_capacity(512);
         let path = parts
             .uri
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let clients = self.clients(route.connect_timeout);
-        let tls_clients = route
-            .tls
-            .as_ref()
-            .map(|tls| self.tls_clients(tls, route.connect_timeout, &stats.metrics.tls));
-        let scheme = if tls_clients.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let scheme = if route.tls.is_some() { "https" } else { "http" };
         let mut attempts = Attempts::new(
             Replay {
                 replayable,
@@ -840,8 +703,14 @@ impl H2Tls {
                 answered.endpoint = Some(backend.stats.clone());
             }
             // gRPC calls and routes whose endpoints speak HTTP/2 go over
-            // this thread's HTTP/2 pool; the rest over hyper's HTTP/1.1.
+            // this thread's HTTP/2 pool; the rest over its HTTP/1.1 one.
             let http2 = (answered.grpc || route.h2c || route.h2) && !upgrade;
+            let outgoing = match (&in_hand, body.take()) {
+                (Some(bytes), _) => Outgoing::Whole(bytes.clone()),
+                (None, Some(body)) if !body.is_end_stream() => Outgoing::Stream(body),
+                (None, _) => Outgoing::Empty,
+            };
+            let tls = route.tls.as_ref().map(|tls| (tls, &stats.metrics.tls));
             let sent = if http2 {
                 // `:authority` is the client's (a gRPC server may route on
                 // it); HTTP/2 carries no Host.
@@ -849,14 +718,9 @@ impl H2Tls {
                     backend.stats.leave();
                     return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
                 };
-                let outgoing = match (&in_hand, body.take()) {
-                    (Some(bytes), _) => Outgoing::Whole(bytes.clone()),
-                    (None, Some(body)) if !body.is_end_stream() => Outgoing::Stream(body),
-                    (None, _) => Outgoing::Empty,
-                };
                 let target = upstream_h2::Target {
                     addr: backend.addr,
-                    tls: route.tls.as_ref().map(|tls| (tls, &stats.metrics.tls)),
+                    tls,
                     connect_timeout: route.connect_timeout,
                     metrics: backend.stats.metrics.h2(),
                 };
@@ -866,25 +730,21 @@ impl H2Tls {
                     outgoing,
                 }
             } else {
-                let Ok(uri) = Uri::try_from(format!("{scheme}://{}{path}", backend.addr)) else {
-                    backend.stats.leave();
-                    return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
+                let chunked =
+                    upstream_h1::request_head(&parts.method, &path, &headers, &outgoing, &mut head);
+                let target = upstream_h1::Target {
+                    addr: backend.addr,
+                    tls,
+                    connect_timeout: route.connect_timeout,
+                    keep: config.pool_per_endpoint,
+                    max_header_bytes: config.max_header_bytes,
+                    max_headers: config.max_headers,
                 };
-                let mut upstream = Request::builder()
-                    .method(parts.method.clone())
-                    .uri(uri)
-                    .body(match &in_hand {
-                        Some(bytes) => Full::new(bytes.clone())
-                            .map_err(|never| match never {})
-                            .boxed(),
-                        None => body.take().unwrap_or_else(empty),
-                    })
-                    .unwrap_or_else(|_| Request::new(empty()));
-                *upstream.headers_mut() = headers.clone();
-                Pending::Http1(match &tls_clients {
-                    Some(tls) => tls.http1.request(upstream),
-                    None => clients.http1.request(upstream),
-                })
+                Pending::Http1 {
+                    target,
+                    chunked,
+                    outgoing,
+                }
             };
             let started = now_ns();
             let wait = match deadline {
@@ -903,11 +763,19 @@ impl H2Tls {
                     let head = || h2_head(&parts.method, &uri, &headers, grpc, deadline);
                     tokio::time::timeout(wait, upstream_h2::send(target, &head, outgoing))
                         .await
-                        .map(|r| r.map(|r| r.map(UpBody::H2)).map_err(UpError::H2))
+                        .map(|r| r.map(|r| r.map(UpBody::H2)))
                 }
-                Pending::Http1(future) => tokio::time::timeout(wait, future)
-                    .await
-                    .map(|r| r.map(|r| r.map(UpBody::Http1)).map_err(UpError::Http1)),
+                Pending::Http1 {
+                    target,
+                    chunked,
+                    outgoing,
+                } => {
+                    let is_head = parts.method == hyper::Method::HEAD;
+                    let sent = upstream_h1::send(&target, &head, outgoing, chunked, is_head);
+                    tokio::time::timeout(wait, sent)
+                        .await
+                        .map(|r| r.map(|r| r.map(UpBody::Http1)))
+                }
             };
             let now = now_ns();
             answered.upstream_ns = 0;
@@ -992,32 +860,18 @@ impl H2Tls {
                         Ending::SlowClient
                     } else {
                         match &e {
-                            UpError::Http1(e) if e.is_connect() => {
+                            Failure::Connect(_) => {
                                 backend.stats.metrics.connect_errors.inc();
                                 Ending::Unsent
                             }
-                            UpError::Http1(e) => {
-                                tls_failed(e);
-                                // hyper never sent it (its pooled connection
-                                // closed first): nothing reached the endpoint.
-                                if never_sent(e) {
-                                    Ending::Unsent
-                                } else {
-                                    Ending::Broken
-                                }
-                            }
-                            UpError::H2(Failure::Connect(_)) => {
-                                backend.stats.metrics.connect_errors.inc();
-                                Ending::Unsent
-                            }
-                            UpError::H2(Failure::Unsent(_)) => Ending::Unsent,
-                            UpError::H2(Failure::Broken(e)) => {
+                            Failure::Unsent(_) => Ending::Unsent,
+                            Failure::Broken(e) => {
                                 tls_failed(e.as_ref());
                                 Ending::Broken
                             }
                         }
                     };
-                    tracing::debug!(service = %route.service, endpoint = %backend.addr, error = %e, ?ending, "upstream request failed");
+                    tracing::debug!(service = %route.service, endpoint = %backend.addr, error = %e.error(), ?ending, "upstream request failed");
                     let verdict =
                         attempts.judge(ending, backend, &service.backends, &stats, &config, now);
                     if verdict == Judgement::Retry {
@@ -1074,46 +928,24 @@ struct Answered {
     cors: Option<HeaderValue>,
 }
 
-/// Whether hyper gave up on a request before sending it (canceled: its
-/// connection closed first).
-fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_canceled)
-}
-
-/// An attempt on its way: over this thread's HTTP/2 pool, or hyper's
-/// HTTP/1.1 client. (One lives on the stack for one attempt: boxing the
-/// larger variant would cost an allocation per request.)
-#[allow(clippy::large_enum_variant)]
+/// An attempt on its way: over this thread's HTTP/2 pool, or its HTTP/1.1
+/// one.
 enum Pending<'a> {
     H2 {
         target: upstream_h2::Target<'a>,
         uri: Uri,
         outgoing: Outgoing,
     },
-    Http1(hyper_util::client::legacy::ResponseFuture),
-}
-
-/// Why an attempt got no response, by the client that made it.
-#[derive(Debug)]
-enum UpError {
-    Http1(hyper_util::client::legacy::Error),
-    H2(Failure),
-}
-
-impl std::fmt::Display for UpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpError::Http1(e) => write!(f, "{e}"),
-            UpError::H2(e) => write!(f, "{}", e.error()),
-        }
-    }
+    Http1 {
+        target: upstream_h1::Target<'a>,
+        chunked: bool,
+        outgoing: Outgoing,
+    },
 }
 
 /// An endpoint's response body, by the client that received it.
 enum UpBody {
-    Http1(Incoming),
+    Http1(upstream_h1::Incoming),
     H2(upstream_h2::Incoming),
 }
 
@@ -1126,7 +958,7 @@ impl Body for UpBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            UpBody::Http1(body) => Pin::new(body).poll_frame(cx),
             UpBody::H2(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -1429,18 +1261,27 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// upgraded connections in a tunnel, which stays in flight on its endpoint
 /// until it closes or the endpoint's drain deadline cuts it.
 fn tunnel(
-    mut response: Response<UpBody>,
+    response: Response<UpBody>,
     client: hyper::upgrade::OnUpgrade,
     stats: Arc<EndpointStats>,
 ) -> Response<ProxyBody> {
-    let upstream = hyper::upgrade::on(&mut response);
-    let (parts, _) = response.into_parts();
+    let (parts, body) = response.into_parts();
+    let upstream = match body {
+        UpBody::Http1(body) => body.upgraded(),
+        UpBody::H2(_) => None,
+    };
     tokio::spawn(async move {
-        if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
+        if let (Ok(client), Some((mut upstream, early))) = (client.await, upstream) {
             let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
+            let joined = async {
+                // What the endpoint sent right behind its 101 goes first.
+                if !early.is_empty() {
+                    tokio::io::AsyncWriteExt::write_all(&mut client, &early).await?;
+                }
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            };
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                _ = joined => {}
                 _ = stats.drain_deadline() => stats.note_cut(),
             }
         }

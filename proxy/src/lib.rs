@@ -37,6 +37,7 @@ mod splice;
 mod stats;
 mod tcp;
 mod tls;
+mod upstream_h1;
 mod upstream_h2;
 mod upstream_tls;
 mod wire;

@@ -186,10 +186,10 @@ impl Proxy {
                 listener,
                 tcp,
                 tls: tls.zip(acceptor.clone()),
-                // Per thread: hyper's client runs each upstream connection as
-                // a task on the runtime that opened it, so a pool shared by
-                // the threads lent connections that died with another
-                // thread's runtime at shutdown (a 502 for a late HTTPS request).
+                // Per thread: its upstream connections live on the runtime
+                // that opened them (a pool shared by the threads lent
+                // connections that died with another thread's runtime at
+                // shutdown: a 502 for a late HTTPS request).
                 h2_tls: Arc::new(H2Tls::new(shared.clone(), backends, snapshot.clone())),
                 stop: stop_rx.clone(),
                 handoff,

@@ -36,7 +36,7 @@ use crate::h2_body::{send_body, Received};
 use crate::h2_tls::{BoxError, ProxyBody};
 use crate::metrics::H2Metrics;
 use crate::stats::now_ns;
-use crate::upstream_tls::{Failures, UpstreamTls};
+use crate::upstream_tls::{Alpn, Failures, Io, UpstreamTls};
 
 /// Most connections a thread opens to one endpoint; when all are full the
 /// least busy queues the stream until one of its own ends.
@@ -409,7 +409,7 @@ async fn connect(
     let _ = tcp.set_nodelay(true);
     let io = match tls {
         None => Io::Plain(tcp),
-        Some((tls, failures)) => Io::Tls(Box::new(tls.handshake_h2(tcp, &failures).await?)),
+        Some((tls, failures)) => Io::Tls(Box::new(tls.handshake(tcp, Alpn::H2, &failures).await?)),
     };
     Ok(Upstream {
         io,
@@ -603,11 +603,6 @@ struct Upstream {
     frames: Frames,
 }
 
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
 /// Follows the frame boundaries of what the endpoint sends (after TLS):
 /// each frame's 9-byte header, then its payload passed over, but for a
 /// GOAWAY's first four bytes (its last stream id).
@@ -665,10 +660,7 @@ impl AsyncRead for Upstream {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = match &mut this.io {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        };
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             this.frames.feed(&buf.filled()[before..]);
         }
@@ -682,10 +674,7 @@ impl AsyncWrite for Upstream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -693,31 +682,19 @@ impl AsyncWrite for Upstream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -7,7 +7,6 @@
 //! per service in `switchyard_proxy_upstream_tls_failures_total{reason}`
 //! and logged.
 
-use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -15,13 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -122,17 +119,6 @@ impl UpstreamTls {
             h2: config(b"h2")?,
         })
     }
-
-    /// A connector for hyper's HTTP/1.1 client: TCP as `http` connects,
-    /// then TLS offering `http/1.1`.
-    pub(crate) fn connector(&self, http: HttpConnector, failures: Failures) -> TlsConnect {
-        TlsConnect {
-            http,
-            tls: TlsConnector::from(self.http1.clone()),
-            name: self.name.clone(),
-            failures,
-        }
-    }
 }
 
 /// The TLS settings of one config route, built (files read) once per
@@ -165,47 +151,28 @@ pub(crate) struct Failures {
     pub(crate) handshake: IntCounter,
 }
 
-/// hyper's connector for one TLS setup.
-#[derive(Clone)]
-pub(crate) struct TlsConnect {
-    http: HttpConnector,
-    tls: TlsConnector,
-    name: ServerName<'static>,
-    failures: Failures,
-}
-
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl tower::Service<Uri> for TlsConnect {
-    type Response = TlsIo;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<TlsIo, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.http.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.http.call(uri);
-        let tls = self.tls.clone();
-        let name = self.name.clone();
-        let failures = self.failures.clone();
-        Box::pin(async move {
-            let tcp = connecting.await?.into_inner();
-            let stream = handshake(&tls, name, tcp, &failures).await?;
-            Ok(TlsIo(TokioIo::new(stream)))
-        })
-    }
+/// The protocol a TLS connection offers (ALPN).
+#[derive(Clone, Copy)]
+pub(crate) enum Alpn {
+    Http1,
+    H2,
 }
 
 impl UpstreamTls {
-    /// TLS over `tcp` offering only `h2` (the HTTP/2 pool's connections).
-    pub(crate) async fn handshake_h2(
+    /// TLS over `tcp` offering only `alpn`.
+    pub(crate) async fn handshake(
         &self,
         tcp: TcpStream,
+        alpn: Alpn,
         failures: &Failures,
     ) -> Result<TlsStream<TcpStream>, BoxError> {
-        let tls = TlsConnector::from(self.h2.clone());
+        let config = match alpn {
+            Alpn::Http1 => &self.http1,
+            Alpn::H2 => &self.h2,
+        };
+        let tls = TlsConnector::from(config.clone());
         handshake(&tls, self.name.clone(), tcp, failures).await
     }
 }
@@ -269,57 +236,76 @@ pub(crate) fn tls_error<'a>(
     None
 }
 
-/// A TLS connection to an endpoint, as hyper's client reads and writes it.
-pub(crate) struct TlsIo(TokioIo<TlsStream<TcpStream>>);
+/// A connection to an endpoint, in the clear or over TLS.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
 
-impl Connection for TlsIo {
-    fn connected(&self) -> Connected {
-        let (tcp, session) = self.0.inner().get_ref();
-        let connected = tcp.connected();
-        if session.alpn_protocol() == Some(b"h2") {
-            connected.negotiated_h2()
-        } else {
-            connected
+impl Io {
+    /// The TCP connection under it.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(tcp) => tcp,
+            Io::Tls(tls) => tls.get_ref().0,
         }
     }
 }
 
-impl hyper::rt::Read for TlsIo {
+impl AsyncRead for Io {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
-impl hyper::rt::Write for TlsIo {
+impl AsyncWrite for Io {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }

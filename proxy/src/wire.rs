@@ -607,6 +607,55 @@ pub(crate) fn parse_response(
     close_client: bool,
     out: &mut Vec<u8>,
 ) -> Result<Response, HeadError> {
+    out.clear();
+    let response = read_response(
+        buf,
+        max_bytes,
+        max_headers,
+        request_is_head,
+        |line| match line {
+            Line::Status(status, reason) => {
+                out.extend_from_slice(b"HTTP/1.1 ");
+                out.extend_from_slice(&status_digits(status));
+                out.push(b' ');
+                out.extend_from_slice(reason.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Line::Field(name, value) => {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+                out.extend_from_slice(b"\r\n");
+            }
+        },
+    )?;
+    if response.framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if response.status != 101 && (close_client || response.framing == Framing::Close) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(response)
+}
+
+/// A line of a response head that goes on (`read_response`).
+pub(crate) enum Line<'a> {
+    Status(u16, &'a str),
+    Field(&'a str, &'a [u8]),
+}
+
+/// Parses an upstream response head: `line` gets the status and reason,
+/// then each header that goes on (hop-by-hop ones and those the
+/// `Connection` header names dropped, but for a 101's `Upgrade` and
+/// `Connection`).
+pub(crate) fn read_response(
+    buf: &[u8],
+    max_bytes: usize,
+    max_headers: usize,
+    request_is_head: bool,
+    mut line: impl FnMut(Line<'_>),
+) -> Result<Response, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADER_ARRAY];
     let mut parsed = httparse::Response::new(&mut headers[..max_headers]);
     let head_len = head_length(
@@ -655,12 +704,7 @@ pub(crate) fn parse_response(
     };
     let reusable = upstream_keeps && framing != Framing::Close && status != 101;
 
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(&status_digits(status));
-    out.push(b' ');
-    out.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    line(Line::Status(status, parsed.reason.unwrap_or("")));
     let switching = status == 101;
     for h in parsed.headers.iter() {
         let keep_for_upgrade = switching
@@ -669,18 +713,8 @@ pub(crate) fn parse_response(
         if !keep_for_upgrade && (hop_by_hop(h.name) || listed.contains(h.name)) {
             continue;
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        line(Line::Field(h.name, h.value));
     }
-    if framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    if !switching && (close_client || framing == Framing::Close) {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
     Ok(Response {
         head_len,
         status,
@@ -722,93 +756,140 @@ enum ChunkState {
     Done,
 }
 
+/// A piece of a chunked body, decoded (`Chunks::decode`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Piece {
+    /// Bytes of chunk framing (sizes, CRLFs, trailers) first...
+    pub(crate) framing: usize,
+    /// ...then bytes of content (0 when the bytes or the body ended first).
+    pub(crate) data: usize,
+    /// The body ended (its trailers passed over).
+    pub(crate) done: bool,
+}
+
 impl Chunks {
     /// Scans `bytes`; returns how many belong to the body (all of them unless
     /// the body ends inside) and whether it ended.
     pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
         let mut i = 0;
         while i < bytes.len() {
-            let b = bytes[i];
             match self.state {
-                ChunkState::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        if self.digits == 16 {
-                            return Err("chunk size too large");
-                        }
-                        let digit = (b as char).to_digit(16).unwrap_or(0);
-                        self.size = self.size << 4 | u64::from(digit);
-                        self.digits += 1;
-                    }
-                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = ChunkState::Extension,
-                    b'\r' if self.digits > 0 => self.state = ChunkState::SizeLf,
-                    _ => return Err("invalid chunk size"),
-                },
-                ChunkState::Extension => match b {
-                    b'\r' => self.state = ChunkState::SizeLf,
-                    b'\n' => return Err("bare LF in chunk extension"),
-                    _ => {}
-                },
-                ChunkState::SizeLf => {
-                    if b != b'\n' {
-                        return Err("chunk size line not ended by CRLF");
-                    }
-                    self.digits = 0;
-                    self.state = if self.size == 0 {
-                        ChunkState::TrailerStart
-                    } else {
-                        ChunkState::Data
-                    };
-                }
-                ChunkState::Data => {
-                    let take =
-                        (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    self.size -= take as u64;
-                    i += take;
-                    if self.size == 0 {
-                        self.state = ChunkState::DataCr;
-                    }
-                    continue;
-                }
-                ChunkState::DataCr => {
-                    if b != b'\r' {
-                        return Err("chunk data not followed by CRLF");
-                    }
-                    self.state = ChunkState::DataLf;
-                }
-                ChunkState::DataLf => {
-                    if b != b'\n' {
-                        return Err("chunk data not followed by CRLF");
-                    }
-                    self.state = ChunkState::Size;
-                }
-                ChunkState::TrailerStart => match b {
-                    b'\r' => self.state = ChunkState::FinalLf,
-                    b'\n' => return Err("bare LF in trailer"),
-                    _ => self.state = ChunkState::TrailerLine,
-                },
-                ChunkState::TrailerLine => match b {
-                    b'\r' => self.state = ChunkState::TrailerLf,
-                    b'\n' => return Err("bare LF in trailer"),
-                    _ => {}
-                },
-                ChunkState::TrailerLf => {
-                    if b != b'\n' {
-                        return Err("trailer line not ended by CRLF");
-                    }
-                    self.state = ChunkState::TrailerStart;
-                }
-                ChunkState::FinalLf => {
-                    if b != b'\n' {
-                        return Err("chunked body not ended by CRLF");
-                    }
-                    self.state = ChunkState::Done;
-                    return Ok((i + 1, true));
-                }
                 ChunkState::Done => return Ok((i, true)),
+                ChunkState::Data => i += self.take_data(bytes.len() - i),
+                _ => {
+                    self.step(bytes[i])?;
+                    i += 1;
+                    if self.state == ChunkState::Done {
+                        return Ok((i, true));
+                    }
+                }
             }
-            i += 1;
         }
         Ok((bytes.len(), self.state == ChunkState::Done))
+    }
+
+    /// The next piece of content in `bytes`, the framing before it passed
+    /// over (a body relayed decoded, as to an HTTP/2 client).
+    pub(crate) fn decode(&mut self, bytes: &[u8]) -> Result<Piece, &'static str> {
+        let mut i = 0;
+        while i < bytes.len() && self.state != ChunkState::Done {
+            if self.state == ChunkState::Data {
+                let data = self.take_data(bytes.len() - i);
+                return Ok(Piece {
+                    framing: i,
+                    data,
+                    done: false,
+                });
+            }
+            self.step(bytes[i])?;
+            i += 1;
+        }
+        Ok(Piece {
+            framing: i,
+            data: 0,
+            done: self.state == ChunkState::Done,
+        })
+    }
+
+    /// Up to `available` bytes of the current chunk's data.
+    fn take_data(&mut self, available: usize) -> usize {
+        let take = available.min(usize::try_from(self.size).unwrap_or(usize::MAX));
+        self.size -= take as u64;
+        if self.size == 0 {
+            self.state = ChunkState::DataCr;
+        }
+        take
+    }
+
+    /// One byte of framing (any state but `Data` and `Done`).
+    fn step(&mut self, b: u8) -> Result<(), &'static str> {
+        match self.state {
+            ChunkState::Size => match b {
+                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                    if self.digits == 16 {
+                        return Err("chunk size too large");
+                    }
+                    let digit = (b as char).to_digit(16).unwrap_or(0);
+                    self.size = self.size << 4 | u64::from(digit);
+                    self.digits += 1;
+                }
+                b';' | b' ' | b'\t' if self.digits > 0 => self.state = ChunkState::Extension,
+                b'\r' if self.digits > 0 => self.state = ChunkState::SizeLf,
+                _ => return Err("invalid chunk size"),
+            },
+            ChunkState::Extension => match b {
+                b'\r' => self.state = ChunkState::SizeLf,
+                b'\n' => return Err("bare LF in chunk extension"),
+                _ => {}
+            },
+            ChunkState::SizeLf => {
+                if b != b'\n' {
+                    return Err("chunk size line not ended by CRLF");
+                }
+                self.digits = 0;
+                self.state = if self.size == 0 {
+                    ChunkState::TrailerStart
+                } else {
+                    ChunkState::Data
+                };
+            }
+            ChunkState::DataCr => {
+                if b != b'\r' {
+                    return Err("chunk data not followed by CRLF");
+                }
+                self.state = ChunkState::DataLf;
+            }
+            ChunkState::DataLf => {
+                if b != b'\n' {
+                    return Err("chunk data not followed by CRLF");
+                }
+                self.state = ChunkState::Size;
+            }
+            ChunkState::TrailerStart => match b {
+                b'\r' => self.state = ChunkState::FinalLf,
+                b'\n' => return Err("bare LF in trailer"),
+                _ => self.state = ChunkState::TrailerLine,
+            },
+            ChunkState::TrailerLine => match b {
+                b'\r' => self.state = ChunkState::TrailerLf,
+                b'\n' => return Err("bare LF in trailer"),
+                _ => {}
+            },
+            ChunkState::TrailerLf => {
+                if b != b'\n' {
+                    return Err("trailer line not ended by CRLF");
+                }
+                self.state = ChunkState::TrailerStart;
+            }
+            ChunkState::FinalLf => {
+                if b != b'\n' {
+                    return Err("chunked body not ended by CRLF");
+                }
+                self.state = ChunkState::Done;
+            }
+            ChunkState::Data | ChunkState::Done => {}
+        }
+        Ok(())
     }
 }
 

@@ -26,4 +26,5 @@ mod support;
 mod tcp;
 mod tonic_grpc;
 mod transports;
+mod upstream_http1;
 mod upstream_tls;

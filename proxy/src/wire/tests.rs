@@ -282,6 +282,48 @@ fn chunk_scanner_finds_the_end_and_refuses_garbage() {
     }
 }
 
+/// Decoding gives the content alone, whatever the reads' sizes, and stops
+/// at the body's end (after the trailers).
+#[test]
+fn chunk_decoder_gives_the_content_alone() {
+    let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+    for cut in [1, 2, 3, 7, body.len()] {
+        let mut chunks = Chunks::default();
+        let mut content = Vec::new();
+        let mut used = 0;
+        let mut done = false;
+        for piece in body.chunks(cut) {
+            let mut at = 0;
+            while at < piece.len() && !done {
+                let step = chunks.decode(&piece[at..]).expect("valid");
+                content.extend_from_slice(&piece[at + step.framing..][..step.data]);
+                at += step.framing + step.data;
+                done = step.done;
+                if step.data == 0 && !step.done {
+                    assert_eq!(at, piece.len(), "a piece without content uses all bytes");
+                }
+            }
+            used += at;
+            if done {
+                break;
+            }
+        }
+        assert!(done, "reads of {cut}");
+        assert_eq!(content, b"hello world", "reads of {cut}");
+        assert_eq!(used, body.len() - 4, "reads of {cut}");
+    }
+    assert!(Chunks::default().decode(b"5\r\nhelloX").is_ok());
+    let mut bad = Chunks::default();
+    let first = bad
+        .decode(b"5\r\nhelloX\r\n")
+        .expect("the content comes first");
+    assert_eq!((first.framing, first.data), (3, 5));
+    assert!(
+        bad.decode(b"X\r\n").is_err(),
+        "content not followed by CRLF"
+    );
+}
+
 #[test]
 fn dot_segments_are_found_however_they_are_spelled() {
     for bad in [
