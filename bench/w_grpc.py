@@ -11,11 +11,18 @@ itself), HAProxy (:18097, `proto h2` on both sides), nginx (:18096,
 reported: median calls/s, CPU µs per call, paired ratios. h2load checks
 the HTTP status only, not `grpc-status` in the trailers.
 
-Usage: bench/w_grpc.py [--rounds 7] [--seconds 6] [--baseline BINARY]
+Variants (`--variant`): `unary` (the above); `one-conn`, one client
+connection with 100 concurrent streams (`h2load -c1 -m100`), which also
+reports how the calls spread over the three backends (each backend's count,
+read from its `/_calls`); `stream`, server-streaming throughput: calls to
+`/echo.Echo/Stream`, each answered with 16 messages of 1 MiB
+(`h2load -c4 -m1`), reported in MiB/s and CPU ms per GiB.
+
+Usage: bench/w_grpc.py [--variant unary] [--rounds 7] [--seconds 6] [--baseline BINARY]
    (--baseline: another Switchyard build as one more candidate, :18081,
    for an A/B in the same rounds)
    (after cargo build --release -p switchyard -p switchyard-bench)
-Needs: apt-get install -y nginx haproxy nghttp2-client
+Needs: apt-get install -y nginx haproxy nghttp2-client curl
 """
 
 import argparse
@@ -77,8 +84,9 @@ def start_nginx(work):
     location / {{ grpc_pass grpc://grpcs; }} }} }}""")
 
 
-def start_switchyard(work, binary, name="switchyard"):
-    proc, ready = peers.start_switchyard(work, binary, '[[http.routes]]\nservice = "echo"\n',
+def start_switchyard(work, binary, name="switchyard", balancer=None):
+    route = '[[http.routes]]\nservice = "echo"\n' + (f'balancer = "{balancer}"\n' if balancer else "")
+    proc, ready = peers.start_switchyard(work, binary, route,
                                          ["--http-addr", f"127.0.0.1:{PORTS[name]}"],
                                          register=False)
     endpoints = [{"node": "bench", "service": "echo", "id": f"g{p}", "address": "127.0.0.1", "port": p}
@@ -89,17 +97,43 @@ def start_switchyard(work, binary, name="switchyard"):
     return proc
 
 
-def h2load_grpc(port, seconds, body):
-    out = subprocess.run(["h2load", "-c50", "-m10", "-t1", f"-D{seconds}", "--warm-up-time=1", "-d", body,
+# h2load's load and the method called, per variant.
+VARIANTS = {
+    "unary": (["-c50", "-m10"], "Say"),
+    "one-conn": (["-c1", "-m100"], "Say"),
+    "stream": (["-c4", "-m1"], "Stream"),
+}
+
+
+def h2load_grpc(port, seconds, body, variant="unary"):
+    """calls/s, calls done, failed calls, MiB/s received."""
+    load, method = VARIANTS[variant]
+    out = subprocess.run(["h2load", *load, "-t1", f"-D{seconds}", "--warm-up-time=1", "-d", body,
                           "-H", "content-type: application/grpc", "-H", "te: trailers",
-                          f"http://127.0.0.1:{port}/echo.Echo/Say"],
+                          f"http://127.0.0.1:{port}/echo.Echo/{method}"],
                          capture_output=True, text=True).stdout
-    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    finished = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s, ([\d.]+)([KMG]?)B/s", out)
+    rps = float(finished.group(1))
+    mib = float(finished.group(2)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[finished.group(3)] / 2**20
     done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     total, succeeded, failed, errored = (int(done.group(i)) for i in (2, 3, 4, 5))
     status = re.search(r"status codes: (\d+) 2xx", out)
     ok = int(status.group(1)) if status else 0
-    return rps, total, failed + errored + max(succeeded - ok, 0)
+    return rps, total, failed + errored + max(succeeded - ok, 0), mib
+
+
+def backend_calls():
+    """Calls each backend port has served so far."""
+    out = subprocess.run(["curl", "-sf", "--http2-prior-knowledge", f"http://127.0.0.1:{GRPC[0]}/_calls"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def spread(before, after):
+    """Each backend's share of the calls between two counts, in %."""
+    diff = [after[str(p)] - before[str(p)] for p in GRPC]
+    total = max(sum(diff), 1)
+    return [100.0 * d / total for d in diff]
 
 
 def main():
@@ -109,6 +143,8 @@ def main():
     parser.add_argument("--binary", default="target/release/switchyard")
     parser.add_argument("--bench", default="target/release/switchyard-bench")
     parser.add_argument("--baseline", help="another Switchyard build, run as candidate 'baseline'")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="unary")
+    parser.add_argument("--balancer", help="Switchyard's route balancer (default: the route default, peak_ewma)")
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "h2load"):
         if not shutil.which(tool):
@@ -120,39 +156,55 @@ def main():
     with open(body, "wb") as f:
         f.write(b"\x00\x00\x00\x00\x10" + b"0123456789abcdef")
     backends = start_grpc_backends(args.bench)
-    procs = {"switchyard": start_switchyard(work, args.binary), "haproxy": start_haproxy(work),
+    procs = {"switchyard": start_switchyard(work, args.binary, balancer=args.balancer), "haproxy": start_haproxy(work),
              "nginx": start_nginx(work)}
     names = ["switchyard", "haproxy", "nginx", "direct"]
     if args.baseline:
         require_binary(args.baseline)
         os.mkdir(os.path.join(work, "baseline"))
-        procs["baseline"] = start_switchyard(os.path.join(work, "baseline"), args.baseline, "baseline")
+        procs["baseline"] = start_switchyard(os.path.join(work, "baseline"), args.baseline, "baseline",
+                                             balancer=args.balancer)
         names.insert(1, "baseline")
     try:
         time.sleep(1)
         for name in names:
-            h2load_grpc(PORTS[name], 1, body)
+            h2load_grpc(PORTS[name], 1, body, args.variant)
         results = {name: [] for name in names}
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else list(reversed(names))
             for name in order:
                 pids = session_pids(procs[name].pid) if name in procs else []
                 before = cpu_seconds(pids)
-                rps, total, bad = h2load_grpc(PORTS[name], args.seconds, body)
-                cpu_us = (cpu_seconds(pids) - before) * 1e6 / max(total, 1) if pids else float("nan")
-                results[name].append({"rps": rps, "cpu": cpu_us, "bad": bad})
-                print(f"round {rnd} {name}: {rps:.0f} calls/s, {cpu_us:.1f} us CPU/call, bad {bad}", file=sys.stderr)
+                counted = backend_calls()
+                rps, total, bad, mib = h2load_grpc(PORTS[name], args.seconds, body, args.variant)
+                cpu = cpu_seconds(pids) - before if pids else float("nan")
+                shares = spread(counted, backend_calls())
+                results[name].append({"rps": rps, "cpu": cpu * 1e6 / max(total, 1), "bad": bad, "mib": mib,
+                                      "gib_ms": cpu * 1e3 / max(mib * args.seconds / 1024, 1e-9),
+                                      "spread": shares})
+                print(f"round {rnd} {name}: {rps:.0f} calls/s, {mib:.0f} MiB/s, {cpu * 1e6 / max(total, 1):.1f} us CPU/call, "
+                      f"spread {'/'.join(f'{x:.0f}' for x in shares)}%, bad {bad}", file=sys.stderr)
         med = statistics.median
-        print(f"\nW-grpc: h2load -c50 -m10 -t1 -D{args.seconds}, unary calls of 16 bytes, {args.rounds} rounds, "
+        load = " ".join(VARIANTS[args.variant][0])
+        print(f"\nW-grpc ({args.variant}): h2load {load} -t1 -D{args.seconds}, {args.rounds} rounds, "
               f"alternating order; nproc={os.cpu_count()}")
-        print("| candidate | calls/s | CPU µs/call | calls/s ÷ HAProxy | CPU ÷ HAProxy | calls/s ÷ nginx | failed |")
-        print("|---|---|---|---|---|---|---|")
+        if args.variant == "stream":
+            print("| candidate | MiB/s | CPU ms/GiB | MiB/s ÷ HAProxy | CPU ÷ HAProxy | MiB/s ÷ nginx | failed |")
+            keys = ("mib", "gib_ms")
+        else:
+            print("| candidate | calls/s | CPU µs/call | calls/s ÷ HAProxy | CPU ÷ HAProxy | calls/s ÷ nginx | "
+                  "failed | spread over backends (%) |")
+            keys = ("rps", "cpu")
+        print("|---|---|---|---|---|---|---|" + ("" if args.variant == "stream" else "---|"))
         for name in names:
             r = results[name]
-            ratio = lambda peer, key: med([a[key] / b[key] for a, b in zip(r, results[peer])])
-            print(f"| {name} | {med([x['rps'] for x in r]):.0f} | {med([x['cpu'] for x in r]):.1f} | "
-                  f"{ratio('haproxy', 'rps'):.2f}× | {ratio('haproxy', 'cpu'):.2f}× | {ratio('nginx', 'rps'):.2f}× | "
-                  f"{sum(x['bad'] for x in r)} |")
+            ratio = lambda peer, key: med([a[key] / b[key] if b[key] else float("nan")
+                                           for a, b in zip(r, results[peer])])
+            shares = "/".join(f"{med([x['spread'][i] for x in r]):.0f}" for i in range(len(GRPC)))
+            print(f"| {name} | {med([x[keys[0]] for x in r]):.0f} | {med([x[keys[1]] for x in r]):.1f} | "
+                  f"{ratio('haproxy', keys[0]):.2f}× | {ratio('haproxy', keys[1]):.2f}× | "
+                  f"{ratio('nginx', keys[0]):.2f}× | {sum(x['bad'] for x in r)} |"
+                  + ("" if args.variant == "stream" else f" {shares} |"))
     finally:
         stop_all(list(procs.values()) + [backends], work)
 
