@@ -96,7 +96,13 @@ pub(crate) async fn serve<I>(
                 _ => std::future::pending().await,
             }
         };
+        // Streams first: every stream that can make progress queues its
+        // frames before the connection is polled again, and that poll
+        // writes them all at once (one write for many responses, where
+        // polling the connection after each stream's step wrote each alone).
         tokio::select! {
+            biased;
+            Some(()) = streams.next(), if !streams.is_empty() => {}
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     first.notify_one();
@@ -110,7 +116,6 @@ pub(crate) async fn serve<I>(
                 // Closed: every stream is done, or the connection failed.
                 None => break,
             },
-            Some(()) = streams.next(), if !streams.is_empty() => {}
             () = &mut aged, if closing.is_none() => {
                 // The streams in progress finish within the shutdown grace;
                 // the client reconnects for new ones.
