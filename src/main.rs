@@ -13,6 +13,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc: glibc's malloc cost a sixth of the proxy's CPU per HTTP/2
+/// request (bench/RESULTS.md, session 23), much of it consolidating free
+/// chunks between the large per-stream allocations.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::run(args)
