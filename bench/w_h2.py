@@ -8,7 +8,9 @@ takes h2 by its preface), nginx on :18094 (`listen ... http2`), HAProxy on
 :18095 (`bind ... proto h2`). Alternating rounds, 1 s warm-up, then `h2load
 -D S`. Reported: median req/s, proxy CPU µs per request, paired ratios.
 
-Usage: bench/w_h2.py [--rounds 5] [--seconds 6]   (after cargo build --release)
+Usage: bench/w_h2.py [--rounds 5] [--seconds 6] [--baseline BINARY]
+   (after cargo build --release; --baseline: another Switchyard build as one
+   more candidate, on :18098, for an A/B in the same rounds)
 Needs: apt-get install -y nginx haproxy nghttp2-client
 """
 
@@ -24,7 +26,7 @@ from peers import h2load, require_binary, start_backends, stop_all, wait_http
 from procstat import cpu_seconds, session_pids
 from w_http import start_switchyard
 
-PORTS = {"switchyard": 18080, "nginx": 18094, "haproxy": 18095}
+PORTS = {"switchyard": 18080, "nginx": 18094, "haproxy": 18095, "baseline": 18098}
 
 
 def start_nginx(work):
@@ -44,6 +46,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--binary", default="target/release/switchyard")
+    parser.add_argument("--baseline", help="another Switchyard build, run as candidate 'baseline'")
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "h2load"):
         if not shutil.which(tool):
@@ -53,9 +56,18 @@ def main():
     backends = start_backends(work)
     procs = {"switchyard": start_switchyard(work, args.binary), "nginx": start_nginx(work),
              "haproxy": start_haproxy(work)}
-    names = list(PORTS)
+    names = ["switchyard", "nginx", "haproxy"]
+    if args.baseline:
+        require_binary(args.baseline)
+        os.mkdir(os.path.join(work, "baseline"))
+        procs["baseline"], _ = peers.start_switchyard(
+            os.path.join(work, "baseline"), args.baseline, '[[http.routes]]\nservice = "web"\n',
+            ["--http-addr", f"127.0.0.1:{PORTS['baseline']}"])
+        names.insert(1, "baseline")
     try:
         wait_http(PORTS["switchyard"], "/")
+        if args.baseline:
+            wait_http(PORTS["baseline"], "/")
         for name in ("nginx", "haproxy"):
             h2load(PORTS[name], 1)
         results = {name: [] for name in names}
