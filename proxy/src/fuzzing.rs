@@ -1,6 +1,7 @@
-//! Entry point for the cargo-fuzz target `http_request` in `fuzz/` (feature
-//! `fuzzing`): the route matcher and the request-head parser, checked
-//! against a model.
+//! Entry points for the cargo-fuzz targets `http_request` and
+//! `http_response` in `fuzz/` (feature `fuzzing`): the route matcher and
+//! the request-head parser, checked against a model; an endpoint's response
+//! head and chunked body as both HTTP/1.1 clients read them.
 //!
 //! Input: route lines (`HOST PREFIX`), a NUL byte, then a request head. The
 //! routes compile into a table; the head is parsed with it. Checked:
@@ -168,8 +169,115 @@ fn contains_header(head: &[u8], name: &[u8]) -> bool {
     })
 }
 
+/// Runs one endpoint response (entry point of the target `http_response`):
+/// the head parser the HTTP/2 side's HTTP/1.1 client reads it with, then,
+/// for a chunked body, the decoder fed in cuts the input's last byte sizes.
+/// Checked: the head parsed as fields gives the head the HTTP/1.1 path
+/// writes (same status and framing); the decoder always makes progress,
+/// never gives more content than it read, and ends where the scanner does.
+pub fn response(data: &[u8]) {
+    use crate::wire::{parse_response, read_response, Chunks, Line};
+    let config = Config::default();
+    let mut fields = 0usize;
+    let read = read_response(
+        data,
+        config.max_header_bytes,
+        config.max_headers,
+        false,
+        |line| {
+            if let Line::Field(..) = line {
+                fields += 1;
+            }
+        },
+    );
+    let mut out = Vec::new();
+    let written = parse_response(
+        data,
+        config.max_header_bytes,
+        config.max_headers,
+        false,
+        false,
+        &mut out,
+    );
+    let head = match (read, written) {
+        (Ok(read), Ok(written)) => {
+            assert_eq!(
+                (read.status, read.framing, read.head_len),
+                (written.status, written.framing, written.head_len)
+            );
+            assert!(out.ends_with(b"\r\n\r\n"));
+            read
+        }
+        (Err(a), Err(b)) => {
+            assert_eq!(a, b);
+            return;
+        }
+        (a, b) => panic!("the two readings disagree: {a:?} / {b:?}"),
+    };
+    if head.framing != Framing::Chunked {
+        return;
+    }
+    let body = &data[head.head_len..];
+    let cut = usize::from(data.last().copied().unwrap_or(1)).max(1);
+    let scanned = Chunks::default().scan(body);
+    let mut chunks = Chunks::default();
+    let (mut at, mut content) = (0, 0);
+    while at < body.len() {
+        let end = (at + cut).min(body.len());
+        let piece = match chunks.decode(&body[at..end]) {
+            Ok(piece) => piece,
+            Err(_) => {
+                assert!(
+                    scanned.is_err(),
+                    "the decoder refused what the scanner took"
+                );
+                return;
+            }
+        };
+        assert!(
+            piece.framing + piece.data > 0,
+            "no progress on {} bytes",
+            end - at
+        );
+        assert!(piece.framing + piece.data <= end - at);
+        at += piece.framing + piece.data;
+        content += piece.data;
+        if piece.done {
+            assert_eq!(scanned, Ok((at, true)), "the decoder ended elsewhere");
+            break;
+        }
+    }
+    assert!(content <= body.len());
+}
+
 #[cfg(test)]
 mod tests {
+    /// Chunked, length, close-delimited and broken responses, mutated.
+    #[test]
+    fn the_response_entry_point_survives_a_corpus() {
+        let seeds: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n5\r\nhello\r\n6;e=1\r\n world\r\n0\r\nT: x\r\n\r\n\x03",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close, x-b\r\nX-B: 2\r\n\r\nabc",
+            b"HTTP/1.0 101 Switching\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..20_000 {
+            let mut input = seeds[rng.usize(..seeds.len())].to_vec();
+            for _ in 0..rng.usize(0..5) {
+                let i = rng.usize(..input.len());
+                input[i] = match rng.u8(0..5) {
+                    0 => b'\r',
+                    1 => b'\n',
+                    2 => b'0' + rng.u8(0..10),
+                    3 => b';',
+                    _ => rng.u8(..),
+                };
+            }
+            super::response(&input);
+        }
+    }
+
     const SEED: &[u8] = b"api.example.com /\napi.example.com /v2/\n*.example.com /\n\
         *.eu.example.com /static\n* /health\napi.example.com /v2/\n\0\
         GET /v2/items?x=1 HTTP/1.1\r\nHost: API.example.com:8080\r\n\
