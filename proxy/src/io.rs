@@ -152,6 +152,17 @@ fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "connection handed on")
 }
 
+/// Whether the peer of an idle socket has sent nothing, neither bytes nor
+/// its FIN (a peek that would block).
+pub(crate) fn silent(fd: BorrowedFd<'_>) -> bool {
+    let mut probe = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    matches!(
+        rustix::net::recv(fd, &mut probe, flags),
+        Err(rustix::io::Errno::AGAIN)
+    )
+}
+
 /// One side of an exchange: the client's connection or an upstream one.
 pub(crate) enum Conn {
     Tokio(TcpStream),
@@ -299,15 +310,7 @@ impl Conn {
 
     /// Whether an idle connection still looks usable (no EOF, no stray bytes).
     pub(crate) fn alive(&self) -> bool {
-        let Some(fd) = self.fd() else {
-            return false;
-        };
-        let mut probe = [0u8; 1];
-        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-        matches!(
-            rustix::net::recv(fd, &mut probe, flags),
-            Err(rustix::io::Errno::AGAIN)
-        )
+        self.fd().is_some_and(silent)
     }
 
     /// Waits until the socket is ready for `interest` after the kernel said

@@ -15,7 +15,7 @@
 //! since its last read.
 
 use std::cell::RefCell;
-use std::io;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -125,9 +125,7 @@ fn alive(io: &Io) -> bool {
     match tcp.poll_read_ready(&mut cx) {
         Poll::Pending => true,
         Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-        }
+        Poll::Ready(Ok(())) => crate::io::silent(std::os::fd::AsFd::as_fd(tcp)),
     }
 }
 
@@ -163,7 +161,9 @@ pub(crate) fn request_head(
         out.extend_from_slice(b"\r\n");
     };
     match body {
-        Outgoing::Whole(bytes) => length(itoa_buf(bytes.len() as u64).as_ref()),
+        Outgoing::Whole(bytes) => {
+            let _ = write!(out, "content-length: {}\r\n", bytes.len());
+        }
         Outgoing::Empty => {
             let sends_body =
                 *method == Method::POST || *method == Method::PUT || *method == Method::PATCH;
@@ -181,25 +181,6 @@ pub(crate) fn request_head(
     }
     out.extend_from_slice(b"\r\n");
     false
-}
-
-/// `n` in decimal, without an allocation.
-fn itoa_buf(mut n: u64) -> impl AsRef<[u8]> {
-    struct Digits([u8; 20], usize);
-    impl AsRef<[u8]> for Digits {
-        fn as_ref(&self) -> &[u8] {
-            &self.0[self.1..]
-        }
-    }
-    let mut digits = Digits([0; 20], 20);
-    loop {
-        digits.1 -= 1;
-        digits.0[digits.1] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return digits;
-        }
-    }
 }
 
 /// How an attempt on one connection failed.
@@ -250,21 +231,11 @@ pub(crate) async fn send(
     }
 }
 
-/// TCP (no Nagle), then TLS when the route asks for it, within the connect
-/// timeout.
+/// A new connection to `target`, within its connect timeout.
 async fn connect(target: &Target<'_>) -> Result<Io, Failure> {
     let addr = target.addr;
-    let tls = target.tls;
-    let connecting = async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let _ = tcp.set_nodelay(true);
-        Ok::<_, BoxError>(match tls {
-            None => Io::Plain(tcp),
-            Some((tls, failures)) => {
-                Io::Tls(Box::new(tls.handshake(tcp, Alpn::Http1, failures).await?))
-            }
-        })
-    };
+    let tls = target.tls.map(|(tls, failures)| (&**tls, failures));
+    let connecting = Io::connect(addr, tls, Alpn::Http1);
     match tokio::time::timeout(target.connect_timeout, connecting).await {
         Ok(Ok(io)) => Ok(io),
         Ok(Err(e)) => Err(Failure::Connect(e)),
@@ -423,7 +394,7 @@ async fn stream_body(
         }
         if chunked {
             size.clear();
-            size.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            let _ = write!(size, "{:x}\r\n", data.len());
             io.write_all(&size).await?;
             io.write_all(&data).await?;
             io.write_all(b"\r\n").await?;
@@ -582,13 +553,6 @@ impl Body for Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn numbers_are_written_in_decimal() {
-        for n in [0u64, 7, 10, 65_536, u64::MAX] {
-            assert_eq!(itoa_buf(n).as_ref(), n.to_string().as_bytes());
-        }
-    }
 
     /// The head carries this hop's headers and the body's framing: the
     /// length of a body in hand (whatever the client declared), the

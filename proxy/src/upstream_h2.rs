@@ -29,7 +29,6 @@ use std::time::Duration;
 use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::h2_body::{send_body, Received};
@@ -405,12 +404,8 @@ async fn connect(
     tls: Option<(Arc<UpstreamTls>, Failures)>,
     goaway_last: Arc<AtomicU32>,
 ) -> Result<Upstream, BoxError> {
-    let tcp = TcpStream::connect(addr).await?;
-    let _ = tcp.set_nodelay(true);
-    let io = match tls {
-        None => Io::Plain(tcp),
-        Some((tls, failures)) => Io::Tls(Box::new(tls.handshake(tcp, Alpn::H2, &failures).await?)),
-    };
+    let tls = tls.as_ref().map(|(tls, failures)| (&**tls, failures));
+    let io = Io::connect(addr, tls, Alpn::H2).await?;
     Ok(Upstream {
         io,
         frames: Frames {

@@ -243,6 +243,21 @@ pub(crate) enum Io {
 }
 
 impl Io {
+    /// TCP to `addr` (no Nagle), then TLS offering `alpn` when the route
+    /// asks for it (`tls`).
+    pub(crate) async fn connect(
+        addr: std::net::SocketAddr,
+        tls: Option<(&UpstreamTls, &Failures)>,
+        alpn: Alpn,
+    ) -> Result<Io, BoxError> {
+        let tcp = TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok(match tls {
+            None => Io::Plain(tcp),
+            Some((tls, failures)) => Io::Tls(Box::new(tls.handshake(tcp, alpn, failures).await?)),
+        })
+    }
+
     /// The TCP connection under it.
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
