@@ -148,6 +148,8 @@ struct Running {
     proxy: Arc<ProxyDecorator>,
     /// Other datacenters' copies (their proxy backends follow our routes).
     copies: Arc<switchyard_federation::Copies>,
+    /// The xDS server, when it serves (its policies follow our routes).
+    xds: Option<switchyard_xds::Xds>,
     node_name: String,
     /// Ids of the `[[services]]` the file registered (for reloads).
     config_services: Vec<Arc<str>>,
@@ -208,6 +210,12 @@ impl Running {
             &config.agent.datacenter,
         )));
         let proxy_backends = decorators.add(proxy.clone());
+        // xDS's endpoint assignments, built only when it serves.
+        let xds_key = config.xds.addr.map(|_| {
+            decorators.add(Arc::new(switchyard_xds::XdsDecorator::new(
+                &config.agent.datacenter,
+            )))
+        });
         let (registry, writer) = open_registry(&config, metrics, decorators, resuming).await?;
 
         let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
@@ -272,6 +280,10 @@ impl Running {
         )
         .map_err(anyhow::Error::msg)?;
         proxy.fail_over_to(copies.clone());
+        let xds = match xds_key {
+            Some(key) => Some(start_xds(&config, &registry, key, &prometheus)?),
+            None => None,
+        };
         let state = Arc::new(ApiState {
             registry: registry.clone(),
             agent: AgentInfo {
@@ -296,7 +308,28 @@ impl Running {
             answers,
             federation: Some(federation),
             copies: Some(copies.clone()),
+            xds: xds.as_ref().map(|(xds, _)| {
+                let xds = xds.clone();
+                Arc::new(move || xds_json(&xds)) as api::XdsView
+            }),
         });
+        let xds_addr = match xds {
+            Some((xds, listener)) => {
+                let addr = listener.local_addr()?;
+                let mut stop = shutdown_rx.clone();
+                let serving = xds.clone();
+                tokio::spawn(async move {
+                    let stopped = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    if let Err(e) = serving.serve(listener, stopped).await {
+                        tracing::error!(error = %e, "the xDS server stopped");
+                    }
+                });
+                Some((xds, addr))
+            }
+            None => None,
+        };
         let api_listener = match sockets.as_mut().and_then(|s| s.api.take()) {
             Some(listener) => listener,
             None => std::net::TcpListener::bind(config.api.addr)
@@ -376,6 +409,7 @@ impl Running {
             "https": http.tls_addr().map(|a| a.to_string()),
             "metrics": metrics_addr.map(|a| a.to_string()),
             "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "xds": xds_addr.as_ref().map(|(_, a)| a.to_string()),
             "node": node_name,
         });
         let _ = state.listeners.set(ready.clone());
@@ -416,6 +450,7 @@ impl Running {
             },
             proxy,
             copies,
+            xds: xds_addr.map(|(xds, _)| xds),
             node_name,
             config_services,
             shutdown,
@@ -507,6 +542,9 @@ impl Running {
                 Ok(ids) => self.config_services = ids,
                 Err(e) => tracing::error!(error = %e, "cannot apply the config's services"),
             }
+            if let Some(xds) = &self.xds {
+                xds.set_policies(xds_policies(&self.config.http));
+            }
         }
         upgrade::notify(upgrade::Lifecycle::Ready);
     }
@@ -582,6 +620,79 @@ struct ControlPlane {
     passive: tokio::task::JoinHandle<()>,
     registry: Registry,
     writer: tokio::task::JoinHandle<()>,
+}
+
+/// The xDS server and its listener (bound with SO_REUSEPORT, so that an
+/// upgrading successor binds it while this agent still serves).
+fn start_xds(
+    config: &AgentConfig,
+    registry: &Registry,
+    key: switchyard_registry::ExtraKey<switchyard_xds::XdsDecorator>,
+    prometheus: &prometheus::Registry,
+) -> anyhow::Result<(switchyard_xds::Xds, tokio::net::TcpListener)> {
+    let Some(addr) = config.xds.addr else {
+        anyhow::bail!("xds.addr is not set");
+    };
+    let metrics = Arc::new(switchyard_xds::XdsMetrics::new(prometheus).context("xds metrics")?);
+    let tokens = api::Tokens::load(&config.api.tokens).map_err(anyhow::Error::msg)?;
+    let authorize = (!tokens.is_empty()).then(|| {
+        Arc::new(move |token: &[u8]| tokens.allows(token, api::Role::Read))
+            as switchyard_xds::Authorizer
+    });
+    let xds = switchyard_xds::Xds::new(
+        config.xds.clone(),
+        registry.clone(),
+        key,
+        xds_policies(&config.http),
+        metrics,
+        authorize,
+    );
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen for xDS on {addr}"))?;
+    let listener = socket.listen(1024)?;
+    Ok((xds, listener))
+}
+
+/// Each routed service's balancer as xDS clients can follow it: round robin,
+/// least request, or a ring hash (on the route's header, or per client).
+fn xds_policies(http: &switchyard_proxy::Config) -> switchyard_xds::Policies {
+    use switchyard_proxy::{BalancerKind, HashOn};
+    use switchyard_xds::LbPolicy;
+    let policy = |kind: BalancerKind, hash_on: &HashOn| match kind {
+        BalancerKind::LeastRequest | BalancerKind::PeakEwma => LbPolicy::LeastRequest,
+        BalancerKind::ConsistentHash => LbPolicy::RingHash {
+            header: match hash_on {
+                HashOn::Header(name) => Some(name.clone()),
+                HashOn::ClientIp | HashOn::Cookie(_) => None,
+            },
+        },
+        BalancerKind::RoundRobin | BalancerKind::Random => LbPolicy::RoundRobin,
+    };
+    let mut services = std::collections::HashMap::new();
+    for route in &http.routes {
+        services
+            .entry(route.service.clone())
+            .or_insert_with(|| policy(route.balancer.unwrap_or(http.balancer), &route.hash_on));
+    }
+    switchyard_xds::Policies {
+        default: policy(http.balancer, &HashOn::ClientIp),
+        services,
+    }
+}
+
+/// `/v1/switchyard/xds` and status's `xds`.
+fn xds_json(xds: &switchyard_xds::Xds) -> serde_json::Value {
+    serde_json::json!({
+        "streams": xds.streams(),
+        "clients": xds.clients(),
+    })
 }
 
 /// The one way the control plane stops (the API told to stop already):
@@ -910,6 +1021,7 @@ async fn reload(
         ("api", next.api != running.api),
         ("store", next.store != running.store),
         ("dns", next.dns != running.dns),
+        ("xds", next.xds != running.xds),
     ];
     let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(t, _)| *t).collect();
     if !changed.is_empty() {

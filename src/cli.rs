@@ -218,6 +218,10 @@ struct AgentArgs {
     /// HTTP proxy listen address (overrides http.addr); port 0 picks a free port.
     #[arg(long)]
     http_addr: Option<SocketAddr>,
+    /// xDS (ADS) listen address (overrides xds.addr); port 0 picks a free
+    /// port. Off unless set, 127.0.0.1:18000 under --dev.
+    #[arg(long)]
+    xds_addr: Option<SocketAddr>,
     /// Proxy threads, each with its own listener (overrides http.threads; 0 = one per core).
     #[arg(long)]
     proxy_threads: Option<usize>,
@@ -327,6 +331,8 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         api_addr: args.api_addr,
         dns_addr: args.dns_addr,
         http_addr: args.http_addr,
+        xds_addr: args.xds_addr,
+        dev: args.dev,
         proxy_threads: args.proxy_threads,
         node_name: args.node_name.clone(),
         demo: args.demo,

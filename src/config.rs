@@ -19,6 +19,8 @@ pub(crate) struct AgentConfig {
     pub(crate) tcp: switchyard_proxy::TcpConfig,
     /// `[federation]`: the other datacenters this agent may ask.
     pub(crate) federation: switchyard_federation::FederationConfig,
+    /// `[xds]`: the ADS server of proxyless gRPC clients and Envoy.
+    pub(crate) xds: switchyard_xds::XdsConfig,
     /// Services of this agent's node with their checks, in Consul's service
     /// definition shape (`name`, `id`, `port`, `tags`, `meta`, `check` or
     /// `checks` with `http`/`tcp`/`grpc`/`ttl`, `interval`, ...), registered
@@ -130,6 +132,14 @@ impl AgentConfig {
         self.federation.validate(&self.agent.datacenter)?;
         self.http.validate()?;
         self.tcp.validate()?;
+        self.xds.validate()?;
+        if let Some(addr) = self.xds.addr {
+            if self.api.tokens.is_empty() && !addr.ip().is_loopback() {
+                return Err(format!(
+                    "xds.addr {addr} is reachable from other hosts: configure [[api.tokens]] (clients send a read token) or listen on loopback"
+                ));
+            }
+        }
         self.service_commands("config-check").map(|_| ())
     }
 

@@ -16,6 +16,9 @@ pub(crate) struct ConfigSource {
     pub(crate) api_addr: Option<SocketAddr>,
     pub(crate) dns_addr: Option<SocketAddr>,
     pub(crate) http_addr: Option<SocketAddr>,
+    pub(crate) xds_addr: Option<SocketAddr>,
+    /// `--dev`: xDS on its default address unless the file sets one.
+    pub(crate) dev: bool,
     pub(crate) proxy_threads: Option<usize>,
     pub(crate) node_name: Option<String>,
     /// `--demo`: the demo service's route is part of every load.
@@ -40,6 +43,11 @@ impl ConfigSource {
         }
         if let Some(addr) = self.http_addr {
             config.http.addr = addr;
+        }
+        if let Some(addr) = self.xds_addr {
+            config.xds.addr = Some(addr);
+        } else if self.dev && config.xds.addr.is_none() {
+            config.xds.addr = Some(SocketAddr::from(([127, 0, 0, 1], 18000)));
         }
         if let Some(threads) = self.proxy_threads {
             config.http.threads = threads;

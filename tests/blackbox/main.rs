@@ -28,3 +28,4 @@ mod tonic_grpc;
 mod transports;
 mod upstream_http1;
 mod upstream_tls;
+mod xds;

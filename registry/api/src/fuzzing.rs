@@ -98,6 +98,7 @@ pub fn api_request(data: &[u8]) {
             listeners: OnceLock::new(),
             answers: Default::default(),
             federation: None,
+            xds: None,
             copies: None,
         });
         let before = registry.snapshot().index();

@@ -76,7 +76,13 @@ pub struct ApiState {
     /// Their copies: a service read of a datacenter out of reach is
     /// answered from its copy, stale, with its age.
     pub copies: Option<Arc<dyn switchyard_catalog::Elsewhere>>,
+    /// The xDS server's clients as JSON (`/v1/switchyard/xds`, status), when
+    /// it runs.
+    pub xds: Option<XdsView>,
 }
+
+/// What the API shows of the xDS server, without depending on it.
+pub type XdsView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl ApiState {
     /// Applies a client's write: checked and trimmed against the `[api]`
@@ -107,6 +113,11 @@ impl Tokens {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Whether `presented` is a token of `role` or a higher one.
+    pub fn allows(&self, presented: &[u8], role: crate::config::Role) -> bool {
+        self.role_of(presented).is_some_and(|r| r >= role)
     }
 
     /// The role of `presented`, comparing against every secret in constant
@@ -412,6 +423,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status/leader", reads(get(consul::status_leader)))
         .route("/v1/status/peers", reads(get(consul::status_peers)))
         .route("/v1/switchyard/status", reads(get(native::status)))
+        .route("/v1/switchyard/xds", reads(get(native::xds)))
         .route(
             "/v1/switchyard/datacenters",
             reads(get(native::datacenters)),

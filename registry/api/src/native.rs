@@ -51,8 +51,25 @@ pub(super) async fn status(State(state): St) -> ApiResult {
         "blocking_queries": state.registry.metrics().blocking_queries.get(),
         "listeners": state.listeners.get(),
         "tokens": !state.tokens.is_empty(),
+        "xds": state.xds.as_ref().map(|xds| xds()),
     });
     json(&body, snap.index(), &QueryOpts::default())
+}
+
+/// The xDS server's streams: each client's node, user agent, locality,
+/// subscriptions, pushes, ACKs and NACKs (404 when xDS is off).
+pub(super) async fn xds(State(state): St) -> ApiResult {
+    let Some(xds) = &state.xds else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "xDS is off on this agent: set [xds] addr or --xds-addr",
+        ));
+    };
+    json(
+        &xds(),
+        state.registry.snapshot().index(),
+        &QueryOpts::default(),
+    )
 }
 
 /// What another datacenter's agent watches here at once (its copies):

@@ -1,0 +1,353 @@
+//! xDS (issue 31) with a real proxyless gRPC client nobody here wrote:
+//! grpcio's xDS resolver and balancers (`tests/blackbox/xds/client.py`)
+//! against the agent's ADS server, calling gRPC backends
+//! (`tests/blackbox/xds/backend.py`) that answer with their names.
+//! `tools/test` installs grpcio in a virtualenv (`target/py-grpc`);
+//! `SWITCHYARD_PY_GRPC` may name another Python that has it. Protocol
+//! details real clients cannot be made to show on demand (tokens, limits,
+//! Delta) are driven with envoy-types' ADS client.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{Agent, Client};
+
+/// A Python with grpcio, or a loud failure saying how to get one.
+fn python() -> PathBuf {
+    if let Some(path) = std::env::var_os("SWITCHYARD_PY_GRPC") {
+        return PathBuf::from(path);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py-grpc/bin/python");
+    assert!(
+        venv.exists(),
+        "grpcio is not installed: run tools/test (it makes target/py-grpc), \
+         or set SWITCHYARD_PY_GRPC to a python that can `import grpc`"
+    );
+    venv
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/blackbox/xds/{name}"))
+}
+
+/// gRPC backends answering with their names; stopped on drop.
+struct Backends {
+    child: Child,
+    ports: HashMap<String, u16>,
+}
+
+impl Backends {
+    fn start(names: &[&str]) -> Backends {
+        let mut child = Command::new(python())
+            .arg(script("backend.py"))
+            .args(names)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn backend.py");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("backend ports");
+        let ports: HashMap<String, u16> =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("backend said {line:?}: {e}"));
+        Backends { child, ports }
+    }
+
+    fn port(&self, name: &str) -> u16 {
+        self.ports[name]
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One grpcio channel to `xds:///<target>`, kept open across calls.
+struct XdsClient {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// What a batch of calls got: calls per backend, and the errors.
+struct Calls {
+    counts: HashMap<String, u64>,
+    errors: Vec<String>,
+}
+
+impl XdsClient {
+    fn start(scratch: &Path, xds: SocketAddr, target: &str) -> XdsClient {
+        let bootstrap = scratch.join(format!("bootstrap-{}.json", target.replace(':', "_")));
+        let config = json!({
+            "xds_servers": [{"server_uri": xds.to_string(),
+                             "channel_creds": [{"type": "insecure"}],
+                             "server_features": ["xds_v3"]}],
+            "node": {"id": format!("test-{target}"), "cluster": "tests",
+                     "locality": {"region": "dc1"}},
+        });
+        std::fs::write(&bootstrap, config.to_string()).expect("bootstrap");
+        let mut child = Command::new(python())
+            .arg(script("client.py"))
+            .arg(format!("xds:///{target}"))
+            .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn client.py");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("client ready");
+        assert!(line.contains("ready"), "client said {line:?}");
+        XdsClient {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// `n` unary calls, each with `deadline`, with `x-key: key` when given.
+    fn calls(&mut self, n: usize, deadline: Duration, key: Option<&str>) -> Calls {
+        writeln!(
+            self.stdin,
+            "calls {n} {} {}",
+            deadline.as_secs_f64(),
+            key.unwrap_or("")
+        )
+        .expect("to client");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("from client");
+        let answer: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("client said {line:?}: {e}"));
+        let counts = answer["counts"]
+            .as_object()
+            .expect("counts")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+            .collect();
+        let errors = answer["errors"]
+            .as_array()
+            .expect("errors")
+            .iter()
+            .map(|e| e.as_str().unwrap_or("").to_string())
+            .collect();
+        Calls { counts, errors }
+    }
+
+    /// Calls until `done` holds for a batch (at most `within`).
+    fn until(&mut self, what: &str, within: Duration, done: impl Fn(&Calls) -> bool) -> Calls {
+        let deadline = Instant::now() + within;
+        loop {
+            let calls = self.calls(10, Duration::from_secs(5), None);
+            if done(&calls) {
+                return calls;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {within:?} waiting for {what}: last batch {:?}, errors {:?}",
+                calls.counts,
+                calls.errors
+            );
+        }
+    }
+}
+
+impl Drop for XdsClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn xds_addr(agent: &Agent) -> SocketAddr {
+    let status = agent.client().get_ok("/v1/switchyard/status").json();
+    status["listeners"]["xds"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no xds listener in {status}"))
+}
+
+fn register(c: &Client, service: &str, id: &str, port: u16) {
+    let body = json!({
+        "Node": format!("node-{id}"), "Address": "127.0.0.1",
+        "Service": {"ID": id, "Service": service, "Port": port},
+    });
+    c.put_ok("/v1/catalog/register", &body.to_string());
+}
+
+fn deregister(c: &Client, id: &str) {
+    let body = json!({"Node": format!("node-{id}"), "ServiceID": id});
+    c.put_ok("/v1/catalog/deregister", &body.to_string());
+}
+
+fn xds_agent(scratch: &Path, config: &str) -> Agent {
+    let path = scratch.join("agent.toml");
+    std::fs::write(&path, format!("[xds]\naddr = \"127.0.0.1:0\"\n{config}")).expect("config");
+    Agent::start_in(
+        &scratch.join("data"),
+        &["--config", path.to_str().expect("utf8")],
+    )
+}
+
+#[test]
+fn grpc_clients_balance_over_the_registry_through_xds() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let agent = xds_agent(scratch.path(), "");
+    let c = agent.client();
+    let backends = Backends::start(&["b1", "b2", "b3"]);
+    register(&c, "web", "web-1", backends.port("b1"));
+    register(&c, "web", "web-2", backends.port("b2"));
+    let mut client = XdsClient::start(scratch.path(), xds_addr(&agent), "web");
+
+    // Calls spread over every endpoint.
+    let calls = client.calls(40, Duration::from_secs(10), None);
+    assert!(calls.errors.is_empty(), "{:?}", calls.errors);
+    assert!(
+        calls.counts.get("b1") >= Some(&5) && calls.counts.get("b2") >= Some(&5),
+        "both endpoints get calls: {:?}",
+        calls.counts
+    );
+
+    // A new endpoint gets calls within a second of its registration.
+    register(&c, "web", "web-3", backends.port("b3"));
+    let registered = Instant::now();
+    client.until("calls to the new endpoint", Duration::from_secs(10), |c| {
+        c.counts.contains_key("b3")
+    });
+    let took = registered.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the new endpoint took {took:?}"
+    );
+
+    // A critical endpoint gets none.
+    let check = json!({
+        "Node": "node-web-1", "Address": "127.0.0.1",
+        "Check": {"CheckID": "down", "Name": "down", "Status": "critical", "ServiceID": "web-1"},
+    });
+    c.put_ok("/v1/catalog/register", &check.to_string());
+    client.until("web-1 out", Duration::from_secs(5), |c| {
+        !c.counts.contains_key("b1")
+    });
+    let calls = client.calls(30, Duration::from_secs(5), None);
+    assert!(calls.errors.is_empty(), "{:?}", calls.errors);
+    assert_eq!(calls.counts.get("b1"), None, "critical: {:?}", calls.counts);
+
+    // A drained endpoint gets none.
+    c.put_ok(
+        "/v1/switchyard/endpoints/web-2/drain",
+        r#"{"deadline":"30s"}"#,
+    );
+    client.until("web-2 out", Duration::from_secs(5), |c| {
+        !c.counts.contains_key("b2")
+    });
+    let calls = client.calls(30, Duration::from_secs(5), None);
+    assert!(calls.errors.is_empty(), "{:?}", calls.errors);
+    assert_eq!(calls.counts.get("b2"), None, "drained: {:?}", calls.counts);
+    assert_eq!(calls.counts.get("b3"), Some(&30), "{:?}", calls.counts);
+
+    // The server saw the client, every push acknowledged, nothing refused.
+    let status = c.get_ok("/v1/switchyard/xds").json();
+    let clients = status["clients"].as_array().expect("clients");
+    assert_eq!(clients.len(), 1, "{status}");
+    assert_eq!(clients[0]["node"], "test-web", "{status}");
+    assert!(
+        clients[0]["user_agent"]
+            .as_str()
+            .is_some_and(|a| a.contains("gRPC")),
+        "{status}"
+    );
+    assert_eq!(clients[0]["nacks"], 0, "{status}");
+    assert!(clients[0]["acks"].as_u64() >= Some(4), "{status}");
+    assert_eq!(c.metric("switchyard_xds_streams"), Some(1.0));
+    assert!(c.metric("switchyard_xds_pushes_total{type=\"eds\"}") >= Some(3.0));
+    assert_eq!(
+        c.metric("switchyard_xds_nacks_total{type=\"cds\"}"),
+        Some(0.0)
+    );
+
+    // Removed, the service's calls fail at once; re-added, they succeed on
+    // the same channel.
+    for id in ["web-1", "web-2", "web-3"] {
+        deregister(&c, id);
+    }
+    let gone = client.until("the service gone", Duration::from_secs(5), |c| {
+        c.counts.is_empty()
+    });
+    assert!(
+        gone.errors.iter().all(|e| e.starts_with("UNAVAILABLE")),
+        "{:?}",
+        gone.errors
+    );
+    register(&c, "web", "web-4", backends.port("b1"));
+    client.until("the service back", Duration::from_secs(5), |c| {
+        c.counts.get("b1") == Some(&10)
+    });
+}
+
+#[test]
+fn an_unknown_service_does_not_exist_until_registered() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let agent = xds_agent(scratch.path(), "");
+    let c = agent.client();
+    let backends = Backends::start(&["b1"]);
+    let mut client = XdsClient::start(scratch.path(), xds_addr(&agent), "later:8080");
+    // The server answers the subscription without the name (SotW's "does
+    // not exist"); grpcio reads that only for a resource it held, so the
+    // call fails on the client's own 15 s resource timer.
+    let calls = client.calls(1, Duration::from_secs(25), None);
+    assert_eq!(calls.errors.len(), 1, "{:?}", calls.counts);
+    assert!(
+        calls.errors[0].contains("does not exist"),
+        "{:?}",
+        calls.errors
+    );
+    register(&c, "later", "later-1", backends.port("b1"));
+    client.until("the registered service", Duration::from_secs(10), |c| {
+        c.counts.get("b1") == Some(&10)
+    });
+}
+
+#[test]
+fn a_ring_hash_service_keeps_each_key_on_one_endpoint() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let agent = xds_agent(
+        scratch.path(),
+        "[[http.routes]]\nhost = \"ring.test\"\nservice = \"ring\"\nbalancer = \"consistent_hash\"\nhash_on = \"header:x-key\"\n",
+    );
+    let c = agent.client();
+    let backends = Backends::start(&["b1", "b2", "b3"]);
+    for (id, name) in [("ring-1", "b1"), ("ring-2", "b2"), ("ring-3", "b3")] {
+        register(&c, "ring", id, backends.port(name));
+    }
+    let mut client = XdsClient::start(scratch.path(), xds_addr(&agent), "ring");
+    client.until("every endpoint ready", Duration::from_secs(10), |c| {
+        c.errors.is_empty()
+    });
+    let mut owners = std::collections::HashSet::new();
+    for key in 0..12 {
+        let key = format!("user-{key}");
+        let calls = client.calls(8, Duration::from_secs(5), Some(&key));
+        assert!(calls.errors.is_empty(), "{:?}", calls.errors);
+        assert_eq!(
+            calls.counts.len(),
+            1,
+            "key {key} went to {:?}",
+            calls.counts
+        );
+        owners.extend(calls.counts.into_keys());
+    }
+    assert!(owners.len() >= 2, "12 keys all on {owners:?}");
+}
