@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{Agent, Client};
+use crate::support::{eventually, Agent, Client};
 
 /// A Python with grpcio, or a loud failure saying how to get one.
 fn python() -> PathBuf {
@@ -350,4 +350,177 @@ fn a_ring_hash_service_keeps_each_key_on_one_endpoint() {
         owners.extend(calls.counts.into_keys());
     }
     assert!(owners.len() >= 2, "12 keys all on {owners:?}");
+}
+
+mod raw {
+    //! The ADS protocol driven by hand: envoy-types' generated client.
+
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+    };
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::Streaming;
+
+    use super::*;
+
+    const CLA: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+    /// Its worker carries the streams while the test blocks on the API.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A stream's two halves.
+    struct Ads {
+        send: mpsc::Sender<DiscoveryRequest>,
+        answers: Streaming<DiscoveryResponse>,
+    }
+
+    async fn open(xds: SocketAddr, token: Option<&str>) -> Result<Ads, tonic::Status> {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+            .await
+            .expect("connect");
+        let (send, requests) = mpsc::channel(8);
+        let mut request = tonic::Request::new(ReceiverStream::new(requests));
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().expect("header");
+            request.metadata_mut().insert("authorization", value);
+        }
+        // The first request goes before the call: the server answers the
+        // call's headers only when it has the stream.
+        send.send(eds(&["svc/web"], "", None)).await.expect("send");
+        let answers = client
+            .stream_aggregated_resources(request)
+            .await?
+            .into_inner();
+        Ok(Ads { send, answers })
+    }
+
+    fn eds(names: &[&str], nonce: &str, error: Option<&str>) -> DiscoveryRequest {
+        DiscoveryRequest {
+            node: Some(Node {
+                id: "raw".into(),
+                ..Default::default()
+            }),
+            type_url: CLA.into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.into(),
+            error_detail: error.map(|e| RpcStatus {
+                code: 3,
+                message: e.into(),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn next(ads: &mut Ads) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), ads.answers.message())
+            .await
+            .expect("a response within 10 s")
+            .expect("no error")
+            .expect("not the end")
+    }
+
+    #[test]
+    fn streams_need_a_read_token_when_tokens_are_configured() {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let agent = xds_agent(
+            scratch.path(),
+            "[[api.tokens]]\nsecret = \"reader-secret-0123456789\"\nrole = \"read\"\n",
+        );
+        let reader = agent.client_with_token("reader-secret-0123456789");
+        let status = reader.get_ok("/v1/switchyard/status").json();
+        let xds: SocketAddr = status["listeners"]["xds"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("xds listener");
+        runtime().block_on(async {
+            let refused = open(xds, None)
+                .await
+                .err()
+                .expect("refused without a token");
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+            let refused = open(xds, Some("wrong-secret-0123456789"))
+                .await
+                .err()
+                .expect("refused with a wrong token");
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+            let mut ads = open(xds, Some("reader-secret-0123456789"))
+                .await
+                .expect("a read token is enough");
+            let first = next(&mut ads).await;
+            assert_eq!(first.type_url, CLA);
+            assert_eq!(first.resources.len(), 1, "an empty assignment for web");
+        });
+        assert_eq!(
+            reader.metric("switchyard_xds_refused_total{reason=\"token\"}"),
+            Some(2.0)
+        );
+    }
+
+    #[test]
+    fn nacks_are_counted_delta_is_refused_and_stream_limits_hold() {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let agent = xds_agent(scratch.path(), "max_streams = 2\n");
+        let c = agent.client();
+        let xds = xds_addr(&agent);
+        let backends = Backends::start(&["b1"]);
+        runtime().block_on(async {
+            let mut ads = open(xds, None).await.expect("stream");
+            let first = next(&mut ads).await;
+            // Refused: counted, logged, not sent again.
+            ads.send
+                .send(eds(&["svc/web"], &first.nonce, Some("cannot use it")))
+                .await
+                .expect("send");
+            eventually("the NACK counted", Duration::from_secs(5), || {
+                (c.metric("switchyard_xds_nacks_total{type=\"eds\"}") == Some(1.0)).then_some(())
+            });
+            // A change is sent at once.
+            register(&c, "web", "web-1", backends.port("b1"));
+            let changed = next(&mut ads).await;
+            assert_eq!(changed.resources.len(), 1);
+            assert_ne!(changed.resources[0].value, first.resources[0].value);
+            assert_ne!(changed.nonce, first.nonce);
+            let listed = c.get_ok("/v1/switchyard/xds").json();
+            assert_eq!(listed["clients"][0]["nacks"], 1, "{listed}");
+            assert_eq!(
+                listed["clients"][0]["last_nack"], "eds: cannot use it",
+                "{listed}"
+            );
+
+            // Delta is not served.
+            let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+                .await
+                .expect("connect");
+            let delta = client
+                .delta_aggregated_resources(tokio_stream::iter(vec![
+                    DeltaDiscoveryRequest::default(),
+                ]))
+                .await
+                .expect_err("delta refused");
+            assert_eq!(delta.code(), tonic::Code::Unimplemented, "{delta:?}");
+
+            // max_streams = 2: a second stream is served, a third refused.
+            let _second = open(xds, None).await.expect("second stream");
+            let third = open(xds, None).await.err().expect("third refused");
+            assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third:?}");
+            assert!(third.message().contains("max_streams"), "{third:?}");
+            // A closed stream frees its place.
+            drop(ads);
+            eventually("a place freed", Duration::from_secs(5), || {
+                (c.metric("switchyard_xds_streams") == Some(1.0)).then_some(())
+            });
+            let _again = open(xds, None).await.expect("a stream again");
+        });
+    }
 }

@@ -596,3 +596,148 @@ impl XdsDecorator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use switchyard_registry::{
+        Batch, Command, Decorators, Endpoint as Record, MemoryStore, Node, Registry,
+        RegistryMetrics,
+    };
+
+    use super::*;
+
+    fn assignment(registry: &Registry, key: ExtraKey<XdsDecorator>) -> ClusterLoadAssignment {
+        let snapshot = registry.snapshot();
+        let view = snapshot.service("web").expect("web");
+        let bytes = &view.extra(key).expect("decorated").assignment.any.value;
+        ClusterLoadAssignment::decode(&bytes[..]).expect("a valid assignment")
+    }
+
+    /// (address:port, health, weight) of every endpoint, and each locality's
+    /// (zone, weight, priority).
+    type Flat = (Vec<(String, i32, u32)>, Vec<(String, u32, u32)>);
+
+    fn flat(cla: &ClusterLoadAssignment) -> Flat {
+        let mut endpoints = Vec::new();
+        let mut localities = Vec::new();
+        for l in &cla.endpoints {
+            let locality = l.locality.clone().unwrap_or_default();
+            assert_eq!(locality.region, "dc1");
+            let weight = l.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+            localities.push((locality.zone, weight, l.priority));
+            for e in &l.lb_endpoints {
+                let Some(HostIdentifier::Endpoint(endpoint)) = &e.host_identifier else {
+                    panic!("an endpoint without an address");
+                };
+                let Some(address::Address::SocketAddress(sa)) =
+                    endpoint.address.as_ref().and_then(|a| a.address.clone())
+                else {
+                    panic!("not a socket address");
+                };
+                let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                    panic!("no port");
+                };
+                let weight = e.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+                endpoints.push((format!("{}:{port}", sa.address), e.health_status, weight));
+            }
+        }
+        endpoints.sort();
+        localities.sort();
+        (endpoints, localities)
+    }
+
+    #[tokio::test]
+    async fn assignments_keep_the_rules_clients_hold_them_to() {
+        let mut decorators = Decorators::default();
+        let key = decorators.add(Arc::new(XdsDecorator::new("dc1")));
+        let metrics = Arc::new(RegistryMetrics::unregistered());
+        let (registry, _writer) =
+            Registry::start_with(MemoryStore::default(), metrics, decorators).expect("registry");
+        // 1,200 endpoints on 600 nodes in two zones: three chunks.
+        let mut nodes = Vec::new();
+        let mut endpoints = Vec::new();
+        for n in 0..600 {
+            let mut node = Node::new(format!("n{n:03}"), format!("10.0.{}.{}", n / 200, n % 200));
+            let zone = if n % 2 == 0 { "a" } else { "b" };
+            node.meta.insert(ZONE_META.to_string(), zone.to_string());
+            nodes.push(node);
+            for port in [80, 81] {
+                let e = Record::new(format!("n{n:03}"), format!("e{n}-{port}"), "web", port);
+                endpoints.push((e, Vec::new()));
+            }
+        }
+        // Left out: a host name, a weight of 0, port 0; one address twice,
+        // from nodes in different chunks.
+        let mut named = Record::new("n001", "named", "web", 90);
+        named.address = "host.example".into();
+        let mut weightless = Record::new("n002", "weightless", "web", 91);
+        weightless.weights.passing = 0;
+        let portless = Record::new("n003", "portless", "web", 0);
+        let mut twin = Record::new("n599", "twin", "web", 80);
+        twin.address = "10.0.0.0".into();
+        let mut heavy = Record::new("n004", "heavy", "web", 92);
+        heavy.weights.passing = 7;
+        for e in [named, weightless, portless, twin, heavy] {
+            endpoints.push((e, Vec::new()));
+        }
+        let batch = Batch {
+            nodes,
+            endpoints,
+            ..Batch::default()
+        };
+        registry.apply(Command::Batch(batch)).await.expect("batch");
+        assert!(
+            registry
+                .snapshot()
+                .service("web")
+                .expect("web")
+                .chunks()
+                .len()
+                >= 3
+        );
+
+        let (all, localities) = flat(&assignment(&registry, key));
+        assert_eq!(all.len(), 1201, "1,200 + heavy; the rest left out");
+        let unique: HashSet<&String> = all.iter().map(|(a, ..)| a).collect();
+        assert_eq!(unique.len(), all.len(), "an address twice");
+        assert!(all.iter().any(|e| *e == ("10.0.0.4:92".into(), 1, 7)));
+        assert!(all
+            .iter()
+            .all(|(_, health, _)| *health == HealthStatus::Healthy as i32));
+        assert_eq!(
+            localities,
+            [("a".into(), 601 + 6, 0), ("b".into(), 600, 0)],
+            "per zone the sum of its weights, at priority 0"
+        );
+
+        // A drained node's endpoints are DRAINING; the assignment matches
+        // one encoded from scratch.
+        registry
+            .apply(Command::Drain {
+                node: "n300".into(),
+                deadline_ms: None,
+            })
+            .await
+            .expect("drain");
+        let (all, _) = flat(&assignment(&registry, key));
+        let draining: Vec<&String> = all
+            .iter()
+            .filter(|(_, h, _)| *h == HealthStatus::Draining as i32)
+            .map(|(a, ..)| a)
+            .collect();
+        assert_eq!(draining, ["10.0.1.100:80", "10.0.1.100:81"]);
+        let snapshot = registry.snapshot();
+        let view = snapshot.service("web").expect("web");
+        let (own, _) = encode_zones(view.instances(), &mut HashSet::new());
+        let scratch = XdsDecorator::new("dc1").assignment(
+            "svc/web",
+            own.iter()
+                .map(|z| (z.zone.clone(), z.weight, vec![&z.bytes[..]]))
+                .collect(),
+        );
+        let scratch = ClusterLoadAssignment::decode(&scratch.any.value[..]).expect("decodes");
+        assert_eq!(flat(&scratch), flat(&assignment(&registry, key)));
+    }
+}

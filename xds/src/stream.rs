@@ -408,3 +408,334 @@ impl StreamState {
         Some(carried)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use envoy_types::pb::google::protobuf::Any;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+    use super::*;
+
+    /// A catalog of services, each with a content version per kind.
+    #[derive(Default)]
+    struct Fake {
+        index: u64,
+        services: RefCell<HashMap<String, [u64; 4]>>,
+    }
+
+    impl Fake {
+        fn with(services: &[&str]) -> Fake {
+            let fake = Fake {
+                index: 10,
+                ..Fake::default()
+            };
+            for s in services {
+                fake.services.borrow_mut().insert(s.to_string(), [1; 4]);
+            }
+            fake
+        }
+
+        fn bump(&self, service: &str, kind: Kind) {
+            let mut services = self.services.borrow_mut();
+            let versions = services.entry(service.to_string()).or_insert([1; 4]);
+            versions[kind.slot()] += 1;
+        }
+    }
+
+    impl Source for Fake {
+        fn index(&self) -> u64 {
+            self.index
+        }
+
+        fn resource(&self, kind: Kind, name: &str) -> Option<Arc<Resource>> {
+            let service = service_of(kind, name)?;
+            let version = match self.services.borrow().get(service) {
+                Some(versions) => versions[kind.slot()],
+                None if kind == Kind::Endpoints => 0,
+                None => return None,
+            };
+            Some(Arc::new(Resource {
+                name: name.into(),
+                any: Any {
+                    type_url: kind.type_url().into(),
+                    value: format!("{name}@{version}").into_bytes(),
+                },
+            }))
+        }
+
+        fn cluster_names(&self) -> Vec<Arc<str>> {
+            let mut names: Vec<Arc<str>> = (self.services.borrow().keys())
+                .map(|s| Arc::from(format!("svc/{s}")))
+                .collect();
+            names.sort();
+            names
+        }
+    }
+
+    fn ask(kind: Kind, names: &[&str], nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: kind.type_url().into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn nack(kind: Kind, names: &[&str], nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: "bad".into(),
+                details: Vec::new(),
+            }),
+            ..ask(kind, names, nonce)
+        }
+    }
+
+    /// Each resource of a response as `name@version`.
+    fn contents(response: &DiscoveryResponse) -> Vec<String> {
+        response
+            .resources
+            .iter()
+            .map(|a| String::from_utf8_lossy(&a.value).into_owned())
+            .collect()
+    }
+
+    fn next(state: &mut StreamState, source: &Fake) -> Option<DiscoveryResponse> {
+        state.next(source).map(|(r, _)| r)
+    }
+
+    #[test]
+    fn an_ack_quiets_the_stream_until_the_catalog_changes() {
+        let fake = Fake::with(&["a"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Endpoints, &["svc/a"], ""))
+            .expect("request");
+        let first = next(&mut s, &fake).expect("first answer");
+        assert_eq!(contents(&first), ["svc/a@1"]);
+        assert_eq!(first.version_info, "10");
+        let reply = s.request(ask(Kind::Endpoints, &["svc/a"], &first.nonce));
+        assert_eq!(reply, Ok(Reply::Ack(Kind::Endpoints)));
+        assert!(next(&mut s, &fake).is_none());
+        fake.bump("a", Kind::Endpoints);
+        s.changed("a", Instant::now());
+        let second = next(&mut s, &fake).expect("the change");
+        assert_eq!(contents(&second), ["svc/a@2"]);
+        assert_ne!(first.nonce, second.nonce);
+    }
+
+    #[test]
+    fn refused_content_is_not_sent_again_but_a_newer_one_is() {
+        let fake = Fake::with(&["a"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Endpoints, &["svc/a"], ""))
+            .expect("request");
+        let first = next(&mut s, &fake).expect("request");
+        s.request(ask(Kind::Endpoints, &["svc/a"], &first.nonce))
+            .expect("request");
+        fake.bump("a", Kind::Endpoints);
+        s.changed("a", Instant::now());
+        let bad = next(&mut s, &fake).expect("request");
+        let reply = s.request(nack(Kind::Endpoints, &["svc/a"], &bad.nonce));
+        assert_eq!(reply, Ok(Reply::Nack(Kind::Endpoints, "bad".into())));
+        // Woken again with the same content: nothing.
+        s.changed("a", Instant::now());
+        assert!(next(&mut s, &fake).is_none(), "refused content resent");
+        fake.bump("a", Kind::Endpoints);
+        s.changed("a", Instant::now());
+        let fixed = next(&mut s, &fake).expect("newer content");
+        assert_eq!(contents(&fixed), ["svc/a@3"]);
+        assert!(next(&mut s, &fake).is_none());
+    }
+
+    #[test]
+    fn a_stale_nonce_subscribes_but_acknowledges_nothing() {
+        let fake = Fake::with(&["a", "b"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Endpoints, &["svc/a"], ""))
+            .expect("request");
+        let first = next(&mut s, &fake).expect("request");
+        fake.bump("a", Kind::Endpoints);
+        s.changed("a", Instant::now());
+        let _second = next(&mut s, &fake).expect("request");
+        // The client answers the first response late, adding a name.
+        let reply = s.request(ask(Kind::Endpoints, &["svc/a", "svc/b"], &first.nonce));
+        assert_eq!(reply, Ok(Reply::Subscribe(Kind::Endpoints)));
+        let added = next(&mut s, &fake).expect("the added name");
+        assert_eq!(contents(&added), ["svc/b@1"]);
+    }
+
+    #[test]
+    fn assignments_travel_alone_full_state_types_carry_every_subscription() {
+        let fake = Fake::with(&["a", "b"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Endpoints, &["svc/a", "svc/b"], ""))
+            .expect("request");
+        s.request(ask(Kind::Cluster, &["svc/a", "svc/b"], ""))
+            .expect("request");
+        // Clusters first (make before break), then their assignments.
+        let cds = next(&mut s, &fake).expect("request");
+        assert_eq!(cds.type_url, Kind::Cluster.type_url());
+        assert_eq!(contents(&cds), ["svc/a@1", "svc/b@1"]);
+        let eds = next(&mut s, &fake).expect("request");
+        assert_eq!(contents(&eds), ["svc/a@1", "svc/b@1"]);
+        s.request(ask(Kind::Cluster, &["svc/a", "svc/b"], &cds.nonce))
+            .expect("request");
+        s.request(ask(Kind::Endpoints, &["svc/a", "svc/b"], &eds.nonce))
+            .expect("request");
+        // Endpoint churn of a: one assignment, no Cluster response.
+        fake.bump("a", Kind::Endpoints);
+        s.changed("a", Instant::now());
+        let eds = next(&mut s, &fake).expect("request");
+        assert_eq!(eds.type_url, Kind::Endpoints.type_url());
+        assert_eq!(contents(&eds), ["svc/a@2"]);
+        assert!(next(&mut s, &fake).is_none());
+        // b's cluster changes: the response carries a and b.
+        fake.bump("b", Kind::Cluster);
+        s.changed("b", Instant::now());
+        let cds = next(&mut s, &fake).expect("request");
+        assert_eq!(contents(&cds), ["svc/a@1", "svc/b@2"]);
+    }
+
+    #[test]
+    fn a_refused_cluster_travels_at_its_last_acknowledged_version() {
+        let fake = Fake::with(&["a", "b"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Cluster, &["svc/a", "svc/b"], ""))
+            .expect("request");
+        let first = next(&mut s, &fake).expect("request");
+        s.request(ask(Kind::Cluster, &["svc/a", "svc/b"], &first.nonce))
+            .expect("request");
+        fake.bump("a", Kind::Cluster);
+        s.changed("a", Instant::now());
+        let bad = next(&mut s, &fake).expect("request");
+        assert_eq!(contents(&bad), ["svc/a@2", "svc/b@1"]);
+        s.request(nack(Kind::Cluster, &["svc/a", "svc/b"], &bad.nonce))
+            .expect("request");
+        fake.bump("b", Kind::Cluster);
+        s.changed("b", Instant::now());
+        let next_one = next(&mut s, &fake).expect("request");
+        assert_eq!(contents(&next_one), ["svc/a@1", "svc/b@2"]);
+    }
+
+    #[test]
+    fn an_unknown_name_is_answered_by_its_absence_and_sent_once_it_exists() {
+        let fake = Fake::with(&["a"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Listener, &["x"], "")).expect("request");
+        let answer = next(&mut s, &fake).expect("an answer, not silence");
+        assert!(answer.resources.is_empty());
+        s.request(ask(Kind::Listener, &["x"], &answer.nonce))
+            .expect("request");
+        assert!(next(&mut s, &fake).is_none());
+        fake.bump("x", Kind::Listener);
+        s.changed("x", Instant::now());
+        let x = next(&mut s, &fake).expect("x exists now");
+        assert_eq!(contents(&x), ["x@2"]);
+        // An assignment of an unknown service is an empty one, at once.
+        s.request(ask(Kind::Endpoints, &["svc/nothing"], ""))
+            .expect("request");
+        let eds = next(&mut s, &fake).expect("an empty assignment");
+        assert_eq!(contents(&eds), ["svc/nothing@0"]);
+    }
+
+    #[test]
+    fn wildcards_legacy_and_explicit_then_unsubscription() {
+        let fake = Fake::with(&["a", "b"]);
+        let mut s = StreamState::new(100);
+        // The legacy wildcard: every cluster.
+        s.request(ask(Kind::Cluster, &[], "")).expect("request");
+        assert!(s.wildcard_clusters());
+        let all = next(&mut s, &fake).expect("request");
+        assert_eq!(contents(&all), ["svc/a@1", "svc/b@1"]);
+        // A new service: its cluster joins the next response.
+        fake.bump("c", Kind::Cluster);
+        s.all_changed(Kind::Cluster, Instant::now());
+        let more = next(&mut s, &fake).expect("request");
+        assert_eq!(contents(&more), ["svc/a@1", "svc/b@1", "svc/c@2"]);
+        // Named: only that one.
+        s.request(ask(Kind::Cluster, &["svc/a"], &more.nonce))
+            .expect("request");
+        assert!(!s.wildcard_clusters());
+        let one = next(&mut s, &fake).expect("request");
+        assert_eq!(contents(&one), ["svc/a@1"]);
+        // Empty after named: unsubscribed, not a wildcard.
+        s.request(ask(Kind::Cluster, &[], &one.nonce))
+            .expect("request");
+        assert!(!s.wildcard_clusters());
+        assert_eq!(s.subscriptions(Kind::Cluster), 0);
+        // "*" is a wildcard always.
+        s.request(ask(Kind::Cluster, &["*"], "")).expect("request");
+        assert!(s.wildcard_clusters());
+    }
+
+    #[test]
+    fn a_changed_cluster_of_a_wildcard_stream_resends_its_assignment() {
+        let fake = Fake::with(&["a"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Cluster, &[], "")).expect("request");
+        let cds = next(&mut s, &fake).expect("request");
+        s.request(ask(Kind::Cluster, &[], &cds.nonce))
+            .expect("request");
+        s.request(ask(Kind::Endpoints, &["svc/a"], ""))
+            .expect("request");
+        let eds = next(&mut s, &fake).expect("request");
+        s.request(ask(Kind::Endpoints, &["svc/a"], &eds.nonce))
+            .expect("request");
+        fake.bump("a", Kind::Cluster);
+        s.all_changed(Kind::Cluster, Instant::now());
+        let cds = next(&mut s, &fake).expect("request");
+        assert_eq!(cds.type_url, Kind::Cluster.type_url());
+        // Envoy warms the changed cluster until an assignment arrives.
+        let eds = next(&mut s, &fake).expect("the assignment again");
+        assert_eq!(contents(&eds), ["svc/a@1"]);
+    }
+
+    #[test]
+    fn a_newly_named_resource_is_sent_again_and_versions_grow() {
+        let fake = Fake::with(&["a"]);
+        let mut s = StreamState::new(100);
+        s.request(ask(Kind::Endpoints, &["svc/a"], ""))
+            .expect("request");
+        let first = next(&mut s, &fake).expect("request");
+        s.request(ask(Kind::Endpoints, &[], &first.nonce))
+            .expect("request");
+        assert!(
+            next(&mut s, &fake).is_none(),
+            "an unsubscription is not answered"
+        );
+        s.request(ask(Kind::Endpoints, &["svc/a"], ""))
+            .expect("request");
+        let again = next(&mut s, &fake).expect("sent again");
+        assert_eq!(contents(&again), ["svc/a@1"]);
+        assert_eq!(first.version_info, "10");
+        assert_eq!(again.version_info, "10.1");
+        assert_ne!(first.nonce, again.nonce);
+    }
+
+    #[test]
+    fn requests_without_a_type_or_over_the_limit_end_the_stream() {
+        let mut s = StreamState::new(2);
+        assert_eq!(
+            s.request(DiscoveryRequest::default()),
+            Err(RequestError::NoType)
+        );
+        s.request(ask(Kind::Cluster, &["svc/a", "svc/b"], ""))
+            .expect("request");
+        assert_eq!(
+            s.request(ask(Kind::Endpoints, &["svc/a"], "")),
+            Err(RequestError::TooMany(2))
+        );
+        assert_eq!(
+            s.request(ask(Kind::Cluster, &["svc/a", "svc/b", "svc/c"], "")),
+            Err(RequestError::TooMany(2))
+        );
+        let unknown = DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.other".into(),
+            ..Default::default()
+        };
+        assert_eq!(s.request(unknown), Ok(Reply::Unknown));
+    }
+}
