@@ -555,7 +555,7 @@ fn status(api: &str, as_json: bool) -> anyhow::Result<()> {
     }
     if let Some(listeners) = status.get("listeners").and_then(Value::as_object) {
         let mut parts = Vec::new();
-        for role in ["api", "dns", "http", "https", "tcp"] {
+        for role in ["api", "dns", "http", "https", "tcp", "xds"] {
             match listeners.get(role) {
                 Some(Value::String(addr)) => parts.push(format!("{role} {addr}")),
                 Some(Value::Array(list)) if !list.is_empty() => {
@@ -566,6 +566,30 @@ fn status(api: &str, as_json: bool) -> anyhow::Result<()> {
             }
         }
         println!("listening {}", parts.join("  "));
+    }
+    if let Some(xds) = status.get("xds").filter(|x| !x.is_null()) {
+        let clients = xds["clients"].as_array().cloned().unwrap_or_default();
+        println!("xds       {} streams", num(xds, "streams"));
+        for c in clients.iter().take(20) {
+            let text = |k: &str| c[k].as_str().unwrap_or("-").to_string();
+            let last = match c["last_nack"].as_str() {
+                Some(nack) => format!("  last NACK {nack}"),
+                None => String::new(),
+            };
+            println!(
+                "  {}  {}  {}  {} subscriptions  {} pushes  {} acks  {} nacks{last}",
+                text("node"),
+                text("user_agent"),
+                text("peer"),
+                num(c, "subscriptions"),
+                num(c, "pushes"),
+                num(c, "acks"),
+                num(c, "nacks"),
+            );
+        }
+        if clients.len() > 20 {
+            println!("  … {} more: switchyard status --json", clients.len() - 20);
+        }
     }
     println!(
         "api       tokens {}  blocking queries {}",

@@ -174,7 +174,8 @@ fn every_metric_the_grafana_dashboard_and_the_docs_name_exists() {
         "[[http.routes]]\nhost = \"m.test\"\nservice = \"web\"\n\
          [[http.routes]]\nhost = \"h2.test\"\nservice = \"web2\"\nupstream_protocol = \"h2c\"\n\
          [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n\
-         [[federation.datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:1\"]\n",
+         [[federation.datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:1\"]\n\
+         [xds]\naddr = \"127.0.0.1:0\"\n",
     );
     let c = agent.client();
     let up = crate::proxy::Upstream::start("m1");

@@ -272,6 +272,12 @@ fn grpc_clients_balance_over_the_registry_through_xds() {
     assert_eq!(clients[0]["nacks"], 0, "{status}");
     assert!(clients[0]["acks"].as_u64() >= Some(4), "{status}");
     assert_eq!(c.metric("switchyard_xds_streams"), Some(1.0));
+    let status = crate::cli::run(&["status"], &agent.api);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("xds       1 streams"), "{text}");
+    assert!(text.contains("test-web  gRPC C-core"), "{text}");
+    let page = c.get_ok("/ui/xds").body;
+    assert!(page.contains(r#"<tr data-node="test-web">"#), "{page}");
     assert!(c.metric("switchyard_xds_pushes_total{type=\"eds\"}") >= Some(3.0));
     assert_eq!(
         c.metric("switchyard_xds_nacks_total{type=\"cds\"}"),
@@ -350,6 +356,68 @@ fn a_ring_hash_service_keeps_each_key_on_one_endpoint() {
         owners.extend(calls.counts.into_keys());
     }
     assert!(owners.len() >= 2, "12 keys all on {owners:?}");
+}
+
+#[test]
+fn a_client_reconnects_to_a_restarted_agent_and_converges() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let agent = xds_agent(scratch.path(), "");
+    let c = agent.client();
+    let xds = xds_addr(&agent);
+    let backends = Backends::start(&["b1", "b2"]);
+    register(&c, "web", "web-1", backends.port("b1"));
+    let mut client = XdsClient::start(scratch.path(), xds, "web");
+    client.until("calls to b1", Duration::from_secs(10), |c| {
+        c.counts.get("b1") == Some(&10)
+    });
+
+    // A stop ends the streams; the client keeps calling from what it has.
+    agent.signal("TERM");
+    let stopped = agent.wait_exit(Duration::from_secs(10));
+    assert!(stopped.success(), "{stopped:?}");
+    let calls = client.calls(10, Duration::from_secs(5), None);
+    assert_eq!(calls.counts.get("b1"), Some(&10), "{:?}", calls.errors);
+
+    // The same data and xDS address: the client reconnects and follows a
+    // change made after the restart.
+    let path = scratch.path().join("agent.toml");
+    let again = Agent::start_in(
+        &scratch.path().join("data"),
+        &[
+            "--config",
+            path.to_str().expect("utf8"),
+            "--xds-addr",
+            &xds.to_string(),
+        ],
+    );
+    register(&again.client(), "web", "web-2", backends.port("b2"));
+    client.until(
+        "calls to b2 after the restart",
+        Duration::from_secs(30),
+        |c| c.counts.contains_key("b2") && c.counts.contains_key("b1"),
+    );
+}
+
+#[test]
+fn a_client_of_one_agent_follows_a_write_through_another() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = crate::cluster::Etcd::single(scratch.path());
+    let urls = [etcd.url()];
+    let xds = "[xds]\naddr = \"127.0.0.1:0\"\n";
+    let a = crate::cluster::agent_on_with(scratch.path(), "a", &urls, "/xds", xds);
+    let b = crate::cluster::agent_on_with(scratch.path(), "b", &urls, "/xds", xds);
+    let backends = Backends::start(&["b1", "b2"]);
+    register(&a.client(), "web", "web-1", backends.port("b1"));
+    let mut client = XdsClient::start(scratch.path(), xds_addr(&b), "web");
+    client.until("b1 through agent b", Duration::from_secs(15), |c| {
+        c.counts.get("b1") == Some(&10)
+    });
+    register(&a.client(), "web", "web-2", backends.port("b2"));
+    client.until(
+        "b2, written through agent a",
+        Duration::from_secs(10),
+        |c| c.counts.contains_key("b2"),
+    );
 }
 
 mod raw {

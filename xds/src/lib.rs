@@ -64,6 +64,9 @@ pub(crate) struct Inner {
     clients: Clients,
     streams: AtomicUsize,
     authorize: Option<Authorizer>,
+    /// True once the server stops: every stream ends (cleanly, so clients
+    /// reconnect to another agent at once).
+    stopping: watch::Sender<bool>,
 }
 
 impl Xds {
@@ -87,6 +90,7 @@ impl Xds {
                 clients: Clients::default(),
                 streams: AtomicUsize::new(0),
                 authorize,
+                stopping: watch::Sender::new(false),
             }),
         }
     }
@@ -97,12 +101,18 @@ impl Xds {
         self.inner.policies.send_replace(Arc::new(policies));
     }
 
-    /// Serves ADS on `listener` until `shutdown` completes.
+    /// Serves ADS on `listener` until `shutdown` completes; then its streams
+    /// end.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), XdsError> {
+        let stopping = &self.inner.stopping;
+        let shutdown = async move {
+            shutdown.await;
+            stopping.send_replace(true);
+        };
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))

@@ -162,6 +162,7 @@ async fn run(
     let mut generation = 0u64;
     let mut index = inner.registry.subscribe();
     let mut policies = inner.policies.subscribe();
+    let mut stopping = inner.stopping.subscribe();
     let mut counted = [0i64; 4];
     loop {
         if state.is_dirty() {
@@ -262,6 +263,7 @@ async fn run(
                 }
             }
             () = tx.closed() => break,
+            _ = stopping.changed() => break,
         }
     }
     for kind in Kind::ALL {

@@ -476,6 +476,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/ui/services/{name}", public(get(ui::service)))
         .route("/ui/nodes", public(get(ui::nodes)))
         .route("/ui/datacenters", public(get(ui::datacenters)))
+        .route("/ui/xds", public(get(ui::xds)))
         .route("/ui/assets/{file}", public(get(ui::asset)))
         .fallback(unimplemented)
         .layer(middleware::from_fn_with_state(

@@ -85,6 +85,7 @@ enum Tab {
     Services,
     Nodes,
     Datacenters,
+    Xds,
 }
 
 fn page(state: &ApiState, title: &str, tab: Tab, filter: &str, main: &str) -> String {
@@ -93,7 +94,7 @@ fn page(state: &ApiState, title: &str, tab: Tab, filter: &str, main: &str) -> St
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title} · Switchyard</title><link rel="stylesheet" href="/ui/assets/style.css"></head>
-<body><header><a class="brand" href="/ui/">Switchyard</a><nav><a href="/ui/"{s}>Services</a><a href="/ui/nodes"{n}>Nodes</a><a href="/ui/datacenters"{d}>Datacenters</a></nav>
+<body><header><a class="brand" href="/ui/">Switchyard</a><nav><a href="/ui/"{s}>Services</a><a href="/ui/nodes"{n}>Nodes</a><a href="/ui/datacenters"{d}>Datacenters</a><a href="/ui/xds"{x}>xDS</a></nav>
 <form class="filter" method="get"><input type="search" name="q" value="{filter}" placeholder="filter by name"></form>
 <label class="deadline">drain deadline <select id="deadline"><option value="">none</option><option>30s</option><option selected>5m</option><option>30m</option><option>2h</option></select></label>
 <span class="agent">node <b>{node}</b> · {dc} · v{version}</span><span id="live" class="live">…</span></header>
@@ -105,6 +106,7 @@ fn page(state: &ApiState, title: &str, tab: Tab, filter: &str, main: &str) -> St
         s = active(Tab::Services),
         n = active(Tab::Nodes),
         d = active(Tab::Datacenters),
+        x = active(Tab::Xds),
         filter = Esc(filter),
         node = Esc(&state.agent.node_name),
         dc = Esc(&state.agent.datacenter),
@@ -484,6 +486,55 @@ pub(super) async fn datacenters(
                 name = Esc(&dc.name),
                 api = Esc(&dc.api.join(", ")),
                 failover = Esc(&dc.failover_services.join(", ")),
+            );
+        }
+        out.push_str("</tbody></table>");
+    })
+}
+
+/// The xDS server's clients: each stream's node, user agent, locality and
+/// peer, how long it has been connected, what it subscribed to, and its
+/// pushes, ACKs and NACKs (the last NACK's error).
+pub(super) async fn xds(
+    State(state): St,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<Pairs>,
+) -> Response {
+    let view = View::new(&state, &headers, &uri, &q);
+    view.respond("xDS clients", Tab::Xds, |out| {
+        let Some(xds) = &state.xds else {
+            out.push_str(r#"<p class="note">xDS is off on this agent: set <code>[xds] addr</code> or <code>--xds-addr</code>.</p>"#);
+            return;
+        };
+        let listed = xds();
+        let clients = listed["clients"].as_array().cloned().unwrap_or_default();
+        let _ = write!(
+            out,
+            r#"<p class="note">{} ADS streams.</p><table id="xds"><thead><tr><th>Node</th><th>Client</th><th>Locality</th><th>Peer</th><th>Connected</th><th class="num">Subscriptions</th><th class="num">Pushes</th><th class="num">ACKs</th><th class="num">NACKs</th><th>Last NACK</th></tr></thead><tbody>"#,
+            clients.len()
+        );
+        let now = switchyard_catalog::unix_ms();
+        for c in &clients {
+            let text = |k: &str| c[k].as_str().unwrap_or("").to_string();
+            let num = |k: &str| c[k].as_u64().unwrap_or(0);
+            let node = text("node");
+            if !view.shows(&node) {
+                continue;
+            }
+            let _ = write!(
+                out,
+                r#"<tr data-node="{node}"><td><code>{node}</code></td><td>{agent}</td><td>{locality}</td><td><code>{peer}</code></td><td>{age} ago</td><td class="num">{subs}</td><td class="num">{pushes}</td><td class="num">{acks}</td><td class="num">{nacks}</td><td>{nack}</td></tr>"#,
+                node = Esc(&node),
+                agent = Esc(&text("user_agent")),
+                locality = Esc(&text("locality")),
+                peer = Esc(&text("peer")),
+                age = Age(now.saturating_sub(num("connected_ms"))),
+                subs = num("subscriptions"),
+                pushes = num("pushes"),
+                acks = num("acks"),
+                nacks = num("nacks"),
+                nack = Esc(&text("last_nack")),
             );
         }
         out.push_str("</tbody></table>");
