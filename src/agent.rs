@@ -281,7 +281,11 @@ impl Running {
         .map_err(anyhow::Error::msg)?;
         proxy.fail_over_to(copies.clone());
         let xds = match xds_key {
-            Some(key) => Some(start_xds(&config, &registry, key, &prometheus)?),
+            Some(key) => {
+                let (xds, listener) = start_xds(&config, &registry, key, &prometheus)?;
+                let copies = copies.clone() as Arc<dyn switchyard_registry::Elsewhere>;
+                Some((xds.with_elsewhere(copies), listener))
+            }
             None => None,
         };
         let state = Arc::new(ApiState {

@@ -41,6 +41,8 @@ pub(crate) struct AgentProcess {
     pub(crate) child: Child,
     /// `http://host:port` of its API.
     pub(crate) api: String,
+    /// Its xDS server's address, when it serves xDS.
+    pub(crate) xds: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -86,9 +88,11 @@ pub(crate) fn start_agent_with(bin: &PathBuf, config: &str) -> anyhow::Result<Ag
     BufReader::new(stdout).read_line(&mut line)?;
     let ready: Value = serde_json::from_str(&line).context("ready line")?;
     let api = format!("http://{}", ready["api"].as_str().context("api")?);
+    let xds = ready["xds"].as_str().map(str::to_string);
     Ok(AgentProcess {
         child,
         api,
+        xds,
         _dir: dir,
     })
 }

@@ -7,6 +7,7 @@ mod health;
 mod publish;
 mod watch;
 mod writecost;
+mod xds;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,8 @@ enum Commands {
     Watch(watch::Args),
     /// W-grpc's backend: a gRPC-shaped h2c echo server (one thread).
     GrpcBackend(grpc_backend::Args),
+    /// W-xds: many ADS streams, single-endpoint changes, at several catalog sizes.
+    Xds(xds::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Commands::WriteCost(args) => writecost::run(args),
         Commands::Watch(args) => watch::run(args),
         Commands::GrpcBackend(args) => grpc_backend::run(args),
+        Commands::Xds(args) => xds::run(args),
     }
 }

@@ -420,6 +420,58 @@ fn a_client_of_one_agent_follows_a_write_through_another() {
     );
 }
 
+/// Test 18 of shared/XDS.md: a client in dc1 whose dc1 endpoints refuse
+/// connections is served by dc2's, the next priority; dc1's again once they
+/// answer.
+#[test]
+fn calls_fail_over_to_the_next_datacenter_as_a_lower_priority() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dir = |name: &str| {
+        let d = scratch.path().join(name);
+        std::fs::create_dir_all(&d).expect("dir");
+        d
+    };
+    let dc2 = xds_agent(&dir("dc2"), "[agent]\ndatacenter = \"dc2\"\n");
+    let dc2_api = dc2.api.trim_start_matches("http://").trim_end_matches('/');
+    let dc1 = xds_agent(
+        &dir("dc1"),
+        &format!(
+            "[federation]\nfailover = \"nearest\"\nprobe_interval = \"200ms\"\n\
+             [[federation.datacenters]]\nname = \"dc2\"\napi = [\"{dc2_api}\"]\n"
+        ),
+    );
+    let backends = Backends::start(&["near", "far"]);
+    register(&dc2.client(), "web", "web-far", backends.port("far"));
+    let c = dc1.client();
+    register(&c, "web", "web-near", backends.port("near"));
+    eventually("dc2 reachable", Duration::from_secs(10), || {
+        let list = c.get_ok("/v1/switchyard/datacenters").json();
+        list.as_array()?
+            .iter()
+            .any(|d| d["name"] == "dc2" && d["reachable"] == true)
+            .then_some(())
+    });
+    let mut client = XdsClient::start(scratch.path(), xds_addr(&dc1), "web");
+    // Priority 0 (ours) takes every call while it answers.
+    client.until("calls to dc1's endpoint", Duration::from_secs(10), |c| {
+        c.counts.get("near") == Some(&10)
+    });
+    // Ours now points at a port nobody listens on: calls go to dc2.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a closed port")
+        .port();
+    register(&c, "web", "web-near", closed);
+    client.until("calls failing over to dc2", Duration::from_secs(20), |c| {
+        c.counts.get("far") == Some(&10)
+    });
+    // And back once ours answers again.
+    register(&c, "web", "web-near", backends.port("near"));
+    client.until("calls back in dc1", Duration::from_secs(20), |c| {
+        c.counts.get("near") == Some(&10)
+    });
+}
+
 mod raw {
     //! The ADS protocol driven by hand: envoy-types' generated client.
 

@@ -48,6 +48,15 @@ pub enum XdsError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// An assignment with failover priorities and what it was built from (our
+/// assignment and the copies' views, held so that a match is the same
+/// build, never a new one at a freed address).
+pub(crate) struct Failover {
+    pub(crate) local: Option<Arc<Resource>>,
+    pub(crate) remote: Vec<Arc<switchyard_catalog::ServiceView>>,
+    pub(crate) built: Arc<Resource>,
+}
+
 /// The xDS server's handle: cheap to clone.
 #[derive(Clone)]
 pub struct Xds {
@@ -67,6 +76,11 @@ pub(crate) struct Inner {
     /// True once the server stops: every stream ends (cleanly, so clients
     /// reconnect to another agent at once).
     stopping: watch::Sender<bool>,
+    /// Other datacenters' copies: failover priorities in assignments.
+    elsewhere: Option<Arc<dyn switchyard_catalog::Elsewhere>>,
+    /// Assignments with failover priorities, by name, with what they were
+    /// built from.
+    failovers: Mutex<HashMap<Arc<str>, Failover>>,
 }
 
 impl Xds {
@@ -91,8 +105,20 @@ impl Xds {
                 streams: AtomicUsize::new(0),
                 authorize,
                 stopping: watch::Sender::new(false),
+                elsewhere: None,
+                failovers: Mutex::default(),
             }),
         }
+    }
+
+    /// Assignments carry the failover datacenters' routable endpoints
+    /// (`[federation] failover`, or a service's `switchyard.failover=` tag)
+    /// as lower priorities. Call before serving.
+    pub fn with_elsewhere(mut self, elsewhere: Arc<dyn switchyard_catalog::Elsewhere>) -> Xds {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.elsewhere = Some(elsewhere);
+        }
+        self
     }
 
     /// New balancing policies (a reload): every stream's Listeners and

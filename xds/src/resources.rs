@@ -389,6 +389,8 @@ pub struct XdsChunk {
 /// A view's ClusterLoadAssignment.
 pub struct XdsView {
     pub assignment: Arc<Resource>,
+    /// Localities in it (none: no endpoint to send a call to).
+    pub localities: usize,
 }
 
 /// Builds each view's assignment at publish time. Endpoints with an IP
@@ -527,17 +529,22 @@ impl ViewDecorator for XdsDecorator {
                     }
                 }
             }
+            let localities = zones.len();
             let assignment = self.assignment(&name, zones);
-            return Arc::new(XdsView { assignment });
+            return Arc::new(XdsView {
+                assignment,
+                localities,
+            });
         }
         // Two chunks hold the same address (two records of one endpoint):
         // encoded again with each address once, as clients require.
         let (own, _) = encode_zones(view.instances(), &mut HashSet::new());
-        let zones = own
+        let zones: Vec<_> = own
             .iter()
             .map(|z| (z.zone.clone(), z.weight, vec![&z.bytes[..]]))
             .collect();
         Arc::new(XdsView {
+            localities: zones.len(),
             assignment: self.assignment(&name, zones),
         })
     }
@@ -556,37 +563,15 @@ fn unique_addresses(chunks: &[&XdsChunk]) -> bool {
 }
 
 impl XdsDecorator {
-    /// `ClusterLoadAssignment` bytes: the name, then per zone a locality
-    /// (this datacenter, the zone), its weight (the sum of its endpoints',
-    /// never 0, the total within u32) at priority 0 and its endpoints.
+    /// `ClusterLoadAssignment` bytes: the name, then this datacenter's
+    /// localities at priority 0.
     fn assignment(&self, name: &str, zones: Vec<(Name, u64, Vec<&[u8]>)>) -> Arc<Resource> {
         let mut value = ClusterLoadAssignment {
             cluster_name: name.into(),
             ..Default::default()
         }
         .encode_to_vec();
-        let cap = u64::from(u32::MAX) / (zones.len().max(1) as u64);
-        for (zone, weight, parts) in zones {
-            let head = LocalityLbEndpoints {
-                locality: Some(Locality {
-                    region: self.datacenter.to_string(),
-                    zone: zone.to_string(),
-                    ..Default::default()
-                }),
-                load_balancing_weight: Some(UInt32Value {
-                    value: u32::try_from(weight.clamp(1, cap)).unwrap_or(u32::MAX),
-                }),
-                ..Default::default()
-            }
-            .encode_to_vec();
-            let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
-            prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut value);
-            prost::encoding::encode_varint(len as u64, &mut value);
-            value.extend_from_slice(&head);
-            for part in parts {
-                value.extend_from_slice(part);
-            }
-        }
+        append_localities(&mut value, &self.datacenter, 0, zones);
         Arc::new(Resource {
             name: name.into(),
             any: Any {
@@ -595,6 +580,90 @@ impl XdsDecorator {
             },
         })
     }
+}
+
+/// Appends to an assignment's bytes, per zone, a locality (`region`, the
+/// zone) with its weight (the sum of its endpoints', never 0, the
+/// priority's total within u32) at `priority`, and its endpoints.
+fn append_localities(
+    value: &mut Vec<u8>,
+    region: &str,
+    priority: u32,
+    zones: Vec<(Name, u64, Vec<&[u8]>)>,
+) {
+    let cap = u64::from(u32::MAX) / (zones.len().max(1) as u64);
+    for (zone, weight, parts) in zones {
+        let head = LocalityLbEndpoints {
+            locality: Some(Locality {
+                region: region.to_string(),
+                zone: zone.to_string(),
+                ..Default::default()
+            }),
+            load_balancing_weight: Some(UInt32Value {
+                value: u32::try_from(weight.clamp(1, cap)).unwrap_or(u32::MAX),
+            }),
+            priority,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, value);
+        prost::encoding::encode_varint(len as u64, value);
+        value.extend_from_slice(&head);
+        for part in parts {
+            value.extend_from_slice(part);
+        }
+    }
+}
+
+/// How many other datacenters' endpoints an assignment carries at most.
+pub(crate) const FAILOVER_DEPTH: usize = 3;
+
+/// A service's assignment with the failover datacenters' routable endpoints
+/// after ours, each datacenter a priority of its own (numbered densely from
+/// ours, or from 0 when we have none): gRPC moves calls to the next
+/// priority when every endpoint of one fails. `local`: ours (none: not
+/// registered here); `view`: our view, for the addresses already in it.
+pub(crate) fn with_failover(
+    name: &str,
+    local: Option<&XdsView>,
+    view: Option<&ServiceView>,
+    key: ExtraKey<XdsDecorator>,
+    remote: &[(String, Arc<ServiceView>)],
+) -> Arc<Resource> {
+    let mut value = match local {
+        Some(local) => local.assignment.any.value.clone(),
+        None => ClusterLoadAssignment {
+            cluster_name: name.into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    };
+    let mut seen: HashSet<u64> = view
+        .into_iter()
+        .flat_map(|v| v.chunks().iter().filter_map(|c| c.extra(key)))
+        .flat_map(|c| c.addresses.iter().copied())
+        .collect();
+    let mut priority = u32::from(local.is_some_and(|l| l.localities > 0));
+    for (dc, copy) in remote {
+        let (zones, _) = encode_zones(copy.routable(), &mut seen);
+        if zones.is_empty() {
+            continue;
+        }
+        let zones = zones
+            .iter()
+            .map(|z| (z.zone.clone(), z.weight, vec![&z.bytes[..]]))
+            .collect();
+        append_localities(&mut value, dc, priority, zones);
+        priority += 1;
+    }
+    Arc::new(Resource {
+        name: name.into(),
+        any: Any {
+            type_url: Kind::Endpoints.type_url().into(),
+            value,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -739,5 +808,71 @@ mod tests {
         );
         let scratch = ClusterLoadAssignment::decode(&scratch.any.value[..]).expect("decodes");
         assert_eq!(flat(&scratch), flat(&assignment(&registry, key)));
+    }
+
+    #[tokio::test]
+    async fn failover_datacenters_are_dense_lower_priorities() {
+        let mut decorators = Decorators::default();
+        let key = decorators.add(Arc::new(XdsDecorator::new("dc1")));
+        let metrics = Arc::new(RegistryMetrics::unregistered());
+        let (registry, _writer) =
+            Registry::start_with(MemoryStore::default(), metrics, decorators).expect("registry");
+        let mut endpoints = Vec::new();
+        for (service, n) in [("web", 2), ("dc2-web", 3), ("dc3-web", 1)] {
+            for i in 0..n {
+                let mut e = Record::new("n1", format!("{service}-{i}"), service, 80 + i);
+                // web and dc2-web share 10.9.0.1:80 and 10.9.0.2:81.
+                let net = if service == "dc3-web" { 3 } else { 0 };
+                e.address = format!("10.9.{net}.{}", i + 1);
+                endpoints.push((e, Vec::new()));
+            }
+        }
+        let batch = Batch {
+            nodes: vec![Node::new("n1", "10.0.0.1")],
+            endpoints,
+            ..Batch::default()
+        };
+        registry.apply(Command::Batch(batch)).await.expect("batch");
+        let snapshot = registry.snapshot();
+        let web = snapshot.service("web").expect("web");
+        let remote = [
+            (
+                "dc2".to_string(),
+                snapshot.service("dc2-web").expect("dc2").clone(),
+            ),
+            (
+                "dc3".to_string(),
+                snapshot.service("dc3-web").expect("dc3").clone(),
+            ),
+        ];
+        let priorities = |cla: &ClusterLoadAssignment| -> Vec<(String, u32, usize)> {
+            cla.endpoints
+                .iter()
+                .map(|l| {
+                    let region = l.locality.clone().unwrap_or_default().region;
+                    (region, l.priority, l.lb_endpoints.len())
+                })
+                .collect()
+        };
+        let ours = web.extra(key).expect("decorated");
+        let with = with_failover("svc/web", Some(ours), Some(web), key, &remote);
+        let cla = ClusterLoadAssignment::decode(&with.any.value[..]).expect("decodes");
+        // dc2's 10.9.0.1:80 and :81 are ours already: left out there.
+        assert_eq!(
+            priorities(&cla),
+            [
+                ("dc1".into(), 0, 2),
+                ("dc2".into(), 1, 1),
+                ("dc3".into(), 2, 1)
+            ]
+        );
+        // Nothing of ours: the first datacenter with endpoints is priority 0.
+        let with = with_failover("svc/web", None, None, key, &remote);
+        let cla = ClusterLoadAssignment::decode(&with.any.value[..]).expect("decodes");
+        assert_eq!(cla.cluster_name, "svc/web");
+        assert_eq!(
+            priorities(&cla),
+            [("dc2".into(), 0, 3), ("dc3".into(), 1, 1)]
+        );
     }
 }

@@ -19,14 +19,18 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use switchyard_catalog::Snapshot;
+use std::sync::PoisonError;
+
+use switchyard_catalog::{failover_policy, Copied, CopyOf, ServiceView, Snapshot};
 use switchyard_registry::WatchKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::resources::{empty_assignment, service_of, Kind, Policies, Resource};
+use crate::resources::{
+    empty_assignment, service_of, with_failover, Kind, Policies, Resource, XdsView, FAILOVER_DEPTH,
+};
 use crate::stream::{Reply, RequestError, Source, StreamState};
 use crate::{Client, Inner};
 
@@ -115,11 +119,17 @@ impl Source for View<'_> {
         match kind {
             Kind::Listener => view.map(|_| self.inner.shapes.listener(name, service, policy())),
             Kind::Cluster => view.map(|_| self.inner.shapes.cluster(name, policy())),
-            Kind::Endpoints => Some(
-                view.and_then(|v| v.extra(self.inner.key))
-                    .map(|x| x.assignment.clone())
-                    .unwrap_or_else(|| empty_assignment(name)),
-            ),
+            Kind::Endpoints => {
+                let local = view.and_then(|v| v.extra(self.inner.key));
+                if let Some(with) = self.failover(service, name, view, local) {
+                    return Some(with);
+                }
+                Some(
+                    local
+                        .map(|x| x.assignment.clone())
+                        .unwrap_or_else(|| empty_assignment(name)),
+                )
+            }
             Kind::Route => None,
         }
     }
@@ -132,7 +142,108 @@ impl Source for View<'_> {
     }
 }
 
+impl View<'_> {
+    /// The assignment with the failover datacenters' endpoints as lower
+    /// priorities, when the service has a failover order and one of them
+    /// has routable endpoints (copies are asked for, and so kept, here).
+    /// Built once per (ours, their copies) and shared by every stream.
+    fn failover(
+        &self,
+        service: &str,
+        name: &str,
+        view: Option<&Arc<ServiceView>>,
+        local: Option<&XdsView>,
+    ) -> Option<Arc<Resource>> {
+        let elsewhere = self.inner.elsewhere.as_ref()?;
+        let policy = view.and_then(|v| failover_policy(v));
+        let order = elsewhere.order(policy);
+        if order.is_empty() {
+            return None;
+        }
+        let lower = service.to_ascii_lowercase();
+        let mut remote = Vec::new();
+        for dc in order.into_iter().take(FAILOVER_DEPTH) {
+            if let Copied::Ready(copy) = elsewhere.copy(&dc, CopyOf::Service(&lower)) {
+                if let Some(theirs) = copy.service_ci(&lower).filter(|v| v.routable_len() > 0) {
+                    remote.push((dc, theirs.clone()));
+                }
+            }
+        }
+        if remote.is_empty() {
+            return None;
+        }
+        let local_assignment = local.map(|l| l.assignment.clone());
+        let same = |f: &crate::Failover| {
+            let local_same = match (&f.local, &local_assignment) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            local_same
+                && f.remote.len() == remote.len()
+                && f.remote
+                    .iter()
+                    .zip(&remote)
+                    .all(|(a, (_, b))| Arc::ptr_eq(a, b))
+        };
+        let mut cache = self
+            .inner
+            .failovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(cached) = cache.get(name).filter(|f| same(f)) {
+            return Some(cached.built.clone());
+        }
+        let built = with_failover(name, local, view.map(|v| &**v), self.inner.key, &remote);
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        let entry = crate::Failover {
+            local: local_assignment,
+            remote: remote.into_iter().map(|(_, v)| v).collect(),
+            built: built.clone(),
+        };
+        cache.insert(name.into(), entry);
+        Some(built)
+    }
+}
+
 type Wake = Pin<Box<dyn Future<Output = (Arc<str>, u64)> + Send>>;
+
+/// How often a stream asks for the copies its assignments use, so that
+/// they are kept (a copy nobody asks for expires).
+const COPIES_KEPT: Duration = Duration::from_secs(60);
+
+type Changed = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A wait for the copies' next change, polled once so that it is
+/// registered before the next flush reads them (one that is over already
+/// marks the assignments and is made again).
+async fn armed(
+    elsewhere: &Arc<dyn switchyard_catalog::Elsewhere>,
+    state: &mut StreamState,
+) -> Changed {
+    loop {
+        let mut wait = arm_elsewhere(elsewhere.clone());
+        let over =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(wait.as_mut().poll(cx).is_ready()))
+                .await;
+        if !over {
+            return wait;
+        }
+        state.all_changed(Kind::Endpoints, Instant::now());
+    }
+}
+
+/// Waits for any other datacenter's copy to change.
+fn arm_elsewhere(elsewhere: Arc<dyn switchyard_catalog::Elsewhere>) -> Changed {
+    Box::pin(async move {
+        let notified = elsewhere.changed().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        notified.await;
+    })
+}
 
 /// Waits for the next change of `service`: armed before the snapshot the
 /// next flush reads, so no change falls between.
@@ -163,6 +274,13 @@ async fn run(
     let mut index = inner.registry.subscribe();
     let mut policies = inner.policies.subscribe();
     let mut stopping = inner.stopping.subscribe();
+    // Other datacenters' copies: a change may change assignments with
+    // failover priorities; asked again each minute, copies stay kept.
+    let mut elsewhere = match &inner.elsewhere {
+        Some(e) => Some(armed(e, &mut state).await),
+        None => None,
+    };
+    let mut keep = tokio::time::interval(COPIES_KEPT);
     let mut counted = [0i64; 4];
     loop {
         if state.is_dirty() {
@@ -264,6 +382,15 @@ async fn run(
             }
             () = tx.closed() => break,
             _ = stopping.changed() => break,
+            () = async { elsewhere.as_mut().expect("guarded").await }, if elsewhere.is_some() => {
+                if let Some(e) = &inner.elsewhere {
+                    elsewhere = Some(armed(e, &mut state).await);
+                }
+                state.all_changed(Kind::Endpoints, Instant::now());
+            }
+            _ = keep.tick(), if inner.elsewhere.is_some() => {
+                state.all_changed(Kind::Endpoints, Instant::now());
+            }
         }
     }
     for kind in Kind::ALL {
