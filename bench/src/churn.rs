@@ -43,6 +43,8 @@ pub(crate) struct AgentProcess {
     pub(crate) api: String,
     /// Its xDS server's address, when it serves xDS.
     pub(crate) xds: Option<String>,
+    /// Its DNS address.
+    pub(crate) dns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -89,10 +91,12 @@ pub(crate) fn start_agent_with(bin: &PathBuf, config: &str) -> anyhow::Result<Ag
     let ready: Value = serde_json::from_str(&line).context("ready line")?;
     let api = format!("http://{}", ready["api"].as_str().context("api")?);
     let xds = ready["xds"].as_str().map(str::to_string);
+    let dns = ready["dns"].as_str().map(str::to_string);
     Ok(AgentProcess {
         child,
         api,
         xds,
+        dns,
         _dir: dir,
     })
 }

@@ -26,6 +26,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 
 use crate::resources::{service_of, Kind, Resource};
 
+/// Assignments past this many bytes go in the next response.
+pub const RESPONSE_BYTES: usize = 32 << 10;
+
 /// What the state needs of the catalog to build a response.
 pub trait Source {
     /// The catalog index responses are versioned with.
@@ -284,9 +287,26 @@ impl StreamState {
             state.all_dirty = false;
             let owed = std::mem::take(&mut state.owed);
             // `None`: a full-state type the client holds as it is.
-            let Some(carried) = carried else {
+            let Some(mut carried) = carried else {
                 continue;
             };
+            if !kind.full_state() {
+                // Assignments may travel apart: a response stops past
+                // RESPONSE_BYTES, and the rest follow in the next ones, so
+                // no stream's buffers grow to its whole subscription.
+                let mut size = 0;
+                let cut = carried
+                    .iter()
+                    .position(|r| {
+                        size += r.any.value.len();
+                        size > RESPONSE_BYTES
+                    })
+                    .map_or(carried.len(), |at| at.max(1));
+                for rest in carried.split_off(cut) {
+                    state.dirty.insert(rest.name.clone());
+                    state.since = state.since.or(since);
+                }
+            }
             let silent = !owed && !kind.full_state();
             if carried.is_empty() && (silent || kind == Kind::Route) {
                 continue;
@@ -423,6 +443,8 @@ mod tests {
     struct Fake {
         index: u64,
         services: RefCell<HashMap<String, [u64; 4]>>,
+        /// Bytes added to every resource.
+        pad: usize,
     }
 
     impl Fake {
@@ -460,7 +482,7 @@ mod tests {
                 name: name.into(),
                 any: Any {
                     type_url: kind.type_url().into(),
-                    value: format!("{name}@{version}").into_bytes(),
+                    value: format!("{name}@{version}{}", " ".repeat(self.pad)).into_bytes(),
                 },
             }))
         }
@@ -499,7 +521,7 @@ mod tests {
         response
             .resources
             .iter()
-            .map(|a| String::from_utf8_lossy(&a.value).into_owned())
+            .map(|a| String::from_utf8_lossy(&a.value).trim_end().to_string())
             .collect()
     }
 
@@ -737,5 +759,31 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.request(unknown), Ok(Reply::Unknown));
+    }
+
+    #[test]
+    fn large_assignments_travel_in_several_responses() {
+        let fake = Fake {
+            pad: 10_000,
+            ..Fake::with(&["a", "b", "c", "d", "e"])
+        };
+        let mut s = StreamState::new(100);
+        let names = ["svc/a", "svc/b", "svc/c", "svc/d", "svc/e"];
+        s.request(ask(Kind::Endpoints, &names, ""))
+            .expect("request");
+        let mut got = Vec::new();
+        let mut responses = 0;
+        while let Some(r) = next(&mut s, &fake) {
+            let size: usize = r.resources.iter().map(|a| a.value.len()).sum();
+            assert!(
+                size <= RESPONSE_BYTES + 10_100,
+                "{size} bytes in one response"
+            );
+            got.extend(contents(&r));
+            responses += 1;
+        }
+        assert_eq!(responses, 2, "5 x 10 KB in responses of 32 KiB");
+        got.sort();
+        assert_eq!(got, ["svc/a@1", "svc/b@1", "svc/c@1", "svc/d@1", "svc/e@1"]);
     }
 }
