@@ -27,7 +27,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use crate::resources::{service_of, Kind, Resource};
 
 /// Assignments past this many bytes go in the next response.
-pub const RESPONSE_BYTES: usize = 32 << 10;
+pub(crate) const RESPONSE_BYTES: usize = 32 << 10;
 
 /// What the state needs of the catalog to build a response.
 pub trait Source {
