@@ -208,6 +208,14 @@ impl Client {
             .clone()
     }
 
+    fn user_agent(&self) -> String {
+        self.node
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .clone()
+    }
+
     fn set_node(&self, node: &Node) {
         let locality = node
             .locality
@@ -223,8 +231,13 @@ impl Client {
             ) => format!("{} {v}", node.user_agent_name),
             _ => node.user_agent_name.clone(),
         };
+        // Client-chosen text, logged and shown: bounded.
+        let clip = |s: String| match s.char_indices().nth(256) {
+            Some((at, _)) => s[..at].to_string(),
+            None => s,
+        };
         *self.node.lock().unwrap_or_else(PoisonError::into_inner) =
-            (node.id.clone(), agent, locality);
+            (clip(node.id.clone()), clip(agent), clip(locality));
     }
 
     fn set_last_nack(&self, kind: Kind, message: &str) {

@@ -323,7 +323,7 @@ async fn run(
                         break;
                     }
                 };
-                let first = state.node.is_none();
+                let first = state.node.is_none() && request.node.is_some();
                 match state.request(request) {
                     Ok(reply) => note(&inner, &client, &state, reply, first),
                     Err(error) => {
@@ -397,7 +397,11 @@ async fn run(
         inner.metrics.subscriptions(kind).sub(counted[kind.slot()]);
     }
     inner.clients.close(&client);
-    inner.shapes.sweep();
+    if client.id.is_multiple_of(64) {
+        // Now and then, not at every close: 10,000 streams ending together
+        // need not each walk every shape.
+        inner.shapes.sweep();
+    }
 }
 
 /// Logs and counts what a request was.
@@ -406,8 +410,8 @@ fn note(inner: &Inner, client: &Client, state: &StreamState, reply: Reply, first
         if let Some(node) = &state.node {
             client.set_node(node);
             tracing::info!(
-                node = %node.id,
-                user_agent = %node.user_agent_name,
+                node = %client.node_id(),
+                user_agent = %client.user_agent(),
                 peer = ?client.peer,
                 "xds: client connected"
             );
