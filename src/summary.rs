@@ -112,6 +112,13 @@ pub(crate) fn summary(config: &AgentConfig, data_dir: DataDir) -> String {
             serde_name(&listener.balancer)
         );
     }
+    if let Some(addr) = config.xds.addr {
+        let _ = writeln!(
+            out,
+            "xds        {addr}  (ADS)  max_streams {}",
+            config.xds.max_streams
+        );
+    }
     for dc in &config.federation.datacenters {
         let _ = writeln!(out, "datacenter {} at {}", dc.name, dc.api.join(", "));
     }

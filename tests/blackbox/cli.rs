@@ -171,6 +171,19 @@ fn a_bad_config_names_the_line_and_exits_64() {
         "{err}"
     );
 
+    // --dev serves xDS on its default address unless the file says
+    // otherwise; without --dev it is off.
+    std::fs::write(&path, "[agent]\ndatacenter = \"dc1\"\n").expect("write");
+    let out = check_config(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("xds        127.0.0.1:18000"), "{text}");
+    let out = Command::new(bin())
+        .args(["agent", "--check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("xds "));
+
     std::fs::write(&path, "[agent]\nsurprise = 1\n").expect("write");
     let out = check_config(&path);
     assert_eq!(out.status.code(), Some(64));
