@@ -115,6 +115,19 @@ pub struct RouteConfig {
     pub upstream_client_cert: Option<std::path::PathBuf>,
     #[serde(default)]
     pub upstream_client_key: Option<std::path::PathBuf>,
+    /// Client addresses let in (CIDR blocks or addresses); empty: all.
+    /// Checked before anything else: others get 403.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Client addresses kept out (403), even when `allow` lists them.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// A fixed answer instead of the service's (maintenance).
+    #[serde(default)]
+    pub respond: Option<crate::policy::RespondConfig>,
+    /// A redirect instead of the service's answer.
+    #[serde(default)]
+    pub redirect: Option<crate::policy::RedirectConfig>,
     /// The TLS setup, built from the fields above when the configuration
     /// is validated.
     #[serde(skip)]
@@ -143,6 +156,10 @@ impl RouteConfig {
             upstream_ca_file: None,
             upstream_client_cert: None,
             upstream_client_key: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            respond: None,
+            redirect: None,
             built_tls: Default::default(),
         }
     }
@@ -503,6 +520,8 @@ impl Config {
                 HostPattern::parse(host).map_err(|e| format!("http.routes[{i}].host: {e}"))?;
             }
             route.tls().map_err(|e| format!("http.routes[{i}]: {e}"))?;
+            crate::policy::Policy::from_config(route)
+                .map_err(|e| format!("http.routes[{i}].{e}"))?;
         }
         Ok(())
     }

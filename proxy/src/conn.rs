@@ -18,6 +18,7 @@ use crate::failover::Reach;
 use crate::io::{Buf, Conn};
 use crate::local::{Busy, Local};
 use crate::metrics::Reject;
+use crate::policy::Ruling;
 use crate::route::Route;
 use crate::splice::{self, Broken, SPLICE_ABOVE};
 use crate::stats::{now_ns, EndpointStats, ServiceStats};
@@ -106,8 +107,24 @@ async fn answer(
     body: &str,
     close: bool,
 ) -> Next {
+    answer_with(local, client, status, reason, None, body, close).await
+}
+
+/// `answer` with a Location header (a route's redirect).
+async fn answer_with(
+    local: &Local,
+    client: &mut Conn,
+    status: u16,
+    reason: &str,
+    location: Option<&str>,
+    body: &str,
+    close: bool,
+) -> Next {
+    let location = location
+        .map(|l| format!("location: {l}\r\n"))
+        .unwrap_or_default();
     let text = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}x-switchyard: proxy\r\n\r\n{body}\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{location}{}x-switchyard: proxy\r\n\r\n{body}\n",
         body.len() + 1,
         if close { "connection: close\r\n" } else { "" },
     );
@@ -226,6 +243,12 @@ async fn exchange(
     {
         return Next::Hyper;
     }
+    // The route's own answer, judged before the head (its target) goes.
+    let verdict = route.as_ref().and_then(|r| r.policy.as_ref()).map(|p| {
+        p.judge(info.ip, request.host.as_str(), || {
+            wire::request_target(cbuf.filled())
+        })
+    });
     cbuf.consume(request.head_len);
     // A refused request with a body we did not read ends the connection.
     let close_on_refusal = !request.keep_alive || request.framing != Framing::None;
@@ -238,6 +261,36 @@ async fn exchange(
         let body = format!("no route for host {:?}", request.host.as_str());
         return answer(local, client, 404, "Not Found", &body, close_on_refusal).await;
     };
+    match verdict {
+        None | Some(Ruling::Pass) => {}
+        Some(Ruling::Forbidden) => {
+            metrics.reject(Reject::Forbidden);
+            let outcome = Outcome::refused(403, started);
+            log_access(info, head, &request, Some(&route), &outcome);
+            let body = "this route does not let your address in (allow/deny)";
+            return answer(local, client, 403, "Forbidden", body, close_on_refusal).await;
+        }
+        Some(Ruling::Answer {
+            status,
+            body,
+            location,
+        }) => {
+            let outcome = Outcome::refused(status, started);
+            log_access(info, head, &request, Some(&route), &outcome);
+            let reason = crate::policy::reason(status);
+            let location = location.as_deref();
+            return answer_with(
+                local,
+                client,
+                status,
+                reason,
+                location,
+                &body,
+                close_on_refusal,
+            )
+            .await;
+        }
+    }
     let reach = match request.failed_over {
         true => Reach::Here,
         false => Reach::L7,

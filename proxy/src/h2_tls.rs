@@ -35,6 +35,7 @@ use crate::failover::Reach;
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::grpc_web;
 use crate::metrics::Reject;
+use crate::policy::Ruling;
 use crate::shared::Shared;
 use crate::stats::{now_ns, EndpointStats};
 use crate::upstream_h1;
@@ -455,6 +456,33 @@ impl H2Tls {
         if answered.logging {
             answered.service = route.service.to_string();
             answered.route = route.name.to_string();
+        }
+        if let Some(policy) = &route.policy {
+            let target = || request.uri().path_and_query().map_or("/", |p| p.as_str());
+            match policy.judge(peer, &host, target) {
+                Ruling::Pass => {}
+                Ruling::Forbidden => {
+                    metrics.reject(Reject::Forbidden);
+                    return answer(
+                        StatusCode::FORBIDDEN,
+                        "this route does not let your address in (allow/deny)".to_string(),
+                    );
+                }
+                Ruling::Answer {
+                    status,
+                    body,
+                    location,
+                } => {
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                    let mut response = answer(status, body);
+                    if let Some(value) = location.and_then(|l| HeaderValue::try_from(l).ok()) {
+                        response
+                            .headers_mut()
+                            .insert(hyper::header::LOCATION, value);
+                    }
+                    return response;
+                }
+            }
         }
         // A gRPC-Web route answers browsers' CORS preflights itself.
         if route.grpc_web {

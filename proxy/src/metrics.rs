@@ -23,10 +23,12 @@ pub(crate) enum Reject {
     BodyTooLarge,
     /// The proxy already had `max_connections` open.
     ConnectionLimit,
+    /// A client address its route's `allow`/`deny` keeps out.
+    Forbidden,
 }
 
 impl Reject {
-    const ALL: [Reject; 10] = [
+    const ALL: [Reject; 11] = [
         Reject::BadRequest,
         Reject::HeadTooLarge,
         Reject::NoRoute,
@@ -37,6 +39,7 @@ impl Reject {
         Reject::ClientLimit,
         Reject::BodyTooLarge,
         Reject::ConnectionLimit,
+        Reject::Forbidden,
     ];
 
     fn label(self) -> &'static str {
@@ -51,6 +54,7 @@ impl Reject {
             Reject::ClientLimit => "client_connection_limit",
             Reject::BodyTooLarge => "body_too_large",
             Reject::ConnectionLimit => "connection_limit",
+            Reject::Forbidden => "forbidden",
         }
     }
 }

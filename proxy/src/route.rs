@@ -113,6 +113,8 @@ pub(crate) struct Route {
     pub(crate) tls: Option<Arc<crate::upstream_tls::UpstreamTls>>,
     /// Every request goes over HTTP/2 on that TLS (ALPN `h2`).
     pub(crate) h2: bool,
+    /// Access by address and a fixed answer (none for most routes).
+    pub(crate) policy: Option<crate::policy::Policy>,
 }
 
 impl Route {
@@ -179,6 +181,8 @@ impl RouteTable {
                 // Built when the config was validated.
                 tls: route.tls().ok().flatten(),
                 h2: route.upstream_protocol == UpstreamProtocol::H2,
+                // Validated when the config was loaded.
+                policy: crate::policy::Policy::from_config(route).ok().flatten(),
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -225,6 +229,7 @@ impl RouteTable {
                 h2c: tag.h2c,
                 tls,
                 h2: tag.h2,
+                policy: None,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());

@@ -895,3 +895,15 @@ impl Chunks {
 
 #[cfg(test)]
 mod tests;
+
+/// The request target of a head as the client sent it (`/a?b`), from its
+/// request line.
+pub(crate) fn request_target(head: &[u8]) -> &str {
+    let line = head
+        .split(|b| *b == b'\r' || *b == b'\n')
+        .next()
+        .unwrap_or(b"");
+    let mut parts = line.split(|b| *b == b' ');
+    let target = parts.nth(1).unwrap_or(b"/");
+    std::str::from_utf8(target).unwrap_or("/")
+}

@@ -15,6 +15,7 @@ mod house;
 mod kv;
 mod lifecycle;
 mod operator;
+mod policy;
 mod proxy;
 mod queries;
 mod readme;

@@ -1,0 +1,175 @@
+//! Ingress policy (issue 32): access by client address and a route's own
+//! answers (`respond`, `redirect`), the same over HTTP/1.1, h2c, and TLS
+//! with HTTP/2 or HTTP/1.1.
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+
+use crate::proxy::{agent_with, get, register, TestPki, Upstream};
+
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Http1,
+    H2c,
+    TlsH2,
+    TlsHttp1,
+}
+
+/// (status, Location, body) of `GET path` on host p.test.
+fn fetch(
+    via: Via,
+    http: std::net::SocketAddr,
+    https: std::net::SocketAddr,
+    pki: &TestPki,
+    path: &str,
+) -> (u16, Option<String>, String) {
+    if let Via::Http1 = via {
+        let raw = get(http, "p.test", path);
+        return (raw.status, raw.headers.get("location").cloned(), raw.body);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let request = hyper::Request::get(format!("https://p.test{path}"))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = match via {
+            Via::H2c => {
+                let (mut sender, _conn) = crate::support::h2c(http).await;
+                sender.send_request(request).await.expect("response")
+            }
+            Via::TlsH2 | Via::TlsHttp1 => {
+                let tcp = tokio::net::TcpStream::connect(https)
+                    .await
+                    .expect("connect");
+                let name = rustls::pki_types::ServerName::try_from("p.test").expect("name");
+                let alpn: &[u8] = if let Via::TlsH2 = via {
+                    b"h2"
+                } else {
+                    b"http/1.1"
+                };
+                let tls = pki.connector(alpn).connect(name, tcp).await.expect("TLS");
+                let io = hyper_util::rt::TokioIo::new(tls);
+                if let Via::TlsH2 = via {
+                    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                        hyper_util::rt::TokioExecutor::new(),
+                        io,
+                    )
+                    .await
+                    .expect("h2");
+                    tokio::spawn(conn);
+                    sender.send_request(request).await.expect("response")
+                } else {
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                        .await
+                        .expect("http1");
+                    tokio::spawn(conn);
+                    let (mut parts, body) = request.into_parts();
+                    parts.uri = path.parse().expect("path");
+                    parts
+                        .headers
+                        .insert(hyper::header::HOST, "p.test".parse().expect("host"));
+                    let request = hyper::Request::from_parts(parts, body);
+                    sender.send_request(request).await.expect("response")
+                }
+            }
+            Via::Http1 => unreachable!("answered above"),
+        };
+        let status = response.status().as_u16();
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (
+            status,
+            location,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    })
+}
+
+#[test]
+fn address_lists_and_fixed_answers_hold_on_every_transport() {
+    let pki = TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let route = |path: &str, extra: &str| {
+        format!("[[http.routes]]\nhost = \"p.test\"\npath_prefix = \"{path}\"\nservice = \"web\"\n{extra}")
+    };
+    let config = [
+        pki.https_listener(certs.path(), "p.test"),
+        route("/open", ""),
+        route("/lan", "allow = [\"10.0.0.0/8\"]\n"),
+        route(
+            "/lo",
+            "allow = [\"127.0.0.1\", \"::1\"]\ndeny = [\"10.0.0.0/8\"]\n",
+        ),
+        route("/shut", "deny = [\"127.0.0.0/8\"]\n"),
+        route(
+            "/down",
+            "respond = { status = 503, body = \"down for maintenance\" }\n",
+        ),
+        route(
+            "/old",
+            "redirect = { to = \"https://{host}{path}\", status = 301 }\n",
+        ),
+    ]
+    .concat();
+    let (agent, _dir) = agent_with(&config);
+    let https = agent.https.expect("https listener");
+    let c = agent.client();
+    let up = Upstream::start("web");
+    register(&c, "web", &[&up], &[]);
+
+    for via in [Via::Http1, Via::H2c, Via::TlsH2, Via::TlsHttp1] {
+        let at = |path: &str| fetch(via, agent.http, https, &pki, path);
+        let (status, _, body) = at("/open");
+        assert_eq!((status, body.as_str()), (200, "web"), "{via:?}");
+        let (status, _, body) = at("/lan");
+        assert_eq!(status, 403, "{via:?}: 127.0.0.1 is not in 10/8: {body}");
+        assert!(body.contains("allow/deny"), "{via:?}: {body}");
+        let (status, _, _) = at("/lo");
+        assert_eq!(status, 200, "{via:?}: allowed");
+        let (status, _, _) = at("/shut");
+        assert_eq!(status, 403, "{via:?}: denied");
+        let (status, _, body) = at("/down");
+        assert_eq!(status, 503, "{via:?}");
+        assert_eq!(body.trim_end(), "down for maintenance", "{via:?}");
+        let (status, location, _) = at("/old/page?x=1&y=2");
+        assert_eq!(status, 301, "{via:?}");
+        assert_eq!(
+            location.as_deref(),
+            Some("https://p.test/old/page?x=1&y=2"),
+            "{via:?}: the target as sent"
+        );
+    }
+    // Only /open and /lo reached the endpoint (once per transport each).
+    assert_eq!(up.served(), 8);
+    assert_eq!(
+        c.metric("switchyard_proxy_rejected_total{reason=\"forbidden\"}"),
+        Some(8.0)
+    );
+}
+
+#[test]
+fn a_bad_policy_is_refused_naming_the_route_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[http.routes]]\nservice = \"web\"\nallow = [\"10.0.0.0/40\"]\n",
+    )
+    .expect("write");
+    let out = crate::cli::check_config(&path);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.routes[0].allow"), "{err}");
+}
