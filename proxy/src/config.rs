@@ -128,6 +128,15 @@ pub struct RouteConfig {
     /// A redirect instead of the service's answer.
     #[serde(default)]
     pub redirect: Option<crate::policy::RedirectConfig>,
+    /// Replaces the matched `path_prefix` in the forwarded path.
+    #[serde(default)]
+    pub rewrite_prefix: Option<String>,
+    /// `[PATTERN, REPLACEMENT]`: the path's first match replaced (`$1`...).
+    #[serde(default)]
+    pub rewrite_regex: Option<Vec<String>>,
+    /// The Host the endpoints see.
+    #[serde(default)]
+    pub rewrite_host: Option<String>,
     /// The TLS setup, built from the fields above when the configuration
     /// is validated.
     #[serde(skip)]
@@ -160,6 +169,9 @@ impl RouteConfig {
             deny: Vec::new(),
             respond: None,
             redirect: None,
+            rewrite_prefix: None,
+            rewrite_regex: None,
+            rewrite_host: None,
             built_tls: Default::default(),
         }
     }
@@ -521,6 +533,8 @@ impl Config {
             }
             route.tls().map_err(|e| format!("http.routes[{i}]: {e}"))?;
             crate::policy::Policy::from_config(route)
+                .map_err(|e| format!("http.routes[{i}].{e}"))?;
+            crate::policy::Rewrite::from_config(route)
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
         }
         Ok(())

@@ -178,6 +178,7 @@ async fn exchange(
                     head,
                     |target| table.find(target.host, target.path).cloned(),
                     |route: &Arc<Route>| &route.hash_on,
+                    |route: &Arc<Route>| route.rewrite.as_ref(),
                 )
             };
             match parsed {

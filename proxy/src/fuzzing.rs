@@ -57,6 +57,7 @@ pub fn request_head(data: &[u8]) {
             table.find(target.host, target.path).cloned()
         },
         |route| &route.hash_on,
+        |route| route.rewrite.as_ref(),
     );
     let (request, route) = match parsed {
         Ok((request, route, _)) => (request, route),
@@ -89,6 +90,7 @@ pub fn request_head(data: &[u8]) {
         &mut again,
         |target| table.find(target.host, target.path).cloned(),
         |route| &route.hash_on,
+        |route| route.rewrite.as_ref(),
     );
     let (second, second_route, _) = match reparsed {
         Ok(parsed) => parsed,

@@ -639,6 +639,23 @@ impl H2Tls {
             .map(|left| std::time::Instant::now() + left);
         let received = std::mem::take(&mut parts.headers);
         let mut headers = upstream_headers(received, &authority, peer, proto, rng.u64(..));
+        // The route's rewrites: the path, and the Host (`:authority`) the
+        // endpoint sees; X-Forwarded-Host keeps the client's.
+        if let Some(rewrite) = &route.rewrite {
+            if let Some(host) = rewrite.host().and_then(|h| HeaderValue::from_str(h).ok()) {
+                headers.insert(HOST, host);
+            }
+            match rewritten_uri(&parts.uri, rewrite) {
+                Some(uri) => parts.uri = uri,
+                None => {
+                    metrics.reject(Reject::BadRequest);
+                    return answer(
+                        StatusCode::BAD_REQUEST,
+                        "the route's rewrite made an invalid request target".to_string(),
+                    );
+                }
+            }
+        }
         if let Some(ours) = service
             .via
             .as_deref()
@@ -742,7 +759,12 @@ impl H2Tls {
             let sent = if http2 {
                 // `:authority` is the client's (a gRPC server may route on
                 // it); HTTP/2 carries no Host.
-                let Some(uri) = h2_uri(&parts.uri, scheme, &authority, backend.addr) else {
+                let authority = route
+                    .rewrite
+                    .as_ref()
+                    .and_then(|r| r.host())
+                    .unwrap_or(&authority);
+                let Some(uri) = h2_uri(&parts.uri, scheme, authority, backend.addr) else {
                     backend.stats.leave();
                     return answer(StatusCode::BAD_REQUEST, "bad request target".to_string());
                 };
@@ -1338,6 +1360,20 @@ pub(crate) fn answer(status: StatusCode, text: String) -> Response<ProxyBody> {
     );
     headers.insert("x-switchyard", HeaderValue::from_static("proxy"));
     response
+}
+
+/// `uri` as a route's rewrite has it: its path and query, and its
+/// authority (when it has one) for `rewrite_host`.
+fn rewritten_uri(uri: &Uri, rewrite: &crate::policy::Rewrite) -> Option<Uri> {
+    let mut parts = uri.clone().into_parts();
+    if rewrite.changes_path() {
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.path_and_query = Some(rewrite.target(target).parse().ok()?);
+    }
+    if let (Some(host), Some(_)) = (rewrite.host(), &parts.authority) {
+        parts.authority = Some(host.parse().ok()?);
+    }
+    Uri::from_parts(parts).ok()
 }
 
 /// The upstream URI of an HTTP/2 attempt: the client's path, its

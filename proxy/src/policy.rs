@@ -201,6 +201,100 @@ impl Policy {
     }
 }
 
+/// What a route changes in a request it forwards: the path (its matched
+/// prefix replaced, or a regular expression's replacement), and the Host
+/// the endpoint sees. `X-Forwarded-Host` keeps the client's.
+#[derive(Debug)]
+pub(crate) struct Rewrite {
+    prefix: Option<(Box<str>, Box<str>)>,
+    regex: Option<(regex::Regex, Box<str>)>,
+    host: Option<Box<str>>,
+}
+
+impl Rewrite {
+    /// The route's rewrite, `None` when it has none; an error names the key.
+    pub(crate) fn from_config(route: &RouteConfig) -> Result<Option<Rewrite>, String> {
+        if route.rewrite_prefix.is_some() && route.rewrite_regex.is_some() {
+            return Err("give rewrite_prefix or rewrite_regex, not both".into());
+        }
+        let prefix = match &route.rewrite_prefix {
+            Some(to) if !to.starts_with('/') || to.chars().any(|c| c.is_control() || c == ' ') => {
+                return Err(format!(
+                    "rewrite_prefix {to:?} must be a path starting with '/'"
+                ));
+            }
+            Some(to) => Some((route.path_prefix.as_str().into(), to.as_str().into())),
+            None => None,
+        };
+        let regex = match route.rewrite_regex.as_deref() {
+            None => None,
+            Some([pattern, to]) => {
+                let compiled = regex::Regex::new(pattern)
+                    .map_err(|e| format!("rewrite_regex {pattern:?}: {e}"))?;
+                if to.chars().any(|c| c.is_control() || c == ' ') {
+                    return Err(format!("rewrite_regex replacement {to:?} is not a path"));
+                }
+                Some((compiled, to.as_str().into()))
+            }
+            Some(_) => {
+                return Err("rewrite_regex is [PATTERN, REPLACEMENT]".into());
+            }
+        };
+        let host = match &route.rewrite_host {
+            Some(h)
+                if h.is_empty()
+                    || !h
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b)) =>
+            {
+                return Err(format!("rewrite_host {h:?} is not a host name"));
+            }
+            Some(h) => Some(h.as_str().into()),
+            None => None,
+        };
+        if prefix.is_none() && regex.is_none() && host.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Rewrite {
+            prefix,
+            regex,
+            host,
+        }))
+    }
+
+    /// The target to forward for `target` (path and query as the client
+    /// sent them); the query is kept as it is.
+    pub(crate) fn target<'t>(&self, target: &'t str) -> std::borrow::Cow<'t, str> {
+        use std::borrow::Cow;
+        let (path, query) = match target.find('?') {
+            Some(at) => target.split_at(at),
+            None => (target, ""),
+        };
+        let path: Cow<'_, str> = if let Some((matched, to)) = &self.prefix {
+            match path.strip_prefix(&**matched) {
+                Some(rest) => Cow::Owned(format!("{to}{rest}")),
+                None => Cow::Borrowed(path),
+            }
+        } else if let Some((regex, to)) = &self.regex {
+            regex.replace(path, &**to)
+        } else {
+            return Cow::Borrowed(target);
+        };
+        let slash = if path.starts_with('/') { "" } else { "/" };
+        Cow::Owned(format!("{slash}{path}{query}"))
+    }
+
+    /// The Host the endpoint sees instead of the client's.
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    /// Whether the path changes.
+    pub(crate) fn changes_path(&self) -> bool {
+        self.prefix.is_some() || self.regex.is_some()
+    }
+}
+
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
 fn strip_port(host: &str) -> &str {
     match host.rfind(':') {
@@ -271,6 +365,33 @@ mod tests {
         assert_eq!(location.as_deref(), Some("https://shop.test/a/b?x=1&y"));
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn rewrites_change_the_path_and_keep_the_query() {
+        let prefix =
+            Rewrite::from_config(&route("path_prefix = \"/api/\"\nrewrite_prefix = \"/v2/\""))
+                .expect("valid")
+                .expect("a rewrite");
+        assert_eq!(prefix.target("/api/users?id=7"), "/v2/users?id=7");
+        assert_eq!(prefix.target("/api/"), "/v2/");
+        let regex = Rewrite::from_config(&route(
+            "rewrite_regex = [\"^/old/(.*)$\", \"/new/$1\"]\nrewrite_host = \"internal.svc\"",
+        ))
+        .expect("valid")
+        .expect("a rewrite");
+        assert_eq!(regex.target("/old/a/b?q=/old/"), "/new/a/b?q=/old/");
+        assert_eq!(regex.target("/other"), "/other");
+        assert_eq!(regex.host(), Some("internal.svc"));
+        let bare = Rewrite::from_config(&route("rewrite_regex = [\"^/x\", \"y\"]"))
+            .expect("valid")
+            .expect("a rewrite");
+        assert_eq!(bare.target("/x/z"), "/y/z", "a path always starts with /");
+        let refused = |extra: &str| Rewrite::from_config(&route(extra)).expect_err(extra);
+        assert!(refused("rewrite_regex = [\"(\", \"/\"]").starts_with("rewrite_regex"));
+        assert!(refused("rewrite_regex = [\"a\"]").contains("[PATTERN, REPLACEMENT]"));
+        assert!(refused("rewrite_prefix = \"v2\"").contains("starting with '/'"));
+        assert!(refused("rewrite_host = \"a b\"").contains("not a host"));
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub(crate) struct Route {
     pub(crate) h2: bool,
     /// Access by address and a fixed answer (none for most routes).
     pub(crate) policy: Option<crate::policy::Policy>,
+    /// Path and Host as the endpoints see them (none for most routes).
+    pub(crate) rewrite: Option<crate::policy::Rewrite>,
 }
 
 impl Route {
@@ -183,6 +185,7 @@ impl RouteTable {
                 h2: route.upstream_protocol == UpstreamProtocol::H2,
                 // Validated when the config was loaded.
                 policy: crate::policy::Policy::from_config(route).ok().flatten(),
+                rewrite: crate::policy::Rewrite::from_config(route).ok().flatten(),
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -230,6 +233,7 @@ impl RouteTable {
                 tls,
                 h2: tag.h2,
                 policy: None,
+                rewrite: None,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());

@@ -347,6 +347,7 @@ pub(crate) fn parse_request<R>(
     out: &mut Vec<u8>,
     route: impl FnOnce(Target<'_>) -> Option<R>,
     hash_on: impl Fn(&R) -> &HashOn,
+    rewrite: impl Fn(&R) -> Option<&crate::policy::Rewrite>,
 ) -> Result<(Request, Option<R>, Option<u64>), HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADER_ARRAY];
     let mut parsed = httparse::Request::new(&mut headers[..max_headers]);
@@ -472,11 +473,15 @@ pub(crate) fn parse_request<R>(
         parsed.headers.iter().map(|h| (h.name, h.value)),
     );
 
-    // The head to forward.
+    // The head to forward (its path and Host as the route rewrites them).
+    let rewrite = rewrite(&route);
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    match rewrite.filter(|r| r.changes_path()) {
+        Some(r) => out.extend_from_slice(r.target(path).as_bytes()),
+        None => out.extend_from_slice(path.as_bytes()),
+    }
     out.extend_from_slice(if http10 {
         b" HTTP/1.0\r\n"
     } else {
@@ -496,7 +501,12 @@ pub(crate) fn parse_request<R>(
         }
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
+        match rewrite.and_then(|r| r.host()) {
+            Some(host) if name.eq_ignore_ascii_case("host") => {
+                out.extend_from_slice(host.as_bytes())
+            }
+            _ => out.extend_from_slice(h.value),
+        }
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"x-forwarded-for: ");

@@ -2,6 +2,8 @@
 //! answers (`respond`, `redirect`), the same over HTTP/1.1, h2c, and TLS
 //! with HTTP/2 or HTTP/1.1.
 
+use std::collections::HashMap;
+
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 
@@ -15,17 +17,17 @@ enum Via {
     TlsHttp1,
 }
 
-/// (status, Location, body) of `GET path` on host p.test.
-fn fetch(
+/// (status, headers, body) of `GET path` on host p.test.
+fn fetch_all(
     via: Via,
     http: std::net::SocketAddr,
     https: std::net::SocketAddr,
     pki: &TestPki,
     path: &str,
-) -> (u16, Option<String>, String) {
+) -> (u16, HashMap<String, String>, String) {
     if let Via::Http1 = via {
         let raw = get(http, "p.test", path);
-        return (raw.status, raw.headers.get("location").cloned(), raw.body);
+        return (raw.status, raw.headers, raw.body);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -78,23 +80,31 @@ fn fetch(
             Via::Http1 => unreachable!("answered above"),
         };
         let status = response.status().as_u16();
-        let location = response
+        let headers = response
             .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
         let body = response
             .into_body()
             .collect()
             .await
             .expect("body")
             .to_bytes();
-        (
-            status,
-            location,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
     })
+}
+
+/// (status, Location, body) of `GET path` on host p.test.
+fn fetch(
+    via: Via,
+    http: std::net::SocketAddr,
+    https: std::net::SocketAddr,
+    pki: &TestPki,
+    path: &str,
+) -> (u16, Option<String>, String) {
+    let (status, headers, body) = fetch_all(via, http, https, pki, path);
+    (status, headers.get("location").cloned(), body)
 }
 
 #[test]
@@ -120,6 +130,14 @@ fn address_lists_and_fixed_answers_hold_on_every_transport() {
         route(
             "/old",
             "redirect = { to = \"https://{host}{path}\", status = 301 }\n",
+        ),
+        route(
+            "/api/",
+            "rewrite_prefix = \"/v2/\"\nrewrite_host = \"inside.svc\"\n",
+        ),
+        route(
+            "/legacy/",
+            "rewrite_regex = [\"^/legacy/(\\\\w+)/(.*)$\", \"/$2/$1\"]\n",
         ),
     ]
     .concat();
@@ -150,9 +168,20 @@ fn address_lists_and_fixed_answers_hold_on_every_transport() {
             Some("https://p.test/old/page?x=1&y=2"),
             "{via:?}: the target as sent"
         );
+        let (status, headers, _) = fetch_all(via, agent.http, https, &pki, "/api/users?id=7");
+        assert_eq!(status, 200, "{via:?}");
+        assert_eq!(headers["x-saw-target"], "/v2/users?id=7", "{via:?}");
+        assert_eq!(headers["x-saw-host"], "inside.svc", "{via:?}");
+        assert_eq!(
+            headers["x-saw-x-forwarded-host"], "p.test",
+            "{via:?}: the client's"
+        );
+        let (status, headers, _) = fetch_all(via, agent.http, https, &pki, "/legacy/abc/d/e?q");
+        assert_eq!(status, 200, "{via:?}");
+        assert_eq!(headers["x-saw-target"], "/d/e/abc?q", "{via:?}");
     }
-    // Only /open and /lo reached the endpoint (once per transport each).
-    assert_eq!(up.served(), 8);
+    // Only /open, /lo and the rewrites reached the endpoint.
+    assert_eq!(up.served(), 16);
     assert_eq!(
         c.metric("switchyard_proxy_rejected_total{reason=\"forbidden\"}"),
         Some(8.0)

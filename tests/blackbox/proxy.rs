@@ -122,6 +122,9 @@ async fn serve(
             reply = reply.header(format!("x-saw-{echo}"), value.clone());
         }
     }
+    if let Some(target) = request.uri().path_and_query() {
+        reply = reply.header("x-saw-target", target.as_str());
+    }
     if request.uri().path() == "/ws" {
         let upgrade = hyper::upgrade::on(request);
         tokio::spawn(async move {

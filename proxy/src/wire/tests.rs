@@ -17,6 +17,7 @@ fn parse(text: &str) -> Result<(Request, String), HeadError> {
         &mut out,
         |_| Some(HashOn::ClientIp),
         |h| h,
+        |_| None,
     )?;
     Ok((request, String::from_utf8(out).expect("utf8")))
 }
@@ -151,6 +152,7 @@ fn hash_keys_come_from_the_route_choice() {
             &mut out,
             |_| Some(on.clone()),
             |h| h,
+            |_| None,
         )
         .expect("valid")
         .2
@@ -183,6 +185,7 @@ fn hash_keys_come_from_the_route_choice() {
         &mut out,
         |_| None::<HashOn>,
         |h| h,
+        |_| None,
     )
     .expect("valid");
     assert!(route.is_none());
@@ -412,4 +415,39 @@ fn dot_segments_are_found_however_they_are_spelled() {
             String::from_utf8_lossy(good)
         );
     }
+}
+
+#[test]
+fn a_route_rewrites_the_forwarded_path_and_host_but_not_x_forwarded_host() {
+    let config: crate::config::RouteConfig = toml::from_str(
+        "service = \"web\"\npath_prefix = \"/api/\"\nrewrite_prefix = \"/v2/\"\nrewrite_host = \"inside.svc\"",
+    )
+    .expect("route");
+    let rewrite = crate::policy::Rewrite::from_config(&config)
+        .expect("valid")
+        .expect("a rewrite");
+    let mut out = Vec::new();
+    let text = "GET /api/users?id=1 HTTP/1.1\r\nHost: shop.test\r\n\r\n";
+    parse_request(
+        text.as_bytes(),
+        16384,
+        100,
+        &client(),
+        1,
+        &mut out,
+        |_| Some((HashOn::ClientIp, &rewrite)),
+        |r| &r.0,
+        |r| Some(r.1),
+    )
+    .expect("parsed");
+    let head = String::from_utf8(out).expect("utf8");
+    assert!(
+        head.starts_with("GET /v2/users?id=1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nHost: inside.svc\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nx-forwarded-host: shop.test\r\n"),
+        "{head}"
+    );
 }
