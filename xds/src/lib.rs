@@ -240,6 +240,13 @@ impl Client {
             (clip(node.id.clone()), clip(agent), clip(locality));
     }
 
+    fn last_nack(&self) -> Option<String> {
+        self.last_nack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn set_last_nack(&self, kind: Kind, message: &str) {
         let text: String = message.chars().take(512).collect();
         *self
@@ -324,11 +331,7 @@ impl Clients {
                     pushes: c.pushes.load(Ordering::Relaxed),
                     acks: c.acks.load(Ordering::Relaxed),
                     nacks: c.nacks.load(Ordering::Relaxed),
-                    last_nack: c
-                        .last_nack
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .clone(),
+                    last_nack: c.last_nack(),
                 }
             })
             .collect();

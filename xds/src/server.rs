@@ -421,13 +421,14 @@ fn note(inner: &Inner, client: &Client, state: &StreamState, reply: Reply, first
         Reply::Nack(kind, message) => {
             inner.metrics.nacks(kind).inc();
             client.nacks.fetch_add(1, Ordering::Relaxed);
+            client.set_last_nack(kind, &message);
+            // The client's text, as clipped for status.
+            let error = client.last_nack().unwrap_or_default();
             tracing::warn!(
                 node = %client.node_id(),
-                r#type = kind.label(),
-                error = %message,
+                %error,
                 "xds: a client refused a response"
             );
-            client.set_last_nack(kind, &message);
         }
         Reply::Ack(_) => {
             client.acks.fetch_add(1, Ordering::Relaxed);
