@@ -148,8 +148,9 @@ struct Running {
     proxy: Arc<ProxyDecorator>,
     /// Other datacenters' copies (their proxy backends follow our routes).
     copies: Arc<switchyard_federation::Copies>,
-    /// The xDS server, when it serves (its policies follow our routes).
-    xds: Option<switchyard_xds::Xds>,
+    /// The xDS server, when it serves (its policies follow our routes),
+    /// and a second handle on its listener, to pass on at an upgrade.
+    xds: Option<(switchyard_xds::Xds, std::net::TcpListener)>,
     node_name: String,
     /// Ids of the `[[services]]` the file registered (for reloads).
     config_services: Vec<Arc<str>>,
@@ -282,7 +283,8 @@ impl Running {
         proxy.fail_over_to(copies.clone());
         let xds = match xds_key {
             Some(key) => {
-                let (xds, listener) = start_xds(&config, &registry, key, &prometheus)?;
+                let inherited = sockets.as_mut().and_then(|s| s.xds.take());
+                let (xds, listener) = start_xds(&config, &registry, key, &prometheus, inherited)?;
                 let copies = copies.clone() as Arc<dyn switchyard_registry::Elsewhere>;
                 Some((xds.with_elsewhere(copies), listener))
             }
@@ -320,6 +322,9 @@ impl Running {
         let xds_addr = match xds {
             Some((xds, listener)) => {
                 let addr = listener.local_addr()?;
+                let kept = listener.try_clone()?;
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
                 let mut stop = shutdown_rx.clone();
                 let serving = xds.clone();
                 tokio::spawn(async move {
@@ -330,7 +335,7 @@ impl Running {
                         tracing::error!(error = %e, "the xDS server stopped");
                     }
                 });
-                Some((xds, addr))
+                Some((xds, addr, kept))
             }
             None => None,
         };
@@ -413,7 +418,7 @@ impl Running {
             "https": http.tls_addr().map(|a| a.to_string()),
             "metrics": metrics_addr.map(|a| a.to_string()),
             "tcp": http.tcp_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "xds": xds_addr.as_ref().map(|(_, a)| a.to_string()),
+            "xds": xds_addr.as_ref().map(|(_, a, _)| a.to_string()),
             "node": node_name,
         });
         let _ = state.listeners.set(ready.clone());
@@ -454,7 +459,7 @@ impl Running {
             },
             proxy,
             copies,
-            xds: xds_addr.map(|(xds, _)| xds),
+            xds: xds_addr.map(|(xds, _, kept)| (xds, kept)),
             node_name,
             config_services,
             shutdown,
@@ -546,7 +551,7 @@ impl Running {
                 Ok(ids) => self.config_services = ids,
                 Err(e) => tracing::error!(error = %e, "cannot apply the config's services"),
             }
-            if let Some(xds) = &self.xds {
+            if let Some((xds, _)) = &self.xds {
                 xds.set_policies(xds_policies(&self.config.http));
             }
         }
@@ -583,6 +588,7 @@ impl Running {
             api: Some(self.api_listener),
             dns: Some(self.dns.sockets().try_clone()?),
             proxy: Some(self.http.sockets().try_clone()?),
+            xds: self.xds.map(|(_, listener)| listener),
         };
         let (handed, sockets) = tokio::task::spawn_blocking(move || {
             let handed = upgrade::hand_over(&mut stream, &sockets);
@@ -626,14 +632,16 @@ struct ControlPlane {
     writer: tokio::task::JoinHandle<()>,
 }
 
-/// The xDS server and its listener (bound with SO_REUSEPORT, so that an
-/// upgrading successor binds it while this agent still serves).
+/// The xDS server and its listener: the predecessor's at an upgrade (its
+/// streams end there and clients reconnect here, queued meanwhile), else a
+/// new one.
 fn start_xds(
     config: &AgentConfig,
     registry: &Registry,
     key: switchyard_registry::ExtraKey<switchyard_xds::XdsDecorator>,
     prometheus: &prometheus::Registry,
-) -> anyhow::Result<(switchyard_xds::Xds, tokio::net::TcpListener)> {
+    inherited: Option<std::net::TcpListener>,
+) -> anyhow::Result<(switchyard_xds::Xds, std::net::TcpListener)> {
     let Some(addr) = config.xds.addr else {
         anyhow::bail!("xds.addr is not set");
     };
@@ -651,16 +659,11 @@ fn start_xds(
         metrics,
         authorize,
     );
-    let socket = match addr {
-        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-    }?;
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket
-        .bind(addr)
-        .with_context(|| format!("cannot listen for xDS on {addr}"))?;
-    let listener = socket.listen(1024)?;
+    let listener = match inherited {
+        Some(listener) => listener,
+        None => std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen for xDS on {addr}"))?,
+    };
     Ok((xds, listener))
 }
 

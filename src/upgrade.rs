@@ -49,10 +49,12 @@ pub(crate) struct Sockets {
     pub(crate) api: Option<TcpListener>,
     pub(crate) dns: Option<DnsSockets>,
     pub(crate) proxy: Option<ProxySockets>,
+    /// The xDS listener, when xDS serves.
+    pub(crate) xds: Option<TcpListener>,
 }
 
 /// Names the descriptors that follow it, in this order: api, DNS UDP, DNS
-/// TCP, HTTP, HTTPS, then each L4 listener's group.
+/// TCP, HTTP, HTTPS, each L4 listener's group, then xDS.
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
     version: u32,
@@ -63,6 +65,9 @@ struct Header {
     #[serde(default)]
     tls: usize,
     tcp: Vec<usize>,
+    /// Absent from an agent that had no xDS listener to hand over.
+    #[serde(default)]
+    xds: usize,
 }
 
 impl Sockets {
@@ -78,6 +83,7 @@ impl Sockets {
                 .proxy
                 .as_ref()
                 .map_or_else(Vec::new, |p| p.tcp.iter().map(Vec::len).collect()),
+            xds: usize::from(self.xds.is_some()),
         }
     }
 
@@ -97,6 +103,9 @@ impl Sockets {
                 fds.extend(group.iter().map(AsFd::as_fd));
             }
         }
+        if let Some(xds) = &self.xds {
+            fds.push(xds.as_fd());
+        }
         fds
     }
 
@@ -106,7 +115,8 @@ impl Sockets {
             + header.dns_tcp
             + header.http
             + header.tls
-            + header.tcp.iter().sum::<usize>();
+            + header.tcp.iter().sum::<usize>()
+            + header.xds;
         anyhow::ensure!(
             header.version == 1 && fds.len() == expected,
             "the running agent sent {} sockets for a header that names {expected} ({header:?})",
@@ -136,10 +146,12 @@ impl Sockets {
             .iter()
             .map(|&n| take(n).into_iter().map(TcpListener::from).collect())
             .collect();
+        let xds = take(header.xds).pop().map(TcpListener::from);
         Ok(Sockets {
             api,
             dns,
             proxy: Some(ProxySockets { http, tcp, tls }),
+            xds,
         })
     }
 }

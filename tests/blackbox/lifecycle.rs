@@ -389,7 +389,8 @@ impl Upgradable {
 #[test]
 fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
     let setup = Upgradable::new(
-        "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n[[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n",
+        "[[http.routes]]\nhost = \"x\"\nservice = \"web\"\n[[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n\
+         [xds]\naddr = \"127.0.0.1:0\"\n",
     );
     let old = setup.start();
     let c = old.client();
@@ -409,6 +410,8 @@ fn an_upgrade_takes_every_listener_and_the_store_without_failing_a_request() {
     assert_eq!(new.http, old.http);
     assert_eq!(new.dns, old.dns);
     assert_eq!(new.tcp, old.tcp);
+    assert!(old.xds.is_some());
+    assert_eq!(new.xds, old.xds, "the xDS listener was handed over");
     let old_exit = old.wait_exit(Duration::from_secs(30));
     assert!(old_exit.success(), "the old agent exits 0: {old_exit:?}");
 

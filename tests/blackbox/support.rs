@@ -30,6 +30,8 @@ pub(crate) struct Agent {
     pub(crate) https: Option<std::net::SocketAddr>,
     /// The dedicated metrics listener (`api.metrics_addr`), when configured.
     pub(crate) metrics: Option<std::net::SocketAddr>,
+    /// The xDS listener, when configured.
+    pub(crate) xds: Option<std::net::SocketAddr>,
     stderr_path: PathBuf,
     _scratch: Option<tempfile::TempDir>,
 }
@@ -118,6 +120,7 @@ impl Agent {
             .collect();
         let https = ready["https"].as_str().and_then(|a| a.parse().ok());
         let metrics = ready["metrics"].as_str().and_then(|a| a.parse().ok());
+        let xds = ready["xds"].as_str().and_then(|a| a.parse().ok());
         Agent {
             child: Some(child),
             api,
@@ -126,6 +129,7 @@ impl Agent {
             tcp,
             https,
             metrics,
+            xds,
             stderr_path,
             _scratch: None,
         }
