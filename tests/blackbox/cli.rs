@@ -183,6 +183,19 @@ fn a_bad_config_names_the_line_and_exits_64() {
         .output()
         .expect("run");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("xds "));
+    // An xDS listener reachable from other hosts needs tokens.
+    std::fs::write(&path, "[xds]\naddr = \"0.0.0.0:18000\"\n").expect("write");
+    let out = check_config(&path);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("xds.addr") && err.contains("api.tokens"),
+        "{err}"
+    );
+    std::fs::write(&path, "[xds]\nmax_streams = 0\n").expect("write");
+    let out = check_config(&path);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("xds.max_streams"));
 
     std::fs::write(&path, "[agent]\nsurprise = 1\n").expect("write");
     let out = check_config(&path);
