@@ -137,6 +137,12 @@ pub struct RouteConfig {
     /// The Host the endpoints see.
     #[serde(default)]
     pub rewrite_host: Option<String>,
+    /// Headers set, added or removed on the way to the endpoints.
+    #[serde(default)]
+    pub request_headers: Option<crate::policy::HeaderEditsConfig>,
+    /// Headers set, added or removed on the way back to the client.
+    #[serde(default)]
+    pub response_headers: Option<crate::policy::HeaderEditsConfig>,
     /// The TLS setup, built from the fields above when the configuration
     /// is validated.
     #[serde(skip)]
@@ -172,6 +178,8 @@ impl RouteConfig {
             rewrite_prefix: None,
             rewrite_regex: None,
             rewrite_host: None,
+            request_headers: None,
+            response_headers: None,
             built_tls: Default::default(),
         }
     }

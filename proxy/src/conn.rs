@@ -361,12 +361,32 @@ async fn exchange(
         ubuf,
         reply,
     };
+    let mut rendered = Vec::new();
+    let response_edits = match route.rewrite.as_ref().filter(|r| !r.response.is_empty()) {
+        Some(r) => {
+            let cx = crate::policy::Context {
+                client_ip: &info.ip_text,
+                request_id: access::header(head, "x-request-id"),
+                host: request.host.as_str(),
+                service: &r.service,
+            };
+            for (name, value) in r.response.lines(&cx) {
+                rendered.extend_from_slice(name.as_bytes());
+                rendered.extend_from_slice(b": ");
+                rendered.extend_from_slice(value.as_bytes());
+                rendered.extend_from_slice(b"\r\n");
+            }
+            Some((&r.response, &rendered[..]))
+        }
+        None => None,
+    };
     let req = Forward {
         head,
         request: &request,
         route: &route,
         body,
         replayable,
+        response_edits,
     };
     let next = forward(exchange, req, service, key, &mut outcome).await;
     log_access(info, head, &request, Some(&route), &outcome);
@@ -508,6 +528,8 @@ struct Forward<'a> {
     route: &'a Route,
     body: Framing,
     replayable: bool,
+    /// The route's response header edits, their lines rendered.
+    response_edits: Option<(&'a crate::policy::HeaderEdits, &'a [u8])>,
 }
 
 /// Picks endpoints and attempts the request until one answers, the retry
@@ -724,7 +746,7 @@ async fn attempt(
         route,
         body,
         replayable,
-        ..
+        response_edits,
     }: Forward<'_>,
     stats: &ServiceStats,
     backend: &Backend,
@@ -831,6 +853,7 @@ async fn attempt(
                 config.max_headers,
                 request.is_head,
                 close_client,
+                response_edits,
                 reply,
             ) {
                 Ok(response) if (100..200).contains(&response.status) && response.status != 101 => {

@@ -199,6 +199,7 @@ pub fn response(data: &[u8]) {
         config.max_headers,
         false,
         false,
+        None,
         &mut out,
     );
     let head = match (read, written) {

@@ -642,6 +642,21 @@ impl H2Tls {
         // The route's rewrites: the path, and the Host (`:authority`) the
         // endpoint sees; X-Forwarded-Host keeps the client's.
         if let Some(rewrite) = &route.rewrite {
+            if !rewrite.request.is_empty() {
+                let ours = headers
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let ip = peer.to_string();
+                let cx = crate::policy::Context {
+                    client_ip: &ip,
+                    request_id: &ours,
+                    host: &host,
+                    service: &rewrite.service,
+                };
+                edit_headers(&mut headers, &rewrite.request, &cx);
+            }
             if let Some(host) = rewrite.host().and_then(|h| HeaderValue::from_str(h).ok()) {
                 headers.insert(HOST, host);
             }
@@ -880,6 +895,20 @@ impl H2Tls {
                     }
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    if let Some(rewrite) = route.rewrite.as_ref().filter(|r| !r.response.is_empty())
+                    {
+                        let ip = peer.to_string();
+                        let cx = crate::policy::Context {
+                            client_ip: &ip,
+                            request_id: headers
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default(),
+                            host: &host,
+                            service: &rewrite.service,
+                        };
+                        edit_headers(&mut parts.headers, &rewrite.response, &cx);
+                    }
                     let body = Tracked {
                         inner: body,
                         stats: Some(backend.stats.clone()),
@@ -1360,6 +1389,32 @@ pub(crate) fn answer(status: StatusCode, text: String) -> Response<ProxyBody> {
     );
     headers.insert("x-switchyard", HeaderValue::from_static("proxy"));
     response
+}
+
+/// A route's header edits: removed and replaced names out, then its set
+/// and added lines in (values rendered for `cx`; one that is not a valid
+/// header value is left out).
+fn edit_headers(
+    headers: &mut HeaderMap,
+    edits: &crate::policy::HeaderEdits,
+    cx: &crate::policy::Context<'_>,
+) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| edits.drops(n.as_str()))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+    for (name, value) in edits.lines(cx) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.append(name, value);
+        }
+    }
 }
 
 /// `uri` as a route's rewrite has it: its path and query, and its

@@ -55,7 +55,7 @@ pub use config::{
 };
 pub use metrics::ProxyMetrics;
 pub use passive::{report_passive_failures, PASSIVE_CHECK_PREFIX};
-pub use policy::{RedirectConfig, RespondConfig};
+pub use policy::{HeaderEditsConfig, RedirectConfig, RespondConfig};
 pub use route::{HOST_TAG, PATH_TAG};
 pub use server::{Proxy, ProxySockets};
 pub use shared::ReloadPlan;

@@ -201,14 +201,167 @@ impl Policy {
     }
 }
 
+/// `request_headers` / `response_headers = { set = {...}, add = {...},
+/// remove = [...] }`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEditsConfig {
+    /// Replaces the header (or adds it).
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+    /// Adds a line, keeping any the message has.
+    #[serde(default)]
+    pub add: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A piece of a header value template.
+#[derive(Debug)]
+enum Piece {
+    Text(Box<str>),
+    ClientIp,
+    RequestId,
+    Host,
+    Service,
+}
+
+/// What a header value is made of per request.
+pub(crate) struct Context<'a> {
+    pub(crate) client_ip: &'a str,
+    pub(crate) request_id: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) service: &'a str,
+}
+
+/// A route's header edits of one direction, checked and compiled.
+#[derive(Debug, Default)]
+pub(crate) struct HeaderEdits {
+    /// Lowercase names: set ones replace, add ones append.
+    set: Vec<(Box<str>, Vec<Piece>)>,
+    add: Vec<(Box<str>, Vec<Piece>)>,
+    remove: Vec<Box<str>>,
+}
+
+impl HeaderEdits {
+    fn from_config(config: &HeaderEditsConfig, key: &str) -> Result<HeaderEdits, String> {
+        let name = |n: &str| -> Result<Box<str>, String> {
+            let lower = n.to_ascii_lowercase();
+            if lower.is_empty() || hyper::header::HeaderName::from_bytes(lower.as_bytes()).is_err()
+            {
+                return Err(format!("{key}: {n:?} is not a header name"));
+            }
+            if crate::wire::hop_by_hop(&lower)
+                || lower.starts_with("x-forwarded-")
+                || [
+                    "forwarded",
+                    "host",
+                    "content-length",
+                    "x-request-id",
+                    "x-switchyard-failover",
+                ]
+                .contains(&lower.as_str())
+            {
+                return Err(format!(
+                    "{key}: {n:?} is a hop-by-hop header or one the proxy owns; it cannot be edited \
+                     (the Host: rewrite_host)"
+                ));
+            }
+            Ok(lower.into())
+        };
+        let template = |v: &str| -> Result<Vec<Piece>, String> {
+            let mut pieces = Vec::new();
+            let mut rest = v;
+            while let Some(open) = rest.find('{') {
+                if open > 0 {
+                    pieces.push(Piece::Text(rest[..open].into()));
+                }
+                let close = rest[open..]
+                    .find('}')
+                    .ok_or_else(|| format!("{key}: {v:?} has an unclosed {{"))?;
+                pieces.push(match &rest[open + 1..open + close] {
+                    "client_ip" => Piece::ClientIp,
+                    "request_id" => Piece::RequestId,
+                    "host" => Piece::Host,
+                    "service" => Piece::Service,
+                    other => {
+                        return Err(format!(
+                            "{key}: {{{other}}} in {v:?}: only {{client_ip}}, {{request_id}}, {{host}} and {{service}}"
+                        ))
+                    }
+                });
+                rest = &rest[open + close + 1..];
+            }
+            if !rest.is_empty() {
+                pieces.push(Piece::Text(rest.into()));
+            }
+            if v.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                return Err(format!("{key}: {v:?} has control characters"));
+            }
+            Ok(pieces)
+        };
+        let pairs = |map: &std::collections::BTreeMap<String, String>| {
+            map.iter()
+                .map(|(n, v)| Ok((name(n)?, template(v)?)))
+                .collect::<Result<Vec<_>, String>>()
+        };
+        Ok(HeaderEdits {
+            set: pairs(&config.set)?,
+            add: pairs(&config.add)?,
+            remove: config
+                .remove
+                .iter()
+                .map(|n| name(n))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Whether a header of the message goes: removed, or replaced by a set.
+    pub(crate) fn drops(&self, name: &str) -> bool {
+        self.remove.iter().any(|n| n.eq_ignore_ascii_case(name))
+            || self.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
+    /// The headers to write (sets, then adds), values rendered for `cx`.
+    pub(crate) fn lines<'e>(
+        &'e self,
+        cx: &'e Context<'_>,
+    ) -> impl Iterator<Item = (&'e str, String)> + 'e {
+        self.set.iter().chain(&self.add).map(move |(name, pieces)| {
+            let mut value = String::new();
+            for piece in pieces {
+                value.push_str(match piece {
+                    Piece::Text(t) => t,
+                    Piece::ClientIp => cx.client_ip,
+                    Piece::RequestId => cx.request_id,
+                    Piece::Host => cx.host,
+                    Piece::Service => cx.service,
+                });
+            }
+            // A client's Host or request id could carry what a header
+            // line cannot.
+            value.retain(|c| !c.is_control());
+            (&**name, value)
+        })
+    }
+}
+
 /// What a route changes in a request it forwards: the path (its matched
-/// prefix replaced, or a regular expression's replacement), and the Host
-/// the endpoint sees. `X-Forwarded-Host` keeps the client's.
+/// prefix replaced, or a regular expression's replacement), the Host the
+/// endpoint sees (`X-Forwarded-Host` keeps the client's), and the headers
+/// each way.
 #[derive(Debug)]
 pub(crate) struct Rewrite {
     prefix: Option<(Box<str>, Box<str>)>,
     regex: Option<(regex::Regex, Box<str>)>,
     host: Option<Box<str>>,
+    pub(crate) request: HeaderEdits,
+    pub(crate) response: HeaderEdits,
+    pub(crate) service: Box<str>,
 }
 
 impl Rewrite {
@@ -252,13 +405,29 @@ impl Rewrite {
             Some(h) => Some(h.as_str().into()),
             None => None,
         };
-        if prefix.is_none() && regex.is_none() && host.is_none() {
+        let request = match &route.request_headers {
+            Some(c) => HeaderEdits::from_config(c, "request_headers")?,
+            None => HeaderEdits::default(),
+        };
+        let response = match &route.response_headers {
+            Some(c) => HeaderEdits::from_config(c, "response_headers")?,
+            None => HeaderEdits::default(),
+        };
+        if prefix.is_none()
+            && regex.is_none()
+            && host.is_none()
+            && request.is_empty()
+            && response.is_empty()
+        {
             return Ok(None);
         }
         Ok(Some(Rewrite {
             prefix,
             regex,
             host,
+            request,
+            response,
+            service: route.service.as_str().into(),
         }))
     }
 
@@ -392,6 +561,30 @@ mod tests {
         assert!(refused("rewrite_regex = [\"a\"]").contains("[PATTERN, REPLACEMENT]"));
         assert!(refused("rewrite_prefix = \"v2\"").contains("starting with '/'"));
         assert!(refused("rewrite_host = \"a b\"").contains("not a host"));
+    }
+
+    #[test]
+    fn header_edits_refuse_what_the_proxy_owns_and_unknown_placeholders() {
+        let refused = |extra: &str| Rewrite::from_config(&route(extra)).expect_err(extra);
+        for owned in [
+            "connection",
+            "X-Forwarded-For",
+            "host",
+            "x-request-id",
+            "content-length",
+        ] {
+            let e = refused(&format!("request_headers = {{ remove = [\"{owned}\"] }}"));
+            assert!(e.contains("cannot be edited"), "{owned}: {e}");
+        }
+        let e = refused("response_headers = { set = { x-a = \"{user}\" } }");
+        assert!(
+            e.starts_with("response_headers") && e.contains("{user}"),
+            "{e}"
+        );
+        let e = refused("request_headers = { add = { \"bad name\" = \"v\" } }");
+        assert!(e.contains("not a header name"), "{e}");
+        let e = refused("request_headers = { set = { x-a = \"{host\" } }");
+        assert!(e.contains("unclosed"), "{e}");
     }
 
     #[test]

@@ -381,7 +381,7 @@ pub(crate) fn parse_request<R>(
     let mut expect_continue = false;
     let mut forwarded_for: Option<&[u8]> = None;
     let mut forwarded: Option<&[u8]> = None;
-    let mut has_request_id = false;
+    let mut client_request_id: Option<&[u8]> = None;
     let (mut grpc_web, mut asks_cors, mut failed_over) = (false, false, false);
     for h in parsed.headers.iter() {
         let name = h.name;
@@ -413,7 +413,7 @@ pub(crate) fn parse_request<R>(
         } else if name.eq_ignore_ascii_case("forwarded") {
             forwarded = Some(trim(h.value));
         } else if name.eq_ignore_ascii_case("x-request-id") {
-            has_request_id = true;
+            client_request_id = Some(trim(h.value));
         } else if name.eq_ignore_ascii_case("content-type") {
             let value = trim(h.value);
             grpc_web =
@@ -496,6 +496,7 @@ pub(crate) fn parse_request<R>(
             || name.eq_ignore_ascii_case("x-forwarded-host")
             || name.eq_ignore_ascii_case("forwarded")
             || name.eq_ignore_ascii_case("expect")
+            || rewrite.is_some_and(|r| r.request.drops(name))
         {
             continue;
         }
@@ -543,10 +544,27 @@ pub(crate) fn parse_request<R>(
     out.extend_from_slice(b";proto=");
     out.extend_from_slice(client.proto.as_bytes());
     out.extend_from_slice(b"\r\n");
-    if !has_request_id {
+    if client_request_id.is_none() {
         out.extend_from_slice(b"x-request-id: ");
         push_hex(out, request_id);
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(r) = rewrite.filter(|r| !r.request.is_empty()) {
+        let ours = format!("{request_id:016x}");
+        let cx = crate::policy::Context {
+            client_ip: &client.ip_text,
+            request_id: client_request_id
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or(&ours),
+            host: host.as_str(),
+            service: &r.service,
+        };
+        for (name, value) in r.request.lines(&cx) {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -615,6 +633,7 @@ pub(crate) fn parse_response(
     max_headers: usize,
     request_is_head: bool,
     close_client: bool,
+    edits: Option<(&crate::policy::HeaderEdits, &[u8])>,
     out: &mut Vec<u8>,
 ) -> Result<Response, HeadError> {
     out.clear();
@@ -631,6 +650,7 @@ pub(crate) fn parse_response(
                 out.extend_from_slice(reason.as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
+            Line::Field(name, _) if edits.is_some_and(|(e, _)| e.drops(name)) => {}
             Line::Field(name, value) => {
                 out.extend_from_slice(name.as_bytes());
                 out.extend_from_slice(b": ");
@@ -639,6 +659,9 @@ pub(crate) fn parse_response(
             }
         },
     )?;
+    if let Some((_, lines)) = edits {
+        out.extend_from_slice(lines);
+    }
     if response.framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }

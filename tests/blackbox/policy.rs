@@ -139,6 +139,12 @@ fn address_lists_and_fixed_answers_hold_on_every_transport() {
             "/legacy/",
             "rewrite_regex = [\"^/legacy/(\\\\w+)/(.*)$\", \"/$2/$1\"]\n",
         ),
+        route(
+            "/hdr",
+            "request_headers = { set = { x-tenant = \"{service}@{host}\" } }\n\
+             response_headers = { set = { x-backend = \"hidden\" }, add = { x-served-by = \"{service}\" }, \
+             remove = [\"x-saw-x-forwarded-proto\"] }\n",
+        ),
     ]
     .concat();
     let (agent, _dir) = agent_with(&config);
@@ -179,9 +185,19 @@ fn address_lists_and_fixed_answers_hold_on_every_transport() {
         let (status, headers, _) = fetch_all(via, agent.http, https, &pki, "/legacy/abc/d/e?q");
         assert_eq!(status, 200, "{via:?}");
         assert_eq!(headers["x-saw-target"], "/d/e/abc?q", "{via:?}");
+        let (status, headers, _) = fetch_all(via, agent.http, https, &pki, "/hdr");
+        assert_eq!(status, 200, "{via:?}");
+        assert_eq!(headers["x-saw-x-tenant"], "web@p.test", "{via:?}");
+        assert_eq!(headers["x-backend"], "hidden", "{via:?}");
+        assert_eq!(headers["x-served-by"], "web", "{via:?}");
+        assert!(!headers.contains_key("x-saw-x-forwarded-proto"), "{via:?}");
+        assert!(
+            headers.contains_key("x-saw-x-forwarded-for"),
+            "{via:?}: others kept"
+        );
     }
     // Only /open, /lo and the rewrites reached the endpoint.
-    assert_eq!(up.served(), 16);
+    assert_eq!(up.served(), 20);
     assert_eq!(
         c.metric("switchyard_proxy_rejected_total{reason=\"forbidden\"}"),
         Some(8.0)

@@ -117,6 +117,7 @@ async fn serve(
         "x-request-id",
         "host",
         "x-switchyard-failover",
+        "x-tenant",
     ] {
         if let Some(value) = request.headers().get(echo) {
             reply = reply.header(format!("x-saw-{echo}"), value.clone());

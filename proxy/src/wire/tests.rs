@@ -198,7 +198,7 @@ fn hash_keys_come_from_the_route_choice() {
 
 fn response(text: &str, head: bool, close: bool) -> Result<(Response, String), HeadError> {
     let mut out = Vec::new();
-    let r = parse_response(text.as_bytes(), 16384, 100, head, close, &mut out)?;
+    let r = parse_response(text.as_bytes(), 16384, 100, head, close, None, &mut out)?;
     Ok((r, String::from_utf8(out).expect("utf8")))
 }
 
@@ -450,4 +450,43 @@ fn a_route_rewrites_the_forwarded_path_and_host_but_not_x_forwarded_host() {
         head.contains("\r\nx-forwarded-host: shop.test\r\n"),
         "{head}"
     );
+}
+
+#[test]
+fn a_route_edits_the_forwarded_headers() {
+    let config: crate::config::RouteConfig = toml::from_str(
+        "service = \"web\"\nrequest_headers = { set = { x-tenant = \"{service}:{client_ip}:{request_id}\" }, \
+         add = { x-extra = \"{host}\" }, remove = [\"X-Drop\"] }",
+    )
+    .expect("route");
+    let rewrite = crate::policy::Rewrite::from_config(&config)
+        .expect("valid")
+        .expect("a rewrite");
+    let mut out = Vec::new();
+    let text = "GET / HTTP/1.1\r\nHost: shop.test\r\nX-Drop: 1\r\nx-tenant: forged\r\nX-Request-Id: abc\r\nx-extra: kept\r\n\r\n";
+    parse_request(
+        text.as_bytes(),
+        16384,
+        100,
+        &client(),
+        1,
+        &mut out,
+        |_| Some((HashOn::ClientIp, &rewrite)),
+        |r| &r.0,
+        |r| Some(r.1),
+    )
+    .expect("parsed");
+    let head = String::from_utf8(out).expect("utf8");
+    assert!(!head.to_ascii_lowercase().contains("x-drop"), "{head}");
+    assert!(!head.contains("forged"), "a set replaces: {head}");
+    let ip = &client().ip_text;
+    assert!(
+        head.contains(&format!("\r\nx-tenant: web:{ip}:abc\r\n")),
+        "{head}"
+    );
+    assert!(
+        head.contains("\r\nx-extra: kept\r\n"),
+        "an add keeps: {head}"
+    );
+    assert!(head.contains("\r\nx-extra: shop.test\r\n"), "{head}");
 }
