@@ -150,6 +150,23 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
+    /// The keys the route's policy and rewrite are built from.
+    pub(crate) fn keys(&self) -> crate::policy::RouteKeys<'_> {
+        crate::policy::RouteKeys {
+            service: &self.service,
+            path_prefix: &self.path_prefix,
+            allow: &self.allow,
+            deny: &self.deny,
+            respond: self.respond.as_ref(),
+            redirect: self.redirect.as_ref(),
+            rewrite_prefix: self.rewrite_prefix.as_deref(),
+            rewrite_regex: self.rewrite_regex.as_deref(),
+            rewrite_host: self.rewrite_host.as_deref(),
+            request_headers: self.request_headers.as_ref(),
+            response_headers: self.response_headers.as_ref(),
+        }
+    }
+
     /// A route to `service` for any host and path, every setting at its
     /// default.
     pub fn to_service(service: &str) -> RouteConfig {
@@ -540,9 +557,9 @@ impl Config {
                 HostPattern::parse(host).map_err(|e| format!("http.routes[{i}].host: {e}"))?;
             }
             route.tls().map_err(|e| format!("http.routes[{i}]: {e}"))?;
-            crate::policy::Policy::from_config(route)
+            crate::policy::Policy::from_config(&route.keys())
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
-            crate::policy::Rewrite::from_config(route)
+            crate::policy::Rewrite::from_config(&route.keys())
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
         }
         Ok(())

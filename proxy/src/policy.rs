@@ -6,7 +6,20 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-use crate::config::RouteConfig;
+/// A route's keys this module reads (`RouteConfig::keys`).
+pub(crate) struct RouteKeys<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) path_prefix: &'a str,
+    pub(crate) allow: &'a [String],
+    pub(crate) deny: &'a [String],
+    pub(crate) respond: Option<&'a RespondConfig>,
+    pub(crate) redirect: Option<&'a RedirectConfig>,
+    pub(crate) rewrite_prefix: Option<&'a str>,
+    pub(crate) rewrite_regex: Option<&'a [String]>,
+    pub(crate) rewrite_host: Option<&'a str>,
+    pub(crate) request_headers: Option<&'a HeaderEditsConfig>,
+    pub(crate) response_headers: Option<&'a HeaderEditsConfig>,
+}
 
 /// `respond = { status = 503, body = "down for maintenance" }`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -116,15 +129,15 @@ pub(crate) enum Ruling {
 
 impl Policy {
     /// The route's policy, `None` when it has none; an error names the key.
-    pub(crate) fn from_config(route: &RouteConfig) -> Result<Option<Policy>, String> {
+    pub(crate) fn from_config(route: &RouteKeys<'_>) -> Result<Option<Policy>, String> {
         let cidrs = |list: &[String], key: &str| -> Result<Vec<Cidr>, String> {
             list.iter()
                 .map(|c| Cidr::parse(c).map_err(|e| format!("{key}: {e}")))
                 .collect()
         };
-        let allow = cidrs(&route.allow, "allow")?;
-        let deny = cidrs(&route.deny, "deny")?;
-        let fixed = match (&route.respond, &route.redirect) {
+        let allow = cidrs(route.allow, "allow")?;
+        let deny = cidrs(route.deny, "deny")?;
+        let fixed = match (route.respond, route.redirect) {
             (Some(_), Some(_)) => return Err("give respond or redirect, not both".into()),
             (Some(r), None) => {
                 if !(200..=599).contains(&r.status) {
@@ -251,7 +264,7 @@ impl HeaderEdits {
             {
                 return Err(format!("{key}: {n:?} is not a header name"));
             }
-            if crate::wire::hop_by_hop(&lower)
+            if hop_by_hop(&lower)
                 || lower.starts_with("x-forwarded-")
                 || [
                     "forwarded",
@@ -366,20 +379,20 @@ pub(crate) struct Rewrite {
 
 impl Rewrite {
     /// The route's rewrite, `None` when it has none; an error names the key.
-    pub(crate) fn from_config(route: &RouteConfig) -> Result<Option<Rewrite>, String> {
+    pub(crate) fn from_config(route: &RouteKeys<'_>) -> Result<Option<Rewrite>, String> {
         if route.rewrite_prefix.is_some() && route.rewrite_regex.is_some() {
             return Err("give rewrite_prefix or rewrite_regex, not both".into());
         }
-        let prefix = match &route.rewrite_prefix {
+        let prefix = match route.rewrite_prefix {
             Some(to) if !to.starts_with('/') || to.chars().any(|c| c.is_control() || c == ' ') => {
                 return Err(format!(
                     "rewrite_prefix {to:?} must be a path starting with '/'"
                 ));
             }
-            Some(to) => Some((route.path_prefix.as_str().into(), to.as_str().into())),
+            Some(to) => Some((route.path_prefix.into(), to.into())),
             None => None,
         };
-        let regex = match route.rewrite_regex.as_deref() {
+        let regex = match route.rewrite_regex {
             None => None,
             Some([pattern, to]) => {
                 let compiled = regex::Regex::new(pattern)
@@ -393,7 +406,7 @@ impl Rewrite {
                 return Err("rewrite_regex is [PATTERN, REPLACEMENT]".into());
             }
         };
-        let host = match &route.rewrite_host {
+        let host = match route.rewrite_host {
             Some(h)
                 if h.is_empty()
                     || !h
@@ -402,14 +415,14 @@ impl Rewrite {
             {
                 return Err(format!("rewrite_host {h:?} is not a host name"));
             }
-            Some(h) => Some(h.as_str().into()),
+            Some(h) => Some(h.into()),
             None => None,
         };
-        let request = match &route.request_headers {
+        let request = match route.request_headers {
             Some(c) => HeaderEdits::from_config(c, "request_headers")?,
             None => HeaderEdits::default(),
         };
-        let response = match &route.response_headers {
+        let response = match route.response_headers {
             Some(c) => HeaderEdits::from_config(c, "response_headers")?,
             None => HeaderEdits::default(),
         };
@@ -427,7 +440,7 @@ impl Rewrite {
             host,
             request,
             response,
-            service: route.service.as_str().into(),
+            service: route.service.into(),
         }))
     }
 
@@ -476,6 +489,22 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// Headers of one connection (RFC 9110 7.6.1), never forwarded as they are
+/// and never edited by a route.
+pub(crate) fn hop_by_hop(name: &str) -> bool {
+    const HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
 /// The reason phrase of a status a policy answers with.
 pub(crate) fn reason(status: u16) -> &'static str {
     hyper::StatusCode::from_u16(status)
@@ -488,8 +517,10 @@ pub(crate) fn reason(status: u16) -> &'static str {
 mod tests {
     use super::*;
 
-    fn route(extra: &str) -> RouteConfig {
-        toml::from_str(&format!("service = \"web\"\n{extra}")).expect("route")
+    fn route(extra: &str) -> RouteKeys<'static> {
+        let config: crate::config::RouteConfig =
+            toml::from_str(&format!("service = \"web\"\n{extra}")).expect("route");
+        Box::leak(Box::new(config)).keys()
     }
 
     fn ip(text: &str) -> IpAddr {

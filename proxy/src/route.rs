@@ -184,8 +184,12 @@ impl RouteTable {
                 tls: route.tls().ok().flatten(),
                 h2: route.upstream_protocol == UpstreamProtocol::H2,
                 // Validated when the config was loaded.
-                policy: crate::policy::Policy::from_config(route).ok().flatten(),
-                rewrite: crate::policy::Rewrite::from_config(route).ok().flatten(),
+                policy: crate::policy::Policy::from_config(&route.keys())
+                    .ok()
+                    .flatten(),
+                rewrite: crate::policy::Rewrite::from_config(&route.keys())
+                    .ok()
+                    .flatten(),
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))

@@ -231,20 +231,7 @@ pub(crate) fn idempotent(method: &str) -> bool {
     )
 }
 
-/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded as received.
-pub(crate) fn hop_by_hop(name: &str) -> bool {
-    const HOP: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-    ];
-    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-}
+pub(crate) use crate::policy::hop_by_hop;
 
 fn trim(value: &[u8]) -> &[u8] {
     let start = value

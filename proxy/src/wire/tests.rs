@@ -423,7 +423,7 @@ fn a_route_rewrites_the_forwarded_path_and_host_but_not_x_forwarded_host() {
         "service = \"web\"\npath_prefix = \"/api/\"\nrewrite_prefix = \"/v2/\"\nrewrite_host = \"inside.svc\"",
     )
     .expect("route");
-    let rewrite = crate::policy::Rewrite::from_config(&config)
+    let rewrite = crate::policy::Rewrite::from_config(&config.keys())
         .expect("valid")
         .expect("a rewrite");
     let mut out = Vec::new();
@@ -459,7 +459,7 @@ fn a_route_edits_the_forwarded_headers() {
          add = { x-extra = \"{host}\" }, remove = [\"X-Drop\"] }",
     )
     .expect("route");
-    let rewrite = crate::policy::Rewrite::from_config(&config)
+    let rewrite = crate::policy::Rewrite::from_config(&config.keys())
         .expect("valid")
         .expect("a rewrite");
     let mut out = Vec::new();
