@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use switchyard_catalog::{
-    BusyEndpoint, Chunk, EndpointLoad, EndpointState, ExtraKey, Instance, LoadReport, Name,
-    ServiceLoad, ServiceView, ViewChange, ViewDecorator, ViewHead,
+    BusyEndpoint, Chunk, EndpointLoad, ExtraKey, Instance, LoadReport, Name, ServiceLoad,
+    ServiceView, ViewChange, ViewDecorator, ViewHead,
 };
 
 use crate::balance::{Backend, BackendChunk, Backends};
@@ -321,12 +321,7 @@ impl ViewDecorator for ProxyDecorator {
         let mut backends = Vec::with_capacity(chunk.routable().len());
         for &pos in chunk.routable() {
             let instance = &chunk.instances()[pos as usize];
-            let weights = &instance.endpoint.weights;
-            let weight = if instance.state == EndpointState::Warning {
-                weights.warning
-            } else {
-                weights.passing
-            };
+            let weight = instance.weight();
             let Ok(ip) = instance.address().parse::<IpAddr>() else {
                 tracing::debug!(service = %view.name, endpoint = %instance.endpoint.id,
                     address = instance.address(), "endpoint address is not an IP; the proxy skips it");

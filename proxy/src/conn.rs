@@ -370,12 +370,7 @@ async fn exchange(
                 host: request.host.as_str(),
                 service: &r.service,
             };
-            for (name, value) in r.response.lines(&cx) {
-                rendered.extend_from_slice(name.as_bytes());
-                rendered.extend_from_slice(b": ");
-                rendered.extend_from_slice(value.as_bytes());
-                rendered.extend_from_slice(b"\r\n");
-            }
+            r.response.write_lines(&cx, &mut rendered);
             Some((&r.response, &rendered[..]))
         }
         None => None,

@@ -339,6 +339,17 @@ impl HeaderEdits {
             || self.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
+    /// Writes the headers (sets, then adds) as HTTP/1.1 lines, values
+    /// rendered for `cx`.
+    pub(crate) fn write_lines(&self, cx: &Context<'_>, out: &mut Vec<u8>) {
+        for (name, value) in self.lines(cx) {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
     /// The headers to write (sets, then adds), values rendered for `cx`.
     pub(crate) fn lines<'e>(
         &'e self,

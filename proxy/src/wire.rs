@@ -546,12 +546,7 @@ pub(crate) fn parse_request<R>(
             host: host.as_str(),
             service: &r.service,
         };
-        for (name, value) in r.request.lines(&cx) {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        r.request.write_lines(&cx, out);
     }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");

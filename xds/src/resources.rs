@@ -418,12 +418,7 @@ fn lb_endpoint(instance: &switchyard_catalog::Instance) -> Option<(LbEndpoint, I
         EndpointState::Draining => HealthStatus::Draining,
         EndpointState::Critical | EndpointState::Maintenance => return None,
     };
-    let weights = &instance.endpoint.weights;
-    let weight = if instance.state == EndpointState::Warning {
-        weights.warning
-    } else {
-        weights.passing
-    };
+    let weight = instance.weight();
     let port = instance.endpoint.port;
     let ip: IpAddr = instance.address().parse().ok()?;
     if weight == 0 || port == 0 {
@@ -677,6 +672,16 @@ mod tests {
 
     use super::*;
 
+    /// A registry in memory whose views carry the decorator's output.
+    fn registry() -> (Registry, ExtraKey<XdsDecorator>) {
+        let mut decorators = Decorators::default();
+        let key = decorators.add(Arc::new(XdsDecorator::new("dc1")));
+        let metrics = Arc::new(RegistryMetrics::unregistered());
+        let (registry, _writer) =
+            Registry::start_with(MemoryStore::default(), metrics, decorators).expect("registry");
+        (registry, key)
+    }
+
     fn assignment(registry: &Registry, key: ExtraKey<XdsDecorator>) -> ClusterLoadAssignment {
         let snapshot = registry.snapshot();
         let view = snapshot.service("web").expect("web");
@@ -719,11 +724,7 @@ mod tests {
 
     #[tokio::test]
     async fn assignments_keep_the_rules_clients_hold_them_to() {
-        let mut decorators = Decorators::default();
-        let key = decorators.add(Arc::new(XdsDecorator::new("dc1")));
-        let metrics = Arc::new(RegistryMetrics::unregistered());
-        let (registry, _writer) =
-            Registry::start_with(MemoryStore::default(), metrics, decorators).expect("registry");
+        let (registry, key) = registry();
         // 1,200 endpoints on 600 nodes in two zones: three chunks.
         let mut nodes = Vec::new();
         let mut endpoints = Vec::new();
@@ -812,11 +813,7 @@ mod tests {
 
     #[tokio::test]
     async fn failover_datacenters_are_dense_lower_priorities() {
-        let mut decorators = Decorators::default();
-        let key = decorators.add(Arc::new(XdsDecorator::new("dc1")));
-        let metrics = Arc::new(RegistryMetrics::unregistered());
-        let (registry, _writer) =
-            Registry::start_with(MemoryStore::default(), metrics, decorators).expect("registry");
+        let (registry, key) = registry();
         let mut endpoints = Vec::new();
         for (service, n) in [("web", 2), ("dc2-web", 3), ("dc3-web", 1)] {
             for i in 0..n {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use switchyard_catalog::{
-    Check, CheckDefinition, CheckKind, Decorators, Endpoint, Members, Node, Status,
+    Check, CheckDefinition, CheckKind, Decorators, Endpoint, EndpointState, Members, Node, Status,
 };
 
 use super::*;

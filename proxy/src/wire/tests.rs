@@ -417,17 +417,12 @@ fn dot_segments_are_found_however_they_are_spelled() {
     }
 }
 
-#[test]
-fn a_route_rewrites_the_forwarded_path_and_host_but_not_x_forwarded_host() {
-    let config: crate::config::RouteConfig = toml::from_str(
-        "service = \"web\"\npath_prefix = \"/api/\"\nrewrite_prefix = \"/v2/\"\nrewrite_host = \"inside.svc\"",
-    )
-    .expect("route");
+/// The head `text` is forwarded as on a route of `config`.
+fn forwarded_by(config: &crate::config::RouteConfig, text: &str) -> String {
     let rewrite = crate::policy::Rewrite::from_config(&config.keys())
         .expect("valid")
         .expect("a rewrite");
     let mut out = Vec::new();
-    let text = "GET /api/users?id=1 HTTP/1.1\r\nHost: shop.test\r\n\r\n";
     parse_request(
         text.as_bytes(),
         16384,
@@ -440,7 +435,19 @@ fn a_route_rewrites_the_forwarded_path_and_host_but_not_x_forwarded_host() {
         |r| Some(r.1),
     )
     .expect("parsed");
-    let head = String::from_utf8(out).expect("utf8");
+    String::from_utf8(out).expect("utf8")
+}
+
+#[test]
+fn a_route_rewrites_the_forwarded_path_and_host_but_not_x_forwarded_host() {
+    let config: crate::config::RouteConfig = toml::from_str(
+        "service = \"web\"\npath_prefix = \"/api/\"\nrewrite_prefix = \"/v2/\"\nrewrite_host = \"inside.svc\"",
+    )
+    .expect("route");
+    let head = forwarded_by(
+        &config,
+        "GET /api/users?id=1 HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+    );
     assert!(
         head.starts_with("GET /v2/users?id=1 HTTP/1.1\r\n"),
         "{head}"
@@ -459,24 +466,7 @@ fn a_route_edits_the_forwarded_headers() {
          add = { x-extra = \"{host}\" }, remove = [\"X-Drop\"] }",
     )
     .expect("route");
-    let rewrite = crate::policy::Rewrite::from_config(&config.keys())
-        .expect("valid")
-        .expect("a rewrite");
-    let mut out = Vec::new();
-    let text = "GET / HTTP/1.1\r\nHost: shop.test\r\nX-Drop: 1\r\nx-tenant: forged\r\nX-Request-Id: abc\r\nx-extra: kept\r\n\r\n";
-    parse_request(
-        text.as_bytes(),
-        16384,
-        100,
-        &client(),
-        1,
-        &mut out,
-        |_| Some((HashOn::ClientIp, &rewrite)),
-        |r| &r.0,
-        |r| Some(r.1),
-    )
-    .expect("parsed");
-    let head = String::from_utf8(out).expect("utf8");
+    let head = forwarded_by(&config, "GET / HTTP/1.1\r\nHost: shop.test\r\nX-Drop: 1\r\nx-tenant: forged\r\nX-Request-Id: abc\r\nx-extra: kept\r\n\r\n");
     assert!(!head.to_ascii_lowercase().contains("x-drop"), "{head}");
     assert!(!head.contains("forged"), "a set replaces: {head}");
     let ip = &client().ip_text;

@@ -211,6 +211,15 @@ impl Instance {
         )
     }
 
+    /// The weight its state gives it: `Weights.Warning` while warning, else
+    /// `Weights.Passing`.
+    pub fn weight(&self) -> u32 {
+        match self.state {
+            EndpointState::Warning => self.endpoint.weights.warning,
+            _ => self.endpoint.weights.passing,
+        }
+    }
+
     /// Passing or warning, not in maintenance, neither it nor its node draining.
     pub fn is_routable(&self) -> bool {
         matches!(self.state, EndpointState::Passing | EndpointState::Warning)
