@@ -16,8 +16,8 @@
 use std::sync::Arc;
 
 use crate::backend::ProxyService;
-use crate::balance::{self, Backends, Tried};
-use crate::config::{BalancerKind, Config};
+use crate::balance::{self, Backends, Choice, Tried};
+use crate::config::Config;
 use crate::stats::{Backend, ServiceStats};
 
 /// How one attempt ended, as its transport tells it.
@@ -112,14 +112,14 @@ impl Attempts {
         &mut self,
         service: &mut Arc<ProxyService>,
         stats: &ServiceStats,
-        (balancer, key): (BalancerKind, Option<u64>),
+        choice: Choice,
         now: u64,
         rng: &mut fastrand::Rng,
         mut reload: impl FnMut() -> Option<Arc<ProxyService>>,
     ) -> Option<u32> {
         loop {
             let (index, fail_open) =
-                balance::pick(&service.backends, balancer, key, &self.tried, now, rng)?;
+                balance::pick_with(&service.backends, choice, &self.tried, now, rng)?;
             let first = self.tried.count() == 0;
             stats.after_pick(fail_open, first, &service.backends, now);
             if service.backends[index as usize].stats.enter() {

@@ -308,11 +308,17 @@ impl ViewDecorator for ProxyDecorator {
             }
             let key = (instance.node.name.clone(), instance.endpoint.id.clone());
             let stats = known.and_then(|k| k.get(&key)).cloned().unwrap_or_else(|| {
-                Arc::new(EndpointStats::new(
+                let stats = EndpointStats::new(
                     key.1.clone(),
                     key.0.clone(),
                     shared.metrics.endpoint(view.name, &key.0, &key.1),
-                ))
+                );
+                // New to a service the proxy already routes: slow start
+                // (the endpoints of a service's first view start level).
+                if known.is_some() {
+                    stats.start_ramp();
+                }
+                Arc::new(stats)
             });
             stats.publish_state(instance);
             all.push(stats);

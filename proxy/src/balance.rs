@@ -286,9 +286,33 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-/// Chooses a backend for one attempt. `key` is the consistent-hash key when
-/// the route hashes. Returns the index and whether the choice had to include
-/// ejected backends (fail-open).
+/// How a route chooses among its service's backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Choice {
+    pub(crate) kind: BalancerKind,
+    /// The consistent-hash key, when the route hashes.
+    pub(crate) key: Option<u64>,
+    /// Slow start (ns, 0 = off): a newly routable backend's share ramps
+    /// from `RAMP_FLOOR` to full over this window.
+    pub(crate) slow_start_ns: u64,
+}
+
+impl Choice {
+    pub(crate) fn new(kind: BalancerKind, key: Option<u64>) -> Choice {
+        Choice {
+            kind,
+            key,
+            slow_start_ns: 0,
+        }
+    }
+}
+
+/// The share a backend gets when its slow start begins.
+pub(crate) const RAMP_FLOOR: f64 = 0.1;
+
+/// Chooses a backend for one attempt (the route's plain balancer, as the
+/// tests drive it).
+#[cfg(test)]
 pub(crate) fn pick(
     set: &Backends,
     kind: BalancerKind,
@@ -297,15 +321,56 @@ pub(crate) fn pick(
     now: u64,
     rng: &mut fastrand::Rng,
 ) -> Option<(u32, bool)> {
+    pick_with(set, Choice::new(kind, key), tried, now, rng)
+}
+
+/// Chooses a backend for one attempt. Returns the index and whether the
+/// choice had to include ejected backends (fail-open).
+///
+/// With slow start, a backend still ramping is passed over with the
+/// probability of the share it lacks, wherever its balancer lands on it:
+/// the next in the round-robin order, another draw or the other of two
+/// choices takes the turn, so its share of requests grows with its ramp in
+/// every balancer that weighs. Consistent hashing keeps its keys instead.
+pub(crate) fn pick_with(
+    set: &Backends,
+    choice: Choice,
+    tried: &Tried,
+    now: u64,
+    rng: &mut fastrand::Rng,
+) -> Option<(u32, bool)> {
     if set.is_empty() {
         return None;
     }
+    let Choice { kind, key, .. } = choice;
     let healthy = |i: u32| !tried.contains(i) && !set[i as usize].stats.is_ejected(now);
+    if choice.slow_start_ns > 0 && kind != BalancerKind::ConsistentHash {
+        let draws = std::cell::Cell::new(rng.u64(..) | 1);
+        let admitted = |i: u32| {
+            healthy(i) && {
+                let share = set[i as usize].stats.ramp(now, choice.slow_start_ns);
+                share >= 1.0 || unit(&draws) < share
+            }
+        };
+        if let Some(i) = pick_among(set, kind, key, &admitted, now, rng) {
+            return Some((i, false));
+        }
+    }
     if let Some(i) = pick_among(set, kind, key, &healthy, now, rng) {
         return Some((i, false));
     }
     let untried = |i: u32| !tried.contains(i);
     pick_among(set, kind, key, &untried, now, rng).map(|i| (i, true))
+}
+
+/// The next number of a xorshift sequence, as a fraction in [0, 1).
+fn unit(state: &std::cell::Cell<u64>) -> f64 {
+    let mut x = state.get();
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    state.set(x);
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn pick_among(
@@ -348,7 +413,12 @@ fn pick_among(
                     .or_else(|| from(start as usize % n))
             }
         },
-        BalancerKind::Random => from(rng.usize(..n)),
+        // A few draws before walking on from one, so that a backend passed
+        // over does not hand its turn to its neighbour alone.
+        BalancerKind::Random => (0..4)
+            .map(|_| rng.u32(..n as u32))
+            .find(|&i| usable(i))
+            .or_else(|| from(rng.usize(..n))),
         BalancerKind::ConsistentHash => match key {
             Some(key) => ring_find(set, key, usable),
             None => from(rng.usize(..n)),

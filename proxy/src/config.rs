@@ -74,6 +74,11 @@ pub struct RouteConfig {
     /// For `consistent_hash`; default `client_ip`.
     #[serde(default)]
     pub hash_on: HashOn,
+    /// A newly routable endpoint (new to the service, back from critical,
+    /// maintenance or a drain, or out of an ejection) ramps from 10% of its
+    /// share to all of it over this time. Default: none.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub slow_start: Option<Duration>,
     /// Default: the `[http]` table's value.
     #[serde(default, deserialize_with = "opt_duration")]
     pub connect_timeout: Option<Duration>,
@@ -176,6 +181,7 @@ impl RouteConfig {
             service: service.to_string(),
             balancer: None,
             hash_on: HashOn::default(),
+            slow_start: None,
             connect_timeout: None,
             response_timeout: None,
             retries: None,

@@ -580,7 +580,7 @@ async fn forward(
         let picked = attempts.pick(
             &mut service,
             &stats,
-            (route.balancer, key),
+            route.choice(key),
             now,
             &mut local.rng.borrow_mut(),
             // (A reload never picks another datacenter's proxies: the

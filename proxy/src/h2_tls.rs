@@ -725,7 +725,7 @@ impl H2Tls {
             let picked = attempts.pick(
                 &mut service,
                 &stats,
-                (route.balancer, key),
+                route.choice(key),
                 now,
                 &mut rng,
                 || {

@@ -98,6 +98,8 @@ pub(crate) struct Route {
     pub(crate) service: Name,
     pub(crate) balancer: BalancerKind,
     pub(crate) hash_on: HashOn,
+    /// Slow start of newly routable endpoints (ns; 0 = off).
+    pub(crate) slow_start_ns: u64,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
     pub(crate) retries: u32,
@@ -120,6 +122,15 @@ pub(crate) struct Route {
 }
 
 impl Route {
+    /// How this route chooses an endpoint, `key` the request's hash key.
+    pub(crate) fn choice(&self, key: Option<u64>) -> crate::balance::Choice {
+        crate::balance::Choice {
+            kind: self.balancer,
+            key,
+            slow_start_ns: self.slow_start_ns,
+        }
+    }
+
     /// Requests of this route go through hyper's side (HTTP/2 or TLS to
     /// the endpoints).
     pub(crate) fn via_hyper(&self) -> bool {
@@ -168,6 +179,7 @@ impl RouteTable {
                 service: Name::from(route.service.as_str()),
                 balancer: route.balancer.unwrap_or(config.balancer),
                 hash_on: route.hash_on.clone(),
+                slow_start_ns: route.slow_start.map_or(0, crate::stats::nanos),
                 connect_timeout: route.connect_timeout.unwrap_or(config.connect_timeout),
                 response_timeout: route.response_timeout.unwrap_or(config.response_timeout),
                 retries: route.retries.unwrap_or(config.retries),
@@ -227,6 +239,7 @@ impl RouteTable {
                 service,
                 balancer: config.balancer,
                 hash_on: HashOn::ClientIp,
+                slow_start_ns: 0,
                 connect_timeout: config.connect_timeout,
                 response_timeout: config.response_timeout,
                 retries: config.retries,

@@ -54,6 +54,9 @@ pub(crate) struct EndpointStats {
     failing_since_ns: AtomicU64,
     /// Its last response had a body long enough to splice.
     large_responses: AtomicBool,
+    /// When it last became routable again, or joined a service that had
+    /// endpoints already (0 = never): where its slow start begins.
+    ramp_from_ns: AtomicU64,
 }
 
 impl EndpointStats {
@@ -74,7 +77,31 @@ impl EndpointStats {
             cut: AtomicU64::new(0),
             failing_since_ns: AtomicU64::new(0),
             large_responses: AtomicBool::new(false),
+            ramp_from_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Begins a slow start now: the endpoint joined a service that was
+    /// already taking traffic.
+    pub(crate) fn start_ramp(&self) {
+        self.start_ramp_at(now_ns());
+    }
+
+    pub(crate) fn start_ramp_at(&self, now: u64) {
+        self.ramp_from_ns.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// The share of its weight a route with a slow-start `window` gives
+    /// it: from `RAMP_FLOOR` when it became routable again (or its
+    /// ejection ended) to 1 at the window's end.
+    pub(crate) fn ramp(&self, now: u64, window: u64) -> f64 {
+        let ejected_until = self.ejected_until_ns.load(Ordering::Relaxed);
+        let from = self.ramp_from_ns.load(Ordering::Relaxed).max(ejected_until);
+        if from == 0 || now >= from.saturating_add(window) {
+            return 1.0;
+        }
+        let floor = crate::balance::RAMP_FLOOR;
+        floor + (1.0 - floor) * (now.saturating_sub(from) as f64 / window as f64)
     }
 
     /// Since when the endpoint has been failing without a success (ns on
@@ -125,8 +152,10 @@ impl EndpointStats {
 
     /// Records the endpoint's routability and drain at publish time.
     pub(crate) fn publish_state(&self, instance: &Instance) {
-        self.withdrawn
-            .store(!instance.is_routable(), Ordering::Relaxed);
+        let routable = instance.is_routable();
+        if self.withdrawn.swap(!routable, Ordering::Relaxed) && routable {
+            self.start_ramp();
+        }
         std::sync::atomic::fence(Ordering::SeqCst);
         let since = [&instance.node.drain, &instance.endpoint.drain]
             .into_iter()
@@ -231,6 +260,8 @@ impl EndpointStats {
         if self.ejections.load(Ordering::Relaxed) != 0 {
             let until = self.ejected_until_ns.load(Ordering::Relaxed);
             if until != 0 && now > until {
+                // Its slow start after the ejection goes on from there.
+                self.ramp_from_ns.fetch_max(until, Ordering::Relaxed);
                 self.ejections.store(0, Ordering::Relaxed);
                 self.ejected_until_ns.store(0, Ordering::Relaxed);
                 self.metrics.ejected.set(0);

@@ -79,7 +79,7 @@ async fn proxy(
         let picked = attempts.pick(
             &mut service,
             &service_stats,
-            (kind, key),
+            crate::balance::Choice::new(kind, key),
             now,
             &mut local.rng.borrow_mut(),
             || local.service_anywhere_now(&config.service, Reach::L4),

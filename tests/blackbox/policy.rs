@@ -218,3 +218,70 @@ fn a_bad_policy_is_refused_naming_the_route_and_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("http.routes[0].allow"), "{err}");
 }
+
+/// The share of `requests` GETs on ramp.test that endpoint `new` answered,
+/// and the seconds since `from` when the last one was sent.
+fn share_of_new(
+    http: std::net::SocketAddr,
+    requests: usize,
+    from: std::time::Instant,
+) -> (f64, f64) {
+    let mut hits = 0;
+    for _ in 0..requests {
+        let reply = get(http, "ramp.test", "/");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        hits += usize::from(reply.body == "new");
+    }
+    (hits as f64 / requests as f64, from.elapsed().as_secs_f64())
+}
+
+#[test]
+fn slow_start_ramps_a_new_and_an_undrained_endpoint() {
+    let window = 8.0;
+    let (agent, _dir) = agent_with(
+        r#"
+[[http.routes]]
+host = "ramp.test"
+service = "ramp"
+balancer = "round_robin"
+slow_start = "8s"
+"#,
+    );
+    let c = agent.client();
+    let (old, new) = (Upstream::start("old"), Upstream::start("new"));
+    register(&c, "ramp", &[&old], &[]);
+    assert_eq!(get(agent.http, "ramp.test", "/").body, "old");
+    // Full share would be half the requests; just after it joins, the new
+    // endpoint gets 10% of that, growing by the time the batch is done.
+    let joined = std::time::Instant::now();
+    register(&c, "ramp", &[&old, &new], &[]);
+    let (share, elapsed) = share_of_new(agent.http, 300, joined);
+    let most = (0.1 + 0.9 * (elapsed / window).min(1.0)) / 2.0;
+    assert!(share > 0.0, "the new endpoint got nothing");
+    assert!(
+        share <= most + 0.05,
+        "{share} of the requests in the first {elapsed:.1} s; at most {most:.2} expected"
+    );
+    assert!(elapsed < window / 2.0, "too slow to judge: {elapsed} s");
+    // At the end of the window it has its whole share.
+    crate::support::eventually(
+        "the new endpoint's whole share",
+        std::time::Duration::from_secs(30),
+        || {
+            let (share, _) = share_of_new(agent.http, 200, std::time::Instant::now());
+            (share >= 0.45).then_some(())
+        },
+    );
+    // Back from a drain, it ramps again.
+    c.put_ok("/v1/switchyard/endpoints/new/drain", "");
+    assert!((0..20).all(|_| get(agent.http, "ramp.test", "/").body == "old"));
+    let undrained = std::time::Instant::now();
+    let answer = c.delete("/v1/switchyard/endpoints/new/drain");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let (share, elapsed) = share_of_new(agent.http, 300, undrained);
+    let most = (0.1 + 0.9 * (elapsed / window).min(1.0)) / 2.0;
+    assert!(
+        share > 0.0 && share <= most + 0.05,
+        "{share} after the undrain, in {elapsed:.1} s; at most {most:.2} expected"
+    );
+}

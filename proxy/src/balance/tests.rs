@@ -270,6 +270,107 @@ fn the_ejection_cap_keeps_endpoints_in_and_reports_fail_open() {
     assert_eq!(metrics.service("svc").fail_open.get(), 1);
 }
 
+/// Backend 2's share of `picks` when its slow start of `window` began at
+/// `from` and the clock reads `now`.
+fn ramped_share(svc: &Svc, kind: BalancerKind, window: u64, now: u64) -> f64 {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let choice = Choice {
+        kind,
+        key: None,
+        slow_start_ns: window,
+    };
+    let picks = 30_000;
+    let hits = (0..picks)
+        .filter(|_| {
+            let (i, open) =
+                pick_with(&svc.backends, choice, &Tried::default(), now, &mut rng).expect("pick");
+            assert!(!open);
+            i == 2
+        })
+        .count();
+    hits as f64 / f64::from(picks)
+}
+
+#[test]
+fn slow_start_ramps_a_new_backends_share_in_every_weighing_balancer() {
+    let window = 10_000_000_000;
+    let from = 5_000_000_000;
+    for kind in [
+        BalancerKind::RoundRobin,
+        BalancerKind::LeastRequest,
+        BalancerKind::PeakEwma,
+        BalancerKind::Random,
+    ] {
+        let svc = service(&[1, 1, 1]);
+        svc.backends[2].stats.start_ramp_at(from);
+        // Alike in latency (peak EWMA: a slower sample is taken as it is).
+        for backend in svc.backends.iter() {
+            backend.stats.observe(2_000_000, from);
+        }
+        // A third of the requests at full share; 10% of that at the start,
+        // 55% half way, all of it at the end.
+        let start = ramped_share(&svc, kind, window, from);
+        assert!(
+            (0.02..0.05).contains(&start),
+            "{kind:?} at the start: {start}"
+        );
+        let half = ramped_share(&svc, kind, window, from + window / 2);
+        assert!((0.15..0.22).contains(&half), "{kind:?} half way: {half}");
+        let end = ramped_share(&svc, kind, window, from + window);
+        assert!((0.30..0.37).contains(&end), "{kind:?} at the end: {end}");
+        // No slow start on the route: full share at once.
+        let plain = counts(&svc, kind, 30_000)[2] as f64 / 30_000.0;
+        assert!((0.30..0.37).contains(&plain), "{kind:?} without: {plain}");
+    }
+}
+
+#[test]
+fn slow_start_follows_an_ejection_and_leaves_hashing_alone() {
+    let svc = service(&[1, 1, 1]);
+    let window = 10_000_000_000;
+    let outlier = OutlierConfig {
+        consecutive_failures: 1,
+        ..OutlierConfig::default()
+    };
+    let metrics = ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics");
+    let stats = crate::stats::ServiceStats::new("svc".into(), metrics.service("svc"));
+    let now = 1_000;
+    svc.backends[2]
+        .stats
+        .failed(now, &outlier, &stats, &svc.backends);
+    let back = now + crate::stats::nanos(outlier.base_ejection);
+    assert_eq!(svc.backends[2].stats.ramp(back, window), RAMP_FLOOR);
+    let share = ramped_share(&svc, BalancerKind::RoundRobin, window, back + 1);
+    assert!(
+        (0.02..0.05).contains(&share),
+        "just out of its ejection: {share}"
+    );
+    // Its first success settles it; the ramp goes on from the ejection's end.
+    svc.backends[2].stats.succeeded(back + window / 2);
+    let half = svc.backends[2].stats.ramp(back + window / 2, window);
+    assert!((0.54..0.56).contains(&half), "{half}");
+    assert_eq!(svc.backends[2].stats.ramp(back + window, window), 1.0);
+    // A consistent hash keeps its keys whatever the ramp.
+    let ring = |slow_start_ns| {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let choice = Choice {
+            kind: BalancerKind::ConsistentHash,
+            key: None,
+            slow_start_ns,
+        };
+        (0..64u64)
+            .map(|key| {
+                let choice = Choice {
+                    key: Some(hash64(&key.to_le_bytes())),
+                    ..choice
+                };
+                pick_with(&svc.backends, choice, &Tried::default(), back + 1, &mut rng)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ring(window), ring(0));
+}
+
 /// The same backends as `service_named`, in chunks of `size`, as a view of
 /// more than 512 endpoints holds them.
 fn chunked(svc: &Svc, size: usize) -> Backends {
