@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use switchyard_catalog::{
-    BusyEndpoint, Chunk, EndpointLoad, ExtraKey, Instance, LoadReport, Name, ServiceLoad,
+    BusyEndpoint, Chunk, EndpointLoad, ExtraKey, Instance, LoadReport, Name, RateSeen, ServiceLoad,
     ServiceView, ViewChange, ViewDecorator, ViewHead,
 };
 
@@ -219,6 +219,32 @@ impl LoadReport for ProxyLoad {
         Some(ServiceLoad {
             fail_open: entry.stats.is_fail_open(),
         })
+    }
+
+    fn rates_seen(&self) -> Vec<RateSeen> {
+        let routes = self.shared.routes.load();
+        routes
+            .limiters()
+            .filter(|(_, l)| l.config.scope == crate::limit::Scope::Cluster)
+            .map(|(route, l)| RateSeen {
+                route: route.into(),
+                seen: l.take_seen(),
+                agents: 1,
+            })
+            .collect()
+    }
+
+    fn share_rates(&self, others: &[RateSeen]) {
+        let routes = self.shared.routes.load();
+        for (route, limiter) in routes.limiters() {
+            if limiter.config.scope != crate::limit::Scope::Cluster {
+                continue;
+            }
+            match others.iter().find(|o| &*o.route == route) {
+                Some(o) => limiter.share_with(o.seen, o.agents),
+                None => limiter.share_with(0, 0),
+            }
+        }
     }
 }
 

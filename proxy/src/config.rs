@@ -148,6 +148,9 @@ pub struct RouteConfig {
     /// Headers set, added or removed on the way back to the client.
     #[serde(default)]
     pub response_headers: Option<crate::policy::HeaderEditsConfig>,
+    /// Requests over this rate get 429 with Retry-After.
+    #[serde(default)]
+    pub rate_limit: Option<crate::limit::RateLimitConfig>,
     /// The TLS setup, built from the fields above when the configuration
     /// is validated.
     #[serde(skip)]
@@ -203,6 +206,7 @@ impl RouteConfig {
             rewrite_host: None,
             request_headers: None,
             response_headers: None,
+            rate_limit: None,
             built_tls: Default::default(),
         }
     }
@@ -567,6 +571,10 @@ impl Config {
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
             crate::policy::Rewrite::from_config(&route.keys())
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
+            if let Some(limit) = &route.rate_limit {
+                crate::limit::RateLimiter::from_config(limit)
+                    .map_err(|e| format!("http.routes[{i}].{e}"))?;
+            }
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ use crate::backend::ProxyService;
 use crate::balance::Backend;
 use crate::failover::Reach;
 use crate::io::{Buf, Conn};
+use crate::limit::Limited;
 use crate::local::{Busy, Local};
 use crate::metrics::Reject;
 use crate::policy::Ruling;
@@ -116,15 +117,15 @@ async fn answer_with(
     client: &mut Conn,
     status: u16,
     reason: &str,
-    location: Option<&str>,
+    header: Option<(&str, &str)>,
     body: &str,
     close: bool,
 ) -> Next {
-    let location = location
-        .map(|l| format!("location: {l}\r\n"))
+    let header = header
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
         .unwrap_or_default();
     let text = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{location}{}x-switchyard: proxy\r\n\r\n{body}\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{header}{}x-switchyard: proxy\r\n\r\n{body}\n",
         body.len() + 1,
         if close { "connection: close\r\n" } else { "" },
     );
@@ -250,6 +251,15 @@ async fn exchange(
             wire::request_target(cbuf.filled())
         })
     });
+    // Its rate limit, for requests it lets in.
+    let limited = match (&verdict, route.as_ref().and_then(|r| r.limit.as_ref())) {
+        (None | Some(Ruling::Pass), Some(limit)) => {
+            let head = &cbuf.filled()[..request.head_len];
+            let header = |name: &str| wire::header_in_head(head, name);
+            limit.judge(info.ip, header, now_ns())
+        }
+        _ => Limited::Pass,
+    };
     cbuf.consume(request.head_len);
     // A refused request with a body we did not read ends the connection.
     let close_on_refusal = !request.keep_alive || request.framing != Framing::None;
@@ -279,7 +289,7 @@ async fn exchange(
             let outcome = Outcome::refused(status, started);
             log_access(info, head, &request, Some(&route), &outcome);
             let reason = crate::policy::reason(status);
-            let location = location.as_deref();
+            let location = location.as_deref().map(|l| ("location", l));
             return answer_with(
                 local,
                 client,
@@ -291,6 +301,22 @@ async fn exchange(
             )
             .await;
         }
+    }
+    if let Limited::Over { retry_after } = limited {
+        metrics.reject(Reject::RateLimited);
+        let outcome = Outcome::refused(429, started);
+        log_access(info, head, &request, Some(&route), &outcome);
+        let wait = retry_after.to_string();
+        return answer_with(
+            local,
+            client,
+            429,
+            "Too Many Requests",
+            Some(("retry-after", &wait)),
+            "over this route's rate limit (rate_limit)",
+            close_on_refusal,
+        )
+        .await;
     }
     let reach = match request.failed_over {
         true => Reach::Here,

@@ -34,6 +34,7 @@ use crate::conn::Pace;
 use crate::failover::Reach;
 use crate::grace::FIRST_REQUEST_GRACE;
 use crate::grpc_web;
+use crate::limit::Limited;
 use crate::metrics::Reject;
 use crate::policy::Ruling;
 use crate::shared::Shared;
@@ -482,6 +483,20 @@ impl H2Tls {
                     }
                     return response;
                 }
+            }
+        }
+        if let Some(limit) = &route.limit {
+            let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
+            if let Limited::Over { retry_after } = limit.judge(peer, header, now_ns()) {
+                metrics.reject(Reject::RateLimited);
+                let mut response = answer(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "over this route's rate limit (rate_limit)".to_string(),
+                );
+                response
+                    .headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from(retry_after));
+                return response;
             }
         }
         // A gRPC-Web route answers browsers' CORS preflights itself.

@@ -27,6 +27,7 @@ mod h2_body;
 mod h2_server;
 mod h2_tls;
 mod io;
+mod limit;
 mod local;
 mod metrics;
 mod passive;
@@ -53,6 +54,7 @@ pub use config::{
     BalancerKind, CertificateConfig, Config, HashOn, OutlierConfig, PassiveReport, RouteConfig,
     TcpBalancer, TcpConfig, TcpListenerConfig, TlsConfig,
 };
+pub use limit::{RateLimitConfig, Scope as RateLimitScope};
 pub use metrics::ProxyMetrics;
 pub use passive::{report_passive_failures, PASSIVE_CHECK_PREFIX};
 pub use policy::{HeaderEditsConfig, RedirectConfig, RespondConfig};

@@ -25,10 +25,12 @@ pub(crate) enum Reject {
     ConnectionLimit,
     /// A client address its route's `allow`/`deny` keeps out.
     Forbidden,
+    /// Over its route's `rate_limit`.
+    RateLimited,
 }
 
 impl Reject {
-    const ALL: [Reject; 11] = [
+    const ALL: [Reject; 12] = [
         Reject::BadRequest,
         Reject::HeadTooLarge,
         Reject::NoRoute,
@@ -40,6 +42,7 @@ impl Reject {
         Reject::BodyTooLarge,
         Reject::ConnectionLimit,
         Reject::Forbidden,
+        Reject::RateLimited,
     ];
 
     fn label(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Reject {
             Reject::BodyTooLarge => "body_too_large",
             Reject::ConnectionLimit => "connection_limit",
             Reject::Forbidden => "forbidden",
+            Reject::RateLimited => "rate_limited",
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct ProxyMetrics {
     protocols: IntCounterVec,
     duration: HistogramVec,
     rejected: Vec<IntCounter>,
+    rate_limited: IntCounterVec,
+    rate_share: GaugeVec,
     pub(crate) connections: IntGauge,
     pub(crate) thread_connections: IntGaugeVec,
     /// Each proxy thread's io_uring wake-up latency, measured at start.
@@ -382,6 +388,22 @@ impl ProxyMetrics {
             ),
             &["reason"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_rate_limited_total",
+                "Requests a route's rate_limit answered 429, by route",
+            ),
+            &["route"],
+        )?;
+        let rate_share = GaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_rate_limit_share",
+                "This agent's share of a route's rate limit (1 in agent scope; in cluster scope its part of the cluster's traffic)",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(rate_share.clone()))?;
         let rejected = Reject::ALL
             .iter()
             .map(|r| rejected_vec.with_label_values(&[r.label()]))
@@ -520,6 +542,8 @@ impl ProxyMetrics {
             protocols,
             duration,
             rejected,
+            rate_limited,
+            rate_share,
             connections,
             thread_connections,
             ring_wakeup,
@@ -544,6 +568,17 @@ impl ProxyMetrics {
 
     pub(crate) fn reject(&self, why: Reject) {
         self.rejected[why as usize].inc();
+    }
+
+    /// Gives a route's rate limiter its counter and share gauge.
+    pub(crate) fn attach_limit(&self, route: &str, limiter: &crate::limit::RateLimiter) {
+        let _ = limiter
+            .refused
+            .get_or_init(|| self.rate_limited.with_label_values(&[route]));
+        limiter
+            .share_gauge
+            .get_or_init(|| self.rate_share.with_label_values(&[route]))
+            .set(limiter.share());
     }
 
     /// Counts a GOAWAY sent to an HTTP/2 client.

@@ -119,6 +119,8 @@ pub(crate) struct Route {
     pub(crate) policy: Option<crate::policy::Policy>,
     /// Path and Host as the endpoints see them (none for most routes).
     pub(crate) rewrite: Option<crate::policy::Rewrite>,
+    /// Its rate limit (kept across rebuilds of the table while unchanged).
+    pub(crate) limit: Option<Arc<crate::limit::RateLimiter>>,
 }
 
 impl Route {
@@ -149,6 +151,9 @@ pub(crate) struct RouteTable {
     /// Tag routes' TLS setups by service, kept by the next compile (a
     /// setup's clients and pools live as long as it does).
     tag_tls: HashMap<Name, Arc<crate::upstream_tls::UpstreamTls>>,
+    /// Rate limiters by route name, kept by the next compile while the
+    /// route's limit is the same (its buckets live on).
+    limiters: HashMap<Box<str>, Arc<crate::limit::RateLimiter>>,
 }
 
 impl RouteTable {
@@ -169,13 +174,29 @@ impl RouteTable {
     ) -> RouteTable {
         let mut table = RouteTable::default();
         for route in &config.routes {
+            let name = format!(
+                "{}{}",
+                route.host.as_deref().unwrap_or("*"),
+                route.path_prefix
+            )
+            .into_boxed_str();
+            let limit = route.rate_limit.as_ref().and_then(|wanted| {
+                let kept = previous
+                    .limiters
+                    .get(&name)
+                    .filter(|l| l.config == *wanted)
+                    .cloned();
+                // Validated when the config was loaded.
+                let limit = kept.or_else(|| {
+                    crate::limit::RateLimiter::from_config(wanted)
+                        .ok()
+                        .map(Arc::new)
+                })?;
+                table.limiters.insert(name.clone(), limit.clone());
+                Some(limit)
+            });
             let target = Arc::new(Route {
-                name: format!(
-                    "{}{}",
-                    route.host.as_deref().unwrap_or("*"),
-                    route.path_prefix
-                )
-                .into_boxed_str(),
+                name,
                 service: Name::from(route.service.as_str()),
                 balancer: route.balancer.unwrap_or(config.balancer),
                 hash_on: route.hash_on.clone(),
@@ -202,6 +223,7 @@ impl RouteTable {
                 rewrite: crate::policy::Rewrite::from_config(&route.keys())
                     .ok()
                     .flatten(),
+                limit,
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -251,6 +273,7 @@ impl RouteTable {
                 h2: tag.h2,
                 policy: None,
                 rewrite: None,
+                limit: None,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());
@@ -275,6 +298,11 @@ impl RouteTable {
             .sort_by_key(|entry| std::cmp::Reverse(entry.0.len()));
         sort(&mut table.any);
         table
+    }
+
+    /// Every route's rate limiter, by route name.
+    pub(crate) fn limiters(&self) -> impl Iterator<Item = (&str, &Arc<crate::limit::RateLimiter>)> {
+        self.limiters.iter().map(|(name, l)| (&**name, l))
     }
 
     fn add(&mut self, host: HostPattern, prefix: &str, route: Arc<Route>) {

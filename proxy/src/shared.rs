@@ -56,12 +56,20 @@ pub(crate) fn configured_services(config: &Config, tcp: &TcpConfig) -> HashSet<S
         .collect()
 }
 
+/// A route table with its rate limiters counting into `metrics`.
+fn with_metrics(table: RouteTable, metrics: &ProxyMetrics) -> RouteTable {
+    for (route, limiter) in table.limiters() {
+        metrics.attach_limit(route, limiter);
+    }
+    table
+}
+
 impl Shared {
     pub(crate) fn new(config: Config, tcp: TcpConfig, metrics: Arc<ProxyMetrics>) -> Shared {
         let configured = configured_services(&config, &tcp);
-        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::compile(
-            &config,
-            std::iter::empty(),
+        let routes = Arc::new(ArcSwap::from_pointee(with_metrics(
+            RouteTable::compile(&config, std::iter::empty()),
+            &metrics,
         )));
         Shared {
             config: ArcSwap::from_pointee(config),
@@ -81,11 +89,9 @@ impl Shared {
         let tags = services
             .iter()
             .filter_map(|(name, entry)| entry.tag_route.as_ref().map(|r| (name.clone(), r)));
-        self.routes.store(Arc::new(RouteTable::compile_after(
-            &self.config.load(),
-            tags,
-            &self.routes.load(),
-        )));
+        let table = RouteTable::compile_after(&self.config.load(), tags, &self.routes.load());
+        self.routes
+            .store(Arc::new(with_metrics(table, &self.metrics)));
     }
 
     /// Forgets services that left the catalog (the decorator is not called

@@ -913,6 +913,17 @@ mod tests;
 
 /// The request target of a head as the client sent it (`/a?b`), from its
 /// request line.
+/// The value of header `name` (the first of that name) in a request head
+/// httparse has already accepted.
+pub(crate) fn header_in_head<'h>(head: &'h [u8], name: &str) -> Option<&'h [u8]> {
+    head.split(|b| *b == b'\n').skip(1).find_map(|line| {
+        let colon = line.iter().position(|b| *b == b':')?;
+        line[..colon]
+            .eq_ignore_ascii_case(name.as_bytes())
+            .then(|| line[colon + 1..].trim_ascii())
+    })
+}
+
 pub(crate) fn request_target(head: &[u8]) -> &str {
     let line = head
         .split(|b| *b == b'\r' || *b == b'\n')

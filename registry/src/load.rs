@@ -7,7 +7,9 @@ use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
-use switchyard_catalog::{unix_ms, BusyEndpoint, EndpointLoad, LoadReport, Name, ServiceLoad};
+use switchyard_catalog::{
+    unix_ms, BusyEndpoint, EndpointLoad, LoadReport, Name, RateSeen, ServiceLoad,
+};
 
 /// One agent's report as it travels (JSON under its lease).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -15,6 +17,10 @@ struct Wire {
     /// When it was taken: the reporting agent's clock, Unix ms.
     at_ms: u64,
     busy: Vec<BusyEndpoint>,
+    /// Requests on routes with a cluster-wide rate limit since the last
+    /// report (absent from agents before rate limits).
+    #[serde(default)]
+    rates: Vec<RateSeen>,
 }
 
 /// Traffic per endpoint summed over the other agents, and when each last reported.
@@ -53,9 +59,11 @@ impl LoadBoard {
     /// This agent's report now, encoded (an empty one without a data plane).
     pub(crate) fn encode_local(&self) -> Vec<u8> {
         let busy = self.local.get().map(|l| l.busy()).unwrap_or_default();
+        let rates = self.local.get().map(|l| l.rates_seen()).unwrap_or_default();
         let wire = Wire {
             at_ms: unix_ms(),
             busy,
+            rates,
         };
         serde_json::to_vec(&wire).unwrap_or_default()
     }
@@ -64,6 +72,7 @@ impl LoadBoard {
     /// An undecodable report counts as none.
     pub(crate) fn set_remote<'a>(&self, reports: impl Iterator<Item = (Name, &'a [u8])>) {
         let mut remote = Remote::default();
+        let mut rates: HashMap<Name, RateSeen> = HashMap::new();
         for (agent, bytes) in reports {
             let Ok(wire) = serde_json::from_slice::<Wire>(bytes) else {
                 tracing::debug!(%agent, "undecodable load report");
@@ -77,9 +86,22 @@ impl LoadBoard {
                 sum.0 = sum.0.saturating_add(busy.in_flight);
                 sum.1 = sum.1.saturating_add(busy.cut);
             }
+            for seen in wire.rates {
+                let sum = rates.entry(seen.route.clone()).or_insert(RateSeen {
+                    route: seen.route,
+                    seen: 0,
+                    agents: 0,
+                });
+                sum.seen = sum.seen.saturating_add(seen.seen);
+                sum.agents = sum.agents.saturating_add(1);
+            }
             remote.reported.insert(agent, wire.at_ms);
         }
         self.remote.store(Arc::new(remote));
+        if let Some(local) = self.local.get() {
+            let rates: Vec<RateSeen> = rates.into_values().collect();
+            local.share_rates(&rates);
+        }
     }
 }
 

@@ -285,3 +285,137 @@ slow_start = "8s"
         "{share} after the undrain, in {elapsed:.1} s; at most {most:.2} expected"
     );
 }
+
+#[test]
+fn a_rate_limit_answers_429_with_retry_after_on_every_transport() {
+    let pki = TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    // One bucket for the whole route: 3 requests at once, then one every 30 s.
+    let config = [
+        pki.https_listener(certs.path(), "p.test"),
+        "[[http.routes]]\nhost = \"p.test\"\nservice = \"web\"\n\
+         rate_limit = { rate = \"2/m\", burst = 2, key = \"route\" }\n"
+            .to_string(),
+    ]
+    .concat();
+    let (agent, _dir) = agent_with(&config);
+    let https = agent.https.expect("https listener");
+    let c = agent.client();
+    let up = Upstream::start("web");
+    register(&c, "web", &[&up], &[]);
+    let passed = (0..3)
+        .filter(|_| fetch_all(Via::Http1, agent.http, https, &pki, "/").0 == 200)
+        .count();
+    assert_eq!(passed, 3, "the burst passes");
+    for via in [Via::Http1, Via::H2c, Via::TlsH2, Via::TlsHttp1] {
+        let (status, headers, body) = fetch_all(via, agent.http, https, &pki, "/");
+        assert_eq!(status, 429, "{via:?}: {body}");
+        let wait: u64 = headers["retry-after"].parse().expect("seconds");
+        assert!((1..=30).contains(&wait), "{via:?}: Retry-After {wait}");
+        assert!(body.contains("rate_limit"), "{via:?}: {body}");
+    }
+    assert_eq!(up.served(), 3, "refused requests never go upstream");
+    assert_eq!(
+        c.metric("switchyard_proxy_rate_limited_total{route=\"p.test/\"}"),
+        Some(4.0)
+    );
+    assert_eq!(
+        c.metric("switchyard_proxy_rejected_total{reason=\"rate_limited\"}"),
+        Some(4.0)
+    );
+}
+
+#[test]
+fn a_rate_limit_keeps_a_bucket_per_key() {
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"k.test\"\nservice = \"web\"\n\
+         rate_limit = { rate = \"1/m\", burst = 1, key = \"header:X-Api-Key\" }\n\
+         [[http.routes]]\nhost = \"ip.test\"\nservice = \"web\"\n\
+         rate_limit = { rate = \"1/m\" }\n",
+    );
+    let c = agent.client();
+    let up = Upstream::start("web");
+    register(&c, "web", &[&up], &[]);
+    let with_key = |key: &str| {
+        crate::proxy::get_with(agent.http, "k.test", "/", &format!("X-Api-Key: {key}\r\n")).status
+    };
+    assert_eq!(
+        [with_key("a"), with_key("a"), with_key("a")],
+        [200, 200, 429]
+    );
+    assert_eq!(
+        [with_key("b"), with_key("b"), with_key("b")],
+        [200, 200, 429]
+    );
+    assert_eq!(with_key(" a "), 429, "the value is the key, trimmed");
+    // Requests without the header are not counted against anyone.
+    assert!((0..5).all(|_| get(agent.http, "k.test", "/").status == 200));
+    // By client address (the default): one each, and this test is one client.
+    assert_eq!(get(agent.http, "ip.test", "/").status, 200);
+    let refused = get(agent.http, "ip.test", "/");
+    assert_eq!(refused.status, 429);
+    assert!(
+        refused.headers["retry-after"]
+            .parse::<u64>()
+            .expect("seconds")
+            > 50
+    );
+    // The route table is rebuilt when a tag route appears: the limits it
+    // keeps keep their buckets.
+    let other = Upstream::start("other");
+    register(&c, "other", &[&other], &["switchyard.http.host=other.test"]);
+    assert_eq!(get(agent.http, "other.test", "/").status, 200);
+    assert_eq!(get(agent.http, "ip.test", "/").status, 429);
+    assert_eq!(with_key("a"), 429);
+    assert_eq!(up.served(), 10);
+}
+
+#[test]
+fn a_cluster_rate_limit_is_shared_by_traffic_through_the_store() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let etcd = crate::cluster::Etcd::single(scratch.path());
+    let route = "[[http.routes]]\nhost = \"c.test\"\nservice = \"web\"\n\
+                 rate_limit = { rate = \"100/s\", key = \"route\", scope = \"cluster\" }\n";
+    let urls = [etcd.url()];
+    let a = crate::cluster::agent_on_with(scratch.path(), "agent-a", &urls, "/rl", route);
+    let b = crate::cluster::agent_on_with(scratch.path(), "agent-b", &urls, "/rl", route);
+    let up = Upstream::start("web");
+    register(&a.client(), "web", &[&up], &[]);
+    let share = |agent: &crate::support::Agent| {
+        agent
+            .client()
+            .metric("switchyard_proxy_rate_limit_share{route=\"c.test/\"}")
+            .unwrap_or(0.0)
+    };
+    // No traffic yet: each agent admits half.
+    crate::support::eventually("even shares", std::time::Duration::from_secs(10), || {
+        ((share(&a) - 0.5).abs() < 0.01 && (share(&b) - 0.5).abs() < 0.01).then_some(())
+    });
+    // Traffic through A only: A's share grows to most of the rate, B keeps
+    // its floor (5% divided among the agents).
+    let (sa, sb) = crate::support::eventually(
+        "shares by traffic",
+        std::time::Duration::from_secs(20),
+        || {
+            for _ in 0..30 {
+                let status = get(a.http, "c.test", "/").status;
+                assert!(status == 200 || status == 429, "{status}");
+            }
+            let (sa, sb) = (share(&a), share(&b));
+            (sa > 0.9 && sb < 0.1).then_some((sa, sb))
+        },
+    );
+    assert!((sa + sb - 1.0).abs() < 0.06, "shares {sa} + {sb}");
+    // Then through B only: the shares follow.
+    crate::support::eventually(
+        "shares following the traffic",
+        std::time::Duration::from_secs(20),
+        || {
+            for _ in 0..30 {
+                let status = get(b.http, "c.test", "/").status;
+                assert!(status == 200 || status == 429, "{status}");
+            }
+            (share(&b) > 0.9 && share(&a) < 0.1).then_some(())
+        },
+    );
+}

@@ -30,7 +30,7 @@ pub use elsewhere::{
     failover_policy, needs_failover, Copied, CopyOf, Elsewhere, Failover, FAILOVER_TAG,
 };
 pub use kv::{Kv, KvEntry};
-pub use load::{BusyEndpoint, EndpointLoad, LoadReport, ServiceLoad};
+pub use load::{BusyEndpoint, EndpointLoad, LoadReport, RateSeen, ServiceLoad};
 pub use model::{
     clip, clip_point, node_uuid, unix_ms, Check, CheckDefinition, CheckKind, Drain, Endpoint, Name,
     Node, Status, TaggedAddress, Weights, NODE_HEALTH_CHECK, NODE_MAINTENANCE_CHECK,

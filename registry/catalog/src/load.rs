@@ -54,6 +54,35 @@ pub trait LoadReport: Send + Sync {
         let _ = since_ms;
         true
     }
+
+    /// Requests seen on each route with a cluster-wide rate limit since the
+    /// last call (what this agent reports to the others, about once a second).
+    fn rates_seen(&self) -> Vec<RateSeen> {
+        Vec::new()
+    }
+
+    /// The other live agents' reports on those routes, summed per route
+    /// (`agents`: how many reported it): each agent then admits its share.
+    fn share_rates(&self, others: &[RateSeen]) {
+        let _ = others;
+    }
+}
+
+/// Requests one agent (or, summed, several) saw on a route with a
+/// cluster-wide rate limit over about a second.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateSeen {
+    #[serde(rename = "r")]
+    pub route: Name,
+    #[serde(rename = "n")]
+    pub seen: u64,
+    /// Agents counted in `seen`.
+    #[serde(rename = "a", default = "one")]
+    pub agents: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One endpoint with traffic through one agent's data plane: what agents
