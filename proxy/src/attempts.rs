@@ -84,6 +84,9 @@ pub(crate) struct Attempts {
     replay: Replay,
     /// The route's retries.
     retries: u32,
+    /// Endpoints the request may go to, when fewer than the service's
+    /// (a split's subset).
+    candidates: Option<usize>,
 }
 
 /// A first attempt that finds its endpoint withdrawn takes a newer snapshot
@@ -112,14 +115,23 @@ impl Attempts {
         &mut self,
         service: &mut Arc<ProxyService>,
         stats: &ServiceStats,
-        choice: Choice,
+        choice: Choice<'_>,
         now: u64,
         rng: &mut fastrand::Rng,
         mut reload: impl FnMut() -> Option<Arc<ProxyService>>,
     ) -> Option<u32> {
         loop {
-            let (index, fail_open) =
-                balance::pick_with(&service.backends, choice, &self.tried, now, rng)?;
+            let (index, fail_open) = match choice.subset {
+                None => balance::pick_with(&service.backends, choice, &self.tried, now, rng)?,
+                Some(tag) => {
+                    let subset = service.subset(tag);
+                    self.candidates = Some(subset.backends.len());
+                    let tried = self.tried.within(&subset.full);
+                    let (at, open) =
+                        balance::pick_with(&subset.backends, choice, &tried, now, rng)?;
+                    (subset.full[at as usize], open)
+                }
+            };
             let first = self.tried.count() == 0;
             stats.after_pick(fail_open, first, &service.backends, now);
             if service.backends[index as usize].stats.enter() {
@@ -172,7 +184,10 @@ impl Attempts {
         if failed {
             backend.stats.failed(now, &config.outlier, stats, backends);
         }
-        let more = self.made() <= self.retries as usize && self.tried.count() < backends.len();
+        let candidates = self
+            .candidates
+            .map_or(backends.len(), |n| n.min(backends.len()));
+        let more = self.made() <= self.retries as usize && self.tried.count() < candidates;
         if retryable
             && more
             && stats.take_retry(now, config.retry_budget_ratio, config.retry_budget_floor)
@@ -211,6 +226,7 @@ mod tests {
                     )),
                     addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
                     weight: 1,
+                    endpoint: None,
                 }
             })
             .collect();

@@ -17,6 +17,7 @@ use crate::config::{Config, TcpConfig};
 use crate::metrics::ProxyMetrics;
 use crate::route::{TagRoute, TAG_PREFIX};
 use crate::shared::{ReloadPlan, ServiceEntry, Shared};
+use crate::split::SubsetBackends;
 use crate::stats::{now_ns, EndpointStats, ServiceStats};
 
 /// What the proxy keeps per view chunk (a decorator extra): the chunk's
@@ -38,6 +39,8 @@ pub struct ProxyService {
     /// Another datacenter's proxies (`via = "proxy"`): requests carry
     /// `x-switchyard-failover` with this, our datacenter's name.
     pub(crate) via: Option<Arc<str>>,
+    /// The subsets split routes asked for, built at their first request.
+    subsets: crate::split::Subsets,
 }
 
 impl ProxyService {
@@ -56,7 +59,27 @@ impl ProxyService {
             backends: Backends::default(),
             chunks: Box::new([]),
             via: None,
+            subsets: Default::default(),
         }
+    }
+
+    /// The view's backends carrying `tag` (a split's subset), built at the
+    /// first request that asks and kept with the view.
+    pub(crate) fn subset(&self, tag: &str) -> Arc<SubsetBackends> {
+        if let Some(found) = self.subsets.load().iter().find(|s| *s.tag == *tag) {
+            return found.clone();
+        }
+        let built = Arc::new(SubsetBackends::build(tag, &self.backends));
+        let mut kept = built.clone();
+        self.subsets.rcu(|list| {
+            let mut list = (**list).clone();
+            match list.iter().find(|s| *s.tag == *tag) {
+                Some(other) => kept = other.clone(),
+                None => list.push(built.clone()),
+            }
+            list
+        });
+        kept
     }
 
     /// Datacenter `dc`'s proxies as one service, for requests failing over
@@ -80,6 +103,7 @@ impl ProxyService {
                     )),
                     addr: *addr,
                     weight: 1,
+                    endpoint: None,
                 }
             })
             .collect();
@@ -91,6 +115,7 @@ impl ProxyService {
             backends: Backends::new(backends),
             chunks: Box::new([]),
             via: Some(ours.into()),
+            subsets: Default::default(),
         }
     }
 }
@@ -366,6 +391,7 @@ impl ViewDecorator for ProxyDecorator {
                 stats: all[pos as usize].clone(),
                 addr: SocketAddr::new(ip, instance.endpoint.port),
                 weight,
+                endpoint: Some(instance.endpoint.clone()),
             });
         }
         Arc::new(ProxyChunk {
@@ -453,6 +479,7 @@ impl ViewDecorator for ProxyDecorator {
             backends: Backends::of(chunks.iter().map(|c| c.backends.clone())),
             chunks,
             via: None,
+            subsets: Default::default(),
         })
     }
 }

@@ -185,6 +185,18 @@ impl Tried {
     pub(crate) fn count(&self) -> usize {
         self.len
     }
+
+    /// The backends tried, as indices into a subset whose backends' indices
+    /// in the whole list are `full` (ascending); those outside it dropped.
+    pub(crate) fn within(&self, full: &[u32]) -> Tried {
+        let mut local = Tried::default();
+        for &index in &self.picks[..self.len] {
+            if let Ok(at) = full.binary_search(&index) {
+                local.add(at as u32);
+            }
+        }
+        local
+    }
 }
 
 /// A 64-bit hash that is stable across runs and builds (FNV-1a, then a
@@ -288,21 +300,25 @@ fn gcd(a: u32, b: u32) -> u32 {
 
 /// How a route chooses among its service's backends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Choice {
+pub(crate) struct Choice<'a> {
     pub(crate) kind: BalancerKind,
     /// The consistent-hash key, when the route hashes.
     pub(crate) key: Option<u64>,
     /// Slow start (ns, 0 = off): a newly routable backend's share ramps
     /// from `RAMP_FLOOR` to full over this window.
     pub(crate) slow_start_ns: u64,
+    /// The tag of the split subset the request goes to (none: the whole
+    /// service).
+    pub(crate) subset: Option<&'a str>,
 }
 
-impl Choice {
-    pub(crate) fn new(kind: BalancerKind, key: Option<u64>) -> Choice {
+impl Choice<'_> {
+    pub(crate) fn new(kind: BalancerKind, key: Option<u64>) -> Choice<'static> {
         Choice {
             kind,
             key,
             slow_start_ns: 0,
+            subset: None,
         }
     }
 }
@@ -334,7 +350,7 @@ pub(crate) fn pick(
 /// every balancer that weighs. Consistent hashing keeps its keys instead.
 pub(crate) fn pick_with(
     set: &Backends,
-    choice: Choice,
+    choice: Choice<'_>,
     tried: &Tried,
     now: u64,
     rng: &mut fastrand::Rng,

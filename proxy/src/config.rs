@@ -151,6 +151,14 @@ pub struct RouteConfig {
     /// Requests over this rate get 429 with Retry-After.
     #[serde(default)]
     pub rate_limit: Option<crate::limit::RateLimitConfig>,
+    /// The route's requests divided among subsets of the service's
+    /// endpoints, chosen by tag, by weight.
+    #[serde(default)]
+    pub split: Vec<crate::split::SplitConfig>,
+    /// Requests matching a header, cookie or query parameter go to a
+    /// subset first.
+    #[serde(default, rename = "match")]
+    pub matches: Vec<crate::split::MatchConfig>,
     /// The TLS setup, built from the fields above when the configuration
     /// is validated.
     #[serde(skip)]
@@ -207,6 +215,8 @@ impl RouteConfig {
             request_headers: None,
             response_headers: None,
             rate_limit: None,
+            split: Vec::new(),
+            matches: Vec::new(),
             built_tls: Default::default(),
         }
     }
@@ -570,6 +580,8 @@ impl Config {
             crate::policy::Policy::from_config(&route.keys())
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
             crate::policy::Rewrite::from_config(&route.keys())
+                .map_err(|e| format!("http.routes[{i}].{e}"))?;
+            crate::split::Split::from_config(&route.split, &route.matches)
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
             if let Some(limit) = &route.rate_limit {
                 crate::limit::RateLimiter::from_config(limit)

@@ -260,6 +260,18 @@ async fn exchange(
         }
         _ => Limited::Pass,
     };
+    // The split's match rules read the head too.
+    let matched = route
+        .as_ref()
+        .and_then(|r| r.split.as_ref())
+        .filter(|s| s.has_rules())
+        .and_then(|s| {
+            let head = &cbuf.filled()[..request.head_len];
+            s.matched(
+                |name| wire::header_in_head(head, name),
+                wire::request_target(head),
+            )
+        });
     cbuf.consume(request.head_len);
     // A refused request with a body we did not read ends the connection.
     let close_on_refusal = !request.keep_alive || request.framing != Framing::None;
@@ -344,6 +356,31 @@ async fn exchange(
         // Through another datacenter's proxy: it must not send this on.
         wire::mark_failover(head, ours);
     }
+    // A split route's subset (another datacenter's proxies carry no tags:
+    // they split there).
+    let split = route.split.as_ref().filter(|_| service.via.is_none());
+    let subset = match split.map(|s| s.choose(matched, &service, &mut local.rng.borrow_mut())) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(at))) => Some(at),
+        Some(Err(())) => {
+            metrics.reject(Reject::NoEndpoint);
+            let outcome = Outcome::refused(503, started);
+            log_access(info, head, &request, Some(&route), &outcome);
+            let body = format!(
+                "service {:?} has no routable endpoint in this route's split",
+                &*route.service
+            );
+            return answer(
+                local,
+                client,
+                503,
+                "Service Unavailable",
+                &body,
+                close_on_refusal,
+            )
+            .await;
+        }
+    };
     if let Framing::Length(n) = request.framing {
         if route.max_body_bytes > 0 && n > route.max_body_bytes {
             metrics.reject(Reject::BodyTooLarge);
@@ -408,8 +445,12 @@ async fn exchange(
         body,
         replayable,
         response_edits,
+        subset: split.zip(subset).map(|(s, at)| &*s.subsets[at].tag),
     };
     let next = forward(exchange, req, service, key, &mut outcome).await;
+    if let (Some(split), Some(at)) = (split, subset) {
+        split.count(at, outcome.status >= 500);
+    }
     log_access(info, head, &request, Some(&route), &outcome);
     next
 }
@@ -551,6 +592,8 @@ struct Forward<'a> {
     replayable: bool,
     /// The route's response header edits, their lines rendered.
     response_edits: Option<(&'a crate::policy::HeaderEdits, &'a [u8])>,
+    /// The tag of the split subset it goes to.
+    subset: Option<&'a str>,
 }
 
 /// Picks endpoints and attempts the request until one answers, the retry
@@ -606,7 +649,10 @@ async fn forward(
         let picked = attempts.pick(
             &mut service,
             &stats,
-            route.choice(key),
+            crate::balance::Choice {
+                subset: req.subset,
+                ..route.choice(key)
+            },
             now,
             &mut local.rng.borrow_mut(),
             // (A reload never picks another datacenter's proxies: the
@@ -768,6 +814,7 @@ async fn attempt(
         body,
         replayable,
         response_edits,
+        ..
     }: Forward<'_>,
     stats: &ServiceStats,
     backend: &Backend,

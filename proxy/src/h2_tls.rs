@@ -407,6 +407,7 @@ impl H2Tls {
         let mut response = match web {
             None => {
                 let response = self.forward(request, peer, proto, answered).await;
+                count_subset(answered, &response);
                 grpc_answer(response, answered.grpc).await
             }
             Some((web, format)) => {
@@ -414,6 +415,7 @@ impl H2Tls {
                     Ok(request) => self.forward(request, peer, proto, answered).await,
                     Err(refused) => refused,
                 };
+                count_subset(answered, &response);
                 let response = grpc_answer(response, true).await;
                 grpc_web::to_web(response, web, &format)
             }
@@ -569,6 +571,34 @@ impl H2Tls {
                 "service not routed".to_string(),
             );
         };
+        let mut rng = fastrand::Rng::new();
+        // A split route's subset (another datacenter's proxies carry no
+        // tags: they split there).
+        let split = route.split.as_ref().filter(|_| service.via.is_none());
+        let subset = match split {
+            None => None,
+            Some(split) => {
+                let matched = split.has_rules().then(|| {
+                    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                    let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
+                    split.matched(header, target)
+                });
+                match split.choose(matched.flatten(), &service, &mut rng) {
+                    Ok(at) => at.map(|at| (split.clone(), at)),
+                    Err(()) => {
+                        metrics.reject(Reject::NoEndpoint);
+                        return answer(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "service {:?} has no routable endpoint in this route's split",
+                                &*route.service
+                            ),
+                        );
+                    }
+                }
+            }
+        };
+        answered.subset = subset.clone();
         let config = self.shared.config.load();
         let key = wire::hash_key(
             &route.hash_on,
@@ -633,7 +663,6 @@ impl H2Tls {
             body => body,
         };
         let mut body = body;
-        let mut rng = fastrand::Rng::new();
         // The authority as the client gave it (port included), as the
         // HTTP/1.1 path forwards its Host header.
         let authority = parts
@@ -740,7 +769,10 @@ impl H2Tls {
             let picked = attempts.pick(
                 &mut service,
                 &stats,
-                route.choice(key),
+                crate::balance::Choice {
+                    subset: subset.as_ref().map(|(s, at)| &*s.subsets[*at].tag),
+                    ..route.choice(key)
+                },
                 now,
                 &mut rng,
                 || {
@@ -1020,6 +1052,8 @@ struct Answered {
     grpc: bool,
     /// The origin a gRPC-Web route's answer is marked for (CORS).
     cors: Option<HeaderValue>,
+    /// The split subset the request went to.
+    subset: Option<(Arc<crate::split::Split>, usize)>,
 }
 
 /// An attempt on its way: over this thread's HTTP/2 pool, or its HTTP/1.1
@@ -1292,6 +1326,19 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// failed or timed out, a limit) gets a gRPC answer: HTTP 200 with only
 /// headers, `grpc-status` saying why and `grpc-message` the proxy's text,
 /// never a plain-text 5xx a gRPC client cannot read.
+/// Counts the answer of a request a split route sent to a subset: a 5xx
+/// (the endpoint's or the proxy's) or a trailers-only gRPC failure is an
+/// error (a gRPC status in trailers after messages is not seen here).
+fn count_subset(answered: &mut Answered, response: &Response<ProxyBody>) {
+    if let Some((split, at)) = answered.subset.take() {
+        let grpc_failed = response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| matches!(v.as_bytes(), b"2" | b"13" | b"14"));
+        split.count(at, response.status().as_u16() >= 500 || grpc_failed);
+    }
+}
+
 async fn grpc_answer(response: Response<ProxyBody>, grpc: bool) -> Response<ProxyBody> {
     if !grpc || !response.headers().contains_key("x-switchyard") {
         return response;

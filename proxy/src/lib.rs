@@ -36,6 +36,7 @@ mod route;
 mod server;
 mod shared;
 mod splice;
+mod split;
 mod stats;
 mod tcp;
 mod tls;
@@ -61,6 +62,7 @@ pub use policy::{HeaderEditsConfig, RedirectConfig, RespondConfig};
 pub use route::{HOST_TAG, PATH_TAG};
 pub use server::{Proxy, ProxySockets};
 pub use shared::ReloadPlan;
+pub use split::{MatchConfig, SplitConfig};
 
 impl Proxy {
     /// Starts the proxy threads. `backends` is the key the registry's

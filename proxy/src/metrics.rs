@@ -95,6 +95,9 @@ pub struct ProxyMetrics {
     rejected: Vec<IntCounter>,
     rate_limited: IntCounterVec,
     rate_share: GaugeVec,
+    subset_requests: IntCounterVec,
+    subset_errors: IntCounterVec,
+    subset_routable: IntGaugeVec,
     pub(crate) connections: IntGauge,
     pub(crate) thread_connections: IntGaugeVec,
     /// Each proxy thread's io_uring wake-up latency, measured at start.
@@ -402,6 +405,30 @@ impl ProxyMetrics {
             ),
             &["route"],
         )?;
+        let subset_requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_subset_requests_total",
+                "Requests a split route sent to a subset of its service's endpoints",
+            ),
+            &["route", "subset"],
+        )?;
+        let subset_errors = IntCounterVec::new(
+            Opts::new(
+                "switchyard_proxy_subset_errors_total",
+                "Requests of a split route's subset answered 5xx (the endpoint's or the proxy's), or a trailers-only gRPC failure",
+            ),
+            &["route", "subset"],
+        )?;
+        let subset_routable = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_proxy_subset_routable",
+                "1 while a split route's subset has a routable endpoint; 0: it gets no traffic, its weight goes to the others",
+            ),
+            &["route", "subset"],
+        )?;
+        registry.register(Box::new(subset_requests.clone()))?;
+        registry.register(Box::new(subset_errors.clone()))?;
+        registry.register(Box::new(subset_routable.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(rate_share.clone()))?;
         let rejected = Reject::ALL
@@ -544,6 +571,9 @@ impl ProxyMetrics {
             rejected,
             rate_limited,
             rate_share,
+            subset_requests,
+            subset_errors,
+            subset_routable,
             connections,
             thread_connections,
             ring_wakeup,
@@ -568,6 +598,22 @@ impl ProxyMetrics {
 
     pub(crate) fn reject(&self, why: Reject) {
         self.rejected[why as usize].inc();
+    }
+
+    /// Gives a split route's subsets their series.
+    pub(crate) fn attach_split(&self, route: &str, split: &crate::split::Split) {
+        for subset in split.subsets.iter() {
+            let labels = [route, &*subset.tag];
+            subset.metrics.get_or_init(|| crate::split::SubsetMetrics {
+                requests: self.subset_requests.with_label_values(&labels),
+                errors: self.subset_errors.with_label_values(&labels),
+                routable: {
+                    let gauge = self.subset_routable.with_label_values(&labels);
+                    gauge.set(1);
+                    gauge
+                },
+            });
+        }
     }
 
     /// Gives a route's rate limiter its counter and share gauge.

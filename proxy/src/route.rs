@@ -121,15 +121,18 @@ pub(crate) struct Route {
     pub(crate) rewrite: Option<crate::policy::Rewrite>,
     /// Its rate limit (kept across rebuilds of the table while unchanged).
     pub(crate) limit: Option<Arc<crate::limit::RateLimiter>>,
+    /// Its split among subsets of the service's endpoints.
+    pub(crate) split: Option<Arc<crate::split::Split>>,
 }
 
 impl Route {
     /// How this route chooses an endpoint, `key` the request's hash key.
-    pub(crate) fn choice(&self, key: Option<u64>) -> crate::balance::Choice {
+    pub(crate) fn choice(&self, key: Option<u64>) -> crate::balance::Choice<'_> {
         crate::balance::Choice {
             kind: self.balancer,
             key,
             slow_start_ns: self.slow_start_ns,
+            subset: None,
         }
     }
 
@@ -154,6 +157,8 @@ pub(crate) struct RouteTable {
     /// Rate limiters by route name, kept by the next compile while the
     /// route's limit is the same (its buckets live on).
     limiters: HashMap<Box<str>, Arc<crate::limit::RateLimiter>>,
+    /// Split routes' splits, by route name (for their metrics).
+    splits: Vec<(Box<str>, Arc<crate::split::Split>)>,
 }
 
 impl RouteTable {
@@ -195,6 +200,14 @@ impl RouteTable {
                 table.limiters.insert(name.clone(), limit.clone());
                 Some(limit)
             });
+            // Validated when the config was loaded.
+            let split = crate::split::Split::from_config(&route.split, &route.matches)
+                .ok()
+                .flatten()
+                .map(Arc::new);
+            if let Some(split) = &split {
+                table.splits.push((name.clone(), split.clone()));
+            }
             let target = Arc::new(Route {
                 name,
                 service: Name::from(route.service.as_str()),
@@ -224,6 +237,7 @@ impl RouteTable {
                     .ok()
                     .flatten(),
                 limit,
+                split,
             });
             // Validated when the config was loaded.
             let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
@@ -274,6 +288,7 @@ impl RouteTable {
                 policy: None,
                 rewrite: None,
                 limit: None,
+                split: None,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone());
@@ -298,6 +313,11 @@ impl RouteTable {
             .sort_by_key(|entry| std::cmp::Reverse(entry.0.len()));
         sort(&mut table.any);
         table
+    }
+
+    /// Every split route's split, by route name.
+    pub(crate) fn splits(&self) -> impl Iterator<Item = (&str, &Arc<crate::split::Split>)> {
+        self.splits.iter().map(|(name, s)| (&**name, s))
     }
 
     /// Every route's rate limiter, by route name.

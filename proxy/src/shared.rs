@@ -61,6 +61,9 @@ fn with_metrics(table: RouteTable, metrics: &ProxyMetrics) -> RouteTable {
     for (route, limiter) in table.limiters() {
         metrics.attach_limit(route, limiter);
     }
+    for (route, split) in table.splits() {
+        metrics.attach_split(route, split);
+    }
     table
 }
 

@@ -430,4 +430,16 @@ pub(crate) struct Backend {
     pub(crate) stats: Arc<EndpointStats>,
     pub(crate) addr: SocketAddr,
     pub(crate) weight: u32,
+    /// Its registry record (tags for splits); none for another
+    /// datacenter's proxies.
+    pub(crate) endpoint: Option<Arc<switchyard_catalog::model::Endpoint>>,
+}
+
+impl Backend {
+    /// Whether its endpoint carries `tag`.
+    pub(crate) fn has_tag(&self, tag: &str) -> bool {
+        self.endpoint
+            .as_ref()
+            .is_some_and(|e| e.tags.iter().any(|t| t == tag))
+    }
 }

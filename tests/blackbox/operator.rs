@@ -173,6 +173,7 @@ fn every_metric_the_grafana_dashboard_and_the_docs_name_exists() {
     let (agent, _dir) = agent_with(
         "[[http.routes]]\nhost = \"m.test\"\nservice = \"web\"\n\
          rate_limit = { rate = \"1000/s\", burst = 100 }\n\
+         match = [{ header = \"x-canary\", value = \"1\", tag = \"canary\" }]\n\
          [[http.routes]]\nhost = \"h2.test\"\nservice = \"web2\"\nupstream_protocol = \"h2c\"\n\
          [[tcp.listeners]]\naddr = \"127.0.0.1:0\"\nservice = \"web\"\n\
          [[federation.datacenters]]\nname = \"dc2\"\napi = [\"127.0.0.1:1\"]\n\

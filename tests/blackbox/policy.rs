@@ -419,3 +419,135 @@ fn a_cluster_rate_limit_is_shared_by_traffic_through_the_store() {
         },
     );
 }
+
+/// How many of `requests` GETs of `path` on `host` each endpoint answered.
+fn spread(
+    http: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    extra: &str,
+    requests: usize,
+) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..requests {
+        let reply = crate::proxy::get_with(http, host, path, extra);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        *seen.entry(reply.body).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn a_split_divides_requests_by_weight_and_skips_an_empty_subset() {
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"s.test\"\nservice = \"web\"\nbalancer = \"round_robin\"\n\
+         split = [{ tag = \"v1\", weight = 90 }, { tag = \"v2\", weight = 10 }]\n\
+         [[http.routes]]\nhost = \"e.test\"\nservice = \"web\"\n\
+         split = [{ tag = \"v1\", weight = 50 }, { tag = \"v3\", weight = 50 }]\n",
+    );
+    let c = agent.client();
+    let (a, b, canary) = (
+        Upstream::start("v1-a"),
+        Upstream::start("v1-b"),
+        Upstream::start("v2"),
+    );
+    register(&c, "web", &[&a, &b], &["v1"]);
+    register(&c, "web", &[&canary], &["v2"]);
+    let seen = spread(agent.http, "s.test", "/", "", 2000);
+    let v2 = seen.get("v2").copied().unwrap_or(0);
+    assert!((140..=260).contains(&v2), "10% of 2000 is 200: {seen:?}");
+    // Within its subset, each request still goes by the route's balancer.
+    let (va, vb) = (seen["v1-a"], seen["v1-b"]);
+    assert!(va.abs_diff(vb) <= 2, "round robin within v1: {seen:?}");
+    let subset = |route: &str, tag: &str, family: &str| {
+        c.metric(&format!(
+            "switchyard_proxy_subset_{family}{{route=\"{route}\",subset=\"{tag}\"}}"
+        ))
+    };
+    assert_eq!(subset("s.test/", "v2", "requests_total"), Some(v2 as f64));
+    assert_eq!(
+        subset("s.test/", "v1", "requests_total"),
+        Some((va + vb) as f64)
+    );
+    // Errors are counted by subset, so a rollout tool can judge the canary.
+    canary
+        .status
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let mut failed = 0;
+    for _ in 0..300 {
+        failed += usize::from(get(agent.http, "s.test", "/").status == 500);
+    }
+    assert!(failed > 0);
+    assert_eq!(subset("s.test/", "v2", "errors_total"), Some(failed as f64));
+    assert_eq!(subset("s.test/", "v1", "errors_total"), Some(0.0));
+    // v3 has no endpoint: its half goes to v1, and the metric says so.
+    let seen = spread(agent.http, "e.test", "/", "", 100);
+    assert_eq!(seen.get("v2"), None, "{seen:?}");
+    assert_eq!(seen.values().sum::<usize>(), 100);
+    assert_eq!(subset("e.test/", "v3", "routable"), Some(0.0));
+    assert_eq!(subset("e.test/", "v1", "routable"), Some(1.0));
+    // An endpoint tagged v3 appears: it gets its half.
+    let late = Upstream::start("v3");
+    register(&c, "web", &[&late], &["v3"]);
+    let seen = spread(agent.http, "e.test", "/", "", 400);
+    let v3 = seen.get("v3").copied().unwrap_or(0);
+    assert!((140..=260).contains(&v3), "half of 400: {seen:?}");
+    assert_eq!(subset("e.test/", "v3", "routable"), Some(1.0));
+}
+
+#[test]
+fn matching_requests_go_to_their_subset_first() {
+    let pki = TestPki::new();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let config = [
+        pki.https_listener(certs.path(), "p.test"),
+        "[[http.routes]]\nhost = \"p.test\"\nservice = \"web\"\n\
+         split = [{ tag = \"stable\", weight = 1 }]\n\
+         match = [{ header = \"x-canary\", value = \"1\", tag = \"canary\" },\n\
+                  { cookie = \"beta\", value = \"yes\", tag = \"canary\" },\n\
+                  { query = \"tier\", value = \"gold\", tag = \"gold\" }]\n"
+            .to_string(),
+    ]
+    .concat();
+    let (agent, _dir) = agent_with(&config);
+    let https = agent.https.expect("https listener");
+    let c = agent.client();
+    let (stable, canary) = (Upstream::start("stable"), Upstream::start("canary"));
+    register(&c, "web", &[&stable], &["stable"]);
+    register(&c, "web", &[&canary], &["canary"]);
+    let by = |extra: &str| spread(agent.http, "p.test", "/", extra, 20);
+    assert_eq!(by(""), HashMap::from([("stable".to_string(), 20)]));
+    assert_eq!(
+        by("X-Canary: 1\r\n"),
+        HashMap::from([("canary".to_string(), 20)])
+    );
+    assert_eq!(
+        by("X-Canary: 2\r\n"),
+        HashMap::from([("stable".to_string(), 20)])
+    );
+    assert_eq!(
+        by("Cookie: a=b; beta=yes\r\n"),
+        HashMap::from([("canary".to_string(), 20)])
+    );
+    // The gold subset has no endpoint yet: matching requests go by the split.
+    for via in [Via::Http1, Via::H2c, Via::TlsH2, Via::TlsHttp1] {
+        let (status, _, body) = fetch_all(via, agent.http, https, &pki, "/x?tier=gold");
+        assert_eq!((status, body.as_str()), (200, "stable"), "{via:?}");
+    }
+    let gold = Upstream::start("gold");
+    register(&c, "web", &[&gold], &["gold"]);
+    for via in [Via::Http1, Via::H2c, Via::TlsH2, Via::TlsHttp1] {
+        let (status, _, body) = fetch_all(via, agent.http, https, &pki, "/x?tier=gold");
+        assert_eq!((status, body.as_str()), (200, "gold"), "{via:?}");
+        let (status, _, body) = fetch_all(via, agent.http, https, &pki, "/x?tier=silver");
+        assert_eq!((status, body.as_str()), (200, "stable"), "{via:?}");
+    }
+    // With the stable subset gone, a split with nowhere to send answers 503.
+    c.put_ok(
+        "/v1/switchyard/batch",
+        &serde_json::json!({"deregister": [{"node": "n1", "id": "stable"}]}).to_string(),
+    );
+    let refused = get(agent.http, "p.test", "/");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("split"), "{refused:?}");
+}

@@ -31,6 +31,7 @@ fn service_named(ids: &[String], weights: &[u32]) -> Svc {
             )),
             addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
             weight,
+            endpoint: None,
         })
         .collect();
     Svc {
@@ -275,9 +276,8 @@ fn the_ejection_cap_keeps_endpoints_in_and_reports_fail_open() {
 fn ramped_share(svc: &Svc, kind: BalancerKind, window: u64, now: u64) -> f64 {
     let mut rng = fastrand::Rng::with_seed(11);
     let choice = Choice {
-        kind,
-        key: None,
         slow_start_ns: window,
+        ..Choice::new(kind, None)
     };
     let picks = 30_000;
     let hits = (0..picks)
@@ -354,9 +354,8 @@ fn slow_start_follows_an_ejection_and_leaves_hashing_alone() {
     let ring = |slow_start_ns| {
         let mut rng = fastrand::Rng::with_seed(3);
         let choice = Choice {
-            kind: BalancerKind::ConsistentHash,
-            key: None,
             slow_start_ns,
+            ..Choice::new(BalancerKind::ConsistentHash, None)
         };
         (0..64u64)
             .map(|key| {
