@@ -318,6 +318,13 @@ impl Running {
                 let xds = xds.clone();
                 Arc::new(move || xds_json(&xds)) as api::XdsView
             }),
+            routes: Some(api::RouteBook {
+                check: Arc::new(switchyard_proxy::check_route),
+                list: {
+                    let proxy = proxy.clone();
+                    Arc::new(move || proxy.routes_json())
+                },
+            }),
         });
         let xds_addr = match xds {
             Some((xds, listener)) => {

@@ -124,6 +124,14 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// List the proxy's routes and where each came from: the API
+    /// (/v1/switchyard/routes), the config ([[http.routes]]) or a service's
+    /// tags, in precedence order (on the same host and prefix the first wins).
+    Routes {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the datacenters: this one, then the others ([[federation.datacenters]])
     /// by measured round trip, with whether they answer.
     Datacenters {
@@ -271,6 +279,7 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
         Commands::Endpoints { service, json } => client(endpoints(&cli.api, &service, json)),
         Commands::Register { file } => client(register(&cli.api, &file)),
         Commands::Nodes { json } => client(nodes(&cli.api, json)),
+        Commands::Routes { json } => client(routes(&cli.api, json)),
         Commands::Datacenters { json } => client(datacenters(&cli.api, json)),
         Commands::Drain { target } => {
             let (path, opts) = match target {
@@ -714,6 +723,35 @@ fn nodes(api: &str, as_json: bool) -> anyhow::Result<()> {
             s("state"),
             num(row, "endpoints"),
             deadline
+        );
+    }
+    Ok(())
+}
+
+fn routes(api: &str, as_json: bool) -> anyhow::Result<()> {
+    let list = get_json(api, "/v1/switchyard/routes")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<7} {:<28} {:<16} {:<20} NOTE",
+        "ROUTE", "SOURCE", "HOST", "PATH", "SERVICE"
+    );
+    for row in list.as_array().into_iter().flatten() {
+        let s = |k: &str| row.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let note = match row.get("shadowed_by").and_then(Value::as_str) {
+            Some(winner) => format!("overridden by {winner}"),
+            None => String::new(),
+        };
+        println!(
+            "{:<24} {:<7} {:<28} {:<16} {:<20} {}",
+            s("name"),
+            s("source"),
+            s("host"),
+            s("path_prefix"),
+            s("service"),
+            note
         );
     }
     Ok(())

@@ -181,6 +181,28 @@ impl ProxyDecorator {
 }
 
 impl ProxyDecorator {
+    /// Every route (API, config and tags) in precedence order: where it
+    /// came from, its host, prefix and service, and the route that takes
+    /// its requests when another holds the same host and prefix.
+    pub fn routes_json(&self) -> serde_json::Value {
+        let table = self.shared.routes.load();
+        let routes: Vec<serde_json::Value> = table
+            .listing()
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "name": &*l.name,
+                    "source": l.source.label(),
+                    "host": &*l.host,
+                    "path_prefix": &*l.path_prefix,
+                    "service": &*l.service,
+                    "shadowed_by": l.shadowed_by.as_deref(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(routes)
+    }
+
     /// The proxy's live per-endpoint counts, for the registry's drain status.
     pub fn load_report(&self) -> Arc<dyn LoadReport> {
         Arc::new(ProxyLoad {
@@ -318,6 +340,14 @@ impl ViewDecorator for ProxyDecorator {
     fn basis(&self, view: &ViewHead<'_>) -> u64 {
         let tag_route = TagRoute::from_tags(view.tags_from(TAG_PREFIX));
         u64::from(self.routed(view.name, &tag_route))
+    }
+
+    fn kv_changed(&self, kv: &switchyard_catalog::kv::Kv) -> Vec<Name> {
+        match self.ours {
+            // Another datacenter's copy: its KV holds none of our routes.
+            Some(_) => Vec::new(),
+            None => self.shared.api_routes_changed(kv),
+        }
     }
 
     fn decorate_chunk(

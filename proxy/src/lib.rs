@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod access;
+mod api_routes;
 mod attempts;
 mod backend;
 mod balance;
@@ -50,6 +51,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use switchyard_catalog::{ExtraKey, Snapshot};
 
+pub use api_routes::{check_name as check_route_name, check_route};
 pub use backend::{ProxyDecorator, ProxyService};
 pub use config::{
     BalancerKind, CertificateConfig, Config, HashOn, OutlierConfig, PassiveReport, RouteConfig,

@@ -159,6 +159,41 @@ pub(crate) struct RouteTable {
     limiters: HashMap<Box<str>, Arc<crate::limit::RateLimiter>>,
     /// Split routes' splits, by route name (for their metrics).
     splits: Vec<(Box<str>, Arc<crate::split::Split>)>,
+    /// Every route added, in precedence order.
+    listing: Vec<Listed>,
+}
+
+/// Where a route came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// `/v1/switchyard/routes`.
+    Api,
+    /// `[[http.routes]]`.
+    Config,
+    /// A service's `switchyard.http.*` tags.
+    Tags,
+}
+
+impl Source {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Source::Api => "api",
+            Source::Config => "config",
+            Source::Tags => "tags",
+        }
+    }
+}
+
+/// One route as `switchyard routes` lists it.
+#[derive(Clone, Debug)]
+pub(crate) struct Listed {
+    pub(crate) name: Box<str>,
+    pub(crate) source: Source,
+    pub(crate) host: Box<str>,
+    pub(crate) path_prefix: Box<str>,
+    pub(crate) service: Name,
+    /// The route that holds the same host and prefix ahead of this one.
+    pub(crate) shadowed_by: Option<Box<str>>,
 }
 
 impl RouteTable {
@@ -168,16 +203,28 @@ impl RouteTable {
         config: &Config,
         tags: impl Iterator<Item = (Name, &'a TagRoute)>,
     ) -> RouteTable {
-        RouteTable::compile_after(config, tags, &RouteTable::default())
+        RouteTable::compile_after(config, &[], tags, &RouteTable::default())
     }
 
-    /// As `compile`, keeping `previous`'s TLS setups of tag routes.
+    /// Routes managed through the API first, then the config's, then tag
+    /// routes: on an identical host and prefix the first wins. Keeps
+    /// `previous`'s TLS setups of tag routes and its rate limiters.
     pub(crate) fn compile_after<'a>(
         config: &Config,
+        api: &[crate::api_routes::ApiRoute],
         tags: impl Iterator<Item = (Name, &'a TagRoute)>,
         previous: &RouteTable,
     ) -> RouteTable {
         let mut table = RouteTable::default();
+        for route in api {
+            table.add_config(
+                route.name.clone(),
+                Source::Api,
+                &route.route,
+                config,
+                previous,
+            );
+        }
         for route in &config.routes {
             let name = format!(
                 "{}{}",
@@ -185,64 +232,7 @@ impl RouteTable {
                 route.path_prefix
             )
             .into_boxed_str();
-            let limit = route.rate_limit.as_ref().and_then(|wanted| {
-                let kept = previous
-                    .limiters
-                    .get(&name)
-                    .filter(|l| l.config == *wanted)
-                    .cloned();
-                // Validated when the config was loaded.
-                let limit = kept.or_else(|| {
-                    crate::limit::RateLimiter::from_config(wanted)
-                        .ok()
-                        .map(Arc::new)
-                })?;
-                table.limiters.insert(name.clone(), limit.clone());
-                Some(limit)
-            });
-            // Validated when the config was loaded.
-            let split = crate::split::Split::from_config(&route.split, &route.matches)
-                .ok()
-                .flatten()
-                .map(Arc::new);
-            if let Some(split) = &split {
-                table.splits.push((name.clone(), split.clone()));
-            }
-            let target = Arc::new(Route {
-                name,
-                service: Name::from(route.service.as_str()),
-                balancer: route.balancer.unwrap_or(config.balancer),
-                hash_on: route.hash_on.clone(),
-                slow_start_ns: route.slow_start.map_or(0, crate::stats::nanos),
-                connect_timeout: route.connect_timeout.unwrap_or(config.connect_timeout),
-                response_timeout: route.response_timeout.unwrap_or(config.response_timeout),
-                retries: route.retries.unwrap_or(config.retries),
-                retry_grpc_on: GrpcRetryOn::mask(
-                    route
-                        .retry_grpc_on
-                        .as_deref()
-                        .unwrap_or(&config.retry_grpc_on),
-                ),
-                max_body_bytes: route.max_body_bytes.unwrap_or(config.max_body_bytes),
-                grpc_web: route.grpc_web,
-                h2c: route.upstream_protocol == UpstreamProtocol::H2c,
-                // Built when the config was validated.
-                tls: route.tls().ok().flatten(),
-                h2: route.upstream_protocol == UpstreamProtocol::H2,
-                // Validated when the config was loaded.
-                policy: crate::policy::Policy::from_config(&route.keys())
-                    .ok()
-                    .flatten(),
-                rewrite: crate::policy::Rewrite::from_config(&route.keys())
-                    .ok()
-                    .flatten(),
-                limit,
-                split,
-            });
-            // Validated when the config was loaded.
-            let host = HostPattern::parse(route.host.as_deref().unwrap_or("*"))
-                .unwrap_or(HostPattern::Any);
-            table.add(host, &route.path_prefix, target);
+            table.add_config(name, Source::Config, route, config, previous);
         }
         let mut tags: Vec<_> = tags.collect();
         tags.sort_by(|a, b| a.0.cmp(&b.0));
@@ -291,11 +281,11 @@ impl RouteTable {
                 split: None,
             });
             if tag.hosts.is_empty() {
-                table.add(HostPattern::Any, &tag.path, target.clone());
+                table.add(HostPattern::Any, &tag.path, target.clone(), Source::Tags);
             }
             for host in &tag.hosts {
                 match HostPattern::parse(host) {
-                    Ok(pattern) => table.add(pattern, &tag.path, target.clone()),
+                    Ok(pattern) => table.add(pattern, &tag.path, target.clone(), Source::Tags),
                     Err(e) => {
                         tracing::warn!(service = %target.service, error = %e, "ignoring route tag")
                     }
@@ -315,6 +305,77 @@ impl RouteTable {
         table
     }
 
+    /// Adds a route of the config or the API (validated already).
+    fn add_config(
+        &mut self,
+        name: Box<str>,
+        source: Source,
+        route: &crate::config::RouteConfig,
+        config: &Config,
+        previous: &RouteTable,
+    ) {
+        let limit = route.rate_limit.as_ref().and_then(|wanted| {
+            let kept = previous
+                .limiters
+                .get(&name)
+                .filter(|l| l.config == *wanted)
+                .cloned();
+            let limit = kept.or_else(|| {
+                crate::limit::RateLimiter::from_config(wanted)
+                    .ok()
+                    .map(Arc::new)
+            })?;
+            self.limiters.insert(name.clone(), limit.clone());
+            Some(limit)
+        });
+        let split = crate::split::Split::from_config(&route.split, &route.matches)
+            .ok()
+            .flatten()
+            .map(Arc::new);
+        if let Some(split) = &split {
+            self.splits.push((name.clone(), split.clone()));
+        }
+        let target = Arc::new(Route {
+            name,
+            service: Name::from(route.service.as_str()),
+            balancer: route.balancer.unwrap_or(config.balancer),
+            hash_on: route.hash_on.clone(),
+            slow_start_ns: route.slow_start.map_or(0, crate::stats::nanos),
+            connect_timeout: route.connect_timeout.unwrap_or(config.connect_timeout),
+            response_timeout: route.response_timeout.unwrap_or(config.response_timeout),
+            retries: route.retries.unwrap_or(config.retries),
+            retry_grpc_on: GrpcRetryOn::mask(
+                route
+                    .retry_grpc_on
+                    .as_deref()
+                    .unwrap_or(&config.retry_grpc_on),
+            ),
+            max_body_bytes: route.max_body_bytes.unwrap_or(config.max_body_bytes),
+            grpc_web: route.grpc_web,
+            h2c: route.upstream_protocol == UpstreamProtocol::H2c,
+            // Built when the route was validated.
+            tls: route.tls().ok().flatten(),
+            h2: route.upstream_protocol == UpstreamProtocol::H2,
+            policy: crate::policy::Policy::from_config(&route.keys())
+                .ok()
+                .flatten(),
+            rewrite: crate::policy::Rewrite::from_config(&route.keys())
+                .ok()
+                .flatten(),
+            limit,
+            split,
+        });
+        let host =
+            HostPattern::parse(route.host.as_deref().unwrap_or("*")).unwrap_or(HostPattern::Any);
+        self.add(host, &route.path_prefix, target, source);
+    }
+
+    /// Every route, where it came from, and the route that takes its
+    /// requests instead when another holds its host and prefix.
+    pub(crate) fn listing(&self) -> &[Listed] {
+        &self.listing
+    }
+
     /// Every split route's split, by route name.
     pub(crate) fn splits(&self) -> impl Iterator<Item = (&str, &Arc<crate::split::Split>)> {
         self.splits.iter().map(|(name, s)| (&**name, s))
@@ -325,7 +386,20 @@ impl RouteTable {
         self.limiters.iter().map(|(name, l)| (&**name, l))
     }
 
-    fn add(&mut self, host: HostPattern, prefix: &str, route: Arc<Route>) {
+    fn add(&mut self, host: HostPattern, prefix: &str, route: Arc<Route>, source: Source) {
+        let host_text = match &host {
+            HostPattern::Any => "*".to_string(),
+            HostPattern::Exact(name) => name.clone(),
+            HostPattern::Suffix(suffix) => format!("*{suffix}"),
+        };
+        let mut listed = Listed {
+            name: route.name.clone(),
+            source,
+            host: host_text.into_boxed_str(),
+            path_prefix: prefix.into(),
+            service: route.service.clone(),
+            shadowed_by: None,
+        };
         let entry = (Box::from(prefix.as_bytes()), route);
         let list = match host {
             HostPattern::Any => &mut self.any,
@@ -342,9 +416,11 @@ impl RouteTable {
             }
         };
         // The first route added for an identical prefix wins.
-        if !list.iter().any(|(p, _)| *p == entry.0) {
-            list.push(entry);
+        match list.iter().find(|(p, _)| *p == entry.0) {
+            Some((_, winner)) => listed.shadowed_by = Some(winner.name.clone()),
+            None => list.push(entry),
         }
+        self.listing.push(listed);
     }
 
     /// `host` is already lowercase and without its port.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use switchyard_catalog::{Admission, Elsewhere, Name, Snapshot};
 
+use crate::api_routes::ApiRoute;
 use crate::config::{Config, TcpConfig};
 use crate::metrics::ProxyMetrics;
 use crate::route::{RouteTable, TagRoute};
@@ -32,8 +33,12 @@ pub(crate) struct Shared {
     pub(crate) generation: AtomicU64,
     pub(crate) metrics: Arc<ProxyMetrics>,
     pub(crate) routes: Arc<ArcSwap<RouteTable>>,
-    /// Services named by a config route or L4 listener.
+    /// Services named by a config or API route or an L4 listener.
     pub(crate) configured: ArcSwap<HashSet<String>>,
+    /// Routes managed through the API, as the KV store last had them, and
+    /// the KV index of their prefix then.
+    pub(crate) api_routes: ArcSwap<Vec<ApiRoute>>,
+    pub(crate) api_index: AtomicU64,
     pub(crate) services: Mutex<HashMap<Name, ServiceEntry>>,
     /// Open client connections (HTTP, HTTPS and L4), in all and per client
     /// address: `max_connections` and `max_connections_per_client`.
@@ -46,12 +51,18 @@ pub(crate) struct Shared {
     pub(crate) via_proxies: ArcSwap<HashMap<String, Arc<crate::backend::ProxyService>>>,
 }
 
-/// The services a configuration routes to (HTTP routes and L4 listeners).
-pub(crate) fn configured_services(config: &Config, tcp: &TcpConfig) -> HashSet<String> {
+/// The services a configuration and the API's routes send to (HTTP routes
+/// and L4 listeners).
+pub(crate) fn configured_services(
+    config: &Config,
+    tcp: &TcpConfig,
+    api: &[ApiRoute],
+) -> HashSet<String> {
     config
         .routes
         .iter()
         .map(|r| r.service.clone())
+        .chain(api.iter().map(|r| r.route.service.clone()))
         .chain(tcp.listeners.iter().map(|l| l.service.clone()))
         .collect()
 }
@@ -69,7 +80,7 @@ fn with_metrics(table: RouteTable, metrics: &ProxyMetrics) -> RouteTable {
 
 impl Shared {
     pub(crate) fn new(config: Config, tcp: TcpConfig, metrics: Arc<ProxyMetrics>) -> Shared {
-        let configured = configured_services(&config, &tcp);
+        let configured = configured_services(&config, &tcp, &[]);
         let routes = Arc::new(ArcSwap::from_pointee(with_metrics(
             RouteTable::compile(&config, std::iter::empty()),
             &metrics,
@@ -81,6 +92,8 @@ impl Shared {
             metrics,
             routes,
             configured: ArcSwap::from_pointee(configured),
+            api_routes: ArcSwap::from_pointee(Vec::new()),
+            api_index: AtomicU64::new(u64::MAX),
             services: Mutex::new(HashMap::new()),
             admission: Admission::new(),
             elsewhere: std::sync::OnceLock::new(),
@@ -88,11 +101,45 @@ impl Shared {
         }
     }
 
+    /// Takes the API's routes from the KV store when they changed: the
+    /// routes are compiled again, and the services that gained or lost
+    /// their only route are returned, to be decorated again.
+    pub(crate) fn api_routes_changed(&self, kv: &switchyard_catalog::kv::Kv) -> Vec<Name> {
+        let index = kv.prefix_index(switchyard_catalog::kv::ROUTES_PREFIX);
+        if self.api_index.swap(index, Ordering::Relaxed) == index {
+            return Vec::new();
+        }
+        self.api_routes
+            .store(Arc::new(crate::api_routes::stored(kv)));
+        let before = self.configured.load_full();
+        let after = configured_services(
+            &self.config.load(),
+            &self.tcp.load(),
+            &self.api_routes.load(),
+        );
+        let changed = before
+            .symmetric_difference(&after)
+            .map(|s| Name::from(s.as_str()))
+            .collect();
+        // Routes first: a service left unrouted is emptied only once no
+        // route sends to it.
+        if let Ok(services) = self.services.lock() {
+            self.compile_routes(&services);
+        }
+        self.configured.store(Arc::new(after));
+        changed
+    }
+
     pub(crate) fn compile_routes(&self, services: &HashMap<Name, ServiceEntry>) {
         let tags = services
             .iter()
             .filter_map(|(name, entry)| entry.tag_route.as_ref().map(|r| (name.clone(), r)));
-        let table = RouteTable::compile_after(&self.config.load(), tags, &self.routes.load());
+        let table = RouteTable::compile_after(
+            &self.config.load(),
+            &self.api_routes.load(),
+            tags,
+            &self.routes.load(),
+        );
         self.routes
             .store(Arc::new(with_metrics(table, &self.metrics)));
     }
@@ -189,7 +236,7 @@ impl Shared {
             return Err("tcp.listeners: adding, removing or moving a listener needs a restart (or an upgrade); settings of existing ones reload".to_string());
         }
         let before = self.configured.load();
-        let after = configured_services(&http, &tcp);
+        let after = configured_services(&http, &tcp, &self.api_routes.load());
         let names = |set: Vec<&String>| {
             let mut v: Vec<Name> = set.into_iter().map(|s| Name::from(s.as_str())).collect();
             v.sort();
@@ -217,7 +264,7 @@ impl Shared {
     /// their views rebuilt (`no_longer_routed`) to release their state.
     pub(crate) fn finish_reload(&self, plan: ReloadPlan) {
         let shared = self;
-        let configured = configured_services(&plan.http, &plan.tcp);
+        let configured = configured_services(&plan.http, &plan.tcp, &self.api_routes.load());
         shared.config.store(Arc::new(plan.http));
         shared.tcp.store(Arc::new(plan.tcp));
         shared.generation.fetch_add(1, Ordering::Release);

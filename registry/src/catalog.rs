@@ -514,6 +514,7 @@ impl Catalog {
         for service in names {
             catalog.dirty.add(DirtyKey::Service(service));
         }
+        catalog.kv_changed();
         catalog.rebuild_views();
         catalog.dirty = Dirty::default();
         catalog
@@ -652,11 +653,16 @@ impl Catalog {
         cas: Option<u64>,
         idx: u64,
     ) -> Result<bool, RegistryError> {
+        // A recursive delete above the reserved keys leaves them be.
+        let reserved = |k: &str| {
+            switchyard_catalog::kv::is_reserved(k) && !switchyard_catalog::kv::is_reserved(key)
+        };
         let keys: Vec<Name> = match recurse {
             true => self
                 .snap
                 .kv
                 .under(key)
+                .filter(|e| !reserved(&e.key))
                 .map(|e| e.key.as_str().into())
                 .collect(),
             false => {
@@ -1781,6 +1787,9 @@ impl Catalog {
 
     /// Rebuilds the views of the services touched since the last publish.
     pub(crate) fn rebuild_views(&mut self) {
+        if !self.dirty.kv.is_empty() {
+            self.kv_changed();
+        }
         let services: Vec<Name> = self.dirty.services.iter().cloned().collect();
         for name in services {
             let redecorate = self.dirty.redecorate.contains(&name);
@@ -1860,6 +1869,22 @@ impl Catalog {
             !dirty.checks.is_empty(),
         ];
         batch
+    }
+
+    /// Tells the decorators of the KV store as it is now; the services they
+    /// name are decorated again in this publish.
+    fn kv_changed(&mut self) {
+        for name in self.decorators.kv_changed(&self.snap.kv) {
+            if self
+                .snap
+                .services
+                .get(&name)
+                .is_some_and(|s| s.view.is_some())
+            {
+                self.dirty.add(DirtyKey::Service(name.clone()));
+                self.dirty.add(DirtyKey::Redecorate(name));
+            }
+        }
     }
 
     /// Publishes: rebuild dirty views and hand out an immutable copy.

@@ -21,6 +21,7 @@ mod queries;
 mod readme;
 mod registry_api;
 mod restart;
+mod routes;
 mod security;
 mod sessions;
 mod support;

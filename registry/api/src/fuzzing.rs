@@ -99,6 +99,7 @@ pub fn api_request(data: &[u8]) {
             answers: Default::default(),
             federation: None,
             xds: None,
+            routes: None,
             copies: None,
         });
         let before = registry.snapshot().index();

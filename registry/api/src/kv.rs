@@ -45,6 +45,20 @@ fn checked(key: &str) -> Result<&str, ApiError> {
     Ok(key)
 }
 
+/// `checked`, and not one of the keys only `/v1/switchyard/routes` writes.
+fn writable(key: &str) -> Result<&str, ApiError> {
+    if switchyard_catalog::kv::is_reserved(key) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "key {key:?} is under {:?}, written only through /v1/switchyard/routes",
+                switchyard_catalog::kv::ROUTES_PREFIX
+            ),
+        ));
+    }
+    checked(key)
+}
+
 fn entry_json(e: &KvEntry) -> Value {
     let mut out = json!({
         "LockIndex": e.lock_index,
@@ -204,7 +218,7 @@ pub(super) async fn put(
     if key.is_empty() {
         return Err(ApiError::bad_request("Missing key name"));
     }
-    checked(&key)?;
+    writable(&key)?;
     conflicting(&q, &raw, &["cas", "acquire", "release"])?;
     let flags = index_param(&q, "flags")?.unwrap_or(0);
     let cas = index_param(&q, "cas")?;
@@ -277,7 +291,7 @@ async fn remove(state: &ApiState, key: String, q: Pairs, raw: Option<String>) ->
     if key.is_empty() && !recurse {
         return Err(ApiError::bad_request("Missing key name"));
     }
-    checked(&key)?;
+    writable(&key)?;
     conflicting(&q, &raw, &["recurse", "cas"])?;
     let cas = index_param(&q, "cas")?;
     // A delete that finds nothing changes nothing, and is `true`.
@@ -343,7 +357,12 @@ pub(super) async fn txn(State(state): St, body: Bytes) -> ApiResult {
                 "Failed to parse body: operation {at} has no KV"
             )));
         };
-        checked(&kv.key)?;
+        match kv.verb.as_str() {
+            "get" | "get-tree" | "check-index" | "check-session" | "check-not-exists" => {
+                checked(&kv.key)?
+            }
+            _ => writable(&kv.key)?,
+        };
         let value = match kv.value.as_deref() {
             None | Some("") => Vec::new(),
             Some(text) => base64::engine::general_purpose::STANDARD

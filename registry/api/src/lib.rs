@@ -19,6 +19,7 @@ mod limits;
 mod native;
 mod query;
 mod render;
+mod routes;
 pub mod serve;
 mod session;
 pub mod tls;
@@ -40,6 +41,7 @@ use tokio::time::Instant;
 
 pub use crate::answers::Answers;
 pub use crate::config::{ApiConfig, ApiTlsConfig, Role, TokenConfig};
+pub use crate::routes::{RouteBook, RouteCheck};
 use switchyard_catalog::snapshot::Snapshot;
 use switchyard_registry::Registry;
 use switchyard_registry::RegistryError;
@@ -79,6 +81,8 @@ pub struct ApiState {
     /// The xDS server's clients as JSON (`/v1/switchyard/xds`, status), when
     /// it runs.
     pub xds: Option<XdsView>,
+    /// The proxy's checks and list of routes (`/v1/switchyard/routes`).
+    pub routes: Option<routes::RouteBook>,
 }
 
 /// What the API shows of the xDS server, without depending on it.
@@ -424,6 +428,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/status/peers", reads(get(consul::status_peers)))
         .route("/v1/switchyard/status", reads(get(native::status)))
         .route("/v1/switchyard/xds", reads(get(native::xds)))
+        .route("/v1/switchyard/routes", reads(get(routes::list)))
+        .route(
+            "/v1/switchyard/routes/{name}",
+            operator(get(routes::get).put(routes::put).delete(routes::delete)),
+        )
         .route(
             "/v1/switchyard/datacenters",
             reads(get(native::datacenters)),

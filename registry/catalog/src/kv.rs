@@ -12,6 +12,17 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::model::Name;
 
+/// Where the proxy's routes managed through `/v1/switchyard/routes` are
+/// kept (one JSON value per route): durable and shared like any key, but
+/// written only through that API (the KV API refuses them, and a recursive
+/// delete above them leaves them be).
+pub const ROUTES_PREFIX: &str = "switchyard/routes/";
+
+/// Whether `key` is one the KV API may not write.
+pub fn is_reserved(key: &str) -> bool {
+    key.starts_with(ROUTES_PREFIX)
+}
+
 /// Tombstones kept: past this many the oldest are reaped, down to half.
 pub const MAX_TOMBSTONES: usize = 10_000;
 

@@ -106,6 +106,14 @@ pub trait ViewDecorator: Send + Sync + 'static {
     ) -> Arc<Self::Output>
     where
         Self: Sized;
+
+    /// Runs at publish time, before any view is rebuilt, when keys of the
+    /// KV store changed (and once at load), for decorators whose settings
+    /// are kept there (the proxy's API routes). Returns the services whose
+    /// views must be decorated again in the same publish.
+    fn kv_changed(&self, _kv: &crate::kv::Kv) -> Vec<Name> {
+        Vec::new()
+    }
 }
 
 /// A decorator with its output types erased, as the writer runs it.
@@ -113,6 +121,7 @@ trait AnyDecorator: Send + Sync {
     fn basis(&self, view: &ViewHead<'_>) -> u64;
     fn chunk(&self, view: &ViewHead<'_>, chunk: &Chunk, at: usize) -> Extra;
     fn view(&self, view: &ServiceView, change: &ViewChange<'_>, at: usize) -> Extra;
+    fn kv(&self, kv: &crate::kv::Kv) -> Vec<Name>;
 }
 
 impl<D: ViewDecorator> AnyDecorator for D {
@@ -134,6 +143,10 @@ impl<D: ViewDecorator> AnyDecorator for D {
             of: PhantomData,
         };
         self.decorate(view, change, key)
+    }
+
+    fn kv(&self, kv: &crate::kv::Kv) -> Vec<Name> {
+        self.kv_changed(kv)
     }
 }
 
@@ -162,6 +175,12 @@ impl Decorators {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Tells every decorator the KV store changed; the services any of them
+    /// wants decorated again.
+    pub fn kv_changed(&self, kv: &crate::kv::Kv) -> Vec<Name> {
+        self.0.iter().flat_map(|d| d.kv(kv)).collect()
     }
 
     fn bases(&self, head: &ViewHead<'_>) -> Box<[u64]> {
