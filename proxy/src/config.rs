@@ -151,6 +151,17 @@ pub struct RouteConfig {
     /// Requests over this rate get 429 with Retry-After.
     #[serde(default)]
     pub rate_limit: Option<crate::limit::RateLimitConfig>,
+    /// Codings responses are compressed with, in order of preference
+    /// (`zstd`, `br`, `gzip`); the client's Accept-Encoding chooses.
+    #[serde(default)]
+    pub compress: Vec<String>,
+    /// Media types compressed (`type/*` for a whole type). Default: text,
+    /// JSON, JavaScript, XML and SVG.
+    #[serde(default)]
+    pub compress_types: Option<Vec<String>>,
+    /// Smallest body compressed (by its Content-Length). Default 1024.
+    #[serde(default)]
+    pub compress_min_bytes: Option<u64>,
     /// The route's requests divided among subsets of the service's
     /// endpoints, chosen by tag, by weight.
     #[serde(default)]
@@ -181,6 +192,15 @@ impl RouteConfig {
             request_headers: self.request_headers.as_ref(),
             response_headers: self.response_headers.as_ref(),
         }
+    }
+
+    /// The route's compression settings, if any.
+    pub(crate) fn compression(&self) -> Result<Option<crate::compress::Compress>, String> {
+        crate::compress::Compress::from_config(
+            &self.compress,
+            self.compress_types.as_deref(),
+            self.compress_min_bytes,
+        )
     }
 
     /// A route to `service` for any host and path, every setting at its
@@ -215,6 +235,9 @@ impl RouteConfig {
             request_headers: None,
             response_headers: None,
             rate_limit: None,
+            compress: Vec::new(),
+            compress_types: None,
+            compress_min_bytes: None,
             split: Vec::new(),
             matches: Vec::new(),
             built_tls: Default::default(),
@@ -582,6 +605,9 @@ impl Config {
             crate::policy::Rewrite::from_config(&route.keys())
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
             crate::split::Split::from_config(&route.split, &route.matches)
+                .map_err(|e| format!("http.routes[{i}].{e}"))?;
+            route
+                .compression()
                 .map_err(|e| format!("http.routes[{i}].{e}"))?;
             if let Some(limit) = &route.rate_limit {
                 crate::limit::RateLimiter::from_config(limit)

@@ -14,6 +14,7 @@ use crate::access;
 use crate::attempts::{Attempts, Ending, Grpc, Replay, Verdict};
 use crate::backend::ProxyService;
 use crate::balance::Backend;
+use crate::compress::{Coding, Decision, Encoder, HeadFacts};
 use crate::failover::Reach;
 use crate::io::{Buf, Conn};
 use crate::limit::Limited;
@@ -260,6 +261,16 @@ async fn exchange(
         }
         _ => Limited::Pass,
     };
+    // So does the coding a compressing route's answer may take (never for
+    // HEAD, or for HTTP/1.0, which cannot take a chunked body).
+    let compress = route
+        .as_ref()
+        .and_then(|r| r.compress.as_ref())
+        .filter(|_| !request.is_head && !request.http10)
+        .map(|c| {
+            let head = &cbuf.filled()[..request.head_len];
+            c.negotiate(wire::header_in_head(head, "accept-encoding"))
+        });
     // The split's match rules read the head too.
     let matched = route
         .as_ref()
@@ -446,6 +457,7 @@ async fn exchange(
         replayable,
         response_edits,
         subset: split.zip(subset).map(|(s, at)| &*s.subsets[at].tag),
+        compress,
     };
     let next = forward(exchange, req, service, key, &mut outcome).await;
     if let (Some(split), Some(at)) = (split, subset) {
@@ -594,6 +606,8 @@ struct Forward<'a> {
     response_edits: Option<(&'a crate::policy::HeaderEdits, &'a [u8])>,
     /// The tag of the split subset it goes to.
     subset: Option<&'a str>,
+    /// For a route that compresses: the coding the client takes, if any.
+    compress: Option<Option<Coding>>,
 }
 
 /// Picks endpoints and attempts the request until one answers, the retry
@@ -814,6 +828,7 @@ async fn attempt(
         body,
         replayable,
         response_edits,
+        compress,
         ..
     }: Forward<'_>,
     stats: &ServiceStats,
@@ -958,6 +973,28 @@ async fn attempt(
     *head_ns = rtt;
     backend.stats.observe(rtt, now);
     stats.metrics.duration.observe(rtt as f64 / 1e9);
+    // A compressing route's decision, read from the endpoint's head.
+    let decision = match (route.compress.as_ref(), compress) {
+        (Some(c), Some(coding)) => {
+            let head = &ubuf.filled()[..response.head_len];
+            let get = |name: &str| wire::header_in_head(head, name);
+            let facts = HeadFacts {
+                status: response.status,
+                content_type: get("content-type"),
+                content_encoding: get("content-encoding"),
+                content_length: match response.framing {
+                    Framing::Length(n) => Some(n),
+                    Framing::None => Some(0),
+                    _ => None,
+                },
+                content_range: get("content-range").is_some(),
+                cache_control: get("cache-control"),
+            };
+            let varies = get("vary").is_some_and(crate::compress::varies);
+            (c.decide(&facts, coding), varies)
+        }
+        _ => (Decision::AsIs, false),
+    };
     ubuf.consume(response.head_len);
     backend
         .stats
@@ -991,19 +1028,52 @@ async fn attempt(
     }
     let close_client =
         !request.keep_alive || response.framing == Framing::Close || local.stopping();
-    match relay(
-        local,
-        ubuf,
-        &mut upstream,
-        client,
-        response.framing,
-        reply,
-        config.body_timeout,
-        u64::MAX,
-        None,
-    )
-    .await
-    {
+    let relayed = match decision {
+        (Decision::AsIs, _) => {
+            relay(
+                local,
+                ubuf,
+                &mut upstream,
+                client,
+                response.framing,
+                reply,
+                config.body_timeout,
+                u64::MAX,
+                None,
+            )
+            .await
+        }
+        (Decision::Vary, varies) => {
+            crate::compress::rewrite_head(reply, None, !varies);
+            relay(
+                local,
+                ubuf,
+                &mut upstream,
+                client,
+                response.framing,
+                reply,
+                config.body_timeout,
+                u64::MAX,
+                None,
+            )
+            .await
+        }
+        (Decision::Compress(coding), varies) => {
+            crate::compress::rewrite_head(reply, Some(coding), !varies);
+            relay_compressed(
+                local,
+                ubuf,
+                &mut upstream,
+                client,
+                response.framing,
+                reply,
+                config.body_timeout,
+                coding,
+            )
+            .await
+        }
+    };
+    match relayed {
         Ok(()) => {}
         Err(_) => return Ok((Next::Close, status)),
     }
@@ -1139,6 +1209,100 @@ async fn relay(
         match local.deadlines.within(wait, buf.fill(src)).await {
             Some(Ok(0)) if framing == Framing::Close => return Ok(()),
             None if by_rate => return Err(Side::Slow),
+            Some(Ok(0)) | Some(Err(_)) | None => return Err(Side::Source),
+            Some(Ok(_)) => buf.grow_if_full(MAX_BUFFER),
+        }
+    }
+}
+
+/// Forwards a response body of `framing` from `src` to `dst` compressed
+/// with `coding`, as a chunked body: each read goes through the encoder and
+/// whatever it has made goes out as a chunk (`head` with the first). Bytes
+/// after the body stay in `buf`.
+#[allow(clippy::too_many_arguments)]
+async fn relay_compressed(
+    local: &Local,
+    buf: &mut Buf,
+    src: &mut Conn,
+    dst: &mut Conn,
+    framing: Framing,
+    head: &mut Vec<u8>,
+    stall: Duration,
+    coding: Coding,
+) -> Result<(), Side> {
+    let mut encoder = Some(Encoder::new(coding).map_err(|_| Side::Sink)?);
+    let mut chunks = Chunks::default();
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut made = Vec::new();
+    let mut ended = false;
+    loop {
+        let mut done = false;
+        if let Some(enc) = encoder.as_mut() {
+            match framing {
+                Framing::None => done = true,
+                Framing::Length(_) => {
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    enc.write(&buf.filled()[..take]).map_err(|_| Side::Sink)?;
+                    buf.consume(take);
+                    left -= take as u64;
+                    done = left == 0;
+                }
+                Framing::Chunked => loop {
+                    let piece = chunks.decode(buf.filled()).map_err(|_| Side::Source)?;
+                    buf.consume(piece.framing);
+                    if piece.data > 0 {
+                        enc.write(&buf.filled()[..piece.data])
+                            .map_err(|_| Side::Sink)?;
+                        buf.consume(piece.data);
+                    }
+                    if piece.done {
+                        done = true;
+                        break;
+                    }
+                    if piece.framing == 0 && piece.data == 0 {
+                        break;
+                    }
+                },
+                Framing::Close => {
+                    enc.write(buf.filled()).map_err(|_| Side::Sink)?;
+                    let all = buf.len();
+                    buf.consume(all);
+                    done = ended;
+                }
+            }
+        }
+        match (done, encoder.take()) {
+            (true, Some(enc)) => enc.finish_into(&mut made).map_err(|_| Side::Sink)?,
+            (_, Some(mut enc)) => {
+                enc.drain_into(&mut made);
+                encoder = Some(enc);
+            }
+            (_, None) => {}
+        }
+        if !made.is_empty() {
+            head.extend_from_slice(format!("{:x}\r\n", made.len()).as_bytes());
+            head.append(&mut made);
+            head.extend_from_slice(b"\r\n");
+        }
+        if done {
+            head.extend_from_slice(b"0\r\n\r\n");
+        }
+        if !head.is_empty() {
+            let written = local.deadlines.within(stall, dst.write_all(head)).await;
+            head.clear();
+            if !matches!(written, Some(Ok(()))) {
+                return Err(Side::Sink);
+            }
+        }
+        if done {
+            return Ok(());
+        }
+        match local.deadlines.within(stall, buf.fill(src)).await {
+            // A body that ends with the connection: finished on the next turn.
+            Some(Ok(0)) if framing == Framing::Close => ended = true,
             Some(Ok(0)) | Some(Err(_)) | None => return Err(Side::Source),
             Some(Ok(_)) => buf.grow_if_full(MAX_BUFFER),
         }

@@ -408,6 +408,10 @@ impl H2Tls {
             None => {
                 let response = self.forward(request, peer, proto, answered).await;
                 count_subset(answered, &response);
+                let response = match answered.compress.take() {
+                    Some((route, coding)) => compressed(response, &route, coding),
+                    None => response,
+                };
                 grpc_answer(response, answered.grpc).await
             }
             Some((web, format)) => {
@@ -485,6 +489,15 @@ impl H2Tls {
                     }
                     return response;
                 }
+            }
+        }
+        if let Some(compress) = &route.compress {
+            if !answered.grpc && request.method() != hyper::Method::HEAD {
+                let accept = request
+                    .headers()
+                    .get(hyper::header::ACCEPT_ENCODING)
+                    .map(|v| v.as_bytes());
+                answered.compress = Some((route.clone(), compress.negotiate(accept)));
             }
         }
         if let Some(limit) = &route.limit {
@@ -1054,6 +1067,8 @@ struct Answered {
     cors: Option<HeaderValue>,
     /// The split subset the request went to.
     subset: Option<(Arc<crate::split::Split>, usize)>,
+    /// A route that compresses, and the coding the client takes.
+    compress: Option<(Arc<crate::route::Route>, Option<crate::compress::Coding>)>,
 }
 
 /// An attempt on its way: over this thread's HTTP/2 pool, or its HTTP/1.1
@@ -1326,6 +1341,70 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// failed or timed out, a limit) gets a gRPC answer: HTTP 200 with only
 /// headers, `grpc-status` saying why and `grpc-message` the proxy's text,
 /// never a plain-text 5xx a gRPC client cannot read.
+/// An endpoint's response as a route that compresses sends it on: as it
+/// is, with `Vary: Accept-Encoding`, or compressed as it streams.
+fn compressed(
+    mut response: Response<ProxyBody>,
+    route: &crate::route::Route,
+    coding: Option<crate::compress::Coding>,
+) -> Response<ProxyBody> {
+    use crate::compress::{CompressedBody, Decision, Encoder, HeadFacts};
+    use hyper::header;
+    let Some(compress) = &route.compress else {
+        return response;
+    };
+    // The proxy's own answers are short texts.
+    if response.headers().contains_key("x-switchyard") {
+        return response;
+    }
+    let headers = response.headers();
+    let get = |name: header::HeaderName| headers.get(name).map(|v| v.as_bytes());
+    let varies = headers
+        .get_all(header::VARY)
+        .iter()
+        .any(|v| crate::compress::varies(v.as_bytes()));
+    let facts = HeadFacts {
+        status: response.status().as_u16(),
+        content_type: get(header::CONTENT_TYPE),
+        content_encoding: get(header::CONTENT_ENCODING),
+        content_length: get(header::CONTENT_LENGTH)
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok()),
+        content_range: headers.contains_key(header::CONTENT_RANGE),
+        cache_control: get(header::CACHE_CONTROL),
+    };
+    let decision = compress.decide(&facts, coding);
+    if decision == Decision::AsIs {
+        return response;
+    }
+    let headers = response.headers_mut();
+    if !varies {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    let Decision::Compress(coding) = decision else {
+        return response;
+    };
+    let Ok(encoder) = Encoder::new(coding) else {
+        return response;
+    };
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(
+        header::CONTENT_ENCODING,
+        HeaderValue::from_static(coding.token()),
+    );
+    // The bytes change: a strong validator becomes a weak one.
+    if let Some(tag) = headers.get(header::ETAG) {
+        if tag.as_bytes().starts_with(b"\"") {
+            let mut weak = b"W/".to_vec();
+            weak.extend_from_slice(tag.as_bytes());
+            if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+                headers.insert(header::ETAG, weak);
+            }
+        }
+    }
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, CompressedBody::new(body, encoder).boxed())
+}
+
 /// Counts the answer of a request a split route sent to a subset: a 5xx
 /// (the endpoint's or the proxy's) or a trailers-only gRPC failure is an
 /// error (a gRPC status in trailers after messages is not seen here).

@@ -15,6 +15,7 @@ mod api_routes;
 mod attempts;
 mod backend;
 mod balance;
+mod compress;
 mod config;
 mod conn;
 mod deadline;

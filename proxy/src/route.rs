@@ -123,6 +123,8 @@ pub(crate) struct Route {
     pub(crate) limit: Option<Arc<crate::limit::RateLimiter>>,
     /// Its split among subsets of the service's endpoints.
     pub(crate) split: Option<Arc<crate::split::Split>>,
+    /// How its responses are compressed.
+    pub(crate) compress: Option<crate::compress::Compress>,
 }
 
 impl Route {
@@ -279,6 +281,7 @@ impl RouteTable {
                 rewrite: None,
                 limit: None,
                 split: None,
+                compress: None,
             });
             if tag.hosts.is_empty() {
                 table.add(HostPattern::Any, &tag.path, target.clone(), Source::Tags);
@@ -364,6 +367,7 @@ impl RouteTable {
                 .flatten(),
             limit,
             split,
+            compress: route.compression().ok().flatten(),
         });
         let host =
             HostPattern::parse(route.host.as_deref().unwrap_or("*")).unwrap_or(HostPattern::Any);

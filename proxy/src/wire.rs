@@ -165,6 +165,8 @@ pub(crate) struct Request {
     /// (`x-switchyard-failover`): served here or not at all, never sent
     /// on to a third.
     pub(crate) failed_over: bool,
+    /// An HTTP/1.0 request (its answer is never sent chunked).
+    pub(crate) http10: bool,
 }
 
 /// The header a proxy failing over through another datacenter's proxy
@@ -445,6 +447,7 @@ pub(crate) fn parse_request<R>(
             grpc_web,
             preflight,
             failed_over,
+            http10,
         };
         // Nothing is forwarded; the request line stays for the access log.
         out.clear();
@@ -573,6 +576,7 @@ pub(crate) fn parse_request<R>(
         grpc_web,
         preflight,
         failed_over,
+        http10,
     };
     Ok((request, Some(route), key))
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod clients;
 mod cluster;
+mod compression;
 mod connections;
 mod dashboard;
 mod dns;
