@@ -30,13 +30,26 @@ def spawn(argv, **kwargs):
     return subprocess.Popen(argv, **options)
 
 
+def json_body():
+    """64 KiB of JSON (an array of small objects), as W-compress serves it."""
+    items, i = [], 0
+    while sum(len(x) for x in items) < 65536 - 64:
+        items.append('{"id":%d,"name":"item %d","price":%d.%02d,"ok":true}' % (i, i, i * 7 % 1000, i % 100))
+        i += 1
+    return ("[" + ",".join(items) + "]").encode()
+
+
 def start_backends(work):
-    """The origin nginx: `/` answers 13 bytes, `/big` 64 KiB."""
+    """The origin nginx: `/` answers 13 bytes, `/big` 64 KiB, `/json` 64 KiB
+    of JSON (application/json)."""
     # nginx workers run as an unprivileged user: they must be able to read /big.
     os.chmod(work, 0o755)
     with open(os.path.join(work, "big"), "wb") as f:
         f.write(b"x" * 65536)
     os.chmod(os.path.join(work, "big"), 0o644)
+    with open(os.path.join(work, "json"), "wb") as f:
+        f.write(json_body())
+    os.chmod(os.path.join(work, "json"), 0o644)
     listens = "".join(f"listen 127.0.0.1:{p} reuseport;" for p in BACKENDS)
     conf = os.path.join(work, "backends.conf")
     with open(conf, "w") as f:
@@ -45,6 +58,7 @@ events {{ worker_connections 8192; }}
 http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   server {{ {listens}
     location = /big {{ alias {work}/big; default_type application/octet-stream; }}
+    location = /json {{ alias {work}/json; default_type application/json; }}
     location / {{ return 200 "hello, world\\n"; }} }} }}
 """)
     return spawn(["nginx", "-c", conf])
@@ -101,7 +115,7 @@ def require_binary(path):
                  "`cargo build --release`, or pass --binary")
 
 
-def start_switchyard(work, binary, config, args=(), register=True):
+def start_switchyard(work, binary, config, args=(), register=True, node="bench"):
     """The agent under test with 2 proxy threads: `config` (TOML) after the
     environment's SY_EXTRA, API and DNS on free ports, `args` added (its
     `--http-addr`, say). Returns the process and its ready line; with
@@ -110,7 +124,7 @@ def start_switchyard(work, binary, config, args=(), register=True):
     with open(conf, "w") as f:
         f.write(os.environ.get("SY_EXTRA", "") + "\n" + config)
     argv = [binary, "agent", "--config", conf, "--api-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0",
-            "--proxy-threads", "2", "--data-dir", os.path.join(work, "sy-data"), "--node-name", "bench"]
+            "--proxy-threads", "2", "--data-dir", os.path.join(work, "sy-data"), "--node-name", node]
     proc = spawn(argv + list(args), stdout=subprocess.PIPE, text=True)
     ready = json.loads(proc.stdout.readline())
     if register:
@@ -150,12 +164,13 @@ def to_ms(text):
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def wrk(port, path, connections, seconds):
-    """1 s of warm-up thrown away, then `wrk -t1`: req/s, requests, p99 (ms),
-    non-2xx count, socket errors."""
+def wrk(port, path, connections, seconds, headers=()):
+    """1 s of warm-up thrown away, then `wrk -t1` (with `headers`, "Name:
+    value" each): req/s, requests, p99 (ms), non-2xx count, socket errors."""
     url = f"http://127.0.0.1:{port}{path}"
-    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d1s", url], capture_output=True)
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+    extra = [arg for h in headers for arg in ("-H", h)]
+    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d1s", *extra, url], capture_output=True)
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url],
                          capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -192,14 +207,14 @@ def steal_and_total_ticks():
     return fields[7], sum(fields)
 
 
-def measured_wrk(port, path, connections, seconds, pids, tries=4):
+def measured_wrk(port, path, connections, seconds, pids, tries=4, headers=()):
     """`wrk`, plus the CPU µs per request of `pids` (nan without pids) and the
     share of machine time stolen meanwhile; a run with more than MAX_STEAL
     stolen is repeated, up to `tries` runs in all (the last one is kept)."""
     for attempt in range(tries):
         steal0, total0 = steal_and_total_ticks()
         before = cpu_seconds(pids)
-        rps, total, p99, bad, sock = wrk(port, path, connections, seconds)
+        rps, total, p99, bad, sock = wrk(port, path, connections, seconds, headers)
         cpu_us = (cpu_seconds(pids) - before) * 1e6 / max(total, 1) if pids else float("nan")
         steal1, total1 = steal_and_total_ticks()
         steal = (steal1 - steal0) / max(total1 - total0, 1)

@@ -30,9 +30,11 @@ pub struct RateLimitConfig {
     /// Requests per second, minute or hour: `"100/s"`, `"600/m"`, `"10/h"`.
     pub rate: String,
     /// Requests let through at once beyond the steady rate (nginx's
-    /// `burst`). Default 0.
+    /// `burst`). Default: a tenth of the rate per second (rounded down), so
+    /// that arrivals that jitter around the rate still get all of it (with
+    /// 0, 400/s offered against "200/s" admitted 153/s; see bench/RESULTS.md).
     #[serde(default)]
-    pub burst: u32,
+    pub burst: Option<u32>,
     /// What one bucket counts: `"client_ip"` (default), `"header:NAME"`
     /// (requests without the header are not limited) or `"route"` (one
     /// bucket for every request of the route).
@@ -95,6 +97,8 @@ struct Slot {
 /// route-table rebuilds while its configuration stays the same.
 pub(crate) struct RateLimiter {
     pub(crate) config: RateLimitConfig,
+    /// Requests at once beyond the rate (`burst`, or its default).
+    burst: u32,
     pub(crate) key: LimitKey,
     /// The configured rate's emission interval (ns per request).
     base_interval: f64,
@@ -136,6 +140,9 @@ impl RateLimiter {
             },
         };
         let base_interval = 1e9 / per_second;
+        let burst = config
+            .burst
+            .unwrap_or((per_second / 10.0).min(f64::from(u32::MAX)) as u32);
         let table = match key {
             LimitKey::Route => Box::default(),
             _ => (0..SLOTS)
@@ -147,6 +154,7 @@ impl RateLimiter {
         };
         Ok(RateLimiter {
             config: config.clone(),
+            burst,
             key,
             base_interval,
             interval: AtomicU64::new(base_interval.to_bits()),
@@ -189,7 +197,7 @@ impl RateLimiter {
         }
         let interval = f64::from_bits(self.interval.load(Ordering::Relaxed));
         let step = interval.max(1.0) as u64;
-        let tolerance = (interval * f64::from(self.config.burst)) as u64;
+        let tolerance = (interval * f64::from(self.burst)) as u64;
         let cell = match self.key {
             LimitKey::Route => &self.one,
             _ => self.slot(key | 1, now),
@@ -362,9 +370,21 @@ mod tests {
         );
         assert_eq!(l.check(7, now + SEC / 100 + 1), Limited::Pass);
         // Offered twice the rate for 10 s: the rate (plus what the burst had left).
-        let l = limiter("rate = \"100/s\"\nkey = \"route\"");
+        let l = limiter("rate = \"100/s\"\nburst = 0\nkey = \"route\"");
         let got = admitted(&l, 0, 200, 10, SEC);
         assert!((1000..=1001).contains(&got), "{got}");
+        // The default burst is a tenth of the rate per second.
+        let l = limiter("rate = \"100/s\"\nkey = \"route\"");
+        let at_once = (0..100)
+            .filter(|_| l.check(7, SEC) == Limited::Pass)
+            .count();
+        assert_eq!(at_once, 11);
+        let l = limiter("rate = \"1/m\"\nkey = \"route\"");
+        assert_eq!(l.check(7, SEC), Limited::Pass);
+        assert!(
+            matches!(l.check(7, SEC), Limited::Over { .. }),
+            "none below 10/s"
+        );
         // Below the rate, everything passes.
         let l = limiter("rate = \"600/m\"\nkey = \"route\"");
         assert_eq!(admitted(&l, 0, 5, 10, SEC), 50);
@@ -393,7 +413,7 @@ mod tests {
 
     #[test]
     fn a_share_of_a_cluster_rate_admits_that_share() {
-        let l = limiter("rate = \"100/s\"\nkey = \"route\"\nscope = \"cluster\"");
+        let l = limiter("rate = \"100/s\"\nburst = 0\nkey = \"route\"\nscope = \"cluster\"");
         l.set_share(0.25);
         assert!((l.share() - 0.25).abs() < 1e-9);
         let got = admitted(&l, 0, 100, 10, SEC);
