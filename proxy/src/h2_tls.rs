@@ -1337,10 +1337,6 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         })
 }
 
-/// A gRPC call the proxy answered itself (no route, no endpoint, upstream
-/// failed or timed out, a limit) gets a gRPC answer: HTTP 200 with only
-/// headers, `grpc-status` saying why and `grpc-message` the proxy's text,
-/// never a plain-text 5xx a gRPC client cannot read.
 /// An endpoint's response as a route that compresses sends it on: as it
 /// is, with `Vary: Accept-Encoding`, or compressed as it streams.
 fn compressed(
@@ -1418,6 +1414,10 @@ fn count_subset(answered: &mut Answered, response: &Response<ProxyBody>) {
     }
 }
 
+/// A gRPC call the proxy answered itself (no route, no endpoint, upstream
+/// failed or timed out, a limit) gets a gRPC answer: HTTP 200 with only
+/// headers, `grpc-status` saying why and `grpc-message` the proxy's text,
+/// never a plain-text 5xx a gRPC client cannot read.
 async fn grpc_answer(response: Response<ProxyBody>, grpc: bool) -> Response<ProxyBody> {
     if !grpc || !response.headers().contains_key("x-switchyard") {
         return response;

@@ -67,7 +67,8 @@ pub(crate) fn configured_services(
         .collect()
 }
 
-/// A route table with its rate limiters counting into `metrics`.
+/// A route table with its rate limiters and split subsets counting into
+/// `metrics`.
 fn with_metrics(table: RouteTable, metrics: &ProxyMetrics) -> RouteTable {
     for (route, limiter) in table.limiters() {
         metrics.attach_limit(route, limiter);
