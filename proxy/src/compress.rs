@@ -307,85 +307,237 @@ const HOLD_AT_MOST: usize = 64 * 1024;
 /// module): their memory per response stays about a megabyte.
 const WINDOW_LOG: u32 = 19;
 
+/// gzip's header: deflate, no name or time, unknown OS.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+
+/// Finished gzip and zstd states each thread keeps for the next responses:
+/// a context made per response cost more than compressing 64 KiB (its
+/// tables allocated, faulted in and cleared each time; see bench/RESULTS.md).
+const SPARE_PER_THREAD: usize = 16;
+
+#[derive(Default)]
+struct Spare {
+    gzip: Vec<flate2::Compress>,
+    zstd: Vec<zstd::stream::raw::Encoder<'static>>,
+}
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Spare> = std::cell::RefCell::new(Spare::default());
+}
+
 /// A streaming encoder writing into a buffer the caller drains.
 pub(crate) struct Encoder {
     kind: Kind,
+    /// Compressed bytes not yet drained.
+    out: Vec<u8>,
     /// Bytes taken in since it last gave some out.
     held: usize,
 }
 
 enum Kind {
-    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Gzip {
+        deflate: flate2::Compress,
+        crc: flate2::Crc,
+    },
     Br(Box<brotli::CompressorWriter<Vec<u8>>>),
-    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    Zstd(zstd::stream::raw::Encoder<'static>),
+}
+
+fn broken(what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(what.to_string())
 }
 
 impl Encoder {
     pub(crate) fn new(coding: Coding) -> std::io::Result<Encoder> {
+        let spare = |take: fn(&mut Spare) -> Option<Kind>| {
+            SPARE.with(|s| s.try_borrow_mut().ok().and_then(|mut s| take(&mut s)))
+        };
+        let mut out = Vec::new();
         let kind = match coding {
-            Coding::Gzip => Kind::Gzip(flate2::write::GzEncoder::new(
-                Vec::new(),
-                flate2::Compression::new(1),
-            )),
+            Coding::Gzip => {
+                out.extend_from_slice(&GZIP_HEADER);
+                match spare(|s| {
+                    s.gzip.pop().map(|deflate| Kind::Gzip {
+                        deflate,
+                        crc: flate2::Crc::new(),
+                    })
+                }) {
+                    Some(kind) => kind,
+                    None => Kind::Gzip {
+                        deflate: flate2::Compress::new(flate2::Compression::new(1), false),
+                        crc: flate2::Crc::new(),
+                    },
+                }
+            }
             Coding::Br => Kind::Br(Box::new(brotli::CompressorWriter::new(
                 Vec::new(),
                 16 * 1024,
                 4,
                 WINDOW_LOG,
             ))),
-            Coding::Zstd => {
-                let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
-                encoder.window_log(WINDOW_LOG)?;
-                Kind::Zstd(encoder)
-            }
+            Coding::Zstd => match spare(|s| s.zstd.pop().map(Kind::Zstd)) {
+                Some(kind) => kind,
+                None => {
+                    let mut cctx = zstd::stream::raw::Encoder::new(3)?;
+                    cctx.set_parameter(zstd::stream::raw::CParameter::WindowLog(WINDOW_LOG))?;
+                    Kind::Zstd(cctx)
+                }
+            },
         };
-        Ok(Encoder { kind, held: 0 })
-    }
-
-    fn sink(&mut self) -> &mut Vec<u8> {
-        match &mut self.kind {
-            Kind::Gzip(e) => e.get_mut(),
-            Kind::Br(e) => e.get_mut(),
-            Kind::Zstd(e) => e.get_mut(),
-        }
+        Ok(Encoder { kind, out, held: 0 })
     }
 
     /// Feeds body bytes in. An encoder that has taken `HOLD_AT_MOST`
     /// without giving anything out is flushed, so a response streams.
     pub(crate) fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let before = self.out.len() + self.br_made();
         match &mut self.kind {
-            Kind::Gzip(e) => e.write_all(data)?,
+            Kind::Gzip { deflate, crc } => {
+                crc.update(data);
+                deflate_into(deflate, data, &mut self.out, flate2::FlushCompress::None)?;
+            }
             Kind::Br(e) => e.write_all(data)?,
-            Kind::Zstd(e) => e.write_all(data)?,
+            Kind::Zstd(cctx) => zstd_into(cctx, data, &mut self.out)?,
         }
         self.held += data.len();
-        if !self.sink().is_empty() {
+        if self.out.len() + self.br_made() > before {
             self.held = 0;
         } else if self.held >= HOLD_AT_MOST {
             match &mut self.kind {
-                Kind::Gzip(e) => e.flush()?,
+                Kind::Gzip { deflate, .. } => {
+                    deflate_into(deflate, &[], &mut self.out, flate2::FlushCompress::Sync)?
+                }
                 Kind::Br(e) => e.flush()?,
-                Kind::Zstd(e) => e.flush()?,
+                Kind::Zstd(cctx) => zstd_end(cctx, &mut self.out, false)?,
             }
             self.held = 0;
         }
         Ok(())
     }
 
-    /// The compressed bytes made so far, moved into `out` (appended).
-    pub(crate) fn drain_into(&mut self, out: &mut Vec<u8>) {
-        out.append(self.sink());
+    /// What brotli's writer holds for us (it writes into a buffer of its own).
+    fn br_made(&mut self) -> usize {
+        match &mut self.kind {
+            Kind::Br(e) => e.get_mut().len(),
+            _ => 0,
+        }
     }
 
-    /// Ends the stream; the last compressed bytes appended to `out`.
-    pub(crate) fn finish_into(self, out: &mut Vec<u8>) -> std::io::Result<()> {
-        let mut rest = match self.kind {
-            Kind::Gzip(e) => e.finish()?,
-            Kind::Br(e) => e.into_inner(),
-            Kind::Zstd(e) => e.finish()?,
-        };
-        out.append(&mut rest);
+    /// The compressed bytes made so far, moved into `out` (appended).
+    pub(crate) fn drain_into(&mut self, out: &mut Vec<u8>) {
+        if let Kind::Br(e) = &mut self.kind {
+            self.out.append(e.get_mut());
+        }
+        out.append(&mut self.out);
+    }
+
+    /// Ends the stream; the last compressed bytes appended to `out`. The
+    /// gzip and zstd states go back to this thread's spares.
+    pub(crate) fn finish_into(mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        match self.kind {
+            Kind::Gzip { mut deflate, crc } => {
+                deflate_into(
+                    &mut deflate,
+                    &[],
+                    &mut self.out,
+                    flate2::FlushCompress::Finish,
+                )?;
+                self.out.extend_from_slice(&crc.sum().to_le_bytes());
+                self.out.extend_from_slice(&crc.amount().to_le_bytes());
+                deflate.reset();
+                SPARE.with(|s| {
+                    if let Ok(mut s) = s.try_borrow_mut() {
+                        if s.gzip.len() < SPARE_PER_THREAD {
+                            s.gzip.push(deflate);
+                        }
+                    }
+                });
+            }
+            Kind::Br(e) => self.out.append(&mut e.into_inner()),
+            Kind::Zstd(mut cctx) => {
+                zstd_end(&mut cctx, &mut self.out, true)?;
+                use zstd::stream::raw::Operation;
+                if cctx.reinit().is_ok() {
+                    SPARE.with(|s| {
+                        if let Ok(mut s) = s.try_borrow_mut() {
+                            if s.zstd.len() < SPARE_PER_THREAD {
+                                s.zstd.push(cctx);
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        out.append(&mut self.out);
         Ok(())
+    }
+}
+
+/// Runs `input` through `deflate` into `out`'s spare room (grown as needed)
+/// with `flush`: returns when the input is taken and, for a flush, when the
+/// output is complete.
+fn deflate_into(
+    deflate: &mut flate2::Compress,
+    mut input: &[u8],
+    out: &mut Vec<u8>,
+    flush: flate2::FlushCompress,
+) -> std::io::Result<()> {
+    loop {
+        out.reserve(input.len() / 2 + 4096);
+        let (taken, made) = (deflate.total_in(), deflate.total_out());
+        let status = deflate.compress_vec(input, out, flush).map_err(broken)?;
+        let taken = usize::try_from(deflate.total_in() - taken).map_err(broken)?;
+        let made = deflate.total_out() - made;
+        input = &input[taken.min(input.len())..];
+        let room_left = out.len() < out.capacity();
+        let done = match flush {
+            flate2::FlushCompress::Finish => status == flate2::Status::StreamEnd,
+            flate2::FlushCompress::None => input.is_empty(),
+            _ => input.is_empty() && room_left,
+        };
+        if done {
+            return Ok(());
+        }
+        if taken == 0 && made == 0 && room_left {
+            return Err(broken("deflate made no progress"));
+        }
+    }
+}
+
+/// Runs `input` through zstd into `out` (grown as needed).
+fn zstd_into(
+    cctx: &mut zstd::stream::raw::Encoder<'static>,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut input = InBuffer::around(input);
+    while input.pos() < input.src.len() {
+        out.reserve(input.src.len() / 2 + 4096);
+        let at = out.len();
+        cctx.run(&mut input, &mut OutBuffer::around_pos(out, at))?;
+    }
+    Ok(())
+}
+
+/// Flushes zstd's block (`end` false) or ends its frame, into `out`.
+fn zstd_end(
+    cctx: &mut zstd::stream::raw::Encoder<'static>,
+    out: &mut Vec<u8>,
+    end: bool,
+) -> std::io::Result<()> {
+    use zstd::stream::raw::{Operation, OutBuffer};
+    loop {
+        out.reserve(4096);
+        let at = out.len();
+        let mut output = OutBuffer::around_pos(out, at);
+        let left = match end {
+            true => cctx.finish(&mut output, true)?,
+            false => cctx.flush(&mut output)?,
+        };
+        if left == 0 {
+            return Ok(());
+        }
     }
 }
 
@@ -540,7 +692,10 @@ mod tests {
         let body: Vec<u8> = (0..200_000u32)
             .flat_map(|i| format!("{{\"n\":{i}}},").into_bytes())
             .collect();
-        for coding in [Coding::Gzip, Coding::Br, Coding::Zstd] {
+        // Each twice: the second gzip and zstd encoders are the first's
+        // states, reset.
+        let codings = [Coding::Gzip, Coding::Br, Coding::Zstd];
+        for coding in codings.into_iter().chain(codings) {
             let mut encoder = Encoder::new(coding).expect("encoder");
             let mut out = Vec::new();
             let mut drained_early = false;
@@ -568,6 +723,14 @@ mod tests {
             .expect("decode");
             assert_eq!(back, body, "{coding:?}");
         }
+        SPARE.with(|s| {
+            let s = s.borrow();
+            assert_eq!(
+                (s.gzip.len(), s.zstd.len()),
+                (1, 1),
+                "kept, and taken again"
+            );
+        });
     }
 
     #[test]
