@@ -279,7 +279,7 @@ async fn exchange(
         .and_then(|s| {
             let head = &cbuf.filled()[..request.head_len];
             s.matched(
-                |name| wire::header_in_head(head, name),
+                |name| wire::headers_in_head(head, name),
                 wire::request_target(head),
             )
         });

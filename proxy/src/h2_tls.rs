@@ -593,8 +593,14 @@ impl H2Tls {
             Some(split) => {
                 let matched = split.has_rules().then(|| {
                     let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
-                    let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
-                    split.matched(header, target)
+                    let values = |name: &str| {
+                        request
+                            .headers()
+                            .get_all(name)
+                            .into_iter()
+                            .map(|v| v.as_bytes())
+                    };
+                    split.matched(values, target)
                 });
                 match split.choose(matched.flatten(), &service, &mut rng) {
                     Ok(at) => at.map(|at| (split.clone(), at)),

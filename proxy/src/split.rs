@@ -157,18 +157,18 @@ impl Split {
         !self.rules.is_empty()
     }
 
-    /// The subset of the first rule the request matches: `header` finds a
-    /// header's value (the first of that name), `target` is the request
-    /// target (path and query).
-    pub(crate) fn matched<'h>(
-        &self,
-        header: impl Fn(&str) -> Option<&'h [u8]>,
+    /// The subset of the first rule the request matches: `values` gives
+    /// every value of a header (HTTP/2 clients may send cookies in several),
+    /// `target` is the request target (path and query).
+    pub(crate) fn matched<'s, 'h, I: Iterator<Item = &'h [u8]>>(
+        &'s self,
+        values: impl Fn(&'s str) -> I,
         target: &str,
     ) -> Option<usize> {
         self.rules.iter().find_map(|rule| {
             let hit = match &rule.on {
-                On::Header(name) => header(name).is_some_and(|v| v == rule.value.as_bytes()),
-                On::Cookie(name) => header("cookie").is_some_and(|v| {
+                On::Header(name) => values(name).any(|v| v.trim_ascii() == rule.value.as_bytes()),
+                On::Cookie(name) => values("cookie").any(|v| {
                     v.split(|b| *b == b';').any(|pair| {
                         let pair = pair.trim_ascii();
                         pair.strip_prefix(name.as_bytes())
@@ -315,16 +315,24 @@ mod tests {
         .expect("split");
         let tags: Vec<&str> = s.subsets.iter().map(|s| &*s.tag).collect();
         assert_eq!(tags, ["v1", "v2", "v3"], "match-only subsets come last");
-        let none = |_: &str| None;
+        let none = |_: &str| std::iter::empty();
         assert_eq!(s.matched(none, "/a"), None);
-        let canary = |name: &str| (name == "x-canary").then_some(&b"1"[..]);
-        assert_eq!(s.matched(canary, "/a"), Some(1));
-        let other = |name: &str| (name == "x-canary").then_some(&b"0"[..]);
-        assert_eq!(s.matched(other, "/a"), None);
-        let cookie = |name: &str| (name == "cookie").then_some(&b"a=1; beta=yes; c"[..]);
-        assert_eq!(s.matched(cookie, "/"), Some(2));
-        let near = |name: &str| (name == "cookie").then_some(&b"betas=yes; beta=no"[..]);
-        assert_eq!(s.matched(near, "/"), None);
+        let one = |wanted: &'static str, value: &'static [u8]| {
+            move |name: &str| (name == wanted).then_some(value).into_iter()
+        };
+        assert_eq!(s.matched(one("x-canary", b"1"), "/a"), Some(1));
+        assert_eq!(s.matched(one("x-canary", b"0"), "/a"), None);
+        assert_eq!(s.matched(one("cookie", b"a=1; beta=yes; c"), "/"), Some(2));
+        assert_eq!(s.matched(one("cookie", b"betas=yes; beta=no"), "/"), None);
+        // Cookies split over several headers (HTTP/2's crumbs).
+        let crumbs = |name: &str| {
+            let list: &[&[u8]] = match name {
+                "cookie" => &[b"a=1", b"beta=yes"],
+                _ => &[],
+            };
+            list.iter().copied()
+        };
+        assert_eq!(s.matched(crumbs, "/"), Some(2));
         assert_eq!(s.matched(none, "/p?x=1&tier=gold"), Some(0));
         assert_eq!(s.matched(none, "/p?tier=golden"), None);
         assert_eq!(

@@ -920,7 +920,15 @@ mod tests;
 /// The value of header `name` (the first of that name) in a request head
 /// httparse has already accepted.
 pub(crate) fn header_in_head<'h>(head: &'h [u8], name: &str) -> Option<&'h [u8]> {
-    head.split(|b| *b == b'\n').skip(1).find_map(|line| {
+    headers_in_head(head, name).next()
+}
+
+/// Every value of header `name` in a request head httparse has accepted.
+pub(crate) fn headers_in_head<'h, 'n>(
+    head: &'h [u8],
+    name: &'n str,
+) -> impl Iterator<Item = &'h [u8]> + use<'h, 'n> {
+    head.split(|b| *b == b'\n').skip(1).filter_map(move |line| {
         let colon = line.iter().position(|b| *b == b':')?;
         line[..colon]
             .eq_ignore_ascii_case(name.as_bytes())
