@@ -1029,35 +1029,6 @@ async fn attempt(
     let close_client =
         !request.keep_alive || response.framing == Framing::Close || local.stopping();
     let relayed = match decision {
-        (Decision::AsIs, _) => {
-            relay(
-                local,
-                ubuf,
-                &mut upstream,
-                client,
-                response.framing,
-                reply,
-                config.body_timeout,
-                u64::MAX,
-                None,
-            )
-            .await
-        }
-        (Decision::Vary, varies) => {
-            crate::compress::rewrite_head(reply, None, !varies);
-            relay(
-                local,
-                ubuf,
-                &mut upstream,
-                client,
-                response.framing,
-                reply,
-                config.body_timeout,
-                u64::MAX,
-                None,
-            )
-            .await
-        }
         (Decision::Compress(coding), varies) => {
             crate::compress::rewrite_head(reply, Some(coding), !varies);
             relay_compressed(
@@ -1069,6 +1040,23 @@ async fn attempt(
                 reply,
                 config.body_timeout,
                 coding,
+            )
+            .await
+        }
+        (decision, varies) => {
+            if decision == Decision::Vary {
+                crate::compress::rewrite_head(reply, None, !varies);
+            }
+            relay(
+                local,
+                ubuf,
+                &mut upstream,
+                client,
+                response.framing,
+                reply,
+                config.body_timeout,
+                u64::MAX,
+                None,
             )
             .await
         }
