@@ -82,10 +82,10 @@ events {{ worker_connections 8192; }}
     return spawn(["nginx", "-c", conf])
 
 
-def start_haproxy(work, name, port, mode="http", bind="", defaults=""):
+def start_haproxy(work, name, port, mode="http", bind="", defaults="", frontend=""):
     """HAProxy as a peer: 2 threads, round robin over the origin, `mode`
     http or tcp, `bind` options after the address (`proto h2`), extra
-    `defaults` lines."""
+    `defaults` and `frontend` lines."""
     servers = "\n".join(f"  server b{p} 127.0.0.1:{p}" for p in BACKENDS)
     conf = os.path.join(work, f"{name}.cfg")
     with open(conf, "w") as f:
@@ -99,7 +99,7 @@ defaults
   timeout server 60s
 {defaults}frontend fe
   bind 127.0.0.1:{port} {bind}
-  default_backend be
+{frontend}  default_backend be
 backend be
   balance roundrobin
 {servers}

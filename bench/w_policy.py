@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.request
 
-from peers import BACKENDS, measured_wrk, nginx_upstreams, require_binary, spawn, start_backends, stop_all
+from peers import measured_wrk, nginx_upstreams, require_binary, start_backends, start_haproxy, stop_all
 from peers import wait_http as wait
 from peers import start_nginx as start_nginx_with
 from peers import start_switchyard as start_switchyard_with
@@ -58,33 +58,15 @@ rate_limit = { rate = "100000000/s", burst = 1000000 }
 
 
 def start_haproxy_policy(work, port):
-    servers = "\n".join(f"  server b{p} 127.0.0.1:{p}" for p in BACKENDS)
-    conf = os.path.join(work, "haproxy-policy.cfg")
-    with open(conf, "w") as f:
-        f.write(f"""global
-  nbthread 2
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{port}
+    return start_haproxy(work, "haproxy-policy", port, defaults="  http-reuse always\n", frontend="""\
   stick-table type ip size 100k expire 30s store http_req_rate(10s)
   http-request track-sc0 src
-  http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt 1000000000 }}
+  http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000000000 }
   http-request replace-path ^/api/(.*) /\\1
   http-request set-header X-A a
   http-request set-header X-B b
   http-response del-header Server
-  default_backend be
-backend be
-  balance roundrobin
-{servers}
 """)
-    return spawn(["haproxy", "-f", conf])
 
 
 def start_nginx_policy(work, port):

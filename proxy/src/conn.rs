@@ -345,53 +345,46 @@ async fn exchange(
         true => Reach::Here,
         false => Reach::L7,
     };
-    let service = match local.service_anywhere(&route.service, reach).await {
-        Some(service) if !service.backends.is_empty() => service,
-        _ => {
-            metrics.reject(Reject::NoEndpoint);
-            let outcome = Outcome::refused(503, started);
-            log_access(info, head, &request, Some(&route), &outcome);
-            let body = format!("service {:?} has no healthy endpoints", &*route.service);
-            return answer(
-                local,
-                client,
-                503,
-                "Service Unavailable",
-                &body,
-                close_on_refusal,
-            )
-            .await;
-        }
+    let service = local
+        .service_anywhere(&route.service, reach)
+        .await
+        .filter(|s| !s.backends.is_empty());
+    // A split route's subset (another datacenter's proxies carry no tags:
+    // they split there).
+    let split = route
+        .split
+        .as_ref()
+        .filter(|_| service.as_ref().is_some_and(|s| s.via.is_none()));
+    let subset = match (&service, split) {
+        (Some(service), Some(split)) => split.choose(matched, service, &mut local.rng.borrow_mut()),
+        _ => Ok(None),
+    };
+    let none_healthy = service.is_none();
+    let (Some(service), Ok(subset)) = (service, subset) else {
+        metrics.reject(Reject::NoEndpoint);
+        let outcome = Outcome::refused(503, started);
+        log_access(info, head, &request, Some(&route), &outcome);
+        let body = match none_healthy {
+            true => format!("service {:?} has no healthy endpoints", &*route.service),
+            false => format!(
+                "service {:?} has no routable endpoint in this route's split",
+                &*route.service
+            ),
+        };
+        return answer(
+            local,
+            client,
+            503,
+            "Service Unavailable",
+            &body,
+            close_on_refusal,
+        )
+        .await;
     };
     if let Some(ours) = &service.via {
         // Through another datacenter's proxy: it must not send this on.
         wire::mark_failover(head, ours);
     }
-    // A split route's subset (another datacenter's proxies carry no tags:
-    // they split there).
-    let split = route.split.as_ref().filter(|_| service.via.is_none());
-    let subset = match split.map(|s| s.choose(matched, &service, &mut local.rng.borrow_mut())) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(Some(at))) => Some(at),
-        Some(Err(())) => {
-            metrics.reject(Reject::NoEndpoint);
-            let outcome = Outcome::refused(503, started);
-            log_access(info, head, &request, Some(&route), &outcome);
-            let body = format!(
-                "service {:?} has no routable endpoint in this route's split",
-                &*route.service
-            );
-            return answer(
-                local,
-                client,
-                503,
-                "Service Unavailable",
-                &body,
-                close_on_refusal,
-            )
-            .await;
-        }
-    };
     if let Framing::Length(n) = request.framing {
         if route.max_body_bytes > 0 && n > route.max_body_bytes {
             metrics.reject(Reject::BodyTooLarge);

@@ -214,32 +214,23 @@ impl Split {
                 return Ok(Some(at));
             }
         }
-        let total: u64 = self
-            .subsets
-            .iter()
-            .enumerate()
-            .filter(|(at, s)| s.weight > 0 && routable(*at))
-            .map(|(_, s)| u64::from(s.weight))
-            .sum();
-        if total == 0 {
-            return match self.subsets.iter().any(|s| s.weight > 0) {
-                true => Err(()),
-                false => Ok(None),
-            };
-        }
-        let mut draw = rng.u64(..total);
+        // One pass, each subset asked once: a weighted draw that keeps a
+        // routable subset with the chance of its weight in what was seen.
+        let (mut seen, mut chosen) = (0u64, None);
         for (at, subset) in self.subsets.iter().enumerate() {
-            // (`routable` was just asked: the view's list is built.)
-            if subset.weight == 0 || service.subset(&subset.tag).backends.is_empty() {
+            if subset.weight == 0 || !routable(at) {
                 continue;
             }
-            let weight = u64::from(subset.weight);
-            if draw < weight {
-                return Ok(Some(at));
+            seen += u64::from(subset.weight);
+            if rng.u64(..seen) < u64::from(subset.weight) {
+                chosen = Some(at);
             }
-            draw -= weight;
         }
-        Err(())
+        match chosen {
+            Some(at) => Ok(Some(at)),
+            None if self.subsets.iter().any(|s| s.weight > 0) => Err(()),
+            None => Ok(None),
+        }
     }
 
     /// Counts a request to subset `at` and whether it failed.

@@ -1132,15 +1132,7 @@ impl Catalog {
             Command::EnsureNode(node) => self.put_node(node, idx),
             Command::Redecorate(services) => {
                 for name in services {
-                    if self
-                        .snap
-                        .services
-                        .get(&name)
-                        .is_some_and(|s| s.view.is_some())
-                    {
-                        self.dirty.add(DirtyKey::Service(name.clone()));
-                        self.dirty.add(DirtyKey::Redecorate(name));
-                    }
+                    self.redecorate(name);
                 }
                 false
             }
@@ -1875,15 +1867,20 @@ impl Catalog {
     /// name are decorated again in this publish.
     fn kv_changed(&mut self) {
         for name in self.decorators.kv_changed(&self.snap.kv) {
-            if self
-                .snap
-                .services
-                .get(&name)
-                .is_some_and(|s| s.view.is_some())
-            {
-                self.dirty.add(DirtyKey::Service(name.clone()));
-                self.dirty.add(DirtyKey::Redecorate(name));
-            }
+            self.redecorate(name);
+        }
+    }
+
+    /// Marks a service with a view to be decorated again, every chunk.
+    fn redecorate(&mut self, name: Name) {
+        if self
+            .snap
+            .services
+            .get(&name)
+            .is_some_and(|s| s.view.is_some())
+        {
+            self.dirty.add(DirtyKey::Service(name.clone()));
+            self.dirty.add(DirtyKey::Redecorate(name));
         }
     }
 

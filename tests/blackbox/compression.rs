@@ -8,6 +8,7 @@ use std::io::Read;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Bytes, Frame};
 
+use crate::policy::{send, Via};
 use crate::proxy::{agent_with, TestPki};
 
 /// The JSON body every compressible path serves (64 KiB and a bit).
@@ -98,97 +99,25 @@ fn upstream() -> (std::net::SocketAddr, tokio::runtime::Runtime) {
     (addr, runtime)
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Via {
-    Http1,
-    H2c,
-    TlsH2,
-    TlsHttp1,
-}
-
 /// `method path` on c.test with Accept-Encoding `accept`: status, headers
 /// (lowercase), body as received (still encoded).
 fn fetch(
     via: Via,
-    http: std::net::SocketAddr,
-    https: std::net::SocketAddr,
+    (http, https): (std::net::SocketAddr, std::net::SocketAddr),
     pki: &TestPki,
     method: &str,
     path: &str,
     accept: Option<&str>,
 ) -> (u16, HashMap<String, String>, Vec<u8>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let mut request = hyper::Request::builder().method(method);
-        request = match via {
-            Via::Http1 | Via::TlsHttp1 => request.uri(path).header("host", "c.test"),
-            _ => request.uri(format!("https://c.test{path}")),
-        };
-        if let Some(accept) = accept {
-            request = request.header("accept-encoding", accept);
-        }
-        let request = request.body(Empty::<Bytes>::new()).expect("request");
-        let response = match via {
-            Via::H2c => {
-                let (mut sender, _conn) = crate::support::h2c(http).await;
-                sender.send_request(request).await.expect("response")
-            }
-            Via::Http1 => {
-                let tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
-                let io = hyper_util::rt::TokioIo::new(tcp);
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                    .await
-                    .expect("http1");
-                tokio::spawn(conn);
-                sender.send_request(request).await.expect("response")
-            }
-            Via::TlsH2 | Via::TlsHttp1 => {
-                let tcp = tokio::net::TcpStream::connect(https)
-                    .await
-                    .expect("connect");
-                let name = rustls::pki_types::ServerName::try_from("c.test").expect("name");
-                let alpn: &[u8] = match via {
-                    Via::TlsH2 => b"h2",
-                    _ => b"http/1.1",
-                };
-                let tls = pki.connector(alpn).connect(name, tcp).await.expect("TLS");
-                let io = hyper_util::rt::TokioIo::new(tls);
-                if let Via::TlsH2 = via {
-                    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-                        hyper_util::rt::TokioExecutor::new(),
-                        io,
-                    )
-                    .await
-                    .expect("h2");
-                    tokio::spawn(conn);
-                    sender.send_request(request).await.expect("response")
-                } else {
-                    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                        .await
-                        .expect("http1");
-                    tokio::spawn(conn);
-                    sender.send_request(request).await.expect("response")
-                }
-            }
-        };
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes()
-            .to_vec();
-        (status, headers, body)
-    })
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "c.test");
+    if let Some(accept) = accept {
+        request = request.header("accept-encoding", accept);
+    }
+    let request = request.body(Empty::<Bytes>::new()).expect("request");
+    send(via, http, https, pki, request)
 }
 
 fn decode(coding: &str, bytes: &[u8]) -> Vec<u8> {
@@ -223,7 +152,7 @@ fn responses_are_compressed_as_the_client_asks_on_every_transport() {
     let original = json_body();
     for via in [Via::Http1, Via::H2c, Via::TlsH2, Via::TlsHttp1] {
         let at = |method: &str, path: &str, accept: Option<&str>| {
-            fetch(via, agent.http, https, &pki, method, path, accept)
+            fetch(via, (agent.http, https), &pki, method, path, accept)
         };
         for (accept, coding) in [
             ("gzip, deflate, br, zstd", Some("zstd")),

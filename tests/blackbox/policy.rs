@@ -9,48 +9,64 @@ use hyper::body::Bytes;
 
 use crate::proxy::{agent_with, get, register, TestPki, Upstream};
 
+/// How a test request reaches the proxy.
 #[derive(Clone, Copy, Debug)]
-enum Via {
+pub(crate) enum Via {
     Http1,
     H2c,
     TlsH2,
     TlsHttp1,
 }
 
-/// (status, headers, body) of `GET path` on host p.test.
-fn fetch_all(
+/// Sends `request` (a path, and a Host header naming the route's host) to
+/// the proxy over `via` on a connection of its own: status, headers
+/// (lowercase names), body as received.
+pub(crate) fn send(
     via: Via,
     http: std::net::SocketAddr,
     https: std::net::SocketAddr,
     pki: &TestPki,
-    path: &str,
-) -> (u16, HashMap<String, String>, String) {
-    if let Via::Http1 = via {
-        let raw = get(http, "p.test", path);
-        return (raw.status, raw.headers, raw.body);
+    mut request: hyper::Request<Empty<Bytes>>,
+) -> (u16, HashMap<String, String>, Vec<u8>) {
+    let host = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .expect("a Host header")
+        .to_string();
+    if let Via::H2c | Via::TlsH2 = via {
+        // HTTP/2 names the host in the URI (:authority).
+        let path = request.uri().to_string();
+        *request.uri_mut() = format!("https://{host}{path}").parse().expect("uri");
+        request.headers_mut().remove(hyper::header::HOST);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let request = hyper::Request::get(format!("https://p.test{path}"))
-            .body(Empty::<Bytes>::new())
-            .expect("request");
         let response = match via {
             Via::H2c => {
                 let (mut sender, _conn) = crate::support::h2c(http).await;
+                sender.send_request(request).await.expect("response")
+            }
+            Via::Http1 => {
+                let tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .expect("http1");
+                tokio::spawn(conn);
                 sender.send_request(request).await.expect("response")
             }
             Via::TlsH2 | Via::TlsHttp1 => {
                 let tcp = tokio::net::TcpStream::connect(https)
                     .await
                     .expect("connect");
-                let name = rustls::pki_types::ServerName::try_from("p.test").expect("name");
-                let alpn: &[u8] = if let Via::TlsH2 = via {
-                    b"h2"
-                } else {
-                    b"http/1.1"
+                let name = rustls::pki_types::ServerName::try_from(host).expect("name");
+                let alpn: &[u8] = match via {
+                    Via::TlsH2 => b"h2",
+                    _ => b"http/1.1",
                 };
                 let tls = pki.connector(alpn).connect(name, tcp).await.expect("TLS");
                 let io = hyper_util::rt::TokioIo::new(tls);
@@ -68,16 +84,9 @@ fn fetch_all(
                         .await
                         .expect("http1");
                     tokio::spawn(conn);
-                    let (mut parts, body) = request.into_parts();
-                    parts.uri = path.parse().expect("path");
-                    parts
-                        .headers
-                        .insert(hyper::header::HOST, "p.test".parse().expect("host"));
-                    let request = hyper::Request::from_parts(parts, body);
                     sender.send_request(request).await.expect("response")
                 }
             }
-            Via::Http1 => unreachable!("answered above"),
         };
         let status = response.status().as_u16();
         let headers = response
@@ -90,9 +99,31 @@ fn fetch_all(
             .collect()
             .await
             .expect("body")
-            .to_bytes();
-        (status, headers, String::from_utf8_lossy(&body).into_owned())
+            .to_bytes()
+            .to_vec();
+        (status, headers, body)
     })
+}
+
+/// (status, headers, body) of `GET path` on host p.test (HTTP/1.1 as raw
+/// bytes on the wire).
+fn fetch_all(
+    via: Via,
+    http: std::net::SocketAddr,
+    https: std::net::SocketAddr,
+    pki: &TestPki,
+    path: &str,
+) -> (u16, HashMap<String, String>, String) {
+    if let Via::Http1 = via {
+        let raw = get(http, "p.test", path);
+        return (raw.status, raw.headers, raw.body);
+    }
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, "p.test")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let (status, headers, body) = send(via, http, https, pki, request);
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// (status, Location, body) of `GET path` on host p.test.
