@@ -13,6 +13,7 @@ mod federation;
 mod grpc;
 mod health;
 mod house;
+mod http2;
 mod kv;
 mod lifecycle;
 mod operator;
