@@ -1,7 +1,8 @@
-//! Entry points for the cargo-fuzz targets `http_request` and
-//! `http_response` in `fuzz/` (feature `fuzzing`): the route matcher and
-//! the request-head parser, checked against a model; an endpoint's response
-//! head and chunked body as both HTTP/1.1 clients read them.
+//! Entry points for the cargo-fuzz targets `http_request`,
+//! `http_response` and `h2_frames` in `fuzz/` (feature `fuzzing`): the route
+//! matcher and the request-head parser, checked against a model; an
+//! endpoint's response head and chunked body as both HTTP/1.1 clients read
+//! them; a client's HTTP/2 frames as the client-facing codec reads them.
 //!
 //! Input: route lines (`HOST PREFIX`), a NUL byte, then a request head. The
 //! routes compile into a table; the head is parsed with it. Checked:
@@ -253,6 +254,17 @@ pub fn response(data: &[u8]) {
     assert!(content <= body.len());
 }
 
+/// A client's bytes after the HTTP/2 preface, read by the client-facing
+/// codec: the first byte sets how the rest is cut into reads. Panics when
+/// an invariant of `h2_server::fuzz_input` breaks.
+pub fn h2_frames(data: &[u8]) {
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let (io, _client) = tokio::io::duplex(64);
+    crate::h2_server::fuzz_input(io, rest, usize::from(cut) * 16 + 1);
+}
+
 #[cfg(test)]
 mod tests {
     /// Chunked, length, close-delimited and broken responses, mutated.
@@ -278,6 +290,49 @@ mod tests {
                 };
             }
             super::response(&input);
+        }
+    }
+
+    /// Requests (one in two header blocks, one with a body and trailers),
+    /// SETTINGS, PING, WINDOW_UPDATE and RST_STREAM frames, mutated.
+    #[test]
+    fn the_h2_entry_point_survives_a_corpus() {
+        fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, id: u32, payload: &[u8]) {
+            let len = payload.len() as u32;
+            out.extend_from_slice(&len.to_be_bytes()[1..]);
+            out.extend_from_slice(&[kind, flags]);
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+        let mut seed = vec![0];
+        frame(&mut seed, 0x4, 0, 0, &[0, 4, 0, 1, 0, 0]);
+        let get = [0x82, 0x86, 0x84, 0x41, 1, b'h', 0x40, 1, b'x', 1, b'y'];
+        frame(&mut seed, 0x1, 0x5, 1, &get);
+        frame(&mut seed, 0x1, 0x0, 3, &get[..4]);
+        frame(&mut seed, 0x9, 0x4, 3, &get[4..]);
+        let post = [0x83, 0x86, 0x84, 0xbf, 0x0f, 0x0d, 1, b'4', 0xbe];
+        frame(&mut seed, 0x1, 0x4, 5, &post);
+        frame(&mut seed, 0x0, 0x8, 5, &[2, b'a', b'b', b'c', b'd', 0, 0]);
+        frame(&mut seed, 0x1, 0x5, 5, &[0x40, 2, b't', b'r', 1, b'1']);
+        frame(&mut seed, 0x6, 0, 0, b"12345678");
+        frame(&mut seed, 0x8, 0, 0, &[0, 0, 1, 0]);
+        frame(&mut seed, 0x3, 0, 1, &[0, 0, 0, 8]);
+        let mut rng = fastrand::Rng::with_seed(27);
+        for round in 0..20_000 {
+            let mut input = seed.clone();
+            input[0] = rng.u8(..);
+            if round > 0 {
+                for _ in 0..rng.usize(1..6) {
+                    let i = rng.usize(1..input.len());
+                    input[i] = match rng.u8(0..4) {
+                        0 => 0,
+                        1 => 0xff,
+                        2 => input[i] ^ (1 << rng.u8(0..8)),
+                        _ => rng.u8(..),
+                    };
+                }
+            }
+            super::h2_frames(&input);
         }
     }
 

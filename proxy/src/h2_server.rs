@@ -1237,3 +1237,48 @@ fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
         hpack::encode_field(out, name, value.as_bytes(), value.is_sensitive());
     }
 }
+
+/// Feeds `data` to a connection as a client's bytes after the preface, in
+/// reads of `cut` bytes, and checks what the connection made of it: every
+/// request is HTTP/2 with a method and a path, at most `MAX_STREAMS`
+/// streams are open, no window went negative on our side, and the output
+/// is whole frames. For the fuzz target `h2_frames`.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_input<I: AsyncRead + AsyncWrite + Unpin>(io: I, data: &[u8], cut: usize) {
+    let mut conn = Conn::new(io, Arc::new(Activity::new()));
+    let mut input = frame::PREFACE.to_vec();
+    input.extend_from_slice(data);
+    for piece in input.chunks(cut.clamp(1, 4096)) {
+        if conn.rend + piece.len() > conn.rbuf.len() {
+            conn.rbuf.copy_within(conn.rstart..conn.rend, 0);
+            conn.rend -= conn.rstart;
+            conn.rstart = 0;
+        }
+        conn.rbuf[conn.rend..conn.rend + piece.len()].copy_from_slice(piece);
+        conn.rend += piece.len();
+        if let Err(reason) = conn.frames() {
+            conn.fail(reason);
+        }
+        if conn.error.is_some() {
+            break;
+        }
+        conn.sweep();
+        assert!(conn.streams.len() <= MAX_STREAMS, "too many streams");
+        assert!(conn.recv_window >= 0, "connection window below zero");
+        assert!(
+            conn.streams.iter().all(|s| s.recv_window >= 0),
+            "stream window below zero"
+        );
+    }
+    for (_, request, _) in &conn.accepted {
+        assert_eq!(request.version(), Version::HTTP_2);
+        assert!(request.method() == Method::CONNECT || request.uri().path_and_query().is_some());
+    }
+    let mut out = &conn.out[..];
+    while !out.is_empty() {
+        let head = Head::parse(out).expect("a whole frame header");
+        out = out
+            .get(frame::HEADER_LEN + head.len..)
+            .expect("a whole frame");
+    }
+}

@@ -67,7 +67,7 @@ pub(crate) struct Activity {
 const NO_HEAD: u64 = u64::MAX;
 
 impl Activity {
-    fn new() -> Activity {
+    pub(crate) fn new() -> Activity {
         Activity {
             start: std::time::Instant::now(),
             open: Default::default(),
