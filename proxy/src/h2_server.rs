@@ -135,13 +135,17 @@ pub(crate) async fn serve<I>(
         progress |= conn.pump(cx);
         conn.announce();
         conn.sweep();
+        // Output written in full makes room: reading and bodies held back
+        // by it go on (nothing else would wake them).
+        let had_output = !conn.out.is_empty();
         match conn.poll_output(cx) {
             Poll::Ready(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "HTTP/2 connection write failed");
                 return Poll::Ready(());
             }
             Poll::Ready(Ok(())) if conn.finished() => return Poll::Ready(()),
-            _ => {}
+            Poll::Ready(Ok(())) => progress |= had_output,
+            Poll::Pending => {}
         }
         if conn.broken {
             // The peer went away, or a write failed: nothing more to send.
@@ -376,7 +380,7 @@ impl RequestHead {
                 self.protocol = true;
                 None
             }
-            Name::OtherPseudo | Name::Bad => {
+            Name::Status | Name::OtherPseudo | Name::Bad => {
                 self.malformed = true;
                 return;
             }
@@ -494,20 +498,7 @@ struct Conn<I> {
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     fn new(io: I, activity: Arc<Activity>) -> Conn<I> {
-        let mut out = Vec::with_capacity(16 << 10);
-        frame::settings(
-            &mut out,
-            &[
-                (frame::SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
-                (frame::SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-                (frame::SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
-            ],
-        );
-        frame::window_update(
-            &mut out,
-            0,
-            CONNECTION_WINDOW - frame::DEFAULT_WINDOW as u32,
-        );
+        let out = Vec::with_capacity(16 << 10);
         Conn {
             io,
             activity,
@@ -612,6 +603,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             }
             self.rstart += want;
             self.preface = true;
+            // Our SETTINGS once the client's preface is in, in the same
+            // write as the answer to the client's SETTINGS (a client
+            // without TCP_NODELAY holds its request back until what it
+            // sent is acknowledged: one write answers both).
+            frame::settings(
+                &mut self.out,
+                &[
+                    (frame::SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
+                    (frame::SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+                    (frame::SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
+                ],
+            );
+            frame::window_update(
+                &mut self.out,
+                0,
+                CONNECTION_WINDOW - frame::DEFAULT_WINDOW as u32,
+            );
         }
         while let Some(head) = Head::parse(&rbuf[self.rstart..self.rend]) {
             if head.len > frame::DEFAULT_MAX_FRAME {

@@ -21,7 +21,9 @@ pub(crate) enum Name {
     Authority,
     Path,
     Protocol,
-    /// `:status` and any other pseudo-header: never valid in a request.
+    /// Responses' only pseudo-header.
+    Status,
+    /// Any other pseudo-header: never valid.
     OtherPseudo,
     Header(HeaderName),
     Bad,
@@ -35,6 +37,7 @@ impl Name {
             b":authority" => Name::Authority,
             b":path" => Name::Path,
             b":protocol" => Name::Protocol,
+            b":status" => Name::Status,
             [b':', ..] => Name::OtherPseudo,
             // HTTP/2 field names are lowercase (RFC 9113 §8.2.1);
             // `HeaderName` would fold them silently.
@@ -51,10 +54,9 @@ impl Name {
             Name::Authority => 10,
             Name::Path => 5,
             Name::Protocol => 9,
-            // `:status`, the static table's only other pseudo-header.
-            Name::OtherPseudo => 7,
+            Name::Status => 7,
             Name::Header(name) => name.as_str().len(),
-            Name::Bad => 0,
+            Name::OtherPseudo | Name::Bad => 0,
         }
     }
 }
@@ -89,13 +91,13 @@ fn static_entry(index: usize) -> Option<(Name, Bytes)> {
         5 => (Name::Path, b"/index.html"),
         6 => (Name::Scheme, b"http"),
         7 => (Name::Scheme, b"https"),
-        8 => (Name::OtherPseudo, b"200"),
-        9 => (Name::OtherPseudo, b"204"),
-        10 => (Name::OtherPseudo, b"206"),
-        11 => (Name::OtherPseudo, b"304"),
-        12 => (Name::OtherPseudo, b"400"),
-        13 => (Name::OtherPseudo, b"404"),
-        14 => (Name::OtherPseudo, b"500"),
+        8 => (Name::Status, b"200"),
+        9 => (Name::Status, b"204"),
+        10 => (Name::Status, b"206"),
+        11 => (Name::Status, b"304"),
+        12 => (Name::Status, b"400"),
+        13 => (Name::Status, b"404"),
+        14 => (Name::Status, b"500"),
         15 => (h(ACCEPT_CHARSET), b""),
         16 => (h(ACCEPT_ENCODING), b"gzip, deflate"),
         17 => (h(ACCEPT_LANGUAGE), b""),
@@ -367,6 +369,27 @@ pub(crate) fn encode_status(out: &mut Vec<u8>, status: u16) {
     out.extend_from_slice(&digits);
 }
 
+/// Encodes a request's pseudo-header as a literal without indexing, its
+/// name by static index (1 `:authority`, 2 `:method`, 4 `:path`, 6
+/// `:scheme`); the static table's exact entries (GET, POST, /, http,
+/// https) as indexed fields.
+pub(crate) fn encode_pseudo(out: &mut Vec<u8>, index: u8, value: &[u8]) {
+    let exact = match (index, value) {
+        (2, b"GET") => 2,
+        (2, b"POST") => 3,
+        (4, b"/") => 4,
+        (6, b"http") => 6,
+        (6, b"https") => 7,
+        _ => 0,
+    };
+    if exact != 0 {
+        out.push(0x80 | exact);
+        return;
+    }
+    put_integer(out, 0x00, 4, usize::from(index));
+    put_string(out, value);
+}
+
 /// Encodes one header as a literal without indexing (never indexed for
 /// the ones that carry credentials), its name from the static table when
 /// it is there.
@@ -583,13 +606,21 @@ mod tests {
             false,
         );
         encode_field(&mut out, &header::SET_COOKIE, b"a=b", true);
+        encode_pseudo(&mut out, 2, b"POST");
+        encode_pseudo(&mut out, 2, b"PATCH");
+        encode_pseudo(&mut out, 4, b"/echo.Echo/Call");
+        encode_pseudo(&mut out, 1, b"api:8080");
         let mut decoder = Decoder::new(4096);
         let fields = decode_all(&mut decoder, &out);
-        assert_eq!(fields[0], (Name::OtherPseudo, b"200".to_vec()));
-        assert_eq!(fields[1], (Name::OtherPseudo, b"503".to_vec()));
+        assert_eq!(fields[0], (Name::Status, b"200".to_vec()));
+        assert_eq!(fields[1], (Name::Status, b"503".to_vec()));
         assert_eq!(fields[2], (h("content-type"), b"application/grpc".to_vec()));
         assert_eq!(fields[3], (h("grpc-message"), long));
         assert_eq!(fields[4], (h("set-cookie"), b"a=b".to_vec()));
+        assert_eq!(fields[5], (Name::Method, b"POST".to_vec()));
+        assert_eq!(fields[6], (Name::Method, b"PATCH".to_vec()));
+        assert_eq!(fields[7], (Name::Path, b"/echo.Echo/Call".to_vec()));
+        assert_eq!(fields[8], (Name::Authority, b"api:8080".to_vec()));
         assert!(decoder.table.is_empty(), "nothing indexed");
     }
 }

@@ -25,7 +25,6 @@ mod failover;
 pub mod fuzzing;
 mod grace;
 mod grpc_web;
-mod h2_body;
 mod h2_frame;
 mod h2_server;
 mod h2_tls;

@@ -1,6 +1,6 @@
-//! The client-facing HTTP/2 codec (`h2_server.rs`) on the wire: bodies far
-//! larger than every flow-control window pass byte-exact both ways on
-//! concurrent streams, and raw frames probe what RFC 9113 asks of a server:
+//! The HTTP/2 codec (`h2_server.rs` facing clients, `upstream_h2.rs`
+//! facing endpoints) on the wire: bodies far larger than every
+//! flow-control window pass byte-exact both ways on concurrent streams, and raw frames probe what RFC 9113 asks of a server:
 //! header blocks split over CONTINUATION, PING answered, a body that
 //! disagrees with its content-length reset, an oversized header list
 //! answered 431, and the connection errors (oversized frame, HPACK that
@@ -13,6 +13,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
+use crate::grpc::{place_ports, serve_loopback};
 use crate::proxy::{agent_with, register, Upstream};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -34,35 +35,62 @@ fn patterned(len: usize, seed: usize) -> Vec<u8> {
 /// Four concurrent 3 MiB uploads on one connection, each echoed back: 12
 /// MiB each way through 1 MiB windows, so every byte depends on window
 /// updates going out as bodies are read and coming in as the client reads.
+/// Upstream over HTTP/1.1 (our pool) and over h2c (our HTTP/2 client,
+/// whose windows are in the way too); clients with small and huge windows.
 #[test]
 fn large_bodies_cross_http2_byte_exact_beyond_every_window() {
-    let (agent, _dir) = agent_with("[[http.routes]]\nhost = \"big\"\nservice = \"big\"\n");
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"big\"\nservice = \"big\"\n\n\
+         [[http.routes]]\nhost = \"big2\"\nservice = \"big2\"\nupstream_protocol = \"h2c\"\n",
+    );
     let c = agent.client();
     let up = Upstream::start("big1");
     register(&c, "big", &[&up], &[]);
+    let (echo, _echo_runtime) = h2c_echo_server();
+    place_ports(&c, "big2", &[("e1", echo.port())], &[]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let (sender, _connection) = crate::support::h2c::<Full<Bytes>>(agent.http).await;
-        let calls = (0..4).map(|seed| {
-            let mut sender = sender.clone();
+        // One client with the usual windows, one with 1 GiB windows (it
+        // never gives window back during the test: only our own writes
+        // may move the responses on).
+        let (usual, _connection) = crate::support::h2c::<Full<Bytes>>(agent.http).await;
+        let stream = tokio::net::TcpStream::connect(agent.http)
+            .await
+            .expect("connect");
+        let (wide, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .adaptive_window(false)
+                .initial_stream_window_size(1 << 30)
+                .initial_connection_window_size(1 << 30)
+                .handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(connection);
+        let calls = (0..8).map(|seed| {
+            let mut sender = if seed < 4 {
+                usual.clone()
+            } else {
+                wide.clone()
+            };
             async move {
                 let body = patterned(3 << 20, seed);
-                let request = hyper::Request::post("http://big/echo")
+                let host = if seed % 2 == 0 { "big" } else { "big2" };
+                let request = hyper::Request::post(format!("http://{host}/echo"))
                     .body(Full::new(Bytes::from(body.clone())))
                     .expect("request");
                 let response = sender.send_request(request).await.expect("response");
-                assert_eq!(response.status(), 200);
+                assert_eq!(response.status(), 200, "{host}");
                 let echoed = response
                     .into_body()
                     .collect()
                     .await
                     .expect("body")
                     .to_bytes();
-                assert_eq!(echoed.len(), body.len(), "stream {seed}: length");
-                assert!(echoed == body, "stream {seed}: the echo differs");
+                assert_eq!(echoed.len(), body.len(), "{host} stream {seed}: length");
+                assert!(echoed == body, "{host} stream {seed}: the echo differs");
             }
         });
         tokio::time::timeout(
@@ -71,7 +99,89 @@ fn large_bodies_cross_http2_byte_exact_beyond_every_window() {
         )
         .await
         .expect("the uploads finish");
+        // A 16 MiB download alone on the wide client: the endpoint has it
+        // all at once, the client sends nothing while it comes.
+        let request = hyper::Request::get("http://big2/big")
+            .body(Full::default())
+            .expect("request");
+        let download = async {
+            let response = wide.clone().send_request(request).await.expect("response");
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+        };
+        let got = tokio::time::timeout(Duration::from_secs(20), download)
+            .await
+            .expect("the download finishes");
+        assert!(got == patterned(16 << 20, 99), "the download differs");
     });
+}
+
+/// A client that asks for 16 MiB with windows wide enough for all of it,
+/// then reads nothing for a while: the proxy's socket fills, and once the
+/// client reads, the rest must follow with no frame from it to wake the
+/// connection.
+#[test]
+fn a_client_that_reads_late_gets_all_of_a_large_download() {
+    let (agent, _dir) = agent_with(
+        "[[http.routes]]\nhost = \"big2\"\nservice = \"big2\"\nupstream_protocol = \"h2c\"\n",
+    );
+    let c = agent.client();
+    let (echo, _echo_runtime) = h2c_echo_server();
+    place_ports(&c, "big2", &[("e1", echo.port())], &[]);
+    let mut wire = Wire::open(agent.http);
+    // INITIAL_WINDOW_SIZE 2^31-1, and the connection's window as large.
+    wire.send(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    wire.send(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes());
+    let block = request_block(false, "big2", &[]);
+    let mut block = block;
+    // :path /big instead of / (static index 4 is "/").
+    block[2] = 0x04;
+    block.insert(3, 4);
+    block.splice(4..4, b"/big".iter().copied());
+    wire.send(HEADERS, END_STREAM | END_HEADERS, 1, &block);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut got = 0usize;
+    loop {
+        let frame = wire.next().expect("the download goes on");
+        if frame.2 != 1 {
+            continue;
+        }
+        if frame.0 == DATA {
+            got += frame.3.len();
+        }
+        if frame.0 == RST_STREAM {
+            panic!("reset after {got} bytes");
+        }
+        if frame.1 & END_STREAM != 0 && matches!(frame.0, DATA | HEADERS) {
+            break;
+        }
+    }
+    assert_eq!(got, 16 << 20);
+}
+
+/// An h2c server that streams each request's body back as it arrives;
+/// `/big` answers 16 MiB at once.
+fn h2c_echo_server() -> (SocketAddr, tokio::runtime::Runtime) {
+    serve_loopback(move |stream| async move {
+        let service = hyper::service::service_fn(
+            |request: hyper::Request<hyper::body::Incoming>| async move {
+                let body = match request.uri().path() {
+                    "/big" => Full::new(Bytes::from(patterned(16 << 20, 99)))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                    _ => request.into_body().boxed(),
+                };
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+            },
+        );
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
 }
 
 /// One raw HTTP/2 connection to the proxy.
