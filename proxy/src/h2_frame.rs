@@ -184,6 +184,30 @@ pub(crate) fn headers_around(
     }
 }
 
+/// A DATA or HEADERS payload without its padding (RFC 9113 §6.1).
+pub(crate) fn unpad(head: Head, payload: &[u8]) -> Result<&[u8], Reason> {
+    if head.flags & PADDED == 0 {
+        return Ok(payload);
+    }
+    let (&pad, rest) = payload.split_first().ok_or(Reason::FrameSizeError)?;
+    let pad = usize::from(pad);
+    if pad > rest.len() {
+        return Err(Reason::ProtocolError);
+    }
+    Ok(&rest[..rest.len() - pad])
+}
+
+/// Fields HTTP/2 forbids (connection-specific, RFC 9113 §8.2.2; `te` is
+/// judged by its value).
+pub(crate) fn connection_specific(name: &hyper::header::HeaderName) -> bool {
+    use hyper::header::{CONNECTION, TRANSFER_ENCODING, UPGRADE};
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
 /// Reserves room for a frame header at the end of `out`, for
 /// `headers_around`; returns where it starts.
 pub(crate) fn reserve_head(out: &mut Vec<u8>) -> usize {

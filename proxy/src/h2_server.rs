@@ -405,11 +405,7 @@ impl RequestHead {
     fn header(&mut self, name: HeaderName, value: Bytes) {
         self.regular = true;
         // Connection-specific fields (RFC 9113 §8.2.2).
-        if name == header::CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == "keep-alive"
-            || name == "proxy-connection"
+        if frame::connection_specific(&name)
             || (name == header::TE && value.as_ref() != b"trailers")
         {
             self.malformed = true;
@@ -699,7 +695,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             return Err(Reason::FlowControlError);
         }
         self.recv_window -= len;
-        let data = unpad(head, payload)?;
+        let data = frame::unpad(head, payload)?;
         // Padding is given back at once; so is anything no body will read.
         let mut give_back = (len as usize) - data.len();
         let Some(i) = self.find(head.stream) else {
@@ -764,7 +760,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         if head.stream == 0 || head.stream.is_multiple_of(2) {
             return Err(Reason::ProtocolError);
         }
-        let mut block = unpad(head, payload)?;
+        let mut block = frame::unpad(head, payload)?;
         if head.flags & frame::PRIORITY_FLAG != 0 {
             block = block.get(5..).ok_or(Reason::FrameSizeError)?;
         }
@@ -1218,28 +1214,10 @@ fn close(stream: &mut Stream) {
     }
 }
 
-/// A DATA or HEADERS payload without its padding (RFC 9113 §6.1).
-fn unpad(head: Head, payload: &[u8]) -> Result<&[u8], ConnError> {
-    if head.flags & frame::PADDED == 0 {
-        return Ok(payload);
-    }
-    let (&pad, rest) = payload.split_first().ok_or(Reason::FrameSizeError)?;
-    let pad = usize::from(pad);
-    if pad > rest.len() {
-        return Err(Reason::ProtocolError);
-    }
-    Ok(&rest[..rest.len() - pad])
-}
-
 /// Response headers and trailers, without the fields HTTP/2 forbids.
 fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
-        if name == header::CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == "keep-alive"
-            || name == "proxy-connection"
-        {
+        if frame::connection_specific(name) {
             continue;
         }
         hpack::encode_field(out, name, value.as_bytes(), value.is_sensitive());

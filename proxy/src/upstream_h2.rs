@@ -636,13 +636,7 @@ fn encode_request(out: &mut Vec<u8>, request: &Request<()>) {
         hpack::encode_pseudo(out, 1, authority.as_str().as_bytes());
     }
     for (name, value) in request.headers() {
-        if name == header::CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::HOST
-            || name == "keep-alive"
-            || name == "proxy-connection"
-        {
+        if frame::connection_specific(name) || name == header::HOST {
             continue;
         }
         hpack::encode_field(out, name, value.as_bytes(), value.is_sensitive());
@@ -1020,7 +1014,7 @@ impl Conn {
         match head.kind {
             frame::DATA => self.data(head, payload),
             frame::HEADERS => {
-                let mut block = unpad(head, payload)?;
+                let mut block = frame::unpad(head, payload)?;
                 if head.flags & frame::PRIORITY_FLAG != 0 {
                     block = block.get(5..).ok_or(Reason::FrameSizeError)?;
                 }
@@ -1120,7 +1114,7 @@ impl Conn {
             return Err(Reason::FlowControlError);
         }
         self.recv_window -= len;
-        let data = unpad(head, payload)?;
+        let data = frame::unpad(head, payload)?;
         let end = head.flags & frame::END_STREAM != 0;
         let mut shared = self.client.lock();
         // Padding, and what no body will read, is given back at once.
@@ -1407,19 +1401,6 @@ impl Conn {
         }
         Pin::new(&mut self.io).poll_flush(cx)
     }
-}
-
-/// A DATA or HEADERS payload without its padding (RFC 9113 §6.1).
-fn unpad(head: Head, payload: &[u8]) -> Result<&[u8], ConnError> {
-    if head.flags & frame::PADDED == 0 {
-        return Ok(payload);
-    }
-    let (&pad, rest) = payload.split_first().ok_or(Reason::FrameSizeError)?;
-    let pad = usize::from(pad);
-    if pad > rest.len() {
-        return Err(Reason::ProtocolError);
-    }
-    Ok(&rest[..rest.len() - pad])
 }
 
 #[cfg(test)]
