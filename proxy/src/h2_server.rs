@@ -1008,6 +1008,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
 
     /// Sends the first step of a graceful GOAWAY.
     fn graceful(&mut self) {
+        if !self.preface {
+            // The client never spoke: no frame of ours goes before SETTINGS.
+            self.error = Some(Reason::NoError);
+            return;
+        }
         if self.closing == Closing::Open && self.error.is_none() {
             frame::goaway(&mut self.out, frame::MAX_WINDOW as u32, Reason::NoError);
             frame::ping(&mut self.out, 0, GRACEFUL_PING);
@@ -1229,7 +1234,7 @@ fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
 /// request is HTTP/2 with a method and a path, at most `MAX_STREAMS`
 /// streams are open, no window went negative on our side, and the output
 /// is whole frames. For the fuzz target `h2_frames`.
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn fuzz_input<I: AsyncRead + AsyncWrite + Unpin>(io: I, data: &[u8], cut: usize) {
     let mut conn = Conn::new(io, Arc::new(Activity::new()));
     let mut input = frame::PREFACE.to_vec();
