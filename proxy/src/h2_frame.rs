@@ -24,7 +24,6 @@ pub(crate) const PADDED: u8 = 0x8;
 pub(crate) const PRIORITY_FLAG: u8 = 0x20;
 
 /// SETTINGS identifiers (§6.5.2).
-pub(crate) const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
 pub(crate) const SETTINGS_ENABLE_PUSH: u16 = 0x2;
 pub(crate) const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 pub(crate) const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
@@ -216,6 +215,180 @@ pub(crate) fn reserve_head(out: &mut Vec<u8>) -> usize {
     at
 }
 
+/// What a connection has read and not yet handled: reads go in at the
+/// back, whole frames are taken from the front.
+#[derive(Default)]
+pub(crate) struct Input {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Input {
+    pub(crate) fn new(size: usize) -> Input {
+        Input {
+            buf: vec![0; size],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Room for the next read (what is left moves to the front when the
+    /// buffer's end is reached; a frame never exceeds it).
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// `n` bytes were read into `space()`.
+    pub(crate) fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// The bytes read and not yet handled.
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Hands every whole frame to `each` in order, up to the first error
+    /// (a frame above the default maximum size is FRAME_SIZE_ERROR).
+    pub(crate) fn frames(
+        &mut self,
+        mut each: impl FnMut(Head, &[u8]) -> Result<(), Reason>,
+    ) -> Result<(), Reason> {
+        while let Some(head) = Head::parse(self.pending()) {
+            if head.len > DEFAULT_MAX_FRAME {
+                return Err(Reason::FrameSizeError);
+            }
+            let len = HEADER_LEN + head.len;
+            if len > self.end - self.start {
+                break;
+            }
+            let at = self.start + HEADER_LEN;
+            self.consume(len);
+            each(head, &self.buf[at..at + head.len])?;
+        }
+        Ok(())
+    }
+}
+
+/// A whole header block: its stream, the HEADERS frame's flags, its bytes.
+pub(crate) type Block<'p> = (u32, u8, std::borrow::Cow<'p, [u8]>);
+
+/// A header block being read: HEADERS, then CONTINUATION frames until
+/// END_HEADERS (RFC 9113 §6.10); nothing else may come in between.
+#[derive(Default)]
+pub(crate) struct Blocks {
+    partial: Option<(u32, u8, Vec<u8>)>,
+}
+
+impl Blocks {
+    /// Whether a block is open: only its CONTINUATION may come next.
+    pub(crate) fn open(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Takes a HEADERS or CONTINUATION frame; at END_HEADERS, the whole
+    /// block: its stream, the HEADERS frame's flags and its bytes. A block
+    /// above `max` bytes is ENHANCE_YOUR_CALM.
+    pub(crate) fn take<'p>(
+        &mut self,
+        head: Head,
+        payload: &'p [u8],
+        max: usize,
+    ) -> Result<Option<Block<'p>>, Reason> {
+        let (id, flags, block) = if head.kind == HEADERS {
+            let mut block = unpad(head, payload)?;
+            if head.flags & PRIORITY_FLAG != 0 {
+                block = block.get(5..).ok_or(Reason::FrameSizeError)?;
+            }
+            if head.flags & END_HEADERS != 0 {
+                return Ok(Some((head.stream, head.flags, block.into())));
+            }
+            (head.stream, head.flags, block.to_vec())
+        } else {
+            let Some((id, flags, mut block)) = self.partial.take() else {
+                return Err(Reason::ProtocolError);
+            };
+            if id != head.stream {
+                return Err(Reason::ProtocolError);
+            }
+            block.extend_from_slice(payload);
+            if block.len() > max {
+                return Err(Reason::EnhanceYourCalm);
+            }
+            if head.flags & END_HEADERS != 0 {
+                return Ok(Some((id, flags, block.into())));
+            }
+            (id, flags, block)
+        };
+        self.partial = Some((id, flags, block));
+        Ok(None)
+    }
+}
+
+/// The values of a SETTINGS frame a sender acts on, checked (RFC 9113
+/// §6.5.2); the last of each wins.
+#[derive(Default)]
+pub(crate) struct Settings {
+    pub(crate) initial_window: Option<i64>,
+    pub(crate) max_frame: Option<usize>,
+    pub(crate) max_streams: Option<u32>,
+}
+
+impl Settings {
+    /// A SETTINGS frame's values; `None` for an acknowledgment.
+    pub(crate) fn read(head: Head, payload: &[u8]) -> Result<Option<Settings>, Reason> {
+        if head.stream != 0 {
+            return Err(Reason::ProtocolError);
+        }
+        if head.flags & ACK != 0 {
+            return match payload.is_empty() {
+                true => Ok(None),
+                false => Err(Reason::FrameSizeError),
+            };
+        }
+        if !payload.len().is_multiple_of(6) {
+            return Err(Reason::FrameSizeError);
+        }
+        let mut settings = Settings::default();
+        for setting in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([setting[0], setting[1]]);
+            let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+            match id {
+                SETTINGS_ENABLE_PUSH if value > 1 => return Err(Reason::ProtocolError),
+                SETTINGS_INITIAL_WINDOW_SIZE if i64::from(value) > MAX_WINDOW => {
+                    return Err(Reason::FlowControlError)
+                }
+                SETTINGS_INITIAL_WINDOW_SIZE => settings.initial_window = Some(i64::from(value)),
+                SETTINGS_MAX_FRAME_SIZE => {
+                    if !(DEFAULT_MAX_FRAME as u32..=(1 << 24) - 1).contains(&value) {
+                        return Err(Reason::ProtocolError);
+                    }
+                    settings.max_frame = Some(value as usize);
+                }
+                SETTINGS_MAX_CONCURRENT_STREAMS => settings.max_streams = Some(value),
+                // The header table size does not matter to an encoder that
+                // keeps no table; the header list size is advisory.
+                _ => {}
+            }
+        }
+        Ok(Some(settings))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +431,115 @@ mod tests {
             (5, CONTINUATION, END_HEADERS)
         );
         assert_eq!(out.len(), 2 + 3 * 9 + 25);
+    }
+
+    /// Frames cut across reads come out whole and in order; a block over
+    /// HEADERS and CONTINUATION comes out once, joined.
+    #[test]
+    fn input_and_blocks_join_what_reads_and_frames_cut() {
+        let mut wire = Vec::new();
+        head(&mut wire, 3, HEADERS, 0, 1);
+        wire.extend_from_slice(b"abc");
+        head(&mut wire, 2, CONTINUATION, END_HEADERS, 1);
+        wire.extend_from_slice(b"de");
+        ping(&mut wire, 0, *b"12345678");
+        for cut in [1, 4, 9, 13, wire.len()] {
+            let mut input = Input::new(64);
+            let mut blocks = Blocks::default();
+            let mut seen = Vec::new();
+            for piece in wire.chunks(cut) {
+                input.space()[..piece.len()].copy_from_slice(piece);
+                input.filled(piece.len());
+                input
+                    .frames(|head, payload| {
+                        if head.kind == PING {
+                            seen.push(payload.to_vec());
+                        } else if let Some((id, _, block)) = blocks.take(head, payload, 100)? {
+                            assert_eq!(id, 1);
+                            seen.push(block.to_vec());
+                        }
+                        Ok(())
+                    })
+                    .expect("frames");
+            }
+            assert_eq!(
+                seen,
+                vec![b"abcde".to_vec(), b"12345678".to_vec()],
+                "cut {cut}"
+            );
+        }
+        // CONTINUATION without HEADERS, or on another stream; a block too large.
+        let mut blocks = Blocks::default();
+        let continuation = Head {
+            len: 1,
+            kind: CONTINUATION,
+            flags: END_HEADERS,
+            stream: 1,
+        };
+        assert_eq!(
+            blocks.take(continuation, b"x", 100),
+            Err(Reason::ProtocolError)
+        );
+        let headers = Head {
+            len: 1,
+            kind: HEADERS,
+            flags: 0,
+            stream: 3,
+        };
+        assert_eq!(blocks.take(headers, b"x", 100), Ok(None));
+        assert!(blocks.open());
+        assert_eq!(
+            blocks.take(continuation, b"x", 100),
+            Err(Reason::ProtocolError)
+        );
+        assert_eq!(blocks.take(headers, b"x", 100), Ok(None));
+        let long = Head {
+            len: 200,
+            kind: CONTINUATION,
+            flags: 0,
+            stream: 3,
+        };
+        assert_eq!(
+            blocks.take(long, &[0; 200], 100),
+            Err(Reason::EnhanceYourCalm)
+        );
+    }
+
+    #[test]
+    fn settings_are_read_and_checked() {
+        let frame = |values: &[(u16, u32)]| {
+            let mut out = Vec::new();
+            settings(&mut out, values);
+            out
+        };
+        let read = |wire: &[u8]| {
+            let head = Head::parse(wire).expect("head");
+            Settings::read(head, &wire[HEADER_LEN..])
+        };
+        let ok = read(&frame(&[
+            (SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20),
+            (SETTINGS_MAX_FRAME_SIZE, 1 << 15),
+        ]))
+        .expect("valid")
+        .expect("not an ACK");
+        assert_eq!(
+            (ok.initial_window, ok.max_frame, ok.max_streams),
+            (Some(1 << 20), Some(1 << 15), None)
+        );
+        assert_eq!(
+            read(&frame(&[(SETTINGS_INITIAL_WINDOW_SIZE, 1 << 31)])).err(),
+            Some(Reason::FlowControlError)
+        );
+        assert_eq!(
+            read(&frame(&[(SETTINGS_MAX_FRAME_SIZE, 100)])).err(),
+            Some(Reason::ProtocolError)
+        );
+        assert_eq!(
+            read(&frame(&[(SETTINGS_ENABLE_PUSH, 2)])).err(),
+            Some(Reason::ProtocolError)
+        );
+        let mut ack = Vec::new();
+        settings_ack(&mut ack);
+        assert!(matches!(read(&ack), Ok(None)));
     }
 }

@@ -464,10 +464,7 @@ type ConnError = Reason;
 struct Conn<I> {
     io: I,
     activity: Arc<Activity>,
-    rbuf: Vec<u8>,
-    /// Read bytes are `rbuf[rstart..rend]`.
-    rstart: usize,
-    rend: usize,
+    input: frame::Input,
     preface: bool,
     settings: bool,
     out: Vec<u8>,
@@ -482,8 +479,7 @@ struct Conn<I> {
     peer_initial_window: i64,
     peer_max_frame: usize,
     credit: Arc<Credit>,
-    /// A header block in progress: its stream, HEADERS flags and bytes.
-    continuation: Option<(u32, u8, Vec<u8>)>,
+    blocks: frame::Blocks,
     closing: Closing,
     peer_goaway: bool,
     read_closed: bool,
@@ -498,9 +494,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         Conn {
             io,
             activity,
-            rbuf: vec![0; READ_BUFFER],
-            rstart: 0,
-            rend: 0,
+            input: frame::Input::new(READ_BUFFER),
             preface: false,
             settings: false,
             out,
@@ -518,7 +512,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 stream_due: AtomicBool::new(false),
                 waker: AtomicWaker::new(),
             }),
-            continuation: None,
+            blocks: frame::Blocks::default(),
             closing: Closing::Open,
             peer_goaway: false,
             read_closed: false,
@@ -535,12 +529,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let mut progress = false;
         // Output the client does not take holds its input back.
         while !self.read_closed && self.error.is_none() && self.out.len() < WRITE_HIGH {
-            if self.rend == self.rbuf.len() {
-                self.rbuf.copy_within(self.rstart..self.rend, 0);
-                self.rend -= self.rstart;
-                self.rstart = 0;
-            }
-            let mut buf = ReadBuf::new(&mut self.rbuf[self.rend..]);
+            let mut buf = ReadBuf::new(self.input.space());
             match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
                 Poll::Pending => break,
                 Poll::Ready(Err(_)) => {
@@ -554,7 +543,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                         self.broken = true;
                         break;
                     }
-                    self.rend += n;
+                    self.input.filled(n);
                     progress = true;
                     if let Err(reason) = self.frames() {
                         self.fail(reason);
@@ -574,64 +563,49 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         }
     }
 
-    /// Handles every whole frame read.
+    /// Handles every whole frame read (the client's preface first).
     fn frames(&mut self) -> Result<(), ConnError> {
-        let rbuf = std::mem::take(&mut self.rbuf);
-        let result = self.frames_in(&rbuf);
-        self.rbuf = rbuf;
-        if self.rstart == self.rend {
-            self.rstart = 0;
-            self.rend = 0;
-        }
+        let mut input = std::mem::take(&mut self.input);
+        let result = self.preface(&mut input).and_then(|()| match self.preface {
+            true => input.frames(|head, payload| self.frame(head, payload)),
+            false => Ok(()),
+        });
+        self.input = input;
         result
     }
 
-    fn frames_in(&mut self, rbuf: &[u8]) -> Result<(), ConnError> {
-        if !self.preface {
-            let have = self.rend - self.rstart;
-            let want = frame::PREFACE.len();
-            let seen = &rbuf[self.rstart..self.rstart + have.min(want)];
-            if !frame::PREFACE.starts_with(seen) {
-                return Err(Reason::ProtocolError);
-            }
-            if have < want {
-                return Ok(());
-            }
-            self.rstart += want;
-            self.preface = true;
-            // Our SETTINGS once the client's preface is in, in the same
-            // write as the answer to the client's SETTINGS (a client
-            // without TCP_NODELAY holds its request back until what it
-            // sent is acknowledged: one write answers both).
-            frame::settings(
-                &mut self.out,
-                &[
-                    (frame::SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
-                    (frame::SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-                    (frame::SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
-                ],
-            );
-            frame::window_update(
-                &mut self.out,
-                0,
-                CONNECTION_WINDOW - frame::DEFAULT_WINDOW as u32,
-            );
+    /// Reads the client's connection preface, once.
+    fn preface(&mut self, input: &mut frame::Input) -> Result<(), ConnError> {
+        if self.preface {
+            return Ok(());
         }
-        while let Some(head) = Head::parse(&rbuf[self.rstart..self.rend]) {
-            if head.len > frame::DEFAULT_MAX_FRAME {
-                return Err(Reason::FrameSizeError);
-            }
-            let end = self.rstart + frame::HEADER_LEN + head.len;
-            if end > self.rend {
-                break;
-            }
-            let payload = &rbuf[self.rstart + frame::HEADER_LEN..end];
-            self.rstart = end;
-            self.frame(head, payload)?;
-            if self.error.is_some() {
-                break;
-            }
+        let have = input.pending();
+        let want = frame::PREFACE.len();
+        if !frame::PREFACE.starts_with(&have[..have.len().min(want)]) {
+            return Err(Reason::ProtocolError);
         }
+        if have.len() < want {
+            return Ok(());
+        }
+        input.consume(want);
+        self.preface = true;
+        // Our SETTINGS once the client's preface is in, in the same write
+        // as the answer to the client's SETTINGS (a client without
+        // TCP_NODELAY holds its request back until what it sent is
+        // acknowledged: one write answers both).
+        frame::settings(
+            &mut self.out,
+            &[
+                (frame::SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
+                (frame::SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+                (frame::SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
+            ],
+        );
+        frame::window_update(
+            &mut self.out,
+            0,
+            CONNECTION_WINDOW - frame::DEFAULT_WINDOW as u32,
+        );
         Ok(())
     }
 
@@ -643,13 +617,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             }
             self.settings = true;
         }
-        if self.continuation.is_some() && head.kind != frame::CONTINUATION {
+        if self.blocks.open() && head.kind != frame::CONTINUATION {
             return Err(Reason::ProtocolError);
         }
         match head.kind {
             frame::DATA => self.data(head, payload),
-            frame::HEADERS => self.headers(head, payload),
-            frame::CONTINUATION => self.continuation(head, payload),
+            frame::HEADERS | frame::CONTINUATION => {
+                if head.stream == 0 || head.stream.is_multiple_of(2) {
+                    return Err(Reason::ProtocolError);
+                }
+                match self.blocks.take(head, payload, MAX_HEADER_BLOCK)? {
+                    Some((id, flags, block)) => self.header_block(id, flags, &block),
+                    None => Ok(()),
+                }
+            }
             frame::PRIORITY => {
                 if head.stream == 0 {
                     return Err(Reason::ProtocolError);
@@ -754,39 +735,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         if n > 0 {
             self.credit.taken.fetch_add(n, Ordering::Relaxed);
         }
-    }
-
-    fn headers(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.stream == 0 || head.stream.is_multiple_of(2) {
-            return Err(Reason::ProtocolError);
-        }
-        let mut block = frame::unpad(head, payload)?;
-        if head.flags & frame::PRIORITY_FLAG != 0 {
-            block = block.get(5..).ok_or(Reason::FrameSizeError)?;
-        }
-        if head.flags & frame::END_HEADERS != 0 {
-            return self.header_block(head.stream, head.flags, block);
-        }
-        self.continuation = Some((head.stream, head.flags, block.to_vec()));
-        Ok(())
-    }
-
-    fn continuation(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        let Some((id, flags, mut block)) = self.continuation.take() else {
-            return Err(Reason::ProtocolError);
-        };
-        if id != head.stream {
-            return Err(Reason::ProtocolError);
-        }
-        block.extend_from_slice(payload);
-        if block.len() > MAX_HEADER_BLOCK {
-            return Err(Reason::EnhanceYourCalm);
-        }
-        if head.flags & frame::END_HEADERS != 0 {
-            return self.header_block(id, flags, &block);
-        }
-        self.continuation = Some((id, flags, block));
-        Ok(())
     }
 
     /// A whole header block: a new request, or a request's trailers.
@@ -903,52 +851,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     }
 
     fn settings_frame(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.stream != 0 {
-            return Err(Reason::ProtocolError);
-        }
-        if head.flags & frame::ACK != 0 {
-            return match payload.is_empty() {
-                true => Ok(()),
-                false => Err(Reason::FrameSizeError),
-            };
-        }
-        if !payload.len().is_multiple_of(6) {
-            return Err(Reason::FrameSizeError);
-        }
-        for setting in payload.chunks_exact(6) {
-            let id = u16::from_be_bytes([setting[0], setting[1]]);
-            let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
-            match id {
-                frame::SETTINGS_ENABLE_PUSH if value > 1 => return Err(Reason::ProtocolError),
-                frame::SETTINGS_INITIAL_WINDOW_SIZE => {
-                    let value = i64::from(value);
-                    if value > frame::MAX_WINDOW {
-                        return Err(Reason::FlowControlError);
-                    }
-                    let delta = value - self.peer_initial_window;
-                    self.peer_initial_window = value;
-                    for stream in &mut self.streams {
-                        stream.send_window += delta;
-                        if stream.send_window > frame::MAX_WINDOW {
-                            return Err(Reason::FlowControlError);
-                        }
-                    }
+        let Some(settings) = frame::Settings::read(head, payload)? else {
+            return Ok(());
+        };
+        if let Some(value) = settings.initial_window {
+            let delta = value - self.peer_initial_window;
+            self.peer_initial_window = value;
+            for stream in &mut self.streams {
+                stream.send_window += delta;
+                if stream.send_window > frame::MAX_WINDOW {
+                    return Err(Reason::FlowControlError);
                 }
-                frame::SETTINGS_MAX_FRAME_SIZE => {
-                    if !(frame::DEFAULT_MAX_FRAME as u32..=(1 << 24) - 1).contains(&value) {
-                        return Err(Reason::ProtocolError);
-                    }
-                    self.peer_max_frame = value as usize;
-                }
-                // The encoder keeps no table, so the client's table size
-                // does not matter; the stream limit is for pushes; the
-                // header list size is advisory.
-                frame::SETTINGS_HEADER_TABLE_SIZE
-                | frame::SETTINGS_MAX_CONCURRENT_STREAMS
-                | frame::SETTINGS_MAX_HEADER_LIST_SIZE => {}
-                _ => {}
             }
         }
+        if let Some(value) = settings.max_frame {
+            self.peer_max_frame = value;
+        }
+        // The stream limit is for pushes, which we do not make.
         frame::settings_ack(&mut self.out);
         Ok(())
     }
@@ -1239,16 +1158,16 @@ pub(crate) fn fuzz_input<I: AsyncRead + AsyncWrite + Unpin>(io: I, data: &[u8], 
     let mut conn = Conn::new(io, Arc::new(Activity::new()));
     let mut input = frame::PREFACE.to_vec();
     input.extend_from_slice(data);
-    for piece in input.chunks(cut.clamp(1, 4096)) {
-        if conn.rend + piece.len() > conn.rbuf.len() {
-            conn.rbuf.copy_within(conn.rstart..conn.rend, 0);
-            conn.rend -= conn.rstart;
-            conn.rstart = 0;
-        }
-        conn.rbuf[conn.rend..conn.rend + piece.len()].copy_from_slice(piece);
-        conn.rend += piece.len();
-        if let Err(reason) = conn.frames() {
-            conn.fail(reason);
+    for mut piece in input.chunks(cut.clamp(1, 4096)) {
+        while !piece.is_empty() && conn.error.is_none() {
+            let space = conn.input.space();
+            let n = space.len().min(piece.len());
+            space[..n].copy_from_slice(&piece[..n]);
+            conn.input.filled(n);
+            piece = &piece[n..];
+            if let Err(reason) = conn.frames() {
+                conn.fail(reason);
+            }
         }
         if conn.error.is_some() {
             break;

@@ -794,14 +794,12 @@ struct Conn {
     io: Io,
     client: Arc<Client>,
     metrics: H2Metrics,
-    rbuf: Vec<u8>,
-    rstart: usize,
-    rend: usize,
+    input: frame::Input,
     /// Output being written (taken from the shared buffer).
     writing: Vec<u8>,
     written: usize,
     decoder: hpack::Decoder,
-    continuation: Option<(u32, u8, Vec<u8>)>,
+    blocks: frame::Blocks,
     recv_window: i64,
     bodies: Vec<Sending>,
     settings: bool,
@@ -837,13 +835,11 @@ impl Conn {
             io,
             client,
             metrics,
-            rbuf: vec![0; READ_BUFFER],
-            rstart: 0,
-            rend: 0,
+            input: frame::Input::new(READ_BUFFER),
             writing: Vec::with_capacity(16 << 10),
             written: 0,
             decoder: hpack::Decoder::new(HEADER_TABLE),
-            continuation: None,
+            blocks: frame::Blocks::default(),
             recv_window: i64::from(CONNECTION_WINDOW),
             bodies: Vec::new(),
             settings: false,
@@ -952,12 +948,7 @@ impl Conn {
     /// Reads what the socket has and handles every whole frame; an error
     /// ends the connection.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
-        if self.rend == self.rbuf.len() {
-            self.rbuf.copy_within(self.rstart..self.rend, 0);
-            self.rend -= self.rstart;
-            self.rstart = 0;
-        }
-        let mut buf = ReadBuf::new(&mut self.rbuf[self.rend..]);
+        let mut buf = ReadBuf::new(self.input.space());
         match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(format!("read failed: {e}"))),
@@ -966,14 +957,10 @@ impl Conn {
                 if n == 0 {
                     return Poll::Ready(Err("the endpoint closed the connection".into()));
                 }
-                self.rend += n;
-                let rbuf = std::mem::take(&mut self.rbuf);
-                let handled = self.frames(&rbuf);
-                self.rbuf = rbuf;
-                if self.rstart == self.rend {
-                    self.rstart = 0;
-                    self.rend = 0;
-                }
+                self.input.filled(n);
+                let mut input = std::mem::take(&mut self.input);
+                let handled = input.frames(|head, payload| self.frame(head, payload));
+                self.input = input;
                 match handled {
                     Ok(()) => Poll::Ready(Ok(())),
                     Err(reason) => {
@@ -987,59 +974,21 @@ impl Conn {
         }
     }
 
-    fn frames(&mut self, rbuf: &[u8]) -> Result<(), ConnError> {
-        while let Some(head) = Head::parse(&rbuf[self.rstart..self.rend]) {
-            if head.len > frame::DEFAULT_MAX_FRAME {
-                return Err(Reason::FrameSizeError);
-            }
-            let end = self.rstart + frame::HEADER_LEN + head.len;
-            if end > self.rend {
-                break;
-            }
-            let payload = &rbuf[self.rstart + frame::HEADER_LEN..end];
-            self.rstart = end;
-            self.frame(head, payload)?;
-        }
-        Ok(())
-    }
-
     fn frame(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
         if !self.settings && head.kind != frame::SETTINGS {
             // The server's preface is a SETTINGS frame (RFC 9113 §3.4).
             return Err(Reason::ProtocolError);
         }
-        if self.continuation.is_some() && head.kind != frame::CONTINUATION {
+        if self.blocks.open() && head.kind != frame::CONTINUATION {
             return Err(Reason::ProtocolError);
         }
         match head.kind {
             frame::DATA => self.data(head, payload),
-            frame::HEADERS => {
-                let mut block = frame::unpad(head, payload)?;
-                if head.flags & frame::PRIORITY_FLAG != 0 {
-                    block = block.get(5..).ok_or(Reason::FrameSizeError)?;
+            frame::HEADERS | frame::CONTINUATION => {
+                match self.blocks.take(head, payload, MAX_HEADER_BLOCK)? {
+                    Some((id, flags, block)) => self.header_block(id, flags, &block),
+                    None => Ok(()),
                 }
-                if head.flags & frame::END_HEADERS != 0 {
-                    return self.header_block(head.stream, head.flags, block);
-                }
-                self.continuation = Some((head.stream, head.flags, block.to_vec()));
-                Ok(())
-            }
-            frame::CONTINUATION => {
-                let Some((id, flags, mut block)) = self.continuation.take() else {
-                    return Err(Reason::ProtocolError);
-                };
-                if id != head.stream {
-                    return Err(Reason::ProtocolError);
-                }
-                block.extend_from_slice(payload);
-                if block.len() > MAX_HEADER_BLOCK {
-                    return Err(Reason::EnhanceYourCalm);
-                }
-                if head.flags & frame::END_HEADERS != 0 {
-                    return self.header_block(id, flags, &block);
-                }
-                self.continuation = Some((id, flags, block));
-                Ok(())
             }
             frame::RST_STREAM => {
                 let raw: [u8; 4] = payload.try_into().map_err(|_| Reason::FrameSizeError)?;
@@ -1199,45 +1148,25 @@ impl Conn {
     }
 
     fn settings_frame(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.stream != 0 {
-            return Err(Reason::ProtocolError);
-        }
-        if head.flags & frame::ACK != 0 {
+        let Some(settings) = frame::Settings::read(head, payload)? else {
             return Ok(());
-        }
-        if !payload.len().is_multiple_of(6) {
-            return Err(Reason::FrameSizeError);
-        }
+        };
         let mut shared = self.client.lock();
-        for setting in payload.chunks_exact(6) {
-            let id = u16::from_be_bytes([setting[0], setting[1]]);
-            let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
-            match id {
-                frame::SETTINGS_MAX_CONCURRENT_STREAMS => {
-                    self.client.max_streams.store(value, Relaxed);
-                    for waker in shared.room.drain(..) {
-                        waker.wake();
-                    }
-                }
-                frame::SETTINGS_INITIAL_WINDOW_SIZE => {
-                    let value = i64::from(value);
-                    if value > frame::MAX_WINDOW {
-                        return Err(Reason::FlowControlError);
-                    }
-                    let delta = value - shared.peer_initial_window;
-                    shared.peer_initial_window = value;
-                    for up in &mut shared.streams {
-                        up.send_window += delta;
-                    }
-                }
-                frame::SETTINGS_MAX_FRAME_SIZE => {
-                    if !(frame::DEFAULT_MAX_FRAME as u32..=(1 << 24) - 1).contains(&value) {
-                        return Err(Reason::ProtocolError);
-                    }
-                    shared.peer_max_frame = value as usize;
-                }
-                _ => {}
+        if let Some(value) = settings.max_streams {
+            self.client.max_streams.store(value, Relaxed);
+            for waker in shared.room.drain(..) {
+                waker.wake();
             }
+        }
+        if let Some(value) = settings.initial_window {
+            let delta = value - shared.peer_initial_window;
+            shared.peer_initial_window = value;
+            for up in &mut shared.streams {
+                up.send_window += delta;
+            }
+        }
+        if let Some(value) = settings.max_frame {
+            shared.peer_max_frame = value;
         }
         frame::settings_ack(&mut shared.out);
         self.settings = true;
